@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from symgen import functional as F
+from symgen import rng
 from symgen.errors import ShapeError
 
 
@@ -26,7 +27,7 @@ def test_call_matches_module():
 
 
 def test_stacked_init_equals_loop_and_ensemble_call():
-    base, P, B = F.stacked_init(lambda: _mlp(bn=True), 4, seed=7)
+    base, P, B = F.stacked_init(lambda: _mlp(bn=True), 4, generator=7)
     x = torch.randn(8, 4, dtype=torch.float64)
     out = F.ensemble_call(base, P, B, x)
     assert out.shape == (4, 8, 3)
@@ -39,7 +40,7 @@ def test_stacked_init_equals_loop_and_ensemble_call():
 
 
 def test_ensemble_call_per_member_inputs():
-    base, P, B = F.stacked_init(_mlp, 3, seed=0)
+    base, P, B = F.stacked_init(_mlp, 3, generator=0)
     xs = torch.randn(3, 5, 4, dtype=torch.float64)
     out = F.ensemble_call(base, P, B, xs, shared_input=False)
     for m in range(3):
@@ -63,7 +64,7 @@ def test_hvp_matches_dense_hessian():
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
     p = F.params_of(m)
     f = F.loss_function(m, nn.functional.mse_loss)
-    v = F.randn_like(p, torch.Generator().manual_seed(1))
+    v = rng.randn_like(p, torch.Generator().manual_seed(1))
     hv = F.flatten(F.hvp(lambda q: f(q, x, y), p, v))
     flat = F.flatten(p)
     H = torch.func.hessian(lambda w: f(F.unflatten(w, p), x, y))(flat)
@@ -72,7 +73,7 @@ def test_hvp_matches_dense_hessian():
 
 def test_rademacher_and_tree_ops():
     p = F.params_of(_mlp())
-    r = F.rademacher_like(p, torch.Generator().manual_seed(0), num=3)
+    r = rng.rademacher_like(p, torch.Generator().manual_seed(0), num=3)
     assert all(set(t.unique().tolist()) <= {-1.0, 1.0} and t.shape[0] == 3 for t in r.values())
     assert torch.isclose(F.tree_norm(p) ** 2, (F.flatten(p) ** 2).sum())
 
@@ -95,7 +96,7 @@ def test_per_sample_jacobian_jvp_vjp_match_dense_jacobian():
     assert jac["0.weight"].shape == (4, 2, 5, 3)
     flat = torch.cat([j.reshape(4, 2, -1) for j in jac.values()], dim=-1).reshape(8, -1)
     torch.testing.assert_close(flat, dense)
-    v = F.randn_like(p, torch.Generator().manual_seed(1))
+    v = rng.randn_like(p, torch.Generator().manual_seed(1))
     out, tangent = F.jvp_outputs(net, p, None, x, v)
     torch.testing.assert_close(out, net(x))
     torch.testing.assert_close(tangent.reshape(-1), dense @ F.flatten(v))
@@ -127,7 +128,7 @@ def test_hvp_function_reuses_graph_and_matches_dense_hessian():
     for mode in ("reverse", "forward"):
         hv = F.hvp_function(lambda q: f(q, x, y), p, mode=mode)
         for seed in range(3):  # the same function, several vectors
-            v = F.randn_like(p, torch.Generator().manual_seed(seed))
+            v = rng.randn_like(p, torch.Generator().manual_seed(seed))
             torch.testing.assert_close(F.flatten(hv(v)), dense @ F.flatten(v))
     with pytest.raises(ConfigError, match="mode"):
         F.hvp_function(lambda q: f(q, x, y), p, mode="sideways")
@@ -138,7 +139,7 @@ def test_ensemble_value_and_grad_matches_loop_with_per_member_bn_buffers():
     net = _mlp(bn=True).train()
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
     p, b = F.state_of(net)
-    members = [F.tree_add(p, F.randn_like(p, torch.Generator().manual_seed(s)), 0.1) for s in range(3)]
+    members = [F.tree_add(p, rng.randn_like(p, torch.Generator().manual_seed(s)), 0.1) for s in range(3)]
     stacked = F.stack(members)
     bufs = {k: v.unsqueeze(0).expand((3,) + tuple(v.shape)).clone() for k, v in b.items()}
 

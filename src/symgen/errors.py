@@ -10,6 +10,8 @@ __all__ = [
     "DivergenceError",
     "MissingDataError",
     "CheckpointError",
+    "NotSeparableError",
+    "MemoryBudgetError",
 ]
 
 
@@ -39,3 +41,11 @@ class MissingDataError(SymgenError, FileNotFoundError):
 
 class CheckpointError(SymgenError, ValueError):
     """A checkpoint or state dict that does not match the model."""
+
+
+class NotSeparableError(SymgenError, ValueError):
+    """Labelled data that no hyperplane through the origin separates (a max-margin problem has no solution)."""
+
+
+class MemoryBudgetError(SymgenError, MemoryError):
+    """A memory budget too small for the smallest block of work; the message says what is needed."""

@@ -7,14 +7,16 @@ parameter sets), noise-perturbed copies (NSO) and Hutchinson probes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from symgen.errors import ShapeError
+from symgen.errors import ConfigError, ShapeError
+from symgen.rng import Seed, isolated_seed, seed_of
 
 __all__ = [
     "Params",
@@ -35,8 +37,6 @@ __all__ = [
     "tree_scale",
     "tree_dot",
     "tree_norm",
-    "randn_like",
-    "rademacher_like",
     "loss_function",
     "hvp",
     "per_sample_jacobian",
@@ -103,24 +103,22 @@ def stacked_size(stacked: Mapping[str, Tensor]) -> int:
     return sizes.pop()
 
 
-def stacked_init(factory: Callable[[], nn.Module], num_members: int, seed: int = 0,
+def stacked_init(factory: Callable[[], nn.Module], num_members: int, generator: Seed = None,
                  device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> tuple[nn.Module, Params, Params]:
     """Build ``num_members`` independently initialized copies of ``factory()``.
 
-    Member ``m`` is initialized under ``torch.manual_seed(seed + m)``-equivalent seeding via a
-    forked RNG, so member m equals the module a plain loop would build with that seed.
-    Returns ``(base_module, stacked_params, stacked_buffers)``; the base module is a template
-    (its own parameters are member 0's).
+    Member ``m`` is built under the CPU seed ``s + m`` (``s = rng.seed_of(generator)``), so it equals
+    the module a plain loop ``torch.manual_seed(s + m); factory()`` would build; the global RNG state
+    is left untouched (:func:`symgen.rng.isolated_seed`). Returns ``(base_module, stacked_params,
+    stacked_buffers)``; the base module is a template (its own parameters are member 0's).
     """
     if num_members < 1:
-        from symgen.errors import ConfigError
-
         raise ConfigError(f"num_members must be >= 1, got {num_members}.")
+    seed = seed_of(generator)
     members = []
     for m in range(num_members):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + m)
+        with isolated_seed(seed + m):
             members.append(factory())
     for mod in members:
         mod.to(device=device, dtype=dtype)
@@ -191,25 +189,6 @@ def tree_dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
 
 def tree_norm(a: Mapping[str, Tensor]) -> Tensor:
     return tree_dot(a, a).sqrt()
-
-
-def randn_like(tree: Mapping[str, Tensor], generator: torch.Generator | None = None,
-               num: int | None = None) -> Params:
-    """Gaussian N(0, 1) tensors shaped like ``tree`` (with a leading axis ``num`` if given)."""
-    lead = () if num is None else (num,)
-    return {k: torch.randn(lead + tuple(v.shape), generator=generator, device=v.device, dtype=v.dtype)
-            for k, v in tree.items()}
-
-
-def rademacher_like(tree: Mapping[str, Tensor], generator: torch.Generator | None = None,
-                    num: int | None = None) -> Params:
-    """Random +-1 tensors shaped like ``tree`` (with a leading axis ``num`` if given)."""
-    lead = () if num is None else (num,)
-    out = {}
-    for k, v in tree.items():
-        r = torch.randint(0, 2, lead + tuple(v.shape), generator=generator, device=v.device)
-        out[k] = (2 * r - 1).to(v.dtype)
-    return out
 
 
 def loss_function(module: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],
@@ -308,8 +287,6 @@ def hvp_function(f: Callable[[Params], Tensor], params: Mapping[str, Tensor], *,
         return apply
     if mode == "forward":
         return lambda v: hvp(f, params, dict(v))
-    from symgen.errors import ConfigError
-
     raise ConfigError(f"hvp_function(): mode must be 'reverse' or 'forward', got '{mode}'.")
 
 
@@ -369,8 +346,6 @@ def batches_loss(f: Callable[[Params, Tensor, Tensor], Tensor], params: Mapping[
     With a batch-mean ``f``, "mean" is the mean over all samples whatever the batch sizes.
     """
     if reduction not in ("mean", "sum"):
-        from symgen.errors import ConfigError
-
         raise ConfigError(f"reduction must be 'mean' or 'sum', got '{reduction}'.")
     total = sum(x.shape[0] for x, _ in batches)
     out = None
@@ -379,3 +354,77 @@ def batches_loss(f: Callable[[Params, Tensor, Tensor], Tensor], params: Mapping[
         term = w * f(dict(params), x, y)
         out = term if out is None else out + term
     return out  # type: ignore[return-value]
+
+
+# --- BatchNorm modes and noise-perturbed copies (shared by curvature, NTK, NSO, SAM, noise stability) ---
+
+__all__ += ["bn_mode", "frozen_running_stats", "gaussian_noise", "perturbed_copies", "expand_buffers"]
+
+
+def _batchnorms(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@contextmanager
+def bn_mode(module: nn.Module, mode: str) -> Iterator[None]:
+    """Evaluate ``module`` with BatchNorm in ``mode`` ("eval": running statistics; "train": batch
+    statistics) and every other layer (dropout, ...) in eval mode; every flag is restored after."""
+    if mode not in ("eval", "train"):
+        raise ConfigError(f"bn_mode must be 'eval' or 'train', got '{mode}'.")
+    saved = [(m, m.training) for m in module.modules()]
+    try:
+        module.eval()
+        if mode == "train":
+            for m in _batchnorms(module):
+                m.train()
+        yield
+    finally:
+        for m, t in saved:
+            m.training = t
+
+
+@contextmanager
+def frozen_running_stats(module: nn.Module) -> Iterator[None]:
+    """Passes inside leave BatchNorm running statistics (and batch counts) exactly as they were.
+
+    For passes at perturbed weights (SAM's ascent point, NSO's noisy copies): the statistics are
+    updated once per step, by the clean pass. Restores saved buffers, so it is exact for any momentum
+    (including ``None``, the cumulative average).
+    """
+    buffers = [b for m in _batchnorms(module) for b in m.buffers()]
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in zip(buffers, saved, strict=True):
+                b.copy_(s)
+
+
+def gaussian_noise(params: Mapping[str, Tensor], sigma: float | Mapping[str, float], generator: torch.Generator,
+                   num: int, *, relative: bool | Mapping[str, bool] = False) -> Params:
+    """``num`` Gaussian draws U per tensor, shape ``(num, *p.shape)``, std ``sigma`` (or per-tensor sigmas).
+
+    ``relative``: std = sigma ||p|| / sqrt(numel p), so that ||U|| ~ sigma ||p|| (noise-to-weight
+    ratio, arXiv 2306.08553). Drawn tensor by tensor in key order on the generator's device.
+    """
+    out = {}
+    for k, p in params.items():
+        s = sigma[k] if isinstance(sigma, Mapping) else sigma
+        rel = relative[k] if isinstance(relative, Mapping) else relative
+        z = torch.randn((num,) + tuple(p.shape), generator=generator, device=generator.device,
+                        dtype=p.dtype).to(p.device)
+        std = s * p.detach().norm() / max(p.numel(), 1) ** 0.5 if rel else s
+        out[k] = z * std
+    return out
+
+
+def perturbed_copies(params: Mapping[str, Tensor], noise: Mapping[str, Tensor],
+                     signs: tuple[float, ...] = (1.0, -1.0)) -> Params:
+    """Stacked copies ``W + s U_i``, ordered sign-major: [W + U_1 .. W + U_k, W - U_1 .. W - U_k]."""
+    return {k: torch.cat([params[k].detach().unsqueeze(0) + s * noise[k] for s in signs]) for k in noise}
+
+
+def expand_buffers(buffers: Mapping[str, Tensor], num: int) -> Params:
+    """``num`` private copies of every buffer (stacked), so train-mode BatchNorm in ``vmap`` writes its own."""
+    return {k: b.detach().unsqueeze(0).expand((num,) + tuple(b.shape)).clone() for k, b in buffers.items()}

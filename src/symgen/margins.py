@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from symgen.errors import ConfigError, DivergenceError, ShapeError, SymgenError
+from symgen.errors import ConfigError, DivergenceError, NotSeparableError, ShapeError
 
 __all__ = [
     "NotSeparableError",
@@ -32,10 +32,6 @@ __all__ = [
 # Separability floor: data whose max normalized margin (margin / max ||x_i||) is below this are
 # treated as not separable through the origin; float64 cannot certify smaller margins reliably.
 _MIN_RELATIVE_MARGIN = 1e-6
-
-
-class NotSeparableError(SymgenError, ValueError):
-    """The labelled data are not linearly separable by a hyperplane through the origin."""
 
 
 @dataclass(frozen=True)
