@@ -1,9 +1,10 @@
 """Hessian trace, top eigenvalue and density: symgen.curvature vs PyHessian 0.1, in one process.
 
-The same ~86k-parameter BatchNorm CNN (symgen.experiments.flat_minima.bn_cnn, width 39) on a batch
-of 512 digits, eval-mode BatchNorm, mean cross-entropy. Prints values and their agreement on the
-SAME Rademacher probes, times and ratios, the time to a 1%-standard-error trace, Hessian-vector
-product strategies, and achieved FLOP/s next to the measured matmul FLOP/s.
+The same ~86k-parameter BatchNorm CNN (symgen.models.bn_cnn, width 39) on a batch of 512 digits,
+eval-mode BatchNorm, mean cross-entropy. Prints values and their agreement on the SAME Rademacher
+probes, times and ratios, the time to a 1%-standard-error trace, Hessian-vector product
+strategies (and the generalized Gauss-Newton product beside them), the GGN's top eigenvalue next
+to the Hessian's, and achieved FLOP/s next to the measured matmul FLOP/s.
 
     python benchmarks/curvature.py [--probes 100] [--batch 512] [--width 39] [--threads 2]
 
@@ -20,8 +21,8 @@ import time
 import torch
 import torch.nn.functional as TF
 
-from symgen.curvature import HessianOperator
-from symgen.experiments.flat_minima import bn_cnn
+from symgen.curvature import GGNOperator, HessianOperator
+from symgen.models import bn_cnn
 
 RECORDED = """PyHessian 0.1 numbers recorded in issue 4 (same model size, batch 512, 2 cores, another machine):
   trace, 100 Rademacher probes: 3.8-4.9 s (one retained graph); naive torch.func forward-over-reverse loop 5.2 s;
@@ -59,7 +60,7 @@ def timed(fn, *args, **kwargs):
 
 
 def pyhessian_probes(params: list[torch.Tensor], num: int, seed: int) -> torch.Tensor:
-    """The probes PyHessian's trace() draws after torch.manual_seed(seed), as rows."""
+    """The probes PyHessian's trace() draws after torch.manual_seed(seed), as rows (m, n)."""
     torch.manual_seed(seed)
     rows = []
     for _ in range(num):
@@ -123,7 +124,7 @@ def main() -> None:
     def run_ours() -> tuple[torch.Tensor, float]:
         H = HessianOperator(model, TF.cross_entropy, (xb, yb), bn_mode="eval")
         t0 = time.perf_counter()
-        q = (V * H.matmat(V)).sum(1)
+        q = (V * H.matmat(V.T).T).sum(1)  # matmat takes columns
         return q, time.perf_counter() - t0
 
     def run_pyhessian() -> tuple[torch.Tensor, float]:
@@ -200,6 +201,10 @@ def top_eigenvalue(args, model, xb, yb, PyHessian) -> None:
         t_eigs[label] = t_eig
         print(f"  symgen Lanczos, {label}: {float(pairs.values[0]):.6f}, relative error "
               f"{abs(float(pairs.values[0]) - lam) / lam:.1e}, {pairs.num_matvecs} products, {t_eig:.2f} s")
+    G = GGNOperator(model, TF.cross_entropy, (xb, yb), bn_mode="eval")
+    gp, t_g = timed(G.eigenpairs, 1, tol=1e-4, generator=torch.Generator().manual_seed(args.seed + 3))
+    print(f"  symgen GGN (J^T H_loss J) top eigenvalue, residual <= 1e-4: {float(gp.values[0]):.6f} "
+          f"({float(gp.values[0]) / lam:.3f} of the Hessian's), {gp.num_matvecs} products, {t_g:.2f} s")
     if PyHessian is not None:
         import sys
 
@@ -256,9 +261,14 @@ def strategies(args, model, xb, yb, V, q_ours) -> None:
                           (f"retained graph, vmap chunk {min(m, 5)}", dict(hvp_mode="reverse", batching="vmap",
                                                                            chunk_size=min(m, 5)))]:
             Hs = HessianOperator(model, TF.cross_entropy, (xb, yb), bn_mode="eval", **kw)
-            out, t = timed(Hs.matmat, W)
-            err = float(((W * out).sum(1) - q_ours[:m]).abs().max() / q_ours[:m].abs().max())
+            out, t = timed(Hs.matmat, W.T)
+            err = float(((W * out.T).sum(1) - q_ours[:m]).abs().max() / q_ours[:m].abs().max())
             print(f"  {label:38s} {t:6.2f} s  ({t / m * 1000:.0f} ms/product, max rel. diff {err:.1e})")
+        # the GGN product costs about as much; its quadratic forms are the PSD part of the Hessian's
+        G = GGNOperator(model, TF.cross_entropy, (xb, yb), bn_mode="eval")
+        out, t = timed(G.matmat, W.T)
+        print(f"  {'GGN J^T H_loss J, retained graph, loop':38s} {t:6.2f} s  ({t / m * 1000:.0f} ms/product, "
+              f"mean z^T G z {float((W * out.T).sum(1).mean()):.3f} vs z^T H z {float(q_ours[:m].mean()):.3f})")
 
 
 if __name__ == "__main__":

@@ -93,12 +93,13 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}")
 
     # ---- training: vectorized vs loop ------------------------------------------------------------
-    warm = Ensemble.init(factory, 2, seed=123)
-    train_ensemble(warm, x[:64], y[:64], epochs=1, batch_size=args.batch_size, lr=args.lr, augment=action)
+    warm = Ensemble.init(factory, 2, generator=123)
+    train_ensemble(warm, x[:64], y[:64], torch.optim.SGD(warm.parameters(), lr=args.lr), epochs=1,
+                   batch_size=args.batch_size, augment=action)
     t0 = time.perf_counter()
-    ens = Ensemble.init(factory, args.members, seed=args.seed)
-    train_ensemble(ens, x, y, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, augment=action,
-                   seed=args.seed)
+    ens = Ensemble.init(factory, args.members, generator=args.seed)
+    train_ensemble(ens, x, y, torch.optim.SGD(ens.parameters(), lr=args.lr), epochs=args.epochs,
+                   batch_size=args.batch_size, augment=action, generator=args.seed)
     t_vec = time.perf_counter() - t0
 
     t0 = time.perf_counter()

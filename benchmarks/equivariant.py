@@ -17,17 +17,15 @@ import time
 import torch
 from torch import nn
 
-from symgen.groups import ImageDihedral, ImageRotation90
-from symgen.nn.equivariant import (
-    EquivariantLinear,
-    GroupLinear,
-    LiftingConv2d,
-    LiftingLinear,
+from symgen.groups import (
+    ImageDihedral,
+    ImageRotation90,
     Representation,
     commutant_basis,
     commutant_dimension,
     commutant_orbits,
 )
+from symgen.nn import EquivariantLinear, GroupLinear, LiftingConv2d, LiftingLinear
 
 
 def timeit(fn, repeat: int = 3, min_time: float = 0.2) -> float:

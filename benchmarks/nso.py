@@ -1,5 +1,5 @@
-"""NSO step with k antithetic pairs: the vectorized path (vmap over the 2k perturbed copies through
-symgen.functional) vs the loop over samples (the closure path, 1 + 2k passes), in one process.
+"""NSO step with k antithetic pairs: the vectorized path (a LossClosure: vmap over the 2k perturbed copies
+through symgen.functional) vs the loop over samples (a plain closure, 1 + 2k passes), in one process.
 
     python benchmarks/nso.py [--pairs 4] [--batch 64] [--steps 20] [--threads 2]
 
@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as TF
 from torch import nn
 
-from symgen.experiments.flat_minima import bn_cnn
-from symgen.optim import NSO
+from symgen.models import bn_cnn
+from symgen.optim import NSO, LossClosure
 
 
 def matmul_flops(n: int = 1024, reps: int = 10) -> float:
@@ -58,7 +58,7 @@ def run_path(model: nn.Module, state: dict, path: str, x: torch.Tensor, y: torch
         if path == "loop":
             opt.step(closure)
         else:
-            opt.step_vectorized(TF.cross_entropy, x, y)
+            opt.step(LossClosure(model, TF.cross_entropy, x, y))
 
     step()  # warm-up
     times = []

@@ -133,7 +133,7 @@ def single(method: str, outputs: int, n: int) -> None:
     Uses /proc/self/status VmHWM (reset through /proc/self/clear_refs where allowed): ``ru_maxrss``
     can carry the parent's peak across fork/exec on Linux.
     """
-    from symgen.ntk import empirical_ntk
+    from symgen.ntk import empirical_ntk_fn
 
     model, x = make_model(outputs), make_inputs(n)
     try:
@@ -146,7 +146,7 @@ def single(method: str, outputs: int, n: int) -> None:
         with torch.no_grad():
             baseline_vmap_jacrev(model, x, x)
     else:
-        empirical_ntk(model, x, x, method=method)
+        empirical_ntk_fn(model, method=method)(x, x)
     after = _status_kb("VmHWM") * 1024
     print(json.dumps({"peak_growth": after - before, "peak": after}))
 
@@ -173,12 +173,19 @@ def mem_available_gb() -> float:
 def bench_outputs(o: int, args: argparse.Namespace, peak: float, have_nt: bool) -> None:
     """Time, compare and measure every method at O = ``o`` outputs."""
     from symgen.functional import buffers_of, params_of
-    from symgen.ntk import choose_ntk_method, empirical_ntk
-    from symgen.ntk.empirical import _jacobian_ntk
+    from symgen.ntk import empirical_ntk_fn
+    from symgen.ntk.jacobian import _jacobian_ntk
 
     model, x = make_model(o), make_inputs(args.n)
-    print(f"\n=== O = {o}  (auto picks: {choose_ntk_method(model, x)}) ===")
-    t_struct, k_struct = timed(lambda: empirical_ntk(model, x, x, method="structured"), args.repeats)
+    auto = empirical_ntk_fn(model)  # one kernel function: the auto choice is estimated once per shape
+    t0 = time.perf_counter()
+    auto(x, x)
+    t_first = time.perf_counter() - t0
+    print(f"\n=== O = {o}  (auto picks: {auto.method_for(x, x)}) ===")
+    structured = empirical_ntk_fn(model, method="structured")
+    t_struct, k_struct = timed(lambda: structured(x, x), args.repeats)
+    t_auto, _ = timed(lambda: auto(x, x), args.repeats)
+    print(f"auto: first call {t_first:.4f} s (cost estimate included), cached choice {t_auto:.4f} s")
     rows = [("symgen structured", t_struct, 0.0)]
     ref = k_struct
     run_base = o < 10 or args.baseline_o10 == "yes" or (args.baseline_o10 == "auto" and mem_available_gb() > 16)
@@ -201,7 +208,8 @@ def bench_outputs(o: int, args: argparse.Namespace, peak: float, have_nt: bool) 
               f"= {flops / 1e9:.1f} GFLOP/s = {100 * flops / peak:.0f}% of measured matmul; "
               f"Jacobians {timings['jacobian_s']:.2f} s")
     if args.ntvp:
-        t_ntvp, k_ntvp = timed(lambda: empirical_ntk(model, x, x, method="ntvp"), 1)
+        ntvp = empirical_ntk_fn(model, method="ntvp")
+        t_ntvp, k_ntvp = timed(lambda: ntvp(x, x), 1)
         rows.append(("symgen ntvp", t_ntvp, rel(k_ntvp, ref)))
     nt = neural_tangents_times(model, x, o, args.repeats) if have_nt else None
     if nt:

@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from symgen.audit import BUDGETS, AuditResult, audit, load_checkpoint, load_model, run_audit
+from symgen.audit import BUDGETS, AuditResult, audit, load_checkpoint, load_model
 from symgen.cli import main
 from symgen.errors import CheckpointError, ConfigError, GroupActionError, ShapeError
+from symgen.runs import RunStore, run_audit, write_audit_run
 
 USER_MODEL = Path(__file__).parent / "audit_user_model.py"
 # Tiny sizes; a generous time limit so a loaded test machine never skips a section.
@@ -244,6 +245,36 @@ def test_hessian_against_dense_hessian(digits3):
     assert len(res["hessian"].details["density"]) == len(res["hessian"].details["density_grid"])
 
 
+def test_ggn_top_eigenvalue_beside_the_hessian(digits3):
+    # A linear classifier has no second derivative of its outputs, so H = J^T H_loss J = G exactly:
+    # the GGN's top eigenvalue equals the dense Hessian's (cross-entropy here; MSE behaves the same).
+    train, _ = digits3
+    x, y = train
+    torch.manual_seed(0)
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).double()
+    lim = dict(TINY, hessian_samples=x.shape[0], top_eigenvalues=1, eigen_iters=200)
+    res = audit(linear, train, limits=lim, sections=["hessian"])
+    top = float(torch.linalg.eigvalsh(_dense_hessian(linear, x, y))[-1])
+    ggn = res["hessian"].values["ggn_top_eigenvalue"]
+    assert ggn.value == pytest.approx(top, rel=1e-6)
+    assert ggn.value == pytest.approx(res.value("hessian", "eigenvalue_1"), rel=1e-6)
+    # A nonlinear net: the dense J^T H_loss J, built from explicit Jacobians.
+    model = _tiny_mlp()
+    res = audit(model, train, limits=lim, sections=["hessian"])
+    params = dict(model.named_parameters())
+    names = list(params)
+
+    def f(*flat):
+        return torch.func.functional_call(model, dict(zip(names, flat, strict=True)), (x,))
+
+    jac = torch.autograd.functional.jacobian(f, tuple(params.values()))
+    j = torch.cat([t.reshape(x.shape[0] * 3, -1) for t in jac], dim=1)  # (N * O, P)
+    out = f(*params.values()).detach().reshape(-1)
+    h_out = torch.autograd.functional.hessian(lambda o: F.cross_entropy(o.reshape(-1, 3), y), out)
+    g = j.T @ h_out @ j
+    assert res.value("hessian", "ggn_top_eigenvalue") == pytest.approx(float(torch.linalg.eigvalsh(g)[-1]), rel=1e-6)
+
+
 def test_noise_stability_matches_second_order_expansion(digits3):
     # E_U[L(W + U)] - L(W) = sigma^2/2 tr(H) + O(sigma^4): at small sigma the dense Hessian predicts it.
     train, _ = digits3
@@ -374,6 +405,61 @@ def test_run_audit_writes_an_indexed_run(tmp_path):
             assert sec["seconds"] > 0
 
 
+def test_library_audit_writes_nothing(digits3, tmp_path, monkeypatch):
+    """``audit`` computes and returns; storing it is the run store's job (write_audit_run)."""
+    import symgen.io
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the library audit must not write files")
+
+    monkeypatch.setattr(symgen.io, "atomic_write", refuse)
+    monkeypatch.chdir(tmp_path)
+    train, test = digits3
+    res = audit(load_model("audit_user_model:make_model", dtype=torch.float64), {"train": train, "test": test},
+                "c4", limits=TINY)
+    assert all(s.status == "ok" for s in res.sections.values())
+    assert list(tmp_path.iterdir()) == []
+    assert not hasattr(res, "write")
+    monkeypatch.undo()
+
+    # The shell stores it: an indexed run whose audit.json holds the result's values.
+    run = write_audit_run(RunStore(tmp_path / "runs"), res)
+    for name in ("config.yaml", "audit.json", "result.json", "claims.json", "report.html", "figures/invariance.png"):
+        assert (run.path / name).exists(), name
+    data = json.loads((run.path / "audit.json").read_text())
+    for sec in res.sections.values():
+        for metric, est in sec.values.items():
+            assert data["sections"][sec.name]["values"][metric]["value"] == est.value, (sec.name, metric)
+    assert RunStore(tmp_path / "runs").list()[0]["status"] == "done"
+
+
+def test_generator_seeds_each_section_from_its_own_stream(digits3):
+    """generator=None is seed 0; the performance subsample is randperm under seed * 1009 + 0 (as before)."""
+    train, test = digits3
+    model = _tiny_mlp()
+    lim = dict(TINY, eval_samples=17)
+    data = {"train": train, "test": test}
+    res = audit(model, data, sections=["performance"], limits=lim, generator=5)
+    assert res.seed == 5
+    gen = torch.Generator().manual_seed(5 * 1009)
+    for split, (x, y) in (("train", train), ("test", test)):
+        idx = torch.randperm(x.shape[0], generator=gen)[:17].sort().values
+        correct = sum(int(model(x[i:i + 1]).argmax() == y[i]) for i in idx.tolist())
+        assert res.value("performance", f"{split}_accuracy") == pytest.approx(correct / 17)
+    default = audit(model, data, sections=["performance"], limits=lim)
+    zero = audit(model, data, sections=["performance"], limits=lim, generator=0)
+    assert default.to_dict()["sections"]["performance"]["values"] == zero.to_dict()["sections"]["performance"]["values"]
+    assert default.seed == 0
+
+
+def test_report_does_not_import_the_run_store():
+    import subprocess
+    import sys
+
+    code = "import sys, symgen.report; assert 'symgen.runs' not in sys.modules, 'runs imported'"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
 def test_cli_audit_and_errors(tmp_path, capsys):
     torch.save(load_model("audit_user_model:make_model").state_dict(), tmp_path / "ck.pt")
     args = ["audit", "--model", f"{USER_MODEL}:make_model", "--checkpoint", str(tmp_path / "ck.pt"),
@@ -435,7 +521,7 @@ def test_audit_models_the_experiments_train(tmp_path, capsys):
         {k: s["skipped"] for k, s in data["sections"].items() if s["status"] == "failed"}
 
     # The flat-minima experiment's BatchNorm CNN, trained with NSO (vectorized perturbed passes).
-    from symgen.optim import NSO
+    from symgen.optim import NSO, LossClosure
 
     nso_cnn = load_model("symgen.experiments.flat_minima:bn_cnn((1, 8, 8), width=8)")
     opt = NSO(nso_cnn.parameters(), lr=0.05, momentum=0.9, sigma=0.01, num_samples=1, model=nso_cnn,
@@ -443,8 +529,7 @@ def test_audit_models_the_experiments_train(tmp_path, capsys):
     nso_cnn.train()
     for _ in range(2):
         for i in range(0, x.shape[0], 64):
-            opt.zero_grad()
-            opt.step_vectorized(F.cross_entropy, x[i:i + 64], y[i:i + 64], model=nso_cnn)
+            opt.step(LossClosure(nso_cnn, F.cross_entropy, x[i:i + 64], y[i:i + 64]))
     res = audit(nso_cnn.eval(), "digits", "d4", limits=dict(TINY, eval_samples=200))
     assert all(s.status == "ok" for s in res.sections.values()), \
         {k: s.skipped for k, s in res.sections.items() if s.status != "ok"}

@@ -10,7 +10,9 @@ from torch.autograd.functional import hessian
 from torch.func import functional_call
 
 from symgen.curvature import (
+    CurvatureOperator,
     HessianOperator,
+    MatrixOperator,
     deflated_trace,
     hutchinson_trace,
     hutchpp_trace,
@@ -86,6 +88,11 @@ def test_loader_of_uneven_batches(reduction):
     ref = _dense_reference(m, loader, "eval", reduction)
     H = HessianOperator(m, TF.cross_entropy, loader, reduction=reduction)
     assert torch.allclose(H.dense(), ref, atol=1e-12)
+    assert H.num_data == 23
+    # vmap over the products with one graph per batch built outside vmap (this used to raise)
+    for hvp_mode in ("reverse", "forward"):
+        Hv = HessianOperator(m, TF.cross_entropy, loader, reduction=reduction, batching="vmap", hvp_mode=hvp_mode)
+        assert torch.allclose(Hv.dense(), ref, atol=1e-12), hvp_mode
     if reduction == "mean":  # the mean over batches equals the Hessian of the whole set
         assert torch.allclose(ref, _dense_reference(m, [(x, y)], "eval"), atol=1e-12)
 
@@ -94,7 +101,7 @@ def test_parameter_subset():
     m = _bn_cnn().eval()
     x, y = _data()
     full = _dense_reference(m, [(x, y)], "eval")
-    H = HessianOperator(m, TF.cross_entropy, (x, y), params=["4.weight", "4.bias"])
+    H = HessianOperator(m, TF.cross_entropy, (x, y), param_names=["4.weight", "4.bias"])
     n_before = sum(p.numel() for p in list(m.parameters())[:-2])
     assert torch.allclose(H.dense(), full[n_before:, n_before:], atol=1e-12)
 
@@ -114,8 +121,9 @@ def test_eigenvalues_match_dense_to_1e4():
         assert abs(float(val) - float(ev[-1])) < 1e-6 * float(ev[-1])
     with pytest.raises(ConfigError, match="criterion"):
         H.eigenpairs(1, criterion="magic")
-    pairs = H.eigenpairs(1, generator=g, tol=1e-8)
-    v = pairs.vectors[0]
+    pairs = H.eigenpairs(2, generator=g, tol=1e-8)
+    assert pairs.vectors.shape == (H.dim, 2)  # eigenvectors are columns
+    v = pairs.vectors[:, 0]
     assert pairs.converged
     assert torch.allclose(H.matvec(v), pairs.values[0] * v, atol=1e-6)
 
@@ -166,14 +174,15 @@ def test_lanczos_on_explicit_matrix():
     g = torch.Generator().manual_seed(3)
     B = torch.randn(30, 30, generator=g, dtype=D)
     A = B + B.T
-    a, b, Q = lanczos(lambda v: A @ v, torch.randn(30, generator=g, dtype=D), 30, generator=g)
+    a, b, Q = lanczos(MatrixOperator(A), torch.randn(30, generator=g, dtype=D), 30, generator=g)
     T = torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1)
-    assert torch.allclose(Q @ Q.T, torch.eye(30, dtype=D), atol=1e-10)
-    assert torch.allclose(Q @ A @ Q.T, T, atol=1e-9)
+    assert Q.shape == (30, 30)  # the basis as columns
+    assert torch.allclose(Q.T @ Q, torch.eye(30, dtype=D), atol=1e-10)
+    assert torch.allclose(Q.T @ A @ Q, T, atol=1e-9)
     # an operator of rank 2 breaks down after 2 steps; Lanczos continues in the complement
     u = torch.randn(2, 30, generator=g, dtype=D)
     R = u.T @ u
-    ep = lanczos_eigenpairs(lambda v: R @ v, 30, 4, generator=g, like=R)
+    ep = lanczos_eigenpairs(MatrixOperator(R), 4, generator=g)
     assert torch.allclose(ep.values, torch.linalg.eigvalsh(R).flip(0)[:4], atol=1e-9)
 
 
@@ -182,7 +191,8 @@ def test_slq_density_and_matrix_free_estimators_on_explicit_matrix():
     evals = torch.linspace(-1, 5, 40, dtype=D)
     Qm, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=D))
     A = Qm @ torch.diag(evals) @ Qm.T
-    dens = slq_density(lambda v: A @ v, 40, num_steps=40, num_runs=200, generator=g, like=A)
+    op = MatrixOperator(A)
+    dens = slq_density(op, num_steps=40, num_runs=200, generator=g)
     assert torch.allclose(dens.nodes[0], evals, atol=1e-8)  # a full Lanczos run recovers the spectrum
     assert torch.allclose(dens.weights.sum(1), torch.ones(200, dtype=D))
     # SLQ trace = mean of n v^T A v over normalized Rademacher v: Hutchinson's variance
@@ -190,9 +200,8 @@ def test_slq_density_and_matrix_free_estimators_on_explicit_matrix():
     assert abs(dens.trace() - float(evals.sum())) < 4 * math.sqrt(var / 200)
     grid = torch.linspace(-3, 7, 4001, dtype=D)
     assert abs(float(torch.trapezoid(dens.evaluate(grid, 0.1), grid)) - 1) < 1e-3
-    mm = lambda V: V @ A  # noqa: E731
-    for est in (hutchinson_trace(mm, 40, 500, generator=g, like=A), hutchpp_trace(mm, 40, 30, generator=g, like=A),
-                deflated_trace(lambda v: A @ v, mm, 40, 30, generator=g, like=A)):
+    for est in (hutchinson_trace(op, 500, generator=g), hutchpp_trace(op, 30, generator=g),
+                deflated_trace(op, 30, generator=g)):
         assert abs(est.value - float(evals.sum())) < 4.5 * est.stderr + 1e-9, est.method
 
 
@@ -203,18 +212,21 @@ def test_adaptive_deflated_trace_reaches_rtol_and_counts_every_product():
     evals = torch.cat([torch.tensor([400.0, 250, 120, 90, 60, 30], dtype=D), torch.rand(n - 6, generator=g, dtype=D)])
     Qm, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=D))
     A = Qm @ torch.diag(evals) @ Qm.T
-    calls = {"n": 0}
 
-    def mv(v):
-        calls["n"] += 1
-        return A @ v
+    class Counting(CurvatureOperator):  # counts products itself, independently of the base class
+        calls = 0
 
-    def mm(V):
-        calls["n"] += V.shape[0]
-        return V @ A
+        def _matvec(self, v):
+            self.calls += 1
+            return A @ v
 
-    est = deflated_trace(mv, mm, n, 10, rtol=0.001, max_matvecs=3000, generator=g, like=A)
-    assert est.num_matvecs == calls["n"]
+        def _matmat(self, V):
+            self.calls += V.shape[1]
+            return A @ V
+
+    op = Counting(n, D, "cpu")
+    est = deflated_trace(op, 10, rtol=0.001, max_matvecs=3000, generator=g)
+    assert est.num_matvecs == op.calls == op.num_matvecs
     assert est.stderr <= 0.001 * abs(est.value)
     assert abs(est.value - float(evals.sum())) < 4.5 * est.stderr
     # plain Hutchinson would need (std / (rtol tr))^2 probes
@@ -228,7 +240,7 @@ def test_bad_input():
     with pytest.raises(ConfigError, match="bn_mode"):
         HessianOperator(m, TF.cross_entropy, (x, y), bn_mode="batch")
     with pytest.raises(ConfigError, match="not trainable parameters"):
-        HessianOperator(m, TF.cross_entropy, (x, y), params=["nope"])
+        HessianOperator(m, TF.cross_entropy, (x, y), param_names=["nope"])
     with pytest.raises(ShapeError, match="same leading size"):
         HessianOperator(m, TF.cross_entropy, (x, y[:3]))
     with pytest.raises(ShapeError, match="batch"):
@@ -246,12 +258,19 @@ def test_bad_input():
         H.matvec(torch.zeros(3, dtype=D))
     with pytest.raises(ConfigError, match="max_dim"):
         H.dense(max_dim=10)
+
+    class NaNOperator(CurvatureOperator):
+        def _matvec(self, v):
+            return v * float("nan")
+
     with pytest.raises(DivergenceError, match="non-finite"):
-        lanczos_eigenpairs(lambda v: v * float("nan"), 5, 1)
+        lanczos_eigenpairs(NaNOperator(5, D, "cpu"), 1)
     with pytest.raises(ConfigError, match="sigma"):
         noise_stability(m, TF.cross_entropy, (x, y), -0.1)
-    with pytest.raises(ConfigError, match="samples"):
-        noise_stability(m, TF.cross_entropy, (x, y), 0.1, samples=1)
+    with pytest.raises(ConfigError, match="num_samples"):
+        noise_stability(m, TF.cross_entropy, (x, y), 0.1, num_samples=1)
+    with pytest.raises(ConfigError, match="not trainable parameters"):
+        noise_stability(m, TF.cross_entropy, (x, y), 0.1, param_names=["nope"])
 
 
 def test_noise_stability_closed_form_quadratic():
@@ -304,7 +323,25 @@ def test_vmap_batching_with_channels_last_looking_input():
     x = torch.rand(12, 8, 8, 1).permute(0, 3, 1, 2)
     assert x.is_contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 4, (12,))
-    V = torch.randn(3, sum(p.numel() for p in m.parameters()))
+    V = torch.randn(3, sum(p.numel() for p in m.parameters())).T  # three columns
     loop = HessianOperator(m, TF.cross_entropy, (x, y)).matmat(V)
     batched = HessianOperator(m, TF.cross_entropy, (x, y), batching="vmap", chunk_size=2).matmat(V)
+    assert loop.shape == batched.shape == V.shape
     assert torch.allclose(loop, batched, atol=1e-5)
+
+
+def test_noise_stability_seed_param_names_and_global_rng():
+    m = _bn_cnn().eval()
+    x, y = _data()
+    state = torch.random.get_rng_state()
+    a = noise_stability(m, TF.cross_entropy, (x, y), 0.05, 4)
+    assert a == noise_stability(m, TF.cross_entropy, (x, y), 0.05, 4, generator=0)  # None means seed 0
+    assert a.num_samples == 4
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is never used
+    # only the named tensors are perturbed: brute force over the same draws
+    ns = noise_stability(m, TF.cross_entropy, (x, y), 0.3, 6, antithetic=False, param_names=["4.bias"], generator=2)
+    noise = torch.randn((6, 4), generator=torch.Generator().manual_seed(2), dtype=D) * 0.3
+    with torch.no_grad():
+        clean = TF.cross_entropy(m(x), y)
+        losses = [TF.cross_entropy(functional_call(m, {"4.bias": m[4].bias + noise[i]}, (x,)), y) for i in range(6)]
+    assert abs(ns.value - float(torch.stack(losses).mean() - clean)) < 1e-12

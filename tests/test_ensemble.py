@@ -123,7 +123,7 @@ def test_masked_cnn_shapes_and_errors():
 
 
 def test_ensemble_init_and_member_logits_match_loop():
-    ens = Ensemble.init(_tiny_cnn, 5, seed=7, first_member=2)
+    ens = Ensemble.init(_tiny_cnn, 5, generator=7, first_member=2)
     assert ens.num_members == 5 and ens.member_ids == [2, 3, 4, 5, 6]
     x, _ = _data(6)
     logits = ens.member_logits(x)
@@ -164,10 +164,11 @@ def _train_loop_reference(member_id, seed, x, y, epochs, batch_size, lr, momentu
 def test_vectorized_training_matches_member_loop(optimizer, momentum, augment):
     x, y = _data(22)
     action = ImageRotation90() if augment else None
-    ens = Ensemble.init(_tiny_cnn, 3, seed=5, first_member=1)
+    ens = Ensemble.init(_tiny_cnn, 3, generator=5, first_member=1)
     lr = 0.01 if optimizer == "adam" else 0.1
-    hist = train_ensemble(ens, x, y, epochs=2, batch_size=8, lr=lr, momentum=momentum, optimizer=optimizer,
-                          augment=action, seed=5)
+    opt = (torch.optim.SGD(ens.parameters(), lr=lr, momentum=momentum) if optimizer == "sgd"
+           else torch.optim.Adam(ens.parameters(), lr=lr))  # elementwise: each member its own update
+    hist = train_ensemble(ens, x, y, opt, epochs=2, batch_size=8, augment=action, generator=5)
     assert hist.shape == (3, 2) and torch.isfinite(hist).all()
     xt, _ = _data(5, seed=1)
     for m in range(3):
@@ -179,19 +180,33 @@ def test_vectorized_training_matches_member_loop(optimizer, momentum, augment):
 
 def test_training_changes_with_seed_and_divergence_error():
     x, y = _data(16)
-    a = Ensemble.init(_tiny_cnn, 2, seed=0)
-    b = Ensemble.init(_tiny_cnn, 2, seed=0)
-    train_ensemble(a, x, y, epochs=1, batch_size=4, lr=0.1, augment=ImageRotation90(), seed=0)
-    train_ensemble(b, x, y, epochs=1, batch_size=4, lr=0.1, augment=ImageRotation90(), seed=1)
+    a = Ensemble.init(_tiny_cnn, 2, generator=0)
+    b = Ensemble.init(_tiny_cnn, 2, generator=0)
+    train_ensemble(a, x, y, torch.optim.SGD(a.parameters(), lr=0.1), epochs=1, batch_size=4,
+                   augment=ImageRotation90(), generator=0)
+    train_ensemble(b, x, y, torch.optim.SGD(b.parameters(), lr=0.1), epochs=1, batch_size=4,
+                   augment=ImageRotation90(), generator=1)
     assert not torch.allclose(a.params["head.weight"], b.params["head.weight"])
     bad = x.clone()
     bad[0, 0, 0, 0] = float("nan")
+    c = Ensemble.init(_tiny_cnn, 2)
     with pytest.raises(DivergenceError):
-        train_ensemble(Ensemble.init(_tiny_cnn, 2), bad, y, epochs=1, batch_size=16)
+        train_ensemble(c, bad, y, torch.optim.SGD(c.parameters(), lr=0.01), epochs=1, batch_size=16)
     with pytest.raises(ShapeError):
-        train_ensemble(Ensemble.init(_tiny_cnn, 2), x, y[:3])
+        train_ensemble(c, x, y[:3], torch.optim.SGD(c.parameters(), lr=0.01))
     with pytest.raises(ConfigError):
-        train_ensemble(Ensemble.init(_tiny_cnn, 2), x, y, optimizer="lbfgs")
+        train_ensemble(c, x, y, "lbfgs")
+    with pytest.raises(ConfigError, match="ensemble.parameters"):  # built on other tensors
+        train_ensemble(c, x, y, torch.optim.SGD(a.parameters(), lr=0.1))
+
+
+def test_member_generator_is_the_documented_mix():
+    """Member streams: seed (s * 0x9E3779B1 + (m + 1) * 0x85EBCA77 + 0x5BD1E995) mod 2^62, independent of M."""
+    for s, m in [(0, 0), (5, 3), (123456789, 17)]:
+        expected = (s * 0x9E3779B1 + (m + 1) * 0x85EBCA77 + 0x5BD1E995) % (2**62)
+        assert member_generator(s, m).initial_seed() == expected
+    ens = Ensemble.init(_tiny_cnn, 2, generator=torch.Generator().manual_seed(4))  # a generator: one seed drawn
+    assert ens.num_members == 2 and ens.parameters()[0] is ens.parameters()[0]
 
 
 def test_sub_ensemble_metrics_against_enumeration():
@@ -225,7 +240,7 @@ def test_ensemble_mean_at_init_concentrates_like_one_over_m():
     """
     act = ImageRotation90()
     x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=DT)
-    ens = Ensemble.init(lambda: MaskedCNN(1, 4, channels=4, support="symmetric", dtype=DT), 512, seed=0)
+    ens = Ensemble.init(lambda: MaskedCNN(1, 4, channels=4, support="symmetric", dtype=DT), 512, generator=0)
     with torch.no_grad():
         orbit = torch.stack([ens.member_logits(act.apply(g, x)) for g in range(4)], 1)  # (M, G, N, K)
     member_kl = sum(invariance_metrics(orbit[m])["kl"] for m in range(64)) / 64
@@ -272,9 +287,11 @@ def test_ensemble_equivariance_experiment_smoke(tmp_path):
     claims = exp.check_claims(cfg, result)
     assert [c.id for c in claims] == ["C5.1", "C5.2", "C5.3"]
     for c in claims:
-        assert isinstance(c.passed, bool)
+        assert (c.note == "") == c.passed  # a failing claim says why
         nums = [v for v in c.measured.values() if isinstance(v, (int, float))]
         assert nums and all(math.isfinite(v) for v in nums)
+    sym = result["settings"]["symmetric-augmented"]["curve"]
+    assert claims[0].measured["kl_M4"] == sym["4"]["kl"]["mean"] and claims[0].measured["osp_M1"] == sym["1"]["osp"]["mean"]
     paths = exp.figures(result, tmp_path)
     assert len(paths) == 2 and all(p.exists() and p.stat().st_size > 0 for p in paths)
     from symgen.errors import ConfigError

@@ -16,9 +16,11 @@ from symgen.groups import (
     FiniteGroup,
     ImageDihedral,
     ImageRotation90,
+    LiftedImageAction,
     PermutationAction,
     PermutationGroup,
     Reflection,
+    Representation,
     TrivialAction,
     reynolds_projector,
 )
@@ -33,6 +35,8 @@ ACTIONS = [
     pytest.param(Reflection(), (2, 5), id="reflect"),
     pytest.param(Reflection(dims=(-1, -2)), (3, 4), id="reflect2"),
     pytest.param(PermutationAction([[1, 2, 3, 0, 4], [1, 0, 2, 3, 4]]), (5,), id="perm-S4"),
+    pytest.param(LiftedImageAction(ImageDihedral()), (2, 8, 3, 3), id="lifted-d4"),
+    pytest.param(Representation.regular(DihedralGroup(3)).copies(2).action((2, 6)), (2, 6), id="regular-rep"),
 ]
 
 
@@ -249,3 +253,63 @@ def test_bad_shapes_raise():
         ImageRotation90().matrices((3, 4))
     with pytest.raises(GroupActionError):
         ImageRotation90().apply_each(torch.tensor([0, 1, 2]), torch.randn(2, 3, 3))
+
+
+# ------------------------------------------------------------------------------ representations
+
+
+def _rotation_rep_c4() -> Representation:
+    """C4 rotating the plane: closed-form rotation matrices, not a permutation representation."""
+    r = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=DT)
+    return Representation(torch.stack([torch.linalg.matrix_power(r, k) for k in range(4)]), group=CyclicGroup(4))
+
+
+@pytest.mark.parametrize("action,shape", ACTIONS)
+def test_representation_from_action_is_the_action_matrices(action, shape):
+    rep = Representation.from_action(action, shape)
+    assert torch.equal(rep.matrices, action.matrices(shape, dtype=DT))
+    assert torch.allclose(reynolds_projector(rep, dtype=DT), reynolds_projector(action, shape, dtype=DT))
+    # its action on tensors is the original action
+    x = torch.randn(2, *shape, dtype=DT)
+    back = rep.action(shape)
+    for g in action.group.elements():
+        assert torch.equal(back.apply(g, x), action.apply(g, x))
+
+
+def test_lifted_image_action_formula():
+    act = LiftedImageAction(ImageRotation90())
+    group = act.group
+    f = torch.randn(2, 4, 5, 5, dtype=DT)
+    for k in group.elements():
+        # (L_k f)[h](u) = f[k^-1 h](k^-1 u): rotate every map, then move map k^-1 h to position h
+        expected = torch.stack([torch.rot90(f[:, group.mul(group.inv(k), h)], k, (-2, -1)) for h in range(4)], 1)
+        assert torch.equal(act.apply(k, f), expected)
+    with pytest.raises(GroupActionError, match="dim -3"):
+        act.check((2, 3, 5, 5))
+    with pytest.raises(GroupActionError):
+        LiftedImageAction(CyclicShift(4))
+
+
+def test_representation_action_non_permutation():
+    rot = _rotation_rep_c4()
+    act = rot.action((2,))
+    x = torch.randn(5, 2, dtype=DT)
+    orbit = act.orbit(x)
+    for g in range(4):
+        assert torch.allclose(orbit[g], x @ rot.matrices[g].T)
+        for h in range(4):
+            assert torch.allclose(act.apply(g, act.apply(h, x)), act.apply(rot.group.mul(g, h), x))
+    elems = torch.tensor([0, 1, 2, 3, 1])
+    each = act.apply_each(elems, x)
+    for b in range(5):
+        assert torch.allclose(each[b], rot.matrices[int(elems[b])] @ x[b])
+    assert torch.allclose(reynolds_projector(rot, dtype=DT), torch.zeros(2, 2, dtype=DT))   # no invariant vector in the plane
+    with pytest.raises(GroupActionError, match="not a permutation"):
+        act.permutations((2,))
+    with pytest.raises(GroupActionError):
+        rot.action((3,))
+    with pytest.raises(GroupActionError):
+        act.apply(0, torch.randn(5, 3))
+    # without a group the elements are the matrix indices
+    raw = Representation(rot.matrices).action()
+    assert raw.order == 4 and torch.allclose(raw.apply(1, x), x @ rot.matrices[1].T)

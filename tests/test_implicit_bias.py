@@ -31,8 +31,14 @@ def test_registered_and_tiny_run(tmp_path):
     claims = EXPERIMENT.check_claims(cfg, result)
     assert [c.id for c in claims] == ["C1.1", "C1.2", "C1.3", "C1.4"]
     for c in claims:
-        assert isinstance(c.passed, bool)
         assert _finite(c.measured)
+        assert (c.note == "") == c.passed  # a failing claim says why
+    # the claims report the trained members at claim_size: 2 depths x 1 seed
+    steer = [m for t in result["trials"] if t["kind"] == "steerable" for m in t["members"] if m["size"] == 8]
+    assert claims[0].measured["members"] == len(steer) == 2
+    assert claims[0].measured["min_cos_to_invariant_svm"] == min(m["cos_inv_svm"] for m in steer)
+    assert set(claims[3].measured) == {"cyclic/depth1", "cyclic/depth2"}
+    assert all(0 <= v <= 1 for acc in claims[3].measured.values() for v in acc.values())
     # every trained steerable predictor is invariant, whatever its convergence
     for t in result["trials"]:
         assert len(t["members"]) == 2 and len(t["trajectory"]["steps"]) >= 2
@@ -49,12 +55,13 @@ def test_dataset_labels_are_invariant_and_nested():
     a = make_dataset("cyclic", cfg, seed=0, n_train=12)
     b = make_dataset("cyclic", cfg, seed=0, n_train=12)
     assert torch.equal(a["x_train"], b["x_train"])  # deterministic
+    from symgen.augment import OrbitAugment
     from symgen.groups import CyclicShift
-    from symgen.margins import hard_margin_svm, orbit_augment
+    from symgen.margins import hard_margin_svm
 
     act = CyclicShift(5)
     # invariant labels with a margin: the orbit-augmented training set is separable
-    xa, ya = orbit_augment(a["x_train"], a["y_train"], act)
+    xa, ya = OrbitAugment(act)(a["x_train"], a["y_train"])
     assert hard_margin_svm(xa, ya).margin > 0
     assert set(a["y_train"].tolist()) <= {-1.0, 1.0}
 

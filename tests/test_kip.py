@@ -15,10 +15,9 @@ from symgen.errors import (
     MissingDataError,
     ShapeError,
 )
-from symgen.ntk import analytic_ntk, empirical_ntk
+from symgen.ntk import analytic_ntk, empirical_ntk, empirical_ntk_fn
 from symgen.ntk.kip import (
     centred_one_hot,
-    differentiable_empirical_ntk,
     kip,
     kip_loss,
     load_support,
@@ -69,7 +68,7 @@ def test_kip_loss_matches_direct_solve_and_finite_differences():
 
 def test_kip_initialisation_is_class_balanced_real_data():
     x, y = blobs()
-    xs, ys, hist = kip(x, y, rbf, support_per_class=4, steps=0, seed=3)
+    xs, ys, hist = kip(x, y, rbf, support_per_class=4, steps=0, generator=3)
     assert xs.shape == (12, 5) and ys.shape == (12, 3) and hist["loss"] == []
     # every support row is a real example of the class its label says
     for row, label in zip(xs, ys, strict=True):
@@ -78,7 +77,7 @@ def test_kip_initialisation_is_class_balanced_real_data():
     assert torch.bincount(ys.argmax(1), minlength=3).tolist() == [4, 4, 4]
     torch.testing.assert_close(ys.sum(1), torch.zeros(12, dtype=D64))
     torch.testing.assert_close(ys.max(1).values, torch.full((12,), 1 - 1 / 3, dtype=D64))
-    xs2, _, _ = kip(x, y, rbf, support_per_class=4, steps=0, seed=3)
+    xs2, _, _ = kip(x, y, rbf, support_per_class=4, steps=0, generator=3)
     torch.testing.assert_close(xs, xs2)
 
 
@@ -86,9 +85,9 @@ def test_kip_initialisation_is_class_balanced_real_data():
 @pytest.mark.parametrize("learn_labels", [False, True])
 def test_kip_decreases_loss_on_the_whole_target_set(kernel, learn_labels):
     x, y = blobs(n_per_class=20)
-    x0, y0, _ = kip(x, y, kernel, 1, steps=0, seed=1)
+    x0, y0, _ = kip(x, y, kernel, 1, steps=0, generator=1)
     # target_per_class = class size: every step sees the whole data, so the loss is deterministic.
-    xs, ys, hist = kip(x, y, kernel, 1, steps=60, lr=0.05, learn_labels=learn_labels, ridge=1e-4, seed=1,
+    xs, ys, hist = kip(x, y, kernel, 1, steps=60, lr=0.05, learn_labels=learn_labels, ridge=1e-4, generator=1,
                        target_per_class=20)
     yt = centred_one_hot(y, 3, D64)
     before = kip_loss(kernel, x0, y0, x, yt, 1e-4)[0].item()
@@ -105,16 +104,17 @@ def test_kip_decreases_loss_on_the_whole_target_set(kernel, learn_labels):
 def test_empirical_ntk_kernel_plugs_in():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(D64)
-    kernel = differentiable_empirical_ntk(model)
+    kernel = empirical_ntk_fn(model, differentiable=True)
     x, y = blobs(n_per_class=6)
-    # Same kernel as symgen.ntk.empirical_ntk (a different implementation: structured / jacobian).
-    torch.testing.assert_close(kernel(x[:7], x[3:12]), empirical_ntk(model, x[:7], x[3:12], output="trace"),
+    # Same kernel as the no-grad structured method (a different implementation).
+    torch.testing.assert_close(kernel(x[:7], x[3:12]),
+                               empirical_ntk(model, x[:7], x[3:12], output="trace", method="structured"),
                                rtol=1e-9, atol=1e-9)
-    # Its input gradient matches finite differences (what KIP needs and empirical_ntk does not give).
+    # Its input gradient matches finite differences (what KIP needs and the no-grad kernel does not give).
     assert torch.autograd.gradcheck(lambda a: kernel(a, x[5:9]).sum() + kernel(a, a).sum(),
                                     (x[:3].clone().requires_grad_(True),))
-    x0, y0, _ = kip(x, y, kernel, 1, steps=0, seed=0)
-    xs, ys, hist = kip(x, y, kernel, 1, steps=8, lr=0.05, ridge=1e-3, seed=0, target_per_class=6)
+    x0, y0, _ = kip(x, y, kernel, 1, steps=0, generator=0)
+    xs, ys, hist = kip(x, y, kernel, 1, steps=8, lr=0.05, ridge=1e-3, generator=0, target_per_class=6)
     assert not torch.allclose(xs, x0)
     yt = centred_one_hot(y, 3, D64)
     assert kip_loss(kernel, xs, ys, x, yt, 1e-3)[0] < kip_loss(kernel, x0, y0, x, yt, 1e-3)[0]
@@ -122,7 +122,7 @@ def test_empirical_ntk_kernel_plugs_in():
 
 def test_save_and_load_roundtrip(tmp_path):
     x, y = blobs()
-    xs, ys, _ = kip(x, y, rbf, 2, steps=2, seed=0, target_per_class=5)
+    xs, ys, _ = kip(x, y, rbf, 2, steps=2, generator=0, target_per_class=5)
     path = save_support(tmp_path / "sub" / "support.pt", xs, ys, dataset="blobs", steps=2)
     x2, y2, meta = load_support(path)
     torch.testing.assert_close(x2, xs)
@@ -164,3 +164,31 @@ def test_bad_input_errors():
 
     with pytest.raises(DivergenceError):
         kip(x, y, negative, 1, steps=1, target_per_class=2)
+
+
+def test_generator_seed_or_torch_generator_give_the_same_draws():
+    x, y = blobs()
+    a = kip(x, y, rbf, 2, steps=3, lr=0.05, generator=4, target_per_class=5)
+    b = kip(x, y, rbf, 2, steps=3, lr=0.05, generator=torch.Generator().manual_seed(4), target_per_class=5)
+    torch.testing.assert_close(a[0], b[0])
+    assert a[2]["loss"] == b[2]["loss"]
+    # None means seed 0
+    torch.testing.assert_close(kip(x, y, rbf, 2, steps=0)[0], kip(x, y, rbf, 2, steps=0, generator=0)[0])
+
+
+def test_save_support_is_atomic(tmp_path, monkeypatch):
+    x, y = blobs()
+    path = save_support(tmp_path / "support.pt", x[:3], centred_one_hot(y[:3], 3, D64), steps=1)
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        save_support(path, x[3:9], centred_one_hot(y[3:9], 3, D64), steps=2)
+    # The old file is intact and no temporary file is left beside it.
+    x2, _, meta = load_support(path)
+    torch.testing.assert_close(x2, x[:3])
+    assert meta == {"steps": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["support.pt"]

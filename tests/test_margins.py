@@ -11,16 +11,15 @@ import torch
 from scipy.optimize import linprog, minimize
 from torch import nn
 
-from symgen.errors import ConfigError, ShapeError
+from symgen.augment import OrbitAugment
+from symgen.errors import ConfigError, NotSeparableError, ShapeError
 from symgen.groups import CyclicShift, ImageRotation90
 from symgen.margins import (
-    NotSeparableError,
     end_to_end_predictor,
     hard_margin_svm,
     invariant_max_margin,
     max_margin_direction,
     normalized_margin,
-    orbit_augment,
 )
 
 DT = torch.float64
@@ -113,7 +112,7 @@ def test_invariant_max_margin_augment_equals_reynolds():
     assert a.shape == (2, 6)
     assert torch.allclose(a, r, atol=1e-8)
     assert torch.allclose(act.orbit(a).mean(0), a, atol=1e-10)    # invariant
-    xa, ya = orbit_augment(x, y, act)
+    xa, ya = OrbitAugment(act)(x, y)
     assert xa.shape == (6 * 30, 2, 6)
     # it has the best margin on the augmented data: better than the raw SVM and the teacher
     raw = max_margin_direction(x, y)

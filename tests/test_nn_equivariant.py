@@ -7,7 +7,9 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
+from symgen import rng
 from symgen.errors import GroupActionError, ShapeError
 from symgen.groups import (
     CyclicGroup,
@@ -16,8 +18,13 @@ from symgen.groups import (
     ImageDihedral,
     ImageRotation90,
     Reflection,
+    Representation,
+    commutant_basis,
+    commutant_dimension,
+    commutant_orbits,
+    fixed_basis,
 )
-from symgen.nn.equivariant import (
+from symgen.nn import (
     GCNN,
     EquivariantLinear,
     GroupConv2d,
@@ -26,11 +33,6 @@ from symgen.nn.equivariant import (
     LiftingConv2d,
     LiftingLinear,
     LinearSteerableNet,
-    Representation,
-    commutant_basis,
-    commutant_dimension,
-    commutant_orbits,
-    fixed_basis,
 )
 
 DT = torch.float64
@@ -289,3 +291,153 @@ def test_bad_input_errors():
         LiftingConv2d("c4", 1, 2, kernel_size=2)
     with pytest.raises(GroupActionError):
         GCNN("c4", 1)(torch.randn(1, 1, 5, 6))
+
+
+# ------------------------------------------------------------------ base: check_equivariance, export, generator
+
+
+def _layers() -> dict:
+    """One instance of every equivariant layer class (and its variants), float64, with random biases."""
+    c4, d4 = ImageRotation90(), ImageDihedral()
+    reg4, reg8 = Representation.regular(c4.group), Representation.regular(d4.group)
+    rot = rotation_rep_c4()
+    gen = torch.Generator().manual_seed(11)
+    kw = {"generator": gen, "dtype": DT}
+    layers = {
+        "linear-orbit": EquivariantLinear(Representation.from_action(d4, (1, 3, 3)), reg8.copies(2), **kw),
+        "linear-dense": EquivariantLinear(Representation.from_action(d4, (1, 3, 3)), reg8, method="dense", **kw),
+        "linear-rot": EquivariantLinear(rot + Representation.trivial(rot.group), rot.copies(2), **kw),
+        "linear-raw": EquivariantLinear(rot.matrices, rot.matrices, **kw),
+        "lifting": LiftingLinear(c4, 3, in_shape=(2, 3, 3), **kw),
+        "lifting-rot": LiftingLinear(rot, 2, **kw),
+        "group": GroupLinear(d4.group, 3, 2, **kw),
+        "readout": InvariantReadout(reg4.group, 3, 4, **kw),
+        "lifting-conv": LiftingConv2d(d4, 2, 3, 3, **kw),
+        "group-conv": GroupConv2d(c4, 2, 3, 5, **kw),
+        "gcnn": GCNN("d4", in_channels=2, channels=(3, 2), num_classes=5, **kw),
+        "steerable-1": LinearSteerableNet(CyclicShift(6), (2, 6), depth=1, **kw),
+        "steerable-3": LinearSteerableNet(ImageRotation90(), (1, 4, 4), depth=3, width=2, **kw),
+    }
+    with torch.no_grad():
+        for layer in layers.values():
+            for name, p in layer.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(generator=gen)
+    return layers
+
+
+LAYERS = list(_layers())
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_check_equivariance_passes_and_export_has_same_outputs(name):
+    layer = _layers()[name]
+    x = layer.example_input(4, generator=1)
+    err = layer.check_equivariance()
+    assert 0.0 <= err <= 1e-11
+    assert layer.check_equivariance(x, atol=1e-11) <= 1e-11
+    plain = layer.export()
+    assert isinstance(plain, (nn.Linear, nn.Conv2d, nn.Sequential))
+    assert not [type(m) for m in plain.modules() if type(m).__module__.startswith("symgen")]
+    with torch.no_grad():
+        y, y_plain = layer(x), plain(x)
+    assert y_plain.shape == y.shape and torch.allclose(y_plain, y, atol=1e-12, rtol=1e-12)
+    # the export is a copy: training the original afterwards leaves it unchanged
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(1.0)
+        assert torch.equal(plain(x), y_plain)
+
+
+def _break(name: str, layer: nn.Module) -> None:
+    """Corrupt a layer outside its equivariant parameterization (index buffers, basis, readout)."""
+    with torch.no_grad():
+        if name in ("linear-orbit",):
+            layer.orbit_label.copy_(torch.randperm(layer.orbit_label.numel(), generator=torch.Generator().manual_seed(0))
+                                    % layer.num_basis)
+        elif name in ("linear-dense", "linear-rot", "linear-raw"):
+            layer.basis[:, 0, 0] += 0.5                 # one entry of W, not tied to its orbit
+            layer.weight.fill_(1.0)
+        elif name == "lifting":
+            layer.filter_index[1] = layer.filter_index[0]
+        elif name == "lifting-rot":
+            layer.filter_maps[1] = layer.filter_maps[0]
+        elif name == "group":
+            layer.kernel_index[0] = layer.kernel_index[1]
+        elif name == "readout":
+            layer.forward = lambda x: torch.nn.functional.linear(x[..., 0], layer.weight, layer.bias)
+        elif name in ("lifting-conv", "group-conv"):
+            layer.spatial_index[1] = torch.arange(layer.spatial_index.shape[1])
+        elif name == "gcnn":
+            layer.features[0].spatial_index[1] = torch.arange(layer.features[0].spatial_index.shape[1])
+        elif name.startswith("steerable"):
+            first = layer.layers[0]
+            if hasattr(first, "filter_index"):
+                first.filter_index[1] = first.filter_index[0]
+            else:
+                first.orbit_label[0] = (first.orbit_label[0] + 1) % first.num_basis
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_check_equivariance_fails_loudly_on_a_broken_layer(name):
+    layer = _layers()[name]
+    _break(name, layer)
+    with pytest.raises(GroupActionError, match=r"not equivariant: group element \d+ of \d+"):
+        layer.check_equivariance()
+    assert layer.check_equivariance(atol=float("inf")) > 1e-6
+
+
+def _brute_force_error(layer, act_in, act_out, x, order):
+    """max_g max |f(act_in(g, x)) - act_out(g, f(x))| by a loop, and its argmax."""
+    with torch.no_grad():
+        y = layer(x)
+        errs = [float((layer(act_in(g, x)) - act_out(g, y)).abs().max()) for g in range(order)]
+    return max(errs), errs.index(max(errs))
+
+
+def test_check_equivariance_reports_the_worst_element_against_a_loop():
+    rot = rotation_rep_c4()
+    layer = EquivariantLinear(rot, rot.copies(2), bias=False, generator=0, dtype=DT)
+    with torch.no_grad():
+        layer.basis.add_(torch.tensor([[0.0, 0.3], [0.0, 0.0], [0.1, 0.0], [0.0, 0.0]], dtype=DT))
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=DT)
+    out2 = lambda g, y: y @ torch.block_diag(rot.matrices[g], rot.matrices[g]).T  # noqa: E731
+    worst, worst_g = _brute_force_error(layer, lambda g, v: v @ rot.matrices[g].T, out2, x, 4)
+    assert worst > 1e-3
+    assert layer.check_equivariance(x, atol=worst * 1.01) == pytest.approx(worst, rel=1e-9)
+    with pytest.raises(GroupActionError, match=f"group element {worst_g} of 4"):
+        layer.check_equivariance(x, atol=worst * 0.99)
+
+    act = ImageRotation90()
+    group = act.group
+    conv = GroupConv2d(act, 2, 2, 3, generator=0, dtype=DT)
+    with torch.no_grad():
+        conv.kernel_index[2] = conv.kernel_index[1]
+
+    def act_feature(g, f):
+        idx = torch.tensor([group.table[group.inv(g), h] for h in range(group.order)])
+        return act.apply(g, f)[:, :, idx]
+
+    x = torch.randn(2, 2, 4, 5, 5, generator=torch.Generator().manual_seed(1), dtype=DT)
+    worst, worst_g = _brute_force_error(conv, act_feature, act_feature, x, 4)
+    assert conv.check_equivariance(x, atol=math.inf) == pytest.approx(worst, rel=1e-9)
+    with pytest.raises(GroupActionError, match=f"group element {worst_g} of 4"):
+        conv.check_equivariance(x)
+
+
+def test_layers_take_a_seed_or_a_generator_or_follow_the_global_rng_like_torch_nn():
+    state = torch.random.get_rng_state()
+    a = GCNN("c4", 1, (2,), 3, generator=5, dtype=DT)
+    b = GCNN("c4", 1, (2,), 3, generator=torch.Generator().manual_seed(5), dtype=DT)
+    assert torch.equal(torch.random.get_rng_state(), state)   # an explicit generator leaves the global one alone
+    with rng.isolated_seed(5):                                 # None: the global generator, as torch.nn modules
+        c = GCNN("c4", 1, (2,), 3, dtype=DT)
+    with rng.isolated_seed(6):
+        d = GCNN("c4", 1, (2,), 3, dtype=DT)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for (_, p), (_, q), (_, r) in zip(a.named_parameters(), b.named_parameters(), c.named_parameters(), strict=True):
+        assert torch.equal(p, q) and torch.equal(p, r)
+    assert not torch.equal(c.features[0].weight, d.features[0].weight)
+    # one stream for the whole net: its layers do not repeat each other's draws
+    net = LinearSteerableNet(CyclicShift(4), (4,), depth=3, width=4, generator=0, dtype=DT)
+    assert not torch.equal(net.layers[1].weight[0, 0], net.layers[0].weight[0, :4])

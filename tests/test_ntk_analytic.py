@@ -128,7 +128,7 @@ def test_monte_carlo_wide_random_net(activation, depth, width, tol):
     nngp_ref, ntk_ref = analytic_ntk(x, x, depth, activation, w, b)
     errs = []
     for n in (64, width):
-        net = ntk_mlp(10, n, depth, 1, activation, w, b, seed=n, dtype=F64)
+        net = ntk_mlp(10, n, depth, 1, activation, w, b, generator=n, dtype=F64)
         nngp, ntk = _empirical_kernels(net, x)
         errs.append(((ntk - ntk_ref).norm() / ntk_ref.norm()).item())
     assert ((nngp - nngp_ref).norm() / nngp_ref.norm()).item() < tol
@@ -198,3 +198,17 @@ def test_ntk_linear_parameterization():
     expected = x @ (layer.weight * 2.0 / 2.0).T + 0.5 * layer.bias
     torch.testing.assert_close(layer(x), expected)
     assert NTKLinear(4, 3, bias_std=0.0).bias is None
+
+
+def test_ntk_mlp_and_layer_draw_from_the_given_seed():
+    # W, b ~ N(0, 1) drawn in layer order from one generator; a seed means torch.Generator().manual_seed(seed).
+    g = torch.Generator().manual_seed(3)
+    w1, b1 = torch.randn(6, 4, generator=g), torch.randn(6, generator=g)
+    w2, b2 = torch.randn(2, 6, generator=g), torch.randn(2, generator=g)
+    for generator in (3, torch.Generator().manual_seed(3)):
+        net = ntk_mlp(4, 6, 1, 2, bias_std=0.1, generator=generator)
+        for got, want in zip([net[1].weight, net[1].bias, net[3].weight, net[3].bias], [w1, b1, w2, b2], strict=True):
+            torch.testing.assert_close(got.detach(), want)
+    torch.testing.assert_close(ntk_mlp(4, 6, 1)[1].weight, ntk_mlp(4, 6, 1, generator=0)[1].weight)  # None = seed 0
+    layer = NTKLinear(4, 3, generator=9)
+    torch.testing.assert_close(layer.weight.detach(), torch.randn(3, 4, generator=torch.Generator().manual_seed(9)))

@@ -8,7 +8,16 @@ from torch import nn
 
 from symgen import functional as Fn
 from symgen.errors import ConfigError, ShapeError
-from symgen.ntk import NTKLinear, choose_ntk_method, empirical_ntk, ntk_mlp, ntk_vector_product
+from symgen.ntk import (
+    NTKLinear,
+    choose_ntk_method,
+    empirical_ntk,
+    empirical_ntk_fn,
+    ntk_mlp,
+    ntk_vector_product,
+)
+from symgen.ntk import empirical as ntk_empirical
+from symgen.rng import isolated_seed
 
 F64 = torch.float64
 METHODS = ("jacobian", "ntvp", "structured", "auto")
@@ -101,7 +110,7 @@ def _models():
     torch.manual_seed(0)
     return {
         "mlp": (nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).double(), (5,)),
-        "ntk_mlp_scalar": (ntk_mlp(5, 6, 2, 1, "erf", 1.5, 0.2, seed=0, dtype=F64), (5,)),
+        "ntk_mlp_scalar": (ntk_mlp(5, 6, 2, 1, "erf", 1.5, 0.2, generator=0, dtype=F64), (5,)),
         "conv_bn": (_bn_conv(), (2, 6, 6)),
         "conv1d": (nn.Sequential(nn.Conv1d(2, 3, 3, padding=1, dilation=2), nn.Tanh(), nn.Flatten(),
                                  nn.Linear(18, 2)).double(), (2, 8)),
@@ -250,3 +259,79 @@ def test_structured_backward_without_batching_rule(monkeypatch):
     model, shape = MODELS["conv1d"]
     x = torch.randn(3, *shape, dtype=F64)
     torch.testing.assert_close(empirical_ntk(model, x, output="full", method="structured"), dense_ntk(model, x, x))
+
+
+def test_factory_caches_the_auto_choice_per_shape(monkeypatch):
+    model, shape = MODELS["conv_bn"]
+    g = torch.Generator().manual_seed(7)
+    x1 = torch.randn(4, *shape, generator=g, dtype=F64)
+    x2 = torch.randn(3, *shape, generator=g, dtype=F64)
+    calls = []
+    real = ntk_empirical._costs
+
+    def counting(*args, **kwargs):
+        calls.append(args[3].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ntk_empirical, "_costs", counting)
+    for output in ("trace", "full"):
+        kernel = empirical_ntk_fn(model, output=output)
+        ref = dense_ntk(model, x1, x2)
+        ref = ref if output == "full" else ref.diagonal(dim1=2, dim2=3).sum(-1)
+        for _ in range(3):  # the cost model runs once per (x1, x2) shape, not once per call
+            torch.testing.assert_close(kernel(x1, x2), ref, rtol=1e-10, atol=1e-12)
+        assert len(calls) == 1
+        kernel(x1)  # another key (x2 = None): one more estimate, then cached
+        kernel(x1, x1)
+        kernel(x2)  # another x1 shape
+        assert len(calls) == 3
+        assert kernel.method_for(x1, x2) == choose_ntk_method(model, x1, x2, output=output)
+        assert kernel.method_for(x2) == choose_ntk_method(model, x2, output=output)
+        assert len(calls) == 5  # the two choose_ntk_method calls, not the cached kernel
+        calls.clear()
+    # An explicit method never runs the cost model (ntvp does: it sizes its blocks by it, once).
+    empirical_ntk_fn(model, method="structured")(x1, x2)
+    assert calls == []
+
+
+@pytest.mark.parametrize("method", ["auto", "jacobian", "ntvp"])
+@pytest.mark.parametrize("output", ["trace", "full"])
+def test_differentiable_kernel_gradient_matches_finite_differences(method, output):
+    g = torch.Generator().manual_seed(8)
+    with isolated_seed(8):
+        model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).double()
+    with torch.no_grad():  # BatchNorm with non-trivial running statistics: the kernel runs in eval mode
+        model(torch.randn(16, 3, generator=g, dtype=F64))
+    x1 = torch.randn(3, 3, generator=g, dtype=F64)
+    x2 = torch.randn(2, 3, generator=g, dtype=F64)
+    flags = [m.training for m in model.modules()]
+    kernel = empirical_ntk_fn(model, output=output, method=method, differentiable=True)
+    # Its value equals the dense kernel and the no-grad kernel.
+    ref = dense_ntk(model, x1, x2)
+    ref = ref if output == "full" else ref.diagonal(dim1=2, dim2=3).sum(-1)
+    torch.testing.assert_close(kernel(x1, x2).detach(), ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(kernel(x1, x2).detach(), empirical_ntk(model, x1, x2, output=output, method=method),
+                               rtol=1e-10, atol=1e-12)
+    # Gradient w.r.t. the inputs of sum K(x1, x2) (and of the symmetric K(x1, x1)) against finite differences.
+    assert torch.autograd.gradcheck(lambda a: kernel(a, x2).sum() + kernel(a).pow(2).sum(),
+                                    (x1.clone().requires_grad_(True),))
+    assert torch.autograd.gradcheck(lambda b: kernel(x1, b).sum(), (x2.clone().requires_grad_(True),))
+    assert [m.training for m in model.modules()] == flags
+
+
+def test_non_differentiable_kernel_is_outside_the_graph():
+    model, _ = MODELS["mlp"]
+    x = torch.randn(3, 5, dtype=F64, requires_grad=True)
+    for method in METHODS:
+        assert not empirical_ntk(model, x, method=method).requires_grad
+    assert empirical_ntk(model, x, method="jacobian", differentiable=True).requires_grad
+
+
+def test_factory_errors():
+    model, _ = MODELS["mlp"]
+    with pytest.raises(ConfigError, match="differentiable"):
+        empirical_ntk_fn(model, method="structured", differentiable=True)
+    with pytest.raises(ConfigError, match="memory_budget"):
+        empirical_ntk_fn(model, memory_budget=0)
+    with pytest.raises(ConfigError, match="nn.Module"):
+        empirical_ntk_fn(lambda x: x)

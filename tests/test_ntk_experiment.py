@@ -28,10 +28,13 @@ def test_ntk_experiment_tiny(tmp_path):
                        dynamics_width=128, train_size=16, test_size=12, steps=30, records=6, dynamics_seeds=1)
     result = EXPERIMENT.run(cfg, Context())
     claims = EXPERIMENT.check_claims(cfg, result)
-    assert {c.id for c in claims} == {"C4.1", "C4.2", "C4.2-spectral"}
+    assert [c.id for c in claims] == ["C4.1", "C4.2", "C4.2-spectral"]
     for c in claims:
-        assert isinstance(c.passed, bool)
         assert _finite(c.measured)
+        assert (c.note == "") == c.passed  # a failing claim says why
+    assert set(claims[0].measured["rel_error_by_width"]) == {"16", "64"}
+    assert claims[1].measured["max_dev_train"] == round(max(result["dynamics"][0]["dev_train"]), 4)
+    assert len(claims[2].measured["remaining_fraction_by_band_top_to_bottom"]) == 1  # one dynamics seed
     dyn = result["dynamics"][0]
     assert dyn["times"][0] == 0 and dyn["times"][-1] == 30
     assert dyn["dev_train"][0] == pytest.approx(0.0, abs=1e-6)  # net and kernel agree at t = 0

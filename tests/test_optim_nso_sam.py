@@ -9,7 +9,8 @@ from torch import nn
 from torch.func import functional_call
 
 from symgen.errors import ConfigError, DivergenceError
-from symgen.optim import NSO, SAM, disable_running_stats, enable_running_stats
+from symgen.functional import frozen_running_stats
+from symgen.optim import NSO, SAM, LossClosure
 
 D = torch.float64
 
@@ -86,7 +87,7 @@ def test_nso_closure_and_vectorized_match_brute_force(lam, antithetic, relative)
         if path == "closure":
             loss = opt.estimate_gradient(_closure(model, opt, x, y))
         else:
-            loss = opt.estimate_gradient_vectorized(TF.cross_entropy, x, y)
+            loss = opt.estimate_gradient(LossClosure(model, TF.cross_entropy, x, y))
         assert torch.isfinite(loss)
         for p, e in zip(model.parameters(), expected, strict=True):
             assert torch.allclose(p.grad, e, atol=1e-12), path
@@ -111,7 +112,7 @@ def test_nso_step_paths_agree_and_are_reproducible():
             if path == "closure":
                 opt.step(_closure(model, opt, x, y))
             else:
-                opt.step_vectorized(TF.cross_entropy, x, y)
+                opt.step(LossClosure(model, TF.cross_entropy, x, y))
         finals.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
         assert opt.num_steps == 3 and opt.passes_per_step == 5
         assert "momentum_buffer" in opt.base_optimizer.state[next(model.parameters())]
@@ -219,10 +220,10 @@ def test_nso_non_finite_raises_naming_step_and_leaves_state():
     opt2 = NSO(lin.parameters(), torch.optim.SGD, sigma=1e3, num_samples=1, model=lin, lr=0.1)
     w2 = [p.detach().clone() for p in lin.parameters()]
     with pytest.raises(DivergenceError, match="NSO step 1: non-finite"):
-        opt2.step_vectorized(lambda out, t: torch.exp(out * 1e3).mean(), torch.ones(3, 4), torch.zeros(3))
+        opt2.step(LossClosure(lin, lambda out, t: torch.exp(out * 1e3).mean(), torch.ones(3, 4), torch.zeros(3)))
     assert all(torch.equal(p, q) for p, q in zip(lin.parameters(), w2, strict=True))
     with pytest.raises(DivergenceError, match="clean weights"):
-        opt2.step_vectorized(TF.mse_loss, torch.full((3, 4), float("inf")), torch.zeros(3, 1))
+        opt2.step(LossClosure(lin, TF.mse_loss, torch.full((3, 4), float("inf")), torch.zeros(3, 1)))
 
 
 def test_nso_config_errors():
@@ -238,7 +239,8 @@ def test_nso_config_errors():
     with pytest.raises(ConfigError, match="closure"):
         NSO(p, torch.optim.SGD, lr=0.1).step()
     with pytest.raises(ConfigError, match="model"):
-        NSO(p, torch.optim.SGD, lr=0.1).step_vectorized(TF.mse_loss, torch.zeros(2, 3), torch.zeros(2, 3))
+        NSO(p, torch.optim.SGD, lr=0.1).step(LossClosure(nn.Linear(3, 3), TF.mse_loss, torch.zeros(2, 3),
+                                                          torch.zeros(2, 3)))
 
 
 @pytest.mark.parametrize("adaptive", [False, True])
@@ -280,17 +282,16 @@ def test_sam_step_matches_formula(adaptive):
     assert all(torch.allclose(p, q, atol=1e-12) for p, q in zip(model.parameters(), model2.parameters(), strict=True))
 
 
-def test_sam_kwargs_state_and_bn_helpers():
+def test_sam_kwargs_state_and_frozen_running_stats():
     model = _bn_net().train()
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.2, momentum=0.9, weight_decay=1e-4)
     assert opt.param_groups[0]["lr"] == 0.2 and opt.param_groups[0]["momentum"] == 0.9
     assert opt.base_optimizer.param_groups is opt.param_groups
     x, y = _batch()
     stats = model[1].running_mean.clone()
-    disable_running_stats(model)
-    model(x)
+    with frozen_running_stats(model):
+        model(x)
     assert torch.equal(model[1].running_mean, stats)
-    enable_running_stats(model)
     assert model[1].momentum == 0.1
     model(x)
     assert not torch.equal(model[1].running_mean, stats)
@@ -326,3 +327,39 @@ def test_sam_errors():
     with pytest.raises(DivergenceError, match="SAM step 1: non-finite loss .* perturbed"):
         opt.step(bad)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w, strict=True))
+
+
+def test_nso_without_generator_is_seed_zero():
+    """generator=None means seed 0 (not the global RNG): two runs agree, and equal generator=0."""
+    x, y = _batch()
+    finals = []
+    for gen in (None, None, 0):
+        model = _bn_net().train()
+        torch.manual_seed(len(finals))  # the global RNG must not matter
+        opt = NSO(model.parameters(), torch.optim.SGD, sigma=0.1, num_samples=2, generator=gen, lr=0.1)
+        opt.step(LossClosure(model, TF.cross_entropy, x, y))
+        finals.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert torch.equal(finals[0], finals[1]) and torch.equal(finals[0], finals[2])
+
+
+def test_nso_closure_that_raises_leaves_parameters_and_statistics():
+    x, y = _batch()
+    model = _bn_net().train()
+    opt = NSO(model.parameters(), torch.optim.SGD, sigma=0.1, num_samples=2, model=model, lr=0.1)
+    w = [p.detach().clone() for p in model.parameters()]
+    bufs = [b.clone() for b in model.buffers()]
+    calls = {"n": 0}
+
+    def failing():  # the clean pass updates the statistics, the second pass (at W + U_1) fails
+        calls["n"] += 1
+        opt.zero_grad()
+        loss = TF.cross_entropy(model(x), y)
+        if calls["n"] == 2:
+            raise RuntimeError("data loader broke")
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="data loader broke"):
+        opt.step(failing)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w, strict=True))
+    assert all(torch.equal(b, c) for b, c in zip(model.buffers(), bufs, strict=True))

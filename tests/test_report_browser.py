@@ -105,7 +105,7 @@ def _close(text, value):
 
 @pytest.fixture(scope="module")
 def audit_run(tmp_path_factory):
-    from symgen.audit import run_audit
+    from symgen.runs import run_audit
 
     out = tmp_path_factory.mktemp("runs")
     limits = dict(time_limit=600.0, eval_samples=200, invariance_samples=64, symmetry_samples=16, hessian_samples=64,

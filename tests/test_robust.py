@@ -76,7 +76,7 @@ def test_pgd_reaches_closed_form_worst_case_of_linear_model(norm):
         torch.testing.assert_close(adv, clean + eps * dual, rtol=1e-10, atol=1e-10)
     # From a random start, steps of length eps halve the l2 angle to the optimum each time
     # (linf iterates hit it exactly).
-    adv = attack_loss(f(pgd(f, x, y, eps, step_size=eps, steps=10, norm=norm, seed=1)), y, "margin")
+    adv = attack_loss(f(pgd(f, x, y, eps, step_size=eps, steps=10, norm=norm, generator=1)), y, "margin")
     assert (adv <= clean + eps * dual + 1e-10).all()
     assert (adv >= clean + eps * dual * 0.999).all()
 
@@ -98,10 +98,17 @@ def test_attack_does_not_touch_parameter_grads_and_is_seeded():
     model = mlp()
     x = torch.rand(8, 6, dtype=D64)
     y = torch.zeros(8, dtype=torch.long)
-    a = pgd(model, x, y, 0.1, steps=2, seed=5)
-    b = pgd(model, x, y, 0.1, steps=2, seed=5)
+    a = pgd(model, x, y, 0.1, steps=2, generator=5)
+    b = pgd(model, x, y, 0.1, steps=2, generator=5)
     torch.testing.assert_close(a, b)
     assert all(p.grad is None for p in model.parameters())
+    # A seed and a torch.Generator seeded alike give the same random start; None means seed 0.
+    torch.testing.assert_close(pgd(model, x, y, 0.1, steps=2, generator=torch.Generator().manual_seed(5)), a)
+    torch.testing.assert_close(pgd(model, x, y, 0.1, steps=2), pgd(model, x, y, 0.1, steps=2, generator=0))
+    # One step of size 0 leaves the random start: uniform in the linf ball, drawn as 2 U - 1 times eps.
+    start = pgd(model, x, y, 0.1, step_size=0.0, steps=1, generator=7)
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(7), dtype=D64)
+    torch.testing.assert_close(start, x + (2 * u - 1) * 0.1)
 
 
 def test_kernel_predictor_matches_solve_and_pgd_through_kernel():
@@ -170,8 +177,9 @@ def test_adversarial_training_gives_robust_linear_separator():
     for eps in (0.0, 0.2):
         torch.manual_seed(0)
         model = nn.Linear(21, 2)
-        hist = adversarial_training(model, (x, y), functools.partial(pgd, eps=eps, steps=5), epochs=30,
-                                    lr=0.05, batch_size=50, seed=0)
+        hist = adversarial_training(model, (x, y), functools.partial(pgd, eps=eps, steps=5),
+                                    torch.optim.Adam(model.parameters(), lr=0.05), epochs=30, batch_size=50,
+                                    generator=0)
         assert len(hist["loss"]) == 30 and all(torch.isfinite(torch.tensor(hist["loss"])))
         assert accuracy(model(x), y) == 1.0
         robust[eps] = accuracy(model(pgd(model, x, y, 0.2, steps=20)), y)
@@ -211,4 +219,5 @@ def test_bad_input_errors():
     with pytest.raises(ShapeError):
         eigen_features(rbf(x, x), rbf(x, x[:3]), y.double())
     with pytest.raises(ConfigError, match="clean_weight"):
-        adversarial_training(model, (x, y), functools.partial(pgd, eps=0.1), clean_weight=2.0)
+        adversarial_training(model, (x, y), functools.partial(pgd, eps=0.1),
+                             torch.optim.Adam(model.parameters(), lr=1e-3), clean_weight=2.0)

@@ -8,7 +8,8 @@ import pytest
 from symgen.cli import main
 from symgen.errors import ConfigError
 from symgen.experiments import REGISTRY, build_config
-from symgen.runs import RunStore, atomic_write
+from symgen.io import atomic_write
+from symgen.runs import RunStore
 
 
 @pytest.fixture

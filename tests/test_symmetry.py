@@ -358,3 +358,36 @@ def test_block_structure_of_groupnorm_is_contiguous_groups():
     assert sorted(s.blocks) == [tuple(range(4)), tuple(range(4, 8))]
     assert s.channel_block().tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
     assert math.isclose(s.check["train_exact"], 0.0, abs_tol=1e-12)
+
+
+def test_global_rng_state_is_left_unchanged():
+    # dropout draws in the train-mode checks, and a zero filter sends one candidate down the
+    # rejection path (a second train-mode pass looks for constant normalized groups)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Dropout(0.3), nn.BatchNorm1d(6), nn.ReLU(),
+                          nn.Linear(6, 4), nn.BatchNorm1d(4)).double()
+    with torch.no_grad():
+        model[4].weight[1].zero_()
+    x = torch.randn(8, 5, dtype=torch.float64)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    report = find_scale_symmetries(model, x)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert [s.weight for s in report.symmetries] == ["0.weight"]
+    assert "constant group" in report.rejected["4.weight"]
+    # a torch.Generator is used as given (and advanced); the global state is still untouched
+    g = torch.Generator().manual_seed(5)
+    g_before = g.get_state()
+    find_scale_symmetries(model, x, generator=g)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert not torch.equal(g.get_state(), g_before)
+
+
+def test_generator_seed_reproduces_and_bad_generator_is_a_config_error():
+    model, x, _, _ = _build("mixed")
+    a = find_scale_symmetries(model, x, generator=3).to_dict()
+    assert a == find_scale_symmetries(model, x, generator=3).to_dict()
+    # None means seed 0
+    assert find_scale_symmetries(model, x).to_dict() == find_scale_symmetries(model, x, generator=0).to_dict()
+    with pytest.raises(ConfigError, match="generator"):
+        find_scale_symmetries(model, x, generator="seed")

@@ -236,3 +236,30 @@ def test_frozen_filters_are_left_alone():
     before = model[0].weight.detach().clone()
     opt = UnitNormSGD(model, lr=0.1, example_input=x)
     assert opt.spheres == [] and torch.equal(model[0].weight, before)
+
+
+def test_step_with_closure_equals_manual_backward_and_takes_a_generator():
+    x, y = _data()
+    m1, m2 = _bn_net(), _bn_net()
+    o1 = UnitNormSGD(m1, lr=0.2, momentum=0.5, example_input=x, generator=3)
+    o2 = UnitNormSGD(m2, lr=0.2, momentum=0.5, example_input=x, generator=torch.Generator().manual_seed(3))
+    assert [s.symmetry.weight for s in o1.spheres] == [s.symmetry.weight for s in o2.spheres] == ["0.weight"]
+
+    def closure():
+        o2.zero_grad()
+        loss = F.cross_entropy(m2(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        o1.zero_grad()
+        ref = F.cross_entropy(m1(x), y)
+        ref.backward()
+        o1.step()
+        with torch.no_grad():  # step(closure) re-enables grad for the closure, like torch.optim
+            loss = o2.step(closure)
+        assert torch.equal(loss, ref.detach())
+    for p, q in zip(m1.parameters(), m2.parameters(), strict=True):
+        assert torch.equal(p, q)
+    with pytest.raises(ConfigError, match="generator"):
+        UnitNormSGD(_bn_net(), lr=0.1, example_input=x, generator="3")

@@ -38,10 +38,9 @@ def test_tiny_run_computes_claims_and_figures(tmp_path):
                        channels=2, detection_models=["mixed"], detection_batch=64)
     result = exp.run(cfg, Context())
     claims = {c.id: c for c in exp.check_claims(cfg, result)}
-    assert set(claims) == {"C2.1", "C2.2"}
-    for c in claims.values():
-        assert isinstance(c.passed, bool)
+    assert list(claims) == ["C2.1", "C2.2"]
     m = claims["C2.1"].measured
+    assert m["models"] == ["mixed"]
     assert m["matches_hand_analysis"] == {"mixed": True}
     assert m["found_max_rel_loss_change_exact"] < 1e-12
     assert math.isfinite(m["not_found_min_rel_loss_change"]) and m["not_found_min_rel_loss_change"] > 0

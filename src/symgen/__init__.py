@@ -1,7 +1,7 @@
 """symgen: symmetry and flatness in deep learning, with numbers.
 
 Submodules load on first use (``symgen.curvature``, ``symgen.ntk``, ...), so ``import symgen``
-stays cheap; ``symgen.audit(model, data, action=...)`` audits a model.
+stays cheap; ``from symgen.audit import audit`` then ``audit(model, data, action=...)`` audits a model.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from symgen.errors import SymgenError
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("audit", "augment", "curvature", "data", "ensemble", "functional", "groups", "margins",
-               "metrics", "nn", "ntk", "optim", "robust", "symmetry", "errors")
+_SUBMODULES = ("audit", "augment", "curvature", "data", "ensemble", "errors", "functional", "groups", "io",
+               "margins", "metrics", "models", "nn", "ntk", "optim", "rng", "robust", "stats", "symmetry",
+               "training")
 
 __all__ = ["SymgenError", "__version__", *_SUBMODULES]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from symgen import rng
 from symgen.errors import GroupActionError, ShapeError
 from symgen.groups import GroupAction
 
@@ -19,7 +20,7 @@ class OrbitAugment:
     """Replace a batch by its whole orbit: x of shape (B, ...) -> (|G| * B, ...), g-major.
 
     ``x_aug[g * B + b] = rho(g) x[b]``; labels are repeated (invariant task) or transformed by
-    ``out_action`` (equivariant task).
+    ``out_action`` (equivariant task). The one orbit augmentation (``margins`` uses it too).
     """
 
     def __init__(self, action: GroupAction, out_action: GroupAction | None = None) -> None:
@@ -30,13 +31,18 @@ class OrbitAugment:
         self.out_action = out_action
 
     def __call__(self, x: Tensor, y: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        x = torch.as_tensor(x)
+        if x.ndim < 1:
+            raise ShapeError(f"OrbitAugment: x must have a leading sample dim (B, ...); got shape {tuple(x.shape)}.")
+        self.action.check(x.shape[1:])                    # one sample must fit the action
         orbit = self.action.orbit(x)                       # (|G|, B, ...)
         x_aug = orbit.reshape(-1, *x.shape[1:])
         if y is None:
             return x_aug
-        if y.shape[0] != x.shape[0]:
-            raise ShapeError(f"OrbitAugment: x has {x.shape[0]} samples but y has {y.shape[0]}.")
-        order = self.action.group.order
+        y = torch.as_tensor(y)
+        if y.ndim < 1 or y.shape[0] != x.shape[0]:
+            raise ShapeError(f"OrbitAugment: x has {x.shape[0]} samples but y has shape {tuple(y.shape)}.")
+        order = self.action.order
         if self.out_action is None:
             y_aug = y.unsqueeze(0).expand(order, *y.shape).reshape(-1, *y.shape[1:])
         else:
@@ -45,20 +51,17 @@ class OrbitAugment:
 
 
 class RandomGroupAugment:
-    """Apply one uniformly random group element per sample, drawn from a seeded generator.
+    """Apply one uniformly random group element per sample, drawn from ``generator``.
 
+    ``generator``: an int seed or a ``torch.Generator`` (used as is, shared); None = seed 0.
     x has ``batch_dims`` leading sample dims (e.g. 2 for per-member batches ``(M, B, ...)``);
     every sample gets its own element. ``last_elements`` keeps the last draw (for equivariant
     targets, apply the same elements to y with :meth:`apply_elements`).
     """
 
-    def __init__(self, action: GroupAction, seed: int | None = None, generator: torch.Generator | None = None,
-                 batch_dims: int = 1, out_action: GroupAction | None = None) -> None:
-        if generator is not None and seed is not None:
-            raise GroupActionError("RandomGroupAugment: pass either seed or generator, not both.")
-        if generator is None:
-            generator = torch.Generator()
-            generator.manual_seed(0 if seed is None else int(seed))
+    def __init__(self, action: GroupAction, generator: rng.Seed = None, batch_dims: int = 1,
+                 out_action: GroupAction | None = None) -> None:
+        generator = rng.as_generator(generator)
         if batch_dims < 1:
             raise ShapeError(f"RandomGroupAugment: batch_dims must be >= 1, got {batch_dims}.")
         if out_action is not None and not torch.equal(out_action.group.table, action.group.table):

@@ -217,7 +217,7 @@ def audit(
     """Audit a trained model: accuracy, invariance, scale symmetries, curvature, noise stability, NTK, PGD."""
     import yaml
 
-    from symgen.audit import run_audit
+    from symgen.runs import run_audit
 
     if device is not None:
         _check_device(device)

@@ -21,6 +21,7 @@ from torch.func import vmap
 from symgen import functional as sf
 from symgen.errors import ConfigError, DivergenceError, ShapeError
 from symgen.groups import GroupAction
+from symgen.rng import Seed, as_generator, derive, seed_of
 
 __all__ = [
     "Ensemble",
@@ -37,6 +38,8 @@ class Ensemble:
 
     ``member_logits(x)``: (M, B, K) in one vmapped call; ``ensemble(x)``: the mean over members.
     ``member_ids[m]`` is member m's global index (it seeds init and training randomness).
+    ``parameters()``: the stacked tensors as leaves for an optimizer (elementwise optimizers such as
+    SGD or Adam then update each member independently).
     """
 
     def __init__(self, module: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None = None,
@@ -50,16 +53,29 @@ class Ensemble:
             raise ShapeError(f"member_ids has {len(self.member_ids)} entries for {m} members.")
 
     @classmethod
-    def init(cls, factory: Callable[[], nn.Module], num_members: int, seed: int = 0, first_member: int = 0,
+    def init(cls, factory: Callable[[], nn.Module], num_members: int, generator: Seed = None, first_member: int = 0,
              device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Ensemble:
-        """Members ``first_member .. first_member + num_members - 1``; member i built under seed ``seed + i``."""
-        module, params, buffers = sf.stacked_init(factory, num_members, seed=seed + first_member,
+        """Members ``first_member .. first_member + num_members - 1``; member i built under the seed
+        ``s + i``, s = ``rng.seed_of(generator)`` (an int seed is s itself; None = 0)."""
+        seed = seed_of(generator)
+        module, params, buffers = sf.stacked_init(factory, num_members, generator=seed + first_member,
                                                   device=device, dtype=dtype)
         return cls(module, params, buffers, range(first_member, first_member + num_members))
 
     @property
     def num_members(self) -> int:
         return sf.stacked_size(self.params)
+
+    def parameters(self) -> list[Tensor]:
+        """The stacked parameter tensors, as leaves that require grad, in ``params`` order.
+
+        The first call makes them leaves (private copies); later calls return the same tensors, which an
+        optimizer built on them updates in place: ``torch.optim.SGD(ensemble.parameters(), lr=0.1)``.
+        """
+        for k, v in self.params.items():
+            if not (v.is_leaf and v.requires_grad):
+                self.params[k] = v.detach().clone().requires_grad_(True)
+        return list(self.params.values())
 
     def member_logits(self, x: Tensor, chunk_size: int | None = None) -> Tensor:
         """Outputs of all members on the same input, shape (M, B, ...)."""
@@ -71,8 +87,8 @@ class Ensemble:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Ensemble:
         """Move (and cast floating) parameters and buffers in place; returns self."""
-        def cast(v: Tensor) -> Tensor:
-            return v.to(device=device, dtype=dtype if v.is_floating_point() else None)
+        def cast(v: Tensor) -> Tensor:  # new tensors: call parameters() again for an optimizer
+            return v.detach().to(device=device, dtype=dtype if v.is_floating_point() else None)
         self.params = {k: cast(v) for k, v in self.params.items()}
         self.buffers_ = {k: cast(v) for k, v in self.buffers_.items()}
         self.module.to(device=device, dtype=dtype)
@@ -82,14 +98,14 @@ class Ensemble:
         """The sub-ensemble of the given member positions (shares no storage with this one)."""
         idx = torch.as_tensor(indices, dtype=torch.long)
         dev = next(iter(self.params.values())).device
-        params = {k: v[idx.to(dev)].clone() for k, v in self.params.items()}
+        params = {k: v.detach()[idx.to(dev)].clone() for k, v in self.params.items()}
         buffers = {k: v[idx.to(v.device)].clone() for k, v in self.buffers_.items()}
         return Ensemble(self.module, params, buffers, [self.member_ids[int(i)] for i in idx])
 
     def member(self, index: int) -> nn.Module:
         """A standalone module holding member ``index``'s parameters."""
         mod = copy.deepcopy(self.module)
-        state = {k: v[index].clone() for k, v in self.params.items()}
+        state = {k: v.detach()[index].clone() for k, v in self.params.items()}
         state.update({k: v[index].clone() for k, v in self.buffers_.items()})
         mod.load_state_dict(state, strict=False)
         return mod
@@ -99,54 +115,59 @@ class Ensemble:
 
 
 def member_generator(seed: int, member: int) -> torch.Generator:
-    """The generator of member ``member``'s data order and augmentation draws (independent of M)."""
-    g = torch.Generator()
-    # A fixed odd-multiplier mix keeps streams of different (seed, member) pairs apart.
-    g.manual_seed((int(seed) * 0x9E3779B1 + (int(member) + 1) * 0x85EBCA77 + 0x5BD1E995) % (2 ** 62))
-    return g
+    """The generator of member ``member``'s data order and augmentation draws (independent of M):
+    the sub-stream ``rng.derive(seed, member)``."""
+    return as_generator(derive(seed, member))
 
 
-def epoch_plan(generator: torch.Generator, num_samples: int, group_order: int | None) -> tuple[Tensor, Tensor | None]:
-    """One epoch of one member: a random order of the samples and a group element per position."""
-    order = torch.randperm(num_samples, generator=generator)
-    elements = None if group_order is None else torch.randint(0, group_order, (num_samples,), generator=generator)
+def epoch_plan(generator: torch.Generator, num_data: int, group_order: int | None) -> tuple[Tensor, Tensor | None]:
+    """One epoch of one member: a random order of the ``num_data`` samples and a group element per position."""
+    order = torch.randperm(num_data, generator=generator)
+    elements = None if group_order is None else torch.randint(0, group_order, (num_data,), generator=generator)
     return order, elements
 
 
-def train_ensemble(ensemble: Ensemble, x: Tensor, y: Tensor, *, epochs: int = 10, batch_size: int = 32,
-                   lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0, optimizer: str = "sgd",
-                   augment: GroupAction | None = None, seed: int = 0,
+def _check_optimizer(ensemble: Ensemble, optimizer: Any) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        what = f"the class {optimizer.__name__}" if isinstance(optimizer, type) else repr(optimizer)
+        raise ConfigError(f"optimizer must be an optimizer instance built on ensemble.parameters(), e.g. "
+                          f"torch.optim.SGD(ensemble.parameters(), lr=0.1); got {what}.")
+    own = {id(p) for p in ensemble.params.values()}
+    theirs = [p for g in optimizer.param_groups for p in g["params"]]
+    if not theirs or not all(id(p) in own for p in theirs):
+        raise ConfigError("the optimizer must be built on ensemble.parameters() (the stacked leaf tensors, "
+                          "after any ensemble.to(...)); it holds other tensors.")
+
+
+def train_ensemble(ensemble: Ensemble, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, *, epochs: int = 10,
+                   batch_size: int = 32, augment: GroupAction | None = None, generator: Seed = None,
                    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
                    progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
                    on_epoch: Callable[[int, Tensor], None] | None = None) -> Tensor:
-    """Train all members together (SGD or Adam on stacked parameters; gradients through ``vmap``).
+    """Train all members together (gradients through ``vmap``), stepping ``optimizer.step(closure)``.
 
+    ``optimizer``: an instance built on ``ensemble.parameters()``; an elementwise optimizer (SGD, Adam,
+    weight decay, momentum) updates each member independently, exactly as if it were trained alone.
     Member m (global id ``ensemble.member_ids[m]``) sees the samples in its own random order each
     epoch and, with ``augment``, one random group element per sample (``epoch_plan`` with
-    ``member_generator(seed, id)``). Each member's loss is ``loss_fn`` on its own mini-batch; the
-    summed loss gives every member exactly its own gradient. Returns per-member mean epoch losses (M, epochs).
+    ``member_generator(s, id)``, s = ``rng.seed_of(generator)``; None = 0). Each member's loss is
+    ``loss_fn`` on its own mini-batch; the summed loss gives every member exactly its own gradient.
+    Returns per-member mean epoch losses (M, epochs).
     """
     if x.shape[0] != y.shape[0] or x.shape[0] == 0:
         raise ShapeError(f"x and y need the same non-zero number of samples; got {x.shape[0]} and {y.shape[0]}.")
     if epochs < 0 or batch_size < 1:
         raise ConfigError(f"need epochs >= 0 and batch_size >= 1; got {epochs} and {batch_size}.")
+    _check_optimizer(ensemble, optimizer)
     if augment is not None:
         augment.check(x.shape[1:])
-    params = ensemble.params
-    dev = next(iter(params.values())).device
-    dtype = next(iter(params.values())).dtype
+    leaves = ensemble.params
+    dev = next(iter(leaves.values())).device
+    dtype = next(iter(leaves.values())).dtype
     x = x.to(device=dev, dtype=dtype)
     y = y.to(dev)
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-    opt_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}.get(optimizer)
-    if opt_cls is None:
-        raise ConfigError(f"optimizer must be 'sgd' or 'adam'; got '{optimizer}'.")
-    kwargs: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
-    if optimizer == "sgd":
-        kwargs["momentum"] = momentum
-    # Elementwise optimizers on stacked tensors act on each member independently.
-    opt = opt_cls(list(leaves.values()), **kwargs)
     n, m = x.shape[0], ensemble.num_members
+    seed = seed_of(generator)
     gens = [member_generator(seed, i) for i in ensemble.member_ids]
     order_g = augment.group.order if augment is not None else None
     steps = math.ceil(n / batch_size)
@@ -170,37 +191,44 @@ def train_ensemble(ensemble: Ensemble, x: Tensor, y: Tensor, *, epochs: int = 10
                 if augment is not None:
                     flat = xb.reshape(m * b, *x.shape[1:])
                     xb = augment.apply_each(elems[:, sl].reshape(-1), flat).reshape(xb.shape)
-                out = sf.ensemble_call(ensemble.module, leaves, ensemble.buffers_, xb, shared_input=False)
-                member_loss = vmap(loss_fn)(out, yb)                                # (M,)
-                loss = member_loss.sum()
-                if not torch.isfinite(loss):
-                    bad = torch.nonzero(~torch.isfinite(member_loss)).flatten().tolist()
-                    raise DivergenceError(f"non-finite training loss for member(s) {bad[:8]} at epoch {epoch}, "
-                                          f"step {s}; lower the learning rate (lr={lr}) or the init scale.")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += member_loss.detach() * b
+                losses: list[Tensor] = []
+
+                def closure(xb: Tensor = xb, yb: Tensor = yb, losses: list[Tensor] = losses,
+                            epoch: int = epoch, s: int = s) -> Tensor:
+                    optimizer.zero_grad(set_to_none=True)
+                    out = sf.ensemble_call(ensemble.module, leaves, ensemble.buffers_, xb, shared_input=False)
+                    member_loss = vmap(loss_fn)(out, yb)                              # (M,)
+                    loss = member_loss.sum()
+                    if not torch.isfinite(loss):
+                        bad = torch.nonzero(~torch.isfinite(member_loss)).flatten().tolist()
+                        raise DivergenceError(f"non-finite training loss for member(s) {bad[:8]} at epoch {epoch}, "
+                                              f"step {s}; lower the learning rate or the init scale.")
+                    losses.append(member_loss.detach())
+                    loss.backward()
+                    return loss.detach()
+
+                optimizer.step(closure)
+                total += losses[0] * b
             history[:, epoch] = (total / n).to(history.device)
             if on_epoch is not None:
                 on_epoch(epoch, history[:, epoch])
     finally:
         ensemble.module.train(was_training)
-    ensemble.params = {k: v.detach() for k, v in leaves.items()}
     return history
 
 
 def sub_ensemble_metrics(member_outputs: Tensor, sizes: Sequence[int], metric_fn: Callable[[Tensor], Mapping[str, float]],
-                         num_subsets: int = 20, generator: torch.Generator | None = None,
+                         num_subsets: int = 20, generator: Seed = None,
                          replace: bool = False) -> dict[int, dict[str, dict[str, float]]]:
     """Metrics of random sub-ensembles against their size M: f_S = mean_{m in S} f_m, |S| = M.
 
     ``member_outputs``: (P, ...) per-member outputs of a pool of P members. For each size, draws
     ``num_subsets`` subsets without replacement (each an honest M-member ensemble) or, with
     ``replace=True``, bootstrap resamples; returns ``{M: {metric: {mean, std, min, max}}}``.
+    Draws from ``generator`` (a seed or a ``torch.Generator``; None = seed 0).
     """
     pool = member_outputs.shape[0]
-    gen = generator or torch.Generator().manual_seed(0)
+    gen = as_generator(generator)
     out: dict[int, dict[str, dict[str, float]]] = {}
     for size in sizes:
         size = int(size)

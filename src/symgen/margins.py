@@ -16,14 +16,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from symgen.augment import OrbitAugment
 from symgen.errors import ConfigError, DivergenceError, NotSeparableError, ShapeError
 
 __all__ = [
-    "NotSeparableError",
     "MaxMarginSolution",
     "hard_margin_svm",
     "max_margin_direction",
-    "orbit_augment",
     "invariant_max_margin",
     "normalized_margin",
     "end_to_end_predictor",
@@ -159,15 +158,6 @@ def max_margin_direction(x: Tensor, y: Tensor, *, tol: float = 1e-7) -> Tensor:
     return hard_margin_svm(x, y, tol=tol).direction
 
 
-def orbit_augment(x: Tensor, y: Tensor, action) -> tuple[Tensor, Tensor]:
-    """The orbit-augmented set {(g x_i, y_i) : g in G, i}, |G| n samples ordered (g, i)."""
-    x = torch.as_tensor(x)
-    y = torch.as_tensor(y)
-    action.check(x.shape[1:])
-    orbit = action.orbit(x)                                 # (|G|, n, *shape)
-    return orbit.reshape(-1, *x.shape[1:]), y.repeat(action.group.order)
-
-
 def invariant_max_margin(x: Tensor, y: Tensor, action, *, method: str = "augment", tol: float = 1e-7) -> Tensor:
     """Unit direction of the G-invariant max-margin classifier: the SVM on orbit-augmented data.
 
@@ -175,7 +165,7 @@ def invariant_max_margin(x: Tensor, y: Tensor, action, *, method: str = "augment
     P_G = |G|^-1 sum_g rho(g); both agree for a unitary (permutation) action (arXiv 2303.04198, Thm. 4.3).
     """
     if method == "augment":
-        xa, ya = orbit_augment(x, y, action)
+        xa, ya = OrbitAugment(action)(x, y)
         return max_margin_direction(xa, ya, tol=tol)
     if method == "reynolds":
         return max_margin_direction(action.orbit(torch.as_tensor(x)).mean(0), y, tol=tol)

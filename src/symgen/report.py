@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from symgen.io import atomic_write
+
 __all__ = ["write_report", "render_page", "format_value", "pyplot", "save_figure"]
 
 _CSS = """
@@ -118,9 +120,8 @@ def render_page(title: str, *, subtitle: str = "", claims: Sequence[dict[str, An
 
 
 def write_report(run: Any) -> Path:
-    """Write ``report.html`` for a run directory from its config, claims, result tables and figures."""
-    from symgen.runs import atomic_write
-
+    """Write ``report.html`` for a run directory (anything with a ``path``) from its config, claims, result
+    tables and figures."""
     path = Path(run.path)
     meta = yaml.safe_load((path / "config.yaml").read_text())
     claims = json.loads((path / "claims.json").read_text()) if (path / "claims.json").exists() else []

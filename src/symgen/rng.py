@@ -1,7 +1,9 @@
 """Randomness, one rule: every function that samples takes ``generator``, a seed or a ``torch.Generator``.
 
 ``generator=None`` means seed 0, so a call without one is deterministic; a library function never
-reads or changes the global RNG state (``torch.manual_seed``), on the CPU or on a GPU. Draws are
+reads or changes the global RNG state (``torch.manual_seed``), on the CPU or on a GPU. The one
+exception is torch's own: a module's initializer (``generator`` of a layer or model constructor) draws
+from the global CPU generator when given none, as every ``torch.nn`` module does (:func:`init_generator`). Draws are
 made on the generator's device (CPU by default) and moved, so a seed gives the same numbers on
 every device.
 """
@@ -16,7 +18,7 @@ from torch import Tensor
 
 from symgen.errors import ConfigError
 
-__all__ = ["Seed", "as_generator", "seed_of", "derive", "randn", "rademacher", "randn_like", "rademacher_like",
+__all__ = ["Seed", "as_generator", "init_generator", "seed_of", "derive", "randn", "rademacher", "randn_like", "rademacher_like",
            "isolated_seed"]
 
 Seed = int | torch.Generator | None
@@ -33,6 +35,13 @@ def as_generator(generator: Seed = None, device: torch.device | str | None = Non
     g = torch.Generator(device=device if device is not None else "cpu")
     g.manual_seed(int(generator) % (2**63))
     return g
+
+
+def init_generator(generator: Seed = None) -> torch.Generator:
+    """The generator of a module's initializer: like every ``torch.nn`` module, ``None`` draws from the global
+    CPU generator (so ``rng.isolated_seed`` and ``functional.stacked_init`` seed it); a seed or generator overrides.
+    """
+    return torch.random.default_generator if generator is None else as_generator(generator)
 
 
 def seed_of(generator: Seed = None) -> int:
@@ -82,14 +91,17 @@ def isolated_seed(seed: int) -> Iterator[None]:
     """Run code that draws from the global RNG (``nn.Module`` initializers, dropout) under ``seed``, then
     restore every global generator: the CPU one and, where CUDA is initialized, each GPU's.
 
-    Only the CPU generator is seeded (modules are built on the CPU); GPU states are saved and restored
-    so nothing outside the block sees a change. ``torch.random.fork_rng(devices=[])`` with
-    ``torch.manual_seed`` would silently reset the GPU generators.
+    Inside, the CPU generator and (where CUDA is initialized) every GPU generator are at ``seed``;
+    nothing outside the block sees a change. ``torch.random.fork_rng(devices=[])`` around
+    ``torch.manual_seed`` would instead silently reset the GPU generators for the caller.
     """
     cpu_state = torch.random.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    cuda_states = torch.cuda.get_rng_state_all() if cuda else None
     try:
         torch.random.default_generator.manual_seed(int(seed))
+        if cuda:
+            torch.cuda.manual_seed_all(int(seed))
         yield
     finally:
         torch.random.set_rng_state(cpu_state)

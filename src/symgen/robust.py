@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from symgen.errors import ConfigError, DivergenceError, ShapeError
+from symgen.rng import Seed, as_generator
 
 __all__ = [
     "fgsm",
@@ -151,9 +152,9 @@ def _apply(x: Tensor, delta: Tensor, clamp: tuple[float, float] | None) -> Tenso
     return out.clamp(clamp[0], clamp[1]) if clamp is not None else out
 
 
-def _random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator | None) -> Tensor:
+def _random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator) -> Tensor:
     # Sampled on the generator's device (CPU by default) so a seed gives the same start on any device.
-    gdev = generator.device if generator is not None else torch.device("cpu")
+    gdev = generator.device
     if norm == "linf":
         d = (2 * torch.rand(x.shape, generator=generator, device=gdev, dtype=x.dtype) - 1) * eps
     else:
@@ -207,12 +208,12 @@ def fgsm(predict: Predictor, x: Tensor, y: Tensor, eps: float, *, norm: str = "l
 def pgd(predict: Predictor, x: Tensor, y: Tensor, eps: float, step_size: float | None = None,
         steps: int = 10, *, norm: str = "linf", clamp: tuple[float, float] | None = None,
         random_start: bool = True, loss: LossSpec = "auto", batch_size: int | None = None,
-        generator: torch.Generator | None = None, seed: int = 0) -> Tensor:
+        generator: Seed = None) -> Tensor:
     """Projected gradient ascent on the loss inside the eps-ball (Madry et al., arXiv 1706.06083).
 
     x_{k+1} = Proj_{B_eps(x)} clip(x_k + alpha * step(grad_x L(f(x_k), y))), step = sign (linf) or
     g / ||g||_2 (l2); ``step_size`` alpha defaults to 2.5 eps / steps. Random start: uniform in the
-    ball, drawn from ``generator`` (or a fresh one seeded with ``seed``). Returns the last iterate.
+    ball, drawn from ``generator`` (a seed or a ``torch.Generator``; None = seed 0). Returns the last iterate.
     """
     _check_attack_args(x, y, eps, norm, clamp)
     if steps < 1:
@@ -221,8 +222,7 @@ def pgd(predict: Predictor, x: Tensor, y: Tensor, eps: float, step_size: float |
         step_size = 2.5 * eps / steps
     if not math.isfinite(step_size) or step_size < 0:
         raise ConfigError(f"step_size must be a finite number >= 0, got {step_size}.")
-    if generator is None and random_start:
-        generator = torch.Generator().manual_seed(seed)
+    generator = as_generator(generator)
     out = torch.empty_like(x)
     for sl in _chunks(x.shape[0], batch_size):
         xb, yb = x[sl].detach(), y[sl]
@@ -244,7 +244,8 @@ class KernelPredictor:
     """f(x) = K(x, X) alpha with alpha = (K(X, X) + ridge I)^-1 Y fixed, differentiable in x.
 
     ``kernel`` is any callable ``(a, b) -> K`` that is differentiable in ``a`` (``analytic_ntk``
-    kernels are). ``alpha`` is solved once by ``symgen.ntk.kernel_regression``.
+    kernels are; for a finite network ``symgen.ntk.empirical_ntk_fn(model, differentiable=True)``).
+    ``alpha`` is solved once by ``symgen.ntk.kernel_regression``.
     """
 
     def __init__(self, kernel: Callable[[Tensor, Tensor], Tensor], x_train: Tensor, alpha: Tensor):
@@ -296,75 +297,65 @@ def regression_targets(y: Tensor, num_classes: int | None = None) -> Tensor:
 # adversarial training
 # --------------------------------------------------------------------------------------------
 
-def _batches(data: tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]], batch_size: int,
-             generator: torch.Generator) -> Iterable[tuple[Tensor, Tensor]]:
-    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
-        x, y = data
-        if x.shape[0] != y.shape[0]:
-            raise ShapeError(f"data x has {x.shape[0]} examples, y has {y.shape[0]}.")
-        order = torch.randperm(x.shape[0], generator=generator).to(x.device)
-        for i in range(0, x.shape[0], batch_size):
-            idx = order[i:i + batch_size]
-            yield x[idx], y[idx]
-    else:
-        yield from data
+def _training_batch(x_adv: Tensor, y: Tensor, x: Tensor, clean_weight: float) -> tuple[Tensor, ...]:
+    """The batch one adversarial-training step trains on: ``(x_adv, y)``, plus the clean ``x`` if it is weighted."""
+    return (x_adv, y, x) if clean_weight > 0 else (x_adv, y)
 
 
 def adversarial_training(model: nn.Module, data: tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]],
-                         attack: Callable[..., Tensor], *, epochs: int = 10, lr: float = 1e-3,
-                         optimizer: torch.optim.Optimizer | None = None,
-                         loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
-                         batch_size: int = 128, clean_weight: float = 0.0, seed: int = 0) -> dict[str, list[float]]:
+                         attack: Callable[..., Tensor], optimizer: torch.optim.Optimizer, *, epochs: int = 10,
+                         loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy, batch_size: int = 128,
+                         clean_weight: float = 0.0, generator: Seed = None,
+                         device: torch.device | str | None = None) -> dict[str, list[float]]:
     """PGD adversarial training: min_theta E max_{||d|| <= eps} L(f(x + d), y) (Madry, arXiv 1706.06083).
 
-    ``data`` is ``(x, y)`` (shuffled into minibatches of ``batch_size`` with ``seed``) or a
-    re-iterable of ``(x, y)`` batches (a DataLoader). ``attack(model, x, y) -> x_adv``, e.g.
-    ``functools.partial(pgd, eps=0.1, steps=7)``; an attack accepting ``generator`` gets a seeded
-    one. Attacks run in eval mode (BatchNorm statistics untouched); updates in train mode.
-    The loss is ``(1 - clean_weight) L(x_adv) + clean_weight L(x)``. Returns the history
-    ``{"epoch", "loss", "adv_accuracy"}`` (per epoch, on the adversarial training batches).
+    :func:`symgen.training.fit` with the attack as its batch transform. ``optimizer``: an instance built
+    on ``model.parameters()`` (e.g. ``torch.optim.Adam(model.parameters(), lr=1e-3)``; any optimizer of
+    the step protocol, SAM and NSO included). ``data`` is ``(x, y)`` (shuffled into minibatches of
+    ``batch_size`` by ``generator``: a seed or a ``torch.Generator``, None = seed 0) or a re-iterable of
+    ``(x, y)`` batches (a DataLoader). ``attack(model, x, y) -> x_adv``, e.g.
+    ``functools.partial(pgd, eps=0.1, steps=7)``; an attack accepting ``generator`` gets the same
+    generator (the shuffling and the attacks' random starts are one stream). Attacks run in eval mode
+    (BatchNorm statistics untouched); updates in train mode. The loss is
+    ``(1 - clean_weight) L(x_adv) + clean_weight L(x)``. Returns the history ``{"epoch", "loss",
+    "adv_accuracy"}`` (per epoch, on the adversarial training batches at the weights before each step).
     """
-    if epochs < 0:
-        raise ConfigError(f"epochs must be >= 0, got {epochs}.")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
+    from symgen.functional import bn_mode
+    from symgen.training import LossClosure, fit
+
     if not 0.0 <= clean_weight <= 1.0:
         raise ConfigError(f"clean_weight must lie in [0, 1], got {clean_weight}.")
-    loss_fn = loss_fn or F.cross_entropy
-    opt = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
+    g = as_generator(generator)
     try:
         takes_generator = "generator" in inspect.signature(attack).parameters
     except (TypeError, ValueError):
         takes_generator = False
-    history: dict[str, list[float]] = {"epoch": [], "loss": [], "adv_accuracy": []}
-    was_training = model.training
-    for epoch in range(epochs):
-        total, correct, count = 0.0, 0.0, 0
-        for xb, yb in _batches(data, batch_size, generator):
-            model.eval()
-            kwargs: dict[str, Any] = {"generator": generator} if takes_generator else {}
+    kwargs: dict[str, Any] = {"generator": g} if takes_generator else {}
+
+    def adversarial(model: nn.Module, xb: Tensor, yb: Tensor) -> tuple[Tensor, ...]:
+        with bn_mode(model, "eval"):
             x_adv = attack(model, xb, yb, **kwargs).detach()
-            model.train()
-            out = model(x_adv)
-            loss = loss_fn(out, yb)
-            if clean_weight > 0:
-                loss = (1 - clean_weight) * loss + clean_weight * loss_fn(model(xb), yb)
-            if not torch.isfinite(loss):
-                raise DivergenceError(f"adversarial training loss became {loss.item()} at epoch {epoch}; "
-                                      "lower the learning rate.")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            n = xb.shape[0]
-            total += loss.item() * n
-            correct += accuracy(out, yb) * n
-            count += n
-        history["epoch"].append(epoch + 1)
-        history["loss"].append(total / max(count, 1))
-        history["adv_accuracy"].append(correct / max(count, 1))
-    model.train(was_training)
-    return history
+        return _training_batch(x_adv, yb, xb, clean_weight)
+
+    class CleanMixClosure(LossClosure):
+        """loss = (1 - clean_weight) L(f(x_adv), y) + clean_weight L(f(x), y)."""
+
+        vectorizable = False
+
+        def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x_adv: Tensor, y: Tensor,
+                     x: Tensor) -> None:
+            super().__init__(model, loss_fn, x_adv, y)
+            self.x_clean = x
+
+        def compute(self) -> tuple[Tensor, Tensor]:
+            out = self.model(self.x)
+            loss = self.loss_fn(out, self.y)
+            return (1 - clean_weight) * loss + clean_weight * self.loss_fn(self.model(self.x_clean), self.y), out
+
+    hist = fit(model, data, optimizer, loss_fn=loss_fn, epochs=epochs, batch_size=batch_size, generator=g,
+               device=device, transform=adversarial, closure=CleanMixClosure if clean_weight > 0 else LossClosure,
+               metrics={"adv_accuracy": accuracy})
+    return {"epoch": hist["epoch"], "loss": hist["loss"], "adv_accuracy": hist["adv_accuracy"]}
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The run store: run directories with atomic writes, a SQLite index, trial caching and executors.
+"""The run store: run directories with atomic writes, a SQLite index, trial caching and executors;
+audits stored as runs.
 
 ``runs/<time>-<experiment>-<id>/`` holds ``config.yaml``, ``metrics.jsonl``, ``result.json``,
 ``claims.json``, ``figures/*.png``, ``report.html`` and ``trials/`` (one JSON per finished trial:
@@ -12,13 +13,12 @@ import os
 import secrets
 import sqlite3
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -29,11 +29,15 @@ from symgen.experiments.base import (
     Experiment,
     ExperimentConfig,
     jsonable,
+    num_threads,
     trial_key,
 )
+from symgen.io import atomic_write
+
+if TYPE_CHECKING:
+    from symgen.audit import AuditResult
 
 __all__ = [
-    "atomic_write",
     "RunDir",
     "RunStore",
     "RunContext",
@@ -44,23 +48,10 @@ __all__ = [
     "make_executor",
     "RunOutcome",
     "execute",
+    "AuditConfig",
+    "run_audit",
+    "write_audit_run",
 ]
-
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file and a rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class RunDir:
@@ -192,7 +183,7 @@ class PoolExecutor(Executor):
 
         self.workers = workers or max(1, (os.cpu_count() or 2))
         self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
-                                         initializer=_limit_threads)
+                                         initializer=num_threads, initargs=(1,))
 
     def imap(self, fn, items):
         futures = {self._pool.submit(fn, item): i for i, item in enumerate(items)}
@@ -201,12 +192,6 @@ class PoolExecutor(Executor):
 
     def close(self) -> None:
         self._pool.shutdown(cancel_futures=True)
-
-
-def _limit_threads() -> None:
-    import torch
-
-    torch.set_num_threads(1)
 
 
 class RayExecutor(Executor):
@@ -349,3 +334,98 @@ def load_run_config(run: RunDir, experiment: Experiment) -> tuple[ExperimentConf
 
 def iter_claims(run: RunDir) -> Iterable[dict[str, Any]]:
     return run.read_json("claims.json")
+
+
+# ----------------------------------------------------------------------------------- audits
+
+class AuditConfig(ExperimentConfig):
+    """The settings of an audit run, as its ``config.yaml`` holds them."""
+
+    model: str
+    checkpoint: str | None = None
+    data: str
+    root: str | None = None
+    action: str = "none"
+    budget: str = "quick"
+    limits: dict[str, Any] = {}
+
+
+def run_audit(model: str, data: str, *, checkpoint: str | Path | None = None, action: str = "none",
+              budget: str = "quick", root: str | Path | None = None, device: str | None = None, seed: int = 0,
+              out: str | Path = "runs", limits: dict[str, Any] | None = None,
+              progress: Callable[[str], None] | None = None) -> tuple[AuditResult, RunDir]:
+    """Load ``model`` (``MODULE:FACTORY``) and ``checkpoint``, audit it, and write a run directory under ``out``
+    (what ``symgen audit`` does).
+
+    The run directory (indexed in ``out/index.sqlite`` as experiment ``audit``) is created before
+    the audit starts, so an interrupted audit is recorded as such; it ends with the files of
+    :func:`write_audit_run`. ``seed`` is the audit's ``generator``. Returns ``(result, run)``.
+    """
+    from pydantic import ValidationError
+
+    from symgen.audit import ACTIONS, audit, load_model, resolve_limits
+
+    if action not in ACTIONS:
+        raise ConfigError(f"unknown action '{action}'; choose one of {', '.join(ACTIONS)}.")
+    resolve_limits(budget, limits)  # validate before anything is loaded or written
+    try:
+        cfg = AuditConfig(model=model, checkpoint=None if checkpoint is None else str(checkpoint), data=data,
+                          root=None if root is None else str(root), action=action, budget=budget,
+                          limits=dict(limits or {}), seed=seed, device=device or "cpu")
+    except ValidationError as e:
+        raise ConfigError(f"invalid audit settings: {e}") from None
+    net = load_model(model, checkpoint, device=cfg.device)
+    store = RunStore(out)
+    run = store.create("audit", cfg, quick=budget == "quick")
+    start = time.time()
+    try:
+        result = audit(net, data, action, budget=budget, limits=limits, root=root, generator=seed,
+                       device=cfg.device, name=model, progress=progress)
+        if checkpoint is not None:
+            result.model = f"{model} + {Path(checkpoint).name}"
+        _write_audit_files(run, result)
+    except BaseException:
+        store.record(run, "audit", status="interrupted", seconds=time.time() - start)
+        raise
+    store.record(run, "audit", status="done", seconds=time.time() - start)
+    return result, run
+
+
+def write_audit_run(store: RunStore, result: AuditResult, *, title: str | None = None) -> RunDir:
+    """Store an :class:`~symgen.audit.AuditResult` as a new run of ``store`` (experiment ``audit``).
+
+    The run directory holds ``config.yaml`` (the audit's settings), ``audit.json`` (every value),
+    ``result.json`` (the report's tables), ``claims.json`` (empty: an audit checks no claims),
+    ``figures/*.png`` and ``report.html``.
+    """
+    cfg = AuditConfig(model=result.model, data=result.data, action=result.action or "none", budget=result.budget,
+                      limits=jsonable(result.limits), seed=result.seed, device=result.device)
+    run = store.create("audit", cfg, quick=result.budget == "quick")
+    try:
+        _write_audit_files(run, result, title)
+    except BaseException:
+        store.record(run, "audit", status="interrupted")
+        raise
+    store.record(run, "audit", status="done", seconds=result.seconds)
+    return run
+
+
+def _write_audit_files(run: RunDir, result: AuditResult, title: str | None = None) -> Path:
+    """``audit.json``, ``figures/*.png``, ``report.html``, ``result.json`` and ``claims.json`` of an audit."""
+    from symgen.report import render_page
+
+    data = result.to_dict()
+    run.write_json("audit.json", data)
+    figs = result.figures(run.path / "figures")
+    page = render_page(title or f"symgen audit: {result.model}",
+                       subtitle=(f"data {result.data}, action {result.action or 'none'}, budget {result.budget}, "
+                                 f"device {result.device}, {result.num_params} parameters, "
+                                 f"{result.seconds:.1f} s"),
+                       tables=result.report_tables(), figures=figs,
+                       config={k: data[k] for k in ("model", "data", "action", "budget", "device", "dtype",
+                                                    "seed", "limits")},
+                       data_json=data)
+    page_path = atomic_write(run.path / "report.html", page)
+    run.write_json("result.json", {"tables": result.report_tables()})
+    run.write_json("claims.json", [])
+    return page_path

@@ -120,9 +120,10 @@ def train_setting(item: dict[str, Any]) -> dict[str, Any]:
                          init_std=cfg["init_std"])
 
     # Same member seeds in every setting: the settings differ only by support and augmentation.
-    ens = Ensemble.init(factory, cfg["members"], seed=cfg["seed"], device=device, dtype=dtype)
-    history = train_ensemble(ens, x, y, epochs=cfg["epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
-                             augment=action if augmented else None, seed=cfg["seed"])
+    ens = Ensemble.init(factory, cfg["members"], generator=cfg["seed"], device=device, dtype=dtype)
+    history = train_ensemble(ens, x, y, torch.optim.SGD(ens.parameters(), lr=cfg["lr"]), epochs=cfg["epochs"],
+                             batch_size=cfg["batch_size"], augment=action if augmented else None,
+                             generator=cfg["seed"])
 
     # Orbit logits of every member, (P, |G|, N, K): each test chunk's whole orbit in one vmapped call.
     xt = xt.to(device=device, dtype=dtype)

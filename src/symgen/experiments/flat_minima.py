@@ -32,11 +32,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from symgen.curvature import HessianOperator
-from symgen.errors import ConfigError
 from symgen.experiments.base import Claim, Context, Experiment, ExperimentConfig, jsonable
 from symgen.metrics.stability import noise_stability
+from symgen.models import bn_cnn
+from symgen.optim import SAM, LossClosure
 from symgen.optim.nso import NSO
-from symgen.optim.sam import SAM, disable_running_stats, enable_running_stats
 from symgen.report import pyplot, save_figure
 
 __all__ = ["Config", "EXPERIMENT", "bn_cnn", "train_trial", "estimator_trial", "run", "check_claims",
@@ -98,31 +98,6 @@ class Config(ExperimentConfig):
 QUICK: dict[str, Any] = {"seeds": 3, "width": 8, "grad_eval_epochs": 20.0, "hessian_samples": 512,
                          "trace_matvecs": 40, "density_steps": 30, "density_runs": 1, "noise_samples": 16,
                          "estimator_draws": 1000, "nso_variants": []}
-
-
-# ---------------------------------------------------------------------------------------------
-# model
-
-
-def bn_cnn(in_shape: tuple[int, ...], num_classes: int = 10, width: int = 16) -> nn.Sequential:
-    """conv-BN-ReLU x3 (width, 2 width, 2 width; max-pool after the 2nd and 3rd) and a linear head.
-
-    1D or 2D convolutions by the input shape ``(C, L)`` or ``(C, H, W)``.
-    """
-    if len(in_shape) not in (2, 3):
-        raise ConfigError(f"bn_cnn expects an input shape (C, L) or (C, H, W), got {in_shape}.")
-    conv, bn, pool = ((nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d) if len(in_shape) == 2
-                      else (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d))
-    c, w = in_shape[0], width
-    spatial = 1
-    for s in in_shape[1:]:
-        spatial *= s // 4
-    return nn.Sequential(
-        conv(c, w, 3, padding=1), bn(w), nn.ReLU(),
-        conv(w, 2 * w, 3, padding=1), bn(2 * w), nn.ReLU(), pool(2),
-        conv(2 * w, 2 * w, 3, padding=1), bn(2 * w), nn.ReLU(), pool(2),
-        nn.Flatten(), nn.Linear(2 * w * spatial, num_classes),
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,7 +219,7 @@ def _train_trial(item: dict) -> dict:
         inner = opt
     elif opt_name in ("sam", "asam"):
         rho = item["rho_sam"] if opt_name == "sam" else item["rho_asam"]
-        opt = SAM(model.parameters(), torch.optim.SGD, rho=rho, adaptive=opt_name == "asam", **base)
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=rho, adaptive=opt_name == "asam", model=model, **base)
         inner = opt.base_optimizer
     else:
         opt = NSO(model.parameters(), torch.optim.SGD, sigma=item["nso_sigma"], num_samples=item["nso_pairs"],
@@ -267,17 +242,10 @@ def _train_trial(item: dict) -> dict:
             opt.step()
             grad_evals += 1
         elif opt_name in ("sam", "asam"):
-            enable_running_stats(model)
-            opt.zero_grad()
-            TF.cross_entropy(model(xb), yb).backward()
-            opt.first_step(zero_grad=True)
-            disable_running_stats(model)
-            TF.cross_entropy(model(xb), yb).backward()
-            opt.second_step(zero_grad=True)
-            enable_running_stats(model)
+            opt.step(LossClosure(model, TF.cross_entropy, xb, yb))  # BN statistics: once, at W
             grad_evals += 2
         else:
-            opt.step_vectorized(TF.cross_entropy, xb, yb)
+            opt.step(LossClosure(model, TF.cross_entropy, xb, yb))  # vectorized NSO path
             grad_evals += 2 * item["nso_pairs"]
             forwards += 1
         sched.step()

@@ -17,11 +17,12 @@ from typing import Literal
 
 import torch
 from pydantic import Field, field_validator
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import vmap
 
 from symgen.errors import ConfigError, DivergenceError
 from symgen.experiments.base import Claim, Context, Experiment, ExperimentConfig, jsonable
+from symgen.models import LinearFCNet
 from symgen.report import pyplot, save_figure
 
 __all__ = ["Config", "EXPERIMENT", "LinearFCNet", "make_dataset", "train_trial", "run", "check_claims", "figures"]
@@ -136,26 +137,11 @@ def make_dataset(dataset: str, cfg: dict, seed: int, n_train: int) -> dict[str, 
 # ----------------------------------------------------------------------------------------------
 
 
-class LinearFCNet(nn.Module):
-    """A deep linear fully-connected network without bias: f(x) = W_L ... W_1 vec(x)."""
-
-    def __init__(self, shape: tuple[int, ...], depth: int, width: int) -> None:
-        super().__init__()
-        self.shape = tuple(shape)
-        dims = [math.prod(shape)] + [width] * (depth - 1) + [1]
-        self.layers = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in zip(dims[:-1], dims[1:], strict=True))
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = x.reshape(*x.shape[: x.ndim - len(self.shape)], -1)
-        for layer in self.layers:
-            h = layer(h)
-        return h.squeeze(-1)
-
-
 def _factory(kind: str, action, shape: tuple[int, ...], depth: int, width: int):
     if kind == "steerable":
-        from symgen.nn.equivariant import LinearSteerableNet
+        from symgen.nn import LinearSteerableNet
 
+        # stacked_init seeds the global generator per member (isolated_seed): draw from it, as nn.Linear does.
         return lambda: LinearSteerableNet(action, shape, depth, width)
     return lambda: LinearFCNet(shape, depth, width)
 
@@ -182,8 +168,9 @@ def train_trial(item: dict) -> dict:
 
 
 def _train_trial(item: dict) -> dict:
+    from symgen.augment import OrbitAugment
     from symgen.functional import call, stacked_init
-    from symgen.margins import hard_margin_svm, normalized_margin, orbit_augment
+    from symgen.margins import hard_margin_svm, normalized_margin
 
     cfg = item["config"]
     dataset, kind, depth = item["dataset"], item["kind"], int(item["depth"])
@@ -199,7 +186,7 @@ def _train_trial(item: dict) -> dict:
     xs, ys, refs = [], [], []
     for n, s in members:
         x, y = pools[s]["x_train"][:n], pools[s]["y_train"][:n]
-        xa, ya = orbit_augment(x, y, action)
+        xa, ya = OrbitAugment(action)(x, y)
         sol_aug = hard_margin_svm(xa.double(), ya.double())
         sol_raw = hard_margin_svm(x.double(), y.double())
         refs.append({"inv": sol_aug.direction.reshape(-1), "raw": sol_raw.direction.reshape(-1),

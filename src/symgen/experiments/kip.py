@@ -106,7 +106,7 @@ def _train_net(cfg: dict, x_s: Tensor, y_s: Tensor, x_te: Tensor, y_te: Tensor, 
 
     torch.manual_seed(seed)
     net = ntk_mlp(x_s[0].numel(), int(cfg["net_width"]), int(cfg["depth"]), y_s.shape[1], "relu",
-                  float(cfg["weight_std"]), float(cfg["bias_std"]), seed=seed, dtype=x_s.dtype,
+                  float(cfg["weight_std"]), float(cfg["bias_std"]), generator=seed, dtype=x_s.dtype,
                   device=x_s.device)
     opt = torch.optim.Adam(net.parameters(), lr=float(cfg["net_lr"]))
     for _ in range(int(cfg["net_steps"])):
@@ -127,9 +127,9 @@ def kip_trial(item: dict) -> dict:
     kernel = kernel_fn(cfg)
     seed, size = int(item["seed"]), int(item["size"])
     # steps=0 returns the initialization: the same class-balanced random real subset KIP starts from.
-    x_rand, y_rand, _ = kip(x_tr, y_tr, kernel, size, steps=0, seed=seed)
+    x_rand, y_rand, _ = kip(x_tr, y_tr, kernel, size, steps=0, generator=seed)
     x_kip, y_kip, hist = kip(x_tr, y_tr, kernel, size, steps=int(cfg["steps"]), lr=float(cfg["lr"]),
-                             learn_labels=bool(cfg["learn_labels"]), ridge=float(cfg["ridge"]), seed=seed,
+                             learn_labels=bool(cfg["learn_labels"]), ridge=float(cfg["ridge"]), generator=seed,
                              target_per_class=int(cfg["target_per_class"]))
     ridge = float(cfg["ridge"])
     out = {

@@ -87,7 +87,7 @@ def kernel_trial(item: dict) -> dict:
     _, ntk_inf = analytic_ntk(x, x, item["depth"], item["activation"], item["weight_std"], item["bias_std"],
                               dtype=torch.float64)
     net = ntk_mlp(x.shape[1], item["width"], item["depth"], 1, item["activation"], item["weight_std"],
-                  item["bias_std"], seed=item["seed"], dtype=dtype, device=device)
+                  item["bias_std"], generator=item["seed"], dtype=dtype, device=device)
     ntk_emp = empirical_ntk(net, x.to(dtype), method="auto").double()
     err = ((ntk_emp - ntk_inf).norm() / ntk_inf.norm()).item()
     return {"width": item["width"], "seed": item["seed"], "rel_error": err}
@@ -119,7 +119,7 @@ def dynamics_trial(item: dict) -> dict:
     yte_t = (torch.nn.functional.one_hot(yte, classes).double() - 1.0 / classes)
     n, m, o = xtr.shape[0], xte.shape[0], classes
     net = ntk_mlp(xtr.shape[1], item["width"], item["depth"], o, item["activation"], item["weight_std"],
-                  item["bias_std"], seed=1000 + item["seed"], dtype=dtype, device=device)
+                  item["bias_std"], generator=1000 + item["seed"], dtype=dtype, device=device)
     xtr_, xte_ = xtr.to(dtype), xte.to(dtype)
     with torch.no_grad():
         f0_tr, f0_te = net(xtr_).double(), net(xte_).double()

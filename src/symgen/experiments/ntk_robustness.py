@@ -119,7 +119,7 @@ def _net(cfg: dict, seed: int, device: str):
     from symgen.ntk import ntk_mlp
 
     return ntk_mlp(64, int(cfg["width"]), int(cfg["depth"]), 10, "relu", float(cfg["weight_std"]),
-                   float(cfg["bias_std"]), seed=seed, device=device)
+                   float(cfg["bias_std"]), generator=seed, device=device)
 
 
 def _train(cfg: dict, net, x: Tensor, y: Tensor, seed: int, adversarial: bool) -> dict:
@@ -130,8 +130,9 @@ def _train(cfg: dict, net, x: Tensor, y: Tensor, seed: int, adversarial: bool) -
     else:
         def attack(model, xb, yb):  # standard training: the "attack" returns the clean batch
             return xb
-    return adversarial_training(net, (x, y), attack, epochs=int(cfg["epochs"]), lr=float(cfg["lr"]),
-                                batch_size=int(cfg["batch_size"]), seed=seed)
+    opt = torch.optim.Adam(net.parameters(), lr=float(cfg["lr"]))
+    return adversarial_training(net, (x, y), attack, opt, epochs=int(cfg["epochs"]),
+                                batch_size=int(cfg["batch_size"]), generator=seed)
 
 
 def network_trial(item: dict) -> dict:
@@ -148,8 +149,8 @@ def network_trial(item: dict) -> dict:
         net = _net(cfg, seed, cfg["device"])
         hist = _train(cfg, net, x_tr, y_tr, seed, adversarial)
         net.eval()
-        x_adv = attack(net, x_te, y_te, seed=seed + 1)
-        sweep = [accuracy(net(_attack(cfg, int(cfg["pgd_steps"]), eps)(net, x_te, y_te, seed=seed + 1)), y_te)
+        x_adv = attack(net, x_te, y_te, generator=seed + 1)
+        sweep = [accuracy(net(_attack(cfg, int(cfg["pgd_steps"]), eps)(net, x_te, y_te, generator=seed + 1)), y_te)
                  for eps in cfg["eps_sweep"]]
         with torch.no_grad():
             out[name] = {
@@ -175,8 +176,8 @@ def kernel_trial(item: dict) -> dict:
         scale = kernel(x_tr[:200], x_tr[:200]).diagonal().mean().item()
     predictor = kernel_predictor(kernel, x_tr, regression_targets(y_tr, 10).double(), float(cfg["ridge"]) * scale)
     steps = int(cfg["pgd_steps"])
-    x_adv = _attack(cfg, steps, loss="margin")(predictor, x_te, y_te, seed=int(cfg["seed"]))
-    sweep = [accuracy(predictor(_attack(cfg, steps, eps, "margin")(predictor, x_te, y_te, seed=int(cfg["seed"]))), y_te)
+    x_adv = _attack(cfg, steps, loss="margin")(predictor, x_te, y_te, generator=int(cfg["seed"]))
+    sweep = [accuracy(predictor(_attack(cfg, steps, eps, "margin")(predictor, x_te, y_te, generator=int(cfg["seed"]))), y_te)
              for eps in cfg["eps_sweep"]]
     with torch.no_grad():
         out = {

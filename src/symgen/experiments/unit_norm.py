@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from symgen.errors import ConfigError
 from symgen.experiments.base import Claim, Context, Experiment, ExperimentConfig, jsonable
 from symgen.functional import buffers_of, call, params_of
+from symgen.models import build_model
 from symgen.optim.unit_norm import UnitNormSGD
 from symgen.report import pyplot, save_figure
 from symgen.symmetry import NORMALIZATION_LAYERS, find_scale_symmetries, rescale_filters
@@ -72,54 +73,7 @@ QUICK = {"seeds": 2, "epochs": 8, "lrs": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0]}
 
 
 # ---------------------------------------------------------------------------------------------
-# Models
-
-
-class MixedNet(nn.Module):
-    """BatchNorm, GroupNorm (through ReLU and max pooling), LayerNorm and plain layers together."""
-
-    def __init__(self, in_shape: tuple[int, ...], num_classes: int = 10):
-        super().__init__()
-        spatial = in_shape[1:]
-        conv, pool = (nn.Conv2d, 2) if len(spatial) == 2 else (nn.Conv1d, 1)
-        self.pool = F.max_pool2d if len(spatial) == 2 else F.max_pool1d
-        self.c1 = conv(in_shape[0], 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4) if len(spatial) == 2 else nn.BatchNorm1d(4)
-        self.c2 = conv(4, 8, 3, padding=1, bias=False)
-        self.gn = nn.GroupNorm(2, 8)
-        flat = 8 * math.prod(s // 2 for s in spatial)
-        self.l1 = nn.Linear(flat, 16)
-        self.l2 = nn.Linear(16, 12)
-        self.ln = nn.LayerNorm(12)
-        self.l3 = nn.Linear(12, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = F.relu(self.bn(self.c1(x)))
-        h = self.gn(self.pool(F.relu(self.c2(h)), 2)).flatten(1)
-        h = F.relu(self.ln(self.l2(F.relu(self.l1(h)))))
-        return self.l3(h)
-
-
-def build_model(kind: str, in_shape: tuple[int, ...], width: int = 64, channels: int = 16,
-                num_classes: int = 10) -> nn.Module:
-    """The experiment's networks for inputs of shape ``in_shape`` = (C, H, W) or (C, L)."""
-    spatial = in_shape[1:]
-    if kind == "mlp":
-        d = math.prod(in_shape)
-        return nn.Sequential(nn.Flatten(), nn.Linear(d, width), nn.BatchNorm1d(width), nn.ReLU(),
-                             nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(),
-                             nn.Linear(width, num_classes))
-    if kind == "cnn":
-        two = len(spatial) == 2
-        conv, bn, pool = ((nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d) if two
-                          else (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d))
-        flat = 2 * channels * math.prod(s // 2 for s in spatial)
-        return nn.Sequential(conv(in_shape[0], channels, 3, padding=1), bn(channels), nn.ReLU(),
-                             conv(channels, 2 * channels, 3, padding=1), bn(2 * channels), nn.ReLU(),
-                             pool(2), nn.Flatten(), nn.Linear(flat, num_classes))
-    if kind == "mixed":
-        return MixedNet(in_shape, num_classes)
-    raise ConfigError(f"unknown model '{kind}'; choose mlp, cnn or mixed.")
+# Models (built by symgen.models.build_model)
 
 
 # What a careful reader finds by hand: weight -> (kind, redundant bias, bias scaled with it).
@@ -180,7 +134,7 @@ def _detect(item: dict) -> dict:
     xb = x[: item["detection_batch"]].double()
     yb = y[: item["detection_batch"]]
     t0 = time.perf_counter()
-    report = find_scale_symmetries(model, xb[:64], seed=item["seed"])
+    report = find_scale_symmetries(model, xb[:64], generator=item["seed"])
     detect_s = time.perf_counter() - t0
     exact = copy.deepcopy(model)
     for m in exact.modules():

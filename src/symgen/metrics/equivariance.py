@@ -26,7 +26,7 @@ def orbit_outputs(fn: Callable[[Tensor], Tensor], action: GroupAction, x: Tensor
     """
     if x.ndim < 1 or x.shape[0] == 0:
         raise ShapeError(f"need a non-empty batch of inputs (B, ...); got shape {tuple(x.shape)}.")
-    order = action.group.order
+    order = action.order
     chunks = [x] if chunk_size is None else list(torch.split(x, chunk_size))
     outs = []
     for xc in chunks:
@@ -94,7 +94,9 @@ def equivariance_error(fn: Callable[[Tensor], Tensor], in_action: GroupAction, o
     ``reduction``: "max" or "mean" over g (a 0-dim tensor), or "none" (shape (|G|,)).
     The whole orbit goes through ``fn`` in one batched call.
     """
-    if not torch.equal(in_action.group.table, out_action.group.table):
+    same = (in_action.order == out_action.order if in_action.group is None or out_action.group is None
+            else torch.equal(in_action.group.table, out_action.group.table))
+    if not same:
         raise GroupActionError(f"in_action's group {in_action.group!r} and out_action's group "
                                f"{out_action.group!r} differ; equivariance needs one group acting on both.")
     if reduction not in ("max", "mean", "none"):

@@ -1,27 +1,17 @@
-"""symgen.nn"""
+"""symgen.nn: equivariant layers on one base (check_equivariance, export) and masked convolutions.
 
-__all__: list[str] = []
+``base`` (EquivariantModule), ``linear`` (EquivariantLinear, LiftingLinear, GroupLinear,
+InvariantReadout), ``conv`` (LiftingConv2d, GroupConv2d, GCNN), ``steerable``
+(LinearSteerableNet), ``masked`` (MaskedConv1d/2d, MaskedCNN). Representations and commutant
+bases live in :mod:`symgen.groups`.
+"""
 
-from symgen.nn.masked import MaskedCNN, MaskedConv1d, MaskedConv2d, support_mask  # noqa: E402
+from symgen.nn.base import EquivariantModule
+from symgen.nn.conv import GCNN, GroupConv2d, LiftingConv2d
+from symgen.nn.linear import EquivariantLinear, GroupLinear, InvariantReadout, LiftingLinear
+from symgen.nn.masked import MaskedCNN, MaskedConv1d, MaskedConv2d, support_mask
+from symgen.nn.steerable import LinearSteerableNet
 
-__all__ += ["MaskedCNN", "MaskedConv1d", "MaskedConv2d", "support_mask"]
-
-from symgen.nn.equivariant import (  # noqa: E402
-    GCNN,
-    EquivariantLinear,
-    GroupConv2d,
-    GroupLinear,
-    InvariantReadout,
-    LiftingConv2d,
-    LiftingLinear,
-    LinearSteerableNet,
-    Representation,
-    commutant_basis,
-    commutant_dimension,
-    commutant_orbits,
-    fixed_basis,
-)
-
-__all__ += ["GCNN", "EquivariantLinear", "GroupConv2d", "GroupLinear", "InvariantReadout", "LiftingConv2d",
-            "LiftingLinear", "LinearSteerableNet", "Representation", "commutant_basis", "commutant_dimension",
-            "commutant_orbits", "fixed_basis"]
+__all__ = ["EquivariantModule", "EquivariantLinear", "LiftingLinear", "GroupLinear", "InvariantReadout",
+           "LiftingConv2d", "GroupConv2d", "GCNN", "LinearSteerableNet", "MaskedCNN", "MaskedConv1d",
+           "MaskedConv2d", "support_mask"]

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from symgen import rng
 from symgen.errors import ConfigError, ShapeError
 
 __all__ = ["SUPPORTS", "support_mask", "MaskedConv1d", "MaskedConv2d", "MaskedCNN"]
@@ -59,7 +60,7 @@ class _MaskedConvNd(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
                  support: str | Tensor = "full", bias: bool = True, init_std: float = 1.0,
-                 generator: torch.Generator | None = None, device: torch.device | str | None = None,
+                 generator: rng.Seed = None, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if kernel_size % 2 != 1:
@@ -73,16 +74,14 @@ class _MaskedConvNd(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
         self.reset_parameters(init_std, generator)
 
-    def reset_parameters(self, init_std: float = 1.0, generator: torch.Generator | None = None) -> None:
+    def reset_parameters(self, init_std: float = 1.0, generator: rng.Seed = None) -> None:
         """Gaussian N(0, init_std^2) weights on the support (zero elsewhere) and biases."""
+        g = rng.init_generator(generator)
         with torch.no_grad():
-            w = torch.randn(self.weight.shape, generator=generator, dtype=self.weight.dtype,
-                            device=generator.device if generator is not None else self.weight.device)
-            self.weight.copy_(init_std * w.to(self.weight.device) * self.mask)
+            w = rng.randn(self.weight.shape, g, dtype=self.weight.dtype, device=self.weight.device)
+            self.weight.copy_(init_std * w * self.mask)
             if self.bias is not None:
-                b = torch.randn(self.bias.shape, generator=generator, dtype=self.bias.dtype,
-                                device=generator.device if generator is not None else self.bias.device)
-                self.bias.copy_(init_std * b.to(self.bias.device))
+                self.bias.copy_(init_std * rng.randn(self.bias.shape, g, dtype=self.bias.dtype, device=self.bias.device))
 
     def masked_weight(self) -> Tensor:
         return self.weight * self.mask
@@ -120,7 +119,7 @@ class MaskedCNN(nn.Module):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, channels: int | Sequence[int] = 8,
                  support: str | Tensor = "symmetric", num_layers: int = 3, ndim: int = 2,
-                 init_std: float = 1.0, generator: torch.Generator | None = None,
+                 init_std: float = 1.0, generator: rng.Seed = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if ndim not in (1, 2):
@@ -129,6 +128,7 @@ class MaskedCNN(nn.Module):
         if len(widths) != num_layers or num_layers < 1:
             raise ConfigError(f"need {num_layers} channel widths (>= 1 layer); got {widths}.")
         conv = MaskedConv2d if ndim == 2 else MaskedConv1d
+        generator = rng.init_generator(generator)  # one stream for all layers
         self.ndim = ndim
         self.convs = nn.ModuleList()
         c = in_channels
@@ -140,9 +140,7 @@ class MaskedCNN(nn.Module):
         self.head = nn.Linear(c, num_classes, device=device, dtype=dtype)
         with torch.no_grad():
             for p in self.head.parameters():
-                r = torch.randn(p.shape, generator=generator, dtype=p.dtype,
-                                device=generator.device if generator is not None else p.device)
-                p.copy_(init_std * r.to(p.device))
+                p.copy_(init_std * rng.randn(p.shape, generator, dtype=p.dtype, device=p.device))
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != self.ndim + 2:

@@ -1,4 +1,7 @@
-"""symgen.ntk: empirical and analytic neural tangent kernels, kernel regression and dynamics.
+"""symgen.ntk: empirical and analytic neural tangent kernels, kernel regression and dynamics, KIP.
+
+One empirical kernel function, ``empirical_ntk_fn(model, ...) -> kernel(x1, x2=None)``, serves KIP
+(``differentiable=True``), the audit, the robustness tools and the benchmarks.
 
 Sources: Jacot et al. arXiv 1806.07572; Lee et al. arXiv 1902.06720; Novak et al. arXiv 1912.02803 and
 2206.08720 (fast finite-width NTK); Kempe et al. arXiv 2307.02693.
@@ -8,14 +11,15 @@ from symgen.ntk.analytic import ACTIVATIONS, Erf, NTKLinear, analytic_ntk, ntk_m
 from symgen.ntk.empirical import (
     NTK_METHODS,
     NTK_OUTPUTS,
+    EmpiricalNTKFn,
     choose_ntk_method,
     empirical_ntk,
+    empirical_ntk_fn,
     ntk_vector_product,
 )
 from symgen.ntk.kip import (
     centred_one_hot,
     class_balanced_indices,
-    differentiable_empirical_ntk,
     kip,
     kip_loss,
     load_support,
@@ -32,6 +36,8 @@ from symgen.ntk.regression import (
 __all__ = [
     "NTK_METHODS",
     "NTK_OUTPUTS",
+    "EmpiricalNTKFn",
+    "empirical_ntk_fn",
     "empirical_ntk",
     "ntk_vector_product",
     "choose_ntk_method",
@@ -51,5 +57,4 @@ __all__ = [
     "class_balanced_indices",
     "save_support",
     "load_support",
-    "differentiable_empirical_ntk",
 ]

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from symgen.errors import ConfigError, ShapeError
+from symgen.rng import Seed, init_generator
 
 __all__ = ["ACTIVATIONS", "analytic_ntk", "NTKLinear", "Erf", "ntk_mlp"]
 
@@ -135,11 +136,12 @@ class NTKLinear(nn.Module):
     """Dense layer in NTK parameterization: ``y = (weight_std / sqrt(fan_in)) W x + bias_std b``, W, b ~ N(0, 1).
 
     Its infinite-width kernels are neural-tangents' ``stax.Dense(W_std, b_std)`` (arXiv 1806.07572).
-    ``bias_std == 0`` means no bias parameter (as ``Dense(b_std=None)``).
+    ``bias_std == 0`` means no bias parameter (as ``Dense(b_std=None)``). Initial W, b from
+    ``generator`` (a seed or a ``torch.Generator``; None: the global generator, as torch.nn).
     """
 
     def __init__(self, in_features: int, out_features: int, weight_std: float = 1.0,
-                 bias_std: float = 0.0, *, generator: torch.Generator | None = None,
+                 bias_std: float = 0.0, *, generator: Seed = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if in_features < 1 or out_features < 1:
@@ -161,13 +163,13 @@ class NTKLinear(nn.Module):
     def bias_scale(self) -> float:
         return self.bias_std
 
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+    def reset_parameters(self, generator: Seed = None) -> None:
+        """W, b ~ N(0, 1) from ``generator`` (a seed, a ``torch.Generator``, None: the global one), drawn on its device."""
+        g = init_generator(generator)
         with torch.no_grad():
-            self.weight.copy_(torch.randn(self.weight.shape, generator=generator, dtype=self.weight.dtype,
-                                          device="cpu" if generator is None else generator.device))
+            self.weight.copy_(torch.randn(self.weight.shape, generator=g, dtype=self.weight.dtype, device=g.device))
             if self.bias is not None:
-                self.bias.copy_(torch.randn(self.bias.shape, generator=generator, dtype=self.bias.dtype,
-                                            device="cpu" if generator is None else generator.device))
+                self.bias.copy_(torch.randn(self.bias.shape, generator=g, dtype=self.bias.dtype, device=g.device))
 
     def forward(self, x: Tensor) -> Tensor:
         # Scale the (batch x out) product, not the (out x in) weight: cheaper for wide layers.
@@ -187,19 +189,18 @@ class Erf(nn.Module):
 
 
 def ntk_mlp(in_features: int, width: int, depth: int, out_features: int = 1, activation: str = "relu",
-            weight_std: float = 1.0, bias_std: float = 0.0, *, seed: int | None = None,
-            generator: torch.Generator | None = None, device: torch.device | str | None = None,
+            weight_std: float = 1.0, bias_std: float = 0.0, *, generator: Seed = None,
+            device: torch.device | str | None = None,
             dtype: torch.dtype | None = None) -> nn.Sequential:
     """The finite net ``Flatten, [NTKLinear, act] * depth, NTKLinear`` whose width -> inf kernels are :func:`analytic_ntk`.
 
-    Randomness: ``generator`` or ``seed`` (one of them; default seed 0).
+    Randomness: ``generator``, a seed or a ``torch.Generator`` (None: the global one, as torch.nn), shared by the layers.
     """
     if activation not in ACTIVATIONS:
         raise ConfigError(f"activation must be one of {ACTIVATIONS}, got {activation!r}.")
     if depth < 0 or width < 1:
         raise ConfigError(f"ntk_mlp needs depth >= 0 and width >= 1, got depth={depth}, width={width}.")
-    if generator is None:
-        generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    generator = init_generator(generator)
     layers: list[nn.Module] = [nn.Flatten()]
     fan_in = in_features
     for _ in range(depth):

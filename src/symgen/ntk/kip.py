@@ -9,8 +9,6 @@ Source: Nguyen, Chen, Lee, "Dataset Meta-Learning from Kernel Ridge-Regression",
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,9 @@ from symgen.errors import (
     MissingDataError,
     ShapeError,
 )
+from symgen.io import atomic_write
+from symgen.ntk.regression import kernel_regression
+from symgen.rng import Seed, as_generator
 
 __all__ = [
     "kip",
@@ -35,32 +36,9 @@ __all__ = [
     "class_balanced_indices",
     "save_support",
     "load_support",
-    "differentiable_empirical_ntk",
 ]
 
 Kernel = Callable[[Tensor, Tensor], Tensor]
-
-
-def differentiable_empirical_ntk(model: torch.nn.Module, params: dict[str, Tensor] | None = None,
-                                 buffers: dict[str, Tensor] | None = None) -> Kernel:
-    """The empirical NTK of ``model`` as a kernel ``(a, b) -> sum_o J_o(a) J_o(b)^T`` differentiable in a and b.
-
-    Theta(x, x') = J(x) J(x')^T, traced over outputs (arXiv 1806.07572), from per-sample Jacobians
-    (``symgen.functional.per_sample_jacobian``) kept in the autograd graph, so KIP can move the
-    support inputs under a finite network's kernel. ``symgen.ntk.empirical_ntk`` computes the same
-    kernel faster but without input gradients (it runs under ``no_grad``). Model in eval mode.
-    """
-    from symgen.functional import buffers_of, params_of, per_sample_jacobian
-
-    p = params if params is not None else params_of(model)
-    b = buffers if buffers is not None else buffers_of(model)
-
-    def kernel(x1: Tensor, x2: Tensor) -> Tensor:
-        j1 = per_sample_jacobian(model, p, b, x1)
-        j2 = per_sample_jacobian(model, p, b, x2)
-        return sum(torch.einsum("nop,mop->nm", j1[k].flatten(2), j2[k].flatten(2)) for k in j1)
-
-    return kernel
 
 
 def centred_one_hot(y: Tensor, num_classes: int, dtype: torch.dtype | None = None) -> Tensor:
@@ -75,8 +53,6 @@ def kip_loss(kernel: Kernel, x_support: Tensor, y_support: Tensor, x_target: Ten
 
     Differentiable in the support set; the solve is ``symgen.ntk.kernel_regression`` (arXiv 2011.00050).
     """
-    from symgen.ntk import kernel_regression
-
     m, n = x_target.shape[0], x_support.shape[0]
     # One kernel call for both blocks: [K_ts; K_ss] = K([X_t; X_s], X_s).
     k_all = kernel(torch.cat([x_target, x_support]), x_support)
@@ -99,12 +75,14 @@ def kip_loss(kernel: Kernel, x_support: Tensor, y_support: Tensor, x_target: Ten
 
 def kip(x_target: Tensor, y_target: Tensor, kernel: Kernel, support_per_class: int = 1,
         steps: int = 1000, lr: float = 0.01, learn_labels: bool = False, ridge: float = 1e-6,
-        seed: int = 0, *, target_per_class: int = 10, num_classes: int | None = None,
+        generator: Seed = None, *, target_per_class: int = 10, num_classes: int | None = None,
         callback: Callable[[int, float], None] | None = None) -> tuple[Tensor, Tensor, dict[str, list[float]]]:
     """Learn a support set of ``support_per_class`` examples per class by kernel inducing points.
 
     ``kernel(a, b) -> K`` (a: (n_a, ...), b: (n_b, ...)) must be differentiable in its inputs, e.g.
-    ``lambda a, b: analytic_ntk(a.flatten(1), b.flatten(1), depth=3)[1]`` or an empirical NTK.
+    ``lambda a, b: analytic_ntk(a.flatten(1), b.flatten(1), depth=3)[1]`` or a finite network's
+    ``symgen.ntk.empirical_ntk_fn(model, differentiable=True)``. Randomness (the initial subset, the
+    target batches): ``generator``, a seed or a ``torch.Generator`` (None = seed 0).
     Init: a class-balanced sample of real examples with centred one-hot labels e_y - 1/C. Each step
     draws ``target_per_class`` fresh examples of every class and takes an Adam step on
     loss = 0.5 mean((K_ts (K_ss + ridge tr(K_ss)/n I)^-1 y_s - y_t)^2) over X_s (and y_s if
@@ -134,7 +112,7 @@ def kip(x_target: Tensor, y_target: Tensor, kernel: Kernel, support_per_class: i
     if int(y_target.max().item()) >= num_classes:
         raise ShapeError(f"labels go up to {int(y_target.max().item())} but num_classes={num_classes}.")
 
-    generator = torch.Generator().manual_seed(seed)
+    generator = as_generator(generator)
     dtype, device = x_target.dtype, x_target.device
     init = class_balanced_indices(y_target, support_per_class, num_classes, generator).to(device)
     x_s = x_target[init].detach().clone().requires_grad_(True)
@@ -172,19 +150,9 @@ def kip(x_target: Tensor, y_target: Tensor, kernel: Kernel, support_per_class: i
 
 def save_support(path: str | Path, x_support: Tensor, y_support: Tensor, **meta: Any) -> Path:
     """Save a distilled set (and JSON-able metadata) atomically with ``torch.save``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": "symgen-kip-support-v1", "x_support": x_support.detach().cpu(),
                "y_support": y_support.detach().cpu(), "meta": dict(meta)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_support(path: str | Path, device: torch.device | str | None = None) -> tuple[Tensor, Tensor, dict]:

@@ -1,11 +1,12 @@
-"""symgen.optim"""
+"""symgen.optim: optimizers on one step protocol, ``optimizer.step(closure)`` (torch.optim's)."""
 
 from symgen.optim.unit_norm import UnitNormSGD
 
 __all__: list[str] = []
 __all__ += ["UnitNormSGD"]
 
+from symgen.optim.closure import LossClosure  # noqa: E402
 from symgen.optim.nso import NSO  # noqa: E402
-from symgen.optim.sam import SAM, disable_running_stats, enable_running_stats  # noqa: E402
+from symgen.optim.sam import SAM  # noqa: E402
 
-__all__ += ["NSO", "SAM", "enable_running_stats", "disable_running_stats"]
+__all__ += ["LossClosure", "NSO", "SAM"]

@@ -3,36 +3,22 @@
 Semantics follow the widely used implementation (github.com/davda54/sam): ``base_optimizer`` is
 an optimizer class, extra keyword arguments go to it, ``first_step`` climbs to W + e(W),
 ``second_step`` returns to W and lets the base optimizer step with the gradient taken there.
+``step(closure)`` does both, computing the gradient at W itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from symgen.errors import ConfigError, DivergenceError
+from symgen.functional import frozen_running_stats
 
-__all__ = ["SAM", "enable_running_stats", "disable_running_stats"]
-
-
-def disable_running_stats(model: torch.nn.Module) -> None:
-    """Freeze BatchNorm running statistics (momentum 0) for passes at perturbed weights."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            if not hasattr(m, "_symgen_momentum"):
-                m._symgen_momentum = m.momentum  # type: ignore[attr-defined]
-            m.momentum = 0.0
-
-
-def enable_running_stats(model: torch.nn.Module) -> None:
-    """Undo :func:`disable_running_stats`."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and hasattr(m, "_symgen_momentum"):
-            m.momentum = m._symgen_momentum  # type: ignore[attr-defined]
-            del m._symgen_momentum
+__all__ = ["SAM"]
 
 
 def _params_with_grad(groups: list[dict[str, Any]]) -> list[Tensor]:
@@ -40,18 +26,22 @@ def _params_with_grad(groups: list[dict[str, Any]]) -> list[Tensor]:
 
 
 class SAM(torch.optim.Optimizer):
-    """SAM: the base optimizer steps with grad L(W + e), e = rho g / ||g||; ASAM (``adaptive=True``):
-    e = rho w^2 g / ||w g|| (elementwise, the norm over all parameters).
+    """SAM: the base optimizer steps with grad L(W + e), e = rho g / ||g||, g = grad L(W); ASAM
+    (``adaptive=True``): e = rho w^2 g / ||w g|| (elementwise, the norm over all parameters).
 
-    Foret et al. 2021 (arXiv 2010.01412); Kwon et al. 2021 (arXiv 2102.11600). ``step(closure)``: the
-    gradient at W must be in ``.grad`` (from your ``loss.backward()``); if no parameter has one, the
-    closure is called first to compute it. The closure zeroes gradients, computes the loss, calls
-    ``backward`` and returns the loss. Returns the loss at W when ``step`` computed it, else None.
-    A non-finite gradient raises :class:`DivergenceError` with the parameters left at W.
+    Foret et al. 2021 (arXiv 2010.01412); Kwon et al. 2021 (arXiv 2102.11600).
+
+    ``step(closure)``, the torch.optim protocol: the closure zeroes gradients, computes the loss, calls
+    ``backward`` and returns the loss. It is called twice: at W (the gradient g) and at W + e; the
+    parameters return to W and the base optimizer steps. Returns the loss at W. BatchNorm running
+    statistics are updated once per step, by the pass at W: the pass at W + e runs inside
+    :func:`symgen.functional.frozen_running_stats` of ``model`` (or of the closure's model for a
+    :class:`~symgen.optim.LossClosure`). ``first_step``/``second_step`` remain for hand-written loops.
+    A non-finite loss or gradient raises :class:`DivergenceError` with the parameters left at W.
     """
 
     def __init__(self, params: Iterable[Any], base_optimizer: type[torch.optim.Optimizer] = torch.optim.SGD,
-                 rho: float = 0.05, adaptive: bool = False, **kwargs: Any) -> None:
+                 rho: float = 0.05, adaptive: bool = False, model: nn.Module | None = None, **kwargs: Any) -> None:
         if not isinstance(base_optimizer, type) or not issubclass(base_optimizer, torch.optim.Optimizer):
             got = (f"an instance of {type(base_optimizer).__name__}" if isinstance(base_optimizer, torch.optim.Optimizer)
                    else repr(base_optimizer))
@@ -64,6 +54,7 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
+        self.model = model
         self.num_steps = 0
 
     @torch.no_grad()
@@ -82,7 +73,7 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
-        """Move to W + e(W) (remembering W)."""
+        """Move to W + e(W) (remembering W); the gradient at W must be in ``.grad``."""
         self._check_grads("at W")
         grad_norm = self._grad_norm()
         for group in self.param_groups:
@@ -115,27 +106,31 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad()
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
         if closure is None:
             raise ConfigError("SAM.step() needs a closure that zeroes gradients, computes the loss, calls "
-                              "backward() and returns the loss; or call first_step()/second_step() yourself.")
+                              "backward() and returns the loss, e.g. symgen.optim.LossClosure(model, loss_fn, x, y); "
+                              "or call first_step()/second_step() yourself.")
+        model = self.model if self.model is not None else getattr(closure, "model", None)
         closure = torch.enable_grad()(closure)
-        loss = None
-        if not _params_with_grad(self.param_groups):
-            loss = closure()
-            if not torch.isfinite(torch.as_tensor(loss)).all():
-                raise DivergenceError(f"SAM step {self.num_steps + 1}: non-finite loss {float(loss)} at W; "
-                                      "parameters untouched.")
+        # the gradient at W is always computed here: a .grad left by an earlier pass may be stale
+        loss = closure()
+        if not torch.isfinite(torch.as_tensor(loss)).all():
+            raise DivergenceError(f"SAM step {self.num_steps + 1}: non-finite loss {float(loss)} at W; "
+                                  "parameters untouched; lower the learning rate, or check the data.")
         self.first_step(zero_grad=True)
         try:
-            perturbed = closure()
+            frozen = frozen_running_stats(model) if model is not None else contextlib.nullcontext()
+            with frozen:  # running statistics are updated once per step, by the pass at W
+                perturbed = closure()
         except BaseException:
             self.restore()
             raise
         if not torch.isfinite(torch.as_tensor(perturbed)).all():
             self.restore()
             raise DivergenceError(f"SAM step {self.num_steps + 1}: non-finite loss {float(perturbed)} at the "
-                                  "perturbed weights W + e; parameters are left at W.")
+                                  "perturbed weights W + e; parameters are left at W; lower the learning rate "
+                                  "or rho.")
         self.second_step()
         return loss.detach() if isinstance(loss, Tensor) else loss
 

@@ -11,6 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from symgen.errors import ConfigError
+from symgen.functional import buffers_of, params_of
+from symgen.rng import Seed
 from symgen.symmetry import (
     ScaleSymmetry,
     ScaleSymmetryReport,
@@ -50,7 +52,8 @@ class UnitNormSGD(torch.optim.Optimizer):
     ``params``: the model (``nn.Module``) or, as for any optimizer, parameters / parameter groups.
     ``filters``: ``"auto"`` finds the scale symmetries with
     :func:`symgen.symmetry.find_scale_symmetries` (needs the module and ``example_input``, a
-    batch); a list of parameter names (each must be part of a detected symmetry, else
+    batch; ``generator``, a seed or ``torch.Generator``, ``None`` = seed 0, drives its random
+    check); a list of parameter names (each must be part of a detected symmetry, else
     :class:`ConfigError`) or of :class:`ScaleSymmetry`; a :class:`ScaleSymmetryReport`; or ``None``
     for none. Filters are normalized at construction (running statistics that already hold
     estimates are rescaled to match, so the model's function is unchanged in train and eval mode).
@@ -65,7 +68,7 @@ class UnitNormSGD(torch.optim.Optimizer):
     def __init__(self, params: nn.Module | Iterable[Any], lr: float, momentum: float = 0.0,
                  weight_decay: float = 0.0,
                  filters: str | Sequence[str | ScaleSymmetry] | ScaleSymmetryReport | None = "auto",
-                 *, example_input: Any = None) -> None:
+                 *, example_input: Any = None, generator: Seed = None) -> None:
         if not (isinstance(lr, (int, float)) and lr > 0):
             raise ConfigError(f"UnitNormSGD: lr must be a positive number, got {lr!r}.")
         if not 0.0 <= momentum < 1.0:
@@ -78,7 +81,7 @@ class UnitNormSGD(torch.optim.Optimizer):
         else:
             param_list = list(params)
         super().__init__(param_list, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-        symmetries = self._resolve(model, filters, example_input)
+        symmetries = self._resolve(model, filters, example_input, generator)
         self.spheres: list[_Sphere] = []
         if model is not None and symmetries:
             self._attach(model, symmetries)
@@ -86,7 +89,8 @@ class UnitNormSGD(torch.optim.Optimizer):
     # -- construction ---------------------------------------------------------------------
 
     @staticmethod
-    def _resolve(model: nn.Module | None, filters: Any, example_input: Any) -> list[ScaleSymmetry]:
+    def _resolve(model: nn.Module | None, filters: Any, example_input: Any,
+                 generator: Seed) -> list[ScaleSymmetry]:
         if filters is None or (isinstance(filters, (list, tuple)) and len(filters) == 0):
             return []
         if isinstance(filters, str):
@@ -104,7 +108,7 @@ class UnitNormSGD(torch.optim.Optimizer):
                 raise ConfigError("UnitNormSGD(filters='auto') needs example_input=<a batch of "
                                   "inputs> to trace the model and confirm its symmetries; pass it, "
                                   "or pass filters=find_scale_symmetries(model, x).")
-            report = find_scale_symmetries(model, example_input)
+            report = find_scale_symmetries(model, example_input, generator=generator)
             if not report.symmetries:
                 why = "; ".join(f"{k}: {v}" for k, v in
                                 list(report.not_invariant.items())[:3] + list(report.unanalysed.items())[:3]
@@ -137,7 +141,7 @@ class UnitNormSGD(torch.optim.Optimizer):
                 if example_input is None:
                     raise ConfigError("UnitNormSGD: an explicit filters list is checked for scale "
                                       "invariance; pass example_input=<a batch of inputs>.")
-                report = find_scale_symmetries(model, example_input)  # type: ignore[arg-type]
+                report = find_scale_symmetries(model, example_input, generator=generator)  # type: ignore[arg-type]
                 for n in names:
                     sym = report.get(n)
                     if sym is None:
@@ -180,8 +184,9 @@ class UnitNormSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _normalize(self, model: nn.Module) -> None:
-        params = dict(model.named_parameters())
-        buffers = dict(model.named_buffers())
+        # detached views share storage with the model: copy_ below writes the model itself
+        params = params_of(model, requires_grad_only=False)
+        buffers = buffers_of(model)
         for sphere in self.spheres:
             sym = sphere.symmetry
             norms = block_norms(params, sym)

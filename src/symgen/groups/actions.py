@@ -1,10 +1,8 @@
-"""Finite groups, their permutation actions on tensors, orbits and the Reynolds projector.
+"""Group actions on the trailing dims of tensors by permuting entries: images, shifts, reflections.
 
-A group is a multiplication table on the integers ``0..order-1`` (identity ``0``). An action acts on
-the trailing dimensions of a tensor (leading dimensions are batch) by permuting entries, so every
-action here is a unitary (permutation) representation rho(g) on the flattened input.
-Reynolds projector: P_G = |G|^-1 sum_g rho(g) (Chen & Zhu, arXiv 2303.04198;
-Nordenfors & Flinth, arXiv 2410.01452).
+Every action here is a permutation representation rho(g) on the flattened event (leading dims
+are batch); ``permutations(shape)`` gives it as gather indices, ``matrices(shape)`` as matrices
+(the same representation :meth:`symgen.groups.Representation.from_action` holds).
 """
 
 from __future__ import annotations
@@ -16,200 +14,33 @@ import torch
 from torch import Tensor
 
 from symgen.errors import GroupActionError
+from symgen.groups.finite import (
+    CyclicGroup,
+    DihedralGroup,
+    FiniteGroup,
+    PermutationGroup,
+    _as_perm_list,
+)
 
 __all__ = [
-    "FiniteGroup",
-    "CyclicGroup",
-    "DihedralGroup",
-    "DirectProduct",
-    "PermutationGroup",
     "GroupAction",
     "ImageRotation90",
     "ImageDihedral",
+    "LiftedImageAction",
     "CyclicShift",
     "Reflection",
     "PermutationAction",
     "TrivialAction",
-    "reynolds_projector",
+    "permutation_matrices",
 ]
 
 
-# ----------------------------------------------------------------------------------------------
-# Groups
-# ----------------------------------------------------------------------------------------------
-
-
-class FiniteGroup:
-    """A finite group given by its Cayley table: ``table[g, h] = g*h``, elements ``0..order-1``, identity 0."""
-
-    def __init__(self, name: str, table: Tensor, generators: Sequence[int]) -> None:
-        table = torch.as_tensor(table, dtype=torch.long).cpu()
-        n = table.shape[0]
-        if table.ndim != 2 or table.shape != (n, n):
-            raise GroupActionError(f"group table must be square (order, order); got shape {tuple(table.shape)}.")
-        ar = torch.arange(n)
-        if not (torch.equal(table[0], ar) and torch.equal(table[:, 0], ar)):
-            raise GroupActionError(f"group '{name}': element 0 must be the identity (table[0] and table[:, 0] = 0..n-1).")
-        # Latin square: every row and column is a permutation (cancellation law).
-        if not (torch.equal(table.sort(dim=1).values, ar.expand(n, n))
-                and torch.equal(table.sort(dim=0).values, ar[:, None].expand(n, n))):
-            raise GroupActionError(f"group '{name}': table is not a Latin square, so it is not a group table.")
-        self.name = name
-        self.order = int(n)
-        self.generators = [int(g) for g in generators]
-        self.table = table
-        self._inverse = (table == 0).long().argmax(dim=1)
-
-    def mul(self, g: int, h: int) -> int:
-        """The product ``g*h``."""
-        return int(self.table[g, h])
-
-    def inv(self, g: int) -> int:
-        """The inverse ``g^-1``."""
-        return int(self._inverse[g])
-
-    @property
-    def inverses(self) -> Tensor:
-        """All inverses as a LongTensor of shape (order,)."""
-        return self._inverse.clone()
-
-    def elements(self) -> range:
-        """``range(order)``."""
-        return range(self.order)
-
-    def is_associative(self) -> bool:
-        """Check (gh)k = g(hk) for all triples (O(order^3), for tests and user-built tables)."""
-        t = self.table
-        left = t[t]                  # left[g, h, k] = table[table[g, h], k]
-        right = t[:, t]              # right[g, h, k] = table[g, table[h, k]]
-        return bool(torch.equal(left, right))
-
-    def __len__(self) -> int:
-        return self.order
-
-    def __repr__(self) -> str:
-        return f"{self.name}(order={self.order})"
-
-
-class CyclicGroup(FiniteGroup):
-    """C_n: element k is the rotation by k steps; ``k*l = (k + l) mod n``."""
-
-    def __init__(self, n: int) -> None:
-        if n < 1:
-            raise GroupActionError(f"CyclicGroup needs n >= 1, got {n}.")
-        a = torch.arange(n)
-        super().__init__(f"C{n}", (a[:, None] + a[None, :]) % n, [1] if n > 1 else [])
-        self.n = n
-
-
-class DihedralGroup(FiniteGroup):
-    """D_n of order 2n: element ``k + n*s`` is r^k s^s; ``(r^a s^b)(r^c s^d) = r^(a + (-1)^b c) s^(b+d)``."""
-
-    def __init__(self, n: int) -> None:
-        if n < 1:
-            raise GroupActionError(f"DihedralGroup needs n >= 1, got {n}.")
-        e = torch.arange(2 * n)
-        k, s = e % n, e // n
-        a, b = k[:, None], s[:, None]
-        c, d = k[None, :], s[None, :]
-        rot = (a + (1 - 2 * b) * c) % n
-        ref = (b + d) % 2
-        super().__init__(f"D{n}", rot + n * ref, [1 % (2 * n), n] if n > 1 else [n])
-        self.n = n
-
-
-class DirectProduct(FiniteGroup):
-    """G x H: element ``g * |H| + h`` is the pair (g, h), multiplied componentwise."""
-
-    def __init__(self, first: FiniteGroup, second: FiniteGroup) -> None:
-        m = second.order
-        e = torch.arange(first.order * m)
-        g, h = e // m, e % m
-        table = first.table[g[:, None], g[None, :]] * m + second.table[h[:, None], h[None, :]]
-        gens = [gg * m for gg in first.generators] + list(second.generators)
-        super().__init__(f"{first.name}x{second.name}", table, gens)
-        self.factors = (first, second)
-
-    def pair(self, element: int) -> tuple[int, int]:
-        """The components (g, h) of an element."""
-        return divmod(int(element), self.factors[1].order)
-
-    def element(self, g: int, h: int) -> int:
-        """The element of the pair (g, h)."""
-        return int(g) * self.factors[1].order + int(h)
-
-
-def _as_perm_list(perms: Sequence[Sequence[int]] | Tensor) -> list[tuple[int, ...]]:
-    if isinstance(perms, Tensor):
-        if perms.ndim == 1:
-            perms = perms[None]
-        rows = [tuple(int(v) for v in row) for row in perms.tolist()]
-    else:
-        rows = [tuple(int(v) for v in p) for p in perms]
-    if not rows:
-        raise GroupActionError("need at least one permutation; got none. Pass e.g. [[1, 2, 0]].")
-    n = len(rows[0])
-    for p in rows:
-        if len(p) != n or sorted(p) != list(range(n)):
-            raise GroupActionError(
-                f"{list(p)} is not a permutation of 0..{n - 1}; each generator must list every index "
-                "once, all of the same length.")
-    return rows
-
-
-class PermutationGroup(FiniteGroup):
-    """The group generated by permutations of ``0..n-1`` (closure by breadth-first search).
-
-    ``perms[g]`` is sigma_g; the product is composition ``sigma_{g*h}(i) = sigma_g(sigma_h(i))``.
-    Element 0 is the identity, then the given permutations in order (duplicates dropped), then the
-    rest in BFS order, so a list that is already a group with the identity first keeps its order.
-    """
-
-    def __init__(self, generators: Sequence[Sequence[int]] | Tensor, name: str | None = None,
-                 max_order: int = 100_000) -> None:
-        gens = _as_perm_list(generators)
-        n = len(gens[0])
-        identity = tuple(range(n))
-        elements: list[tuple[int, ...]] = [identity]
-        index = {identity: 0}
-        for p in gens:
-            if p not in index:
-                index[p] = len(elements)
-                elements.append(p)
-        frontier = list(elements)
-        while frontier:
-            new = []
-            for p in frontier:
-                for q in gens:
-                    r = tuple(p[q[i]] for i in range(n))   # p o q
-                    if r not in index:
-                        index[r] = len(elements)
-                        elements.append(r)
-                        new.append(r)
-                        if len(elements) > max_order:
-                            raise GroupActionError(
-                                f"the generated group has more than max_order={max_order} elements; "
-                                "pass fewer generators or raise max_order.")
-            frontier = new
-        perms = torch.tensor(elements, dtype=torch.long)
-        order = perms.shape[0]
-        # comp[g, h, i] = perms[g, perms[h, i]]  (sigma_g o sigma_h)
-        comp = perms[:, None, :].expand(order, order, n).gather(2, perms[None, :, :].expand(order, order, n))
-        allrows = torch.cat([perms, comp.reshape(order * order, n)])
-        _, inverse = torch.unique(allrows, dim=0, return_inverse=True)
-        # Map unique ids back to element indices via the first `order` rows (the elements themselves).
-        id_to_elem = torch.empty(int(inverse.max()) + 1, dtype=torch.long)
-        id_to_elem[inverse[:order]] = torch.arange(order)
-        table = id_to_elem[inverse[order:]].reshape(order, order)
-        gen_ids = sorted({index[p] for p in gens if p != identity})
-        super().__init__(name or f"Perm{n}", table, gen_ids)
-        self.perms = perms
-        self.degree = n
-
-
-# ----------------------------------------------------------------------------------------------
-# Actions
-# ----------------------------------------------------------------------------------------------
+def permutation_matrices(perms: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Matrices (|G|, d, d) of gather indices (|G|, d): ``M[g] @ v == v[perms[g]]``, i.e. M[g, i, perms[g, i]] = 1."""
+    n, d = perms.shape
+    mats = torch.zeros(n, d, d, dtype=dtype or torch.get_default_dtype(), device=perms.device)
+    mats.scatter_(2, perms[:, :, None], 1.0)
+    return mats
 
 
 class GroupAction:
@@ -221,6 +52,11 @@ class GroupAction:
 
     group: FiniteGroup
     event_ndim: int = 1
+
+    @property
+    def order(self) -> int:
+        """|G|, the number of group elements (the length of an orbit)."""
+        return self.group.order
 
     # -- to implement ---------------------------------------------------------------------------
     def _apply(self, g: int, x: Tensor) -> Tensor:
@@ -241,8 +77,8 @@ class GroupAction:
 
     def _check_element(self, g: int) -> int:
         g = int(g)
-        if not 0 <= g < self.group.order:
-            raise GroupActionError(f"group element {g} is out of range for {self.group!r} (0..{self.group.order - 1}).")
+        if not 0 <= g < self.order:
+            raise GroupActionError(f"group element {g} is out of range for {self!r} (0..{self.order - 1}).")
         return g
 
     def apply(self, g: int, x: Tensor) -> Tensor:
@@ -264,13 +100,11 @@ class GroupAction:
 
     def matrices(self, shape: Sequence[int] | torch.Size, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None) -> Tensor:
-        """The representation on flattened inputs, (|G|, d, d): ``vec(apply(g, x)) = matrices[g] @ vec(x)``."""
-        perms = self.permutations(shape, device=device)
-        n, d = perms.shape
-        dtype = dtype or torch.get_default_dtype()
-        mats = torch.zeros(n, d, d, dtype=dtype, device=perms.device)
-        mats.scatter_(2, perms[:, :, None], 1.0)
-        return mats
+        """The representation on flattened inputs, (|G|, d, d): ``vec(apply(g, x)) = matrices[g] @ vec(x)``.
+
+        Equal to ``Representation.from_action(self, shape).matrices`` (one helper builds both).
+        """
+        return permutation_matrices(self.permutations(shape, device=device), dtype)
 
     def orbit(self, x: Tensor) -> Tensor:
         """All transforms of ``x``, shape (|G|, *x.shape), by one gather."""
@@ -281,7 +115,7 @@ class GroupAction:
         perms = _permutation_table(self, ev).to(x.device)
         flat = x.reshape(*batch, d)
         out = flat[..., perms]                           # (*batch, |G|, d)
-        return out.movedim(-2, 0).reshape(self.group.order, *x.shape)
+        return out.movedim(-2, 0).reshape(self.order, *x.shape)
 
     def apply_each(self, elements: Tensor, x: Tensor) -> Tensor:
         """Apply ``elements[b]`` to ``x[b]`` for every sample b of the leading batch dim, by one gather."""
@@ -290,8 +124,8 @@ class GroupAction:
         if elements.shape != (x.shape[0],):
             raise GroupActionError(f"apply_each: need one element per sample, shape ({x.shape[0]},); "
                                    f"got {tuple(elements.shape)}.")
-        if elements.numel() and (int(elements.min()) < 0 or int(elements.max()) >= self.group.order):
-            raise GroupActionError(f"apply_each: elements must lie in 0..{self.group.order - 1}.")
+        if elements.numel() and (int(elements.min()) < 0 or int(elements.max()) >= self.order):
+            raise GroupActionError(f"apply_each: elements must lie in 0..{self.order - 1}.")
         ev = self.event_shape(x.shape)
         d = math.prod(ev)
         perms = _permutation_table(self, ev).to(x.device)[elements]      # (B, d)
@@ -309,7 +143,7 @@ def _permutation_table(action: GroupAction, event_shape: tuple[int, ...]) -> Ten
     if event_shape not in cache:
         d = math.prod(event_shape)
         idx = torch.arange(d).reshape(event_shape)
-        cache[event_shape] = torch.stack([action._apply(g, idx).reshape(d) for g in action.group.elements()])
+        cache[event_shape] = torch.stack([action._apply(g, idx).reshape(d) for g in range(action.order)])
     return cache[event_shape]
 
 
@@ -350,6 +184,39 @@ class ImageDihedral(GroupAction):
         if s:
             x = torch.flip(x, dims=(-1,))
         return torch.rot90(x, k=k, dims=(-2, -1))
+
+
+class LiftedImageAction(GroupAction):
+    """G acting on lifted feature maps (..., |G|, H, W) of a G-CNN: (L_k f)[h](u) = f[k^-1 h](k^-1 u).
+
+    ``image_action`` (C4 or D4 on the last two dims) moves the pixels; the group axis -3 is permuted
+    by the regular representation. Source: Cohen & Welling, arXiv 1602.07576, eq. (11).
+    """
+
+    event_ndim = 3
+
+    def __init__(self, image_action: GroupAction) -> None:
+        if image_action.event_ndim != 2:
+            raise GroupActionError(f"LiftedImageAction needs an action on the last two (spatial) dims; "
+                                   f"got {image_action!r}.")
+        self.image_action = image_action
+        self.group = image_action.group
+        # regular[k, h] = k^-1 h: the group index gathered into position h
+        self._regular = self.group.table[self.group.inverses]
+
+    def _check_event(self, shape: tuple[int, ...]) -> None:
+        if shape[-3] != self.group.order:
+            raise GroupActionError(
+                f"{self!r} acts on (..., |G|={self.group.order}, H, W); input shape {shape} has {shape[-3]} "
+                "at dim -3. Pass lifted features, e.g. the output of LiftingConv2d.")
+        self.image_action.check(shape)
+
+    def _apply(self, g: int, x: Tensor) -> Tensor:
+        x = self.image_action._apply(g, x)
+        return x.index_select(-3, self._regular[g].to(x.device))
+
+    def __repr__(self) -> str:
+        return f"LiftedImageAction({self.image_action!r})"
 
 
 class CyclicShift(GroupAction):
@@ -453,16 +320,3 @@ class TrivialAction(GroupAction):
 
     def _apply(self, g: int, x: Tensor) -> Tensor:
         return x
-
-
-def reynolds_projector(action: GroupAction, shape: Sequence[int] | torch.Size, dtype: torch.dtype | None = None,
-                       device: torch.device | str | None = None) -> Tensor:
-    """Projector onto the invariant subspace, (d, d): P_G = |G|^-1 sum_g rho(g) (arXiv 2303.04198)."""
-    perms = action.permutations(shape, device=device)
-    n, d = perms.shape
-    dtype = dtype or torch.get_default_dtype()
-    p = torch.zeros(d, d, dtype=dtype, device=perms.device)
-    rows = torch.arange(d, device=perms.device).expand(n, d)
-    p.index_put_((rows.reshape(-1), perms.reshape(-1)), torch.full((n * d,), 1.0 / n, dtype=dtype,
-                                                                    device=perms.device), accumulate=True)
-    return p

@@ -1,0 +1,161 @@
+"""A symmetry and flatness report card for any trained PyTorch classifier.
+
+``symgen.audit.audit(model, data, action)`` measures, each with its uncertainty and its cost in
+seconds: accuracy and loss; invariance under a group action (OSP, symmetric KL, relative logit
+deviation; Nordenfors & Flinth, arXiv 2410.01452); weight-space scale symmetries (arXiv
+1511.01029); the Hessian's trace, top eigenvalues and spectral density (arXiv 1912.07145); noise
+stability E_U[L(W + U)] - L(W) ~ sigma^2/2 tr(H) (arXiv 2306.08553); the empirical NTK on a
+subsample (effective rank, condition number, kernel-target alignment; arXiv 1806.07572,
+2307.02693); PGD robust accuracy (arXiv 1706.06083). Every number comes from the library
+modules; this package only chooses sample sizes (the budget) and times the sections. It returns
+an :class:`AuditResult` and writes nothing: :func:`symgen.runs.write_audit_run` stores it as a run
+with ``audit.json``, figures and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from symgen.audit.limits import BUDGETS, AuditLimits, resolve_limits
+from symgen.audit.loading import (
+    ACTIONS,
+    action_name,
+    load_checkpoint,
+    load_model,
+    make_action,
+    resolve_data,
+)
+from symgen.audit.result import RUN_ORDER, SECTIONS, AuditResult, Estimate, SectionResult
+from symgen.audit.sections import curvature, evaluation, ntk, scale_symmetries
+from symgen.errors import ConfigError
+from symgen.rng import Seed, seed_of
+
+__all__ = [
+    "ACTIONS",
+    "BUDGETS",
+    "SECTIONS",
+    "AuditLimits",
+    "Estimate",
+    "SectionResult",
+    "AuditResult",
+    "audit",
+    "make_action",
+    "load_model",
+    "load_checkpoint",
+    "resolve_limits",
+]
+
+
+def audit(model: nn.Module, data: Any, action: Any = None, *, budget: str = "quick",
+          limits: Mapping[str, Any] | None = None, root: str | Path | None = None, generator: Seed = None,
+          device: str | torch.device | None = None, sections: Sequence[str] | None = None,
+          name: str | None = None, progress: Callable[[str], None] | None = None) -> AuditResult:
+    """Measure how symmetric, flat, kernel-like and robust a trained classifier is.
+
+    ``data``: a dataset name for :func:`symgen.data.load_dataset` (train split for the curvature,
+    noise and symmetry sections, test split for the rest), an ``(x, y)`` pair used for all, or
+    ``{"train": (x, y), "test": (x, y)}``. ``action``: c4, d4, shift, none or a GroupAction.
+    ``budget``: quick or full (sample sizes and a time limit, :data:`BUDGETS`); ``limits``
+    overrides single fields of it. ``sections`` restricts the audit to these names.
+    ``generator`` (an int seed or a ``torch.Generator``; None = seed 0) seeds subsamples, probes,
+    noise draws and attacks; each section draws from its own stream derived from one integer seed
+    (``symgen.rng.seed_of``: the int itself, or one draw from a generator), so its numbers do not
+    depend on which other sections ran. The model is evaluated in eval mode
+    (BatchNorm uses its running statistics) on ``device`` (default: where its parameters are) in
+    its own dtype; it is not modified. Nothing is written to disk.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"audit expects a torch.nn.Module, got {type(model).__name__}; load one with "
+                          "symgen.audit.load_model('MODULE:FACTORY').")
+    lim = resolve_limits(budget, limits)
+    known = [s for s, _ in SECTIONS]
+    chosen = list(sections) if sections is not None else known
+    bad = [s for s in chosen if s not in known]
+    if bad:
+        raise ConfigError(f"unknown audit section(s) {bad}; choose from {', '.join(known)}.")
+    ref = next(iter(model.parameters()), None)
+    if ref is None:
+        raise ConfigError("the model has no parameters; there is nothing to audit.")
+    seed = seed_of(generator)
+    dev = torch.device(device) if device is not None else ref.device
+    dtype = ref.dtype if ref.is_floating_point() else torch.get_default_dtype()
+    home = ref.device
+    modes = [(m, m.training) for m in model.modules()]
+    model.to(dev)
+    model.eval()
+    data_name, train, test = resolve_data(data, root)
+    same = train is test
+    train = (train[0].to(dev, dtype), train[1].to(dev))
+    test = train if same else (test[0].to(dev, dtype), test[1].to(dev))
+    act = make_action(action, tuple(test[0].shape[1:]))
+    result = AuditResult(model=name or type(model).__name__, data=data_name, action=action_name(action),
+                         budget=budget, device=str(dev), dtype=str(dtype).replace("torch.", ""), seed=seed,
+                         num_params=sum(p.numel() for p in model.parameters()), limits=asdict(lim),
+                         sections={})
+    start = time.perf_counter()
+
+    def gen(key: str) -> torch.Generator:
+        # One stream per section: its numbers do not depend on which other sections ran.
+        return torch.Generator().manual_seed(seed * 1009 + known.index(key))
+
+    runners: dict[str, Callable[[SectionResult], None]] = {
+        "performance": lambda s: evaluation.performance(s, model, train, test, lim, gen("performance"), same),
+        "invariance": lambda s: evaluation.invariance(s, model, act, test, lim, gen("invariance")),
+        "scale_symmetries": lambda s: scale_symmetries.scale_symmetries(s, model, train, lim,
+                                                                        gen("scale_symmetries"), seed),
+        "hessian": lambda s: curvature.hessian(s, model, train, lim, seed),
+        "noise_stability": lambda s: curvature.noise_stability(s, model, train, lim, seed, result),
+        "ntk": lambda s: ntk.ntk(s, model, test, lim, gen("ntk")),
+        "robustness": lambda s: evaluation.robustness(s, model, test, lim, gen("robustness"), seed),
+    }
+    titles = dict(SECTIONS)
+    result.sections = {key: SectionResult(key, title) for key, title in SECTIONS}
+    try:
+        for key in RUN_ORDER:
+            sec, title = result.sections[key], titles[key]
+            if key not in chosen:
+                sec.status = "skipped"
+                sec.skipped.append("not requested (sections=...)")
+                continue
+            if key == "invariance" and act is None:
+                sec.status = "skipped"
+                sec.skipped.append("no group action given (--action c4|d4|shift)")
+                continue
+            elapsed = time.perf_counter() - start
+            # Accuracy and loss always run: they are cheap and everything else is read against them.
+            if key != "performance" and elapsed > lim.time_limit:
+                sec.status = "skipped"
+                sec.skipped.append(f"time limit of the {budget} budget ({lim.time_limit:g} s) reached after "
+                                   f"{elapsed:.1f} s; raise it with --set time_limit=SECONDS"
+                                   + (" or use --budget full" if budget == "quick" else ""))
+                continue
+            if progress is not None:
+                progress(title)
+            t0, c0 = time.perf_counter(), time.process_time()
+            try:
+                runners[key](sec)
+            except Exception as e:  # noqa: BLE001
+                if key == "performance":
+                    raise
+                # A section the model does not support (e.g. an op without a vmap rule) must not hide the
+                # others: it is reported as failed, with the error, in the table and the report.
+                sec.status = "failed"
+                sec.skipped.append(f"{type(e).__name__}: {str(e)[:500]}")
+            finally:
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                sec.seconds = time.perf_counter() - t0
+                sec.cpu_seconds = time.process_time() - c0
+    finally:
+        model.to(home)
+        for m, mode in modes:
+            m.training = mode
+    result.seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,217 @@
+"""Loading what the audit measures: a model from ``MODULE:FACTORY``, its checkpoint, a group action, data."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from symgen.errors import CheckpointError, ConfigError, GroupActionError, ShapeError
+
+__all__ = ["ACTIONS", "load_model", "load_checkpoint", "make_action", "action_name", "resolve_data"]
+
+ACTIONS = ("c4", "d4", "shift", "none")
+
+
+def load_model(spec: str, checkpoint: str | Path | None = None, *, device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None) -> nn.Module:
+    """Build a model from ``MODULE:FACTORY`` (dotted module or ``path/to/file.py``), load weights, eval mode.
+
+    ``FACTORY`` is a callable (a function or an ``nn.Module`` class) returning an ``nn.Module``,
+    called without arguments, or with literal arguments written in the spec:
+    ``symgen.experiments.unit_norm:build_model('cnn', (1, 8, 8), channels=8)``.
+    ``checkpoint`` is a state-dict file (see :func:`load_checkpoint`).
+    """
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ConfigError(f"--model expects MODULE:FACTORY (e.g. mypkg.models:make_net or "
+                          f"path/to/models.py:make_net); got '{spec}'.")
+    module_ref, attr, args, kwargs = _parse_spec(spec)
+    module = _import_module(module_ref)
+    factory: Any = module
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            public = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
+            raise ConfigError(f"module '{module_ref}' has no attribute '{attr}'; callables it defines: "
+                              f"{', '.join(public[:20]) or 'none'}.")
+        factory = getattr(factory, part)
+    if isinstance(factory, nn.Module) and not args and not kwargs:
+        model = factory
+    elif callable(factory):
+        try:
+            model = factory(*args, **kwargs)
+        except TypeError as e:
+            raise ConfigError(f"calling the factory of '{spec}' failed: {e}. Give its arguments in the spec, "
+                              "e.g. module:factory(8, kind='cnn'), or wrap it in a function without "
+                              "arguments.") from None
+    else:
+        raise ConfigError(f"'{spec}' is a {type(factory).__name__}, not a factory; point --model at a function "
+                          "or nn.Module class.")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"factory '{spec}' returned a {type(model).__name__}; it must return a torch.nn.Module.")
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    model.to(device=device, dtype=dtype)
+    return model.eval()
+
+
+def _parse_spec(spec: str) -> tuple[str, str, list[Any], dict[str, Any]]:
+    """``MODULE:NAME`` or ``MODULE:NAME(literal args)`` -> (module, name, args, kwargs)."""
+    import ast
+
+    call_at = spec.find("(")
+    head = spec if call_at < 0 else spec[:call_at]
+    module_ref, sep, attr = head.rpartition(":")
+    if not sep or not module_ref or not attr.strip():
+        raise ConfigError(f"--model expects MODULE:FACTORY (e.g. mypkg.models:make_net or "
+                          f"path/to/models.py:make_net); got '{spec}'.")
+    attr = attr.strip()
+    if call_at < 0:
+        return module_ref, attr, [], {}
+    try:
+        node = ast.parse(f"f{spec[call_at:]}", mode="eval").body
+        if not isinstance(node, ast.Call):
+            raise ValueError("not a call")
+        args = [ast.literal_eval(a) for a in node.args]
+        kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords if k.arg is not None}
+    except (SyntaxError, ValueError) as e:
+        raise ConfigError(f"cannot read the factory arguments in '{spec}' ({e}); write them as Python "
+                          "literals, e.g. module:factory('cnn', (1, 8, 8), width=32).") from None
+    return module_ref, attr, args, kwargs
+
+
+def _import_module(ref: str) -> Any:
+    path = Path(ref)
+    if ref.endswith(".py") or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"model file {path} does not exist; give MODULE:FACTORY with an existing "
+                              "file or an importable module.")
+        name = f"symgen_user_model_{abs(hash(str(path.resolve())))}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise ConfigError(f"cannot import {path} as a Python module.")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        # The file's own directory on the path lets it import its sibling modules.
+        sys.path.insert(0, str(path.resolve().parent))
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:  # noqa: BLE001 - any failure of the user's file is reported as a config error
+            sys.modules.pop(name, None)
+            raise ConfigError(f"importing the model file {path} failed: {type(e).__name__}: {e}") from e
+        finally:
+            sys.path.remove(str(path.resolve().parent))
+        return module
+    try:
+        return importlib.import_module(ref)
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"cannot import module '{ref}' ({e}); install it, run from its directory, or "
+                          "give the file path (path/to/models.py:FACTORY).") from None
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a state dict from ``path`` into ``model`` strictly; mismatches raise :class:`CheckpointError`.
+
+    The file holds a state dict, or a dict with one under ``state_dict`` / ``model_state_dict`` /
+    ``model``; a ``module.`` prefix (DataParallel) is stripped when the model has none.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} does not exist; pass a state-dict file saved with "
+                              "torch.save(model.state_dict(), path).")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's checkpoint problem
+        raise CheckpointError(f"cannot read checkpoint {path} as a torch state dict ({type(e).__name__}: "
+                              f"{str(e)[:200]}); save it with torch.save(model.state_dict(), path).") from None
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict of tensors; "
+                              "save it with torch.save(model.state_dict(), path).")
+    state = dict(obj)
+    expected = model.state_dict()
+    if state and all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in expected):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {path} does not match the model ({type(model).__name__}): "
+            f"missing keys {missing or 'none'}; unexpected keys {unexpected or 'none'}. "
+            "Check that --model builds the architecture the checkpoint was saved from.")
+    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+             for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong:
+        raise CheckpointError(f"checkpoint {path} has tensors of the wrong shape: {'; '.join(wrong)}. "
+                              "Check the model's widths against the checkpoint's.")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def make_action(action: Any, input_shape: Sequence[int]) -> Any:
+    """The group action named ``action`` (c4, d4, shift, none) for inputs of ``input_shape`` (without batch).
+
+    c4: rotations by 90 degrees, d4: rotations and flips of square images; shift: cyclic shifts
+    along the last dim; none: no action. A :class:`symgen.groups.GroupAction` is used as given.
+    """
+    from symgen.groups import CyclicShift, GroupAction, ImageDihedral, ImageRotation90
+
+    shape = tuple(int(s) for s in input_shape)
+    if action is None or action == "none":
+        return None
+    if isinstance(action, GroupAction):
+        act = action
+    elif action == "c4":
+        act = ImageRotation90()
+    elif action == "d4":
+        act = ImageDihedral()
+    elif action == "shift":
+        if not shape:
+            raise GroupActionError("shift needs inputs with at least one dimension.")
+        act = CyclicShift(shape[-1], dim=-1)
+    else:
+        raise ConfigError(f"unknown action '{action}'; choose one of {', '.join(ACTIONS)} or pass a GroupAction.")
+    act.check(shape)
+    return act
+
+
+def action_name(action: Any) -> str | None:
+    """How the report names ``action``: its name, the repr of a GroupAction, or None for no action."""
+    if action is None or action == "none":
+        return None
+    return action if isinstance(action, str) else repr(action)
+
+
+def resolve_data(data: Any, root: str | Path | None) -> tuple[str, tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """``(name, train, test)``: a dataset name loads both splits; ``(x, y)`` serves as both."""
+    if isinstance(data, str):
+        from symgen.data import load_dataset
+
+        # The default split seed: the split the experiments train on, so test data stays unseen.
+        return data, load_dataset(data, "train", root=root), load_dataset(data, "test", root=root)
+    if isinstance(data, Mapping) and {"train", "test"} <= set(data):
+        return "custom", _pair(data["train"], "data['train']"), _pair(data["test"], "data['test']")
+    pair = _pair(data, "data")
+    return "custom", pair, pair
+
+
+def _pair(obj: Any, what: str) -> tuple[Tensor, Tensor]:
+    if not (isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(t, Tensor) for t in obj)):
+        raise ConfigError(f"{what} must be a dataset name (e.g. 'digits'), an (x, y) pair of tensors or "
+                          f"{{'train': (x, y), 'test': (x, y)}}; got {type(obj).__name__}.")
+    x, y = obj
+    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ShapeError(f"{what}: x has {x.shape[0]} samples and y {y.shape[0]}; need the same, non-zero number.")
+    if y.is_floating_point() or y.ndim != 1:
+        raise ShapeError(f"{what}: the audit measures classifiers; y must be integer class labels of shape (N,), "
+                         f"got {y.dtype} {tuple(y.shape)}.")
+    return x, y

@@ -1,0 +1,137 @@
+"""What an audit measured: estimates with their standard errors, per-section results, summaries.
+
+Computing and summarizing only: writing a run directory (``audit.json``, ``report.html``) is the
+shell's job (:func:`symgen.runs.write_audit_run`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Estimate", "SectionResult", "AuditResult", "SECTIONS", "RUN_ORDER"]
+
+# (name, title) of every section, in the order of the report.
+SECTIONS: tuple[tuple[str, str], ...] = (
+    ("performance", "Accuracy and loss"),
+    ("invariance", "Invariance under the group action"),
+    ("scale_symmetries", "Weight-space scale symmetries"),
+    ("hessian", "Hessian: trace, top eigenvalues, density"),
+    ("noise_stability", "Noise stability"),
+    ("ntk", "Empirical neural tangent kernel"),
+    ("robustness", "PGD robust accuracy"),
+)
+# Cheap sections first, so a time limit cuts the expensive curvature sections rather than the rest.
+RUN_ORDER: tuple[str, ...] = ("performance", "invariance", "robustness", "ntk", "scale_symmetries", "hessian",
+                              "noise_stability")
+
+
+@dataclass
+class Estimate:
+    """A measured value with its standard error (``None`` where the number is deterministic)."""
+
+    value: float
+    stderr: float | None = None
+    note: str = ""
+
+
+@dataclass
+class SectionResult:
+    """One section of the audit: its values, cost, what it skipped and why, and data for figures."""
+
+    name: str
+    title: str
+    status: str = "ok"                          # ok | skipped | failed
+    seconds: float = 0.0                        # wall time
+    cpu_seconds: float = 0.0                    # CPU time of this process (all threads): robust to a busy machine
+    samples: int | None = None
+    values: dict[str, Estimate] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, metric: str, value: float, stderr: float | None = None, note: str = "") -> None:
+        self.values[metric] = Estimate(float(value), None if stderr is None else float(stderr), note)
+
+
+@dataclass
+class AuditResult:
+    """Everything ``audit`` measured. ``result["hessian"].values["trace"].value`` or ``result.value("hessian", "trace")``."""
+
+    model: str
+    data: str
+    action: str | None
+    budget: str
+    device: str
+    dtype: str
+    seed: int
+    num_params: int
+    limits: dict[str, Any]
+    sections: dict[str, SectionResult]
+    seconds: float = 0.0
+
+    def __getitem__(self, name: str) -> SectionResult:
+        return self.sections[name]
+
+    def value(self, section: str, metric: str) -> float:
+        """The value of ``metric`` in ``section``."""
+        return self.sections[section].values[metric].value
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types (what ``audit.json`` holds): tuples as lists, NaN as None, +-inf as +-1e308."""
+        return _plain(asdict(self))
+
+    def summary_rows(self) -> list[dict[str, Any]]:
+        """One row per measured value: section, metric, value, stderr (``-`` when deterministic), note."""
+        rows = []
+        for s in self.sections.values():
+            for metric, est in s.values.items():
+                rows.append({"section": s.name, "metric": metric, "value": est.value,
+                             "stderr": "-" if est.stderr is None else est.stderr, "note": est.note})
+        return rows
+
+    def section_rows(self) -> list[dict[str, Any]]:
+        """One row per section: status, seconds, samples, what it skipped and why."""
+        return [{"section": s.name, "status": s.status, "seconds": round(s.seconds, 3),
+                 "cpu_seconds": round(s.cpu_seconds, 3), "samples": "-" if s.samples is None else s.samples,
+                 "skipped": "; ".join(s.skipped) or "-"} for s in self.sections.values()]
+
+    def summary(self) -> str:
+        """A plain-text table of the values (what the CLI prints)."""
+        lines = []
+        for r in self.summary_rows():
+            err = "" if r["stderr"] == "-" else f" ± {r['stderr']:.3g}"
+            lines.append(f"{r['section']:>17} {r['metric']:<28} {r['value']:.4g}{err}")
+        return "\n".join(lines)
+
+    def report_tables(self) -> dict[str, list[dict[str, Any]]]:
+        """The report's tables: ``summary`` (every value), ``sections`` (cost, skips), ``scale symmetries``."""
+        tables = {"summary": self.summary_rows(), "sections": self.section_rows()}
+        sym = self.sections.get("scale_symmetries")
+        if sym is not None and sym.details.get("symmetries"):
+            tables["scale symmetries"] = [
+                {"weight": s["weight"], "kind": s["kind"], "blocks": s["num_blocks"], "filters": s["num_filters"],
+                 "through": ", ".join(s["normalizers"])} for s in sym.details["symmetries"]]
+        return tables
+
+    def figures(self, outdir: str | Path) -> list[Path]:
+        """Draw the audit's figures as PNG files into ``outdir``; return their paths."""
+        from symgen.audit.figures import draw_figures
+
+        return draw_figures(self, Path(outdir))
+
+
+def _plain(obj: Any) -> Any:
+    """JSON types: dicts with string keys, lists, finite floats (the same encoding as the run store's)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else (1e308 if obj > 0 else -1e308)
+    if isinstance(obj, Path):
+        return str(obj)
+    if callable(getattr(obj, "tolist", None)):  # numpy arrays and scalars, tensors
+        return _plain(obj.tolist())
+    return obj

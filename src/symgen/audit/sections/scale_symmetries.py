@@ -1,0 +1,37 @@
+"""The scale-symmetry section: parameter groups whose filters can be rescaled without changing the
+model (a layer feeding a normalization; arXiv 1511.01029), confirmed numerically."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from symgen.audit.limits import AuditLimits
+from symgen.audit.result import SectionResult
+from symgen.audit.sections.common import subsample
+
+__all__ = ["scale_symmetries"]
+
+
+def scale_symmetries(sec: SectionResult, model: nn.Module, train: tuple[Tensor, Tensor], lim: AuditLimits,
+                     gen: torch.Generator, seed: int) -> None:
+    """Groups, independent scale factors and the share of parameters in a scale-symmetric group."""
+    from symgen.symmetry import find_scale_symmetries
+
+    x, _ = train
+    idx = subsample(x.shape[0], max(2, lim.symmetry_samples), gen)
+    report = find_scale_symmetries(model, x[idx], generator=seed)
+    total = sum(p.numel() for p in model.parameters())
+    in_sym = sum(p.numel() for n, p in model.named_parameters() if n in set(report.parameters()))
+    checks = [v for s in report.symmetries for k, v in s.check.items() if "exact" in k or k.startswith("max")]
+    sec.add("groups", len(report.symmetries), None, "parameter groups with a scale symmetry")
+    sec.add("filters", sum(s.num_blocks for s in report.symmetries), None, "independent scale factors")
+    sec.add("parameter_fraction", in_sym / total if total else 0.0, None, "share of parameters in a symmetric group")
+    if checks:
+        sec.add("max_check_change", max(checks), None, "largest relative output change under random rescaling")
+    sec.details.update(report.to_dict())
+    for label, table in (("unanalysed", report.unanalysed), ("rejected", report.rejected)):
+        for name, why in table.items():
+            sec.skipped.append(f"{name} {label}: {why}")
+    sec.skipped.extend(report.notes)
+    sec.samples = idx.numel()

@@ -1,0 +1,66 @@
+"""The generalized Gauss-Newton matrix of a network's loss as a matrix-free symmetric operator."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from symgen import functional as F
+from symgen.curvature.base import ModelOperator
+from symgen.errors import ConfigError
+
+__all__ = ["GGNOperator"]
+
+
+class GGNOperator(ModelOperator):
+    """The generalized Gauss-Newton matrix G = sum_b w_b J_b^T H_b J_b (see :class:`ModelOperator` for
+    ``data``, ``reduction``, ``param_names``, ``bn_mode``, ``batching``, ``chunk_size``, ``cache_graph``).
+
+    J_b = d model(x_b; W) / dW is the Jacobian of batch b's outputs and H_b = d^2 loss_fn / d out^2
+    the loss Hessian in output space, taken by autograd on the output, so any loss works. G drops
+    the term of H that carries the model's second derivative; it is positive semi-definite whenever
+    the loss is convex in the output (mean squared error, cross-entropy), and for those it equals the
+    Fisher information. Each product is ``v -> J v`` (a forward-mode product, taken as the derivative
+    of ``J^T u`` in ``u`` on a retained graph), ``-> H_b J v`` (in output space), ``-> J^T H_b J v``
+    (a vector-Jacobian product). Schraudolph 2002 (Neural Computation 14:1723); Martens, arXiv 1412.1193.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], data: Any, *,
+                 param_names: Iterable[str] | None = None, bn_mode: str = "eval", reduction: str = "mean",
+                 batching: str = "loop", chunk_size: int | None = None, cache_graph: bool | None = None) -> None:
+        super().__init__(model, loss_fn, data, param_names=param_names, bn_mode=bn_mode, reduction=reduction,
+                         batching=batching, chunk_size=chunk_size, cache_graph=cache_graph)
+
+    def _build_product(self, b: int) -> Callable[[F.Params], F.Params]:
+        x, y = self.batches[b]
+        w = self._weight(b)
+        keys = list(self.params)
+        leaves = [self.params[k].detach().requires_grad_(True) for k in keys]
+        with torch.enable_grad():
+            out = F.call(self.model, dict(zip(keys, leaves, strict=True)), self._buffers(), x)
+            if not isinstance(out, Tensor):
+                raise ConfigError(f"GGNOperator needs a model that returns one tensor (the loss's input); "
+                                  f"got {type(out).__name__}: wrap the model to return the logits.")
+            # J^T u is linear in the dummy u, so its derivative in u along v is J v: the forward
+            # product on the same retained graph as the backward one
+            u = torch.zeros_like(out, requires_grad=True)
+            jtu = torch.autograd.grad(out, leaves, grad_outputs=u, create_graph=True, allow_unused=True)
+            o = out.detach().requires_grad_(True)
+            g_out = torch.autograd.grad(w * self.loss_fn(o, y), o, create_graph=True)[0]
+        # a parameter outside the graph has zero Jacobian; a loss linear in the output has H_b = 0
+        live = [i for i, g in enumerate(jtu) if g is not None and g.requires_grad]
+        params = self.params
+
+        def apply(v: F.Params) -> F.Params:
+            if not live or not g_out.requires_grad:
+                return {k: torch.zeros_like(params[k]) for k in keys}
+            jv = torch.autograd.grad([jtu[i] for i in live], u, grad_outputs=[v[keys[i]] for i in live],
+                                     retain_graph=True)[0]
+            hjv = torch.autograd.grad(g_out, o, grad_outputs=jv, retain_graph=True)[0]
+            res = torch.autograd.grad(out, leaves, grad_outputs=hjv, retain_graph=True, allow_unused=True)
+            return {k: torch.zeros_like(params[k]) if r is None else r for k, r in zip(keys, res, strict=True)}
+
+        return apply

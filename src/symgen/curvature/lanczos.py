@@ -1,0 +1,222 @@
+"""Lanczos with full reorthogonalization on a symmetric operator: the process, extreme eigenpairs,
+and the spectral density by stochastic Lanczos quadrature.
+
+Each function takes a :class:`~symgen.curvature.base.CurvatureOperator` and a ``generator`` (an
+int seed or a ``torch.Generator``; None = seed 0). Bases and eigenvectors are columns ``(n, j)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from symgen import rng
+from symgen.curvature.base import CurvatureOperator, _check_positive, as_operator
+from symgen.curvature.results import Eigenpairs, SpectralDensity
+from symgen.errors import ConfigError, DivergenceError, ShapeError
+from symgen.rng import Seed
+
+__all__ = ["LanczosProcess", "lanczos", "lanczos_eigenpairs", "slq_density"]
+
+
+class LanczosProcess:
+    """An extendable Lanczos tridiagonalization with full reorthogonalization: Q^T A Q = T.
+
+    ``extend(m)`` runs m more steps; ``alphas``, ``betas`` (the last one is the residual norm of the
+    current step) and the orthonormal columns ``Q (n, steps)`` grow. On breakdown (an invariant
+    subspace) the next vector is a fresh random one orthogonal to Q, with beta = 0. Lanczos 1950; full
+    reorthogonalization as in Golub & Van Loan, sec. 10.3 (twice: "twice is enough", Parlett).
+    """
+
+    def __init__(self, op: CurvatureOperator, start: Tensor, generator: Seed = None) -> None:
+        self.op = as_operator(op, "LanczosProcess")
+        if not isinstance(start, Tensor) or start.numel() != self.op.dim:
+            got = tuple(start.shape) if isinstance(start, Tensor) else type(start).__name__
+            raise ShapeError(f"Lanczos start vector must have {self.op.dim} entries (the operator's dimension), "
+                             f"got {got}.")
+        self.generator = rng.as_generator(generator)
+        self.start = start.reshape(-1).to(dtype=self.op.dtype, device=self.op.device)
+        self.dim = self.start.numel()
+        # the basis is stored as rows (steps, n): each new vector is one contiguous row
+        self._Q = torch.zeros(0, self.dim, dtype=self.start.dtype, device=self.start.device)
+        self._alphas: list[Tensor] = []
+        self._betas: list[Tensor] = []
+        self._next = self.start / self.start.norm()
+        self._scale = 0.0
+
+    @property
+    def steps(self) -> int:
+        return len(self._alphas)
+
+    @property
+    def _rows(self) -> Tensor:
+        return self._Q[: self.steps]
+
+    @property
+    def Q(self) -> Tensor:
+        """The orthonormal Lanczos basis as columns ``(n, steps)``."""
+        return self._rows.T
+
+    @property
+    def alphas(self) -> Tensor:
+        return torch.stack(self._alphas)
+
+    @property
+    def betas(self) -> Tensor:
+        """The off-diagonal of T (length steps - 1)."""
+        return torch.stack(self._betas[:-1]) if self.steps > 1 else self._Q.new_zeros(0)
+
+    @property
+    def residual_norm(self) -> Tensor:
+        return self._betas[-1]
+
+    def _orthogonalize(self, w: Tensor) -> Tensor:
+        Q = self._rows
+        w = w - Q.T @ (Q @ w)
+        return w - Q.T @ (Q @ w)
+
+    def extend(self, num_steps: int, callback: Callable[[LanczosProcess], bool] | None = None) -> None:
+        """Run up to ``num_steps`` more steps (never beyond the dimension); ``callback(self)`` may stop early."""
+        for _ in range(min(num_steps, self.dim - self.steps)):
+            j = self.steps
+            if j > 0:
+                beta = self._betas[-1]
+                if float(beta) <= 1e-10 * max(self._scale, 1e-30):
+                    # invariant subspace found: restart in the orthogonal complement
+                    self._betas[-1] = torch.zeros_like(beta)
+                    r = rng.randn((1, self.dim), self.generator, device=self.start.device, dtype=self.start.dtype)
+                    w = self._orthogonalize(r[0])
+                    self._next = w / w.norm()
+            if self._Q.shape[0] <= j:  # grow storage geometrically
+                grow = torch.zeros(max(8, j), self.dim, dtype=self._Q.dtype, device=self._Q.device)
+                self._Q = torch.cat([self._Q, grow])
+            q = self._next
+            self._Q[j] = q
+            w = self.op.matvec(q)
+            if not torch.isfinite(w).all():
+                raise DivergenceError(f"Lanczos step {j}: the operator returned non-finite values; "
+                                      "check the loss and parameters for NaN/inf.")
+            alpha = torch.dot(w, q)
+            self._alphas.append(alpha)
+            w = self._orthogonalize(w)
+            beta = w.norm()
+            self._scale = max(self._scale, float(alpha.abs()), float(beta))
+            self._betas.append(beta)
+            self._next = w / beta if float(beta) > 0 else w
+            if callback is not None and callback(self):
+                break
+
+
+def lanczos(op: CurvatureOperator, start: Tensor, num_steps: int, *, generator: Seed = None,
+            callback: Callable[[int, Tensor, Tensor], bool] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Lanczos tridiagonalization with full reorthogonalization (see :class:`LanczosProcess`).
+
+    Returns ``(alphas (j,), betas (j-1,), Q (n, j))`` with orthonormal columns, so T = Q^T A Q up to
+    rounding. ``callback(j, alphas, betas_including_last)`` may stop early by returning True.
+    """
+    _check_positive("num_steps", num_steps)
+    proc = LanczosProcess(op, start, generator)
+    cb = None
+    if callback is not None:
+        def cb(p: LanczosProcess) -> bool:
+            return callback(p.steps, p.alphas, torch.stack(p._betas))
+    proc.extend(num_steps, cb)
+    return proc.alphas, proc.betas, proc.Q
+
+
+def _tridiag(a: Tensor, b: Tensor) -> Tensor:
+    return torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1)
+
+
+def _ritz(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    # eigh of the small tridiagonal in float64 for stable Ritz values
+    T = _tridiag(a.double().cpu(), b.double().cpu())
+    return torch.linalg.eigh(T)
+
+
+def lanczos_eigenpairs(op: CurvatureOperator, k: int = 1, which: str = "largest", *, tol: float = 1e-4,
+                       max_steps: int | None = None, generator: Seed = None, start: Tensor | None = None,
+                       criterion: str = "residual") -> Eigenpairs:
+    """The k largest (or smallest) eigenpairs of a symmetric operator by Lanczos with full reorthogonalization.
+
+    Stops when every wanted Ritz value theta_i passes ``criterion`` at relative tolerance ``tol``:
+    "residual": r_i = ||A y_i - theta_i y_i|| = beta_j |s_ji| <= tol |theta_i| (an eigenvalue lies
+    within r_i of theta_i; Parlett, The Symmetric Eigenvalue Problem, ch. 11; ARPACK's test);
+    "gap": min(r_i, r_i^2 / gap_i) <= tol |theta_i|, gap_i to the nearest other Ritz value (an
+    estimate: the Ritz gap can exceed the true gap); "change": theta_i moved by <= tol |theta_i| in
+    the last step (a heuristic, PyHessian's test for power iteration). ``error_bounds`` are always
+    the residuals r_i; ``vectors`` are columns ``(n, k)``. Single-vector Lanczos finds each distinct
+    eigenvalue once: a multiple eigenvalue is reported once (its multiplicity is not resolved).
+    """
+    op = as_operator(op, "lanczos_eigenpairs")
+    dim = op.dim
+    _check_positive("k", k)
+    if which not in ("largest", "smallest"):
+        raise ConfigError(f"which must be 'largest' or 'smallest', got '{which}'.")
+    if k > dim:
+        raise ConfigError(f"k = {k} eigenvalues requested but the operator has dimension {dim}.")
+    if tol <= 0:
+        raise ConfigError(f"tol must be > 0, got {tol}.")
+    if criterion not in ("residual", "gap", "change"):
+        raise ConfigError(f"criterion must be 'residual', 'gap' or 'change', got '{criterion}'.")
+    gen = rng.as_generator(generator)
+    steps = min(dim, max_steps if max_steps is not None else max(4 * k + 40, 100))
+    x0 = start if start is not None else rng.randn((1, dim), gen, device=op.device, dtype=op.dtype)[0]
+    state: dict[str, Any] = {"done": False}
+
+    def wanted(vals: Tensor) -> Tensor:
+        idx = torch.arange(vals.numel())
+        return idx[-k:].flip(0) if which == "largest" else idx[:k]
+
+    def callback(j: int, a: Tensor, b_all: Tensor) -> bool:
+        if j < k:
+            return False
+        vals, vecs = _ritz(a, b_all[: j - 1])
+        res = b_all[j - 1].double().cpu().abs() * vecs[-1].abs()
+        w = wanted(vals)
+        if criterion == "residual":
+            err = res[w]
+        elif criterion == "gap":
+            d = (vals[:, None] - vals[None, :]).abs() + torch.diag(torch.full_like(vals, math.inf))
+            err = torch.minimum(res, res**2 / d.min(1).values.clamp_min(1e-300))[w] if j > 1 else res[w]
+        else:
+            prev = state.get("prev")
+            err = (vals[w] - prev).abs() if prev is not None else torch.full((k,), math.inf, dtype=vals.dtype)
+            state["prev"] = vals[w]
+        state["err"] = res[w]
+        state["done"] = bool((err <= tol * vals[w].abs().clamp_min(1e-30)).all()) or j == dim
+        return state["done"]
+
+    a, b, Q = lanczos(op, x0, steps, generator=gen, callback=callback)
+    vals, vecs = _ritz(a, b)
+    w = wanted(vals)
+    S = vecs[:, w].to(dtype=Q.dtype, device=Q.device)
+    err = state.get("err", torch.full((k,), math.nan, dtype=torch.float64))
+    return Eigenpairs(vals[w].to(dtype=op.dtype, device=Q.device), Q @ S, err, a.numel(), bool(state["done"]))
+
+
+def slq_density(op: CurvatureOperator, num_steps: int = 80, num_runs: int = 1, *,
+                generator: Seed = None) -> SpectralDensity:
+    """Stochastic Lanczos quadrature: per run, Lanczos from a normalized Rademacher vector; nodes = Ritz
+    values theta_i, weights = (first component of the Ritz vector)^2, so sum_i w_i f(theta_i) ~ tr f(A)/n.
+
+    Ubaru, Chen, Saad 2017 (SIMAX 38:1075); Ghorbani et al. 2019 (arXiv 1901.10159).
+    """
+    op = as_operator(op, "slq_density")
+    _check_positive("num_steps", num_steps)
+    _check_positive("num_runs", num_runs)
+    gen = rng.as_generator(generator)
+    nodes, weights, used = [], [], 0
+    for _ in range(num_runs):
+        v = rng.rademacher((1, op.dim), gen, device=op.device, dtype=op.dtype)[0]
+        a, b, _ = lanczos(op, v, num_steps, generator=gen)
+        vals, vecs = _ritz(a, b)
+        nodes.append(vals)
+        weights.append(vecs[0] ** 2)
+        used += a.numel()
+    m = min(x.numel() for x in nodes)
+    return SpectralDensity(torch.stack([x[-m:] for x in nodes]), torch.stack([w[-m:] for w in weights]), op.dim, used)

@@ -1,0 +1,72 @@
+"""Linear steerable networks: products of G-equivariant linear maps, f(x) = <beta, x> with beta in Fix(rho).
+
+Source: Chen & Zhu, "Implicit bias of linear equivariant steerable networks", arXiv 2303.04198.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from symgen import rng
+from symgen.errors import ShapeError
+from symgen.groups import GroupAction, Representation
+from symgen.nn.base import EquivariantModule, _check_last
+from symgen.nn.linear import EquivariantLinear, GroupLinear, InvariantReadout, LiftingLinear
+
+__all__ = ["LinearSteerableNet"]
+
+
+class LinearSteerableNet(EquivariantModule):
+    """f(x) = <beta, x>, a product of G-equivariant linear maps without nonlinearity or bias.
+
+    depth 1: one invariant linear map (rho_0 -> trivial); depth L >= 2: lifting to ``width`` regular
+    copies, L-2 group convolutions, invariant readout. beta lies in Fix(rho_0) by construction.
+    Source: Chen & Zhu, arXiv 2303.04198.
+    """
+
+    def __init__(self, action: GroupAction, shape: Sequence[int], depth: int = 2, width: int = 8, *,
+                 generator: rng.Seed = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if depth < 1 or width < 1:
+            raise ShapeError(f"LinearSteerableNet needs depth >= 1 and width >= 1; got depth={depth}, width={width}.")
+        self.shape = tuple(int(s) for s in shape)
+        self.rep = Representation.from_action(action, self.shape)
+        self.group = self.rep.group
+        self.depth, self.width = int(depth), int(width)
+        self.in_action = self.rep.action(self.shape)
+        self.out_action = Representation.trivial(self.group).action(())
+        # One generator for all layers, so a seed gives each layer its own part of one stream.
+        kw = {"generator": rng.init_generator(generator), "device": device, "dtype": dtype}
+        if depth == 1:
+            layers: list[nn.Module] = [EquivariantLinear(self.rep, Representation.trivial(self.group), bias=False, **kw)]
+        else:
+            layers = [LiftingLinear(self.rep, width, in_shape=self.shape, bias=False, **kw)]
+            layers += [GroupLinear(self.group, width, width, bias=False, **kw) for _ in range(depth - 2)]
+            layers += [InvariantReadout(self.group, width, 1, bias=False, **kw)]
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_last(x, self.shape, "LinearSteerableNet")
+        h = x.reshape(*x.shape[: x.ndim - len(self.shape)], -1) if self.depth == 1 else x
+        for layer in self.layers:
+            h = layer(h)
+        return h.squeeze(-1)
+
+    def predictor(self) -> Tensor:
+        """The end-to-end beta (shape of one input) with f(x) = <beta, x>, by evaluating f on the unit vectors."""
+        p = next(self.parameters())
+        d = self.rep.dim
+        eye = torch.eye(d, dtype=p.dtype, device=p.device).reshape(d, *self.shape)
+        return self(eye).reshape(self.shape)
+
+    def example_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+    def export(self) -> nn.Module:
+        """The same factorization as plain ``nn.Linear`` layers on flattened features: (..., *shape) -> (...)."""
+        flatten = [nn.Flatten(-len(self.shape))] if len(self.shape) > 1 else []
+        return nn.Sequential(*flatten, *(layer.as_linear() for layer in self.layers), nn.Flatten(-2))

@@ -1,0 +1,273 @@
+"""Graph views of a model for the scale-symmetry analysis: the ``torch.fx`` graph, or the module
+call order recorded with forward hooks when tracing fails; each op is classified by how it acts on
+a rescaled tensor (arXiv 1511.01029)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from symgen.errors import ShapeError
+from symgen.symmetry.types import (
+    _BREAKING_FUNCS,
+    _BREAKING_MODULES,
+    _HOMOGENEOUS_FUNCS,
+    _HOMOGENEOUS_MODULES,
+    _METADATA_FUNCS,
+    _MOVEMENT_FUNCS,
+    _MOVEMENT_MODULES,
+    _SCALE_FUNCS,
+    _SOURCES,
+    NORMALIZATION_LAYERS,
+)
+
+__all__: list[str] = []  # internal to symgen.symmetry
+
+
+@dataclass
+class _Step:
+    """How one op acts on the rescaled tensor flowing into it."""
+
+    kind: str  # norm | move | scale | homog | shift | break | unknown | output | metadata
+    name: str
+    apply: Callable[[Tensor, float], Tensor] | None = None  # op as a function of the path tensor
+    module: nn.Module | None = None
+    module_name: str | None = None
+    reason: str = ""
+
+
+def _func_name(target: Any) -> str:
+    """Name of an fx call target, leading underscores stripped (``operator.iadd`` -> ``iadd``)."""
+    if isinstance(target, str):
+        return target
+    return getattr(target, "__name__", str(target)).lstrip("_")
+
+
+def _classify_module(mod: nn.Module, name: str) -> tuple[str, str]:
+    """``(kind, reason)`` of a leaf module from the function-class tables."""
+    if isinstance(mod, NORMALIZATION_LAYERS):
+        return "norm", ""
+    if isinstance(mod, _HOMOGENEOUS_MODULES):
+        return "homog", ""
+    if isinstance(mod, nn.Identity):
+        return "scale", ""
+    if isinstance(mod, _MOVEMENT_MODULES):
+        return "move", ""
+    if isinstance(mod, _BREAKING_MODULES):
+        what = "a layer mixing channels" if isinstance(mod, _SOURCES + (nn.Bilinear,)) else \
+            "a function that is not positively homogeneous"
+        return "break", f"reaches {name} ({type(mod).__name__}, {what}) before any normalization"
+    return "unknown", f"passes through {name} ({type(mod).__name__}), whose behaviour under scaling is not known"
+
+
+class _FxGraph:
+    """The ``torch.fx`` graph of the model, with every intermediate value of one forward pass."""
+
+    method = "torch.fx"
+
+    def __init__(self, model: nn.Module, args: tuple[Any, ...]):
+        import torch.fx as fx
+
+        self.gm = fx.symbolic_trace(model)
+        self.modules = dict(self.gm.named_modules())
+        self.env: dict[str, Any] = {}
+        env = self.env
+
+        class _Record(fx.Interpreter):
+            def run_node(self, n):  # noqa: D401 - keep every intermediate value
+                out = super().run_node(n)
+                env[n.name] = out
+                return out
+
+        with torch.no_grad():
+            _Record(self.gm).run(*args)
+        self.unanalysed_params: dict[str, str] = {}
+        for n in self.gm.graph.nodes:
+            if n.op == "get_attr":
+                self.unanalysed_params[str(n.target)] = (
+                    f"used directly by a functional op in {n.format_node()}; only parameters of "
+                    "nn.Linear / nn.Conv* modules are analysed")
+
+    def sources(self) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {}
+        for n in self.gm.graph.nodes:
+            if n.op == "call_module" and isinstance(self.modules[n.target], _SOURCES):
+                out.setdefault(str(n.target), []).append(n)
+        return out
+
+    def value(self, node: Any) -> Any:
+        return self.env.get(node.name)
+
+    def users(self, node: Any) -> list[Any]:
+        return list(node.users)
+
+    def descendants(self, node: Any) -> set[Any]:
+        seen, todo = set(), [node]
+        while todo:
+            n = todo.pop()
+            for u in n.users:
+                if u not in seen:
+                    seen.add(u)
+                    todo.append(u)
+        return seen
+
+    def step(self, node: Any, incoming: Any, tainted: set[Any]) -> _Step:
+        import torch.fx as fx
+
+        label = node.format_node() if node.op != "output" else "output"
+        if node.op == "output":
+            return _Step("output", "output", reason="reaches the model output without normalization")
+        flat: list[Any] = []
+        fx.node.map_arg((node.args, node.kwargs), lambda a: flat.append(a) or a)
+        uses = sum(1 for a in flat if a is incoming)
+        if node.op == "call_module":
+            mod = self.modules[node.target]
+            kind, reason = _classify_module(mod, str(node.target))
+            if uses != 1 or (node.args and node.args[0] is not incoming):
+                return _Step("unknown", str(node.target), reason=f"{label} takes the rescaled tensor "
+                             "in an unsupported position")
+            if kind in ("move", "scale"):
+                return _Step(kind, str(node.target), apply=lambda t, fill, m=mod: m(t),
+                             module=mod, module_name=str(node.target))
+            return _Step(kind, str(node.target), module=mod, module_name=str(node.target),
+                         reason=reason)
+        if node.op not in ("call_function", "call_method"):
+            return _Step("unknown", node.name, reason=f"unsupported node {label}")
+        name = _func_name(node.target)
+        if name in _METADATA_FUNCS or (name == "getattr" and node.op == "call_function"):
+            return _Step("metadata", name)
+        if uses != 1:
+            return _Step("unknown", name, reason=f"{label} uses the rescaled tensor {uses} times")
+        others = [a for a in flat if isinstance(a, fx.Node) and a is not incoming]
+        if any(a in tainted for a in others):
+            return _Step("unknown", name, reason=f"{label} combines the rescaled tensor with "
+                         "another tensor computed from it")
+        if not isinstance(self.env.get(node.name), Tensor):
+            return _Step("unknown", name, reason=f"{label} does not return a single tensor")
+
+        def reexec(t: Tensor, fill: float, node=node, incoming=incoming) -> Tensor:
+            def sub(a: Any) -> Any:
+                if a is incoming:
+                    return t
+                v = self.env[a.name]
+                if name == "cat" and isinstance(v, Tensor) and a in others:
+                    return torch.full_like(v, fill, dtype=t.dtype)
+                return v
+
+            args = fx.node.map_arg(node.args, sub)
+            kwargs = fx.node.map_arg(node.kwargs, sub)
+            if node.op == "call_method":
+                return getattr(args[0], node.target)(*args[1:], **kwargs)
+            return node.target(*args, **kwargs)
+
+        is_first = (node.args and node.args[0] is incoming) or node.kwargs.get("input") is incoming
+        if name in _MOVEMENT_FUNCS and is_first:
+            return _Step("move", name, apply=reexec)
+        if name == "cat":
+            return _Step("move", name, apply=reexec)
+        if name in _SCALE_FUNCS and is_first:
+            return _Step("scale", name, apply=reexec)
+        if name in _HOMOGENEOUS_FUNCS and is_first:
+            return _Step("homog", name)
+        if name in ("mul", "mul_", "div", "div_", "truediv") and (is_first or name.startswith("mul")):
+            # Times a number or a tensor that does not depend on the scaled filter: linear.
+            return _Step("scale", name, apply=reexec)
+        if name in ("add", "add_", "sub", "sub_", "iadd", "isub"):
+            if name.lstrip("i").startswith("sub") and not is_first:
+                return _Step("unknown", name, reason=f"{label} subtracts the rescaled tensor")
+            if all(not isinstance(a, fx.Node) for a in node.args if a is not incoming) and \
+                    not others:
+                return _Step("shift", name, apply=reexec)
+            return _Step("break", name, reason=f"{label} adds a tensor that is not rescaled "
+                         "(e.g. a residual connection) before any normalization")
+        if name in _BREAKING_FUNCS:
+            return _Step("break", name, reason=f"{label} is not positively homogeneous / mixes "
+                         "channels, and comes before any normalization")
+        return _Step("unknown", name, reason=f"{label}: behaviour under scaling is not known")
+
+
+class _HookGraph:
+    """Dataflow between leaf modules recovered from forward hooks (tensor identity)."""
+
+    method = "hooks"
+
+    def __init__(self, model: nn.Module, args: tuple[Any, ...]):
+        self.calls: list[tuple[str, nn.Module, Tensor | None, Any]] = []
+        handles = []
+        for name, mod in model.named_modules():
+            if len(list(mod.children())) == 0:
+                def hook(m, inp, out, name=name):
+                    first = inp[0] if inp and isinstance(inp[0], Tensor) else None
+                    self.calls.append((name, m, first, out))
+                handles.append(mod.register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                self.output = model(*args)
+        finally:
+            for h in handles:
+                h.remove()
+        outs = self.output if isinstance(self.output, (tuple, list)) else (self.output,)
+        self.output_ids = {id(o) for o in outs if isinstance(o, Tensor)}
+        self.unanalysed_params: dict[str, str] = {}
+
+    def sources(self) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {}
+        for i, (name, mod, _, _) in enumerate(self.calls):
+            if isinstance(mod, _SOURCES):
+                out.setdefault(name, []).append(i)
+        return out
+
+    def value(self, i: int) -> Any:
+        return self.calls[i][3]
+
+    def users(self, i: int) -> list[Any]:
+        out = self.calls[i][3]
+        users: list[Any] = [j for j in range(i + 1, len(self.calls)) if self.calls[j][2] is out]
+        if id(out) in self.output_ids:
+            users.append("output")
+        if not users:
+            users.append("invisible")
+        return users
+
+    def descendants(self, i: int) -> set[Any]:
+        return set()
+
+    def step(self, j: Any, incoming: Any, tainted: set[Any]) -> _Step:
+        if j == "output":
+            return _Step("output", "output", reason="reaches the model output without normalization")
+        if j == "invisible":
+            return _Step("unknown", "?", reason="its output is used by an operation outside any "
+                         "module, which forward hooks cannot see")
+        name, mod, _, _ = self.calls[j]
+        kind, reason = _classify_module(mod, name)
+        if kind in ("move", "scale"):
+            return _Step(kind, name, apply=lambda t, fill, m=mod: m(t), module=mod, module_name=name)
+        return _Step(kind, name, module=mod, module_name=name, reason=reason)
+
+
+
+
+def _trace(model: nn.Module, args: tuple[Any, ...], notes: list[str]) -> tuple[_FxGraph | _HookGraph, nn.Module]:
+    """The graph of an eval-mode copy of ``model`` (the copy is returned too; ``model`` is not touched).
+
+    ``torch.fx`` first; when tracing fails (data-dependent control flow), forward hooks, with a note.
+    """
+    work = copy.deepcopy(model).eval()
+    try:
+        return _FxGraph(work, args), work
+    except Exception as e:  # noqa: BLE001 - any tracing failure falls back to hooks
+        notes.append(f"torch.fx could not trace the model ({type(e).__name__}: {str(e)[:200]}); "
+                     "analysed the module call order with forward hooks instead: only direct "
+                     "module-to-module connections are visible, operations in forward() between "
+                     "modules are not, so every candidate rests on the numeric check")
+    work = copy.deepcopy(model).eval()
+    try:
+        return _HookGraph(work, args), work
+    except Exception as e2:  # noqa: BLE001
+        raise ShapeError(f"the model failed on example_input ({type(e2).__name__}: {e2}); pass "
+                         "a batch the model accepts.") from None
