@@ -205,7 +205,7 @@ def _train_trial(item: dict) -> dict:
     X, Y, LW = X.to(device), Y.to(device), LW.to(device)
 
     model, params, _ = stacked_init(_factory(kind, action, shape, depth, cfg["width"]), m_count,
-                                    seed=10_000 * item["index"] + cfg["seed"], dtype=dtype, device=device)
+                                    generator=10_000 * item["index"] + cfg["seed"], dtype=dtype, device=device)
 
     forward = vmap(lambda p, x: call(model, p, None, x))
     eye = torch.eye(d, dtype=dtype, device=device).reshape(d, *shape)
