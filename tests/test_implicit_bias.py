@@ -83,3 +83,7 @@ def test_config_errors():
         build_config(Config, sets=["nonsense=1"])
     with pytest.raises(ConfigError):
         build_config(Config, sets=["datasets=[mnist]"])
+    # nothing to measure must be an error, never a claim that passes vacuously
+    for empty in ({"datasets": []}, {"depths": []}, {"train_sizes": []}, {"seeds": 0}):
+        with pytest.raises(ConfigError, match=next(iter(empty))):
+            build_config(Config, **empty)

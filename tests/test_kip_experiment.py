@@ -21,7 +21,7 @@ def test_kip_experiment_tiny(tmp_path):
     for key in ("distilled", "random", "full"):
         assert 0 <= m[key] <= 1
     assert math.isfinite(m["gain"]) and math.isfinite(m["min_paired_gain"])
-    assert abs(m["gain"] - (m["distilled"] - m["random"])) < 2e-4  # each of the three rounded to 4 digits
+    assert m["gain"] == m["distilled"] - m["random"]  # unrounded: the numbers the verdict is decided on
     assert all(0 <= v <= 1 for v in claims[1].measured["digits/1"].values())
     assert len(result["trials"]) == 2 and result["full"][0]["num_train"] == 200
     paths = exp.figures(result, tmp_path)
@@ -38,3 +38,29 @@ def test_kip_config_rejects_bad_values():
         build_config(exp.config, support_sizes=[0])
     with pytest.raises(ConfigError):
         build_config(exp.config, datasets=["cifar"])
+    with pytest.raises(ConfigError):  # no dataset: nothing measured, the claim must not pass
+        build_config(exp.config, datasets=[])
+
+
+def test_kip_network_training_matches_plain_adam_loop():
+    """The finite network of C4.3-net: full-batch Adam on 0.5 * MSE, against a hand-written loop."""
+    import torch
+
+    from symgen.experiments.kip import _train_net
+    from symgen.models import ntk_mlp
+
+    cfg = {"net_width": 16, "depth": 2, "weight_std": 1.4, "bias_std": 0.1, "net_lr": 1e-2, "net_steps": 25}
+    g = torch.Generator().manual_seed(3)
+    x_s, y_s = torch.randn(6, 1, 2, 3, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g,
+                                                                                       dtype=torch.float64)
+    x_te = torch.randn(40, 1, 2, 3, generator=g, dtype=torch.float64)
+    net = ntk_mlp(6, 16, 2, 3, "relu", 1.4, 0.1, generator=7, dtype=torch.float64)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(25):
+        opt.zero_grad()
+        (0.5 * (net(x_s) - y_s).pow(2).mean()).backward()
+        opt.step()
+    with torch.no_grad():
+        y_te = net(x_te).argmax(1)  # labels the reference net gets all right
+    assert _train_net(cfg, x_s, y_s, x_te, y_te, seed=7) == 1.0
+    assert _train_net(cfg, x_s, y_s, x_te, (y_te + 1) % 3, seed=7) == 0.0

@@ -33,7 +33,7 @@ def test_ntk_experiment_tiny(tmp_path):
         assert _finite(c.measured)
         assert (c.note == "") == c.passed  # a failing claim says why
     assert set(claims[0].measured["rel_error_by_width"]) == {"16", "64"}
-    assert claims[1].measured["max_dev_train"] == round(max(result["dynamics"][0]["dev_train"]), 4)
+    assert claims[1].measured["max_dev_train"] == max(result["dynamics"][0]["dev_train"])  # unrounded, as decided
     assert len(claims[2].measured["remaining_fraction_by_band_top_to_bottom"]) == 1  # one dynamics seed
     dyn = result["dynamics"][0]
     assert dyn["times"][0] == 0 and dyn["times"][-1] == 30
@@ -47,3 +47,20 @@ def test_ntk_config_errors():
         build_config(Config, widths=[64])
     with pytest.raises(ConfigError):
         build_config(Config, activation="tanh")
+    # nothing measured must not pass: no seeds, or a single eigenvalue band (no order to check)
+    for bad in ({"kernel_seeds": 0}, {"dynamics_seeds": 0}, {"bands": 1}, {"steps": 0}, {"records": 0}):
+        with pytest.raises(ConfigError):
+            build_config(Config, **bad)
+
+
+def test_ntk_dynamics_divergence_names_lr_factor():
+    from symgen.errors import DivergenceError
+    from symgen.experiments.ntk import dynamics_trial
+
+    cfg = build_config(Config, widths=[16, 64], dynamics_width=64, train_size=8, test_size=8, steps=200, records=4,
+                       lr_factor=40.0)  # far above the stable 2: GD blows up
+    item = {k: getattr(cfg, k) for k in ("dataset", "depth", "activation", "weight_std", "bias_std", "dtype",
+                                         "device", "train_size", "test_size", "steps", "lr_factor", "records",
+                                         "discrete", "centered", "bands")}
+    with pytest.raises(DivergenceError, match="lr_factor"):
+        dynamics_trial(dict(item, width=cfg.dynamics_width, seed=0))

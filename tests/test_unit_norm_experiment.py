@@ -32,6 +32,17 @@ def test_quick_config_meets_the_issue_and_bad_keys_fail():
         build_config(Config, models=["resnet"])
 
 
+@pytest.mark.parametrize("key, value, match", [
+    ("models", [], "models"),                  # nothing trained: C2.2 must not pass on an empty loop
+    ("detection_models", [], "detection_models"),
+    ("lrs", [], "lrs"),
+    ("lrs", [0.1, 0.1], "distinct positive"),
+    ("lrs", [0.0, 0.1], "distinct positive")])
+def test_config_rejects_empty_or_bad_lists(key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        build_config(Config, **{key: value})
+
+
 def test_tiny_run_computes_claims_and_figures(tmp_path):
     exp = get_experiment("unit-norm")
     cfg = build_config(Config, quick=exp.quick, seeds=1, epochs=1, lrs=[0.05, 0.5], width=8,
@@ -52,3 +63,18 @@ def test_tiny_run_computes_claims_and_figures(tmp_path):
     assert len(result["trials"]) == 2 * 3 * 2
     paths = exp.figures(result, tmp_path)
     assert paths and all(p.exists() and p.stat().st_size > 0 for p in paths)
+
+
+def test_c2_2_reports_unrounded_values_and_a_note_that_tells_them_apart():
+    from symgen.experiments.unit_norm import check_claims
+
+    det = [{"model": "mlp", "found": [], "redundant_bias_change": {}, "not_found_change": {"1.weight": 0.1},
+            "matches_expected": True}]
+    stats = {"sgd": (0.82891, 0.05), "sgd_wd": (0.8, 0.05), "unit_norm": (0.82889, 0.01)}  # equal to 4 decimals
+    summary = {"mlp": {k: {"mean_acc": a, "spread_across_lr": s, "best_acc": a} for k, (a, s) in stats.items()}}
+    result = {"detection": det, "trials": [], "summary": summary, "lrs": [0.01, 0.03, 0.1, 0.3, 1.0],
+              "models": ["mlp"]}
+    c = check_claims(Config(seeds=1, epochs=1), result)[1]
+    assert not c.passed  # 0.82889 < 0.82891
+    assert c.measured["per_model"]["mlp"]["mean_acc"] == {"sgd": 0.82891, "sgd_wd": 0.8, "unit_norm": 0.82889}
+    assert "mean 0.82889 vs SGD 0.82891" in c.note and "spread 0.01 vs 0.05" in c.note

@@ -38,10 +38,12 @@ def pyplot() -> Any:
     return plt
 
 
-def save_figure(fig: Any, path: Path, dpi: int = 120) -> Path:
-    """Save ``fig`` as a PNG at ``path`` (folders made as needed), close it, return the path."""
+def save_figure(fig: Any, path: Path, dpi: int = 120, *, tight: bool = True) -> Path:
+    """Save ``fig`` as a PNG at ``path`` (tight layout, folders made as needed), close it, return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
     return path

@@ -20,7 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from symgen.errors import ConfigError, DivergenceError, ShapeError
+from symgen.functional import bn_mode
+from symgen.ntk.regression import kernel_eigh, kernel_regression
 from symgen.rng import Seed, as_generator
+from symgen.training import LossClosure, fit
 
 __all__ = [
     "fgsm",
@@ -264,8 +267,6 @@ def kernel_predictor(kernel: Callable[[Tensor, Tensor], Tensor], x_train: Tensor
     Integer labels become centred one-hot targets (e_y - 1/C) for C > 2 classes and +-1 for 2;
     float targets are used as they are. Source: Kempe et al., arXiv 2307.02693.
     """
-    from symgen.ntk import kernel_regression
-
     targets = regression_targets(y_train)
     with torch.no_grad():
         k_train = kernel(x_train, x_train)
@@ -320,9 +321,6 @@ def adversarial_training(model: nn.Module, data: tuple[Tensor, Tensor] | Iterabl
     ``(1 - clean_weight) L(x_adv) + clean_weight L(x)``. Returns the history ``{"epoch", "loss",
     "adv_accuracy"}`` (per epoch, on the adversarial training batches at the weights before each step).
     """
-    from symgen.functional import bn_mode
-    from symgen.training import LossClosure, fit
-
     if not 0.0 <= clean_weight <= 1.0:
         raise ConfigError(f"clean_weight must lie in [0, 1], got {clean_weight}.")
     g = as_generator(generator)
@@ -382,8 +380,6 @@ def eigen_features(k_train: Tensor, k_test_train: Tensor, y_train: Tensor, ridge
     if not (torch.isfinite(k_train).all() and torch.isfinite(k_test_train).all()):
         raise DivergenceError("the kernel matrices hold non-finite values; the eigen-feature solve is "
                               "undefined. Check the kernel and the data.")
-    from symgen.ntk import kernel_eigh
-
     evals, evecs = kernel_eigh(k_train)
     evals, evecs = evals[:k], evecs[:, :k]
     denom = evals + ridge

@@ -28,6 +28,7 @@ __all__ = [
     "build_config",
     "trial_key",
     "jsonable",
+    "num_threads",
 ]
 
 
@@ -57,7 +58,9 @@ class Experiment:
 
     ``run(config, ctx) -> dict`` does the work (trials through ``ctx.map``), ``check_claims(config,
     result) -> list[Claim]`` evaluates the claims, ``figures(result, outdir) -> list[Path]`` draws.
-    ``quick`` holds the config overrides of ``--quick`` (the CPU-sized setting).
+    ``quick`` holds the config overrides of ``--quick`` (the CPU-sized setting). ``claims`` lists the
+    PAPERS.md claim ids checked; ``check_claims`` may emit refinements of one as ``<id>-<part>``
+    (``C4.4-pgd``), never an id outside this list.
     """
 
     name: str
@@ -198,5 +201,3 @@ class num_threads:  # lower case: called like a function, as torch.set_grad_enab
 
         torch.set_num_threads(self._before)
 
-
-__all__ += ["num_threads"]

@@ -18,6 +18,7 @@ from pydantic import Field, field_validator
 
 from symgen.experiments.base import Claim, Context, Experiment, ExperimentConfig, jsonable
 from symgen.report import pyplot, save_figure
+from symgen.rng import as_generator
 
 __all__ = ["Config", "EXPERIMENT", "SETTINGS", "run", "check_claims", "figures", "train_setting"]
 
@@ -54,7 +55,8 @@ class Config(ExperimentConfig):
     batch_size: int = Field(32, ge=1)
     epochs: int = Field(10, ge=0)
     members: int = Field(256, ge=2, description="ensemble pool size per setting")
-    sizes: list[int] | None = Field(None, description="sub-ensemble sizes; default powers of 2 up to members")
+    sizes: list[int] | None = Field(None, description="sub-ensemble sizes; default powers of 2 up to members "
+                                    "(1 and members are always measured: the claims compare them)")
     num_subsets: int = Field(30, ge=1, description="random sub-ensembles per size (without replacement)")
     num_bootstrap: int = Field(200, ge=2, description="bootstrap resamples for the SE at the full pool")
     slope_min_size: int = Field(4, ge=1, description="fit the log-log KL slope on sizes >= this")
@@ -64,17 +66,19 @@ class Config(ExperimentConfig):
     @field_validator("settings")
     @classmethod
     def _known_settings(cls, v: list[str]) -> list[str]:
+        if not v:  # no setting: no claim could be checked
+            raise ValueError(f"settings must name at least one of {list(SETTINGS)}")
         bad = [s for s in v if s not in SETTINGS]
-        if bad or not v:
+        if bad:
             raise ValueError(f"unknown setting(s) {bad}; choose from {list(SETTINGS)}")
         return v
 
 
 def _sizes(config: Config) -> list[int]:
     if config.sizes:
-        sizes = sorted({int(s) for s in config.sizes if 1 <= int(s) <= config.members})
-    else:
-        sizes = [2 ** k for k in range(int(math.log2(config.members)) + 1)]
+        # C5.1 compares M = 1 with M = members, C5.2 and C5.3 read M = members: always measure both.
+        return sorted({int(s) for s in config.sizes if 1 <= int(s) <= config.members} | {1, config.members})
+    sizes = [2 ** k for k in range(int(math.log2(config.members)) + 1)]
     if config.members not in sizes:
         sizes.append(config.members)
     return sizes
@@ -99,7 +103,7 @@ def train_setting(item: dict[str, Any]) -> dict[str, Any]:
         train_ensemble,
     )
     from symgen.metrics import invariance_metrics
-    from symgen.nn.masked import MaskedCNN
+    from symgen.models import MaskedCNN
 
     cfg = item["config"]
     support, augmented = SETTINGS[item["setting"]]
@@ -140,7 +144,7 @@ def train_setting(item: dict[str, Any]) -> dict[str, Any]:
     def metric(mean_logits):
         return invariance_metrics(mean_logits, yt)
 
-    gen = torch.Generator().manual_seed(cfg["seed"] + 1)
+    gen = as_generator(cfg["seed"] + 1)
     curve = sub_ensemble_metrics(logits, item["sizes"], metric, num_subsets=cfg["num_subsets"], generator=gen)
     boot = sub_ensemble_metrics(logits, [cfg["members"]], metric, num_subsets=cfg["num_bootstrap"],
                                 generator=gen, replace=True)[cfg["members"]]
@@ -182,21 +186,8 @@ def _kl_at(setting: dict, size: int) -> float:
     return float(setting["curve"][str(size)]["kl"]["mean"])
 
 
-def _loglog_slope(setting: dict, min_size: int) -> float:
-    pts = [(math.log(int(s)), math.log(v["kl"]["mean"])) for s, v in setting["curve"].items()
-           if int(s) >= min_size and v["kl"]["mean"] > 0]
-    if len(pts) < 2:
-        return float("nan")
-    n = len(pts)
-    mx = sum(p[0] for p in pts) / n
-    my = sum(p[1] for p in pts) / n
-    sxx = sum((p[0] - mx) ** 2 for p in pts)
-    return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
-
-
-def _plateau_fit(setting: dict, min_size: int) -> tuple[float, float]:
-    """Least squares KL(M) = a / M + b on sizes >= min_size; returns (a, b)."""
-    pts = [(1.0 / int(s), v["kl"]["mean"]) for s, v in setting["curve"].items() if int(s) >= min_size]
+def _line_fit(pts: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least squares y = a x + b through ``pts``; returns (a, b), NaN for fewer than two points."""
     if len(pts) < 2:
         return float("nan"), float("nan")
     n = len(pts)
@@ -205,6 +196,17 @@ def _plateau_fit(setting: dict, min_size: int) -> tuple[float, float]:
     sxx = sum((p[0] - mx) ** 2 for p in pts)
     a = sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
     return a, my - a * mx
+
+
+def _loglog_slope(setting: dict, min_size: int) -> float:
+    """Slope of log KL against log M on sizes >= min_size (1/M decay: -1)."""
+    return _line_fit([(math.log(int(s)), math.log(v["kl"]["mean"])) for s, v in setting["curve"].items()
+                      if int(s) >= min_size and v["kl"]["mean"] > 0])[0]
+
+
+def _plateau_fit(setting: dict, min_size: int) -> tuple[float, float]:
+    """Least squares KL(M) = a / M + b on sizes >= min_size; returns (a, b)."""
+    return _line_fit([(1.0 / int(s), v["kl"]["mean"]) for s, v in setting["curve"].items() if int(s) >= min_size])
 
 
 def check_claims(config: Config, result: dict[str, Any]) -> list[Claim]:
@@ -301,7 +303,6 @@ def figures(result: dict[str, Any], outdir: Path) -> list[Path]:
     plt = pyplot()
 
     outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
     m_max = int(result["members"])
     paths = []
 
@@ -322,7 +323,6 @@ def figures(result: dict[str, Any], outdir: Path) -> list[Path]:
     ax.set_ylabel("symmetric KL, mean over G and test set")
     ax.set_title(f"Ensemble invariance under {result.get('group', 'G')}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
     paths.append(save_figure(fig, outdir / "kl_vs_members.png", dpi=120))
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
@@ -338,7 +338,6 @@ def figures(result: dict[str, Any], outdir: Path) -> list[Path]:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("ensemble size M")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
     paths.append(save_figure(fig, outdir / "osp_vs_members.png", dpi=120))
     return paths
 

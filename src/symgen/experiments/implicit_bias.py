@@ -6,7 +6,8 @@ fully-connected net of the same depth on the orbit-augmented data, and the same 
 Training: gradient descent on log L(theta), L the mean exponential loss (the normalized gradient
 grad L / L), with the step clipped to ``max_step`` in parameter norm; every member of a trial
 (training sizes x seeds) is trained at once with ``torch.func.vmap``. References: homogeneous
-hard-margin SVMs from an exact QP (``symgen.margins``).
+hard-margin SVMs from an exact QP (``symgen.margins``). The loop is this module's own, not
+``symgen.training.fit``: it steps all members together, each with its own normalized, clipped step.
 """
 
 from __future__ import annotations
@@ -21,11 +22,19 @@ from torch import Tensor
 from torch.func import vmap
 
 from symgen.errors import ConfigError, DivergenceError
-from symgen.experiments.base import Claim, Context, Experiment, ExperimentConfig, jsonable
+from symgen.experiments.base import (
+    Claim,
+    Context,
+    Experiment,
+    ExperimentConfig,
+    jsonable,
+    num_threads,
+)
 from symgen.models import LinearFCNet
+from symgen.nn import LinearSteerableNet
 from symgen.report import pyplot, save_figure
 
-__all__ = ["Config", "EXPERIMENT", "LinearFCNet", "make_dataset", "train_trial", "run", "check_claims", "figures"]
+__all__ = ["Config", "EXPERIMENT", "make_dataset", "train_trial", "run", "check_claims", "figures"]
 
 KINDS = ("steerable", "fc_augmented", "fc_raw")
 DATASETS = ("cyclic", "digits-c4", "digits-d4")
@@ -34,22 +43,23 @@ DATASETS = ("cyclic", "digits-c4", "digits-d4")
 class Config(ExperimentConfig):
     """Settings of ``implicit-bias``; defaults are the full setting, ``--quick`` shrinks them."""
 
+    # Non-empty lists: a claim over no dataset, depth or size would pass with nothing measured.
     datasets: list[Literal["cyclic", "digits-c4", "digits-d4"]] = Field(
-        default_factory=lambda: ["cyclic", "digits-c4", "digits-d4"])
+        default_factory=lambda: ["cyclic", "digits-c4", "digits-d4"], min_length=1)
     depths: list[int] = Field(default_factory=lambda: [1, 2, 3])
     train_sizes: list[int] = Field(default_factory=lambda: [4, 8, 16, 32, 64])
     claim_size: int = 32
-    seeds: int = 5
-    width: int = 16
-    steps: int = 6000
-    lr: float = 1.0
-    max_step: float = 1.0
-    records: int = 40
+    seeds: int = Field(5, ge=1)
+    width: int = Field(16, ge=1)
+    steps: int = Field(6000, ge=1)
+    lr: float = Field(1.0, gt=0)
+    max_step: float = Field(1.0, gt=0)
+    records: int = Field(40, ge=1)
     cyclic_channels: int = 3
     cyclic_length: int = 8
     cyclic_margin: float = 0.3
     digits_pair: tuple[int, int] = (3, 4)
-    test_size: int = 2000
+    test_size: int = Field(2000, ge=1)
     dtype: Literal["float64", "float32"] = "float64"
 
     @field_validator("depths")
@@ -139,8 +149,6 @@ def make_dataset(dataset: str, cfg: dict, seed: int, n_train: int) -> dict[str, 
 
 def _factory(kind: str, action, shape: tuple[int, ...], depth: int, width: int):
     if kind == "steerable":
-        from symgen.nn import LinearSteerableNet
-
         # stacked_init seeds the global generator per member (isolated_seed): draw from it, as nn.Linear does.
         return lambda: LinearSteerableNet(action, shape, depth, width)
     return lambda: LinearFCNet(shape, depth, width)
@@ -157,14 +165,9 @@ def _unit(v: Tensor) -> Tensor:
 
 def train_trial(item: dict) -> dict:
     """Train every (size, seed) member of one (dataset, model kind, depth) at once; a pure function of ``item``."""
-    threads = torch.get_num_threads()
-    if torch.device(item["config"]["device"]).type == "cpu":
-        # Tiny matrices: intra-op threads only add synchronization (10x slower on a loaded 2-core box).
-        torch.set_num_threads(1)
-    try:
+    # Tiny matrices: intra-op threads only add synchronization (10x slower on a loaded 2-core box).
+    with num_threads(1 if torch.device(item["config"]["device"]).type == "cpu" else None):
         return _train_trial(item)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train_trial(item: dict) -> dict:
@@ -387,7 +390,6 @@ def figures(result: dict, outdir: Path) -> list[Path]:
     import numpy as np
 
     outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
     paths = []
     datasets = sorted({t["dataset"] for t in result["trials"]}, key=DATASETS.index)
     depths = sorted({t["depth"] for t in result["trials"]})
@@ -412,7 +414,6 @@ def figures(result: dict, outdir: Path) -> list[Path]:
             ax.set_ylabel("1 - cos")
             ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
     paths.append(save_figure(fig, outdir / "cosine_to_svm.png", dpi=110))
 
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.4), squeeze=False)
@@ -432,7 +433,6 @@ def figures(result: dict, outdir: Path) -> list[Path]:
         ax.set_title(ds)
         ax.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize=6, ncol=2)
-    fig.tight_layout()
     paths.append(save_figure(fig, outdir / "accuracy_vs_size.png", dpi=110))
     return paths
 

@@ -57,6 +57,21 @@ class Config(ExperimentConfig):
             raise ValueError("widths must list at least two widths >= 1")
         return sorted(set(v))
 
+    @field_validator("kernel_points", "kernel_seeds", "dynamics_width", "train_size", "test_size", "steps",
+                     "records", "dynamics_seeds")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("bands")
+    @classmethod
+    def _bands(cls, v: int) -> int:
+        if v < 2:  # one band has no order to check: C4.2-spectral would pass with nothing compared
+            raise ValueError("bands must be >= 2")
+        return v
+
 
 def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "float64": torch.float64}[name]
@@ -65,13 +80,13 @@ def _dtype(name: str) -> torch.dtype:
 def _inputs(dataset: str, n: int, split: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` class-balanced-ish random inputs, centred by the training mean, scaled to ||x||^2/d = 1."""
     from symgen.data import load_dataset
+    from symgen.rng import as_generator
 
     x, y = load_dataset(dataset, split=split, seed=0)
     x = x.reshape(x.shape[0], -1).double()
     xtrain, _ = load_dataset(dataset, split="train", seed=0)
     x = x - xtrain.reshape(xtrain.shape[0], -1).double().mean(0)
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(x.shape[0], generator=g)[:n]
+    idx = torch.randperm(x.shape[0], generator=as_generator(seed))[:n]
     x = x[idx]
     x = x / x.norm(dim=1, keepdim=True).clamp(min=1e-12) * math.sqrt(x.shape[1])
     return x, y[idx]
@@ -79,7 +94,8 @@ def _inputs(dataset: str, n: int, split: str, seed: int) -> tuple[torch.Tensor, 
 
 def kernel_trial(item: dict) -> dict:
     """Relative Frobenius error ||Theta_emp - Theta_inf|| / ||Theta_inf|| of one random net (and of the NNGP)."""
-    from symgen.ntk import analytic_ntk, empirical_ntk, ntk_mlp
+    from symgen.models import ntk_mlp
+    from symgen.ntk import analytic_ntk, empirical_ntk
 
     dtype, device = _dtype(item["dtype"]), torch.device(item.get("device", "cpu"))
     x, _ = _inputs(item["dataset"], item["points"], "train", item["data_seed"])
@@ -101,14 +117,16 @@ def _flat_full(k: torch.Tensor) -> torch.Tensor:
 
 def dynamics_trial(item: dict) -> dict:
     """Train a wide NTK-param. MLP by full-batch GD on MSE; record it against ``gd_dynamics`` over time."""
+    from symgen.errors import DivergenceError
+    from symgen.models import ntk_mlp
     from symgen.ntk import (
         eigen_projections,
         empirical_ntk,
         gd_dynamics,
         kernel_eigh,
-        ntk_mlp,
         residual_decay,
     )
+    from symgen.training import fit
 
     dtype, device = _dtype(item["dtype"]), torch.device(item.get("device", "cpu"))
     xtr, ytr = _inputs(item["dataset"], item["train_size"], "train", item["seed"])
@@ -139,26 +157,26 @@ def dynamics_trial(item: dict) -> dict:
     ker = gd_dynamics(k_tr, torch.cat([k_tr, k_te]), ytr_t.reshape(-1), times, lr, f0_tr.reshape(-1),
                       torch.cat([f0_tr.reshape(-1), f0_te.reshape(-1)]), discrete=item["discrete"], normalization=n)
     ker_tr, ker_te = ker[:, :n * o], ker[:, n * o:]
-    opt = torch.optim.SGD(net.parameters(), lr=lr)
     net_tr, net_te = [], []
     record = set(times)
-    y_dev = ytr_t.to(dtype)
-    for step in range(steps + 1):
+
+    def snapshot(step: int, model: torch.nn.Module) -> None:
+        """Record the net's (centred) outputs after ``step`` GD steps (full batch: one step per epoch)."""
         if step in record:
             with torch.no_grad():
-                net_tr.append((net(xtr_) - shift_tr).double().reshape(-1))
-                net_te.append((net(xte_) - shift_te).double().reshape(-1))
-        if step == steps:
-            break
-        opt.zero_grad(set_to_none=True)
-        loss = 0.5 * ((net(xtr_) - shift_tr - y_dev) ** 2).sum() / n
-        if not torch.isfinite(loss):
-            from symgen.errors import DivergenceError
+                net_tr.append((model(xtr_) - shift_tr).double().reshape(-1))
+                net_te.append((model(xte_) - shift_te).double().reshape(-1))
 
-            raise DivergenceError(f"GD diverged at step {step} (loss {loss.item()}); lower lr_factor (now "
-                                  f"{item['lr_factor']}).")
-        loss.backward()
-        opt.step()
+    def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return 0.5 * ((output - shift_tr - target) ** 2).sum() / n
+
+    snapshot(0, net)
+    try:
+        fit(net, (xtr_, ytr_t.to(dtype)), torch.optim.SGD(net.parameters(), lr=lr), loss_fn=loss_fn, steps=steps,
+            batch_size=None, callback=snapshot)
+    except DivergenceError as e:
+        raise DivergenceError(f"{e} Here lr = lr_factor * n / lambda_max: lower lr_factor (now "
+                              f"{item['lr_factor']}).") from e
     net_tr_t, net_te_t = torch.stack(net_tr), torch.stack(net_te)
     y_norm_tr, y_norm_te = ytr_t.norm().item(), yte_t.norm().item()
     dev_tr = ((net_tr_t - ker_tr).norm(dim=1) / y_norm_tr).tolist()
@@ -224,13 +242,14 @@ def _spectral_time(d: dict) -> int:
 
 def check_claims(config: Config, result: dict) -> list[Claim]:
     k = result["kernel"]
-    means = {w: round(v["mean"], 5) for w, v in k["by_width"].items()}
+    # Unrounded throughout: verdicts are decided on these numbers, so the shown ones must be the same.
+    means = {w: v["mean"] for w, v in k["by_width"].items()}
     first, last = means[str(k["widths"][0])], means[str(k["widths"][-1])]
     ok1 = k["slope"] <= config.max_slope and last < first
     claims = [Claim(
         id="C4.1",
         statement="the empirical NTK of a wide MLP at init approaches the analytic NTK as width grows",
-        measured={"rel_error_by_width": means, "loglog_slope": round(k["slope"], 3)},
+        measured={"rel_error_by_width": means, "loglog_slope": k["slope"]},
         threshold=f"log-log slope <= {config.max_slope} (theory -0.5) and error(widest) < error(narrowest)",
         passed=bool(ok1),
         note="" if ok1 else "relative error does not fall fast enough with width")]
@@ -243,9 +262,9 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
         id="C4.2",
         statement=f"a width-{config.dynamics_width} MLP trained by full-batch GD on MSE tracks the kernel-dynamics "
                   "prediction f_t = f_0 + Theta_xX Theta^-1 (I - exp(-lr Theta t)) (y - f_0) on train and test",
-        measured={"max_dev_train": round(dev_tr, 4), "max_dev_test": round(dev_te, 4),
-                  "net_test_acc": [round(d["accuracy"]["net_test"], 3) for d in dyn],
-                  "kernel_test_acc": [round(d["accuracy"]["kernel_test"], 3) for d in dyn]},
+        measured={"max_dev_train": dev_tr, "max_dev_test": dev_te,
+                  "net_test_acc": [d["accuracy"]["net_test"] for d in dyn],
+                  "kernel_test_acc": [d["accuracy"]["kernel_test"] for d in dyn]},
         threshold=f"max over time of ||f_net - f_kernel|| / ||y|| <= {config.max_deviation} (train and test)",
         passed=bool(ok2),
         note="" if ok2 else "the net departs from its linearization; increase dynamics_width"))
@@ -254,8 +273,7 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
     for d in dyn:
         t = _spectral_time(d)
         fr = d["band_fraction"][t]
-        fracs.append({"time": d["times"][t], "net": [round(v, 4) for v in fr],
-                      "theory": [round(v, 4) for v in d["band_theory"][t]]})
+        fracs.append({"time": d["times"][t], "net": list(fr), "theory": list(d["band_theory"][t])})
         ordered &= all(a < b for a, b in zip(fr[:-1], fr[1:], strict=True))
     claims.append(Claim(
         id="C4.2-spectral",
@@ -272,7 +290,6 @@ def figures(result: dict, outdir: Path) -> list[Path]:
     plt = pyplot()
 
     outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
     paths = []
     k = result["kernel"]
     widths = np.array(k["widths"], dtype=float)
@@ -287,7 +304,6 @@ def figures(result: dict, outdir: Path) -> list[Path]:
     ax.set_ylabel("relative Frobenius error")
     ax.set_title(f"C4.1: NTK at init (fitted slope {k['slope']:.2f})")
     ax.legend()
-    fig.tight_layout()
     paths.append(outdir / "ntk_width_convergence.png")
     save_figure(fig, paths[-1], dpi=120)
 
@@ -309,7 +325,6 @@ def figures(result: dict, outdir: Path) -> list[Path]:
     axes[1].set_ylabel("||f_net - f_kernel|| / ||y||")
     axes[1].legend()
     fig.suptitle("C4.2: wide MLP vs kernel dynamics")
-    fig.tight_layout()
     paths.append(outdir / "ntk_dynamics_tracking.png")
     save_figure(fig, paths[-1], dpi=120)
 
@@ -325,7 +340,6 @@ def figures(result: dict, outdir: Path) -> list[Path]:
     ax.set_ylabel("remaining residual fraction")
     ax.set_title("C4.2: spectral bias of the training residual")
     ax.legend(fontsize=8)
-    fig.tight_layout()
     paths.append(outdir / "ntk_spectral_bias.png")
     save_figure(fig, paths[-1], dpi=120)
     return paths

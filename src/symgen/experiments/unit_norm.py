@@ -23,23 +23,30 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from symgen.errors import ConfigError
-from symgen.experiments.base import Claim, Context, Experiment, ExperimentConfig, jsonable
+from symgen.errors import DivergenceError
+from symgen.experiments.base import (
+    Claim,
+    Context,
+    Experiment,
+    ExperimentConfig,
+    jsonable,
+    num_threads,
+)
 from symgen.functional import buffers_of, call, params_of
 from symgen.models import build_model
 from symgen.optim.unit_norm import UnitNormSGD
 from symgen.report import pyplot, save_figure
+from symgen.rng import as_generator, isolated_seed
 from symgen.symmetry import NORMALIZATION_LAYERS, find_scale_symmetries, rescale_filters
+from symgen.training import fit
 
 __all__ = ["Config", "EXPERIMENT", "build_model", "EXPECTED", "run", "check_claims", "figures"]
 
@@ -55,8 +62,9 @@ class Config(ExperimentConfig):
     """Full setting: 5 seeds, 30 epochs, 8 learning rates over 3.5 orders of magnitude."""
 
     dataset: Literal["digits", "mnist1d"] = "digits"
-    models: list[Literal["mlp", "cnn"]] = Field(default_factory=lambda: ["mlp", "cnn"])
-    lrs: list[float] = Field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
+    models: list[Literal["mlp", "cnn"]] = Field(default_factory=lambda: ["mlp", "cnn"], min_length=1)
+    lrs: list[float] = Field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
+                             min_length=1)
     seeds: int = Field(5, ge=1)
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=2)
@@ -66,7 +74,14 @@ class Config(ExperimentConfig):
     weight_decay: float = Field(5e-4, ge=0.0, description="for the SGD + weight decay method")
     detection_batch: int = Field(256, ge=2)
     detection_models: list[Literal["mlp", "cnn", "mixed"]] = Field(
-        default_factory=lambda: ["mlp", "cnn", "mixed"])
+        default_factory=lambda: ["mlp", "cnn", "mixed"], min_length=1)
+
+    @field_validator("lrs")
+    @classmethod
+    def _distinct_positive(cls, lrs: list[float]) -> list[float]:
+        if len(set(lrs)) != len(lrs) or min(lrs) <= 0:
+            raise ValueError("lrs must be distinct positive numbers, e.g. [0.01, 0.1, 1.0]")
+        return lrs
 
 
 QUICK = {"seeds": 2, "epochs": 8, "lrs": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0]}
@@ -112,18 +127,23 @@ def _log_uniform(shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
     return torch.exp((torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1) * math.log(2.0))
 
 
+def _cpu_threads(device: str) -> int | None:
+    """Tiny models run fastest on one CPU thread (and do not fight other processes for cores)."""
+    return 1 if str(device).startswith("cpu") else None
+
+
 def detection_trial(item: dict) -> dict:
     """Detect symmetries of one model, then rescale found and not-found parameters and measure the loss."""
-    with _one_thread(item["device"]):
+    with num_threads(_cpu_threads(item["device"])):
         return _detect(item)
 
 
 def _detect(item: dict) -> dict:
-    torch.manual_seed(item["seed"])
     x, y, _, _ = _load(item["dataset"], item["device"])
-    model = build_model(item["model"], tuple(x.shape[1:]), item["width"], item["channels"])
+    with isolated_seed(item["seed"]):
+        model = build_model(item["model"], tuple(x.shape[1:]), item["width"], item["channels"])
     model = model.to(device=item["device"], dtype=torch.float64)
-    gen = torch.Generator().manual_seed(item["seed"])
+    gen = as_generator(item["seed"])
     with torch.no_grad():  # a random point in parameter space: no zero biases, gamma != 1
         for p in model.parameters():
             rms = p.pow(2).mean().sqrt().item()
@@ -197,29 +217,17 @@ def _detect(item: dict) -> dict:
 # C2.2: training over a learning-rate grid
 
 
-@contextmanager
-def _one_thread(device: str) -> Iterator[None]:
-    """Tiny models run fastest on one CPU thread (and do not fight other processes for cores)."""
-    before = torch.get_num_threads()
-    if str(device).startswith("cpu"):
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def train_trial(item: dict) -> dict:
     """Train one (model, method, lr, seed) and return its test accuracy."""
-    with _one_thread(item["device"]):
+    with num_threads(_cpu_threads(item["device"])):
         return _train(item)
 
 
 def _train(item: dict) -> dict:
     device = item["device"]
     x, y, xt, yt = _load(item["dataset"], device)
-    torch.manual_seed(item["seed"])
-    model = build_model(item["model"], tuple(x.shape[1:]), item["width"], item["channels"]).to(device)
+    with isolated_seed(item["seed"]):
+        model = build_model(item["model"], tuple(x.shape[1:]), item["width"], item["channels"]).to(device)
     lr, method = item["lr"], item["method"]
     if method == "unit_norm":
         opt: torch.optim.Optimizer = UnitNormSGD(model, lr, momentum=item["momentum"],
@@ -227,31 +235,19 @@ def _train(item: dict) -> dict:
     else:
         wd = item["weight_decay"] if method == "sgd_wd" else 0.0
         opt = torch.optim.SGD(model.parameters(), lr, momentum=item["momentum"], weight_decay=wd)
-    gen = torch.Generator().manual_seed(item["seed"])  # same minibatches for every method
-    n, bs = x.shape[0], item["batch_size"]
     t0 = time.perf_counter()
-    diverged, last = False, float("nan")
-    model.train()
-    for _ in range(item["epochs"]):
-        perm = torch.randperm(n, generator=gen).to(device)
-        for i in range(0, n - bs + 1, bs):  # drop the last partial batch (BatchNorm needs > 1)
-            idx = perm[i:i + bs]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            if not torch.isfinite(loss):
-                diverged = True
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            last = loss.item()
-        if diverged:
-            break
+    try:  # same minibatches for every method; drop the last partial batch (BatchNorm needs > 1)
+        history = fit(model, (x, y), opt, epochs=item["epochs"], batch_size=item["batch_size"], drop_last=True,
+                      generator=item["seed"])
+        diverged, last = False, history.last_loss
+    except DivergenceError:  # stopped before the non-finite step's update; that model is evaluated
+        diverged, last = True, None
     model.eval()
     with torch.no_grad():
         logits = model(xt)
         ok = (logits.argmax(1) == yt) & torch.isfinite(logits).all(1)
     return {"model": item["model"], "method": method, "lr": lr, "seed": item["seed"],
-            "test_acc": ok.double().mean().item(), "final_train_loss": last if not diverged else None,
+            "test_acc": ok.double().mean().item(), "final_train_loss": last,
             "diverged": diverged, "seconds": time.perf_counter() - t0}
 
 
@@ -282,8 +278,6 @@ def _summary(trials: list[dict], models: list[str], lrs: list[float]) -> dict:
 
 
 def run(config: Config, ctx: Context) -> dict:
-    if len(set(config.lrs)) != len(config.lrs) or min(config.lrs) <= 0:
-        raise ConfigError(f"lrs must be distinct positive numbers, got {config.lrs}.")
     base = {"dataset": config.dataset, "device": config.device, "width": config.width,
             "channels": config.channels}
     det_items = [dict(base, model=m, seed=config.seed, detection_batch=config.detection_batch)
@@ -299,6 +293,14 @@ def run(config: Config, ctx: Context) -> dict:
     return jsonable({"detection": detection, "trials": trials,
                      "summary": _summary(trials, list(config.models), list(config.lrs)),
                      "lrs": list(config.lrs), "models": list(config.models)})
+
+
+def _shown(a: float, b: float) -> tuple[float, float]:
+    """``a`` and ``b`` rounded to 4 decimals, or to as many more as it takes for unequal values to differ."""
+    for digits in range(4, 17):
+        if a == b or round(a, digits) != round(b, digits):
+            return round(a, digits), round(b, digits)
+    return a, b
 
 
 def check_claims(config: Config, result: dict) -> list[Claim]:
@@ -350,9 +352,10 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
         ok = u["mean_acc"] >= g["mean_acc"] and u["spread_across_lr"] < g["spread_across_lr"]
         ok_all = ok_all and ok
         per_model[model] = {
-            "mean_acc": {k: round(s[k]["mean_acc"], 4) for k in METHODS},
-            "spread_across_lr": {k: round(s[k]["spread_across_lr"], 4) for k in METHODS},
-            "best_acc": {k: round(s[k]["best_acc"], 4) for k in METHODS},
+            # unrounded: the verdict is taken on these values (formatting is the display's job)
+            "mean_acc": {k: s[k]["mean_acc"] for k in METHODS},
+            "spread_across_lr": {k: s[k]["spread_across_lr"] for k in METHODS},
+            "best_acc": {k: s[k]["best_acc"] for k in METHODS},
             "passes_vs_sgd": ok,
             "passes_vs_sgd_wd": u["mean_acc"] >= w["mean_acc"] and u["spread_across_lr"] < w["spread_across_lr"],
         }
@@ -360,9 +363,9 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
                                "magnitude, which the claim requires"]
     for model, pm in per_model.items():
         if not pm["passes_vs_sgd"]:
-            note.append(f"{model}: UnitNormSGD mean {pm['mean_acc']['unit_norm']} vs SGD "
-                        f"{pm['mean_acc']['sgd']}, spread {pm['spread_across_lr']['unit_norm']} vs "
-                        f"{pm['spread_across_lr']['sgd']}")
+            mean_u, mean_g = _shown(pm["mean_acc"]["unit_norm"], pm["mean_acc"]["sgd"])
+            spread_u, spread_g = _shown(pm["spread_across_lr"]["unit_norm"], pm["spread_across_lr"]["sgd"])
+            note.append(f"{model}: UnitNormSGD mean {mean_u} vs SGD {mean_g}, spread {spread_u} vs {spread_g}")
     claims.append(Claim(
         id="C2.2",
         statement="across a grid of learning rates and seeds on a BN network, unit-norm SGD's test "
@@ -377,8 +380,6 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
 def figures(result: dict, outdir: Path) -> list[Path]:
     plt = pyplot()
 
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
     models = result["models"]
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.8), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
@@ -394,8 +395,7 @@ def figures(result: dict, outdir: Path) -> list[Path]:
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    return [save_figure(fig, outdir / "unit_norm_acc_vs_lr.png")]
+    return [save_figure(fig, Path(outdir) / "unit_norm_acc_vs_lr.png")]
 
 
 EXPERIMENT = Experiment(

@@ -1,12 +1,9 @@
 """symgen.optim: optimizers on one step protocol, ``optimizer.step(closure)`` (torch.optim's)."""
 
+from symgen.optim.closure import LossClosure
+from symgen.optim.nso import NSO
+from symgen.optim.sam import SAM
 from symgen.optim.unit_norm import UnitNormSGD
+from symgen.optim.wrapper import WrapperOptimizer
 
-__all__: list[str] = []
-__all__ += ["UnitNormSGD"]
-
-from symgen.optim.closure import LossClosure  # noqa: E402
-from symgen.optim.nso import NSO  # noqa: E402
-from symgen.optim.sam import SAM  # noqa: E402
-
-__all__ += ["LossClosure", "NSO", "SAM"]
+__all__ = ["LossClosure", "NSO", "SAM", "UnitNormSGD", "WrapperOptimizer"]

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from symgen import functional as F
 from symgen.errors import ConfigError, DivergenceError
 from symgen.optim.closure import LossClosure
+from symgen.optim.wrapper import WrapperOptimizer
 from symgen.rng import Seed, as_generator
 
 __all__ = ["NSO"]
@@ -27,7 +28,7 @@ def _bn_buffers(model: nn.Module | None) -> list[Tensor]:
     return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
 
 
-class NSO(torch.optim.Optimizer):
+class NSO(WrapperOptimizer):
     """NSO: the base optimizer steps with
     g = lam grad L(W) + (1 - lam)/(2k) sum_i [grad L(W + U_i) + grad L(W - U_i)], U_i ~ N(0, sigma^2 I)
     (``antithetic=False``: (1 - lam)/k sum_i grad L(W + U_i)). arXiv 2306.08553, Algorithm 1.
@@ -58,11 +59,6 @@ class NSO(torch.optim.Optimizer):
                  sigma: float = 0.01, num_samples: int = 1, antithetic: bool = True, clean_weight: float = 0.0,
                  relative: bool = False, model: nn.Module | None = None, generator: Seed = None,
                  chunk_size: int | None = None, **kwargs: Any) -> None:
-        if not isinstance(base_optimizer, type) or not issubclass(base_optimizer, torch.optim.Optimizer):
-            got = (f"an instance of {type(base_optimizer).__name__}" if isinstance(base_optimizer, torch.optim.Optimizer)
-                   else repr(base_optimizer))
-            raise ConfigError(f"base_optimizer must be an optimizer class such as torch.optim.SGD, got {got}; "
-                              "pass the class and its arguments (lr, momentum, ...) as keywords.")
         if not sigma >= 0:
             raise ConfigError(f"sigma must be >= 0, got {sigma}.")
         if not isinstance(num_samples, int) or num_samples < 1:
@@ -70,11 +66,7 @@ class NSO(torch.optim.Optimizer):
                               f"got {num_samples!r}.")
         if not 0.0 <= clean_weight <= 1.0:
             raise ConfigError(f"clean_weight (lam) must lie in [0, 1], got {clean_weight}.")
-        defaults = dict(sigma=sigma, relative=relative, **kwargs)
-        super().__init__(params, defaults)
-        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
-        self.param_groups = self.base_optimizer.param_groups
-        self.defaults.update(self.base_optimizer.defaults)
+        super().__init__(params, base_optimizer, dict(sigma=sigma, relative=relative), **kwargs)
         for g in self.param_groups:
             if not g["sigma"] >= 0:
                 raise ConfigError(f"sigma must be >= 0 in every parameter group, got {g['sigma']}.")
@@ -261,6 +253,15 @@ class NSO(torch.optim.Optimizer):
                     p.grad = g.detach()
         return loss.detach()
 
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state and the noise generator's, so a resumed run draws the same noise."""
+        out = super().state_dict()
+        out["generator_state"] = self.generator.get_state()
+        return out
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        generator_state = state_dict.pop("generator_state", None)
         super().load_state_dict(state_dict)
-        self.base_optimizer.param_groups = self.param_groups
+        if generator_state is not None:
+            self.generator.set_state(generator_state)

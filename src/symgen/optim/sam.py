@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from symgen.errors import ConfigError, DivergenceError
 from symgen.functional import frozen_running_stats
+from symgen.optim.wrapper import WrapperOptimizer
 
 __all__ = ["SAM"]
 
@@ -25,7 +26,7 @@ def _params_with_grad(groups: list[dict[str, Any]]) -> list[Tensor]:
     return [p for g in groups for p in g["params"] if p.grad is not None]
 
 
-class SAM(torch.optim.Optimizer):
+class SAM(WrapperOptimizer):
     """SAM: the base optimizer steps with grad L(W + e), e = rho g / ||g||, g = grad L(W); ASAM
     (``adaptive=True``): e = rho w^2 g / ||w g|| (elementwise, the norm over all parameters).
 
@@ -42,18 +43,9 @@ class SAM(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], base_optimizer: type[torch.optim.Optimizer] = torch.optim.SGD,
                  rho: float = 0.05, adaptive: bool = False, model: nn.Module | None = None, **kwargs: Any) -> None:
-        if not isinstance(base_optimizer, type) or not issubclass(base_optimizer, torch.optim.Optimizer):
-            got = (f"an instance of {type(base_optimizer).__name__}" if isinstance(base_optimizer, torch.optim.Optimizer)
-                   else repr(base_optimizer))
-            raise ConfigError(f"base_optimizer must be an optimizer class such as torch.optim.SGD, got {got}; "
-                              "pass the class and its arguments (lr, momentum, ...) as keywords.")
         if not rho >= 0:
             raise ConfigError(f"rho must be >= 0, got {rho}.")
-        defaults = dict(rho=rho, adaptive=adaptive, **kwargs)
-        super().__init__(params, defaults)
-        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
-        self.param_groups = self.base_optimizer.param_groups
-        self.defaults.update(self.base_optimizer.defaults)
+        super().__init__(params, base_optimizer, dict(rho=rho, adaptive=adaptive), **kwargs)
         self.model = model
         self.num_steps = 0
 
@@ -134,6 +126,3 @@ class SAM(torch.optim.Optimizer):
         self.second_step()
         return loss.detach() if isinstance(loss, Tensor) else loss
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.base_optimizer.param_groups = self.param_groups
