@@ -21,7 +21,7 @@ def test_digits_shapes_and_determinism():
     assert 0.0 <= x.min() and x.max() <= 1.0 and set(y.tolist()) == set(range(10))
     x2, y2 = load_dataset("digits", "train")
     assert torch.equal(x, x2) and torch.equal(y, y2)
-    x3, _ = load_dataset("digits", "train", seed=1)
+    x3, _ = load_dataset("digits", "train", generator=1)
     assert not torch.equal(x, x3)
 
 
@@ -91,7 +91,9 @@ def test_bad_names_and_missing_root():
 
 def test_subset_per_class():
     x, y = load_dataset("digits", "train")
-    xs, ys = subset_per_class(x, y, 3, seed=0)
+    xs, ys = subset_per_class(x, y, 3, generator=0)
+    xg, _ = subset_per_class(x, y, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(xs, xg)  # a seed and the generator it names draw the same subset
     assert torch.bincount(ys).tolist() == [3] * 10
     with pytest.raises(ConfigError):
         subset_per_class(x[:20], y[:20], 10)

@@ -1,6 +1,6 @@
 """Datasets that need no network: generated, shipped in an installed package, or read from a path.
 
-``load_dataset(name, split, root, seed)`` returns ``(x, y)``: x float32 in [0, 1] for images
+``load_dataset(name, split, root, generator)`` returns ``(x, y)``: x float32 in [0, 1] for images
 (standardized for mnist1d, as its generator does), y int64 class labels.
 """
 
@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from symgen.errors import ConfigError, MissingDataError
+from symgen.rng import Seed, as_generator, seed_of
 
 __all__ = ["DATASETS", "load_dataset", "cache_dir", "read_idx", "class_balanced_indices", "subset_per_class"]
 
@@ -39,10 +40,11 @@ def cache_dir() -> Path:
 
 
 def load_dataset(name: str, split: str = "train", root: str | Path | None = None,
-                 seed: int = 0) -> tuple[Tensor, Tensor]:
+                 generator: Seed = None) -> tuple[Tensor, Tensor]:
     """``(x, y)`` of dataset ``name`` and ``split`` ("train" or "test").
 
-    digits: (N, 1, 8, 8) in [0, 1], a stratified 75/25 split shuffled by ``seed``.
+    digits: (N, 1, 8, 8) in [0, 1], a stratified 75/25 split shuffled by ``generator`` (a seed or a
+    ``torch.Generator``; None = seed 0).
     mnist1d: (N, 1, 40), generated offline (seed 42 template set, 4000/1000 split), cached.
     mnist, fashion-mnist: (N, 1, 28, 28) from IDX files (gzipped or not) under ``root``.
     cifar10: (N, 3, 32, 32) from the python batches under ``root``.
@@ -50,7 +52,7 @@ def load_dataset(name: str, split: str = "train", root: str | Path | None = None
     if split not in ("train", "test"):
         raise ConfigError(f"split must be 'train' or 'test', got '{split}'.")
     if name == "digits":
-        return _digits(split, seed)
+        return _digits(split, seed_of(generator) % 2**32)  # scikit-learn takes seeds below 2^32
     if name == "mnist1d":
         return _mnist1d(split)
     if name in ("mnist", "fashion-mnist"):
@@ -164,12 +166,13 @@ def _cifar10(split: str, root: str | Path | None) -> tuple[Tensor, Tensor]:
 
 
 def class_balanced_indices(y: Tensor, per_class: int, classes: int | Sequence[int],
-                           generator: torch.Generator) -> Tensor:
+                           generator: Seed = None) -> Tensor:
     """``per_class`` random indices of each class (without replacement), classes in the given order.
 
     ``classes``: a count C (classes 0..C-1) or an explicit list of labels.
     """
     labels = range(classes) if isinstance(classes, int) else classes
+    generator = as_generator(generator)
     y_cpu = y.cpu()
     idx = []
     for c in labels:
@@ -181,9 +184,9 @@ def class_balanced_indices(y: Tensor, per_class: int, classes: int | Sequence[in
     return torch.cat(idx)
 
 
-def subset_per_class(x: Tensor, y: Tensor, per_class: int, seed: int = 0,
+def subset_per_class(x: Tensor, y: Tensor, per_class: int, generator: Seed = None,
                      classes: list[int] | None = None) -> tuple[Tensor, Tensor]:
-    """A class-balanced random subset with ``per_class`` examples of each class (seeded)."""
-    g = torch.Generator().manual_seed(seed)
-    order = class_balanced_indices(y, per_class, classes if classes is not None else sorted(torch.unique(y).tolist()), g)
+    """A class-balanced random subset with ``per_class`` examples of each class (``generator``: a seed or a Generator)."""
+    labels = classes if classes is not None else sorted(torch.unique(y).tolist())
+    order = class_balanced_indices(y, per_class, labels, generator)
     return x[order], y[order]

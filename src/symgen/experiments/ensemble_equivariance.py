@@ -110,8 +110,8 @@ def train_setting(item: dict[str, Any]) -> dict[str, Any]:
     dtype = getattr(torch, cfg["dtype"])
     device = torch.device(cfg["device"])
     action, ndim = _action_and_model(cfg["dataset"])
-    x, y = load_dataset(cfg["dataset"], "train", root=cfg["data_root"], seed=cfg["seed"])
-    xt, yt = load_dataset(cfg["dataset"], "test", root=cfg["data_root"], seed=cfg["seed"])
+    x, y = load_dataset(cfg["dataset"], "train", root=cfg["data_root"], generator=cfg["seed"])
+    xt, yt = load_dataset(cfg["dataset"], "test", root=cfg["data_root"], generator=cfg["seed"])
     if cfg["train_size"]:
         x, y = x[: cfg["train_size"]], y[: cfg["train_size"]]
     if cfg["test_size"]:

@@ -186,8 +186,8 @@ def estimator_trial(item: dict) -> dict:
 def _load(dataset: str, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from symgen.data import load_dataset
 
-    x, y = load_dataset(dataset, "train", seed=seed)
-    xt, yt = load_dataset(dataset, "test", seed=seed)
+    x, y = load_dataset(dataset, "train", generator=seed)
+    xt, yt = load_dataset(dataset, "test", generator=seed)
     return x, y, xt, yt
 
 

@@ -82,9 +82,9 @@ def _inputs(dataset: str, n: int, split: str, seed: int) -> tuple[torch.Tensor, 
     from symgen.data import load_dataset
     from symgen.rng import as_generator
 
-    x, y = load_dataset(dataset, split=split, seed=0)
+    x, y = load_dataset(dataset, split=split, generator=0)
     x = x.reshape(x.shape[0], -1).double()
-    xtrain, _ = load_dataset(dataset, split="train", seed=0)
+    xtrain, _ = load_dataset(dataset, split="train", generator=0)
     x = x - xtrain.reshape(xtrain.shape[0], -1).double().mean(0)
     idx = torch.randperm(x.shape[0], generator=as_generator(seed))[:n]
     x = x[idx]
@@ -355,5 +355,5 @@ EXPERIMENT = Experiment(
     figures=figures,
     quick={"widths": [64, 128, 256, 512, 1024], "kernel_points": 32, "kernel_seeds": 3, "dynamics_width": 1024,
            "train_size": 64, "test_size": 128, "steps": 800, "records": 20, "dynamics_seeds": 1},
-    claims=("C4.1", "C4.2"),
+    claims=("C4.1", "C4.2", "C4.2-spectral"),
 )

@@ -350,5 +350,5 @@ EXPERIMENT = Experiment(
     check_claims=check_claims,
     figures=figures,
     quick={"seeds": 2, "pgd_steps": 10, "train_pgd_steps": 5, "width": 256, "num_features": 20},
-    claims=("C4.4",),
+    claims=("C4.4-pgd", "C4.4-transfer", "C4.4-advtrain", "C4.4-features"),
 )
