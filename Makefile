@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 # One BLAS thread per process: tests run as two pytest workers, trials in a pool use one core each.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: venv demo test bench lint clean
+.PHONY: venv demo test claims bench lint clean
 
 $(BIN)/symgen: pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: venv
 test: venv
 	-bash scripts/install-chromium.sh
 	$(BIN)/python -m pytest -n 2 tests
+
+# README's claims table must equal a fresh `symgen reproduce --quick` (CI runs this after `make test`).
+claims: venv
+	$(BIN)/python scripts/claims_gate.py
 
 bench: venv
 	-$(BIN)/pip install -q -c constraints.txt -e '.[bench]'

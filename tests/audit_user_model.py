@@ -76,3 +76,14 @@ NOT_A_FACTORY = 3
 
 def make_not_a_module():
     return "not a module"
+
+
+def make_raising_model() -> nn.Module:
+    """A factory with a bug of its own: the CLI reports it in one line (exit 2), not a traceback."""
+    raise RuntimeError("\x1b[31mCUDA out of memory\x1b[0m while building the model (simulated)")
+
+
+def make_digits_mlp() -> nn.Module:
+    """An MLP for 8x8 digits (64 inputs): mnist1d's (1, 40) inputs do not fit it."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))

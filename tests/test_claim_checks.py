@@ -166,7 +166,52 @@ def _un_result() -> dict:
     summary = {model: {k: {"mean_acc": a, "spread_across_lr": s, "best_acc": a + 0.02} for k, (a, s) in stats.items()}
                for model in ("mlp", "cnn")}
     return {"detection": detection, "trials": [], "summary": summary, "lrs": [0.01, 0.03, 0.1, 0.3, 1.0],
-            "models": ["mlp", "cnn"]}
+            "models": ["mlp", "cnn"], "protocol": _un_protocol()}
+
+
+def _un_protocol(override: dict | None = None) -> dict:
+    """C2.2 (a, b) summaries: UnitNormSGD's rescaled runs agree, SGD's do not; its centred grid is better."""
+    def method(dis, mean, spread, lr):
+        return {"best_lr": lr, "centred_grid": [], "centred_mean_acc": mean, "centred_spread": spread,
+                "rescaled_accs": [0.9, 0.9], "rescaled_acc_std": 0.0, "rescaled_acc_range": 0.0,
+                "rescaled_disagreement": dis}
+    summary = {model: {"sgd": method(0.05, 0.9, 0.03, 0.3), "unit_norm": method(0.0, 0.92, 0.01, 0.1)}
+               for model in ("mlp", "cnn")}
+    for (model, meth, key), value in (override or {}).items():
+        summary[model][meth][key] = value
+    return {"best_lrs": {m: {"sgd": 0.3, "unit_norm": 0.1} for m in summary}, "factors": [0.1, 1.0, 10.0],
+            "rescalings": 2, "rescale_range": 100.0, "summary": summary}
+
+
+@pytest.mark.parametrize("key, value, passed", [
+    (("cnn", "unit_norm", "rescaled_disagreement"), 0.01, True),      # at most 0.01 and below SGD's 0.05
+    (("cnn", "unit_norm", "rescaled_disagreement"), 0.0101, False),
+    (("cnn", "sgd", "rescaled_disagreement"), 0.0, False),            # SGD did not spread: not below it
+    (("mlp", "unit_norm", "centred_mean_acc"), 0.9, True),            # equal mean: >= holds
+    (("mlp", "unit_norm", "centred_mean_acc"), 0.8999, False),
+    (("mlp", "unit_norm", "centred_spread"), 0.0299, True),
+    (("mlp", "unit_norm", "centred_spread"), 0.03, False)])           # equal spread: < fails
+def test_unit_norm_c2_2_protocol_thresholds(key, value, passed):
+    from symgen.experiments.unit_norm_protocol import verdict
+
+    result = _un_result()
+    result["protocol"] = _un_protocol({key: value})
+    c = _claims(un.check_claims, UN_CFG, result)["C2.2"]
+    assert c.passed is passed and (c.note == "") is passed
+    if not passed:
+        assert key[0] in c.note
+    assert verdict(result["protocol"]["summary"])[0] is passed
+
+
+def test_unit_norm_c2_2_best_lr_and_disagreement_by_hand():
+    from symgen.experiments import unit_norm_protocol as up
+
+    trials = [{"model": "mlp", "method": m, "lr": lr, "seed": s, "val_acc": v}
+              for m, accs in (("sgd", (0.5, 0.9, 0.7)), ("unit_norm", (0.95, 0.9, 0.2)))
+              for lr, a in zip((0.01, 0.1, 1.0), accs, strict=True) for s, v in ((0, a), (1, a - 0.1))]
+    assert up.best_lrs(trials, ["mlp"], [0.01, 0.1, 1.0]) == {"mlp": {"sgd": 0.1, "unit_norm": 0.01}}
+    # three runs: pairs (0,1) differ on 1 of 4 points, (0,2) on 2, (1,2) on 1: mean 1/3
+    assert up._disagreement([[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 0, 0]]) == pytest.approx((0.25 + 0.5 + 0.25) / 3)
 
 
 def test_unit_norm_all_pass():
@@ -232,7 +277,7 @@ def test_unit_norm_c2_1_groups_and_eps_note():
 def test_unit_norm_c2_2_per_model(method, stat, value, passed):
     result = _un_result()
     result["summary"]["cnn"][method][stat] = value
-    c = _claims(un.check_claims, UN_CFG, result)["C2.2"]
+    c = un.shared_grid_check(UN_CFG, result)  # the shared grid: a side result since issue 16
     assert c.passed is passed
     pm = c.measured["per_model"]
     assert pm["cnn"][stat][method] == value and pm["mlp"]["passes_vs_sgd"]
@@ -250,7 +295,7 @@ def test_unit_norm_c2_2_per_model(method, stat, value, passed):
 def test_unit_norm_c2_2_learning_rate_grid(lrs, passed):
     result = _un_result()
     result["lrs"] = lrs
-    c = _claims(un.check_claims, UN_CFG, result)["C2.2"]
+    c = un.shared_grid_check(UN_CFG, result)
     assert c.passed is passed and c.measured["lrs"] == lrs
     assert ("grid" in c.note) is not passed
 

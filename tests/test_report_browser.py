@@ -180,3 +180,72 @@ def test_report_screenshot_shows_figures(audit_run, tmp_path):
     # matplotlib's default blue (#1f77b4) appears only inside the figures, never in the page's CSS.
     blue = np.abs(pixels - np.array([0x1F, 0x77, 0xB4]) / 255.0).max(-1) < 0.04
     assert blue.sum() > 500, f"no figure pixels in the screenshot ({int(blue.sum())} blue pixels)"
+
+
+INDEX_PROBE = """<script>
+window.addEventListener('load', function () {
+  var out = document.createElement('pre');
+  out.id = 'probe';
+  var data = JSON.parse(document.getElementById('data').textContent);
+  out.textContent = JSON.stringify({
+    rows: Array.prototype.map.call(document.querySelectorAll('table#claims tbody tr'), function (r) {
+      return {claim: r.getAttribute('data-claim'), ours: r.querySelector('.ours').textContent,
+              verdict: r.cells[2].textContent, href: r.querySelector('a').getAttribute('href')};
+    }),
+    experiments: data.experiments.length
+  });
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed; the browser test is skipped")
+def test_reproduce_index_renders_in_chromium(tmp_path, monkeypatch):
+    """`symgen reproduce` writes index.html: every claim with its verdict and headline number equal to the
+    JSON, each linking to its experiment's report, whose figures load in the browser too."""
+    from symgen.cli import main
+    from symgen.terminal import claim_headline
+
+    monkeypatch.setattr("symgen.experiments.REGISTRY", {"toy": "toy_experiment"})
+    out = tmp_path / "runs"
+    assert main(["reproduce", "--quick", "--out", str(out)]) == 0
+    summary = json.loads((out / "reproduce.json").read_text())
+    probed = out / "probed.html"
+    probed.write_text((out / "index.html").read_text().replace("</body>", INDEX_PROBE + "</body>"))
+    parsed = _Tables()
+    parsed.feed(_chromium(["--virtual-time-budget=5000", "--dump-dom", probed.as_uri()], tmp_path))
+    probe = json.loads(parsed.probe)
+    claims = [(e, c) for e in summary["experiments"] for c in e["claims"]]
+    assert len(probe["rows"]) == len(claims) == 2
+    for row, (exp, c) in zip(probe["rows"], claims, strict=True):
+        assert row["claim"] == f"{exp['name']}:{c['id']}"
+        assert row["verdict"] == ("PASS" if c["passed"] else "FAIL")
+        h = claim_headline(c)
+        key, value = row["ours"].split(" = ")
+        assert key == h["key"] and _close(value, h["measured"]), (row, h)
+        assert (out / row["href"]).is_file()
+    # The linked experiment report: its figure decodes in the browser.
+    report = out / probe["rows"][0]["href"]
+    page = report.read_text().replace("</body>", PROBE.replace(
+        "typeof data.sections === 'object'", "Array.isArray(data.claims)") + "</body>")
+    probed_report = tmp_path / "report_probed.html"
+    probed_report.write_text(page)
+    parsed = _Tables()
+    parsed.feed(_chromium(["--virtual-time-budget=5000", "--dump-dom", probed_report.as_uri()], tmp_path))
+    rprobe = json.loads(parsed.probe)
+    assert rprobe["json_ok"] and rprobe["images"] and all(i["complete"] and i["width"] > 0 for i in rprobe["images"])
+
+
+def test_skipped_section_says_so_where_its_figure_would_be(audit_run):
+    """A section that did not run leaves a placeholder with the reason in place of its figure."""
+    from symgen.audit import AuditResult
+    from symgen.audit.page import render_audit_page
+
+    result, run_dir = audit_run
+    data = json.loads((run_dir / "audit.json").read_text())
+    data["sections"]["hessian"]["status"] = "skipped"
+    data["sections"]["hessian"]["skipped"] = ["not requested (sections=...)"]
+    page = render_audit_page(AuditResult.from_dict(data),
+                             [f for f in sorted((run_dir / "figures").glob("*.png")) if f.stem != "hessian_density"])
+    assert 'data-figure="hessian_density"' in page and "not requested (sections=...)" in page
+    assert 'data-figure="invariance"' not in page

@@ -84,7 +84,7 @@ def test_interrupted_run_resumes_from_trial_checkpoints(toy, tmp_path, monkeypat
     assert RunStore(store).list()[0]["status"] == "interrupted"
     # Resume with the stored config: trials 0 and 1 are not recomputed.
     monkeypatch.delenv("SYMGEN_TOY_FAIL_AT")
-    assert main(["run", "toy", "--resume", "--out", str(store)]) == 0
+    assert main(["run", "toy", "--set", "n=4", "--resume", "--out", str(store)]) == 0  # same settings
     assert _only_run(store) == run
     assert marker.read_text().split() == ["0", "1", "2", "2", "3"]
     assert json.loads((run / "claims.json").read_text())[0]["passed"]

@@ -391,3 +391,26 @@ def test_generator_seed_reproduces_and_bad_generator_is_a_config_error():
     assert find_scale_symmetries(model, x).to_dict() == find_scale_symmetries(model, x, generator=0).to_dict()
     with pytest.raises(ConfigError, match="generator"):
         find_scale_symmetries(model, x, generator="seed")
+
+
+@pytest.mark.parametrize("build,shape,found", [
+    (lambda: __import__("symgen.models", fromlist=["x"]).resnet20(), (3, 3, 8, 8), True),
+    (lambda: __import__("symgen.models", fromlist=["x"]).vit(image_size=8, patch_size=4, dim=16, depth=2, heads=2,
+                                                             dropout=0.1), (3, 3, 8, 8), False),
+])
+def test_shared_reference_passes_give_the_verdicts_of_per_candidate_passes(build, shape, found, monkeypatch):
+    """Candidates share the passes at the unchanged weights (issue 13 section 3): the report, every check
+    value included, equals the one where each candidate runs its own reference passes."""
+    import symgen.symmetry as symmetry_pkg
+    torch.manual_seed(0)
+    model = build()
+    x = torch.randn(*shape)
+    shared = symmetry_pkg.find_scale_symmetries(model, x, generator=5)
+    confirm = symmetry_pkg._confirm
+    monkeypatch.setattr(symmetry_pkg, "_confirm", lambda *a, **k: confirm(*a[:5]))  # refs=None: fresh passes
+    alone = symmetry_pkg.find_scale_symmetries(model, x, generator=5)
+    assert bool(shared.symmetries) == found  # ResNet: BatchNorm symmetries; pre-norm ViT: none (residual adds)
+    assert [s.to_dict() for s in shared.symmetries] == [s.to_dict() for s in alone.symmetries]
+    assert [s.check for s in shared.symmetries] == [s.check for s in alone.symmetries]
+    assert (shared.not_invariant, shared.rejected, shared.unanalysed) == (alone.not_invariant, alone.rejected,
+                                                                          alone.unanalysed)

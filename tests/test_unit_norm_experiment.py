@@ -7,6 +7,7 @@ import torch
 
 from symgen.errors import ConfigError
 from symgen.experiments import get_experiment
+from symgen.experiments import unit_norm as exp_module
 from symgen.experiments.base import Context, build_config
 from symgen.experiments.unit_norm import EXPECTED, Config, build_model
 from symgen.symmetry import find_scale_symmetries
@@ -46,7 +47,8 @@ def test_config_rejects_empty_or_bad_lists(key, value, match):
 def test_tiny_run_computes_claims_and_figures(tmp_path):
     exp = get_experiment("unit-norm")
     cfg = build_config(Config, quick=exp.quick, seeds=1, epochs=1, lrs=[0.05, 0.5], width=8,
-                       channels=2, detection_models=["mixed"], detection_batch=64)
+                       channels=2, detection_models=["mixed"], detection_batch=64, rescalings=2,
+                       centred_factors=[0.5, 1.0, 2.0])
     result = exp.run(cfg, Context())
     claims = {c.id: c for c in exp.check_claims(cfg, result)}
     assert list(claims) == ["C2.1", "C2.2"]
@@ -55,26 +57,33 @@ def test_tiny_run_computes_claims_and_figures(tmp_path):
     assert m["matches_hand_analysis"] == {"mixed": True}
     assert m["found_max_rel_loss_change_exact"] < 1e-12
     assert math.isfinite(m["not_found_min_rel_loss_change"]) and m["not_found_min_rel_loss_change"] > 0
-    # two learning rates do not make the required grid: the claim says so and fails
-    assert not claims["C2.2"].passed and "grid" in claims["C2.2"].note
+    # two learning rates do not make the required grid: the shared-grid side result says so and fails
+    shared = exp_module.shared_grid_check(cfg, result)
+    assert not shared.passed and "grid" in shared.note
     for model in ("mlp", "cnn"):
         for stat in ("mean_acc", "spread_across_lr"):
-            assert all(math.isfinite(v) for v in claims["C2.2"].measured["per_model"][model][stat].values())
+            assert all(math.isfinite(v) for v in shared.measured["per_model"][model][stat].values())
     assert len(result["trials"]) == 2 * 3 * 2
+    # C2.2 (a, b): every model and method measured; UnitNormSGD normalizes filters at construction, so
+    # its runs from rescaled initializations are the same run (checked against SGD's, which differ)
+    pm = claims["C2.2"].measured["per_model"]
+    for model in ("mlp", "cnn"):
+        assert pm[model]["a_disagreement"]["unit_norm"] == 0.0
+        for key in ("b_centred_mean_acc", "b_centred_spread", "a_acc_std"):
+            assert all(math.isfinite(v) for v in pm[model][key].values())
+    assert (claims["C2.2"].note == "") == claims["C2.2"].passed
     paths = exp.figures(result, tmp_path)
     assert paths and all(p.exists() and p.stat().st_size > 0 for p in paths)
 
 
 def test_c2_2_reports_unrounded_values_and_a_note_that_tells_them_apart():
-    from symgen.experiments.unit_norm import check_claims
-
     det = [{"model": "mlp", "found": [], "redundant_bias_change": {}, "not_found_change": {"1.weight": 0.1},
             "matches_expected": True}]
     stats = {"sgd": (0.82891, 0.05), "sgd_wd": (0.8, 0.05), "unit_norm": (0.82889, 0.01)}  # equal to 4 decimals
     summary = {"mlp": {k: {"mean_acc": a, "spread_across_lr": s, "best_acc": a} for k, (a, s) in stats.items()}}
     result = {"detection": det, "trials": [], "summary": summary, "lrs": [0.01, 0.03, 0.1, 0.3, 1.0],
               "models": ["mlp"]}
-    c = check_claims(Config(seeds=1, epochs=1), result)[1]
+    c = exp_module.shared_grid_check(Config(seeds=1, epochs=1), result)
     assert not c.passed  # 0.82889 < 0.82891
     assert c.measured["per_model"]["mlp"]["mean_acc"] == {"sgd": 0.82891, "sgd_wd": 0.8, "unit_norm": 0.82889}
     assert "mean 0.82889 vs SGD 0.82891" in c.note and "spread 0.01 vs 0.05" in c.note

@@ -1,72 +1,95 @@
 """The ``symgen`` command line: list, run, reproduce, audit, runs ls|show|compare, report.
 
-A :class:`SymgenError` prints its one-line message and exits 2; an internal error exits 1.
+A :class:`SymgenError` or a usage error prints one line and exits 2; Ctrl-C or SIGTERM exits 130
+(the run is marked interrupted, ``--resume`` continues it); an internal error exits 1. Nothing a
+user types back (names, ids, paths, commands) is ever shortened; ``--json`` prints one JSON
+document on stdout (progress stays on stderr).
 """
 
 from __future__ import annotations
 
+import json
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from symgen.errors import ConfigError, SymgenError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="symgen: symmetry and flatness in deep learning, with numbers.")
-runs_app = typer.Typer(no_args_is_help=True, help="Inspect the run store.")
+                  rich_markup_mode=None, help="symgen: symmetry and flatness in deep learning, with numbers.")
+runs_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspect the run store.")
 app.add_typer(runs_app, name="runs")
 
-console = Console()
-err_console = Console(stderr=True)
-
 OutOpt = typer.Option(Path("runs"), "--out", help="Run store root directory.")
+JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout instead of text.")
+SEED_HELP = ("Sets the experiment config's `seed` field (data splits, initializations, noise draws and "
+             "subsamples derive from it); default: the config's seed (0).")
 
 
-def _claims_table(title: str, claims: list[dict]) -> Table:
-    from symgen.report import format_value
-
-    t = Table(title=title, show_lines=False)
-    for col in ("claim", "measured", "threshold", "verdict"):
-        t.add_column(col, overflow="fold")
-    for c in claims:
-        verdict = "[green]PASS[/green]" if c["passed"] else "[red]FAIL[/red]"
-        t.add_row(c["id"], format_value(c["measured"]), format_value(c["threshold"]), verdict)
-    return t
+def say(text: str = "", *, err: bool = False) -> None:
+    """Print plain text (never shortened, no markup)."""
+    stream = sys.stderr if err else sys.stdout
+    stream.write(text + "\n")
+    stream.flush()
 
 
 def _run_one(name: str, *, quick: bool, config: Path | None, sets: list[str], out: Path,
              seed: int | None, device: str | None, executor: str, workers: int | None,
-             ray_address: str | None, resume: bool) -> list[dict]:
+             ray_address: str | None, resume: bool, resume_from: str | None, as_json: bool) -> dict[str, Any]:
     from symgen.experiments import build_config, get_experiment
     from symgen.runs import RunStore, execute, load_run_config, make_executor
+    from symgen.terminal import claim_lines
 
     exp = get_experiment(name)
+    log = (lambda t: say(t, err=True)) if as_json else say
     store = RunStore(out)
-    previous = store.latest_unfinished(name) if resume else None
-    if resume and previous is None:
-        err_console.print(f"no unfinished run of {name} under {out}; starting a new one.")
-    if previous is not None:
+    previous = None
+    if resume_from is not None:
+        previous = store.get(resume_from)
+        row = store.row(previous)
+        if row["experiment"] != name:
+            raise ConfigError(f"run {previous.id} is a run of {row['experiment']}, not {name}; "
+                              f"`symgen run {row['experiment']} --resume-from {previous.id}`.")
+        if row["status"] not in ("interrupted", "running"):
+            raise ConfigError(f"run {previous.id} is {row['status']}; only an interrupted run can be resumed. "
+                              f"Start a new one: `symgen run {name}`.")
         cfg, quick = load_run_config(previous, exp)
-        console.print(f"resuming {previous.path}")
     else:
         cfg = build_config(exp.config, quick=exp.quick if quick else None, file=config, sets=sets,
                            seed=seed, device=device)
+        if resume:
+            previous = store.resumable(name, cfg)
+            if previous is None:
+                others = [r["id"] for r in store.list(name) if r["status"] == "interrupted"]
+                hint = (f" Interrupted runs with other settings: {', '.join(others)} "
+                        f"(`--resume-from ID`)." if others else "")
+                log(f"no interrupted run of {name} with these settings under {out}; starting a new one.{hint}")
     _check_device(cfg.device)
+    if previous is not None:
+        log(f"resuming {previous.path}")
+    log(f"== {name}" + (" (quick settings)" if quick else ""))
     try:
-        outcome = execute(exp, cfg, store, quick=quick, executor=make_executor(executor, workers, ray_address),
-                          resume=previous)
+        outcome = execute(exp, cfg, store, quick=quick, resume=previous,
+                          executor=make_executor(executor, workers, ray_address))
     except KeyboardInterrupt:
-        err_console.print(f"interrupted; finished trials are kept: `symgen run {name} --resume --out {out}`")
+        latest = store.list(name)[-1]
+        say("interrupted; finished trials are kept. Continue with:", err=True)
+        say(f"  symgen run {name} --resume-from {latest['id']} --out {out}", err=True)
         raise
     claims = [c.model_dump() for c in outcome.claims]
-    console.print(_claims_table(f"{name} ({outcome.seconds:.1f} s"
-                                + (f", {outcome.trials_reused} trials resumed" if outcome.trials_reused else "")
-                                + ")", claims))
-    console.print(f"report: {outcome.run.path / 'report.html'}")
-    return claims
+    reused = f", {outcome.trials_reused} trials resumed" if outcome.trials_reused else ""
+    if not as_json:
+        say(claim_lines(claims, f"{name} ({outcome.seconds:.1f} s{reused})"))
+        say(f"report: {outcome.run.path / 'report.html'}")
+    return {"experiment": name, "run": outcome.run.id, "path": str(outcome.run.path),
+            "report": str(outcome.run.path / "report.html"), "seconds": outcome.seconds, "quick": quick,
+            "seed": cfg.seed, "trials_reused": outcome.trials_reused, "claims": claims,
+            "passed": sum(bool(c["passed"]) for c in claims)}
 
 
 def _check_device(device: str) -> None:
@@ -80,17 +103,24 @@ def _check_device(device: str) -> None:
         raise ConfigError(f"unknown device '{device}'; use cpu, cuda or cuda:N.") from None
 
 
+def _emit(obj: Any) -> None:
+    from symgen.terminal import dump_json
+
+    dump_json(obj)
+
+
 @app.command("list")
-def list_cmd() -> None:
+def list_cmd(as_json: bool = JsonOpt) -> None:
     """List the registered experiments and the claims they check."""
     from symgen.experiments import list_experiments
+    from symgen.terminal import text_table
 
-    t = Table(title="experiments")
-    for col in ("name", "claims", "paper", "title"):
-        t.add_column(col)
-    for e in list_experiments():
-        t.add_row(e.name, " ".join(e.claims), e.paper, e.title)
-    console.print(t)
+    exps = list_experiments()
+    if as_json:
+        _emit([{"name": e.name, "claims": list(e.claims), "paper": e.paper, "title": e.title} for e in exps])
+        return
+    say(text_table(["name", "claims", "paper", "title"], [(e.name, " ".join(e.claims), e.paper, e.title)
+                                                          for e in exps]))
 
 
 @app.command()
@@ -100,17 +130,40 @@ def run(
     config: Path | None = typer.Option(None, "--config", help="YAML file of config keys."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key: key=value (repeatable)."),
     out: Path = OutOpt,
-    seed: int | None = typer.Option(None, "--seed"),
+    seed: int | None = typer.Option(None, "--seed", help=SEED_HELP),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
     executor: str = typer.Option("inprocess", "--executor", help="inprocess, pool or ray."),
     workers: int | None = typer.Option(None, "--workers", help="Processes for --executor pool."),
     ray_address: str | None = typer.Option(None, "--ray-address", help="Ray cluster address (ray start --head)."),
-    resume: bool = typer.Option(False, "--resume", help="Resume the latest unfinished run of this experiment."),
+    resume: bool = typer.Option(False, "--resume", help="Resume the latest interrupted run of this experiment "
+                                                         "with the same settings (finished trials are kept)."),
+    resume_from: str | None = typer.Option(None, "--resume-from", metavar="RUN",
+                                           help="Resume this interrupted run (id), with its stored settings."),
+    as_json: bool = JsonOpt,
 ) -> None:
-    """Run one experiment into the run store; print its claims table and report path."""
-    claims = _run_one(experiment, quick=quick, config=config, sets=set_, out=out, seed=seed, device=device,
-                      executor=executor, workers=workers, ray_address=ray_address, resume=resume)
-    del claims
+    """Run one experiment into the run store; print one line per claim and the report's path."""
+    res = _run_one(experiment, quick=quick, config=config, sets=set_, out=out, seed=seed, device=device,
+                   executor=executor, workers=workers, ray_address=ray_address, resume=resume,
+                   resume_from=resume_from, as_json=as_json)
+    if as_json:
+        _emit(res)
+
+
+def _environment() -> tuple[dict[str, Any], dict[str, Any]]:
+    import os
+    import platform
+
+    import numpy
+    import torch
+
+    import symgen
+
+    machine = {"host": platform.node(), "platform": platform.platform(), "processor": platform.machine(),
+               "cpus": os.cpu_count(), "torch threads": torch.get_num_threads(),
+               "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
+    versions = {"symgen": getattr(symgen, "__version__", "?"), "python": platform.python_version(),
+                "torch": torch.__version__, "numpy": numpy.__version__}
+    return machine, versions
 
 
 @app.command()
@@ -119,83 +172,152 @@ def reproduce(
     full: bool = typer.Option(False, "--full", help="Full settings (the default when --quick is absent)."),
     only: list[str] = typer.Option([], "--only", help="Restrict to these experiments (repeatable)."),
     out: Path = OutOpt,
-    seed: int | None = typer.Option(None, "--seed"),
+    seed: int | None = typer.Option(None, "--seed", help=SEED_HELP + " Applies to every experiment."),
     device: str | None = typer.Option(None, "--device"),
     executor: str = typer.Option("inprocess", "--executor"),
     workers: int | None = typer.Option(None, "--workers"),
     ray_address: str | None = typer.Option(None, "--ray-address"),
+    as_json: bool = JsonOpt,
 ) -> None:
-    """Run every registered experiment and print one table of all claims."""
-    from symgen.experiments import REGISTRY
+    """Run every registered experiment; print all claims and write OUT/index.html, one page for all of them."""
+    from symgen.experiments import REGISTRY, get_experiment
+    from symgen.io import atomic_write
+    from symgen.report import render_index
+    from symgen.terminal import claim_lines, text_table
 
     if quick and full:
         raise ConfigError("--quick and --full exclude each other; pass one.")
     names = list(only) or list(REGISTRY)
-    summary = []
     for name in names:
-        console.rule(name)
-        for c in _run_one(name, quick=quick, config=None, sets=[], out=out, seed=seed, device=device,
-                          executor=executor, workers=workers, ray_address=ray_address, resume=False):
-            summary.append({**c, "id": f"{name}: {c['id']}"})
-    console.rule("all claims")
-    console.print(_claims_table(f"{sum(c['passed'] for c in summary)}/{len(summary)} claims pass", summary))
+        get_experiment(name)  # an unknown name fails before anything runs
+    log = (lambda t: say(t, err=True)) if as_json else say
+    started, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), time.time()
+    results = []
+    for i, name in enumerate(names):
+        log(f"[{i + 1}/{len(names)}] {name}")
+        results.append(_run_one(name, quick=quick, config=None, sets=[], out=out, seed=seed, device=device,
+                                executor=executor, workers=workers, ray_address=ray_address, resume=False,
+                                resume_from=None, as_json=as_json))
+    machine, versions = _environment()
+    summary = {"started": started, "seconds": time.time() - t0, "settings": "quick" if quick else "full",
+               "seed": seed if seed is not None else "config default (0)", "machine": machine,
+               "versions": versions,
+               "experiments": [{"name": r["experiment"], "run": r["run"], "seconds": r["seconds"],
+                                "report": str(Path(r["path"]).name + "/report.html"), "passed": r["passed"],
+                                "claims": r["claims"]} for r in results]}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "reproduce.json", json.dumps(summary, indent=2, default=str) + "\n")
+    page = atomic_write(out / "index.html", render_index(summary))
+    page.chmod(0o644)
+    (out / "reproduce.json").chmod(0o644)
+    if as_json:
+        _emit({**summary, "index": str(page)})
+        return
+    every = [{**c, "id": f"{r['experiment']}: {c['id']}"} for r in results for c in r["claims"]]
+    say()
+    say(text_table(["experiment", "seconds", "claims passed"],
+                   [(r["experiment"], f"{r['seconds']:.1f}", f"{r['passed']}/{len(r['claims'])}") for r in results]))
+    say()
+    say(claim_lines(every, f"all claims ({summary['seconds']:.1f} s)"))
+    say(f"page: {page}")
 
 
 @runs_app.command("ls")
-def runs_ls(out: Path = OutOpt, experiment: str | None = typer.Option(None, "--experiment")) -> None:
-    """List runs."""
+def runs_ls(out: Path = OutOpt, experiment: str | None = typer.Option(None, "--experiment"),
+            as_json: bool = JsonOpt) -> None:
+    """List runs (an audit's model and data under `subject`)."""
     from symgen.runs import RunStore
+    from symgen.terminal import text_table
 
-    t = Table()
-    for col in ("id", "experiment", "created", "status", "claims", "seconds", "path"):
-        t.add_column(col)
-    for r in RunStore(out).list(experiment):
+    rows = RunStore(out).list(experiment)
+    if as_json:
+        _emit(rows)
+        return
+    table = []
+    for r in rows:
         claims = f"{r['passed']}/{r['total']}" if r["total"] is not None else "-"
         secs = f"{r['seconds']:.1f}" if r["seconds"] is not None else "-"
-        t.add_row(r["id"], r["experiment"], r["created"], r["status"], claims, secs, r["path"])
-    console.print(t)
+        table.append((r["id"], r["experiment"], r.get("subject") or "-", r["created"], r["status"], claims, secs,
+                      r["path"]))
+    say(text_table(["id", "experiment", "subject", "created", "status", "claims", "seconds", "path"], table))
+
+
+def _audit_lines(data: dict[str, Any]) -> str:
+    from symgen.audit import AuditResult
+    from symgen.terminal import text_table
+
+    result = AuditResult.from_dict(data)
+    rows = []
+    for name, sec in result.sections.items():
+        if sec.status != "ok" and not sec.values:
+            rows.append((name, sec.status, "-", "-", f"{sec.seconds:.1f}", "; ".join(sec.skipped)))
+            continue
+        for i, (metric, est) in enumerate(sec.values.items()):
+            err = "-" if est.stderr is None else f"{est.stderr:.2g}"
+            rows.append((name if i == 0 else "", metric, f"{est.value:.4g}", err,
+                         f"{sec.seconds:.1f}" if i == 0 else "", "IMPRECISE" if est.imprecise else ""))
+    head = (f"audit of {result.model} on {result.data} ({result.seconds:.1f} s, budget {result.budget}, "
+            f"{result.num_params} parameters)")
+    return head + "\n" + text_table(["section", "metric", "value", "stderr", "seconds", "flag"], rows)
 
 
 @runs_app.command("show")
-def runs_show(run_ref: str = typer.Argument(..., metavar="RUN"), out: Path = OutOpt) -> None:
-    """Show a run's config and claims."""
-    from symgen.runs import RunStore
+def runs_show(run_ref: str = typer.Argument(..., metavar="RUN"), out: Path = OutOpt,
+              as_json: bool = JsonOpt) -> None:
+    """Show a run's settings and claims (an audit run: its numbers)."""
+    import yaml
 
-    run = RunStore(out).get(run_ref)
-    console.print((run.path / "config.yaml").read_text())
-    console.print(_claims_table(run.path.name, run.read_json("claims.json")))
-    console.print(f"report: {run.path / 'report.html'}")
+    from symgen.runs import RunStore
+    from symgen.terminal import claim_lines
+
+    store = RunStore(out)
+    run = store.get(run_ref)
+    meta = yaml.safe_load((run.path / "config.yaml").read_text())
+    is_audit = meta.get("experiment") == "audit"
+    body = run.read_json("audit.json") if is_audit else run.read_json("claims.json")
+    if as_json:
+        _emit({**store.row(run), "config": meta, ("audit" if is_audit else "claims"): body})
+        return
+    say(yaml.safe_dump(meta, sort_keys=False).rstrip())
+    say(_audit_lines(body) if is_audit else claim_lines(body, run.path.name))
+    say(f"report: {run.path / 'report.html'}")
 
 
 @runs_app.command("compare")
-def runs_compare(run_refs: list[str] = typer.Argument(..., metavar="RUN..."), out: Path = OutOpt) -> None:
-    """Compare the claims of several runs side by side."""
-    from symgen.report import format_value
+def runs_compare(run_refs: list[str] = typer.Argument(..., metavar="RUN..."), out: Path = OutOpt,
+                 as_json: bool = JsonOpt) -> None:
+    """Compare several runs side by side: claims (verdict and headline number), or an audit's numbers."""
     from symgen.runs import RunStore
+    from symgen.terminal import claim_headline, format_number, text_table
 
     store = RunStore(out)
     runs = [store.get(r) for r in run_refs]
     table: dict[str, list[str]] = {}
     for i, run in enumerate(runs):
+        if (run.path / "audit.json").exists():
+            for sname, sec in run.read_json("audit.json")["sections"].items():
+                for metric, est in sec["values"].items():
+                    err = "" if est["stderr"] is None else f" ± {format_number(est['stderr'], 2)}"
+                    row = table.setdefault(f"{sname}.{metric}", ["-"] * len(runs))
+                    row[i] = f"{format_number(est['value'], 4)}{err}"
+            continue
         for c in run.read_json("claims.json"):
+            h = claim_headline(c)
             row = table.setdefault(c["id"], ["-"] * len(runs))
-            row[i] = f"{format_value(c['measured'])} ({'PASS' if c['passed'] else 'FAIL'})"
-    t = Table()
-    t.add_column("claim")
-    for run in runs:
-        t.add_column(run.id)
-    for cid, row in table.items():
-        t.add_row(cid, *row)
-    console.print(t)
+            num = "" if h["measured"] is None else f"{h['key']}={format_number(h['measured'])} "
+            row[i] = f"{num}{'PASS' if c['passed'] else 'FAIL'}"
+    if as_json:
+        _emit({"runs": [r.id for r in runs], "rows": table})
+        return
+    say(text_table(["claim / metric", *[r.id for r in runs]], [(k, *v) for k, v in table.items()]))
 
 
 @app.command()
 def report(run_ref: str = typer.Argument(..., metavar="RUN"), out: Path = OutOpt) -> None:
-    """(Re)write a run's report.html and print its path."""
-    from symgen.report import write_report
-    from symgen.runs import RunStore
+    """(Re)write a run's report.html (the audit page for an audit run) and print its path."""
+    from symgen.runs import RunStore, write_report
 
-    console.print(str(write_report(RunStore(out).get(run_ref))))
+    say(str(write_report(RunStore(out).get(run_ref))))
 
 
 @app.command()
@@ -207,12 +329,15 @@ def audit(
     data: str = typer.Option(..., "--data", help="Dataset: digits, mnist1d, mnist, fashion-mnist, cifar10."),
     root: Path | None = typer.Option(None, "--root", help="Directory with the dataset files (mnist, cifar10)."),
     action: str = typer.Option("none", "--action", help="Group action for invariance: c4, d4, shift or none."),
-    budget: str = typer.Option("quick", "--budget", help="quick (about a minute on CPU) or full."),
+    budget: str = typer.Option("quick", "--budget", help="quick (about a minute on a CPU, whatever the model), "
+                                                         "full, or a number of seconds: each section's work is "
+                                                         "sized to it."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
-    seed: int = typer.Option(0, "--seed", help="Seed of subsamples, probes and noise draws."),
+    seed: int = typer.Option(0, "--seed", help="Seed of subsamples, probes, noise draws and attacks."),
     set_: list[str] = typer.Option([], "--set", help="Override a budget limit: key=value, e.g. ntk_samples=100 "
                                                     "(repeatable; see symgen.audit.AuditLimits)."),
     out: Path = OutOpt,
+    as_json: bool = JsonOpt,
 ) -> None:
     """Audit a trained model: accuracy, invariance, scale symmetries, curvature, noise stability, NTK, PGD."""
     import yaml
@@ -230,45 +355,58 @@ def audit(
             limits[key.strip()] = yaml.safe_load(raw)
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {key}: cannot parse value '{raw}': {e}") from None
-    with console.status("auditing") as status:
-        result, run = run_audit(model, data, checkpoint=checkpoint, action=action, budget=budget, root=root,
-                                device=device, seed=seed, out=out, limits=limits,
-                                progress=lambda title: status.update(f"auditing: {title}"))
-    t = Table(title=f"audit of {result.model} on {result.data} ({result.seconds:.1f} s, budget {budget})")
-    for col in ("section", "metric", "value", "stderr", "seconds"):
-        t.add_column(col, overflow="fold")
-    for name, sec in result.sections.items():
-        if sec.status != "ok":
-            t.add_row(name, f"[yellow]{sec.status}[/yellow]", "; ".join(sec.skipped)[:200], "", f"{sec.seconds:.1f}")
-            continue
-        for i, (metric, est) in enumerate(sec.values.items()):
-            t.add_row(name if i == 0 else "", metric, f"{est.value:.4g}",
-                      "-" if est.stderr is None else f"{est.stderr:.2g}", f"{sec.seconds:.1f}" if i == 0 else "")
-    console.print(t)
-    console.print(f"report: {run.path / 'report.html'}")
+    t0 = time.time()
+
+    def progress(title: str) -> None:
+        say(f"  [{time.time() - t0:5.1f} s] {title}", err=True)
+
+    result, run = run_audit(model, data, checkpoint=checkpoint, action=action, budget=budget, root=root,
+                            device=device, seed=seed, out=out, limits=limits, progress=progress)
+    if as_json:
+        _emit({"run": run.id, "path": str(run.path), "report": str(run.path / "report.html"), **result.to_dict()})
+        return
+    say(_audit_lines(result.to_dict()))
+    say(f"report: {run.path / 'report.html'}")
+
+
+def _usage_error_type() -> type[Exception]:
+    """The exception typer raises for usage errors: typer >= 0.29 vendors click, older typer uses click."""
+    try:
+        from typer.exceptions import TyperException
+
+        return TyperException
+    except ImportError:  # pragma: no cover - typer < 0.29
+        from click.exceptions import ClickException
+
+        return ClickException
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # a killed run is marked interrupted (resumable), never left "running"
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: SymgenError -> message on stderr, exit 2; internal error -> traceback, exit 1."""
+    """Entry point: SymgenError or usage error -> one line on stderr, exit 2; Ctrl-C/SIGTERM -> 130."""
+    usage_error = _usage_error_type()
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGTERM, _sigterm)
     try:
         rc = app(args=argv, standalone_mode=False)
     except SymgenError as e:
-        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        say(f"error: {' '.join(str(e).split())}", err=True)
         return 2
-    except KeyboardInterrupt:
-        err_console.print("interrupted; resume with --resume")
+    except (KeyboardInterrupt, typer.Abort):
+        say("interrupted.", err=True)
         return 130
     except typer.Exit as e:
         return e.exit_code
-    except Exception as e:  # click usage errors and friends
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            return 2
-        if isinstance(e, click.exceptions.Abort):
-            return 130
-        raise
+    except usage_error as e:
+        e.show()  # type: ignore[attr-defined]
+        return int(getattr(e, "exit_code", 2)) or 2
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
     return rc if isinstance(rc, int) else 0
 
 

@@ -12,6 +12,7 @@ __all__ = [
     "CheckpointError",
     "NotSeparableError",
     "MemoryBudgetError",
+    "DistributedError",
 ]
 
 
@@ -49,3 +50,7 @@ class NotSeparableError(SymgenError, ValueError):
 
 class MemoryBudgetError(SymgenError, MemoryError):
     """A memory budget too small for the smallest block of work; the message says what is needed."""
+
+
+class DistributedError(SymgenError, RuntimeError):
+    """A failed or timed-out collective operation (a rank died or hung), or a process group that does not fit."""

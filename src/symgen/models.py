@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from symgen.errors import ConfigError, ShapeError
-from symgen.nn.masked import MaskedCNN
+from symgen.nn.masked import MaskedCNN, MaskedConv2d
 from symgen.ntk import ntk_mlp
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "VisionTransformer",
     "vit",
     "MaskedCNN",
+    "PaperMaskedCNN",
     "ntk_mlp",
 ]
 
@@ -292,3 +293,39 @@ def vit(image_size: int | tuple[int, int] = 32, patch_size: int = 4, num_classes
         dropout: float = 0.0) -> VisionTransformer:
     """A small Vision Transformer (arXiv 2010.11929); the defaults suit 32x32 images (64 patches of 4x4)."""
     return VisionTransformer(image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, in_channels, dropout)
+
+
+# ---------------------------------------------------------------------------------------------
+# the masked CNN exactly as Nordenfors & Flinth build it (experiment ensemble-equivariance)
+
+
+class PaperMaskedCNN(nn.Module):
+    """Nordenfors & Flinth's CNN (arXiv 2410.01452, their ``omegaCNN``): three masked 3x3 convs without
+    bias; conv -> 2x2 average pool -> tanh -> LayerNorm over each channel's (H, W) without affine, twice,
+    then conv -> tanh -> the same LayerNorm; the flattened grid into a linear head without bias; every
+    weight N(0, init_std^2). Images (N, C, H, W) with H, W divisible by 4 (28 -> 7, 8 -> 2).
+
+    Unlike :class:`MaskedCNN` (global average pooling, LayerNorm over channels) the head sees the whole
+    grid, so invariance must be learned by the head as well, as in the paper.
+    """
+
+    def __init__(self, in_shape: Sequence[int], num_classes: int = 10, channels: int = 16,
+                 support: str | Tensor = "symmetric", init_std: float = 1.0) -> None:
+        super().__init__()
+        if len(in_shape) != 3 or in_shape[1] % 4 or in_shape[2] % 4:
+            raise ShapeError(f"PaperMaskedCNN expects images (C, H, W) with H and W divisible by 4; got {tuple(in_shape)}.")
+        c, h, w = in_shape
+        self.convs = nn.ModuleList(MaskedConv2d(a, channels, 3, support, bias=False, init_std=init_std)
+                                   for a in (c, channels, channels))
+        self.grid = (h // 4, w // 4)
+        self.head = nn.Linear(channels * self.grid[0] * self.grid[1], num_classes, bias=False)
+        with torch.no_grad():
+            self.head.weight.normal_(0.0, init_std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, conv in enumerate(self.convs):
+            x = conv(x)
+            if i < 2:
+                x = F.avg_pool2d(x, 2)
+            x = F.layer_norm(torch.tanh(x), x.shape[-2:])
+        return self.head(x.flatten(1))

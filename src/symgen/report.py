@@ -16,14 +16,14 @@ import yaml
 
 from symgen.io import atomic_write
 
-__all__ = ["write_report", "render_page", "format_value", "pyplot", "save_figure"]
+__all__ = ["write_report", "render_page", "render_index", "format_value", "pyplot", "save_figure"]
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.5em} h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:1em 0;font-size:.9em} td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}
 th{background:#f4f4f4} .pass{color:#176f2c;font-weight:bold} .fail{color:#b00020;font-weight:bold}
-figure{display:inline-block;margin:1em;max-width:520px} figure img{max-width:100%} figcaption{font-size:.85em;color:#555}
+figure{display:inline-block;margin:1em;max-width:520px} figure.missing{border:1px dashed #aaa;padding:1em;color:#555;min-height:6em;vertical-align:top} figure img{max-width:100%} figcaption{font-size:.85em;color:#555}
 pre{background:#f7f7f7;padding:.8em;overflow:auto;font-size:.85em}
 """
 
@@ -99,8 +99,9 @@ def _figures(paths: Sequence[Path]) -> str:
 
 def render_page(title: str, *, subtitle: str = "", claims: Sequence[dict[str, Any]] = (),
                 tables: dict[str, Sequence[dict[str, Any]]] | None = None, figures: Sequence[Path] = (),
-                config: Any = None, data_json: Any = None) -> str:
-    """One self-contained HTML page."""
+                config: Any = None, data_json: Any = None,
+                placeholders: Sequence[tuple[str, str]] = ()) -> str:
+    """One self-contained HTML page. ``placeholders``: (figure name, why it is missing) shown in its place."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
     if subtitle:
@@ -108,10 +109,13 @@ def render_page(title: str, *, subtitle: str = "", claims: Sequence[dict[str, An
     if claims:
         n = sum(bool(c["passed"]) for c in claims)
         parts.append(f"<h2>Claims ({n}/{len(claims)} pass)</h2>{_claims_table(claims)}")
+    if figures or placeholders:
+        missing = "".join(f'<figure class="missing" data-figure="{html.escape(n)}"><p>{html.escape(why)}</p>'
+                          f"<figcaption>{html.escape(n)} (not drawn)</figcaption></figure>"
+                          for n, why in placeholders)
+        parts.append(f"<h2>Figures</h2>{_figures(figures)}{missing}")
     for name, rows in (tables or {}).items():
         parts.append(f"<h2>{html.escape(name)}</h2>{_table(rows, table_id=name.replace(' ', '-'))}")
-    if figures:
-        parts.append(f"<h2>Figures</h2>{_figures(figures)}")
     if config is not None:
         parts.append(f"<h2>Configuration</h2><pre>{html.escape(yaml.safe_dump(config, sort_keys=False))}</pre>")
     if data_json is not None:
@@ -137,3 +141,45 @@ def write_report(run: Any) -> Path:
     target = path / "report.html"
     atomic_write(target, page)
     return target
+
+
+def render_index(summary: dict[str, Any]) -> str:
+    """The one page of a whole reproduction (``index.html`` beside the run directories).
+
+    ``summary`` (what ``symgen reproduce --json`` prints): ``experiments`` (name, run id, report
+    path relative to the page, seconds, claims), ``machine``, ``versions``, ``seed``, ``seconds``.
+    Every claim is a row: verdict, our headline number, the paper's, the threshold, a link to its report.
+    """
+    from symgen.terminal import claim_headline
+
+    rows, n_pass, n_all = [], 0, 0
+    for exp in summary["experiments"]:
+        link = html.escape(exp["report"])
+        for c in exp["claims"]:
+            h = claim_headline(c)
+            n_all += 1
+            n_pass += bool(c["passed"])
+            verdict = '<span class="pass">PASS</span>' if c["passed"] else '<span class="fail">FAIL</span>'
+            num = "-" if h["measured"] is None else f"{h['key']} = {format_value(h['measured'])}"
+            rows.append(
+                f'<tr data-claim="{html.escape(exp["name"])}:{html.escape(c["id"])}"><td>{html.escape(exp["name"])}</td>'
+                f'<td>{html.escape(c["id"])}</td><td>{verdict}</td><td class="ours">{html.escape(num)}</td>'
+                f'<td class="paper">{html.escape("-" if h["paper"] is None else format_value(h["paper"]))}</td>'
+                f'<td class="threshold">{html.escape(format_value(c["threshold"]))}</td>'
+                f'<td>{html.escape(c["statement"])}</td><td><a href="{link}">report</a></td></tr>')
+    claims = ('<table id="claims"><thead><tr><th>experiment</th><th>claim</th><th>verdict</th><th>ours</th>'
+              '<th>paper</th><th>threshold</th><th>statement</th><th>report</th></tr></thead><tbody>'
+              + "".join(rows) + "</tbody></table>")
+    exps = _table([{"experiment": e["name"], "run": e["run"], "claims passed": f"{e['passed']}/{len(e['claims'])}",
+                    "seconds": round(e["seconds"], 1)} for e in summary["experiments"]], "experiments")
+    env = _table([{"what": k, "value": v} for k, v in {**summary["machine"], **summary["versions"],
+                                                      "seed": summary.get("seed"),
+                                                      "settings": summary.get("settings")}.items()], "environment")
+    title = f"symgen reproduce: {n_pass}/{n_all} claims pass"
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+            f"<p>total time {summary['seconds']:.1f} s, started {html.escape(str(summary.get('started', '')))}</p>"
+            f"<h2>Claims</h2>{claims}<h2>Experiments</h2>{exps}<h2>Machine, versions, seeds</h2>{env}"
+            '<script type="application/json" id="data">' + json.dumps(summary).replace("</", "<\\/")
+            + "</script></body></html>")
+    return page

@@ -23,6 +23,7 @@ from symgen.errors import ConfigError, DivergenceError, ShapeError
 from symgen.functional import bn_mode
 from symgen.ntk.regression import kernel_eigh, kernel_regression
 from symgen.rng import Seed, as_generator
+from symgen.streaming import check_same_device
 from symgen.training import LossClosure, fit
 
 __all__ = [
@@ -199,6 +200,8 @@ def fgsm(predict: Predictor, x: Tensor, y: Tensor, eps: float, *, norm: str = "l
     x_adv = clip(x + eps * sign(grad_x L))  (linf) or x + eps * g / ||g||_2 (l2); arXiv 1412.6572.
     """
     _check_attack_args(x, y, eps, norm, clamp)
+    if isinstance(predict, nn.Module):
+        check_same_device(predict, x)
     out = torch.empty_like(x)
     for sl in _chunks(x.shape[0], batch_size):
         xb = x[sl].detach()
@@ -219,6 +222,8 @@ def pgd(predict: Predictor, x: Tensor, y: Tensor, eps: float, step_size: float |
     ball, drawn from ``generator`` (a seed or a ``torch.Generator``; None = seed 0). Returns the last iterate.
     """
     _check_attack_args(x, y, eps, norm, clamp)
+    if isinstance(predict, nn.Module):
+        check_same_device(predict, x)
     if steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}.")
     if step_size is None:

@@ -8,14 +8,15 @@ the checkpoints that ``--resume`` restarts from). ``runs/index.sqlite`` lists ev
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
+import shutil
+import socket
 import sqlite3
-import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,13 +24,13 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from symgen.errors import ConfigError, SymgenError
+from symgen.executors import Executor, InProcessExecutor, PoolExecutor, RayExecutor, make_executor
 from symgen.experiments.base import (
     Claim,
     Context,
     Experiment,
     ExperimentConfig,
     jsonable,
-    num_threads,
     trial_key,
 )
 from symgen.io import atomic_write
@@ -96,46 +97,78 @@ class RunDir:
 
 
 class RunStore:
-    """Run directories under ``root`` and their SQLite index."""
+    """Run directories under ``root`` and their SQLite index.
+
+    The index holds each run's directory name, resolved against ``root`` when read: a store can be
+    moved or copied and read from any working directory. Status: ``running``, ``done``, ``failed``
+    (an error), ``interrupted`` (Ctrl-C, SIGTERM, or a ``running`` run whose process is gone).
+    """
+
+    _COLUMNS = {"id": "TEXT PRIMARY KEY", "experiment": "TEXT", "created": "TEXT", "status": "TEXT", "path": "TEXT",
+                "passed": "INTEGER", "total": "INTEGER", "seconds": "REAL", "quick": "INTEGER",
+                "config_hash": "TEXT", "pid": "INTEGER", "host": "TEXT", "subject": "TEXT"}
 
     def __init__(self, root: str | Path = "runs"):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.index = self.root / "index.sqlite"
         with self._db() as db:
-            db.execute("""CREATE TABLE IF NOT EXISTS runs (
-                id TEXT PRIMARY KEY, experiment TEXT, created TEXT, status TEXT, path TEXT,
-                passed INTEGER, total INTEGER, seconds REAL, quick INTEGER)""")
+            cols = ", ".join(f"{k} {v}" for k, v in self._COLUMNS.items())
+            db.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols})")
+            have = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
+            for k, v in self._COLUMNS.items():  # stores made by older versions gain the new columns
+                if k not in have:
+                    db.execute(f"ALTER TABLE runs ADD COLUMN {k} {v}")
 
     def _db(self) -> sqlite3.Connection:
         return sqlite3.connect(self.index, timeout=30)
 
-    def create(self, experiment: str, config: ExperimentConfig, quick: bool) -> RunDir:
+    def create(self, experiment: str, config: ExperimentConfig, quick: bool, subject: str = "") -> RunDir:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run = RunDir(self.root / f"{stamp}-{experiment}-{secrets.token_hex(3)}")
         run.path.mkdir(parents=True)
         run.write_yaml("config.yaml", {"experiment": experiment, "quick": quick, "config": config.model_dump()})
-        self.record(run, experiment, status="running", quick=quick)
+        self.record(run, experiment, status="running", quick=quick, config_hash=config_hash(config),
+                    subject=subject)
         return run
 
     def record(self, run: RunDir, experiment: str, status: str, quick: bool | None = None,
-               passed: int | None = None, total: int | None = None, seconds: float | None = None) -> None:
+               passed: int | None = None, total: int | None = None, seconds: float | None = None,
+               config_hash: str | None = None, subject: str | None = None) -> None:
         with self._db() as db:
-            db.execute("""INSERT INTO runs (id, experiment, created, status, path, passed, total, seconds, quick)
-                          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-                          ON CONFLICT(id) DO UPDATE SET status=excluded.status,
+            db.execute("""INSERT INTO runs (id, experiment, created, status, path, passed, total, seconds, quick,
+                                            config_hash, pid, host, subject)
+                          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                          ON CONFLICT(id) DO UPDATE SET status=excluded.status, pid=excluded.pid,
+                            host=excluded.host,
                             passed=COALESCE(excluded.passed, passed), total=COALESCE(excluded.total, total),
-                            seconds=COALESCE(excluded.seconds, seconds), quick=COALESCE(excluded.quick, quick)""",
-                       (run.id, experiment, time.strftime("%Y-%m-%d %H:%M:%S"), status, str(run.path),
-                        passed, total, seconds, None if quick is None else int(quick)))
+                            seconds=COALESCE(excluded.seconds, seconds), quick=COALESCE(excluded.quick, quick),
+                            config_hash=COALESCE(excluded.config_hash, config_hash),
+                            subject=COALESCE(excluded.subject, subject)""",
+                       (run.id, experiment, time.strftime("%Y-%m-%d %H:%M:%S"), status, run.path.name,
+                        passed, total, seconds, None if quick is None else int(quick), config_hash,
+                        os.getpid(), socket.gethostname(), subject))
+
+    def discard(self, run: RunDir) -> None:
+        """Remove a run that holds nothing (it failed before its first result) from disk and index."""
+        with self._db() as db:
+            db.execute("DELETE FROM runs WHERE id = ?", (run.id,))
+        shutil.rmtree(run.path, ignore_errors=True)
 
     def list(self, experiment: str | None = None) -> list[dict[str, Any]]:
+        """Index rows, oldest first, ``path`` resolved against the store root."""
         with self._db() as db:
             db.row_factory = sqlite3.Row
-            q, args = "SELECT * FROM runs", ()
+            q, args = "SELECT rowid AS _order, * FROM runs", ()
             if experiment:
                 q, args = q + " WHERE experiment = ?", (experiment,)
-            return [dict(r) for r in db.execute(q + " ORDER BY path", args)]
+            rows = [dict(r) for r in db.execute(q, args)]
+        host = socket.gethostname()
+        for r in rows:
+            r["path"] = str(self.root / Path(r["path"]).name)
+            if r["status"] == "running" and r.get("host") == host and r.get("pid") and not _alive(r["pid"]):
+                r["status"] = "interrupted"  # its process is gone (killed): resumable like a Ctrl-C
+        return sorted(rows, key=lambda r: r.pop("_order"))  # creation order
 
     def get(self, ref: str) -> RunDir:
         """A run by id, id prefix, directory name or path."""
@@ -149,84 +182,47 @@ class RunStore:
             raise SymgenError(f"no run '{ref}' in {self.root}; `symgen runs ls --out {self.root}` lists them.")
         raise SymgenError(f"run reference '{ref}' is ambiguous ({len(rows)} runs); give more of the id.")
 
-    def latest_unfinished(self, experiment: str) -> RunDir | None:
-        rows = [r for r in self.list(experiment) if r["status"] != "done"]
+    def row(self, run: RunDir) -> dict[str, Any]:
+        rows = [r for r in self.list() if r["id"] == run.id]
+        return rows[0] if rows else {"id": run.id, "experiment": "?", "status": "?", "path": str(run.path)}
+
+    def resumable(self, experiment: str, config: ExperimentConfig | None = None) -> RunDir | None:
+        """The latest interrupted run of ``experiment`` (with the same config, when given); never a failed
+        or finished one."""
+        want = None if config is None else config_hash(config)
+        rows = [r for r in self.list(experiment) if r["status"] == "interrupted"
+                and (want is None or r.get("config_hash") == want)]
         return RunDir(Path(rows[-1]["path"])) if rows else None
 
-
-# ----------------------------------------------------------------------------------- executors
-
-class Executor:
-    """Runs trial functions; yields ``(index, result)`` as trials finish."""
-
-    name = "inprocess"
-
-    def imap(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
-        for i, item in enumerate(items):
-            yield i, fn(item)
-
-    def close(self) -> None:
-        pass
+    def latest_unfinished(self, experiment: str) -> RunDir | None:
+        return self.resumable(experiment)
 
 
-class InProcessExecutor(Executor):
-    """Trials one after another in this process (the default; deterministic, no pickling)."""
+def config_hash(config: ExperimentConfig) -> str:
+    """The identity of a config for ``--resume`` (the device is not part of it)."""
+    data = {k: v for k, v in jsonable(config.model_dump()).items() if k != "device"}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class PoolExecutor(Executor):
-    """Trials in a local process pool (spawned workers, each limited to one BLAS thread)."""
-
-    name = "pool"
-
-    def __init__(self, workers: int | None = None):
-        import multiprocessing as mp
-
-        self.workers = workers or max(1, (os.cpu_count() or 2))
-        self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
-                                         initializer=num_threads, initargs=(1,))
-
-    def imap(self, fn, items):
-        futures = {self._pool.submit(fn, item): i for i, item in enumerate(items)}
-        for fut in as_completed(futures):
-            yield futures[fut], fut.result()
-
-    def close(self) -> None:
-        self._pool.shutdown(cancel_futures=True)
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
-class RayExecutor(Executor):
-    """Trials as Ray tasks on a cluster (``ray start --head``; extra ``symgen[ray]``)."""
-
-    name = "ray"
-
-    def __init__(self, address: str | None = None, num_cpus_per_trial: float = 1.0):
-        try:
-            import ray
-        except ImportError:
-            raise ConfigError("--executor ray needs Ray: pip install 'symgen[ray]'.") from None
-        self._ray = ray
-        if not ray.is_initialized():
-            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-        self._cpus = num_cpus_per_trial
-
-    def imap(self, fn, items):
-        ray = self._ray
-        remote = ray.remote(num_cpus=self._cpus)(fn)
-        refs = {remote.remote(item): i for i, item in enumerate(items)}
-        pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            yield refs[done[0]], ray.get(done[0])
-
-
-def make_executor(name: str = "inprocess", workers: int | None = None, ray_address: str | None = None) -> Executor:
-    if name == "inprocess":
-        return InProcessExecutor()
-    if name == "pool":
-        return PoolExecutor(workers)
-    if name == "ray":
-        return RayExecutor(ray_address)
-    raise ConfigError(f"unknown executor '{name}'; choose inprocess, pool or ray.")
+def share_mode(root: Path) -> None:
+    """Give every file of a run directory the mode a new file gets here (umask), not the 0600 of temp files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in Path(root).rglob("*"):
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
 
 
 # ----------------------------------------------------------------------------------- context
@@ -236,8 +232,9 @@ class RunContext(Context):
 
     def __init__(self, run: RunDir, executor: Executor, device: str = "cpu", show_progress: bool = True):
         self.run, self.executor, self.device = run, executor, device
-        self.show_progress = show_progress and sys.stderr.isatty()
+        self.show_progress = show_progress
         self.trials_reused = 0
+        self.trials_done = 0
 
     def map(self, fn, items, desc="trials"):
         items = list(items)
@@ -258,29 +255,20 @@ class RunContext(Context):
             atomic_write(self.run.trial_path(keys[i]),
                          json.dumps({"fn": f"{fn.__module__}.{fn.__qualname__}", "item": jsonable(items[i]),
                                      "result": results[i]}))
+            self.trials_done += 1
         return results
 
     def log(self, **metrics):
         self.run.append_metrics({"time": time.time(), **metrics})
 
     def progress(self, iterable, desc="", total=None):
+        """A rich bar in a terminal, a plain line every few seconds in a pipe (stderr), nothing when disabled."""
         if not self.show_progress:
             yield from iterable
             return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
+        from symgen.terminal import progress
 
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), transient=True) as bar:
-            task = bar.add_task(desc, total=total)
-            for item in iterable:
-                yield item
-                bar.advance(task)
+        yield from progress(iterable, desc=desc, total=total)
 
 
 # ----------------------------------------------------------------------------------- execution
@@ -297,9 +285,14 @@ class RunOutcome:
 def execute(experiment: Experiment, config: ExperimentConfig, store: RunStore, *, quick: bool = False,
             executor: Executor | None = None, resume: RunDir | None = None,
             show_progress: bool = True) -> RunOutcome:
-    """Run ``experiment`` under ``config`` into a new run directory (or ``resume`` an unfinished one)."""
-    from symgen.report import write_report
+    """Run ``experiment`` under ``config`` into a new run directory (or ``resume`` an interrupted one).
 
+    Ctrl-C (or SIGTERM through the CLI) marks the run ``interrupted``: ``--resume`` continues it. Any
+    other error marks it ``failed``; a new run that fails with a :class:`SymgenError` before its first
+    trial finished (bad input found at run time) is removed, so it leaves no directory behind.
+    """
+    if experiment.validate is not None:
+        experiment.validate(config)  # checks that need more than the config's types, before anything exists
     run = resume if resume is not None else store.create(experiment.name, config, quick)
     if resume is not None:
         store.record(run, experiment.name, status="running")
@@ -316,14 +309,38 @@ def execute(experiment: Experiment, config: ExperimentConfig, store: RunStore, *
             experiment.figures(result, run.figures_dir)
         seconds = time.time() - start
         write_report(run)
-    except BaseException:
+    except (KeyboardInterrupt, SystemExit):
         store.record(run, experiment.name, status="interrupted", seconds=time.time() - start)
+        raise
+    except BaseException as e:
+        empty = resume is None and ctx.trials_done == 0 and not any(run.path.glob("trials/*.json"))
+        if isinstance(e, SymgenError) and empty:
+            store.discard(run)
+        else:
+            store.record(run, experiment.name, status="failed", seconds=time.time() - start)
         raise
     finally:
         executor.close()
+    share_mode(run.path)
     store.record(run, experiment.name, status="done", passed=sum(c.passed for c in claims),
                  total=len(claims), seconds=seconds)
     return RunOutcome(run, claims, result, seconds, ctx.trials_reused)
+
+
+def write_report(run: RunDir) -> Path:
+    """(Re)write a run's ``report.html``: the audit page for an audit run, the claims page otherwise."""
+    from symgen.report import write_report as write_claims_report
+
+    meta = yaml.safe_load((run.path / "config.yaml").read_text())
+    if meta.get("experiment") == "audit" and (run.path / "audit.json").exists():
+        from symgen.audit import AuditResult
+
+        result = AuditResult.from_dict(run.read_json("audit.json"))
+        target = _write_audit_files(run, result, figures=sorted((run.path / "figures").glob("*.png")))
+    else:
+        target = write_claims_report(run)
+    share_mode(run.path)
+    return target
 
 
 def load_run_config(run: RunDir, experiment: Experiment) -> tuple[ExperimentConfig, bool]:
@@ -351,15 +368,16 @@ class AuditConfig(ExperimentConfig):
 
 
 def run_audit(model: str, data: str, *, checkpoint: str | Path | None = None, action: str = "none",
-              budget: str = "quick", root: str | Path | None = None, device: str | None = None, seed: int = 0,
-              out: str | Path = "runs", limits: dict[str, Any] | None = None,
+              budget: str | float = "quick", root: str | Path | None = None, device: str | None = None,
+              seed: int = 0, out: str | Path = "runs", limits: dict[str, Any] | None = None,
               progress: Callable[[str], None] | None = None) -> tuple[AuditResult, RunDir]:
-    """Load ``model`` (``MODULE:FACTORY``) and ``checkpoint``, audit it, and write a run directory under ``out``
+    """Load ``model`` (``MODULE:FACTORY``) and ``checkpoint``, audit it, and store it as a run under ``out``
     (what ``symgen audit`` does).
 
-    The run directory (indexed in ``out/index.sqlite`` as experiment ``audit``) is created before
-    the audit starts, so an interrupted audit is recorded as such; it ends with the files of
-    :func:`write_audit_run`. ``seed`` is the audit's ``generator``. Returns ``(result, run)``.
+    Everything is validated and measured before anything is written: bad input (model, checkpoint,
+    data, action, limits) raises a :class:`SymgenError` and leaves no run directory. The run
+    (experiment ``audit`` in ``out/index.sqlite``) holds the files of :func:`write_audit_run`.
+    ``seed`` is the audit's ``generator``. Returns ``(result, run)``.
     """
     from pydantic import ValidationError
 
@@ -367,65 +385,55 @@ def run_audit(model: str, data: str, *, checkpoint: str | Path | None = None, ac
 
     if action not in ACTIONS:
         raise ConfigError(f"unknown action '{action}'; choose one of {', '.join(ACTIONS)}.")
-    resolve_limits(budget, limits)  # validate before anything is loaded or written
+    lim = resolve_limits(budget, limits)  # validate before anything is loaded
+    if not lim.time_limit > 0:
+        raise ConfigError(f"time_limit must be > 0 seconds, got {lim.time_limit:g}; the audit sizes its work "
+                          "to it (e.g. --budget 60 or --set time_limit=120).")
     try:
         cfg = AuditConfig(model=model, checkpoint=None if checkpoint is None else str(checkpoint), data=data,
-                          root=None if root is None else str(root), action=action, budget=budget,
+                          root=None if root is None else str(root), action=action, budget=str(budget),
                           limits=dict(limits or {}), seed=seed, device=device or "cpu")
     except ValidationError as e:
         raise ConfigError(f"invalid audit settings: {e}") from None
     net = load_model(model, checkpoint, device=cfg.device)
-    store = RunStore(out)
-    run = store.create("audit", cfg, quick=budget == "quick")
-    start = time.time()
-    try:
-        result = audit(net, data, action, budget=budget, limits=limits, root=root, generator=seed,
-                       device=cfg.device, name=model, progress=progress)
-        if checkpoint is not None:
-            result.model = f"{model} + {Path(checkpoint).name}"
-        _write_audit_files(run, result)
-    except BaseException:
-        store.record(run, "audit", status="interrupted", seconds=time.time() - start)
-        raise
-    store.record(run, "audit", status="done", seconds=time.time() - start)
-    return result, run
+    result = audit(net, data, action, budget=budget, limits=limits, root=root, generator=seed,
+                   device=cfg.device, name=model, progress=progress)
+    if checkpoint is not None:
+        result.model = f"{model} + {Path(checkpoint).name}"
+    return result, write_audit_run(RunStore(out), result, config=cfg)
 
 
-def write_audit_run(store: RunStore, result: AuditResult, *, title: str | None = None) -> RunDir:
+def write_audit_run(store: RunStore, result: AuditResult, *, title: str | None = None,
+                    config: AuditConfig | None = None) -> RunDir:
     """Store an :class:`~symgen.audit.AuditResult` as a new run of ``store`` (experiment ``audit``).
 
     The run directory holds ``config.yaml`` (the audit's settings), ``audit.json`` (every value),
     ``result.json`` (the report's tables), ``claims.json`` (empty: an audit checks no claims),
     ``figures/*.png`` and ``report.html``.
     """
-    cfg = AuditConfig(model=result.model, data=result.data, action=result.action or "none", budget=result.budget,
-                      limits=jsonable(result.limits), seed=result.seed, device=result.device)
-    run = store.create("audit", cfg, quick=result.budget == "quick")
+    cfg = config or AuditConfig(model=result.model, data=result.data, action=result.action or "none",
+                                budget=result.budget, limits=jsonable(result.limits), seed=result.seed,
+                                device=result.device)
+    run = store.create("audit", cfg, quick=result.budget != "full", subject=f"{result.model} on {result.data}")
     try:
         _write_audit_files(run, result, title)
     except BaseException:
-        store.record(run, "audit", status="interrupted")
+        store.discard(run)
         raise
+    share_mode(run.path)
     store.record(run, "audit", status="done", seconds=result.seconds)
     return run
 
 
-def _write_audit_files(run: RunDir, result: AuditResult, title: str | None = None) -> Path:
+def _write_audit_files(run: RunDir, result: AuditResult, title: str | None = None,
+                       figures: list[Path] | None = None) -> Path:
     """``audit.json``, ``figures/*.png``, ``report.html``, ``result.json`` and ``claims.json`` of an audit."""
-    from symgen.report import render_page
+    from symgen.audit.page import render_audit_page
 
     data = result.to_dict()
     run.write_json("audit.json", data)
-    figs = result.figures(run.path / "figures")
-    page = render_page(title or f"symgen audit: {result.model}",
-                       subtitle=(f"data {result.data}, action {result.action or 'none'}, budget {result.budget}, "
-                                 f"device {result.device}, {result.num_params} parameters, "
-                                 f"{result.seconds:.1f} s"),
-                       tables=result.report_tables(), figures=figs,
-                       config={k: data[k] for k in ("model", "data", "action", "budget", "device", "dtype",
-                                                    "seed", "limits")},
-                       data_json=data)
-    page_path = atomic_write(run.path / "report.html", page)
+    figs = result.figures(run.path / "figures") if figures is None else figures
+    page_path = atomic_write(run.path / "report.html", render_audit_page(result, figs, title=title))
     run.write_json("result.json", {"tables": result.report_tables()})
     run.write_json("claims.json", [])
     return page_path

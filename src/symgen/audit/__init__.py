@@ -34,7 +34,7 @@ from symgen.audit.loading import (
 )
 from symgen.audit.result import RUN_ORDER, SECTIONS, AuditResult, Estimate, SectionResult
 from symgen.audit.sections import curvature, evaluation, ntk, scale_symmetries
-from symgen.errors import ConfigError
+from symgen.errors import ConfigError, DivergenceError
 from symgen.rng import Seed, seed_of
 
 __all__ = [
@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 
-def audit(model: nn.Module, data: Any, action: Any = None, *, budget: str = "quick",
+def audit(model: nn.Module, data: Any, action: Any = None, *, budget: str | float = "quick",
           limits: Mapping[str, Any] | None = None, root: str | Path | None = None, generator: Seed = None,
           device: str | torch.device | None = None, sections: Sequence[str] | None = None,
           name: str | None = None, progress: Callable[[str], None] | None = None) -> AuditResult:
@@ -62,8 +62,10 @@ def audit(model: nn.Module, data: Any, action: Any = None, *, budget: str = "qui
     ``data``: a dataset name for :func:`symgen.data.load_dataset` (train split for the curvature,
     noise and symmetry sections, test split for the rest), an ``(x, y)`` pair used for all, or
     ``{"train": (x, y), "test": (x, y)}``. ``action``: c4, d4, shift, none or a GroupAction.
-    ``budget``: quick or full (sample sizes and a time limit, :data:`BUDGETS`); ``limits``
-    overrides single fields of it. ``sections`` restricts the audit to these names.
+    ``budget``: quick, full (sample sizes and a time limit, :data:`BUDGETS`) or seconds; ``limits``
+    overrides single fields of it. The sizes the user did not set are scaled to the time limit
+    from a timing of one forward and backward pass (:mod:`symgen.audit.planning`): every section
+    runs and says what it could afford. Non-finite weights or buffers raise :class:`DivergenceError`. ``sections`` restricts the audit to these names.
     ``generator`` (an int seed or a ``torch.Generator``; None = seed 0) seeds subsamples, probes,
     noise draws and attacks; each section draws from its own stream derived from one integer seed
     (``symgen.rng.seed_of``: the int itself, or one draw from a generator), so its numbers do not
@@ -95,8 +97,11 @@ def audit(model: nn.Module, data: Any, action: Any = None, *, budget: str = "qui
     train = (train[0].to(dev, dtype), train[1].to(dev))
     test = train if same else (test[0].to(dev, dtype), test[1].to(dev))
     act = make_action(action, tuple(test[0].shape[1:]))
+    _check_finite(model)
+    fixed = set(limits or {})
+    lim, plan_notes = _plan(model, lim, train, test, act, fixed)
     result = AuditResult(model=name or type(model).__name__, data=data_name, action=action_name(action),
-                         budget=budget, device=str(dev), dtype=str(dtype).replace("torch.", ""), seed=seed,
+                         budget=str(budget), device=str(dev), dtype=str(dtype).replace("torch.", ""), seed=seed,
                          num_params=sum(p.numel() for p in model.parameters()), limits=asdict(lim),
                          sections={})
     start = time.perf_counter()
@@ -129,13 +134,16 @@ def audit(model: nn.Module, data: Any, action: Any = None, *, budget: str = "qui
                 sec.skipped.append("no group action given (--action c4|d4|shift)")
                 continue
             elapsed = time.perf_counter() - start
-            # Accuracy and loss always run: they are cheap and everything else is read against them.
-            if key != "performance" and elapsed > lim.time_limit:
+            # Accuracy and loss always run: they are cheap and everything else is read against them. The
+            # sections are sized to the budget; only a gross misestimate (twice the limit) skips one.
+            if key != "performance" and elapsed > 2 * lim.time_limit:
                 sec.status = "skipped"
                 sec.skipped.append(f"time limit of the {budget} budget ({lim.time_limit:g} s) reached after "
                                    f"{elapsed:.1f} s; raise it with --set time_limit=SECONDS"
                                    + (" or use --budget full" if budget == "quick" else ""))
                 continue
+            if key in plan_notes:
+                sec.skipped.append(plan_notes[key])
             if progress is not None:
                 progress(title)
             t0, c0 = time.perf_counter(), time.process_time()
@@ -159,3 +167,28 @@ def audit(model: nn.Module, data: Any, action: Any = None, *, budget: str = "qui
             m.training = mode
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _check_finite(model: nn.Module) -> None:
+    """NaN or inf in a parameter or a floating buffer (BatchNorm statistics) makes every number meaningless."""
+    bad = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        more = f", ... {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise DivergenceError(f"the model holds NaN or inf in {len(bad)} tensor(s) ({', '.join(bad[:3])}{more}); "
+                              "the training that produced these weights diverged. Audit an earlier checkpoint.")
+
+
+def _plan(model: nn.Module, lim: AuditLimits, train: Any, test: Any, act: Any,
+          fixed: set[str]) -> tuple[AuditLimits, dict[str, str]]:
+    """Limits sized to the time budget (unchanged when the timing itself fails: the sections then say why)."""
+    from symgen.audit.planning import plan_limits, time_passes
+
+    if not lim.time_limit > 0:
+        return lim, {}
+    try:
+        timing = time_passes(model, train[0], train[1])
+    except Exception:  # noqa: BLE001 - e.g. a shape mismatch: the performance section reports it clearly
+        return lim, {}
+    order = act.group.order if act is not None else 1
+    return plan_limits(lim, timing, train[0].shape[0], test[0].shape[0], order, fixed)

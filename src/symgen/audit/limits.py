@@ -9,15 +9,16 @@ from typing import Any
 
 from symgen.errors import ConfigError
 
-__all__ = ["AuditLimits", "BUDGETS", "resolve_limits"]
+__all__ = ["AuditLimits", "BUDGETS", "resolve_limits", "budget_seconds"]
 
 
 @dataclass(frozen=True)
 class AuditLimits:
     """Sample sizes and iteration counts of every section, and the wall-time limit of the audit.
 
-    A section that would start after ``time_limit`` seconds is skipped (and says so); a section
-    that runs is never cut short, so the limit is soft by at most one section.
+    The audit sizes each section's work to ``time_limit`` (:mod:`symgen.audit.planning`) from a
+    timing of the model; a section that would start after twice the limit (a gross misestimate) is
+    skipped and says so; a section that runs is never cut short.
     """
 
     time_limit: float = 60.0
@@ -29,7 +30,7 @@ class AuditLimits:
     hutchinson_probes: int = 24
     top_eigenvalues: int = 3
     eigen_iters: int = 30
-    density_runs: int = 1
+    density_runs: int = 2                      # >= 2 gives the density's implied trace an error bar
     density_steps: int = 24
     noise_samples: int = 128
     noise_draws: int = 16
@@ -61,11 +62,31 @@ BUDGETS: dict[str, AuditLimits] = {
 }
 
 
-def resolve_limits(budget: str, overrides: Mapping[str, Any] | None = None) -> AuditLimits:
-    """The limits of ``budget`` (a key of :data:`BUDGETS`) with single fields replaced by ``overrides``."""
-    if budget not in BUDGETS:
-        raise ConfigError(f"unknown budget '{budget}'; choose one of {', '.join(BUDGETS)}.")
-    limits = BUDGETS[budget]
+def budget_seconds(budget: str | float) -> float | None:
+    """The seconds of a numeric budget (``60``, ``"90"``, ``"2.5"``), None for a named one."""
+    if isinstance(budget, bool):
+        return None
+    if isinstance(budget, (int, float)):
+        return float(budget)
+    try:
+        return float(budget)
+    except (TypeError, ValueError):
+        return None
+
+
+def resolve_limits(budget: str | float, overrides: Mapping[str, Any] | None = None) -> AuditLimits:
+    """The limits of ``budget`` (a key of :data:`BUDGETS`, or seconds: the quick sizes within that time)
+    with single fields replaced by ``overrides``."""
+    seconds = budget_seconds(budget)
+    if seconds is not None:
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise ConfigError(f"a budget in seconds must be a number > 0; got {budget!r} (e.g. --budget 60).")
+        limits = replace(BUDGETS["quick"], time_limit=seconds)
+    elif budget not in BUDGETS:
+        raise ConfigError(f"unknown budget '{budget}'; choose one of {', '.join(BUDGETS)} or a number of "
+                          "seconds (e.g. --budget 120).")
+    else:
+        limits = BUDGETS[budget]
     if overrides:
         names = {f.name for f in fields(AuditLimits)}
         bad = sorted(set(overrides) - names)

@@ -49,6 +49,9 @@ def load_model(spec: str, checkpoint: str | Path | None = None, *, device: str |
             raise ConfigError(f"calling the factory of '{spec}' failed: {e}. Give its arguments in the spec, "
                               "e.g. module:factory(8, kind='cnn'), or wrap it in a function without "
                               "arguments.") from None
+        except Exception as e:  # noqa: BLE001 - whatever the user's factory raises is reported in one line
+            raise ConfigError(f"the model factory '{spec}' raised {type(e).__name__}: {_one_line(e)}; fix the "
+                              "factory or the arguments in the spec.") from None
     else:
         raise ConfigError(f"'{spec}' is a {type(factory).__name__}, not a factory; point --model at a function "
                           "or nn.Module class.")
@@ -127,8 +130,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's checkpoint problem
-        raise CheckpointError(f"cannot read checkpoint {path} as a torch state dict ({type(e).__name__}: "
-                              f"{str(e)[:200]}); save it with torch.save(model.state_dict(), path).") from None
+        raise CheckpointError(_unreadable(path, e)) from None
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model_state_dict", "model"):
             if key in obj and isinstance(obj[key], Mapping):
@@ -145,16 +147,66 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         raise CheckpointError(
-            f"checkpoint {path} does not match the model ({type(model).__name__}): "
-            f"missing keys {missing or 'none'}; unexpected keys {unexpected or 'none'}. "
+            f"checkpoint {path} does not match the model ({type(model).__name__}, {len(expected)} tensors): "
+            f"{len(missing)} missing keys {_first_list(missing)}, {len(unexpected)} unexpected keys "
+            f"{_first_list(unexpected)}. "
             "Check that --model builds the architecture the checkpoint was saved from.")
     wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
              for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
     if wrong:
-        raise CheckpointError(f"checkpoint {path} has tensors of the wrong shape: {'; '.join(wrong)}. "
-                              "Check the model's widths against the checkpoint's.")
+        raise CheckpointError(f"checkpoint {path}: {len(wrong)} of {len(state)} tensors have the wrong shape "
+                              f"({_first(wrong)}). Check the model's widths against the checkpoint's.")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint {path}: {len(bad)} tensor(s) hold NaN or inf ({_first(bad)}); the "
+                              "training that saved it diverged. Use an earlier checkpoint.")
     model.load_state_dict(state, strict=True)
     return model
+
+
+def _first(items: Sequence[str], k: int = 3) -> str:
+    """The first ``k`` items and how many more: a message stays one readable line."""
+    if not items:
+        return "none"
+    more = f", ... {len(items) - k} more" if len(items) > k else ""
+    return ", ".join(items[:k]) + more
+
+
+def _first_list(items: Sequence[str], k: int = 3) -> str:
+    """``['a', 'b', 'c'] and 7 more``: the first few keys as a list."""
+    more = f" and {len(items) - k} more" if len(items) > k else ""
+    return f"{list(items[:k])}{more}"
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's text without ANSI escapes, on one line, cut at a word boundary."""
+    import re
+
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(e)).split())
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def _unreadable(path: Path, e: BaseException) -> str:
+    """Why a checkpoint file cannot be read, in terms of what the user did."""
+    import zipfile
+
+    text = str(e)
+    if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+        if zipfile.is_zipfile(path):
+            return (f"cannot read checkpoint {path}: it holds pickled Python objects (e.g. a whole module saved with "
+                    "torch.save(model, path)), which symgen does not execute; save the weights with "
+                    "torch.save(model.state_dict(), path), or load the module yourself and pass "
+                    "model.state_dict().")
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head[:1] != b"\x80":  # neither torch's zip format nor a legacy pickle
+            return (f"cannot read checkpoint {path}: it is not a file saved by torch.save (neither a zip archive nor a pickle); "
+                    "pass the state-dict file saved with torch.save(model.state_dict(), path).")
+    return (f"cannot read checkpoint {path} as a torch state dict ({type(e).__name__}: {_one_line(e)}); "
+            "save it with torch.save(model.state_dict(), path).")
 
 
 def make_action(action: Any, input_shape: Sequence[int]) -> Any:
@@ -180,7 +232,10 @@ def make_action(action: Any, input_shape: Sequence[int]) -> Any:
         act = CyclicShift(shape[-1], dim=-1)
     else:
         raise ConfigError(f"unknown action '{action}'; choose one of {', '.join(ACTIONS)} or pass a GroupAction.")
-    act.check(shape)
+    try:
+        act.check(shape)
+    except GroupActionError as e:
+        raise GroupActionError(f"--action {action_name(action)} does not fit the data: {e}") from None
     return act
 
 

@@ -11,7 +11,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Estimate", "SectionResult", "AuditResult", "SECTIONS", "RUN_ORDER"]
+__all__ = ["Estimate", "SectionResult", "AuditResult", "SECTIONS", "RUN_ORDER", "IMPRECISE"]
+
+# An estimate whose standard error exceeds this fraction of its magnitude is flagged as imprecise.
+IMPRECISE = 0.5
 
 # (name, title) of every section, in the order of the report.
 SECTIONS: tuple[tuple[str, str], ...] = (
@@ -35,6 +38,13 @@ class Estimate:
     value: float
     stderr: float | None = None
     note: str = ""
+
+    @property
+    def imprecise(self) -> bool:
+        """The standard error exceeds :data:`IMPRECISE` times the value's magnitude (or the value is 0)."""
+        if self.stderr is None or not math.isfinite(self.value):
+            return False
+        return self.stderr > IMPRECISE * abs(self.value)
 
 
 @dataclass
@@ -74,6 +84,15 @@ class AuditResult:
     def __getitem__(self, name: str) -> SectionResult:
         return self.sections[name]
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AuditResult:
+        """The result that :meth:`to_dict` (``audit.json``) describes."""
+        fields = dict(data)
+        fields["sections"] = {
+            name: SectionResult(**{**sec, "values": {k: Estimate(**v) for k, v in sec.get("values", {}).items()}})
+            for name, sec in data.get("sections", {}).items()}
+        return cls(**fields)
+
     def value(self, section: str, metric: str) -> float:
         """The value of ``metric`` in ``section``."""
         return self.sections[section].values[metric].value
@@ -88,7 +107,9 @@ class AuditResult:
         for s in self.sections.values():
             for metric, est in s.values.items():
                 rows.append({"section": s.name, "metric": metric, "value": est.value,
-                             "stderr": "-" if est.stderr is None else est.stderr, "note": est.note})
+                             "stderr": "-" if est.stderr is None else est.stderr,
+                             "flag": f"imprecise (stderr > {IMPRECISE:g} x |value|)" if est.imprecise else "",
+                             "note": est.note})
         return rows
 
     def section_rows(self) -> list[dict[str, Any]]:
@@ -102,7 +123,8 @@ class AuditResult:
         lines = []
         for r in self.summary_rows():
             err = "" if r["stderr"] == "-" else f" ± {r['stderr']:.3g}"
-            lines.append(f"{r['section']:>17} {r['metric']:<28} {r['value']:.4g}{err}")
+            flag = "  (imprecise)" if r["flag"] else ""
+            lines.append(f"{r['section']:>17} {r['metric']:<28} {r['value']:.4g}{err}{flag}")
         return "\n".join(lines)
 
     def report_tables(self) -> dict[str, list[dict[str, Any]]]:

@@ -16,9 +16,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
+from symgen import distributed
 from symgen import functional as F
 from symgen.errors import ConfigError, ShapeError
 from symgen.rng import Seed
+from symgen.streaming import BatchStream, model_device
 
 if TYPE_CHECKING:
     from scipy.sparse.linalg import LinearOperator
@@ -196,22 +198,30 @@ class MatrixOperator(CurvatureOperator):
 class ModelOperator(CurvatureOperator):
     """A curvature matrix of a model's loss w.r.t. (some of) its parameters: the shared batch loop.
 
-    The loss is ``L(W) = sum_b w_b loss_fn(model(x_b; W), y_b)`` over the batches of ``data`` (one
-    batch ``(x, y)`` or an iterable of batches, materialized once), ``w_b = n_b / N`` for
-    ``reduction="mean"`` (the dataset mean of a batch-mean loss) or 1 for ``"sum"``; the operator
-    is the sum of per-batch operators. ``param_names``: the parameters it is taken over (default all
-    trainable ones; the rest stay fixed). ``bn_mode``: "eval" (running statistics) or "train" (batch
+    The loss is ``L(W) = sum_b w_b loss_fn(model(x_b; W), y_b)`` over the batches of ``data``: one batch
+    ``(x, y)``, a list of batches, or a ``torch.utils.data.DataLoader`` (any re-iterable of batches),
+    streamed afresh on every product so memory holds one batch (and its graph) plus the vectors,
+    whatever the dataset size (:class:`symgen.streaming.BatchStream`; batches are moved to the model's
+    device). ``w_b = n_b / N`` for ``reduction="mean"`` (the dataset mean of a batch-mean loss, so the
+    same operator whatever the batch size) or 1 for ``"sum"``; products are accumulated in float64.
+    ``process_group``: data-parallel execution (:mod:`symgen.distributed`): each rank streams its own
+    shard, the float64 sums and N are all-reduced (with a timeout), so every rank gets the products of
+    the whole dataset; "auto" uses the default group when torch.distributed is initialized with more
+    than one process, None this process only. ``param_names``: the parameters it is taken over (default
+    all trainable ones; the rest stay fixed). ``bn_mode``: "eval" (running statistics) or "train" (batch
     statistics; running statistics are never updated); other layers run in eval mode. ``batching``:
-    ``matmat`` applies the products column by column ("loop") or with ``vmap`` ("vmap",
+    each batch's graph applies to the columns one by one ("loop") or with ``vmap`` ("vmap",
     ``chunk_size`` at a time). ``cache_graph``: keep each batch's product function (retained graph)
-    between products (default: only with one batch). Vectors are flat in ``functional.flatten`` order;
-    the operator is taken at the parameters' values when a batch's graph is built: build a new one
-    after changing the model. Subclasses implement ``_build_product(b)``: ``v -> A_b v`` for batch b.
+    between products (default: only for one in-memory batch). Vectors are flat in ``functional.flatten``
+    order; the operator is taken at the parameters' values when a batch's graph is built: build a new one
+    after changing the model. Subclasses implement ``_build_product(x, y)``: ``v -> A_b v`` for the
+    batch-mean (or batch-sum) loss of one batch.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], data: Any, *,
                  param_names: Iterable[str] | None = None, bn_mode: str = "eval", reduction: str = "mean",
-                 batching: str = "loop", chunk_size: int | None = None, cache_graph: bool | None = None) -> None:
+                 batching: str = "loop", chunk_size: int | None = None, cache_graph: bool | None = None,
+                 process_group: Any = "auto") -> None:
         if bn_mode not in ("eval", "train"):
             raise ConfigError(f"bn_mode must be 'eval' or 'train', got '{bn_mode}'.")
         if reduction not in ("mean", "sum"):
@@ -224,6 +234,8 @@ class ModelOperator(CurvatureOperator):
         self.reduction = reduction
         self.batching = batching
         self.chunk_size = chunk_size
+        self.group = distributed.resolve_group(process_group)
+        self.timeout_s = distributed.DEFAULT_TIMEOUT_S
         all_params = F.params_of(model)
         if not all_params:
             raise ConfigError(f"{type(model).__name__} has no trainable parameters (requires_grad=True).")
@@ -238,76 +250,104 @@ class ModelOperator(CurvatureOperator):
             self.params = {n: all_params[n] for n in names}
         self.param_names = list(self.params)
         ref = next(iter(self.params.values()))
-        super().__init__(F.num_params(self.params), ref.dtype, ref.device)
-        self.batches = F.as_batches(data, device=self.device)
-        if batching == "vmap":
-            # canonical strides: an input with a size-1 channel axis can also look channels-last, and
-            # convolution backward under vmap cannot handle that layout
-            self.batches = [(x.clone(memory_format=torch.contiguous_format), y) for x, y in self.batches]
-        self.num_data = sum(x.shape[0] for x, _ in self.batches)
-        self.cache_graph = len(self.batches) == 1 if cache_graph is None else cache_graph
+        super().__init__(F.num_params(self.params), ref.dtype, model_device(model))
+        self.data = BatchStream(data, device=self.device, allow_empty=self.group is not None)
+        in_memory = isinstance(self.data._source, (list, tuple))
+        self.cache_graph = (in_memory and len(self.data) == 1) if cache_graph is None else bool(cache_graph)
         self._products: dict[int, Callable[[F.Params], F.Params]] = {}
+        self._num_data: int | None = None
+
+    @property
+    def num_data(self) -> int:
+        """N, the number of samples over all batches (and all ranks)."""
+        if self._num_data is None:
+            local = self.data.num_data
+            if local is None:
+                local = sum(x.shape[0] for x, _ in self.data)
+            self._set_num_data(torch.tensor([float(local)], dtype=torch.float64, device=self.device))
+        return self._num_data  # type: ignore[return-value]
+
+    def _set_num_data(self, total: Tensor) -> None:
+        n = int(round(float(total.reshape(-1)[0])))
+        if n == 0:
+            raise ShapeError("data holds no samples on any rank; pass a batch (x, y) or a non-empty loader.")
+        self._num_data = n
 
     # -- the loss as a pure function of the parameters --
-
-    def _weight(self, b: int) -> float:
-        return self.batches[b][0].shape[0] / self.num_data if self.reduction == "mean" else 1.0
 
     def _buffers(self) -> F.Params:
         # fresh buffer copies in train mode: BatchNorm then updates the copies, never the model
         base = F.buffers_of(self.model)
         return {k: v.clone() for k, v in base.items()} if self.bn_mode == "train" else base
 
-    def _batch_loss(self, b: int) -> Callable[[F.Params], Tensor]:
-        x, y = self.batches[b]
-        w = self._weight(b)
-
+    def _batch_loss(self, x: Tensor, y: Tensor) -> Callable[[F.Params], Tensor]:
         def f(p: F.Params) -> Tensor:
-            return w * self.loss_fn(F.call(self.model, p, self._buffers(), x), y)
+            return self.loss_fn(F.call(self.model, p, self._buffers(), x), y)
 
         return f
 
+    def _reduce(self, acc: Tensor, count: int) -> Tensor:
+        """Sum ``acc`` (float64) and the sample count over ranks; normalize for ``reduction="mean"``."""
+        flat = torch.cat([acc.reshape(-1), torch.tensor([float(count)], dtype=torch.float64, device=acc.device)])
+        flat = distributed.all_reduce_sum(flat, self.group, timeout_s=self.timeout_s)
+        self._set_num_data(flat[-1:])
+        out = flat[:-1].reshape(acc.shape)
+        return out / self._num_data if self.reduction == "mean" else out
+
+    def _weight(self, n_b: int) -> float:
+        return float(n_b) if self.reduction == "mean" else 1.0
+
     def loss(self, params: F.Params | None = None) -> Tensor:
-        """L at ``params`` (default the model's current parameters)."""
+        """L at ``params`` (default the model's current parameters), accumulated in float64."""
         p = self.params if params is None else params
+        acc, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
         with torch.no_grad(), F.bn_mode(self.model, self.bn_mode):
-            return sum(self._batch_loss(b)(p) for b in range(len(self.batches)))  # type: ignore[return-value]
+            for x, y in self.data:
+                acc += self._weight(x.shape[0]) * self._batch_loss(x, y)(p).double()
+                count += x.shape[0]
+        return self._reduce(acc, count).to(self.dtype)
 
     # -- products: the sum over batches --
 
-    def _build_product(self, b: int) -> Callable[[F.Params], F.Params]:
-        raise NotImplementedError(f"{type(self).__name__} must implement _build_product(b).")
+    def _build_product(self, x: Tensor, y: Tensor) -> Callable[[F.Params], F.Params]:
+        raise NotImplementedError(f"{type(self).__name__} must implement _build_product(x, y).")
 
-    def _product(self, b: int) -> Callable[[F.Params], F.Params]:
+    def _product(self, b: int, x: Tensor, y: Tensor) -> Callable[[F.Params], F.Params]:
         # call inside bn_mode; uncached, only one batch's graph is alive at a time
         if not self.cache_graph:
-            return self._build_product(b)
+            return self._build_product(x, y)
         if b not in self._products:
-            self._products[b] = self._build_product(b)
+            self._products[b] = self._build_product(x, y)
         return self._products[b]
 
-    def _apply(self, v: F.Params, batched: bool = False) -> F.Params:
-        out = None
-        for b in range(len(self.batches)):
-            fn = self._product(b)  # built outside vmap: requires_grad_ is not allowed inside it
-            o = vmap(fn, chunk_size=self.chunk_size)(v) if batched else fn(v)
-            out = o if out is None else F.tree_add(out, o)
-        return out  # type: ignore[return-value]
-
-    def _matvec(self, v: Tensor) -> Tensor:
-        with F.bn_mode(self.model, self.bn_mode):
-            return F.flatten(self._apply(F.unflatten(v, self.params))).detach()
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        rows = V.T
+    def _columns(self, fn: Callable[[F.Params], F.Params], rows: Tensor) -> Tensor:
+        """``A_b`` applied to each row of ``rows (k, n)``, as rows."""
         if self.batching == "loop" or rows.shape[0] == 1:
-            return super()._matmat(V)
+            return torch.stack([F.flatten(fn(F.unflatten(r, self.params))) for r in rows])
         # split the rows into contiguous per-parameter blocks (k, *shape) outside vmap: convolution
         # backward cannot query the layout of a batched strided view
         k, blocks, i = rows.shape[0], {}, 0
         for name, p in self.params.items():
             blocks[name] = rows[:, i:i + p.numel()].reshape((k,) + tuple(p.shape)).contiguous()
             i += p.numel()
+        out = vmap(fn, chunk_size=self.chunk_size)(blocks)
+        return torch.cat([out[name].reshape(k, -1) for name in self.params], dim=1)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        rows = V.T.contiguous()
+        acc = torch.zeros(rows.shape, dtype=torch.float64, device=self.device)
+        count = 0
         with F.bn_mode(self.model, self.bn_mode):
-            out = self._apply(blocks, batched=True)
-        return torch.cat([out[name].reshape(k, -1) for name in self.params], dim=1).detach().T
+            for b, (x, y) in enumerate(self.data):
+                if self.batching == "vmap":
+                    # canonical strides: an input with a size-1 channel axis can also look channels-last,
+                    # and convolution backward under vmap cannot handle that layout
+                    x = x.clone(memory_format=torch.contiguous_format)
+                fn = self._product(b, x, y)  # built outside vmap: requires_grad_ is not allowed inside it
+                acc.add_(self._columns(fn, rows).detach().double(), alpha=self._weight(x.shape[0]))
+                count += x.shape[0]
+                del fn
+        return self._reduce(acc, count).to(self.dtype).T
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        return self._matmat(v[:, None])[:, 0]

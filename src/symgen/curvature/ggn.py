@@ -17,7 +17,7 @@ __all__ = ["GGNOperator"]
 
 class GGNOperator(ModelOperator):
     """The generalized Gauss-Newton matrix G = sum_b w_b J_b^T H_b J_b (see :class:`ModelOperator` for
-    ``data``, ``reduction``, ``param_names``, ``bn_mode``, ``batching``, ``chunk_size``, ``cache_graph``).
+    ``data``, ``reduction``, ``param_names``, ``bn_mode``, ``batching``, ``chunk_size``, ``cache_graph``, ``process_group``; ``data`` may be a DataLoader, streamed).
 
     J_b = d model(x_b; W) / dW is the Jacobian of batch b's outputs and H_b = d^2 loss_fn / d out^2
     the loss Hessian in output space, taken by autograd on the output, so any loss works. G drops
@@ -30,13 +30,13 @@ class GGNOperator(ModelOperator):
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], data: Any, *,
                  param_names: Iterable[str] | None = None, bn_mode: str = "eval", reduction: str = "mean",
-                 batching: str = "loop", chunk_size: int | None = None, cache_graph: bool | None = None) -> None:
+                 batching: str = "loop", chunk_size: int | None = None, cache_graph: bool | None = None,
+                 process_group: Any = "auto") -> None:
         super().__init__(model, loss_fn, data, param_names=param_names, bn_mode=bn_mode, reduction=reduction,
-                         batching=batching, chunk_size=chunk_size, cache_graph=cache_graph)
+                         batching=batching, chunk_size=chunk_size, cache_graph=cache_graph,
+                         process_group=process_group)
 
-    def _build_product(self, b: int) -> Callable[[F.Params], F.Params]:
-        x, y = self.batches[b]
-        w = self._weight(b)
+    def _build_product(self, x: Tensor, y: Tensor) -> Callable[[F.Params], F.Params]:
         keys = list(self.params)
         leaves = [self.params[k].detach().requires_grad_(True) for k in keys]
         with torch.enable_grad():
@@ -49,7 +49,7 @@ class GGNOperator(ModelOperator):
             u = torch.zeros_like(out, requires_grad=True)
             jtu = torch.autograd.grad(out, leaves, grad_outputs=u, create_graph=True, allow_unused=True)
             o = out.detach().requires_grad_(True)
-            g_out = torch.autograd.grad(w * self.loss_fn(o, y), o, create_graph=True)[0]
+            g_out = torch.autograd.grad(self.loss_fn(o, y), o, create_graph=True)[0]
         # a parameter outside the graph has zero Jacobian; a loss linear in the output has H_b = 0
         live = [i for i, g in enumerate(jtu) if g is not None and g.requires_grad]
         params = self.params

@@ -19,6 +19,8 @@ REGISTRY: dict[str, str] = {
     "kip": "symgen.experiments.kip",
     "ntk-robustness": "symgen.experiments.ntk_robustness",
     "ensemble-equivariance": "symgen.experiments.ensemble_equivariance",
+    "inductive-bias": "symgen.experiments.inductive_bias",
+    "forgetting": "symgen.experiments.forgetting",
 }
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from symgen.errors import ConfigError
 
@@ -26,6 +26,7 @@ __all__ = [
     "Experiment",
     "Context",
     "build_config",
+    "conventional_range",
     "trial_key",
     "jsonable",
     "num_threads",
@@ -41,6 +42,8 @@ class Claim(BaseModel):
     threshold: Any
     passed: bool
     note: str = ""
+    headline: str | None = None   # the key of ``measured`` that the one-line summary shows
+    paper: Any = None             # the paper's number for the headline, where the paper gives one
 
 
 class ExperimentConfig(BaseModel):
@@ -51,6 +54,17 @@ class ExperimentConfig(BaseModel):
     seed: int = 0
     device: str = "cpu"
 
+    @model_validator(mode="after")
+    def _conventional_ranges(self) -> ExperimentConfig:
+        """Ranges implied by a field's name where the field states none (see :func:`conventional_range`)."""
+        for name, info in type(self).model_fields.items():
+            if info.metadata:  # the experiment stated its own bounds (Field(ge=...), ...)
+                continue
+            problem = conventional_range(name, getattr(self, name))
+            if problem:
+                raise ValueError(f"{name} {problem}")
+        return self
+
 
 @dataclass(frozen=True)
 class Experiment:
@@ -60,7 +74,8 @@ class Experiment:
     result) -> list[Claim]`` evaluates the claims, ``figures(result, outdir) -> list[Path]`` draws.
     ``quick`` holds the config overrides of ``--quick`` (the CPU-sized setting). ``claims`` lists the
     PAPERS.md claim ids checked; ``check_claims`` may emit refinements of one as ``<id>-<part>``
-    (``C4.4-pgd``), never an id outside this list.
+    (``C4.4-pgd``), never an id outside this list. ``validate(config)``, when given, checks what the
+    config's types cannot (a dataset's files exist, ...) before the run directory is created.
     """
 
     name: str
@@ -72,6 +87,7 @@ class Experiment:
     figures: Callable[[dict, Path], list[Path]] | None = None
     quick: dict[str, Any] = field(default_factory=dict)
     claims: tuple[str, ...] = ()
+    validate: Callable[[Any], None] | None = None  # raises a SymgenError before a run directory is created
 
 
 class Context:
@@ -93,6 +109,37 @@ class Context:
 
     def progress(self, iterable: Iterable[Any], desc: str = "", total: int | None = None) -> Iterable[Any]:
         return iterable
+
+
+_COUNT_NAMES = {"seeds", "steps", "epochs", "records", "depth", "width", "members", "bands"}
+_COUNT_SUFFIXES = ("_steps", "_seeds", "_epochs", "_width", "_samples", "_points", "_size", "_per_class",
+                   "_subsets", "_draws", "_runs", "_features", "_iters")
+_POSITIVE_NAMES = {"lr", "time_limit"}
+
+
+def conventional_range(name: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for a config field called ``name``, by the naming convention, or None.
+
+    Counts (``seeds``, ``steps``, ``epochs``, ``width``, ``depth``, ``*_steps``, ``*_samples``,
+    ``num_*`` ...) are integers >= 1; lists of counts (``widths``, ``depths``, ``*_sizes``) hold
+    integers >= 1; learning rates (``lr``, ``*_lr``, ``lr_*``) and ``time_limit`` are > 0; no float
+    is NaN. Fields that declare their own bounds are left to them.
+    """
+    if value is None:
+        return None
+    if isinstance(value, float) and math.isnan(value):
+        return "must be a number, got NaN."
+    is_count = name in _COUNT_NAMES or name.endswith(_COUNT_SUFFIXES) or name.startswith("num_")
+    if is_count and isinstance(value, int) and not isinstance(value, bool) and value < 1:
+        return f"must be an integer >= 1 (a count); got {value}."
+    if (name in ("widths", "depths") or name.endswith("_sizes")) and isinstance(value, (list, tuple)):
+        bad = [v for v in value if isinstance(v, int) and not isinstance(v, bool) and v < 1]
+        if bad:
+            return f"must hold integers >= 1; got {list(value)}."
+    is_positive = name in _POSITIVE_NAMES or name.endswith("_lr") or name.startswith("lr_")
+    if is_positive and isinstance(value, (int, float)) and not isinstance(value, bool) and not value > 0:
+        return f"must be > 0; got {value}."
+    return None
 
 
 def _set_dotted(target: dict, key: str, value: Any) -> None:
@@ -143,9 +190,15 @@ def build_config(config_cls: type[ExperimentConfig], *, quick: dict | None = Non
     try:
         return config_cls(**data)
     except ValidationError as e:
-        msgs = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']} (got {err.get('input')!r})"
-                         for err in e.errors())
+        msgs = "; ".join(_validation_message(err) for err in e.errors())
         raise ConfigError(f"invalid config for {config_cls.__name__}: {msgs}") from None
+
+
+def _validation_message(err: Any) -> str:
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if not err["loc"]:  # a check of the whole config names its own field
+        return msg
+    return f"{'.'.join(str(x) for x in err['loc'])}: {msg} (got {err.get('input')!r})"
 
 
 def jsonable(obj: Any) -> Any:

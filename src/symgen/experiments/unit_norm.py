@@ -32,6 +32,7 @@ from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from symgen.errors import DivergenceError
+from symgen.experiments import unit_norm_protocol as protocol
 from symgen.experiments.base import (
     Claim,
     Context,
@@ -75,6 +76,12 @@ class Config(ExperimentConfig):
     detection_batch: int = Field(256, ge=2)
     detection_models: list[Literal["mlp", "cnn", "mixed"]] = Field(
         default_factory=lambda: ["mlp", "cnn", "mixed"], min_length=1)
+    val_fraction: float = Field(0.2, ge=0.05, lt=0.9, description="training data held out to choose each lr")
+    centred_factors: list[float] = Field(
+        default_factory=lambda: [0.1, 0.1 ** 0.5, 1.0, 10 ** 0.5, 10.0], min_length=1,
+        description="C2.2 (b): each method's grid is its own best lr times these factors (same width for all)")
+    rescalings: int = Field(5, ge=2, description="C2.2 (a): function-preserving rescaled initializations")
+    rescale_range: float = Field(100.0, gt=1, description="C2.2 (a): filter factors log-uniform over this ratio")
 
     @field_validator("lrs")
     @classmethod
@@ -84,7 +91,7 @@ class Config(ExperimentConfig):
         return lrs
 
 
-QUICK = {"seeds": 2, "epochs": 8, "lrs": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0]}
+QUICK = {"seeds": 2, "epochs": 8, "lrs": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0], "rescalings": 4}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,8 +233,13 @@ def train_trial(item: dict) -> dict:
 def _train(item: dict) -> dict:
     device = item["device"]
     x, y, xt, yt = _load(item["dataset"], device)
+    num_val = int(round(item.get("val_fraction", 0.0) * x.shape[0]))
+    xv, yv = x[:num_val], y[:num_val]  # the split is already shuffled (stratified); validation comes first
+    x, y = x[num_val:], y[num_val:]
     with isolated_seed(item["seed"]):
         model = build_model(item["model"], tuple(x.shape[1:]), item["width"], item["channels"]).to(device)
+    if item.get("rescale") is not None:  # the same function from other filter scales (C2.2 a)
+        _rescale_in_place(model, x[:64], item["rescale"], item["rescale_range"])
     lr, method = item["lr"], item["method"]
     if method == "unit_norm":
         opt: torch.optim.Optimizer = UnitNormSGD(model, lr, momentum=item["momentum"],
@@ -246,9 +258,30 @@ def _train(item: dict) -> dict:
     with torch.no_grad():
         logits = model(xt)
         ok = (logits.argmax(1) == yt) & torch.isfinite(logits).all(1)
-    return {"model": item["model"], "method": method, "lr": lr, "seed": item["seed"],
-            "test_acc": ok.double().mean().item(), "final_train_loss": last,
-            "diverged": diverged, "seconds": time.perf_counter() - t0}
+        val_logits = model(xv) if num_val else None
+    out = {"model": item["model"], "method": method, "lr": lr, "seed": item["seed"],
+           "test_acc": ok.double().mean().item(), "final_train_loss": last,
+           "diverged": diverged, "seconds": time.perf_counter() - t0}
+    if val_logits is not None:
+        out["val_acc"] = ((val_logits.argmax(1) == yv) & torch.isfinite(val_logits).all(1)).double().mean().item()
+    if item.get("rescale") is not None:
+        out["rescale"] = item["rescale"]
+        out["predictions"] = torch.where(torch.isfinite(logits).all(1), logits.argmax(1), -1).tolist()
+    return out
+
+
+def _rescale_in_place(model: nn.Module, example: Tensor, seed: int, spread: float) -> None:
+    """Every detected filter block times a factor log-uniform in [1/sqrt(spread), sqrt(spread)]: the function
+    (and the loss) is unchanged, the Euclidean geometry SGD sees is not (arXiv 1511.01029)."""
+    gen = as_generator(seed)
+    report = find_scale_symmetries(model, example, generator=seed)
+    p = params_of(model)
+    for sym in report.symmetries:  # no buffers: a fresh model's running statistics are placeholders, not
+        u = torch.rand((sym.num_blocks,), generator=gen, dtype=torch.float64)  # estimates (as if built so)
+        p, _ = rescale_filters(p, None, sym, torch.exp((2 * u - 1) * 0.5 * math.log(spread)))
+    with torch.no_grad():
+        for name, t in p.items():
+            model.get_parameter(name).copy_(t)
 
 
 def _summary(trials: list[dict], models: list[str], lrs: list[float]) -> dict:
@@ -283,16 +316,33 @@ def run(config: Config, ctx: Context) -> dict:
     det_items = [dict(base, model=m, seed=config.seed, detection_batch=config.detection_batch)
                  for m in config.detection_models]
     detection = ctx.map(detection_trial, det_items, desc="detection (C2.1)")
-    items = [dict(base, model=m, method=meth, lr=lr, seed=config.seed + s, epochs=config.epochs,
-                  batch_size=config.batch_size, momentum=config.momentum,
-                  weight_decay=config.weight_decay)
-             for m in config.models for s in range(config.seeds) for lr in config.lrs for meth in METHODS]
-    trials = ctx.map(train_trial, items, desc="training (C2.2)")
+    train_base = dict(base, epochs=config.epochs, batch_size=config.batch_size, momentum=config.momentum,
+                      weight_decay=config.weight_decay, val_fraction=config.val_fraction,
+                      rescale_range=config.rescale_range)
+    seeds = [config.seed + s for s in range(config.seeds)]
+    items = [dict(train_base, model=m, method=meth, lr=lr, seed=s)
+             for m in config.models for s in seeds for lr in config.lrs for meth in METHODS]
+    trials = ctx.map(train_trial, items, desc="shared lr grid (choice of lr; side result)")
     for t in trials:
         ctx.log(**{k: v for k, v in t.items() if k != "seconds"})
+    # C2.2 (b): each method's own best lr on the validation split, then a grid of equal width around it
+    best = protocol.best_lrs(trials, list(config.models), list(config.lrs))
+    done = {(t["model"], t["method"], t["lr"], t["seed"]): t for t in trials}
+    wanted = protocol.centred_items(train_base, best, list(config.centred_factors), seeds)
+    todo = [i for i in wanted if (i["model"], i["method"], i["lr"], i["seed"]) not in done]
+    for t in ctx.map(train_trial, todo, desc="centred lr grids (C2.2 b)"):
+        done[(t["model"], t["method"], t["lr"], t["seed"])] = t
+    centred = [done[(i["model"], i["method"], i["lr"], i["seed"])] for i in wanted]
+    # C2.2 (a): the same function from rescaled filters, each method at its own best lr
+    rescaled = ctx.map(train_trial, protocol.rescale_items(train_base, best, config.rescalings, config.seed),
+                       desc="rescaled initializations (C2.2 a)")
     return jsonable({"detection": detection, "trials": trials,
                      "summary": _summary(trials, list(config.models), list(config.lrs)),
-                     "lrs": list(config.lrs), "models": list(config.models)})
+                     "lrs": list(config.lrs), "models": list(config.models),
+                     "protocol": {"best_lrs": best, "factors": list(config.centred_factors),
+                                  "rescalings": config.rescalings, "rescale_range": config.rescale_range,
+                                  "summary": protocol.summarize(centred, rescaled, best,
+                                                                list(config.centred_factors))}})
 
 
 def _shown(a: float, b: float) -> tuple[float, float]:
@@ -342,6 +392,33 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
                    "finer_than_found": f"> {TOL_FINER:g}", "groups": "equal to the hand analysis"},
         passed=bool(passed), note="; ".join(notes)))
 
+    if "protocol" in result:
+        claims.append(protocol_claim(config, result))
+    return claims
+
+
+def protocol_claim(config: Config, result: dict) -> Claim:
+    """C2.2 as the paper states it: (a) rescaled initializations, (b) lr grids centred on each method's best."""
+    prot = result["protocol"]
+    passed, measured, reasons = protocol.verdict(prot["summary"])
+    factors = prot["factors"]
+    return Claim(
+        id="C2.2",
+        statement="SGD is not invariant to BatchNorm's filter rescalings, unit-norm SGD is: (a) from rescaled "
+                  "initializations computing the same function, unit-norm SGD's final predictions agree while "
+                  "SGD's spread; (b) on lr grids of equal width centred on each method's own best lr (chosen on "
+                  "a validation split), unit-norm SGD's mean test accuracy is >= SGD's and varies less",
+        measured={"per_model": measured, "best_lrs": prot["best_lrs"], "centred_factors": factors,
+                  "rescalings": prot["rescalings"], "rescale_range": prot["rescale_range"],
+                  "seeds": config.seeds, "epochs": config.epochs},
+        threshold=f"(a) disagreement(UnitNormSGD) < disagreement(SGD) and <= {protocol.MAX_UNIT_NORM_DISAGREEMENT}; "
+                  "(b) centred mean_acc(UnitNormSGD) >= SGD's and spread < SGD's; every model",
+        passed=bool(passed), note="; ".join(reasons))
+
+
+def shared_grid_check(config: Config, result: dict) -> Claim:
+    """Side result (not a claim): both methods on ONE shared lr grid, which favours whichever method the grid
+    happens to be centred on (SGD's effective angular step is lr / ||w||^2)."""
     summ = result["summary"]
     lrs = result["lrs"]
     grid_ok = len(lrs) >= 5 and max(lrs) / min(lrs) >= 100 - 1e-9
@@ -366,15 +443,14 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
             mean_u, mean_g = _shown(pm["mean_acc"]["unit_norm"], pm["mean_acc"]["sgd"])
             spread_u, spread_g = _shown(pm["spread_across_lr"]["unit_norm"], pm["spread_across_lr"]["sgd"])
             note.append(f"{model}: UnitNormSGD mean {mean_u} vs SGD {mean_g}, spread {spread_u} vs {spread_g}")
-    claims.append(Claim(
-        id="C2.2",
-        statement="across a grid of learning rates and seeds on a BN network, unit-norm SGD's test "
+    return Claim(
+        id="C2.2-shared-grid",
+        statement="(side result) across ONE shared grid of learning rates and seeds on a BN network, unit-norm SGD's test "
                   "accuracy is at least SGD's on average and varies less across learning rates",
         measured={"per_model": per_model, "lrs": lrs, "seeds": config.seeds, "epochs": config.epochs},
         threshold="mean_acc(UnitNormSGD) >= mean_acc(SGD) and std over lrs of the seed-mean "
                   "accuracy (UnitNormSGD) < SGD's, for every model; grid >= 5 lrs over >= 100x",
-        passed=bool(ok_all), note="; ".join(note)))
-    return claims
+        passed=bool(ok_all), note="; ".join(note))
 
 
 def figures(result: dict, outdir: Path) -> list[Path]:

@@ -10,10 +10,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
+from symgen import distributed
 from symgen import functional as F
-from symgen.errors import ConfigError
+from symgen.errors import ConfigError, ShapeError
 from symgen.rng import Seed, as_generator
 from symgen.stats import mean_stderr
+from symgen.streaming import BatchStream, model_device
 
 __all__ = ["NoiseStability", "noise_stability"]
 
@@ -34,13 +36,15 @@ class NoiseStability:
 def noise_stability(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], data: Any, sigma: float,
                     num_samples: int = 32, *, relative: bool = False, antithetic: bool = True,
                     bn_mode: str = "eval", param_names: Iterable[str] | None = None, generator: Seed = None,
-                    chunk_size: int | None = None) -> NoiseStability:
+                    chunk_size: int | None = None, process_group: Any = "auto") -> NoiseStability:
     """Noise stability E_U[L(W + U)] - L(W), U ~ N(0, sigma^2 I) (about sigma^2/2 tr H for small sigma).
 
     ``num_samples`` noise draws, evaluated together by ``vmap``; ``antithetic`` also evaluates W - U
     and averages the pair (the same expectation, the first-order term cancels). ``relative``: sigma
     is the noise-to-weight norm ratio per parameter tensor, as in :class:`symgen.optim.NSO`. The loss
-    is the sample mean over ``data`` (a batch or a loader), BatchNorm in ``bn_mode`` (running
+    is the sample mean over ``data`` (a batch, a list of batches or a DataLoader, streamed: one batch in
+    memory at a time, float64 sums; ``process_group``: each rank streams its shard and the sums are
+    all-reduced, see :mod:`symgen.distributed`), BatchNorm in ``bn_mode`` (running
     statistics untouched). ``param_names``: the perturbed parameters (default all trainable ones).
     ``generator``: an int seed or a ``torch.Generator`` (None = seed 0); the noise is drawn tensor by
     tensor in parameter order on the generator's device (:func:`symgen.functional.gaussian_noise`).
@@ -58,23 +62,37 @@ def noise_stability(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor
         raise ConfigError(f"param_names {unknown or names} are not trainable parameters; "
                           f"valid: {', '.join(all_params)}.")
     w0 = {n: all_params[n] for n in names}
-    batches = F.as_batches(data, device=next(iter(w0.values())).device)
+    group = distributed.resolve_group(process_group)
+    stream = BatchStream(data, device=model_device(model), allow_empty=group is not None)
     base_buffers = F.buffers_of(model)
     noise = F.gaussian_noise(w0, sigma, as_generator(generator), num_samples, relative=relative)
     signs = (1.0, -1.0) if antithetic else (1.0,)
     stacked = F.perturbed_copies(w0, noise, signs)
     m = num_samples * len(signs)
-
-    def loss_at(p: F.Params, b: F.Params) -> Tensor:
-        f = F.loss_function(model, loss_fn, b)
-        return F.batches_loss(f, p, batches, "mean")
-
+    # float64 sums over the stream: [clean, m perturbed losses, count], each batch weighted by its size
+    acc = torch.zeros(m + 2, dtype=torch.float64, device=model_device(model))
     with torch.no_grad(), F.bn_mode(model, bn_mode):
-        clean = float(loss_at(w0, {k: v.clone() for k, v in base_buffers.items()}))
-        if bn_mode == "train":  # each copy normalizes with its own batch statistics, in private buffers
-            losses = vmap(loss_at, in_dims=(0, 0), chunk_size=chunk_size)(stacked, F.expand_buffers(base_buffers, m))
-        else:
-            losses = vmap(loss_at, in_dims=(0, None), chunk_size=chunk_size)(stacked, base_buffers)
+        for x, y in stream:
+            def loss_at(p: F.Params, b: F.Params, x: Tensor = x, y: Tensor = y) -> Tensor:
+                return F.loss_function(model, loss_fn, b)(p, x, y)
+
+            n_b = float(x.shape[0])
+            acc[0] += n_b * float(loss_at(w0, _clone(base_buffers)))
+            if bn_mode == "train":  # each copy normalizes with its own batch statistics, in private buffers
+                losses = vmap(loss_at, in_dims=(0, 0), chunk_size=chunk_size)(stacked,
+                                                                            F.expand_buffers(base_buffers, m))
+            else:
+                losses = vmap(loss_at, in_dims=(0, None), chunk_size=chunk_size)(stacked, base_buffers)
+            acc[1:-1] += n_b * losses.double()
+            acc[-1] += n_b
+    acc = distributed.all_reduce_sum(acc, group)
+    if float(acc[-1]) == 0:
+        raise ShapeError("data holds no samples on any rank; pass a batch (x, y) or a non-empty loader.")
+    clean, losses = float(acc[0] / acc[-1]), acc[1:-1] / acc[-1]
     per_draw = losses.view(len(signs), num_samples).mean(0) - clean
     value, stderr = mean_stderr(per_draw)
     return NoiseStability(value, stderr, clean, float(losses.mean()), float(sigma), num_samples, relative)
+
+
+def _clone(buffers: F.Params) -> F.Params:
+    return {k: v.clone() for k, v in buffers.items()}

@@ -8,6 +8,13 @@ Sources: Jacot et al. arXiv 1806.07572; Lee et al. arXiv 1902.06720; Novak et al
 """
 
 from symgen.ntk.analytic import ACTIVATIONS, Erf, NTKLinear, analytic_ntk, ntk_mlp
+from symgen.ntk.convolutional import (
+    CONV_PADDINGS,
+    CONV_READOUTS,
+    NTKConv,
+    analytic_conv_ntk,
+    ntk_cnn,
+)
 from symgen.ntk.empirical import (
     NTK_METHODS,
     NTK_OUTPUTS,
@@ -24,6 +31,14 @@ from symgen.ntk.kip import (
     kip_loss,
     load_support,
     save_support,
+)
+from symgen.ntk.learning_curves import LearningCurve, fit_power_law, learning_curve
+from symgen.ntk.overlap import (
+    NTKOverlap,
+    ntk_overlap,
+    overlap_from_kernels,
+    predict_after_training,
+    task_kernels,
 )
 from symgen.ntk.regression import (
     eigen_projections,
@@ -57,4 +72,17 @@ __all__ = [
     "class_balanced_indices",
     "save_support",
     "load_support",
+    "CONV_READOUTS",
+    "CONV_PADDINGS",
+    "analytic_conv_ntk",
+    "NTKConv",
+    "ntk_cnn",
+    "LearningCurve",
+    "learning_curve",
+    "fit_power_law",
+    "NTKOverlap",
+    "ntk_overlap",
+    "overlap_from_kernels",
+    "task_kernels",
+    "predict_after_training",
 ]

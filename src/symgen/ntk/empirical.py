@@ -18,14 +18,17 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from symgen.errors import ConfigError, ShapeError
+from symgen import distributed
+from symgen.errors import ConfigError, MemoryBudgetError, ShapeError
 from symgen.functional import bn_mode, buffers_of, call, jvp_outputs, params_of, vjp_outputs
-from symgen.ntk.jacobian import _jacobian_ntk, _ntvp_ntk
-from symgen.ntk.structured import _probe, _structured_ntk
+from symgen.ntk.jacobian import _blocks, _jacobian_ntk, _ntvp_ntk
+from symgen.ntk.structured import _affine_layers, _probe, _structured_ntk
+from symgen.streaming import BatchStream, model_device
 
 __all__ = ["NTK_METHODS", "NTK_OUTPUTS", "EmpiricalNTKFn", "empirical_ntk_fn", "empirical_ntk",
            "ntk_vector_product", "choose_ntk_method"]
@@ -76,6 +79,63 @@ def _output_size(model: nn.Module, params: Mapping[str, Tensor], fixed: Mapping[
         raise ShapeError(f"the model must map a batch (N, ...) to outputs (N, ...); for one input it returned {shape}.")
     return max(1, out[0].numel())
 
+
+def _check_device(p: Mapping[str, Tensor], x1: Tensor, x2: Tensor | None) -> None:
+    dev = next(iter(p.values())).device
+    for name, x in (("x1", x1), ("x2", x2)):
+        if x is not None and x.device != dev:
+            raise ConfigError(f"{name} is on {x.device} but the model's parameters are on {dev}; move the inputs "
+                              f"({name}.to(device)) or the model (model.to(device)).")
+
+
+def _kernel_shape(n1: int, n2: int, output: str, o: int) -> tuple[int, ...]:
+    return (n1, n2) if output == "trace" else (n1, n2, o, o)
+
+
+def _mirror(block: Tensor, output: str) -> Tensor:
+    """The block (j, i) of a symmetric kernel from block (i, j)."""
+    return block.T if output == "trace" else block.permute(1, 0, 3, 2)
+
+
+def _upper_blocks(kernel: Tensor, sizes: list[int], output: str) -> Tensor:
+    """The kernel with its strictly lower block triangle zeroed (blocks of ``sizes`` samples)."""
+    out = kernel.clone()
+    edges = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    for i in range(len(sizes)):
+        for j in range(i):
+            out[edges[i]:edges[i + 1], edges[j]:edges[j + 1]] = 0
+    return out
+
+
+def _symmetrize_blocks(kernel: Tensor, sizes: list[int], output: str) -> Tensor:
+    edges = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    for i in range(len(sizes)):
+        for j in range(i):
+            up = kernel[edges[j]:edges[j + 1], edges[i]:edges[i + 1]]
+            kernel[edges[i]:edges[i + 1], edges[j]:edges[j + 1]] = _mirror(up, output)
+    return kernel
+
+
+def _per_sample_numel(model: nn.Module, p: Mapping[str, Tensor], b: Mapping[str, Tensor],
+                      x: Tensor) -> tuple[int, int, int]:
+    """One sample's numel of: all leaf-module outputs, the inputs and the outputs of its affine layers."""
+    _, act, _ = _probe(model, p, b, x)
+    layers = _affine_layers(model, p)
+    sig = [0, 0]
+
+    def hook(mod: nn.Module, inputs: tuple, out: Any) -> None:
+        if inputs and isinstance(inputs[0], Tensor) and isinstance(out, Tensor):
+            sig[0] += inputs[0][0].numel()
+            sig[1] += out[0].numel()
+
+    handles = [layer.module.register_forward_hook(hook) for layer in layers]
+    try:
+        with torch.no_grad():
+            call(model, p, b, x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return act, sig[0], sig[1]
 
 # -------------------------------------------------------------------------------------- ntvp method
 def ntk_vector_product(model: nn.Module, x1: Tensor, x2: Tensor, v: Tensor, *,
@@ -192,12 +252,46 @@ class EmpiricalNTKFn:
         with bn_mode(self.model, "eval"):
             return self._plan(p, b, x1, None if x2 is x1 else x2)[0]
 
-    def __call__(self, x1: Tensor, x2: Tensor | None = None) -> Tensor:
-        """``Theta(x1, x2)``: (N1, N2) for ``output="trace"``, (N1, N2, O, O) for ``"full"``; x2=None means x1."""
+    def __call__(self, x1: Any, x2: Any = None) -> Tensor:
+        """``Theta(x1, x2)``: (N1, N2) for ``output="trace"``, (N1, N2, O, O) for ``"full"``; x2=None means x1.
+
+        ``x1`` / ``x2`` may be tensors or DataLoaders (iterables of batches ``x`` or ``(x, y)``): the kernel
+        is then computed block by block over the batches (rows of x1, columns of x2), one pair of batches in
+        memory at a time (:meth:`stream`).
+        """
+        if not isinstance(x1, Tensor) or (x2 is not None and not isinstance(x2, Tensor)):
+            return self.stream(x1, x2)
         _check_inputs(x1, x2)
         p, b = _resolve(self.model, self.params, self.buffers)
+        _check_device(p, x1, x2)
         if x2 is x1:
             x2 = None  # the symmetric case computes each block pair once
+        with bn_mode(self.model, "eval"):
+            method, o, _ = self._plan(p, b, x1, x2)
+            size = self._samples_per_block(p, b, x1, method, o)
+        n1, n2 = x1.shape[0], x1.shape[0] if x2 is None else x2.shape[0]
+        if size >= n1 + n2 or size >= 2 * max(n1, n2):
+            return self._compute(p, b, x1, x2)
+        # the samples of a block pair must fit the budget: kernel blocks, recomputing each block's signals
+        step = max(1, size // 2)
+        rows = _blocks(n1, step)
+        cols = rows if x2 is None else _blocks(n2, step)
+        out = [[None] * len(cols) for _ in rows]
+        for i, si in enumerate(rows):
+            for j, sj in enumerate(cols):
+                if x2 is None and j < i:
+                    continue
+                if x2 is None and i == j:
+                    out[i][j] = self._compute(p, b, x1[si], None)
+                else:
+                    out[i][j] = self._compute(p, b, x1[si], (x1 if x2 is None else x2)[sj])
+        if x2 is None:
+            for i in range(len(rows)):
+                for j in range(i):
+                    out[i][j] = _mirror(out[j][i], self.output)
+        return torch.cat([torch.cat(r, dim=1) for r in out], dim=0)
+
+    def _compute(self, p: Mapping[str, Tensor], b: Mapping[str, Tensor], x1: Tensor, x2: Tensor | None) -> Tensor:
         model, output, chunk, budget = self.model, self.output, self.chunk_size, self.budget
         grad_mode = contextlib.nullcontext() if self.differentiable else torch.no_grad()
         with bn_mode(model, "eval"), grad_mode:
@@ -207,6 +301,81 @@ class EmpiricalNTKFn:
             if method == "ntvp":
                 return _ntvp_ntk(model, p, b, x1, x2, output, o, chunk, budget, act)
             return _structured_ntk(model, p, b, x1, x2, output, o, chunk, budget)
+
+    def _samples_per_block(self, p: Mapping[str, Tensor], b: Mapping[str, Tensor], x1: Tensor, method: str,
+                           o: int) -> int:
+        """How many samples (rows and columns together) one kernel block may hold within the budget.
+
+        Per sample: the stored activations and backward signals of the affine layers ((1 + O) numbers per
+        output entry, the structured method's) or the activations of a Jacobian pass; the smallest block
+        (one sample, the largest parameter tensor's Jacobian rows) must fit, else a MemoryBudgetError.
+        """
+        key = ("block", x1.shape[1:], x1.dtype, method, o)
+        if key not in self._plans:
+            act, inputs, outputs = _per_sample_numel(self.model, p, b, x1)
+            item = next(iter(p.values())).element_size()
+            biggest = max(p, key=lambda k: p[k].numel())
+            # structured: stored layer inputs and O backward signals per layer output, plus a pass's activations
+            per_sample = item * (inputs + o * outputs + 2 * act) if method == "structured" else item * 3 * act * o
+            # the irreducible block: one sample's Jacobian row of the largest parameter tensor (the jacobian method
+            # cannot split a tensor); activations are an estimate, so they size the blocks but do not refuse
+            smallest = item * p[biggest].numel()
+            if smallest > self.budget:
+                raise MemoryBudgetError(
+                    f"memory_budget = {self.budget / 2**20:.1f} MiB is below the smallest block of the empirical NTK "
+                    f"({method} method): one Jacobian row of the largest parameter tensor '{biggest}' "
+                    f"({p[biggest].numel()} entries) needs {smallest} bytes, and blocks of whole samples about "
+                    f"{per_sample} bytes each; raise memory_budget to at least {max(smallest, per_sample)} bytes, or "
+                    f"pass params= to take the kernel over fewer parameters.")
+            self._plans[key] = (method, max(1, int(self.budget // max(1, per_sample))), 0)  # type: ignore[assignment]
+        return self._plans[key][1]  # type: ignore[return-value]
+
+    def stream(self, data1: Any, data2: Any = None, *, process_group: Any = "auto") -> Tensor:
+        """``Theta`` over DataLoaders (or iterables of batches ``x`` or ``(x, y)``), block by block.
+
+        Row block i (the i-th batch of ``data1``) against every column block (batches of ``data2``, or of
+        ``data1`` when None: then only j >= i are computed and mirrored). ``process_group``: row blocks are
+        shared round robin over the ranks (batch i on rank i mod world) and the kernel is summed over ranks,
+        so every rank returns the whole kernel (:mod:`symgen.distributed`). Memory: two batches, their
+        signals within ``memory_budget``, and the (N1, N2) kernel itself.
+        """
+        group = distributed.resolve_group(process_group)
+        r, w = distributed.rank(group), distributed.world_size(group)
+        p, _ = _resolve(self.model, self.params, self.buffers)
+        dev = model_device(self.model, p)
+        rows = BatchStream(data1, device=dev, inputs_only=True)
+        cols = rows if data2 is None else BatchStream(data2, device=dev, inputs_only=True)
+        out: list[list[Tensor]] = []
+        col_sizes: list[int] = []
+        some = next(iter(p.values()))
+        for i, (xi,) in enumerate(rows):
+            row: list[Tensor] = []
+            for j, (xj,) in enumerate(cols):
+                if i == 0:
+                    col_sizes.append(xj.shape[0])
+                mine = i % w == r and not (data2 is None and j < i)
+                if not mine:
+                    row.append(torch.zeros(_kernel_shape(xi.shape[0], xj.shape[0], self.output, self._o(p, xi)),
+                                           dtype=some.dtype, device=dev))
+                else:
+                    row.append(self(xi) if data2 is None and i == j else self(xi, xj))
+            out.append(row)
+        if data2 is None:
+            for i in range(len(out)):
+                for j in range(i):
+                    out[i][j] = _mirror(out[j][i], self.output)
+        kernel = torch.cat([torch.cat(row, dim=1) for row in out], dim=0)
+        if group is None:
+            return kernel
+        if data2 is None:  # mirrored blocks were zeros on ranks that do not own their row: rebuild after the sum
+            kernel = distributed.all_reduce_sum(_upper_blocks(kernel, col_sizes, self.output), group)
+            return _symmetrize_blocks(kernel, col_sizes, self.output)
+        return distributed.all_reduce_sum(kernel, group)
+
+    def _o(self, p: Mapping[str, Tensor], x: Tensor) -> int:
+        _, b = _resolve(self.model, self.params, self.buffers)
+        with bn_mode(self.model, "eval"):
+            return _output_size(self.model, p, b, x)
 
 
 def empirical_ntk_fn(model: nn.Module, *, params: Mapping[str, Tensor] | None = None,

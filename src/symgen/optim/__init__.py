@@ -2,8 +2,9 @@
 
 from symgen.optim.closure import LossClosure
 from symgen.optim.nso import NSO
+from symgen.optim.ogd import OGD
 from symgen.optim.sam import SAM
 from symgen.optim.unit_norm import UnitNormSGD
 from symgen.optim.wrapper import WrapperOptimizer
 
-__all__ = ["LossClosure", "NSO", "SAM", "UnitNormSGD", "WrapperOptimizer"]
+__all__ = ["LossClosure", "NSO", "OGD", "SAM", "UnitNormSGD", "WrapperOptimizer"]

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from symgen import functional as F
 from symgen.errors import ConfigError, DivergenceError
+from symgen.optim.amp import ScaledStep
 from symgen.optim.closure import LossClosure
 from symgen.optim.wrapper import WrapperOptimizer
 from symgen.rng import Seed, as_generator
@@ -26,6 +27,27 @@ def _bn_buffers(model: nn.Module | None) -> list[Tensor]:
     if model is None:
         return []
     return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+
+
+def _ddp_group(model: nn.Module) -> Any:
+    """The process group of a ``DistributedDataParallel`` model (None for any other module)."""
+    from torch.nn.parallel import DistributedDataParallel
+    if not isinstance(model, DistributedDataParallel):
+        return None
+    return model.process_group
+
+
+@torch.no_grad()
+def _all_reduce_mean(grads: list[Tensor], group: Any) -> None:
+    """Average gradients over the processes of ``group`` in one flat all-reduce (as DDP averages)."""
+    import torch.distributed as dist
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 class NSO(WrapperOptimizer):
@@ -77,6 +99,7 @@ class NSO(WrapperOptimizer):
         self.generator = as_generator(generator)
         self.chunk_size = chunk_size
         self.num_steps = 0
+        self._last_loss: Any = None
         self.passes_per_step = 1 + (2 * num_samples if antithetic else num_samples)
 
     # -- pieces shared by both paths --
@@ -135,11 +158,27 @@ class NSO(WrapperOptimizer):
 
     # -- the step --
 
+    _step_supports_amp_scaling = True  # scaler.step(optimizer) calls step() itself; see symgen.optim.amp
+
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
+    def step(self, closure: Callable[[], Tensor] | None = None,  # type: ignore[override]
+             scaler: Any = None) -> Tensor:
+        """One NSO step; with ``scaler`` (a ``torch.amp.GradScaler``) the closure backpropagates the scaled
+        loss, the averaged gradient is unscaled once and an inf/NaN step is skipped (:mod:`symgen.optim.amp`)."""
+        amp = ScaledStep(self, scaler, closure, needs_closure=True)
         if closure is None:
             raise ConfigError("NSO.step() needs a closure that zeroes gradients, computes the loss, calls "
                               "backward() and returns it, e.g. symgen.optim.LossClosure(model, loss_fn, x, y).")
+        if amp.active:
+            loss = self._estimate_sequential(closure, tolerate=True)
+            if loss is None or not amp.grads_finite():
+                amp.skip()
+            elif amp.finish():
+                self.base_optimizer.step()
+                self.num_steps += 1
+            else:
+                self.zero_grad(set_to_none=True)
+            return self._last_loss
         loss = self.estimate_gradient(closure)
         self.base_optimizer.step()
         self.num_steps += 1
@@ -149,14 +188,36 @@ class NSO(WrapperOptimizer):
         """Put the NSO gradient estimate in ``.grad`` without stepping; returns the clean loss.
 
         A :class:`LossClosure` takes the vectorized path, any other closure is called 1 + 2k times.
+        With sigma = 0 in every group the estimate is grad L(W) itself: one pass, so the step is the base
+        optimizer's exactly.
         """
+        if all(g["sigma"] == 0 for g in self.param_groups):
+            return self._estimate_clean(closure)
         if isinstance(closure, LossClosure) and closure.vectorizable:
             return self._estimate_vectorized(closure)
         return self._estimate_sequential(closure)
 
+    def _estimate_clean(self, closure: Callable[[], Tensor]) -> Tensor:
+        model = self.model if self.model is not None else getattr(closure, "model", None)
+        with self._restored_on_error(model, None):
+            loss = torch.enable_grad()(closure)()
+            self._last_loss = loss.detach() if isinstance(loss, Tensor) else loss
+            if not self._finite(loss):
+                self._fail(f"loss {float(loss)} at the clean weights W")
+            if not self._grads_finite(self._params()):
+                self._fail("gradient at the clean weights W")
+        return self._last_loss
+
     # -- closure path: 1 + 2k calls --
 
-    def _estimate_sequential(self, closure: Callable[[], Tensor]) -> Tensor:
+    def _estimate_sequential(self, closure: Callable[[], Tensor], tolerate: bool = False) -> Tensor | None:
+        """``tolerate`` (mixed precision): a non-finite loss returns None, non-finite gradients are kept
+        (the scaler skips the step) instead of raising."""
+        if tolerate:
+            bad: list[str] = []
+            fail = bad.append
+        else:
+            fail = self._fail
         params = self._params()
         model = self.model if self.model is not None else getattr(closure, "model", None)
         closure = torch.enable_grad()(closure)
@@ -165,12 +226,13 @@ class NSO(WrapperOptimizer):
             saved_p = [p.detach().clone() for p in params]
             # clean pass: updates BatchNorm running statistics (train mode) and gives grad L(W)
             loss = closure()
+            self._last_loss = loss.detach() if isinstance(loss, Tensor) else loss
             if not self._finite(loss):
-                self._fail(f"loss {float(loss)} at the clean weights W")
+                fail(f"loss {float(loss)} at the clean weights W")
             acc = [torch.zeros_like(p) for p in params]
             if lam > 0:
                 if not self._grads_finite(params):
-                    self._fail("gradient at the clean weights W")
+                    fail("gradient at the clean weights W")
                 for a, p in zip(acc, params, strict=True):
                     if p.grad is not None:
                         a.add_(p.grad, alpha=lam)
@@ -185,9 +247,9 @@ class NSO(WrapperOptimizer):
                                 p.copy_(w).add_(u[i], alpha=s)
                         loss_i = closure()
                         if not self._finite(loss_i):
-                            self._fail(f"loss {float(loss_i)} at {self._sample_name(i, s)}")
+                            fail(f"loss {float(loss_i)} at {self._sample_name(i, s)}")
                         if not self._grads_finite(params):
-                            self._fail(f"gradient at {self._sample_name(i, s)}")
+                            fail(f"gradient at {self._sample_name(i, s)}")
                         for a, p in zip(acc, params, strict=True):
                             if p.grad is not None:
                                 a.add_(p.grad, alpha=weight)
@@ -195,6 +257,8 @@ class NSO(WrapperOptimizer):
                 for p, w, a in zip(params, saved_p, acc, strict=True):
                     p.copy_(w)
                     p.grad = a
+        if tolerate and any(w.startswith("loss") for w in bad):
+            return None
         return loss.detach() if isinstance(loss, Tensor) else loss
 
     # -- vectorized path: the 2k copies under vmap --
@@ -211,6 +275,11 @@ class NSO(WrapperOptimizer):
 
     def _estimate_vectorized(self, closure: LossClosure) -> Tensor:
         model, loss_fn, x, y = closure.model, closure.loss_fn, closure.x, closure.y
+        # DistributedDataParallel: its reducer averages .grad in backward, which torch.func does not fill:
+        # evaluate the wrapped module and average the estimate over the processes ourselves (below)
+        ddp = _ddp_group(model)
+        if ddp is not None:
+            model = model.module
         params = self._params()
         names = self._named(model)
         lam = self.clean_weight
@@ -251,6 +320,8 @@ class NSO(WrapperOptimizer):
                     if g_clean is not None:
                         g = g + lam * g_clean[n]
                     p.grad = g.detach()
+            if ddp is not None:
+                _all_reduce_mean([p.grad for p in params], ddp)
         return loss.detach()
 
     def state_dict(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from symgen.errors import ConfigError, DivergenceError
 from symgen.functional import frozen_running_stats
+from symgen.optim.amp import ScaledStep
 from symgen.optim.wrapper import WrapperOptimizer
 
 __all__ = ["SAM"]
@@ -48,6 +49,8 @@ class SAM(WrapperOptimizer):
         super().__init__(params, base_optimizer, dict(rho=rho, adaptive=adaptive), **kwargs)
         self.model = model
         self.num_steps = 0
+        # W during a step, kept apart from ``state`` (the base optimizer's: Adam initializes an empty entry)
+        self._at_w: dict[Tensor, Tensor] = {}
 
     @torch.no_grad()
     def _grad_norm(self) -> Tensor:
@@ -73,7 +76,7 @@ class SAM(WrapperOptimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                self.state[p]["old_p"] = p.detach().clone()
+                self._at_w[p] = p.detach().clone()
                 e_w = (torch.pow(p, 2) if group["adaptive"] else 1.0) * p.grad * scale.to(p)
                 p.add_(e_w)
         if zero_grad:
@@ -82,10 +85,9 @@ class SAM(WrapperOptimizer):
     @torch.no_grad()
     def restore(self) -> None:
         """Return to W without stepping."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if "old_p" in self.state[p]:
-                    p.copy_(self.state[p]["old_p"])
+        for p, w in self._at_w.items():
+            p.copy_(w)
+        self._at_w.clear()
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -97,8 +99,14 @@ class SAM(WrapperOptimizer):
         if zero_grad:
             self.zero_grad()
 
+    _step_supports_amp_scaling = True  # scaler.step(optimizer) calls step() itself; see symgen.optim.amp
+
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
+    def step(self, closure: Callable[[], Tensor] | None = None,  # type: ignore[override]
+             scaler: Any = None) -> Tensor:
+        """One SAM step; with ``scaler`` (a ``torch.amp.GradScaler``) the closure backpropagates the scaled loss,
+        the gradient at W + e is unscaled once, and an inf/NaN step is skipped (:mod:`symgen.optim.amp`)."""
+        amp = ScaledStep(self, scaler, closure, needs_closure=True)
         if closure is None:
             raise ConfigError("SAM.step() needs a closure that zeroes gradients, computes the loss, calls "
                               "backward() and returns the loss, e.g. symgen.optim.LossClosure(model, loss_fn, x, y); "
@@ -107,10 +115,17 @@ class SAM(WrapperOptimizer):
         closure = torch.enable_grad()(closure)
         # the gradient at W is always computed here: a .grad left by an earlier pass may be stale
         loss = closure()
-        if not torch.isfinite(torch.as_tensor(loss)).all():
+        finite = torch.isfinite(torch.as_tensor(loss)).all()
+        if amp.active and not (finite and amp.grads_finite()):
+            amp.skip()
+            return loss.detach() if isinstance(loss, Tensor) else loss
+        if not finite:
             raise DivergenceError(f"SAM step {self.num_steps + 1}: non-finite loss {float(loss)} at W; "
                                   "parameters untouched; lower the learning rate, or check the data.")
-        self.first_step(zero_grad=True)
+        if not _params_with_grad(self.param_groups):
+            raise ConfigError("SAM.step(): the closure left no gradient on any parameter; it must call "
+                              "loss.backward() (or scaler.scale(loss).backward()).")
+        self.first_step(zero_grad=True)  # e = rho g / ||g|| is the same for the scaled gradient s g
         try:
             frozen = frozen_running_stats(model) if model is not None else contextlib.nullcontext()
             with frozen:  # running statistics are updated once per step, by the pass at W
@@ -118,11 +133,22 @@ class SAM(WrapperOptimizer):
         except BaseException:
             self.restore()
             raise
-        if not torch.isfinite(torch.as_tensor(perturbed)).all():
+        finite = bool(torch.isfinite(torch.as_tensor(perturbed)).all())
+        if amp.active:
+            self.restore()
+            if not finite:
+                amp.skip()
+            elif amp.finish():
+                self._check_grads("at the perturbed weights W + e")
+                self.base_optimizer.step()
+                self.num_steps += 1
+            else:
+                self.zero_grad(set_to_none=True)
+            return loss.detach() if isinstance(loss, Tensor) else loss
+        if not finite:
             self.restore()
             raise DivergenceError(f"SAM step {self.num_steps + 1}: non-finite loss {float(perturbed)} at the "
                                   "perturbed weights W + e; parameters are left at W; lower the learning rate "
                                   "or rho.")
         self.second_step()
         return loss.detach() if isinstance(loss, Tensor) else loss
-

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from symgen.errors import ConfigError
 from symgen.functional import buffers_of, params_of
+from symgen.optim.amp import ScaledStep
 from symgen.rng import Seed
 from symgen.symmetry import (
     ScaleSymmetry,
@@ -214,13 +215,28 @@ class UnitNormSGD(torch.optim.Optimizer):
                 return g
         raise ConfigError("UnitNormSGD: a sphere parameter is no longer in any parameter group.")
 
+    _step_supports_amp_scaling = True  # scaler.step(optimizer) calls step() itself; see symgen.optim.amp
+
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        """One update: Riemannian step with retraction on sphere blocks, SGD elsewhere."""
+    def step(self, closure: Any = None, scaler: Any = None) -> Any:
+        """One update: Riemannian step with retraction on sphere blocks, SGD elsewhere.
+
+        Mixed precision: ``scaler.step(optimizer)`` after ``scaler.scale(loss).backward()`` (the usual
+        GradScaler pattern), or ``optimizer.step(closure, scaler=scaler)``; an inf/NaN step is skipped.
+        """
+        amp = ScaledStep(self, scaler, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if amp.active:
+            if not (bool(torch.isfinite(torch.as_tensor(loss)).all()) if loss is not None else True) \
+                    or not amp.grads_finite() and not amp.from_scaler:
+                amp.skip()
+                return loss
+            if not amp.finish():
+                self.zero_grad(set_to_none=True)
+                return loss
         on_sphere = {id(s.weight) for s in self.spheres} | {id(s.bias) for s in self.spheres if s.bias is not None}
         for group in self.param_groups:
             lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
@@ -250,7 +266,11 @@ class UnitNormSGD(torch.optim.Optimizer):
         nb = sphere.symmetry.num_blocks
         block = sphere.block.to(w_t.device)
 
+        one_per_row = nb == block.numel()  # one filter per block (BatchNorm): block sums are the row sums
+
         def per_block(v: Tensor) -> Tensor:  # (C,) row sums -> block sums, back on every row
+            if one_per_row:
+                return v
             return torch.zeros(nb, dtype=v.dtype, device=v.device).index_add(0, block, v)[block]
 
         def cat(wt: Tensor, bt: Tensor | None) -> Tensor:
@@ -260,6 +280,8 @@ class UnitNormSGD(torch.optim.Optimizer):
         zeros_b = None if b_t is None else (b_t.grad if b_t.grad is not None else torch.zeros_like(b_t))
         w = cat(w_t, b_t)
         g = cat(w_t.grad if w_t.grad is not None else torch.zeros_like(w_t), zeros_b)
+        if w.dtype in (torch.float16, torch.bfloat16):  # norms and retraction in float32: no drift off the sphere
+            w, g = w.float(), g.float()
         w = w / per_block(w.pow(2).sum(1)).sqrt().unsqueeze(1)
         g_r = g - per_block((w * g).sum(1)).unsqueeze(1) * w
         d = g_r

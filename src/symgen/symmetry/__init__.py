@@ -119,6 +119,7 @@ def _find(model: nn.Module, args: tuple[Any, ...], gen: torch.Generator, seed: i
         if isinstance(mod, _SOURCES) and name not in sources:
             for pn, _ in mod.named_parameters(prefix=name, recurse=False):
                 unanalysed.setdefault(pn, "its module is never called in forward() on example_input")
+    refs: dict[tuple[str, bool], Tensor] = {}  # outputs at the unchanged weights, shared by all candidates
     for name, nodes in sources.items():
         mod = named_modules[name]
         pnames = [pn for pn, _ in mod.named_parameters(prefix=name, recurse=False)]
@@ -147,7 +148,7 @@ def _find(model: nn.Module, args: tuple[Any, ...], gen: torch.Generator, seed: i
                 table[pn] = reason
             continue
         try:
-            sym.check = _confirm(models, sym, cargs, gen, seed)
+            sym.check = _confirm(models, sym, cargs, gen, seed, refs)
         except Exception as e:  # noqa: BLE001
             for pn in pnames:
                 rejected[pn] = f"numeric check failed to run ({type(e).__name__}: {e})"

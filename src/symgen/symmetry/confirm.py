@@ -103,20 +103,32 @@ def _rel(a: Tensor, b: Tensor) -> float:
 
 
 def _confirm(models: dict[str, nn.Module], sym: ScaleSymmetry, args: dict[str, tuple[Any, ...]],
-             gen: torch.Generator, seed: int) -> dict[str, float]:
-    """Relative output changes under random block factors in [1/2, 2], train and eval mode."""
+             gen: torch.Generator, seed: int, refs: dict[tuple[str, bool], Tensor] | None = None) -> dict[str, float]:
+    """Relative output changes under random block factors in [1/2, 2], train and eval mode.
+
+    ``refs`` caches the outputs at the unchanged weights, the same for every candidate (a forward at
+    the model's own parameters, train or eval mode, under the same seed): half of the passes of a
+    model with many candidates.
+    """
     factors = torch.exp((torch.rand(sym.num_blocks, generator=gen, device=gen.device, dtype=torch.float64) * 2 - 1)
                         * math.log(2.0))
+    refs = {} if refs is None else refs
     check: dict[str, float] = {}
     for tag, model in models.items():
         p, b = params_of(model, requires_grad_only=False), buffers_of(model)
         p2, b2 = rescale_filters(p, b, sym, factors)
         x = args[tag]
-        check[f"train_{tag}"] = _rel(_forward(model, p2, b, x, True, seed), _forward(model, p, b, x, True, seed))
-        check[f"eval_{tag}"] = _rel(_forward(model, p2, b2, x, False, seed), _forward(model, p, b, x, False, seed))
+
+        def ref(train: bool, tag: str = tag, model: nn.Module = model, p: Params = p, b: Params = b,
+                x: tuple[Any, ...] = x) -> Tensor:
+            if (tag, train) not in refs:
+                refs[(tag, train)] = _forward(model, p, b, x, train, seed)
+            return refs[(tag, train)]
+
+        check[f"train_{tag}"] = _rel(_forward(model, p2, b, x, True, seed), ref(True))
+        check[f"eval_{tag}"] = _rel(_forward(model, p2, b2, x, False, seed), ref(False))
         if sym.stat_links and tag == "eps":
-            check["eval_stale_stats"] = _rel(_forward(model, p2, b, x, False, seed),
-                                             _forward(model, p, b, x, False, seed))
+            check["eval_stale_stats"] = _rel(_forward(model, p2, b, x, False, seed), ref(False))
         if sym.redundant_bias:
             bn = sym.redundant_bias
             delta = randn(p[bn].shape, gen, dtype=torch.float64).to(p[bn]) * \
@@ -130,8 +142,8 @@ def _confirm(models: dict[str, nn.Module], sym: ScaleSymmetry, args: dict[str, t
                     lab = torch.tensor(link.labels, device=delta.device)
                     gain = torch.tensor(link.gains, dtype=b[key].dtype, device=b[key].device) * (lab >= 0)
                     b3[key] = b[key] + gain * delta[lab.clamp_min(0)].to(b[key].dtype)
-            check[f"bias_train_{tag}"] = _rel(_forward(model, p3, b, x, True, seed), _forward(model, p, b, x, True, seed))
-            check[f"bias_eval_{tag}"] = _rel(_forward(model, p3, b3, x, False, seed), _forward(model, p, b, x, False, seed))
+            check[f"bias_train_{tag}"] = _rel(_forward(model, p3, b, x, True, seed), ref(True))
+            check[f"bias_eval_{tag}"] = _rel(_forward(model, p3, b3, x, False, seed), ref(False))
     return check
 
 

@@ -59,6 +59,7 @@ def hessian(sec: SectionResult, model: nn.Module, train: tuple[Tensor, Tensor], 
         grid = torch.linspace(lo - pad, hi + pad, 400, dtype=torch.float64)
         sec.add("smallest_ritz_value", lo, None, f"most negative curvature seen by SLQ ({lim.density_runs} run(s) "
                 f"of {lim.density_steps} Lanczos steps)")
+        _density_trace(sec, dens, trace)
         sec.details.update(density_grid=grid.tolist(), density=dens.evaluate(grid.to(dens.nodes.dtype)).tolist(),
                            nodes=dens.nodes.tolist(), weights=dens.weights.tolist())
     else:
@@ -96,3 +97,25 @@ def noise_stability(sec: SectionResult, model: nn.Module, train: tuple[Tensor, T
     if trace is None:
         sec.skipped.append("no second-order prediction sigma^2/2 tr(H): the Hessian section did not run")
     sec.samples = idx.numel()
+
+
+def _density_trace(sec: SectionResult, dens: object, trace: object) -> None:
+    """The density's implied trace dim * sum_i w_i theta_i per SLQ run, with the standard error over runs,
+    checked against the Hutchinson trace: they estimate the same number and must agree within 3 combined
+    standard errors (a disagreement is reported, never hidden)."""
+    import math
+
+    from symgen.stats import mean_stderr
+
+    per_run = (dens.dim * (dens.weights * dens.nodes).sum(1)).tolist()  # type: ignore[attr-defined]
+    if len(per_run) < 2:
+        sec.add("density_trace", per_run[0], None, "one SLQ run: no error bar (density_runs >= 2 gives one)")
+        return
+    mean, se = mean_stderr(per_run)
+    sec.add("density_trace", mean, se, f"dim x sum w theta over {len(per_run)} SLQ runs; standard error over runs")
+    t_val, t_se = float(trace.value), trace.stderr  # type: ignore[attr-defined]
+    combined = math.hypot(se, t_se or 0.0)
+    if combined > 0 and abs(mean - t_val) > 3 * combined:
+        sec.skipped.append(f"the density's implied trace {mean:.4g} ± {se:.2g} disagrees with the Hutchinson "
+                           f"trace {t_val:.4g} ± {t_se or 0:.2g} (more than 3 combined standard errors); "
+                           "more density runs or probes (a longer budget) would settle it")

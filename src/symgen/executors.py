@@ -1,0 +1,95 @@
+"""Executors of an experiment's trials: in this process, a local process pool, or a Ray cluster.
+
+Each yields ``(index, result)`` as trials finish; the run store's context caches every result.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Any
+
+from symgen.errors import ConfigError
+
+__all__ = ["Executor", "InProcessExecutor", "PoolExecutor", "RayExecutor", "make_executor"]
+
+
+class Executor:
+    """Runs trial functions; yields ``(index, result)`` as trials finish."""
+
+    name = "inprocess"
+
+    def imap(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
+        for i, item in enumerate(items):
+            yield i, fn(item)
+
+    def close(self) -> None:
+        pass
+
+
+class InProcessExecutor(Executor):
+    """Trials one after another in this process (the default; deterministic, no pickling)."""
+
+
+class PoolExecutor(Executor):
+    """Trials in a local process pool (spawned workers, each limited to one BLAS thread)."""
+
+    name = "pool"
+
+    def __init__(self, workers: int | None = None):
+        import multiprocessing as mp
+
+        self.workers = workers or max(1, (os.cpu_count() or 2))
+        self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
+                                         initializer=_one_thread)
+
+    def imap(self, fn, items):
+        futures = {self._pool.submit(fn, item): i for i, item in enumerate(items)}
+        for fut in as_completed(futures):
+            yield futures[fut], fut.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
+
+
+class RayExecutor(Executor):
+    """Trials as Ray tasks on a cluster (``ray start --head``; extra ``symgen[ray]``)."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, num_cpus_per_trial: float = 1.0):
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError("--executor ray needs Ray: pip install 'symgen[ray]'.") from None
+        self._ray = ray
+        if not ray.is_initialized():
+            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        self._cpus = num_cpus_per_trial
+
+    def imap(self, fn, items):
+        ray = self._ray
+        remote = ray.remote(num_cpus=self._cpus)(fn)
+        refs = {remote.remote(item): i for i, item in enumerate(items)}
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield refs[done[0]], ray.get(done[0])
+
+
+def make_executor(name: str = "inprocess", workers: int | None = None, ray_address: str | None = None) -> Executor:
+    if name == "inprocess":
+        return InProcessExecutor()
+    if name == "pool":
+        return PoolExecutor(workers)
+    if name == "ray":
+        return RayExecutor(ray_address)
+    raise ConfigError(f"unknown executor '{name}'; choose inprocess, pool or ray.")
+
+
+def _one_thread() -> None:
+    """A pool worker's initializer: one BLAS/intra-op thread, so workers do not fight over cores."""
+    import torch
+
+    torch.set_num_threads(1)

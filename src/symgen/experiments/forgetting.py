@@ -1,0 +1,342 @@
+"""Experiment ``forgetting`` (claim C4.6): catastrophic forgetting through the NTK overlap of two tasks.
+
+A wide NTK-parameterized MLP (one hidden layer, :func:`symgen.ntk.ntk_mlp`, trained function centred at
+init) is trained by full-batch gradient descent on MSE on task A (digits of classes 0-4), then on a task B.
+The B tasks vary in similarity to A: fresh digits of the same classes with shifted labels (c + 1 mod 5),
+the same with a growing fraction of pixels permuted, rotated by 90 / 180 degrees, and the split task
+(classes 5-9 as labels 0-4). Sources: Doan et al. arXiv 2010.04003 (NTK overlap matrix); Bennani et al.
+arXiv 2006.11942 and Farajtabar et al. arXiv 1910.07104 (OGD); Kempe et al. arXiv 2307.02693.
+
+Claim C4.6, thresholds fixed before the first run:
+- C4.6-overlap (a): across the task pairs at the largest width, the Spearman rank correlation between the
+  NTK overlap of A and B (mean squared cosine of the principal angles between the top ``num_components``
+  kernel-PCA directions of each task, :func:`symgen.ntk.ntk_overlap`) and the forgetting (increase of A's
+  test MSE after training on B) is >= ``min_rank_correlation`` (0.7).
+- C4.6-prediction (b): the kernel prediction of A's test MSE after B (:func:`symgen.ntk.predict_after_training`
+  with the empirical NTK after A) agrees with the measured one within a mean relative error of
+  ``prediction_tolerance`` (0.15) at the largest width, and that error is smaller than at the smallest width.
+- C4.6-ogd (c): at the largest width, OGD (gradients of all outputs on A's training inputs stored) forgets
+  less than SGD on every pair, at the same accuracy on B: mean B test accuracy of OGD >= SGD's minus
+  ``accuracy_tolerance`` (0.05).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from symgen.experiments.base import (
+    Claim,
+    Context,
+    Experiment,
+    ExperimentConfig,
+    jsonable,
+    num_threads,
+)
+from symgen.report import pyplot, save_figure
+
+__all__ = ["Config", "EXPERIMENT", "width_trial", "run", "check_claims", "figures", "TASKS"]
+
+TASKS = ("relabel", "perm25", "perm50", "perm100", "rot90", "rot180", "split")
+
+
+class Config(ExperimentConfig):
+    """Settings of ``forgetting``; defaults are the full setting, ``--quick`` shrinks them."""
+
+    widths: list[int] = Field(default_factory=lambda: [256, 1024, 4096])
+    tasks: list[str] = Field(default_factory=lambda: list(TASKS))
+    train_size: int = 100
+    test_size: int = 150
+    steps_a: int = 400
+    steps_b: int = 400
+    lr_factor: float = Field(0.5, gt=0, lt=2)  # lr = lr_factor * n / lambda_max(Theta_AA) at init
+    weight_std: float = Field(1.5, gt=0)
+    bias_std: float = Field(0.1, ge=0)
+    num_components: int = 20
+    records: int = 12
+    min_rank_correlation: float = Field(0.7, ge=-1, le=1)
+    prediction_tolerance: float = Field(0.15, gt=0)
+    accuracy_tolerance: float = Field(0.05, ge=0)
+
+    @field_validator("widths")
+    @classmethod
+    def _widths(cls, v: list[int]) -> list[int]:
+        if len(v) < 2 or min(v) < 1:
+            raise ValueError("widths must list at least two widths >= 1")
+        return sorted(set(v))
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if t not in TASKS]
+        if bad or len(v) < 3:
+            raise ValueError(f"tasks must be at least three of {TASKS}, got {v}")
+        return list(dict.fromkeys(v))
+
+
+def _data(seed: int, n: int, m: int, tasks: list[str]) -> dict:
+    """Task A and each task B as (x_train, y_train, x_test, labels_test); inputs centred, ||x||^2 / d = 1."""
+    from symgen.data import load_dataset
+    from symgen.rng import as_generator
+
+    g = as_generator(seed)
+    xtr, ytr = load_dataset("digits", "train", generator=0)
+    xte, yte = load_dataset("digits", "test", generator=0)
+    mean = xtr.reshape(len(xtr), -1).double().mean(0)
+
+    def prep(x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(len(x), -1).double() - mean
+        return x / x.norm(dim=1, keepdim=True).clamp(min=1e-12) * 8.0
+
+    def pick(x: torch.Tensor, y: torch.Tensor, classes: range, k: int, skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.nonzero((y >= classes.start) & (y < classes.stop))[:, 0]
+        idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))][skip:skip + k]
+        return prep(x[idx]), y[idx] - classes.start
+
+    a_tr, a_ytr = pick(xtr, ytr, range(0, 5), n)
+    a_te, a_yte = pick(xte, yte, range(0, 5), m)
+    out = {"A": (a_tr, a_ytr, a_te, a_yte)}
+    perm_all = torch.randperm(64, generator=g)
+    for task in tasks:
+        if task == "split":
+            b_tr, b_ytr = pick(xtr, ytr, range(5, 10), n)
+            b_te, b_yte = pick(xte, yte, range(5, 10), m)
+        else:  # fresh digits of A's classes (the next n of the same shuffled order), labels shifted by one
+            b_tr, b_ytr = pick(xtr, ytr, range(0, 5), n, skip=n)
+            b_te, b_yte = a_te.clone(), a_yte.clone()
+            b_ytr, b_yte = (b_ytr + 1) % 5, (b_yte + 1) % 5
+            if task.startswith("perm"):
+                k = round(64 * int(task[4:]) / 100)
+                perm = torch.arange(64)
+                chosen = perm_all[:k]
+                perm[chosen] = chosen[torch.randperm(k, generator=g)]
+                b_tr, b_te = b_tr[:, perm], b_te[:, perm]
+            elif task.startswith("rot"):
+                turns = int(task[3:]) // 90
+                b_tr = torch.rot90(b_tr.reshape(-1, 8, 8), turns, (1, 2)).reshape(-1, 64)
+                b_te = torch.rot90(b_te.reshape(-1, 8, 8), turns, (1, 2)).reshape(-1, 64)
+        out[task] = (b_tr, b_ytr, b_te, b_yte)
+    return out
+
+
+class _Centred(nn.Module):
+    """``f(x; theta) - f(x; theta_0)``: same NTK, starts at 0 (arXiv 1902.06720 §2.3); theta_0 is hidden from
+    ``parameters()`` so kernels and optimizers see only theta."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        frozen = copy.deepcopy(net).requires_grad_(False)
+        object.__setattr__(self, "_init", frozen)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) - self._init(x)
+
+
+def _targets(labels: torch.Tensor) -> torch.Tensor:
+    return nn.functional.one_hot(labels, 5).double() - 0.2
+
+
+def _mse(f: torch.Tensor, y: torch.Tensor) -> float:
+    return float(((f - y) ** 2).sum(1).mean())
+
+
+def _acc(f: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((f.argmax(1) == labels).double().mean())
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int,
+           record: set[int] | None = None, probe: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+    """Full-batch GD on 1/(2n) sum ||f - y||^2; returns the outputs on ``probe`` after the ``record`` steps."""
+    from symgen.optim import LossClosure
+
+    def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return 0.5 * ((out - target) ** 2).sum() / len(target)
+
+    seen = {}
+    for step in range(steps + 1):
+        if record is not None and step in record:
+            with torch.no_grad():
+                seen[step] = model(probe).detach()
+        if step < steps:
+            opt.step(LossClosure(model, loss_fn, x, y))
+    return seen
+
+
+def width_trial(item: dict) -> dict:
+    """Train on A once, then on each task B (SGD, and OGD at the largest width); kernel predictions alongside."""
+    from symgen.ntk import kernel_eigh, ntk_mlp, ntk_overlap, predict_after_training, task_kernels
+    from symgen.optim import OGD
+
+    with num_threads(item.get("threads")):
+        data = _data(item["seed"], item["train_size"], item["test_size"], item["tasks"])
+        a_tr, a_lab, a_te, a_lab_te = data["A"]
+        ya, ya_te = _targets(a_lab), _targets(a_lab_te)
+        n = len(a_tr)
+        net = ntk_mlp(64, item["width"], 1, 5, "relu", item["weight_std"], item["bias_std"],
+                      generator=1000 + item["seed"], dtype=torch.float64)
+        model = _Centred(net)
+        k_aa, _, _ = task_kernels(model, a_tr, a_tr[:1])
+        lr = item["lr_factor"] * n / float(kernel_eigh(k_aa)[0][0])
+        _train(model, torch.optim.SGD(model.parameters(), lr=lr), a_tr, ya, item["steps_a"])
+        with torch.no_grad():
+            f_a_te = model(a_te)
+        after_a = {"mse": _mse(f_a_te, ya_te), "acc": _acc(f_a_te, a_lab_te)}
+        state_a = copy.deepcopy(model.net.state_dict())
+        times = sorted({0, item["steps_b"], *np.unique(np.geomspace(1, item["steps_b"], item["records"]).round()
+                                                       .astype(int)).tolist()})
+        ogd = None
+        if item["ogd"]:  # the gradients of all outputs on A's training inputs, after A: shared by every pair
+            ogd = OGD(model.parameters(), torch.optim.SGD, lr=lr)
+            ogd.store_task(model, a_tr, outputs="all")
+        pairs = {}
+        for task in item["tasks"]:
+            b_tr, b_lab, b_te, b_lab_te = data[task]
+            yb = _targets(b_lab)
+            model.net.load_state_dict(state_a)
+            overlap = ntk_overlap(model, a_tr, b_tr, output="trace", num_components=item["num_components"])
+            _, k_eb, k_bb = task_kernels(model, a_te, b_tr)
+            with torch.no_grad():
+                f_b = model(b_tr)
+            pred = predict_after_training(k_bb, k_eb, f_b, f_a_te, yb, times, lr, discrete=True)
+            seen = _train(model, torch.optim.SGD(model.parameters(), lr=lr), b_tr, yb, item["steps_b"],
+                          set(times), a_te)
+            with torch.no_grad():
+                b_acc = _acc(model(b_te), b_lab_te)
+            measured = [_mse(seen[t], ya_te) for t in times]
+            predicted = [_mse(p, ya_te) for p in pred]
+            rec = {"overlap": overlap.mean_squared_cosine, "cosines_top": overlap.cosines[:5].tolist(),
+                   "mse_a_measured": measured, "mse_a_predicted": predicted,
+                   "forgetting": measured[-1] - after_a["mse"], "acc_a_after_b": _acc(seen[times[-1]], a_lab_te),
+                   "acc_b": b_acc}
+            if ogd is not None:
+                model.net.load_state_dict(state_a)  # in place: the optimizer keeps the same parameters
+                seen_o = _train(model, ogd, b_tr, yb, item["steps_b"], {item["steps_b"]}, a_te)
+                with torch.no_grad():
+                    rec["ogd"] = {"forgetting": _mse(seen_o[item["steps_b"]], ya_te) - after_a["mse"],
+                                  "acc_a_after_b": _acc(seen_o[item["steps_b"]], a_lab_te),
+                                  "acc_b": _acc(model(b_te), b_lab_te), "directions": ogd.num_directions}
+            pairs[task] = rec
+    return {"width": item["width"], "lr": lr, "times": times, "after_a": after_a, "pairs": pairs}
+
+
+def run(config: Config, ctx: Context) -> dict:
+    common = config.model_dump(include={"tasks", "train_size", "test_size", "steps_a", "steps_b", "lr_factor",
+                                        "weight_std", "bias_std", "num_components", "records"})
+    items = [dict(common, width=w, seed=config.seed, ogd=(w == config.widths[-1]), threads=1) for w in config.widths]
+    trials = ctx.map(width_trial, items, desc="C4.6 widths")
+    for t in trials:
+        for task, rec in t["pairs"].items():
+            ctx.log(claim="C4.6", width=t["width"], task=task, overlap=rec["overlap"], forgetting=rec["forgetting"])
+    return jsonable({"widths": config.widths, "by_width": {str(t["width"]): t for t in trials}})
+
+
+def _pred_error(trial: dict) -> float:
+    errs = [abs(r["mse_a_predicted"][-1] - r["mse_a_measured"][-1]) / abs(r["mse_a_measured"][-1])
+            for r in trial["pairs"].values()]
+    return float(np.mean(errs))
+
+
+def check_claims(config: Config, result: dict) -> list[Claim]:
+    from scipy.stats import spearmanr
+
+    widths = result["widths"]
+    top, low = result["by_width"][str(widths[-1])], result["by_width"][str(widths[0])]
+    tasks = list(top["pairs"])
+    ov = [top["pairs"][t]["overlap"] for t in tasks]
+    fg = [top["pairs"][t]["forgetting"] for t in tasks]
+    rho = float(spearmanr(ov, fg).statistic)
+    ok_a = bool(np.isfinite(rho) and rho >= config.min_rank_correlation)
+    claims = [Claim(
+        id="C4.6-overlap",
+        statement="forgetting on task A grows with the NTK overlap of tasks A and B across task pairs",
+        measured={"spearman": rho, "overlap": dict(zip(tasks, ov, strict=True)),
+                  "forgetting": dict(zip(tasks, fg, strict=True))}, headline="spearman",
+        threshold=f"Spearman rank correlation >= {config.min_rank_correlation} at width {widths[-1]}",
+        passed=ok_a, note="" if ok_a else f"rank correlation {rho:.3f} below the threshold")]
+
+    err_top, err_low = _pred_error(top), _pred_error(low)
+    ok_b = err_top <= config.prediction_tolerance and err_top < err_low
+    claims.append(Claim(
+        id="C4.6-prediction",
+        statement="the kernel (linearized) prediction of A's test MSE after training on B matches the wide net, "
+                  "better at larger width",
+        measured={"mean_relative_error_by_width": {str(w): _pred_error(result["by_width"][str(w)]) for w in widths},
+                  "predicted": {t: top["pairs"][t]["mse_a_predicted"][-1] for t in tasks},
+                  "measured": {t: top["pairs"][t]["mse_a_measured"][-1] for t in tasks}},
+        threshold=f"mean relative error <= {config.prediction_tolerance} at width {widths[-1]} and below the one at "
+                  f"width {widths[0]}",
+        passed=bool(ok_b), note="" if ok_b else f"relative error {err_top:.3f} (width {widths[-1]}) vs {err_low:.3f} "
+                                                 f"(width {widths[0]})"))
+
+    sgd = {t: top["pairs"][t]["forgetting"] for t in tasks}
+    ogd = {t: top["pairs"][t]["ogd"]["forgetting"] for t in tasks}
+    acc_sgd = float(np.mean([top["pairs"][t]["acc_b"] for t in tasks]))
+    acc_ogd = float(np.mean([top["pairs"][t]["ogd"]["acc_b"] for t in tasks]))
+    less = all(ogd[t] < sgd[t] for t in tasks)
+    ok_c = less and acc_ogd >= acc_sgd - config.accuracy_tolerance
+    notes = []
+    if not less:
+        notes.append(f"OGD forgets as much or more on {[t for t in tasks if ogd[t] >= sgd[t]]}")
+    if acc_ogd < acc_sgd - config.accuracy_tolerance:
+        notes.append(f"OGD's B accuracy {acc_ogd:.3f} is below SGD's {acc_sgd:.3f} by more than the tolerance")
+    claims.append(Claim(
+        id="C4.6-ogd",
+        statement="orthogonal gradient descent forgets less than SGD at the same accuracy on task B",
+        measured={"forgetting_sgd": sgd, "forgetting_ogd": ogd, "acc_b_sgd": acc_sgd, "acc_b_ogd": acc_ogd},
+        threshold=f"OGD forgetting < SGD forgetting on every pair and mean B accuracy of OGD >= SGD's - "
+                  f"{config.accuracy_tolerance} (width {widths[-1]})",
+        passed=bool(ok_c), note="; ".join(notes)))
+    return claims
+
+
+def figures(result: dict, outdir: Path) -> list[Path]:
+    plt = pyplot()
+    outdir = Path(outdir)
+    widths = result["widths"]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for w in widths:
+        pairs = result["by_width"][str(w)]["pairs"]
+        ax.scatter([p["overlap"] for p in pairs.values()], [p["forgetting"] for p in pairs.values()], label=f"width {w}")
+    top = result["by_width"][str(widths[-1])]["pairs"]
+    for t, p in top.items():
+        ax.annotate(t, (p["overlap"], p["forgetting"]), fontsize=7)
+    ax.set_xlabel("NTK overlap (mean squared cosine, top PCA directions)")
+    ax.set_ylabel("forgetting: increase of A's test MSE")
+    ax.set_title("C4.6: forgetting against task overlap")
+    ax.legend(fontsize=7)
+    paths = [save_figure(fig, outdir / "forgetting_vs_overlap.png")]
+
+    trial = result["by_width"][str(widths[-1])]
+    times = np.maximum(np.array(trial["times"], dtype=float), 0.5)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for i, (t, p) in enumerate(trial["pairs"].items()):
+        color = f"C{i % 10}"
+        ax.plot(times, p["mse_a_measured"], "-", color=color, label=t)
+        ax.plot(times, p["mse_a_predicted"], "--", color=color)
+    ax.set_xscale("log")
+    ax.set_xlabel("GD step on task B")
+    ax.set_ylabel("test MSE on task A")
+    ax.set_title(f"C4.6: width {widths[-1]}, measured (solid) and kernel prediction (dashed)")
+    ax.legend(fontsize=7)
+    paths.append(save_figure(fig, outdir / "forgetting_through_training.png"))
+    return paths
+
+
+EXPERIMENT = Experiment(
+    name="forgetting",
+    title="Catastrophic forgetting through the NTK overlap matrix, and orthogonal gradient descent",
+    paper="arXiv 2010.04003 (Doan et al.); arXiv 2006.11942 (Bennani et al.); arXiv 1910.07104 (OGD)",
+    config=Config,
+    run=run,
+    check_claims=check_claims,
+    figures=figures,
+    quick={"widths": [256, 2048], "tasks": ["relabel", "perm25", "perm50", "perm100", "rot90", "split"],
+           "steps_a": 300, "steps_b": 300},
+    claims=("C4.6",),
+)

@@ -1,0 +1,239 @@
+"""Experiment ``inductive-bias`` (claim C4.5): locality beats the curse of dimensionality.
+
+Teacher-student kernel regression as in Favero, Cagnetta & Wyart (arXiv 2106.08619): inputs x ~ N(0, I_d)
+on a ring of d pixels (periodic boundaries); the teacher is a Gaussian random field whose covariance is the
+*local* kernel of filter size t (the infinite-width NTK of a one-hidden-layer ReLU conv net with a dense
+read-out, :func:`symgen.ntk.analytic_conv_ntk`, ``readout="flatten"``); the students are ridgeless kernel
+regressors with the local kernel of filter size s >= t and with the fully-connected NTK (one hidden layer,
+:func:`symgen.ntk.analytic_ntk`) on all d pixels. The test error falls as P^-beta.
+
+Predicted exponents (arXiv 2106.08619, with the NTK's cusp exponent alpha_t = 1): local student
+beta = alpha_t / s = 1/s, independent of d; fully-connected student beta = alpha_t / d = 1/d.
+
+Claim C4.5, thresholds fixed before the first run:
+- C4.5-local: for every s, the exponents at every d agree with the one at the smallest d within the sum of
+  their 95% half-widths or within 20% of it; and at the largest d the smallest s has a larger exponent than
+  the largest s by more than the sum of their half-widths.
+- C4.5-fc: the fully-connected exponent falls with d: its mean decreases from each d to the next, and
+  beta_FC(d_min) - beta_FC(d_max) exceeds the sum of their half-widths.
+- C4.5-gap: at the largest d, beta_local(s) - beta_FC > half-width(local) + half-width(FC) for every s.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from symgen.experiments.base import (
+    Claim,
+    Context,
+    Experiment,
+    ExperimentConfig,
+    jsonable,
+    num_threads,
+)
+from symgen.report import pyplot, save_figure
+
+__all__ = ["Config", "EXPERIMENT", "curve_trial", "run", "check_claims", "figures"]
+
+
+class Config(ExperimentConfig):
+    """Settings of ``inductive-bias``; defaults are the full setting, ``--quick`` shrinks them."""
+
+    teacher_filter: int = Field(2, ge=1)
+    student_filters: list[int] = Field(default_factory=lambda: [2, 4])
+    dims: list[int] = Field(default_factory=lambda: [8, 16, 32, 64])
+    train_sizes: list[int] = Field(default_factory=lambda: [32, 64, 128, 256, 512, 1024, 2048])
+    num_test: int = 1000
+    num_draws: int = 8
+    weight_std: float = Field(1.0, gt=0)
+    bias_std: float = Field(0.5, ge=0)  # > 0: the kernels see all s (or d) directions of a patch, not a sphere
+    confidence: float = Field(0.95, gt=0, lt=1)
+    relative_tolerance: float = Field(0.2, ge=0)  # C4.5-local: spread of beta_s over d allowed besides the CIs
+
+    @field_validator("student_filters", "dims", "train_sizes")
+    @classmethod
+    def _sorted_positive(cls, v: list[int]) -> list[int]:
+        if not v or min(v) < 1:
+            raise ValueError("must list integers >= 1")
+        return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if min(self.student_filters) < self.teacher_filter:
+            raise ValueError(f"student_filters {self.student_filters} must be >= teacher_filter "
+                             f"{self.teacher_filter} (the regime s >= t of arXiv 2106.08619)")
+        if max(self.student_filters) > min(self.dims):
+            raise ValueError(f"student filters {self.student_filters} must fit in the smallest dimension {min(self.dims)}")
+        if len(self.dims) < 2 or len(self.train_sizes) < 2:
+            raise ValueError("dims and train_sizes need at least two values each")
+        return self
+
+
+def _teacher_sample(d: int, t: int, w: float, b: float, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` inputs x ~ N(0, I_d) as (n, 1, d) and a Gaussian random field with the local kernel (filter t) on them."""
+    from symgen.ntk import analytic_conv_ntk
+
+    x = torch.randn(n, 1, d, generator=g, dtype=torch.float64)
+    _, k = analytic_conv_ntk(x, None, 1, t, "relu", "flatten", "circular", w, b, dtype=torch.float64)
+    k.diagonal().add_(1e-10 * float(k.diagonal().mean()))
+    chol = torch.linalg.cholesky(k)
+    return x, chol @ torch.randn(n, generator=g, dtype=torch.float64)
+
+
+def curve_trial(item: dict) -> dict:
+    """Learning curves at one input dimension d: the local students (each s) and the fully-connected one."""
+    from symgen.ntk import analytic_conv_ntk, analytic_ntk, learning_curve
+    from symgen.rng import as_generator
+
+    d, w, b = item["d"], item["weight_std"], item["bias_std"]
+    need = max(item["train_sizes"]) + item["num_test"]
+    g = as_generator(item["seed"])
+    with num_threads(item.get("threads")):
+        draws = [_teacher_sample(d, item["teacher_filter"], w, b, need, g) for _ in range(item["num_draws"])]
+
+        def sampler():
+            it = iter(draws)
+            return lambda n, gen: next(it)
+
+        def local(s: int):
+            return lambda x1, x2: analytic_conv_ntk(x1, x2, 1, s, "relu", "flatten", "circular", w, b,
+                                                    dtype=torch.float64)[1]
+
+        kernels = {f"local_s{s}": local(s) for s in item["student_filters"]}
+        kernels["fc"] = lambda x1, x2: analytic_ntk(x1, x2, 1, "relu", w, b, dtype=torch.float64)[1]
+        out = {}
+        for name, kernel in kernels.items():
+            curve = learning_curve(kernel, sampler(), item["train_sizes"], num_test=item["num_test"],
+                                   num_draws=item["num_draws"], confidence=item["confidence"], generator=0)
+            out[name] = curve.to_dict()
+    return {"d": d, "curves": out}
+
+
+def run(config: Config, ctx: Context) -> dict:
+    items = [dict(d=d, teacher_filter=config.teacher_filter, student_filters=config.student_filters,
+                  train_sizes=config.train_sizes, num_test=config.num_test, num_draws=config.num_draws,
+                  weight_std=config.weight_std, bias_std=config.bias_std, confidence=config.confidence,
+                  seed=config.seed * 1000 + d, threads=1) for d in config.dims]
+    trials = ctx.map(curve_trial, items, desc="C4.5 dimensions")
+    by_d = {str(t["d"]): t["curves"] for t in trials}
+    for t in trials:
+        ctx.log(claim="C4.5", d=t["d"], **{f"beta_{k}": v["beta"] for k, v in t["curves"].items()})
+    return jsonable({"dims": config.dims, "student_filters": config.student_filters,
+                     "teacher_filter": config.teacher_filter, "by_d": by_d})
+
+
+def _half(c: dict) -> float:
+    lo, hi = c["beta_ci"]
+    return (hi - lo) / 2 if lo is not None and hi is not None else math.inf
+
+
+def check_claims(config: Config, result: dict) -> list[Claim]:
+    dims, filters, by_d = result["dims"], result["student_filters"], result["by_d"]
+    d0, dmax = str(dims[0]), str(dims[-1])
+    table = {k: {d: {"beta": by_d[str(d)][k]["beta"], "ci": by_d[str(d)][k]["beta_ci"]} for d in dims}
+             for k in [f"local_s{s}" for s in filters] + ["fc"]}
+    predicted = {**{f"local_s{s}": 1.0 / s for s in filters}, "fc": {d: 1.0 / d for d in dims}}
+
+    ok_d, notes = True, []
+    for s in filters:
+        ref = by_d[d0][f"local_s{s}"]
+        for d in dims[1:]:
+            c = by_d[str(d)][f"local_s{s}"]
+            diff = abs(c["beta"] - ref["beta"])
+            if not (diff <= _half(c) + _half(ref) or diff <= config.relative_tolerance * abs(ref["beta"])):
+                ok_d = False
+                notes.append(f"s={s}: beta changes from {ref['beta']:.3f} (d={d0}) to {c['beta']:.3f} (d={d})")
+    lo_s, hi_s = by_d[dmax][f"local_s{filters[0]}"], by_d[dmax][f"local_s{filters[-1]}"]
+    ok_s = len(filters) < 2 or lo_s["beta"] - hi_s["beta"] > _half(lo_s) + _half(hi_s)
+    if not ok_s:
+        notes.append(f"at d={dmax} beta(s={filters[0]}) - beta(s={filters[-1]}) = {lo_s['beta'] - hi_s['beta']:.3f} "
+                     "is within the intervals")
+    claims = [Claim(
+        id="C4.5-local",
+        statement="the local student's exponent depends on its filter size s and not on the input dimension d",
+        measured={k: v for k, v in table.items() if k != "fc"}, paper={k: v for k, v in predicted.items() if k != "fc"},
+        threshold=(f"for each s, |beta(d) - beta(d={d0})| <= sum of 95% half-widths or <= "
+                   f"{config.relative_tolerance} beta(d={d0}); at d={dmax} beta(s_min) - beta(s_max) > sum of "
+                   "half-widths"),
+        passed=bool(ok_d and ok_s), note="; ".join(notes))]
+
+    fc = [by_d[str(d)]["fc"] for d in dims]
+    mono = all(a["beta"] > b["beta"] for a, b in zip(fc[:-1], fc[1:], strict=True))
+    drop = fc[0]["beta"] - fc[-1]["beta"]
+    ok_fc = mono and drop > _half(fc[0]) + _half(fc[-1])
+    claims.append(Claim(
+        id="C4.5-fc",
+        statement="the fully-connected student's exponent falls with the input dimension d (curse of dimensionality)",
+        measured=table["fc"], paper=predicted["fc"],
+        threshold="mean beta_FC decreases from each d to the next and beta_FC(d_min) - beta_FC(d_max) > sum of "
+                  "95% half-widths",
+        passed=bool(ok_fc),
+        note="" if ok_fc else (f"beta_FC by d: {[round(c['beta'], 3) for c in fc]}; drop {drop:.3f} vs half-widths "
+                               f"{_half(fc[0]):.3f} + {_half(fc[-1]):.3f}")))
+
+    gaps, ok_gap = {}, True
+    f_max = by_d[dmax]["fc"]
+    for s in filters:
+        c = by_d[dmax][f"local_s{s}"]
+        gaps[f"s{s}"] = {"gap": c["beta"] - f_max["beta"], "sum_half_widths": _half(c) + _half(f_max)}
+        ok_gap &= gaps[f"s{s}"]["gap"] > gaps[f"s{s}"]["sum_half_widths"]
+    claims.append(Claim(
+        id="C4.5-gap",
+        statement=f"at the largest d = {dmax}, local students learn with a larger exponent than the fully-connected one",
+        measured=gaps, paper={f"s{s}": 1.0 / s - 1.0 / dims[-1] for s in filters},
+        threshold="beta_local(s) - beta_FC > half-width(local) + half-width(FC) (95%) for every s",
+        passed=bool(ok_gap), note="" if ok_gap else "a local exponent is not above the FC one beyond the intervals"))
+    return claims
+
+
+def figures(result: dict, outdir: Path) -> list[Path]:
+    plt = pyplot()
+    outdir = Path(outdir)
+    dims, by_d = result["dims"], result["by_d"]
+    names = list(by_d[str(dims[0])])
+    fig, axes = plt.subplots(1, len(dims), figsize=(3.6 * len(dims), 3.4), sharey=True, squeeze=False)
+    for ax, d in zip(axes[0], dims, strict=True):
+        for name in names:
+            c = by_d[str(d)][name]
+            p = np.array(c["sizes"], dtype=float)
+            ax.loglog(p, c["mean_errors"], "o-", ms=3, label=f"{name} (beta {c['beta']:.2f})")
+        ax.set_title(f"d = {d}")
+        ax.set_xlabel("training-set size P")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("test MSE")
+    fig.suptitle(f"C4.5: local teacher (t = {result['teacher_filter']}), local vs fully-connected students")
+    paths = [save_figure(fig, outdir / "inductive_bias_learning_curves.png")]
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name in names:
+        betas = [by_d[str(d)][name]["beta"] for d in dims]
+        err = [_half(by_d[str(d)][name]) for d in dims]
+        ax.errorbar(dims, betas, yerr=err, marker="o", capsize=3, label=name)
+    for s in result["student_filters"]:
+        ax.axhline(1.0 / s, ls=":", lw=1, color="gray")
+    ax.plot(dims, [1.0 / d for d in dims], "k--", lw=1, label="1/d (FC prediction)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("input dimension d")
+    ax.set_ylabel("exponent beta (95% CI)")
+    ax.set_title("C4.5: exponents; dotted: 1/s predictions")
+    ax.legend(fontsize=7)
+    paths.append(save_figure(fig, outdir / "inductive_bias_exponents.png"))
+    return paths
+
+
+EXPERIMENT = Experiment(
+    name="inductive-bias",
+    title="Locality defeats the curse of dimensionality: local vs fully-connected NTK students",
+    paper="arXiv 2106.08619 (Favero, Cagnetta & Wyart); arXiv 2307.02693 (Kempe et al.)",
+    config=Config,
+    run=run,
+    check_claims=check_claims,
+    figures=figures,
+    quick={"dims": [8, 16, 32], "train_sizes": [32, 64, 128, 256, 512], "num_test": 400, "num_draws": 6},
+    claims=("C4.5",),
+)

@@ -1,0 +1,289 @@
+"""Infinite-width NNGP and NTK of convolutional nets (1D and 2D, stride 1), and the finite nets they describe.
+
+``[Conv(filter_size), act] * depth`` then a Dense read-out, in NTK parameterization. With a dense read-out
+of the flattened feature map (``readout="flatten"``) the kernel keeps only equal positions,
+``K(x, y) = (1/|P|) sum_i C(x_i, y_i)``: the *local* kernel of Favero, Cagnetta & Wyart (arXiv 2106.08619)
+with constituent C the NTK of a one-hidden-layer net on the patches x_i. With global average pooling
+(``readout="gap"``) every pair of positions enters, ``K(x, y) = (1/|P|^2) sum_{i,j} C(x_i, y_j)``: their
+*convolutional* kernel. Recursions: Novak et al. arXiv 1810.05148 (CNN-GP), Arora et al. arXiv 1904.11955
+(CNTK); the parameterization equals neural-tangents' ``stax.Conv(..., padding)`` (arXiv 1912.02803).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from symgen.errors import ConfigError, ShapeError
+from symgen.ntk.analytic import Erf, NTKLinear
+from symgen.rng import Seed, init_generator
+
+__all__ = ["CONV_READOUTS", "CONV_PADDINGS", "analytic_conv_ntk", "NTKConv", "ntk_cnn"]
+
+CONV_READOUTS = ("flatten", "gap")
+CONV_PADDINGS = ("circular", "same", "valid")
+_ACTIVATIONS = ("relu", "erf", "identity")
+_BLOCK_ENTRIES = 1 << 16
+
+
+def _pads(filter_size: tuple[int, ...], padding: str) -> list[tuple[int, int]]:
+    """(left, right) padding per spatial axis: 'same'/'circular' keep the size (left = (k-1)//2, like torch's 'same')."""
+    if padding == "valid":
+        return [(0, 0) for _ in filter_size]
+    return [((k - 1) // 2, k - 1 - (k - 1) // 2) for k in filter_size]
+
+
+def _pad_axis(t: Tensor, axis: int, left: int, right: int, mode: str) -> Tensor:
+    if left == 0 and right == 0:
+        return t
+    n = t.shape[axis]
+    if mode == "circular":
+        if left > n or right > n:
+            raise ShapeError(f"circular padding of {left}/{right} needs a spatial size >= the padding, got {n}.")
+        parts = [t.narrow(axis, n - left, left), t, t.narrow(axis, 0, right)]
+    else:
+        shape_l, shape_r = list(t.shape), list(t.shape)
+        shape_l[axis], shape_r[axis] = left, right
+        parts = [t.new_zeros(shape_l), t, t.new_zeros(shape_r)]
+    return torch.cat(parts, dim=axis)
+
+
+def _filter_mean(t: Tensor, axes_groups: list[tuple[int, ...]], filter_size: tuple[int, ...],
+                 pads: list[tuple[int, int]], mode: str) -> Tensor:
+    """``mean_k t[..., p + k, (q + k)]``: the covariance a stride-1 conv sees. ``axes_groups[a]`` lists the axes
+    that shift together along spatial dimension a (one axis for same-position kernels, two for all pairs)."""
+    for group, (left, right) in zip(axes_groups, pads, strict=True):
+        for ax in group:
+            t = _pad_axis(t, ax, left, right, mode)
+    out_sizes = [t.shape[g[0]] - k + 1 for g, k in zip(axes_groups, filter_size, strict=True)]
+    if min(out_sizes) < 1:
+        raise ShapeError(f"filter size {filter_size} is larger than the (padded) input; use a smaller filter or "
+                         "padding='same'/'circular'.")
+    total = None
+    for offset in itertools.product(*[range(k) for k in filter_size]):
+        piece = t
+        for group, off, size in zip(axes_groups, offset, out_sizes, strict=True):
+            for ax in group:
+                piece = piece.narrow(ax, off, size)
+        total = piece.clone() if total is None else total.add_(piece)
+    return total / math.prod(filter_size)  # type: ignore[operator]
+
+
+def _relu(v1: Tensor, v2: Tensor, c12: Tensor) -> tuple[Tensor, Tensor]:
+    """``(E[relu(u) relu(v)], E[relu'(u) relu'(v)])`` for (u, v) ~ N(0, [[v1, c12], [c12, v2]]) (Cho & Saul 2009).
+
+    rho is clamped to [-1 + 2 eps, 1 - 2 eps] so every derivative stays finite (also at x = x')."""
+    finfo = torch.finfo(c12.dtype)
+    prod = (v1 * v2).clamp(min=finfo.tiny)
+    root = torch.sqrt(prod)
+    edge = 1.0 - 2.0 * finfo.eps
+    rho = (c12 / root).clamp(-edge, edge)
+    j0 = math.pi - torch.arccos(rho)
+    k = (root * torch.sqrt((1.0 - rho) * (1.0 + rho)) + j0 * c12) / (2.0 * math.pi)
+    return k, j0 / (2.0 * math.pi)
+
+
+def _erf(v1: Tensor, v2: Tensor, c12: Tensor) -> tuple[Tensor, Tensor]:
+    """``(E[erf(u) erf(v)], E[erf'(u) erf'(v)])``: (2/pi) arcsin(2c / sqrt((1+2v1)(1+2v2))), (4/pi) / sqrt(...)."""
+    prod = (1.0 + 2.0 * v1) * (1.0 + 2.0 * v2)
+    root = torch.sqrt((prod - 4.0 * c12 * c12).clamp(min=1.0))
+    return (2.0 / math.pi) * torch.atan2(2.0 * c12, root), (4.0 / math.pi) / root
+
+
+def _act_var(v: Tensor, activation: str) -> Tensor:
+    if activation == "relu":
+        return v / 2.0
+    if activation == "erf":
+        return (2.0 / math.pi) * torch.atan2(2.0 * v, torch.sqrt(1.0 + 4.0 * v))
+    return v
+
+
+def _as_image(x: Tensor, name: str) -> Tensor:
+    if not isinstance(x, Tensor) or x.dim() not in (3, 4) or x.shape[0] == 0:
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ShapeError(f"{name} must have shape (N, C, L) (1D) or (N, C, H, W) (2D) with N >= 1, got {got}; "
+                         "add a channel axis with x.unsqueeze(1).")
+    return x
+
+
+def _check(depth: int, filter_size: int | tuple[int, ...], activation: str, readout: str, padding: str,
+           weight_std: float, bias_std: float, dims: int) -> tuple[int, ...]:
+    if activation not in _ACTIVATIONS:
+        raise ConfigError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}.")
+    if readout not in CONV_READOUTS:
+        raise ConfigError(f"readout must be one of {CONV_READOUTS}, got {readout!r}.")
+    if padding not in CONV_PADDINGS:
+        raise ConfigError(f"padding must be one of {CONV_PADDINGS}, got {padding!r}.")
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
+        raise ConfigError(f"depth (number of conv layers) must be an int >= 0, got {depth!r}.")
+    if weight_std < 0 or bias_std < 0:
+        raise ConfigError(f"weight_std and bias_std must be >= 0, got {weight_std}, {bias_std}.")
+    fs = (filter_size,) * dims if isinstance(filter_size, int) else tuple(filter_size)
+    if len(fs) != dims or min(fs) < 1:
+        raise ConfigError(f"filter_size must be an int >= 1 or a tuple of {dims} ints >= 1 for {dims}D inputs, "
+                          f"got {filter_size!r}.")
+    return fs
+
+
+def analytic_conv_ntk(x1: Tensor, x2: Tensor | None = None, depth: int = 1, filter_size: int | tuple[int, ...] = 3,
+                      activation: str = "relu", readout: str = "flatten", padding: str = "circular",
+                      weight_std: float = 1.0, bias_std: float = 0.0,
+                      dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """Infinite-width ``(nngp, ntk)``, each (N1, N2), of ``[Conv, act] * depth`` + read-out + Dense (NTK param.).
+
+    ``x1``: (N1, C, L) or (N1, C, H, W); ``x2`` likewise or None (= x1). Input covariance per position pair
+    ``x_p . y_q / C``. Per conv layer (stride 1, ``filter_size`` k, fan-in C k): ``K(p, q) <- W^2 mean_k
+    K~(p + k, q + k) + b^2``, ``Theta(p, q) <- K(p, q) + W^2 mean_k Theta~(p + k, q + k)``; per activation
+    ``K~ = E[act(u) act(v)]``, ``Theta~ = Theta E[act'(u) act'(v)]``. Read-out ``"flatten"`` (Dense on
+    the flattened map; only p = q survive: the local kernel) or ``"gap"`` (global average pooling; all
+    pairs: the convolutional kernel of arXiv 2106.08619). ``padding``: "circular" (periodic, as in arXiv
+    2106.08619), "same" (zeros) or "valid". Row blocks keep memory bounded; ``dtype`` e.g. float64.
+    """
+    a = _as_image(x1, "x1")
+    b = a if x2 is None else _as_image(x2, "x2")
+    if a.shape[1:] != b.shape[1:]:
+        raise ShapeError(f"x1 and x2 must have the same channels and spatial size, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}.")
+    dims = a.dim() - 2
+    fs = _check(depth, filter_size, activation, readout, padding, weight_std, bias_std, dims)
+    if dtype is None:
+        dtype = a.dtype if a.is_floating_point() else torch.get_default_dtype()
+    a, b = a.to(dtype), b.to(dtype)
+    w2, b2 = float(weight_std) ** 2, float(bias_std) ** 2
+    pads = _pads(fs, padding)
+    mode = "circular" if padding == "circular" else "zeros"
+    dual = {"relu": _relu, "erf": _erf, "identity": None}[activation]
+    chans = a.shape[1]
+
+    def pre_variances(x: Tensor) -> list[Tensor]:  # pre-activation variances of each layer, (N, *S)
+        out, v = [], (x * x).sum(1) / chans
+        for _ in range(depth):
+            v = w2 * _filter_mean(v, [(1 + i,) for i in range(dims)], fs, pads, mode) + b2
+            out.append(v)
+            v = _act_var(v, activation)
+        return out
+
+    va, vb = pre_variances(a), pre_variances(b)
+    full = readout == "gap"
+
+    def block(rows: slice) -> tuple[Tensor, Tensor]:
+        xa = a[rows]
+        if full:  # (n1, n2, *S, *S): every pair of positions
+            k = torch.einsum("acp,bcq->abpq", xa.flatten(2), b.flatten(2)) / chans
+            k = k.reshape(xa.shape[0], b.shape[0], *a.shape[2:], *b.shape[2:])
+            groups = [(2 + i, 2 + dims + i) for i in range(dims)]
+        else:  # (n1, n2, *S): equal positions only
+            k = torch.einsum("ac...,bc...->ab...", xa, b) / chans
+            groups = [(2 + i,) for i in range(dims)]
+        ntk = torch.zeros_like(k)
+        for layer in range(depth):
+            k = w2 * _filter_mean(k, groups, fs, pads, mode) + b2
+            ntk = k + w2 * _filter_mean(ntk, groups, fs, pads, mode)
+            if dual is None:
+                continue
+            v1, v2 = va[layer][rows][:, None], vb[layer][None]
+            if full:
+                v1 = v1.reshape(*v1.shape, *([1] * dims))
+                v2 = v2.reshape(1, v2.shape[1], *([1] * dims), *v2.shape[2:])
+            k, dot = dual(v1, v2, k)
+            ntk = ntk * dot
+        red = tuple(range(2, k.dim()))
+        k_out = w2 * k.mean(red) + b2 if red else w2 * k + b2
+        return k_out, k_out + w2 * (ntk.mean(red) if red else ntk)
+
+    per_row = b.shape[0] * math.prod(a.shape[2:]) ** (2 if full else 1)
+    step = max(1, _BLOCK_ENTRIES // max(1, per_row))
+    if step >= a.shape[0]:
+        return block(slice(None))
+    parts = [block(slice(i, i + step)) for i in range(0, a.shape[0], step)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+class NTKConv(nn.Module):
+    """Stride-1 convolution in NTK parameterization: ``y = (weight_std / sqrt(C_in k)) W * x + bias_std b``.
+
+    W, b ~ N(0, 1) from ``generator`` (None: the global one, as torch.nn). ``padding``: "circular", "same"
+    (zeros; left = (k-1)//2) or "valid". ``dims``: 1 (inputs (N, C, L)) or 2 (inputs (N, C, H, W)). Its
+    infinite-width kernels are :func:`analytic_conv_ntk`'s.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, filter_size: int | tuple[int, ...], dims: int = 1,
+                 padding: str = "circular", weight_std: float = 1.0, bias_std: float = 0.0, *,
+                 generator: Seed = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if dims not in (1, 2):
+            raise ConfigError(f"dims must be 1 or 2, got {dims!r}.")
+        if in_channels < 1 or out_channels < 1:
+            raise ConfigError(f"NTKConv needs in_channels, out_channels >= 1, got {in_channels}, {out_channels}.")
+        self.filter_size = _check(1, filter_size, "relu", "flatten", padding, weight_std, bias_std, dims)
+        self.dims, self.padding = dims, padding
+        self.weight_std, self.bias_std = float(weight_std), float(bias_std)
+        self.scale = self.weight_std / math.sqrt(in_channels * math.prod(self.filter_size))
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.filter_size, device=device,
+                                               dtype=dtype))
+        self.bias = (nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype))
+                     if self.bias_std != 0.0 else None)
+        g = init_generator(generator)
+        with torch.no_grad():
+            for p in (self.weight, self.bias):
+                if p is not None:
+                    p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype, device=g.device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, (left, right) in enumerate(_pads(self.filter_size, self.padding)):
+            x = _pad_axis(x, 2 + i, left, right, "circular" if self.padding == "circular" else "zeros")
+        conv = F.conv1d if self.dims == 1 else F.conv2d
+        y = conv(x, self.weight) * self.scale
+        if self.bias is not None:
+            y = y + (self.bias * self.bias_std).reshape(-1, *([1] * self.dims))
+        return y
+
+
+def ntk_cnn(input_shape: tuple[int, ...], width: int, depth: int = 1, filter_size: int | tuple[int, ...] = 3,
+            out_features: int = 1, activation: str = "relu", readout: str = "flatten", padding: str = "circular",
+            weight_std: float = 1.0, bias_std: float = 0.0, *, generator: Seed = None,
+            device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> nn.Sequential:
+    """The finite net ``[NTKConv, act] * depth``, read-out (flatten or global average pool), ``NTKLinear``.
+
+    ``input_shape``: (C, L) or (C, H, W) without the batch axis. As ``width`` (channels) -> inf its kernels
+    are :func:`analytic_conv_ntk` with the same arguments. Randomness: ``generator`` shared by the layers.
+    """
+    if len(input_shape) not in (2, 3):
+        raise ConfigError(f"input_shape must be (C, L) or (C, H, W), got {tuple(input_shape)}.")
+    if width < 1:
+        raise ConfigError(f"ntk_cnn needs width >= 1, got {width}.")
+    dims = len(input_shape) - 1
+    fs = _check(depth, filter_size, activation, readout, padding, weight_std, bias_std, dims)
+    generator = init_generator(generator)
+    layers: list[nn.Module] = []
+    chans, spatial = input_shape[0], list(input_shape[1:])
+    for _ in range(depth):
+        layers.append(NTKConv(chans, width, fs, dims, padding, weight_std, bias_std, generator=generator,
+                              dtype=dtype))
+        layers.append({"relu": nn.ReLU, "erf": Erf, "identity": nn.Identity}[activation]())
+        chans = width
+        if padding == "valid":
+            spatial = [s - k + 1 for s, k in zip(spatial, fs, strict=True)]
+            if min(spatial) < 1:
+                raise ConfigError(f"filter size {fs} with padding='valid' leaves no positions after {depth} layers "
+                                  f"on input {tuple(input_shape)}.")
+    if readout == "gap":
+        layers += [nn.Flatten(2), _Mean()]
+        features = chans
+    else:
+        layers.append(nn.Flatten())
+        features = chans * math.prod(spatial)
+    layers.append(NTKLinear(features, out_features, weight_std, bias_std, generator=generator, dtype=dtype))
+    return nn.Sequential(*layers).to(device=device)
+
+
+class _Mean(nn.Module):
+    """Global average pooling over the flattened positions: (N, C, P) -> (N, C)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean(-1)

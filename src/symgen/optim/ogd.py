@@ -1,0 +1,173 @@
+"""Orthogonal gradient descent (OGD): gradients projected off the span of stored gradients of earlier tasks.
+
+Farajtabar et al., "Orthogonal gradient descent for continual learning" (arXiv 1910.07104): after a task,
+store the gradients of the network's outputs ``grad_w f_j(x; w*)`` at (some of) its inputs, orthonormalized
+(Gram-Schmidt); on later tasks step with ``g - sum_v (g . v) v``. In the NTK regime the outputs on the
+stored inputs then do not move, and Bennani et al. (arXiv 2006.11942) bound the generalisation error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from symgen.errors import ConfigError, DivergenceError, ShapeError
+from symgen.optim.wrapper import WrapperOptimizer
+
+__all__ = ["OGD", "OGD_OUTPUTS"]
+
+OGD_OUTPUTS = ("all", "average", "ground_truth")
+
+
+class OGD(WrapperOptimizer):
+    """OGD around a base optimizer (a CLASS and its keyword arguments, e.g. ``OGD(params, torch.optim.SGD, lr=0.1)``).
+
+    ``step(closure)``: the closure computes the gradient (or, without a closure, ``.grad`` is used as is),
+    :meth:`project` removes its components along the stored orthonormal basis, the base optimizer steps.
+    :meth:`store_task` adds the gradients of a model's outputs on a task's inputs; :meth:`add_directions`
+    adds any vectors (flat, in parameter order). The basis lives in ``state[p]["ogd_basis"]`` (one slice
+    (k, *p.shape) per parameter), so ``state_dict()`` / ``load_state_dict`` carry it. ``tol``: new
+    directions with singular value below ``tol`` times the block's largest norm are dropped (numerical rank).
+    ``max_directions``: refuse to store more (memory: k x number of parameters).
+    """
+
+    def __init__(self, params: Iterable[Any], base_optimizer: type[torch.optim.Optimizer] = torch.optim.SGD, *,
+                 tol: float = 1e-6, max_directions: int | None = None, **kwargs: Any) -> None:
+        if not 0 <= tol < 1:
+            raise ConfigError(f"tol must be in [0, 1), got {tol}.")
+        if max_directions is not None and max_directions < 1:
+            raise ConfigError(f"max_directions must be >= 1 or None, got {max_directions}.")
+        super().__init__(params, base_optimizer, {}, **kwargs)
+        self.tol = float(tol)
+        self.max_directions = max_directions
+
+    def _params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    @property
+    def num_directions(self) -> int:
+        first = self._params()[0]
+        basis = self.state[first].get("ogd_basis") if first in self.state else None
+        return 0 if basis is None else int(basis.shape[0])
+
+    def basis(self) -> Tensor:
+        """The stored orthonormal directions as rows, flat in parameter order: (k, number of parameters)."""
+        ps = self._params()
+        if self.num_directions == 0:
+            return torch.zeros(0, sum(p.numel() for p in ps), dtype=ps[0].dtype, device=ps[0].device)
+        return torch.cat([self.state[p]["ogd_basis"].reshape(self.num_directions, -1) for p in ps], dim=1)
+
+    @torch.no_grad()
+    def add_directions(self, vectors: Tensor) -> int:
+        """Orthonormalize the rows of ``vectors`` (k, number of parameters) against the basis and store them.
+
+        Block Gram-Schmidt: projected off the basis twice, then a rank-revealing Cholesky-QR of the block
+        (twice); directions of the block's new part with singular value below ``tol`` times the largest
+        row norm are dropped. Returns how many were kept.
+        """
+        ps = self._params()
+        total = sum(p.numel() for p in ps)
+        if vectors.dim() != 2 or vectors.shape[1] != total:
+            raise ShapeError(f"vectors must be (k, {total}) (flat, in the order of the optimizer's parameters), got "
+                             f"{tuple(vectors.shape)}.")
+        basis = self.basis()
+        v = vectors.to(basis.dtype)
+        if not bool(torch.isfinite(v).all()):
+            raise DivergenceError("OGD.add_directions: a stored gradient is not finite; check the model and data.")
+        scale = float(v.norm(dim=1).max()) if v.shape[0] else 0.0
+        q = v[:0]
+        if scale > 0:
+            for _ in range(2):  # project off the stored basis twice ("twice is enough", Kahan/Parlett)
+                if basis.shape[0]:
+                    v = v - (v @ basis.T) @ basis
+            # rank-revealing Cholesky-QR: the Gram matrix's eigenvectors give the block's orthonormal span
+            evals, evecs = torch.linalg.eigh(v @ v.T)
+            # the Gram matrix resolves singular values down to ~sqrt(eps) of the largest: never keep below that
+            floor = max(self.tol, 10.0 * torch.finfo(v.dtype).eps ** 0.5)
+            keep = evals > (floor * scale) ** 2
+            q = (evecs[:, keep] / evals[keep].sqrt()).T @ v
+            if q.shape[0]:  # second pass: orthogonal to working precision
+                if basis.shape[0]:
+                    q = q - (q @ basis.T) @ basis
+                evals, evecs = torch.linalg.eigh(q @ q.T)
+                q = (evecs / evals.clamp(min=torch.finfo(q.dtype).tiny).sqrt()).T @ q
+        basis = torch.cat([basis, q])
+        new = q
+        if self.max_directions is not None and basis.shape[0] > self.max_directions:
+            raise ConfigError(f"OGD would store {basis.shape[0]} directions, more than max_directions="
+                              f"{self.max_directions}; store fewer samples or outputs (outputs='average').")
+        offset = 0
+        for p in ps:
+            self.state[p]["ogd_basis"] = basis[:, offset:offset + p.numel()].reshape(basis.shape[0], *p.shape).clone()
+            offset += p.numel()
+        return len(new)
+
+    def store_task(self, model: nn.Module, x: Tensor, y: Tensor | None = None, *, outputs: str = "all",
+                   batch_size: int = 64) -> int:
+        """Store the gradients of ``model``'s outputs on inputs ``x`` at its current weights (after a task).
+
+        ``outputs``: "all" (every logit of every sample, OGD-ALL), "average" (the mean logit, OGD-AVE) or
+        "ground_truth" (the logit of label ``y``, OGD-GTL; needs ``y``). The model's parameters must be the
+        optimizer's, in the same order. Returns the number of directions added.
+        """
+        if outputs not in OGD_OUTPUTS:
+            raise ConfigError(f"outputs must be one of {OGD_OUTPUTS}, got {outputs!r}.")
+        if outputs == "ground_truth" and (y is None or y.shape[0] != x.shape[0]):
+            raise ShapeError("outputs='ground_truth' needs labels y with one entry per input of x.")
+        names = dict((id(p), n) for n, p in model.named_parameters())
+        ps = self._params()
+        if any(id(p) not in names for p in ps):
+            raise ConfigError("OGD.store_task: the optimizer holds parameters that are not the model's; build OGD "
+                              "on model.parameters().")
+        from torch.func import functional_call, jacrev, vmap
+
+        order = [names[id(p)] for p in ps]
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        buffers = dict(model.named_buffers())
+
+        def out(pr: dict[str, Tensor], xi: Tensor) -> Tensor:
+            f = functional_call(model, ({**params, **pr}, buffers), (xi[None],))[0].reshape(-1)
+            return f.mean()[None] if outputs == "average" else f
+
+        selected = {n: params[n] for n in order}
+        added = 0
+        was_training = model.training
+        model.eval()
+        try:
+            for i in range(0, x.shape[0], batch_size):
+                jac = vmap(jacrev(out), in_dims=(None, 0))(selected, x[i:i + batch_size])
+                rows = torch.cat([jac[n].reshape(jac[n].shape[0], jac[n].shape[1], -1) for n in order], dim=2)
+                if outputs == "ground_truth":
+                    rows = rows[torch.arange(rows.shape[0]), y[i:i + batch_size].long()][:, None]  # type: ignore[index]
+                added += self.add_directions(rows.reshape(-1, rows.shape[-1]))
+        finally:
+            model.train(was_training)
+        return added
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """``g <- g - V^T (V g)`` for the parameters' gradients (V: the stored orthonormal rows)."""
+        k = self.num_directions
+        ps = [p for p in self._params() if p.grad is not None]
+        if k == 0 or not ps:
+            return
+        coef = sum(self.state[p]["ogd_basis"].reshape(k, -1) @ p.grad.reshape(-1) for p in ps)
+        for p in ps:
+            p.grad.sub_((coef @ self.state[p]["ogd_basis"].reshape(k, -1)).reshape(p.shape))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for p in self._params():
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                raise DivergenceError("OGD step: non-finite gradient; parameters untouched. Lower the learning rate "
+                                      "or check the data.")
+        self.project()
+        self.base_optimizer.step()
+        return loss

@@ -1,0 +1,173 @@
+"""Terminal output of the command line: tables that never cut a value, one line per claim, progress.
+
+Everything a user may type back (experiment names, run ids, paths, commands) is printed whole, in a
+terminal or a pipe, at any width: tables are plain padded text, a line longer than the terminal
+wraps instead of being shortened. Progress is a rich bar in a terminal and a plain line every few
+seconds otherwise (a log or CI never sits in silence).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import IO, Any
+
+__all__ = ["text_table", "claim_headline", "claim_line", "claim_lines", "format_number", "dump_json",
+           "progress", "Ticker", "is_tty"]
+
+PROGRESS_INTERVAL = 10.0  # seconds between plain progress lines outside a terminal
+
+
+def is_tty(stream: IO[str] | None = None) -> bool:
+    stream = stream if stream is not None else sys.stderr
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def text_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """Columns padded to their widest cell, two spaces apart; no cell is ever shortened."""
+    body = [[str(c) for c in r] for r in rows]
+    widths = [len(h) for h in headers]
+    for r in body:
+        for i, c in enumerate(r):
+            widths[i] = max(widths[i], len(c))
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()
+
+    return "\n".join([line(list(headers)), line(["-" * w for w in widths])] + [line(r) for r in body])
+
+
+def format_number(v: Any, digits: int = 3) -> str:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+
+
+def _numbers(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """(dotted key, number) of every numeric leaf of a measured/threshold value, in order."""
+    if isinstance(obj, bool):
+        return []
+    if isinstance(obj, (int, float)):
+        return [(prefix, float(obj))]
+    if isinstance(obj, dict):
+        out = []
+        for k, v in obj.items():
+            out += _numbers(v, f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return []
+
+
+def claim_headline(claim: dict[str, Any]) -> dict[str, Any]:
+    """The claim's headline number against its threshold: ``{key, measured, threshold, paper, margin}``.
+
+    An experiment names it with the claim's ``headline`` (a key of ``measured``); otherwise it is the
+    first measured number whose key matches a numeric threshold key (``min_cos_to_svm`` for
+    ``min_cos``), or the single number of a scalar claim. ``margin`` is the distance to the
+    threshold, positive on the passing side, negative on the failing side (the verdict says which
+    side passes). Fields are None where the claim has no such number.
+    """
+    measured, threshold = claim.get("measured"), claim.get("threshold")
+    m_nums, t_nums = _numbers(measured), _numbers(threshold)
+    key = claim.get("headline") or None
+    m_val = t_val = None
+    if key is not None:
+        m_val = dict(m_nums).get(key)
+        t_val = dict(t_nums).get(key)
+        if t_val is None:
+            t_val = next((v for k, v in t_nums if key.startswith(k) or k.startswith(key)), None)
+    elif isinstance(measured, (int, float)) and not isinstance(measured, bool):
+        key, m_val = "value", float(measured)
+        t_val = t_nums[0][1] if len(t_nums) == 1 else None
+    else:
+        for tk, tv in t_nums:
+            base = tk.split(".")[-1]
+            hit = next(((k, v) for k, v in m_nums if k.split(".")[-1].startswith(base) or base in k), None)
+            if hit is not None:
+                key, m_val, t_val = hit[0], hit[1], tv
+                break
+        if key is None and m_nums:
+            key, m_val = m_nums[0]
+    margin = None
+    if m_val is not None and t_val is not None and math.isfinite(m_val) and math.isfinite(t_val):
+        margin = abs(m_val - t_val) * (1 if claim.get("passed") else -1)
+    return {"key": key, "measured": m_val, "threshold": t_val, "paper": claim.get("paper"), "margin": margin}
+
+
+def claim_line(claim: dict[str, Any]) -> list[str]:
+    """Cells of one claim's line: id, verdict, headline number vs threshold (and the paper's), margin."""
+    h = claim_headline(claim)
+    verdict = "PASS" if claim.get("passed") else "FAIL"
+    if h["measured"] is None:
+        number = "-"
+    else:
+        number = f"{h['key']}={format_number(h['measured'])}"
+        if h["threshold"] is not None:
+            number += f" vs {format_number(h['threshold'])}"
+    paper = "-" if h["paper"] is None else format_number(h["paper"])
+    margin = "-" if h["margin"] is None else f"{h['margin']:+.3g}"
+    return [str(claim["id"]), verdict, number, paper, margin]
+
+
+def claim_lines(claims: Sequence[dict[str, Any]], title: str = "") -> str:
+    """One line per claim (the full measured values are in the HTML report and in ``--json``)."""
+    n = sum(bool(c.get("passed")) for c in claims)
+    head = f"{title}: " if title else ""
+    table = text_table(["claim", "verdict", "headline vs threshold", "paper", "margin"],
+                       [claim_line(c) for c in claims])
+    return f"{head}{n}/{len(claims)} claims pass\n{table}"
+
+
+def dump_json(obj: Any, stream: IO[str] | None = None) -> None:
+    """Machine-readable output: one JSON document on stdout."""
+    stream = stream if stream is not None else sys.stdout
+    stream.write(json.dumps(obj, indent=2, default=str) + "\n")
+    stream.flush()
+
+
+class Ticker:
+    """Plain progress lines on ``stream`` at most every ``interval`` seconds (for pipes and logs)."""
+
+    def __init__(self, desc: str, total: int | None = None, stream: IO[str] | None = None,
+                 interval: float = PROGRESS_INTERVAL):
+        self.desc, self.total, self.interval = desc, total, interval
+        self.stream = stream if stream is not None else sys.stderr
+        self.start = self.last = time.monotonic()
+        self.done = 0
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            of = f"/{self.total}" if self.total is not None else ""
+            self.stream.write(f"  {self.desc}: {self.done}{of} ({now - self.start:.0f} s)\n")
+            self.stream.flush()
+
+
+def progress(iterable: Iterable[Any], desc: str = "", total: int | None = None,
+             stream: IO[str] | None = None) -> Iterator[Any]:
+    """Yield from ``iterable`` with a rich progress bar in a terminal, plain periodic lines otherwise."""
+    stream = stream if stream is not None else sys.stderr
+    if not is_tty(stream):
+        tick = Ticker(desc or "progress", total, stream)
+        for item in iterable:
+            yield item
+            tick.advance()
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=True, console=Console(file=stream)) as bar:
+        task = bar.add_task(desc, total=total)
+        for item in iterable:
+            yield item
+            bar.advance(task)

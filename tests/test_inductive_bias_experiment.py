@@ -1,0 +1,32 @@
+"""Smoke test of the ``inductive-bias`` experiment (tiny config): claims computed and explained, figures written."""
+
+from __future__ import annotations
+
+import pytest
+
+from symgen.errors import ConfigError
+from symgen.experiments import get_experiment
+from symgen.experiments.base import Context, build_config
+from symgen.experiments.inductive_bias import EXPERIMENT, Config
+
+
+def test_inductive_bias_tiny(tmp_path):
+    assert get_experiment("inductive-bias") is EXPERIMENT
+    cfg = build_config(Config, quick=EXPERIMENT.quick, dims=[4, 8], student_filters=[2, 3],
+                       train_sizes=[8, 16, 32], num_test=20, num_draws=2)
+    result = EXPERIMENT.run(cfg, Context())
+    claims = EXPERIMENT.check_claims(cfg, result)
+    assert [c.id for c in claims] == ["C4.5-local", "C4.5-fc", "C4.5-gap"]
+    for c in claims:
+        assert (c.note == "") == c.passed
+    assert set(claims[1].measured) == {4, 8}
+    assert claims[0].paper == {"local_s2": 0.5, "local_s3": pytest.approx(1 / 3)}
+    paths = EXPERIMENT.figures(result, tmp_path)
+    assert all(p.exists() for p in paths) and len(paths) == 2
+
+
+def test_inductive_bias_config_errors():
+    with pytest.raises(ConfigError, match="teacher_filter"):
+        build_config(Config, student_filters=[1], teacher_filter=2)
+    with pytest.raises(ConfigError, match="fit in the smallest"):
+        build_config(Config, student_filters=[16], dims=[8, 16])
