@@ -24,7 +24,7 @@ test: venv
 
 # README's claims table must equal a fresh `symgen reproduce --quick` (CI runs this after `make test`).
 claims: venv
-	$(BIN)/python scripts/claims_gate.py
+	$(BIN)/python scripts/claims_gate.py --timeout 1200
 
 bench: venv
 	-$(BIN)/pip install -q -c constraints.txt -e '.[bench]'

@@ -227,3 +227,36 @@ def test_claims_gate(tmp_path):
     assert diffs[0].startswith("REGRESSION") and passing[1] in diffs[0]
     summary["experiments"][0]["claims"].append({"id": "C9.9", "passed": True})
     assert any("missing from README" in d for d in claims_gate.compare(verdicts, claims_gate.run_verdicts(summary)))
+
+
+def test_claims_gate_prints_margins_of_flips_and_times(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    import claims_gate
+
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- claims:start -->\n| exp (quick) | C1: a | x | y | PASS |\n"
+                      "| exp (quick) | C2: b | x | y | **FAIL** |\n<!-- claims:end -->\n")
+    claims = [{"id": "C1", "passed": False, "measured": {"cos": 0.98999}, "threshold": {"cos": 0.99}},
+              {"id": "C2", "passed": False, "measured": {"gap": 0.5}, "threshold": {"gap": 0.2}}]
+    summary = {"seconds": 12.5, "experiments": [{"name": "exp", "seconds": 12.0, "claims": claims}]}
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps(summary))
+    assert claims_gate.main(["--readme", str(readme), "--summary", str(f)]) == 1  # a regression always fails
+    out, err = capsys.readouterr()
+    assert "REGRESSION exp: C1" in err and "cos=0.98999 vs 0.99, margin -1e-05 (tiny: may flip across CPUs)" in err
+    assert "exp" in out and "12.0" in out and "total 12.5 s" in out
+    claims[0]["passed"], claims[1]["passed"] = True, True  # a README FAIL that passes: README is stale
+    claims[0]["measured"]["cos"] = 0.995
+    f.write_text(json.dumps(summary))
+    assert claims_gate.main(["--readme", str(readme), "--summary", str(f)]) == 1
+    err = capsys.readouterr().err
+    assert "exp: C2: README says FAIL, the run says PASS" in err and "margin +0.3" in err
+
+
+def test_claims_gate_is_time_bounded(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    import claims_gate
+
+    readme = Path(__file__).parents[1] / "README.md"
+    assert claims_gate.main(["--readme", str(readme), "--timeout", "0.5"]) == 1
+    assert "did not finish within 0.5 s" in capsys.readouterr().err

@@ -178,6 +178,54 @@ def test_vectorized_training_matches_member_loop(optimizer, momentum, augment):
         assert torch.allclose(ens.member_logits(xt)[m], ref(xt), atol=1e-10)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_per_member_learning_rate_schedules_match_member_loops(optimizer):
+    """lr_factors: member m steps with lr * f_m(epoch, step), under a torch scheduler too; each member equals a
+    loop that trains it alone with that learning rate set in its own optimizer before every step."""
+    x, y = _data(12)
+    base = [1.0, 0.5, 0.1]
+    lr = 0.02 if optimizer == "adam" else 0.1
+
+    def factors(epoch, step):
+        return torch.tensor([f * (0.7 ** epoch) * (1 + 0.1 * step) for f in base], dtype=DT)
+
+    def make(params):
+        return (torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-3) if optimizer == "sgd"
+                else torch.optim.Adam(params, lr=lr, weight_decay=1e-3))
+
+    ens = Ensemble.init(_tiny_cnn, 3, generator=2)
+    opt = make(ens.parameters())
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # the common schedule, per epoch
+    train_ensemble(ens, x, y, opt, epochs=2, batch_size=5, generator=2, lr_factors=factors,
+                   on_epoch=lambda e, h: sched.step())
+    for m in range(3):
+        torch.manual_seed(2 + m)
+        model = _tiny_cnn()
+        ref_opt = make(model.parameters())
+        gen = member_generator(2, m)
+        for epoch in range(2):
+            order, _ = epoch_plan(gen, 12, None)
+            for step, s in enumerate(range(0, 12, 5)):
+                for g in ref_opt.param_groups:
+                    g["lr"] = lr * 0.5 ** epoch * float(factors(epoch, step)[m])
+                idx = order[s:s + 5]
+                ref_opt.zero_grad()
+                F.cross_entropy(model(x[idx]), y[idx]).backward()
+                ref_opt.step()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(ens.params[name][m], p.detach(), rtol=1e-9, atol=1e-11, msg=name)
+    # a constant tensor of factors; a wrong shape or a negative factor is a ConfigError
+    ens2 = Ensemble.init(_tiny_cnn, 3, generator=2)
+    with pytest.raises(ConfigError, match="lr_factors"):
+        train_ensemble(ens2, x, y, torch.optim.SGD(ens2.parameters(), lr=0.1), lr_factors=torch.ones(2))
+    with pytest.raises(ConfigError, match="lr_factors"):
+        train_ensemble(ens2, x, y, torch.optim.SGD(ens2.parameters(), lr=0.1), lr_factors=torch.tensor([1.0, -1, 1]))
+    zero = Ensemble.init(_tiny_cnn, 2, generator=2)
+    w0 = zero.params["head.weight"].clone()
+    train_ensemble(zero, x, y, torch.optim.SGD(zero.parameters(), lr=0.1), epochs=1, lr_factors=torch.tensor([0.0, 1.0]))
+    assert torch.equal(zero.params["head.weight"][0], w0[0]) and not torch.equal(zero.params["head.weight"][1], w0[1])
+
+
 def test_training_changes_with_seed_and_divergence_error():
     x, y = _data(16)
     a = Ensemble.init(_tiny_cnn, 2, generator=0)

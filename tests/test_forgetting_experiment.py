@@ -26,7 +26,22 @@ def test_forgetting_tiny(tmp_path):
         assert rec["mse_a_predicted"][0] == pytest.approx(rec["mse_a_measured"][0], rel=1e-9)
         assert rec["ogd"]["directions"] == 12 * 5
         assert 0 <= rec["overlap"] <= 1
+        # matched-accuracy protocol of C4.6-ogd: each method's first step at the B-accuracy target, from its own
+        # trajectory (recomputed here by scanning it)
+        for at, tr in ((rec["at_target"], rec["trajectory"]), (rec["ogd"]["at_target"], rec["ogd"]["trajectory"])):
+            hits = [i for i, a in enumerate(tr["acc_b"]) if a >= cfg.accuracy_target]
+            assert at["step"] == (hits[0] if hits else None)
+            if hits:
+                assert at["forgetting"] == pytest.approx(tr["mse_a"][hits[0]] - top["after_a"]["mse"])
+        assert len(rec["trajectory"]["acc_b"]) == 21  # SGD runs the whole budget (claims a, b use its end)
+        assert rec["ogd"]["steps"] <= 2 * 20 and len(rec["ogd"]["trajectory"]["acc_b"]) == rec["ogd"]["steps"] + 1
     assert "ogd" not in result["by_width"]["32"]["pairs"]["split"]
+    ogd_claim = claims[2]
+    reached = [t for t in top["pairs"] if top["pairs"][t]["at_target"]["step"] is not None
+               and top["pairs"][t]["ogd"]["at_target"]["step"] is not None]
+    less = [t for t in reached if top["pairs"][t]["ogd"]["at_target"]["forgetting"]
+            < top["pairs"][t]["at_target"]["forgetting"]]
+    assert ogd_claim.passed == (len(less) == 3) and ogd_claim.measured["pairs_ogd_forgets_less"] == len(less)
     paths = EXPERIMENT.figures(result, tmp_path)
     assert all(p.exists() for p in paths) and len(paths) == 2
 

@@ -19,8 +19,19 @@ def test_inductive_bias_tiny(tmp_path):
     assert [c.id for c in claims] == ["C4.5-local", "C4.5-fc", "C4.5-gap"]
     for c in claims:
         assert (c.note == "") == c.passed
-    assert set(claims[1].measured) == {4, 8}
-    assert claims[0].paper == {"local_s2": 0.5, "local_s3": pytest.approx(1 / 3)}
+    assert {k for k in claims[1].measured if isinstance(k, int)} == {4, 8}
+    assert claims[0].measured["predicted"] == {"local_s2": 0.5, "local_s3": pytest.approx(1 / 3)}
+    # headline numbers and the paper's predictions beside them (arXiv 2106.08619: beta = 1/s local, 1/d FC)
+    assert claims[0].paper == pytest.approx(0.5 - 1 / 3) and claims[0].headline == "beta_s2_minus_s3_at_d8"
+    beta = {k: claims[0].measured[f"local_s{k}"][8]["beta"] for k in (2, 3)}
+    assert claims[0].measured[claims[0].headline] == pytest.approx(beta[2] - beta[3])
+    assert claims[1].paper == pytest.approx(1 / 4 - 1 / 8)
+    assert claims[1].measured["beta_drop"] == pytest.approx(claims[1].measured[4]["beta"] - claims[1].measured[8]["beta"])
+    assert claims[2].paper == pytest.approx(1 / 3 - 1 / 8) and claims[2].headline == "s3.gap"
+    from symgen.terminal import claim_headline
+    for c in claims:
+        h = claim_headline(c.model_dump())
+        assert h["measured"] is not None and h["paper"] == c.paper
     paths = EXPERIMENT.figures(result, tmp_path)
     assert all(p.exists() for p in paths) and len(paths) == 2
 

@@ -88,3 +88,47 @@ def test_ogd_bad_input():
         opt.store_task(model, torch.randn(1, 3, dtype=torch.float64), outputs="ground_truth")
     with pytest.raises(ConfigError, match="not the model"):
         OGD(nn.Linear(2, 2).parameters(), lr=0.1).store_task(model, torch.randn(1, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("outputs", ["all", "average", "ground_truth"])
+def test_implicit_form_equals_explicit_projector(outputs):
+    model = _net()
+    xa, ya = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    implicit = OGD(model.parameters(), torch.optim.SGD, lr=0.1)
+    k = implicit.store_task(model, xa, ya, outputs=outputs, form="implicit", batch_size=3)
+    assert k == {"all": 8, "average": 4, "ground_truth": 4}[outputs] == implicit.num_directions
+    g = _grads(model, xa).detach()  # independent: output gradients by a loop of autograd.grad
+    if outputs == "average":
+        g = g.reshape(4, 2, -1).mean(1)
+    elif outputs == "ground_truth":
+        g = g.reshape(4, 2, -1)[torch.arange(4), ya]
+    proj = torch.eye(g.shape[1], dtype=torch.float64) - g.T @ torch.linalg.pinv(g @ g.T) @ g
+    torch.testing.assert_close(implicit.basis() @ implicit.basis().T, torch.eye(k, dtype=torch.float64))
+    xb, yb = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    for _ in range(3):  # the projector is the one at the stored weights, also after the weights moved
+        before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        model.zero_grad()
+        LossClosure(model, nn.functional.mse_loss, xb, yb)()
+        grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        implicit.step(LossClosure(model, nn.functional.mse_loss, xb, yb))
+        after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        torch.testing.assert_close(after, before - 0.1 * proj @ grad)
+
+
+def test_implicit_form_rank_and_one_task_only():
+    model = _net()
+    xa = torch.randn(2, 3, dtype=torch.float64)
+    opt = OGD(model.parameters(), torch.optim.SGD, lr=0.1)
+    assert opt.store_task(model, torch.cat([xa, xa]), form="implicit") == 4  # duplicated inputs: rank 4, not 8
+    with pytest.raises(ConfigError, match="one task"):
+        opt.store_task(model, xa)
+    with pytest.raises(ConfigError, match="one task"):
+        opt.add_directions(torch.zeros(1, opt.basis().shape[1], dtype=torch.float64))
+    explicit = OGD(model.parameters(), torch.optim.SGD, lr=0.1)
+    explicit.store_task(model, xa)
+    with pytest.raises(ConfigError, match="no stored directions"):
+        explicit.store_task(model, xa, form="implicit")
+    with pytest.raises(ConfigError, match="form"):
+        explicit.store_task(model, xa, form="lazy")
+    with pytest.raises(ConfigError, match="max_directions"):
+        OGD(model.parameters(), lr=0.1, max_directions=2).store_task(model, xa, form="implicit")

@@ -356,17 +356,48 @@ def audit(
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {key}: cannot parse value '{raw}': {e}") from None
     t0 = time.time()
+    group = _torchrun_group(device)
+    lead = group is None or _rank(group) == 0
 
     def progress(title: str) -> None:
-        say(f"  [{time.time() - t0:5.1f} s] {title}", err=True)
+        if lead:
+            say(f"  [{time.time() - t0:5.1f} s] {title}", err=True)
 
-    result, run = run_audit(model, data, checkpoint=checkpoint, action=action, budget=budget, root=root,
-                            device=device, seed=seed, out=out, limits=limits, progress=progress)
+    try:
+        result, run = run_audit(model, data, checkpoint=checkpoint, action=action, budget=budget, root=root,
+                                device=device, seed=seed, out=out, limits=limits, progress=progress,
+                                process_group=group)
+    finally:
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if run is None:  # another rank than 0 under torchrun: rank 0 writes the run and prints
+        return
     if as_json:
         _emit({"run": run.id, "path": str(run.path), "report": str(run.path / "report.html"), **result.to_dict()})
         return
     say(_audit_lines(result.to_dict()))
     say(f"report: {run.path / 'report.html'}")
+
+
+def _torchrun_group(device: str | None) -> Any:
+    """Under torchrun (RANK and WORLD_SIZE in the environment, more than one process): the initialized
+    default process group (NCCL on CUDA, gloo on CPU), each rank on its local GPU; else None."""
+    import os
+
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from symgen import distributed
+
+    backend = "nccl" if device is not None and device.startswith("cuda") else "gloo"
+    return distributed.init_process_group(backend)
+
+
+def _rank(group: Any) -> int:
+    from symgen import distributed
+
+    return distributed.rank(group)
 
 
 def _usage_error_type() -> type[Exception]:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
 
+from symgen import distributed as sd
 from symgen import functional as sf
 from symgen.errors import ConfigError, DivergenceError, ShapeError
 from symgen.groups import GroupAction
@@ -40,10 +41,15 @@ class Ensemble:
     ``member_ids[m]`` is member m's global index (it seeds init and training randomness).
     ``parameters()``: the stacked tensors as leaves for an optimizer (elementwise optimizers such as
     SGD or Adam then update each member independently).
+
+    Sharded across ranks (``Ensemble.init(..., process_group=...)``): this process holds only its members
+    (``member_ids``, a contiguous share of all ``total_members``); ``gathered_member_logits(x)`` and
+    ``gathered()`` collect every rank's members, in member order.
     """
 
     def __init__(self, module: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None = None,
-                 member_ids: Sequence[int] | None = None) -> None:
+                 member_ids: Sequence[int] | None = None, process_group: Any = None) -> None:
+        self.process_group = sd.resolve_group(process_group)
         self.module = module
         self.params = {k: v for k, v in params.items()}
         self.buffers_ = {k: v for k, v in (buffers or {}).items()}
@@ -54,13 +60,45 @@ class Ensemble:
 
     @classmethod
     def init(cls, factory: Callable[[], nn.Module], num_members: int, generator: Seed = None, first_member: int = 0,
-             device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Ensemble:
+             device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+             process_group: Any = None) -> Ensemble:
         """Members ``first_member .. first_member + num_members - 1``; member i built under the seed
-        ``s + i``, s = ``rng.seed_of(generator)`` (an int seed is s itself; None = 0)."""
+        ``s + i``, s = ``rng.seed_of(generator)`` (an int seed is s itself; None = 0).
+
+        ``process_group`` ("auto", None or a ``ProcessGroup``; see ``symgen.distributed.resolve_group``):
+        split the members by rank (``distributed.shard_range``); every member keeps its global id, so its
+        init and training randomness are those of the one-process ensemble.
+        """
+        if num_members < 1:
+            raise ConfigError(f"an ensemble needs num_members >= 1; got {num_members}.")
+        group = sd.resolve_group(process_group)
+        shard = sd.shard_range(num_members, group)
+        if len(shard) == 0:
+            raise ConfigError(f"{num_members} members cannot be split over {sd.world_size(group)} ranks (a rank "
+                              "would hold none); use at least as many members as ranks.")
         seed = seed_of(generator)
-        module, params, buffers = sf.stacked_init(factory, num_members, generator=seed + first_member,
+        module, params, buffers = sf.stacked_init(factory, len(shard), generator=seed + first_member + shard.start,
                                                   device=device, dtype=dtype)
-        return cls(module, params, buffers, range(first_member, first_member + num_members))
+        ids = range(first_member + shard.start, first_member + shard.stop)
+        ens = cls(module, params, buffers, ids, process_group=group)
+        return ens
+
+    @property
+    def total_members(self) -> int:
+        """Members on all ranks together (``num_members`` without a process group; a collective: every rank calls it)."""
+        return int(sd.all_reduce_sum(torch.tensor([self.num_members]), self.process_group)[0])
+
+    def gathered_member_logits(self, x: Tensor, chunk_size: int | None = None) -> Tensor:
+        """Outputs of the members of every rank, (total M, B, ...) in member order (a collective: every rank calls it)."""
+        return sd.all_gather_rows(self.member_logits(x, chunk_size), self.process_group)
+
+    def gathered(self) -> Ensemble:
+        """The whole ensemble on this process: every rank's members gathered (a copy; no process group)."""
+        gather = (lambda t: sd.all_gather_rows(t.detach().contiguous(), self.process_group))  # noqa: E731
+        ids = gather(torch.tensor(self.member_ids, dtype=torch.int64)).tolist()
+        params = {k: gather(v).clone() for k, v in self.params.items()}
+        buffers = {k: gather(v).clone() for k, v in self.buffers_.items()}
+        return Ensemble(self.module, params, buffers, ids)
 
     @property
     def num_members(self) -> int:
@@ -143,7 +181,8 @@ def train_ensemble(ensemble: Ensemble, x: Tensor, y: Tensor, optimizer: torch.op
                    batch_size: int = 32, augment: GroupAction | None = None, generator: Seed = None,
                    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
                    progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
-                   on_epoch: Callable[[int, Tensor], None] | None = None) -> Tensor:
+                   on_epoch: Callable[[int, Tensor], None] | None = None,
+                   lr_factors: Tensor | Callable[[int, int], Tensor] | None = None) -> Tensor:
     """Train all members together (gradients through ``vmap``), stepping ``optimizer.step(closure)``.
 
     ``optimizer``: an instance built on ``ensemble.parameters()``; an elementwise optimizer (SGD, Adam,
@@ -152,6 +191,16 @@ def train_ensemble(ensemble: Ensemble, x: Tensor, y: Tensor, optimizer: torch.op
     epoch and, with ``augment``, one random group element per sample (``epoch_plan`` with
     ``member_generator(s, id)``, s = ``rng.seed_of(generator)``; None = 0). Each member's loss is
     ``loss_fn`` on its own mini-batch; the summed loss gives every member exactly its own gradient.
+
+    ``lr_factors``: per-member learning rates, member m stepping with ``lr * lr_factors[m]`` (``lr`` the
+    optimizer's, under any torch scheduler): a tensor (M,), or a schedule ``lr_factors(epoch, step) ->
+    (M,)`` called before every step. Each step is scaled afterwards, W_m <- W_m + f_m (W_m' - W_m), which is
+    exact for optimizers whose update is lr times a direction that does not depend on lr (SGD with
+    momentum or Nesterov, Adam, AdamW, RMSprop, Adagrad without lr_decay); not for LBFGS or Rprop.
+
+    A sharded ensemble (``Ensemble.init(..., process_group=...)``) trains its own members with no
+    communication (each member's randomness depends on its global id only) and returns the loss
+    history of all members, gathered over the ranks (total M, epochs).
     Returns per-member mean epoch losses (M, epochs).
     """
     if x.shape[0] != y.shape[0] or x.shape[0] == 0:
@@ -207,14 +256,34 @@ def train_ensemble(ensemble: Ensemble, x: Tensor, y: Tensor, optimizer: torch.op
                     loss.backward()
                     return loss.detach()
 
+                factors = _member_factors(lr_factors, epoch, s, m, dev, dtype)
+                before = [p.detach().clone() for p in leaves.values()] if factors is not None else []
                 optimizer.step(closure)
+                if factors is not None:
+                    with torch.no_grad():
+                        for p, p0 in zip(leaves.values(), before, strict=True):
+                            p.copy_(torch.lerp(p0, p, factors.view((m,) + (1,) * (p.dim() - 1))))
                 total += losses[0] * b
             history[:, epoch] = (total / n).to(history.device)
             if on_epoch is not None:
                 on_epoch(epoch, history[:, epoch])
     finally:
         ensemble.module.train(was_training)
-    return history
+    return sd.all_gather_rows(history, ensemble.process_group)
+
+
+def _member_factors(lr_factors: Tensor | Callable[[int, int], Tensor] | None, epoch: int, step: int, m: int,
+                    device: torch.device, dtype: torch.dtype) -> Tensor | None:
+    """This step's per-member learning-rate factors (M,), checked; None when not given."""
+    if lr_factors is None:
+        return None
+    f = lr_factors(epoch, step) if callable(lr_factors) else lr_factors
+    f = torch.as_tensor(f)
+    if f.shape != (m,) or not bool(torch.isfinite(f).all()) or bool((f < 0).any()):
+        raise ConfigError(f"lr_factors must give one finite factor >= 0 per member of this ensemble, shape ({m},); "
+                          f"got shape {tuple(f.shape)} at epoch {epoch}, step {step} (a sharded ensemble: index "
+                          "your factors with ensemble.member_ids).")
+    return f.to(device=device, dtype=dtype)
 
 
 def sub_ensemble_metrics(member_outputs: Tensor, sizes: Sequence[int], metric_fn: Callable[[Tensor], Mapping[str, float]],

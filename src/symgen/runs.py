@@ -370,14 +370,17 @@ class AuditConfig(ExperimentConfig):
 def run_audit(model: str, data: str, *, checkpoint: str | Path | None = None, action: str = "none",
               budget: str | float = "quick", root: str | Path | None = None, device: str | None = None,
               seed: int = 0, out: str | Path = "runs", limits: dict[str, Any] | None = None,
-              progress: Callable[[str], None] | None = None) -> tuple[AuditResult, RunDir]:
+              progress: Callable[[str], None] | None = None,
+              process_group: Any = None) -> tuple[AuditResult, RunDir | None]:
     """Load ``model`` (``MODULE:FACTORY``) and ``checkpoint``, audit it, and store it as a run under ``out``
     (what ``symgen audit`` does).
 
     Everything is validated and measured before anything is written: bad input (model, checkpoint,
     data, action, limits) raises a :class:`SymgenError` and leaves no run directory. The run
     (experiment ``audit`` in ``out/index.sqlite``) holds the files of :func:`write_audit_run`.
-    ``seed`` is the audit's ``generator``. Returns ``(result, run)``.
+    ``seed`` is the audit's ``generator``. Returns ``(result, run)``. ``process_group`` (a torch.distributed
+    group, e.g. under torchrun): the audit's data-parallel sections are sharded over its ranks, every
+    rank gets the same result, and only rank 0 writes the run (the others return ``run`` None).
     """
     from pydantic import ValidationError
 
@@ -397,9 +400,14 @@ def run_audit(model: str, data: str, *, checkpoint: str | Path | None = None, ac
         raise ConfigError(f"invalid audit settings: {e}") from None
     net = load_model(model, checkpoint, device=cfg.device)
     result = audit(net, data, action, budget=budget, limits=limits, root=root, generator=seed,
-                   device=cfg.device, name=model, progress=progress)
+                   device=cfg.device, name=model, progress=progress, process_group=process_group)
     if checkpoint is not None:
         result.model = f"{model} + {Path(checkpoint).name}"
+    if process_group is not None:
+        from symgen import distributed
+
+        if distributed.rank(process_group) != 0:
+            return result, None
     return result, write_audit_run(RunStore(out), result, config=cfg)
 
 

@@ -51,18 +51,18 @@ def format_number(v: Any, digits: int = 3) -> str:
     return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
 
 
-def _numbers(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
-    """(dotted key, number) of every numeric leaf of a measured/threshold value, in order."""
+def _numbers(obj: Any, prefix: str = "", lists: bool = False) -> list[tuple[str, float]]:
+    """(dotted key, number) of every numeric leaf of a measured/threshold value, in order (list items as
+    ``key.0``, ``key.1`` ... with ``lists``: a claim's ``headline`` may name one)."""
     if isinstance(obj, bool):
         return []
     if isinstance(obj, (int, float)):
         return [(prefix, float(obj))]
-    if isinstance(obj, dict):
-        out = []
-        for k, v in obj.items():
-            out += _numbers(v, f"{prefix}.{k}" if prefix else str(k))
-        return out
-    return []
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if lists and isinstance(obj, list) else ()
+    out = []
+    for k, v in items:
+        out += _numbers(v, f"{prefix}.{k}" if prefix else str(k), lists)
+    return out
 
 
 def claim_headline(claim: dict[str, Any]) -> dict[str, Any]:
@@ -79,7 +79,7 @@ def claim_headline(claim: dict[str, Any]) -> dict[str, Any]:
     key = claim.get("headline") or None
     m_val = t_val = None
     if key is not None:
-        m_val = dict(m_nums).get(key)
+        m_val = dict(_numbers(measured, lists=True)).get(key)
         t_val = dict(t_nums).get(key)
         if t_val is None:
             t_val = next((v for k, v in t_nums if key.startswith(k) or k.startswith(key)), None)

@@ -56,7 +56,8 @@ __all__ = [
 def audit(model: nn.Module, data: Any, action: Any = None, *, budget: str | float = "quick",
           limits: Mapping[str, Any] | None = None, root: str | Path | None = None, generator: Seed = None,
           device: str | torch.device | None = None, sections: Sequence[str] | None = None,
-          name: str | None = None, progress: Callable[[str], None] | None = None) -> AuditResult:
+          name: str | None = None, progress: Callable[[str], None] | None = None,
+          process_group: Any = "auto") -> AuditResult:
     """Measure how symmetric, flat, kernel-like and robust a trained classifier is.
 
     ``data``: a dataset name for :func:`symgen.data.load_dataset` (train split for the curvature,
@@ -72,6 +73,15 @@ def audit(model: nn.Module, data: Any, action: Any = None, *, budget: str | floa
     depend on which other sections ran. The model is evaluated in eval mode
     (BatchNorm uses its running statistics) on ``device`` (default: where its parameters are) in
     its own dtype; it is not modified. Nothing is written to disk.
+
+    The test split is streamed whole through a DataLoader (``test_samples`` None); the budget limits
+    only what is expensive (training subsamples, probes, Lanczos steps, NTK and PGD samples).
+    An explicit ``eval_samples`` without ``test_samples`` subsamples both splits (as it always did).
+    ``process_group`` ("auto": the default group when torch.distributed is initialized with several
+    processes, e.g. under torchrun; None: this process alone): accuracy and loss, the Hessian and GGN
+    products and noise stability are computed on each rank's shard of the data and all-reduced, the
+    other sections on every rank alike; every rank returns the same numbers as one process would
+    (up to round-off).
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"audit expects a torch.nn.Module, got {type(model).__name__}; load one with "
@@ -99,6 +109,13 @@ def audit(model: nn.Module, data: Any, action: Any = None, *, budget: str | floa
     act = make_action(action, tuple(test[0].shape[1:]))
     _check_finite(model)
     fixed = set(limits or {})
+    if "eval_samples" in fixed and "test_samples" not in fixed:
+        from dataclasses import replace
+
+        lim = replace(lim, test_samples=lim.eval_samples)
+    from symgen import distributed
+
+    group = distributed.resolve_group(process_group)
     lim, plan_notes = _plan(model, lim, train, test, act, fixed)
     result = AuditResult(model=name or type(model).__name__, data=data_name, action=action_name(action),
                          budget=str(budget), device=str(dev), dtype=str(dtype).replace("torch.", ""), seed=seed,
@@ -111,12 +128,13 @@ def audit(model: nn.Module, data: Any, action: Any = None, *, budget: str | floa
         return torch.Generator().manual_seed(seed * 1009 + known.index(key))
 
     runners: dict[str, Callable[[SectionResult], None]] = {
-        "performance": lambda s: evaluation.performance(s, model, train, test, lim, gen("performance"), same),
+        "performance": lambda s: evaluation.performance(s, model, train, test, lim, gen("performance"), same,
+                                                               group),
         "invariance": lambda s: evaluation.invariance(s, model, act, test, lim, gen("invariance")),
         "scale_symmetries": lambda s: scale_symmetries.scale_symmetries(s, model, train, lim,
                                                                         gen("scale_symmetries"), seed),
-        "hessian": lambda s: curvature.hessian(s, model, train, lim, seed),
-        "noise_stability": lambda s: curvature.noise_stability(s, model, train, lim, seed, result),
+        "hessian": lambda s: curvature.hessian(s, model, train, lim, seed, group),
+        "noise_stability": lambda s: curvature.noise_stability(s, model, train, lim, seed, result, group),
         "ntk": lambda s: ntk.ntk(s, model, test, lim, gen("ntk")),
         "robustness": lambda s: evaluation.robustness(s, model, test, lim, gen("robustness"), seed),
     }

@@ -23,7 +23,8 @@ class AuditLimits:
 
     time_limit: float = 60.0
     batch_size: int = 512
-    eval_samples: int | None = 2000            # None: the whole split
+    eval_samples: int | None = 2000            # training-split subsample of the performance section (None: whole)
+    test_samples: int | None = None            # None: the whole test split, streamed batch by batch
     invariance_samples: int = 256
     symmetry_samples: int = 32
     hessian_samples: int = 128
@@ -104,7 +105,7 @@ def _check_limit(key: str, value: Any) -> Any:
                                for v in vals):
             raise ConfigError(f"limit {key} must be a non-empty list of numbers >= 0, e.g. [0.01, 0.03]; got {value!r}.")
         return tuple(float(v) for v in vals)
-    if key == "eval_samples" and value is None:
+    if key in ("eval_samples", "test_samples") and value is None:
         return None
     if key == "time_limit":
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:

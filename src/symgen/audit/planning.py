@@ -86,7 +86,7 @@ def estimate_costs(lim: AuditLimits, t: Timing, n_train: int, n_test: int, group
     matvecs = max(3, lim.hutchinson_probes) + 2 * lim.eigen_iters + lim.density_runs * lim.density_steps
     ntk_n = min(lim.ntk_samples * lim.ntk_subsamples, n_test)
     return {
-        "performance": (_n(lim.eval_samples, n_train) + _n(lim.eval_samples, n_test)) * t.forward,
+        "performance": (_n(lim.eval_samples, n_train) + _n(lim.test_samples, n_test)) * t.forward,
         "invariance": _n(lim.invariance_samples, n_test) * group_order * t.forward,
         "robustness": _n(lim.pgd_samples, n_test) * (1 + len(lim.pgd_eps) * (lim.pgd_steps + 1)) * t.backward,
         "ntk": 1.5 * ntk_n * t.outputs * t.backward,
@@ -121,7 +121,7 @@ def plan_limits(lim: AuditLimits, t: Timing, n_train: int, n_test: int, group_or
         # minimum): the cost is a product of sample counts and sums of iteration counts.
         start = {}
         for k, _ in free:
-            size = n_train if k in ("hessian_samples", "noise_samples", "symmetry_samples") else n_test
+            size = n_train if k in ("hessian_samples", "noise_samples", "symmetry_samples", "eval_samples") else n_test
             cur = getattr(new, k)
             start[k] = size if cur is None else (min(cur, size) if k.endswith("samples") else cur)
         vals = dict(start)

@@ -265,7 +265,7 @@ def check_claims(config: Config, result: dict[str, Any]) -> list[Claim]:
                       "osp_M1": osp1, f"osp_M{m_max}": ospm, "group_order": order,
                       "fit_sizes": f">= {config.slope_min_size}"},
             threshold={"kl_loglog_slope": f"<= {SLOPE_MAX} (1/M reference: -1)", "osp": f"OSP(M={m_max}) > OSP(M=1)"},
-            passed=passed, note=note))
+            passed=passed, note=note, headline="kl_loglog_slope", paper=-1.0))  # KL ~ 1/M (PAPERS.md)
 
     if sym is not None and asym is not None:
         kl_s, kl_a = _kl_at(sym, m_max), _kl_at(asym, m_max)
@@ -292,7 +292,7 @@ def check_claims(config: Config, result: dict[str, Any]) -> list[Claim]:
                       "infinite_ensemble_sq_logit_deviation_symmetric": sym.get("infinite_ensemble_deviation"),
                       "paper_implied_ratio": 1 + 0.0065 * m_max},
             threshold=f"kl_asym - kl_sym > {SEPARATION_SE} x combined bootstrap SE at M={m_max}",
-            passed=passed, note=note))
+            passed=passed, note=note, headline="margin_in_se"))
 
     if sym is not None and noaug is not None:
         kl_aug, kl_no = _kl_at(sym, m_max), _kl_at(noaug, m_max)
@@ -308,7 +308,8 @@ def check_claims(config: Config, result: dict[str, Any]) -> list[Claim]:
                       "kl_loglog_slope_no_augmentation": _loglog_slope(noaug, config.slope_min_size)},
             threshold={"ratio": f">= {NO_AUG_FACTOR}", "osp": "OSP(no augmentation) < OSP(augmented)"},
             passed=passed,
-            note="" if passed else f"KL ratio {ratio:.3g} (need >= {NO_AUG_FACTOR}), OSP {osp_no:.3f} vs {osp_aug:.3f}"))
+            note="" if passed else f"KL ratio {ratio:.3g} (need >= {NO_AUG_FACTOR}), OSP {osp_no:.3f} vs {osp_aug:.3f}",
+            headline="ratio"))
     return claims
 
 

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from symgen.curvature import HessianOperator
+from symgen.experiments import nso_finetune as ft
 from symgen.experiments.base import (
     Claim,
     Context,
@@ -53,7 +54,7 @@ __all__ = ["Config", "EXPERIMENT", "bn_cnn", "train_trial", "estimator_trial", "
            "figures", "OPTIMIZERS"]
 
 OPTIMIZERS = ("sgd", "sam", "asam", "nso")
-LABELS = {"sgd": "SGD", "sam": "SAM", "asam": "ASAM", "nso": "NSO"}
+LABELS = {"sgd": "SGD", "sam": "SAM", "asam": "ASAM", "nso": "NSO", "sgd_same_steps": "SGD (NSO steps)"}
 PAPER_TRACE_REDUCTION = 0.177  # arXiv 2306.08553 v3 abstract
 PAPER_TOP_EIG_REDUCTION = 0.128
 MAX_Z = 4.5
@@ -101,15 +102,30 @@ class Config(ExperimentConfig):
     estimator_draws: int = Field(4000, ge=10)
     estimator_sigma: float = Field(0.3, gt=0)
     num_threads: int | None = Field(1, ge=1, description="torch threads per trial (small models run fastest on 1)")
+    finetune_optimizers: list[Literal["sgd", "sam", "asam", "nso", "sgd_same_steps"]] = Field(
+        default_factory=lambda: ["sgd", "sam", "asam", "nso", "sgd_same_steps"], min_length=1,
+        description="C3.2 (fine-tuning, the claim): methods; 'sgd' is the plain base optimizer at equal compute")
+    finetune_seeds: int = Field(5, ge=0, description="C3.2 seeds (pretraining, head and data order per seed)")
+    finetune_width: int = Field(16, ge=1)
+    pretrain_epochs: int = Field(20, ge=1, description="source task digits 0-4, Adam")
+    pretrain_lr: float = Field(1e-3, gt=0)
+    finetune_epochs: int = Field(30, ge=1, description="epochs of the regularized methods (reference: 30)")
+    finetune_lr: float = Field(1e-4, gt=0, description="Adam (amsgrad) lr of the reference fine-tuning configs")
+    finetune_batch_size: int = Field(32, ge=2)
+    finetune_weight_decay: float = Field(0.0, ge=0)
+    finetune_rho_sam: float = Field(0.01, ge=0, description="reference code's SAM rho for fine-tuning")
+    finetune_rho_asam: float = Field(0.1, ge=0, description="no reference value; fixed before the first run")
     nso_variants: list[NSOVariant] = Field(
         default_factory=lambda: [NSOVariant(sigma=0.03), NSOVariant(sigma=0.1, relative=True),
                                  NSOVariant(sigma=0.2, relative=True)],
         description="extra NSO noise settings reported beside (sensitivity; not part of the claim)")
 
 
-QUICK: dict[str, Any] = {"seeds": 3, "width": 8, "grad_eval_epochs": 20.0, "hessian_samples": 512,
-                         "trace_matvecs": 40, "density_steps": 30, "density_runs": 1, "noise_samples": 16,
-                         "estimator_draws": 1000, "nso_variants": []}
+QUICK: dict[str, Any] = {"seeds": 1, "optimizers": ["sgd", "nso"], "width": 8, "grad_eval_epochs": 10.0,
+                         "hessian_samples": 256, "trace_matvecs": 20, "eig_tol": 1e-2, "density_steps": 20,
+                         "density_runs": 1, "noise_samples": 8, "estimator_draws": 1000, "nso_variants": [],
+                         "finetune_optimizers": ["sgd", "nso"], "finetune_seeds": 3, "finetune_width": 8,
+                         "pretrain_epochs": 10, "finetune_epochs": 15}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +310,10 @@ def run(config: Config, ctx: Context) -> dict:
         items += [dict(base, optimizer=o, label=o, seed=config.seed + s) for o in config.optimizers]
         items += [dict(base, optimizer="nso", label=v.label, nso_sigma=v.sigma, nso_relative=v.relative,
                        seed=config.seed + s) for v in config.nso_variants]
-    runs = ctx.map(train_trial, items, desc="train + curvature")
+    ft_runs = ctx.map(ft.finetune_trial, ft.trial_items(config), desc="C3.2 fine-tuning + curvature")
+    for r in ft_runs:
+        ctx.log(**{k: v for k, v in r.items() if k != "layer_top_eigs"})
+    runs = ctx.map(train_trial, items, desc="from scratch (side result) + curvature")
     for r in runs:
         ctx.log(**{k: v for k, v in r.items() if not k.startswith("density")})
     summary: dict[str, dict[str, Any]] = {}
@@ -306,6 +325,8 @@ def run(config: Config, ctx: Context) -> dict:
         summary[label] = s
     return jsonable({
         "estimator": est, "runs": runs, "summary": summary,
+        "finetune": {"runs": ft_runs, "summary": ft.summarize(ft_runs) if ft_runs else {},
+                     "protocol": ft.__doc__.split("\n\n", 1)[1].strip()},
         "hessian": {"parameters": f"all trainable ({runs[0]['num_params']}: conv, BatchNorm affine, linear)",
                     "bn_mode": "eval (running statistics)",
                     "data": f"{config.dataset} training set ({config.hessian_samples or 'all'} samples)",
@@ -331,7 +352,11 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
         measured={"quadratic_max_z": q["max_z"], "quartic_max_z": c["max_z"],
                   "quadratic_var_ratio": q["var_ratio"], "quartic_var_ratio": c["var_ratio"]},
         threshold={"max_z": f"< {MAX_Z}", "var_ratio": "< 1"}, passed=bool(ok1), note=note1))
-    s = result["summary"]
+    ftr = result.get("finetune") or {}
+    fts = ftr.get("summary") or {}
+    finetuned = "sgd" in fts and "nso" in fts
+    # results stored before the fine-tuning protocol: the from-scratch summary (labelled as such)
+    s = fts if finetuned else result["summary"]
     if "sgd" in s and "nso" in s:
         sg, ns = s["sgd"], s["nso"]
         tr_red = 1 - ns["trace"] / sg["trace"]
@@ -339,14 +364,17 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
         # unrounded: the verdict is taken on these values (formatting is the display's job)
         measured: dict[str, Any] = {"trace_reduction_vs_sgd": tr_red, "top_eig_reduction_vs_sgd": eig_red,
                                     "test_acc_nso": ns["test_acc"], "test_acc_sgd": sg["test_acc"]}
-        for o in ("sam", "asam"):
-            if o in s:
-                measured[f"trace_reduction_{o}_vs_sgd"] = 1 - s[o]["trace"] / sg["trace"]
-                measured[f"top_eig_reduction_{o}_vs_sgd"] = 1 - s[o]["top_eig"] / sg["top_eig"]
-                measured[f"test_acc_{o}"] = s[o]["test_acc"]
-        if "sam" in s:
-            measured["trace_reduction_nso_vs_sam"] = 1 - ns["trace"] / s["sam"]["trace"]
-            measured["top_eig_reduction_nso_vs_sam"] = 1 - ns["top_eig"] / s["sam"]["top_eig"]
+        if finetuned:
+            measured = ft.claim_values(s, PAPER_TRACE_REDUCTION, PAPER_TOP_EIG_REDUCTION)
+        else:
+            for o in ("sam", "asam"):
+                if o in s:
+                    measured[f"trace_reduction_{o}_vs_sgd"] = 1 - s[o]["trace"] / sg["trace"]
+                    measured[f"top_eig_reduction_{o}_vs_sgd"] = 1 - s[o]["top_eig"] / sg["top_eig"]
+                    measured[f"test_acc_{o}"] = s[o]["test_acc"]
+            if "sam" in s:
+                measured["trace_reduction_nso_vs_sam"] = 1 - ns["trace"] / s["sam"]["trace"]
+                measured["top_eig_reduction_nso_vs_sam"] = 1 - ns["top_eig"] / s["sam"]["top_eig"]
         ok_tr = tr_red >= PAPER_TRACE_REDUCTION
         ok_eig = eig_red >= PAPER_TOP_EIG_REDUCTION
         ok_acc = ns["test_acc"] >= sg["test_acc"]
@@ -354,14 +382,28 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
                                        ("test accuracy", ok_acc)) if not ok]
         note = (f"means over {sg['seeds']} seeds at {sg['grad_evals']} gradient evaluations each; "
                 f"NSO sigma={config.nso_sigma}{' (relative)' if config.nso_relative else ''}, k={config.nso_pairs}. ")
+        if finetuned:
+            note = ("Fine-tuning (the paper's regime): pretrained on digits 0-4, fine-tuned on digits 5-9, base "
+                    f"optimizer Adam(amsgrad) lr {config.finetune_lr:g} as the reference code; 'SGD' = the plain "
+                    "base optimizer at equal gradient evaluations. Trace and top eigenvalue as the reference "
+                    "code (conv and linear weights, per-layer top eigenvalues summed, BN eval); global ones in "
+                    f"measured. Paper v4: -15.8% trace, -9.7% top eigenvalue, up to +2.4% accuracy. " + note)
+        else:
+            note = "From-scratch result layout (no fine-tuning in this result). " + note
         if fails:
-            note += "Fails on: " + ", ".join(fails) + ". The paper's numbers are for fine-tuning ResNet-34; " \
-                    "this is a small CNN trained from scratch. "
-        variants = [k for k in s if k.startswith("nso(")]
-        if variants:
+            note += "Fails on: " + ", ".join(fails) + ". "
+            if not finetuned:
+                note += "The paper's numbers are for fine-tuning ResNet-34; this is a small CNN trained from scratch. "
+        sc = result["summary"]
+        if finetuned and "sgd" in sc and "nso" in sc:
+            note += (f"From scratch (side result, not the claim): NSO trace {1 - sc['nso']['trace'] / sc['sgd']['trace']:+.1%}"
+                     f", top eigenvalue {1 - sc['nso']['top_eig'] / sc['sgd']['top_eig']:+.1%} vs SGD, test acc "
+                     f"{sc['nso']['test_acc']:.4f} vs {sc['sgd']['test_acc']:.4f}. ")
+        variants = [k for k in sc if k.startswith("nso(")]
+        if variants and "sgd" in sc:
             note += "Sensitivity (not part of the claim), trace / top-eigenvalue reduction vs SGD, test acc: " + "; ".join(
-                f"{k}: {1 - s[k]['trace'] / sg['trace']:+.1%} / {1 - s[k]['top_eig'] / sg['top_eig']:+.1%}, "
-                f"{s[k]['test_acc']:.4f}" for k in variants) + "."
+                f"{k}: {1 - sc[k]['trace'] / sc['sgd']['trace']:+.1%} / {1 - sc[k]['top_eig'] / sc['sgd']['top_eig']:+.1%}, "
+                f"{sc[k]['test_acc']:.4f}" for k in variants) + "."
         claims.append(Claim(
             id="C3.2",
             statement="NSO ends with Hessian trace and top eigenvalue lower than SGD's by >= 17.7% and 12.8%, "
@@ -369,7 +411,8 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
             measured=measured,
             threshold={"trace_reduction": PAPER_TRACE_REDUCTION, "top_eig_reduction": PAPER_TOP_EIG_REDUCTION,
                        "test_acc": "nso >= sgd"},
-            passed=bool(ok_tr and ok_eig and ok_acc), note=note))
+            passed=bool(ok_tr and ok_eig and ok_acc), note=note.strip(),
+            headline="trace_reduction_vs_sgd", paper=0.158))
     return claims
 
 
@@ -409,6 +452,18 @@ def figures(result: dict, outdir: Path) -> list[Path]:
         ax.set_title(title)
     fig.suptitle("equal gradient evaluations; mean +- std over seeds")
     paths.append(save_figure(fig, outdir / "flatness_bars.png", dpi=120))
+    fts = (result.get("finetune") or {}).get("summary") or {}
+    if fts:  # C3.2: fine-tuning, the claim's regime
+        keys = [("trace", "trace (conv/linear weights)"), ("top_eig", "sum of layer top eigenvalues"),
+                ("global_top_eig", "global top eigenvalue"), ("test_acc", "test accuracy")]
+        fig, axes = plt.subplots(1, 4, figsize=(13, 3.4))
+        for ax, (k, title) in zip(axes, keys, strict=True):
+            ax.bar(range(len(fts)), [fts[o][k] for o in fts], yerr=[fts[o][k + "_stderr"] for o in fts], capsize=3,
+                   color=[f"C{i}" for i in range(len(fts))])
+            ax.set_xticks(range(len(fts)), [LABELS.get(o, o) for o in fts], rotation=30, ha="right", fontsize=7)
+            ax.set_title(title, fontsize=9)
+        fig.suptitle("fine-tuning digits 0-4 -> 5-9, equal gradient evaluations; mean +- SE over seeds")
+        paths.append(save_figure(fig, outdir / "finetune_bars.png", dpi=120))
     return paths
 
 

@@ -153,10 +153,13 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
     if not ok_s:
         notes.append(f"at d={dmax} beta(s={filters[0]}) - beta(s={filters[-1]}) = {lo_s['beta'] - hi_s['beta']:.3f} "
                      "is within the intervals")
+    s_gap = f"beta_s{filters[0]}_minus_s{filters[-1]}_at_d{dmax}"
     claims = [Claim(
         id="C4.5-local",
         statement="the local student's exponent depends on its filter size s and not on the input dimension d",
-        measured={k: v for k, v in table.items() if k != "fc"}, paper={k: v for k, v in predicted.items() if k != "fc"},
+        measured={**{k: v for k, v in table.items() if k != "fc"}, s_gap: lo_s["beta"] - hi_s["beta"],
+                  "predicted": {k: v for k, v in predicted.items() if k != "fc"}},
+        headline=s_gap, paper=1.0 / filters[0] - 1.0 / filters[-1],
         threshold=(f"for each s, |beta(d) - beta(d={d0})| <= sum of 95% half-widths or <= "
                    f"{config.relative_tolerance} beta(d={d0}); at d={dmax} beta(s_min) - beta(s_max) > sum of "
                    "half-widths"),
@@ -169,7 +172,8 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
     claims.append(Claim(
         id="C4.5-fc",
         statement="the fully-connected student's exponent falls with the input dimension d (curse of dimensionality)",
-        measured=table["fc"], paper=predicted["fc"],
+        measured={**table["fc"], "beta_drop": drop, "predicted": predicted["fc"]}, headline="beta_drop",
+        paper=1.0 / dims[0] - 1.0 / dims[-1],
         threshold="mean beta_FC decreases from each d to the next and beta_FC(d_min) - beta_FC(d_max) > sum of "
                   "95% half-widths",
         passed=bool(ok_fc),
@@ -185,7 +189,8 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
     claims.append(Claim(
         id="C4.5-gap",
         statement=f"at the largest d = {dmax}, local students learn with a larger exponent than the fully-connected one",
-        measured=gaps, paper={f"s{s}": 1.0 / s - 1.0 / dims[-1] for s in filters},
+        measured={**gaps, "predicted": {f"s{s}": 1.0 / s - 1.0 / dims[-1] for s in filters}},
+        headline=f"s{filters[-1]}.gap", paper=1.0 / filters[-1] - 1.0 / dims[-1],
         threshold="beta_local(s) - beta_FC > half-width(local) + half-width(FC) (95%) for every s",
         passed=bool(ok_gap), note="" if ok_gap else "a local exponent is not above the FC one beyond the intervals"))
     return claims

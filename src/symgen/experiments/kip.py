@@ -210,6 +210,7 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
         measured=measured,
         threshold=f"in every dataset/size: mean gain >= {config.min_gain:.2f} and distilled > random in every seed",
         passed=not bad,
+        headline=f"{min(measured, key=lambda k: measured[k]['gain'])}.gain" if measured else None,
         note="" if not bad else f"gain below threshold (or a seed not improved) at {bad}")]
 
     net = {}
@@ -221,6 +222,7 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
         statement="a finite network of the kernel's architecture trained on the distilled set is at least as accurate "
                   "as one trained on the random subset (transfer of KIP images to finite width)",
         measured=net, threshold="distilled >= random in every dataset/size (mean over seeds)", passed=not worse,
+        headline=f"{min(net, key=lambda k: net[k]['distilled'] - net[k]['random'])}.distilled" if net else None,
         note="" if not worse else f"networks on distilled data are worse at {worse}"))
     return claims
 

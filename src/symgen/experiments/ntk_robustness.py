@@ -254,7 +254,8 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
                             "kernel_pgd": list(result["sweep"]["kernel"])}},
         threshold=f"accuracy drop >= {config.min_drop} for both at eps={config.eps}", passed=ok,
         note=("" if ok else "a predictor lost less accuracy than the threshold at this eps (see the eps sweep)")
-        + ("" if config.eps == PAPER_EPS or not ok else f" (eps {config.eps} is not the paper's {PAPER_EPS})")))
+        + ("" if config.eps == PAPER_EPS or not ok else f" (eps {config.eps} is not the paper's {PAPER_EPS})"),
+        headline="margin"))
     gap = std["random_sign"] - std["kernel_transfer"]
     ok = gap >= config.min_transfer_gap
     claims.append(Claim(
@@ -264,7 +265,8 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
         measured={"network_clean": std["clean"], "network_on_kernel_adv": std["kernel_transfer"],
                   "network_on_random_sign": std["random_sign"], "gap": gap},
         threshold=f"random_sign - kernel_transfer >= {config.min_transfer_gap}", passed=ok,
-        note="" if ok else "kernel-crafted examples are not much worse for the network than random noise"))
+        note="" if ok else "kernel-crafted examples are not much worse for the network than random noise",
+        headline="gap"))
     gain = adv["pgd"] - std["pgd"]
     ok = gain >= config.min_robust_gain
     claims.append(Claim(
@@ -273,7 +275,7 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
         measured={"standard_pgd": std["pgd"], "adversarial_pgd": adv["pgd"], "standard_clean": std["clean"],
                   "adversarial_clean": adv["clean"], "gain": gain},
         threshold=f"robust accuracy gain >= {config.min_robust_gain}", passed=ok,
-        note="" if ok else "adversarial training did not raise robust accuracy enough"))
+        note="" if ok else "adversarial training did not raise robust accuracy enough", headline="gain"))
     f = result["features"]
     k = min(config.top_features, len(f["robustness"]) - 1)
     top = statistics.fmean(f["robustness"][:k]) if k > 0 else float("nan")
@@ -288,7 +290,8 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
                   "mean_usefulness_rest": statistics.fmean(f["usefulness"][k:]) if k > 0 else None,
                   "pair": f["pair"]},
         threshold="mean robustness (accuracy under PGD on the feature) of the top features > that of the rest",
-        passed=ok, note="" if ok else "the top eigen-features are not more robust than the rest here"))
+        passed=ok, note="" if ok else "the top eigen-features are not more robust than the rest here",
+        headline="mean_robustness_top"))
     return claims
 
 

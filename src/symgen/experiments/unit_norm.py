@@ -390,7 +390,7 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
                   "models": [d["model"] for d in det]},
         threshold={"found": f"<= {TOL_INVARIANT:g}", "not_found": f"> {TOL_INVARIANT:g}",
                    "finer_than_found": f"> {TOL_FINER:g}", "groups": "equal to the hand analysis"},
-        passed=bool(passed), note="; ".join(notes)))
+        passed=bool(passed), note="; ".join(notes), headline="found_max_rel_loss_change_exact"))
 
     if "protocol" in result:
         claims.append(protocol_claim(config, result))

@@ -32,6 +32,10 @@ class OGD(WrapperOptimizer):
     (k, *p.shape) per parameter), so ``state_dict()`` / ``load_state_dict`` carry it. ``tol``: new
     directions with singular value below ``tol`` times the block's largest norm are dropped (numerical rank).
     ``max_directions``: refuse to store more (memory: k x number of parameters).
+    ``store_task(..., form="implicit")`` keeps the task as its inputs and weights instead of k rows: the step
+    projects with one Jacobian-vector and one vector-Jacobian product, ``g - J^T K^+ J g`` (K = J J^T), the same
+    projector as the explicit basis at a cost of two passes over the task's inputs instead of two over k x
+    parameters; one task only, and not carried by ``state_dict()``.
     """
 
     def __init__(self, params: Iterable[Any], base_optimizer: type[torch.optim.Optimizer] = torch.optim.SGD, *,
@@ -43,12 +47,15 @@ class OGD(WrapperOptimizer):
         super().__init__(params, base_optimizer, {}, **kwargs)
         self.tol = float(tol)
         self.max_directions = max_directions
+        self._implicit: dict[str, Any] | None = None
 
     def _params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
     @property
     def num_directions(self) -> int:
+        if self._implicit is not None:
+            return int(self._implicit["rank"])
         first = self._params()[0]
         basis = self.state[first].get("ogd_basis") if first in self.state else None
         return 0 if basis is None else int(basis.shape[0])
@@ -56,6 +63,10 @@ class OGD(WrapperOptimizer):
     def basis(self) -> Tensor:
         """The stored orthonormal directions as rows, flat in parameter order: (k, number of parameters)."""
         ps = self._params()
+        if self._implicit is not None:  # rows M^T J with M = U Lambda^{-1/2}: orthonormal, spanning J's rows
+            imp = self._implicit
+            rows = torch.func.vmap(imp["vjp"])(imp["half"].T)[0]
+            return torch.cat([rows[n].reshape(imp["rank"], -1) for n in imp["order"]], dim=1)
         if self.num_directions == 0:
             return torch.zeros(0, sum(p.numel() for p in ps), dtype=ps[0].dtype, device=ps[0].device)
         return torch.cat([self.state[p]["ogd_basis"].reshape(self.num_directions, -1) for p in ps], dim=1)
@@ -69,6 +80,7 @@ class OGD(WrapperOptimizer):
         row norm are dropped. Returns how many were kept.
         """
         ps = self._params()
+        self._no_implicit()
         total = sum(p.numel() for p in ps)
         if vectors.dim() != 2 or vectors.shape[1] != total:
             raise ShapeError(f"vectors must be (k, {total}) (flat, in the order of the optimizer's parameters), got "
@@ -105,16 +117,28 @@ class OGD(WrapperOptimizer):
             offset += p.numel()
         return len(new)
 
+    def _no_implicit(self) -> None:
+        if self._implicit is not None:
+            raise ConfigError("OGD holds a task in implicit form, which supports one task only; store every task "
+                              "with form='explicit' to combine several.")
+
     def store_task(self, model: nn.Module, x: Tensor, y: Tensor | None = None, *, outputs: str = "all",
-                   batch_size: int = 64) -> int:
+                   batch_size: int = 64, form: str = "explicit") -> int:
         """Store the gradients of ``model``'s outputs on inputs ``x`` at its current weights (after a task).
 
         ``outputs``: "all" (every logit of every sample, OGD-ALL), "average" (the mean logit, OGD-AVE) or
         "ground_truth" (the logit of label ``y``, OGD-GTL; needs ``y``). The model's parameters must be the
-        optimizer's, in the same order. Returns the number of directions added.
+        optimizer's, in the same order. ``form``: "explicit" (orthonormal rows) or "implicit" (see the class).
+        Returns the number of directions added.
         """
         if outputs not in OGD_OUTPUTS:
             raise ConfigError(f"outputs must be one of {OGD_OUTPUTS}, got {outputs!r}.")
+        if form not in ("explicit", "implicit"):
+            raise ConfigError(f"form must be 'explicit' or 'implicit', got {form!r}.")
+        self._no_implicit()
+        if form == "implicit" and self.num_directions:
+            raise ConfigError("form='implicit' needs an OGD with no stored directions (one task only); use "
+                              "form='explicit' for every task.")
         if outputs == "ground_truth" and (y is None or y.shape[0] != x.shape[0]):
             raise ShapeError("outputs='ground_truth' needs labels y with one entry per input of x.")
         names = dict((id(p), n) for n, p in model.named_parameters())
@@ -133,6 +157,8 @@ class OGD(WrapperOptimizer):
             return f.mean()[None] if outputs == "average" else f
 
         selected = {n: params[n] for n in order}
+        if form == "implicit":
+            return self._store_implicit(model, params, buffers, order, x, y, outputs, batch_size)
         added = 0
         was_training = model.training
         model.eval()
@@ -147,9 +173,82 @@ class OGD(WrapperOptimizer):
             model.train(was_training)
         return added
 
+    def _store_implicit(self, model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor],
+                        order: list[str], x: Tensor, y: Tensor | None, outputs: str, batch_size: int) -> int:
+        """Keep J (the stacked output gradients on ``x``) as jvp/vjp closures and the truncated K^+ = U L^-1 U^T."""
+        from torch.func import functional_call, jvp, vjp, vmap
+
+        params = {n: t.clone() for n, t in params.items()}
+        buffers = {n: t.detach().clone() for n, t in buffers.items()}
+        x = x.detach()
+        labels = None if y is None else y.detach().long()
+
+        def outs(sel: dict[str, Tensor]) -> Tensor:
+            f = functional_call(model, ({**params, **sel}, buffers), (x,))
+            f = f.reshape(f.shape[0], -1)
+            if outputs == "average":
+                return f.mean(1)
+            if outputs == "ground_truth":
+                return f[torch.arange(f.shape[0], device=f.device), labels]
+            return f.reshape(-1)
+
+        selected = {n: params[n] for n in order}
+        was_training = model.training
+        model.eval()
+        try:
+            out, vjp_fn = vjp(outs, selected)
+            k = out.shape[0]
+            gram = out.new_zeros(k, k)
+            eye = torch.eye(k, dtype=out.dtype, device=out.device)
+            for i in range(0, k, batch_size):  # K[:, chunk] = J (J^T e_chunk)
+                rows = vmap(vjp_fn)(eye[i:i + batch_size])[0]
+                gram[:, i:i + batch_size] = vmap(lambda t: jvp(outs, (selected,), (t,))[1])(rows).T
+        finally:
+            model.train(was_training)
+        if not bool(torch.isfinite(gram).all()):
+            raise DivergenceError("OGD.store_task: a stored gradient is not finite; check the model and data.")
+        gram = (gram + gram.T) / 2
+        evals, evecs = torch.linalg.eigh(gram)
+        scale2 = float(gram.diagonal().max().clamp(min=0))  # the largest row norm, squared
+        floor = max(self.tol, 10.0 * torch.finfo(gram.dtype).eps ** 0.5)
+        keep = evals > floor**2 * scale2
+        rank = int(keep.sum())
+        if self.max_directions is not None and rank > self.max_directions:
+            raise ConfigError(f"OGD would store {rank} directions, more than max_directions={self.max_directions}; "
+                              "store fewer samples or outputs (outputs='average').")
+        half = evecs[:, keep] / evals[keep].sqrt()
+        self._implicit = {"order": order, "outs": outs, "vjp": vjp_fn, "selected": selected, "half": half,
+                          "pinv": half @ half.T, "rank": rank, "model": model}
+        return rank
+
+    def _project_implicit(self) -> None:
+        from torch.func import jvp
+
+        imp = self._implicit
+        ps = self._params()
+        if all(p.grad is None for p in ps):
+            return
+        grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in zip(imp["order"], ps,
+                                                                                            strict=True)}
+        model = imp["model"]
+        was_training = model.training
+        model.eval()
+        try:
+            jg = jvp(imp["outs"], (imp["selected"],), (grads,))[1]
+        finally:
+            model.train(was_training)
+        back = imp["vjp"](imp["pinv"] @ jg)[0]
+        for n, p in zip(imp["order"], ps, strict=True):
+            if p.grad is not None:
+                p.grad.sub_(back[n])
+
     @torch.no_grad()
     def project(self) -> None:
         """``g <- g - V^T (V g)`` for the parameters' gradients (V: the stored orthonormal rows)."""
+        if self._implicit is not None:
+            with torch.enable_grad():
+                self._project_implicit()
+            return
         k = self.num_directions
         ps = [p for p in self._params() if p.grad is not None]
         if k == 0 or not ps:

@@ -33,6 +33,7 @@ from symgen.symmetry.confirm import (
     _cast_args,
     _check_models,
     _confirm,
+    _confirm_group,
     _degenerate_norms,
     block_norms,
     rescale_filters,
@@ -103,7 +104,8 @@ def _find(model: nn.Module, args: tuple[Any, ...], gen: torch.Generator, seed: i
     native_args = _cast_args(args, ref.dtype if ref is not None else torch.float32, device)
     graph: _FxGraph | _HookGraph
     graph, work = _trace(model, native_args, notes)  # analyses a copy: the user's model is untouched
-    models, cargs, exact_dtype = _check_models(model, args, native_args, ref, device, seed, notes)
+    refs: dict[tuple[str, bool], Tensor] = {}  # outputs at the unchanged weights, shared by all candidates
+    models, cargs, exact_dtype = _check_models(model, args, native_args, ref, device, seed, notes, refs)
     if tol is None:
         tol = 1e-8 if exact_dtype == torch.float64 else 1e-4
 
@@ -119,7 +121,7 @@ def _find(model: nn.Module, args: tuple[Any, ...], gen: torch.Generator, seed: i
         if isinstance(mod, _SOURCES) and name not in sources:
             for pn, _ in mod.named_parameters(prefix=name, recurse=False):
                 unanalysed.setdefault(pn, "its module is never called in forward() on example_input")
-    refs: dict[tuple[str, bool], Tensor] = {}  # outputs at the unchanged weights, shared by all candidates
+    candidates: list[tuple[ScaleSymmetry, list[str]]] = []
     for name, nodes in sources.items():
         mod = named_modules[name]
         pnames = [pn for pn, _ in mod.named_parameters(prefix=name, recurse=False)]
@@ -147,12 +149,25 @@ def _find(model: nn.Module, args: tuple[Any, ...], gen: torch.Generator, seed: i
             for pn in pnames:
                 table[pn] = reason
             continue
-        try:
-            sym.check = _confirm(models, sym, cargs, gen, seed, refs)
-        except Exception as e:  # noqa: BLE001
+        candidates.append((sym, pnames))
+    # a normalization that sees a constant group (an all-zero filter) makes the eps -> 0 check round-off
+    # over round-off: such candidates are rejected up front, whatever the random factors would give
+    norms = sorted({n for sym, _ in candidates for n in sym.normalizers})
+    flat = set(_degenerate_norms(models["exact"], cargs["exact"], norms, seed)) if candidates else set()
+    for sym, pnames in [c for c in candidates if flat & set(c[0].normalizers)]:
+        for pn in pnames:
+            rejected[pn] = (f"graph analysis predicted a {sym.kind} symmetry via {', '.join(sym.normalizers)}, "
+                            f"but {', '.join(sorted(flat & set(sym.normalizers)))} see(s) a constant group of "
+                            "values on example_input (e.g. an all-zero filter), where eps -> 0 normalization is "
+                            "undefined, so the numeric check cannot confirm it")
+    candidates = [c for c in candidates if not flat & set(c[0].normalizers)]
+    verdicts = _confirm_candidates(models, [c[0] for c in candidates], cargs, gen, seed, tol, refs)
+    for (sym, pnames), (check, error) in zip(candidates, verdicts, strict=True):
+        if error is not None:
             for pn in pnames:
-                rejected[pn] = f"numeric check failed to run ({type(e).__name__}: {e})"
+                rejected[pn] = f"numeric check failed to run ({error})"
             continue
+        sym.check = check
         keys = ["train_exact", "eval_exact"] + (["bias_train_exact", "bias_eval_exact"]
                                                 if sym.redundant_bias else [])
         bad = {k: sym.check[k] for k in keys if not (sym.check[k] <= tol)}
@@ -180,3 +195,50 @@ def _find(model: nn.Module, args: tuple[Any, ...], gen: torch.Generator, seed: i
                  "compensating change in another layer (ReLU rescaling, permutations) are not")
     return ScaleSymmetryReport(symmetries, redundant, not_inv, unanalysed, rejected, not_candidates,
                                graph.method, notes)
+
+
+# One pass per group of candidates (issue 13 section 3); False: every candidate alone (the reference path).
+_GROUP_CONFIRMATION = True
+
+
+def _confirm_candidates(models: dict[str, nn.Module], syms: list[ScaleSymmetry], cargs: dict[str, tuple[Any, ...]],
+                        gen: torch.Generator, seed: int, tol: float,
+                        refs: dict[tuple[str, bool], Tensor]) -> list[tuple[dict[str, float], str | None]]:
+    """Each candidate's numeric check, or the error that stopped it: ``[(check, error)]`` in order.
+
+    Group testing: all candidates are rescaled together; a group whose check passes confirms all its
+    members (with the group's check values); a failing group is split in halves down to single
+    candidates, whose check is then exactly the one-candidate check. All groups share the passes at the
+    unchanged weights. With ``_GROUP_CONFIRMATION = False`` every candidate is checked alone.
+    """
+    out: list[tuple[dict[str, float], str | None]] = [({}, None)] * len(syms)
+
+    def passes(check: dict[str, float], group: list[int]) -> bool:
+        keys = ["train_exact", "eval_exact"] + (["bias_train_exact", "bias_eval_exact"]
+                                                if any(syms[i].redundant_bias for i in group) else [])
+        return all(check[k] <= tol for k in keys)
+
+    def run(group: list[int]) -> None:
+        try:
+            check = (_confirm_group(models, [syms[i] for i in group], cargs, gen, seed, refs) if len(group) > 1
+                     else _confirm(models, syms[group[0]], cargs, gen, seed, refs))
+        except Exception as e:  # noqa: BLE001 - split to find the candidate that fails to run
+            if len(group) == 1:
+                out[group[0]] = ({}, f"{type(e).__name__}: {e}")
+                return
+            check = None
+        if check is not None and (len(group) == 1 or passes(check, group)):
+            for i in group:
+                out[i] = (dict(check), None)
+            return
+        half = len(group) // 2
+        run(group[:half])
+        run(group[half:])
+
+    if syms:
+        if _GROUP_CONFIRMATION:
+            run(list(range(len(syms))))
+        else:
+            for i in range(len(syms)):
+                run([i])
+    return out

@@ -104,19 +104,32 @@ def _rel(a: Tensor, b: Tensor) -> float:
 
 def _confirm(models: dict[str, nn.Module], sym: ScaleSymmetry, args: dict[str, tuple[Any, ...]],
              gen: torch.Generator, seed: int, refs: dict[tuple[str, bool], Tensor] | None = None) -> dict[str, float]:
-    """Relative output changes under random block factors in [1/2, 2], train and eval mode.
+    """Relative output changes under random block factors in [1/2, 2] of one candidate, train and eval mode."""
+    return _confirm_group(models, [sym], args, gen, seed, refs)
 
-    ``refs`` caches the outputs at the unchanged weights, the same for every candidate (a forward at
-    the model's own parameters, train or eval mode, under the same seed): half of the passes of a
-    model with many candidates.
+
+def _confirm_group(models: dict[str, nn.Module], syms: Sequence[ScaleSymmetry], args: dict[str, tuple[Any, ...]],
+                   gen: torch.Generator, seed: int,
+                   refs: dict[tuple[str, bool], Tensor] | None = None) -> dict[str, float]:
+    """Relative output changes when every candidate of ``syms`` is rescaled at once (random block factors
+    in [1/2, 2] each), train and eval mode; for one candidate, exactly the check of that candidate alone.
+
+    Symmetries compose: if each candidate leaves f unchanged, so does rescaling all of them together, and
+    independent random factors make a cancellation between failing candidates a null event, so one
+    pass per group decides the whole group (a failing group is split by the caller). ``refs`` caches
+    the outputs at the unchanged weights, shared by every group (a forward at the model's own
+    parameters, train or eval mode, under the same seed).
     """
-    factors = torch.exp((torch.rand(sym.num_blocks, generator=gen, device=gen.device, dtype=torch.float64) * 2 - 1)
-                        * math.log(2.0))
+    factors = [torch.exp((torch.rand(sym.num_blocks, generator=gen, device=gen.device, dtype=torch.float64) * 2 - 1)
+                         * math.log(2.0)) for sym in syms]
+    redundant = [sym for sym in syms if sym.redundant_bias]
     refs = {} if refs is None else refs
     check: dict[str, float] = {}
     for tag, model in models.items():
         p, b = params_of(model, requires_grad_only=False), buffers_of(model)
-        p2, b2 = rescale_filters(p, b, sym, factors)
+        p2, b2 = p, b
+        for sym, f in zip(syms, factors, strict=True):
+            p2, b2 = rescale_filters(p2, b2, sym, f)
         x = args[tag]
 
         def ref(train: bool, tag: str = tag, model: nn.Module = model, p: Params = p, b: Params = b,
@@ -127,21 +140,20 @@ def _confirm(models: dict[str, nn.Module], sym: ScaleSymmetry, args: dict[str, t
 
         check[f"train_{tag}"] = _rel(_forward(model, p2, b, x, True, seed), ref(True))
         check[f"eval_{tag}"] = _rel(_forward(model, p2, b2, x, False, seed), ref(False))
-        if sym.stat_links and tag == "eps":
+        if any(sym.stat_links for sym in syms) and tag == "eps":
             check["eval_stale_stats"] = _rel(_forward(model, p2, b, x, False, seed), ref(False))
-        if sym.redundant_bias:
-            bn = sym.redundant_bias
-            delta = randn(p[bn].shape, gen, dtype=torch.float64).to(p[bn]) * \
-                (p[bn].abs().mean() + 1.0)
-            p3 = dict(p)
-            p3[bn] = p[bn] + delta
-            b3 = dict(b)
-            for link in sym.stat_links:
-                key = f"{link.norm}.running_mean"
-                if key in b3:
-                    lab = torch.tensor(link.labels, device=delta.device)
-                    gain = torch.tensor(link.gains, dtype=b[key].dtype, device=b[key].device) * (lab >= 0)
-                    b3[key] = b[key] + gain * delta[lab.clamp_min(0)].to(b[key].dtype)
+        if redundant:
+            p3, b3 = dict(p), dict(b)
+            for sym in redundant:
+                bn = sym.redundant_bias
+                delta = randn(p[bn].shape, gen, dtype=torch.float64).to(p[bn]) * (p[bn].abs().mean() + 1.0)
+                p3[bn] = p[bn] + delta
+                for link in sym.stat_links:
+                    key = f"{link.norm}.running_mean"
+                    if key in b3:
+                        lab = torch.tensor(link.labels, device=delta.device)
+                        gain = torch.tensor(link.gains, dtype=b[key].dtype, device=b[key].device) * (lab >= 0)
+                        b3[key] = b3[key] + gain * delta[lab.clamp_min(0)].to(b[key].dtype)
             check[f"bias_train_{tag}"] = _rel(_forward(model, p3, b, x, True, seed), ref(True))
             check[f"bias_eval_{tag}"] = _rel(_forward(model, p3, b3, x, False, seed), ref(False))
     return check
@@ -176,13 +188,15 @@ def _degenerate_norms(model: nn.Module, args: tuple[Any, ...], names: Sequence[s
 
 
 def _check_models(model: nn.Module, args: tuple[Any, ...], native_args: tuple[Any, ...], ref: Tensor | None,
-                  device: torch.device | None, seed: int,
-                  notes: list[str]) -> tuple[dict[str, nn.Module], dict[str, tuple[Any, ...]], torch.dtype]:
+                  device: torch.device | None, seed: int, notes: list[str],
+                  refs: dict[tuple[str, bool], Tensor] | None = None,
+                  ) -> tuple[dict[str, nn.Module], dict[str, tuple[Any, ...]], torch.dtype]:
     """Copies of ``model`` for the check: ``exact`` (normalization eps -> 0) and ``eps`` (as is), in float64.
 
     eps = 0 gives the exact symmetry (torch refuses 0, so the smallest positive float); a model that
     refuses float64 is checked in its own dtype (a note says so). Returns the models, their
-    arguments and the check's dtype.
+    arguments and the check's dtype. The trial train-mode pass of each float64 copy is the reference
+    pass of the check: it is stored in ``refs`` under ``(tag, True)``.
     """
     models: dict[str, nn.Module] = {}
     cargs: dict[str, tuple[Any, ...]] = {}
@@ -193,8 +207,12 @@ def _check_models(model: nn.Module, args: tuple[Any, ...], native_args: tuple[An
             if tag == "exact":
                 _set_tiny_eps(m, torch.float64)
             models[tag], cargs[tag] = m, _cast_args(args, torch.float64, device)
-            _forward(m, params_of(m, requires_grad_only=False), buffers_of(m), cargs[tag], True, seed)
+            out = _forward(m, params_of(m, requires_grad_only=False), buffers_of(m), cargs[tag], True, seed)
+            if refs is not None:
+                refs[(tag, True)] = out
     except Exception as e:  # noqa: BLE001 - a model that refuses float64 is checked in its dtype
+        if refs is not None:
+            refs.clear()
         exact_dtype = ref.dtype if ref is not None else torch.float32
         notes.append(f"float64 copy failed ({type(e).__name__}); numeric check in {exact_dtype}")
         for tag in ("exact", "eps"):

@@ -65,6 +65,27 @@ def _classify_module(mod: nn.Module, name: str) -> tuple[str, str]:
     return "unknown", f"passes through {name} ({type(mod).__name__}), whose behaviour under scaling is not known"
 
 
+def _describe(node: Any) -> str:
+    """A readable name for an fx node: the module it calls, or the operation, its operands and the module
+    whose forward() runs it (never the raw node dump)."""
+    if node.op == "output":
+        return "output"
+    if node.op == "call_module":
+        return f"module {node.target}"
+    if node.op == "get_attr":
+        return f"parameter {node.target}"
+    if node.op == "placeholder":
+        return f"input {node.target}"
+    import torch.fx as fx
+
+    operands: list[str] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda a: operands.append(
+        str(a.target) if a.op in ("call_module", "get_attr", "placeholder") else f"{_func_name(a.target)}()") or a)
+    stack = node.meta.get("nn_module_stack") or {}
+    where = f"{next(reversed(stack.values()))[0]}.forward()" if stack else "forward()"
+    return f"{_func_name(node.target)}({', '.join(dict.fromkeys(operands))}) in {where}"
+
+
 class _FxGraph:
     """The ``torch.fx`` graph of the model, with every intermediate value of one forward pass."""
 
@@ -89,9 +110,10 @@ class _FxGraph:
         self.unanalysed_params: dict[str, str] = {}
         for n in self.gm.graph.nodes:
             if n.op == "get_attr":
+                users = ", ".join(_describe(u) for u in n.users) or "no operation"
                 self.unanalysed_params[str(n.target)] = (
-                    f"used directly by a functional op in {n.format_node()}; only parameters of "
-                    "nn.Linear / nn.Conv* modules are analysed")
+                    f"used directly by a functional op ({users}), not through its module; only parameters "
+                    "of nn.Linear / nn.Conv* modules are analysed")
 
     def sources(self) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {}
@@ -119,7 +141,7 @@ class _FxGraph:
     def step(self, node: Any, incoming: Any, tainted: set[Any]) -> _Step:
         import torch.fx as fx
 
-        label = node.format_node() if node.op != "output" else "output"
+        label = _describe(node)
         if node.op == "output":
             return _Step("output", "output", reason="reaches the model output without normalization")
         flat: list[Any] = []

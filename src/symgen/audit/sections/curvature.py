@@ -4,6 +4,8 @@ beside its second-order prediction sigma^2/2 tr(H) (arXiv 2306.08553)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -12,11 +14,21 @@ from symgen.audit.limits import AuditLimits
 from symgen.audit.result import AuditResult, SectionResult
 from symgen.audit.sections.common import curvature_subsample
 
-__all__ = ["hessian", "noise_stability"]
+__all__ = ["hessian", "noise_stability", "shard_batches"]
+
+
+def shard_batches(x: Tensor, y: Tensor, idx: Tensor, batch_size: int, group: Any = None) -> list[tuple[Tensor, Tensor]]:
+    """The batches of subsample ``idx`` this rank owns: a contiguous share of it (all of it without a
+    process group); the operators all-reduce their sums over the ranks."""
+    from symgen import distributed
+
+    share = distributed.shard_range(idx.numel(), group)
+    mine = idx[share.start:share.stop]
+    return [(x[i], y[i]) for i in mine.to(x.device).split(batch_size)]
 
 
 def hessian(sec: SectionResult, model: nn.Module, train: tuple[Tensor, Tensor], lim: AuditLimits,
-            seed: int) -> None:
+            seed: int, group: Any = None) -> None:
     """tr(H) by Lanczos-deflated Hutchinson, the top eigenvalues by Lanczos, the density by SLQ
     of the mean cross-entropy on a training subsample, and beside them the top eigenvalue of the
     generalized Gauss-Newton matrix G = J^T H_loss J (arXiv 1412.1193); BatchNorm in eval mode."""
@@ -26,8 +38,8 @@ def hessian(sec: SectionResult, model: nn.Module, train: tuple[Tensor, Tensor], 
     idx = curvature_subsample(x.shape[0], lim.hessian_samples, seed)
     if idx.numel() < x.shape[0]:
         sec.skipped.append(f"{idx.numel()} of {x.shape[0]} training samples (budget)")
-    batches = [(x[i], y[i]) for i in idx.to(x.device).split(lim.batch_size)]
-    hess = HessianOperator(model, F.cross_entropy, batches, bn_mode="eval")
+    batches = shard_batches(x, y, idx, lim.batch_size, group)
+    hess = HessianOperator(model, F.cross_entropy, batches, bn_mode="eval", process_group=group)
     # A separate generator per estimate keeps each reproducible whatever the budget of the others.
     trace = hess.trace(max(3, lim.hutchinson_probes), torch.Generator().manual_seed(seed), method="deflated")
     sec.add("trace", trace.value, trace.stderr,
@@ -43,7 +55,7 @@ def hessian(sec: SectionResult, model: nn.Module, train: tuple[Tensor, Tensor], 
         sec.skipped.append(f"Lanczos stopped at {pairs.num_matvecs} steps before every top eigenvalue reached "
                            "relative error 1e-3 (budget); the error bounds say how far off they may be")
     try:
-        ggn = GGNOperator(model, F.cross_entropy, batches, bn_mode="eval")
+        ggn = GGNOperator(model, F.cross_entropy, batches, bn_mode="eval", process_group=group)
         top = ggn.eigenpairs(1, tol=1e-3, max_steps=max(lim.eigen_iters, 2),
                              generator=torch.Generator().manual_seed(seed + 3))
         sec.add("ggn_top_eigenvalue", float(top.values[0]), float(top.error_bounds[0]),
@@ -69,7 +81,7 @@ def hessian(sec: SectionResult, model: nn.Module, train: tuple[Tensor, Tensor], 
 
 
 def noise_stability(sec: SectionResult, model: nn.Module, train: tuple[Tensor, Tensor], lim: AuditLimits,
-                    seed: int, result: AuditResult) -> None:
+                    seed: int, result: AuditResult, group: Any = None) -> None:
     """E_U[L(W + U)] - L(W), U ~ N(0, sigma^2 I), antithetic draws, next to the second-order
     prediction sigma^2/2 tr(H) from the Hessian section."""
     from symgen.metrics import noise_stability as measure
@@ -78,14 +90,15 @@ def noise_stability(sec: SectionResult, model: nn.Module, train: tuple[Tensor, T
     idx = curvature_subsample(x.shape[0], lim.noise_samples, seed)
     if idx.numel() < x.shape[0]:
         sec.skipped.append(f"{idx.numel()} of {x.shape[0]} training samples (budget)")
-    batches = [(x[i], y[i]) for i in idx.to(x.device).split(lim.batch_size)]
+    batches = shard_batches(x, y, idx, lim.batch_size, group)
     hes = result.sections.get("hessian")
     trace = hes.values["trace"].value if hes is not None and hes.status == "ok" else None
     same_data = trace is not None and lim.noise_samples == lim.hessian_samples
     curve, predicted = [], []
     for i, sigma in enumerate(lim.noise_sigmas):
         ns = measure(model, F.cross_entropy, batches, sigma, num_samples=max(2, lim.noise_draws), bn_mode="eval",
-                     generator=torch.Generator().manual_seed(seed + 100 + i), chunk_size=8)
+                     generator=torch.Generator().manual_seed(seed + 100 + i), chunk_size=8,
+                     process_group=group)
         pred = 0.5 * sigma ** 2 * trace if trace is not None else None
         note = f"E[L(W+U)] - L(W), U ~ N(0, {sigma:g}^2 I), {ns.num_samples} antithetic draws"
         if pred is not None:

@@ -1,0 +1,219 @@
+"""C3.2 in the paper's regime (Ju, Li, Zhang, arXiv 2306.08553): fine-tuning a pretrained network.
+
+The paper fine-tunes ImageNet-pretrained ResNets on six small image data sets. The embedded stand-in:
+the flat-minima BatchNorm CNN is pretrained on the SOURCE task digits 0-4 (Adam, lr 1e-3), its head is
+replaced by a fresh 5-way linear layer, and it is fine-tuned on the TARGET task digits 5-9 (a disjoint
+label set on the same kind of images, like ImageNet -> Aircraft) by SGD (the plain base optimizer),
+SAM, ASAM and NSO. Hyper-parameters follow the reference code's fine-tuning configs: base optimizer
+Adam (amsgrad) lr 1e-4, no weight decay, batch 32, 30 epochs with the learning rate x0.1 every 10;
+NSO sigma 0.01, k = 1 antithetic pair, lam 0; SAM rho 0.01. Compute is matched in gradient
+evaluations: NSO (2k per step) and SAM/ASAM (2) run ``epochs``, plain fine-tuning runs 2k x the steps
+(as many gradient evaluations), its schedule stretched to the same fractions; "sgd_same_steps" (plain
+fine-tuning at NSO's step count, half the compute) is a side result. Every method starts from the same pretrained weights and
+head at a seed.
+
+Curvature at the end, on the target training set, mean cross-entropy, BatchNorm in eval mode:
+- "paper": as the reference code: over the conv and linear WEIGHTS only; trace = sum of the per-layer
+  Hessian traces (= the trace over those weights), top eigenvalue = SUM over layers of each layer's
+  largest eigenvalue (the reference's per-layer power iterations);
+- "global": all trainable parameters; trace and the global largest eigenvalue.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as TF
+from torch import Tensor, nn
+
+from symgen.curvature import HessianOperator
+from symgen.experiments.base import jsonable, num_threads
+from symgen.models import bn_cnn
+from symgen.optim import SAM
+from symgen.optim.nso import NSO
+from symgen.rng import as_generator, isolated_seed
+from symgen.stats import mean_stderr
+from symgen.training import fit
+
+__all__ = ["SOURCE", "TARGET", "finetune_trial", "summarize", "weight_names", "trial_items", "claim_values"]
+
+SOURCE = (0, 1, 2, 3, 4)
+TARGET = (5, 6, 7, 8, 9)
+EVALS_PER_STEP = {"sgd": 1, "sgd_same_steps": 1, "sam": 2, "asam": 2}
+
+
+def _split(x: Tensor, y: Tensor, classes: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    keep = torch.isin(y, torch.tensor(classes))
+    remap = torch.full((int(y.max()) + 1,), -1, dtype=torch.long)
+    remap[list(classes)] = torch.arange(len(classes))
+    return x[keep], remap[y[keep]]
+
+
+def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(x).argmax(1) == y).float().mean())
+    model.train(was)
+    return acc
+
+
+def weight_names(model: nn.Module) -> list[str]:
+    """The conv and linear weights (the parameters the reference code's Hessian measures run over)."""
+    mods = dict(model.named_modules())
+    return [n for n, _ in model.named_parameters()
+            if n.endswith(".weight") and isinstance(mods[n.rsplit(".", 1)[0]], (nn.Conv1d, nn.Conv2d, nn.Linear))]
+
+
+def pretrained(item: dict, x: Tensor, y: Tensor) -> nn.Sequential:
+    """The source-task network with a fresh target head (deterministic in the item's seed)."""
+    seed = item["seed"]
+    xs, ys = _split(x, y, SOURCE)
+    with isolated_seed(seed):
+        model = bn_cnn(tuple(x.shape[1:]), len(SOURCE), item["width"])
+    opt = torch.optim.Adam(model.parameters(), lr=item["pretrain_lr"])
+    fit(model, (xs, ys), opt, epochs=item["pretrain_epochs"], batch_size=item["batch_size"], generator=40_000 + seed)
+    with isolated_seed(50_000 + seed):  # same fresh head for every method at this seed
+        model[-1] = nn.Linear(model[-1].in_features, len(TARGET))
+    return model
+
+
+def _curvature(model: nn.Module, data: tuple[Tensor, Tensor], item: dict, seed: int) -> dict:
+    cg = as_generator(30_000 + seed)
+    names = weight_names(model)
+    H = HessianOperator(model, TF.cross_entropy, data, bn_mode="eval")
+    Hw = HessianOperator(model, TF.cross_entropy, data, param_names=names, bn_mode="eval")
+    tr = H.trace(item["trace_matvecs"], cg, method="deflated")
+    trw = Hw.trace(item["trace_matvecs"], cg, method="deflated")
+    top = H.eigenpairs(1, "largest", tol=item["eig_tol"], generator=cg)
+    layer_tops = {n: float(HessianOperator(model, TF.cross_entropy, data, param_names=[n], bn_mode="eval")
+                           .eigenpairs(1, "largest", tol=item["eig_tol"], generator=cg).values[0]) for n in names}
+    return {"trace": trw.value, "trace_stderr": trw.stderr, "top_eig": sum(layer_tops.values()),
+            "layer_top_eigs": layer_tops, "global_trace": tr.value, "global_trace_stderr": tr.stderr,
+            "global_top_eig": float(top.values[0]), "num_weights": Hw.dim, "num_params": H.dim}
+
+
+def finetune_trial(item: dict) -> dict:
+    """Pretrain on the source classes, fine-tune on the target classes with one method, measure curvature."""
+    with num_threads(item.get("num_threads")):
+        return _finetune_trial(item)
+
+
+def _finetune_trial(item: dict) -> dict:
+    from symgen.data import load_dataset
+
+    t0 = time.perf_counter()
+    name, seed = item["optimizer"], item["seed"]
+    x, y = load_dataset("digits", "train", generator=item.get("data_seed", 0))
+    xt, yt = load_dataset("digits", "test", generator=item.get("data_seed", 0))
+    model = pretrained(item, x, y)
+    x, y = _split(x, y, TARGET)
+    xt, yt = _split(xt, yt, TARGET)
+    k = item["nso_pairs"]
+    evals = 2 * k if name == "nso" else EVALS_PER_STEP[name]
+    steps_per_epoch = math.ceil(x.shape[0] / item["batch_size"])
+    budget = 2 * k * item["epochs"] * steps_per_epoch  # the regularized methods' gradient evaluations
+    steps = budget // evals
+    base = dict(lr=item["lr"], amsgrad=True, weight_decay=item["weight_decay"])
+    if name == "sgd_same_steps":  # side result: plain fine-tuning at NSO's step count (half its compute)
+        steps = budget // (2 * k)
+    if name in ("sgd", "sgd_same_steps"):
+        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), **base)
+        inner = opt
+    elif name in ("sam", "asam"):
+        opt = SAM(model.parameters(), torch.optim.Adam, rho=item["rho_sam" if name == "sam" else "rho_asam"],
+                  adaptive=name == "asam", model=model, **base)
+        inner = opt.base_optimizer
+    else:
+        opt = NSO(model.parameters(), torch.optim.Adam, sigma=item["nso_sigma"], num_samples=k, model=model,
+                  generator=as_generator(10_000 + seed), **base)
+        inner = opt.base_optimizer
+    # StepLR(step_size=epochs/3, gamma=0.1) of the reference, in steps (stretched for the longer run)
+    sched = torch.optim.lr_scheduler.StepLR(inner, step_size=max(1, steps // 3), gamma=0.1)
+    history = fit(model, (x, y), opt, steps=steps, batch_size=item["batch_size"], generator=20_000 + seed,
+                  scheduler=sched)
+    train_time = time.perf_counter() - t0
+    model.eval()
+    m = item["hessian_samples"] or x.shape[0]
+    curv = _curvature(model, (x[:m], y[:m]), item, seed)
+    with torch.no_grad():
+        train_loss = float(TF.cross_entropy(model(x), y))
+    return jsonable(dict(curv, optimizer=name, seed=seed, steps=history.num_steps,
+                         grad_evals=history.num_steps * evals, test_acc=_accuracy(model, xt, yt),
+                         train_acc=_accuracy(model, x, y), train_loss=train_loss, train_time_s=train_time,
+                         time_s=time.perf_counter() - t0))
+
+
+def summarize(runs: list[dict]) -> dict[str, Any]:
+    """Per method: means and standard errors over seeds; per regularized method: the reductions vs plain
+    fine-tuning (ratio of means, the verdict's number) and the paired per-seed reductions' standard error."""
+    out: dict[str, Any] = {}
+    methods = list(dict.fromkeys(r["optimizer"] for r in runs))
+    for o in methods:
+        rs = sorted((r for r in runs if r["optimizer"] == o), key=lambda r: r["seed"])
+        s: dict[str, Any] = {"seeds": len(rs), "grad_evals": rs[0]["grad_evals"], "steps": rs[0]["steps"]}
+        for key in ("test_acc", "train_loss", "trace", "top_eig", "global_trace", "global_top_eig", "time_s"):
+            s[key], s[key + "_stderr"] = mean_stderr(torch.tensor([r[key] for r in rs], dtype=torch.float64))
+        out[o] = s
+    if "sgd" not in out:
+        return out
+    base = {r["seed"]: r for r in runs if r["optimizer"] == "sgd"}
+    for o in methods:
+        if o == "sgd":
+            continue
+        rs = [r for r in runs if r["optimizer"] == o and r["seed"] in base]
+        for key in ("trace", "top_eig", "global_trace", "global_top_eig"):
+            out[o][f"{key}_reduction"] = 1 - out[o][key] / out["sgd"][key]
+            per_seed = torch.tensor([1 - r[key] / base[r["seed"]][key] for r in rs], dtype=torch.float64)
+            out[o][f"{key}_reduction_stderr"] = mean_stderr(per_seed)[1] if len(rs) > 1 else math.nan
+        acc_diff = torch.tensor([r["test_acc"] - base[r["seed"]]["test_acc"] for r in rs], dtype=torch.float64)
+        out[o]["test_acc_diff"], out[o]["test_acc_diff_stderr"] = mean_stderr(acc_diff)
+    return out
+
+
+def trial_items(config: Any) -> list[dict]:
+    """One item per (seed, method) of the fine-tuning protocol (``config``: the flat-minima Config)."""
+    base = dict(width=config.finetune_width, pretrain_lr=config.pretrain_lr, pretrain_epochs=config.pretrain_epochs,
+                batch_size=config.finetune_batch_size, lr=config.finetune_lr, weight_decay=config.finetune_weight_decay,
+                epochs=config.finetune_epochs, nso_pairs=config.nso_pairs, nso_sigma=config.nso_sigma,
+                rho_sam=config.finetune_rho_sam, rho_asam=config.finetune_rho_asam,
+                hessian_samples=config.hessian_samples, trace_matvecs=config.trace_matvecs, eig_tol=config.eig_tol,
+                num_threads=config.num_threads, data_seed=config.seed)
+    return [dict(base, optimizer=o, seed=config.seed + s)
+            for s in range(config.finetune_seeds) for o in config.finetune_optimizers]
+
+
+def _margin_se(value: float, threshold: float, stderr: float) -> float:
+    return (value - threshold) / stderr if stderr and math.isfinite(stderr) and stderr > 0 else math.nan
+
+
+def claim_values(s: dict[str, Any], trace_threshold: float, eig_threshold: float) -> dict[str, Any]:
+    """The C3.2 measured dict from a fine-tuning summary (``summarize``): NSO's reductions vs plain
+    fine-tuning (verdict: ratio of means), their margins in standard errors of the paired per-seed
+    reductions, the global measures and SAM/ASAM beside."""
+    sg, ns = s["sgd"], s["nso"]
+    m: dict[str, Any] = {"trace_reduction_vs_sgd": ns["trace_reduction"],
+                         "top_eig_reduction_vs_sgd": ns["top_eig_reduction"],
+                         "test_acc_nso": ns["test_acc"], "test_acc_sgd": sg["test_acc"],
+                         "trace_margin_se": _margin_se(ns["trace_reduction"], trace_threshold,
+                                                       ns["trace_reduction_stderr"]),
+                         "top_eig_margin_se": _margin_se(ns["top_eig_reduction"], eig_threshold,
+                                                         ns["top_eig_reduction_stderr"]),
+                         "test_acc_margin_se": _margin_se(ns["test_acc_diff"], 0.0, ns["test_acc_diff_stderr"]),
+                         "global_trace_reduction_vs_sgd": ns["global_trace_reduction"],
+                         "global_top_eig_reduction_vs_sgd": ns["global_top_eig_reduction"]}
+    for o in ("sam", "asam", "sgd_same_steps"):
+        if o in s:
+            m[f"trace_reduction_{o}_vs_sgd"] = s[o]["trace_reduction"]
+            m[f"top_eig_reduction_{o}_vs_sgd"] = s[o]["top_eig_reduction"]
+            m[f"test_acc_{o}"] = s[o]["test_acc"]
+    if "sam" in s:
+        m["trace_reduction_nso_vs_sam"] = 1 - ns["trace"] / s["sam"]["trace"]
+        m["top_eig_reduction_nso_vs_sam"] = 1 - ns["top_eig"] / s["sam"]["top_eig"]
+    if "sgd_same_steps" in s:
+        m["trace_reduction_nso_vs_sgd_same_steps"] = 1 - ns["trace"] / s["sgd_same_steps"]["trace"]
+        m["top_eig_reduction_nso_vs_sgd_same_steps"] = 1 - ns["top_eig"] / s["sgd_same_steps"]["top_eig"]
+    return m
