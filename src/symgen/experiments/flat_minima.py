@@ -124,7 +124,7 @@ class Config(ExperimentConfig):
 QUICK: dict[str, Any] = {"seeds": 1, "optimizers": ["sgd", "nso"], "width": 8, "grad_eval_epochs": 10.0,
                          "hessian_samples": 256, "trace_matvecs": 20, "eig_tol": 1e-2, "density_steps": 20,
                          "density_runs": 1, "noise_samples": 8, "estimator_draws": 1000, "nso_variants": [],
-                         "finetune_optimizers": ["sgd", "nso"], "finetune_seeds": 3, "finetune_width": 8,
+                         "finetune_optimizers": ["sgd", "nso", "sgd_same_steps"], "finetune_seeds": 3, "finetune_width": 8,
                          "pretrain_epochs": 10, "finetune_epochs": 15}
 
 
