@@ -20,6 +20,7 @@ import time
 
 import torch
 import torch.nn.functional as TF
+from peers import pyhessian_trace_to_rtol
 
 from symgen.curvature import GGNOperator, HessianOperator
 from symgen.models import bn_cnn
@@ -182,28 +183,16 @@ def time_to_rtol(args, model, xb, yb, q_ours, t_py, t_ours, P) -> None:
     print(f"  symgen Lanczos-deflated: {est.value:.4f} +- {est.stderr:.4f} ({est.relative_stderr:.2%}) from "
           f"{est.num_matvecs} products, {t_defl:.2f} s")
     try:
-        from pyhessian import hessian as PyHessian
+        import pyhessian  # noqa: F401
     except ImportError:
         print(f"  Hutchinson: needs ~{need:.0f} probes -> ~{need * per_probe:.1f} s (extrapolated: no PyHessian)")
         return
     # PyHessian's Hutchinson, run in blocks of 20 probes until its standard error reaches rtol (or the cap)
-    t0 = time.perf_counter()
-    hc = PyHessian(model, TF.cross_entropy, data=(xb, yb), cuda=False)
-    torch.manual_seed(args.seed + 2)
-    qs: list[float] = []
-    while len(qs) < args.max_probes:
-        qs += hc.trace(maxIter=20, tol=-math.inf)
-        t = torch.tensor(qs)
-        if t.std() / math.sqrt(t.numel()) <= args.rtol * abs(float(t.mean())):
-            break
-    t_p = time.perf_counter() - t0
-    model.zero_grad(set_to_none=True)
-    t = torch.tensor(qs)
-    rse = float(t.std() / math.sqrt(t.numel()) / abs(t.mean()))
+    mean, rse, n, t_p = pyhessian_trace_to_rtol(model, (xb, yb), args.rtol, args.max_probes, 20, args.seed + 2)
     capped = " (stopped at --max-probes: NOT reached)" if rse > args.rtol else ""
-    print(f"  PyHessian Hutchinson: {float(t.mean()):.4f} ({rse:.2%}) from {t.numel()} probes, {t_p:.2f} s{capped}")
+    print(f"  PyHessian Hutchinson: {mean:.4f} ({rse:.2%}) from {n} probes, {t_p:.2f} s{capped}")
     print(f"  -> time to {args.rtol:.0%} SE: symgen {t_p / t_defl:.1f}x shorter (target >= 3x); values differ by "
-          f"{(est.value - float(t.mean())) / math.hypot(est.stderr, float(t.std()) / math.sqrt(t.numel())):+.2f} "
+          f"{(est.value - mean) / math.hypot(est.stderr, rse * abs(mean)):+.2f} "
           "combined SE")
 
 

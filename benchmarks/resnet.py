@@ -20,6 +20,7 @@ import time
 
 import torch
 import torch.nn.functional as TF
+from peers import pyhessian_trace_to_rtol
 
 
 def _setup(kind: str, batch: int, seed: int = 0):
@@ -105,19 +106,8 @@ def pyhessian_side_by_side(args) -> None:
     print(f"  1% SE: symgen Lanczos-deflated {est.value:.4f} +- {est.stderr:.4f} ({est.relative_stderr:.2%}), "
           f"{est.num_matvecs} products, {t_s:.2f} s")
     if PyHessian is not None:
-        hc = PyHessian(model, TF.cross_entropy, data=(x, y), cuda=False)
-        torch.manual_seed(args.seed + 2)
-        qs, t0 = [], time.perf_counter()
-        while len(qs) < args.max_matvecs:
-            qs += hc.trace(maxIter=10, tol=-math.inf)
-            t = torch.tensor(qs)
-            if t.std() / math.sqrt(t.numel()) <= args.rtol * abs(float(t.mean())):
-                break
-        t_p = time.perf_counter() - t0
-        model.zero_grad(set_to_none=True)
-        t = torch.tensor(qs)
-        rse = float(t.std() / math.sqrt(t.numel()) / abs(t.mean()))
-        print(f"  PyHessian Hutchinson until 1% SE: {float(t.mean()):.4f} ({rse:.2%}) from {t.numel()} probes, "
+        mean, rse, n, t_p = pyhessian_trace_to_rtol(model, (x, y), args.rtol, args.max_matvecs, 10, args.seed + 2)
+        print(f"  PyHessian Hutchinson until 1% SE: {mean:.4f} ({rse:.2%}) from {n} probes, "
               f"{t_p:.2f} s{' (stopped at the cap)' if rse > args.rtol else ''}")
         print(f"  -> time to 1% SE: symgen {t_p / t_s:.2f}x shorter (target >= 3x)")
 
