@@ -13,7 +13,7 @@ The run is time-bounded (--timeout, default 1200 s): past it the reproduction is
 fails, and the times of the experiments that finished are printed, as they are after every run.
 
 Usage: .venv/bin/python scripts/claims_gate.py [--readme README.md] [--summary reproduce.json] [--timeout S]
-Without --summary it runs `symgen reproduce --quick --json` into a temporary store (about 3 minutes
+Without --summary it runs `symgen reproduce --quick --json` into a temporary store (about 7 minutes
 on 2 cores) and compares that.
 """
 
