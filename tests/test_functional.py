@@ -158,26 +158,3 @@ def test_ensemble_value_and_grad_matches_loop_with_per_member_bn_buffers():
     assert not torch.equal(bufs["1.running_mean"][0], bufs["1.running_mean"][1])
     with pytest.raises(ShapeError, match="in_dims"):
         F.ensemble_value_and_grad(loss, stacked, bufs, x, y, in_dims=(0,))
-
-
-def test_as_batches_and_batches_loss():
-    from symgen.errors import ConfigError
-
-    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
-    assert len(F.as_batches((x, y))) == 1
-    loader = [(x[:3], y[:3]), (x[3:], y[3:])]
-    batches = F.as_batches(iter(loader))
-    assert len(batches) == 2
-    net = _mlp()
-    p = F.params_of(net)
-    f = F.loss_function(net, nn.functional.cross_entropy)
-    torch.testing.assert_close(F.batches_loss(f, p, batches, "mean"), f(p, x, y))
-    torch.testing.assert_close(F.batches_loss(f, p, batches, "sum"), f(p, x[:3], y[:3]) + f(p, x[3:], y[3:]))
-    with pytest.raises(ConfigError, match="reduction"):
-        F.batches_loss(f, p, batches, "max")
-    with pytest.raises(ShapeError, match="no batches"):
-        F.as_batches([])
-    with pytest.raises(ShapeError, match="same leading size"):
-        F.as_batches((x, y[:2]))
-    with pytest.raises(ShapeError, match="iterable"):
-        F.as_batches(3.0)

@@ -288,7 +288,7 @@ def runs_compare(run_refs: list[str] = typer.Argument(..., metavar="RUN..."), ou
                  as_json: bool = JsonOpt) -> None:
     """Compare several runs side by side: claims (verdict and headline number), or an audit's numbers."""
     from symgen.runs import RunStore
-    from symgen.terminal import claim_headline, format_number, text_table
+    from symgen.terminal import claim_headline, format_value, text_table
 
     store = RunStore(out)
     runs = [store.get(r) for r in run_refs]
@@ -297,14 +297,14 @@ def runs_compare(run_refs: list[str] = typer.Argument(..., metavar="RUN..."), ou
         if (run.path / "audit.json").exists():
             for sname, sec in run.read_json("audit.json")["sections"].items():
                 for metric, est in sec["values"].items():
-                    err = "" if est["stderr"] is None else f" ± {format_number(est['stderr'], 2)}"
+                    err = "" if est["stderr"] is None else f" ± {format_value(est['stderr'], 2)}"
                     row = table.setdefault(f"{sname}.{metric}", ["-"] * len(runs))
-                    row[i] = f"{format_number(est['value'], 4)}{err}"
+                    row[i] = f"{format_value(est['value'], 4)}{err}"
             continue
         for c in run.read_json("claims.json"):
             h = claim_headline(c)
             row = table.setdefault(c["id"], ["-"] * len(runs))
-            num = "" if h["measured"] is None else f"{h['key']}={format_number(h['measured'])} "
+            num = "" if h["measured"] is None else f"{h['key']}={format_value(h['measured'], 3)} "
             row[i] = f"{num}{'PASS' if c['passed'] else 'FAIL'}"
     if as_json:
         _emit({"runs": [r.id for r in runs], "rows": table})

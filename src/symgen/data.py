@@ -11,7 +11,6 @@ import os
 import pickle
 import random
 import struct
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 
 from symgen.errors import ConfigError, MissingDataError
+from symgen.io import atomic_write
 from symgen.rng import Seed, as_generator, seed_of
 
 __all__ = ["DATASETS", "load_dataset", "cache_dir", "read_idx", "class_balanced_indices", "subset_per_class"]
@@ -87,18 +87,12 @@ def _mnist1d(split: str) -> tuple[Tensor, Tensor]:
         finally:
             np.random.set_state(np_state)
             random.setstate(py_state)
-        _atomic_savez(path, x=data["x"], y=data["y"], x_test=data["x_test"], y_test=data["y_test"])
+        arrays = {k: data[k] for k in ("x", "y", "x_test", "y_test")}
+        atomic_write(path, lambda f: np.savez(f, **arrays))
     with np.load(path) as d:
         x, y = (d["x"], d["y"]) if split == "train" else (d["x_test"], d["y_test"])
         x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).unsqueeze(1)
         return x, torch.from_numpy(y.astype(np.int64))
-
-
-def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-    os.close(fd)
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
 
 
 def read_idx(path: str | Path) -> np.ndarray:

@@ -19,7 +19,7 @@ from symgen import distributed
 from symgen.errors import ConfigError, ShapeError
 from symgen.functional import bn_mode as _bn_mode
 from symgen.rng import Seed, as_generator
-from symgen.robust import LossSpec, pgd
+from symgen.robust import LossSpec, correct_count, pgd
 from symgen.streaming import BatchStream, model_device
 
 __all__ = ["Evaluation", "evaluate"]
@@ -34,15 +34,6 @@ class Evaluation:
     clean_accuracy: float
     loss: float | None = None
     robust_accuracy: dict[float, float] = field(default_factory=dict)
-
-
-def _correct(out: Tensor, y: Tensor) -> Tensor:
-    if out.ndim == 1 or (out.ndim == 2 and out.shape[1] == 1):
-        pred = out.reshape(-1) > 0
-        target = (y > 0) if not y.is_floating_point() else (torch.sign(y) > 0)
-        return (pred == target.to(pred.device)).sum()
-    labels = y.argmax(1) if (y.is_floating_point() and y.ndim == 2) else y
-    return (out.argmax(1) == labels.to(out.device)).sum()
 
 
 def evaluate(model: nn.Module, data: Any, *, eps: Iterable[float] = (), steps: int = 10,
@@ -72,14 +63,14 @@ def evaluate(model: nn.Module, data: Any, *, eps: Iterable[float] = (), steps: i
         for x, y in stream:
             with torch.no_grad():
                 out = model(x)
-                sums[1] += float(_correct(out, y))
+                sums[1] += float(correct_count(out, y))
                 if loss_fn is not None:
                     sums[2] += x.shape[0] * float(loss_fn(out, y))
             for i, e in enumerate(radii):
                 x_adv = pgd(model, x, y, e, step_size, steps, norm=norm, clamp=clamp, random_start=random_start,
                             loss=attack_loss, generator=gen)
                 with torch.no_grad():
-                    sums[3 + i] += float(_correct(model(x_adv), y))
+                    sums[3 + i] += float(correct_count(model(x_adv), y))
             sums[0] += x.shape[0]
     sums = distributed.all_reduce_sum(sums, group)
     n = float(sums[0])

@@ -11,6 +11,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
 from symgen.errors import ConfigError
+from symgen.experiments.base import num_threads
 
 __all__ = ["Executor", "InProcessExecutor", "PoolExecutor", "RayExecutor", "make_executor"]
 
@@ -42,7 +43,7 @@ class PoolExecutor(Executor):
 
         self.workers = workers or max(1, (os.cpu_count() or 2))
         self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
-                                         initializer=_one_thread)
+                                         initializer=num_threads, initargs=(1,))
 
     def imap(self, fn, items):
         futures = {self._pool.submit(fn, item): i for i, item in enumerate(items)}
@@ -88,8 +89,3 @@ def make_executor(name: str = "inprocess", workers: int | None = None, ray_addre
     raise ConfigError(f"unknown executor '{name}'; choose inprocess, pool or ray.")
 
 
-def _one_thread() -> None:
-    """A pool worker's initializer: one BLAS/intra-op thread, so workers do not fight over cores."""
-    import torch
-
-    torch.set_num_threads(1)

@@ -252,7 +252,7 @@ def vjp_outputs(module: nn.Module, params: Mapping[str, Tensor], buffers: Mappin
 
 # --- curvature and perturbed copies (issue 4) -------------------------------------------------
 
-__all__ += ["hvp_function", "ensemble_value_and_grad", "as_batches", "batches_loss"]
+__all__ += ["hvp_function", "ensemble_value_and_grad"]
 
 
 def hvp_function(f: Callable[[Params], Tensor], params: Mapping[str, Tensor], *,
@@ -312,48 +312,6 @@ def ensemble_value_and_grad(f: Callable[..., Tensor], stacked_params: Mapping[st
         grads = torch.autograd.grad(values.sum(), list(leaves.values()), allow_unused=True)
     out = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads, strict=True)}
     return values.detach(), out
-
-
-def as_batches(data: Any, device: torch.device | str | None = None) -> list[tuple[Tensor, Tensor]]:
-    """A batch ``(x, y)`` or an iterable of batches (e.g. a DataLoader) as a fixed list of ``(x, y)``.
-
-    The list is materialized once so every later pass sees the same batches in the same order
-    (a shuffling loader would otherwise change the function between Hessian-vector products).
-    """
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
-        batches = [(data[0], data[1])]
-    else:
-        try:
-            batches = [(b[0], b[1]) for b in data]
-        except (TypeError, IndexError, KeyError):
-            raise ShapeError("data must be a batch (x, y) of tensors or an iterable of such batches "
-                             f"(e.g. a DataLoader); got {type(data).__name__}.") from None
-    if not batches:
-        raise ShapeError("data holds no batches; pass a batch (x, y) or a non-empty loader.")
-    for x, y in batches:
-        if not isinstance(x, Tensor) or not isinstance(y, Tensor) or x.shape[0] != y.shape[0]:
-            raise ShapeError("each batch must be (x, y) tensors with the same leading size; got "
-                             f"{getattr(x, 'shape', type(x))} and {getattr(y, 'shape', type(y))}.")
-    if device is not None:
-        batches = [(x.to(device), y.to(device)) for x, y in batches]
-    return batches
-
-
-def batches_loss(f: Callable[[Params, Tensor, Tensor], Tensor], params: Mapping[str, Tensor],
-                 batches: list[tuple[Tensor, Tensor]], reduction: str = "mean") -> Tensor:
-    """Loss over a list of batches: ``sum_b (n_b / N) f(params, x_b, y_b)`` ("mean") or ``sum_b f`` ("sum").
-
-    With a batch-mean ``f``, "mean" is the mean over all samples whatever the batch sizes.
-    """
-    if reduction not in ("mean", "sum"):
-        raise ConfigError(f"reduction must be 'mean' or 'sum', got '{reduction}'.")
-    total = sum(x.shape[0] for x, _ in batches)
-    out = None
-    for x, y in batches:
-        w = x.shape[0] / total if reduction == "mean" else 1.0
-        term = w * f(dict(params), x, y)
-        out = term if out is None else out + term
-    return out  # type: ignore[return-value]
 
 
 # --- BatchNorm modes and noise-perturbed copies (shared by curvature, NTK, NSO, SAM, noise stability) ---

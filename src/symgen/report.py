@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from symgen.io import atomic_write
+from symgen.terminal import format_value
 
 __all__ = ["write_report", "render_page", "render_index", "format_value", "pyplot", "save_figure"]
 
@@ -47,19 +48,6 @@ def save_figure(fig: Any, path: Path, dpi: int = 120, *, tight: bool = True) -> 
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
     return path
-
-
-def format_value(v: Any, digits: int = 4) -> str:
-    """Short human form of a measured value (numbers to ``digits`` significant digits)."""
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, float):
-        return f"{v:.{digits}g}"
-    if isinstance(v, dict):
-        return ", ".join(f"{k}={format_value(x, digits)}" for k, x in v.items())
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(format_value(x, digits) for x in v) + "]"
-    return str(v)
 
 
 def _table(rows: Sequence[dict[str, Any]], table_id: str = "") -> str:

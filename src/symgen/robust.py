@@ -31,6 +31,7 @@ __all__ = [
     "pgd",
     "attack_loss",
     "accuracy",
+    "correct_count",
     "KernelPredictor",
     "kernel_predictor",
     "regression_targets",
@@ -97,17 +98,20 @@ def attack_loss(out: Tensor, y: Tensor, loss: LossSpec = "auto") -> Tensor:
     raise ConfigError(f"unknown attack loss '{loss}'; use 'auto', 'ce', 'margin', 'mse' or a callable.")
 
 
-def accuracy(out: Tensor, y: Tensor) -> float:
-    """Fraction correct: argmax for several outputs, sign for one output (labels {0,1} or {-1,1}).
-
-    Float targets ``(N, C)`` (e.g. centred one-hot) are compared by argmax.
-    """
+def correct_count(out: Tensor, y: Tensor) -> Tensor:
+    """Number of correct predictions: argmax for several outputs, sign for one output (labels {0,1} or
+    {-1,1}); float targets ``(N, C)`` (e.g. centred one-hot) are compared by argmax."""
     out = out.detach()
     if out.ndim == 1 or (out.ndim == 2 and out.shape[1] == 1):
         pred = out.reshape(-1) > 0
-        return (pred == (_signed_binary(y).to(out.device) > 0)).double().mean().item()
+        return (pred == (_signed_binary(y).to(out.device) > 0)).sum()
     labels = y.argmax(1) if (y.is_floating_point() and y.ndim == 2) else y
-    return (out.argmax(1) == labels.to(out.device)).double().mean().item()
+    return (out.argmax(1) == labels.to(out.device)).sum()
+
+
+def accuracy(out: Tensor, y: Tensor) -> float:
+    """Fraction correct (see :func:`correct_count`); nan for no samples."""
+    return correct_count(out, y).item() / out.shape[0] if out.shape[0] else math.nan
 
 
 # --------------------------------------------------------------------------------------------

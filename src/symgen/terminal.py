@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, Any
 
-__all__ = ["text_table", "claim_headline", "claim_line", "claim_lines", "format_number", "dump_json",
+__all__ = ["text_table", "claim_headline", "claim_line", "claim_lines", "format_value", "dump_json",
            "progress", "Ticker", "is_tty"]
 
 PROGRESS_INTERVAL = 10.0  # seconds between plain progress lines outside a terminal
@@ -43,12 +43,17 @@ def text_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join([line(list(headers)), line(["-" * w for w in widths])] + [line(r) for r in body])
 
 
-def format_number(v: Any, digits: int = 3) -> str:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+def format_value(v: Any, digits: int = 4) -> str:
+    """Short human form of a measured value (numbers to ``digits`` significant digits), in terminals and pages."""
+    if isinstance(v, bool):
         return str(v)
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={format_value(x, digits)}" for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(format_value(x, digits) for x in v) + "]"
+    return str(v)
 
 
 def _numbers(obj: Any, prefix: str = "", lists: bool = False) -> list[tuple[str, float]]:
@@ -108,10 +113,10 @@ def claim_line(claim: dict[str, Any]) -> list[str]:
     if h["measured"] is None:
         number = "-"
     else:
-        number = f"{h['key']}={format_number(h['measured'])}"
+        number = f"{h['key']}={format_value(h['measured'], 3)}"
         if h["threshold"] is not None:
-            number += f" vs {format_number(h['threshold'])}"
-    paper = "-" if h["paper"] is None else format_number(h["paper"])
+            number += f" vs {format_value(h['threshold'], 3)}"
+    paper = "-" if h["paper"] is None else format_value(h["paper"], 3)
     margin = "-" if h["margin"] is None else f"{h['margin']:+.3g}"
     return [str(claim["id"]), verdict, number, paper, margin]
 

@@ -18,6 +18,7 @@ from torch import Tensor
 from symgen.errors import ConfigError, ShapeError
 from symgen.ntk.regression import kernel_regression
 from symgen.rng import Seed, as_generator
+from symgen.stats import mean_stderr
 
 __all__ = ["LearningCurve", "learning_curve", "fit_power_law"]
 
@@ -82,7 +83,7 @@ def fit_power_law(sizes: Sequence[int], errors: Sequence[Sequence[float]],
     amp = float(loge.mean() + beta * logp.mean())
     if d < 2:
         return beta, math.nan, (math.nan, math.nan), betas, amp
-    se = float(torch.tensor(betas, dtype=torch.float64).std(unbiased=True)) / math.sqrt(d)
+    _, se = mean_stderr(betas)
     half = float(sstats.t.ppf(0.5 + confidence / 2, d - 1)) * se
     return beta, se, (beta - half, beta + half), betas, amp
 
