@@ -7,6 +7,10 @@ strategies (and the generalized Gauss-Newton product beside them), the GGN's top
 to the Hessian's, and achieved FLOP/s next to the measured matmul FLOP/s.
 
     python benchmarks/curvature.py [--probes 100] [--batch 512] [--width 39] [--threads 2]
+    python benchmarks/curvature.py --input cifar --width 30 ...   # CIFAR-shaped 3x32x32 random images
+
+With ``--input cifar`` the inputs are random CIFAR-shaped images with random labels (no download);
+width 30 gives the ~86k parameters of the digits model (88,270; width 39 would give 134k there).
 
 PyHessian is optional (pip install pyhessian, the `bench` extra); without it the numbers recorded
 in issue 4 are printed instead.
@@ -84,6 +88,12 @@ def main() -> None:
     ap.add_argument("--strategies", type=int, default=10, help="probes per HVP strategy comparison (0: skip)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=2, help="timings of the 100-probe trace, alternating order")
+    ap.add_argument("--input", choices=("digits", "cifar"), default="digits",
+                    help="digits 8x8, or random CIFAR-shaped 3x32x32 images with random labels")
+    ap.add_argument("--eig-tol", type=float, default=1e-4, help="symgen Lanczos tolerance")
+    ap.add_argument("--eig-criteria", default="residual,gap,change", help="symgen Lanczos stopping criteria")
+    ap.add_argument("--pyhessian-tols", default="1e-3,1e-4,1e-5", help="PyHessian power-iteration tolerances")
+    ap.add_argument("--ref-tol", type=float, default=1e-7, help="residual tolerance of the reference eigenvalue")
     ap.add_argument("--sections", default="trace,rtol,eig,density,strategies",
                     help="comma-separated subset of trace,rtol,eig,density,strategies")
     args = ap.parse_args()
@@ -92,9 +102,14 @@ def main() -> None:
 
     from symgen.data import load_dataset
 
-    x, y = load_dataset("digits", "train")
+    if args.input == "digits":
+        x, y = load_dataset("digits", "train")
+    else:
+        gx = torch.Generator().manual_seed(args.seed + 7)
+        x = torch.rand(max(args.batch, 64), 3, 32, 32, generator=gx)
+        y = torch.randint(0, 10, (x.shape[0],), generator=gx)
     torch.manual_seed(args.seed)
-    model = bn_cnn((1, 8, 8), 10, args.width)
+    model = bn_cnn(tuple(x.shape[1:]), 10, args.width)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(args.seed)
     for _ in range(args.train_steps):
@@ -106,7 +121,8 @@ def main() -> None:
     model.eval()
     xb, yb = x[: args.batch], y[: args.batch]
     n = sum(p.numel() for p in model.parameters())
-    print(f"model: BN CNN width {args.width}, {n} parameters; batch {xb.shape[0]}; eval-mode BatchNorm; "
+    print(f"model: BN CNN width {args.width}, {n} parameters; {args.input} inputs {tuple(xb.shape[1:])}, "
+          f"batch {xb.shape[0]}; eval-mode BatchNorm; "
           f"{args.threads} threads (timings on a shared machine are noisy)")
     peak = matmul_flops(torch.float32)
     H = HessianOperator(model, TF.cross_entropy, (xb, yb), bn_mode="eval")
@@ -198,13 +214,15 @@ def time_to_rtol(args, model, xb, yb, q_ours, t_py, t_ours, P) -> None:
 
 def top_eigenvalue(args, model, xb, yb, PyHessian) -> None:
     H = HessianOperator(model, TF.cross_entropy, (xb, yb), bn_mode="eval")
-    ref = H.eigenpairs(1, tol=1e-7, max_steps=300, generator=torch.Generator().manual_seed(99))
+    ref = H.eigenpairs(1, tol=args.ref_tol, max_steps=300, generator=torch.Generator().manual_seed(99))
     lam = float(ref.values[0])
-    print(f"\n[top eigenvalue; reference {lam:.6f} = Lanczos to residual 1e-7 ({ref.num_matvecs} products)]")
+    print(f"\n[top eigenvalue; reference {lam:.6f} = Lanczos to residual {args.ref_tol:g} ({ref.num_matvecs} products)]")
     t_eigs = {}
-    for label, kw in [("residual <= 1e-4 |theta|", dict(tol=1e-4)),
-                      ("min(r, r^2/gap) <= 1e-4 |theta|", dict(tol=1e-4, criterion="gap")),
-                      ("change <= 1e-4 |theta|", dict(tol=1e-4, criterion="change"))]:
+    e = args.eig_tol
+    criteria = {"residual": (f"residual <= {e:g} |theta|", dict(tol=e)),
+                "gap": (f"min(r, r^2/gap) <= {e:g} |theta|", dict(tol=e, criterion="gap")),
+                "change": (f"change <= {e:g} |theta|", dict(tol=e, criterion="change"))}
+    for label, kw in [criteria[c] for c in args.eig_criteria.split(",")]:
         H = HessianOperator(model, TF.cross_entropy, (xb, yb), bn_mode="eval")
         pairs, t_eig = timed(H.eigenpairs, 1, generator=torch.Generator().manual_seed(args.seed + 3), **kw)
         t_eigs[label] = t_eig
@@ -227,7 +245,7 @@ def top_eigenvalue(args, model, xb, yb, PyHessian) -> None:
             return orig(*a, **k)
 
         ph.hessian_vector_product = counted
-        for tol in (1e-3, 1e-4, 1e-5):
+        for tol in [float(t) for t in args.pyhessian_tols.split(",")]:
             count["n"] = 0
             t0 = time.perf_counter()
             hc = PyHessian(model, TF.cross_entropy, data=(xb, yb), cuda=False)

@@ -4,7 +4,11 @@ the same models one after another, and batched orbit metrics against a loop over
 Both paths use the same seeds (init, data order, augmentation draws), so the trained members must
 agree to float32 round-off. Run: ``python benchmarks/ensemble.py [--members 64 --epochs 1]``.
 Targets (issue 13): >= 8x for 64 members and >= 10x for 256 on 2 CPU cores; ``--members 64,256`` runs both.
-The paper's setting (1000 members, 10 epochs) is extrapolated from the measured vectorized time (printed as such).
+The paper's setting (1000 members, 10 epochs) is extrapolated from the measured vectorized time (printed as such);
+``--skip-loop`` times only the vectorized path, and with ``--members 1000 --epochs 10`` (all 1347 digits)
+prints the paper's setting as MEASURED. ``--compile [BACKEND]`` also trains the same members with
+``train_ensemble(..., compile=BACKEND)`` (default inductor) and prints its time next to eager vmap (the first
+epoch includes compiling; use ``--epochs 2`` or more to see the steady state).
 """
 
 from __future__ import annotations
@@ -76,6 +80,9 @@ def main() -> None:
     ap.add_argument("--train-size", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-loop", action="store_true", help="time only the vectorized path (no loop, no ratio)")
+    ap.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                    help="also time train_ensemble(compile=BACKEND) (default backend: inductor)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,6 +117,22 @@ def _train_and_compare(args, factory, x, y, xt, action):
     train_ensemble(ens, x, y, torch.optim.SGD(ens.parameters(), lr=args.lr), epochs=args.epochs,
                    batch_size=args.batch_size, augment=action, generator=args.seed)
     t_vec = time.perf_counter() - t0
+    macs = cnn_macs_per_sample(factory(), (8, 8))
+    flop = 3 * 2 * macs * x.shape[0] * args.epochs * args.members   # forward + backward ~ 3x forward
+    if args.compile:
+        _compiled(args, factory, x, y, action, ens, t_vec)
+    if args.skip_loop:
+        print("\n== training (vectorized only, --skip-loop) ==")
+        print(f"vectorized (vmap):   {t_vec:8.2f} s   {flop / t_vec / 1e9:6.2f} GFLOP/s")
+        paper = args.members == 1000 and args.epochs == 10 and x.shape[0] == 1347
+        if paper:
+            print(f"paper's setting (1000 members, 10 epochs, 1347 digits): {t_vec / 60:.1f} min vectorized, MEASURED")
+        else:
+            est = t_vec * (1000 / args.members) * (10 / args.epochs) * (1347 / x.shape[0])
+            print(f"paper's setting (1000 members, 10 epochs, 1347 digits): {est / 60:.1f} min vectorized, "
+                  f"EXTRAPOLATED linearly from this run ({args.members} members, {args.epochs} epoch(s), "
+                  f"{x.shape[0]} samples)")
+        return ens
 
     t0 = time.perf_counter()
     models = train_loop(factory, args.members, x, y, epochs=args.epochs, batch_size=args.batch_size,
@@ -120,8 +143,6 @@ def _train_and_compare(args, factory, x, y, xt, action):
         vec_logits = ens.member_logits(xt)
         loop_logits = torch.stack([m(xt) for m in models])
     diff = float((vec_logits - loop_logits).abs().max())
-    macs = cnn_macs_per_sample(factory(), (8, 8))
-    flop = 3 * 2 * macs * x.shape[0] * args.epochs * args.members   # forward + backward ~ 3x forward
     peak = matmul_flops()
     print("\n== training ==")
     print(f"vectorized (vmap):   {t_vec:8.2f} s   {flop / t_vec / 1e9:6.2f} GFLOP/s")
@@ -136,6 +157,27 @@ def _train_and_compare(args, factory, x, y, xt, action):
           f"{100 * flop / t_vec / peak:.1f}% of it")
 
     return ens
+
+
+def _compiled(args, factory, x, y, action, eager, t_eager):
+    """The same training through train_ensemble(compile=...): time (first epoch incl. compiling) and agreement."""
+    marks = []
+    t0 = time.perf_counter()
+    ens = Ensemble.init(factory, args.members, generator=args.seed)
+    train_ensemble(ens, x, y, torch.optim.SGD(ens.parameters(), lr=args.lr), epochs=args.epochs,
+                   batch_size=args.batch_size, augment=action, generator=args.seed, compile=args.compile,
+                   on_epoch=lambda e, _: marks.append(time.perf_counter()))
+    t_c = time.perf_counter() - t0
+    diff = max(float((ens.params[k] - v).detach().abs().max()) for k, v in eager.params.items())
+    print(f"\n== torch.compile (backend {args.compile}) vs eager vmap ==")
+    print(f"eager vmap: {t_eager:8.2f} s;  compiled: {t_c:8.2f} s in all, first epoch (with compiling) "
+          f"{marks[0] - t0:.2f} s")
+    if len(marks) > 1:
+        per_c = (marks[-1] - marks[0]) / (len(marks) - 1)
+        per_e = t_eager / args.epochs
+        print(f"per epoch after the first: compiled {per_c:.2f} s vs eager {per_e:.2f} s (eager's mean epoch) "
+              f"-> {per_e / per_c:.2f}x")
+    print(f"max |params_compiled - params_eager| = {diff:.2e}")
 
 
 def _orbit_metrics(args, ens, action, xt, yt):

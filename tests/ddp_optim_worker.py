@@ -1,7 +1,9 @@
 """Optimizer steps under DistributedDataParallel on 2 gloo processes (run by tests/test_ddp_optim.py).
 
 ``python ddp_optim_worker.py OUTDIR``: each rank trains on its half of the batch and saves its final
-weights to OUTDIR/rank{r}.pt; ``train(name, model, x, y)`` is also the single-process reference.
+weights to OUTDIR/rank{r}.pt; ``train(name, model, x, y)`` is also the single-process reference (for NAMES;
+LOCAL_NAMES, SAM's per-process ascent, have the brute-force reference of tests/test_ddp_optim.py). Each
+rank also records how many gradient all-reduces DDP ran per optimizer (a counting comm hook).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from symgen.optim import NSO, SAM, LossClosure, UnitNormSGD
 
 STEPS = 4
 NUM_DATA = 16
+RHO, LR, MOMENTUM = 0.1, 0.2, 0.9
 
 
 def data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,13 +35,18 @@ def net() -> nn.Module:
 
 def make(name: str, model: nn.Module, inner: nn.Module, x: torch.Tensor) -> torch.optim.Optimizer:
     if name.startswith("sam"):
-        return SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.2, momentum=0.9, adaptive=name == "sam_adaptive")
+        # "sam": SAM does not know the model (DDP syncs both passes); "sam_nosync": it does (no_sync on the
+        # pass at W, one all-reduce); "sam_local": per-process ascent (m-sharpness)
+        known = name in ("sam_nosync", "sam_local")
+        return SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=MOMENTUM, adaptive=name == "sam_adaptive",
+                   model=model if known else None, ascent="local" if name == "sam_local" else "global")
     if name.startswith("nso"):
         return NSO(model.parameters(), torch.optim.SGD, sigma=0.05, num_samples=2, lr=0.2, generator=7)
     return UnitNormSGD(inner, lr=0.2, momentum=0.9, example_input=x)
 
 
-NAMES = ["sam", "sam_adaptive", "nso_vectorized", "nso_closure", "unit_norm"]
+NAMES = ["sam", "sam_adaptive", "sam_nosync", "nso_vectorized", "nso_closure", "unit_norm"]
+LOCAL_NAMES = ["sam_local"]
 
 
 def train(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, inner: nn.Module | None = None) -> None:
@@ -66,12 +74,21 @@ def _rank(rank: int, outdir: str) -> None:
         x, y = data()
         half = NUM_DATA // 2
         xs, ys = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
-        out = {}
-        for name in NAMES:
+        out: dict = {"all_reduces": {}}
+        for name in NAMES + LOCAL_NAMES:
             inner = net()
             model = DDP(inner)
+            calls = [0]
+
+            def counting_hook(state, bucket, calls=calls):  # unannotated: DDP checks the annotations it sees
+                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+                calls[0] += 1
+                return default_hooks.allreduce_hook(None, bucket)
+
+            model.register_comm_hook(None, counting_hook)
             train(name, model, xs, ys, inner=inner)
             out[name] = {k: v.detach().clone() for k, v in inner.state_dict().items()}
+            out["all_reduces"][name] = calls[0]
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

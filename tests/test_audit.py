@@ -559,3 +559,134 @@ def test_audit_on_cuda_matches_cpu(digits3):
     assert gpu.value("hessian", "eigenvalue_1") == pytest.approx(cpu.value("hessian", "eigenvalue_1"), rel=1e-6)
     t_cpu, t_gpu = cpu["hessian"].values["trace"], gpu["hessian"].values["trace"]
     assert abs(t_cpu.value - t_gpu.value) <= 4 * math.hypot(t_cpu.stderr, t_gpu.stderr) + 1e-9
+
+
+# ------------------------------------------------------------------------------------ data from a DataLoader
+
+def _values(res):
+    return {(s, k): (e.value, e.stderr) for s, sec in res.sections.items() if sec.status == "ok"
+            for k, e in sec.values.items()}
+
+
+def test_audit_on_a_dataloader_gives_the_tensor_numbers(digits3):
+    """A DataLoader of batch 7 (and one that only yields batches, never indexed) against the same data as
+    tensors, every section, same seed: every number agrees to round-off. The subsamples (training,
+    invariance, NTK, PGD, Hessian, noise) are the same positions of the same data, gathered in one
+    pass, so the sampled sections (probes, noise draws, attacks, NTK subsamples) agree as well; only
+    the performance sums see other batch boundaries (float64 sums of the same per-sample losses)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    train, test = digits3
+    model = load_model("audit_user_model:make_model", dtype=torch.float64)
+    lim = dict(TINY, eval_samples=40, batch_size=16)
+    ref = audit(model, {"train": train, "test": test}, "c4", limits=lim, generator=3)
+    assert all(s.status == "ok" for s in ref.sections.values())
+
+    class Batches:  # a re-iterable that is not a DataLoader: batches of 11, fresh tensors each pass
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+        def __iter__(self):
+            for i in range(0, self.x.shape[0], 11):
+                yield self.x[i:i + 11].clone(), self.y[i:i + 11].clone()
+
+    loaders = {"train": DataLoader(TensorDataset(*train), batch_size=7), "test": Batches(*test)}
+    res = audit(model, loaders, "c4", limits=lim, generator=3)
+    a, b = _values(ref), _values(res)
+    assert a.keys() == b.keys() and len(a) > 25
+    for key, (v1, e1) in a.items():
+        v2, e2 = b[key]
+        assert v2 == pytest.approx(v1, rel=1e-9, abs=1e-12), key
+        assert (e1 is None) == (e2 is None), key
+        if e1 is not None:
+            assert e2 == pytest.approx(e1, rel=1e-9, abs=1e-12), key
+    assert res["performance"].values["test_accuracy"].note.startswith("30 samples, the whole split, streamed")
+    assert res.to_dict()["limits"] == ref.to_dict()["limits"]
+
+
+def test_audit_streams_a_loader_one_batch_at_a_time(digits3):
+    """The audit never holds more than one of the loader's batches (beside the budget's subsamples)."""
+    import gc
+    import weakref
+
+    train, _ = digits3
+    alive: list = []
+
+    class Loader:
+        passes = 0
+
+        def __iter__(self):
+            Loader.passes += 1
+            for i in range(0, 60, 6):
+                xb = train[0][i:i + 6].clone()
+                assert sum(r() is not None for r in alive) <= 1, "an earlier batch is still held"
+                alive.append(weakref.ref(xb))
+                yield xb, train[1][i:i + 6]
+                del xb
+                gc.collect()
+
+    model = load_model("audit_user_model:make_model", dtype=torch.float64)
+    res = audit(model, Loader(), limits=dict(TINY, eval_samples=None, hessian_samples=10, noise_samples=10),
+                sections=["performance", "hessian", "noise_stability"])
+    assert all(res[s].status == "ok" for s in ("performance", "hessian", "noise_stability"))
+    assert res["performance"].samples == 60 and res["hessian"].samples == 10
+    assert Loader.passes >= 3
+
+
+def test_audit_rejects_a_generator_and_bad_batches(digits3):
+    train, _ = digits3
+    model = _tiny_mlp()
+    batches = ((train[0][i:i + 8], train[1][i:i + 8]) for i in range(0, 60, 8))
+    with pytest.raises(ConfigError, match="one-shot iterator.*DataLoader"):
+        audit(model, batches)
+    with pytest.raises(ConfigError, match="one-shot iterator"):
+        audit(model, {"train": iter([train]), "test": [train]})
+    with pytest.raises(ShapeError, match="integer class labels"):
+        audit(model, [(train[0], train[1].double())])
+    with pytest.raises(ShapeError, match="no samples"):
+        audit(model, [])
+    with pytest.raises(ShapeError, match="per-sample"):
+        audit(model, [train, (train[0][:, :, :4], train[1])])
+    with pytest.raises(ConfigError, match="DataLoader"):
+        audit(model, 42)
+
+
+def test_cifar10_audit_reads_files_lazily_with_the_in_memory_numbers(tmp_path, monkeypatch):
+    """``data="cifar10"`` streams the batch files (one file in memory at a time; a subsample that lies in
+    the first file stops the pass there) and gives the numbers of the same data loaded as tensors."""
+    from test_data import write_fake_cifar
+
+    import symgen.data as data
+    from symgen.data import load_dataset
+
+    write_fake_cifar(tmp_path, {**{f"data_batch_{i}": 12 for i in range(1, 6)}, "test_batch": 30})
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 64, 10)).eval()
+    lim = dict(TINY, eval_samples=20, test_samples=None, batch_size=8, hessian_samples=8, noise_samples=8)
+    reads = []
+    real = data._read_cifar_file
+    monkeypatch.setattr(data, "_read_cifar_file", lambda p: (reads.append(p.name), real(p))[1])
+    res = audit(model, "cifar10", "d4", root=tmp_path, limits=lim)
+    assert all(s.status == "ok" for s in res.sections.values()), res.section_rows()
+    assert res["performance"].values["test_accuracy"].note.startswith("30 samples, the whole split, streamed")
+    monkeypatch.undo()
+    tensors = {s: load_dataset("cifar10", s, root=tmp_path) for s in ("train", "test")}
+    ref = audit(model, tensors, "d4", limits=lim)
+    a, b = _values(ref), _values(res)
+    assert a.keys() == b.keys()
+    for key, (v1, e1) in a.items():
+        assert b[key][0] == pytest.approx(v1, rel=1e-5, abs=1e-7), key  # float32 model: round-off
+        if e1 is not None:
+            assert b[key][1] == pytest.approx(e1, rel=1e-4, abs=1e-7), key
+    # every pass reads the files in order, one at a time: never all the train files at once
+    assert reads.count("test_batch") >= 3 and reads.count("data_batch_1") >= 3
+    from symgen.audit.splits import Split
+    from symgen.data import Cifar10Batches
+
+    split = Split(Cifar10Batches("train", tmp_path, 5), "data", torch.device("cpu"), torch.float64)
+    monkeypatch.setattr(data, "_read_cifar_file", lambda p: (reads.append(p.name), real(p))[1])
+    reads.clear()
+    xs, ys = split.take(torch.tensor([7, 2, 11]))
+    assert reads == ["data_batch_1"]  # the pass stops once it has the subsample
+    assert torch.equal(xs, tensors["train"][0][[7, 2, 11]].double()) and torch.equal(ys, tensors["train"][1][[7, 2, 11]])

@@ -97,3 +97,42 @@ def test_subset_per_class():
     assert torch.bincount(ys).tolist() == [3] * 10
     with pytest.raises(ConfigError):
         subset_per_class(x[:20], y[:20], 10)
+
+
+def write_fake_cifar(root, sizes=None, seed=0):
+    """CIFAR-10 python batch files in the real format (pickled dicts of uint8 rows and label lists) under
+    ``root/cifar-10-batches-py``; ``sizes``: images per file (default 20 per train file, 77 test)."""
+    sizes = sizes or {**{f"data_batch_{i}": 20 for i in range(1, 6)}, "test_batch": 77}
+    rng = np.random.default_rng(seed)
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True, exist_ok=True)
+    for name, n in sizes.items():
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": rng.integers(0, 10, n).tolist()}
+        (base / name).write_bytes(pickle.dumps(batch))
+    return base
+
+
+def test_cifar10_batches_read_lazily_file_by_file(tmp_path, monkeypatch):
+    import symgen.data as data
+    from symgen.data import Cifar10Batches
+
+    write_fake_cifar(tmp_path, {**{f"data_batch_{i}": 13 for i in range(1, 6)}, "test_batch": 9})
+    x, y = load_dataset("cifar10", "train", root=tmp_path)
+    reads = []
+    real = data._read_cifar_file
+    monkeypatch.setattr(data, "_read_cifar_file", lambda p: (reads.append(p.name), real(p))[1])
+    stream = Cifar10Batches("train", tmp_path, batch_size=4)
+    it = iter(stream)
+    xb, yb = next(it)
+    assert reads == ["data_batch_1"] and xb.shape == (4, 3, 32, 32) and xb.dtype == torch.float32
+    rest = list(it)
+    assert reads == [f"data_batch_{i}" for i in range(1, 6)]
+    # batches never straddle files (13 = 4 + 4 + 4 + 1), and together they are load_dataset's tensors
+    assert [b[0].shape[0] for b in [(xb, yb), *rest]] == [4, 4, 4, 1] * 5
+    assert torch.equal(torch.cat([xb, *[b[0] for b in rest]]), x)
+    assert torch.equal(torch.cat([yb, *[b[1] for b in rest]]), y)
+    assert len(list(stream)) == 20  # re-iterable
+    with pytest.raises(MissingDataError, match="root"):
+        Cifar10Batches("test")
+    with pytest.raises(ConfigError, match="batch_size"):
+        Cifar10Batches("test", tmp_path, batch_size=0)

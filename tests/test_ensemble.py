@@ -248,6 +248,47 @@ def test_training_changes_with_seed_and_divergence_error():
         train_ensemble(c, x, y, torch.optim.SGD(a.parameters(), lr=0.1))
 
 
+def test_compiled_training_matches_eager():
+    """compile="aot_eager" (dynamo + AOTAutograd; no C compiler needed): the same members as eager vmap, to
+    float32 round-off; a backend that does not exist and a graph break under fullgraph are CompileErrors."""
+    from symgen.errors import CompileError
+
+    x, y = (t.float() if t.is_floating_point() else t for t in _data(16))
+
+    def factory():
+        return MaskedCNN(in_channels=1, num_classes=3, channels=3, support="symmetric")
+
+    runs = []
+    for compile in (False, "aot_eager"):
+        ens = Ensemble.init(factory, 3, generator=0)
+        opt = torch.optim.SGD(ens.parameters(), lr=0.1, momentum=0.9)
+        hist = train_ensemble(ens, x, y, opt, epochs=2, batch_size=8, augment=ImageRotation90(), compile=compile)
+        runs.append((ens, hist))
+    (eager, h_eager), (compiled, h_compiled) = runs
+    torch.testing.assert_close(h_compiled, h_eager, rtol=1e-5, atol=1e-6)
+    for k, v in eager.params.items():
+        torch.testing.assert_close(compiled.params[k], v, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(v, Ensemble.init(factory, 3, generator=0).params[k]) or "mask" in k
+
+    class Breaks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(16, 3)
+
+        def forward(self, z):
+            torch._dynamo.graph_break()  # a no-op in eager mode
+            return self.lin(z.flatten(1))
+
+    ens = Ensemble.init(Breaks, 2)
+    with pytest.raises(CompileError, match="not supported here.*compile=False"):
+        train_ensemble(ens, x, y, torch.optim.SGD(ens.parameters(), lr=0.1), epochs=1, compile="aot_eager")
+    with pytest.raises(CompileError, match="no_such_backend"):
+        train_ensemble(ens, x, y, torch.optim.SGD(ens.parameters(), lr=0.1), epochs=1, compile="no_such_backend")
+    with pytest.raises(ConfigError, match="compile must be"):
+        train_ensemble(ens, x, y, torch.optim.SGD(ens.parameters(), lr=0.1), epochs=1, compile=3)
+    train_ensemble(ens, x, y, torch.optim.SGD(ens.parameters(), lr=0.1), epochs=1)  # eager vmap still trains it
+
+
 def test_member_generator_is_the_documented_mix():
     """Member streams: seed (s * 0x9E3779B1 + (m + 1) * 0x85EBCA77 + 0x5BD1E995) mod 2^62, independent of M."""
     for s, m in [(0, 0), (5, 3), (123456789, 17)]:

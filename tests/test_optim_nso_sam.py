@@ -329,6 +329,23 @@ def test_sam_errors():
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w, strict=True))
 
 
+def test_sam_ascent_errors():
+    """ascent='local' (m-sharpness) needs a DistributedDataParallel model; a bad value names the choices."""
+    model = _bn_net().eval()
+    x, y = _batch()
+    with pytest.raises(ConfigError, match="ascent must be one of .*'global', 'local'.*got 'sharp'"):
+        SAM(model.parameters(), torch.optim.SGD, lr=0.1, ascent="sharp")
+    with pytest.raises(ConfigError, match="DistributedDataParallel: pass model=ddp_model.*got model=Sequential"):
+        SAM(model.parameters(), torch.optim.SGD, lr=0.1, model=model, ascent="local")
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, ascent="local")
+    w = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ConfigError, match="ascent='global'; got no model"):
+        opt.step(_closure(model, opt, x, y))
+    with pytest.raises(ConfigError, match="got model=Sequential"):
+        opt.step(LossClosure(model, TF.cross_entropy, x, y))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w, strict=True))
+
+
 def test_nso_without_generator_is_seed_zero():
     """generator=None means seed 0 (not the global RNG): two runs agree, and equal generator=0."""
     x, y = _batch()

@@ -48,7 +48,7 @@ def test_tiny_run_computes_claims_and_figures(tmp_path):
     exp = get_experiment("unit-norm")
     cfg = build_config(Config, quick=exp.quick, seeds=1, epochs=1, lrs=[0.05, 0.5], width=8,
                        channels=2, detection_models=["mixed"], detection_batch=64, rescalings=2,
-                       centred_factors=[0.5, 1.0, 2.0])
+                       centred_factors=[0.5, 1.0, 2.0], lr_search_extensions=1)
     result = exp.run(cfg, Context())
     claims = {c.id: c for c in exp.check_claims(cfg, result)}
     assert list(claims) == ["C2.1", "C2.2"]
@@ -72,6 +72,13 @@ def test_tiny_run_computes_claims_and_figures(tmp_path):
         for key in ("b_centred_mean_acc", "b_centred_spread", "a_acc_std"):
             assert all(math.isfinite(v) for v in pm[model][key].values())
     assert (claims["C2.2"].note == "") == claims["C2.2"].passed
+    # the lr search: a best at the edge of [0.05, 0.5] was extended one step (the cap here) past that edge
+    for model, per in result["protocol"]["search"].items():
+        for method, info in per.items():
+            assert info["best_lr"] == result["protocol"]["best_lrs"][model][method]
+            assert info["extensions"] <= 1 and set(info["grid"]) >= {0.05, 0.5}
+            if not info["interior"]:
+                assert f"{model} (b): {method}'s best lr" in claims["C2.2"].note and not claims["C2.2"].passed
     paths = exp.figures(result, tmp_path)
     assert paths and all(p.exists() and p.stat().st_size > 0 for p in paths)
 
@@ -87,3 +94,38 @@ def test_c2_2_reports_unrounded_values_and_a_note_that_tells_them_apart():
     assert not c.passed  # 0.82889 < 0.82891
     assert c.measured["per_model"]["mlp"]["mean_acc"] == {"sgd": 0.82891, "sgd_wd": 0.8, "unit_norm": 0.82889}
     assert "mean 0.82889 vs SGD 0.82891" in c.note and "spread 0.01 vs 0.05" in c.note
+
+
+def _val_trials(items):
+    """Validation accuracy peaked at lr = 3 (a known answer for the search)."""
+    return [dict(i, val_acc=1.0 - abs(math.log10(i["lr"] / 3.0)) - 0.01 * i["seed"]) for i in items]
+
+
+def test_lr_search_extends_past_the_edge_until_the_best_is_interior():
+    from symgen.experiments import unit_norm_protocol as up
+
+    coarse = [0.01, 0.03, 0.1, 0.3]
+    base = {"dataset": "digits"}
+    trials = _val_trials([dict(base, model="mlp", method=m, lr=lr, seed=s)
+                          for m in ("sgd", "sgd_wd", "unit_norm") for lr in coarse for s in (0, 1)])
+    calls = []
+    best, extra = up.search_best(trials, ["mlp"], base, [0, 1], 4, lambda items: calls.append(items) or _val_trials(items))
+    # steps of x3 (0.3 / 0.1) past 0.3: 0.9, 2.7, 8.1; the best (2.7) is interior once 8.1 was searched
+    assert best["mlp"]["sgd"] == pytest.approx(2.7) and best["mlp"]["unit_norm"] == best["mlp"]["sgd"]
+    assert len(calls) == 3 and all(i["method"] != "sgd_wd" for c in calls for i in c)
+    search = [t for t in trials + extra if t["method"] != "sgd_wd"]
+    info = up.search_summary(search, best, coarse)["mlp"]["sgd"]
+    assert info["interior"] and info["extensions"] == 3
+    assert info["grid"] == pytest.approx([0.01, 0.03, 0.1, 0.3, 0.9, 2.7, 8.1])
+    # a cap of one step leaves the best at the edge: the protocol fails with that reason
+    best1, extra1 = up.search_best(trials, ["mlp"], base, [0, 1], 1, _val_trials)
+    info1 = up.search_summary([t for t in trials + extra1 if t["method"] != "sgd_wd"], best1, coarse)
+    assert not info1["mlp"]["sgd"]["interior"] and best1["mlp"]["sgd"] == pytest.approx(0.9)
+    ok = {"best_lr": 1.0, "centred_grid": [], "centred_mean_acc": 0.9, "centred_spread": 0.01,
+          "rescaled_accs": [], "rescaled_acc_std": 0.0, "rescaled_acc_range": 0.0, "rescaled_disagreement": 0.0}
+    summary = {"mlp": {"sgd": dict(ok, rescaled_disagreement=0.1, centred_spread=0.05), "unit_norm": ok}}
+    assert up.verdict(summary)[0]  # passes on its numbers alone
+    passed, _, reasons = up.verdict(summary, info1)
+    assert not passed and "still at an edge" in reasons[0] and "1 extension step" in reasons[0]
+    # no step at all where the best is already interior
+    assert up.extension_items(base, search, best, [0]) == []

@@ -127,6 +127,7 @@ def list_cmd(as_json: bool = JsonOpt) -> None:
 def run(
     experiment: str = typer.Argument(..., help="Experiment name (see `symgen list`)."),
     quick: bool = typer.Option(False, "--quick", help="CPU-sized settings."),
+    full: bool = typer.Option(False, "--full", help="Full settings (the default when --quick is absent)."),
     config: Path | None = typer.Option(None, "--config", help="YAML file of config keys."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key: key=value (repeatable)."),
     out: Path = OutOpt,
@@ -142,6 +143,10 @@ def run(
     as_json: bool = JsonOpt,
 ) -> None:
     """Run one experiment into the run store; print one line per claim and the report's path."""
+    if quick and full:
+        raise ConfigError("--quick and --full exclude each other; pass one.")
+    if device is not None:
+        _check_device(device)  # before the run store is touched
     res = _run_one(experiment, quick=quick, config=config, sets=set_, out=out, seed=seed, device=device,
                    executor=executor, workers=workers, ray_address=ray_address, resume=resume,
                    resume_from=resume_from, as_json=as_json)
@@ -190,6 +195,8 @@ def reproduce(
     names = list(only) or list(REGISTRY)
     for name in names:
         get_experiment(name)  # an unknown name fails before anything runs
+    if device is not None:
+        _check_device(device)  # so does a device this machine lacks
     log = (lambda t: say(t, err=True)) if as_json else say
     started, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), time.time()
     results = []

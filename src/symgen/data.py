@@ -11,7 +11,7 @@ import os
 import pickle
 import random
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from symgen.errors import ConfigError, MissingDataError
 from symgen.io import atomic_write
 from symgen.rng import Seed, as_generator, seed_of
 
-__all__ = ["DATASETS", "load_dataset", "cache_dir", "read_idx", "class_balanced_indices", "subset_per_class"]
+__all__ = ["DATASETS", "load_dataset", "Cifar10Batches", "cache_dir", "read_idx", "class_balanced_indices", "subset_per_class"]
 
 DATASETS = ("digits", "mnist1d", "mnist", "fashion-mnist", "cifar10")
 
@@ -141,7 +141,8 @@ def _idx_dataset(name: str, split: str, root: str | Path | None) -> tuple[Tensor
     return x, torch.from_numpy(labels.astype(np.int64))
 
 
-def _cifar10(split: str, root: str | Path | None) -> tuple[Tensor, Tensor]:
+def _cifar10_files(split: str, root: str | Path | None) -> list[Path]:
+    """The python batch files of a CIFAR-10 split under ``root`` (or its ``cifar-10-batches-py``)."""
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     root = _require_root("cifar10", root, names)
     base = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
@@ -149,14 +150,43 @@ def _cifar10(split: str, root: str | Path | None) -> tuple[Tensor, Tensor]:
     if missing:
         raise MissingDataError(f"dataset 'cifar10' ({split}): missing {', '.join(missing)} under {base}. "
                                "Extract cifar-10-python.tar.gz there.")
-    xs, ys = [], []
-    for n in names:
-        with open(base / n, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
-        xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(batch[b"labels"], dtype=np.int64))
+    return [base / n for n in names]
+
+
+def _read_cifar_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images (n, 3, 32, 32) uint8 and labels (n,) int64 of one CIFAR-10 python batch file."""
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    return (np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32),
+            np.asarray(batch[b"labels"], dtype=np.int64))
+
+
+def _cifar10(split: str, root: str | Path | None) -> tuple[Tensor, Tensor]:
+    xs, ys = zip(*(_read_cifar_file(p) for p in _cifar10_files(split, root)), strict=True)
     x = torch.from_numpy(np.concatenate(xs).astype(np.float32) / 255.0)
     return x, torch.from_numpy(np.concatenate(ys))
+
+
+class Cifar10Batches:
+    """A CIFAR-10 split as a re-iterable of ``(x, y)`` batches of ``batch_size``, read lazily: one batch
+    file (10000 images, 30 MB as uint8) and one float32 batch in memory at a time. The same values,
+    in the same order, as :func:`load_dataset` ("cifar10"); usable wherever a DataLoader is."""
+
+    def __init__(self, split: str = "test", root: str | Path | None = None, batch_size: int = 512) -> None:
+        if split not in ("train", "test"):
+            raise ConfigError(f"split must be 'train' or 'test', got '{split}'.")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
+        self.files = _cifar10_files(split, root)
+        self.split, self.batch_size = split, batch_size
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for path in self.files:
+            images, labels = _read_cifar_file(path)
+            for i in range(0, images.shape[0], self.batch_size):
+                x = torch.from_numpy(images[i:i + self.batch_size].astype(np.float32) / 255.0)
+                yield x, torch.from_numpy(labels[i:i + self.batch_size].copy())
+            del images, labels
 
 
 def class_balanced_indices(y: Tensor, per_class: int, classes: int | Sequence[int],

@@ -54,3 +54,10 @@ class MemoryBudgetError(SymgenError, MemoryError):
 
 class DistributedError(SymgenError, RuntimeError):
     """A failed or timed-out collective operation (a rank died or hung), or a process group that does not fit."""
+
+
+class CompileError(SymgenError, RuntimeError):
+    """``torch.compile`` could not compile a function symgen compiles on request; the message names what failed."""
+
+
+__all__ += ["CompileError"]

@@ -28,12 +28,15 @@ __all__ = ["Evaluation", "evaluate"]
 @dataclass
 class Evaluation:
     """``clean_accuracy`` (and ``loss`` when a ``loss_fn`` was given) over ``num_data`` samples, and the
-    accuracy under a PGD attack of each radius in ``robust_accuracy`` (eps -> accuracy)."""
+    accuracy under a PGD attack of each radius in ``robust_accuracy`` (eps -> accuracy). ``loss_stderr``:
+    the standard error of the mean loss (sample standard deviation / sqrt(n)), when ``loss_fn`` returned
+    per-sample losses."""
 
     num_data: int
     clean_accuracy: float
     loss: float | None = None
     robust_accuracy: dict[float, float] = field(default_factory=dict)
+    loss_stderr: float | None = None
 
 
 def evaluate(model: nn.Module, data: Any, *, eps: Iterable[float] = (), steps: int = 10,
@@ -48,6 +51,9 @@ def evaluate(model: nn.Module, data: Any, *, eps: Iterable[float] = (), steps: i
     ``attack_loss``, ``random_start``) on each batch, its random starts drawn in batch order from one
     ``generator`` (a seed or a ``torch.Generator``; None = seed 0). Without random starts the numbers do
     not depend on the batch size (eval mode: samples never interact). Madry et al., arXiv 1706.06083.
+    ``loss_fn(out, y)`` returns the batch's mean loss, or per-sample losses ``(B,)`` (``reduction="none"``),
+    which also give ``loss_stderr``; it may raise a :class:`~symgen.errors.SymgenError` to reject outputs.
+    A model that fails on a batch is a :class:`ShapeError` naming the input shape.
     """
     radii = [float(e) for e in eps]
     if any(not math.isfinite(e) or e < 0 for e in radii):
@@ -58,23 +64,45 @@ def evaluate(model: nn.Module, data: Any, *, eps: Iterable[float] = (), steps: i
     dev = model_device(model)
     stream = BatchStream(data, device=dev, allow_empty=group is not None)
     gen = as_generator(generator)
-    sums = torch.zeros(3 + len(radii), dtype=torch.float64)  # [count, correct, loss sum, correct per eps]
+    # [count, correct, loss sum, squared-loss sum, per-sample flag, correct per eps]
+    sums = torch.zeros(5 + len(radii), dtype=torch.float64)
     with _bn_mode(model, bn_mode):
         for x, y in stream:
             with torch.no_grad():
-                out = model(x)
-                sums[1] += float(correct_count(out, y))
+                out = _forward(model, x)
                 if loss_fn is not None:
-                    sums[2] += x.shape[0] * float(loss_fn(out, y))
+                    losses = loss_fn(out, y).detach().double().cpu()
+                    if losses.ndim == 1 and losses.shape[0] == x.shape[0]:
+                        sums[2:5] += torch.stack([losses.sum(), (losses * losses).sum(), losses.new_tensor(1.0)])
+                    else:
+                        sums[2] += x.shape[0] * float(losses)
+                sums[1] += float(correct_count(out, y))
             for i, e in enumerate(radii):
                 x_adv = pgd(model, x, y, e, step_size, steps, norm=norm, clamp=clamp, random_start=random_start,
                             loss=attack_loss, generator=gen)
                 with torch.no_grad():
-                    sums[3 + i] += float(correct_count(model(x_adv), y))
+                    sums[5 + i] += float(correct_count(model(x_adv), y))
             sums[0] += x.shape[0]
     sums = distributed.all_reduce_sum(sums, group)
     n = float(sums[0])
     if n == 0:
         raise ShapeError("data holds no samples on any rank; pass a batch (x, y) or a non-empty loader.")
-    return Evaluation(int(n), float(sums[1]) / n, None if loss_fn is None else float(sums[2]) / n,
-                      {e: float(sums[3 + i]) / n for i, e in enumerate(radii)})
+    mean = None if loss_fn is None else float(sums[2]) / n
+    stderr = None
+    if mean is not None and float(sums[4]) > 0:  # per-sample losses were given
+        var = max(float(sums[3]) - n * mean * mean, 0.0) / (n - 1) if n > 1 else math.inf
+        stderr = math.sqrt(var / n)
+    return Evaluation(int(n), float(sums[1]) / n, mean, {e: float(sums[5 + i]) / n for i, e in enumerate(radii)},
+                      stderr)
+
+
+def _forward(model: nn.Module, x: Tensor) -> Tensor:
+    """``model(x)``; a failure (typically a shape mismatch) is a :class:`ShapeError` naming the input shape."""
+    try:
+        return model(x)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as e:
+        raise ShapeError(f"the model failed on inputs of shape {tuple(x.shape[1:])} "
+                         f"({str(e).splitlines()[0][:200]}); check that the data (--data) is the data the "
+                         "model was built for.") from None

@@ -68,6 +68,8 @@ def _tensor_batches(x: Tensor, y: Tensor, batch_size: int | None, shuffle: bool,
 
 
 def _loader_batches(data: Iterable[Any], device: torch.device | None) -> Iterator[tuple[Tensor, Tensor]]:
+    # Not a streaming.BatchStream on purpose: training streams one-shot iterators without holding them, and
+    # its batches may change per-sample shape from one batch to the next (sequences padded per batch).
     for b in data:
         try:
             xb, yb = b[0], b[1]

@@ -34,6 +34,7 @@ from symgen.audit.loading import (
 )
 from symgen.audit.result import RUN_ORDER, SECTIONS, AuditResult, Estimate, SectionResult
 from symgen.audit.sections import curvature, evaluation, ntk, scale_symmetries
+from symgen.audit.splits import Split, as_split
 from symgen.errors import ConfigError, DivergenceError
 from symgen.rng import Seed, seed_of
 
@@ -61,8 +62,13 @@ def audit(model: nn.Module, data: Any, action: Any = None, *, budget: str | floa
     """Measure how symmetric, flat, kernel-like and robust a trained classifier is.
 
     ``data``: a dataset name for :func:`symgen.data.load_dataset` (train split for the curvature,
-    noise and symmetry sections, test split for the rest), an ``(x, y)`` pair used for all, or
-    ``{"train": (x, y), "test": (x, y)}``. ``action``: c4, d4, shift, none or a GroupAction.
+    noise and symmetry sections, test split for the rest; CIFAR-10 is read lazily, file by file), an
+    ``(x, y)`` pair or a ``torch.utils.data.DataLoader`` (any re-iterable of ``(x, y)`` batches) used
+    for all, or ``{"train": ..., "test": ...}`` of those. A loader is streamed (one batch in memory
+    beside the budget's subsamples, which are gathered in one pass each) and gives the numbers the same
+    data as tensors gives, for the same seed (up to round-off); it must yield the same samples in the
+    same order on every pass (no shuffling or random augmentation); a one-shot iterator (a generator)
+    is a :class:`ConfigError`. ``action``: c4, d4, shift, none or a GroupAction.
     ``budget``: quick, full (sample sizes and a time limit, :data:`BUDGETS`) or seconds; ``limits``
     overrides single fields of it. The sizes the user did not set are scaled to the time limit
     from a timing of one forward and backward pass (:mod:`symgen.audit.planning`): every section
@@ -102,11 +108,12 @@ def audit(model: nn.Module, data: Any, action: Any = None, *, budget: str | floa
     modes = [(m, m.training) for m in model.modules()]
     model.to(dev)
     model.eval()
-    data_name, train, test = resolve_data(data, root)
-    same = train is test
-    train = (train[0].to(dev, dtype), train[1].to(dev))
-    test = train if same else (test[0].to(dev, dtype), test[1].to(dev))
-    act = make_action(action, tuple(test[0].shape[1:]))
+    data_name, train_src, test_src = resolve_data(data, root, lim.batch_size)
+    same = train_src is test_src
+    two = not same and not isinstance(data, str)
+    train = as_split(train_src, "data['train']" if two else "data", dev, dtype)
+    test = train if same else as_split(test_src, "data['test']" if two else "data", dev, dtype)
+    act = make_action(action, test.input_shape)
     _check_finite(model)
     fixed = set(limits or {})
     if "eval_samples" in fixed and "test_samples" not in fixed:
@@ -197,7 +204,7 @@ def _check_finite(model: nn.Module) -> None:
                               "the training that produced these weights diverged. Audit an earlier checkpoint.")
 
 
-def _plan(model: nn.Module, lim: AuditLimits, train: Any, test: Any, act: Any,
+def _plan(model: nn.Module, lim: AuditLimits, train: Split, test: Split, act: Any,
           fixed: set[str]) -> tuple[AuditLimits, dict[str, str]]:
     """Limits sized to the time budget (unchanged when the timing itself fails: the sections then say why)."""
     from symgen.audit.planning import plan_limits, time_passes
@@ -205,8 +212,8 @@ def _plan(model: nn.Module, lim: AuditLimits, train: Any, test: Any, act: Any,
     if not lim.time_limit > 0:
         return lim, {}
     try:
-        timing = time_passes(model, train[0], train[1])
+        timing = time_passes(model, *train.head())
     except Exception:  # noqa: BLE001 - e.g. a shape mismatch: the performance section reports it clearly
         return lim, {}
     order = act.group.order if act is not None else 1
-    return plan_limits(lim, timing, train[0].shape[0], test[0].shape[0], order, fixed)
+    return plan_limits(lim, timing, train.num_data, test.num_data, order, fixed)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from symgen.errors import CheckpointError, ConfigError, GroupActionError, ShapeError
+from symgen.errors import CheckpointError, ConfigError, GroupActionError
 
 __all__ = ["ACTIONS", "load_model", "load_checkpoint", "make_action", "action_name", "resolve_data"]
 
@@ -246,27 +246,18 @@ def action_name(action: Any) -> str | None:
     return action if isinstance(action, str) else repr(action)
 
 
-def resolve_data(data: Any, root: str | Path | None) -> tuple[str, tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    """``(name, train, test)``: a dataset name loads both splits; ``(x, y)`` serves as both."""
+def resolve_data(data: Any, root: str | Path | None, batch_size: int = 512) -> tuple[str, Any, Any]:
+    """``(name, train, test)`` sources for :func:`symgen.audit.splits.as_split`: a dataset name gives both
+    splits (CIFAR-10 as :class:`symgen.data.Cifar10Batches`, read lazily in batches of ``batch_size``;
+    the small datasets as tensors); ``{"train": ..., "test": ...}`` gives each; anything else (an
+    ``(x, y)`` pair, a DataLoader) serves as both."""
     if isinstance(data, str):
-        from symgen.data import load_dataset
+        from symgen.data import Cifar10Batches, load_dataset
 
+        if data == "cifar10":
+            return data, Cifar10Batches("train", root, batch_size), Cifar10Batches("test", root, batch_size)
         # The default split seed: the split the experiments train on, so test data stays unseen.
         return data, load_dataset(data, "train", root=root), load_dataset(data, "test", root=root)
     if isinstance(data, Mapping) and {"train", "test"} <= set(data):
-        return "custom", _pair(data["train"], "data['train']"), _pair(data["test"], "data['test']")
-    pair = _pair(data, "data")
-    return "custom", pair, pair
-
-
-def _pair(obj: Any, what: str) -> tuple[Tensor, Tensor]:
-    if not (isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(t, Tensor) for t in obj)):
-        raise ConfigError(f"{what} must be a dataset name (e.g. 'digits'), an (x, y) pair of tensors or "
-                          f"{{'train': (x, y), 'test': (x, y)}}; got {type(obj).__name__}.")
-    x, y = obj
-    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
-        raise ShapeError(f"{what}: x has {x.shape[0]} samples and y {y.shape[0]}; need the same, non-zero number.")
-    if y.is_floating_point() or y.ndim != 1:
-        raise ShapeError(f"{what}: the audit measures classifiers; y must be integer class labels of shape (N,), "
-                         f"got {y.dtype} {tuple(y.shape)}.")
-    return x, y
+        return "custom", data["train"], data["test"]
+    return "custom", data, data

@@ -22,18 +22,42 @@ class HessianOperator(ModelOperator):
     batch (``hvp_mode="reverse"``, the fastest on CPU in benchmarks/curvature.py) or by
     forward-over-reverse (``"forward"``). Pearlmutter 1994 (Neural Computation 6:147); the retained
     graph is PyHessian's (arXiv 1912.07145). ``bn_mode="eval"`` is PyHessian's choice.
+
+    ``compile``: ``True`` (inductor) or a ``torch.compile`` backend name compiles the
+    forward-over-reverse product (``torch.func.jvp(grad(loss))``; AOTAutograd cannot compile the
+    retained graph's double backward), once per operator and input shape. Measured on CPU
+    (benchmarks/resnet.py ``--sections compile``, ResNet-20): 1.8x faster than a product that must
+    build its retained graph (data streamed over several batches), 1.4x slower than one on a kept
+    graph (one batch, the default), after about 100 s of compilation: not the default.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], data: Any, *,
                  param_names: Iterable[str] | None = None, bn_mode: str = "eval", reduction: str = "mean",
                  hvp_mode: str = "reverse", batching: str = "loop", chunk_size: int | None = None,
-                 cache_graph: bool | None = None, process_group: Any = "auto") -> None:
+                 cache_graph: bool | None = None, process_group: Any = "auto", compile: bool | str = False) -> None:
         if hvp_mode not in ("reverse", "forward"):
             raise ConfigError(f"hvp_mode must be 'reverse' or 'forward', got '{hvp_mode}'.")
-        self.hvp_mode = hvp_mode
+        if not isinstance(compile, (bool, str)):
+            raise ConfigError(f"compile must be True, False or a torch.compile backend name, got {compile!r}.")
+        self.hvp_mode = "forward" if compile else hvp_mode
+        self._compiled: Callable[..., F.Params] | None = None
+        if compile:
+            import torch
+
+            self._compiled = torch.compile(_forward_over_reverse,
+                                           backend="inductor" if compile is True else compile)
         super().__init__(model, loss_fn, data, param_names=param_names, bn_mode=bn_mode, reduction=reduction,
                          batching=batching, chunk_size=chunk_size, cache_graph=cache_graph,
                          process_group=process_group)
 
     def _build_product(self, x: Tensor, y: Tensor) -> Callable[[F.Params], F.Params]:
+        if self._compiled is not None:
+            fn, params, buffers = self._compiled, self.params, self._buffers()
+            return lambda v: fn(self.model, self.loss_fn, params, buffers, x, y, dict(v))
         return F.hvp_function(self._batch_loss(x, y), self.params, mode=self.hvp_mode)
+
+
+def _forward_over_reverse(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], params: F.Params,
+                          buffers: F.Params, x: Tensor, y: Tensor, v: F.Params) -> F.Params:
+    """H v of ``loss_fn(model(x), y)`` by ``jvp(grad)``: the function ``compile=True`` compiles."""
+    return F.hvp(lambda p: loss_fn(F.call(model, p, buffers, x), y), params, v)

@@ -8,15 +8,17 @@ grad L, the NSO optimizer's gradient (antithetic, lam = 0) averaged over many st
 (max |z| over coordinates below 4.5) and its variance must be below the one-sided estimator's at the
 same number of gradient evaluations (2 per estimate).
 
-C3.2: a BatchNorm CNN on digits (mnist1d by config) is trained by SGD, SAM, ASAM and NSO, all with
-the same base SGD (momentum, weight decay, cosine learning rate), the same initialization and data
-order per seed, and the SAME number of gradient evaluations (SGD: 1 per step; SAM/ASAM: 2; NSO with
-k antithetic pairs: 2k, plus one forward-only BatchNorm pass). At the end: test accuracy, and on the
-training set (mean cross-entropy, no weight decay term, ALL trainable parameters including
-BatchNorm's, BatchNorm in eval mode) the Hessian trace (Lanczos-deflated Hutchinson with its
-standard error), the global largest eigenvalue (Lanczos, 1e-4 relative), noise stability and the
-SLQ eigenvalue density. Claim: NSO's mean trace and top eigenvalue are lower than SGD's by at least
-17.7% and 12.8% (the paper's numbers) and its mean test accuracy is not below SGD's.
+C3.2 (the claim) is checked in the paper's regime, fine-tuning a pretrained network, by
+``symgen.experiments.nso_finetune`` (the reference code's protocol: every method the same epochs; the
+plain optimizer at NSO's gradient evaluations is reported beside). Side result, not the claim: a
+BatchNorm CNN on digits (mnist1d by config) trained FROM SCRATCH by SGD, SAM, ASAM and NSO, all with the
+same base SGD (momentum, weight decay, cosine learning rate), the same initialization and data order per
+seed, and the SAME number of gradient evaluations (SGD: 1 per step; SAM/ASAM: 2; NSO with k antithetic
+pairs: 2k, plus one forward-only BatchNorm pass); at the end test accuracy, and on the training set (mean
+cross-entropy, no weight decay term, ALL trainable parameters, BatchNorm in eval mode) the Hessian trace,
+the global largest eigenvalue, noise stability and the SLQ eigenvalue density. Thresholds of C3.2: NSO's
+mean trace and top eigenvalue lower than SGD's by at least 17.7% and 12.8% (v3's numbers) and its mean
+test accuracy not below SGD's.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ __all__ = ["Config", "EXPERIMENT", "bn_cnn", "train_trial", "estimator_trial", "
            "figures", "OPTIMIZERS"]
 
 OPTIMIZERS = ("sgd", "sam", "asam", "nso")
-LABELS = {"sgd": "SGD", "sam": "SAM", "asam": "ASAM", "nso": "NSO", "sgd_same_steps": "SGD (NSO steps)"}
+LABELS = {"sgd": "SGD", "sam": "SAM", "asam": "ASAM", "nso": "NSO", "sgd_equal_evals": "SGD (NSO grad evals)"}
 PAPER_TRACE_REDUCTION = 0.177  # arXiv 2306.08553 v3 abstract
 PAPER_TOP_EIG_REDUCTION = 0.128
 MAX_Z = 4.5
@@ -102,9 +104,10 @@ class Config(ExperimentConfig):
     estimator_draws: int = Field(4000, ge=10)
     estimator_sigma: float = Field(0.3, gt=0)
     num_threads: int | None = Field(1, ge=1, description="torch threads per trial (small models run fastest on 1)")
-    finetune_optimizers: list[Literal["sgd", "sam", "asam", "nso", "sgd_same_steps"]] = Field(
-        default_factory=lambda: ["sgd", "sam", "asam", "nso", "sgd_same_steps"], min_length=1,
-        description="C3.2 (fine-tuning, the claim): methods; 'sgd' is the plain base optimizer at equal compute")
+    finetune_optimizers: list[Literal["sgd", "sam", "asam", "nso", "sgd_equal_evals"]] = Field(
+        default_factory=lambda: ["sgd", "sam", "asam", "nso", "sgd_equal_evals"], min_length=1,
+        description="C3.2 (fine-tuning, the claim): methods; 'sgd' is the plain base optimizer at equal epochs "
+                    "(the claim's baseline), 'sgd_equal_evals' the same at NSO's gradient evaluations (side)")
     finetune_seeds: int = Field(5, ge=0, description="C3.2 seeds (pretraining, head and data order per seed)")
     finetune_width: int = Field(16, ge=1)
     pretrain_epochs: int = Field(20, ge=1, description="source task digits 0-4, Adam")
@@ -124,7 +127,7 @@ class Config(ExperimentConfig):
 QUICK: dict[str, Any] = {"seeds": 1, "optimizers": ["sgd", "nso"], "width": 8, "grad_eval_epochs": 10.0,
                          "hessian_samples": 256, "trace_matvecs": 20, "eig_tol": 1e-2, "density_steps": 20,
                          "density_runs": 1, "noise_samples": 8, "estimator_draws": 1000, "nso_variants": [],
-                         "finetune_optimizers": ["sgd", "nso", "sgd_same_steps"], "finetune_seeds": 3, "finetune_width": 8,
+                         "finetune_optimizers": ["sgd", "nso", "sgd_equal_evals"], "finetune_seeds": 3, "finetune_width": 8,
                          "pretrain_epochs": 10, "finetune_epochs": 15}
 
 
@@ -385,15 +388,21 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
         if finetuned:
             note = ("Fine-tuning (the paper's regime): pretrained on digits 0-4, fine-tuned on digits 5-9, base "
                     f"optimizer Adam(amsgrad) lr {config.finetune_lr:g} as the reference code; 'SGD' = the plain "
-                    "base optimizer at equal gradient evaluations. Trace and top eigenvalue as the reference "
-                    "code (conv and linear weights, per-layer top eigenvalues summed, BN eval); global ones in "
-                    f"measured. Paper v4: -15.8% trace, -9.7% top eigenvalue, up to +2.4% accuracy. " + note)
+                    "base optimizer at equal epochs, as the reference code compares (every method "
+                    f"{config.finetune_epochs} epochs, NSO with k pairs epochs/k; NSO and SAM use 2 gradient "
+                    "evaluations per sample and epoch, plain fine-tuning 1). Trace and top eigenvalue as the reference code (conv and linear weights, "
+                    "per-layer top eigenvalues summed, BN eval); global ones in measured. Paper v4: -15.8% trace, "
+                    "-9.7% top eigenvalue, up to +2.4% accuracy. "
+                    + note.replace("gradient evaluations each", "steps each"))
         else:
             note = "From-scratch result layout (no fine-tuning in this result). " + note
         if fails:
             note += "Fails on: " + ", ".join(fails) + ". "
             if not finetuned:
                 note += "The paper's numbers are for fine-tuning ResNet-34; this is a small CNN trained from scratch. "
+        side = ft.equal_evals_verdict(measured, PAPER_TRACE_REDUCTION, PAPER_TOP_EIG_REDUCTION) if finetuned else None
+        if side:
+            note += side
         sc = result["summary"]
         if finetuned and "sgd" in sc and "nso" in sc:
             note += (f"From scratch (side result, not the claim): NSO trace {1 - sc['nso']['trace'] / sc['sgd']['trace']:+.1%}"
@@ -407,7 +416,8 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
         claims.append(Claim(
             id="C3.2",
             statement="NSO ends with Hessian trace and top eigenvalue lower than SGD's by >= 17.7% and 12.8%, "
-                      "test accuracy not below SGD's, at equal gradient evaluations",
+                      "test accuracy not below SGD's, " + ("fine-tuning at equal epochs (the paper's code)" if finetuned
+                                                           else "at equal gradient evaluations"),
             measured=measured,
             threshold={"trace_reduction": PAPER_TRACE_REDUCTION, "top_eig_reduction": PAPER_TOP_EIG_REDUCTION,
                        "test_acc": "nso >= sgd"},
@@ -462,7 +472,7 @@ def figures(result: dict, outdir: Path) -> list[Path]:
                    color=[f"C{i}" for i in range(len(fts))])
             ax.set_xticks(range(len(fts)), [LABELS.get(o, o) for o in fts], rotation=30, ha="right", fontsize=7)
             ax.set_title(title, fontsize=9)
-        fig.suptitle("fine-tuning digits 0-4 -> 5-9, equal gradient evaluations; mean +- SE over seeds")
+        fig.suptitle("fine-tuning digits 0-4 -> 5-9, equal epochs (SGD (NSO grad evals): side); mean +- SE over seeds")
         paths.append(save_figure(fig, outdir / "finetune_bars.png", dpi=120))
     return paths
 

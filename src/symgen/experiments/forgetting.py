@@ -138,6 +138,11 @@ class _Centred(nn.Module):
         frozen = copy.deepcopy(net).requires_grad_(False)
         object.__setattr__(self, "_init", frozen)
 
+    def _apply(self, fn, recurse=True):  # .to(device) moves the hidden theta_0 too
+        super()._apply(fn, recurse)
+        self._init._apply(fn, recurse)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x) - self._init(x)
 
@@ -206,13 +211,15 @@ def width_trial(item: dict) -> dict:
     from symgen.optim import OGD
 
     with num_threads(item.get("threads")):
-        data = _data(item["seed"], item["train_size"], item["test_size"], item["tasks"])
+        device = torch.device(item.get("device", "cpu"))  # data and init drawn on the CPU: the same on every device
+        data = {k: tuple(t.to(device) for t in v)
+                for k, v in _data(item["seed"], item["train_size"], item["test_size"], item["tasks"]).items()}
         a_tr, a_lab, a_te, a_lab_te = data["A"]
         ya, ya_te = _targets(a_lab), _targets(a_lab_te)
         n = len(a_tr)
         net = ntk_mlp(64, item["width"], 1, 5, "relu", item["weight_std"], item["bias_std"],
                       generator=1000 + item["seed"], dtype=torch.float64)
-        model = _Centred(net)
+        model = _Centred(net).to(device)
         k_aa, _, _ = task_kernels(model, a_tr, a_tr[:1])
         lr = item["lr_factor"] * n / float(kernel_eigh(k_aa)[0][0])
         _train(model, torch.optim.SGD(model.parameters(), lr=lr), a_tr, ya, item["steps_a"])
@@ -265,7 +272,8 @@ def run(config: Config, ctx: Context) -> dict:
     common = config.model_dump(include={"tasks", "train_size", "test_size", "steps_a", "steps_b", "lr_factor",
                                         "weight_std", "bias_std", "num_components", "records",
                                         "accuracy_target", "ogd_step_factor"})
-    items = [dict(common, width=w, seed=config.seed, ogd=(w == config.widths[-1]), threads=1) for w in config.widths]
+    items = [dict(common, width=w, seed=config.seed, ogd=(w == config.widths[-1]), threads=1, device=config.device)
+             for w in config.widths]
     trials = ctx.map(width_trial, items, desc="C4.6 widths")
     for t in trials:
         for task, rec in t["pairs"].items():

@@ -94,7 +94,9 @@ def curve_trial(item: dict) -> dict:
     need = max(item["train_sizes"]) + item["num_test"]
     g = as_generator(item["seed"])
     with num_threads(item.get("threads")):
-        draws = [_teacher_sample(d, item["teacher_filter"], w, b, need, g) for _ in range(item["num_draws"])]
+        device = torch.device(item.get("device", "cpu"))  # drawn on the CPU generator: the same data on every device
+        draws = [tuple(t.to(device) for t in _teacher_sample(d, item["teacher_filter"], w, b, need, g))
+                 for _ in range(item["num_draws"])]
 
         def sampler():
             it = iter(draws)
@@ -118,7 +120,7 @@ def run(config: Config, ctx: Context) -> dict:
     items = [dict(d=d, teacher_filter=config.teacher_filter, student_filters=config.student_filters,
                   train_sizes=config.train_sizes, num_test=config.num_test, num_draws=config.num_draws,
                   weight_std=config.weight_std, bias_std=config.bias_std, confidence=config.confidence,
-                  seed=config.seed * 1000 + d, threads=1) for d in config.dims]
+                  seed=config.seed * 1000 + d, threads=1, device=config.device) for d in config.dims]
     trials = ctx.map(curve_trial, items, desc="C4.5 dimensions")
     by_d = {str(t["d"]): t["curves"] for t in trials}
     for t in trials:

@@ -7,8 +7,12 @@ default), each method is trained at its own best learning rate; the spread of th
 the disagreement of the final test predictions (mean over pairs of runs of the fraction of test points
 predicted differently) are compared.
 (b) Centred grids: each method's best learning rate is chosen on a validation split (seed-mean validation
-accuracy over the shared coarse grid), then both are evaluated on a grid of the SAME relative width centred
-on their own best (``centred_factors`` times best); mean test accuracy and its spread across the grid.
+accuracy), then both are evaluated on a grid of the SAME relative width centred on their own best
+(``centred_factors`` times best); mean test accuracy and its spread across the grid. The search for the best
+starts on the shared coarse grid; where a method's best is at an edge of its search grid, the search goes one
+grid step further past that edge (the ratio of the two outermost lrs there), and again, until the best is
+interior or ``lr_search_extensions`` steps were taken; a best still at an edge then fails the claim with
+that reason (the protocol's "best" was not found).
 
 Thresholds, fixed before any run (PAPERS.md C2.2): (a) UnitNormSGD's prediction disagreement is below
 SGD's and at most ``MAX_UNIT_NORM_DISAGREEMENT`` (its filters are normalized at construction, so rescaled
@@ -20,17 +24,24 @@ from __future__ import annotations
 
 import itertools
 import statistics
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["PROTOCOL_METHODS", "MAX_UNIT_NORM_DISAGREEMENT", "best_lrs", "centred_items", "rescale_items",
-           "summarize", "verdict"]
+__all__ = ["PROTOCOL_METHODS", "MAX_UNIT_NORM_DISAGREEMENT", "best_lrs", "search_grid", "extension_items", "search_best",
+           "search_summary", "centred_items", "rescale_items", "summarize", "verdict"]
 
 PROTOCOL_METHODS = ("sgd", "unit_norm")
 MAX_UNIT_NORM_DISAGREEMENT = 0.01
 
 
-def best_lrs(trials: list[dict], models: list[str], lrs: list[float]) -> dict[str, dict[str, float]]:
-    """Per model and method: the lr of the coarse grid with the highest seed-mean validation accuracy."""
+def search_grid(trials: list[dict], model: str, method: str) -> list[float]:
+    """The learning rates searched so far for one model and method (sorted)."""
+    return sorted({t["lr"] for t in trials if t["model"] == model and t["method"] == method})
+
+
+def best_lrs(trials: list[dict], models: list[str], lrs: list[float] | None = None) -> dict[str, dict[str, float]]:
+    """Per model and method: the lr with the highest seed-mean validation accuracy, among ``lrs`` (None: every
+    lr searched for that model and method)."""
     out: dict[str, dict[str, float]] = {}
     for model in models:
         out[model] = {}
@@ -38,7 +49,65 @@ def best_lrs(trials: list[dict], models: list[str], lrs: list[float]) -> dict[st
             def val(lr: float, model: str = model, method: str = method) -> float:
                 accs = [t["val_acc"] for t in trials if t["model"] == model and t["method"] == method and t["lr"] == lr]
                 return statistics.fmean(accs)
-            out[model][method] = max(lrs, key=val)  # ties: the first (smallest) lr
+            grid = sorted(lrs) if lrs is not None else search_grid(trials, model, method)
+            out[model][method] = max(grid, key=val)  # ties: the first (smallest) lr
+    return out
+
+
+def _next_lr(grid: list[float], best: float) -> float | None:
+    """One grid step past the edge where ``best`` lies (the ratio of the two outermost lrs there), or None."""
+    if len(grid) < 2:
+        return best * 10 ** 0.5
+    if best == grid[-1]:
+        return grid[-1] * (grid[-1] / grid[-2])
+    if best == grid[0]:
+        return grid[0] * (grid[0] / grid[1])
+    return None
+
+
+def extension_items(base: dict, trials: list[dict], best: dict[str, dict[str, float]],
+                    seeds: list[int]) -> list[dict]:
+    """Training items that extend each method's search one step past the edge where its best lies."""
+    items = []
+    for model in best:
+        for method in PROTOCOL_METHODS:
+            lr = _next_lr(search_grid(trials, model, method), best[model][method])
+            if lr is not None:
+                items += [dict(base, model=model, method=method, lr=lr, seed=s) for s in seeds]
+    return items
+
+
+def search_best(trials: list[dict], models: list[str], base: dict, seeds: list[int], cap: int,
+                train: Callable[[list[dict]], list[dict]]) -> tuple[dict[str, dict[str, float]], list[dict]]:
+    """Each method's best lr on the validation split, the search extended past the edge where the best lies
+    (``train`` runs the new items) until it is interior or ``cap`` steps were taken; (best, the new trials)."""
+    search = [t for t in trials if t["method"] in PROTOCOL_METHODS]
+    best = best_lrs(search, models)
+    extra: list[dict] = []
+    for _ in range(cap):
+        new = extension_items(base, search, best, seeds)
+        if not new:
+            break
+        extra += train(new)
+        search = [t for t in trials + extra if t["method"] in PROTOCOL_METHODS]
+        best = best_lrs(search, models)
+    return best, extra
+
+
+def search_summary(trials: list[dict], best: dict[str, dict[str, float]], coarse: list[float]) -> dict[str, Any]:
+    """Per model and method: the searched grid, its seed-mean validation accuracies, the best lr, whether the
+    best is interior (a neighbour searched on each side) and how many steps the search went past ``coarse``."""
+    out: dict[str, Any] = {}
+    for model in best:
+        out[model] = {}
+        for method in PROTOCOL_METHODS:
+            grid = search_grid(trials, model, method)
+            val = [statistics.fmean(t["val_acc"] for t in trials
+                                    if t["model"] == model and t["method"] == method and t["lr"] == lr)
+                   for lr in grid]
+            b = best[model][method]
+            out[model][method] = {"grid": grid, "val_acc": val, "best_lr": b, "interior": grid[0] < b < grid[-1],
+                                  "extensions": sum(lr not in coarse for lr in grid)}
     return out
 
 
@@ -93,10 +162,18 @@ def summarize(centred: list[dict], rescaled: list[dict], best: dict[str, dict[st
     return out
 
 
-def verdict(summary: dict[str, Any]) -> tuple[bool, dict[str, Any], list[str]]:
-    """(passed, measured per model, reasons for failure) against the thresholds in the module docstring."""
+def verdict(summary: dict[str, Any], search: dict[str, Any] | None = None) -> tuple[bool, dict[str, Any], list[str]]:
+    """(passed, measured per model, reasons for failure) against the thresholds in the module docstring;
+    ``search`` (from :func:`search_summary`): a best lr still at an edge of its search grid is a reason."""
     measured: dict[str, Any] = {}
     reasons: list[str] = []
+    for model, per_method in (search or {}).items():
+        for method, info in per_method.items():
+            if not info["interior"]:
+                reasons.append(f"{model} (b): {method}'s best lr {info['best_lr']:.4g} is still at an edge of its "
+                               f"search grid {[float(f'{lr:.4g}') for lr in info['grid']]} after "
+                               f"{info['extensions']} extension step(s) (the cap, lr_search_extensions): its best "
+                               "lr was not found, so the grid cannot be centred on it")
     for model, s in summary.items():
         u, g = s["unit_norm"], s["sgd"]
         ok_a = (u["rescaled_disagreement"] < g["rescaled_disagreement"]

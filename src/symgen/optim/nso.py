@@ -17,6 +17,7 @@ from symgen import functional as F
 from symgen.errors import ConfigError, DivergenceError
 from symgen.optim.amp import ScaledStep
 from symgen.optim.closure import LossClosure
+from symgen.optim.ddp import all_reduce_mean, ddp_group
 from symgen.optim.wrapper import WrapperOptimizer
 from symgen.rng import Seed, as_generator
 
@@ -27,27 +28,6 @@ def _bn_buffers(model: nn.Module | None) -> list[Tensor]:
     if model is None:
         return []
     return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
-
-
-def _ddp_group(model: nn.Module) -> Any:
-    """The process group of a ``DistributedDataParallel`` model (None for any other module)."""
-    from torch.nn.parallel import DistributedDataParallel
-    if not isinstance(model, DistributedDataParallel):
-        return None
-    return model.process_group
-
-
-@torch.no_grad()
-def _all_reduce_mean(grads: list[Tensor], group: Any) -> None:
-    """Average gradients over the processes of ``group`` in one flat all-reduce (as DDP averages)."""
-    import torch.distributed as dist
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    flat /= dist.get_world_size(group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 class NSO(WrapperOptimizer):
@@ -277,7 +257,7 @@ class NSO(WrapperOptimizer):
         model, loss_fn, x, y = closure.model, closure.loss_fn, closure.x, closure.y
         # DistributedDataParallel: its reducer averages .grad in backward, which torch.func does not fill:
         # evaluate the wrapped module and average the estimate over the processes ourselves (below)
-        ddp = _ddp_group(model)
+        ddp = ddp_group(model)
         if ddp is not None:
             model = model.module
         params = self._params()
@@ -321,7 +301,7 @@ class NSO(WrapperOptimizer):
                         g = g + lam * g_clean[n]
                     p.grad = g.detach()
             if ddp is not None:
-                _all_reduce_mean([p.grad for p in params], ddp)
+                all_reduce_mean([p.grad for p in params], ddp)
         return loss.detach()
 
     def state_dict(self) -> dict[str, Any]:

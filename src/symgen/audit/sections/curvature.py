@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from symgen.audit.limits import AuditLimits
 from symgen.audit.result import AuditResult, SectionResult
 from symgen.audit.sections.common import curvature_subsample
+from symgen.audit.splits import Split
 
 __all__ = ["hessian", "noise_stability", "shard_batches"]
 
@@ -27,18 +28,17 @@ def shard_batches(x: Tensor, y: Tensor, idx: Tensor, batch_size: int, group: Any
     return [(x[i], y[i]) for i in mine.to(x.device).split(batch_size)]
 
 
-def hessian(sec: SectionResult, model: nn.Module, train: tuple[Tensor, Tensor], lim: AuditLimits,
+def hessian(sec: SectionResult, model: nn.Module, train: Split, lim: AuditLimits,
             seed: int, group: Any = None) -> None:
     """tr(H) by Lanczos-deflated Hutchinson, the top eigenvalues by Lanczos, the density by SLQ
     of the mean cross-entropy on a training subsample, and beside them the top eigenvalue of the
     generalized Gauss-Newton matrix G = J^T H_loss J (arXiv 1412.1193); BatchNorm in eval mode."""
     from symgen.curvature import GGNOperator, HessianOperator
 
-    x, y = train
-    idx = curvature_subsample(x.shape[0], lim.hessian_samples, seed)
-    if idx.numel() < x.shape[0]:
-        sec.skipped.append(f"{idx.numel()} of {x.shape[0]} training samples (budget)")
-    batches = shard_batches(x, y, idx, lim.batch_size, group)
+    idx = curvature_subsample(train.num_data, lim.hessian_samples, seed)
+    if idx.numel() < train.num_data:
+        sec.skipped.append(f"{idx.numel()} of {train.num_data} training samples (budget)")
+    batches = shard_batches(*train.take(idx), torch.arange(idx.numel()), lim.batch_size, group)
     hess = HessianOperator(model, F.cross_entropy, batches, bn_mode="eval", process_group=group)
     # A separate generator per estimate keeps each reproducible whatever the budget of the others.
     trace = hess.trace(max(3, lim.hutchinson_probes), torch.Generator().manual_seed(seed), method="deflated")
@@ -80,17 +80,16 @@ def hessian(sec: SectionResult, model: nn.Module, train: tuple[Tensor, Tensor], 
     sec.samples = idx.numel()
 
 
-def noise_stability(sec: SectionResult, model: nn.Module, train: tuple[Tensor, Tensor], lim: AuditLimits,
+def noise_stability(sec: SectionResult, model: nn.Module, train: Split, lim: AuditLimits,
                     seed: int, result: AuditResult, group: Any = None) -> None:
     """E_U[L(W + U)] - L(W), U ~ N(0, sigma^2 I), antithetic draws, next to the second-order
     prediction sigma^2/2 tr(H) from the Hessian section."""
     from symgen.metrics import noise_stability as measure
 
-    x, y = train
-    idx = curvature_subsample(x.shape[0], lim.noise_samples, seed)
-    if idx.numel() < x.shape[0]:
-        sec.skipped.append(f"{idx.numel()} of {x.shape[0]} training samples (budget)")
-    batches = shard_batches(x, y, idx, lim.batch_size, group)
+    idx = curvature_subsample(train.num_data, lim.noise_samples, seed)
+    if idx.numel() < train.num_data:
+        sec.skipped.append(f"{idx.numel()} of {train.num_data} training samples (budget)")
+    batches = shard_batches(*train.take(idx), torch.arange(idx.numel()), lim.batch_size, group)
     hes = result.sections.get("hessian")
     trace = hes.values["trace"].value if hes is not None and hes.status == "ok" else None
     same_data = trace is not None and lim.noise_samples == lim.hessian_samples

@@ -3,7 +3,6 @@ PGD robust accuracy (arXiv 1706.06083)."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -13,86 +12,59 @@ from torch import Tensor, nn
 from symgen.audit.limits import AuditLimits
 from symgen.audit.result import SectionResult
 from symgen.audit.sections.common import batch_means, check_logits, logits, subsample
-from symgen.errors import ShapeError
+from symgen.audit.splits import Split
 from symgen.stats import binomial_stderr, mean_stderr
 
-__all__ = ["performance", "stream_stats", "invariance", "robustness"]
+__all__ = ["performance", "invariance", "robustness"]
 
 
-def performance(sec: SectionResult, model: nn.Module, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor],
-                lim: AuditLimits, gen: torch.Generator, same: bool, group: Any = None) -> None:
-    """Accuracy (binomial standard error) and mean cross-entropy (sample standard error) per split.
+def performance(sec: SectionResult, model: nn.Module, train: Split, test: Split, lim: AuditLimits,
+                gen: torch.Generator, same: bool, group: Any = None) -> None:
+    """Accuracy (binomial standard error) and mean cross-entropy (sample standard error) per split,
+    by :func:`symgen.evaluation.evaluate` (float64 sums, all-reduced over the ranks).
 
-    The test split is streamed whole (``test_samples`` None), batch by batch through a DataLoader:
-    forward passes are cheap, so the budget never cuts what the headline accuracy is measured on.
-    The training split is a subsample of ``eval_samples`` (the budget). With a process group each
-    rank streams its shard (``DistributedSampler(shuffle=False)``) and the float64 sums are added.
+    The test split is streamed whole (``test_samples`` None), batch by batch: forward passes are
+    cheap, so the budget never cuts what the headline accuracy is measured on. The training split is
+    a subsample of ``eval_samples`` (the budget). With a process group each rank evaluates every
+    ``world_size``-th batch.
     """
+    from symgen.evaluation import evaluate
+
     splits = [("test", test, lim.test_samples)] if same else [("train", train, lim.eval_samples),
                                                               ("test", test, lim.test_samples)]
-    for split, (x, y), k in splits:
-        idx = subsample(x.shape[0], k, gen)
-        if idx.numel() < x.shape[0]:
-            sec.skipped.append(f"{split}: {idx.numel()} of {x.shape[0]} samples (budget)")
-        n, correct, loss_sum, loss_sq = stream_stats(model, x[idx] if idx.numel() < x.shape[0] else x,
-                                                     y[idx] if idx.numel() < x.shape[0] else y,
-                                                     lim.batch_size, group, split)
-        acc = correct / n
-        mean = loss_sum / n
-        var = max(loss_sq - n * mean * mean, 0.0) / (n - 1) if n > 1 else math.inf
+    for split, data, k in splits:
+        idx = subsample(data.num_data, k, gen)
+        whole = idx.numel() == data.num_data
+        if not whole:
+            sec.skipped.append(f"{split}: {idx.numel()} of {data.num_data} samples (budget)")
+        part = data if whole else Split(data.take(idx), data.what, data.device, data.dtype)
+        ev = evaluate(model, part.batches(lim.batch_size, group), loss_fn=_checked_cross_entropy, bn_mode="eval",
+                      process_group=group)
+        n, acc = ev.num_data, ev.clean_accuracy
         sec.add(f"{split}_accuracy", acc, binomial_stderr(acc, n),
-                f"{n} samples" + (", the whole split, streamed" if n == x.shape[0] else ""))
-        sec.add(f"{split}_loss", mean, math.sqrt(var / n), "cross-entropy")
+                f"{n} samples" + (", the whole split, streamed" if n == data.num_data else ""))
+        sec.add(f"{split}_loss", ev.loss, ev.loss_stderr, "cross-entropy")
         sec.samples = (sec.samples or 0) + n
     if same:
-        sec.skipped.append("train split: data given as one (x, y) pair, so only one split is measured")
+        sec.skipped.append("train split: data given as one source, so only one split is measured")
 
 
-def stream_stats(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, group: Any = None,
-                 split: str = "test") -> tuple[int, float, float, float]:
-    """(samples, correct, loss sum, squared-loss sum) over ``(x, y)`` streamed through a DataLoader in
-    batches of ``batch_size``; sums in float64, all-reduced over ``group`` (each rank its shard)."""
-    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
-
-    from symgen import distributed
-
-    data = TensorDataset(x, y)
-    order: Any = None
-    if group is not None:
-        r, w = distributed.rank(group), distributed.world_size(group)
-        sampler = DistributedSampler(data, num_replicas=w, rank=r, shuffle=False, drop_last=False)
-        # DistributedSampler pads the last round with repeated samples; drop them so each sample counts once.
-        order = [i for j, i in enumerate(sampler) if r + j * w < len(data)]
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, sampler=order)
-    sums = torch.zeros(4, dtype=torch.float64)
-    with torch.no_grad():
-        for xb, yb in loader:
-            try:
-                out = model(xb)
-            except RuntimeError as e:
-                raise ShapeError(f"the model failed on {split} inputs of shape {tuple(x.shape[1:])} "
-                                 f"({str(e).splitlines()[0][:200]}); check that --data is the data the model "
-                                 "was built for.") from None
-            check_logits(out, xb, yb)
-            losses = F.cross_entropy(out, yb, reduction="none").double().cpu()
-            sums += torch.stack([torch.tensor(float(xb.shape[0]), dtype=torch.float64),
-                                 (out.argmax(1) == yb).sum().double().cpu(), losses.sum(), (losses * losses).sum()])
-    sums = distributed.all_reduce_sum(sums, group)
-    n, correct, loss_sum, loss_sq = sums.tolist()
-    return int(n), correct, loss_sum, loss_sq
+def _checked_cross_entropy(out: Tensor, y: Tensor) -> Tensor:
+    """Per-sample cross-entropy of logits checked first (one logit per class, finite values)."""
+    check_logits(out, out, y)
+    return F.cross_entropy(out, y, reduction="none")
 
 
-def invariance(sec: SectionResult, model: nn.Module, action: Any, test: tuple[Tensor, Tensor],
-               lim: AuditLimits, gen: torch.Generator) -> None:
+def invariance(sec: SectionResult, model: nn.Module, action: Any, test: Split, lim: AuditLimits,
+               gen: torch.Generator) -> None:
     """OSP, symmetric KL, logit deviation and orbit accuracy over the group orbits of test inputs
     (Nordenfors & Flinth, arXiv 2410.01452); standard errors by batch means."""
     from symgen.metrics import invariance_metrics, orbit_outputs
 
-    x, y = test
-    idx = subsample(x.shape[0], lim.invariance_samples, gen)
-    if idx.numel() < x.shape[0]:
-        sec.skipped.append(f"{idx.numel()} of {x.shape[0]} test samples (budget)")
-    xs, ys = x[idx], y[idx]
+    idx = subsample(test.num_data, lim.invariance_samples, gen)
+    if idx.numel() < test.num_data:
+        sec.skipped.append(f"{idx.numel()} of {test.num_data} test samples (budget)")
+    xs, ys = test.take(idx)
     with torch.no_grad():
         orbit = orbit_outputs(model, action, xs, chunk_size=max(1, lim.batch_size // action.group.order))
     full = invariance_metrics(orbit, ys)
@@ -115,17 +87,16 @@ def invariance(sec: SectionResult, model: nn.Module, action: Any, test: tuple[Te
     sec.samples = idx.numel()
 
 
-def robustness(sec: SectionResult, model: nn.Module, test: tuple[Tensor, Tensor], lim: AuditLimits,
+def robustness(sec: SectionResult, model: nn.Module, test: Split, lim: AuditLimits,
                gen: torch.Generator, seed: int) -> None:
     """Accuracy under L_inf PGD at eps = fractions of the input range (arXiv 1706.06083), binomial errors."""
     from symgen.robust import accuracy, pgd
 
-    x, y = test
-    idx = subsample(x.shape[0], lim.pgd_samples, gen)
-    if idx.numel() < x.shape[0]:
-        sec.skipped.append(f"{idx.numel()} of {x.shape[0]} test samples (budget)")
-    xs, ys = x[idx], y[idx]
-    lo, hi = float(x.min()), float(x.max())
+    idx = subsample(test.num_data, lim.pgd_samples, gen)
+    if idx.numel() < test.num_data:
+        sec.skipped.append(f"{idx.numel()} of {test.num_data} test samples (budget)")
+    xs, ys = test.take(idx)
+    lo, hi = test.bounds
     span = hi - lo if hi > lo else 1.0
     # Inputs in [0, 1] are images: keep adversarial pixels in range. Other data is left unclamped.
     clamp = (0.0, 1.0) if lo >= 0.0 and hi <= 1.0 else None

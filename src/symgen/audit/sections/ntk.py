@@ -6,17 +6,18 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from symgen.audit.limits import AuditLimits
 from symgen.audit.result import SectionResult
+from symgen.audit.splits import Split
 from symgen.errors import ShapeError
 from symgen.stats import mean_stderr
 
 __all__ = ["ntk"]
 
 
-def ntk(sec: SectionResult, model: nn.Module, test: tuple[Tensor, Tensor], lim: AuditLimits,
+def ntk(sec: SectionResult, model: nn.Module, test: Split, lim: AuditLimits,
         gen: torch.Generator) -> None:
     """Effective rank exp(H(lambda / sum lambda)) (Roy & Vetterli 2007), condition number lambda_max / lambda_min
     and kernel-target alignment <K, Y Y^T>_F / (||K||_F ||Y Y^T||_F) (Cristianini et al. 2001) of the
@@ -25,18 +26,18 @@ def ntk(sec: SectionResult, model: nn.Module, test: tuple[Tensor, Tensor], lim: 
     from symgen.ntk.kip import centred_one_hot
     from symgen.ntk.regression import kernel_eigh
 
-    x, y = test
-    n = x.shape[0]
+    n = test.num_data
     per = min(lim.ntk_samples, n // max(1, lim.ntk_subsamples)) if n >= 2 * lim.ntk_subsamples else min(lim.ntk_samples, n)
     reps = max(1, min(lim.ntk_subsamples, n // max(per, 1)))
     if per < 2:
         raise ShapeError(f"the NTK section needs at least 2 test samples; got {n}.")
     perm = torch.randperm(n, generator=gen)
-    num_classes = int(y.max()) + 1
+    x, y = test.take(perm[:reps * per])  # the subsamples, gathered in one pass
+    num_classes = test.num_classes
     kernel = empirical_ntk_fn(model, output="trace")  # one kernel: its method is chosen once per shape
     ranks, conds, aligns, spectra = [], [], [], []
     for r in range(reps):
-        idx = perm[r * per:(r + 1) * per].to(x.device)
+        idx = torch.arange(r * per, (r + 1) * per, device=x.device)
         k = kernel(x[idx]).double()
         evals = kernel_eigh(k)[0].clamp_min(0.0)
         p = evals / evals.sum()

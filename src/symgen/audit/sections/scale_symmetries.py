@@ -4,23 +4,23 @@ model (a layer feeding a normalization; arXiv 1511.01029), confirmed numerically
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from symgen.audit.limits import AuditLimits
 from symgen.audit.result import SectionResult
 from symgen.audit.sections.common import subsample
+from symgen.audit.splits import Split
 
 __all__ = ["scale_symmetries"]
 
 
-def scale_symmetries(sec: SectionResult, model: nn.Module, train: tuple[Tensor, Tensor], lim: AuditLimits,
+def scale_symmetries(sec: SectionResult, model: nn.Module, train: Split, lim: AuditLimits,
                      gen: torch.Generator, seed: int) -> None:
     """Groups, independent scale factors and the share of parameters in a scale-symmetric group."""
     from symgen.symmetry import find_scale_symmetries
 
-    x, _ = train
-    idx = subsample(x.shape[0], max(2, lim.symmetry_samples), gen)
-    report = find_scale_symmetries(model, x[idx], generator=seed)
+    idx = subsample(train.num_data, max(2, lim.symmetry_samples), gen)
+    report = find_scale_symmetries(model, train.take(idx)[0], generator=seed)
     total = sum(p.numel() for p in model.parameters())
     in_sym = sum(p.numel() for n, p in model.named_parameters() if n in set(report.parameters()))
     checks = [v for s in report.symmetries for k, v in s.check.items() if "exact" in k or k.startswith("max")]
