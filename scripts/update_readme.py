@@ -23,7 +23,7 @@ def table(store: RunStore) -> str:
     for row in store.list():
         if row["status"] == "done":
             latest[row["experiment"]] = row
-    lines = ["| experiment | claim | measured | threshold | verdict |", "|---|---|---|---|---|"]
+    lines = ["| experiment | claim | measured | threshold | paper | verdict |", "|---|---|---|---|---|---|"]
     for name, row in latest.items():
         path = Path(row["path"])
         quick = yaml.safe_load((path / "config.yaml").read_text()).get("quick")
@@ -31,9 +31,12 @@ def table(store: RunStore) -> str:
             measured = format_value(c["measured"], 3).replace("|", "\\|")
             threshold = format_value(c["threshold"], 3).replace("|", "\\|")
             verdict = "PASS" if c["passed"] else "**FAIL**"
+            # the paper's own number for the headline quantity, where the paper states one
+            paper = "-" if c.get("paper") is None else f"{c.get('headline')}={format_value(c['paper'], 3)}"
+            paper = paper.replace("|", "\\|")
             statement = c["statement"].replace("|", "\\|")
             lines.append(f"| {name}{' (quick)' if quick else ''} | {c['id']}: {statement} | {measured} | "
-                         f"{threshold} | {verdict} |")
+                         f"{threshold} | {paper} | {verdict} |")
     passed = sum(line.endswith("| PASS |") for line in lines)
     failed = [line.split(" | ")[1].split(":")[0] for line in lines if line.endswith("| **FAIL** |")]
     head = f"{passed}/{passed + len(failed)} claims pass" + (f"; failing: {', '.join(failed)}." if failed else ".")
