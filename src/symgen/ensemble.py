@@ -20,7 +20,7 @@ from torch.func import vmap
 
 from symgen import distributed as sd
 from symgen import functional as sf
-from symgen.errors import CompileError, ConfigError, DivergenceError, ShapeError
+from symgen.errors import ConfigError, DivergenceError, ShapeError
 from symgen.groups import GroupAction
 from symgen.rng import Seed, as_generator, derive, seed_of
 
@@ -286,29 +286,11 @@ def _member_losses_fn(module: nn.Module, loss_fn: Callable[[Tensor, Tensor], Ten
         out = sf.ensemble_call(module, params, buffers, xb, shared_input=False)
         return vmap(loss_fn)(out, yb)
 
-    if compile is False or compile is None:
-        return member_losses
-    if compile is not True and not (isinstance(compile, str) and compile):
-        raise ConfigError(f"compile must be False, True (backend 'inductor') or a torch.compile backend name such "
-                          f"as 'aot_eager'; got {compile!r}.")
-    from torch._dynamo.exc import TorchDynamoException
-    backend = "inductor" if compile is True else compile
-    what = (f"torch.compile(backend={backend!r}) of the ensemble's member losses (vmap over "
-            f"functional_call of {type(module).__name__}, then {getattr(loss_fn, '__name__', 'loss_fn')})")
-    fix = "train with compile=False (eager vmap), or try compile='aot_eager'"
-    try:
-        compiled = torch.compile(member_losses, backend=backend, fullgraph=True, dynamic=False)
-    except TorchDynamoException as e:
-        raise CompileError(f"{what} failed: {str(e).splitlines()[0]}; {fix}.") from e
-
-    def run(*args: Any) -> Tensor:
-        try:
-            return compiled(*args)
-        except TorchDynamoException as e:
-            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-            raise CompileError(f"{what} is not supported here ({type(e).__name__}: {first}); {fix}.") from e
-
-    return run
+    return sf.compiled(member_losses, compile,
+                       f"the ensemble's member losses (vmap over functional_call of {type(module).__name__}, then "
+                       f"{getattr(loss_fn, '__name__', 'loss_fn')})",
+                       "train with compile=False (eager vmap), or try compile='aot_eager'",
+                       fullgraph=True, dynamic=False)
 
 
 def _member_factors(lr_factors: Tensor | Callable[[int, int], Tensor] | None, epoch: int, step: int, m: int,

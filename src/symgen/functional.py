@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from symgen.errors import ConfigError, ShapeError
+from symgen.errors import CompileError, ConfigError, ShapeError
 from symgen.rng import Seed, isolated_seed, seed_of
 
 __all__ = [
@@ -386,3 +386,36 @@ def perturbed_copies(params: Mapping[str, Tensor], noise: Mapping[str, Tensor],
 def expand_buffers(buffers: Mapping[str, Tensor], num: int) -> Params:
     """``num`` private copies of every buffer (stacked), so train-mode BatchNorm in ``vmap`` writes its own."""
     return {k: b.detach().unsqueeze(0).expand((num,) + tuple(b.shape)).clone() for k, b in buffers.items()}
+
+
+__all__ += ["compiled"]
+
+
+def compiled(fn: Callable[..., Any], compile: bool | str | None, what: str, fix: str,
+             **options: Any) -> Callable[..., Any]:
+    """``fn`` itself (``compile`` False/None), or ``torch.compile(fn, backend=..., **options)`` (``True``:
+    "inductor"; a string: that backend) whose failures, at compile or at call time, are a
+    :class:`CompileError` naming ``what`` was compiled and the ``fix``. One meaning of a ``compile=``
+    option across the package (``HessianOperator``, ``train_ensemble``)."""
+    if compile is False or compile is None:
+        return fn
+    if compile is not True and not (isinstance(compile, str) and compile):
+        raise ConfigError(f"compile must be False, True (backend 'inductor') or a torch.compile backend name such "
+                          f"as 'aot_eager'; got {compile!r}.")
+    from torch._dynamo.exc import TorchDynamoException
+
+    backend = "inductor" if compile is True else compile
+    what = f"torch.compile(backend={backend!r}) of {what}"
+    try:
+        compiled_fn = torch.compile(fn, backend=backend, **options)
+    except TorchDynamoException as e:
+        raise CompileError(f"{what} failed: {str(e).splitlines()[0]}; {fix}.") from e
+
+    def run(*args: Any) -> Any:
+        try:
+            return compiled_fn(*args)
+        except TorchDynamoException as e:
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise CompileError(f"{what} is not supported here ({type(e).__name__}: {first}); {fix}.") from e
+
+    return run

@@ -37,15 +37,10 @@ class HessianOperator(ModelOperator):
                  cache_graph: bool | None = None, process_group: Any = "auto", compile: bool | str = False) -> None:
         if hvp_mode not in ("reverse", "forward"):
             raise ConfigError(f"hvp_mode must be 'reverse' or 'forward', got '{hvp_mode}'.")
-        if not isinstance(compile, (bool, str)):
-            raise ConfigError(f"compile must be True, False or a torch.compile backend name, got {compile!r}.")
-        self.hvp_mode = "forward" if compile else hvp_mode
-        self._compiled: Callable[..., F.Params] | None = None
-        if compile:
-            import torch
-
-            self._compiled = torch.compile(_forward_over_reverse,
-                                           backend="inductor" if compile is True else compile)
+        self._compiled = None if compile is False or compile is None else F.compiled(
+            _forward_over_reverse, compile, "the forward-over-reverse Hessian-vector product (jvp of grad)",
+            "use compile=False (the eager retained-graph product)")
+        self.hvp_mode = "forward" if self._compiled is not None else hvp_mode
         super().__init__(model, loss_fn, data, param_names=param_names, bn_mode=bn_mode, reduction=reduction,
                          batching=batching, chunk_size=chunk_size, cache_graph=cache_graph,
                          process_group=process_group)
