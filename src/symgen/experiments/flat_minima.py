@@ -210,15 +210,6 @@ def _load(dataset: str, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return x, y, xt, yt
 
 
-def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        acc = float((model(x).argmax(1) == y).float().mean())
-    model.train(was)
-    return acc
-
-
 def train_trial(item: dict) -> dict:
     """Train one (optimizer, seed) at the given gradient-evaluation budget, then measure curvature."""
     with num_threads(item.get("num_threads")):
@@ -279,8 +270,8 @@ def _train_trial(item: dict) -> dict:
         "optimizer": opt_name, "label": item.get("label", opt_name), "seed": seed,
         "nso_sigma": item["nso_sigma"] if opt_name == "nso" else None,
         "nso_relative": item["nso_relative"] if opt_name == "nso" else None, "steps": steps, "grad_evals": grad_evals,
-        "extra_forward_passes": forwards, "test_acc": _accuracy(model, xt, yt),
-        "train_acc": _accuracy(model, x, y), "train_loss": train_loss,
+        "extra_forward_passes": forwards, "test_acc": ft.eval_accuracy(model, xt, yt),
+        "train_acc": ft.eval_accuracy(model, x, y), "train_loss": train_loss,
         "trace": tr.value, "trace_stderr": tr.stderr, "trace_matvecs": tr.num_matvecs,
         "top_eig": float(eig.values[0]), "top_eig_error_bound": float(eig.error_bounds[0]),
         "top_eig_converged": eig.converged, "top_eig_matvecs": eig.num_matvecs,

@@ -41,7 +41,7 @@ from symgen.rng import as_generator, isolated_seed
 from symgen.stats import mean_stderr
 from symgen.training import fit
 
-__all__ = ["SOURCE", "TARGET", "BASELINES", "finetune_trial", "summarize", "weight_names", "trial_items", "claim_values",
+__all__ = ["SOURCE", "TARGET", "BASELINES", "finetune_trial", "summarize", "weight_names", "trial_items", "claim_values", "eval_accuracy",
            "equal_evals_verdict"]
 
 SOURCE = (0, 1, 2, 3, 4)
@@ -58,7 +58,8 @@ def _split(x: Tensor, y: Tensor, classes: tuple[int, ...]) -> tuple[Tensor, Tens
     return x[keep], remap[y[keep]]
 
 
-def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+def eval_accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    """Accuracy of ``model`` in eval mode on ``(x, y)`` (its mode restored after)."""
     was = model.training
     model.eval()
     with torch.no_grad():
@@ -149,8 +150,8 @@ def _finetune_trial(item: dict) -> dict:
     with torch.no_grad():
         train_loss = float(TF.cross_entropy(model(x), y))
     return jsonable(dict(curv, optimizer=name, seed=seed, steps=history.num_steps,
-                         grad_evals=history.num_steps * evals, test_acc=_accuracy(model, xt, yt),
-                         train_acc=_accuracy(model, x, y), train_loss=train_loss, train_time_s=train_time,
+                         grad_evals=history.num_steps * evals, test_acc=eval_accuracy(model, xt, yt),
+                         train_acc=eval_accuracy(model, x, y), train_loss=train_loss, train_time_s=train_time,
                          time_s=time.perf_counter() - t0))
 
 
