@@ -47,8 +47,7 @@ class BatchStream:
             data = data._source
         if inputs_only and isinstance(data, Tensor):
             data = [data]
-        elif (not inputs_only and isinstance(data, (tuple, list)) and len(data) == 2
-              and all(isinstance(t, Tensor) for t in data)):
+        elif not inputs_only and is_tensor_pair(data):
             data = [tuple(data)]
         elif not isinstance(data, (list, tuple)) and iter_is_self(data):
             data = list(data)  # a one-shot iterator: a second pass would see nothing
@@ -106,6 +105,11 @@ class BatchStream:
         self.num_batches, self.num_data = count, num
 
 
+def is_tensor_pair(data: Any) -> bool:
+    """Whether ``data`` is one batch ``(x, y)``: a tuple or list of exactly two tensors."""
+    return isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data)
+
+
 def iter_is_self(data: Any) -> bool:
     """Whether ``data`` is a one-shot iterator (``iter(data) is data``), which cannot be streamed twice."""
     try:
@@ -132,4 +136,4 @@ def check_same_device(module: nn.Module, x: Tensor, what: str = "x") -> None:
                           f"({what}.to(device) or model.to(device)).")
 
 
-__all__ += ["iter_is_self", "check_same_device"]
+__all__ += ["is_tensor_pair", "iter_is_self", "check_same_device"]

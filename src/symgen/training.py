@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from symgen.errors import ConfigError, DivergenceError, ShapeError
 from symgen.optim.closure import LossClosure
 from symgen.rng import Seed, as_generator
+from symgen.streaming import is_tensor_pair
 
 __all__ = ["fit", "History", "LossClosure"]
 
@@ -44,10 +45,6 @@ class History:
 
     def __len__(self) -> int:
         return len(self.records)
-
-
-def _is_pair(data: Any) -> bool:
-    return isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data)
 
 
 def _tensor_batches(x: Tensor, y: Tensor, batch_size: int | None, shuffle: bool, drop_last: bool,
@@ -133,7 +130,7 @@ def fit(model: nn.Module, data: tuple[Tensor, Tensor] | Iterable[Any], optimizer
         first = next(iter(model.parameters()), None)
         device = first.device if first is not None else None
     device = torch.device(device) if device is not None else None
-    tensors = _is_pair(data)
+    tensors = is_tensor_pair(data)
     if tensors:
         x, y = data[0], data[1]  # type: ignore[index]
         if x.shape[0] != y.shape[0] or x.shape[0] == 0:

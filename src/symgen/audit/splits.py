@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from symgen.errors import ConfigError, ShapeError
-from symgen.streaming import BatchStream, iter_is_self
+from symgen.streaming import BatchStream, is_tensor_pair, iter_is_self
 
 __all__ = ["Split", "as_split"]
 
@@ -34,7 +34,7 @@ class Split:
 
     def __init__(self, source: Any, what: str, device: torch.device, dtype: torch.dtype) -> None:
         self.what, self.device, self.dtype = what, device, dtype
-        if _is_pair(source):
+        if is_tensor_pair(source):
             x, y = source
             _check_labels(y, what)
             if x.shape[0] != y.shape[0] or x.shape[0] == 0:
@@ -140,7 +140,7 @@ def as_split(source: Any, what: str, device: torch.device, dtype: torch.dtype) -
     """A :class:`Split`, or a :class:`ConfigError` saying what the audit accepts."""
     if isinstance(source, Split):
         return source
-    if _is_pair(source):
+    if is_tensor_pair(source):
         return Split(source, what, device, dtype)
     if isinstance(source, (Tensor, str, bytes)) or not hasattr(source, "__iter__"):
         raise ConfigError(f"{what} must be a dataset name (e.g. 'digits'), an (x, y) pair of tensors, a DataLoader "
@@ -151,10 +151,6 @@ def as_split(source: Any, what: str, device: torch.device, dtype: torch.dtype) -
                           "several times and cannot re-iterate it. Pass a DataLoader, a list of (x, y) batches or "
                           "(x, y) tensors instead.")
     return Split(source, what, device, dtype)
-
-
-def _is_pair(obj: Any) -> bool:
-    return isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(t, Tensor) for t in obj)
 
 
 def _check_labels(y: Tensor, what: str) -> None:

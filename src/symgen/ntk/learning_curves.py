@@ -19,6 +19,7 @@ from symgen.errors import ConfigError, ShapeError
 from symgen.ntk.regression import kernel_regression
 from symgen.rng import Seed, as_generator
 from symgen.stats import mean_stderr
+from symgen.streaming import is_tensor_pair
 
 __all__ = ["LearningCurve", "learning_curve", "fit_power_law"]
 
@@ -110,7 +111,7 @@ def learning_curve(kernel: Kernel, data: tuple[Tensor, Tensor] | Sampler, sizes:
     need = sizes[-1] + num_test
     g = as_generator(generator)
     if not callable(data):
-        if not (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data)):
+        if not is_tensor_pair(data):
             raise ConfigError("data must be a pool (x, y) of tensors or a sampler sample(num_data, generator) -> (x, y).")
         if data[0].shape[0] != data[1].shape[0]:
             raise ShapeError(f"x and y must hold the same number of points, got {data[0].shape[0]} and "
