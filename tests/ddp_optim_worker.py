@@ -92,6 +92,7 @@ def _rank(rank: int, outdir: str) -> None:
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # results are saved: skip interpreter teardown, where torch 2.13's gloo threads rarely abort
 
 
 if __name__ == "__main__":
