@@ -8,6 +8,7 @@ to the Hessian's, and achieved FLOP/s next to the measured matmul FLOP/s.
 
     python benchmarks/curvature.py [--probes 100] [--batch 512] [--width 39] [--threads 2]
     python benchmarks/curvature.py --input cifar --width 30 ...   # CIFAR-shaped 3x32x32 random images
+    python benchmarks/curvature.py --model resnet20 --batch 200 --sections eig ...   # the CIFAR ResNet-20
 
 With ``--input cifar`` the inputs are random CIFAR-shaped images with random labels (no download);
 width 30 gives the ~86k parameters of the digits model (88,270; width 39 would give 134k there).
@@ -27,7 +28,7 @@ import torch.nn.functional as TF
 from peers import pyhessian_trace_to_rtol
 
 from symgen.curvature import GGNOperator, HessianOperator
-from symgen.models import bn_cnn
+from symgen.models import bn_cnn, resnet20
 
 RECORDED = """PyHessian 0.1 numbers recorded in issue 4 (same model size, batch 512, 2 cores, another machine):
   trace, 100 Rademacher probes: 3.8-4.9 s (one retained graph); naive torch.func forward-over-reverse loop 5.2 s;
@@ -88,6 +89,8 @@ def main() -> None:
     ap.add_argument("--strategies", type=int, default=10, help="probes per HVP strategy comparison (0: skip)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=2, help="timings of the 100-probe trace, alternating order")
+    ap.add_argument("--model", choices=("bn_cnn", "resnet20"), default="bn_cnn",
+                    help="bn_cnn (width --width) or the CIFAR ResNet-20 of PyHessian's README (implies --input cifar)")
     ap.add_argument("--input", choices=("digits", "cifar"), default="digits",
                     help="digits 8x8, or random CIFAR-shaped 3x32x32 images with random labels")
     ap.add_argument("--eig-tol", type=float, default=1e-4, help="symgen Lanczos tolerance")
@@ -102,6 +105,8 @@ def main() -> None:
 
     from symgen.data import load_dataset
 
+    if args.model == "resnet20":
+        args.input = "cifar"
     if args.input == "digits":
         x, y = load_dataset("digits", "train")
     else:
@@ -109,7 +114,7 @@ def main() -> None:
         x = torch.rand(max(args.batch, 64), 3, 32, 32, generator=gx)
         y = torch.randint(0, 10, (x.shape[0],), generator=gx)
     torch.manual_seed(args.seed)
-    model = bn_cnn(tuple(x.shape[1:]), 10, args.width)
+    model = resnet20() if args.model == "resnet20" else bn_cnn(tuple(x.shape[1:]), 10, args.width)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(args.seed)
     for _ in range(args.train_steps):
@@ -121,7 +126,8 @@ def main() -> None:
     model.eval()
     xb, yb = x[: args.batch], y[: args.batch]
     n = sum(p.numel() for p in model.parameters())
-    print(f"model: BN CNN width {args.width}, {n} parameters; {args.input} inputs {tuple(xb.shape[1:])}, "
+    name = "CIFAR ResNet-20" if args.model == "resnet20" else f"BN CNN width {args.width}"
+    print(f"model: {name}, {n} parameters; {args.input} inputs {tuple(xb.shape[1:])}, "
           f"batch {xb.shape[0]}; eval-mode BatchNorm; "
           f"{args.threads} threads (timings on a shared machine are noisy)")
     peak = matmul_flops(torch.float32)
@@ -135,7 +141,23 @@ def main() -> None:
         PyHessian = None
         print("PyHessian not installed (pip install pyhessian).\n" + RECORDED)
 
-    # -- 1. trace with the same probes --
+    # -- 1. trace with the same probes (also needed by the rtol and strategies sections) --
+    if sections & {"trace", "rtol", "strategies"}:
+        V, q_ours, t_py, t_ours, P = same_probe_trace(args, model, xb, yb, PyHessian, flops, peak)
+
+    # -- 2. time to a trace with relative standard error rtol --
+    if "rtol" in sections:
+        time_to_rtol(args, model, xb, yb, q_ours, t_py, t_ours, P)
+    if "eig" in sections:
+        top_eigenvalue(args, model, xb, yb, PyHessian)
+    if "density" in sections:
+        density(args, model, xb, yb, PyHessian)
+    if "strategies" in sections and args.strategies > 0:
+        strategies(args, model, xb, yb, V, q_ours)
+
+
+def same_probe_trace(args, model, xb, yb, PyHessian, flops: float, peak: float):
+    """The trace on the same Rademacher probes, both tools, alternating order; (V, q_ours, t_py, t_ours, P)."""
     params = [p for p in model.parameters() if p.requires_grad]
     P = args.probes
     V = pyhessian_probes(params, P, args.seed + 1)
@@ -177,16 +199,7 @@ def main() -> None:
         print(f"  same probes: max relative difference per probe {rel:.1e}; speed-up symgen/PyHessian "
               f"{t_py / t_ours:.2f}x (all times: symgen {[round(t, 2) for t in times_ours]}, "
               f"PyHessian {[round(t, 2) for t in times_py]})")
-
-    # -- 2. time to a trace with relative standard error rtol --
-    if "rtol" in sections:
-        time_to_rtol(args, model, xb, yb, q_ours, t_py, t_ours, P)
-    if "eig" in sections:
-        top_eigenvalue(args, model, xb, yb, PyHessian)
-    if "density" in sections:
-        density(args, model, xb, yb, PyHessian)
-    if "strategies" in sections and args.strategies > 0:
-        strategies(args, model, xb, yb, V, q_ours)
+    return V, q_ours, t_py, t_ours, P
 
 
 def time_to_rtol(args, model, xb, yb, q_ours, t_py, t_ours, P) -> None:
