@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from symgen import distributed
+
 __all__ = ["ddp_group", "is_ddp", "no_sync", "all_reduce_mean"]
 
 
@@ -41,14 +43,12 @@ def all_reduce_mean(tensors: list[Tensor], group: Any, extra: Tensor | None = No
     ``extra``: a small tensor summed (not averaged) over the processes in the same message, returned
     (e.g. a count of processes whose loss was not finite, so that every process takes the same branch).
     """
-    import torch.distributed as dist
     parts = [t.reshape(-1) for t in tensors]
     if extra is not None:
         parts.append(extra.reshape(-1).to(device=parts[0].device, dtype=parts[0].dtype) if parts
                      else extra.reshape(-1))
-    flat = torch.cat(parts)
-    dist.all_reduce(flat, group=group)
-    size = dist.get_world_size(group)
+    flat = distributed.all_reduce_sum(torch.cat(parts), group)  # a DistributedError, not a hang, if a rank dies
+    size = distributed.world_size(group)
     offset = 0
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t) / size)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from symgen import distributed
 from symgen.errors import ConfigError, DivergenceError
 from symgen.functional import frozen_running_stats
 from symgen.optim.amp import ScaledStep
@@ -197,11 +198,9 @@ class SAM(WrapperOptimizer):
         if self.ascent == "global":
             bad = all_reduce_mean(grads, group, extra=bad)
         else:
-            import torch.distributed as dist
             if grads and not bool(torch.isfinite(torch.cat([g.reshape(-1).float() for g in grads])).all()):
                 bad += 1.0
-            bad = bad.to(grads[0].device) if grads else bad
-            dist.all_reduce(bad, group=group)
+            bad = distributed.all_reduce_sum(bad.to(grads[0].device) if grads else bad, group)
             if float(bad) > 0 and not amp_active:
                 raise DivergenceError(f"SAM step {self.num_steps + 1}: non-finite loss or gradient at W on "
                                       f"{int(float(bad))} process(es); parameters untouched; lower the learning "
