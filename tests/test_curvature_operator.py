@@ -130,3 +130,48 @@ def test_bad_input_gives_clear_errors():
         deflated_trace(op, 5, rtol=-1.0)
     with pytest.raises(ConfigError, match="k ="):
         op.eigenvalues(7)
+
+
+def test_one_lanczos_process_serves_eigenpairs_deflated_trace_and_first_slq_run():
+    """Sharing a process: the same numbers as running each estimate on that process alone, fewer products."""
+    from symgen.curvature.lanczos import LanczosProcess, lanczos
+
+    g = torch.Generator().manual_seed(3)
+    # a network-like spectrum: a few outliers over a bulk
+    Qm, _ = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=D))
+    lam = torch.cat([torch.tensor([50.0, 30.0, 20.0], dtype=D), torch.randn(57, generator=g, dtype=D)])
+    A = (Qm * lam) @ Qm.T
+    op = MatrixOperator(0.5 * (A + A.T))
+    start = torch.randn(60, generator=g, dtype=D)
+    proc = LanczosProcess(op, start)
+    pairs = lanczos_eigenpairs(op, 3, tol=1e-8, max_steps=25, process=proc)
+    alone = lanczos_eigenpairs(op, 3, tol=1e-8, max_steps=25, start=start)
+    assert torch.allclose(pairs.values, alone.values, rtol=1e-12) and pairs.num_matvecs == alone.num_matvecs
+    assert torch.allclose(pairs.values, lam[:3], rtol=1e-6)
+    # continuing a finished process costs nothing more
+    again = lanczos_eigenpairs(op, 3, tol=1e-8, max_steps=25, process=proc)
+    assert again.num_matvecs == 0 and torch.allclose(again.values, pairs.values)
+
+    # the trace: deflated by the process's basis, only fresh probes counted; exact when the basis spans all
+    steps = proc.steps
+    before = op.num_matvecs
+    est = deflated_trace(op, 20, deflation=proc, generator=5)
+    assert est.num_matvecs == 20 == op.num_matvecs - before and proc.steps == steps
+    assert est.exact_part == pytest.approx(float(proc.alphas.sum()))
+    Q = proc.Q
+    P = torch.eye(60, dtype=D) - Q @ Q.T
+    assert est.exact_part == pytest.approx(float(torch.trace(Q.T @ A @ Q)), rel=1e-10)
+    # unbiased: the stochastic part estimates tr(P A P), over many seeds
+    vals = torch.tensor([deflated_trace(op, 20, deflation=proc, generator=s).value for s in range(400)], dtype=D)
+    want = float(torch.trace(A))
+    assert abs(float(vals.mean()) - want) < 4 * float(vals.std()) / 20 + 1e-9
+    assert float(torch.trace(P @ A @ P)) == pytest.approx(want - est.exact_part, rel=1e-8)
+
+    # the first SLQ run is the process's first num_steps steps: the same nodes as a run of its own
+    dens = slq_density(op, 10, 2, first=proc, generator=7)
+    a, b, _ = lanczos(op, start, 10)
+    T = torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1)
+    assert torch.allclose(dens.nodes[0], torch.linalg.eigvalsh(T), rtol=1e-8, atol=1e-8)
+    assert dens.num_matvecs == 10  # only the second run's products
+    with pytest.raises(ConfigError, match="LanczosProcess on the same operator"):
+        deflated_trace(MatrixOperator(_sym(60)), 10, deflation=proc)

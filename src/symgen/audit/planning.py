@@ -83,7 +83,10 @@ def estimate_costs(lim: AuditLimits, t: Timing, n_train: int, n_test: int, group
     """Predicted seconds of each section under ``lim``."""
     hvp = 2.5 * t.backward  # a Hessian-vector product per sample: about two and a half backward passes
     h = _n(lim.hessian_samples, n_train)
-    matvecs = max(3, lim.hutchinson_probes) + 2 * lim.eigen_iters + lim.density_runs * lim.density_steps
+    # one Lanczos run serves the eigenvalues, the trace's deflation and the first SLQ run; the GGN's is separate
+    lanczos = max(lim.eigen_iters, lim.density_steps if lim.density_runs > 0 else 0)
+    matvecs = (max(3, lim.hutchinson_probes) + lanczos + lim.eigen_iters
+               + max(lim.density_runs - 1, 0) * lim.density_steps)
     ntk_n = min(lim.ntk_samples * lim.ntk_subsamples, n_test)
     return {
         "performance": (_n(lim.eval_samples, n_train) + _n(lim.test_samples, n_test)) * t.forward,

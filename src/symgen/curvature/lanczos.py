@@ -140,7 +140,7 @@ def _ritz(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 def lanczos_eigenpairs(op: CurvatureOperator, k: int = 1, which: str = "largest", *, tol: float = 1e-4,
                        max_steps: int | None = None, generator: Seed = None, start: Tensor | None = None,
-                       criterion: str = "residual") -> Eigenpairs:
+                       criterion: str = "residual", process: LanczosProcess | None = None) -> Eigenpairs:
     """The k largest (or smallest) eigenpairs of a symmetric operator by Lanczos with full reorthogonalization.
 
     Stops when every wanted Ritz value theta_i passes ``criterion`` at relative tolerance ``tol``:
@@ -151,6 +151,9 @@ def lanczos_eigenpairs(op: CurvatureOperator, k: int = 1, which: str = "largest"
     the last step (a heuristic, PyHessian's test for power iteration). ``error_bounds`` are always
     the residuals r_i; ``vectors`` are columns ``(n, k)``. Single-vector Lanczos finds each distinct
     eigenvalue once: a multiple eigenvalue is reported once (its multiplicity is not resolved).
+    ``process``: a :class:`LanczosProcess` on ``op`` to continue (its steps count toward ``max_steps``)
+    and leave extended, so its basis can serve a later estimate (``deflated_trace(deflation=)``,
+    ``slq_density(first=)``); ``start`` is then ignored. ``num_matvecs`` counts this call's products.
     """
     op = as_operator(op, "lanczos_eigenpairs")
     dim = op.dim
@@ -165,7 +168,11 @@ def lanczos_eigenpairs(op: CurvatureOperator, k: int = 1, which: str = "largest"
         raise ConfigError(f"criterion must be 'residual', 'gap' or 'change', got '{criterion}'.")
     gen = rng.as_generator(generator)
     steps = min(dim, max_steps if max_steps is not None else max(4 * k + 40, 100))
-    x0 = start if start is not None else rng.randn((1, dim), gen, device=op.device, dtype=op.dtype)[0]
+    if process is None:
+        x0 = start if start is not None else rng.randn((1, dim), gen, device=op.device, dtype=op.dtype)[0]
+        process = LanczosProcess(op, x0, gen)
+    elif not isinstance(process, LanczosProcess) or process.op is not op:
+        raise ConfigError("process must be a LanczosProcess on the same operator (LanczosProcess(op, start)).")
     state: dict[str, Any] = {"done": False}
 
     def wanted(vals: Tensor) -> Tensor:
@@ -191,32 +198,51 @@ def lanczos_eigenpairs(op: CurvatureOperator, k: int = 1, which: str = "largest"
         state["done"] = bool((err <= tol * vals[w].abs().clamp_min(1e-30)).all()) or j == dim
         return state["done"]
 
-    a, b, Q = lanczos(op, x0, steps, generator=gen, callback=callback)
+    def cb(p: LanczosProcess) -> bool:
+        return callback(p.steps, p.alphas, torch.stack(p._betas))
+
+    done_before, before = process.steps > 0 and cb(process), process.steps
+    if not done_before:
+        process.extend(steps - process.steps, cb)
+    a, b, Q = process.alphas, process.betas, process.Q
     vals, vecs = _ritz(a, b)
     w = wanted(vals)
     S = vecs[:, w].to(dtype=Q.dtype, device=Q.device)
     err = state.get("err", torch.full((k,), math.nan, dtype=torch.float64))
-    return Eigenpairs(vals[w].to(dtype=op.dtype, device=Q.device), Q @ S, err, a.numel(), bool(state["done"]))
+    return Eigenpairs(vals[w].to(dtype=op.dtype, device=Q.device), Q @ S, err, process.steps - before,
+                      bool(state["done"]))
 
 
 def slq_density(op: CurvatureOperator, num_steps: int = 80, num_runs: int = 1, *,
-                generator: Seed = None) -> SpectralDensity:
+                generator: Seed = None, first: LanczosProcess | None = None) -> SpectralDensity:
     """Stochastic Lanczos quadrature: per run, Lanczos from a normalized Rademacher vector; nodes = Ritz
     values theta_i, weights = (first component of the Ritz vector)^2, so sum_i w_i f(theta_i) ~ tr f(A)/n.
 
+    ``first``: a :class:`LanczosProcess` on ``op`` from a random start (Rademacher or Gaussian, both
+    isotropic after normalization) that serves as the first run: its first ``num_steps`` steps (extended
+    if fewer); ``num_matvecs`` counts only this call's products.
     Ubaru, Chen, Saad 2017 (SIMAX 38:1075); Ghorbani et al. 2019 (arXiv 1901.10159).
     """
     op = as_operator(op, "slq_density")
     _check_positive("num_steps", num_steps)
     _check_positive("num_runs", num_runs)
+    if first is not None and (not isinstance(first, LanczosProcess) or first.op is not op):
+        raise ConfigError("first must be a LanczosProcess on the same operator (LanczosProcess(op, start)).")
     gen = rng.as_generator(generator)
     nodes, weights, used = [], [], 0
-    for _ in range(num_runs):
-        v = rng.rademacher((1, op.dim), gen, device=op.device, dtype=op.dtype)[0]
-        a, b, _ = lanczos(op, v, num_steps, generator=gen)
+    for run in range(num_runs):
+        if run == 0 and first is not None:
+            before = first.steps
+            first.extend(num_steps - first.steps)
+            used += first.steps - before
+            m = min(num_steps, first.steps)
+            a, b = first.alphas[:m], first.betas[: m - 1]
+        else:
+            v = rng.rademacher((1, op.dim), gen, device=op.device, dtype=op.dtype)[0]
+            a, b, _ = lanczos(op, v, num_steps, generator=gen)
+            used += a.numel()
         vals, vecs = _ritz(a, b)
         nodes.append(vals)
         weights.append(vecs[0] ** 2)
-        used += a.numel()
     m = min(x.numel() for x in nodes)
     return SpectralDensity(torch.stack([x[-m:] for x in nodes]), torch.stack([w[-m:] for w in weights]), op.dim, used)

@@ -83,7 +83,7 @@ def hutchpp_trace(op: CurvatureOperator, num_matvecs: int, *, generator: Seed = 
 
 def deflated_trace(op: CurvatureOperator, num_matvecs: int, *, deflation_steps: int | None = None,
                    rtol: float | None = None, max_matvecs: int | None = None, block_size: int = 8,
-                   generator: Seed = None) -> TraceEstimate:
+                   generator: Seed = None, deflation: LanczosProcess | None = None) -> TraceEstimate:
     """Lanczos-deflated Hutchinson: tr(A) = sum_j alpha_j + Hutchinson on (I - QQ^T) A (I - QQ^T).
 
     Q holds j Lanczos vectors from a Gaussian start: they capture the outlying eigenvalues that
@@ -94,6 +94,10 @@ def deflated_trace(op: CurvatureOperator, num_matvecs: int, *, deflation_steps: 
     (default 10), j doubles while a pilot block of ``block_size`` probes predicts that more than 4j
     probes are still needed (balancing deflation against probes, as Hutch++ does); then probes are
     added until stderr <= rtol |value| or ``max_matvecs`` products (discarded pilots are counted).
+    ``deflation``: a :class:`LanczosProcess` already run on ``op`` (e.g. by ``lanczos_eigenpairs(process=)``)
+    whose basis is reused: its past products are free, only new ones count toward the budgets and
+    ``num_matvecs`` (without ``deflation_steps`` it is used as it stands). The probes are fresh, so the
+    estimate stays unbiased given Q.
     Krylov-aware Hutch++: Chen & Hallman 2023 (arXiv 2205.01736); Meyer et al. 2021 (arXiv 2010.09649).
     """
     op = as_operator(op, "deflated_trace")
@@ -101,30 +105,36 @@ def deflated_trace(op: CurvatureOperator, num_matvecs: int, *, deflation_steps: 
     _check_positive("block_size", block_size, 2)
     gen = rng.as_generator(generator)
     dim = op.dim
-    start = rng.randn((1, dim), gen, device=op.device, dtype=op.dtype)[0]
-    proc = LanczosProcess(op, start, gen)
+    if deflation is None:
+        start = rng.randn((1, dim), gen, device=op.device, dtype=op.dtype)[0]
+        proc = LanczosProcess(op, start, gen)
+    elif not isinstance(deflation, LanczosProcess) or deflation.op is not op:
+        raise ConfigError("deflation must be a LanczosProcess on the same operator (LanczosProcess(op, start)).")
+    else:
+        proc = deflation
+    free = proc.steps  # products spent before this call
 
     def probes(m: int) -> Tensor:
         return _quadratic_forms(op, _project_out(_rademacher_rows(op, m, gen), proc._rows))
 
     if rtol is None:
-        j = deflation_steps if deflation_steps is not None else num_matvecs // 2
+        j = deflation_steps if deflation_steps is not None else (num_matvecs // 2 if free == 0 else free)
         _check_positive("deflation_steps", j)
-        proc.extend(j)
+        proc.extend(j - proc.steps)
         exact = float(proc.alphas.sum())
         if proc.steps >= dim:  # the whole space: exact
-            return TraceEstimate(exact, 0.0, proc.steps, "lanczos-deflated", exact, [])
-        r = max(num_matvecs - proc.steps, 2)
+            return TraceEstimate(exact, 0.0, proc.steps - free, "lanczos-deflated", exact, [])
+        r = max(num_matvecs - (proc.steps - free), 2)
         q = torch.cat([probes(min(block_size, r - s)) for s in range(0, r, block_size)])
         mean, se = mean_stderr(q)
-        return TraceEstimate(exact + mean, se, proc.steps + q.numel(), "lanczos-deflated", exact, q.tolist())
+        return TraceEstimate(exact + mean, se, proc.steps - free + q.numel(), "lanczos-deflated", exact, q.tolist())
 
     if not rtol > 0:
         raise ConfigError(f"rtol must be > 0, got {rtol}.")
     cap = max_matvecs if max_matvecs is not None else 100 * num_matvecs
-    j = deflation_steps if deflation_steps is not None else 10
+    j = deflation_steps if deflation_steps is not None else max(10, free)
     _check_positive("deflation_steps", j)
-    wasted = 0
+    wasted = -free  # the products counted below are proc.steps + wasted: this call's only
     while True:
         proc.extend(j - proc.steps)
         exact = float(proc.alphas.sum())

@@ -32,8 +32,13 @@ def hessian(sec: SectionResult, model: nn.Module, train: Split, lim: AuditLimits
             seed: int, group: Any = None) -> None:
     """tr(H) by Lanczos-deflated Hutchinson, the top eigenvalues by Lanczos, the density by SLQ
     of the mean cross-entropy on a training subsample, and beside them the top eigenvalue of the
-    generalized Gauss-Newton matrix G = J^T H_loss J (arXiv 1412.1193); BatchNorm in eval mode."""
+    generalized Gauss-Newton matrix G = J^T H_loss J (arXiv 1412.1193); BatchNorm in eval mode.
+    One Lanczos process from a Gaussian start serves all three: the eigenvalues, the trace's
+    deflation subspace (its probes are fresh) and the first SLQ run (its first density_steps steps)."""
+    from symgen import rng
     from symgen.curvature import GGNOperator, HessianOperator
+    from symgen.curvature.lanczos import LanczosProcess, lanczos_eigenpairs, slq_density
+    from symgen.curvature.trace import deflated_trace
 
     idx = curvature_subsample(train.num_data, lim.hessian_samples, seed)
     if idx.numel() < train.num_data:
@@ -41,12 +46,17 @@ def hessian(sec: SectionResult, model: nn.Module, train: Split, lim: AuditLimits
     batches = shard_batches(*train.take(idx), torch.arange(idx.numel()), lim.batch_size, group)
     hess = HessianOperator(model, F.cross_entropy, batches, bn_mode="eval", process_group=group)
     # A separate generator per estimate keeps each reproducible whatever the budget of the others.
-    trace = hess.trace(max(3, lim.hutchinson_probes), torch.Generator().manual_seed(seed), method="deflated")
-    sec.add("trace", trace.value, trace.stderr,
-            f"Lanczos-deflated Hutchinson, {trace.num_matvecs} Hessian-vector products; eval-mode BatchNorm")
+    gen = torch.Generator().manual_seed(seed + 1)
+    proc = LanczosProcess(hess, rng.randn((1, hess.dim), gen, device=hess.device, dtype=hess.dtype)[0], gen)
     k = min(lim.top_eigenvalues, hess.dim)
-    pairs = hess.eigenpairs(k, tol=1e-3, max_steps=max(lim.eigen_iters, k + 1),
-                            generator=torch.Generator().manual_seed(seed + 1))
+    pairs = lanczos_eigenpairs(hess, k, tol=1e-3, max_steps=max(lim.eigen_iters, k + 1), process=proc)
+    if lim.density_runs > 0:
+        proc.extend(lim.density_steps - proc.steps)  # the first SLQ run needs this many steps
+    trace = deflated_trace(hess, max(3, lim.hutchinson_probes), deflation=proc,
+                           generator=torch.Generator().manual_seed(seed))
+    sec.add("trace", trace.value, trace.stderr,
+            f"Hutchinson deflated by the {proc.steps} Lanczos vectors of the eigenvalue run, {trace.num_matvecs} "
+            "more Hessian-vector products; eval-mode BatchNorm")
     tops = [float(v) for v in pairs.values]
     for i, (val, bound) in enumerate(zip(tops, pairs.error_bounds.tolist(), strict=True)):
         sec.add(f"eigenvalue_{i + 1}", val, bound, "uncertainty = Lanczos error bound" + (
@@ -65,7 +75,8 @@ def hessian(sec: SectionResult, model: nn.Module, train: Split, lim: AuditLimits
     except Exception as e:  # noqa: BLE001 - an extra metric must not hide the Hessian's
         sec.skipped.append(f"GGN top eigenvalue: {type(e).__name__}: {str(e)[:300]}")
     if lim.density_runs > 0:
-        dens = hess.density(lim.density_steps, lim.density_runs, generator=torch.Generator().manual_seed(seed + 2))
+        dens = slq_density(hess, lim.density_steps, lim.density_runs, first=proc,
+                           generator=torch.Generator().manual_seed(seed + 2))
         lo, hi = float(dens.nodes.min()), float(dens.nodes.max())
         pad = 0.05 * (hi - lo) if hi > lo else 1.0
         grid = torch.linspace(lo - pad, hi + pad, 400, dtype=torch.float64)

@@ -1,0 +1,161 @@
+"""Convolution and eval-mode BatchNorm with a fast double backward, for curvature products on CPU.
+
+A Hessian- or GGN-vector product on a retained graph differentiates the backward pass of every
+layer. PyTorch's own double backward of ``conv2d`` forms the weight term as a convolution of the
+batch-transposed tensors (a kernel the size of the feature map), and eval-mode ``batch_norm``
+differentiates the general batch-statistics formula. Here ``conv2d`` is the closed triangle of
+three bilinear maps, each the adjoint of the others, so every derivative of every order is one of
+
+    A(x, W)  = conv(x, W)            (forward)
+    B(g, W)  = A(., W)^T g           (input gradient,  = aten.convolution_backward[0])
+    C(x, g)  = A(x, .)^T g           (weight gradient, = aten.convolution_backward[1])
+
+with dB/dg^T = A, dB/dW^T h = C(h, g), dC/dx^T k = B(g, k), dC/dg^T k = A(x, k): oneDNN's forward,
+backward-data and backward-weights kernels, run channels-last (NHWC), where they are 2-3x faster
+than NCHW on CPU. Eval-mode BatchNorm is the affine map ``x * s + b`` with ``s = gamma /
+sqrt(var + eps)``. Same products to round-off (tests/test_curvature_kernels.py); measured on the
+CIFAR ResNet-20 at batch 200 (benchmarks/curvature.py): about 1.5x faster Hessian-vector products.
+
+Activations come out channels-last, so a model that flattens a feature map with ``.view`` fails
+inside :func:`fast_double_backward`; the operators then rebuild the graph with PyTorch's kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as TF
+from torch import Tensor
+from torch.autograd import Function
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["fast_double_backward", "fast_kernels_apply"]
+
+_aten = torch.ops.aten
+
+
+def _nhwc(t: Tensor) -> Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _forward(x: Tensor, w: Tensor, cfg: tuple) -> Tensor:
+    stride, padding, dilation, groups = cfg
+    return _aten.convolution(_nhwc(x), w, None, stride, padding, dilation, False, [0, 0], groups)
+
+
+def _backward(g: Tensor, x: Tensor, w: Tensor, cfg: tuple, which: int) -> Tensor:
+    stride, padding, dilation, groups = cfg
+    mask = [which == 0, which == 1, False]
+    return _aten.convolution_backward(_nhwc(g), x, w, None, stride, padding, dilation, False, [0, 0], groups,
+                                      mask)[which]
+
+
+def _shaped(like: Tensor, shape: torch.Size, nhwc: bool) -> Tensor:
+    # an uninitialized tensor that only carries a shape (and, for activations, the NHWC layout that
+    # makes oneDNN pick its channels-last kernel; a stride-0 expand would make it pick NCHW)
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+
+
+class _Conv(Function):
+    """A(x, W) = conv(x, W)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, cfg: tuple) -> Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.cfg = cfg
+        return _forward(x, w, cfg)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple:
+        x, w = ctx.saved_tensors
+        gx = _InputGrad.apply(g, w, x.shape, ctx.cfg) if ctx.needs_input_grad[0] else None
+        gw = _WeightGrad.apply(x, g, w.shape, ctx.cfg) if ctx.needs_input_grad[1] else None
+        return gx, gw, None
+
+
+class _InputGrad(Function):
+    """B(g, W) = A(., W)^T g, linear in g and in W."""
+
+    @staticmethod
+    def forward(ctx: Any, g: Tensor, w: Tensor, x_shape: torch.Size, cfg: tuple) -> Tensor:
+        ctx.save_for_backward(g, w)
+        ctx.cfg = cfg
+        return _backward(g, _shaped(g, x_shape, True), w, cfg, 0)
+
+    @staticmethod
+    def backward(ctx: Any, h: Tensor) -> tuple:
+        g, w = ctx.saved_tensors
+        gg = _Conv.apply(h, w, ctx.cfg) if ctx.needs_input_grad[0] else None
+        gw = _WeightGrad.apply(h, g, w.shape, ctx.cfg) if ctx.needs_input_grad[1] else None
+        return gg, gw, None, None
+
+
+class _WeightGrad(Function):
+    """C(x, g) = A(x, .)^T g, linear in x and in g."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, g: Tensor, w_shape: torch.Size, cfg: tuple) -> Tensor:
+        ctx.save_for_backward(x, g)
+        ctx.cfg = cfg
+        return _backward(g, _nhwc(x), _shaped(x, w_shape, False), cfg, 1)
+
+    @staticmethod
+    def backward(ctx: Any, k: Tensor) -> tuple:
+        x, g = ctx.saved_tensors
+        gx = _InputGrad.apply(g, k, x.shape, ctx.cfg) if ctx.needs_input_grad[0] else None
+        gg = _Conv.apply(x, k, ctx.cfg) if ctx.needs_input_grad[1] else None
+        return gx, gg, None, None
+
+
+def _pair(v: Any) -> list[int]:
+    return [int(i) for i in v] if isinstance(v, (tuple, list)) else [int(v), int(v)]
+
+
+def _conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1, padding: Any = 0,
+            dilation: Any = 1, groups: int = 1) -> Tensor | None:
+    if isinstance(padding, str) or x.ndim != 4:
+        return None  # padding="same"/"valid", unbatched input: PyTorch's own kernel
+    out = _Conv.apply(x, weight, (_pair(stride), _pair(padding), _pair(dilation), int(groups)))
+    return out if bias is None else out + bias[:, None, None]
+
+
+def _batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None = None,
+                bias: Tensor | None = None, training: bool = False, momentum: float = 0.1,
+                eps: float = 1e-5) -> Tensor | None:
+    if training or running_mean is None or running_var is None:
+        return None  # batch statistics: PyTorch's own kernel
+    s = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        s = s * weight
+    b = -running_mean * s
+    if bias is not None:
+        b = b + bias
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    return x * s.reshape(shape) + b.reshape(shape)
+
+
+class _FastMode(TorchFunctionMode):
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is TF.conv2d or func is TF.batch_norm:
+            out = (_conv2d if func is TF.conv2d else _batch_norm)(*args, **kwargs)
+            if out is not None:
+                return out
+        return func(*args, **kwargs)
+
+
+def fast_kernels_apply(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :func:`fast_double_backward` is used for an operator on ``device`` in ``dtype``: float32
+    on CPU, where it was measured (oneDNN has no float64 kernels; GPUs are not measured yet)."""
+    return torch.device(device).type == "cpu" and dtype == torch.float32
+
+
+@contextmanager
+def fast_double_backward(enabled: bool = True) -> Iterator[None]:
+    """Inside: ``conv2d`` and eval-mode ``batch_norm`` build graphs whose double backward is fast (above)."""
+    with _FastMode() if enabled else nullcontext():
+        yield
