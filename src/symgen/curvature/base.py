@@ -215,7 +215,7 @@ class ModelOperator(CurvatureOperator):
     ``chunk_size`` at a time). ``cache_graph``: keep each batch's product function (retained graph)
     between products (default: only for one in-memory batch). Products on CPU in float32 with
     ``batching="loop"`` build their graphs with :func:`symgen.curvature.kernels.fast_double_backward`
-    (same numbers to round-off, about 1.5x faster on conv nets). Vectors are flat in ``functional.flatten``
+    (same numbers to round-off; up to 1.5x faster on conv nets). Vectors are flat in ``functional.flatten``
     order; the operator is taken at the parameters' values when a batch's graph is built: build a new one
     after changing the model. Subclasses implement ``_build_product(x, y)``: ``v -> A_b v`` for the
     batch-mean (or batch-sum) loss of one batch.
@@ -291,12 +291,17 @@ class ModelOperator(CurvatureOperator):
         return f
 
     def _reduce(self, acc: Tensor, count: int) -> Tensor:
-        """Sum ``acc`` (float64) and the sample count over ranks; normalize for ``reduction="mean"``."""
-        flat = torch.cat([acc.reshape(-1), torch.tensor([float(count)], dtype=torch.float64, device=acc.device)])
-        flat = distributed.all_reduce_sum(flat, self.group, timeout_s=self.timeout_s)
-        self._set_num_data(flat[-1:])
-        out = flat[:-1].reshape(acc.shape)
-        return out / self._num_data if self.reduction == "mean" else out
+        """Sum ``acc`` (float64) and the sample count over ranks; normalize for ``reduction="mean"``
+        (in place on one process: ``acc`` may be k parameter-sized vectors)."""
+        if self.group is None:
+            self._set_num_data(torch.tensor([float(count)], dtype=torch.float64))
+            out = acc
+        else:
+            flat = torch.cat([acc.reshape(-1), torch.tensor([float(count)], dtype=torch.float64, device=acc.device)])
+            flat = distributed.all_reduce_sum(flat, self.group, timeout_s=self.timeout_s)
+            self._set_num_data(flat[-1:])
+            out = flat[:-1].reshape(acc.shape)
+        return out.div_(self._num_data) if self.reduction == "mean" else out
 
     def _weight(self, n_b: int) -> float:
         return float(n_b) if self.reduction == "mean" else 1.0
@@ -336,10 +341,13 @@ class ModelOperator(CurvatureOperator):
             self._products[b] = self._build(x, y)
         return self._products[b]
 
-    def _columns(self, fn: Callable[[F.Params], F.Params], rows: Tensor) -> Tensor:
-        """``A_b`` applied to each row of ``rows (k, n)``, as rows."""
+    def _accumulate(self, acc: Tensor, fn: Callable[[F.Params], F.Params], rows: Tensor, weight: float) -> None:
+        """``acc += weight * A_b rows`` (rows ``(k, n)``), one row at a time for ``batching="loop"``:
+        no ``(k, n)`` temporary beside the float64 accumulator."""
         if self.batching == "loop" or rows.shape[0] == 1:
-            return torch.stack([F.flatten(fn(F.unflatten(r, self.params))) for r in rows])
+            for a, r in zip(acc, rows, strict=True):
+                a.add_(F.flatten(fn(F.unflatten(r, self.params))).detach(), alpha=weight)
+            return
         # split the rows into contiguous per-parameter blocks (k, *shape) outside vmap: convolution
         # backward cannot query the layout of a batched strided view
         k, blocks, i = rows.shape[0], {}, 0
@@ -347,7 +355,7 @@ class ModelOperator(CurvatureOperator):
             blocks[name] = rows[:, i:i + p.numel()].reshape((k,) + tuple(p.shape)).contiguous()
             i += p.numel()
         out = vmap(fn, chunk_size=self.chunk_size)(blocks)
-        return torch.cat([out[name].reshape(k, -1) for name in self.params], dim=1)
+        acc.add_(torch.cat([out[name].reshape(k, -1) for name in self.params], dim=1).detach(), alpha=weight)
 
     def _matmat(self, V: Tensor) -> Tensor:
         rows = V.T.contiguous()
@@ -360,7 +368,7 @@ class ModelOperator(CurvatureOperator):
                     # and convolution backward under vmap cannot handle that layout
                     x = x.clone(memory_format=torch.contiguous_format)
                 fn = self._product(b, x, y)  # built outside vmap: requires_grad_ is not allowed inside it
-                acc.add_(self._columns(fn, rows).detach().double(), alpha=self._weight(x.shape[0]))
+                self._accumulate(acc, fn, rows, self._weight(x.shape[0]))
                 count += x.shape[0]
                 del fn
         return self._reduce(acc, count).to(self.dtype).T

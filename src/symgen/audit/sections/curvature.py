@@ -64,16 +64,6 @@ def hessian(sec: SectionResult, model: nn.Module, train: Split, lim: AuditLimits
     if not pairs.converged:
         sec.skipped.append(f"Lanczos stopped at {pairs.num_matvecs} steps before every top eigenvalue reached "
                            "relative error 1e-3 (budget); the error bounds say how far off they may be")
-    try:
-        ggn = GGNOperator(model, F.cross_entropy, batches, bn_mode="eval", process_group=group)
-        top = ggn.eigenpairs(1, tol=1e-3, max_steps=max(lim.eigen_iters, 2),
-                             generator=torch.Generator().manual_seed(seed + 3))
-        sec.add("ggn_top_eigenvalue", float(top.values[0]), float(top.error_bounds[0]),
-                "generalized Gauss-Newton J^T H_loss J (PSD part of H); uncertainty = Lanczos error bound"
-                + ("" if top.converged else f" (not converged to 1e-3 in {top.num_matvecs} steps)"))
-        sec.details.update(ggn_matvecs=ggn.num_matvecs)
-    except Exception as e:  # noqa: BLE001 - an extra metric must not hide the Hessian's
-        sec.skipped.append(f"GGN top eigenvalue: {type(e).__name__}: {str(e)[:300]}")
     if lim.density_runs > 0:
         dens = slq_density(hess, lim.density_steps, lim.density_runs, first=proc,
                            generator=torch.Generator().manual_seed(seed + 2))
@@ -88,6 +78,17 @@ def hessian(sec: SectionResult, model: nn.Module, train: Split, lim: AuditLimits
     else:
         sec.skipped.append("spectral density: density_runs = 0")
     sec.details.update(top_eigenvalues=tops, dim=hess.dim, matvecs=hess.num_matvecs, bn_mode="eval")
+    del hess, proc, pairs  # the Hessian's retained graph and Lanczos basis, before the GGN builds its own
+    try:
+        ggn = GGNOperator(model, F.cross_entropy, batches, bn_mode="eval", process_group=group)
+        top = ggn.eigenpairs(1, tol=1e-3, max_steps=max(lim.eigen_iters, 2),
+                             generator=torch.Generator().manual_seed(seed + 3))
+        sec.add("ggn_top_eigenvalue", float(top.values[0]), float(top.error_bounds[0]),
+                "generalized Gauss-Newton J^T H_loss J (PSD part of H); uncertainty = Lanczos error bound"
+                + ("" if top.converged else f" (not converged to 1e-3 in {top.num_matvecs} steps)"))
+        sec.details.update(ggn_matvecs=ggn.num_matvecs)
+    except Exception as e:  # noqa: BLE001 - an extra metric must not hide the Hessian's
+        sec.skipped.append(f"GGN top eigenvalue: {type(e).__name__}: {str(e)[:300]}")
     sec.samples = idx.numel()
 
 
