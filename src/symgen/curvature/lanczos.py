@@ -81,7 +81,8 @@ class LanczosProcess:
 
     def extend(self, num_steps: int, callback: Callable[[LanczosProcess], bool] | None = None) -> None:
         """Run up to ``num_steps`` more steps (never beyond the dimension); ``callback(self)`` may stop early."""
-        for _ in range(min(num_steps, self.dim - self.steps)):
+        end = self.steps + max(0, min(num_steps, self.dim - self.steps))
+        for _ in range(end - self.steps):
             j = self.steps
             if j > 0:
                 beta = self._betas[-1]
@@ -91,8 +92,8 @@ class LanczosProcess:
                     r = rng.randn((1, self.dim), self.generator, device=self.start.device, dtype=self.start.dtype)
                     w = self._orthogonalize(r[0])
                     self._next = w / w.norm()
-            if self._Q.shape[0] <= j:  # grow storage geometrically
-                grow = torch.zeros(max(8, j), self.dim, dtype=self._Q.dtype, device=self._Q.device)
+            if self._Q.shape[0] <= j:  # grow storage geometrically, never past the steps asked for
+                grow = torch.zeros(min(max(8, j), end - j), self.dim, dtype=self._Q.dtype, device=self._Q.device)
                 self._Q = torch.cat([self._Q, grow])
             q = self._next
             self._Q[j] = q

@@ -52,7 +52,8 @@ def hessian(sec: SectionResult, model: nn.Module, train: Split, lim: AuditLimits
     pairs = lanczos_eigenpairs(hess, k, tol=1e-3, max_steps=max(lim.eigen_iters, k + 1), process=proc)
     if lim.density_runs > 0:
         proc.extend(lim.density_steps - proc.steps)  # the first SLQ run needs this many steps
-    trace = deflated_trace(hess, max(3, lim.hutchinson_probes), deflation=proc,
+    # probes two at a time: a block of k probes holds about 6 k parameter-sized vectors (float64 sums)
+    trace = deflated_trace(hess, max(3, lim.hutchinson_probes), deflation=proc, block_size=2,
                            generator=torch.Generator().manual_seed(seed))
     sec.add("trace", trace.value, trace.stderr,
             f"Hutchinson deflated by the {proc.steps} Lanczos vectors of the eigenvalue run, {trace.num_matvecs} "
