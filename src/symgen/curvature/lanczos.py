@@ -112,6 +112,13 @@ class LanczosProcess:
                 break
 
 
+def check_process(process: Any, op: CurvatureOperator, name: str) -> LanczosProcess:
+    """``process`` itself if it is a :class:`LanczosProcess` on ``op``; otherwise a ConfigError naming ``name``."""
+    if not isinstance(process, LanczosProcess) or process.op is not op:
+        raise ConfigError(f"{name} must be a LanczosProcess on the same operator (LanczosProcess(op, start)).")
+    return process
+
+
 def lanczos(op: CurvatureOperator, start: Tensor, num_steps: int, *, generator: Seed = None,
             callback: Callable[[int, Tensor, Tensor], bool] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Lanczos tridiagonalization with full reorthogonalization (see :class:`LanczosProcess`).
@@ -172,8 +179,8 @@ def lanczos_eigenpairs(op: CurvatureOperator, k: int = 1, which: str = "largest"
     if process is None:
         x0 = start if start is not None else rng.randn((1, dim), gen, device=op.device, dtype=op.dtype)[0]
         process = LanczosProcess(op, x0, gen)
-    elif not isinstance(process, LanczosProcess) or process.op is not op:
-        raise ConfigError("process must be a LanczosProcess on the same operator (LanczosProcess(op, start)).")
+    else:
+        check_process(process, op, "process")
     state: dict[str, Any] = {"done": False}
 
     def wanted(vals: Tensor) -> Tensor:
@@ -227,8 +234,8 @@ def slq_density(op: CurvatureOperator, num_steps: int = 80, num_runs: int = 1, *
     op = as_operator(op, "slq_density")
     _check_positive("num_steps", num_steps)
     _check_positive("num_runs", num_runs)
-    if first is not None and (not isinstance(first, LanczosProcess) or first.op is not op):
-        raise ConfigError("first must be a LanczosProcess on the same operator (LanczosProcess(op, start)).")
+    if first is not None:
+        check_process(first, op, "first")
     gen = rng.as_generator(generator)
     nodes, weights, used = [], [], 0
     for run in range(num_runs):

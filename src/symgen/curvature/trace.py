@@ -12,7 +12,7 @@ from torch import Tensor
 
 from symgen import rng
 from symgen.curvature.base import CurvatureOperator, _check_positive, as_operator
-from symgen.curvature.lanczos import LanczosProcess
+from symgen.curvature.lanczos import LanczosProcess, check_process
 from symgen.curvature.results import TraceEstimate
 from symgen.errors import ConfigError
 from symgen.rng import Seed
@@ -106,12 +106,9 @@ def deflated_trace(op: CurvatureOperator, num_matvecs: int, *, deflation_steps: 
     gen = rng.as_generator(generator)
     dim = op.dim
     if deflation is None:
-        start = rng.randn((1, dim), gen, device=op.device, dtype=op.dtype)[0]
-        proc = LanczosProcess(op, start, gen)
-    elif not isinstance(deflation, LanczosProcess) or deflation.op is not op:
-        raise ConfigError("deflation must be a LanczosProcess on the same operator (LanczosProcess(op, start)).")
+        proc = LanczosProcess(op, rng.randn((1, dim), gen, device=op.device, dtype=op.dtype)[0], gen)
     else:
-        proc = deflation
+        proc = check_process(deflation, op, "deflation")
     free = proc.steps  # products spent before this call
 
     def probes(m: int) -> Tensor:
