@@ -18,7 +18,7 @@ from torch.func import vmap
 
 from symgen import distributed
 from symgen import functional as F
-from symgen.curvature.kernels import fast_double_backward, fast_kernels_apply
+from symgen.curvature.double_backward import fast_double_backward, fast_double_backward_applies
 from symgen.errors import ConfigError, ShapeError
 from symgen.rng import Seed
 from symgen.streaming import BatchStream, model_device
@@ -214,7 +214,7 @@ class ModelOperator(CurvatureOperator):
     each batch's graph applies to the columns one by one ("loop") or with ``vmap`` ("vmap",
     ``chunk_size`` at a time). ``cache_graph``: keep each batch's product function (retained graph)
     between products (default: only for one in-memory batch). Products on CPU in float32 with
-    ``batching="loop"`` build their graphs with :func:`symgen.curvature.kernels.fast_double_backward`
+    ``batching="loop"`` build their graphs with :func:`symgen.curvature.double_backward.fast_double_backward`
     (same numbers to round-off; up to 1.5x faster on conv nets). Vectors are flat in ``functional.flatten``
     order; the operator is taken at the parameters' values when a batch's graph is built: build a new one
     after changing the model. Subclasses implement ``_build_product(x, y)``: ``v -> A_b v`` for the
@@ -259,7 +259,7 @@ class ModelOperator(CurvatureOperator):
         self.cache_graph = (in_memory and len(self.data) == 1) if cache_graph is None else bool(cache_graph)
         self._products: dict[int, Callable[[F.Params], F.Params]] = {}
         self._num_data: int | None = None
-        self._fast_kernels = batching == "loop" and fast_kernels_apply(self.device, self.dtype)
+        self._fast_double_backward = batching == "loop" and fast_double_backward_applies(self.device, self.dtype)
 
     @property
     def num_data(self) -> int:
@@ -322,7 +322,7 @@ class ModelOperator(CurvatureOperator):
         raise NotImplementedError(f"{type(self).__name__} must implement _build_product(x, y).")
 
     def _build(self, x: Tensor, y: Tensor) -> Callable[[F.Params], F.Params]:
-        if self._fast_kernels:
+        if self._fast_double_backward:
             try:
                 with fast_double_backward():
                     return self._build_product(x, y)
@@ -330,7 +330,7 @@ class ModelOperator(CurvatureOperator):
                 # the model flattens a channels-last feature map with .view: PyTorch's kernels from now on
                 if "view size is not compatible" not in str(e):
                     raise
-                self._fast_kernels = False
+                self._fast_double_backward = False
         return self._build_product(x, y)
 
     def _product(self, b: int, x: Tensor, y: Tensor) -> Callable[[F.Params], F.Params]:

@@ -44,7 +44,8 @@ class HessianOperator(ModelOperator):
         super().__init__(model, loss_fn, data, param_names=param_names, bn_mode=bn_mode, reduction=reduction,
                          batching=batching, chunk_size=chunk_size, cache_graph=cache_graph,
                          process_group=process_group)
-        self._fast_kernels = self._fast_kernels and self.hvp_mode == "reverse"  # custom kernels have no jvp rule
+        # its custom autograd Functions have no jvp rule: reverse mode only
+        self._fast_double_backward = self._fast_double_backward and self.hvp_mode == "reverse"
 
     def _build_product(self, x: Tensor, y: Tensor) -> Callable[[F.Params], F.Params]:
         if self._compiled is not None:

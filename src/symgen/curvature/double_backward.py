@@ -14,7 +14,7 @@ with dB/dg^T = A, dB/dW^T h = C(h, g), dC/dx^T k = B(g, k), dC/dg^T k = A(x, k):
 backward-data and backward-weights kernels, run channels-last (NHWC), where they are 2-3x faster
 than NCHW on CPU for few channels on large maps. Eval-mode BatchNorm is the affine map
 ``x * s + b`` with ``s = gamma / sqrt(var + eps)``. Same products to round-off
-(tests/test_curvature_kernels.py). Measured per Hessian-vector product on 2 CPU cores
+(tests/test_double_backward.py). Measured per Hessian-vector product on 2 CPU cores
 (benchmarks/README.md): CIFAR ResNet-20, batch 200, 1.3-1.5x faster than PyTorch's kernels; CIFAR
 ResNet-18 (64-512 channels, already near the matmul rate) about 1.1x; a CNN on 8x8 digits, even.
 
@@ -25,7 +25,7 @@ inside :func:`fast_double_backward`; the operators then rebuild the graph with P
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["fast_double_backward", "fast_kernels_apply"]
+__all__ = ["fast_double_backward", "fast_double_backward_applies"]
 
 _aten = torch.ops.aten
 
@@ -150,14 +150,14 @@ class _FastMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def fast_kernels_apply(device: torch.device, dtype: torch.dtype) -> bool:
+def fast_double_backward_applies(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether :func:`fast_double_backward` is used for an operator on ``device`` in ``dtype``: float32
     on CPU, where it was measured (oneDNN has no float64 kernels; GPUs are not measured yet)."""
     return torch.device(device).type == "cpu" and dtype == torch.float32
 
 
 @contextmanager
-def fast_double_backward(enabled: bool = True) -> Iterator[None]:
+def fast_double_backward() -> Iterator[None]:
     """Inside: ``conv2d`` and eval-mode ``batch_norm`` build graphs whose double backward is fast (above)."""
-    with _FastMode() if enabled else nullcontext():
+    with _FastMode():
         yield

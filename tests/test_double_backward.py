@@ -1,4 +1,4 @@
-"""The fast double-backward kernels (symgen.curvature.kernels) against PyTorch's own autograd and dense Hessians."""
+"""The fast double-backward kernels (symgen.curvature.double_backward) against PyTorch's own autograd and dense Hessians."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch.nn.functional as TF
 from torch import nn
 
 from symgen.curvature import GGNOperator, HessianOperator
-from symgen.curvature.kernels import fast_double_backward
+from symgen.curvature.double_backward import fast_double_backward
 
 CONFIGS = [  # stride, padding, dilation, groups, bias
     (1, 1, 1, 1, False),
@@ -107,15 +107,15 @@ def test_float32_operator_on_cpu_matches_a_float64_dense_matrix(operator, flatte
     x = torch.randn(6, 3, 8, 8, generator=g)
     y = torch.randint(0, 3, (6,), generator=g)
     op = operator(model, TF.cross_entropy, (x, y))
-    assert op._fast_kernels
+    assert op._fast_double_backward
     V = torch.randn(op.dim, 3, generator=g)
     got = op.matmat(V).double()
     # the fallback was taken exactly when the model flattens with .view
-    assert op._fast_kernels == (flatten == "flatten")
+    assert op._fast_double_backward == (flatten == "flatten")
 
     ref = _model(flatten).double()
     ref_op = operator(ref, TF.cross_entropy, (x.double(), y))
-    assert not ref_op._fast_kernels  # float64: PyTorch's kernels
+    assert not ref_op._fast_double_backward  # float64: PyTorch's kernels
     dense = ref_op.dense()
     want = dense @ V.double()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
