@@ -48,14 +48,16 @@ def matmul_flops(dtype: torch.dtype, n: int = 1024, reps: int = 10) -> float:
     return 2 * n**3 / best
 
 
-def hvp_flops(H: HessianOperator) -> float:
-    """FLOPs of one Hessian-vector product, counted by torch's FlopCounterMode (matmuls and convolutions)."""
+def hvp_flops(H: HessianOperator, form: bool = False) -> float:
+    """FLOPs of one Hessian-vector product (``form``: of one quadratic form v^T H v), counted by torch's
+    FlopCounterMode (matmuls and convolutions)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    v = torch.randn(H.dim, dtype=H.dtype)
-    H.matvec(v)  # build the graph outside the count
+    v = torch.randn(H.dim, 1, dtype=H.dtype)
+    apply = H.quadratic_forms if form else H.matmat
+    apply(v)  # build the graph (or the Taylor program) outside the count
     with FlopCounterMode(display=False) as fc:
-        H.matvec(v)
+        apply(v)
     return float(fc.get_total_flops())
 
 
@@ -97,6 +99,8 @@ def main() -> None:
     ap.add_argument("--eig-criteria", default="residual,gap,change", help="symgen Lanczos stopping criteria")
     ap.add_argument("--pyhessian-tols", default="1e-3,1e-4,1e-5", help="PyHessian power-iteration tolerances")
     ap.add_argument("--ref-tol", type=float, default=1e-7, help="residual tolerance of the reference eigenvalue")
+    ap.add_argument("--no-taylor", dest="taylor", action="store_false",
+                    help="trace probes as v . (H v) instead of second-order Taylor-mode quadratic forms")
     ap.add_argument("--sections", default="trace,rtol,eig,density,strategies",
                     help="comma-separated subset of trace,rtol,eig,density,strategies")
     args = ap.parse_args()
@@ -134,6 +138,12 @@ def main() -> None:
     H = HessianOperator(model, TF.cross_entropy, (xb, yb), bn_mode="eval")
     flops = hvp_flops(H)
     print(f"matmul: {peak / 1e9:.1f} GFLOP/s (float32, 1024^3); one HVP = {flops / 1e9:.2f} GFLOP (FlopCounterMode)")
+    if args.taylor:
+        Ht = HessianOperator(model, TF.cross_entropy, (xb, yb), bn_mode="eval")
+        flops = hvp_flops(Ht, form=True)
+        print(f"one Taylor-mode quadratic form v^T H v = {flops / 1e9:.2f} GFLOP"
+              + ("" if Ht.taylor else " (Taylor mode does not apply to this model: v . H v)"))
+        del Ht
 
     try:
         from pyhessian import hessian as PyHessian
@@ -162,9 +172,9 @@ def same_probe_trace(args, model, xb, yb, PyHessian, flops: float, peak: float):
     P = args.probes
     V = pyhessian_probes(params, P, args.seed + 1)
     def run_ours() -> tuple[torch.Tensor, float]:
-        H = HessianOperator(model, TF.cross_entropy, (xb, yb), bn_mode="eval")
+        H = HessianOperator(model, TF.cross_entropy, (xb, yb), bn_mode="eval", taylor=args.taylor)
         t0 = time.perf_counter()
-        q = (V * H.matmat(V.T).T).sum(1)  # matmat takes columns
+        q = H.quadratic_forms(V.T)  # columns; Taylor mode where the model allows (--no-taylor: v . H v)
         return q, time.perf_counter() - t0
 
     def run_pyhessian() -> tuple[torch.Tensor, float]:
@@ -178,7 +188,7 @@ def same_probe_trace(args, model, xb, yb, PyHessian, flops: float, peak: float):
 
     # one untimed product each first: the process's first large allocations and oneDNN's primitive set-up
     # otherwise land on whichever tool runs first (symgen's first slot was 25% slower in session 5)
-    HessianOperator(model, TF.cross_entropy, (xb, yb), bn_mode="eval").matvec(V[0])
+    HessianOperator(model, TF.cross_entropy, (xb, yb), bn_mode="eval", taylor=args.taylor).quadratic_forms(V[:1].T)
     if PyHessian is not None:
         PyHessian(model, TF.cross_entropy, data=(xb, yb), cuda=False).trace(maxIter=1, tol=-math.inf)
         model.zero_grad(set_to_none=True)
@@ -211,7 +221,7 @@ def same_probe_trace(args, model, xb, yb, PyHessian, flops: float, peak: float):
 def time_to_rtol(args, model, xb, yb, q_ours, t_py, t_ours, P) -> None:
     per_probe = (t_py if t_py is not None else t_ours) / P
     need = (float(q_ours.std()) / (args.rtol * abs(float(q_ours.mean())))) ** 2
-    H = HessianOperator(model, TF.cross_entropy, (xb, yb), bn_mode="eval")
+    H = HessianOperator(model, TF.cross_entropy, (xb, yb), bn_mode="eval", taylor=args.taylor)
     est, t_defl = timed(H.trace, 20, torch.Generator().manual_seed(args.seed + 2), method="deflated",
                         rtol=args.rtol, max_matvecs=2000)
     print(f"\n[time to a trace with {args.rtol:.0%} relative standard error, both run]")

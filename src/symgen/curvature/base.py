@@ -99,6 +99,21 @@ class CurvatureOperator:
         self.num_matvecs += V.shape[1]
         return self._matmat(V)
 
+    def _quadratic_forms(self, V: Tensor) -> Tensor:
+        return (V * self._matmat(V)).sum(0)
+
+    def quadratic_forms(self, V: Tensor) -> Tensor:
+        """``v_i^T A v_i`` for the columns ``v_i`` of ``V (n, k)``, shape ``(k,)``: what Hutchinson-type
+        trace estimators need (k products are counted; a Hessian takes them without products where it can)."""
+        if not isinstance(V, Tensor) or V.ndim != 2 or V.shape[0] != self.dim:
+            got = tuple(V.shape) if isinstance(V, Tensor) else type(V).__name__
+            raise ShapeError(f"quadratic_forms expects columns V of shape ({self.dim}, k), got {got}.")
+        V = V.to(dtype=self.dtype, device=self.device)
+        if V.shape[1] == 0:
+            return V.new_zeros(0)
+        self.num_matvecs += V.shape[1]
+        return self._quadratic_forms(V)
+
     def __matmul__(self, V: Tensor) -> Tensor:
         """``A @ v`` for ``v (n,)`` or ``A @ V`` for columns ``V (n, k)``."""
         if isinstance(V, Tensor) and V.ndim == 1:
@@ -258,6 +273,7 @@ class ModelOperator(CurvatureOperator):
         in_memory = isinstance(self.data._source, (list, tuple))
         self.cache_graph = (in_memory and len(self.data) == 1) if cache_graph is None else bool(cache_graph)
         self._products: dict[int, Callable[[F.Params], F.Params]] = {}
+        self._forms: dict[int, Callable[[Tensor], Tensor]] = {}
         self._num_data: int | None = None
         self._fast_double_backward = batching == "loop" and fast_double_backward_applies(self.device, self.dtype)
 
@@ -333,6 +349,22 @@ class ModelOperator(CurvatureOperator):
                 self._fast_double_backward = False
         return self._build_product(x, y)
 
+    def _build_forms(self, x: Tensor, y: Tensor) -> Callable[[Tensor], Tensor] | None:
+        """Subclass hook: ``rows (k, n) -> (z_i^T A_b z_i)_i`` for one batch without products, or None."""
+        return None
+
+    def _batch_forms(self, b: int, x: Tensor, y: Tensor, rows: Tensor) -> Tensor:
+        """``z_i^T A_b z_i`` (float64, shape (k,)) for batch b: the subclass's forms if it has them
+        (cached like the products), else from the products."""
+        forms = self._forms.get(b) or self._build_forms(x, y)
+        if forms is not None:
+            if self.cache_graph:
+                self._forms[b] = forms
+            return forms(rows).double()
+        prods = torch.zeros(rows.shape, dtype=torch.float64, device=self.device)
+        self._accumulate(prods, self._product(b, x, y), rows, 1.0)
+        return (prods * rows).sum(1)
+
     def _product(self, b: int, x: Tensor, y: Tensor) -> Callable[[F.Params], F.Params]:
         # call inside bn_mode; uncached, only one batch's graph is alive at a time
         if not self.cache_graph:
@@ -375,3 +407,13 @@ class ModelOperator(CurvatureOperator):
 
     def _matvec(self, v: Tensor) -> Tensor:
         return self._matmat(v[:, None])[:, 0]
+
+    def _quadratic_forms(self, V: Tensor) -> Tensor:
+        rows = V.T.contiguous()
+        acc = torch.zeros(rows.shape[0], dtype=torch.float64, device=self.device)
+        count = 0
+        with F.bn_mode(self.model, self.bn_mode):
+            for b, (x, y) in enumerate(self.data):
+                acc.add_(self._batch_forms(b, x, y, rows), alpha=self._weight(x.shape[0]))
+                count += x.shape[0]
+        return self._reduce(acc, count).to(self.dtype)

@@ -27,7 +27,7 @@ def _rademacher_rows(op: CurvatureOperator, m: int, generator: torch.Generator) 
 
 def _quadratic_forms(op: CurvatureOperator, Z: Tensor) -> Tensor:
     """``z_i^T A z_i`` for the rows ``z_i`` of ``Z (m, n)``."""
-    return (Z * op.matmat(Z.T).T).sum(1)
+    return op.quadratic_forms(Z.T)
 
 
 def _orthonormal_rows(Y: Tensor) -> Tensor:
