@@ -236,6 +236,8 @@ class ModelOperator(CurvatureOperator):
     batch-mean (or batch-sum) loss of one batch.
     """
 
+    taylor = False  # quadratic forms by Taylor mode (HessianOperator); else v . (A v)
+
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], data: Any, *,
                  param_names: Iterable[str] | None = None, bn_mode: str = "eval", reduction: str = "mean",
                  batching: str = "loop", chunk_size: int | None = None, cache_graph: bool | None = None,
@@ -273,7 +275,6 @@ class ModelOperator(CurvatureOperator):
         in_memory = isinstance(self.data._source, (list, tuple))
         self.cache_graph = (in_memory and len(self.data) == 1) if cache_graph is None else bool(cache_graph)
         self._products: dict[int, Callable[[F.Params], F.Params]] = {}
-        self._forms: dict[int, Callable[[Tensor], Tensor]] = {}
         self._num_data: int | None = None
         self._fast_double_backward = batching == "loop" and fast_double_backward_applies(self.device, self.dtype)
 
@@ -350,17 +351,19 @@ class ModelOperator(CurvatureOperator):
         return self._build_product(x, y)
 
     def _build_forms(self, x: Tensor, y: Tensor) -> Callable[[Tensor], Tensor] | None:
-        """Subclass hook: ``rows (k, n) -> (z_i^T A_b z_i)_i`` for one batch without products, or None."""
+        """Subclass hook, called when ``self.taylor``: ``rows (k, n) -> (z_i^T A_b z_i)_i`` for one batch
+        without products, or None (then ``self.taylor`` is False from now on)."""
         return None
 
     def _batch_forms(self, b: int, x: Tensor, y: Tensor, rows: Tensor) -> Tensor:
-        """``z_i^T A_b z_i`` (float64, shape (k,)) for batch b: the subclass's forms if it has them
-        (cached like the products), else from the products."""
-        forms = self._forms.get(b) or self._build_forms(x, y)
-        if forms is not None:
-            if self.cache_graph:
-                self._forms[b] = forms
-            return forms(rows).double()
+        """``z_i^T A_b z_i`` (float64, shape (k,)) for batch b: Taylor-mode forms where the subclass has
+        them, else from the products. The forms are built afresh (one forward pass per call, for all k
+        rows) after freeing the batch's cached product graph, so the two never hold memory at once."""
+        if self.taylor:
+            self._products.pop(b, None)
+            forms = self._build_forms(x, y)
+            if forms is not None:
+                return forms(rows).double()
         prods = torch.zeros(rows.shape, dtype=torch.float64, device=self.device)
         self._accumulate(prods, self._product(b, x, y), rows, 1.0)
         return (prods * rows).sum(1)

@@ -60,8 +60,6 @@ class HessianOperator(ModelOperator):
         self._traced: dict[tuple, Any] = {}
 
     def _build_forms(self, x: Tensor, y: Tensor) -> Callable[[Tensor], Tensor] | None:
-        if not self.taylor:
-            return None
         keys = list(self.params)
         values = [self.params[k] for k in keys]
         sig = (tuple(x.shape), x.dtype, tuple(y.shape), y.dtype)
