@@ -48,17 +48,20 @@ def matmul_flops(dtype: torch.dtype, n: int = 1024, reps: int = 10) -> float:
     return 2 * n**3 / best
 
 
-def hvp_flops(H: HessianOperator, form: bool = False) -> float:
-    """FLOPs of one Hessian-vector product (``form``: of one quadratic form v^T H v), counted by torch's
-    FlopCounterMode (matmuls and convolutions)."""
+def hvp_flops(H: HessianOperator, form: bool = False) -> tuple[float, float]:
+    """(once, per probe) FLOPs of Hessian-vector products (``form``: of quadratic forms v^T H v, whose
+    primal pass is shared by a call's probes), counted by torch's FlopCounterMode (matmuls and
+    convolutions) on calls with one and with two vectors."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    v = torch.randn(H.dim, 1, dtype=H.dtype)
     apply = H.quadratic_forms if form else H.matmat
-    apply(v)  # build the graph (or the Taylor program) outside the count
-    with FlopCounterMode(display=False) as fc:
-        apply(v)
-    return float(fc.get_total_flops())
+    apply(torch.randn(H.dim, 1, dtype=H.dtype))  # build the graph outside the count
+    counts = []
+    for k in (1, 2):
+        with FlopCounterMode(display=False) as fc:
+            apply(torch.randn(H.dim, k, dtype=H.dtype))
+        counts.append(float(fc.get_total_flops()))
+    return 2 * counts[0] - counts[1], counts[1] - counts[0]
 
 
 def timed(fn, *args, **kwargs):
@@ -137,12 +140,12 @@ def main() -> None:
     peak = matmul_flops(torch.float32)
     H = HessianOperator(model, TF.cross_entropy, (xb, yb), bn_mode="eval")
     flops = hvp_flops(H)
-    print(f"matmul: {peak / 1e9:.1f} GFLOP/s (float32, 1024^3); one HVP = {flops / 1e9:.2f} GFLOP (FlopCounterMode)")
+    print(f"matmul: {peak / 1e9:.1f} GFLOP/s (float32, 1024^3); one HVP = {flops[1] / 1e9:.2f} GFLOP (FlopCounterMode)")
     if args.taylor:
         Ht = HessianOperator(model, TF.cross_entropy, (xb, yb), bn_mode="eval")
         flops = hvp_flops(Ht, form=True)
-        print(f"one Taylor-mode quadratic form v^T H v = {flops / 1e9:.2f} GFLOP"
-              + ("" if Ht.taylor else " (Taylor mode does not apply to this model: v . H v)"))
+        print(f"one Taylor-mode quadratic form v^T H v = {flops[1] / 1e9:.2f} GFLOP, and {flops[0] / 1e9:.2f} GFLOP "
+              "of primal pass per call" + ("" if Ht.taylor else " (Taylor mode does not apply to this model: v . H v)"))
         del Ht
 
     try:
@@ -166,7 +169,7 @@ def main() -> None:
         strategies(args, model, xb, yb, V, q_ours)
 
 
-def same_probe_trace(args, model, xb, yb, PyHessian, flops: float, peak: float):
+def same_probe_trace(args, model, xb, yb, PyHessian, flops: tuple[float, float], peak: float):
     """The trace on the same Rademacher probes, both tools, alternating order; (V, q_ours, t_py, t_ours, P)."""
     params = [p for p in model.parameters() if p.requires_grad]
     P = args.probes
@@ -204,9 +207,10 @@ def same_probe_trace(args, model, xb, yb, PyHessian, flops: float, peak: float):
                 q_py, t = run_pyhessian()
                 times_py.append(t)
     t_ours = min(times_ours)
+    rate = (flops[0] + flops[1] * P) / t_ours
     print(f"\n[trace, {P} Rademacher probes, graph built inside the timing, best of {args.repeats}]")
     print(f"  symgen  : {q_ours.mean():.4f} +- {q_ours.std() / math.sqrt(P):.4f}  {t_ours:.2f} s  "
-          f"({flops * P / t_ours / 1e9:.1f} GFLOP/s = {flops * P / t_ours / peak:.0%} of matmul)")
+          f"({rate / 1e9:.1f} GFLOP/s = {rate / peak:.0%} of matmul)")
     t_py = None
     if q_py is not None:
         t_py = min(times_py)

@@ -12,7 +12,7 @@ from symgen import functional as F
 from symgen.curvature import HessianOperator, MatrixOperator
 from symgen.curvature.taylor import TaylorProgram, TaylorUnsupported, trace_loss
 from symgen.errors import ShapeError
-from symgen.models import ResNet, small_cnn
+from symgen.models import ResNet, small_cnn, vit
 
 
 def _randomize_bn(model: nn.Module, g: torch.Generator) -> None:
@@ -137,11 +137,38 @@ def test_param_subset_float32_and_channels_last_conv():
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
-@pytest.mark.parametrize("case", ["tanh", "bn_train"])
+def _operator_forms_against_dense(model, x, y, loss_fn, g):
+    H = HessianOperator(model, loss_fn, (x, y))
+    V = torch.randn(H.dim, 3, generator=g, dtype=torch.float64)
+    got = H.quadratic_forms(V)
+    assert H.taylor
+    want = torch.einsum("ik,ij,jk->k", V, _dense_hessian(model, loss_fn, x, y), V)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_transformer_forms_equal_dense_hessian_forms():
+    """LayerNorm, GELU, softmax attention (bmm of two W-dependent values), unbind, class token and
+    position embeddings: a one-block ViT with random LayerNorm affine parameters."""
+    g = torch.Generator().manual_seed(4)
+    model = vit(image_size=4, patch_size=2, num_classes=3, dim=4, depth=1, heads=2, mlp_dim=6, in_channels=1).double()
+    for p in model.parameters():
+        p.data.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+    x = torch.randn(3, 1, 4, 4, generator=g, dtype=torch.float64)
+    _operator_forms_against_dense(model, x, torch.randint(0, 3, (3,), generator=g), TF.cross_entropy, g)
+
+
+def test_smooth_activation_forms_equal_dense_hessian_forms():
+    g = torch.Generator().manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Sigmoid(), nn.Linear(4, 2)).double()
+    x = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    _operator_forms_against_dense(model, x, torch.randn(6, 2, generator=g, dtype=torch.float64), TF.mse_loss, g)
+
+
+@pytest.mark.parametrize("case", ["silu", "bn_train"])
 def test_unsupported_operations_fall_back_to_products(case):
     g = torch.Generator().manual_seed(1)
-    if case == "tanh":
-        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    if case == "silu":
+        model = nn.Sequential(nn.Linear(4, 5), nn.SiLU(), nn.Linear(5, 3)).double()
         bn_mode = "eval"
     else:
         model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)).double()
@@ -153,14 +180,14 @@ def test_unsupported_operations_fall_back_to_products(case):
     got = H.quadratic_forms(V)
     assert not H.taylor
     torch.testing.assert_close(got, (V * H.matmat(V)).sum(0), rtol=1e-10, atol=1e-12)
-    if case == "tanh":
+    if case == "silu":
         params = F.params_of(model)
         keys = list(params)
 
         def f(*args):
             return TF.cross_entropy(F.call(model, dict(zip(keys, args[:-2], strict=True)), None, args[-2]), args[-1])
 
-        with pytest.raises(TaylorUnsupported, match="tanh"):
+        with pytest.raises(TaylorUnsupported, match="silu"):
             TaylorProgram(trace_loss(f, list(params.values()), x, y), list(params.values()), x, y)
 
 

@@ -26,6 +26,7 @@ operation outside the rules below (an unsupported layer, BatchNorm in train mode
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -196,6 +197,82 @@ def _rule_log_softmax(args, kwargs, jets, out):
     return (x1 - m1, -d2.expand(out.shape))
 
 
+def _rule_softmax(args, kwargs, jets, out):
+    """s = exp(x - lse(x)): s' = s (x' - lse'), s'' = s ((x' - lse')^2 + x'' - lse'')."""
+    dim, s = args[1], out
+    x1, x2 = jets[0]
+    m1 = (s * x1).sum(dim, keepdim=True)
+    c1 = x1 - m1
+    d2 = c1 * c1 - (s * c1 * c1).sum(dim, keepdim=True)  # (x' - lse')^2 - (lse'' without its x'' part)
+    if x2 is not None:
+        d2 = d2 + x2 - (s * x2).sum(dim, keepdim=True)
+    return (s * c1, s * d2)
+
+
+def _smooth(f1: Tensor, f2: Tensor, j: Jet) -> Jet:
+    """y = f(x) elementwise: y' = f'(x) x', y'' = f'(x) x'' + f''(x) x'^2."""
+    x1, x2 = j
+    d2 = f2 * x1 * x1
+    return (f1 * x1, d2 if x2 is None else torch.addcmul(d2, f1, x2))
+
+
+def _rule_gelu(args, kwargs, jets, out):
+    x = args[0]
+    phi = torch.exp(-0.5 * x * x) * (0.5 * math.sqrt(2 / math.pi))  # normal density
+    return _smooth(0.5 * (1 + torch.erf(x * math.sqrt(0.5))) + x * phi, phi * (2 - x * x), jets[0])
+
+
+def _rule_tanh(args, kwargs, jets, out):
+    f1 = 1 - out * out
+    return _smooth(f1, -2 * out * f1, jets[0])
+
+
+def _rule_sigmoid(args, kwargs, jets, out):
+    f1 = out * (1 - out)
+    return _smooth(f1, f1 * (1 - 2 * out), jets[0])
+
+
+def _rule_layer_norm(args, kwargs, jets, out):
+    """y = xhat gamma + beta, xhat = (x - mean) r, r = (var + eps)^(-1/2), moments over the last dims:
+    var' = 2 <xc xc'>, var'' = 2 <xc'^2 + xc xc''>, r' = -r^3 var'/2, r'' = 3 r^5 var'^2/4 - r^3 var''/2."""
+    x, shape, gamma = args[0], args[1], args[2]
+    dims = tuple(range(x.ndim - len(shape), x.ndim))
+    y, mean, r = out
+    xhat = (x - mean) * r
+    d1 = d2 = None
+    if jets[0] is not None:
+        x1, x2 = jets[0]
+        c1 = x1 - x1.mean(dims, keepdim=True)
+        c2 = None if x2 is None else x2 - x2.mean(dims, keepdim=True)
+        v1 = 2 * (xhat * c1).mean(dims, keepdim=True) / r  # var' with xc = xhat / r
+        v2 = 2 * (c1 * c1).mean(dims, keepdim=True)
+        if c2 is not None:
+            v2 = v2 + 2 * (xhat * c2).mean(dims, keepdim=True) / r
+        r1 = -0.5 * r ** 3 * v1
+        r2 = 0.75 * r ** 5 * v1 * v1 - 0.5 * r ** 3 * v2
+        h1 = c1 * r + xhat / r * r1
+        h2 = 2 * c1 * r1 + xhat / r * r2
+        if c2 is not None:
+            h2 = h2 + c2 * r
+        d1, d2 = (h1, h2) if gamma is None else (h1 * gamma, h2 * gamma)
+    if jets[2] is not None:  # gamma' = v_gamma
+        d1 = _add(d1, xhat * jets[2][0])
+        if jets[0] is not None:
+            d2 = d2 + 2 * h1 * jets[2][0]
+    if len(jets) > 3 and jets[3] is not None:
+        d1 = _add(d1, jets[3][0].expand(y.shape))
+    return ((_fit(d1, y.shape), _fit(d2, y.shape)), None, None)
+
+
+def _rule_unpack(op: Any) -> Callable[..., Jet]:
+    """Linear ops with several outputs (unbind, split): one jet per output."""
+    def rule(args, kwargs, jets, out):
+        ones = op(jets[0][0], *args[1:], **kwargs)
+        twos = [None] * len(ones) if jets[0][1] is None else op(jets[0][1], *args[1:], **kwargs)
+        return [(a, b) for a, b in zip(ones, twos, strict=True)]
+    return rule
+
+
 def _rule_nll(args, kwargs, jets, out):
     def nll(t: Tensor) -> Tensor:
         return _aten.nll_loss_forward(t, *args[1:], **kwargs)[0]
@@ -244,6 +321,14 @@ _RULES: dict[Any, Callable[..., Jet]] = {
     _aten._log_softmax.default: _rule_log_softmax,
     _aten.nll_loss_forward.default: _rule_nll,
     _aten.mse_loss.default: _rule_mse,
+    _aten._softmax.default: _rule_softmax,
+    _aten.gelu.default: _rule_gelu,
+    _aten.tanh.default: _rule_tanh,
+    _aten.sigmoid.default: _rule_sigmoid,
+    _aten.native_layer_norm.default: _rule_layer_norm,
+    _aten.unbind.int: _rule_unpack(_aten.unbind.int),
+    _aten.split.Tensor: _rule_unpack(_aten.split.Tensor),
+    _aten.split_with_sizes.default: _rule_unpack(_aten.split_with_sizes.default),
     _aten.view.default: _rule_reshape,
     _aten._unsafe_view.default: _rule_reshape,
     _aten.reshape.default: _rule_reshape,
@@ -269,6 +354,9 @@ _ACTIVE_ARGS: dict[Any, tuple[int, ...]] = {
     _aten.nll_loss_forward.default: _FIRST_ONLY, _aten.view.default: _FIRST_ONLY,
     _aten._unsafe_view.default: _FIRST_ONLY, _aten.reshape.default: _FIRST_ONLY, operator.getitem: _FIRST_ONLY,
     _aten.native_batch_norm.default: (0, 1, 2), _aten._native_batch_norm_legit_no_training.default: (0, 1, 2),
+    _aten._softmax.default: _FIRST_ONLY, _aten.gelu.default: _FIRST_ONLY, _aten.tanh.default: _FIRST_ONLY,
+    _aten.sigmoid.default: _FIRST_ONLY, _aten.native_layer_norm.default: (0, 2, 3),
+    _aten.unbind.int: _FIRST_ONLY, _aten.split.Tensor: _FIRST_ONLY, _aten.split_with_sizes.default: _FIRST_ONLY,
     **{op: _FIRST_ONLY for op in _LINEAR_FIRST},
 }
 
@@ -286,6 +374,8 @@ def _check(n: Node, active: set[Node]) -> None:
         raise TaylorUnsupported(f"{n.target} with a W-dependent argument its rule takes as constant")
     if n.target is _aten.native_batch_norm.default and n.args[5]:
         raise TaylorUnsupported("BatchNorm with batch statistics (bn_mode='train')")
+    if n.target is _aten.gelu.default and n.kwargs.get("approximate", "none") != "none":
+        raise TaylorUnsupported("GELU with the tanh approximation")
 
 
 def _flat_nodes(a: Any) -> list[Node]:
