@@ -167,7 +167,13 @@ def test_one_lanczos_process_serves_eigenpairs_deflated_trace_and_first_slq_run(
     assert abs(float(vals.mean()) - want) < 4 * float(vals.std()) / 20 + 1e-9
     assert float(torch.trace(P @ A @ P)) == pytest.approx(want - est.exact_part, rel=1e-8)
 
-    # the first SLQ run is the process's first num_steps steps: the same nodes as a run of its own
+    # the first SLQ run is the process's first num_steps steps: the same nodes as a run of its own,
+    # also after the basis is released (the run needs only T)
+    proc.release_basis()
+    with pytest.raises(ConfigError, match="released its basis"):
+        proc.extend(1)
+    with pytest.raises(ConfigError, match="released its basis"):
+        deflated_trace(op, 20, deflation=proc, generator=5)
     dens = slq_density(op, 10, 2, first=proc, generator=7)
     a, b, _ = lanczos(op, start, 10)
     T = torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1)

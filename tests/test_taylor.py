@@ -164,6 +164,23 @@ def test_smooth_activation_forms_equal_dense_hessian_forms():
     _operator_forms_against_dense(model, x, torch.randn(6, 2, generator=g, dtype=torch.float64), TF.mse_loss, g)
 
 
+class _Detached(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h * torch.relu(h.detach()) + h  # autograd treats the detached factor as a constant
+
+
+def test_detached_values_are_constants():
+    g = torch.Generator().manual_seed(6)
+    model = _Detached().double()
+    x = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    _operator_forms_against_dense(model, x, torch.randn(5, 2, generator=g, dtype=torch.float64), TF.mse_loss, g)
+
+
 @pytest.mark.parametrize("case", ["silu", "bn_train"])
 def test_unsupported_operations_fall_back_to_products(case):
     g = torch.Generator().manual_seed(1)

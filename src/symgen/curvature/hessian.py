@@ -28,9 +28,11 @@ class HessianOperator(ModelOperator):
     ``taylor``: quadratic forms v^T H v (the probes of ``trace()``: Hutchinson, Hutch++, deflated) by
     second-order Taylor mode (:mod:`symgen.curvature.taylor`), 4 forward convolutions per probe
     against 6 for a product, where every operation of the loss has a rule (convolutions, linear
-    layers, eval-mode BatchNorm, ReLU, pooling, residual sums, cross-entropy); otherwise, and with
+    layers, eval-mode BatchNorm, LayerNorm, ReLU, GELU, tanh, sigmoid, softmax attention, pooling,
+    residual sums, cross-entropy, MSE); otherwise (``self.taylor`` turns False), and with
     ``taylor=False``, ``v . (H v)``. The loss is traced once per batch shape, so a model whose Python
-    control flow depends on the data's values needs ``taylor=False``.
+    control flow depends on the data's values, or that computes part of its loss under
+    ``torch.no_grad()`` (the trace does not see grad mode), needs ``taylor=False``.
 
     ``compile``: ``True`` (inductor) or a ``torch.compile`` backend name compiles the
     forward-over-reverse product (``torch.func.jvp(grad(loss))``; AOTAutograd cannot compile the

@@ -54,6 +54,8 @@ class LanczosProcess:
 
     @property
     def _rows(self) -> Tensor:
+        if self._Q is None:
+            raise ConfigError("this LanczosProcess released its basis (release_basis()); Q is gone.")
         return self._Q[: self.steps]
 
     @property
@@ -68,7 +70,7 @@ class LanczosProcess:
     @property
     def betas(self) -> Tensor:
         """The off-diagonal of T (length steps - 1)."""
-        return torch.stack(self._betas[:-1]) if self.steps > 1 else self._Q.new_zeros(0)
+        return torch.stack(self._betas[:-1]) if self.steps > 1 else self.start.new_zeros(0)
 
     @property
     def residual_norm(self) -> Tensor:
@@ -79,9 +81,16 @@ class LanczosProcess:
         w = w - Q.T @ (Q @ w)
         return w - Q.T @ (Q @ w)
 
+    def release_basis(self) -> None:
+        """Free the basis Q (steps x n floats), keeping T (``alphas``, ``betas``): enough for a density's
+        first run; ``Q`` and ``extend`` then raise."""
+        self._Q = None
+
     def extend(self, num_steps: int, callback: Callable[[LanczosProcess], bool] | None = None) -> None:
         """Run up to ``num_steps`` more steps (never beyond the dimension); ``callback(self)`` may stop early."""
         end = self.steps + max(0, min(num_steps, self.dim - self.steps))
+        if end > self.steps and self._Q is None:
+            raise ConfigError("this LanczosProcess released its basis (release_basis()); it cannot take more steps.")
         for _ in range(end - self.steps):
             j = self.steps
             if j > 0:

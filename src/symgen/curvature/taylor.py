@@ -15,7 +15,8 @@ convolution or matrix product y = A(x, W), the bilinear rule
 Hessian-vector product on a retained graph (a forward-mode tangent pass, then the backward-data
 and backward-weights kernels for both the tangent and the cotangent). Piecewise-linear layers (ReLU,
 max pooling) pass coefficients through their primal masks; eval-mode BatchNorm is affine in its
-input and in (gamma, beta); log-softmax and the NLL loss have closed rules. Griewank & Walther,
+input and in (gamma, beta); LayerNorm, softmax, GELU, tanh, sigmoid, log-softmax, the NLL and MSE
+losses have closed second-order rules. Griewank & Walther,
 Evaluating Derivatives (SIAM 2008), ch. 13; Bettencourt, Johnson & Duvenaud 2019 (Taylor-mode AD,
 "jets"). Same numbers as v . (H v) to round-off (tests/test_taylor.py).
 
@@ -401,6 +402,8 @@ class TaylorProgram:
         active = set(self._param_nodes)
         self._steps: list[Node] = []
         for n in nodes:
+            if n.target is _aten.detach.default:  # a constant to autograd, so to the Taylor coefficients
+                continue
             if n.op == "call_function" and any(a in active for a in _flat_nodes((n.args, n.kwargs))):
                 _check(n, active)
                 active.add(n)

@@ -66,6 +66,7 @@ def hessian(sec: SectionResult, model: nn.Module, train: Split, lim: AuditLimits
         sec.skipped.append(f"Lanczos stopped at {pairs.num_matvecs} steps before every top eigenvalue reached "
                            "relative error 1e-3 (budget); the error bounds say how far off they may be")
     if lim.density_runs > 0:
+        proc.release_basis()  # SLQ's first run needs only T: the basis would sit beside the next run's
         dens = slq_density(hess, lim.density_steps, lim.density_runs, first=proc,
                            generator=torch.Generator().manual_seed(seed + 2))
         lo, hi = float(dens.nodes.min()), float(dens.nodes.max())
