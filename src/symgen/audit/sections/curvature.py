@@ -57,7 +57,8 @@ def hessian(sec: SectionResult, model: nn.Module, train: Split, lim: AuditLimits
                            generator=torch.Generator().manual_seed(seed))
     sec.add("trace", trace.value, trace.stderr,
             f"Hutchinson deflated by the {proc.steps} Lanczos vectors of the eigenvalue run, {trace.num_matvecs} "
-            "more Hessian-vector products; eval-mode BatchNorm")
+            f"probes v^T H v ({'Taylor mode' if hess.taylor else 'from Hessian-vector products'}); "
+            "eval-mode BatchNorm")
     tops = [float(v) for v in pairs.values]
     for i, (val, bound) in enumerate(zip(tops, pairs.error_bounds.tolist(), strict=True)):
         sec.add(f"eigenvalue_{i + 1}", val, bound, "uncertainty = Lanczos error bound" + (
