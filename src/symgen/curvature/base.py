@@ -87,13 +87,16 @@ class CurvatureOperator:
         self.num_matvecs += 1
         return self._matvec(v)
 
-    def matmat(self, V: Tensor) -> Tensor:
-        """``A V`` for columns ``V (n, k)``: A applied to each column."""
+    def _columns(self, V: Tensor, caller: str, hint: str = ".") -> Tensor:
+        """``V (n, k)`` in the operator's dtype and device, or a ShapeError naming ``caller``."""
         if not isinstance(V, Tensor) or V.ndim != 2 or V.shape[0] != self.dim:
             got = tuple(V.shape) if isinstance(V, Tensor) else type(V).__name__
-            raise ShapeError(f"matmat expects columns V of shape ({self.dim}, k), got {got}; "
-                             "vectors are columns (for rows R use op.matmat(R.T).T).")
-        V = V.to(dtype=self.dtype, device=self.device)
+            raise ShapeError(f"{caller} expects columns V of shape ({self.dim}, k), got {got}{hint}")
+        return V.to(dtype=self.dtype, device=self.device)
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """``A V`` for columns ``V (n, k)``: A applied to each column."""
+        V = self._columns(V, "matmat", "; vectors are columns (for rows R use op.matmat(R.T).T).")
         if V.shape[1] == 0:
             return V.clone()
         self.num_matvecs += V.shape[1]
@@ -105,10 +108,7 @@ class CurvatureOperator:
     def quadratic_forms(self, V: Tensor) -> Tensor:
         """``v_i^T A v_i`` for the columns ``v_i`` of ``V (n, k)``, shape ``(k,)``: what Hutchinson-type
         trace estimators need (k products are counted; a Hessian takes them without products where it can)."""
-        if not isinstance(V, Tensor) or V.ndim != 2 or V.shape[0] != self.dim:
-            got = tuple(V.shape) if isinstance(V, Tensor) else type(V).__name__
-            raise ShapeError(f"quadratic_forms expects columns V of shape ({self.dim}, k), got {got}.")
-        V = V.to(dtype=self.dtype, device=self.device)
+        V = self._columns(V, "quadratic_forms")
         if V.shape[1] == 0:
             return V.new_zeros(0)
         self.num_matvecs += V.shape[1]

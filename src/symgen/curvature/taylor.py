@@ -425,13 +425,16 @@ class TaylorProgram:
                     fn = _aten.reshape.default if n.target in _VIEWS else n.target
                     env[n] = fn(*_load(n.args, env), **_load(n.kwargs, env))
         self.loss = env[self._output].detach()
-        self._values = {n: v for n, v in env.items() if n in needed}
+        values = {n: v for n, v in env.items() if n in needed}
+        del env
         last: dict[Node, int] = {}
         for i, n in enumerate(self._steps):
             for a in _flat_nodes((n.args, n.kwargs)):
                 last[a] = i
-        self._free_after = [[a for a in _flat_nodes((n.args, n.kwargs)) if last.get(a) == i and a is not self._output]
-                            for i, n in enumerate(self._steps)]
+        # per step, what every probe reuses: its primal arguments and output, and the jets it frees
+        self._calls = [(n, _load(n.args, values), _load(n.kwargs, values), values[n],
+                        [a for a in _flat_nodes((n.args, n.kwargs)) if last.get(a) == i and a is not self._output])
+                       for i, n in enumerate(self._steps)]
         self._active = active
 
     def form(self, vs: Sequence[Tensor]) -> Tensor:
@@ -439,11 +442,9 @@ class TaylorProgram:
         if self._output not in self._active:
             return torch.zeros((), dtype=self.loss.dtype, device=self.loss.device)
         jets: dict[Node, Jet] = {n: (v, None) for n, v in zip(self._param_nodes, vs, strict=True)}
-        vals = self._values
         with torch.no_grad():
-            for n, free in zip(self._steps, self._free_after, strict=True):
-                args, kwargs = _load(n.args, vals), _load(n.kwargs, vals)
-                jets[n] = _RULES[n.target](args, kwargs, _load(list(n.args), jets, missing=True), vals[n])
+            for n, args, kwargs, out, free in self._calls:
+                jets[n] = _RULES[n.target](args, kwargs, _load(list(n.args), jets, missing=True), out)
                 for a in free:
                     jets.pop(a, None)
         d2 = jets[self._output][1]
