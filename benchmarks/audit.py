@@ -35,8 +35,10 @@ def write_fake_cifar(root: Path, test_size: int, train_files: int, per_file: int
         n = n if i < train_files else 16
         batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": rng.integers(0, 10, n).tolist()}
         (base / name).write_bytes(pickle.dumps(batch))
-    test = {b"data": rng.integers(0, 256, (test_size, 3072), dtype=np.uint8),
-            b"labels": rng.integers(0, 10, test_size).tolist()}
+    test = {
+        b"data": rng.integers(0, 256, (test_size, 3072), dtype=np.uint8),
+        b"labels": rng.integers(0, 10, test_size).tolist(),
+    }
     (base / "test_batch").write_bytes(pickle.dumps(test))
 
 
@@ -51,7 +53,9 @@ def main() -> None:
     ap.add_argument("--budget", default="lifted", help="'lifted' (quick sizes, no time limit) or seconds")
     ap.add_argument("--action", default="d4")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an audit limit, e.g. pgd_samples=100")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="an audit limit, e.g. pgd_samples=100"
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -96,20 +100,36 @@ def main() -> None:
             marks.append((title, time.perf_counter(), rss_mib()))
             print(f"  [{time.perf_counter() - t0:7.1f} s, peak RSS {rss_mib():6.0f} MiB] {title}", flush=True)
 
-        print(f"ResNet-18, {n} parameters; test split {args.test_size} images (streamed), train split {n_train}; "
-              f"budget {args.budget}; action {args.action}")
+        print(
+            f"ResNet-18, {n} parameters; test split {args.test_size} images (streamed), train split {n_train}; "
+            f"budget {args.budget}; action {args.action}"
+        )
         t0 = time.perf_counter()
-        result = audit(model, "cifar10", args.action, root=root, budget=budget, limits=limits,
-                       generator=args.seed, progress=progress)
+        result = audit(
+            model,
+            "cifar10",
+            args.action,
+            root=root,
+            budget=budget,
+            limits=limits,
+            generator=args.seed,
+            progress=progress,
+        )
         total = time.perf_counter() - t0
-    print(f"\n{'section':18s} {'status':8s} {'wall s':>8s} {'cpu s':>8s} {'samples':>8s} {'predicted s (quick sizes)':>26s}")
+    print(
+        f"\n{'section':18s} {'status':8s} {'wall s':>8s} {'cpu s':>8s} {'samples':>8s} {'predicted s (quick sizes)':>26s}"
+    )
     for name, sec in result.sections.items():
-        print(f"{name:18s} {sec.status:8s} {sec.seconds:8.1f} {sec.cpu_seconds:8.1f} {sec.samples or 0:8d} "
-              f"{predicted.get(name, float('nan')):26.0f}")
+        print(
+            f"{name:18s} {sec.status:8s} {sec.seconds:8.1f} {sec.cpu_seconds:8.1f} {sec.samples or 0:8d} "
+            f"{predicted.get(name, float('nan')):26.0f}"
+        )
         for note in sec.skipped:
             print(f"    note: {note[:160]}")
-    print(f"\ntotal {total:.1f} s ({total / 60:.1f} min); peak RSS {rss_mib():.0f} MiB (process, {start_rss:.0f} MiB "
-          f"after imports); target < 10 min and < 4 GB")
+    print(
+        f"\ntotal {total:.1f} s ({total / 60:.1f} min); peak RSS {rss_mib():.0f} MiB (process, {start_rss:.0f} MiB "
+        f"after imports); target < 10 min and < 4 GB"
+    )
     print(f"limits used: { {k: v for k, v in result.limits.items() if k != 'noise_sigmas'} }")
     print(f"load average at end: {os.getloadavg()}")
 

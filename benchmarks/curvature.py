@@ -94,18 +94,33 @@ def main() -> None:
     ap.add_argument("--strategies", type=int, default=10, help="probes per HVP strategy comparison (0: skip)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=2, help="timings of the 100-probe trace, alternating order")
-    ap.add_argument("--model", choices=("bn_cnn", "resnet20"), default="bn_cnn",
-                    help="bn_cnn (width --width) or the CIFAR ResNet-20 of PyHessian's README (implies --input cifar)")
-    ap.add_argument("--input", choices=("digits", "cifar"), default="digits",
-                    help="digits 8x8, or random CIFAR-shaped 3x32x32 images with random labels")
+    ap.add_argument(
+        "--model",
+        choices=("bn_cnn", "resnet20"),
+        default="bn_cnn",
+        help="bn_cnn (width --width) or the CIFAR ResNet-20 of PyHessian's README (implies --input cifar)",
+    )
+    ap.add_argument(
+        "--input",
+        choices=("digits", "cifar"),
+        default="digits",
+        help="digits 8x8, or random CIFAR-shaped 3x32x32 images with random labels",
+    )
     ap.add_argument("--eig-tol", type=float, default=1e-4, help="symgen Lanczos tolerance")
     ap.add_argument("--eig-criteria", default="residual,gap,change", help="symgen Lanczos stopping criteria")
     ap.add_argument("--pyhessian-tols", default="1e-3,1e-4,1e-5", help="PyHessian power-iteration tolerances")
     ap.add_argument("--ref-tol", type=float, default=1e-7, help="residual tolerance of the reference eigenvalue")
-    ap.add_argument("--no-taylor", dest="taylor", action="store_false",
-                    help="trace probes as v . (H v) instead of second-order Taylor-mode quadratic forms")
-    ap.add_argument("--sections", default="trace,rtol,eig,density,strategies",
-                    help="comma-separated subset of trace,rtol,eig,density,strategies")
+    ap.add_argument(
+        "--no-taylor",
+        dest="taylor",
+        action="store_false",
+        help="trace probes as v . (H v) instead of second-order Taylor-mode quadratic forms",
+    )
+    ap.add_argument(
+        "--sections",
+        default="trace,rtol,eig,density,strategies",
+        help="comma-separated subset of trace,rtol,eig,density,strategies",
+    )
     args = ap.parse_args()
     sections = set(args.sections.split(","))
     torch.set_num_threads(args.threads)
@@ -134,9 +149,11 @@ def main() -> None:
     xb, yb = x[: args.batch], y[: args.batch]
     n = sum(p.numel() for p in model.parameters())
     name = "CIFAR ResNet-20" if args.model == "resnet20" else f"BN CNN width {args.width}"
-    print(f"model: {name}, {n} parameters; {args.input} inputs {tuple(xb.shape[1:])}, "
-          f"batch {xb.shape[0]}; eval-mode BatchNorm; "
-          f"{args.threads} threads (timings on a shared machine are noisy)")
+    print(
+        f"model: {name}, {n} parameters; {args.input} inputs {tuple(xb.shape[1:])}, "
+        f"batch {xb.shape[0]}; eval-mode BatchNorm; "
+        f"{args.threads} threads (timings on a shared machine are noisy)"
+    )
     peak = matmul_flops(torch.float32)
     H = HessianOperator(model, TF.cross_entropy, (xb, yb), bn_mode="eval")
     flops = hvp_flops(H)
@@ -144,8 +161,10 @@ def main() -> None:
     if args.taylor:
         Ht = HessianOperator(model, TF.cross_entropy, (xb, yb), bn_mode="eval")
         flops = hvp_flops(Ht, form=True)
-        print(f"one Taylor-mode quadratic form v^T H v = {flops[1] / 1e9:.2f} GFLOP, and {flops[0] / 1e9:.2f} GFLOP "
-              "of primal pass per call" + ("" if Ht.taylor else " (Taylor mode does not apply to this model: v . H v)"))
+        print(
+            f"one Taylor-mode quadratic form v^T H v = {flops[1] / 1e9:.2f} GFLOP, and {flops[0] / 1e9:.2f} GFLOP "
+            "of primal pass per call" + ("" if Ht.taylor else " (Taylor mode does not apply to this model: v . H v)")
+        )
         del Ht
 
     try:
@@ -174,6 +193,7 @@ def same_probe_trace(args, model, xb, yb, PyHessian, flops: tuple[float, float],
     params = [p for p in model.parameters() if p.requires_grad]
     P = args.probes
     V = pyhessian_probes(params, P, args.seed + 1)
+
     def run_ours() -> tuple[torch.Tensor, float]:
         H = HessianOperator(model, TF.cross_entropy, (xb, yb), bn_mode="eval", taylor=args.taylor)
         t0 = time.perf_counter()
@@ -209,16 +229,20 @@ def same_probe_trace(args, model, xb, yb, PyHessian, flops: tuple[float, float],
     t_ours = min(times_ours)
     rate = (flops[0] + flops[1] * P) / t_ours
     print(f"\n[trace, {P} Rademacher probes, graph built inside the timing, best of {args.repeats}]")
-    print(f"  symgen  : {q_ours.mean():.4f} +- {q_ours.std() / math.sqrt(P):.4f}  {t_ours:.2f} s  "
-          f"({rate / 1e9:.1f} GFLOP/s = {rate / peak:.0%} of matmul)")
+    print(
+        f"  symgen  : {q_ours.mean():.4f} +- {q_ours.std() / math.sqrt(P):.4f}  {t_ours:.2f} s  "
+        f"({rate / 1e9:.1f} GFLOP/s = {rate / peak:.0%} of matmul)"
+    )
     t_py = None
     if q_py is not None:
         t_py = min(times_py)
         rel = float(((q_py - q_ours).abs() / q_ours.abs()).max())
         print(f"  PyHessian: {q_py.mean():.4f} +- {q_py.std() / math.sqrt(P):.4f}  {t_py:.2f} s")
-        print(f"  same probes: max relative difference per probe {rel:.1e}; speed-up symgen/PyHessian "
-              f"{t_py / t_ours:.2f}x (all times: symgen {[round(t, 2) for t in times_ours]}, "
-              f"PyHessian {[round(t, 2) for t in times_py]})")
+        print(
+            f"  same probes: max relative difference per probe {rel:.1e}; speed-up symgen/PyHessian "
+            f"{t_py / t_ours:.2f}x (all times: symgen {[round(t, 2) for t in times_ours]}, "
+            f"PyHessian {[round(t, 2) for t in times_py]})"
+        )
     return V, q_ours, t_py, t_ours, P
 
 
@@ -226,11 +250,14 @@ def time_to_rtol(args, model, xb, yb, q_ours, t_py, t_ours, P) -> None:
     per_probe = (t_py if t_py is not None else t_ours) / P
     need = (float(q_ours.std()) / (args.rtol * abs(float(q_ours.mean())))) ** 2
     H = HessianOperator(model, TF.cross_entropy, (xb, yb), bn_mode="eval", taylor=args.taylor)
-    est, t_defl = timed(H.trace, 20, torch.Generator().manual_seed(args.seed + 2), method="deflated",
-                        rtol=args.rtol, max_matvecs=2000)
+    est, t_defl = timed(
+        H.trace, 20, torch.Generator().manual_seed(args.seed + 2), method="deflated", rtol=args.rtol, max_matvecs=2000
+    )
     print(f"\n[time to a trace with {args.rtol:.0%} relative standard error, both run]")
-    print(f"  symgen Lanczos-deflated: {est.value:.4f} +- {est.stderr:.4f} ({est.relative_stderr:.2%}) from "
-          f"{est.num_matvecs} products, {t_defl:.2f} s")
+    print(
+        f"  symgen Lanczos-deflated: {est.value:.4f} +- {est.stderr:.4f} ({est.relative_stderr:.2%}) from "
+        f"{est.num_matvecs} products, {t_defl:.2f} s"
+    )
     try:
         import pyhessian  # noqa: F401
     except ImportError:
@@ -240,31 +267,41 @@ def time_to_rtol(args, model, xb, yb, q_ours, t_py, t_ours, P) -> None:
     mean, rse, n, t_p = pyhessian_trace_to_rtol(model, (xb, yb), args.rtol, args.max_probes, 20, args.seed + 2)
     capped = " (stopped at --max-probes: NOT reached)" if rse > args.rtol else ""
     print(f"  PyHessian Hutchinson: {mean:.4f} ({rse:.2%}) from {n} probes, {t_p:.2f} s{capped}")
-    print(f"  -> time to {args.rtol:.0%} SE: symgen {t_p / t_defl:.1f}x shorter (target >= 3x); values differ by "
-          f"{(est.value - mean) / math.hypot(est.stderr, rse * abs(mean)):+.2f} "
-          "combined SE")
+    print(
+        f"  -> time to {args.rtol:.0%} SE: symgen {t_p / t_defl:.1f}x shorter (target >= 3x); values differ by "
+        f"{(est.value - mean) / math.hypot(est.stderr, rse * abs(mean)):+.2f} "
+        "combined SE"
+    )
 
 
 def top_eigenvalue(args, model, xb, yb, PyHessian) -> None:
     H = HessianOperator(model, TF.cross_entropy, (xb, yb), bn_mode="eval")
     ref = H.eigenpairs(1, tol=args.ref_tol, max_steps=300, generator=torch.Generator().manual_seed(99))
     lam = float(ref.values[0])
-    print(f"\n[top eigenvalue; reference {lam:.6f} = Lanczos to residual {args.ref_tol:g} ({ref.num_matvecs} products)]")
+    print(
+        f"\n[top eigenvalue; reference {lam:.6f} = Lanczos to residual {args.ref_tol:g} ({ref.num_matvecs} products)]"
+    )
     t_eigs = {}
     e = args.eig_tol
-    criteria = {"residual": (f"residual <= {e:g} |theta|", dict(tol=e)),
-                "gap": (f"min(r, r^2/gap) <= {e:g} |theta|", dict(tol=e, criterion="gap")),
-                "change": (f"change <= {e:g} |theta|", dict(tol=e, criterion="change"))}
+    criteria = {
+        "residual": (f"residual <= {e:g} |theta|", dict(tol=e)),
+        "gap": (f"min(r, r^2/gap) <= {e:g} |theta|", dict(tol=e, criterion="gap")),
+        "change": (f"change <= {e:g} |theta|", dict(tol=e, criterion="change")),
+    }
     for label, kw in [criteria[c] for c in args.eig_criteria.split(",")]:
         H = HessianOperator(model, TF.cross_entropy, (xb, yb), bn_mode="eval")
         pairs, t_eig = timed(H.eigenpairs, 1, generator=torch.Generator().manual_seed(args.seed + 3), **kw)
         t_eigs[label] = t_eig
-        print(f"  symgen Lanczos, {label}: {float(pairs.values[0]):.6f}, relative error "
-              f"{abs(float(pairs.values[0]) - lam) / lam:.1e}, {pairs.num_matvecs} products, {t_eig:.2f} s")
+        print(
+            f"  symgen Lanczos, {label}: {float(pairs.values[0]):.6f}, relative error "
+            f"{abs(float(pairs.values[0]) - lam) / lam:.1e}, {pairs.num_matvecs} products, {t_eig:.2f} s"
+        )
     G = GGNOperator(model, TF.cross_entropy, (xb, yb), bn_mode="eval")
     gp, t_g = timed(G.eigenpairs, 1, tol=1e-4, generator=torch.Generator().manual_seed(args.seed + 3))
-    print(f"  symgen GGN (J^T H_loss J) top eigenvalue, residual <= 1e-4: {float(gp.values[0]):.6f} "
-          f"({float(gp.values[0]) / lam:.3f} of the Hessian's), {gp.num_matvecs} products, {t_g:.2f} s")
+    print(
+        f"  symgen GGN (J^T H_loss J) top eigenvalue, residual <= 1e-4: {float(gp.values[0]):.6f} "
+        f"({float(gp.values[0]) / lam:.3f} of the Hessian's), {gp.num_matvecs} products, {t_g:.2f} s"
+    )
     if PyHessian is not None:
         import sys
 
@@ -285,21 +322,24 @@ def top_eigenvalue(args, model, xb, yb, PyHessian) -> None:
             torch.manual_seed(args.seed + 3)
             ev, _ = hc.eigenvalues(maxIter=200, tol=tol, top_n=1)
             t_pe = time.perf_counter() - t0
-            print(f"  PyHessian power iteration (tol {tol:.0e}{', its default' if tol == 1e-3 else ''}): {ev[0]:.6f}, "
-                  f"relative error {abs(ev[0] - lam) / lam:.1e}, {count['n']} products, {t_pe:.2f} s")
+            print(
+                f"  PyHessian power iteration (tol {tol:.0e}{', its default' if tol == 1e-3 else ''}): {ev[0]:.6f}, "
+                f"relative error {abs(ev[0] - lam) / lam:.1e}, {count['n']} products, {t_pe:.2f} s"
+            )
             for label, t in t_eigs.items():
                 print(f"    time ratio PyHessian / symgen [{label}]: {t_pe / t:.2f}x")
             model.zero_grad(set_to_none=True)
         ph.hessian_vector_product = orig
 
 
-
 def density(args, model, xb, yb, PyHessian) -> None:
     H = HessianOperator(model, TF.cross_entropy, (xb, yb), bn_mode="eval")
     dens, t_d = timed(H.density, 50, 1, torch.Generator().manual_seed(args.seed + 4))
     print("\n[spectral density, SLQ]")
-    print(f"  symgen: 1 run x 50 Lanczos steps, {t_d:.2f} s; nodes in [{float(dens.nodes.min()):.3f}, "
-          f"{float(dens.nodes.max()):.3f}], SLQ trace {dens.trace():.3f}")
+    print(
+        f"  symgen: 1 run x 50 Lanczos steps, {t_d:.2f} s; nodes in [{float(dens.nodes.min()):.3f}, "
+        f"{float(dens.nodes.max()):.3f}], SLQ trace {dens.trace():.3f}"
+    )
     if PyHessian is not None:
         hc = PyHessian(model, TF.cross_entropy, data=(xb, yb), cuda=False)
         try:
@@ -310,16 +350,19 @@ def density(args, model, xb, yb, PyHessian) -> None:
         model.zero_grad(set_to_none=True)
 
 
-
 def strategies(args, model, xb, yb, V, q_ours) -> None:
     if True:
         m = args.strategies
         W = V[:m]
         print(f"\n[HVP strategies, {m} products each, graph build included]")
-        for label, kw in [("retained graph, loop (default)", dict(hvp_mode="reverse", batching="loop")),
-                          ("forward-over-reverse, loop", dict(hvp_mode="forward", batching="loop")),
-                          (f"retained graph, vmap chunk {min(m, 5)}", dict(hvp_mode="reverse", batching="vmap",
-                                                                           chunk_size=min(m, 5)))]:
+        for label, kw in [
+            ("retained graph, loop (default)", dict(hvp_mode="reverse", batching="loop")),
+            ("forward-over-reverse, loop", dict(hvp_mode="forward", batching="loop")),
+            (
+                f"retained graph, vmap chunk {min(m, 5)}",
+                dict(hvp_mode="reverse", batching="vmap", chunk_size=min(m, 5)),
+            ),
+        ]:
             Hs = HessianOperator(model, TF.cross_entropy, (xb, yb), bn_mode="eval", **kw)
             out, t = timed(Hs.matmat, W.T)
             err = float(((W * out.T).sum(1) - q_ours[:m]).abs().max() / q_ours[:m].abs().max())
@@ -327,8 +370,10 @@ def strategies(args, model, xb, yb, V, q_ours) -> None:
         # the GGN product costs about as much; its quadratic forms are the PSD part of the Hessian's
         G = GGNOperator(model, TF.cross_entropy, (xb, yb), bn_mode="eval")
         out, t = timed(G.matmat, W.T)
-        print(f"  {'GGN J^T H_loss J, retained graph, loop':38s} {t:6.2f} s  ({t / m * 1000:.0f} ms/product, "
-              f"mean z^T G z {float((W * out.T).sum(1).mean()):.3f} vs z^T H z {float(q_ours[:m].mean()):.3f})")
+        print(
+            f"  {'GGN J^T H_loss J, retained graph, loop':38s} {t:6.2f} s  ({t / m * 1000:.0f} ms/product, "
+            f"mean z^T G z {float((W * out.T).sum(1).mean()):.3f} vs z^T H z {float(q_ours[:m].mean()):.3f})"
+        )
 
 
 if __name__ == "__main__":

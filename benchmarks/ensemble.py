@@ -33,7 +33,7 @@ def matmul_flops(n: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.flo
     t = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    return 2 * n ** 3 * repeats / (time.perf_counter() - t)
+    return 2 * n**3 * repeats / (time.perf_counter() - t)
 
 
 def cnn_macs_per_sample(model: MaskedCNN, spatial: tuple[int, int]) -> int:
@@ -60,8 +60,8 @@ def train_loop(factory, members: int, x, y, *, epochs, batch_size, lr, action, s
         for _ in range(epochs):
             order, elems = epoch_plan(gen, n, action.group.order)
             for s in range(0, n, batch_size):
-                idx = order[s:s + batch_size]
-                xb = action.apply_each(elems[s:s + batch_size], x[idx])
+                idx = order[s : s + batch_size]
+                xb = action.apply_each(elems[s : s + batch_size], x[idx])
                 loss = F.cross_entropy(model(xb), y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -81,8 +81,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-loop", action="store_true", help="time only the vectorized path (no loop, no ratio)")
-    ap.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                    help="also time train_ensemble(compile=BACKEND) (default backend: inductor)")
+    ap.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        metavar="BACKEND",
+        help="also time train_ensemble(compile=BACKEND) (default backend: inductor)",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,21 +110,38 @@ def main() -> None:
 
 
 def _train_and_compare(args, factory, x, y, xt, action):
-    print(f"\ndigits: {x.shape[0]} train / {xt.shape[0]} test, MaskedCNN(channels={args.channels}), "
-          f"{args.members} members, {args.epochs} epoch(s), batch {args.batch_size}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"\ndigits: {x.shape[0]} train / {xt.shape[0]} test, MaskedCNN(channels={args.channels}), "
+        f"{args.members} members, {args.epochs} epoch(s), batch {args.batch_size}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
 
     # ---- training: vectorized vs loop ------------------------------------------------------------
     warm = Ensemble.init(factory, 2, generator=123)
-    train_ensemble(warm, x[:64], y[:64], torch.optim.SGD(warm.parameters(), lr=args.lr), epochs=1,
-                   batch_size=args.batch_size, augment=action)
+    train_ensemble(
+        warm,
+        x[:64],
+        y[:64],
+        torch.optim.SGD(warm.parameters(), lr=args.lr),
+        epochs=1,
+        batch_size=args.batch_size,
+        augment=action,
+    )
     t0 = time.perf_counter()
     ens = Ensemble.init(factory, args.members, generator=args.seed)
-    train_ensemble(ens, x, y, torch.optim.SGD(ens.parameters(), lr=args.lr), epochs=args.epochs,
-                   batch_size=args.batch_size, augment=action, generator=args.seed)
+    train_ensemble(
+        ens,
+        x,
+        y,
+        torch.optim.SGD(ens.parameters(), lr=args.lr),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        augment=action,
+        generator=args.seed,
+    )
     t_vec = time.perf_counter() - t0
     macs = cnn_macs_per_sample(factory(), (8, 8))
-    flop = 3 * 2 * macs * x.shape[0] * args.epochs * args.members   # forward + backward ~ 3x forward
+    flop = 3 * 2 * macs * x.shape[0] * args.epochs * args.members  # forward + backward ~ 3x forward
     if args.compile:
         _compiled(args, factory, x, y, action, ens, t_vec)
     if args.skip_loop:
@@ -129,14 +152,25 @@ def _train_and_compare(args, factory, x, y, xt, action):
             print(f"paper's setting (1000 members, 10 epochs, 1347 digits): {t_vec / 60:.1f} min vectorized, MEASURED")
         else:
             est = t_vec * (1000 / args.members) * (10 / args.epochs) * (1347 / x.shape[0])
-            print(f"paper's setting (1000 members, 10 epochs, 1347 digits): {est / 60:.1f} min vectorized, "
-                  f"EXTRAPOLATED linearly from this run ({args.members} members, {args.epochs} epoch(s), "
-                  f"{x.shape[0]} samples)")
+            print(
+                f"paper's setting (1000 members, 10 epochs, 1347 digits): {est / 60:.1f} min vectorized, "
+                f"EXTRAPOLATED linearly from this run ({args.members} members, {args.epochs} epoch(s), "
+                f"{x.shape[0]} samples)"
+            )
         return ens
 
     t0 = time.perf_counter()
-    models = train_loop(factory, args.members, x, y, epochs=args.epochs, batch_size=args.batch_size,
-                        lr=args.lr, action=action, seed=args.seed)
+    models = train_loop(
+        factory,
+        args.members,
+        x,
+        y,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        action=action,
+        seed=args.seed,
+    )
     t_loop = time.perf_counter() - t0
 
     with torch.no_grad():
@@ -150,11 +184,15 @@ def _train_and_compare(args, factory, x, y, xt, action):
     target = 10 if args.members >= 256 else 8
     print(f"speedup: {t_loop / t_vec:.2f}x (target >= {target}x on 2 CPU cores)")
     paper = t_vec * (1000 / args.members) * (10 / args.epochs) * (1347 / x.shape[0])
-    print(f"paper's setting (1000 members, 10 epochs, 1347 digits): {paper / 60:.1f} min vectorized, EXTRAPOLATED "
-          f"linearly from this measured run ({args.members} members, {args.epochs} epoch(s), {x.shape[0]} samples)")
+    print(
+        f"paper's setting (1000 members, 10 epochs, 1347 digits): {paper / 60:.1f} min vectorized, EXTRAPOLATED "
+        f"linearly from this measured run ({args.members} members, {args.epochs} epoch(s), {x.shape[0]} samples)"
+    )
     print(f"max |logits_vectorized - logits_loop| = {diff:.2e} (required <= 1e-4): {'OK' if diff <= 1e-4 else 'FAIL'}")
-    print(f"measured matmul roofline: {peak / 1e9:.1f} GFLOP/s; these small grouped convolutions reach "
-          f"{100 * flop / t_vec / peak:.1f}% of it")
+    print(
+        f"measured matmul roofline: {peak / 1e9:.1f} GFLOP/s; these small grouped convolutions reach "
+        f"{100 * flop / t_vec / peak:.1f}% of it"
+    )
 
     return ens
 
@@ -164,24 +202,38 @@ def _compiled(args, factory, x, y, action, eager, t_eager):
     marks = []
     t0 = time.perf_counter()
     ens = Ensemble.init(factory, args.members, generator=args.seed)
-    train_ensemble(ens, x, y, torch.optim.SGD(ens.parameters(), lr=args.lr), epochs=args.epochs,
-                   batch_size=args.batch_size, augment=action, generator=args.seed, compile=args.compile,
-                   on_epoch=lambda e, _: marks.append(time.perf_counter()))
+    train_ensemble(
+        ens,
+        x,
+        y,
+        torch.optim.SGD(ens.parameters(), lr=args.lr),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        augment=action,
+        generator=args.seed,
+        compile=args.compile,
+        on_epoch=lambda e, _: marks.append(time.perf_counter()),
+    )
     t_c = time.perf_counter() - t0
     diff = max(float((ens.params[k] - v).detach().abs().max()) for k, v in eager.params.items())
     print(f"\n== torch.compile (backend {args.compile}) vs eager vmap ==")
-    print(f"eager vmap: {t_eager:8.2f} s;  compiled: {t_c:8.2f} s in all, first epoch (with compiling) "
-          f"{marks[0] - t0:.2f} s")
+    print(
+        f"eager vmap: {t_eager:8.2f} s;  compiled: {t_c:8.2f} s in all, first epoch (with compiling) "
+        f"{marks[0] - t0:.2f} s"
+    )
     if len(marks) > 1:
         per_c = (marks[-1] - marks[0]) / (len(marks) - 1)
         per_e = t_eager / args.epochs
-        print(f"per epoch after the first: compiled {per_c:.2f} s vs eager {per_e:.2f} s (eager's mean epoch) "
-              f"-> {per_e / per_c:.2f}x")
+        print(
+            f"per epoch after the first: compiled {per_c:.2f} s vs eager {per_e:.2f} s (eager's mean epoch) "
+            f"-> {per_e / per_c:.2f}x"
+        )
     print(f"max |params_compiled - params_eager| = {diff:.2e}")
 
 
 def _orbit_metrics(args, ens, action, xt, yt):
     """Orbit metrics: one batched pass vs a loop over group elements."""
+
     def loop_over_g():
         with torch.no_grad():
             logits = torch.stack([ens(action.apply(g, xt)) for g in action.group.elements()])
@@ -198,10 +250,11 @@ def _orbit_metrics(args, ens, action, xt, yt):
         looped = loop_over_g()
     t_l = (time.perf_counter() - t0) / reps
     worst = max(abs(batched[k] - looped[k]) for k in batched)
-    print(f"\n== orbit metrics (ensemble of {args.members}, {xt.shape[0]} test images, "
-          f"|G| = {action.group.order}) ==")
-    print(f"one batched pass: {t_b * 1000:8.1f} ms   loop over g: {t_l * 1000:8.1f} ms   "
-          f"ratio {t_l / t_b:.2f}x   max metric difference {worst:.1e}")
+    print(f"\n== orbit metrics (ensemble of {args.members}, {xt.shape[0]} test images, |G| = {action.group.order}) ==")
+    print(
+        f"one batched pass: {t_b * 1000:8.1f} ms   loop over g: {t_l * 1000:8.1f} ms   "
+        f"ratio {t_l / t_b:.2f}x   max metric difference {worst:.1e}"
+    )
     print(f"ensemble: osp {batched['osp']:.3f}  kl {batched['kl']:.4f}  accuracy {batched['accuracy']:.3f}")
 
 

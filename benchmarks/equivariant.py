@@ -56,9 +56,11 @@ def fresh(rep: Representation) -> Representation:
 
 def bench_bases(sides: list[int], max_dense: int) -> None:
     print("== 1. commutant basis: orbit weight sharing vs dense nullspace (SVD, float64)")
-    print(f"{'group':5} {'map':16} {'d_in':>5} {'D=d_out*d_in':>12} {'dim':>7} {'orbits s':>10} {'dense s':>10} "
-          f"{'ratio':>8} {'agree':>9}")
-    largest = (0, 0.0)                              # (D, seconds) of the largest dense solve, for estimates
+    print(
+        f"{'group':5} {'map':16} {'d_in':>5} {'D=d_out*d_in':>12} {'dim':>7} {'orbits s':>10} {'dense s':>10} "
+        f"{'ratio':>8} {'agree':>9}"
+    )
+    largest = (0, 0.0)  # (D, seconds) of the largest dense solve, for estimates
     for action in (ImageRotation90(), ImageDihedral()):
         g = action.group
         for side in sides:
@@ -85,8 +87,10 @@ def bench_bases(sides: list[int], max_dense: int) -> None:
                     est = largest[1] * (big / largest[0]) ** 3 if largest[0] else float("nan")
                     dense_s, ratio, agree = f"~{est:9.1e}", f"{'est.':>8}", f"{'skipped':>9}"
                 print(f"{g.name:5} {label:16} {d:5d} {big:12d} {dim:7d} {t_orb:10.4f} {dense_s} {ratio} {agree}")
-    print(f"(dense skipped when D > --max-dense={max_dense}; '~' is an O(D^3) extrapolation from the largest"
-          " solved D: the SVD of the (|gens| D, D) constraint matrix costs O(D^3) time, O(D^2) memory)")
+    print(
+        f"(dense skipped when D > --max-dense={max_dense}; '~' is an O(D^3) extrapolation from the largest"
+        " solved D: the SVD of the (|gens| D, D) constraint matrix costs O(D^3) time, O(D^2) memory)"
+    )
 
 
 def bench_layers(batch: int, dtype: torch.dtype) -> None:
@@ -101,17 +105,45 @@ def bench_layers(batch: int, dtype: torch.dtype) -> None:
         for side, c in ((16, 8), (32, 4)):
             rep = Representation.from_action(action, (1, side, side))
             d = rep.dim
-            rows.append((f"LiftingLinear {grp.name} {side}x{side} -> {c}x|G|", LiftingLinear(rep, c, dtype=dtype),
-                         nn.Linear(d, c * n, dtype=dtype), (batch, d), 2 * d * c * n))
+            rows.append(
+                (
+                    f"LiftingLinear {grp.name} {side}x{side} -> {c}x|G|",
+                    LiftingLinear(rep, c, dtype=dtype),
+                    nn.Linear(d, c * n, dtype=dtype),
+                    (batch, d),
+                    2 * d * c * n,
+                )
+            )
         for c in (16, 64):
-            rows.append((f"GroupLinear {grp.name} {c}x|G| -> {c}x|G|", GroupLinear(grp, c, c, dtype=dtype),
-                         nn.Linear(c * n, c * n, dtype=dtype), (batch, c, n), 2 * (c * n) ** 2))
+            rows.append(
+                (
+                    f"GroupLinear {grp.name} {c}x|G| -> {c}x|G|",
+                    GroupLinear(grp, c, c, dtype=dtype),
+                    nn.Linear(c * n, c * n, dtype=dtype),
+                    (batch, c, n),
+                    2 * (c * n) ** 2,
+                )
+            )
         rep = Representation.from_action(action, (1, 16, 16))
-        rows.append((f"EquivariantLinear(orbit) {grp.name} 256 -> 256", EquivariantLinear(rep, rep, dtype=dtype),
-                     nn.Linear(256, 256, dtype=dtype), (batch, 256), 2 * 256 * 256))
+        rows.append(
+            (
+                f"EquivariantLinear(orbit) {grp.name} 256 -> 256",
+                EquivariantLinear(rep, rep, dtype=dtype),
+                nn.Linear(256, 256, dtype=dtype),
+                (batch, 256),
+                2 * 256 * 256,
+            )
+        )
         conv = LiftingConv2d(action, 8, 8, 3, dtype=dtype)
-        rows.append((f"LiftingConv2d {grp.name} 8 -> 8x|G|, 16x16", conv, nn.Conv2d(8, 8 * n, 3, padding=1, dtype=dtype),
-                     (batch // 4, 8, 16, 16), 2 * 8 * 8 * n * 9 * 16 * 16))
+        rows.append(
+            (
+                f"LiftingConv2d {grp.name} 8 -> 8x|G|, 16x16",
+                conv,
+                nn.Conv2d(8, 8 * n, 3, padding=1, dtype=dtype),
+                (batch // 4, 8, 16, 16),
+                2 * 8 * 8 * n * 9 * 16 * 16,
+            )
+        )
     for name, eq, dense, shape, flops in rows:
         x = torch.randn(*shape, generator=gen, dtype=dtype)
         xd = x.reshape(shape[0], -1) if isinstance(dense, nn.Linear) else x
@@ -124,18 +156,23 @@ def bench_layers(batch: int, dtype: torch.dtype) -> None:
         t_dn = timeit(lambda m=dense, inp=xd: step(m, inp))
         p_eq = sum(p.numel() for p in eq.parameters())
         p_dn = sum(p.numel() for p in dense.parameters())
-        achieved = 3 * flops * shape[0] / t_eq      # forward + two backward contractions
-        print(f"{name:44} {t_eq * 1e3:9.3f} {t_dn * 1e3:9.3f} {t_eq / t_dn:7.2f} {achieved / 1e9:10.2f} "
-              f"{p_eq:>7d}/{p_dn:<8d}")
-    print("(equivariant layers build their weight by a gather from the shared parameters, then run the same"
-          " dense contraction; the ratio is the cost of that gather and its backward scatter)")
+        achieved = 3 * flops * shape[0] / t_eq  # forward + two backward contractions
+        print(
+            f"{name:44} {t_eq * 1e3:9.3f} {t_dn * 1e3:9.3f} {t_eq / t_dn:7.2f} {achieved / 1e9:10.2f} "
+            f"{p_eq:>7d}/{p_dn:<8d}"
+        )
+    print(
+        "(equivariant layers build their weight by a gather from the shared parameters, then run the same"
+        " dense contraction; the ratio is the cost of that gather and its backward scatter)"
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sides", type=int, nargs="+", default=[8, 16, 32], help="image sides (d = side^2)")
-    ap.add_argument("--max-dense", type=int, default=2048, help="largest D = d_out*d_in for the dense SVD "
-                    "(D=4096 takes minutes)")
+    ap.add_argument(
+        "--max-dense", type=int, default=2048, help="largest D = d_out*d_in for the dense SVD (D=4096 takes minutes)"
+    )
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared box)")

@@ -61,8 +61,10 @@ def main() -> None:
         H = HessianOperator(model, TF.cross_entropy, (xb, yb), hvp_mode=mode, cache_graph=False)
         H.matvec(v)
         _, t_h, m_h = timed_cuda(H.matvec, v)
-        print(f"batch {args.batch}: HVP ({mode}) {t_h * 1e3:.1f} ms = {t_h / t_g:.2f}x a gradient ({t_g * 1e3:.1f} ms); "
-              f"peak memory {m_h:.0f} MiB = {m_h / m_g:.2f}x the gradient's")
+        print(
+            f"batch {args.batch}: HVP ({mode}) {t_h * 1e3:.1f} ms = {t_h / t_g:.2f}x a gradient ({t_g * 1e3:.1f} ms); "
+            f"peak memory {m_h:.0f} MiB = {m_h / m_g:.2f}x the gradient's"
+        )
     if args.compile:
         cmodel = torch.compile(model)
         for _ in range(3):
@@ -73,9 +75,11 @@ def main() -> None:
     loader = DataLoader(TensorDataset(x, y), batch_size=args.batch, pin_memory=True)
     H = HessianOperator(model, TF.cross_entropy, loader)
     pairs, t_e, m_e = timed_cuda(H.eigenpairs, 5, tol=1e-3, criterion="gap", generator=0)
-    print(f"top-5 Hessian eigenvalues over {args.images} images (streamed, batch {args.batch}): "
-          f"{[round(float(v), 4) for v in pairs.values]}, {pairs.num_matvecs} products, {t_e:.1f} s, "
-          f"peak {m_e:.0f} MiB")
+    print(
+        f"top-5 Hessian eigenvalues over {args.images} images (streamed, batch {args.batch}): "
+        f"{[round(float(v), 4) for v in pairs.values]}, {pairs.num_matvecs} products, {t_e:.1f} s, "
+        f"peak {m_e:.0f} MiB"
+    )
 
     kernel = empirical_ntk_fn(model, memory_budget=8 << 30)
     xs = x[: args.ntk_samples].to(dev)

@@ -40,17 +40,35 @@ def matmul_flops(n: int = 1024, reps: int = 10) -> float:
 
 def models() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
     torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Flatten(), nn.Linear(40, 128), nn.BatchNorm1d(128), nn.ReLU(),
-                        nn.Linear(128, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, 10))
-    return {"BN MLP 40-128-128-10 (mnist1d-sized)": (mlp, (1, 40)),
-            "BN CNN width 8 (digits 8x8)": (bn_cnn((1, 8, 8), 10, 8), (1, 8, 8)),
-            "BN CNN width 16 (digits 8x8)": (bn_cnn((1, 8, 8), 10, 16), (1, 8, 8))}
+    mlp = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(40, 128),
+        nn.BatchNorm1d(128),
+        nn.ReLU(),
+        nn.Linear(128, 128),
+        nn.BatchNorm1d(128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
+    )
+    return {
+        "BN MLP 40-128-128-10 (mnist1d-sized)": (mlp, (1, 40)),
+        "BN CNN width 8 (digits 8x8)": (bn_cnn((1, 8, 8), 10, 8), (1, 8, 8)),
+        "BN CNN width 16 (digits 8x8)": (bn_cnn((1, 8, 8), 10, 16), (1, 8, 8)),
+    }
 
 
 def make_step(model: nn.Module, path: str, x: torch.Tensor, y: torch.Tensor, pairs: int):
     model.train()
-    opt = NSO(model.parameters(), torch.optim.SGD, sigma=0.01, num_samples=pairs, model=model, lr=0.05,
-              momentum=0.9, generator=torch.Generator().manual_seed(1))
+    opt = NSO(
+        model.parameters(),
+        torch.optim.SGD,
+        sigma=0.01,
+        num_samples=pairs,
+        model=model,
+        lr=0.05,
+        momentum=0.9,
+        generator=torch.Generator().manual_seed(1),
+    )
 
     def closure():
         opt.zero_grad()
@@ -125,10 +143,12 @@ def main() -> None:
         torch.set_num_threads(threads)
         peak = matmul_flops()
         load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-        print(f"\n=== NSO step, k = {args.pairs} antithetic pairs ({passes} passes), batch {args.batch}, "
-              f"{threads} thread(s); {args.steps} alternating steps per path; matmul {peak / 1e9:.1f} GFLOP/s; "
-              f"load average {load} (2-core machine shared with other jobs: wall times are noisy, the "
-              "process CPU time less so)")
+        print(
+            f"\n=== NSO step, k = {args.pairs} antithetic pairs ({passes} passes), batch {args.batch}, "
+            f"{threads} thread(s); {args.steps} alternating steps per path; matmul {peak / 1e9:.1f} GFLOP/s; "
+            f"load average {load} (2-core machine shared with other jobs: wall times are noisy, the "
+            "process CPU time less so)"
+        )
         for name, (model, shape) in models().items():
             if args.models not in name:
                 continue
@@ -144,21 +164,29 @@ def main() -> None:
             for p, label in (("loop", "loop over samples (closure)"), ("vectorized", "vectorized (vmap)          ")):
                 wall, cpu = [t[0] for t in times[p]], [t[1] for t in times[p]]
                 stats[p] = (min(wall), med(wall), min(cpu), med(cpu))
-                print(f"  {label}: wall {min(wall) * 1e3:7.2f} min {med(wall) * 1e3:7.2f} median ms/step;  "
-                      f"CPU {min(cpu) * 1e3:7.2f} min {med(cpu) * 1e3:7.2f} median ms/step")
+                print(
+                    f"  {label}: wall {min(wall) * 1e3:7.2f} min {med(wall) * 1e3:7.2f} median ms/step;  "
+                    f"CPU {min(cpu) * 1e3:7.2f} min {med(cpu) * 1e3:7.2f} median ms/step"
+                )
             r = [a / b for a, b in zip(stats["loop"], stats["vectorized"], strict=True)]
-            print(f"  ratio loop/vectorized: wall {r[0]:.2f}x (min) {r[1]:.2f}x (median); CPU {r[2]:.2f}x (min) "
-                  f"{r[3]:.2f}x (median)   (target >= 1.5x)")
+            print(
+                f"  ratio loop/vectorized: wall {r[0]:.2f}x (min) {r[1]:.2f}x (median); CPU {r[2]:.2f}x (min) "
+                f"{r[3]:.2f}x (median)   (target >= 1.5x)"
+            )
             print(f"  weights after {args.steps + 1} steps agree to {diff:.1e} (relative max)")
             t_vec = stats["vectorized"][0]
-            print(f"  {flops / 1e6:.1f} MFLOP/step: vectorized {flops / t_vec / 1e9:.2f} GFLOP/s "
-                  f"({flops / t_vec / peak:.1%} of matmul), loop {flops / stats['loop'][0] / 1e9:.2f} GFLOP/s")
+            print(
+                f"  {flops / 1e6:.1f} MFLOP/step: vectorized {flops / t_vec / 1e9:.2f} GFLOP/s "
+                f"({flops / t_vec / peak:.1%} of matmul), loop {flops / stats['loop'][0] / 1e9:.2f} GFLOP/s"
+            )
             full, fixed = pass_time(model, x, y), pass_time(model, x[:2], y[:2])
             bound = stats["loop"][2] / max(stats["loop"][2] - (passes - 1) * fixed, 1e-9)
-            print(f"  one plain pass (fwd+bwd, CPU min): batch {args.batch} {full * 1e3:.2f} ms, batch 2 "
-                  f"{fixed * 1e3:.2f} ms (its fixed cost, {fixed / full:.0%}); removing the fixed cost of "
-                  f"{passes - 1} of the {passes} passes bounds the CPU-time ratio at about {bound:.2f}x "
-                  "unless the batched kernels run faster per FLOP than the loop's")
+            print(
+                f"  one plain pass (fwd+bwd, CPU min): batch {args.batch} {full * 1e3:.2f} ms, batch 2 "
+                f"{fixed * 1e3:.2f} ms (its fixed cost, {fixed / full:.0%}); removing the fixed cost of "
+                f"{passes - 1} of the {passes} passes bounds the CPU-time ratio at about {bound:.2f}x "
+                "unless the batched kernels run faster per FLOP than the loop's"
+            )
 
 
 if __name__ == "__main__":

@@ -38,8 +38,15 @@ RECORDED_BASELINE_PEAK_GB = 11.7  # torch vmap(jacrev)+einsum at O = 10
 
 def make_model(outputs: int, width: int = 512, d_in: int = 64, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d_in, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                         nn.Linear(width, width), nn.ReLU(), nn.Linear(width, outputs))
+    return nn.Sequential(
+        nn.Linear(d_in, width),
+        nn.ReLU(),
+        nn.Linear(width, width),
+        nn.ReLU(),
+        nn.Linear(width, width),
+        nn.ReLU(),
+        nn.Linear(width, outputs),
+    )
 
 
 def make_inputs(n: int, d_in: int = 64, seed: int = 1) -> torch.Tensor:
@@ -152,8 +159,12 @@ def single(method: str, outputs: int, n: int) -> None:
 
 
 def peak_memory(method: str, outputs: int, n: int) -> dict | None:
-    proc = subprocess.run([sys.executable, __file__, "--single", method, "--outputs", str(outputs), "--n", str(n)],
-                          capture_output=True, text=True, env=dict(os.environ))
+    proc = subprocess.run(
+        [sys.executable, __file__, "--single", method, "--outputs", str(outputs), "--n", str(n)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+    )
     if proc.returncode != 0:
         return None
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -204,9 +215,11 @@ def bench_outputs(o: int, args: argparse.Namespace, peak: float, have_nt: bool) 
         t_jac, k_jac = timed(jac, 1)
         rows.append(("symgen jacobian", t_jac, rel(k_jac, ref)))
         flops = timings["contract_flops"] / timings["contract_s"]
-        print(f"jacobian: contraction {timings['contract_flops'] / 1e9:.1f} GFLOP in {timings['contract_s']:.2f} s "
-              f"= {flops / 1e9:.1f} GFLOP/s = {100 * flops / peak:.0f}% of measured matmul; "
-              f"Jacobians {timings['jacobian_s']:.2f} s")
+        print(
+            f"jacobian: contraction {timings['contract_flops'] / 1e9:.1f} GFLOP in {timings['contract_s']:.2f} s "
+            f"= {flops / 1e9:.1f} GFLOP/s = {100 * flops / peak:.0f}% of measured matmul; "
+            f"Jacobians {timings['jacobian_s']:.2f} s"
+        )
     if args.ntvp:
         ntvp = empirical_ntk_fn(model, method="ntvp")
         t_ntvp, k_ntvp = timed(lambda: ntvp(x, x), 1)
@@ -220,20 +233,23 @@ def bench_outputs(o: int, args: argparse.Namespace, peak: float, have_nt: bool) 
         print(f"{name:32s} {t:10.4f} {d:24.2e}")
     rec = RECORDED_NT[o] if o in RECORDED_NT else None
     if rec:
-        print("recorded (issue 6, neural-tangents 0.6.5, 2 cores): "
-              + ", ".join(f"{k} {v} s" for k, v in rec.items()))
-        print(f"structured vs recorded nt impl3 (raw, different machine load): "
-              f"{rec['nt_impl3_structured'] / t_struct:.2f}x")
+        print("recorded (issue 6, neural-tangents 0.6.5, 2 cores): " + ", ".join(f"{k} {v} s" for k, v in rec.items()))
+        print(
+            f"structured vs recorded nt impl3 (raw, different machine load): "
+            f"{rec['nt_impl3_structured'] / t_struct:.2f}x"
+        )
         if run_base:
             # The baseline ran here and was recorded beside neural-tangents: scale the recorded
             # neural-tangents time by how much slower this machine is now on the same baseline.
             slow = t_base / rec["torch_vmap_jacrev"]
-            print(f"this machine is now {slow:.1f}x slower than when recorded (same baseline); normalized: "
-                  f"structured {rec['nt_impl3_structured'] * slow / t_struct:.2f}x nt impl3, "
-                  f"jacobian {rec['nt_impl1_jacobian'] * slow / t_jac:.2f}x nt impl1"
-                  if not args.no_jacobian else
-                  f"this machine is now {slow:.1f}x slower than when recorded; normalized: structured "
-                  f"{rec['nt_impl3_structured'] * slow / t_struct:.2f}x nt impl3")
+            print(
+                f"this machine is now {slow:.1f}x slower than when recorded (same baseline); normalized: "
+                f"structured {rec['nt_impl3_structured'] * slow / t_struct:.2f}x nt impl3, "
+                f"jacobian {rec['nt_impl1_jacobian'] * slow / t_jac:.2f}x nt impl1"
+                if not args.no_jacobian
+                else f"this machine is now {slow:.1f}x slower than when recorded; normalized: structured "
+                f"{rec['nt_impl3_structured'] * slow / t_struct:.2f}x nt impl3"
+            )
     if nt:
         print(f"structured vs measured nt impl3: {nt['nt_impl3_structured'] / t_struct:.2f}x")
     if run_base:
@@ -242,8 +258,10 @@ def bench_outputs(o: int, args: argparse.Namespace, peak: float, have_nt: bool) 
         for method in ("structured", "jacobian") + (("baseline",) if run_base else ()):
             m = peak_memory(method, o, args.n)
             if m:
-                print(f"peak RSS {method:10s}: {m['peak'] / 2**30:.2f} GB (growth during the call "
-                      f"{m['peak_growth'] / 2**30:.2f} GB)")
+                print(
+                    f"peak RSS {method:10s}: {m['peak'] / 2**30:.2f} GB (growth during the call "
+                    f"{m['peak_growth'] / 2**30:.2f} GB)"
+                )
         if not run_base:
             print(f"(baseline skipped at O = {o}: recorded peak {RECORDED_BASELINE_PEAK_GB} GB)")
 
@@ -257,8 +275,12 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true", help="skip the subprocess peak-memory runs")
     ap.add_argument("--no-jacobian", action="store_true", help="skip the (slow) jacobian method")
     ap.add_argument("--ntvp", action="store_true", help="also time the ntvp method (slowest)")
-    ap.add_argument("--baseline-o10", choices=["auto", "yes", "no"], default="no",
-                    help="run the full-memory baseline at O >= 10 (needs ~12 GB; auto: if available)")
+    ap.add_argument(
+        "--baseline-o10",
+        choices=["auto", "yes", "no"],
+        default="no",
+        help="run the full-memory baseline at O >= 10 (needs ~12 GB; auto: if available)",
+    )
     ap.add_argument("--single", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
@@ -286,9 +308,11 @@ def main() -> None:
     x = make_inputs(1000)
     t_an, _ = timed(lambda: analytic_ntk(x, x, 3, "relu", 1.4, 0.1), max(3, args.repeats))
     t_an64, _ = timed(lambda: analytic_ntk(x, x, 3, "relu", 1.4, 0.1, dtype=torch.float64), max(3, args.repeats))
-    print(f"\nanalytic_ntk 1000 x 1000, depth 3, relu: float32 {t_an * 1e3:.1f} ms, float64 {t_an64 * 1e3:.1f} ms; "
-          f"recorded neural-tangents float32 {RECORDED_NT_ANALYTIC_S * 1e3:.0f} ms -> "
-          f"{RECORDED_NT_ANALYTIC_S / t_an:.1f}x")
+    print(
+        f"\nanalytic_ntk 1000 x 1000, depth 3, relu: float32 {t_an * 1e3:.1f} ms, float64 {t_an64 * 1e3:.1f} ms; "
+        f"recorded neural-tangents float32 {RECORDED_NT_ANALYTIC_S * 1e3:.0f} ms -> "
+        f"{RECORDED_NT_ANALYTIC_S / t_an:.1f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as TF
 
 
-def pyhessian_trace_to_rtol(model: torch.nn.Module, data: tuple[torch.Tensor, torch.Tensor], rtol: float,
-                            max_probes: int, block: int, seed: int) -> tuple[float, float, int, float]:
+def pyhessian_trace_to_rtol(
+    model: torch.nn.Module, data: tuple[torch.Tensor, torch.Tensor], rtol: float, max_probes: int, block: int, seed: int
+) -> tuple[float, float, int, float]:
     """PyHessian's Hutchinson, run in blocks of ``block`` probes until its relative standard error reaches
     ``rtol`` or ``max_probes``: returns (mean, relative standard error, probes, seconds)."""
     from pyhessian import hessian as PyHessian

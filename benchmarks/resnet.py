@@ -27,8 +27,9 @@ def _setup(kind: str, batch: int, seed: int = 0):
     from symgen.models import resnet18, resnet20, vit
 
     torch.manual_seed(seed)
-    model = {"resnet20": resnet20, "resnet18": resnet18, "vit": lambda: vit(dim=64, depth=4, heads=4,
-                                                                             mlp_dim=128)}[kind]()
+    model = {"resnet20": resnet20, "resnet18": resnet18, "vit": lambda: vit(dim=64, depth=4, heads=4, mlp_dim=128)}[
+        kind
+    ]()
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(batch, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (batch,), generator=g)
@@ -64,8 +65,10 @@ def pyhessian_side_by_side(args) -> None:
     H = HessianOperator(model, TF.cross_entropy, (x, y))
     pairs, t_s = timed(H.eigenpairs, 1, tol=1e-3, criterion="gap", generator=args.seed)
     err_s = abs(float(pairs.values[0]) - lam) / lam
-    print(f"  symgen Lanczos (min(r, r^2/gap) <= 1e-3): {float(pairs.values[0]):.6f}, rel. error {err_s:.1e}, "
-          f"{pairs.num_matvecs} products, {t_s:.2f} s")
+    print(
+        f"  symgen Lanczos (min(r, r^2/gap) <= 1e-3): {float(pairs.values[0]):.6f}, rel. error {err_s:.1e}, "
+        f"{pairs.num_matvecs} products, {t_s:.2f} s"
+    )
     if PyHessian is not None:
         for tol in (1e-3, 1e-4):  # its default, then tighter until its error is <= 1e-3 like symgen's
             torch.manual_seed(args.seed)
@@ -75,20 +78,25 @@ def pyhessian_side_by_side(args) -> None:
             model.zero_grad(set_to_none=True)
             err_p = abs(ev[0] - lam) / lam
             print(f"  PyHessian power iteration (tol {tol:.0e}): {ev[0]:.6f}, rel. error {err_p:.1e}, {t_p:.2f} s")
-            print(f"  -> top eigenvalue: symgen {t_p / t_s:.2f}x faster (target >= 2x at error <= 1e-3), "
-                  f"errors {err_s:.1e} vs {err_p:.1e}")
+            print(
+                f"  -> top eigenvalue: symgen {t_p / t_s:.2f}x faster (target >= 2x at error <= 1e-3), "
+                f"errors {err_s:.1e} vs {err_p:.1e}"
+            )
             if err_p <= 1e-3:
                 break
 
     # Hutchinson trace on the SAME probes (PyHessian's draws)
     P = args.probes
     torch.manual_seed(args.seed + 1)
-    V = torch.stack([torch.cat([(torch.randint_like(p, high=2) * 2 - 1).reshape(-1) for p in params])
-                     for _ in range(P)])
+    V = torch.stack(
+        [torch.cat([(torch.randint_like(p, high=2) * 2 - 1).reshape(-1) for p in params]) for _ in range(P)]
+    )
     H = HessianOperator(model, TF.cross_entropy, (x, y))
     q, t_s = timed(lambda: (V * H.matmat(V.T).T).sum(1))
-    print(f"  trace, {P} Rademacher probes: symgen {float(q.mean()):.4f} +- {float(q.std()) / math.sqrt(P):.4f} "
-          f"in {t_s:.2f} s ({t_s / P:.2f} s/probe)")
+    print(
+        f"  trace, {P} Rademacher probes: symgen {float(q.mean()):.4f} +- {float(q.std()) / math.sqrt(P):.4f} "
+        f"in {t_s:.2f} s ({t_s / P:.2f} s/probe)"
+    )
     if PyHessian is not None:
         hc = PyHessian(model, TF.cross_entropy, data=(x, y), cuda=False)
         torch.manual_seed(args.seed + 1)
@@ -101,14 +109,19 @@ def pyhessian_side_by_side(args) -> None:
 
     # time to a trace with 1% relative standard error, both run until they reach it
     H = HessianOperator(model, TF.cross_entropy, (x, y))
-    est, t_s = timed(H.trace, 20, generator=args.seed + 2, method="deflated", rtol=args.rtol,
-                     max_matvecs=args.max_matvecs)
-    print(f"  1% SE: symgen Lanczos-deflated {est.value:.4f} +- {est.stderr:.4f} ({est.relative_stderr:.2%}), "
-          f"{est.num_matvecs} products, {t_s:.2f} s")
+    est, t_s = timed(
+        H.trace, 20, generator=args.seed + 2, method="deflated", rtol=args.rtol, max_matvecs=args.max_matvecs
+    )
+    print(
+        f"  1% SE: symgen Lanczos-deflated {est.value:.4f} +- {est.stderr:.4f} ({est.relative_stderr:.2%}), "
+        f"{est.num_matvecs} products, {t_s:.2f} s"
+    )
     if PyHessian is not None:
         mean, rse, n, t_p = pyhessian_trace_to_rtol(model, (x, y), args.rtol, args.max_matvecs, 10, args.seed + 2)
-        print(f"  PyHessian Hutchinson until 1% SE: {mean:.4f} ({rse:.2%}) from {n} probes, "
-              f"{t_p:.2f} s{' (stopped at the cap)' if rse > args.rtol else ''}")
+        print(
+            f"  PyHessian Hutchinson until 1% SE: {mean:.4f} ({rse:.2%}) from {n} probes, "
+            f"{t_p:.2f} s{' (stopped at the cap)' if rse > args.rtol else ''}"
+        )
         print(f"  -> time to 1% SE: symgen {t_p / t_s:.2f}x shorter (target >= 3x)")
 
 
@@ -144,13 +157,17 @@ def hvp_cost(args) -> None:
             res[job] = q.get()
             p.join()
         g_t, g_m = res["grad"]
-        print(f"\n== one Hessian-vector product vs one gradient: {kind}, batch {args.cost_batch} "
-              f"(graph built inside each product) ==")
+        print(
+            f"\n== one Hessian-vector product vs one gradient: {kind}, batch {args.cost_batch} "
+            f"(graph built inside each product) =="
+        )
         print(f"  gradient: {g_t:.3f} s, peak memory growth {g_m:.0f} MiB")
         for job in ("reverse", "forward"):
             t, m = res[job]
-            print(f"  HVP {job:8s}: {t:.3f} s = {t / g_t:.2f}x the gradient; peak memory growth {m:.0f} MiB = "
-                  f"{m / max(g_m, 1e-9):.2f}x")
+            print(
+                f"  HVP {job:8s}: {t:.3f} s = {t / g_t:.2f}x the gradient; peak memory growth {m:.0f} MiB = "
+                f"{m / max(g_m, 1e-9):.2f}x"
+            )
 
 
 # ---------------------------------------------------------------------------------- NTK of ResNet-18
@@ -192,7 +209,9 @@ def ntk(args) -> None:
     print(f"\n== empirical NTK (output-summed) of a CIFAR ResNet-18 (11.2M parameters), {args.ntk_samples} inputs ==")
     print(f"  symgen empirical_ntk (auto, budget 1 GiB): {t_s:.2f} s, peak memory growth {m_s:.0f} MiB")
     print(f"  vmap(jacrev) + einsum                    : {t_j:.2f} s, peak memory growth {m_j:.0f} MiB")
-    print(f"  -> symgen {t_j / t_s:.2f}x faster, {m_j / max(m_s, 1e-9):.1f}x less memory; max rel. difference {rel:.1e}")
+    print(
+        f"  -> symgen {t_j / t_s:.2f}x faster, {m_j / max(m_s, 1e-9):.1f}x less memory; max rel. difference {rel:.1e}"
+    )
 
 
 # ---------------------------------------------------------------------------------- torch.compile for the HVP
@@ -213,8 +232,10 @@ def compile_hvp(args) -> None:
     def grad_of(m):
         return lambda: torch.autograd.grad(TF.cross_entropy(m(x), y), params)
 
-    print(f"\n== torch.compile for the Hessian-vector product: ResNet-20, batch {args.cost_batch}, "
-          f"{args.threads} thread(s), best of {reps} after the first call ==")
+    print(
+        f"\n== torch.compile for the Hessian-vector product: ResNet-20, batch {args.cost_batch}, "
+        f"{args.threads} thread(s), best of {reps} after the first call =="
+    )
     t_grad = best(grad_of(model))
     H = HessianOperator(model, TF.cross_entropy, (x, y), cache_graph=True)
     ref, t_build = timed(H.matvec, v)  # builds the retained graph
@@ -230,15 +251,24 @@ def compile_hvp(args) -> None:
     _, t_gcompile = timed(grad_of(cm))
     t_gc = best(grad_of(cm))
     print(f"  gradient eager {t_grad:.3f} s; compiled {t_gc:.3f} s (compilation {t_gcompile:.0f} s)")
-    print(f"  HVP retained graph (eager; first product with the graph {t_build:.3f} s): {t_rev:.3f} s = "
-          f"{t_rev / t_grad:.2f}x the eager gradient")
+    print(
+        f"  HVP retained graph (eager; first product with the graph {t_build:.3f} s): {t_rev:.3f} s = "
+        f"{t_rev / t_grad:.2f}x the eager gradient"
+    )
     print(f"  HVP forward-over-reverse eager: {t_fwd:.3f} s = {t_fwd / t_grad:.2f}x")
-    print(f"  HVP forward-over-reverse compiled (inductor; compilation {t_compile:.0f} s): {t_cmp:.3f} s = "
-          f"{t_cmp / t_grad:.2f}x the eager gradient, {t_cmp / t_gc:.2f}x the compiled one; max rel. diff {diff:.1e}")
+    print(
+        f"  HVP forward-over-reverse compiled (inductor; compilation {t_compile:.0f} s): {t_cmp:.3f} s = "
+        f"{t_cmp / t_grad:.2f}x the eager gradient, {t_cmp / t_gc:.2f}x the compiled one; max rel. diff {diff:.1e}"
+    )
     saved = t_rev - t_cmp
-    print("  -> compiled vs retained graph per product: "
-          + (f"{t_rev / t_cmp:.2f}x faster; the compilation pays after {t_compile / saved:.0f} products"
-             if saved > 0 else f"{t_cmp / t_rev:.2f}x slower: no gain"))
+    print(
+        "  -> compiled vs retained graph per product: "
+        + (
+            f"{t_rev / t_cmp:.2f}x faster; the compilation pays after {t_compile / saved:.0f} products"
+            if saved > 0
+            else f"{t_cmp / t_rev:.2f}x slower: no gain"
+        )
+    )
 
 
 def main() -> None:

@@ -18,8 +18,12 @@ import torch
 import symgen.symmetry as sym
 from symgen import models
 
-BUILD = {"resnet18-0.7m": lambda: models.ResNet((2, 2, 2, 2), (16, 32, 64, 128), 10, 3, shortcut="B"),
-         "resnet20": lambda: models.resnet20(), "resnet18": lambda: models.resnet18(), "vit": lambda: models.vit()}
+BUILD = {
+    "resnet18-0.7m": lambda: models.ResNet((2, 2, 2, 2), (16, 32, 64, 128), 10, 3, shortcut="B"),
+    "resnet20": lambda: models.resnet20(),
+    "resnet18": lambda: models.resnet18(),
+    "vit": lambda: models.vit(),
+}
 
 
 def timed(model: torch.nn.Module, x: torch.Tensor, grouped: bool) -> tuple[float, sym.ScaleSymmetryReport]:
@@ -46,13 +50,19 @@ def main() -> None:
         timed(model, x[:2], True)  # warm-up (first-call costs would favour whichever runs second)
         t_new, new = timed(model, x, True)
         t_old, old = timed(model, x, False)
-        same = ([s.weight for s in new.symmetries] == [s.weight for s in old.symmetries]
-                and new.rejected.keys() == old.rejected.keys() and new.redundant_biases == old.redundant_biases
-                and new.not_invariant == old.not_invariant and new.unanalysed == old.unanalysed)
+        same = (
+            [s.weight for s in new.symmetries] == [s.weight for s in old.symmetries]
+            and new.rejected.keys() == old.rejected.keys()
+            and new.redundant_biases == old.redundant_biases
+            and new.not_invariant == old.not_invariant
+            and new.unanalysed == old.unanalysed
+        )
         params = sum(p.numel() for p in model.parameters())
-        print(f"{name} ({params / 1e6:.2f}M params, batch {args.batch}, {args.threads} threads): grouped "
-              f"{t_new:.2f} s, one candidate at a time {t_old:.2f} s, speed-up {t_old / t_new:.2f}x, "
-              f"{len(new.symmetries)} symmetries, same verdicts: {same} (target < 5 s for resnet18-0.7m)")
+        print(
+            f"{name} ({params / 1e6:.2f}M params, batch {args.batch}, {args.threads} threads): grouped "
+            f"{t_new:.2f} s, one candidate at a time {t_old:.2f} s, speed-up {t_old / t_new:.2f}x, "
+            f"{len(new.symmetries)} symmetries, same verdicts: {same} (target < 5 s for resnet18-0.7m)"
+        )
 
 
 if __name__ == "__main__":

@@ -80,19 +80,31 @@ def tiny(h: dict[str, Any] | None) -> bool:
     return abs(h["margin"]) <= max(1e-9, NEAR * abs(h["threshold"] or 0.0))
 
 
-def compare(readme: dict[tuple[str, str], bool], run: dict[tuple[str, str], bool],
-            margin: dict[tuple[str, str], dict[str, Any]] | None = None) -> list[str]:
+def compare(
+    readme: dict[tuple[str, str], bool],
+    run: dict[tuple[str, str], bool],
+    margin: dict[tuple[str, str], dict[str, Any]] | None = None,
+) -> list[str]:
     """Every difference, worst first: a README PASS that fails now, then any other mismatch; each flip
     with the claim's margin when ``margin`` (from :func:`margins`) is given."""
     name = lambda k: f"{k[0]}: {k[1]}"  # noqa: E731
     why = lambda k: f" [{describe_margin(margin.get(k))}]" if margin is not None else ""  # noqa: E731
-    regressions = [f"REGRESSION {name(k)}: README says PASS, the run says FAIL{why(k)}" for k, v in readme.items()
-                   if v and run.get(k) is False]
-    other = [f"{name(k)}: README says FAIL, the run says PASS (update README){why(k)}" for k, v in readme.items()
-             if not v and run.get(k) is True]
+    regressions = [
+        f"REGRESSION {name(k)}: README says PASS, the run says FAIL{why(k)}"
+        for k, v in readme.items()
+        if v and run.get(k) is False
+    ]
+    other = [
+        f"{name(k)}: README says FAIL, the run says PASS (update README){why(k)}"
+        for k, v in readme.items()
+        if not v and run.get(k) is True
+    ]
     other += [f"{name(k)}: in README, not checked by the run" for k in readme if k not in run]
-    other += [f"{name(k)}: checked by the run ({'PASS' if v else 'FAIL'}), missing from README" for k, v in run.items()
-              if k not in readme]
+    other += [
+        f"{name(k)}: checked by the run ({'PASS' if v else 'FAIL'}), missing from README"
+        for k, v in run.items()
+        if k not in readme
+    ]
     return regressions + other
 
 
@@ -107,13 +119,23 @@ def times_table(rows: list[tuple[str, float | None, str]]) -> str:
 
 def _store_times(out: str) -> list[tuple[str, float | None, str]]:
     """The experiments a (possibly stopped) reproduction finished, from its run store's index."""
-    proc = subprocess.run([sys.executable, "-m", "symgen.cli", "runs", "ls", "--json", "--out", out],
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "symgen.cli", "runs", "ls", "--json", "--out", out],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        timeout=120,
+    )
     if proc.returncode != 0:
         return []
-    return [(r["experiment"], r["seconds"], f"{r['status']}" + (f", {r['passed']}/{r['total']}"
-                                                               if r.get("total") is not None else ""))
-            for r in json.loads(proc.stdout or "[]")]
+    return [
+        (
+            r["experiment"],
+            r["seconds"],
+            f"{r['status']}" + (f", {r['passed']}/{r['total']}" if r.get("total") is not None else ""),
+        )
+        for r in json.loads(proc.stdout or "[]")
+    ]
 
 
 def reproduce(timeout: float) -> dict | None:
@@ -132,13 +154,18 @@ def reproduce(timeout: float) -> dict | None:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.communicate()
-            print(f"claims gate FAILED: `symgen reproduce --quick` did not finish within {timeout:g} s; "
-                  "experiments finished before it was stopped:", file=sys.stderr)
+            print(
+                f"claims gate FAILED: `symgen reproduce --quick` did not finish within {timeout:g} s; "
+                "experiments finished before it was stopped:",
+                file=sys.stderr,
+            )
             print(times_table(_store_times(tmp)) or "  none", file=sys.stderr)
             return None
         if proc.returncode != 0:
-            print(f"claims gate FAILED: reproduce exited with code {proc.returncode} after {time.time() - t0:.0f} s",
-                  file=sys.stderr)
+            print(
+                f"claims gate FAILED: reproduce exited with code {proc.returncode} after {time.time() - t0:.0f} s",
+                file=sys.stderr,
+            )
             print(times_table(_store_times(tmp)), file=sys.stderr)
             return None
         return json.loads(stdout)
@@ -147,10 +174,17 @@ def reproduce(timeout: float) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--readme", default="README.md")
-    ap.add_argument("--summary", help="reproduce.json (or `symgen reproduce --json` output) to check; "
-                                      "default: run `symgen reproduce --quick --json` now")
-    ap.add_argument("--timeout", type=float, default=1200.0,
-                    help="seconds the reproduction may take before the gate stops it and fails (default 1200)")
+    ap.add_argument(
+        "--summary",
+        help="reproduce.json (or `symgen reproduce --json` output) to check; "
+        "default: run `symgen reproduce --quick --json` now",
+    )
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=1200.0,
+        help="seconds the reproduction may take before the gate stops it and fails (default 1200)",
+    )
     args = ap.parse_args(argv)
     readme = readme_verdicts(Path(args.readme).read_text())
     if args.summary:
@@ -160,8 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         if summary is None:
             return 1
     if any("seconds" in e for e in summary["experiments"]):
-        rows = [(e["name"], e.get("seconds"), f"{sum(bool(c['passed']) for c in e['claims'])}/{len(e['claims'])}")
-                for e in summary["experiments"]]
+        rows = [
+            (e["name"], e.get("seconds"), f"{sum(bool(c['passed']) for c in e['claims'])}/{len(e['claims'])}")
+            for e in summary["experiments"]
+        ]
         total = summary.get("seconds")
         print("claims gate: time per experiment" + (f" (total {total:.1f} s)" if total is not None else ""))
         print(times_table(rows))

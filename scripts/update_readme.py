@@ -35,8 +35,10 @@ def table(store: RunStore) -> str:
             paper = "-" if c.get("paper") is None else f"{c.get('headline')}={format_value(c['paper'], 3)}"
             paper = paper.replace("|", "\\|")
             statement = c["statement"].replace("|", "\\|")
-            lines.append(f"| {name}{' (quick)' if quick else ''} | {c['id']}: {statement} | {measured} | "
-                         f"{threshold} | {paper} | {verdict} |")
+            lines.append(
+                f"| {name}{' (quick)' if quick else ''} | {c['id']}: {statement} | {measured} | "
+                f"{threshold} | {paper} | {verdict} |"
+            )
     passed = sum(line.endswith("| PASS |") for line in lines)
     failed = [line.split(" | ")[1].split(":")[0] for line in lines if line.endswith("| **FAIL** |")]
     head = f"{passed}/{passed + len(failed)} claims pass" + (f"; failing: {', '.join(failed)}." if failed else ".")

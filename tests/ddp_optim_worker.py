@@ -38,8 +38,16 @@ def make(name: str, model: nn.Module, inner: nn.Module, x: torch.Tensor) -> torc
         # "sam": SAM does not know the model (DDP syncs both passes); "sam_nosync": it does (no_sync on the
         # pass at W, one all-reduce); "sam_local": per-process ascent (m-sharpness)
         known = name in ("sam_nosync", "sam_local")
-        return SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=MOMENTUM, adaptive=name == "sam_adaptive",
-                   model=model if known else None, ascent="local" if name == "sam_local" else "global")
+        return SAM(
+            model.parameters(),
+            torch.optim.SGD,
+            rho=RHO,
+            lr=LR,
+            momentum=MOMENTUM,
+            adaptive=name == "sam_adaptive",
+            model=model if known else None,
+            ascent="local" if name == "sam_local" else "global",
+        )
     if name.startswith("nso"):
         return NSO(model.parameters(), torch.optim.SGD, sigma=0.05, num_samples=2, lr=0.2, generator=7)
     return UnitNormSGD(inner, lr=0.2, momentum=0.9, example_input=x)
@@ -54,11 +62,13 @@ def train(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, inner: 
     opt = make(name, model, inner, x)
     for _ in range(STEPS):
         if name == "nso_closure" or name.startswith("sam"):
+
             def closure() -> torch.Tensor:
                 opt.zero_grad()
                 loss = nn.functional.cross_entropy(model(x), y)
                 loss.backward()
                 return loss
+
             opt.step(closure)
         else:
             opt.step(LossClosure(model, nn.functional.cross_entropy, x, y))
@@ -67,13 +77,15 @@ def train(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, inner: 
 def _rank(rank: int, outdir: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
+
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{outdir}/rendezvous", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{outdir}/rendezvous", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
     try:
         x, y = data()
         half = NUM_DATA // 2
-        xs, ys = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+        xs, ys = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
         out: dict = {"all_reduces": {}}
         for name in NAMES + LOCAL_NAMES:
             inner = net()
@@ -82,6 +94,7 @@ def _rank(rank: int, outdir: str) -> None:
 
             def counting_hook(state, bucket, calls=calls):  # unannotated: DDP checks the annotations it sees
                 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
                 calls[0] += 1
                 return default_hooks.allreduce_hook(None, bucket)
 
@@ -97,4 +110,5 @@ def _rank(rank: int, outdir: str) -> None:
 
 if __name__ == "__main__":
     import torch.multiprocessing as mp
+
     mp.spawn(_rank, args=(sys.argv[1],), nprocs=2, join=True)

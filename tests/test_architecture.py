@@ -60,7 +60,7 @@ def test_no_import_cycles_between_units():
 
     def visit(node: str, stack: list[str], done: set[str]) -> None:
         if node in stack:
-            cycle = stack[stack.index(node):] + [node]
+            cycle = stack[stack.index(node) :] + [node]
             pytest.fail("import cycle: " + " -> ".join(cycle))
         if node in done:
             return
@@ -98,7 +98,7 @@ def test_units_import_only_units_listed_above_them_in_the_map():
     order = []
     for line in text.splitlines():
         if line.startswith("- `") and "`:" in line:
-            name = line[3:line.index("`", 3)]
+            name = line[3 : line.index("`", 3)]
             if "." not in name:
                 order.append(name)
     rank = {u: i for i, u in enumerate(order)}

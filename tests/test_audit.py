@@ -23,9 +23,24 @@ from symgen.runs import RunStore, run_audit, write_audit_run
 
 USER_MODEL = Path(__file__).parent / "audit_user_model.py"
 # Tiny sizes; a generous time limit so a loaded test machine never skips a section.
-TINY = dict(time_limit=600.0, eval_samples=None, invariance_samples=32, symmetry_samples=8, hessian_samples=32, hutchinson_probes=4,
-            top_eigenvalues=1, eigen_iters=5, density_runs=1, density_steps=5, noise_samples=32, noise_draws=2,
-            ntk_samples=8, ntk_subsamples=2, pgd_samples=16, pgd_steps=2)
+TINY = dict(
+    time_limit=600.0,
+    eval_samples=None,
+    invariance_samples=32,
+    symmetry_samples=8,
+    hessian_samples=32,
+    hutchinson_probes=4,
+    top_eigenvalues=1,
+    eigen_iters=5,
+    density_runs=1,
+    density_steps=5,
+    noise_samples=32,
+    noise_draws=2,
+    ntk_samples=8,
+    ntk_subsamples=2,
+    pgd_samples=16,
+    pgd_steps=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +65,7 @@ def _tiny_mlp():
 
 # ------------------------------------------------------------------------------------ model loading
 
+
 def test_load_model_from_file_and_module():
     m1 = load_model(f"{USER_MODEL}:make_model")
     m2 = load_model("audit_user_model:make_model")  # tests/ is on sys.path (conftest)
@@ -60,15 +76,18 @@ def test_load_model_from_file_and_module():
     assert next(m3.parameters()).dtype == torch.float64
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("audit_user_model", "MODULE:FACTORY"),
-    ("audit_user_model:", "MODULE:FACTORY"),
-    ("no_such_module_xyz:make", "cannot import module 'no_such_module_xyz'"),
-    ("missing_file.py:make", "does not exist"),
-    ("audit_user_model:nope", "has no attribute 'nope'"),
-    ("audit_user_model:make_not_a_module", "must return a torch.nn.Module"),
-    ("audit_user_model:NOT_A_FACTORY", "not a factory"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("audit_user_model", "MODULE:FACTORY"),
+        ("audit_user_model:", "MODULE:FACTORY"),
+        ("no_such_module_xyz:make", "cannot import module 'no_such_module_xyz'"),
+        ("missing_file.py:make", "does not exist"),
+        ("audit_user_model:nope", "has no attribute 'nope'"),
+        ("audit_user_model:make_not_a_module", "must return a torch.nn.Module"),
+        ("audit_user_model:NOT_A_FACTORY", "not a factory"),
+    ],
+)
 def test_load_model_errors(spec, message):
     with pytest.raises(ConfigError, match=message):
         load_model(spec)
@@ -85,8 +104,9 @@ def test_checkpoint_roundtrip_and_mismatch(tmp_path):
     for k, v in trained.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
     # A wrapped checkpoint and a DataParallel prefix load too.
-    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in trained.state_dict().items()}},
-               tmp_path / "wrapped.pt")
+    torch.save(
+        {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in trained.state_dict().items()}}, tmp_path / "wrapped.pt"
+    )
     wrapped = load_model("audit_user_model:make_model", tmp_path / "wrapped.pt")
     assert torch.equal(wrapped.head.weight, trained.head.weight)
 
@@ -111,6 +131,7 @@ def test_checkpoint_roundtrip_and_mismatch(tmp_path):
 
 # ------------------------------------------------------------------------------------ sections
 
+
 def test_performance_matches_a_loop(digits3):
     train, test = digits3
     model = _tiny_mlp()
@@ -119,16 +140,18 @@ def test_performance_matches_a_loop(digits3):
         correct, losses = 0, []
         for i in range(x.shape[0]):  # one sample at a time
             with torch.no_grad():
-                out = model(x[i:i + 1])
+                out = model(x[i : i + 1])
             correct += int(out.argmax() == y[i])
-            losses.append(float(F.cross_entropy(out, y[i:i + 1])))
+            losses.append(float(F.cross_entropy(out, y[i : i + 1])))
         acc = correct / x.shape[0]
         assert res.value("performance", f"{split}_accuracy") == pytest.approx(acc)
         assert res["performance"].values[f"{split}_accuracy"].stderr == pytest.approx(
-            math.sqrt(acc * (1 - acc) / x.shape[0]))
+            math.sqrt(acc * (1 - acc) / x.shape[0])
+        )
         assert res.value("performance", f"{split}_loss") == pytest.approx(np.mean(losses), rel=1e-10)
         assert res["performance"].values[f"{split}_loss"].stderr == pytest.approx(
-            np.std(losses, ddof=1) / math.sqrt(len(losses)), rel=1e-8)
+            np.std(losses, ddof=1) / math.sqrt(len(losses)), rel=1e-8
+        )
     assert res["invariance"].status == "skipped" and res["ntk"].status == "skipped"
 
 
@@ -147,14 +170,24 @@ def test_invariance_against_brute_force(digits3):
     r = audit(plain, (x, y), "c4", limits=lim, sections=["invariance"])
     with torch.no_grad():
         ref = plain(x)
-        agree = [float((plain(torch.rot90(x, k, dims=(-2, -1))).argmax(1) == ref.argmax(1)).double().mean())
-                 for k in range(4)]
+        agree = [
+            float((plain(torch.rot90(x, k, dims=(-2, -1))).argmax(1) == ref.argmax(1)).double().mean())
+            for k in range(4)
+        ]
         logp0 = torch.log_softmax(ref, -1)
         kls = []
         for k in range(4):
             logp = torch.log_softmax(plain(torch.rot90(x, k, dims=(-2, -1))), -1)
-            kls.append(float(0.5 * (F.kl_div(logp, logp0, log_target=True, reduction="sum")
-                                    + F.kl_div(logp0, logp, log_target=True, reduction="sum")) / x.shape[0]))
+            kls.append(
+                float(
+                    0.5
+                    * (
+                        F.kl_div(logp, logp0, log_target=True, reduction="sum")
+                        + F.kl_div(logp0, logp, log_target=True, reduction="sum")
+                    )
+                    / x.shape[0]
+                )
+            )
     assert r["invariance"].details["agreement"] == pytest.approx(agree)
     assert r.value("invariance", "osp") == pytest.approx(sum(agree))
     assert r.value("invariance", "kl") == pytest.approx(np.mean(kls), rel=1e-8)
@@ -174,7 +207,8 @@ def test_scale_symmetries_known_by_construction(digits3):
     assert res.value("scale_symmetries", "filters") == 16
     n = {k: p.numel() for k, p in model.named_parameters()}
     assert res.value("scale_symmetries", "parameter_fraction") == pytest.approx(
-        (n["conv1.weight"] + n["conv2.weight"]) / sum(n.values()))
+        (n["conv1.weight"] + n["conv2.weight"]) / sum(n.values())
+    )
     mlp = audit(_tiny_mlp(), train, limits=TINY, sections=["scale_symmetries"])
     assert mlp.value("scale_symmetries", "groups") == 0
 
@@ -205,7 +239,8 @@ def test_ntk_metrics_against_dense_jacobian(digits3):
     assert res.value("ntk", "effective_rank") == pytest.approx(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()), rel=1e-8)
     assert res.value("ntk", "log10_condition_number") == pytest.approx(np.log10(lam[0] / lam[-1]), rel=1e-6)
     assert res.value("ntk", "target_alignment") == pytest.approx(
-        (k * yy).sum() / (np.linalg.norm(k) * np.linalg.norm(yy)), rel=1e-8)
+        (k * yy).sum() / (np.linalg.norm(k) * np.linalg.norm(yy)), rel=1e-8
+    )
     # Several subsamples: a standard error over them.
     res2 = audit(model, (x, y), limits=dict(TINY, ntk_samples=10, ntk_subsamples=3), sections=["ntk"])
     assert res2["ntk"].details["subsamples"] == 3
@@ -229,9 +264,20 @@ def test_hessian_against_dense_hessian(digits3):
     train, _ = digits3
     model = _tiny_mlp()
     n = train[0].shape[0]
-    res = audit(model, train, limits=dict(TINY, hessian_samples=n, hutchinson_probes=60, top_eigenvalues=2,
-                                          eigen_iters=400, density_runs=1, density_steps=30),
-                sections=["hessian"])
+    res = audit(
+        model,
+        train,
+        limits=dict(
+            TINY,
+            hessian_samples=n,
+            hutchinson_probes=60,
+            top_eigenvalues=2,
+            eigen_iters=400,
+            density_runs=1,
+            density_steps=30,
+        ),
+        sections=["hessian"],
+    )
     h = _dense_hessian(model, *train)
     exact = torch.linalg.eigvalsh(h).flip(0)
     tr = res["hessian"].values["trace"]
@@ -281,15 +327,19 @@ def test_noise_stability_matches_second_order_expansion(digits3):
     model = _tiny_mlp()
     n = train[0].shape[0]
     sigmas = (1e-3, 3e-3)
-    res = audit(model, train, limits=dict(TINY, hessian_samples=n, noise_samples=n, noise_draws=64,
-                                          noise_sigmas=sigmas), sections=["hessian", "noise_stability"])
+    res = audit(
+        model,
+        train,
+        limits=dict(TINY, hessian_samples=n, noise_samples=n, noise_draws=64, noise_sigmas=sigmas),
+        sections=["hessian", "noise_stability"],
+    )
     tr = float(_dense_hessian(model, *train).trace())
     for sigma, pred in zip(sigmas, res["noise_stability"].details["predicted"], strict=True):
         est = res["noise_stability"].values[f"loss_increase@{sigma:g}"]
-        exact = 0.5 * sigma ** 2 * tr
+        exact = 0.5 * sigma**2 * tr
         assert est.stderr > 0
         assert abs(est.value - exact) <= 4 * est.stderr + 0.02 * exact, (sigma, est, exact)
-        assert pred == pytest.approx(0.5 * sigma ** 2 * res.value("hessian", "trace"))
+        assert pred == pytest.approx(0.5 * sigma**2 * res.value("hessian", "trace"))
 
 
 def test_pgd_matches_closed_form_on_linear_binary_classifier():
@@ -302,8 +352,7 @@ def test_pgd_matches_closed_form_on_linear_binary_classifier():
     with torch.no_grad():
         y = (model(x) + 0.3 * torch.randn(200, 2, generator=gen, dtype=torch.float64)).argmax(1)
     fracs = (0.0, 0.02, 0.05)
-    res = audit(model, (x, y), limits=dict(TINY, pgd_samples=200, pgd_steps=20, pgd_eps=fracs),
-                sections=["robustness"])
+    res = audit(model, (x, y), limits=dict(TINY, pgd_samples=200, pgd_steps=20, pgd_eps=fracs), sections=["robustness"])
     w, b = model.weight.detach(), model.bias.detach()
     span = float(x.max() - x.min())
     sign = torch.where(y == 1, 1.0, -1.0).double()
@@ -315,6 +364,7 @@ def test_pgd_matches_closed_form_on_linear_binary_classifier():
 
 
 # ------------------------------------------------------------------------------------ budget and errors
+
 
 def test_budget_skips_and_bad_input(digits3):
     train, test = digits3
@@ -386,16 +436,19 @@ def test_broken_user_file_is_a_config_error(tmp_path):
 
 # ------------------------------------------------------------------------------------ run store and CLI
 
+
 def test_run_audit_writes_an_indexed_run(tmp_path):
-    result, run = run_audit(f"{USER_MODEL}:make_model", "digits", action="d4", out=tmp_path,
-                            limits=dict(TINY, eval_samples=100))
+    result, run = run_audit(
+        f"{USER_MODEL}:make_model", "digits", action="d4", out=tmp_path, limits=dict(TINY, eval_samples=100)
+    )
     assert isinstance(result, AuditResult)
     for name in ("config.yaml", "audit.json", "result.json", "claims.json", "report.html"):
         assert (run.path / name).exists(), name
     data = json.loads((run.path / "audit.json").read_text())
     assert data["action"] == "d4" and data["data"] == "digits"
     assert data["sections"]["performance"]["values"]["test_accuracy"]["value"] == result.value(
-        "performance", "test_accuracy")
+        "performance", "test_accuracy"
+    )
     assert (run.path / "figures" / "invariance.png").exists()
     rows = sqlite3.connect(tmp_path / "index.sqlite").execute("SELECT experiment, status FROM runs").fetchall()
     assert rows == [("audit", "done")]
@@ -415,8 +468,12 @@ def test_library_audit_writes_nothing(digits3, tmp_path, monkeypatch):
     monkeypatch.setattr(symgen.io, "atomic_write", refuse)
     monkeypatch.chdir(tmp_path)
     train, test = digits3
-    res = audit(load_model("audit_user_model:make_model", dtype=torch.float64), {"train": train, "test": test},
-                "c4", limits=TINY)
+    res = audit(
+        load_model("audit_user_model:make_model", dtype=torch.float64),
+        {"train": train, "test": test},
+        "c4",
+        limits=TINY,
+    )
     assert all(s.status == "ok" for s in res.sections.values())
     assert list(tmp_path.iterdir()) == []
     assert not hasattr(res, "write")
@@ -444,7 +501,7 @@ def test_generator_seeds_each_section_from_its_own_stream(digits3):
     gen = torch.Generator().manual_seed(5 * 1009)
     for split, (x, y) in (("train", train), ("test", test)):
         idx = torch.randperm(x.shape[0], generator=gen)[:17].sort().values
-        correct = sum(int(model(x[i:i + 1]).argmax() == y[i]) for i in idx.tolist())
+        correct = sum(int(model(x[i : i + 1]).argmax() == y[i]) for i in idx.tolist())
         assert res.value("performance", f"{split}_accuracy") == pytest.approx(correct / 17)
     default = audit(model, data, sections=["performance"], limits=lim)
     zero = audit(model, data, sections=["performance"], limits=lim, generator=0)
@@ -462,8 +519,19 @@ def test_report_does_not_import_the_run_store():
 
 def test_cli_audit_and_errors(tmp_path, capsys):
     torch.save(load_model("audit_user_model:make_model").state_dict(), tmp_path / "ck.pt")
-    args = ["audit", "--model", f"{USER_MODEL}:make_model", "--checkpoint", str(tmp_path / "ck.pt"),
-            "--data", "digits", "--action", "c4", "--out", str(tmp_path / "runs")]
+    args = [
+        "audit",
+        "--model",
+        f"{USER_MODEL}:make_model",
+        "--checkpoint",
+        str(tmp_path / "ck.pt"),
+        "--data",
+        "digits",
+        "--action",
+        "c4",
+        "--out",
+        str(tmp_path / "runs"),
+    ]
     tiny = [x for k, v in dict(TINY, eval_samples=64).items() for x in ("--set", f"{k}={v}")]
     assert main(args + tiny) == 0
     out = capsys.readouterr().out
@@ -471,8 +539,22 @@ def test_cli_audit_and_errors(tmp_path, capsys):
     assert main(["runs", "ls", "--out", str(tmp_path / "runs")]) == 0
     assert "audit" in capsys.readouterr().out
 
-    assert main(["audit", "--model", f"{USER_MODEL}:make_wide_model", "--checkpoint", str(tmp_path / "ck.pt"),
-                 "--data", "digits", "--out", str(tmp_path / "runs")]) == 2
+    assert (
+        main(
+            [
+                "audit",
+                "--model",
+                f"{USER_MODEL}:make_wide_model",
+                "--checkpoint",
+                str(tmp_path / "ck.pt"),
+                "--data",
+                "digits",
+                "--out",
+                str(tmp_path / "runs"),
+            ]
+        )
+        == 2
+    )
     assert "conv1.weight" in capsys.readouterr().err
     assert main(args + ["--budget", "huge"]) == 2
     assert "unknown budget" in capsys.readouterr().err
@@ -483,6 +565,7 @@ def test_cli_audit_and_errors(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------ the experiments' models
 
+
 def _train(model, x, y, epochs, lr, optimizer=None):
     opt = optimizer or torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
@@ -490,7 +573,7 @@ def _train(model, x, y, epochs, lr, optimizer=None):
     for _ in range(epochs):
         perm = torch.randperm(x.shape[0], generator=gen)
         for i in range(0, x.shape[0], 64):
-            b = perm[i:i + 64]
+            b = perm[i : i + 64]
             opt.zero_grad()
             F.cross_entropy(model(x[b]), y[b]).backward()
             opt.step()
@@ -509,30 +592,56 @@ def test_audit_models_the_experiments_train(tmp_path, capsys):
     _train(cnn, x, y, epochs=2, lr=0.1, optimizer=opt)
     torch.save(cnn.state_dict(), tmp_path / "cnn.pt")
     tiny = [a for k, v in dict(TINY, eval_samples=200).items() for a in ("--set", f"{k}={v}")]
-    assert main(["audit", "--model", cnn_spec, "--checkpoint", str(tmp_path / "cnn.pt"), "--data", "digits",
-                 "--action", "c4", "--out", str(tmp_path / "runs")] + tiny) == 0
+    assert (
+        main(
+            [
+                "audit",
+                "--model",
+                cnn_spec,
+                "--checkpoint",
+                str(tmp_path / "cnn.pt"),
+                "--data",
+                "digits",
+                "--action",
+                "c4",
+                "--out",
+                str(tmp_path / "runs"),
+            ]
+            + tiny
+        )
+        == 0
+    )
     assert "report:" in capsys.readouterr().out
     (run_dir,) = [d for d in (tmp_path / "runs").iterdir() if d.is_dir()]
     data = json.loads((run_dir / "audit.json").read_text())
     perf = data["sections"]["performance"]["values"]
     assert perf["test_accuracy"]["value"] > 0.5  # trained: far above 10 % chance
     assert data["sections"]["scale_symmetries"]["values"]["groups"]["value"] == 2  # conv -> BN, twice
-    assert all(s["status"] in ("ok", "skipped") for s in data["sections"].values()), \
-        {k: s["skipped"] for k, s in data["sections"].items() if s["status"] == "failed"}
+    assert all(s["status"] in ("ok", "skipped") for s in data["sections"].values()), {
+        k: s["skipped"] for k, s in data["sections"].items() if s["status"] == "failed"
+    }
 
     # The flat-minima experiment's BatchNorm CNN, trained with NSO (vectorized perturbed passes).
     from symgen.optim import NSO, LossClosure
 
     nso_cnn = load_model("symgen.experiments.flat_minima:bn_cnn((1, 8, 8), width=8)")
-    opt = NSO(nso_cnn.parameters(), lr=0.05, momentum=0.9, sigma=0.01, num_samples=1, model=nso_cnn,
-              generator=torch.Generator().manual_seed(0))
+    opt = NSO(
+        nso_cnn.parameters(),
+        lr=0.05,
+        momentum=0.9,
+        sigma=0.01,
+        num_samples=1,
+        model=nso_cnn,
+        generator=torch.Generator().manual_seed(0),
+    )
     nso_cnn.train()
     for _ in range(2):
         for i in range(0, x.shape[0], 64):
-            opt.step(LossClosure(nso_cnn, F.cross_entropy, x[i:i + 64], y[i:i + 64]))
+            opt.step(LossClosure(nso_cnn, F.cross_entropy, x[i : i + 64], y[i : i + 64]))
     res = audit(nso_cnn.eval(), "digits", "d4", limits=dict(TINY, eval_samples=200))
-    assert all(s.status == "ok" for s in res.sections.values()), \
-        {k: s.skipped for k, s in res.sections.items() if s.status != "ok"}
+    assert all(s.status == "ok" for s in res.sections.values()), {
+        k: s.skipped for k, s in res.sections.items() if s.status != "ok"
+    }
     assert res.value("performance", "test_accuracy") > 0.3
     assert res.value("scale_symmetries", "groups") == 3  # three conv -> BN pairs
 
@@ -542,8 +651,9 @@ def test_audit_models_the_experiments_train(tmp_path, capsys):
     res = audit(mlp, "mnist1d", "shift", limits=dict(TINY, eval_samples=200))
     assert res["invariance"].details["order"] == 40
     assert res.value("scale_symmetries", "groups") == 2  # both hidden Linear layers feed a BatchNorm1d
-    assert all(s.status == "ok" for s in res.sections.values()), \
-        {k: s.skipped for k, s in res.sections.items() if s.status != "ok"}
+    assert all(s.status == "ok" for s in res.sections.values()), {
+        k: s.skipped for k, s in res.sections.items() if s.status != "ok"
+    }
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -563,9 +673,14 @@ def test_audit_on_cuda_matches_cpu(digits3):
 
 # ------------------------------------------------------------------------------------ data from a DataLoader
 
+
 def _values(res):
-    return {(s, k): (e.value, e.stderr) for s, sec in res.sections.items() if sec.status == "ok"
-            for k, e in sec.values.items()}
+    return {
+        (s, k): (e.value, e.stderr)
+        for s, sec in res.sections.items()
+        if sec.status == "ok"
+        for k, e in sec.values.items()
+    }
 
 
 def test_audit_on_a_dataloader_gives_the_tensor_numbers(digits3):
@@ -588,7 +703,7 @@ def test_audit_on_a_dataloader_gives_the_tensor_numbers(digits3):
 
         def __iter__(self):
             for i in range(0, self.x.shape[0], 11):
-                yield self.x[i:i + 11].clone(), self.y[i:i + 11].clone()
+                yield self.x[i : i + 11].clone(), self.y[i : i + 11].clone()
 
     loaders = {"train": DataLoader(TensorDataset(*train), batch_size=7), "test": Batches(*test)}
     res = audit(model, loaders, "c4", limits=lim, generator=3)
@@ -618,16 +733,20 @@ def test_audit_streams_a_loader_one_batch_at_a_time(digits3):
         def __iter__(self):
             Loader.passes += 1
             for i in range(0, 60, 6):
-                xb = train[0][i:i + 6].clone()
+                xb = train[0][i : i + 6].clone()
                 assert sum(r() is not None for r in alive) <= 1, "an earlier batch is still held"
                 alive.append(weakref.ref(xb))
-                yield xb, train[1][i:i + 6]
+                yield xb, train[1][i : i + 6]
                 del xb
                 gc.collect()
 
     model = load_model("audit_user_model:make_model", dtype=torch.float64)
-    res = audit(model, Loader(), limits=dict(TINY, eval_samples=None, hessian_samples=10, noise_samples=10),
-                sections=["performance", "hessian", "noise_stability"])
+    res = audit(
+        model,
+        Loader(),
+        limits=dict(TINY, eval_samples=None, hessian_samples=10, noise_samples=10),
+        sections=["performance", "hessian", "noise_stability"],
+    )
     assert all(res[s].status == "ok" for s in ("performance", "hessian", "noise_stability"))
     assert res["performance"].samples == 60 and res["hessian"].samples == 10
     assert Loader.passes >= 3
@@ -636,7 +755,7 @@ def test_audit_streams_a_loader_one_batch_at_a_time(digits3):
 def test_audit_rejects_a_generator_and_bad_batches(digits3):
     train, _ = digits3
     model = _tiny_mlp()
-    batches = ((train[0][i:i + 8], train[1][i:i + 8]) for i in range(0, 60, 8))
+    batches = ((train[0][i : i + 8], train[1][i : i + 8]) for i in range(0, 60, 8))
     with pytest.raises(ConfigError, match="one-shot iterator.*DataLoader"):
         audit(model, batches)
     with pytest.raises(ConfigError, match="one-shot iterator"):
@@ -661,8 +780,9 @@ def test_cifar10_audit_reads_files_lazily_with_the_in_memory_numbers(tmp_path, m
 
     write_fake_cifar(tmp_path, {**{f"data_batch_{i}": 12 for i in range(1, 6)}, "test_batch": 30})
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4 * 64, 10)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=4), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 10)
+    ).eval()
     lim = dict(TINY, eval_samples=20, test_samples=None, batch_size=8, hessian_samples=8, noise_samples=8)
     reads = []
     real = data._read_cifar_file
@@ -689,4 +809,6 @@ def test_cifar10_audit_reads_files_lazily_with_the_in_memory_numbers(tmp_path, m
     reads.clear()
     xs, ys = split.take(torch.tensor([7, 2, 11]))
     assert reads == ["data_batch_1"]  # the pass stops once it has the subsample
-    assert torch.equal(xs, tensors["train"][0][[7, 2, 11]].double()) and torch.equal(ys, tensors["train"][1][[7, 2, 11]])
+    assert torch.equal(xs, tensors["train"][0][[7, 2, 11]].double()) and torch.equal(
+        ys, tensors["train"][1][[7, 2, 11]]
+    )

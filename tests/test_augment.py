@@ -10,8 +10,9 @@ from symgen.errors import ConfigError, GroupActionError, ShapeError
 from symgen.groups import CyclicShift, ImageDihedral, ImageRotation90, Reflection
 
 
-@pytest.mark.parametrize("action,shape", [(ImageRotation90(), (1, 4, 4)), (ImageDihedral(), (2, 3, 3)),
-                                          (CyclicShift(5), (5,))])
+@pytest.mark.parametrize(
+    "action,shape", [(ImageRotation90(), (1, 4, 4)), (ImageDihedral(), (2, 3, 3)), (CyclicShift(5), (5,))]
+)
 def test_orbit_augment_matches_loop(action, shape):
     x = torch.randn(3, *shape, dtype=torch.float64)
     y = torch.tensor([0, 1, 2])
@@ -70,7 +71,7 @@ def test_random_augment_uniform():
 
 def test_random_augment_two_batch_dims_and_labels():
     act = CyclicShift(6)
-    x = torch.randn(3, 4, 6)      # (members, batch, features)
+    x = torch.randn(3, 4, 6)  # (members, batch, features)
     y = torch.arange(12).reshape(3, 4)
     aug = RandomGroupAugment(act, generator=1, batch_dims=2)
     xa, ya = aug(x, y)

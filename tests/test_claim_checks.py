@@ -37,21 +37,46 @@ def _covers(claims: dict, experiment) -> None:
 
 IB_CFG = ib.Config(datasets=["cyclic"], depths=[1, 2], train_sizes=[4, 8], claim_size=8, seeds=1)
 IB_GOOD = {  # per kind: a converged, well-behaved member
-    "steerable": {"cos_inv_svm": 0.999, "cos_raw_svm": 0.9, "invariance_error": 1e-12, "margin_augmented": 0.5,
-                  "test_accuracy": 0.9},
-    "fc_augmented": {"cos_inv_svm": 0.998, "cos_raw_svm": 0.9, "invariance_error": 1e-3, "margin_augmented": 0.5,
-                     "test_accuracy": 0.9},
-    "fc_raw": {"cos_inv_svm": 0.8, "cos_raw_svm": 0.997, "invariance_error": 0.3, "margin_augmented": 0.4,
-               "test_accuracy": 0.8},
+    "steerable": {
+        "cos_inv_svm": 0.999,
+        "cos_raw_svm": 0.9,
+        "invariance_error": 1e-12,
+        "margin_augmented": 0.5,
+        "test_accuracy": 0.9,
+    },
+    "fc_augmented": {
+        "cos_inv_svm": 0.998,
+        "cos_raw_svm": 0.9,
+        "invariance_error": 1e-3,
+        "margin_augmented": 0.5,
+        "test_accuracy": 0.9,
+    },
+    "fc_raw": {
+        "cos_inv_svm": 0.8,
+        "cos_raw_svm": 0.997,
+        "invariance_error": 0.3,
+        "margin_augmented": 0.4,
+        "test_accuracy": 0.8,
+    },
 }
 
 
 def _ib_result() -> dict:
-    trials = [{"dataset": "cyclic", "kind": kind, "depth": depth,
-               "members": [dict(IB_GOOD[kind], size=n, seed=0) for n in (4, 8)]}
-              for depth in (1, 2) for kind in ib.KINDS]
-    agreement = [{"dataset": "cyclic", "depth": depth, "size": n, "seed": 0, "cos_steerable_fc_augmented": 0.999}
-                 for depth in (1, 2) for n in (4, 8)]
+    trials = [
+        {
+            "dataset": "cyclic",
+            "kind": kind,
+            "depth": depth,
+            "members": [dict(IB_GOOD[kind], size=n, seed=0) for n in (4, 8)],
+        }
+        for depth in (1, 2)
+        for kind in ib.KINDS
+    ]
+    agreement = [
+        {"dataset": "cyclic", "depth": depth, "size": n, "seed": 0, "cos_steerable_fc_augmented": 0.999}
+        for depth in (1, 2)
+        for n in (4, 8)
+    ]
     return {"trials": trials, "agreement": agreement, "svm_crosscheck": []}
 
 
@@ -71,9 +96,15 @@ def test_implicit_bias_all_pass_on_a_converged_result():
     assert claims["C1.1"].measured["members"] == 2  # depths 1, 2 at claim_size, one seed
 
 
-@pytest.mark.parametrize("field, value, passed", [
-    ("cos_inv_svm", 0.9901, True), ("cos_inv_svm", 0.9899, False),
-    ("invariance_error", 9e-7, True), ("invariance_error", 1.1e-6, False)])
+@pytest.mark.parametrize(
+    "field, value, passed",
+    [
+        ("cos_inv_svm", 0.9901, True),
+        ("cos_inv_svm", 0.9899, False),
+        ("invariance_error", 9e-7, True),
+        ("invariance_error", 1.1e-6, False),
+    ],
+)
 def test_implicit_bias_c1_1_thresholds(field, value, passed):
     result = _ib_result()
     _ib_set(result, "steerable", 2, 8, **{field: value})
@@ -90,17 +121,25 @@ def test_implicit_bias_c1_1_only_counts_the_claim_size():
     assert c.passed and c.measured["min_cos_to_invariant_svm"] == 0.999
 
 
-@pytest.mark.parametrize("where, value, passed", [
-    ("fc", 0.99, True), ("fc", 0.9899, False), ("agreement", 0.9901, True), ("agreement", 0.9899, False),
-    ("agreement_other_size", 0.1, True)])
+@pytest.mark.parametrize(
+    "where, value, passed",
+    [
+        ("fc", 0.99, True),
+        ("fc", 0.9899, False),
+        ("agreement", 0.9901, True),
+        ("agreement", 0.9899, False),
+        ("agreement_other_size", 0.1, True),
+    ],
+)
 def test_implicit_bias_c1_2_thresholds(where, value, passed):
     result = _ib_result()
     if where == "fc":
         _ib_set(result, "fc_augmented", 1, 8, cos_inv_svm=value)
     else:
         size = 4 if where == "agreement_other_size" else 8
-        next(p for p in result["agreement"] if p["depth"] == 2 and p["size"] == size)[
-            "cos_steerable_fc_augmented"] = value
+        next(p for p in result["agreement"] if p["depth"] == 2 and p["size"] == size)["cos_steerable_fc_augmented"] = (
+            value
+        )
     c = _claims(ib.check_claims, IB_CFG, result)["C1.2"]
     assert c.passed is passed
     m = c.measured
@@ -138,8 +177,10 @@ def test_implicit_bias_c1_4_accuracy_per_dataset_and_depth():
     _ib_set(result, "steerable", 2, 4, test_accuracy=0.7)  # depth-2 steerable mean (0.7 + 0.9) / 2 = 0.8
     c = _claims(ib.check_claims, IB_CFG, result)["C1.4"]
     assert c.passed  # equal to the raw FC net: >= holds
-    assert c.measured == {"cyclic/depth1": {"steerable": 0.9, "fc_raw": 0.8},
-                          "cyclic/depth2": {"steerable": 0.8, "fc_raw": 0.8}}
+    assert c.measured == {
+        "cyclic/depth1": {"steerable": 0.9, "fc_raw": 0.8},
+        "cyclic/depth2": {"steerable": 0.8, "fc_raw": 0.8},
+    }
 
     _ib_set(result, "steerable", 2, 4, test_accuracy=0.6998)  # mean 0.7999 < 0.8
     c = _claims(ib.check_claims, IB_CFG, result)["C1.4"]
@@ -154,43 +195,82 @@ UN_CFG = un.Config(seeds=2, epochs=3)
 
 
 def _un_result() -> dict:
-    detection = [{"model": model,
-                  "found": [{"train_exact": 1e-13, "eval_exact": 2e-13, "train_eps": 1e-9, "eval_eps": 1e-9,
-                             "finer_train_exact": 1e-3},
-                            {"train_exact": 3e-13, "eval_exact": 1e-13, "train_eps": 1e-9, "eval_eps": 2e-9}],
-                  "redundant_bias_change": {"0.bias": 1e-14},
-                  "not_found_change": {"3.weight": 0.1, "3.bias": 0.05},
-                  "matches_expected": True}
-                 for model in ("mlp", "mixed")]
+    detection = [
+        {
+            "model": model,
+            "found": [
+                {
+                    "train_exact": 1e-13,
+                    "eval_exact": 2e-13,
+                    "train_eps": 1e-9,
+                    "eval_eps": 1e-9,
+                    "finer_train_exact": 1e-3,
+                },
+                {"train_exact": 3e-13, "eval_exact": 1e-13, "train_eps": 1e-9, "eval_eps": 2e-9},
+            ],
+            "redundant_bias_change": {"0.bias": 1e-14},
+            "not_found_change": {"3.weight": 0.1, "3.bias": 0.05},
+            "matches_expected": True,
+        }
+        for model in ("mlp", "mixed")
+    ]
     stats = {"sgd": (0.85, 0.05), "sgd_wd": (0.86, 0.04), "unit_norm": (0.9, 0.01)}
-    summary = {model: {k: {"mean_acc": a, "spread_across_lr": s, "best_acc": a + 0.02} for k, (a, s) in stats.items()}
-               for model in ("mlp", "cnn")}
-    return {"detection": detection, "trials": [], "summary": summary, "lrs": [0.01, 0.03, 0.1, 0.3, 1.0],
-            "models": ["mlp", "cnn"], "protocol": _un_protocol()}
+    summary = {
+        model: {k: {"mean_acc": a, "spread_across_lr": s, "best_acc": a + 0.02} for k, (a, s) in stats.items()}
+        for model in ("mlp", "cnn")
+    }
+    return {
+        "detection": detection,
+        "trials": [],
+        "summary": summary,
+        "lrs": [0.01, 0.03, 0.1, 0.3, 1.0],
+        "models": ["mlp", "cnn"],
+        "protocol": _un_protocol(),
+    }
 
 
 def _un_protocol(override: dict | None = None) -> dict:
     """C2.2 (a, b) summaries: UnitNormSGD's rescaled runs agree, SGD's do not; its centred grid is better."""
+
     def method(dis, mean, spread, lr):
-        return {"best_lr": lr, "centred_grid": [], "centred_mean_acc": mean, "centred_spread": spread,
-                "rescaled_accs": [0.9, 0.9], "rescaled_acc_std": 0.0, "rescaled_acc_range": 0.0,
-                "rescaled_disagreement": dis}
-    summary = {model: {"sgd": method(0.05, 0.9, 0.03, 0.3), "unit_norm": method(0.0, 0.92, 0.01, 0.1)}
-               for model in ("mlp", "cnn")}
+        return {
+            "best_lr": lr,
+            "centred_grid": [],
+            "centred_mean_acc": mean,
+            "centred_spread": spread,
+            "rescaled_accs": [0.9, 0.9],
+            "rescaled_acc_std": 0.0,
+            "rescaled_acc_range": 0.0,
+            "rescaled_disagreement": dis,
+        }
+
+    summary = {
+        model: {"sgd": method(0.05, 0.9, 0.03, 0.3), "unit_norm": method(0.0, 0.92, 0.01, 0.1)}
+        for model in ("mlp", "cnn")
+    }
     for (model, meth, key), value in (override or {}).items():
         summary[model][meth][key] = value
-    return {"best_lrs": {m: {"sgd": 0.3, "unit_norm": 0.1} for m in summary}, "factors": [0.1, 1.0, 10.0],
-            "rescalings": 2, "rescale_range": 100.0, "summary": summary}
+    return {
+        "best_lrs": {m: {"sgd": 0.3, "unit_norm": 0.1} for m in summary},
+        "factors": [0.1, 1.0, 10.0],
+        "rescalings": 2,
+        "rescale_range": 100.0,
+        "summary": summary,
+    }
 
 
-@pytest.mark.parametrize("key, value, passed", [
-    (("cnn", "unit_norm", "rescaled_disagreement"), 0.01, True),      # at most 0.01 and below SGD's 0.05
-    (("cnn", "unit_norm", "rescaled_disagreement"), 0.0101, False),
-    (("cnn", "sgd", "rescaled_disagreement"), 0.0, False),            # SGD did not spread: not below it
-    (("mlp", "unit_norm", "centred_mean_acc"), 0.9, True),            # equal mean: >= holds
-    (("mlp", "unit_norm", "centred_mean_acc"), 0.8999, False),
-    (("mlp", "unit_norm", "centred_spread"), 0.0299, True),
-    (("mlp", "unit_norm", "centred_spread"), 0.03, False)])           # equal spread: < fails
+@pytest.mark.parametrize(
+    "key, value, passed",
+    [
+        (("cnn", "unit_norm", "rescaled_disagreement"), 0.01, True),  # at most 0.01 and below SGD's 0.05
+        (("cnn", "unit_norm", "rescaled_disagreement"), 0.0101, False),
+        (("cnn", "sgd", "rescaled_disagreement"), 0.0, False),  # SGD did not spread: not below it
+        (("mlp", "unit_norm", "centred_mean_acc"), 0.9, True),  # equal mean: >= holds
+        (("mlp", "unit_norm", "centred_mean_acc"), 0.8999, False),
+        (("mlp", "unit_norm", "centred_spread"), 0.0299, True),
+        (("mlp", "unit_norm", "centred_spread"), 0.03, False),
+    ],
+)  # equal spread: < fails
 def test_unit_norm_c2_2_protocol_thresholds(key, value, passed):
     from symgen.experiments.unit_norm_protocol import verdict
 
@@ -206,9 +286,12 @@ def test_unit_norm_c2_2_protocol_thresholds(key, value, passed):
 def test_unit_norm_c2_2_best_lr_and_disagreement_by_hand():
     from symgen.experiments import unit_norm_protocol as up
 
-    trials = [{"model": "mlp", "method": m, "lr": lr, "seed": s, "val_acc": v}
-              for m, accs in (("sgd", (0.5, 0.9, 0.7)), ("unit_norm", (0.95, 0.9, 0.2)))
-              for lr, a in zip((0.01, 0.1, 1.0), accs, strict=True) for s, v in ((0, a), (1, a - 0.1))]
+    trials = [
+        {"model": "mlp", "method": m, "lr": lr, "seed": s, "val_acc": v}
+        for m, accs in (("sgd", (0.5, 0.9, 0.7)), ("unit_norm", (0.95, 0.9, 0.2)))
+        for lr, a in zip((0.01, 0.1, 1.0), accs, strict=True)
+        for s, v in ((0, a), (1, a - 0.1))
+    ]
     assert up.best_lrs(trials, ["mlp"], [0.01, 0.1, 1.0]) == {"mlp": {"sgd": 0.1, "unit_norm": 0.01}}
     # three runs: pairs (0,1) differ on 1 of 4 points, (0,2) on 2, (1,2) on 1: mean 1/3
     assert up._disagreement([[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 0, 0]]) == pytest.approx((0.25 + 0.5 + 0.25) / 3)
@@ -227,15 +310,19 @@ def test_unit_norm_all_pass():
     assert claims["C2.2"].measured["seeds"] == 2 and claims["C2.2"].measured["epochs"] == 3
 
 
-@pytest.mark.parametrize("path, value, passed, measured_key", [
-    (("found", "train_exact"), 1e-5, True, "found_max_rel_loss_change_exact"),
-    (("found", "eval_exact"), 1.01e-5, False, "found_max_rel_loss_change_exact"),
-    (("redundant_bias_change", "0.bias"), 1e-5, True, "redundant_bias_max_rel_change"),
-    (("redundant_bias_change", "0.bias"), 1.01e-5, False, "redundant_bias_max_rel_change"),
-    (("not_found_change", "3.bias"), 1.01e-5, True, "not_found_min_rel_loss_change"),
-    (("not_found_change", "3.bias"), 1e-5, False, "not_found_min_rel_loss_change"),
-    (("found", "finer_train_exact"), 1.01e-8, True, "finer_than_found_min_rel_change"),
-    (("found", "finer_train_exact"), 1e-8, False, "finer_than_found_min_rel_change")])
+@pytest.mark.parametrize(
+    "path, value, passed, measured_key",
+    [
+        (("found", "train_exact"), 1e-5, True, "found_max_rel_loss_change_exact"),
+        (("found", "eval_exact"), 1.01e-5, False, "found_max_rel_loss_change_exact"),
+        (("redundant_bias_change", "0.bias"), 1e-5, True, "redundant_bias_max_rel_change"),
+        (("redundant_bias_change", "0.bias"), 1.01e-5, False, "redundant_bias_max_rel_change"),
+        (("not_found_change", "3.bias"), 1.01e-5, True, "not_found_min_rel_loss_change"),
+        (("not_found_change", "3.bias"), 1e-5, False, "not_found_min_rel_loss_change"),
+        (("found", "finer_train_exact"), 1.01e-8, True, "finer_than_found_min_rel_change"),
+        (("found", "finer_train_exact"), 1e-8, False, "finer_than_found_min_rel_change"),
+    ],
+)
 def test_unit_norm_c2_1_thresholds(path, value, passed, measured_key):
     result = _un_result()
     section, key = path
@@ -268,12 +355,16 @@ def test_unit_norm_c2_1_groups_and_eps_note():
     assert c.passed and c.measured["finer_than_found_min_rel_change"] is None
 
 
-@pytest.mark.parametrize("method, stat, value, passed", [
-    ("unit_norm", "mean_acc", 0.85, True),       # equal mean accuracy: >= holds
-    ("unit_norm", "mean_acc", 0.8499, False),
-    ("unit_norm", "spread_across_lr", 0.0499, True),
-    ("unit_norm", "spread_across_lr", 0.05, False),  # equal spread: < fails
-    ("sgd_wd", "mean_acc", 0.95, True)])          # SGD + weight decay is reported, not part of the verdict
+@pytest.mark.parametrize(
+    "method, stat, value, passed",
+    [
+        ("unit_norm", "mean_acc", 0.85, True),  # equal mean accuracy: >= holds
+        ("unit_norm", "mean_acc", 0.8499, False),
+        ("unit_norm", "spread_across_lr", 0.0499, True),
+        ("unit_norm", "spread_across_lr", 0.05, False),  # equal spread: < fails
+        ("sgd_wd", "mean_acc", 0.95, True),
+    ],
+)  # SGD + weight decay is reported, not part of the verdict
 def test_unit_norm_c2_2_per_model(method, stat, value, passed):
     result = _un_result()
     result["summary"]["cnn"][method][stat] = value
@@ -288,10 +379,14 @@ def test_unit_norm_c2_2_per_model(method, stat, value, passed):
         assert "cnn" in c.note and "mlp" not in c.note
 
 
-@pytest.mark.parametrize("lrs, passed", [
-    ([0.01, 0.03, 0.1, 0.3, 1.0], True),       # 5 values over exactly 100x
-    ([0.01, 0.03, 0.1, 0.3], False),           # 4 values
-    ([0.0101, 0.03, 0.1, 0.3, 1.0], False)])   # 5 values over 99x
+@pytest.mark.parametrize(
+    "lrs, passed",
+    [
+        ([0.01, 0.03, 0.1, 0.3, 1.0], True),  # 5 values over exactly 100x
+        ([0.01, 0.03, 0.1, 0.3], False),  # 4 values
+        ([0.0101, 0.03, 0.1, 0.3, 1.0], False),
+    ],
+)  # 5 values over 99x
 def test_unit_norm_c2_2_learning_rate_grid(lrs, passed):
     result = _un_result()
     result["lrs"] = lrs
@@ -307,12 +402,16 @@ FM_CFG = fm.Config()
 
 
 def _fm_result() -> dict:
-    est = {"quadratic": {"max_z": 1.5, "var_ratio": 0.5},
-           "quartic": {"max_z": 2.0, "var_ratio": 0.6, "max_z_vs_grad_L": 40.0}}
+    est = {
+        "quadratic": {"max_z": 1.5, "var_ratio": 0.5},
+        "quartic": {"max_z": 2.0, "var_ratio": 0.6, "max_z_vs_grad_L": 40.0},
+    }
     row = {"seeds": 2, "grad_evals": 640, "steps": 320}
-    summary = {"sgd": dict(row, trace=10.0, top_eig=5.0, test_acc=0.9),
-               "sam": dict(row, trace=9.0, top_eig=4.5, test_acc=0.9),
-               "nso": dict(row, trace=8.0, top_eig=4.0, test_acc=0.91)}
+    summary = {
+        "sgd": dict(row, trace=10.0, top_eig=5.0, test_acc=0.9),
+        "sam": dict(row, trace=9.0, top_eig=4.5, test_acc=0.9),
+        "nso": dict(row, trace=8.0, top_eig=4.0, test_acc=0.91),
+    }
     return {"estimator": est, "runs": [], "summary": summary, "hessian": {}}
 
 
@@ -329,11 +428,19 @@ def test_flat_minima_all_pass():
     assert "asam" not in " ".join(m)  # ASAM was not run: not reported
 
 
-@pytest.mark.parametrize("part, key, value, passed", [
-    ("quadratic", "max_z", 4.499, True), ("quadratic", "max_z", 4.5, False),
-    ("quartic", "max_z", 4.499, True), ("quartic", "max_z", 4.501, False),
-    ("quadratic", "var_ratio", 0.999, True), ("quadratic", "var_ratio", 1.0, False),
-    ("quartic", "var_ratio", 0.999, True), ("quartic", "var_ratio", 1.001, False)])
+@pytest.mark.parametrize(
+    "part, key, value, passed",
+    [
+        ("quadratic", "max_z", 4.499, True),
+        ("quadratic", "max_z", 4.5, False),
+        ("quartic", "max_z", 4.499, True),
+        ("quartic", "max_z", 4.501, False),
+        ("quadratic", "var_ratio", 0.999, True),
+        ("quadratic", "var_ratio", 1.0, False),
+        ("quartic", "var_ratio", 0.999, True),
+        ("quartic", "var_ratio", 1.001, False),
+    ],
+)
 def test_flat_minima_c3_1_thresholds(part, key, value, passed):
     result = _fm_result()
     result["estimator"][part][key] = value
@@ -344,10 +451,17 @@ def test_flat_minima_c3_1_thresholds(part, key, value, passed):
     assert ("z-score" in c.note) is not passed
 
 
-@pytest.mark.parametrize("key, value, passed, failure", [
-    ("trace", 8.229, True, None), ("trace", 8.231, False, "trace reduction"),          # 17.7% of 10
-    ("top_eig", 4.3595, True, None), ("top_eig", 4.3605, False, "top-eigenvalue"),    # 12.8% of 5
-    ("test_acc", 0.9, True, None), ("test_acc", 0.8999, False, "test accuracy")])
+@pytest.mark.parametrize(
+    "key, value, passed, failure",
+    [
+        ("trace", 8.229, True, None),
+        ("trace", 8.231, False, "trace reduction"),  # 17.7% of 10
+        ("top_eig", 4.3595, True, None),
+        ("top_eig", 4.3605, False, "top-eigenvalue"),  # 12.8% of 5
+        ("test_acc", 0.9, True, None),
+        ("test_acc", 0.8999, False, "test accuracy"),
+    ],
+)
 def test_flat_minima_c3_2_thresholds(key, value, passed, failure):
     result = _fm_result()
     result["summary"]["nso"][key] = value
@@ -381,12 +495,18 @@ NTK_CFG = ntk.Config(widths=[16, 64, 256])
 def _ntk_result() -> dict:
     by_width = {"16": {"mean": 0.4}, "64": {"mean": 0.2}, "256": {"mean": 0.1}}  # error ~ width^-1/2
     slope = math.log(0.1 / 0.4) / math.log(256 / 16)
-    dyn = [{"seed": s, "times": [0, 10, 100, 1000],
-            "dev_train": [0.0, 0.02, 0.05, 0.04], "dev_test": [0.0, 0.03, 0.06, 0.05],
+    dyn = [
+        {
+            "seed": s,
+            "times": [0, 10, 100, 1000],
+            "dev_train": [0.0, 0.02, 0.05, 0.04],
+            "dev_test": [0.0, 0.03, 0.06, 0.05],
             "accuracy": {"net_test": 0.8, "kernel_test": 0.81},
             "band_fraction": [[1.0, 1.0, 1.0], [0.5, 0.8, 0.9], [0.3, 0.6, 0.95], [0.01, 0.2, 0.5]],
-            "band_theory": [[1.0, 1.0, 1.0], [0.5, 0.8, 0.9], [0.31, 0.6, 0.9], [0.01, 0.2, 0.5]]}
-           for s in (0, 1)]
+            "band_theory": [[1.0, 1.0, 1.0], [0.5, 0.8, 0.9], [0.31, 0.6, 0.9], [0.01, 0.2, 0.5]],
+        }
+        for s in (0, 1)
+    ]
     return {"kernel": {"by_width": by_width, "slope": slope, "widths": [16, 64, 256]}, "dynamics": dyn}
 
 
@@ -401,13 +521,20 @@ def test_ntk_all_pass():
     assert m["net_test_acc"] == [0.8, 0.8] and m["kernel_test_acc"] == [0.81, 0.81]
     # the top band first falls below 1/e at the third record (time 100)
     assert claims["C4.2-spectral"].measured["remaining_fraction_by_band_top_to_bottom"][0] == {
-        "time": 100, "net": [0.3, 0.6, 0.95], "theory": [0.31, 0.6, 0.9]}
+        "time": 100,
+        "net": [0.3, 0.6, 0.95],
+        "theory": [0.31, 0.6, 0.9],
+    }
 
 
-@pytest.mark.parametrize("slope, widest, passed", [
-    (-0.3, 0.1, True),        # slope exactly at max_slope
-    (-0.299, 0.1, False),
-    (-0.5, 0.4, False)])      # error of the widest not below the narrowest's
+@pytest.mark.parametrize(
+    "slope, widest, passed",
+    [
+        (-0.3, 0.1, True),  # slope exactly at max_slope
+        (-0.299, 0.1, False),
+        (-0.5, 0.4, False),
+    ],
+)  # error of the widest not below the narrowest's
 def test_ntk_c4_1_thresholds(slope, widest, passed):
     result = _ntk_result()
     result["kernel"]["slope"] = slope
@@ -417,8 +544,10 @@ def test_ntk_c4_1_thresholds(slope, widest, passed):
     assert c.measured["loglog_slope"] == slope and c.measured["rel_error_by_width"]["256"] == widest
 
 
-@pytest.mark.parametrize("key, value, passed", [
-    ("dev_train", 0.1, True), ("dev_train", 0.1001, False), ("dev_test", 0.0999, True), ("dev_test", 0.1001, False)])
+@pytest.mark.parametrize(
+    "key, value, passed",
+    [("dev_train", 0.1, True), ("dev_train", 0.1001, False), ("dev_test", 0.0999, True), ("dev_test", 0.1001, False)],
+)
 def test_ntk_c4_2_thresholds(key, value, passed):
     result = _ntk_result()
     result["dynamics"][1][key][2] = value
@@ -445,7 +574,10 @@ def test_ntk_c4_2_spectral_order():
     c = _claims(ntk.check_claims, NTK_CFG, result)["C4.2-spectral"]
     assert not c.passed
     assert c.measured["remaining_fraction_by_band_top_to_bottom"][0] == {
-        "time": 1000, "net": [0.5, 0.4, 0.3], "theory": [0.01, 0.2, 0.5]}
+        "time": 1000,
+        "net": [0.5, 0.4, 0.3],
+        "theory": [0.01, 0.2, 0.5],
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,10 +587,17 @@ KIP_CFG = kip.Config(datasets=["digits"], support_sizes=[1, 10])  # min_gain 0.0
 
 
 def _kip_result() -> dict:
-    summary = {f"digits/{size}": {"kernel_accuracy_distilled_mean": 0.6, "kernel_accuracy_random_mean": 0.4,
-                                  "kernel_accuracy_full": 0.9, "paired_gains": [0.15, 0.2, 0.25],
-                                  "net_accuracy_distilled_mean": 0.5, "net_accuracy_random_mean": 0.45}
-               for size in (1, 10)}
+    summary = {
+        f"digits/{size}": {
+            "kernel_accuracy_distilled_mean": 0.6,
+            "kernel_accuracy_random_mean": 0.4,
+            "kernel_accuracy_full": 0.9,
+            "paired_gains": [0.15, 0.2, 0.25],
+            "net_accuracy_distilled_mean": 0.5,
+            "net_accuracy_random_mean": 0.45,
+        }
+        for size in (1, 10)
+    }
     return {"trials": [], "full": [], "summary": summary}
 
 
@@ -467,17 +606,21 @@ def test_kip_all_pass():
     _covers(claims, kip.EXPERIMENT)
     assert list(claims) == ["C4.3", "C4.3-net"]
     assert all(c.passed and c.note == "" for c in claims.values())
-    assert claims["C4.3"].measured["digits/10"] == pytest.approx({"distilled": 0.6, "random": 0.4, "full": 0.9,
-                                                                  "gain": 0.2, "gap_closed": 0.4,
-                                                                  "min_paired_gain": 0.15})
+    assert claims["C4.3"].measured["digits/10"] == pytest.approx(
+        {"distilled": 0.6, "random": 0.4, "full": 0.9, "gain": 0.2, "gap_closed": 0.4, "min_paired_gain": 0.15}
+    )
     assert claims["C4.3-net"].measured["digits/1"] == {"distilled": 0.5, "random": 0.45}
 
 
-@pytest.mark.parametrize("distilled, paired, passed", [
-    (0.4501, [0.01, 0.1], True),    # gain 0.0501 >= 0.05
-    (0.4499, [0.01, 0.1], False),   # gain 0.0499
-    (0.6, [0.0, 0.4], False),       # one seed not improved (paired gain must be > 0)
-    (0.6, [1e-4, 0.4], True)])
+@pytest.mark.parametrize(
+    "distilled, paired, passed",
+    [
+        (0.4501, [0.01, 0.1], True),  # gain 0.0501 >= 0.05
+        (0.4499, [0.01, 0.1], False),  # gain 0.0499
+        (0.6, [0.0, 0.4], False),  # one seed not improved (paired gain must be > 0)
+        (0.6, [1e-4, 0.4], True),
+    ],
+)
 def test_kip_c4_3_thresholds(distilled, paired, passed):
     result = _kip_result()
     s = result["summary"]["digits/10"]
@@ -513,24 +656,32 @@ NR_CFG = nr.Config(top_features=2)  # min_drop 0.2, min_transfer_gap 0.1, min_ro
 
 
 def _nr_result() -> dict:
-    summary = {"standard": {"clean": 0.95, "pgd": 0.3, "random_sign": 0.9, "kernel_transfer": 0.6},
-               "adversarial": {"clean": 0.9, "pgd": 0.6, "random_sign": 0.88, "kernel_transfer": 0.8},
-               "kernel": {"clean": 0.93, "pgd": 0.2, "random_sign": 0.9}}
+    summary = {
+        "standard": {"clean": 0.95, "pgd": 0.3, "random_sign": 0.9, "kernel_transfer": 0.6},
+        "adversarial": {"clean": 0.9, "pgd": 0.6, "random_sign": 0.88, "kernel_transfer": 0.8},
+        "kernel": {"clean": 0.93, "pgd": 0.2, "random_sign": 0.9},
+    }
     sweep = {"eps": [0.05, 0.1], "standard": [0.6, 0.3], "adversarial": [0.8, 0.6], "kernel": [0.5, 0.2]}
-    features = {"robustness": [0.9, 0.8, 0.5, 0.3, 0.1], "usefulness": [0.7, 0.6, 0.5, 0.55, 0.5],
-                "eigenvalues": [5.0, 3.0, 1.0, 0.5, 0.1], "pair": [3, 8]}
+    features = {
+        "robustness": [0.9, 0.8, 0.5, 0.3, 0.1],
+        "usefulness": [0.7, 0.6, 0.5, 0.55, 0.5],
+        "eigenvalues": [5.0, 3.0, 1.0, 0.5, 0.1],
+        "pair": [3, 8],
+    }
     return {"kernel": {}, "networks": [], "features": features, "summary": summary, "sweep": sweep}
 
 
 def test_ntk_robustness_all_pass():
     claims = _claims(nr.check_claims, NR_CFG, _nr_result())
     _covers(claims, nr.EXPERIMENT)
-    assert list(claims) == ["C4.4-pgd", "C4.4-transfer", "C4.4-advtrain",
-                                                          "C4.4-features"]
+    assert list(claims) == ["C4.4-pgd", "C4.4-transfer", "C4.4-advtrain", "C4.4-features"]
     assert all(c.passed and c.note == "" for c in claims.values())
     assert claims["C4.4-pgd"].measured["drops"] == pytest.approx({"network": 0.65, "kernel": 0.73})
-    assert claims["C4.4-pgd"].measured["sweep"] == {"eps": [0.05, 0.1], "network_pgd": [0.6, 0.3],
-                                                    "kernel_pgd": [0.5, 0.2]}
+    assert claims["C4.4-pgd"].measured["sweep"] == {
+        "eps": [0.05, 0.1],
+        "network_pgd": [0.6, 0.3],
+        "kernel_pgd": [0.5, 0.2],
+    }
     assert claims["C4.4-transfer"].measured["gap"] == pytest.approx(0.3)
     assert claims["C4.4-advtrain"].measured["gain"] == pytest.approx(0.3)
     f = claims["C4.4-features"].measured
@@ -539,14 +690,18 @@ def test_ntk_robustness_all_pass():
     assert f["mean_usefulness_rest"] == pytest.approx((0.5 + 0.55 + 0.5) / 3)
 
 
-@pytest.mark.parametrize("claim, part, key, value, measured, passed", [
-    ("C4.4-pgd", "standard", "pgd", 0.7499, ("drops", "network"), True),        # drop 0.2001
-    ("C4.4-pgd", "standard", "pgd", 0.7501, ("drops", "network"), False),       # drop 0.1999
-    ("C4.4-pgd", "kernel", "pgd", 0.7301, ("drops", "kernel"), False),
-    ("C4.4-transfer", "standard", "kernel_transfer", 0.7999, ("gap",), True),   # gap 0.1001
-    ("C4.4-transfer", "standard", "kernel_transfer", 0.8001, ("gap",), False),
-    ("C4.4-advtrain", "adversarial", "pgd", 0.4001, ("gain",), True),           # gain 0.1001
-    ("C4.4-advtrain", "adversarial", "pgd", 0.3999, ("gain",), False)])
+@pytest.mark.parametrize(
+    "claim, part, key, value, measured, passed",
+    [
+        ("C4.4-pgd", "standard", "pgd", 0.7499, ("drops", "network"), True),  # drop 0.2001
+        ("C4.4-pgd", "standard", "pgd", 0.7501, ("drops", "network"), False),  # drop 0.1999
+        ("C4.4-pgd", "kernel", "pgd", 0.7301, ("drops", "kernel"), False),
+        ("C4.4-transfer", "standard", "kernel_transfer", 0.7999, ("gap",), True),  # gap 0.1001
+        ("C4.4-transfer", "standard", "kernel_transfer", 0.8001, ("gap",), False),
+        ("C4.4-advtrain", "adversarial", "pgd", 0.4001, ("gain",), True),  # gain 0.1001
+        ("C4.4-advtrain", "adversarial", "pgd", 0.3999, ("gain",), False),
+    ],
+)
 def test_ntk_robustness_thresholds(claim, part, key, value, measured, passed):
     result = _nr_result()
     result["summary"][part][key] = value
@@ -556,19 +711,25 @@ def test_ntk_robustness_thresholds(claim, part, key, value, measured, passed):
     for k in measured:
         got = got[k]
     s = result["summary"]
-    expected = {("drops", "network"): s["standard"]["clean"] - s["standard"]["pgd"],
-                ("drops", "kernel"): s["kernel"]["clean"] - s["kernel"]["pgd"],
-                ("gap",): s["standard"]["random_sign"] - s["standard"]["kernel_transfer"],
-                ("gain",): s["adversarial"]["pgd"] - s["standard"]["pgd"]}[measured]
+    expected = {
+        ("drops", "network"): s["standard"]["clean"] - s["standard"]["pgd"],
+        ("drops", "kernel"): s["kernel"]["clean"] - s["kernel"]["pgd"],
+        ("gap",): s["standard"]["random_sign"] - s["standard"]["kernel_transfer"],
+        ("gain",): s["adversarial"]["pgd"] - s["standard"]["pgd"],
+    }[measured]
     assert got == expected  # unrounded: the number the verdict is decided on
 
 
-@pytest.mark.parametrize("robustness, top_features, passed", [
-    ([0.5, 0.5002, 0.5, 0.5], 2, True),
-    ([0.5, 0.5, 0.5, 0.5], 2, False),         # equal means: > fails
-    ([0.2, 0.9, 0.8, 0.3], 1, False),         # only the single top feature counts
-    ([0.9, 0.1, 0.1], 10, True),              # top_features capped at len - 1
-    ([0.9], 2, False)])                       # one feature: nothing to compare
+@pytest.mark.parametrize(
+    "robustness, top_features, passed",
+    [
+        ([0.5, 0.5002, 0.5, 0.5], 2, True),
+        ([0.5, 0.5, 0.5, 0.5], 2, False),  # equal means: > fails
+        ([0.2, 0.9, 0.8, 0.3], 1, False),  # only the single top feature counts
+        ([0.9, 0.1, 0.1], 10, True),  # top_features capped at len - 1
+        ([0.9], 2, False),
+    ],
+)  # one feature: nothing to compare
 def test_ntk_robustness_c4_4_features(robustness, top_features, passed):
     result = _nr_result()
     result["features"].update(robustness=robustness, usefulness=[0.5] * len(robustness))
@@ -591,9 +752,11 @@ EE_SIZES = (1, 2, 4, 8, 16)
 
 def _ee_setting(kl, osp, se: float = 0.001) -> dict:
     """A setting whose sub-ensemble KL and OSP at size M are ``kl(M)`` and ``osp(M)``."""
-    return {"curve": {str(m): {"kl": {"mean": kl(m), "std": 0.0}, "osp": {"mean": osp(m), "std": 0.0}}
-                      for m in EE_SIZES},
-            "bootstrap_se": {"kl": se, "osp": 0.0}, "infinite_ensemble_deviation": {"estimate": 0.0}}
+    return {
+        "curve": {str(m): {"kl": {"mean": kl(m), "std": 0.0}, "osp": {"mean": osp(m), "std": 0.0}} for m in EE_SIZES},
+        "bootstrap_se": {"kl": se, "osp": 0.0},
+        "infinite_ensemble_deviation": {"estimate": 0.0},
+    }
 
 
 def _ee_result(sym=None, asym=None, noaug=None) -> dict:
@@ -622,10 +785,12 @@ def test_ensemble_equivariance_all_pass():
     assert m3["ratio"] == pytest.approx(10.01) and m3["kl_loglog_slope_no_augmentation"] == pytest.approx(0.0)
 
 
-@pytest.mark.parametrize("power, osp_rises, passed, note", [
-    (-0.51, True, True, ""), (-0.49, True, False, "slope"), (-1.0, False, False, "OSP did not rise")])
+@pytest.mark.parametrize(
+    "power, osp_rises, passed, note",
+    [(-0.51, True, True, ""), (-0.49, True, False, "slope"), (-1.0, False, False, "OSP did not rise")],
+)
 def test_ensemble_equivariance_c5_1(power, osp_rises, passed, note):
-    sym = _ee_setting(lambda m: 0.16 * m ** power, (lambda m: 4 - 2 / m) if osp_rises else (lambda m: 2.0))
+    sym = _ee_setting(lambda m: 0.16 * m**power, (lambda m: 4 - 2 / m) if osp_rises else (lambda m: 2.0))
     c = _claims(ee.check_claims, EE_CFG, _ee_result(sym=sym))["C5.1"]
     assert c.passed is passed and note in c.note
     assert c.measured["kl_loglog_slope"] == pytest.approx(power)
@@ -645,8 +810,9 @@ def test_ensemble_equivariance_c5_2_separation(plateau, passed):
     assert c.measured["fitted_plateau_asymmetric"] == pytest.approx(plateau)
 
 
-@pytest.mark.parametrize("kl_no, osp_no, passed", [
-    (0.1001, 1.5, True), (0.0999, 1.5, False), (0.2, 3.875, False)])  # ratio >= 10; OSP strictly below
+@pytest.mark.parametrize(
+    "kl_no, osp_no, passed", [(0.1001, 1.5, True), (0.0999, 1.5, False), (0.2, 3.875, False)]
+)  # ratio >= 10; OSP strictly below
 def test_ensemble_equivariance_c5_3(kl_no, osp_no, passed):
     noaug = _ee_setting(lambda m: kl_no, lambda m: osp_no)
     c = _claims(ee.check_claims, EE_CFG, _ee_result(noaug=noaug))["C5.3"]

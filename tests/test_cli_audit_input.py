@@ -33,21 +33,24 @@ def checkpoints(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--data", "mnist1d"], "shape"),                               # wrong data shape for the model
-    (["--checkpoint", "{ck}/nan_weight.pt"], "NaN"),
-    (["--checkpoint", "{ck}/nan_bn.pt"], "bn1.running_var"),
-    (["--data", "imagenet"], "imagenet"),                           # unknown dataset
-    (["--data", "mnist", "--root", "{ck}/empty"], "mnist"),         # empty root
-    (["--data", "mnist", "--root", "{ck}/missing"], "mnist"),       # missing root
-    (["--data", "cifar10"], "root"),                                # cifar10 without --root
-    (["--data", "mnist1d", "--action", "c4"], "c4"),                # an action that does not fit the data
-    (["--checkpoint", "{ck}/whole_module.pt"], "state_dict()"),
-    (["--checkpoint", "{ck}/garbage.pt"], "not a file saved by torch.save"),
-    (["--checkpoint", "{ck}/wide.pt"], "wrong shape"),
-    (["--set", "time_limit=0"], "time_limit"),
-    (["--budget", "-5"], "budget"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--data", "mnist1d"], "shape"),  # wrong data shape for the model
+        (["--checkpoint", "{ck}/nan_weight.pt"], "NaN"),
+        (["--checkpoint", "{ck}/nan_bn.pt"], "bn1.running_var"),
+        (["--data", "imagenet"], "imagenet"),  # unknown dataset
+        (["--data", "mnist", "--root", "{ck}/empty"], "mnist"),  # empty root
+        (["--data", "mnist", "--root", "{ck}/missing"], "mnist"),  # missing root
+        (["--data", "cifar10"], "root"),  # cifar10 without --root
+        (["--data", "mnist1d", "--action", "c4"], "c4"),  # an action that does not fit the data
+        (["--checkpoint", "{ck}/whole_module.pt"], "state_dict()"),
+        (["--checkpoint", "{ck}/garbage.pt"], "not a file saved by torch.save"),
+        (["--checkpoint", "{ck}/wide.pt"], "wrong shape"),
+        (["--set", "time_limit=0"], "time_limit"),
+        (["--budget", "-5"], "budget"),
+    ],
+)
 def test_bad_audit_input_is_one_line_and_leaves_nothing(checkpoints, tmp_path, capsys, extra, message):
     (checkpoints / "empty").mkdir(exist_ok=True)
     extra = [a.replace("{ck}", str(checkpoints)) for a in extra]
@@ -55,8 +58,9 @@ def test_bad_audit_input_is_one_line_and_leaves_nothing(checkpoints, tmp_path, c
     if "--data" not in extra:
         args += ["--data", "digits"]
     assert main(args + extra) == 2
-    err = "\n".join(line for line in capsys.readouterr().err.splitlines()
-                    if not line.startswith("  [") and line.strip())  # progress lines: "  [ 0.1 s] section"
+    err = "\n".join(
+        line for line in capsys.readouterr().err.splitlines() if not line.startswith("  [") and line.strip()
+    )  # progress lines: "  [ 0.1 s] section"
     assert message in err, err
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert len(err) < 600, f"message of {len(err)} characters"
@@ -102,8 +106,15 @@ def test_density_trace_agrees_with_trace_and_dense_hessian():
     x, y = x[keep].double(), y[keep]
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-    lim = dict(time_limit=600.0, hessian_samples=40, hutchinson_probes=30, eigen_iters=10, density_runs=8,
-               density_steps=20, top_eigenvalues=1)
+    lim = dict(
+        time_limit=600.0,
+        hessian_samples=40,
+        hutchinson_probes=30,
+        eigen_iters=10,
+        density_runs=8,
+        density_steps=20,
+        top_eigenvalues=1,
+    )
     res = audit(model, (x, y), sections=["hessian"], limits=lim)
     params = list(model.parameters())
     flat = torch.cat([p.detach().flatten() for p in params])
@@ -111,7 +122,7 @@ def test_density_trace_agrees_with_trace_and_dense_hessian():
     def loss(v):
         out, i = [], 0
         for p in params:
-            out.append(v[i:i + p.numel()].view_as(p))
+            out.append(v[i : i + p.numel()].view_as(p))
             i += p.numel()
         h = torch.tanh(x.flatten(1) @ out[0].T + out[1])
         return nn.functional.cross_entropy(h @ out[2].T + out[3], y)
@@ -130,8 +141,18 @@ def test_imprecise_estimates_are_flagged():
     assert Estimate(0.58, 3.6).imprecise and not Estimate(166.0, 26.0).imprecise and not Estimate(1.0).imprecise
     sec = SectionResult("hessian", "Hessian")
     sec.add("trace", 0.58, 3.6)
-    res = AuditResult(model="m", data="d", action=None, budget="quick", device="cpu", dtype="float32", seed=0,
-                      num_params=1, limits={}, sections={"hessian": sec})
+    res = AuditResult(
+        model="m",
+        data="d",
+        action=None,
+        budget="quick",
+        device="cpu",
+        dtype="float32",
+        seed=0,
+        num_params=1,
+        limits={},
+        sections={"hessian": sec},
+    )
     row = res.summary_rows()[0]
     assert row["flag"].startswith("imprecise") and str(IMPRECISE) in row["flag"]
     assert "(imprecise)" in res.summary()

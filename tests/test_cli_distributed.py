@@ -24,17 +24,42 @@ def make():
                          nn.Linear(256, 10)).double().eval()
 """
 # Odd sizes: the shards differ in length and DistributedSampler would pad them (the audit drops the padding).
-TINY = dict(time_limit=600.0, eval_samples=101, invariance_samples=16, symmetry_samples=8, hessian_samples=37,
-            hutchinson_probes=3, top_eigenvalues=2, eigen_iters=8, density_runs=2, density_steps=5,
-            noise_samples=37, noise_draws=2, ntk_samples=8, ntk_subsamples=2, pgd_samples=16, pgd_steps=2,
-            batch_size=16)
-ARGS = ["audit", "--data", "digits", "--action", "c4", "--json", "--set", "test_samples=null",
-        *[a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]]
+TINY = dict(
+    time_limit=600.0,
+    eval_samples=101,
+    invariance_samples=16,
+    symmetry_samples=8,
+    hessian_samples=37,
+    hutchinson_probes=3,
+    top_eigenvalues=2,
+    eigen_iters=8,
+    density_runs=2,
+    density_steps=5,
+    noise_samples=37,
+    noise_draws=2,
+    ntk_samples=8,
+    ntk_subsamples=2,
+    pgd_samples=16,
+    pgd_steps=2,
+    batch_size=16,
+)
+ARGS = [
+    "audit",
+    "--data",
+    "digits",
+    "--action",
+    "c4",
+    "--json",
+    "--set",
+    "test_samples=null",
+    *[a for k, v in TINY.items() for a in ("--set", f"{k}={v}")],
+]
 
 
 def _values(audit: dict) -> dict[str, tuple[float, float | None]]:
-    return {f"{s}.{m}": (e["value"], e["stderr"]) for s, sec in audit["sections"].items()
-            for m, e in sec["values"].items()}
+    return {
+        f"{s}.{m}": (e["value"], e["stderr"]) for s, sec in audit["sections"].items() for m, e in sec["values"].items()
+    }
 
 
 @pytest.mark.slow
@@ -43,10 +68,21 @@ def test_audit_under_torchrun_equals_one_process_and_writes_one_run(tmp_path, ca
     spec = f"{tmp_path / 'dist_model.py'}:make"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "symgen.cli", *ARGS, "--model", spec, "--out", str(tmp_path / "two")]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "symgen.cli",
+        *ARGS,
+        "--model",
+        spec,
+        "--out",
+        str(tmp_path / "two"),
+    ]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads(proc.stdout)  # only rank 0 prints: one JSON document
     runs = RunStore(tmp_path / "two").list()
@@ -79,13 +115,32 @@ def test_audit_of_cifar10_streams_the_whole_test_split(tmp_path, capsys):
     for name, n in [(f"data_batch_{i}", 20) for i in range(1, 6)] + [("test_batch", 77)]:
         batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": rng.integers(0, 10, n).tolist()}
         (base / name).write_bytes(pickle.dumps(batch))
-    (tmp_path / "cnn.py").write_text("import torch\nfrom torch import nn\n\ndef make():\n    torch.manual_seed(0)\n"
-                                     "    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU(), nn.Flatten(), "
-                                     "nn.Linear(4 * 64, 10))\n")
+    (tmp_path / "cnn.py").write_text(
+        "import torch\nfrom torch import nn\n\ndef make():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU(), nn.Flatten(), "
+        "nn.Linear(4 * 64, 10))\n"
+    )
     sets = [a for k, v in {**TINY, "eval_samples": 30, "batch_size": 10}.items() for a in ("--set", f"{k}={v}")]
-    assert main(["audit", "--model", f"{tmp_path / 'cnn.py'}:make", "--data", "cifar10", "--root",
-                 str(tmp_path / "data"), "--json", "--out", str(tmp_path / "runs"), *sets,
-                 "--set", "test_samples=null"]) == 0
+    assert (
+        main(
+            [
+                "audit",
+                "--model",
+                f"{tmp_path / 'cnn.py'}:make",
+                "--data",
+                "cifar10",
+                "--root",
+                str(tmp_path / "data"),
+                "--json",
+                "--out",
+                str(tmp_path / "runs"),
+                *sets,
+                "--set",
+                "test_samples=null",
+            ]
+        )
+        == 0
+    )
     res = json.loads(capsys.readouterr().out)
     perf = res["sections"]["performance"]
     assert perf["values"]["test_accuracy"]["note"].startswith("77 samples, the whole split, streamed")
@@ -98,7 +153,7 @@ def test_audit_of_cifar10_streams_the_whole_test_split(tmp_path, capsys):
     spec.loader.exec_module(mod)
     net = mod.make().eval()
     with torch.no_grad():
-        correct = sum(int(net(x[i:i + 1]).argmax() == y[i]) for i in range(77))
+        correct = sum(int(net(x[i : i + 1]).argmax() == y[i]) for i in range(77))
     assert perf["values"]["test_accuracy"]["value"] == pytest.approx(correct / 77)
 
 
@@ -111,8 +166,12 @@ def test_ray_executor_gives_the_in_process_numbers(tmp_path, monkeypatch, capsys
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     import ray
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}})
+    ray.init(
+        num_cpus=1,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}},
+    )
     try:
         assert main(["run", "toy", "--quick", "--json", "--executor", "ray", "--out", str(tmp_path / "ray")]) == 0
         by_ray = json.loads(capsys.readouterr().out)

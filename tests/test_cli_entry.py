@@ -26,15 +26,21 @@ def _run_dirs(out):
     return [d for d in Path(out).iterdir() if d.is_dir()] if Path(out).exists() else []
 
 
-@pytest.mark.parametrize("args, message", [
-    (["audit", "--data", "digits"], "--model"),                                     # usage error
-    (["audit", "--model", f"{USER_MODEL}:make_raising_model", "--data", "digits"], "CUDA out of memory"),
-    (["run", "kip", "--set", "seeds=-3"], "seeds"),
-    (["run", "kip", "--set", "seeds=0"], "seeds"),
-    (["run", "ntk", "--set", "steps=0"], "steps"),
-    (["run", "kip", "--set", "lr=-1"], "lr"),
-    (["audit", "--model", f"{USER_MODEL}:make_tiny_mlp", "--data", "digits", "--set", "time_limit=0"], "time_limit"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["audit", "--data", "digits"], "--model"),  # usage error
+        (["audit", "--model", f"{USER_MODEL}:make_raising_model", "--data", "digits"], "CUDA out of memory"),
+        (["run", "kip", "--set", "seeds=-3"], "seeds"),
+        (["run", "kip", "--set", "seeds=0"], "seeds"),
+        (["run", "ntk", "--set", "steps=0"], "steps"),
+        (["run", "kip", "--set", "lr=-1"], "lr"),
+        (
+            ["audit", "--model", f"{USER_MODEL}:make_tiny_mlp", "--data", "digits", "--set", "time_limit=0"],
+            "time_limit",
+        ),
+    ],
+)
 def test_entry_point_answers_bad_input_in_one_line(tmp_path, args, message):
     rc, out, err = _symgen([*args, "--out", str(tmp_path / "runs")], tmp_path)
     assert rc == 2, (rc, out, err)

@@ -17,9 +17,24 @@ from symgen.experiments import REGISTRY
 from symgen.runs import RunStore
 
 USER_MODEL = Path(__file__).parent / "audit_user_model.py"
-TINY = dict(time_limit=600.0, eval_samples=64, invariance_samples=16, symmetry_samples=8, hessian_samples=16,
-            hutchinson_probes=3, top_eigenvalues=1, eigen_iters=5, density_runs=2, density_steps=5,
-            noise_samples=16, noise_draws=2, ntk_samples=8, ntk_subsamples=2, pgd_samples=16, pgd_steps=2)
+TINY = dict(
+    time_limit=600.0,
+    eval_samples=64,
+    invariance_samples=16,
+    symmetry_samples=8,
+    hessian_samples=16,
+    hutchinson_probes=3,
+    top_eigenvalues=1,
+    eigen_iters=5,
+    density_runs=2,
+    density_steps=5,
+    noise_samples=16,
+    noise_draws=2,
+    ntk_samples=8,
+    ntk_subsamples=2,
+    pgd_samples=16,
+    pgd_steps=2,
+)
 TINY_SETS = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
 
 
@@ -119,15 +134,17 @@ def test_a_killed_run_is_interrupted_not_running(toy, tmp_path):
 
 def test_sigterm_marks_the_run_interrupted(tmp_path):
     here, store = str(Path(__file__).parent), str(tmp_path / "runs")
-    code = (f"import os, signal, sys; sys.path.insert(0, {here!r})\n"
-            "from symgen.experiments import REGISTRY; REGISTRY['toy'] = 'toy_experiment'\n"
-            "import toy_experiment\n"
-            "orig = toy_experiment.trial\n"
-            "def trial(item):\n"
-            "    if item['i'] == 1: os.kill(os.getpid(), signal.SIGTERM)\n"
-            "    return orig(item)\n"
-            "toy_experiment.trial = trial\n"
-            f"from symgen.cli import main; sys.exit(main(['run', 'toy', '--out', {store!r}]))\n")
+    code = (
+        f"import os, signal, sys; sys.path.insert(0, {here!r})\n"
+        "from symgen.experiments import REGISTRY; REGISTRY['toy'] = 'toy_experiment'\n"
+        "import toy_experiment\n"
+        "orig = toy_experiment.trial\n"
+        "def trial(item):\n"
+        "    if item['i'] == 1: os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return orig(item)\n"
+        "toy_experiment.trial = trial\n"
+        f"from symgen.cli import main; sys.exit(main(['run', 'toy', '--out', {store!r}]))\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 130, proc.stderr
     assert [r["status"] for r in RunStore(tmp_path / "runs").list()] == ["interrupted"]
@@ -165,8 +182,22 @@ def test_json_outputs_and_lines_never_cut(toy, tmp_path, capsys, monkeypatch):
 
 def test_audit_runs_are_first_class(tmp_path, capsys):
     out = tmp_path / "runs"
-    assert main(["audit", "--model", f"{USER_MODEL}:make_digits_mlp", "--data", "digits", "--json",
-                 "--out", str(out), *TINY_SETS]) == 0
+    assert (
+        main(
+            [
+                "audit",
+                "--model",
+                f"{USER_MODEL}:make_digits_mlp",
+                "--data",
+                "digits",
+                "--json",
+                "--out",
+                str(out),
+                *TINY_SETS,
+            ]
+        )
+        == 0
+    )
     res = json.loads(capsys.readouterr().out)
     assert res["sections"]["performance"]["status"] == "ok"
     assert main(["runs", "ls", "--out", str(out)]) == 0
@@ -234,10 +265,14 @@ def test_claims_gate_prints_margins_of_flips_and_times(tmp_path, capsys):
     import claims_gate
 
     readme = tmp_path / "README.md"
-    readme.write_text("<!-- claims:start -->\n| exp (quick) | C1: a | x | y | PASS |\n"
-                      "| exp (quick) | C2: b | x | y | **FAIL** |\n<!-- claims:end -->\n")
-    claims = [{"id": "C1", "passed": False, "measured": {"cos": 0.98999}, "threshold": {"cos": 0.99}},
-              {"id": "C2", "passed": False, "measured": {"gap": 0.5}, "threshold": {"gap": 0.2}}]
+    readme.write_text(
+        "<!-- claims:start -->\n| exp (quick) | C1: a | x | y | PASS |\n"
+        "| exp (quick) | C2: b | x | y | **FAIL** |\n<!-- claims:end -->\n"
+    )
+    claims = [
+        {"id": "C1", "passed": False, "measured": {"cos": 0.98999}, "threshold": {"cos": 0.99}},
+        {"id": "C2", "passed": False, "measured": {"gap": 0.5}, "threshold": {"gap": 0.2}},
+    ]
     summary = {"seconds": 12.5, "experiments": [{"name": "exp", "seconds": 12.0, "claims": claims}]}
     f = tmp_path / "s.json"
     f.write_text(json.dumps(summary))

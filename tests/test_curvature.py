@@ -50,7 +50,7 @@ def _dense_reference(m: nn.Module, batches, bn_mode: str, reduction: str = "mean
     def f(v):
         params, i = {}, 0
         for n, s in zip(names, shapes, strict=True):
-            params[n] = v[i:i + s.numel()].view(s)
+            params[n] = v[i : i + s.numel()].view(s)
             i += s.numel()
         was = m.training
         m.train(bn_mode == "train")
@@ -200,10 +200,12 @@ def test_slq_density_and_matrix_free_estimators_on_explicit_matrix():
     assert abs(dens.trace() - float(evals.sum())) < 4 * math.sqrt(var / 200)
     grid = torch.linspace(-3, 7, 4001, dtype=D)
     assert abs(float(torch.trapezoid(dens.evaluate(grid, 0.1), grid)) - 1) < 1e-3
-    for est in (hutchinson_trace(op, 500, generator=g), hutchpp_trace(op, 30, generator=g),
-                deflated_trace(op, 30, generator=g)):
+    for est in (
+        hutchinson_trace(op, 500, generator=g),
+        hutchpp_trace(op, 30, generator=g),
+        deflated_trace(op, 30, generator=g),
+    ):
         assert abs(est.value - float(evals.sum())) < 4.5 * est.stderr + 1e-9, est.method
-
 
 
 def test_adaptive_deflated_trace_reaches_rtol_and_counts_every_product():
@@ -288,7 +290,7 @@ def test_noise_stability_closed_form_quadratic():
     Hd = HessianOperator(lin, loss, (X, Y)).dense()
     w, b = lin.weight.detach(), lin.bias.detach()
     sw2, sb2 = (0.1 * w.norm()) ** 2 / w.numel(), (0.1 * b.norm()) ** 2 / b.numel()
-    expected = float(sw2 / 2 * Hd.diag()[: w.numel()].sum() + sb2 / 2 * Hd.diag()[w.numel():].sum())
+    expected = float(sw2 / 2 * Hd.diag()[: w.numel()].sum() + sb2 / 2 * Hd.diag()[w.numel() :].sum())
     ns = noise_stability(lin, loss, (X, Y), 0.1, 400, relative=True, generator=g)
     assert abs(ns.value - expected) < 4.5 * ns.stderr
 
@@ -297,7 +299,9 @@ def test_noise_stability_train_mode_leaves_buffers():
     m = _bn_cnn()
     x, y = _data()
     before = {k: b.clone() for k, b in m.named_buffers()}
-    ns = noise_stability(m, TF.cross_entropy, (x, y), 0.05, 8, bn_mode="train", generator=torch.Generator().manual_seed(0))
+    ns = noise_stability(
+        m, TF.cross_entropy, (x, y), 0.05, 8, bn_mode="train", generator=torch.Generator().manual_seed(0)
+    )
     assert math.isfinite(ns.value) and ns.stderr > 0
     assert all(torch.equal(before[k], b) for k, b in m.named_buffers())
     # brute force: the same draws, one model evaluation at a time
@@ -309,8 +313,10 @@ def test_noise_stability_train_mode_leaves_buffers():
     m.eval()
     with torch.no_grad():
         clean = TF.cross_entropy(m(x), y)
-        losses = [TF.cross_entropy(functional_call(m, {k: params[k] + noise[k][i] for k in params}, (x,)), y)
-                  for i in range(8)]
+        losses = [
+            TF.cross_entropy(functional_call(m, {k: params[k] + noise[k][i] for k in params}, (x,)), y)
+            for i in range(8)
+        ]
     m.train()
     assert abs(ns_eval.value - float(torch.stack(losses).mean() - clean)) < 1e-12
 
@@ -318,8 +324,9 @@ def test_noise_stability_train_mode_leaves_buffers():
 def test_vmap_batching_with_channels_last_looking_input():
     """x with a size-1 channel axis and strides (64, 1, 8, 1) is also channels-last contiguous."""
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2),
-                      nn.Flatten(), nn.Linear(48, 4)).eval()
+    m = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(48, 4)
+    ).eval()
     x = torch.rand(12, 8, 8, 1).permute(0, 3, 1, 2)
     assert x.is_contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 4, (12,))

@@ -82,7 +82,7 @@ def test_to_scipy_eigsh_matches_dense_autograd_hessian():
     def loss_of(v):
         params, i = {}, 0
         for n, s in zip(names, shapes, strict=True):
-            params[n] = v[i:i + s.numel()].view(s)
+            params[n] = v[i : i + s.numel()].view(s)
             i += s.numel()
         return TF.cross_entropy(torch.func.functional_call(m, params, (x,)), y)
 

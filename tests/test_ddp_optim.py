@@ -19,8 +19,9 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_optim")
-    proc = subprocess.run([sys.executable, str(Path(worker.__file__)), str(out)], timeout=240,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(Path(worker.__file__)), str(out)], timeout=240, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
@@ -35,8 +36,13 @@ def test_two_gloo_processes_equal_one_process_on_the_whole_batch(ranks):
         for k, v in ref.items():
             assert not torch.equal(v, init[k]) or "bias" in k or name == "unit_norm"
             for r in range(2):
-                torch.testing.assert_close(ranks[r][name][k], v, rtol=1e-5, atol=1e-6,
-                                           msg=lambda m, name=name, k=k, r=r: f"{name} rank {r} {k}: {m}")
+                torch.testing.assert_close(
+                    ranks[r][name][k],
+                    v,
+                    rtol=1e-5,
+                    atol=1e-6,
+                    msg=lambda m, name=name, k=k, r=r: f"{name} rank {r} {k}: {m}",
+                )
 
 
 def sam_local_reference(x: torch.Tensor, y: torch.Tensor, shards: int = 2) -> dict[str, torch.Tensor]:
@@ -49,9 +55,9 @@ def sam_local_reference(x: torch.Tensor, y: torch.Tensor, shards: int = 2) -> di
         w = [p.detach().clone() for p in params]
         mean = [torch.zeros_like(p) for p in params]
         for s in range(shards):
-            xs, ys = x[s * n:(s + 1) * n], y[s * n:(s + 1) * n]
+            xs, ys = x[s * n : (s + 1) * n], y[s * n : (s + 1) * n]
             g = torch.autograd.grad(nn.functional.cross_entropy(model(xs), ys), params)
-            norm = torch.sqrt(sum((gi ** 2).sum() for gi in g))
+            norm = torch.sqrt(sum((gi**2).sum() for gi in g))
             with torch.no_grad():
                 for p, gi in zip(params, g, strict=True):
                     p.add_(gi * (worker.RHO / (norm + 1e-12)))
@@ -73,8 +79,13 @@ def test_sam_local_ascent_equals_brute_force_per_shard_perturbations(ranks):
     worker.train("sam", glob, x, y)
     for k, v in ref.items():
         for r in range(2):
-            torch.testing.assert_close(ranks[r]["sam_local"][k], v, rtol=1e-5, atol=1e-6,
-                                       msg=lambda m, k=k, r=r: f"sam_local rank {r} {k}: {m}")
+            torch.testing.assert_close(
+                ranks[r]["sam_local"][k],
+                v,
+                rtol=1e-5,
+                atol=1e-6,
+                msg=lambda m, k=k, r=r: f"sam_local rank {r} {k}: {m}",
+            )
     # the two variants really differ here (else the test could not tell them apart)
     assert max(float((ref[k] - glob.state_dict()[k]).abs().max()) for k in ref) > 1e-4
 

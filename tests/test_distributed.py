@@ -40,18 +40,22 @@ def _measure(model, loader, full_loader, group):
     dens = H.density(12, 1, generator=8)
     return {
         "hv": H.matmat(V),
-        "trace": torch.tensor([H.trace(10, generator=6).value,
-                               H.trace(12, generator=6, method="deflated", deflation_steps=5).value]),
+        "trace": torch.tensor(
+            [H.trace(10, generator=6).value, H.trace(12, generator=6, method="deflated", deflation_steps=5).value]
+        ),
         "top": H.eigenvalues(2, tol=1e-6, generator=7),
         "density": dens.nodes,
         "ggn": GGNOperator(model, TF.cross_entropy, loader, process_group=group).matmat(V),
-        "noise": torch.tensor([noise_stability(model, TF.cross_entropy, loader, 0.05, 6, generator=9,
-                                               process_group=group).value]),
+        "noise": torch.tensor(
+            [noise_stability(model, TF.cross_entropy, loader, 0.05, 6, generator=9, process_group=group).value]
+        ),
         "ntk": empirical_ntk_fn(model).stream(full_loader, process_group=group),
-        "ntk_cross": empirical_ntk_fn(model).stream(full_loader, DataLoader(full_loader.dataset, batch_size=11),
-                                                    process_group=group),
-        "eval": torch.tensor([evaluate(model, loader, eps=(0.1,), steps=2, random_start=False,
-                                       process_group=group).robust_accuracy[0.1]]),
+        "ntk_cross": empirical_ntk_fn(model).stream(
+            full_loader, DataLoader(full_loader.dataset, batch_size=11), process_group=group
+        ),
+        "eval": torch.tensor(
+            [evaluate(model, loader, eps=(0.1,), steps=2, random_start=False, process_group=group).robust_accuracy[0.1]]
+        ),
     }
 
 
@@ -59,8 +63,9 @@ def _worker(rank: int, init_file: str, out_file: str, mode: str) -> None:
     from symgen import distributed
 
     torch.set_num_threads(1)
-    group = distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                           world_size=WORLD, timeout_s=60)
+    group = distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout_s=60
+    )
     if mode == "dead":
         if rank == 1:
             os._exit(0)  # dies without a word before the collective

@@ -30,6 +30,7 @@ def test_conv2d_first_and_second_derivatives_match_autograd(stride, padding, dil
     inputs = (x, w) + ((b,) if bias else ())
     assert torch.autograd.gradcheck(f, inputs)
     assert torch.autograd.gradgradcheck(f, inputs)
+
     # and the same values and Hessian-vector products as PyTorch's kernel
     def native(x, w, *b):
         return TF.conv2d(x, w, b[0] if b else None, stride, padding, dilation, groups)

@@ -142,14 +142,17 @@ def _train_loop_reference(member_id, seed, x, y, epochs, batch_size, lr, momentu
     """One member trained alone with plain autograd and torch.optim, applying g one sample at a time."""
     torch.manual_seed(seed + member_id)
     model = _tiny_cnn()
-    opt = (torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum) if optimizer == "sgd"
-           else torch.optim.Adam(model.parameters(), lr=lr))
+    opt = (
+        torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+        if optimizer == "sgd"
+        else torch.optim.Adam(model.parameters(), lr=lr)
+    )
     gen = member_generator(seed, member_id)
     n = x.shape[0]
     for _ in range(epochs):
         order, elems = epoch_plan(gen, n, action.group.order if action is not None else None)
         for s in range(0, n, batch_size):
-            idx = order[s:s + batch_size]
+            idx = order[s : s + batch_size]
             xb = x[idx]
             if action is not None:
                 xb = torch.stack([action.apply(int(elems[s + i]), xb[i]) for i in range(len(idx))])
@@ -166,8 +169,11 @@ def test_vectorized_training_matches_member_loop(optimizer, momentum, augment):
     action = ImageRotation90() if augment else None
     ens = Ensemble.init(_tiny_cnn, 3, generator=5, first_member=1)
     lr = 0.01 if optimizer == "adam" else 0.1
-    opt = (torch.optim.SGD(ens.parameters(), lr=lr, momentum=momentum) if optimizer == "sgd"
-           else torch.optim.Adam(ens.parameters(), lr=lr))  # elementwise: each member its own update
+    opt = (
+        torch.optim.SGD(ens.parameters(), lr=lr, momentum=momentum)
+        if optimizer == "sgd"
+        else torch.optim.Adam(ens.parameters(), lr=lr)
+    )  # elementwise: each member its own update
     hist = train_ensemble(ens, x, y, opt, epochs=2, batch_size=8, augment=action, generator=5)
     assert hist.shape == (3, 2) and torch.isfinite(hist).all()
     xt, _ = _data(5, seed=1)
@@ -187,17 +193,21 @@ def test_per_member_learning_rate_schedules_match_member_loops(optimizer):
     lr = 0.02 if optimizer == "adam" else 0.1
 
     def factors(epoch, step):
-        return torch.tensor([f * (0.7 ** epoch) * (1 + 0.1 * step) for f in base], dtype=DT)
+        return torch.tensor([f * (0.7**epoch) * (1 + 0.1 * step) for f in base], dtype=DT)
 
     def make(params):
-        return (torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-3) if optimizer == "sgd"
-                else torch.optim.Adam(params, lr=lr, weight_decay=1e-3))
+        return (
+            torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-3)
+            if optimizer == "sgd"
+            else torch.optim.Adam(params, lr=lr, weight_decay=1e-3)
+        )
 
     ens = Ensemble.init(_tiny_cnn, 3, generator=2)
     opt = make(ens.parameters())
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # the common schedule, per epoch
-    train_ensemble(ens, x, y, opt, epochs=2, batch_size=5, generator=2, lr_factors=factors,
-                   on_epoch=lambda e, h: sched.step())
+    train_ensemble(
+        ens, x, y, opt, epochs=2, batch_size=5, generator=2, lr_factors=factors, on_epoch=lambda e, h: sched.step()
+    )
     for m in range(3):
         torch.manual_seed(2 + m)
         model = _tiny_cnn()
@@ -207,8 +217,8 @@ def test_per_member_learning_rate_schedules_match_member_loops(optimizer):
             order, _ = epoch_plan(gen, 12, None)
             for step, s in enumerate(range(0, 12, 5)):
                 for g in ref_opt.param_groups:
-                    g["lr"] = lr * 0.5 ** epoch * float(factors(epoch, step)[m])
-                idx = order[s:s + 5]
+                    g["lr"] = lr * 0.5**epoch * float(factors(epoch, step)[m])
+                idx = order[s : s + 5]
                 ref_opt.zero_grad()
                 F.cross_entropy(model(x[idx]), y[idx]).backward()
                 ref_opt.step()
@@ -222,7 +232,9 @@ def test_per_member_learning_rate_schedules_match_member_loops(optimizer):
         train_ensemble(ens2, x, y, torch.optim.SGD(ens2.parameters(), lr=0.1), lr_factors=torch.tensor([1.0, -1, 1]))
     zero = Ensemble.init(_tiny_cnn, 2, generator=2)
     w0 = zero.params["head.weight"].clone()
-    train_ensemble(zero, x, y, torch.optim.SGD(zero.parameters(), lr=0.1), epochs=1, lr_factors=torch.tensor([0.0, 1.0]))
+    train_ensemble(
+        zero, x, y, torch.optim.SGD(zero.parameters(), lr=0.1), epochs=1, lr_factors=torch.tensor([0.0, 1.0])
+    )
     assert torch.equal(zero.params["head.weight"][0], w0[0]) and not torch.equal(zero.params["head.weight"][1], w0[1])
 
 
@@ -230,10 +242,12 @@ def test_training_changes_with_seed_and_divergence_error():
     x, y = _data(16)
     a = Ensemble.init(_tiny_cnn, 2, generator=0)
     b = Ensemble.init(_tiny_cnn, 2, generator=0)
-    train_ensemble(a, x, y, torch.optim.SGD(a.parameters(), lr=0.1), epochs=1, batch_size=4,
-                   augment=ImageRotation90(), generator=0)
-    train_ensemble(b, x, y, torch.optim.SGD(b.parameters(), lr=0.1), epochs=1, batch_size=4,
-                   augment=ImageRotation90(), generator=1)
+    train_ensemble(
+        a, x, y, torch.optim.SGD(a.parameters(), lr=0.1), epochs=1, batch_size=4, augment=ImageRotation90(), generator=0
+    )
+    train_ensemble(
+        b, x, y, torch.optim.SGD(b.parameters(), lr=0.1), epochs=1, batch_size=4, augment=ImageRotation90(), generator=1
+    )
     assert not torch.allclose(a.params["head.weight"], b.params["head.weight"])
     bad = x.clone()
     bad[0, 0, 0, 0] = float("nan")
@@ -312,8 +326,9 @@ def test_sub_ensemble_metrics_against_enumeration():
     assert res[1]["first"]["n"] == 6
     assert outs[:, 0].min() <= res[1]["first"]["min"] <= res[1]["first"]["max"] <= outs[:, 0].max()
     # bootstrap with replacement: the mean over many resamples approaches the pool mean
-    boot = sub_ensemble_metrics(outs, [6], metric, num_subsets=4000, replace=True,
-                                generator=torch.Generator().manual_seed(1))
+    boot = sub_ensemble_metrics(
+        outs, [6], metric, num_subsets=4000, replace=True, generator=torch.Generator().manual_seed(1)
+    )
     se = float(outs[:, 0].std(unbiased=False)) / math.sqrt(6)
     assert boot[6]["first"]["mean"] == pytest.approx(float(outs[:, 0].mean()), abs=4 * se / math.sqrt(4000) * 10)
     assert boot[6]["first"]["std"] == pytest.approx(se, rel=0.1)
@@ -351,7 +366,7 @@ def test_infinite_ensemble_deviation_against_pairs_and_loo_loop():
 
     res = infinite_ensemble_deviation(logits)
     assert res["estimate"] == pytest.approx(u_stat(d), rel=1e-10)
-    loo = torch.tensor([u_stat(torch.cat([d[:i], d[i + 1:]])) for i in range(p)], dtype=DT)
+    loo = torch.tensor([u_stat(torch.cat([d[:i], d[i + 1 :]])) for i in range(p)], dtype=DT)
     se = float(((p - 1) / p * ((loo - loo.mean()) ** 2).sum()).sqrt())
     assert res["se"] == pytest.approx(se, rel=1e-10)
     # unbiased: for members = bias + iid noise, the estimate targets ||bias deviation||^2 (not + noise/M)
@@ -367,12 +382,24 @@ def test_ensemble_equivariance_experiment_smoke(tmp_path):
     from symgen.experiments import Context, build_config, get_experiment
 
     exp = get_experiment("ensemble-equivariance")
-    cfg = build_config(exp.config, quick=exp.quick, members=4, epochs=1, train_size=64, test_size=16,
-                       num_subsets=2, num_bootstrap=3, channels=4,
-                       slope_min_size=1)
+    cfg = build_config(
+        exp.config,
+        quick=exp.quick,
+        members=4,
+        epochs=1,
+        train_size=64,
+        test_size=16,
+        num_subsets=2,
+        num_bootstrap=3,
+        channels=4,
+        slope_min_size=1,
+    )
     result = exp.run(cfg, Context())
     assert result["sizes"] == [1, 2, 4] and set(result["settings"]) == {
-        "symmetric-augmented", "asymmetric-augmented", "symmetric-no-augmentation"}
+        "symmetric-augmented",
+        "asymmetric-augmented",
+        "symmetric-no-augmentation",
+    }
     claims = exp.check_claims(cfg, result)
     assert [c.id for c in claims] == ["C5.1", "C5.2", "C5.3"]
     for c in claims:
@@ -380,7 +407,10 @@ def test_ensemble_equivariance_experiment_smoke(tmp_path):
         nums = [v for v in c.measured.values() if isinstance(v, (int, float))]
         assert nums and all(math.isfinite(v) for v in nums)
     sym = result["settings"]["symmetric-augmented"]["curve"]
-    assert claims[0].measured["kl_M4"] == sym["4"]["kl"]["mean"] and claims[0].measured["osp_M1"] == sym["1"]["osp"]["mean"]
+    assert (
+        claims[0].measured["kl_M4"] == sym["4"]["kl"]["mean"]
+        and claims[0].measured["osp_M1"] == sym["1"]["osp"]["mean"]
+    )
     paths = exp.figures(result, tmp_path)
     assert len(paths) == 2 and all(p.exists() and p.stat().st_size > 0 for p in paths)
     from symgen.errors import ConfigError

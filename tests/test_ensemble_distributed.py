@@ -28,9 +28,17 @@ def _train(process_group):
 
     x, y = _data()
     ens = Ensemble.init(_factory, MEMBERS, generator=3, process_group=process_group)
-    hist = train_ensemble(ens, x, y, torch.optim.Adam(ens.parameters(), lr=0.01), epochs=2, batch_size=4,
-                          augment=ImageRotation90(), generator=3,
-                          lr_factors=torch.tensor([1.0 + 0.1 * i for i in ens.member_ids], dtype=DT))
+    hist = train_ensemble(
+        ens,
+        x,
+        y,
+        torch.optim.Adam(ens.parameters(), lr=0.01),
+        epochs=2,
+        batch_size=4,
+        augment=ImageRotation90(),
+        generator=3,
+        lr_factors=torch.tensor([1.0 + 0.1 * i for i in ens.member_ids], dtype=DT),
+    )
     return ens, hist, x
 
 
@@ -38,13 +46,22 @@ def _worker(rank: int, init_file: str, out_file: str) -> None:
     from symgen import distributed
 
     torch.set_num_threads(1)
-    group = distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                           world_size=WORLD, timeout_s=60)
+    group = distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout_s=60
+    )
     ens, hist, x = _train(group)
     full = ens.gathered()
-    torch.save({"ids": ens.member_ids, "total": ens.total_members, "hist": hist,
-                "logits": ens.gathered_member_logits(x), "full_ids": full.member_ids,
-                "full_params": {k: v.detach() for k, v in full.params.items()}}, f"{out_file}.{rank}")
+    torch.save(
+        {
+            "ids": ens.member_ids,
+            "total": ens.total_members,
+            "hist": hist,
+            "logits": ens.gathered_member_logits(x),
+            "full_ids": full.member_ids,
+            "full_params": {k: v.detach() for k, v in full.params.items()},
+        },
+        f"{out_file}.{rank}",
+    )
     distributed.barrier(group)
     torch.distributed.destroy_process_group()
 

@@ -12,8 +12,18 @@ from symgen.experiments.forgetting import EXPERIMENT, Config
 
 def test_forgetting_tiny(tmp_path):
     assert get_experiment("forgetting") is EXPERIMENT
-    cfg = build_config(Config, quick=EXPERIMENT.quick, widths=[32, 64], tasks=["relabel", "perm100", "split"],
-                       train_size=12, test_size=16, steps_a=20, steps_b=20, records=4, num_components=4)
+    cfg = build_config(
+        Config,
+        quick=EXPERIMENT.quick,
+        widths=[32, 64],
+        tasks=["relabel", "perm100", "split"],
+        train_size=12,
+        test_size=16,
+        steps_a=20,
+        steps_b=20,
+        records=4,
+        num_components=4,
+    )
     result = EXPERIMENT.run(cfg, Context())
     claims = EXPERIMENT.check_claims(cfg, result)
     assert [c.id for c in claims] == ["C4.6-overlap", "C4.6-prediction", "C4.6-ogd"]
@@ -37,10 +47,16 @@ def test_forgetting_tiny(tmp_path):
         assert rec["ogd"]["steps"] <= 2 * 20 and len(rec["ogd"]["trajectory"]["acc_b"]) == rec["ogd"]["steps"] + 1
     assert "ogd" not in result["by_width"]["32"]["pairs"]["split"]
     ogd_claim = claims[2]
-    reached = [t for t in top["pairs"] if top["pairs"][t]["at_target"]["step"] is not None
-               and top["pairs"][t]["ogd"]["at_target"]["step"] is not None]
-    less = [t for t in reached if top["pairs"][t]["ogd"]["at_target"]["forgetting"]
-            < top["pairs"][t]["at_target"]["forgetting"]]
+    reached = [
+        t
+        for t in top["pairs"]
+        if top["pairs"][t]["at_target"]["step"] is not None and top["pairs"][t]["ogd"]["at_target"]["step"] is not None
+    ]
+    less = [
+        t
+        for t in reached
+        if top["pairs"][t]["ogd"]["at_target"]["forgetting"] < top["pairs"][t]["at_target"]["forgetting"]
+    ]
     assert ogd_claim.passed == (len(less) == 3) and ogd_claim.measured["pairs_ogd_forgets_less"] == len(less)
     paths = EXPERIMENT.figures(result, tmp_path)
     assert all(p.exists() for p in paths) and len(paths) == 2

@@ -37,8 +37,9 @@ def _data(n: int, classes: bool, seed: int = 1):
     return x, y
 
 
-def _dense_ggn(m: nn.Module, loss_fn, batches, bn_mode: str = "eval", reduction: str = "mean",
-               names: list[str] | None = None) -> torch.Tensor:
+def _dense_ggn(
+    m: nn.Module, loss_fn, batches, bn_mode: str = "eval", reduction: str = "mean", names: list[str] | None = None
+) -> torch.Tensor:
     """sum_b w_b J_b^T H_b J_b with J_b = jacobian of the batch outputs and H_b = hessian of the loss in them."""
     named = dict(m.named_parameters())
     names = names or list(named)
@@ -47,10 +48,11 @@ def _dense_ggn(m: nn.Module, loss_fn, batches, bn_mode: str = "eval", reduction:
     total = sum(x.shape[0] for x, _ in batches)
     G = torch.zeros(flat.numel(), flat.numel(), dtype=D)
     for x, y in batches:
+
         def outputs(v, x=x):
             params, i = {}, 0
             for n, s in zip(names, shapes, strict=True):
-                params[n] = v[i:i + s.numel()].view(s)
+                params[n] = v[i : i + s.numel()].view(s)
                 i += s.numel()
             was = m.training
             m.train(bn_mode == "train")

@@ -50,9 +50,18 @@ def _order_of(group: FiniteGroup, g: int) -> int:
 # ------------------------------------------------------------------------------------- groups
 
 
-@pytest.mark.parametrize("group", [CyclicGroup(1), CyclicGroup(7), DihedralGroup(1), DihedralGroup(3),
-                                   DihedralGroup(4), DirectProduct(CyclicGroup(2), DihedralGroup(3))],
-                         ids=lambda g: g.name)
+@pytest.mark.parametrize(
+    "group",
+    [
+        CyclicGroup(1),
+        CyclicGroup(7),
+        DihedralGroup(1),
+        DihedralGroup(3),
+        DihedralGroup(4),
+        DirectProduct(CyclicGroup(2), DihedralGroup(3)),
+    ],
+    ids=lambda g: g.name,
+)
 def test_group_axioms(group):
     n = group.order
     assert group.is_associative()
@@ -303,7 +312,9 @@ def test_representation_action_non_permutation():
     each = act.apply_each(elems, x)
     for b in range(5):
         assert torch.allclose(each[b], rot.matrices[int(elems[b])] @ x[b])
-    assert torch.allclose(reynolds_projector(rot, dtype=DT), torch.zeros(2, 2, dtype=DT))   # no invariant vector in the plane
+    assert torch.allclose(
+        reynolds_projector(rot, dtype=DT), torch.zeros(2, 2, dtype=DT)
+    )  # no invariant vector in the plane
     with pytest.raises(GroupActionError, match="not a permutation"):
         act.permutations((2,))
     with pytest.raises(GroupActionError):

@@ -12,8 +12,19 @@ from symgen.experiments import get_experiment
 from symgen.experiments.base import Context, build_config
 from symgen.experiments.implicit_bias import EXPERIMENT, Config, make_dataset, train_trial
 
-TINY = {"datasets": ["cyclic"], "depths": [1, 2], "train_sizes": [4, 8], "claim_size": 8, "seeds": 1,
-        "steps": 150, "width": 3, "records": 5, "test_size": 200, "cyclic_channels": 2, "cyclic_length": 4}
+TINY = {
+    "datasets": ["cyclic"],
+    "depths": [1, 2],
+    "train_sizes": [4, 8],
+    "claim_size": 8,
+    "seeds": 1,
+    "steps": 150,
+    "width": 3,
+    "records": 5,
+    "test_size": 200,
+    "cyclic_channels": 2,
+    "cyclic_length": 4,
+}
 
 
 def _finite(v) -> bool:

@@ -12,8 +12,15 @@ from symgen.experiments.inductive_bias import EXPERIMENT, Config
 
 def test_inductive_bias_tiny(tmp_path):
     assert get_experiment("inductive-bias") is EXPERIMENT
-    cfg = build_config(Config, quick=EXPERIMENT.quick, dims=[4, 8], student_filters=[2, 3],
-                       train_sizes=[8, 16, 32], num_test=20, num_draws=2)
+    cfg = build_config(
+        Config,
+        quick=EXPERIMENT.quick,
+        dims=[4, 8],
+        student_filters=[2, 3],
+        train_sizes=[8, 16, 32],
+        num_test=20,
+        num_draws=2,
+    )
     result = EXPERIMENT.run(cfg, Context())
     claims = EXPERIMENT.check_claims(cfg, result)
     assert [c.id for c in claims] == ["C4.5-local", "C4.5-fc", "C4.5-gap"]
@@ -26,9 +33,12 @@ def test_inductive_bias_tiny(tmp_path):
     beta = {k: claims[0].measured[f"local_s{k}"][8]["beta"] for k in (2, 3)}
     assert claims[0].measured[claims[0].headline] == pytest.approx(beta[2] - beta[3])
     assert claims[1].paper == pytest.approx(1 / 4 - 1 / 8)
-    assert claims[1].measured["beta_drop"] == pytest.approx(claims[1].measured[4]["beta"] - claims[1].measured[8]["beta"])
+    assert claims[1].measured["beta_drop"] == pytest.approx(
+        claims[1].measured[4]["beta"] - claims[1].measured[8]["beta"]
+    )
     assert claims[2].paper == pytest.approx(1 / 3 - 1 / 8) and claims[2].headline == "s3.gap"
     from symgen.terminal import claim_headline
+
     for c in claims:
         h = claim_headline(c.model_dump())
         assert h["measured"] is not None and h["paper"] == c.paper

@@ -8,21 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from symgen.errors import (
-    CheckpointError,
-    ConfigError,
-    DivergenceError,
-    MissingDataError,
-    ShapeError,
-)
+from symgen.errors import CheckpointError, ConfigError, DivergenceError, MissingDataError, ShapeError
 from symgen.ntk import analytic_ntk, empirical_ntk, empirical_ntk_fn
-from symgen.ntk.kip import (
-    centred_one_hot,
-    kip,
-    kip_loss,
-    load_support,
-    save_support,
-)
+from symgen.ntk.kip import centred_one_hot, kip, kip_loss, load_support, save_support
 
 D64 = torch.float64
 
@@ -56,14 +44,17 @@ def test_kip_loss_matches_direct_solve_and_finite_differences():
     ref_pred = rbf(xt, xs) @ torch.linalg.solve(kss + ridge * kss.trace() / n * torch.eye(n, dtype=D64), ys)
     torch.testing.assert_close(pred, ref_pred, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(loss, 0.5 * (ref_pred - yt).pow(2).mean(), rtol=1e-10, atol=1e-14)
+
     # The gradient through kernel, trace-relative ridge and Cholesky solve matches finite differences
     # (erf NTK: smooth, whereas finite differences of the ReLU NTK's sqrt(1 - rho) term at x = x' amplify
     # rounding noise).
     def erf_ntk(a, b):
         return analytic_ntk(a, b, depth=2, activation="erf", weight_std=1.5, bias_std=0.1)[1]
 
-    assert torch.autograd.gradcheck(lambda a, b: kip_loss(erf_ntk, a, b, xt, yt, ridge)[0],
-                                    (xs.clone().requires_grad_(True), ys.clone().requires_grad_(True)))
+    assert torch.autograd.gradcheck(
+        lambda a, b: kip_loss(erf_ntk, a, b, xt, yt, ridge)[0],
+        (xs.clone().requires_grad_(True), ys.clone().requires_grad_(True)),
+    )
 
 
 def test_kip_initialisation_is_class_balanced_real_data():
@@ -87,8 +78,9 @@ def test_kip_decreases_loss_on_the_whole_target_set(kernel, learn_labels):
     x, y = blobs(n_per_class=20)
     x0, y0, _ = kip(x, y, kernel, 1, steps=0, generator=1)
     # target_per_class = class size: every step sees the whole data, so the loss is deterministic.
-    xs, ys, hist = kip(x, y, kernel, 1, steps=60, lr=0.05, learn_labels=learn_labels, ridge=1e-4, generator=1,
-                       target_per_class=20)
+    xs, ys, hist = kip(
+        x, y, kernel, 1, steps=60, lr=0.05, learn_labels=learn_labels, ridge=1e-4, generator=1, target_per_class=20
+    )
     yt = centred_one_hot(y, 3, D64)
     before = kip_loss(kernel, x0, y0, x, yt, 1e-4)[0].item()
     after = kip_loss(kernel, xs, ys, x, yt, 1e-4)[0].item()
@@ -107,12 +99,16 @@ def test_empirical_ntk_kernel_plugs_in():
     kernel = empirical_ntk_fn(model, differentiable=True)
     x, y = blobs(n_per_class=6)
     # Same kernel as the no-grad structured method (a different implementation).
-    torch.testing.assert_close(kernel(x[:7], x[3:12]),
-                               empirical_ntk(model, x[:7], x[3:12], output="trace", method="structured"),
-                               rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(
+        kernel(x[:7], x[3:12]),
+        empirical_ntk(model, x[:7], x[3:12], output="trace", method="structured"),
+        rtol=1e-9,
+        atol=1e-9,
+    )
     # Its input gradient matches finite differences (what KIP needs and the no-grad kernel does not give).
-    assert torch.autograd.gradcheck(lambda a: kernel(a, x[5:9]).sum() + kernel(a, a).sum(),
-                                    (x[:3].clone().requires_grad_(True),))
+    assert torch.autograd.gradcheck(
+        lambda a: kernel(a, x[5:9]).sum() + kernel(a, a).sum(), (x[:3].clone().requires_grad_(True),)
+    )
     x0, y0, _ = kip(x, y, kernel, 1, steps=0, generator=0)
     xs, ys, hist = kip(x, y, kernel, 1, steps=8, lr=0.05, ridge=1e-3, generator=0, target_per_class=6)
     assert not torch.allclose(xs, x0)

@@ -10,8 +10,19 @@ from symgen.experiments.base import Context, build_config
 
 def test_kip_experiment_tiny(tmp_path):
     exp = get_experiment("kip")
-    cfg = build_config(exp.config, quick=exp.quick, datasets=["digits"], support_sizes=[1], seeds=2, steps=5,
-                       target_per_class=3, net_width=16, net_steps=5, max_train=200, max_test=60)
+    cfg = build_config(
+        exp.config,
+        quick=exp.quick,
+        datasets=["digits"],
+        support_sizes=[1],
+        seeds=2,
+        steps=5,
+        target_per_class=3,
+        net_width=16,
+        net_steps=5,
+        max_train=200,
+        max_test=60,
+    )
     result = exp.run(cfg, Context())
     claims = exp.check_claims(cfg, result)
     assert [c.id for c in claims] == ["C4.3", "C4.3-net"]
@@ -51,8 +62,10 @@ def test_kip_network_training_matches_plain_adam_loop():
 
     cfg = {"net_width": 16, "depth": 2, "weight_std": 1.4, "bias_std": 0.1, "net_lr": 1e-2, "net_steps": 25}
     g = torch.Generator().manual_seed(3)
-    x_s, y_s = torch.randn(6, 1, 2, 3, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g,
-                                                                                       dtype=torch.float64)
+    x_s, y_s = (
+        torch.randn(6, 1, 2, 3, generator=g, dtype=torch.float64),
+        torch.randn(6, 3, generator=g, dtype=torch.float64),
+    )
     x_te = torch.randn(40, 1, 2, 3, generator=g, dtype=torch.float64)
     net = ntk_mlp(6, 16, 2, 3, "relu", 1.4, 0.1, generator=7, dtype=torch.float64)
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)

@@ -36,9 +36,14 @@ def separable(n: int, d: int, seed: int, gap: float = 0.0) -> tuple[torch.Tensor
 
 def slsqp_primal(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     z = (y[:, None] * x).numpy()
-    res = minimize(lambda b: 0.5 * b @ b, np.zeros(z.shape[1]), jac=lambda b: b, method="SLSQP",
-                   constraints=[{"type": "ineq", "fun": lambda b: z @ b - 1.0, "jac": lambda b: z}],
-                   options={"ftol": 1e-15, "maxiter": 2000})
+    res = minimize(
+        lambda b: 0.5 * b @ b,
+        np.zeros(z.shape[1]),
+        jac=lambda b: b,
+        method="SLSQP",
+        constraints=[{"type": "ineq", "fun": lambda b: z @ b - 1.0, "jac": lambda b: z}],
+        options={"ftol": 1e-15, "maxiter": 2000},
+    )
     return res.x
 
 
@@ -53,10 +58,10 @@ def test_svm_matches_slsqp_and_satisfies_kkt(n, d, seed):
     z = (y[:, None] * x).numpy()
     m = z @ beta
     alpha = sol.dual.numpy()
-    assert m.min() >= 1 - 1e-9                                   # primal feasible
-    assert alpha.min() >= 0                                      # dual feasible
-    assert np.allclose(z.T @ alpha, beta, atol=1e-9)             # stationarity
-    assert np.abs(alpha * (m - 1)).max() <= 1e-9 * max(1.0, alpha.max())   # complementary slackness
+    assert m.min() >= 1 - 1e-9  # primal feasible
+    assert alpha.min() >= 0  # dual feasible
+    assert np.allclose(z.T @ alpha, beta, atol=1e-9)  # stationarity
+    assert np.abs(alpha * (m - 1)).max() <= 1e-9 * max(1.0, alpha.max())  # complementary slackness
     assert math.isclose(sol.margin, 1 / np.linalg.norm(beta), rel_tol=1e-12)
     assert math.isclose(normalized_margin(sol.beta, x, y), sol.margin, rel_tol=1e-9)
 
@@ -111,7 +116,7 @@ def test_invariant_max_margin_augment_equals_reynolds():
     r = invariant_max_margin(x, y, act, method="reynolds")
     assert a.shape == (2, 6)
     assert torch.allclose(a, r, atol=1e-8)
-    assert torch.allclose(act.orbit(a).mean(0), a, atol=1e-10)    # invariant
+    assert torch.allclose(act.orbit(a).mean(0), a, atol=1e-10)  # invariant
     xa, ya = OrbitAugment(act)(x, y)
     assert xa.shape == (6 * 30, 2, 6)
     # it has the best margin on the augmented data: better than the raw SVM and the teacher
@@ -140,16 +145,19 @@ def test_normalized_margin_against_loop():
 
 def test_end_to_end_predictor_linear_net():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Flatten(), nn.Linear(6, 5, bias=False), nn.Linear(5, 4, bias=False),
-                        nn.Linear(4, 1, bias=False)).double()
+    net = nn.Sequential(
+        nn.Flatten(), nn.Linear(6, 5, bias=False), nn.Linear(5, 4, bias=False), nn.Linear(4, 1, bias=False)
+    ).double()
     beta = end_to_end_predictor(net, (2, 3))
     w = net[3].weight @ net[2].weight @ net[1].weight
     assert torch.allclose(beta.reshape(-1), w.reshape(-1), atol=1e-12)
     with pytest.raises(ConfigError, match="not a linear"):
         end_to_end_predictor(nn.Sequential(nn.Flatten(), nn.Linear(6, 1)).double(), (2, 3))
     with pytest.raises(ConfigError, match="not a linear"):
-        end_to_end_predictor(nn.Sequential(nn.Flatten(), nn.Linear(6, 3, bias=False), nn.Tanh(),
-                                           nn.Linear(3, 1, bias=False)).double(), (2, 3))
+        end_to_end_predictor(
+            nn.Sequential(nn.Flatten(), nn.Linear(6, 3, bias=False), nn.Tanh(), nn.Linear(3, 1, bias=False)).double(),
+            (2, 3),
+        )
 
 
 def test_bad_inputs():

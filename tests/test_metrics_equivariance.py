@@ -30,13 +30,13 @@ def _loop_metrics(fn, action, x):
     order, n = action.group.order, x.shape[0]
     osp, kls, devs, norms = 0.0, [], 0.0, 0.0
     for b in range(n):
-        f0 = fn(x[b:b + 1])[0]
+        f0 = fn(x[b : b + 1])[0]
         p0 = [math.exp(v) for v in f0.tolist()]
         z0 = sum(p0)
         p0 = [v / z0 for v in p0]
-        norms += float((f0 ** 2).sum())
+        norms += float((f0**2).sum())
         for g in range(order):
-            fg = fn(action.apply(g, x[b:b + 1]))[0]
+            fg = fn(action.apply(g, x[b : b + 1]))[0]
             pg = [math.exp(v) for v in fg.tolist()]
             zg = sum(pg)
             pg = [v / zg for v in pg]
@@ -45,12 +45,17 @@ def _loop_metrics(fn, action, x):
             kls.append(0.5 * (kl1 + kl2))
             osp += float(int(fg.argmax()) == int(f0.argmax()))
             devs += float(((fg - f0) ** 2).sum())
-    return {"osp": osp / n, "kl": sum(kls) / len(kls), "kl_max": max(kls),
-            "logit_deviation": math.sqrt(devs) / (math.sqrt(norms) * math.sqrt(order))}
+    return {
+        "osp": osp / n,
+        "kl": sum(kls) / len(kls),
+        "kl_max": max(kls),
+        "logit_deviation": math.sqrt(devs) / (math.sqrt(norms) * math.sqrt(order)),
+    }
 
 
-@pytest.mark.parametrize("action,shape", [(ImageRotation90(), (1, 4, 4)), (ImageDihedral(), (1, 3, 3)),
-                                          (CyclicShift(5), (5,))])
+@pytest.mark.parametrize(
+    "action,shape", [(ImageRotation90(), (1, 4, 4)), (ImageDihedral(), (1, 3, 3)), (CyclicShift(5), (5,))]
+)
 def test_invariance_report_matches_loop_and_one_pass(action, shape):
     torch.manual_seed(1)
     d = math.prod(shape)

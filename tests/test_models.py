@@ -5,17 +5,7 @@ import torch
 from torch import nn
 
 from symgen.errors import ConfigError, ShapeError
-from symgen.models import (
-    LinearFCNet,
-    MixedNet,
-    bn_cnn,
-    bn_mlp,
-    build_model,
-    resnet18,
-    resnet20,
-    small_cnn,
-    vit,
-)
+from symgen.models import LinearFCNet, MixedNet, bn_cnn, bn_mlp, build_model, resnet18, resnet20, small_cnn, vit
 from symgen.rng import isolated_seed
 
 
@@ -66,8 +56,9 @@ def test_resnet_shapes_and_batchnorm():
 
 def test_vit_parameter_count_and_shapes():
     dim, depth, heads, mlp, patch, k = 48, 3, 4, 96, 4, 7
-    model = vit(image_size=16, patch_size=patch, num_classes=k, dim=dim, depth=depth, heads=heads, mlp_dim=mlp,
-                in_channels=1)
+    model = vit(
+        image_size=16, patch_size=patch, num_classes=k, dim=dim, depth=depth, heads=heads, mlp_dim=mlp, in_channels=1
+    )
     patches = (16 // patch) ** 2
     block = 2 * 2 * dim + (3 * dim * dim + 3 * dim) + (dim * dim + dim) + (dim * mlp + mlp + mlp * dim + dim)
     expected = (1 * patch * patch * dim + dim) + dim + (patches + 1) * dim + depth * block + 2 * dim + dim * k + k
@@ -99,15 +90,36 @@ def test_vit_attention_is_permutation_equivariant_without_positions():
 def test_small_builders_keep_their_layout():
     # flat-minima's CNN: conv-BN-ReLU x3 (w, 2w, 2w), pools after the 2nd and 3rd
     net = bn_cnn((1, 8, 8), 10, 4)
-    assert [type(m).__name__ for m in net] == ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d", "ReLU",
-                                                 "MaxPool2d", "Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d",
-                                                 "Flatten", "Linear"]
+    assert [type(m).__name__ for m in net] == [
+        "Conv2d",
+        "BatchNorm2d",
+        "ReLU",
+        "Conv2d",
+        "BatchNorm2d",
+        "ReLU",
+        "MaxPool2d",
+        "Conv2d",
+        "BatchNorm2d",
+        "ReLU",
+        "MaxPool2d",
+        "Flatten",
+        "Linear",
+    ]
     assert net[-1].in_features == 8 * 2 * 2 and net(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
     assert bn_cnn((1, 40), 10, 4)(torch.zeros(2, 1, 40)).shape == (2, 10)
     # unit-norm's CNN is the same builder with (c, 2c) and one pool
     cnn = build_model("cnn", (1, 8, 8), channels=3)
-    assert [type(m).__name__ for m in cnn] == ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d", "ReLU",
-                                                 "MaxPool2d", "Flatten", "Linear"]
+    assert [type(m).__name__ for m in cnn] == [
+        "Conv2d",
+        "BatchNorm2d",
+        "ReLU",
+        "Conv2d",
+        "BatchNorm2d",
+        "ReLU",
+        "MaxPool2d",
+        "Flatten",
+        "Linear",
+    ]
     assert cnn[-1].in_features == 6 * 4 * 4
     assert small_cnn((2, 12), 5, (3,), pool_after=())(torch.zeros(4, 2, 12)).shape == (4, 5)
     mlp = build_model("mlp", (1, 40), width=8)

@@ -87,7 +87,7 @@ def test_commutant_basis_dimension_equivariance_and_span(case):
     in_rep, out_rep = cases()[case]
     basis = commutant_basis(in_rep, out_rep)
     # dimension = character inner product, computed here directly from traces
-    chi = (in_rep.matrices.diagonal(dim1=1, dim2=2).sum(-1) * out_rep.matrices.diagonal(dim1=1, dim2=2).sum(-1))
+    chi = in_rep.matrices.diagonal(dim1=1, dim2=2).sum(-1) * out_rep.matrices.diagonal(dim1=1, dim2=2).sum(-1)
     assert basis.shape[0] == round(float(chi.sum()) / in_rep.order) == commutant_dimension(in_rep, out_rep)
     # orthonormal, and every element equivariant for every g
     gram = torch.einsum("kij,lij->kl", basis, basis)
@@ -353,10 +353,11 @@ def _break(name: str, layer: nn.Module) -> None:
     """Corrupt a layer outside its equivariant parameterization (index buffers, basis, readout)."""
     with torch.no_grad():
         if name in ("linear-orbit",):
-            layer.orbit_label.copy_(torch.randperm(layer.orbit_label.numel(), generator=torch.Generator().manual_seed(0))
-                                    % layer.num_basis)
+            layer.orbit_label.copy_(
+                torch.randperm(layer.orbit_label.numel(), generator=torch.Generator().manual_seed(0)) % layer.num_basis
+            )
         elif name in ("linear-dense", "linear-rot", "linear-raw"):
-            layer.basis[:, 0, 0] += 0.5                 # one entry of W, not tied to its orbit
+            layer.basis[:, 0, 0] += 0.5  # one entry of W, not tied to its orbit
             layer.weight.fill_(1.0)
         elif name == "lifting":
             layer.filter_index[1] = layer.filter_index[0]
@@ -429,8 +430,8 @@ def test_layers_take_a_seed_or_a_generator_or_follow_the_global_rng_like_torch_n
     state = torch.random.get_rng_state()
     a = GCNN("c4", 1, (2,), 3, generator=5, dtype=DT)
     b = GCNN("c4", 1, (2,), 3, generator=torch.Generator().manual_seed(5), dtype=DT)
-    assert torch.equal(torch.random.get_rng_state(), state)   # an explicit generator leaves the global one alone
-    with rng.isolated_seed(5):                                 # None: the global generator, as torch.nn modules
+    assert torch.equal(torch.random.get_rng_state(), state)  # an explicit generator leaves the global one alone
+    with rng.isolated_seed(5):  # None: the global generator, as torch.nn modules
         c = GCNN("c4", 1, (2,), 3, dtype=DT)
     with rng.isolated_seed(6):
         d = GCNN("c4", 1, (2,), 3, dtype=DT)

@@ -58,10 +58,27 @@ def test_paper_curvature_matches_a_dense_hessian():
 
 
 def test_summary_reductions_and_paired_stderr():
-    runs = [{"optimizer": o, "seed": s, "grad_evals": 8, "steps": 4, "test_acc": acc, "train_loss": 0.1,
-             "trace": tr, "top_eig": te, "global_trace": tr + 1, "global_top_eig": te + 1, "time_s": 1.0}
-            for o, s, acc, tr, te in [("sgd", 0, 0.9, 10.0, 4.0), ("sgd", 1, 0.8, 20.0, 6.0),
-                                      ("nso", 0, 0.92, 8.0, 3.0), ("nso", 1, 0.8, 12.0, 6.0)]]
+    runs = [
+        {
+            "optimizer": o,
+            "seed": s,
+            "grad_evals": 8,
+            "steps": 4,
+            "test_acc": acc,
+            "train_loss": 0.1,
+            "trace": tr,
+            "top_eig": te,
+            "global_trace": tr + 1,
+            "global_top_eig": te + 1,
+            "time_s": 1.0,
+        }
+        for o, s, acc, tr, te in [
+            ("sgd", 0, 0.9, 10.0, 4.0),
+            ("sgd", 1, 0.8, 20.0, 6.0),
+            ("nso", 0, 0.92, 8.0, 3.0),
+            ("nso", 1, 0.8, 12.0, 6.0),
+        ]
+    ]
     s = ft.summarize(runs)
     assert s["nso"]["trace_reduction"] == pytest.approx(1 - 10 / 15)  # ratio of the means
     per_seed = torch.tensor([1 - 8 / 10, 1 - 12 / 20], dtype=torch.float64)
@@ -73,11 +90,29 @@ def test_summary_reductions_and_paired_stderr():
 
 
 def test_both_compute_matchings_are_summarized():
-    runs = [{"optimizer": o, "seed": s, "grad_evals": 8, "steps": 4, "test_acc": acc, "train_loss": 0.1,
-             "trace": tr, "top_eig": te, "global_trace": tr, "global_top_eig": te, "time_s": 1.0}
-            for o, s, acc, tr, te in [("sgd", 0, 0.9, 10.0, 4.0), ("sgd", 1, 0.8, 20.0, 6.0),
-                                      ("sgd_equal_evals", 0, 0.95, 6.0, 2.0), ("sgd_equal_evals", 1, 0.9, 10.0, 3.0),
-                                      ("nso", 0, 0.92, 8.0, 3.0), ("nso", 1, 0.8, 12.0, 6.0)]]
+    runs = [
+        {
+            "optimizer": o,
+            "seed": s,
+            "grad_evals": 8,
+            "steps": 4,
+            "test_acc": acc,
+            "train_loss": 0.1,
+            "trace": tr,
+            "top_eig": te,
+            "global_trace": tr,
+            "global_top_eig": te,
+            "time_s": 1.0,
+        }
+        for o, s, acc, tr, te in [
+            ("sgd", 0, 0.9, 10.0, 4.0),
+            ("sgd", 1, 0.8, 20.0, 6.0),
+            ("sgd_equal_evals", 0, 0.95, 6.0, 2.0),
+            ("sgd_equal_evals", 1, 0.9, 10.0, 3.0),
+            ("nso", 0, 0.92, 8.0, 3.0),
+            ("nso", 1, 0.8, 12.0, 6.0),
+        ]
+    ]
     s = ft.summarize(runs)
     assert s["nso"]["trace_reduction"] == pytest.approx(1 - 10 / 15)  # vs equal epochs (the claim)
     assert s["nso"]["trace_reduction_equal_evals"] == pytest.approx(1 - 10 / 8)  # vs equal gradient evaluations
@@ -89,7 +124,9 @@ def test_both_compute_matchings_are_summarized():
     assert m["trace_reduction_vs_sgd_equal_evals"] == pytest.approx(1 - 10 / 8)
     assert m["top_eig_reduction_vs_sgd_equal_evals"] == pytest.approx(1 - 4.5 / 2.5)
     assert m["test_acc_sgd_equal_evals"] == pytest.approx(0.925)
-    assert m["trace_margin_se_equal_evals"] == pytest.approx((1 - 10 / 8 - 0.177) / float(per_seed.std() / math.sqrt(2)))
+    assert m["trace_margin_se_equal_evals"] == pytest.approx(
+        (1 - 10 / 8 - 0.177) / float(per_seed.std() / math.sqrt(2))
+    )
     assert "FAIL there" in ft.equal_evals_verdict(m, 0.177, 0.128)
     del s["sgd_equal_evals"]
     assert ft.equal_evals_verdict(ft.claim_values(s, 0.177, 0.128), 0.177, 0.128) is None
@@ -98,9 +135,25 @@ def test_both_compute_matchings_are_summarized():
 def test_steps_follow_the_reference_protocol():
     """Plain fine-tuning and SAM run ``epochs``; NSO with k pairs epochs / k (the reference's --num_perturbs 2
     --epochs 15); plain fine-tuning at equal gradient evaluations 2k x NSO's steps."""
-    item = dict(width=1, pretrain_lr=1e-3, pretrain_epochs=1, batch_size=512, lr=1e-4, weight_decay=0.0, epochs=2,
-                nso_pairs=2, nso_sigma=0.01, rho_sam=0.01, rho_asam=0.1, hessian_samples=8, trace_matvecs=3,
-                eig_tol=1e-1, num_threads=1, data_seed=0, seed=0)
+    item = dict(
+        width=1,
+        pretrain_lr=1e-3,
+        pretrain_epochs=1,
+        batch_size=512,
+        lr=1e-4,
+        weight_decay=0.0,
+        epochs=2,
+        nso_pairs=2,
+        nso_sigma=0.01,
+        rho_sam=0.01,
+        rho_asam=0.1,
+        hessian_samples=8,
+        trace_matvecs=3,
+        eig_tol=1e-1,
+        num_threads=1,
+        data_seed=0,
+        seed=0,
+    )
     out = {o: ft.finetune_trial(dict(item, optimizer=o)) for o in ("sgd", "nso", "sam", "sgd_equal_evals")}
     per_epoch = out["sgd"]["steps"] // 2
     assert per_epoch >= 1 and out["sgd"]["steps"] == out["sam"]["steps"] == 2 * per_epoch

@@ -94,12 +94,13 @@ def test_erf_monte_carlo_gaussian_expectation():
     cov = w**2 * x @ x.T / 3 + b**2
     z = torch.randn(2_000_000, 2, generator=g, dtype=F64) @ torch.linalg.cholesky(cov).T
     e_act = (torch.erf(z[:, 0]) * torch.erf(z[:, 1])).mean()
-    dz = 2 / math.sqrt(math.pi) * torch.exp(-z**2)
+    dz = 2 / math.sqrt(math.pi) * torch.exp(-(z**2))
     e_der = (dz[:, 0] * dz[:, 1]).mean()
     nngp, ntk = analytic_ntk(x, None, 1, "erf", w, b)
     assert nngp[0, 1].item() == pytest.approx(w**2 * e_act.item() + b**2, abs=3e-3)
-    assert ntk[0, 1].item() == pytest.approx(w**2 * e_act.item() + b**2 + w**2 * cov[0, 1].item() * e_der.item(),
-                                             abs=3e-3)
+    assert ntk[0, 1].item() == pytest.approx(
+        w**2 * e_act.item() + b**2 + w**2 * cov[0, 1].item() * e_der.item(), abs=3e-3
+    )
 
 
 def _empirical_kernels(net, x):
@@ -117,8 +118,9 @@ def _empirical_kernels(net, x):
     return nngp, ntk
 
 
-@pytest.mark.parametrize("activation,depth,width,tol", [("relu", 1, 16384, 0.03), ("relu", 2, 2048, 0.12),
-                                                       ("erf", 2, 2048, 0.12)])
+@pytest.mark.parametrize(
+    "activation,depth,width,tol", [("relu", 1, 16384, 0.03), ("relu", 2, 2048, 0.12), ("erf", 2, 2048, 0.12)]
+)
 def test_monte_carlo_wide_random_net(activation, depth, width, tol):
     # Empirical kernels of one random net fluctuate as O(1/sqrt(width)) around the analytic limit.
     g = torch.Generator().manual_seed(3)

@@ -20,9 +20,9 @@ def _patches_1d(x: torch.Tensor, k: int, padding: str) -> torch.Tensor:
         idx = [[(i - (k - 1) // 2 + j) % length for j in range(k)] for i in range(length)]
         return torch.stack([x[:, :, row].reshape(n, -1) for row in idx], 1)
     if padding == "valid":
-        return torch.stack([x[:, :, i:i + k].reshape(n, -1) for i in range(length - k + 1)], 1)
+        return torch.stack([x[:, :, i : i + k].reshape(n, -1) for i in range(length - k + 1)], 1)
     xp = F.pad(x, ((k - 1) // 2, k - 1 - (k - 1) // 2))
-    return torch.stack([xp[:, :, i:i + k].reshape(n, -1) for i in range(length)], 1)
+    return torch.stack([xp[:, :, i : i + k].reshape(n, -1) for i in range(length)], 1)
 
 
 def _patch_reference(pa, pb, readout, act, w, b):
@@ -107,8 +107,17 @@ def test_empirical_ntk_of_wide_conv_net_converges(readout):
     _, ntk = analytic_conv_ntk(x, None, 2, 3, "relu", readout, "same", 1.4, 0.1, dtype=D)
     errs = {}
     for width in (64, 1024):
-        e = [_rel(empirical_ntk(ntk_cnn((2, 6), width, 2, 3, 1, "relu", readout, "same", 1.4, 0.1, generator=s,
-                                        dtype=D), x, method="jacobian"), ntk) for s in range(2)]
+        e = [
+            _rel(
+                empirical_ntk(
+                    ntk_cnn((2, 6), width, 2, 3, 1, "relu", readout, "same", 1.4, 0.1, generator=s, dtype=D),
+                    x,
+                    method="jacobian",
+                ),
+                ntk,
+            )
+            for s in range(2)
+        ]
         errs[width] = sum(e) / len(e)
     assert errs[1024] < 0.08
     assert errs[1024] < 0.5 * errs[64]  # theory: factor 4 for 16x the width
@@ -127,8 +136,12 @@ def test_nngp_is_the_covariance_of_random_nets():
     x = torch.randn(3, 1, 6, generator=torch.Generator().manual_seed(5), dtype=D)
     nngp, _ = analytic_conv_ntk(x, None, 1, 2, "relu", "gap", "circular", 1.0, 0.5, dtype=D)
     g = torch.Generator().manual_seed(6)
-    outs = torch.stack([ntk_cnn((1, 6), 32, 1, 2, 1, "relu", "gap", "circular", 1.0, 0.5, generator=g,
-                                dtype=D)(x)[:, 0].detach() for _ in range(400)])
+    outs = torch.stack(
+        [
+            ntk_cnn((1, 6), 32, 1, 2, 1, "relu", "gap", "circular", 1.0, 0.5, generator=g, dtype=D)(x)[:, 0].detach()
+            for _ in range(400)
+        ]
+    )
     emp = outs.T @ outs / outs.shape[0]
     assert _rel(emp, nngp) < 0.12
 

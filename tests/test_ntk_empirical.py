@@ -8,14 +8,7 @@ from torch import nn
 
 from symgen import functional as Fn
 from symgen.errors import ConfigError, ShapeError
-from symgen.ntk import (
-    NTKLinear,
-    choose_ntk_method,
-    empirical_ntk,
-    empirical_ntk_fn,
-    ntk_mlp,
-    ntk_vector_product,
-)
+from symgen.ntk import NTKLinear, choose_ntk_method, empirical_ntk, empirical_ntk_fn, ntk_mlp, ntk_vector_product
 from symgen.ntk import empirical as ntk_empirical
 from symgen.rng import isolated_seed
 
@@ -33,10 +26,26 @@ def dense_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor) -> torch.Ten
     def rows(x):
         out = []
         for i in range(x.shape[0]):
-            y = model(x[i:i + 1]).reshape(-1)
-            out.append(torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
-                y[a], [params[k] for k in names], retain_graph=True, allow_unused=True, materialize_grads=True)])
-                for a in range(y.numel())]))
+            y = model(x[i : i + 1]).reshape(-1)
+            out.append(
+                torch.stack(
+                    [
+                        torch.cat(
+                            [
+                                g.reshape(-1)
+                                for g in torch.autograd.grad(
+                                    y[a],
+                                    [params[k] for k in names],
+                                    retain_graph=True,
+                                    allow_unused=True,
+                                    materialize_grads=True,
+                                )
+                            ]
+                        )
+                        for a in range(y.numel())
+                    ]
+                )
+            )
         return torch.stack(out)  # (N, O, P)
 
     j1, j2 = rows(x1), rows(x2)
@@ -98,8 +107,14 @@ class TiedModules(nn.Module):
 
 def _bn_conv():
     torch.manual_seed(1)
-    m = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.BatchNorm2d(3), nn.ReLU(),
-                      nn.Conv2d(3, 4, 2, bias=False), nn.Flatten(), nn.Linear(16, 3)).double()
+    m = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, stride=2),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Conv2d(3, 4, 2, bias=False),
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    ).double()
     m.train()
     with torch.no_grad():
         m(torch.randn(8, 2, 6, 6, dtype=F64))  # non-trivial running statistics
@@ -112,16 +127,26 @@ def _models():
         "mlp": (nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).double(), (5,)),
         "ntk_mlp_scalar": (ntk_mlp(5, 6, 2, 1, "erf", 1.5, 0.2, generator=0, dtype=F64), (5,)),
         "conv_bn": (_bn_conv(), (2, 6, 6)),
-        "conv1d": (nn.Sequential(nn.Conv1d(2, 3, 3, padding=1, dilation=2), nn.Tanh(), nn.Flatten(),
-                                 nn.Linear(18, 2)).double(), (2, 8)),
-        "grouped_same_conv": (nn.Sequential(nn.Conv2d(2, 4, 3, padding="same", groups=2), nn.Tanh(), nn.Flatten(),
-                                            nn.Linear(4 * 16, 2)).double(), (2, 4, 4)),
+        "conv1d": (
+            nn.Sequential(
+                nn.Conv1d(2, 3, 3, padding=1, dilation=2), nn.Tanh(), nn.Flatten(), nn.Linear(18, 2)
+            ).double(),
+            (2, 8),
+        ),
+        "grouped_same_conv": (
+            nn.Sequential(
+                nn.Conv2d(2, 4, 3, padding="same", groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 16, 2)
+            ).double(),
+            (2, 4, 4),
+        ),
         "sequence_layernorm": (SeqModel().double(), (5, 3)),
         "tied_calls": (Tied().double(), (4,)),
         "tied_modules": (TiedModules().double(), (3,)),
         "folded_batch": (Folded().double(), (2, 3)),
-        "matrix_output": (nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Unflatten(1, (2, 2))).double(),
-                          (3,)),
+        "matrix_output": (
+            nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Unflatten(1, (2, 2))).double(),
+            (3,),
+        ),
     }
 
 
@@ -141,8 +166,9 @@ def test_all_methods_match_dense_jacobian(name):
             full = empirical_ntk(model, x1, x2_, output="full", method=method)
             trace = empirical_ntk(model, x1, x2_, output="trace", method=method)
             torch.testing.assert_close(full, ref, rtol=1e-10, atol=1e-12, msg=f"{name} {method} full")
-            torch.testing.assert_close(trace, ref.diagonal(dim1=2, dim2=3).sum(-1), rtol=1e-10, atol=1e-12,
-                                       msg=f"{name} {method} trace")
+            torch.testing.assert_close(
+                trace, ref.diagonal(dim1=2, dim2=3).sum(-1), rtol=1e-10, atol=1e-12, msg=f"{name} {method} trace"
+            )
     assert [m.training for m in model.modules()] == flags  # train/eval flags restored
 
 
@@ -310,11 +336,13 @@ def test_differentiable_kernel_gradient_matches_finite_differences(method, outpu
     ref = dense_ntk(model, x1, x2)
     ref = ref if output == "full" else ref.diagonal(dim1=2, dim2=3).sum(-1)
     torch.testing.assert_close(kernel(x1, x2).detach(), ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(kernel(x1, x2).detach(), empirical_ntk(model, x1, x2, output=output, method=method),
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        kernel(x1, x2).detach(), empirical_ntk(model, x1, x2, output=output, method=method), rtol=1e-10, atol=1e-12
+    )
     # Gradient w.r.t. the inputs of sum K(x1, x2) (and of the symmetric K(x1, x1)) against finite differences.
-    assert torch.autograd.gradcheck(lambda a: kernel(a, x2).sum() + kernel(a).pow(2).sum(),
-                                    (x1.clone().requires_grad_(True),))
+    assert torch.autograd.gradcheck(
+        lambda a: kernel(a, x2).sum() + kernel(a).pow(2).sum(), (x1.clone().requires_grad_(True),)
+    )
     assert torch.autograd.gradcheck(lambda b: kernel(x1, b).sum(), (x2.clone().requires_grad_(True),))
     assert [m.training for m in model.modules()] == flags
 

@@ -24,8 +24,19 @@ def _finite(value) -> bool:
 
 def test_ntk_experiment_tiny(tmp_path):
     assert get_experiment("ntk") is EXPERIMENT
-    cfg = build_config(Config, quick=EXPERIMENT.quick, widths=[16, 64], kernel_points=8, kernel_seeds=2,
-                       dynamics_width=128, train_size=16, test_size=12, steps=30, records=6, dynamics_seeds=1)
+    cfg = build_config(
+        Config,
+        quick=EXPERIMENT.quick,
+        widths=[16, 64],
+        kernel_points=8,
+        kernel_seeds=2,
+        dynamics_width=128,
+        train_size=16,
+        test_size=12,
+        steps=30,
+        records=6,
+        dynamics_seeds=1,
+    )
     result = EXPERIMENT.run(cfg, Context())
     claims = EXPERIMENT.check_claims(cfg, result)
     assert [c.id for c in claims] == ["C4.1", "C4.2", "C4.2-spectral"]
@@ -57,10 +68,28 @@ def test_ntk_dynamics_divergence_names_lr_factor():
     from symgen.errors import DivergenceError
     from symgen.experiments.ntk import dynamics_trial
 
-    cfg = build_config(Config, widths=[16, 64], dynamics_width=64, train_size=8, test_size=8, steps=200, records=4,
-                       lr_factor=40.0)  # far above the stable 2: GD blows up
-    item = {k: getattr(cfg, k) for k in ("dataset", "depth", "activation", "weight_std", "bias_std", "dtype",
-                                         "device", "train_size", "test_size", "steps", "lr_factor", "records",
-                                         "discrete", "centered", "bands")}
+    cfg = build_config(
+        Config, widths=[16, 64], dynamics_width=64, train_size=8, test_size=8, steps=200, records=4, lr_factor=40.0
+    )  # far above the stable 2: GD blows up
+    item = {
+        k: getattr(cfg, k)
+        for k in (
+            "dataset",
+            "depth",
+            "activation",
+            "weight_std",
+            "bias_std",
+            "dtype",
+            "device",
+            "train_size",
+            "test_size",
+            "steps",
+            "lr_factor",
+            "records",
+            "discrete",
+            "centered",
+            "bands",
+        )
+    }
     with pytest.raises(DivergenceError, match="lr_factor"):
         dynamics_trial(dict(item, width=cfg.dynamics_width, seed=0))

@@ -15,7 +15,7 @@ from symgen.ntk import fit_power_law, learning_curve
 def test_fit_power_law_recovers_exponent_and_interval():
     sizes = [10, 20, 40, 80, 160]
     rng = np.random.default_rng(0)
-    draws = [[3.0 * p ** -0.7 * math.exp(rng.normal(0, 0.05)) for p in sizes] for _ in range(8)]
+    draws = [[3.0 * p**-0.7 * math.exp(rng.normal(0, 0.05)) for p in sizes] for _ in range(8)]
     beta, se, (lo, hi), betas, amp = fit_power_law(sizes, draws)
     # independent reference: numpy polyfit per draw, Student-t interval from scipy
     from scipy import stats
@@ -27,7 +27,7 @@ def test_fit_power_law_recovers_exponent_and_interval():
     assert (lo, hi) == pytest.approx((np.mean(ref) - half, np.mean(ref) + half), abs=1e-12)
     assert lo < 0.7 < hi and se > 0
     assert math.exp(amp) == pytest.approx(3.0, rel=0.1)
-    exact = fit_power_law(sizes, [[2.0 * p ** -0.5 for p in sizes]])
+    exact = fit_power_law(sizes, [[2.0 * p**-0.5 for p in sizes]])
     assert exact[0] == pytest.approx(0.5) and math.isnan(exact[1])
 
 

@@ -10,13 +10,7 @@ from scipy.linalg import subspace_angles
 from torch import nn
 
 from symgen.errors import ConfigError, ShapeError
-from symgen.ntk import (
-    ntk_mlp,
-    ntk_overlap,
-    overlap_from_kernels,
-    predict_after_training,
-    task_kernels,
-)
+from symgen.ntk import ntk_mlp, ntk_overlap, overlap_from_kernels, predict_after_training, task_kernels
 
 
 def _jacobian(model, x):
@@ -39,7 +33,7 @@ def test_overlap_cosines_equal_principal_angles_of_jacobian_row_spaces():
     ref = np.sort(np.cos(subspace_angles(ja.T, jb.T)))[::-1]
     assert ov.rank_a == 12 and ov.rank_b == 8
     np.testing.assert_allclose(ov.cosines.numpy(), ref, atol=1e-8)
-    assert ov.mean_squared_cosine == pytest.approx(float(np.sum(ref ** 2) / 8))
+    assert ov.mean_squared_cosine == pytest.approx(float(np.sum(ref**2) / 8))
 
 
 def test_identical_and_orthogonal_tasks():

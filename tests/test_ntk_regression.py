@@ -8,13 +8,7 @@ import scipy.linalg
 import torch
 
 from symgen.errors import ConfigError, DivergenceError, ShapeError
-from symgen.ntk import (
-    eigen_projections,
-    gd_dynamics,
-    kernel_eigh,
-    kernel_regression,
-    residual_decay,
-)
+from symgen.ntk import eigen_projections, gd_dynamics, kernel_eigh, kernel_regression, residual_decay
 
 F64 = torch.float64
 

@@ -13,8 +13,18 @@ from symgen.experiments.base import Context, build_config
 
 def test_ntk_robustness_experiment_tiny(tmp_path):
     exp = get_experiment("ntk-robustness")
-    cfg = build_config(exp.config, quick=exp.quick, seeds=1, epochs=1, pgd_steps=2, train_pgd_steps=1,
-                       width=16, num_features=3, max_train=150, max_test=40)
+    cfg = build_config(
+        exp.config,
+        quick=exp.quick,
+        seeds=1,
+        epochs=1,
+        pgd_steps=2,
+        train_pgd_steps=1,
+        width=16,
+        num_features=3,
+        max_train=150,
+        max_test=40,
+    )
     result = exp.run(cfg, Context())
     claims = exp.check_claims(cfg, result)
     assert [c.id for c in claims] == ["C4.4-pgd", "C4.4-transfer", "C4.4-advtrain", "C4.4-features"]

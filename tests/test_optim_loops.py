@@ -27,8 +27,9 @@ def _net(norm="bn", dtype=torch.float32):
 MAKERS = {
     "sam": lambda m, x: SAM(m.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, model=m),
     "asam": lambda m, x: SAM(m.parameters(), torch.optim.SGD, rho=0.5, adaptive=True, lr=0.1, momentum=0.9, model=m),
-    "nso": lambda m, x: NSO(m.parameters(), torch.optim.SGD, sigma=0.02, num_samples=2, lr=0.1, momentum=0.9,
-                              model=m, generator=4),
+    "nso": lambda m, x: NSO(
+        m.parameters(), torch.optim.SGD, sigma=0.02, num_samples=2, lr=0.1, momentum=0.9, model=m, generator=4
+    ),
     "unit_norm": lambda m, x: UnitNormSGD(m, lr=0.1, momentum=0.9, example_input=x),
 }
 
@@ -41,12 +42,14 @@ def _amp_run(name, x, y, steps=4, scaler=None, autocast=False, pattern="closure"
     model = _net() if model is None else model
     opt = MAKERS[name](model, x)
     for _ in range(steps):
+
         def closure():
             opt.zero_grad()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 loss = TF.cross_entropy(model(x), y)
             (scaler.scale(loss) if scaler is not None else loss).backward()
             return loss
+
         if scaler is None:
             opt.step(closure)
         elif pattern == "closure":
@@ -67,7 +70,7 @@ def test_grad_scaler_steps_equal_unscaled_steps_and_bf16_autocast_stays_close(na
     x, y = _data()
     ref, _ = _amp_run(name, x, y)
     # a power-of-two scale is exact: the scaled steps are the float32 steps to round-off
-    scaled, _ = _amp_run(name, x, y, scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 14))
+    scaled, _ = _amp_run(name, x, y, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**14))
     torch.testing.assert_close(_flat(scaled), _flat(ref), rtol=1e-5, atol=1e-6)
     if name == "unit_norm":
         via_scaler, _ = _amp_run(name, x, y, scaler=torch.amp.GradScaler("cpu"), pattern="scaler.step")
@@ -86,16 +89,17 @@ def test_inf_nan_step_is_skipped_like_grad_scaler_skips(name):
     bad = x.clone()
     bad[0, 0] = float("inf")
     model = _net("ln")
-    opt = (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if name == "sgd"
-           else MAKERS[name](model, x))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if name == "sgd" else MAKERS[name](model, x)
     # one good step first, so there is momentum state to keep
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     for batch in (x, bad):
+
         def closure(batch=batch):
             opt.zero_grad()
             loss = TF.cross_entropy(model(batch), y)
             scaler.scale(loss).backward()
             return loss
+
         before = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()["state"])
         if name == "sgd":
             closure()
@@ -138,6 +142,7 @@ def test_accumulated_micro_batches_equal_the_full_batch(name):
         model = _net("ln")
         opt = MAKERS[name](model, x)
         for _ in range(3):
+
             def closure(micro=micro, model=model, opt=opt):
                 opt.zero_grad()
                 if micro is None:
@@ -146,11 +151,12 @@ def test_accumulated_micro_batches_equal_the_full_batch(name):
                     return loss.detach()
                 total, start = 0.0, 0
                 for size in micro:  # each micro-batch weighted by its share of the batch
-                    xb, yb = x[start:start + size], y[start:start + size]
+                    xb, yb = x[start : start + size], y[start : start + size]
                     part = TF.cross_entropy(model(xb), yb) * (size / x.shape[0])
                     part.backward()
                     total, start = total + part.detach(), start + size
                 return total
+
             opt.step(closure)
         results.append(_flat(model))
     torch.testing.assert_close(results[1], results[0], rtol=2e-5, atol=2e-6)
@@ -160,13 +166,19 @@ def test_accumulated_micro_batches_equal_the_full_batch(name):
 
 
 def _groups(model, **extra):
-    return [{"params": model[0].parameters(), "weight_decay": 1e-2, **extra.get("first", {})},
-            {"params": list(model[1].parameters()) + list(model[3].parameters()), "lr": 0.05,
-             **extra.get("second", {})}]
+    return [
+        {"params": model[0].parameters(), "weight_decay": 1e-2, **extra.get("first", {})},
+        {"params": list(model[1].parameters()) + list(model[3].parameters()), "lr": 0.05, **extra.get("second", {})},
+    ]
 
 
-@pytest.mark.parametrize("base,kw", [(torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True)),
-                                     (torch.optim.Adam, dict(lr=0.01, weight_decay=1e-3))])
+@pytest.mark.parametrize(
+    "base,kw",
+    [
+        (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True)),
+        (torch.optim.Adam, dict(lr=0.01, weight_decay=1e-3)),
+    ],
+)
 @pytest.mark.parametrize("which", ["sam", "asam", "nso_vectorized", "nso_closure"])
 def test_rho_and_sigma_zero_reproduce_the_base_optimizer_with_schedulers_and_groups(base, kw, which):
     x, y = _data(dtype=torch.float64)
@@ -176,21 +188,23 @@ def test_rho_and_sigma_zero_reproduce_the_base_optimizer_with_schedulers_and_gro
         opt = NSO(_groups(mine), base, sigma=0.0, num_samples=3, model=mine, **kw)
     else:
         opt = SAM(_groups(mine), base, rho=0.0, adaptive=which == "asam", model=mine, **kw)
-    lam = lambda step: 0.9 ** step  # noqa: E731
+    lam = lambda step: 0.9**step  # noqa: E731
     sched_ref, sched = (torch.optim.lr_scheduler.LambdaLR(o, lam) for o in (opt_ref, opt))
     for i in range(5):
-        xb, yb = x[6 * i:6 * i + 12], y[6 * i:6 * i + 12]
+        xb, yb = x[6 * i : 6 * i + 12], y[6 * i : 6 * i + 12]
         opt_ref.zero_grad()
         TF.cross_entropy(ref(xb), yb).backward()
         opt_ref.step()
         if which == "nso_vectorized":
             opt.step(LossClosure(mine, TF.cross_entropy, xb, yb))
         else:
+
             def closure(xb=xb, yb=yb):
                 opt.zero_grad()
                 loss = TF.cross_entropy(mine(xb), yb)
                 loss.backward()
                 return loss
+
             opt.step(closure)
         sched_ref.step()
         sched.step()
@@ -258,8 +272,10 @@ def test_resume_with_scheduler_continues_bit_for_bit(name, tmp_path):
     steps(*ref, 6)
     first = build()
     steps(*first, 3)
-    torch.save({"model": first[0].state_dict(), "opt": first[1].state_dict(), "sched": first[2].state_dict()},
-               tmp_path / "ckpt.pt")
+    torch.save(
+        {"model": first[0].state_dict(), "opt": first[1].state_dict(), "sched": first[2].state_dict()},
+        tmp_path / "ckpt.pt",
+    )
     second = build()
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     second[0].load_state_dict(ckpt["model"])
@@ -339,11 +355,13 @@ def test_nso_updates_batchnorm_statistics_once_per_step_from_the_clean_pass(path
     if path == "vectorized":
         opt.step(LossClosure(model, TF.cross_entropy, x, y))
     else:
+
         def closure():
             opt.zero_grad()
             loss = TF.cross_entropy(model(x), y)
             loss.backward()
             return loss
+
         opt.step(closure)
     for k, v in ref.state_dict().items():
         if "running" in k or "num_batches" in k:

@@ -31,6 +31,7 @@ def _closure(model, opt, x, y):
         loss = TF.cross_entropy(model(x), y)
         loss.backward()
         return loss
+
     return closure
 
 
@@ -78,12 +79,23 @@ def _brute_force_nso(model, x, y, sigma, k, seed, lam=0.0, antithetic=True, rela
 def test_nso_closure_and_vectorized_match_brute_force(lam, antithetic, relative):
     x, y = _batch()
     ref_model = _bn_net().train()
-    expected, expected_bufs = _brute_force_nso(ref_model, x, y, 0.2, 3, seed=7, lam=lam, antithetic=antithetic,
-                                               relative=relative)
+    expected, expected_bufs = _brute_force_nso(
+        ref_model, x, y, 0.2, 3, seed=7, lam=lam, antithetic=antithetic, relative=relative
+    )
     for path in ("closure", "vectorized"):
         model = _bn_net().train()
-        opt = NSO(model.parameters(), torch.optim.SGD, sigma=0.2, num_samples=3, antithetic=antithetic,
-                  clean_weight=lam, relative=relative, model=model, generator=torch.Generator().manual_seed(7), lr=0.1)
+        opt = NSO(
+            model.parameters(),
+            torch.optim.SGD,
+            sigma=0.2,
+            num_samples=3,
+            antithetic=antithetic,
+            clean_weight=lam,
+            relative=relative,
+            model=model,
+            generator=torch.Generator().manual_seed(7),
+            lr=0.1,
+        )
         if path == "closure":
             loss = opt.estimate_gradient(_closure(model, opt, x, y))
         else:
@@ -106,8 +118,17 @@ def test_nso_step_paths_agree_and_are_reproducible():
     finals = []
     for path in ("closure", "vectorized", "closure"):
         model = _bn_net().train()
-        opt = NSO(model.parameters(), torch.optim.SGD, sigma=0.05, num_samples=2, model=model,
-                  generator=torch.Generator().manual_seed(3), lr=0.1, momentum=0.9, weight_decay=1e-3)
+        opt = NSO(
+            model.parameters(),
+            torch.optim.SGD,
+            sigma=0.05,
+            num_samples=2,
+            model=model,
+            generator=torch.Generator().manual_seed(3),
+            lr=0.1,
+            momentum=0.9,
+            weight_decay=1e-3,
+        )
         for _ in range(3):
             if path == "closure":
                 opt.step(_closure(model, opt, x, y))
@@ -131,8 +152,15 @@ def _quartic_setup(d=6, seed=0):
 def _nso_gradients(loss, w0, sigma, draws, antithetic, k, seed):
     point = nn.Module()
     point.w = nn.Parameter(w0.clone())
-    opt = NSO(point.parameters(), torch.optim.SGD, sigma=sigma, num_samples=k, antithetic=antithetic, lr=0.0,
-              generator=torch.Generator().manual_seed(seed))
+    opt = NSO(
+        point.parameters(),
+        torch.optim.SGD,
+        sigma=sigma,
+        num_samples=k,
+        antithetic=antithetic,
+        lr=0.0,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
     def closure():
         opt.zero_grad()
@@ -174,8 +202,16 @@ def test_nso_relative_sigma_scales_with_weight_norm():
     lin = nn.Linear(200, 30, bias=False).to(D)
     with torch.no_grad():
         lin.weight.mul_(3.0)
-    opt = NSO(lin.parameters(), torch.optim.SGD, sigma=0.1, num_samples=1, antithetic=False, relative=True, lr=0.0,
-              generator=torch.Generator().manual_seed(0))
+    opt = NSO(
+        lin.parameters(),
+        torch.optim.SGD,
+        sigma=0.1,
+        num_samples=1,
+        antithetic=False,
+        relative=True,
+        lr=0.0,
+        generator=torch.Generator().manual_seed(0),
+    )
 
     def closure():  # grad of ||W||^2/2 at W + U is W + U
         opt.zero_grad()
@@ -192,8 +228,15 @@ def test_nso_relative_sigma_scales_with_weight_norm():
 def test_nso_non_finite_raises_naming_step_and_leaves_state():
     x, y = _batch()
     model = _bn_net().train()
-    opt = NSO(model.parameters(), torch.optim.SGD, sigma=0.1, num_samples=2, model=model, lr=0.1,
-              generator=torch.Generator().manual_seed(0))
+    opt = NSO(
+        model.parameters(),
+        torch.optim.SGD,
+        sigma=0.1,
+        num_samples=2,
+        model=model,
+        lr=0.1,
+        generator=torch.Generator().manual_seed(0),
+    )
     opt.step(_closure(model, opt, x, y))
     w = [p.detach().clone() for p in model.parameters()]
     bufs = [b.clone() for b in model.buffers()]
@@ -239,8 +282,9 @@ def test_nso_config_errors():
     with pytest.raises(ConfigError, match="closure"):
         NSO(p, torch.optim.SGD, lr=0.1).step()
     with pytest.raises(ConfigError, match="model"):
-        NSO(p, torch.optim.SGD, lr=0.1).step(LossClosure(nn.Linear(3, 3), TF.mse_loss, torch.zeros(2, 3),
-                                                          torch.zeros(2, 3)))
+        NSO(p, torch.optim.SGD, lr=0.1).step(
+            LossClosure(nn.Linear(3, 3), TF.mse_loss, torch.zeros(2, 3), torch.zeros(2, 3))
+        )
 
 
 @pytest.mark.parametrize("adaptive", [False, True])
@@ -382,10 +426,13 @@ def test_nso_closure_that_raises_leaves_parameters_and_statistics():
     assert all(torch.equal(b, c) for b, c in zip(model.buffers(), bufs, strict=True))
 
 
-@pytest.mark.parametrize("make", [
-    lambda ps: SAM(ps, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9),
-    lambda ps: NSO(ps, torch.optim.Adam, sigma=0.01, num_samples=2, generator=3, lr=0.01),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: SAM(ps, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9),
+        lambda ps: NSO(ps, torch.optim.Adam, sigma=0.01, num_samples=2, generator=3, lr=0.01),
+    ],
+)
 def test_state_dict_round_trip_resumes_exactly(make):
     """3 steps, save, rebuild, load, 3 more steps == 6 uninterrupted steps (momentum / Adam moments included)."""
     torch.manual_seed(0)
@@ -401,6 +448,7 @@ def test_state_dict_round_trip_resumes_exactly(make):
             loss = nn.functional.cross_entropy(m(x), y)
             loss.backward()
             return loss
+
         return closure
 
     ref = net()

@@ -18,11 +18,27 @@ import pytest
 pytestmark = pytest.mark.browser
 
 USER_MODEL = Path(__file__).parent / "audit_user_model.py"
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-                 if shutil.which(n)), None)
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-extensions", "--hide-scrollbars", "--mute-audio"]
+CHROMIUM = next(
+    (
+        shutil.which(n)
+        for n in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+        if shutil.which(n)
+    ),
+    None,
+)
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-extensions",
+    "--hide-scrollbars",
+    "--mute-audio",
+]
 
 # Runs after the page's load event: records what the browser made of every <img>, and whether the
 # embedded JSON parses, into a <pre id="probe"> that --dump-dom then serializes.
@@ -108,23 +124,45 @@ def audit_run(tmp_path_factory):
     from symgen.runs import run_audit
 
     out = tmp_path_factory.mktemp("runs")
-    limits = dict(time_limit=600.0, eval_samples=200, invariance_samples=64, symmetry_samples=16, hessian_samples=64,
-                  hutchinson_probes=8, top_eigenvalues=2, eigen_iters=8, density_runs=1, density_steps=10,
-                  noise_samples=64, noise_draws=4, ntk_samples=16, ntk_subsamples=2, pgd_samples=48,
-                  pgd_steps=3)
+    limits = dict(
+        time_limit=600.0,
+        eval_samples=200,
+        invariance_samples=64,
+        symmetry_samples=16,
+        hessian_samples=64,
+        hutchinson_probes=8,
+        top_eigenvalues=2,
+        eigen_iters=8,
+        density_runs=1,
+        density_steps=10,
+        noise_samples=64,
+        noise_draws=4,
+        ntk_samples=16,
+        ntk_subsamples=2,
+        pgd_samples=48,
+        pgd_steps=3,
+    )
     result, run = run_audit(f"{USER_MODEL}:make_model", "digits", action="c4", out=out, limits=limits)
     return result, run.path
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium "
-                                             "chromium-driver; `make test` tries); the browser test is skipped")
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="Chromium is not installed (apt-get install chromium "
+    "chromium-driver; `make test` tries); the browser test is skipped",
+)
 def test_report_renders_in_chromium(audit_run, tmp_path):
     result, run_dir = audit_run
     page = (run_dir / "report.html").read_text()
     audit_json = json.loads((run_dir / "audit.json").read_text())
     figures = sorted((run_dir / "figures").glob("*.png"))
-    assert sorted(f.stem for f in figures) == ["hessian_density", "invariance", "noise_stability", "ntk_spectrum",
-                                               "robustness"]
+    assert sorted(f.stem for f in figures) == [
+        "hessian_density",
+        "invariance",
+        "noise_stability",
+        "ntk_spectrum",
+        "robustness",
+    ]
     assert all(s["status"] == "ok" for s in audit_json["sections"].values())
 
     probed = tmp_path / "probed.html"
@@ -226,8 +264,9 @@ def test_reproduce_index_renders_in_chromium(tmp_path, monkeypatch):
         assert (out / row["href"]).is_file()
     # The linked experiment report: its figure decodes in the browser.
     report = out / probe["rows"][0]["href"]
-    page = report.read_text().replace("</body>", PROBE.replace(
-        "typeof data.sections === 'object'", "Array.isArray(data.claims)") + "</body>")
+    page = report.read_text().replace(
+        "</body>", PROBE.replace("typeof data.sections === 'object'", "Array.isArray(data.claims)") + "</body>"
+    )
     probed_report = tmp_path / "report_probed.html"
     probed_report.write_text(page)
     parsed = _Tables()
@@ -245,7 +284,9 @@ def test_skipped_section_says_so_where_its_figure_would_be(audit_run):
     data = json.loads((run_dir / "audit.json").read_text())
     data["sections"]["hessian"]["status"] = "skipped"
     data["sections"]["hessian"]["skipped"] = ["not requested (sections=...)"]
-    page = render_audit_page(AuditResult.from_dict(data),
-                             [f for f in sorted((run_dir / "figures").glob("*.png")) if f.stem != "hessian_density"])
+    page = render_audit_page(
+        AuditResult.from_dict(data),
+        [f for f in sorted((run_dir / "figures").glob("*.png")) if f.stem != "hessian_density"],
+    )
     assert 'data-figure="hessian_density"' in page and "not requested (sections=...)" in page
     assert 'data-figure="invariance"' not in page

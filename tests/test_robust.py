@@ -44,9 +44,10 @@ def test_pgd_stays_in_ball_and_range(norm, random_start, clamp):
     y = torch.randint(0, 3, (40,), generator=g)
     model = mlp()
     eps = 0.3 if norm == "linf" else 0.8
-    for x_adv in (pgd(model, x, y, eps, step_size=0.5, steps=7, norm=norm, clamp=clamp,
-                      random_start=random_start, batch_size=16),
-                  fgsm(model, x, y, eps, norm=norm, clamp=clamp)):
+    for x_adv in (
+        pgd(model, x, y, eps, step_size=0.5, steps=7, norm=norm, clamp=clamp, random_start=random_start, batch_size=16),
+        fgsm(model, x, y, eps, norm=norm, clamp=clamp),
+    ):
         d = (x_adv - x).flatten(1)
         size = d.abs().max(1).values if norm == "linf" else d.norm(dim=1)
         assert (size <= eps * (1 + 1e-9)).all()
@@ -171,15 +172,22 @@ def test_adversarial_training_gives_robust_linear_separator():
     n = 200
     y = torch.randint(0, 2, (n,), generator=g)
     s = (2.0 * y - 1)[:, None]
-    x = torch.cat([s * (0.3 + 0.5 * torch.rand(n, 1, generator=g)),
-                   0.1 * s + 0.05 * torch.randn(n, 20, generator=g)], 1)
+    x = torch.cat(
+        [s * (0.3 + 0.5 * torch.rand(n, 1, generator=g)), 0.1 * s + 0.05 * torch.randn(n, 20, generator=g)], 1
+    )
     robust = {}
     for eps in (0.0, 0.2):
         torch.manual_seed(0)
         model = nn.Linear(21, 2)
-        hist = adversarial_training(model, (x, y), functools.partial(pgd, eps=eps, steps=5),
-                                    torch.optim.Adam(model.parameters(), lr=0.05), epochs=30, batch_size=50,
-                                    generator=0)
+        hist = adversarial_training(
+            model,
+            (x, y),
+            functools.partial(pgd, eps=eps, steps=5),
+            torch.optim.Adam(model.parameters(), lr=0.05),
+            epochs=30,
+            batch_size=50,
+            generator=0,
+        )
         assert len(hist["loss"]) == 30 and all(torch.isfinite(torch.tensor(hist["loss"])))
         assert accuracy(model(x), y) == 1.0
         robust[eps] = accuracy(model(pgd(model, x, y, 0.2, steps=20)), y)
@@ -219,5 +227,10 @@ def test_bad_input_errors():
     with pytest.raises(ShapeError):
         eigen_features(rbf(x, x), rbf(x, x[:3]), y.double())
     with pytest.raises(ConfigError, match="clean_weight"):
-        adversarial_training(model, (x, y), functools.partial(pgd, eps=0.1),
-                             torch.optim.Adam(model.parameters(), lr=1e-3), clean_weight=2.0)
+        adversarial_training(
+            model,
+            (x, y),
+            functools.partial(pgd, eps=0.1),
+            torch.optim.Adam(model.parameters(), lr=1e-3),
+            clean_weight=2.0,
+        )

@@ -52,16 +52,19 @@ def test_quick_and_config_file(toy, tmp_path):
     assert build_config(toy.Config, quick=toy.EXPERIMENT.quick).n == 2
 
 
-@pytest.mark.parametrize("args, message", [
-    (["run", "nope"], "unknown experiment"),
-    (["run", "toy", "--set", "bogus=1"], "unknown config key 'bogus'"),
-    (["run", "toy", "--set", "n=abc"], "n: Input should be a valid integer"),
-    (["run", "toy", "--set", "n"], "key=value"),
-    (["run", "toy", "--config", "missing.yaml"], "does not exist"),
-    (["run", "toy", "--set", "nan=true"], "NaN"),
-    (["run", "toy", "--device", "cuda:7"], "cuda"),
-    (["run", "toy", "--executor", "carrier-pigeon"], "unknown executor"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "nope"], "unknown experiment"),
+        (["run", "toy", "--set", "bogus=1"], "unknown config key 'bogus'"),
+        (["run", "toy", "--set", "n=abc"], "n: Input should be a valid integer"),
+        (["run", "toy", "--set", "n"], "key=value"),
+        (["run", "toy", "--config", "missing.yaml"], "does not exist"),
+        (["run", "toy", "--set", "nan=true"], "NaN"),
+        (["run", "toy", "--device", "cuda:7"], "cuda"),
+        (["run", "toy", "--executor", "carrier-pigeon"], "unknown executor"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(toy, tmp_path, capsys, args, message):
     import torch
 
@@ -92,7 +95,9 @@ def test_interrupted_run_resumes_from_trial_checkpoints(toy, tmp_path, monkeypat
 
 
 def test_pool_executor_gives_same_result(toy, tmp_path):
-    assert main(["run", "toy", "--set", "n=3", "--executor", "pool", "--workers", "2", "--out", str(tmp_path / "a")]) == 0
+    assert (
+        main(["run", "toy", "--set", "n=3", "--executor", "pool", "--workers", "2", "--out", str(tmp_path / "a")]) == 0
+    )
     assert main(["run", "toy", "--set", "n=3", "--out", str(tmp_path / "b")]) == 0
     ra = json.loads((_only_run(tmp_path / "a") / "result.json").read_text())
     rb = json.loads((_only_run(tmp_path / "b") / "result.json").read_text())

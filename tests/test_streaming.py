@@ -85,10 +85,10 @@ def test_stream_holds_one_batch_at_a_time():
         def __iter__(self):
             Loader.passes += 1
             for i in range(0, 12, 4):
-                xb = x[i:i + 4].clone()
+                xb = x[i : i + 4].clone()
                 assert sum(r() is not None for r in alive) <= 1, "an earlier batch is still held"
                 alive.append(weakref.ref(xb))
-                yield xb, y[i:i + 4]
+                yield xb, y[i : i + 4]
                 gc.collect()
 
     H = HessianOperator(model, TF.cross_entropy, Loader())
@@ -113,8 +113,9 @@ def test_noise_stability_and_ntk_and_evaluation_on_loaders_match_whole_tensors()
         ref = empirical_ntk(model, x, method=method)
         kernel = empirical_ntk_fn(model, method=method)
         torch.testing.assert_close(kernel(loader), ref, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(kernel(loader, DataLoader(TensorDataset(x[:7]), batch_size=3)), ref[:, :7],
-                                   rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            kernel(loader, DataLoader(TensorDataset(x[:7]), batch_size=3)), ref[:, :7], rtol=1e-10, atol=1e-12
+        )
         # a memory budget that forces blocks of samples gives the same kernel
         small = empirical_ntk(model, x, method=method, memory_budget=40_000)
         torch.testing.assert_close(small, ref, rtol=1e-10, atol=1e-12)

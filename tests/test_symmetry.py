@@ -109,47 +109,108 @@ class Tied(nn.Module):
 img = (8, 3, 6, 6)
 # name -> (factory, input shape, {weight: (kind, num_blocks, redundant bias, scaled bias)}, not invariant)
 CASES = {
-    "bn_mlp": (lambda: nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 6),
-                                     nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)), (8, 5),
-               {"0.weight": ("per_filter", 6, "0.bias", None), "3.weight": ("per_filter", 6, "3.bias", None)},
-               {"6.weight", "6.bias"}),
-    "relu_before_bn": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)), img,
-                       {"0.weight": ("per_filter", 4, None, "0.bias")}, set()),
-    "mixed": (Mixed, (8, 1, 8, 8),
-              {"c1.weight": ("per_filter", 4, "c1.bias", None), "c2.weight": ("per_group", 2, None, None),
-               "l2.weight": ("joint", 1, None, "l2.bias")},
-              {"l1.weight", "l1.bias", "l3.weight", "l3.bias"}),
-    "linear3d_bn1d": (lambda: nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(7)), (4, 7, 5),
-                      {"0.weight": ("joint", 1, None, "0.bias")}, set()),
-    "conv_layernorm_lastdim": (lambda: nn.Sequential(nn.Conv1d(2, 3, 3), nn.LayerNorm(8)), (4, 2, 10),
-                               {"0.weight": ("per_filter", 3, "0.bias", None)}, set()),
-    "flatten_layernorm": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LayerNorm(64)), img,
-                          {"0.weight": ("joint", 1, None, "0.bias")}, set()),
-    "adaptive_flatten_bn1d": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(2),
-                                                    nn.Flatten(), nn.BatchNorm1d(16)), img,
-                              {"0.weight": ("per_filter", 4, "0.bias", None)}, set()),
-    "avgpool_zero_padding": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.AvgPool2d(3, 1, padding=1),
-                                                   nn.BatchNorm2d(4)), img,
-                             {"0.weight": ("per_filter", 4, None, "0.bias")}, set()),
-    "dropout_before_bn": (lambda: nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.3), nn.BatchNorm1d(4)), (6, 3),
-                          {"0.weight": ("per_filter", 4, None, "0.bias")}, set()),
+    "bn_mlp": (
+        lambda: nn.Sequential(
+            nn.Linear(5, 6),
+            nn.BatchNorm1d(6),
+            nn.ReLU(),
+            nn.Linear(6, 6),
+            nn.BatchNorm1d(6),
+            nn.ReLU(),
+            nn.Linear(6, 3),
+        ),
+        (8, 5),
+        {"0.weight": ("per_filter", 6, "0.bias", None), "3.weight": ("per_filter", 6, "3.bias", None)},
+        {"6.weight", "6.bias"},
+    ),
+    "relu_before_bn": (
+        lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)),
+        img,
+        {"0.weight": ("per_filter", 4, None, "0.bias")},
+        set(),
+    ),
+    "mixed": (
+        Mixed,
+        (8, 1, 8, 8),
+        {
+            "c1.weight": ("per_filter", 4, "c1.bias", None),
+            "c2.weight": ("per_group", 2, None, None),
+            "l2.weight": ("joint", 1, None, "l2.bias"),
+        },
+        {"l1.weight", "l1.bias", "l3.weight", "l3.bias"},
+    ),
+    "linear3d_bn1d": (
+        lambda: nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(7)),
+        (4, 7, 5),
+        {"0.weight": ("joint", 1, None, "0.bias")},
+        set(),
+    ),
+    "conv_layernorm_lastdim": (
+        lambda: nn.Sequential(nn.Conv1d(2, 3, 3), nn.LayerNorm(8)),
+        (4, 2, 10),
+        {"0.weight": ("per_filter", 3, "0.bias", None)},
+        set(),
+    ),
+    "flatten_layernorm": (
+        lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LayerNorm(64)),
+        img,
+        {"0.weight": ("joint", 1, None, "0.bias")},
+        set(),
+    ),
+    "adaptive_flatten_bn1d": (
+        lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.BatchNorm1d(16)),
+        img,
+        {"0.weight": ("per_filter", 4, "0.bias", None)},
+        set(),
+    ),
+    "avgpool_zero_padding": (
+        lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.AvgPool2d(3, 1, padding=1), nn.BatchNorm2d(4)),
+        img,
+        {"0.weight": ("per_filter", 4, None, "0.bias")},
+        set(),
+    ),
+    "dropout_before_bn": (
+        lambda: nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.3), nn.BatchNorm1d(4)),
+        (6, 3),
+        {"0.weight": ("per_filter", 4, None, "0.bias")},
+        set(),
+    ),
     "dense_cat": (DenseCat, img, {"c.weight": ("per_filter", 4, "c.bias", None)}, {"o.weight", "o.bias"}),
     "residual_before_bn": (Residual, img, {}, {"c.weight", "c.bias"}),
     "scalar_ops": (ScalarOps, img, {"c.weight": ("per_filter", 4, "c.bias", None)}, set()),
     "fan_out_bn_gn": (FanOut, img, {"c.weight": ("per_group", 2, None, "c.bias")}, set()),
-    "conv_transpose": (lambda: nn.Sequential(nn.ConvTranspose2d(3, 4, 3), nn.BatchNorm2d(4)), img,
-                       {"0.weight": ("per_filter", 4, "0.bias", None)}, set()),
-    "instance_norm": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, affine=True,
-                                                                                 track_running_stats=True)),
-                      img, {"0.weight": ("per_filter", 4, "0.bias", None)}, set()),
-    "gelu_before_bn": (lambda: nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.BatchNorm1d(4)), (6, 3),
-                       {}, {"0.weight", "0.bias"}),
-    "no_norm": (lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), (6, 3), {},
-                {"0.weight", "0.bias", "2.weight", "2.bias"}),
+    "conv_transpose": (
+        lambda: nn.Sequential(nn.ConvTranspose2d(3, 4, 3), nn.BatchNorm2d(4)),
+        img,
+        {"0.weight": ("per_filter", 4, "0.bias", None)},
+        set(),
+    ),
+    "instance_norm": (
+        lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, affine=True, track_running_stats=True)),
+        img,
+        {"0.weight": ("per_filter", 4, "0.bias", None)},
+        set(),
+    ),
+    "gelu_before_bn": (
+        lambda: nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.BatchNorm1d(4)),
+        (6, 3),
+        {},
+        {"0.weight", "0.bias"},
+    ),
+    "no_norm": (
+        lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)),
+        (6, 3),
+        {},
+        {"0.weight", "0.bias", "2.weight", "2.bias"},
+    ),
 }
 if hasattr(nn, "RMSNorm"):
-    CASES["rms_norm"] = (lambda: nn.Sequential(nn.Linear(3, 4), nn.RMSNorm(4)), (6, 3),
-                         {"0.weight": ("joint", 1, None, "0.bias")}, set())
+    CASES["rms_norm"] = (
+        lambda: nn.Sequential(nn.Linear(3, 4), nn.RMSNorm(4)),
+        (6, 3),
+        {"0.weight": ("joint", 1, None, "0.bias")},
+        set(),
+    )
 
 
 def _build(name):
@@ -196,8 +257,19 @@ def test_finds_exactly_the_hand_analysed_groups(name):
     assert not report.rejected and not report.unanalysed, report.summary()
 
 
-@pytest.mark.parametrize("name", ["bn_mlp", "mixed", "dense_cat", "fan_out_bn_gn", "scalar_ops",
-                                  "avgpool_zero_padding", "conv_transpose", "linear3d_bn1d"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "bn_mlp",
+        "mixed",
+        "dense_cat",
+        "fan_out_bn_gn",
+        "scalar_ops",
+        "avgpool_zero_padding",
+        "conv_transpose",
+        "linear3d_bn1d",
+    ],
+)
 def test_rescaling_found_blocks_by_loop_leaves_train_output_unchanged(name):
     model, x, _, not_inv = _build(name)
     report = find_scale_symmetries(model, x)
@@ -209,8 +281,14 @@ def test_rescaling_found_blocks_by_loop_leaves_train_output_unchanged(name):
         scaled = _scale_loop(exact, s.weight, s.axis, s.blocks, f, s.bias)
         assert _rel(_out(scaled, x), ref) < 1e-10, s.weight
         if s.kind != "per_filter":  # the reported granularity is not too coarse
-            fine = _scale_loop(exact, s.weight, s.axis, [[c] for c in range(s.num_filters)],
-                               torch.linspace(0.5, 2.0, s.num_filters, dtype=torch.float64), s.bias)
+            fine = _scale_loop(
+                exact,
+                s.weight,
+                s.axis,
+                [[c] for c in range(s.num_filters)],
+                torch.linspace(0.5, 2.0, s.num_filters, dtype=torch.float64),
+                s.bias,
+            )
             assert _rel(_out(fine, x), ref) > 1e-6, s.weight
     # parameters reported as not invariant do change the output when their rows are rescaled
     params = dict(exact.named_parameters())
@@ -283,8 +361,14 @@ def test_every_parameter_is_accounted_for_once_and_model_untouched():
     assert not model.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    places = (report.parameters() + list(report.redundant_biases) + list(report.not_invariant)
-              + list(report.unanalysed) + list(report.rejected) + list(report.not_candidates))
+    places = (
+        report.parameters()
+        + list(report.redundant_biases)
+        + list(report.not_invariant)
+        + list(report.unanalysed)
+        + list(report.rejected)
+        + list(report.not_candidates)
+    )
     assert sorted(places) == sorted(n for n, _ in model.named_parameters())
     assert "bn.weight" in report.not_candidates
     assert report.get("l2.bias").weight == "l2.weight"
@@ -364,8 +448,9 @@ def test_global_rng_state_is_left_unchanged():
     # dropout draws in the train-mode checks, and a zero filter sends one candidate down the
     # rejection path (a second train-mode pass looks for constant normalized groups)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 6), nn.Dropout(0.3), nn.BatchNorm1d(6), nn.ReLU(),
-                          nn.Linear(6, 4), nn.BatchNorm1d(4)).double()
+    model = nn.Sequential(
+        nn.Linear(5, 6), nn.Dropout(0.3), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 4), nn.BatchNorm1d(4)
+    ).double()
     with torch.no_grad():
         model[4].weight[1].zero_()
     x = torch.randn(8, 5, dtype=torch.float64)
@@ -393,15 +478,24 @@ def test_generator_seed_reproduces_and_bad_generator_is_a_config_error():
         find_scale_symmetries(model, x, generator="seed")
 
 
-@pytest.mark.parametrize("build,shape,found", [
-    (lambda: __import__("symgen.models", fromlist=["x"]).resnet20(), (3, 3, 8, 8), True),
-    (lambda: __import__("symgen.models", fromlist=["x"]).vit(image_size=8, patch_size=4, dim=16, depth=2, heads=2,
-                                                             dropout=0.1), (3, 3, 8, 8), False),
-])
+@pytest.mark.parametrize(
+    "build,shape,found",
+    [
+        (lambda: __import__("symgen.models", fromlist=["x"]).resnet20(), (3, 3, 8, 8), True),
+        (
+            lambda: __import__("symgen.models", fromlist=["x"]).vit(
+                image_size=8, patch_size=4, dim=16, depth=2, heads=2, dropout=0.1
+            ),
+            (3, 3, 8, 8),
+            False,
+        ),
+    ],
+)
 def test_shared_reference_passes_give_the_verdicts_of_per_candidate_passes(build, shape, found, monkeypatch):
     """Candidates share the passes at the unchanged weights (issue 13 section 3): the report, every check
     value included, equals the one where each candidate runs its own reference passes."""
     import symgen.symmetry as symmetry_pkg
+
     monkeypatch.setattr(symmetry_pkg, "_GROUP_CONFIRMATION", False)  # one candidate per check on both sides
     torch.manual_seed(0)
     model = build()
@@ -413,8 +507,11 @@ def test_shared_reference_passes_give_the_verdicts_of_per_candidate_passes(build
     assert bool(shared.symmetries) == found  # ResNet: BatchNorm symmetries; pre-norm ViT: none (residual adds)
     assert [s.to_dict() for s in shared.symmetries] == [s.to_dict() for s in alone.symmetries]
     assert [s.check for s in shared.symmetries] == [s.check for s in alone.symmetries]
-    assert (shared.not_invariant, shared.rejected, shared.unanalysed) == (alone.not_invariant, alone.rejected,
-                                                                          alone.unanalysed)
+    assert (shared.not_invariant, shared.rejected, shared.unanalysed) == (
+        alone.not_invariant,
+        alone.rejected,
+        alone.unanalysed,
+    )
 
 
 class _HiddenResidual(nn.Module):
@@ -435,32 +532,48 @@ class _HiddenResidual(nn.Module):
         return self.bn3(self.lin3(torch.relu(self.bn2(g))))
 
 
-@pytest.mark.parametrize("build,shape", [
-    (lambda: __import__("symgen.models", fromlist=["x"]).resnet20(), (3, 3, 8, 8)),
-    (lambda: __import__("symgen.models", fromlist=["x"]).ResNet((1, 1, 1, 1), (4, 4, 8, 8), 10, 3, "B"), (3, 3, 8, 8)),
-    (lambda: __import__("symgen.models", fromlist=["x"]).bn_cnn((1, 8, 8), 10, 4), (4, 1, 8, 8)),
-    (lambda: __import__("symgen.models", fromlist=["x"]).bn_mlp((1, 6), 3, 5), (4, 1, 6)),
-    (lambda: __import__("symgen.models", fromlist=["x"]).build_model("mixed", (1, 8, 8), width=6, channels=4),
-     (4, 1, 8, 8)),
-    (lambda: __import__("symgen.models", fromlist=["x"]).vit(image_size=8, patch_size=4, dim=16, depth=1, heads=2),
-     (3, 3, 8, 8)),
-    (lambda: _HiddenResidual().double(), (6, 5)),
-])
+@pytest.mark.parametrize(
+    "build,shape",
+    [
+        (lambda: __import__("symgen.models", fromlist=["x"]).resnet20(), (3, 3, 8, 8)),
+        (
+            lambda: __import__("symgen.models", fromlist=["x"]).ResNet((1, 1, 1, 1), (4, 4, 8, 8), 10, 3, "B"),
+            (3, 3, 8, 8),
+        ),
+        (lambda: __import__("symgen.models", fromlist=["x"]).bn_cnn((1, 8, 8), 10, 4), (4, 1, 8, 8)),
+        (lambda: __import__("symgen.models", fromlist=["x"]).bn_mlp((1, 6), 3, 5), (4, 1, 6)),
+        (
+            lambda: __import__("symgen.models", fromlist=["x"]).build_model("mixed", (1, 8, 8), width=6, channels=4),
+            (4, 1, 8, 8),
+        ),
+        (
+            lambda: __import__("symgen.models", fromlist=["x"]).vit(
+                image_size=8, patch_size=4, dim=16, depth=1, heads=2
+            ),
+            (3, 3, 8, 8),
+        ),
+        (lambda: _HiddenResidual().double(), (6, 5)),
+    ],
+)
 def test_grouped_confirmation_gives_the_verdicts_of_one_candidate_at_a_time(build, shape, monkeypatch):
     """Issue 13 section 3: candidates confirmed in groups (one pass per group, failing groups split) give the
     same symmetries, redundant biases and rejections as checking every candidate alone, on symgen.models."""
     import symgen.symmetry as symmetry_pkg
+
     torch.manual_seed(0)
     model = build()
     x = torch.randn(*shape, dtype=next(model.parameters()).dtype)
     calls: list[int] = []
     group = symmetry_pkg._confirm_group
-    monkeypatch.setattr(symmetry_pkg, "_confirm_group", lambda m, syms, *a: calls.append(len(syms)) or group(m, syms, *a))
+    monkeypatch.setattr(
+        symmetry_pkg, "_confirm_group", lambda m, syms, *a: calls.append(len(syms)) or group(m, syms, *a)
+    )
     grouped = symmetry_pkg.find_scale_symmetries(model, x, generator=3)
     monkeypatch.setattr(symmetry_pkg, "_GROUP_CONFIRMATION", False)
     alone = symmetry_pkg.find_scale_symmetries(model, x, generator=3)
-    assert [s.to_dict() | {"check": None} for s in grouped.symmetries] == \
-        [s.to_dict() | {"check": None} for s in alone.symmetries]
+    assert [s.to_dict() | {"check": None} for s in grouped.symmetries] == [
+        s.to_dict() | {"check": None} for s in alone.symmetries
+    ]
     assert grouped.redundant_biases == alone.redundant_biases
     assert (grouped.not_invariant, grouped.unanalysed) == (alone.not_invariant, alone.unanalysed)
     assert set(grouped.rejected) == set(alone.rejected)
@@ -471,7 +584,9 @@ def test_grouped_confirmation_gives_the_verdicts_of_one_candidate_at_a_time(buil
     if isinstance(model, _HiddenResidual):
         assert [s.weight for s in grouped.symmetries] == ["lin1.weight", "lin3.weight"]
         # isolated by splitting, then checked alone (other random factors than the one-at-a-time run)
-        assert grouped.rejected["lin2.weight"].split("(relative")[0] == alone.rejected["lin2.weight"].split("(relative")[0]
+        assert (
+            grouped.rejected["lin2.weight"].split("(relative")[0] == alone.rejected["lin2.weight"].split("(relative")[0]
+        )
         assert calls == [3, 2]  # 3 fail together; halves [lin1] and [lin2, lin3], which fails: [lin2], [lin3]
 
 

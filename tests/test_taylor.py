@@ -60,8 +60,10 @@ def _models():
     res = _Residual().double().eval()
     for m in (cnn, res):
         _randomize_bn(m, g)
-    return g, [(cnn, torch.randn(5, 1, 6, 6, generator=g, dtype=torch.float64)),
-               (res, torch.randn(5, 2, 6, 6, generator=g, dtype=torch.float64))]
+    return g, [
+        (cnn, torch.randn(5, 1, 6, 6, generator=g, dtype=torch.float64)),
+        (res, torch.randn(5, 2, 6, 6, generator=g, dtype=torch.float64)),
+    ]
 
 
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse_mean", "mse_sum"])
@@ -74,8 +76,11 @@ def test_taylor_forms_equal_dense_hessian_forms(loss, which):
         loss_fn = TF.cross_entropy
     else:
         y = torch.randn(x.shape[0], 3, generator=g, dtype=torch.float64)
-        loss_fn = (lambda o, t: TF.mse_loss(o, t)) if loss == "mse_mean" else (
-            lambda o, t: TF.mse_loss(o, t, reduction="sum"))
+        loss_fn = (
+            (lambda o, t: TF.mse_loss(o, t))
+            if loss == "mse_mean"
+            else (lambda o, t: TF.mse_loss(o, t, reduction="sum"))
+        )
     H = _dense_hessian(model, loss_fn, x, y)
     params = F.params_of(model)
     keys = list(params)
@@ -120,8 +125,7 @@ def test_param_subset_float32_and_channels_last_conv():
     H = HessianOperator(model, TF.cross_entropy, (x, y), param_names=names)
     dense = _dense_hessian(model, TF.cross_entropy, x, y, names)
     V = torch.randn(H.dim, 2, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(H.quadratic_forms(V), torch.einsum("ik,ij,jk->k", V, dense, V), rtol=1e-10,
-                               atol=1e-12)
+    torch.testing.assert_close(H.quadratic_forms(V), torch.einsum("ik,ij,jk->k", V, dense, V), rtol=1e-10, atol=1e-12)
     # float32 on CPU (the coefficients run channels-last): the float64 forms to float32 round-off
     m32 = ResNet((1, 1), (3, 4), 3, in_channels=1, shortcut="A").eval()
     _randomize_bn(m32, g)
@@ -132,8 +136,9 @@ def test_param_subset_float32_and_channels_last_conv():
     got = H32.quadratic_forms(V32)
     assert H32.taylor
     m64 = m32.double()
-    want = torch.einsum("ik,ij,jk->k", V32.double(), _dense_hessian(m64, TF.cross_entropy, x32.double(), y32),
-                        V32.double())
+    want = torch.einsum(
+        "ik,ij,jk->k", V32.double(), _dense_hessian(m64, TF.cross_entropy, x32.double(), y32), V32.double()
+    )
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 

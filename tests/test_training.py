@@ -40,6 +40,7 @@ def _closure(model, opt, x, y):
         loss = TF.cross_entropy(model(x), y)
         loss.backward()
         return loss
+
     return closure
 
 
@@ -62,7 +63,7 @@ def test_fit_matches_hand_written_loop():
         perm = torch.randperm(50, generator=g)
         tot, acc = 0.0, 0.0
         for i in range(0, 50, bs):
-            idx = perm[i:i + bs]
+            idx = perm[i : i + bs]
             opt.zero_grad()
             out = ref(x[idx])
             loss = TF.cross_entropy(out, y[idx])
@@ -75,9 +76,16 @@ def test_fit_matches_hand_written_loop():
 
     model = _bn_net().eval()
     seen = []
-    hist = fit(model, (x, y), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3),
-               epochs=epochs, batch_size=bs, generator=5, metrics={"accuracy": _accuracy},
-               callback=lambda e, m: seen.append((e, m.training)) or {"tag": 10.0 * e})
+    hist = fit(
+        model,
+        (x, y),
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3),
+        epochs=epochs,
+        batch_size=bs,
+        generator=5,
+        metrics={"accuracy": _accuracy},
+        callback=lambda e, m: seen.append((e, m.training)) or {"tag": 10.0 * e},
+    )
     assert _same(_state(model), _state(ref))  # weights and BatchNorm statistics, bit for bit
     assert not model.training and not model[1].training  # modes restored
     assert isinstance(hist, History) and len(hist) == epochs and hist.num_steps == 4 * epochs
@@ -96,14 +104,21 @@ def test_fit_steps_with_drop_last_and_full_batch():
     for _ in range(steps):
         if pos + bs > 50:
             perm, pos = torch.randperm(50, generator=g), 0
-        idx = perm[pos:pos + bs]
+        idx = perm[pos : pos + bs]
         pos += bs
         opt.zero_grad()
         TF.cross_entropy(ref(x[idx]), y[idx]).backward()
         opt.step()
     model = _bn_net()
-    hist = fit(model, (x, y), torch.optim.SGD(model.parameters(), lr=0.1), steps=steps, batch_size=bs,
-               drop_last=True, generator=2)
+    hist = fit(
+        model,
+        (x, y),
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        steps=steps,
+        batch_size=bs,
+        drop_last=True,
+        generator=2,
+    )
     assert _same(_state(model), _state(ref))
     assert hist.num_steps == 7 and hist["steps"] == [3, 3, 1]
     # full batch (batch_size=None): gradient descent on the data in order, no random draws
@@ -144,8 +159,15 @@ def test_fit_transform_and_closure_factory():
     x, y = _data(20)
     a, b = _bn_net(), _bn_net()
     fit(a, (-x, y), torch.optim.SGD(a.parameters(), lr=0.1), epochs=2, batch_size=5, generator=0)
-    fit(b, (x, y), torch.optim.SGD(b.parameters(), lr=0.1), epochs=2, batch_size=5, generator=0,
-        transform=lambda model, xb, yb: (-xb, yb))
+    fit(
+        b,
+        (x, y),
+        torch.optim.SGD(b.parameters(), lr=0.1),
+        epochs=2,
+        batch_size=5,
+        generator=0,
+        transform=lambda model, xb, yb: (-xb, yb),
+    )
     assert _same(_state(a), _state(b))
 
     class Doubled(LossClosure):  # another loss of the batch: 2 L
@@ -216,7 +238,7 @@ def test_sam_closure_steps_equal_explicit_first_second_steps():
     opt_a = SAM(a.parameters(), torch.optim.SGD, model=a, **kw)
     opt_b = SAM(b.parameters(), torch.optim.SGD, **kw)
     for i in range(8):
-        xb, yb = x[3 * i:3 * i + 12], y[3 * i:3 * i + 12]
+        xb, yb = x[3 * i : 3 * i + 12], y[3 * i : 3 * i + 12]
         for p in a.parameters():  # a stale gradient must not be used as the gradient at W
             p.grad = torch.full_like(p, 123.0)
         loss = opt_a.step(_closure(a, opt_a, xb, yb))
@@ -238,11 +260,23 @@ def test_sam_rho_zero_equals_sgd_including_batchnorm_statistics(adaptive):
     sgd = _bn_net()
     fit(sgd, (x, y), torch.optim.SGD(sgd.parameters(), **kw), epochs=2, batch_size=16, generator=4)
     with_model, via_closure = _bn_net(), _bn_net()
-    fit(with_model, (x, y), SAM(with_model.parameters(), torch.optim.SGD, rho=0.0, adaptive=adaptive,
-                                model=with_model, **kw), epochs=2, batch_size=16, generator=4)
+    fit(
+        with_model,
+        (x, y),
+        SAM(with_model.parameters(), torch.optim.SGD, rho=0.0, adaptive=adaptive, model=with_model, **kw),
+        epochs=2,
+        batch_size=16,
+        generator=4,
+    )
     # without model=, SAM finds the model in the LossClosure that fit passes
-    fit(via_closure, (x, y), SAM(via_closure.parameters(), torch.optim.SGD, rho=0.0, adaptive=adaptive, **kw),
-        epochs=2, batch_size=16, generator=4)
+    fit(
+        via_closure,
+        (x, y),
+        SAM(via_closure.parameters(), torch.optim.SGD, rho=0.0, adaptive=adaptive, **kw),
+        epochs=2,
+        batch_size=16,
+        generator=4,
+    )
     assert _same(_state(with_model), _state(sgd)) and _same(_state(via_closure), _state(sgd))
     assert int(sgd[1].num_batches_tracked) == 8  # one update of the statistics per step
 
@@ -256,10 +290,21 @@ def test_nso_loss_closure_fast_path_equals_sequential_closure_path(lam, antithet
     models = []
     for path in ("fast", "sequential"):
         model = _bn_net()
-        opt = NSO(model.parameters(), torch.optim.SGD, sigma=0.05, num_samples=3, antithetic=antithetic,
-                  clean_weight=lam, relative=relative, model=model, generator=11, lr=0.1, momentum=0.9)
+        opt = NSO(
+            model.parameters(),
+            torch.optim.SGD,
+            sigma=0.05,
+            num_samples=3,
+            antithetic=antithetic,
+            clean_weight=lam,
+            relative=relative,
+            model=model,
+            generator=11,
+            lr=0.1,
+            momentum=0.9,
+        )
         for i in range(3):
-            closure = LossClosure(model, TF.cross_entropy, x[8 * i:8 * i + 8], y[8 * i:8 * i + 8])
+            closure = LossClosure(model, TF.cross_entropy, x[8 * i : 8 * i + 8], y[8 * i : 8 * i + 8])
             # a plain function is not recognized: NSO calls it 1 + 2k times
             loss = opt.step(closure if path == "fast" else (lambda c=closure: c()))
             assert math.isfinite(float(loss))
@@ -269,8 +314,18 @@ def test_nso_loss_closure_fast_path_equals_sequential_closure_path(lam, antithet
         assert torch.allclose(p.to(D), q.to(D), atol=1e-12, rtol=0), n
     # fit passes a LossClosure: the same steps as stepping by hand
     model = _bn_net()
-    opt = NSO(model.parameters(), torch.optim.SGD, sigma=0.05, num_samples=3, antithetic=antithetic,
-              clean_weight=lam, relative=relative, generator=11, lr=0.1, momentum=0.9)
+    opt = NSO(
+        model.parameters(),
+        torch.optim.SGD,
+        sigma=0.05,
+        num_samples=3,
+        antithetic=antithetic,
+        clean_weight=lam,
+        relative=relative,
+        generator=11,
+        lr=0.1,
+        momentum=0.9,
+    )
     fit(model, (x, y), opt, batch_size=8, shuffle=False)
     assert _same(_state(model), _state(fast))
 
@@ -295,7 +350,7 @@ def test_fit_with_unit_norm_sgd_matches_hand_written_loop():
                 perm = torch.randperm(40, generator=gen)
                 for i in range(0, 40 - 16 + 1, 16):
                     opt.zero_grad()
-                    TF.cross_entropy(model(x[perm[i:i + 16]]), y[perm[i:i + 16]]).backward()
+                    TF.cross_entropy(model(x[perm[i : i + 16]]), y[perm[i : i + 16]]).backward()
                     opt.step()
         models.append(model)
     assert _same(_state(models[0]), _state(models[1]))

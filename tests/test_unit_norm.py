@@ -89,15 +89,19 @@ def test_joint_block_and_scaled_bias_follow_formula_with_momentum():
         got = torch.cat([model.a.weight.detach().reshape(-1), model.a.bias.detach()])
         assert torch.allclose(got, expected, atol=1e-13)
         # per-filter block including its bias: each row (weight row, bias) on its own sphere
-        assert torch.allclose(torch.cat([model.c.weight, model.c.bias[:, None]], 1).norm(dim=1),
-                              torch.ones(4, dtype=torch.float64), atol=1e-12)
+        assert torch.allclose(
+            torch.cat([model.c.weight, model.c.bias[:, None]], 1).norm(dim=1),
+            torch.ones(4, dtype=torch.float64),
+            atol=1e-12,
+        )
         assert c_w.shape == (4, 7)
 
 
 def test_filters_stay_unit_norm_in_float32_training():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(4 * 36, 3))
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3)
+    )
     x = torch.randn(16, 1, 6, 6)
     y = torch.randint(0, 3, (16,))
     opt = UnitNormSGD(model, lr=0.5, momentum=0.9, example_input=x)

@@ -33,12 +33,16 @@ def test_quick_config_meets_the_issue_and_bad_keys_fail():
         build_config(Config, models=["resnet"])
 
 
-@pytest.mark.parametrize("key, value, match", [
-    ("models", [], "models"),                  # nothing trained: C2.2 must not pass on an empty loop
-    ("detection_models", [], "detection_models"),
-    ("lrs", [], "lrs"),
-    ("lrs", [0.1, 0.1], "distinct positive"),
-    ("lrs", [0.0, 0.1], "distinct positive")])
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("models", [], "models"),  # nothing trained: C2.2 must not pass on an empty loop
+        ("detection_models", [], "detection_models"),
+        ("lrs", [], "lrs"),
+        ("lrs", [0.1, 0.1], "distinct positive"),
+        ("lrs", [0.0, 0.1], "distinct positive"),
+    ],
+)
 def test_config_rejects_empty_or_bad_lists(key, value, match):
     with pytest.raises(ConfigError, match=match):
         build_config(Config, **{key: value})
@@ -46,9 +50,20 @@ def test_config_rejects_empty_or_bad_lists(key, value, match):
 
 def test_tiny_run_computes_claims_and_figures(tmp_path):
     exp = get_experiment("unit-norm")
-    cfg = build_config(Config, quick=exp.quick, seeds=1, epochs=1, lrs=[0.05, 0.5], width=8,
-                       channels=2, detection_models=["mixed"], detection_batch=64, rescalings=2,
-                       centred_factors=[0.5, 1.0, 2.0], lr_search_extensions=1)
+    cfg = build_config(
+        Config,
+        quick=exp.quick,
+        seeds=1,
+        epochs=1,
+        lrs=[0.05, 0.5],
+        width=8,
+        channels=2,
+        detection_models=["mixed"],
+        detection_batch=64,
+        rescalings=2,
+        centred_factors=[0.5, 1.0, 2.0],
+        lr_search_extensions=1,
+    )
     result = exp.run(cfg, Context())
     claims = {c.id: c for c in exp.check_claims(cfg, result)}
     assert list(claims) == ["C2.1", "C2.2"]
@@ -84,12 +99,18 @@ def test_tiny_run_computes_claims_and_figures(tmp_path):
 
 
 def test_c2_2_reports_unrounded_values_and_a_note_that_tells_them_apart():
-    det = [{"model": "mlp", "found": [], "redundant_bias_change": {}, "not_found_change": {"1.weight": 0.1},
-            "matches_expected": True}]
+    det = [
+        {
+            "model": "mlp",
+            "found": [],
+            "redundant_bias_change": {},
+            "not_found_change": {"1.weight": 0.1},
+            "matches_expected": True,
+        }
+    ]
     stats = {"sgd": (0.82891, 0.05), "sgd_wd": (0.8, 0.05), "unit_norm": (0.82889, 0.01)}  # equal to 4 decimals
     summary = {"mlp": {k: {"mean_acc": a, "spread_across_lr": s, "best_acc": a} for k, (a, s) in stats.items()}}
-    result = {"detection": det, "trials": [], "summary": summary, "lrs": [0.01, 0.03, 0.1, 0.3, 1.0],
-              "models": ["mlp"]}
+    result = {"detection": det, "trials": [], "summary": summary, "lrs": [0.01, 0.03, 0.1, 0.3, 1.0], "models": ["mlp"]}
     c = exp_module.shared_grid_check(Config(seeds=1, epochs=1), result)
     assert not c.passed  # 0.82889 < 0.82891
     assert c.measured["per_model"]["mlp"]["mean_acc"] == {"sgd": 0.82891, "sgd_wd": 0.8, "unit_norm": 0.82889}
@@ -106,10 +127,18 @@ def test_lr_search_extends_past_the_edge_until_the_best_is_interior():
 
     coarse = [0.01, 0.03, 0.1, 0.3]
     base = {"dataset": "digits"}
-    trials = _val_trials([dict(base, model="mlp", method=m, lr=lr, seed=s)
-                          for m in ("sgd", "sgd_wd", "unit_norm") for lr in coarse for s in (0, 1)])
+    trials = _val_trials(
+        [
+            dict(base, model="mlp", method=m, lr=lr, seed=s)
+            for m in ("sgd", "sgd_wd", "unit_norm")
+            for lr in coarse
+            for s in (0, 1)
+        ]
+    )
     calls = []
-    best, extra = up.search_best(trials, ["mlp"], base, [0, 1], 4, lambda items: calls.append(items) or _val_trials(items))
+    best, extra = up.search_best(
+        trials, ["mlp"], base, [0, 1], 4, lambda items: calls.append(items) or _val_trials(items)
+    )
     # steps of x3 (0.3 / 0.1) past 0.3: 0.9, 2.7, 8.1; the best (2.7) is interior once 8.1 was searched
     assert best["mlp"]["sgd"] == pytest.approx(2.7) and best["mlp"]["unit_norm"] == best["mlp"]["sgd"]
     assert len(calls) == 3 and all(i["method"] != "sgd_wd" for c in calls for i in c)
@@ -121,8 +150,16 @@ def test_lr_search_extends_past_the_edge_until_the_best_is_interior():
     best1, extra1 = up.search_best(trials, ["mlp"], base, [0, 1], 1, _val_trials)
     info1 = up.search_summary([t for t in trials + extra1 if t["method"] != "sgd_wd"], best1, coarse)
     assert not info1["mlp"]["sgd"]["interior"] and best1["mlp"]["sgd"] == pytest.approx(0.9)
-    ok = {"best_lr": 1.0, "centred_grid": [], "centred_mean_acc": 0.9, "centred_spread": 0.01,
-          "rescaled_accs": [], "rescaled_acc_std": 0.0, "rescaled_acc_range": 0.0, "rescaled_disagreement": 0.0}
+    ok = {
+        "best_lr": 1.0,
+        "centred_grid": [],
+        "centred_mean_acc": 0.9,
+        "centred_spread": 0.01,
+        "rescaled_accs": [],
+        "rescaled_acc_std": 0.0,
+        "rescaled_acc_range": 0.0,
+        "rescaled_disagreement": 0.0,
+    }
     summary = {"mlp": {"sgd": dict(ok, rescaled_disagreement=0.1, centred_spread=0.05), "unit_norm": ok}}
     assert up.verdict(summary)[0]  # passes on its numbers alone
     passed, _, reasons = up.verdict(summary, info1)

@@ -35,9 +35,16 @@ def run(config: Config, ctx) -> dict:
 def check_claims(config: Config, result: dict) -> list[Claim]:
     total = sum(result["values"])
     expected = config.scale * sum(i * i for i in range(config.n))
-    return [Claim(id="T1", statement="sum of squares is right", measured=total, threshold=expected,
-                  passed=math.isclose(total, expected)),
-            Claim(id="T2", statement="always fails", measured=0.0, threshold=1.0, passed=False, note="on purpose")]
+    return [
+        Claim(
+            id="T1",
+            statement="sum of squares is right",
+            measured=total,
+            threshold=expected,
+            passed=math.isclose(total, expected),
+        ),
+        Claim(id="T2", statement="always fails", measured=0.0, threshold=1.0, passed=False, note="on purpose"),
+    ]
 
 
 def figures(result: dict, outdir):
@@ -54,5 +61,14 @@ def figures(result: dict, outdir):
     return [path]
 
 
-EXPERIMENT = Experiment(name="toy", title="toy", paper="none", config=Config, run=run,
-                        check_claims=check_claims, figures=figures, quick={"n": 2}, claims=("T1", "T2"))
+EXPERIMENT = Experiment(
+    name="toy",
+    title="toy",
+    paper="none",
+    config=Config,
+    run=run,
+    check_claims=check_claims,
+    figures=figures,
+    quick={"n": 2},
+    claims=("T1", "T2"),
+)

@@ -13,9 +13,28 @@ from symgen.errors import SymgenError
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("audit", "augment", "curvature", "data", "ensemble", "errors", "functional", "groups", "io",
-               "margins", "metrics", "models", "nn", "ntk", "optim", "rng", "robust", "stats", "symmetry",
-               "training")
+_SUBMODULES = (
+    "audit",
+    "augment",
+    "curvature",
+    "data",
+    "ensemble",
+    "errors",
+    "functional",
+    "groups",
+    "io",
+    "margins",
+    "metrics",
+    "models",
+    "nn",
+    "ntk",
+    "optim",
+    "rng",
+    "robust",
+    "stats",
+    "symmetry",
+    "training",
+)
 
 __all__ = ["SymgenError", "__version__", *_SUBMODULES]
 

@@ -25,8 +25,10 @@ class OrbitAugment:
 
     def __init__(self, action: GroupAction, out_action: GroupAction | None = None) -> None:
         if out_action is not None and not torch.equal(out_action.group.table, action.group.table):
-            raise GroupActionError(f"out_action's group {out_action.group!r} differs from the input "
-                                   f"action's group {action.group!r}; both must act by the same group.")
+            raise GroupActionError(
+                f"out_action's group {out_action.group!r} differs from the input "
+                f"action's group {action.group!r}; both must act by the same group."
+            )
         self.action = action
         self.out_action = out_action
 
@@ -34,8 +36,8 @@ class OrbitAugment:
         x = torch.as_tensor(x)
         if x.ndim < 1:
             raise ShapeError(f"OrbitAugment: x must have a leading sample dim (B, ...); got shape {tuple(x.shape)}.")
-        self.action.check(x.shape[1:])                    # one sample must fit the action
-        orbit = self.action.orbit(x)                       # (|G|, B, ...)
+        self.action.check(x.shape[1:])  # one sample must fit the action
+        orbit = self.action.orbit(x)  # (|G|, B, ...)
         x_aug = orbit.reshape(-1, *x.shape[1:])
         if y is None:
             return x_aug
@@ -59,14 +61,20 @@ class RandomGroupAugment:
     targets, apply the same elements to y with :meth:`apply_elements`).
     """
 
-    def __init__(self, action: GroupAction, generator: rng.Seed = None, batch_dims: int = 1,
-                 out_action: GroupAction | None = None) -> None:
+    def __init__(
+        self,
+        action: GroupAction,
+        generator: rng.Seed = None,
+        batch_dims: int = 1,
+        out_action: GroupAction | None = None,
+    ) -> None:
         generator = rng.as_generator(generator)
         if batch_dims < 1:
             raise ShapeError(f"RandomGroupAugment: batch_dims must be >= 1, got {batch_dims}.")
         if out_action is not None and not torch.equal(out_action.group.table, action.group.table):
-            raise GroupActionError(f"out_action's group {out_action.group!r} differs from the input "
-                                   f"action's group {action.group!r}.")
+            raise GroupActionError(
+                f"out_action's group {out_action.group!r} differs from the input action's group {action.group!r}."
+            )
         self.action = action
         self.out_action = out_action
         self.generator = generator
@@ -75,8 +83,9 @@ class RandomGroupAugment:
 
     def sample(self, batch_shape: tuple[int, ...] | torch.Size) -> Tensor:
         """Draw group elements of the given batch shape (on CPU, from the generator)."""
-        return torch.randint(0, self.action.group.order, tuple(batch_shape), generator=self.generator,
-                             device=self.generator.device)
+        return torch.randint(
+            0, self.action.group.order, tuple(batch_shape), generator=self.generator, device=self.generator.device
+        )
 
     def apply_elements(self, elements: Tensor, x: Tensor, action: GroupAction | None = None) -> Tensor:
         """Apply ``elements`` (shape = the leading ``batch_dims`` of x) sample by sample, by one gather."""
@@ -84,13 +93,14 @@ class RandomGroupAugment:
         lead = x.shape[: self.batch_dims]
         if tuple(elements.shape) != tuple(lead):
             raise ShapeError(f"elements of shape {tuple(elements.shape)} do not match the batch dims {tuple(lead)}.")
-        flat = x.reshape(-1, *x.shape[self.batch_dims:])
+        flat = x.reshape(-1, *x.shape[self.batch_dims :])
         return action.apply_each(elements.reshape(-1).to(x.device), flat).reshape(x.shape)
 
     def __call__(self, x: Tensor, y: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         if x.ndim <= self.batch_dims:
-            raise ShapeError(f"RandomGroupAugment: x of shape {tuple(x.shape)} has no dims after the "
-                             f"{self.batch_dims} batch dim(s).")
+            raise ShapeError(
+                f"RandomGroupAugment: x of shape {tuple(x.shape)} has no dims after the {self.batch_dims} batch dim(s)."
+            )
         elements = self.sample(x.shape[: self.batch_dims])
         self.last_elements = elements
         x_aug = self.apply_elements(elements, x)

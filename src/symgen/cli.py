@@ -20,15 +20,22 @@ import typer
 
 from symgen.errors import ConfigError, SymgenError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None, help="symgen: symmetry and flatness in deep learning, with numbers.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="symgen: symmetry and flatness in deep learning, with numbers.",
+)
 runs_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspect the run store.")
 app.add_typer(runs_app, name="runs")
 
 OutOpt = typer.Option(Path("runs"), "--out", help="Run store root directory.")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout instead of text.")
-SEED_HELP = ("Sets the experiment config's `seed` field (data splits, initializations, noise draws and "
-             "subsamples derive from it); default: the config's seed (0).")
+SEED_HELP = (
+    "Sets the experiment config's `seed` field (data splits, initializations, noise draws and "
+    "subsamples derive from it); default: the config's seed (0)."
+)
 
 
 def say(text: str = "", *, err: bool = False) -> None:
@@ -38,9 +45,22 @@ def say(text: str = "", *, err: bool = False) -> None:
     stream.flush()
 
 
-def _run_one(name: str, *, quick: bool, config: Path | None, sets: list[str], out: Path,
-             seed: int | None, device: str | None, executor: str, workers: int | None,
-             ray_address: str | None, resume: bool, resume_from: str | None, as_json: bool) -> dict[str, Any]:
+def _run_one(
+    name: str,
+    *,
+    quick: bool,
+    config: Path | None,
+    sets: list[str],
+    out: Path,
+    seed: int | None,
+    device: str | None,
+    executor: str,
+    workers: int | None,
+    ray_address: str | None,
+    resume: bool,
+    resume_from: str | None,
+    as_json: bool,
+) -> dict[str, Any]:
     from symgen.experiments import build_config, get_experiment
     from symgen.runs import RunStore, execute, load_run_config, make_executor
     from symgen.terminal import claim_lines
@@ -53,29 +73,38 @@ def _run_one(name: str, *, quick: bool, config: Path | None, sets: list[str], ou
         previous = store.get(resume_from)
         row = store.row(previous)
         if row["experiment"] != name:
-            raise ConfigError(f"run {previous.id} is a run of {row['experiment']}, not {name}; "
-                              f"`symgen run {row['experiment']} --resume-from {previous.id}`.")
+            raise ConfigError(
+                f"run {previous.id} is a run of {row['experiment']}, not {name}; "
+                f"`symgen run {row['experiment']} --resume-from {previous.id}`."
+            )
         if row["status"] not in ("interrupted", "running"):
-            raise ConfigError(f"run {previous.id} is {row['status']}; only an interrupted run can be resumed. "
-                              f"Start a new one: `symgen run {name}`.")
+            raise ConfigError(
+                f"run {previous.id} is {row['status']}; only an interrupted run can be resumed. "
+                f"Start a new one: `symgen run {name}`."
+            )
         cfg, quick = load_run_config(previous, exp)
     else:
-        cfg = build_config(exp.config, quick=exp.quick if quick else None, file=config, sets=sets,
-                           seed=seed, device=device)
+        cfg = build_config(
+            exp.config, quick=exp.quick if quick else None, file=config, sets=sets, seed=seed, device=device
+        )
         if resume:
             previous = store.resumable(name, cfg)
             if previous is None:
                 others = [r["id"] for r in store.list(name) if r["status"] == "interrupted"]
-                hint = (f" Interrupted runs with other settings: {', '.join(others)} "
-                        f"(`--resume-from ID`)." if others else "")
+                hint = (
+                    f" Interrupted runs with other settings: {', '.join(others)} (`--resume-from ID`)."
+                    if others
+                    else ""
+                )
                 log(f"no interrupted run of {name} with these settings under {out}; starting a new one.{hint}")
     _check_device(cfg.device)
     if previous is not None:
         log(f"resuming {previous.path}")
     log(f"== {name}" + (" (quick settings)" if quick else ""))
     try:
-        outcome = execute(exp, cfg, store, quick=quick, resume=previous,
-                          executor=make_executor(executor, workers, ray_address))
+        outcome = execute(
+            exp, cfg, store, quick=quick, resume=previous, executor=make_executor(executor, workers, ray_address)
+        )
     except KeyboardInterrupt:
         latest = store.list(name)[-1]
         say("interrupted; finished trials are kept. Continue with:", err=True)
@@ -86,10 +115,18 @@ def _run_one(name: str, *, quick: bool, config: Path | None, sets: list[str], ou
     if not as_json:
         say(claim_lines(claims, f"{name} ({outcome.seconds:.1f} s{reused})"))
         say(f"report: {outcome.run.path / 'report.html'}")
-    return {"experiment": name, "run": outcome.run.id, "path": str(outcome.run.path),
-            "report": str(outcome.run.path / "report.html"), "seconds": outcome.seconds, "quick": quick,
-            "seed": cfg.seed, "trials_reused": outcome.trials_reused, "claims": claims,
-            "passed": sum(bool(c["passed"]) for c in claims)}
+    return {
+        "experiment": name,
+        "run": outcome.run.id,
+        "path": str(outcome.run.path),
+        "report": str(outcome.run.path / "report.html"),
+        "seconds": outcome.seconds,
+        "quick": quick,
+        "seed": cfg.seed,
+        "trials_reused": outcome.trials_reused,
+        "claims": claims,
+        "passed": sum(bool(c["passed"]) for c in claims),
+    }
 
 
 def _check_device(device: str) -> None:
@@ -119,8 +156,9 @@ def list_cmd(as_json: bool = JsonOpt) -> None:
     if as_json:
         _emit([{"name": e.name, "claims": list(e.claims), "paper": e.paper, "title": e.title} for e in exps])
         return
-    say(text_table(["name", "claims", "paper", "title"], [(e.name, " ".join(e.claims), e.paper, e.title)
-                                                          for e in exps]))
+    say(
+        text_table(["name", "claims", "paper", "title"], [(e.name, " ".join(e.claims), e.paper, e.title) for e in exps])
+    )
 
 
 @app.command()
@@ -136,10 +174,14 @@ def run(
     executor: str = typer.Option("inprocess", "--executor", help="inprocess, pool or ray."),
     workers: int | None = typer.Option(None, "--workers", help="Processes for --executor pool."),
     ray_address: str | None = typer.Option(None, "--ray-address", help="Ray cluster address (ray start --head)."),
-    resume: bool = typer.Option(False, "--resume", help="Resume the latest interrupted run of this experiment "
-                                                         "with the same settings (finished trials are kept)."),
-    resume_from: str | None = typer.Option(None, "--resume-from", metavar="RUN",
-                                           help="Resume this interrupted run (id), with its stored settings."),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Resume the latest interrupted run of this experiment with the same settings (finished trials are kept).",
+    ),
+    resume_from: str | None = typer.Option(
+        None, "--resume-from", metavar="RUN", help="Resume this interrupted run (id), with its stored settings."
+    ),
     as_json: bool = JsonOpt,
 ) -> None:
     """Run one experiment into the run store; print one line per claim and the report's path."""
@@ -147,9 +189,21 @@ def run(
         raise ConfigError("--quick and --full exclude each other; pass one.")
     if device is not None:
         _check_device(device)  # before the run store is touched
-    res = _run_one(experiment, quick=quick, config=config, sets=set_, out=out, seed=seed, device=device,
-                   executor=executor, workers=workers, ray_address=ray_address, resume=resume,
-                   resume_from=resume_from, as_json=as_json)
+    res = _run_one(
+        experiment,
+        quick=quick,
+        config=config,
+        sets=set_,
+        out=out,
+        seed=seed,
+        device=device,
+        executor=executor,
+        workers=workers,
+        ray_address=ray_address,
+        resume=resume,
+        resume_from=resume_from,
+        as_json=as_json,
+    )
     if as_json:
         _emit(res)
 
@@ -163,11 +217,20 @@ def _environment() -> tuple[dict[str, Any], dict[str, Any]]:
 
     import symgen
 
-    machine = {"host": platform.node(), "platform": platform.platform(), "processor": platform.machine(),
-               "cpus": os.cpu_count(), "torch threads": torch.get_num_threads(),
-               "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
-    versions = {"symgen": getattr(symgen, "__version__", "?"), "python": platform.python_version(),
-                "torch": torch.__version__, "numpy": numpy.__version__}
+    machine = {
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+    }
+    versions = {
+        "symgen": getattr(symgen, "__version__", "?"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+    }
     return machine, versions
 
 
@@ -202,16 +265,43 @@ def reproduce(
     results = []
     for i, name in enumerate(names):
         log(f"[{i + 1}/{len(names)}] {name}")
-        results.append(_run_one(name, quick=quick, config=None, sets=[], out=out, seed=seed, device=device,
-                                executor=executor, workers=workers, ray_address=ray_address, resume=False,
-                                resume_from=None, as_json=as_json))
+        results.append(
+            _run_one(
+                name,
+                quick=quick,
+                config=None,
+                sets=[],
+                out=out,
+                seed=seed,
+                device=device,
+                executor=executor,
+                workers=workers,
+                ray_address=ray_address,
+                resume=False,
+                resume_from=None,
+                as_json=as_json,
+            )
+        )
     machine, versions = _environment()
-    summary = {"started": started, "seconds": time.time() - t0, "settings": "quick" if quick else "full",
-               "seed": seed if seed is not None else "config default (0)", "machine": machine,
-               "versions": versions,
-               "experiments": [{"name": r["experiment"], "run": r["run"], "seconds": r["seconds"],
-                                "report": str(Path(r["path"]).name + "/report.html"), "passed": r["passed"],
-                                "claims": r["claims"]} for r in results]}
+    summary = {
+        "started": started,
+        "seconds": time.time() - t0,
+        "settings": "quick" if quick else "full",
+        "seed": seed if seed is not None else "config default (0)",
+        "machine": machine,
+        "versions": versions,
+        "experiments": [
+            {
+                "name": r["experiment"],
+                "run": r["run"],
+                "seconds": r["seconds"],
+                "report": str(Path(r["path"]).name + "/report.html"),
+                "passed": r["passed"],
+                "claims": r["claims"],
+            }
+            for r in results
+        ],
+    }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "reproduce.json", json.dumps(summary, indent=2, default=str) + "\n")
     page = atomic_write(out / "index.html", render_index(summary))
@@ -222,16 +312,21 @@ def reproduce(
         return
     every = [{**c, "id": f"{r['experiment']}: {c['id']}"} for r in results for c in r["claims"]]
     say()
-    say(text_table(["experiment", "seconds", "claims passed"],
-                   [(r["experiment"], f"{r['seconds']:.1f}", f"{r['passed']}/{len(r['claims'])}") for r in results]))
+    say(
+        text_table(
+            ["experiment", "seconds", "claims passed"],
+            [(r["experiment"], f"{r['seconds']:.1f}", f"{r['passed']}/{len(r['claims'])}") for r in results],
+        )
+    )
     say()
     say(claim_lines(every, f"all claims ({summary['seconds']:.1f} s)"))
     say(f"page: {page}")
 
 
 @runs_app.command("ls")
-def runs_ls(out: Path = OutOpt, experiment: str | None = typer.Option(None, "--experiment"),
-            as_json: bool = JsonOpt) -> None:
+def runs_ls(
+    out: Path = OutOpt, experiment: str | None = typer.Option(None, "--experiment"), as_json: bool = JsonOpt
+) -> None:
     """List runs (an audit's model and data under `subject`)."""
     from symgen.runs import RunStore
     from symgen.terminal import text_table
@@ -244,8 +339,9 @@ def runs_ls(out: Path = OutOpt, experiment: str | None = typer.Option(None, "--e
     for r in rows:
         claims = f"{r['passed']}/{r['total']}" if r["total"] is not None else "-"
         secs = f"{r['seconds']:.1f}" if r["seconds"] is not None else "-"
-        table.append((r["id"], r["experiment"], r.get("subject") or "-", r["created"], r["status"], claims, secs,
-                      r["path"]))
+        table.append(
+            (r["id"], r["experiment"], r.get("subject") or "-", r["created"], r["status"], claims, secs, r["path"])
+        )
     say(text_table(["id", "experiment", "subject", "created", "status", "claims", "seconds", "path"], table))
 
 
@@ -261,16 +357,25 @@ def _audit_lines(data: dict[str, Any]) -> str:
             continue
         for i, (metric, est) in enumerate(sec.values.items()):
             err = "-" if est.stderr is None else f"{est.stderr:.2g}"
-            rows.append((name if i == 0 else "", metric, f"{est.value:.4g}", err,
-                         f"{sec.seconds:.1f}" if i == 0 else "", "IMPRECISE" if est.imprecise else ""))
-    head = (f"audit of {result.model} on {result.data} ({result.seconds:.1f} s, budget {result.budget}, "
-            f"{result.num_params} parameters)")
+            rows.append(
+                (
+                    name if i == 0 else "",
+                    metric,
+                    f"{est.value:.4g}",
+                    err,
+                    f"{sec.seconds:.1f}" if i == 0 else "",
+                    "IMPRECISE" if est.imprecise else "",
+                )
+            )
+    head = (
+        f"audit of {result.model} on {result.data} ({result.seconds:.1f} s, budget {result.budget}, "
+        f"{result.num_params} parameters)"
+    )
     return head + "\n" + text_table(["section", "metric", "value", "stderr", "seconds", "flag"], rows)
 
 
 @runs_app.command("show")
-def runs_show(run_ref: str = typer.Argument(..., metavar="RUN"), out: Path = OutOpt,
-              as_json: bool = JsonOpt) -> None:
+def runs_show(run_ref: str = typer.Argument(..., metavar="RUN"), out: Path = OutOpt, as_json: bool = JsonOpt) -> None:
     """Show a run's settings and claims (an audit run: its numbers)."""
     import yaml
 
@@ -291,8 +396,9 @@ def runs_show(run_ref: str = typer.Argument(..., metavar="RUN"), out: Path = Out
 
 
 @runs_app.command("compare")
-def runs_compare(run_refs: list[str] = typer.Argument(..., metavar="RUN..."), out: Path = OutOpt,
-                 as_json: bool = JsonOpt) -> None:
+def runs_compare(
+    run_refs: list[str] = typer.Argument(..., metavar="RUN..."), out: Path = OutOpt, as_json: bool = JsonOpt
+) -> None:
     """Compare several runs side by side: claims (verdict and headline number), or an audit's numbers."""
     from symgen.runs import RunStore
     from symgen.terminal import claim_headline, format_value, text_table
@@ -329,20 +435,31 @@ def report(run_ref: str = typer.Argument(..., metavar="RUN"), out: Path = OutOpt
 
 @app.command()
 def audit(
-    model: str = typer.Option(..., "--model", help="MODULE:FACTORY (a dotted module or path/to/file.py) "
-                                                   "whose FACTORY() returns the nn.Module; literal arguments "
-                                                   "may follow: 'pkg.mod:build(\"cnn\", width=8)'."),
+    model: str = typer.Option(
+        ...,
+        "--model",
+        help="MODULE:FACTORY (a dotted module or path/to/file.py) "
+        "whose FACTORY() returns the nn.Module; literal arguments "
+        "may follow: 'pkg.mod:build(\"cnn\", width=8)'.",
+    ),
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help="State-dict file to load into the model."),
     data: str = typer.Option(..., "--data", help="Dataset: digits, mnist1d, mnist, fashion-mnist, cifar10."),
     root: Path | None = typer.Option(None, "--root", help="Directory with the dataset files (mnist, cifar10)."),
     action: str = typer.Option("none", "--action", help="Group action for invariance: c4, d4, shift or none."),
-    budget: str = typer.Option("quick", "--budget", help="quick (about a minute on a CPU, whatever the model), "
-                                                         "full, or a number of seconds: each section's work is "
-                                                         "sized to it."),
+    budget: str = typer.Option(
+        "quick",
+        "--budget",
+        help="quick (about a minute on a CPU, whatever the model), "
+        "full, or a number of seconds: each section's work is "
+        "sized to it.",
+    ),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
     seed: int = typer.Option(0, "--seed", help="Seed of subsamples, probes, noise draws and attacks."),
-    set_: list[str] = typer.Option([], "--set", help="Override a budget limit: key=value, e.g. ntk_samples=100 "
-                                                    "(repeatable; see symgen.audit.AuditLimits)."),
+    set_: list[str] = typer.Option(
+        [],
+        "--set",
+        help="Override a budget limit: key=value, e.g. ntk_samples=100 (repeatable; see symgen.audit.AuditLimits).",
+    ),
     out: Path = OutOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -371,9 +488,20 @@ def audit(
             say(f"  [{time.time() - t0:5.1f} s] {title}", err=True)
 
     try:
-        result, run = run_audit(model, data, checkpoint=checkpoint, action=action, budget=budget, root=root,
-                                device=device, seed=seed, out=out, limits=limits, progress=progress,
-                                process_group=group)
+        result, run = run_audit(
+            model,
+            data,
+            checkpoint=checkpoint,
+            action=action,
+            budget=budget,
+            root=root,
+            device=device,
+            seed=seed,
+            out=out,
+            limits=limits,
+            progress=progress,
+            process_group=group,
+        )
     finally:
         if group is not None:
             import torch.distributed as dist

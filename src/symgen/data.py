@@ -22,7 +22,15 @@ from symgen.errors import ConfigError, MissingDataError
 from symgen.io import atomic_write
 from symgen.rng import Seed, as_generator, seed_of
 
-__all__ = ["DATASETS", "load_dataset", "Cifar10Batches", "cache_dir", "read_idx", "class_balanced_indices", "subset_per_class"]
+__all__ = [
+    "DATASETS",
+    "load_dataset",
+    "Cifar10Batches",
+    "cache_dir",
+    "read_idx",
+    "class_balanced_indices",
+    "subset_per_class",
+]
 
 DATASETS = ("digits", "mnist1d", "mnist", "fashion-mnist", "cifar10")
 
@@ -39,8 +47,9 @@ def cache_dir() -> Path:
     return path
 
 
-def load_dataset(name: str, split: str = "train", root: str | Path | None = None,
-                 generator: Seed = None) -> tuple[Tensor, Tensor]:
+def load_dataset(
+    name: str, split: str = "train", root: str | Path | None = None, generator: Seed = None
+) -> tuple[Tensor, Tensor]:
     """``(x, y)`` of dataset ``name`` and ``split`` ("train" or "test").
 
     digits: (N, 1, 8, 8) in [0, 1], a stratified 75/25 split shuffled by ``generator`` (a seed or a
@@ -105,7 +114,7 @@ def read_idx(path: str | Path) -> np.ndarray:
         raise MissingDataError(f"{path} is not an IDX file (bad magic number); expected MNIST-format files.")
     dtype = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}[raw[2]]
     ndim = raw[3]
-    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
         raise MissingDataError(f"{path} is truncated: header says {shape}, file holds {data.size} values.")
@@ -121,8 +130,10 @@ def _find(root: Path, stem: str) -> Path | None:
 
 def _require_root(name: str, root: str | Path | None, expected: list[str]) -> Path:
     if root is None:
-        raise MissingDataError(f"dataset '{name}' is read from local files; pass root=DIR (CLI: --root DIR) "
-                               f"holding {', '.join(expected)}. symgen never downloads data.")
+        raise MissingDataError(
+            f"dataset '{name}' is read from local files; pass root=DIR (CLI: --root DIR) "
+            f"holding {', '.join(expected)}. symgen never downloads data."
+        )
     return Path(root).expanduser()
 
 
@@ -132,8 +143,10 @@ def _idx_dataset(name: str, split: str, root: str | Path | None) -> tuple[Tensor
     found = [_find(root, s) for s in stems]
     if any(f is None for f in found):
         missing = [s for s, f in zip(stems, found, strict=True) if f is None]
-        raise MissingDataError(f"dataset '{name}' ({split}): missing {', '.join(missing)} (or .gz) under {root}. "
-                               "Put the original IDX files there.")
+        raise MissingDataError(
+            f"dataset '{name}' ({split}): missing {', '.join(missing)} (or .gz) under {root}. "
+            "Put the original IDX files there."
+        )
     images, labels = (read_idx(f) for f in found)  # type: ignore[arg-type]
     if images.shape[0] != labels.shape[0]:
         raise MissingDataError(f"{name}: {images.shape[0]} images but {labels.shape[0]} labels under {root}.")
@@ -148,8 +161,10 @@ def _cifar10_files(split: str, root: str | Path | None) -> list[Path]:
     base = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
     missing = [n for n in names if not (base / n).exists()]
     if missing:
-        raise MissingDataError(f"dataset 'cifar10' ({split}): missing {', '.join(missing)} under {base}. "
-                               "Extract cifar-10-python.tar.gz there.")
+        raise MissingDataError(
+            f"dataset 'cifar10' ({split}): missing {', '.join(missing)} under {base}. "
+            "Extract cifar-10-python.tar.gz there."
+        )
     return [base / n for n in names]
 
 
@@ -157,8 +172,10 @@ def _read_cifar_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Images (n, 3, 32, 32) uint8 and labels (n,) int64 of one CIFAR-10 python batch file."""
     with open(path, "rb") as f:
         batch = pickle.load(f, encoding="bytes")
-    return (np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32),
-            np.asarray(batch[b"labels"], dtype=np.int64))
+    return (
+        np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32),
+        np.asarray(batch[b"labels"], dtype=np.int64),
+    )
 
 
 def _cifar10(split: str, root: str | Path | None) -> tuple[Tensor, Tensor]:
@@ -184,13 +201,12 @@ class Cifar10Batches:
         for path in self.files:
             images, labels = _read_cifar_file(path)
             for i in range(0, images.shape[0], self.batch_size):
-                x = torch.from_numpy(images[i:i + self.batch_size].astype(np.float32) / 255.0)
-                yield x, torch.from_numpy(labels[i:i + self.batch_size].copy())
+                x = torch.from_numpy(images[i : i + self.batch_size].astype(np.float32) / 255.0)
+                yield x, torch.from_numpy(labels[i : i + self.batch_size].copy())
             del images, labels
 
 
-def class_balanced_indices(y: Tensor, per_class: int, classes: int | Sequence[int],
-                           generator: Seed = None) -> Tensor:
+def class_balanced_indices(y: Tensor, per_class: int, classes: int | Sequence[int], generator: Seed = None) -> Tensor:
     """``per_class`` random indices of each class (without replacement), classes in the given order.
 
     ``classes``: a count C (classes 0..C-1) or an explicit list of labels.
@@ -202,14 +218,17 @@ def class_balanced_indices(y: Tensor, per_class: int, classes: int | Sequence[in
     for c in labels:
         members = torch.nonzero(y_cpu == c).flatten()
         if len(members) < per_class:
-            raise ConfigError(f"class {c} has {len(members)} examples but {per_class} per class are needed; "
-                              "lower the per-class count or pass more data.")
+            raise ConfigError(
+                f"class {c} has {len(members)} examples but {per_class} per class are needed; "
+                "lower the per-class count or pass more data."
+            )
         idx.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
     return torch.cat(idx)
 
 
-def subset_per_class(x: Tensor, y: Tensor, per_class: int, generator: Seed = None,
-                     classes: list[int] | None = None) -> tuple[Tensor, Tensor]:
+def subset_per_class(
+    x: Tensor, y: Tensor, per_class: int, generator: Seed = None, classes: list[int] | None = None
+) -> tuple[Tensor, Tensor]:
     """A class-balanced random subset with ``per_class`` examples of each class (``generator``: a seed or a Generator)."""
     labels = classes if classes is not None else sorted(torch.unique(y).tolist())
     order = class_balanced_indices(y, per_class, labels, generator)

@@ -19,8 +19,18 @@ from torch import Tensor
 
 from symgen.errors import ConfigError, DistributedError
 
-__all__ = ["DEFAULT_TIMEOUT_S", "init_process_group", "resolve_group", "rank", "world_size", "all_reduce_sum",
-           "all_gather_rows", "shard_range", "ShardedBatches", "barrier"]
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "init_process_group",
+    "resolve_group",
+    "rank",
+    "world_size",
+    "all_reduce_sum",
+    "all_gather_rows",
+    "shard_range",
+    "ShardedBatches",
+    "barrier",
+]
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -31,9 +41,14 @@ def _dist() -> Any:
     return dist
 
 
-def init_process_group(backend: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                       init_method: str | None = None, rank: int | None = None,
-                       world_size: int | None = None) -> Any:
+def init_process_group(
+    backend: str | None = None,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    init_method: str | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> Any:
     """Initialize the default process group (once) from torchrun's environment or the given arguments.
 
     ``backend``: None picks "nccl" when CUDA is available, else "gloo". ``timeout_s`` bounds every
@@ -48,9 +63,11 @@ def init_process_group(backend: str | None = None, *, timeout_s: float = DEFAULT
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if init_method is None and "MASTER_ADDR" not in os.environ:
-        raise ConfigError("init_process_group(): no torchrun environment (MASTER_ADDR, RANK, WORLD_SIZE) and no "
-                          "init_method; launch with `torchrun --nproc_per_node=N script.py` or pass "
-                          "init_method='file:///path', rank and world_size.")
+        raise ConfigError(
+            "init_process_group(): no torchrun environment (MASTER_ADDR, RANK, WORLD_SIZE) and no "
+            "init_method; launch with `torchrun --nproc_per_node=N script.py` or pass "
+            "init_method='file:///path', rank and world_size."
+        )
     kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_s)}
     if init_method is not None:
         kwargs.update(init_method=init_method, rank=rank, world_size=world_size)
@@ -74,14 +91,17 @@ def resolve_group(process_group: Any = "auto") -> Any:
     dist = _dist()
     if isinstance(process_group, str):
         if process_group != "auto":
-            raise ConfigError(f"process_group must be 'auto', None or a torch.distributed ProcessGroup, "
-                              f"got {process_group!r}.")
+            raise ConfigError(
+                f"process_group must be 'auto', None or a torch.distributed ProcessGroup, got {process_group!r}."
+            )
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return None
         return dist.group.WORLD
     if not (dist.is_available() and dist.is_initialized()):
-        raise DistributedError("a process group was given but torch.distributed is not initialized; call "
-                               "symgen.distributed.init_process_group() first (or launch with torchrun).")
+        raise DistributedError(
+            "a process group was given but torch.distributed is not initialized; call "
+            "symgen.distributed.init_process_group() first (or launch with torchrun)."
+        )
     return process_group
 
 
@@ -99,11 +119,15 @@ def _wait(work: Any, what: str, timeout_s: float) -> None:
     try:
         ok = work.wait(datetime.timedelta(seconds=timeout_s))
     except RuntimeError as e:  # gloo: a closed connection or a timeout
-        raise DistributedError(f"{what} failed on rank {_dist().get_rank()}: {str(e).splitlines()[0][:300]}; "
-                               "another rank probably died or hangs (its own error says why).") from e
+        raise DistributedError(
+            f"{what} failed on rank {_dist().get_rank()}: {str(e).splitlines()[0][:300]}; "
+            "another rank probably died or hangs (its own error says why)."
+        ) from e
     if ok is False:
-        raise DistributedError(f"{what} did not finish within {timeout_s:.0f} s on rank {_dist().get_rank()}; "
-                               "another rank probably died or hangs.")
+        raise DistributedError(
+            f"{what} did not finish within {timeout_s:.0f} s on rank {_dist().get_rank()}; "
+            "another rank probably died or hangs."
+        )
 
 
 def _comm_tensor(t: Tensor, group: Any) -> Tensor:
@@ -134,8 +158,11 @@ def all_gather_rows(t: Tensor, group: Any = None, *, timeout_s: float = DEFAULT_
     if group is None:
         return t
     n = world_size(group)
-    sizes = all_reduce_sum(torch.zeros(n, dtype=torch.int64).index_fill_(0, torch.tensor(rank(group)), t.shape[0]),
-                           group, timeout_s=timeout_s)
+    sizes = all_reduce_sum(
+        torch.zeros(n, dtype=torch.int64).index_fill_(0, torch.tensor(rank(group)), t.shape[0]),
+        group,
+        timeout_s=timeout_s,
+    )
     m = int(sizes.max())
     pad = torch.zeros((m,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
     pad[: t.shape[0]] = t

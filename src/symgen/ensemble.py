@@ -47,8 +47,14 @@ class Ensemble:
     ``gathered()`` collect every rank's members, in member order.
     """
 
-    def __init__(self, module: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None = None,
-                 member_ids: Sequence[int] | None = None, process_group: Any = None) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        params: Mapping[str, Tensor],
+        buffers: Mapping[str, Tensor] | None = None,
+        member_ids: Sequence[int] | None = None,
+        process_group: Any = None,
+    ) -> None:
         self.process_group = sd.resolve_group(process_group)
         self.module = module
         self.params = {k: v for k, v in params.items()}
@@ -59,9 +65,16 @@ class Ensemble:
             raise ShapeError(f"member_ids has {len(self.member_ids)} entries for {m} members.")
 
     @classmethod
-    def init(cls, factory: Callable[[], nn.Module], num_members: int, generator: Seed = None, first_member: int = 0,
-             device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-             process_group: Any = None) -> Ensemble:
+    def init(
+        cls,
+        factory: Callable[[], nn.Module],
+        num_members: int,
+        generator: Seed = None,
+        first_member: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        process_group: Any = None,
+    ) -> Ensemble:
         """Members ``first_member .. first_member + num_members - 1``; member i built under the seed
         ``s + i``, s = ``rng.seed_of(generator)`` (an int seed is s itself; None = 0).
 
@@ -74,11 +87,14 @@ class Ensemble:
         group = sd.resolve_group(process_group)
         shard = sd.shard_range(num_members, group)
         if len(shard) == 0:
-            raise ConfigError(f"{num_members} members cannot be split over {sd.world_size(group)} ranks (a rank "
-                              "would hold none); use at least as many members as ranks.")
+            raise ConfigError(
+                f"{num_members} members cannot be split over {sd.world_size(group)} ranks (a rank "
+                "would hold none); use at least as many members as ranks."
+            )
         seed = seed_of(generator)
-        module, params, buffers = sf.stacked_init(factory, len(shard), generator=seed + first_member + shard.start,
-                                                  device=device, dtype=dtype)
+        module, params, buffers = sf.stacked_init(
+            factory, len(shard), generator=seed + first_member + shard.start, device=device, dtype=dtype
+        )
         ids = range(first_member + shard.start, first_member + shard.stop)
         ens = cls(module, params, buffers, ids, process_group=group)
         return ens
@@ -94,7 +110,7 @@ class Ensemble:
 
     def gathered(self) -> Ensemble:
         """The whole ensemble on this process: every rank's members gathered (a copy; no process group)."""
-        gather = (lambda t: sd.all_gather_rows(t.detach().contiguous(), self.process_group))  # noqa: E731
+        gather = lambda t: sd.all_gather_rows(t.detach().contiguous(), self.process_group)  # noqa: E731
         ids = gather(torch.tensor(self.member_ids, dtype=torch.int64)).tolist()
         params = {k: gather(v).clone() for k, v in self.params.items()}
         buffers = {k: gather(v).clone() for k, v in self.buffers_.items()}
@@ -125,8 +141,10 @@ class Ensemble:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Ensemble:
         """Move (and cast floating) parameters and buffers in place; returns self."""
+
         def cast(v: Tensor) -> Tensor:  # new tensors: call parameters() again for an optimizer
             return v.detach().to(device=device, dtype=dtype if v.is_floating_point() else None)
+
         self.params = {k: cast(v) for k, v in self.params.items()}
         self.buffers_ = {k: cast(v) for k, v in self.buffers_.items()}
         self.module.to(device=device, dtype=dtype)
@@ -168,22 +186,35 @@ def epoch_plan(generator: torch.Generator, num_data: int, group_order: int | Non
 def _check_optimizer(ensemble: Ensemble, optimizer: Any) -> None:
     if not isinstance(optimizer, torch.optim.Optimizer):
         what = f"the class {optimizer.__name__}" if isinstance(optimizer, type) else repr(optimizer)
-        raise ConfigError(f"optimizer must be an optimizer instance built on ensemble.parameters(), e.g. "
-                          f"torch.optim.SGD(ensemble.parameters(), lr=0.1); got {what}.")
+        raise ConfigError(
+            f"optimizer must be an optimizer instance built on ensemble.parameters(), e.g. "
+            f"torch.optim.SGD(ensemble.parameters(), lr=0.1); got {what}."
+        )
     own = {id(p) for p in ensemble.params.values()}
     theirs = [p for g in optimizer.param_groups for p in g["params"]]
     if not theirs or not all(id(p) in own for p in theirs):
-        raise ConfigError("the optimizer must be built on ensemble.parameters() (the stacked leaf tensors, "
-                          "after any ensemble.to(...)); it holds other tensors.")
+        raise ConfigError(
+            "the optimizer must be built on ensemble.parameters() (the stacked leaf tensors, "
+            "after any ensemble.to(...)); it holds other tensors."
+        )
 
 
-def train_ensemble(ensemble: Ensemble, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, *, epochs: int = 10,
-                   batch_size: int = 32, augment: GroupAction | None = None, generator: Seed = None,
-                   loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
-                   progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
-                   on_epoch: Callable[[int, Tensor], None] | None = None,
-                   lr_factors: Tensor | Callable[[int, int], Tensor] | None = None,
-                   compile: bool | str = False) -> Tensor:
+def train_ensemble(
+    ensemble: Ensemble,
+    x: Tensor,
+    y: Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    epochs: int = 10,
+    batch_size: int = 32,
+    augment: GroupAction | None = None,
+    generator: Seed = None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+    on_epoch: Callable[[int, Tensor], None] | None = None,
+    lr_factors: Tensor | Callable[[int, int], Tensor] | None = None,
+    compile: bool | str = False,
+) -> Tensor:
     """Train all members together (gradients through ``vmap``), stepping ``optimizer.step(closure)``.
 
     ``optimizer``: an instance built on ``ensemble.parameters()``; an elementwise optimizer (SGD, Adam,
@@ -237,28 +268,31 @@ def train_ensemble(ensemble: Ensemble, x: Tensor, y: Tensor, optimizer: torch.op
     try:
         for epoch in epoch_iter:
             plans = [epoch_plan(g, n, order_g) for g in gens]
-            orders = torch.stack([p[0] for p in plans]).to(dev)                       # (M, n)
+            orders = torch.stack([p[0] for p in plans]).to(dev)  # (M, n)
             elems = torch.stack([p[1] for p in plans]).to(dev) if augment is not None else None
             total = torch.zeros(m, dtype=dtype, device=dev)
             for s in range(steps):
                 sl = slice(s * batch_size, min((s + 1) * batch_size, n))
-                idx = orders[:, sl]                                                   # (M, b)
-                xb, yb = x[idx], y[idx]                                               # (M, b, ...)
+                idx = orders[:, sl]  # (M, b)
+                xb, yb = x[idx], y[idx]  # (M, b, ...)
                 b = idx.shape[1]
                 if augment is not None:
                     flat = xb.reshape(m * b, *x.shape[1:])
                     xb = augment.apply_each(elems[:, sl].reshape(-1), flat).reshape(xb.shape)
                 losses: list[Tensor] = []
 
-                def closure(xb: Tensor = xb, yb: Tensor = yb, losses: list[Tensor] = losses,
-                            epoch: int = epoch, s: int = s) -> Tensor:
+                def closure(
+                    xb: Tensor = xb, yb: Tensor = yb, losses: list[Tensor] = losses, epoch: int = epoch, s: int = s
+                ) -> Tensor:
                     optimizer.zero_grad(set_to_none=True)
-                    member_loss = member_losses(leaves, ensemble.buffers_, xb, yb)    # (M,)
+                    member_loss = member_losses(leaves, ensemble.buffers_, xb, yb)  # (M,)
                     loss = member_loss.sum()
                     if not torch.isfinite(loss):
                         bad = torch.nonzero(~torch.isfinite(member_loss)).flatten().tolist()
-                        raise DivergenceError(f"non-finite training loss for member(s) {bad[:8]} at epoch {epoch}, "
-                                              f"step {s}; lower the learning rate or the init scale.")
+                        raise DivergenceError(
+                            f"non-finite training loss for member(s) {bad[:8]} at epoch {epoch}, "
+                            f"step {s}; lower the learning rate or the init scale."
+                        )
                     losses.append(member_loss.detach())
                     loss.backward()
                     return loss.detach()
@@ -279,37 +313,56 @@ def train_ensemble(ensemble: Ensemble, x: Tensor, y: Tensor, optimizer: torch.op
     return sd.all_gather_rows(history, ensemble.process_group)
 
 
-def _member_losses_fn(module: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],
-                      compile: bool | str) -> Callable[..., Tensor]:
+def _member_losses_fn(
+    module: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], compile: bool | str
+) -> Callable[..., Tensor]:
     """``(params, buffers, xb, yb) -> (M,)`` member losses: vmap over the members, eager or ``torch.compile``d."""
+
     def member_losses(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], xb: Tensor, yb: Tensor) -> Tensor:
         out = sf.ensemble_call(module, params, buffers, xb, shared_input=False)
         return vmap(loss_fn)(out, yb)
 
-    return sf.compiled(member_losses, compile,
-                       f"the ensemble's member losses (vmap over functional_call of {type(module).__name__}, then "
-                       f"{getattr(loss_fn, '__name__', 'loss_fn')})",
-                       "train with compile=False (eager vmap), or try compile='aot_eager'",
-                       fullgraph=True, dynamic=False)
+    return sf.compiled(
+        member_losses,
+        compile,
+        f"the ensemble's member losses (vmap over functional_call of {type(module).__name__}, then "
+        f"{getattr(loss_fn, '__name__', 'loss_fn')})",
+        "train with compile=False (eager vmap), or try compile='aot_eager'",
+        fullgraph=True,
+        dynamic=False,
+    )
 
 
-def _member_factors(lr_factors: Tensor | Callable[[int, int], Tensor] | None, epoch: int, step: int, m: int,
-                    device: torch.device, dtype: torch.dtype) -> Tensor | None:
+def _member_factors(
+    lr_factors: Tensor | Callable[[int, int], Tensor] | None,
+    epoch: int,
+    step: int,
+    m: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Tensor | None:
     """This step's per-member learning-rate factors (M,), checked; None when not given."""
     if lr_factors is None:
         return None
     f = lr_factors(epoch, step) if callable(lr_factors) else lr_factors
     f = torch.as_tensor(f)
     if f.shape != (m,) or not bool(torch.isfinite(f).all()) or bool((f < 0).any()):
-        raise ConfigError(f"lr_factors must give one finite factor >= 0 per member of this ensemble, shape ({m},); "
-                          f"got shape {tuple(f.shape)} at epoch {epoch}, step {step} (a sharded ensemble: index "
-                          "your factors with ensemble.member_ids).")
+        raise ConfigError(
+            f"lr_factors must give one finite factor >= 0 per member of this ensemble, shape ({m},); "
+            f"got shape {tuple(f.shape)} at epoch {epoch}, step {step} (a sharded ensemble: index "
+            "your factors with ensemble.member_ids)."
+        )
     return f.to(device=device, dtype=dtype)
 
 
-def sub_ensemble_metrics(member_outputs: Tensor, sizes: Sequence[int], metric_fn: Callable[[Tensor], Mapping[str, float]],
-                         num_subsets: int = 20, generator: Seed = None,
-                         replace: bool = False) -> dict[int, dict[str, dict[str, float]]]:
+def sub_ensemble_metrics(
+    member_outputs: Tensor,
+    sizes: Sequence[int],
+    metric_fn: Callable[[Tensor], Mapping[str, float]],
+    num_subsets: int = 20,
+    generator: Seed = None,
+    replace: bool = False,
+) -> dict[int, dict[str, dict[str, float]]]:
     """Metrics of random sub-ensembles against their size M: f_S = mean_{m in S} f_m, |S| = M.
 
     ``member_outputs``: (P, ...) per-member outputs of a pool of P members. For each size, draws
@@ -349,11 +402,11 @@ def infinite_ensemble_deviation(member_orbit_logits: Tensor) -> dict[str, float]
     """
     if member_orbit_logits.ndim != 4 or member_orbit_logits.shape[0] < 3:
         raise ShapeError(f"need member orbit logits (P >= 3, |G|, N, K); got {tuple(member_orbit_logits.shape)}.")
-    d = (member_orbit_logits - member_orbit_logits[:, :1]).flatten(1).double()   # (P, D)
+    d = (member_orbit_logits - member_orbit_logits[:, :1]).flatten(1).double()  # (P, D)
     p, dim = d.shape
-    norm = dim / member_orbit_logits.shape[-1]       # average over (g, x), sum over classes
+    norm = dim / member_orbit_logits.shape[-1]  # average over (g, x), sum over classes
     s = d.sum(0)
-    q_i = (d * d).sum(1)                              # ||d_i||^2
+    q_i = (d * d).sum(1)  # ||d_i||^2
     ss, q = float(s @ s), float(q_i.sum())
     est = (ss - q) / (p * (p - 1)) / norm
     # leave-one-out: ||S - d_i||^2 = ||S||^2 - 2 <S, d_i> + ||d_i||^2

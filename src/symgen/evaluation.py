@@ -39,11 +39,22 @@ class Evaluation:
     loss_stderr: float | None = None
 
 
-def evaluate(model: nn.Module, data: Any, *, eps: Iterable[float] = (), steps: int = 10,
-             step_size: float | None = None, norm: str = "linf", clamp: tuple[float, float] | None = None,
-             attack_loss: LossSpec = "auto", random_start: bool = True, generator: Seed = None,
-             loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None, bn_mode: str = "eval",
-             process_group: Any = "auto") -> Evaluation:
+def evaluate(
+    model: nn.Module,
+    data: Any,
+    *,
+    eps: Iterable[float] = (),
+    steps: int = 10,
+    step_size: float | None = None,
+    norm: str = "linf",
+    clamp: tuple[float, float] | None = None,
+    attack_loss: LossSpec = "auto",
+    random_start: bool = True,
+    generator: Seed = None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    bn_mode: str = "eval",
+    process_group: Any = "auto",
+) -> Evaluation:
     """Clean accuracy (and mean ``loss_fn``) and PGD robust accuracy at each radius in ``eps`` over ``data``.
 
     ``data``: a batch ``(x, y)``, a list of batches or a DataLoader, streamed (batches moved to the model's
@@ -78,8 +89,19 @@ def evaluate(model: nn.Module, data: Any, *, eps: Iterable[float] = (), steps: i
                         sums[2] += x.shape[0] * float(losses)
                 sums[1] += float(correct_count(out, y))
             for i, e in enumerate(radii):
-                x_adv = pgd(model, x, y, e, step_size, steps, norm=norm, clamp=clamp, random_start=random_start,
-                            loss=attack_loss, generator=gen)
+                x_adv = pgd(
+                    model,
+                    x,
+                    y,
+                    e,
+                    step_size,
+                    steps,
+                    norm=norm,
+                    clamp=clamp,
+                    random_start=random_start,
+                    loss=attack_loss,
+                    generator=gen,
+                )
                 with torch.no_grad():
                     sums[5 + i] += float(correct_count(model(x_adv), y))
             sums[0] += x.shape[0]
@@ -92,8 +114,9 @@ def evaluate(model: nn.Module, data: Any, *, eps: Iterable[float] = (), steps: i
     if mean is not None and float(sums[4]) > 0:  # per-sample losses were given
         var = max(float(sums[3]) - n * mean * mean, 0.0) / (n - 1) if n > 1 else math.inf
         stderr = math.sqrt(var / n)
-    return Evaluation(int(n), float(sums[1]) / n, mean, {e: float(sums[5 + i]) / n for i, e in enumerate(radii)},
-                      stderr)
+    return Evaluation(
+        int(n), float(sums[1]) / n, mean, {e: float(sums[5 + i]) / n for i, e in enumerate(radii)}, stderr
+    )
 
 
 def _forward(model: nn.Module, x: Tensor) -> Tensor:
@@ -103,6 +126,8 @@ def _forward(model: nn.Module, x: Tensor) -> Tensor:
     except torch.OutOfMemoryError:
         raise
     except RuntimeError as e:
-        raise ShapeError(f"the model failed on inputs of shape {tuple(x.shape[1:])} "
-                         f"({str(e).splitlines()[0][:200]}); check that the data (--data) is the data the "
-                         "model was built for.") from None
+        raise ShapeError(
+            f"the model failed on inputs of shape {tuple(x.shape[1:])} "
+            f"({str(e).splitlines()[0][:200]}); check that the data (--data) is the data the "
+            "model was built for."
+        ) from None

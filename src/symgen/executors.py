@@ -42,8 +42,9 @@ class PoolExecutor(Executor):
         import multiprocessing as mp
 
         self.workers = workers or max(1, (os.cpu_count() or 2))
-        self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
-                                         initializer=num_threads, initargs=(1,))
+        self._pool = ProcessPoolExecutor(
+            self.workers, mp_context=mp.get_context("spawn"), initializer=num_threads, initargs=(1,)
+        )
 
     def imap(self, fn, items):
         futures = {self._pool.submit(fn, item): i for i, item in enumerate(items)}
@@ -87,5 +88,3 @@ def make_executor(name: str = "inprocess", workers: int | None = None, ray_addre
     if name == "ray":
         return RayExecutor(ray_address)
     raise ConfigError(f"unknown executor '{name}'; choose inprocess, pool or ray.")
-
-

@@ -66,8 +66,9 @@ def state_of(module: nn.Module) -> tuple[Params, Params]:
     return params_of(module), buffers_of(module)
 
 
-def call(module: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None,
-         *args: Any, **kwargs: Any) -> Any:
+def call(
+    module: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None, *args: Any, **kwargs: Any
+) -> Any:
     """``module(*args)`` evaluated with the given parameters and buffers (``torch.func.functional_call``).
 
     Parameters not in ``params`` (e.g. frozen ones) are taken from the module itself.
@@ -103,9 +104,13 @@ def stacked_size(stacked: Mapping[str, Tensor]) -> int:
     return sizes.pop()
 
 
-def stacked_init(factory: Callable[[], nn.Module], num_members: int, generator: Seed = None,
-                 device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> tuple[nn.Module, Params, Params]:
+def stacked_init(
+    factory: Callable[[], nn.Module],
+    num_members: int,
+    generator: Seed = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[nn.Module, Params, Params]:
     """Build ``num_members`` independently initialized copies of ``factory()``.
 
     Member ``m`` is built under the CPU seed ``s + m`` (``s = rng.seed_of(generator)``), so it equals
@@ -127,9 +132,15 @@ def stacked_init(factory: Callable[[], nn.Module], num_members: int, generator: 
     return members[0], params, buffers
 
 
-def ensemble_call(module: nn.Module, stacked_params: Mapping[str, Tensor],
-                  stacked_buffers: Mapping[str, Tensor] | None, x: Tensor, *,
-                  shared_input: bool = True, chunk_size: int | None = None) -> Tensor:
+def ensemble_call(
+    module: nn.Module,
+    stacked_params: Mapping[str, Tensor],
+    stacked_buffers: Mapping[str, Tensor] | None,
+    x: Tensor,
+    *,
+    shared_input: bool = True,
+    chunk_size: int | None = None,
+) -> Tensor:
     """Outputs of all M members, shape ``(M, *out)``.
 
     ``shared_input=True``: every member sees the same ``x``; otherwise ``x`` has a leading
@@ -158,7 +169,7 @@ def unflatten(vector: Tensor, like: Mapping[str, Tensor]) -> Params:
         raise ShapeError(f"unflatten(): vector has {vector.numel()} entries, the dict needs {n}.")
     out, i = {}, 0
     for k, v in like.items():
-        out[k] = vector[i:i + v.numel()].view_as(v)
+        out[k] = vector[i : i + v.numel()].view_as(v)
         i += v.numel()
     return out
 
@@ -191,8 +202,9 @@ def tree_norm(a: Mapping[str, Tensor]) -> Tensor:
     return tree_dot(a, a).sqrt()
 
 
-def loss_function(module: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],
-                  buffers: Mapping[str, Tensor] | None = None) -> Callable[[Params, Tensor, Tensor], Tensor]:
+def loss_function(
+    module: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], buffers: Mapping[str, Tensor] | None = None
+) -> Callable[[Params, Tensor, Tensor], Tensor]:
     """``(params, x, y) -> loss_fn(module(x; params), y)``, a pure function of the parameters."""
 
     def f(params: Params, x: Tensor, y: Tensor) -> Tensor:
@@ -215,8 +227,15 @@ def hvp(f: Callable[[Params], Tensor], params: Params, vector: Params) -> Params
         return grad(lambda p: tree_dot(grad(f)(p), vector))(params)
 
 
-def per_sample_jacobian(module: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None,
-                        x: Tensor, *, chunk_size: int | None = None, outputs: slice | None = None) -> Params:
+def per_sample_jacobian(
+    module: nn.Module,
+    params: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor] | None,
+    x: Tensor,
+    *,
+    chunk_size: int | None = None,
+    outputs: slice | None = None,
+) -> Params:
     """Jacobian of each sample's flattened output w.r.t. ``params``: name -> (N, O, *param_shape).
 
     ``J_i = d vec(f(x_i)) / d theta`` by ``vmap(jacrev)`` over samples (each sample runs alone, so
@@ -233,16 +252,22 @@ def per_sample_jacobian(module: nn.Module, params: Mapping[str, Tensor], buffers
     return vmap(jacrev(f), in_dims=(None, 0), chunk_size=chunk_size)(dict(params), x)
 
 
-def jvp_outputs(module: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None,
-                x: Tensor, tangents: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+def jvp_outputs(
+    module: nn.Module,
+    params: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor] | None,
+    x: Tensor,
+    tangents: Mapping[str, Tensor],
+) -> tuple[Tensor, Tensor]:
     """``(f(x), J(x) v)``: outputs and their directional derivative along the parameter tangent ``v``."""
     from torch.func import jvp
 
     return jvp(lambda p: call(module, p, buffers, x), (dict(params),), (dict(tangents),))
 
 
-def vjp_outputs(module: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None,
-                x: Tensor, cotangent: Tensor) -> Params:
+def vjp_outputs(
+    module: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None, x: Tensor, cotangent: Tensor
+) -> Params:
     """``J(x)^T u``: the parameter gradient of ``<f(x), u>`` for an output-shaped cotangent ``u``."""
     from torch.func import vjp
 
@@ -255,8 +280,9 @@ def vjp_outputs(module: nn.Module, params: Mapping[str, Tensor], buffers: Mappin
 __all__ += ["hvp_function", "ensemble_value_and_grad"]
 
 
-def hvp_function(f: Callable[[Params], Tensor], params: Mapping[str, Tensor], *,
-                 mode: str = "reverse") -> Callable[[Params], Params]:
+def hvp_function(
+    f: Callable[[Params], Tensor], params: Mapping[str, Tensor], *, mode: str = "reverse"
+) -> Callable[[Params], Params]:
     """A reusable ``v -> H v`` for a scalar ``f(params)``: H v = d/dt grad f(params + t v) at t = 0.
 
     ``mode="reverse"``: reverse-over-reverse on ONE retained graph of ``grad f`` (built here, reused
@@ -272,16 +298,22 @@ def hvp_function(f: Callable[[Params], Tensor], params: Mapping[str, Tensor], *,
         keys = list(params)
         leaves = [params[k].detach().requires_grad_(True) for k in keys]
         with torch.enable_grad():
-            grads = torch.autograd.grad(f(dict(zip(keys, leaves, strict=True))), leaves, create_graph=True,
-                                        allow_unused=True)
+            grads = torch.autograd.grad(
+                f(dict(zip(keys, leaves, strict=True))), leaves, create_graph=True, allow_unused=True
+            )
         # a gradient outside the graph (None, or constant) has a zero Hessian block row
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
 
         def apply(v: Params) -> Params:
             if not live:
                 return {k: torch.zeros_like(params[k]) for k in keys}
-            out = torch.autograd.grad([grads[i] for i in live], leaves, grad_outputs=[v[keys[i]] for i in live],
-                                      retain_graph=True, allow_unused=True)
+            out = torch.autograd.grad(
+                [grads[i] for i in live],
+                leaves,
+                grad_outputs=[v[keys[i]] for i in live],
+                retain_graph=True,
+                allow_unused=True,
+            )
             return {k: torch.zeros_like(params[k]) if o is None else o for k, o in zip(keys, out, strict=True)}
 
         return apply
@@ -290,9 +322,13 @@ def hvp_function(f: Callable[[Params], Tensor], params: Mapping[str, Tensor], *,
     raise ConfigError(f"hvp_function(): mode must be 'reverse' or 'forward', got '{mode}'.")
 
 
-def ensemble_value_and_grad(f: Callable[..., Tensor], stacked_params: Mapping[str, Tensor], *args: Any,
-                            in_dims: tuple[int | None, ...] | None = None,
-                            chunk_size: int | None = None) -> tuple[Tensor, Params]:
+def ensemble_value_and_grad(
+    f: Callable[..., Tensor],
+    stacked_params: Mapping[str, Tensor],
+    *args: Any,
+    in_dims: tuple[int | None, ...] | None = None,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Params]:
     """Per-member ``(f(p_m, *args), grad f(p_m, *args))`` over M stacked parameter sets.
 
     The members' forward passes run together under ``vmap``; ONE ordinary backward pass of
@@ -304,8 +340,10 @@ def ensemble_value_and_grad(f: Callable[..., Tensor], stacked_params: Mapping[st
     """
     dims = (0,) + (tuple(in_dims) if in_dims is not None else (None,) * len(args))
     if len(dims) != len(args) + 1:
-        raise ShapeError(f"ensemble_value_and_grad(): {len(args)} extra arguments but in_dims has "
-                         f"{len(dims) - 1} entries; give one entry per argument.")
+        raise ShapeError(
+            f"ensemble_value_and_grad(): {len(args)} extra arguments but in_dims has "
+            f"{len(dims) - 1} entries; give one entry per argument."
+        )
     leaves = {k: v.detach().requires_grad_(True) for k, v in stacked_params.items()}
     with torch.enable_grad():
         values = vmap(f, in_dims=dims, chunk_size=chunk_size)(leaves, *args)
@@ -359,8 +397,14 @@ def frozen_running_stats(module: nn.Module) -> Iterator[None]:
                 b.copy_(s)
 
 
-def gaussian_noise(params: Mapping[str, Tensor], sigma: float | Mapping[str, float], generator: torch.Generator,
-                   num: int, *, relative: bool | Mapping[str, bool] = False) -> Params:
+def gaussian_noise(
+    params: Mapping[str, Tensor],
+    sigma: float | Mapping[str, float],
+    generator: torch.Generator,
+    num: int,
+    *,
+    relative: bool | Mapping[str, bool] = False,
+) -> Params:
     """``num`` Gaussian draws U per tensor, shape ``(num, *p.shape)``, std ``sigma`` (or per-tensor sigmas).
 
     ``relative``: std = sigma ||p|| / sqrt(numel p), so that ||U|| ~ sigma ||p|| (noise-to-weight
@@ -370,15 +414,17 @@ def gaussian_noise(params: Mapping[str, Tensor], sigma: float | Mapping[str, flo
     for k, p in params.items():
         s = sigma[k] if isinstance(sigma, Mapping) else sigma
         rel = relative[k] if isinstance(relative, Mapping) else relative
-        z = torch.randn((num,) + tuple(p.shape), generator=generator, device=generator.device,
-                        dtype=p.dtype).to(p.device)
+        z = torch.randn((num,) + tuple(p.shape), generator=generator, device=generator.device, dtype=p.dtype).to(
+            p.device
+        )
         std = s * p.detach().norm() / max(p.numel(), 1) ** 0.5 if rel else s
         out[k] = z * std
     return out
 
 
-def perturbed_copies(params: Mapping[str, Tensor], noise: Mapping[str, Tensor],
-                     signs: tuple[float, ...] = (1.0, -1.0)) -> Params:
+def perturbed_copies(
+    params: Mapping[str, Tensor], noise: Mapping[str, Tensor], signs: tuple[float, ...] = (1.0, -1.0)
+) -> Params:
     """Stacked copies ``W + s U_i``, ordered sign-major: [W + U_1 .. W + U_k, W - U_1 .. W - U_k]."""
     return {k: torch.cat([params[k].detach().unsqueeze(0) + s * noise[k] for s in signs]) for k in noise}
 
@@ -391,8 +437,9 @@ def expand_buffers(buffers: Mapping[str, Tensor], num: int) -> Params:
 __all__ += ["compiled"]
 
 
-def compiled(fn: Callable[..., Any], compile: bool | str | None, what: str, fix: str,
-             **options: Any) -> Callable[..., Any]:
+def compiled(
+    fn: Callable[..., Any], compile: bool | str | None, what: str, fix: str, **options: Any
+) -> Callable[..., Any]:
     """``fn`` itself (``compile`` False/None), or ``torch.compile(fn, backend=..., **options)`` (``True``:
     "inductor"; a string: that backend) whose failures, at compile or at call time, are a
     :class:`CompileError` naming ``what`` was compiled and the ``fix``. One meaning of a ``compile=``
@@ -400,8 +447,10 @@ def compiled(fn: Callable[..., Any], compile: bool | str | None, what: str, fix:
     if compile is False or compile is None:
         return fn
     if compile is not True and not (isinstance(compile, str) and compile):
-        raise ConfigError(f"compile must be False, True (backend 'inductor') or a torch.compile backend name such "
-                          f"as 'aot_eager'; got {compile!r}.")
+        raise ConfigError(
+            f"compile must be False, True (backend 'inductor') or a torch.compile backend name such "
+            f"as 'aot_eager'; got {compile!r}."
+        )
     from torch._dynamo.exc import TorchDynamoException
 
     backend = "inductor" if compile is True else compile

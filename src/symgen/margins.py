@@ -63,8 +63,10 @@ def _prepare(x: Tensor, y: Tensor) -> tuple[np.ndarray, np.ndarray, tuple[int, .
         raise ShapeError(f"y must have shape (n,) = ({x.shape[0]},) to match X {tuple(x.shape)}; got {tuple(y.shape)}.")
     yn = y.detach().cpu().double().numpy()
     if not np.all(np.isin(yn, (-1.0, 1.0))):
-        raise ConfigError(f"labels must be -1 or +1; got values {sorted(set(np.unique(yn).tolist()))[:5]}. "
-                          "Map binary labels with y = 2*y - 1.")
+        raise ConfigError(
+            f"labels must be -1 or +1; got values {sorted(set(np.unique(yn).tolist()))[:5]}. "
+            "Map binary labels with y = 2*y - 1."
+        )
     xn = x.detach().cpu().double().reshape(x.shape[0], -1).numpy()
     if not np.all(np.isfinite(xn)):
         raise ConfigError("X contains NaN or inf; the max-margin problem needs finite inputs.")
@@ -96,16 +98,19 @@ def hard_margin_svm(x: Tensor, y: Tensor, *, tol: float = 1e-7, max_iter: int | 
     try:
         a, _ = nnls(a_mat, b_vec, maxiter=iters)
     except RuntimeError as e:  # scipy raises when the active-set loop hits maxiter
-        raise DivergenceError(f"the NNLS solver of the max-margin QP did not converge in {iters} iterations "
-                              f"({e}); pass a larger max_iter or rescale the data.") from None
+        raise DivergenceError(
+            f"the NNLS solver of the max-margin QP did not converge in {iters} iterations "
+            f"({e}); pass a larger max_iter or rescale the data."
+        ) from None
     s = 1.0 - float(a.sum())
     gamma_est = math.sqrt(max(s, 0.0) / max(1.0 - s, 1e-300))
-    if s <= _MIN_RELATIVE_MARGIN ** 2:
+    if s <= _MIN_RELATIVE_MARGIN**2:
         raise NotSeparableError(
             f"the {n} labelled points are not linearly separable through the origin (max normalized margin "
             f"{gamma_est:.2e} <= {_MIN_RELATIVE_MARGIN:.0e}): some convex combination of the y_i x_i is 0. "
-            "Use a soft-margin method, more features, or check the labels.")
-    alpha = a / s                                    # dual for the scaled data zs
+            "Use a soft-margin method, more features, or check the labels."
+        )
+    alpha = a / s  # dual for the scaled data zs
     beta_s = zs.T @ alpha
     beta_s, alpha = _polish(zs, beta_s, alpha)
     res = _kkt_residual(zs, beta_s, alpha)
@@ -113,16 +118,21 @@ def hard_margin_svm(x: Tensor, y: Tensor, *, tol: float = 1e-7, max_iter: int | 
         raise DivergenceError(
             f"the max-margin QP solution fails its KKT check: residual {res:.2e} > tol {tol:.1e} "
             f"(n={n}, d={d}, normalized margin {1.0 / np.linalg.norm(beta_s):.2e}). The data may be nearly "
-            "non-separable or badly scaled; rescale features or raise tol.")
-    beta = beta_s / scale                            # y_i <beta, x_i> = <beta_s, zs_i>
-    alpha_o = alpha / scale ** 2                     # beta = Z^T alpha_o
+            "non-separable or badly scaled; rescale features or raise tol."
+        )
+    beta = beta_s / scale  # y_i <beta, x_i> = <beta_s, zs_i>
+    alpha_o = alpha / scale**2  # beta = Z^T alpha_o
     like = torch.as_tensor(x)
     dtype = like.dtype if like.is_floating_point() else torch.float64
     beta_t = torch.as_tensor(beta, dtype=dtype, device=like.device).reshape(shape)
     support = torch.as_tensor(np.nonzero(alpha > 0)[0], dtype=torch.long)
-    return MaxMarginSolution(beta=beta_t, margin=float(1.0 / np.linalg.norm(beta)),
-                             dual=torch.as_tensor(alpha_o, dtype=torch.float64), support=support,
-                             kkt_residual=res)
+    return MaxMarginSolution(
+        beta=beta_t,
+        margin=float(1.0 / np.linalg.norm(beta)),
+        dual=torch.as_tensor(alpha_o, dtype=torch.float64),
+        support=support,
+        kkt_residual=res,
+    )
 
 
 def _polish(zs: np.ndarray, beta: np.ndarray, alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -144,12 +154,12 @@ def _polish(zs: np.ndarray, beta: np.ndarray, alpha: np.ndarray) -> tuple[np.nda
 
 def _kkt_residual(zs: np.ndarray, beta: np.ndarray, alpha: np.ndarray) -> float:
     margins = zs @ beta
-    primal = max(0.0, 1.0 - float(margins.min()))                         # y_i <beta, x_i> >= 1
-    dual = max(0.0, -float(alpha.min()))                                   # alpha >= 0
+    primal = max(0.0, 1.0 - float(margins.min()))  # y_i <beta, x_i> >= 1
+    dual = max(0.0, -float(alpha.min()))  # alpha >= 0
     compl = float(np.max(np.abs(alpha * (margins - 1.0)))) / max(float(alpha.max()), 1e-300)
     stat = float(np.linalg.norm(beta - zs.T @ alpha)) / max(float(np.linalg.norm(beta)), 1e-300)
     nb2 = float(beta @ beta)
-    gap = abs(float(alpha.sum()) - nb2) / max(nb2, 1e-300)                 # strong duality: 1^T alpha = ||beta||^2
+    gap = abs(float(alpha.sum()) - nb2) / max(nb2, 1e-300)  # strong duality: 1^T alpha = ||beta||^2
     return max(primal, dual, compl, stat, gap)
 
 
@@ -177,15 +187,15 @@ def normalized_margin(beta: Tensor, x: Tensor, y: Tensor) -> float:
     x = torch.as_tensor(x)
     beta = torch.as_tensor(beta).to(x.dtype if x.is_floating_point() else torch.float64)
     if beta.numel() != x[0].numel():
-        raise ShapeError(f"beta has {beta.numel()} entries but each input has {x[0].numel()} "
-                         f"(X shape {tuple(x.shape)}).")
+        raise ShapeError(
+            f"beta has {beta.numel()} entries but each input has {x[0].numel()} (X shape {tuple(x.shape)})."
+        )
     y = torch.as_tensor(y, dtype=beta.dtype, device=x.device)
     scores = x.reshape(x.shape[0], -1).to(beta.dtype) @ beta.reshape(-1).to(x.device)
     return float((y * scores).min() / beta.norm())
 
 
-def end_to_end_predictor(model: nn.Module, input_shape: Sequence[int] | None = None, *,
-                         check: bool = True) -> Tensor:
+def end_to_end_predictor(model: nn.Module, input_shape: Sequence[int] | None = None, *, check: bool = True) -> Tensor:
     """beta with model(x) = <beta, x> for a linear network without bias: beta_i = model(e_i).
 
     Uses ``model.predictor()`` when the model has one. With ``check``, verifies f(0) = 0 and
@@ -206,22 +216,31 @@ def end_to_end_predictor(model: nn.Module, input_shape: Sequence[int] | None = N
         out = model(inp)
         if out.ndim > 1:
             if out.shape[1:].numel() != 1:
-                raise ShapeError(f"end_to_end_predictor needs a scalar output per input; the model returns "
-                                 f"shape {tuple(out.shape)}.")
+                raise ShapeError(
+                    f"end_to_end_predictor needs a scalar output per input; the model returns shape {tuple(out.shape)}."
+                )
             out = out.reshape(out.shape[0])
         return out
 
     with torch.no_grad():
-        beta = model.predictor().reshape(shape) if hasattr(model, "predictor") else \
-            f(torch.eye(d, dtype=dtype, device=device).reshape(d, *shape)).reshape(shape)
+        beta = (
+            model.predictor().reshape(shape)
+            if hasattr(model, "predictor")
+            else f(torch.eye(d, dtype=dtype, device=device).reshape(d, *shape)).reshape(shape)
+        )
         if check:
             gen = torch.Generator().manual_seed(0)
             u, v = torch.randn(2, *shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
             zero = torch.zeros_like(u)
             outs = f(torch.stack([u, v, 2.0 * u - 3.0 * v, zero]))
             tol = 1e3 * torch.finfo(dtype).eps * (1.0 + float(outs[:3].abs().sum()))
-            if (float((outs[2] - (2.0 * outs[0] - 3.0 * outs[1])).abs()) > tol or float(outs[3].abs()) > tol
-                    or float((outs[0] - (u.reshape(-1) @ beta.reshape(-1))).abs()) > tol):
-                raise ConfigError("end_to_end_predictor: the model is not a linear function without bias "
-                                  "(f(0) != 0 or f(2u - 3v) != 2f(u) - 3f(v)); it has no single predictor beta.")
+            if (
+                float((outs[2] - (2.0 * outs[0] - 3.0 * outs[1])).abs()) > tol
+                or float(outs[3].abs()) > tol
+                or float((outs[0] - (u.reshape(-1) @ beta.reshape(-1))).abs()) > tol
+            ):
+                raise ConfigError(
+                    "end_to_end_predictor: the model is not a linear function without bias "
+                    "(f(0) != 0 or f(2u - 3v) != 2f(u) - 3f(v)); it has no single predictor beta."
+                )
     return beta

@@ -45,12 +45,17 @@ __all__ = [
 def _conv_kind(in_shape: Sequence[int], who: str) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
     if len(in_shape) not in (2, 3):
         raise ConfigError(f"{who} expects an input shape (C, L) or (C, H, W), got {tuple(in_shape)}.")
-    return ((nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d) if len(in_shape) == 2
-            else (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d))
+    return (
+        (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d) if len(in_shape) == 2 else (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)
+    )
 
 
-def small_cnn(in_shape: Sequence[int], num_classes: int = 10, channels: Sequence[int] = (16, 32, 32),
-              pool_after: Sequence[int] = (1, 2)) -> nn.Sequential:
+def small_cnn(
+    in_shape: Sequence[int],
+    num_classes: int = 10,
+    channels: Sequence[int] = (16, 32, 32),
+    pool_after: Sequence[int] = (1, 2),
+) -> nn.Sequential:
     """conv3x3-BN-ReLU blocks of ``channels[i]`` channels, a 2x max-pool after each block listed in
     ``pool_after`` (0-based), then a linear head. 1D or 2D convolutions by ``in_shape`` (C, L) or (C, H, W)."""
     conv, bn, pool = _conv_kind(in_shape, "small_cnn")
@@ -106,8 +111,9 @@ class MixedNet(nn.Module):
         return self.l3(h)
 
 
-def build_model(kind: str, in_shape: tuple[int, ...], width: int = 64, channels: int = 16,
-                num_classes: int = 10) -> nn.Module:
+def build_model(
+    kind: str, in_shape: tuple[int, ...], width: int = 64, channels: int = 16, num_classes: int = 10
+) -> nn.Module:
     """The small BatchNorm networks by name (experiment unit-norm): ``"mlp"`` (:func:`bn_mlp`, 2 hidden
     layers of ``width``), ``"cnn"`` (:func:`small_cnn`, channels (c, 2c), one pool) or ``"mixed"`` (:class:`MixedNet`)."""
     if kind == "mlp":
@@ -148,7 +154,7 @@ class _PadShortcut(nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, self.lo, self.hi))
+        return F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, self.lo, self.hi))
 
 
 class BasicBlock(nn.Module):
@@ -165,8 +171,9 @@ class BasicBlock(nn.Module):
             if shortcut == "A":
                 self.shortcut = _PadShortcut(channels - in_channels, stride)
             elif shortcut == "B":
-                self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False),
-                                              nn.BatchNorm2d(channels))
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False), nn.BatchNorm2d(channels)
+                )
             else:
                 raise ConfigError(f"shortcut must be 'A' (zero padding) or 'B' (projection), got {shortcut!r}.")
 
@@ -180,11 +187,19 @@ class ResNet(nn.Module):
     """CIFAR-style ResNet: conv3x3-BN-ReLU stem (stride 1, no max-pool), stages of BasicBlocks (the first
     block of every stage after the first has stride 2), global average pooling, linear head."""
 
-    def __init__(self, blocks: Sequence[int], widths: Sequence[int], num_classes: int = 10, in_channels: int = 3,
-                 shortcut: str = "B") -> None:
+    def __init__(
+        self,
+        blocks: Sequence[int],
+        widths: Sequence[int],
+        num_classes: int = 10,
+        in_channels: int = 3,
+        shortcut: str = "B",
+    ) -> None:
         super().__init__()
         if len(blocks) != len(widths) or not blocks:
-            raise ConfigError(f"blocks and widths need the same non-zero length; got {list(blocks)} and {list(widths)}.")
+            raise ConfigError(
+                f"blocks and widths need the same non-zero length; got {list(blocks)} and {list(widths)}."
+            )
         self.in_channels = in_channels
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
@@ -249,8 +264,9 @@ class _Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = _Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_dim, dim),
-                                 nn.Dropout(dropout))
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, mlp_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_dim, dim), nn.Dropout(dropout)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.norm1(x))
@@ -261,9 +277,18 @@ class VisionTransformer(nn.Module):
     """ViT: non-overlapping patches -> linear embedding, a class token, learned position embeddings,
     ``depth`` pre-norm transformer blocks, LayerNorm, linear head on the class token."""
 
-    def __init__(self, image_size: int | tuple[int, int] = 32, patch_size: int = 4, num_classes: int = 10,
-                 dim: int = 192, depth: int = 6, heads: int = 3, mlp_dim: int | None = None, in_channels: int = 3,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        image_size: int | tuple[int, int] = 32,
+        patch_size: int = 4,
+        num_classes: int = 10,
+        dim: int = 192,
+        depth: int = 6,
+        heads: int = 3,
+        mlp_dim: int | None = None,
+        in_channels: int = 3,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
         if h % patch_size or w % patch_size:
@@ -281,16 +306,26 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or tuple(x.shape[1:]) != (self.in_channels, *self.image_size):
-            raise ShapeError(f"VisionTransformer expects images (N, {self.in_channels}, {self.image_size[0]}, "
-                             f"{self.image_size[1]}); got {tuple(x.shape)}.")
-        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)                  # (N, patches, dim)
+            raise ShapeError(
+                f"VisionTransformer expects images (N, {self.in_channels}, {self.image_size[0]}, "
+                f"{self.image_size[1]}); got {tuple(x.shape)}."
+            )
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (N, patches, dim)
         tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), tokens], 1) + self.pos_embed
         return self.head(self.norm(self.blocks(tokens))[:, 0])
 
 
-def vit(image_size: int | tuple[int, int] = 32, patch_size: int = 4, num_classes: int = 10, dim: int = 192,
-        depth: int = 6, heads: int = 3, mlp_dim: int | None = None, in_channels: int = 3,
-        dropout: float = 0.0) -> VisionTransformer:
+def vit(
+    image_size: int | tuple[int, int] = 32,
+    patch_size: int = 4,
+    num_classes: int = 10,
+    dim: int = 192,
+    depth: int = 6,
+    heads: int = 3,
+    mlp_dim: int | None = None,
+    in_channels: int = 3,
+    dropout: float = 0.0,
+) -> VisionTransformer:
     """A small Vision Transformer (arXiv 2010.11929); the defaults suit 32x32 images (64 patches of 4x4)."""
     return VisionTransformer(image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, in_channels, dropout)
 
@@ -309,14 +344,23 @@ class PaperMaskedCNN(nn.Module):
     grid, so invariance must be learned by the head as well, as in the paper.
     """
 
-    def __init__(self, in_shape: Sequence[int], num_classes: int = 10, channels: int = 16,
-                 support: str | Tensor = "symmetric", init_std: float = 1.0) -> None:
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        num_classes: int = 10,
+        channels: int = 16,
+        support: str | Tensor = "symmetric",
+        init_std: float = 1.0,
+    ) -> None:
         super().__init__()
         if len(in_shape) != 3 or in_shape[1] % 4 or in_shape[2] % 4:
-            raise ShapeError(f"PaperMaskedCNN expects images (C, H, W) with H and W divisible by 4; got {tuple(in_shape)}.")
+            raise ShapeError(
+                f"PaperMaskedCNN expects images (C, H, W) with H and W divisible by 4; got {tuple(in_shape)}."
+            )
         c, h, w = in_shape
-        self.convs = nn.ModuleList(MaskedConv2d(a, channels, 3, support, bias=False, init_std=init_std)
-                                   for a in (c, channels, channels))
+        self.convs = nn.ModuleList(
+            MaskedConv2d(a, channels, 3, support, bias=False, init_std=init_std) for a in (c, channels, channels)
+        )
         self.grid = (h // 4, w // 4)
         self.head = nn.Linear(channels * self.grid[0] * self.grid[1], num_classes, bias=False)
         with torch.no_grad():

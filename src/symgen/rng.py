@@ -18,8 +18,18 @@ from torch import Tensor
 
 from symgen.errors import ConfigError
 
-__all__ = ["Seed", "as_generator", "init_generator", "seed_of", "derive", "randn", "rademacher", "randn_like", "rademacher_like",
-           "isolated_seed"]
+__all__ = [
+    "Seed",
+    "as_generator",
+    "init_generator",
+    "seed_of",
+    "derive",
+    "randn",
+    "rademacher",
+    "randn_like",
+    "rademacher_like",
+    "isolated_seed",
+]
 
 Seed = int | torch.Generator | None
 
@@ -59,15 +69,25 @@ def derive(seed: int, *keys: int) -> int:
     return h % (2**62)
 
 
-def randn(shape: Sequence[int], generator: torch.Generator, *, device: torch.device | str | None = None,
-          dtype: torch.dtype | None = None) -> Tensor:
+def randn(
+    shape: Sequence[int],
+    generator: torch.Generator,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
     """N(0, 1) draws of ``shape`` from ``generator`` (drawn on its device), returned on ``device``."""
     out = torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=dtype)
     return out.to(device) if device is not None else out
 
 
-def rademacher(shape: Sequence[int], generator: torch.Generator, *, device: torch.device | str | None = None,
-               dtype: torch.dtype | None = None) -> Tensor:
+def rademacher(
+    shape: Sequence[int],
+    generator: torch.Generator,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
     """Random +-1 entries of ``shape`` from ``generator``, returned on ``device`` in ``dtype``."""
     r = torch.randint(0, 2, tuple(shape), generator=generator, device=generator.device)
     return (2 * r - 1).to(device=device if device is not None else r.device, dtype=dtype or torch.get_default_dtype())
@@ -79,8 +99,9 @@ def randn_like(tree: Mapping[str, Tensor], generator: torch.Generator, num: int 
     return {k: randn(lead + tuple(v.shape), generator, device=v.device, dtype=v.dtype) for k, v in tree.items()}
 
 
-def rademacher_like(tree: Mapping[str, Tensor], generator: torch.Generator,
-                    num: int | None = None) -> dict[str, Tensor]:
+def rademacher_like(
+    tree: Mapping[str, Tensor], generator: torch.Generator, num: int | None = None
+) -> dict[str, Tensor]:
     """Random +-1 tensors shaped like each entry of ``tree`` (leading axis ``num`` if given)."""
     lead = () if num is None else (num,)
     return {k: rademacher(lead + tuple(v.shape), generator, device=v.device, dtype=v.dtype) for k, v in tree.items()}

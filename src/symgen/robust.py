@@ -49,6 +49,7 @@ LossSpec = str | Callable[[Tensor, Tensor], Tensor]
 # losses and accuracy
 # --------------------------------------------------------------------------------------------
 
+
 def _signed_binary(y: Tensor) -> Tensor:
     """Binary labels {0, 1} or {-1, +1} as floats in {-1, +1}."""
     if y.is_floating_point():
@@ -68,8 +69,10 @@ def attack_loss(out: Tensor, y: Tensor, loss: LossSpec = "auto") -> Tensor:
     if callable(loss):
         value = loss(out, y)
         if value.ndim != 1:
-            raise ShapeError(f"a custom attack loss must return one value per example (N,), got shape "
-                             f"{tuple(value.shape)}; use reduction='none'.")
+            raise ShapeError(
+                f"a custom attack loss must return one value per example (N,), got shape "
+                f"{tuple(value.shape)}; use reduction='none'."
+            )
         return value
     single = out.ndim == 1 or (out.ndim == 2 and out.shape[1] == 1)
     if loss == "auto":
@@ -118,8 +121,8 @@ def accuracy(out: Tensor, y: Tensor) -> float:
 # attacks
 # --------------------------------------------------------------------------------------------
 
-def _check_attack_args(x: Tensor, y: Tensor, eps: float, norm: str,
-                       clamp: tuple[float, float] | None) -> None:
+
+def _check_attack_args(x: Tensor, y: Tensor, eps: float, norm: str, clamp: tuple[float, float] | None) -> None:
     if not math.isfinite(eps) or eps < 0:
         raise ConfigError(f"eps must be a finite number >= 0 (the radius of the {norm} ball), got {eps}.")
     if norm not in ("linf", "l2"):
@@ -131,8 +134,10 @@ def _check_attack_args(x: Tensor, y: Tensor, eps: float, norm: str,
         if lo > hi:
             raise ConfigError(f"clamp=(lo, hi) needs lo <= hi, got {clamp}.")
         if x.numel() and (x.min().item() < lo or x.max().item() > hi):
-            raise ConfigError(f"inputs lie in [{x.min().item():.4g}, {x.max().item():.4g}], outside "
-                              f"clamp={clamp}; clamp the data first or pass a wider range (or None).")
+            raise ConfigError(
+                f"inputs lie in [{x.min().item():.4g}, {x.max().item():.4g}], outside "
+                f"clamp={clamp}; clamp the data first or pass a wider range (or None)."
+            )
 
 
 def _per_example_norm(t: Tensor) -> Tensor:
@@ -182,8 +187,10 @@ def _input_grad(predict: Predictor, x_adv: Tensor, y: Tensor, loss: LossSpec) ->
         # Summing keeps per-example gradients separate (examples do not interact in eval mode).
         total = values.sum()
         if not torch.isfinite(total):
-            raise DivergenceError("the attack loss is not finite; check the predictor's outputs "
-                                  "(a kernel solve with too small a ridge, or NaN weights).")
+            raise DivergenceError(
+                "the attack loss is not finite; check the predictor's outputs "
+                "(a kernel solve with too small a ridge, or NaN weights)."
+            )
         (grad,) = torch.autograd.grad(total, x_adv)
     return grad, values.detach()
 
@@ -196,9 +203,17 @@ def _chunks(n: int, batch_size: int | None) -> list[slice]:
     return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
-def fgsm(predict: Predictor, x: Tensor, y: Tensor, eps: float, *, norm: str = "linf",
-         clamp: tuple[float, float] | None = None, loss: LossSpec = "auto",
-         batch_size: int | None = None) -> Tensor:
+def fgsm(
+    predict: Predictor,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    *,
+    norm: str = "linf",
+    clamp: tuple[float, float] | None = None,
+    loss: LossSpec = "auto",
+    batch_size: int | None = None,
+) -> Tensor:
     """Fast gradient (sign) method: one step of length eps along the loss gradient.
 
     x_adv = clip(x + eps * sign(grad_x L))  (linf) or x + eps * g / ||g||_2 (l2); arXiv 1412.6572.
@@ -215,10 +230,21 @@ def fgsm(predict: Predictor, x: Tensor, y: Tensor, eps: float, *, norm: str = "l
     return out
 
 
-def pgd(predict: Predictor, x: Tensor, y: Tensor, eps: float, step_size: float | None = None,
-        steps: int = 10, *, norm: str = "linf", clamp: tuple[float, float] | None = None,
-        random_start: bool = True, loss: LossSpec = "auto", batch_size: int | None = None,
-        generator: Seed = None) -> Tensor:
+def pgd(
+    predict: Predictor,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    step_size: float | None = None,
+    steps: int = 10,
+    *,
+    norm: str = "linf",
+    clamp: tuple[float, float] | None = None,
+    random_start: bool = True,
+    loss: LossSpec = "auto",
+    batch_size: int | None = None,
+    generator: Seed = None,
+) -> Tensor:
     """Projected gradient ascent on the loss inside the eps-ball (Madry et al., arXiv 1706.06083).
 
     x_{k+1} = Proj_{B_eps(x)} clip(x_k + alpha * step(grad_x L(f(x_k), y))), step = sign (linf) or
@@ -252,6 +278,7 @@ def pgd(predict: Predictor, x: Tensor, y: Tensor, eps: float, step_size: float |
 # kernel-regression predictor (differentiable in the test input)
 # --------------------------------------------------------------------------------------------
 
+
 class KernelPredictor:
     """f(x) = K(x, X) alpha with alpha = (K(X, X) + ridge I)^-1 Y fixed, differentiable in x.
 
@@ -269,8 +296,9 @@ class KernelPredictor:
         return self.kernel(x, self.x_train) @ self.alpha
 
 
-def kernel_predictor(kernel: Callable[[Tensor, Tensor], Tensor], x_train: Tensor, y_train: Tensor,
-                     ridge: float = 0.0) -> KernelPredictor:
+def kernel_predictor(
+    kernel: Callable[[Tensor, Tensor], Tensor], x_train: Tensor, y_train: Tensor, ridge: float = 0.0
+) -> KernelPredictor:
     """The kernel ridge regression predictor x -> K(x, X)(K(X, X) + ridge I)^-1 Y as a callable.
 
     Integer labels become centred one-hot targets (e_y - 1/C) for C > 2 classes and +-1 for 2;
@@ -280,15 +308,18 @@ def kernel_predictor(kernel: Callable[[Tensor, Tensor], Tensor], x_train: Tensor
     with torch.no_grad():
         k_train = kernel(x_train, x_train)
         if not torch.isfinite(k_train).all():
-            raise DivergenceError("the kernel returned non-finite values on the training inputs; "
-                                  "check the kernel's parameters and the data.")
+            raise DivergenceError(
+                "the kernel returned non-finite values on the training inputs; "
+                "check the kernel's parameters and the data."
+            )
         eye = torch.eye(k_train.shape[0], dtype=k_train.dtype, device=k_train.device)
         # The weights alpha are kernel_regression's prediction for "test points" whose kernel row is
         # e_i, so the (single) solve stays in symgen.ntk.
         alpha = kernel_regression(k_train, targets.to(k_train.dtype), eye, ridge)
     if not torch.isfinite(alpha).all():
-        raise DivergenceError(f"the kernel solve gave non-finite weights (ridge={ridge}); "
-                              "increase the ridge or use float64.")
+        raise DivergenceError(
+            f"the kernel solve gave non-finite weights (ridge={ridge}); increase the ridge or use float64."
+        )
     return KernelPredictor(kernel, x_train, alpha)
 
 
@@ -302,21 +333,29 @@ def regression_targets(y: Tensor, num_classes: int | None = None) -> Tensor:
     return F.one_hot(y, classes).to(torch.get_default_dtype()) - 1.0 / classes
 
 
-
 # --------------------------------------------------------------------------------------------
 # adversarial training
 # --------------------------------------------------------------------------------------------
+
 
 def _training_batch(x_adv: Tensor, y: Tensor, x: Tensor, clean_weight: float) -> tuple[Tensor, ...]:
     """The batch one adversarial-training step trains on: ``(x_adv, y)``, plus the clean ``x`` if it is weighted."""
     return (x_adv, y, x) if clean_weight > 0 else (x_adv, y)
 
 
-def adversarial_training(model: nn.Module, data: tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]],
-                         attack: Callable[..., Tensor], optimizer: torch.optim.Optimizer, *, epochs: int = 10,
-                         loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy, batch_size: int = 128,
-                         clean_weight: float = 0.0, generator: Seed = None,
-                         device: torch.device | str | None = None) -> dict[str, list[float]]:
+def adversarial_training(
+    model: nn.Module,
+    data: tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]],
+    attack: Callable[..., Tensor],
+    optimizer: torch.optim.Optimizer,
+    *,
+    epochs: int = 10,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    batch_size: int = 128,
+    clean_weight: float = 0.0,
+    generator: Seed = None,
+    device: torch.device | str | None = None,
+) -> dict[str, list[float]]:
     """PGD adversarial training: min_theta E max_{||d|| <= eps} L(f(x + d), y) (Madry, arXiv 1706.06083).
 
     :func:`symgen.training.fit` with the attack as its batch transform. ``optimizer``: an instance built
@@ -349,8 +388,9 @@ def adversarial_training(model: nn.Module, data: tuple[Tensor, Tensor] | Iterabl
 
         vectorizable = False
 
-        def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x_adv: Tensor, y: Tensor,
-                     x: Tensor) -> None:
+        def __init__(
+            self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x_adv: Tensor, y: Tensor, x: Tensor
+        ) -> None:
             super().__init__(model, loss_fn, x_adv, y)
             self.x_clean = x
 
@@ -359,9 +399,19 @@ def adversarial_training(model: nn.Module, data: tuple[Tensor, Tensor] | Iterabl
             loss = self.loss_fn(out, self.y)
             return (1 - clean_weight) * loss + clean_weight * self.loss_fn(self.model(self.x_clean), self.y), out
 
-    hist = fit(model, data, optimizer, loss_fn=loss_fn, epochs=epochs, batch_size=batch_size, generator=g,
-               device=device, transform=adversarial, closure=CleanMixClosure if clean_weight > 0 else LossClosure,
-               metrics={"adv_accuracy": accuracy})
+    hist = fit(
+        model,
+        data,
+        optimizer,
+        loss_fn=loss_fn,
+        epochs=epochs,
+        batch_size=batch_size,
+        generator=g,
+        device=device,
+        transform=adversarial,
+        closure=CleanMixClosure if clean_weight > 0 else LossClosure,
+        metrics={"adv_accuracy": accuracy},
+    )
     return {"epoch": hist["epoch"], "loss": hist["loss"], "adv_accuracy": hist["adv_accuracy"]}
 
 
@@ -369,8 +419,10 @@ def adversarial_training(model: nn.Module, data: tuple[Tensor, Tensor] | Iterabl
 # NTK eigen-features (Tsilivis & Kempe 2022)
 # --------------------------------------------------------------------------------------------
 
-def eigen_features(k_train: Tensor, k_test_train: Tensor, y_train: Tensor, ridge: float = 0.0,
-                   num_features: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+
+def eigen_features(
+    k_train: Tensor, k_test_train: Tensor, y_train: Tensor, ridge: float = 0.0, num_features: int | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Split kernel regression into one feature per eigenpair of the train Gram matrix.
 
     With K = sum_i lambda_i v_i v_i^T: f_i(x) = K(x, X) v_i v_i^T Y / (lambda_i + ridge), and
@@ -387,8 +439,10 @@ def eigen_features(k_train: Tensor, k_test_train: Tensor, y_train: Tensor, ridge
         raise ShapeError(f"y_train has {y_train.shape[0]} rows, the Gram matrix {n}.")
     k = n if num_features is None else min(num_features, n)
     if not (torch.isfinite(k_train).all() and torch.isfinite(k_test_train).all()):
-        raise DivergenceError("the kernel matrices hold non-finite values; the eigen-feature solve is "
-                              "undefined. Check the kernel and the data.")
+        raise DivergenceError(
+            "the kernel matrices hold non-finite values; the eigen-feature solve is "
+            "undefined. Check the kernel and the data."
+        )
     evals, evecs = kernel_eigh(k_train)
     evals, evecs = evals[:k], evecs[:, :k]
     denom = evals + ridge
@@ -429,9 +483,17 @@ def _correlation(f: Tensor, y: Tensor) -> float:
     return (num / den).item()
 
 
-def ntk_feature_robustness(kernel: Callable[[Tensor, Tensor], Tensor], x_train: Tensor, y_train: Tensor,
-                           x_test: Tensor, y_test: Tensor, attack: Callable[..., Tensor], *,
-                           ridge: float = 0.0, num_features: int = 20) -> FeatureRobustness:
+def ntk_feature_robustness(
+    kernel: Callable[[Tensor, Tensor], Tensor],
+    x_train: Tensor,
+    y_train: Tensor,
+    x_test: Tensor,
+    y_test: Tensor,
+    attack: Callable[..., Tensor],
+    *,
+    ridge: float = 0.0,
+    num_features: int = 20,
+) -> FeatureRobustness:
     """Usefulness and robustness of each NTK eigen-feature (Tsilivis & Kempe 2022, arXiv 2210.05577).
 
     Feature i: f_i(x) = K(x, X) v_i v_i^T Y / (lambda_i + ridge) (the features sum to the kernel
@@ -441,8 +503,10 @@ def ntk_feature_robustness(kernel: Callable[[Tensor, Tensor], Tensor], x_train: 
     Integer labels become +-1 (two classes) or centred one-hot targets.
     """
     if x_train.shape[0] != y_train.shape[0] or x_test.shape[0] != y_test.shape[0]:
-        raise ShapeError(f"x_train/y_train ({x_train.shape[0]}/{y_train.shape[0]}) or x_test/y_test "
-                         f"({x_test.shape[0]}/{y_test.shape[0]}) differ in length.")
+        raise ShapeError(
+            f"x_train/y_train ({x_train.shape[0]}/{y_train.shape[0]}) or x_test/y_test "
+            f"({x_test.shape[0]}/{y_test.shape[0]}) differ in length."
+        )
     num_classes = int(torch.cat([y_train, y_test]).max().item()) + 1 if not y_train.is_floating_point() else None
     targets = regression_targets(y_train, num_classes)
     test_targets = regression_targets(y_test, num_classes)
@@ -472,8 +536,12 @@ def ntk_feature_robustness(kernel: Callable[[Tensor, Tensor], Tensor], x_train: 
         corr.append(_correlation(f_clean, test_targets))
         robust_corr.append(_correlation(f_adv, test_targets))
     return FeatureRobustness(
-        eigenvalues=evals.tolist(), usefulness=usefulness, robustness=robustness, correlation=corr,
-        robust_correlation=robust_corr, predictor_accuracy=accuracy(clean_pred, y_test),
+        eigenvalues=evals.tolist(),
+        usefulness=usefulness,
+        robustness=robustness,
+        correlation=corr,
+        robust_correlation=robust_corr,
+        predictor_accuracy=accuracy(clean_pred, y_test),
         predictor_robust_accuracy=accuracy(robust_pred, y_test),
         extra={"num_train": int(x_train.shape[0]), "ridge": ridge},
     )

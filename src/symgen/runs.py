@@ -25,14 +25,7 @@ import yaml
 
 from symgen.errors import ConfigError, SymgenError
 from symgen.executors import Executor, InProcessExecutor, PoolExecutor, RayExecutor, make_executor
-from symgen.experiments.base import (
-    Claim,
-    Context,
-    Experiment,
-    ExperimentConfig,
-    jsonable,
-    trial_key,
-)
+from symgen.experiments.base import Claim, Context, Experiment, ExperimentConfig, jsonable, trial_key
 from symgen.io import atomic_write
 
 if TYPE_CHECKING:
@@ -104,9 +97,21 @@ class RunStore:
     (an error), ``interrupted`` (Ctrl-C, SIGTERM, or a ``running`` run whose process is gone).
     """
 
-    _COLUMNS = {"id": "TEXT PRIMARY KEY", "experiment": "TEXT", "created": "TEXT", "status": "TEXT", "path": "TEXT",
-                "passed": "INTEGER", "total": "INTEGER", "seconds": "REAL", "quick": "INTEGER",
-                "config_hash": "TEXT", "pid": "INTEGER", "host": "TEXT", "subject": "TEXT"}
+    _COLUMNS = {
+        "id": "TEXT PRIMARY KEY",
+        "experiment": "TEXT",
+        "created": "TEXT",
+        "status": "TEXT",
+        "path": "TEXT",
+        "passed": "INTEGER",
+        "total": "INTEGER",
+        "seconds": "REAL",
+        "quick": "INTEGER",
+        "config_hash": "TEXT",
+        "pid": "INTEGER",
+        "host": "TEXT",
+        "subject": "TEXT",
+    }
 
     def __init__(self, root: str | Path = "runs"):
         self.root = Path(root)
@@ -128,15 +133,24 @@ class RunStore:
         run = RunDir(self.root / f"{stamp}-{experiment}-{secrets.token_hex(3)}")
         run.path.mkdir(parents=True)
         run.write_yaml("config.yaml", {"experiment": experiment, "quick": quick, "config": config.model_dump()})
-        self.record(run, experiment, status="running", quick=quick, config_hash=config_hash(config),
-                    subject=subject)
+        self.record(run, experiment, status="running", quick=quick, config_hash=config_hash(config), subject=subject)
         return run
 
-    def record(self, run: RunDir, experiment: str, status: str, quick: bool | None = None,
-               passed: int | None = None, total: int | None = None, seconds: float | None = None,
-               config_hash: str | None = None, subject: str | None = None) -> None:
+    def record(
+        self,
+        run: RunDir,
+        experiment: str,
+        status: str,
+        quick: bool | None = None,
+        passed: int | None = None,
+        total: int | None = None,
+        seconds: float | None = None,
+        config_hash: str | None = None,
+        subject: str | None = None,
+    ) -> None:
         with self._db() as db:
-            db.execute("""INSERT INTO runs (id, experiment, created, status, path, passed, total, seconds, quick,
+            db.execute(
+                """INSERT INTO runs (id, experiment, created, status, path, passed, total, seconds, quick,
                                             config_hash, pid, host, subject)
                           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                           ON CONFLICT(id) DO UPDATE SET status=excluded.status, pid=excluded.pid,
@@ -145,9 +159,22 @@ class RunStore:
                             seconds=COALESCE(excluded.seconds, seconds), quick=COALESCE(excluded.quick, quick),
                             config_hash=COALESCE(excluded.config_hash, config_hash),
                             subject=COALESCE(excluded.subject, subject)""",
-                       (run.id, experiment, time.strftime("%Y-%m-%d %H:%M:%S"), status, run.path.name,
-                        passed, total, seconds, None if quick is None else int(quick), config_hash,
-                        os.getpid(), socket.gethostname(), subject))
+                (
+                    run.id,
+                    experiment,
+                    time.strftime("%Y-%m-%d %H:%M:%S"),
+                    status,
+                    run.path.name,
+                    passed,
+                    total,
+                    seconds,
+                    None if quick is None else int(quick),
+                    config_hash,
+                    os.getpid(),
+                    socket.gethostname(),
+                    subject,
+                ),
+            )
 
     def discard(self, run: RunDir) -> None:
         """Remove a run that holds nothing (it failed before its first result) from disk and index."""
@@ -190,8 +217,11 @@ class RunStore:
         """The latest interrupted run of ``experiment`` (with the same config, when given); never a failed
         or finished one."""
         want = None if config is None else config_hash(config)
-        rows = [r for r in self.list(experiment) if r["status"] == "interrupted"
-                and (want is None or r.get("config_hash") == want)]
+        rows = [
+            r
+            for r in self.list(experiment)
+            if r["status"] == "interrupted" and (want is None or r.get("config_hash") == want)
+        ]
         return RunDir(Path(rows[-1]["path"])) if rows else None
 
     def latest_unfinished(self, experiment: str) -> RunDir | None:
@@ -227,6 +257,7 @@ def share_mode(root: Path) -> None:
 
 # ----------------------------------------------------------------------------------- context
 
+
 class RunContext(Context):
     """Context backed by a run directory: trial results cached on disk, metrics logged, progress shown."""
 
@@ -252,9 +283,12 @@ class RunContext(Context):
         for j, result in self.progress(stream, desc=desc, total=len(todo)):
             i = todo[j]
             results[i] = jsonable(result)
-            atomic_write(self.run.trial_path(keys[i]),
-                         json.dumps({"fn": f"{fn.__module__}.{fn.__qualname__}", "item": jsonable(items[i]),
-                                     "result": results[i]}))
+            atomic_write(
+                self.run.trial_path(keys[i]),
+                json.dumps(
+                    {"fn": f"{fn.__module__}.{fn.__qualname__}", "item": jsonable(items[i]), "result": results[i]}
+                ),
+            )
             self.trials_done += 1
         return results
 
@@ -273,6 +307,7 @@ class RunContext(Context):
 
 # ----------------------------------------------------------------------------------- execution
 
+
 @dataclass
 class RunOutcome:
     run: RunDir
@@ -282,9 +317,16 @@ class RunOutcome:
     trials_reused: int
 
 
-def execute(experiment: Experiment, config: ExperimentConfig, store: RunStore, *, quick: bool = False,
-            executor: Executor | None = None, resume: RunDir | None = None,
-            show_progress: bool = True) -> RunOutcome:
+def execute(
+    experiment: Experiment,
+    config: ExperimentConfig,
+    store: RunStore,
+    *,
+    quick: bool = False,
+    executor: Executor | None = None,
+    resume: RunDir | None = None,
+    show_progress: bool = True,
+) -> RunOutcome:
     """Run ``experiment`` under ``config`` into a new run directory (or ``resume`` an interrupted one).
 
     Ctrl-C (or SIGTERM through the CLI) marks the run ``interrupted``: ``--resume`` continues it. Any
@@ -322,8 +364,9 @@ def execute(experiment: Experiment, config: ExperimentConfig, store: RunStore, *
     finally:
         executor.close()
     share_mode(run.path)
-    store.record(run, experiment.name, status="done", passed=sum(c.passed for c in claims),
-                 total=len(claims), seconds=seconds)
+    store.record(
+        run, experiment.name, status="done", passed=sum(c.passed for c in claims), total=len(claims), seconds=seconds
+    )
     return RunOutcome(run, claims, result, seconds, ctx.trials_reused)
 
 
@@ -355,6 +398,7 @@ def iter_claims(run: RunDir) -> Iterable[dict[str, Any]]:
 
 # ----------------------------------------------------------------------------------- audits
 
+
 class AuditConfig(ExperimentConfig):
     """The settings of an audit run, as its ``config.yaml`` holds them."""
 
@@ -367,11 +411,21 @@ class AuditConfig(ExperimentConfig):
     limits: dict[str, Any] = {}
 
 
-def run_audit(model: str, data: str, *, checkpoint: str | Path | None = None, action: str = "none",
-              budget: str | float = "quick", root: str | Path | None = None, device: str | None = None,
-              seed: int = 0, out: str | Path = "runs", limits: dict[str, Any] | None = None,
-              progress: Callable[[str], None] | None = None,
-              process_group: Any = None) -> tuple[AuditResult, RunDir | None]:
+def run_audit(
+    model: str,
+    data: str,
+    *,
+    checkpoint: str | Path | None = None,
+    action: str = "none",
+    budget: str | float = "quick",
+    root: str | Path | None = None,
+    device: str | None = None,
+    seed: int = 0,
+    out: str | Path = "runs",
+    limits: dict[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+    process_group: Any = None,
+) -> tuple[AuditResult, RunDir | None]:
     """Load ``model`` (``MODULE:FACTORY``) and ``checkpoint``, audit it, and store it as a run under ``out``
     (what ``symgen audit`` does).
 
@@ -390,17 +444,38 @@ def run_audit(model: str, data: str, *, checkpoint: str | Path | None = None, ac
         raise ConfigError(f"unknown action '{action}'; choose one of {', '.join(ACTIONS)}.")
     lim = resolve_limits(budget, limits)  # validate before anything is loaded
     if not lim.time_limit > 0:
-        raise ConfigError(f"time_limit must be > 0 seconds, got {lim.time_limit:g}; the audit sizes its work "
-                          "to it (e.g. --budget 60 or --set time_limit=120).")
+        raise ConfigError(
+            f"time_limit must be > 0 seconds, got {lim.time_limit:g}; the audit sizes its work "
+            "to it (e.g. --budget 60 or --set time_limit=120)."
+        )
     try:
-        cfg = AuditConfig(model=model, checkpoint=None if checkpoint is None else str(checkpoint), data=data,
-                          root=None if root is None else str(root), action=action, budget=str(budget),
-                          limits=dict(limits or {}), seed=seed, device=device or "cpu")
+        cfg = AuditConfig(
+            model=model,
+            checkpoint=None if checkpoint is None else str(checkpoint),
+            data=data,
+            root=None if root is None else str(root),
+            action=action,
+            budget=str(budget),
+            limits=dict(limits or {}),
+            seed=seed,
+            device=device or "cpu",
+        )
     except ValidationError as e:
         raise ConfigError(f"invalid audit settings: {e}") from None
     net = load_model(model, checkpoint, device=cfg.device)
-    result = audit(net, data, action, budget=budget, limits=limits, root=root, generator=seed,
-                   device=cfg.device, name=model, progress=progress, process_group=process_group)
+    result = audit(
+        net,
+        data,
+        action,
+        budget=budget,
+        limits=limits,
+        root=root,
+        generator=seed,
+        device=cfg.device,
+        name=model,
+        progress=progress,
+        process_group=process_group,
+    )
     if checkpoint is not None:
         result.model = f"{model} + {Path(checkpoint).name}"
     if process_group is not None:
@@ -411,17 +486,24 @@ def run_audit(model: str, data: str, *, checkpoint: str | Path | None = None, ac
     return result, write_audit_run(RunStore(out), result, config=cfg)
 
 
-def write_audit_run(store: RunStore, result: AuditResult, *, title: str | None = None,
-                    config: AuditConfig | None = None) -> RunDir:
+def write_audit_run(
+    store: RunStore, result: AuditResult, *, title: str | None = None, config: AuditConfig | None = None
+) -> RunDir:
     """Store an :class:`~symgen.audit.AuditResult` as a new run of ``store`` (experiment ``audit``).
 
     The run directory holds ``config.yaml`` (the audit's settings), ``audit.json`` (every value),
     ``result.json`` (the report's tables), ``claims.json`` (empty: an audit checks no claims),
     ``figures/*.png`` and ``report.html``.
     """
-    cfg = config or AuditConfig(model=result.model, data=result.data, action=result.action or "none",
-                                budget=result.budget, limits=jsonable(result.limits), seed=result.seed,
-                                device=result.device)
+    cfg = config or AuditConfig(
+        model=result.model,
+        data=result.data,
+        action=result.action or "none",
+        budget=result.budget,
+        limits=jsonable(result.limits),
+        seed=result.seed,
+        device=result.device,
+    )
     run = store.create("audit", cfg, quick=result.budget != "full", subject=f"{result.model} on {result.data}")
     try:
         _write_audit_files(run, result, title)
@@ -433,8 +515,9 @@ def write_audit_run(store: RunStore, result: AuditResult, *, title: str | None =
     return run
 
 
-def _write_audit_files(run: RunDir, result: AuditResult, title: str | None = None,
-                       figures: list[Path] | None = None) -> Path:
+def _write_audit_files(
+    run: RunDir, result: AuditResult, title: str | None = None, figures: list[Path] | None = None
+) -> Path:
     """``audit.json``, ``figures/*.png``, ``report.html``, ``result.json`` and ``claims.json`` of an audit."""
     from symgen.audit.page import render_audit_page
 

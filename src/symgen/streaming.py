@@ -35,8 +35,14 @@ class BatchStream:
     the dataset (eval-mode products); with train-mode BatchNorm the batch composition matters.
     """
 
-    def __init__(self, data: Any, device: torch.device | str | None = None, *, inputs_only: bool = False,
-                 allow_empty: bool = False) -> None:
+    def __init__(
+        self,
+        data: Any,
+        device: torch.device | str | None = None,
+        *,
+        inputs_only: bool = False,
+        allow_empty: bool = False,
+    ) -> None:
         self.device = None if device is None else torch.device(device)
         self.inputs_only = inputs_only
         self.allow_empty = allow_empty
@@ -53,8 +59,10 @@ class BatchStream:
             data = list(data)  # a one-shot iterator: a second pass would see nothing
         if not hasattr(data, "__iter__") or isinstance(data, (Tensor, str, bytes, dict)):
             what = "tensors x" if inputs_only else "batches (x, y)"
-            raise ShapeError(f"data must be {'a tensor x, ' if inputs_only else 'a batch (x, y) of tensors, '}a list "
-                             f"of {what} or a DataLoader yielding them; got {type(data).__name__}.")
+            raise ShapeError(
+                f"data must be {'a tensor x, ' if inputs_only else 'a batch (x, y) of tensors, '}a list "
+                f"of {what} or a DataLoader yielding them; got {type(data).__name__}."
+            )
         self._source = data
         if isinstance(data, (list, tuple)):
             for _ in self:  # validate in-memory data at once and learn its size
@@ -71,21 +79,28 @@ class BatchStream:
         elif isinstance(batch, (tuple, list)) and len(batch) >= (1 if self.inputs_only else 2):
             parts = (batch[0],) if self.inputs_only else (batch[0], batch[1])
         else:
-            raise ShapeError(f"batch {i} is a {type(batch).__name__}; expected "
-                             f"{'a tensor x or (x, y)' if self.inputs_only else 'a pair (x, y) of tensors'}.")
+            raise ShapeError(
+                f"batch {i} is a {type(batch).__name__}; expected "
+                f"{'a tensor x or (x, y)' if self.inputs_only else 'a pair (x, y) of tensors'}."
+            )
         if not all(isinstance(t, Tensor) and t.dim() >= 1 for t in parts):
-            raise ShapeError(f"batch {i} holds {[type(t).__name__ for t in parts]}; expected tensors with a "
-                             "leading batch axis.")
+            raise ShapeError(
+                f"batch {i} holds {[type(t).__name__ for t in parts]}; expected tensors with a leading batch axis."
+            )
         if len(parts) == 2 and parts[0].shape[0] != parts[1].shape[0]:
-            raise ShapeError(f"batch {i}: x has {parts[0].shape[0]} samples but y has {parts[1].shape[0]}; "
-                             "each batch must be (x, y) with the same leading size.")
+            raise ShapeError(
+                f"batch {i}: x has {parts[0].shape[0]} samples but y has {parts[1].shape[0]}; "
+                "each batch must be (x, y) with the same leading size."
+            )
         sig = tuple(_signature(t) for t in parts)
         if self._sig is None:
             self._sig = sig
         elif sig != self._sig:
-            raise ShapeError(f"batch {i} has per-sample (shape, dtype) {sig}, but the first batch had {self._sig}; "
-                             "a loader must yield batches of one per-sample shape and type (fix the dataset's "
-                             "transform or collate_fn).")
+            raise ShapeError(
+                f"batch {i} has per-sample (shape, dtype) {sig}, but the first batch had {self._sig}; "
+                "a loader must yield batches of one per-sample shape and type (fix the dataset's "
+                "transform or collate_fn)."
+            )
         if self.device is not None:
             parts = tuple(t.to(self.device, non_blocking=True) for t in parts)
         return parts
@@ -100,8 +115,10 @@ class BatchStream:
             num += parts[0].shape[0]
             yield parts
         if count == 0 and not self.allow_empty:
-            raise ShapeError("data holds no samples (an empty loader or only empty batches); pass a batch (x, y) "
-                             "or a non-empty loader.")
+            raise ShapeError(
+                "data holds no samples (an empty loader or only empty batches); pass a batch (x, y) "
+                "or a non-empty loader."
+            )
         self.num_batches, self.num_data = count, num
 
 
@@ -123,8 +140,10 @@ def model_device(module: nn.Module, params: Mapping[str, Tensor] | None = None) 
     tensors = list((params or {}).values()) or [*module.parameters(), *module.buffers()]
     devices = {t.device for t in tensors}
     if len(devices) > 1:
-        raise ConfigError(f"the model's parameters and buffers lie on several devices {sorted(map(str, devices))}; "
-                          "move the whole model to one device (model.to(device)).")
+        raise ConfigError(
+            f"the model's parameters and buffers lie on several devices {sorted(map(str, devices))}; "
+            "move the whole model to one device (model.to(device))."
+        )
     return devices.pop() if devices else torch.device("cpu")
 
 
@@ -132,8 +151,10 @@ def check_same_device(module: nn.Module, x: Tensor, what: str = "x") -> None:
     """A clear ``ConfigError`` when input ``x`` and the model live on different devices."""
     dev = model_device(module)
     if isinstance(x, Tensor) and x.device != dev and next(iter([*module.parameters()]), None) is not None:
-        raise ConfigError(f"{what} is on {x.device} but the model is on {dev}; move one of them "
-                          f"({what}.to(device) or model.to(device)).")
+        raise ConfigError(
+            f"{what} is on {x.device} but the model is on {dev}; move one of them "
+            f"({what}.to(device) or model.to(device))."
+        )
 
 
 __all__ += ["is_tensor_pair", "iter_is_self", "check_same_device"]

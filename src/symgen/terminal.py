@@ -15,8 +15,17 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, Any
 
-__all__ = ["text_table", "claim_headline", "claim_line", "claim_lines", "format_value", "dump_json",
-           "progress", "Ticker", "is_tty"]
+__all__ = [
+    "text_table",
+    "claim_headline",
+    "claim_line",
+    "claim_lines",
+    "format_value",
+    "dump_json",
+    "progress",
+    "Ticker",
+    "is_tty",
+]
 
 PROGRESS_INTERVAL = 10.0  # seconds between plain progress lines outside a terminal
 
@@ -125,8 +134,9 @@ def claim_lines(claims: Sequence[dict[str, Any]], title: str = "") -> str:
     """One line per claim (the full measured values are in the HTML report and in ``--json``)."""
     n = sum(bool(c.get("passed")) for c in claims)
     head = f"{title}: " if title else ""
-    table = text_table(["claim", "verdict", "headline vs threshold", "paper", "margin"],
-                       [claim_line(c) for c in claims])
+    table = text_table(
+        ["claim", "verdict", "headline vs threshold", "paper", "margin"], [claim_line(c) for c in claims]
+    )
     return f"{head}{n}/{len(claims)} claims pass\n{table}"
 
 
@@ -140,8 +150,9 @@ def dump_json(obj: Any, stream: IO[str] | None = None) -> None:
 class Ticker:
     """Plain progress lines on ``stream`` at most every ``interval`` seconds (for pipes and logs)."""
 
-    def __init__(self, desc: str, total: int | None = None, stream: IO[str] | None = None,
-                 interval: float = PROGRESS_INTERVAL):
+    def __init__(
+        self, desc: str, total: int | None = None, stream: IO[str] | None = None, interval: float = PROGRESS_INTERVAL
+    ):
         self.desc, self.total, self.interval = desc, total, interval
         self.stream = stream if stream is not None else sys.stderr
         self.start = self.last = time.monotonic()
@@ -157,8 +168,9 @@ class Ticker:
             self.stream.flush()
 
 
-def progress(iterable: Iterable[Any], desc: str = "", total: int | None = None,
-             stream: IO[str] | None = None) -> Iterator[Any]:
+def progress(
+    iterable: Iterable[Any], desc: str = "", total: int | None = None, stream: IO[str] | None = None
+) -> Iterator[Any]:
     """Yield from ``iterable`` with a rich progress bar in a terminal, plain periodic lines otherwise."""
     stream = stream if stream is not None else sys.stderr
     if not is_tty(stream):
@@ -170,8 +182,14 @@ def progress(iterable: Iterable[Any], desc: str = "", total: int | None = None,
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  transient=True, console=Console(file=stream)) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=True,
+        console=Console(file=stream),
+    ) as bar:
         task = bar.add_task(desc, total=total)
         for item in iterable:
             yield item

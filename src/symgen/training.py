@@ -47,8 +47,9 @@ class History:
         return len(self.records)
 
 
-def _tensor_batches(x: Tensor, y: Tensor, batch_size: int | None, shuffle: bool, drop_last: bool,
-                    generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+def _tensor_batches(
+    x: Tensor, y: Tensor, batch_size: int | None, shuffle: bool, drop_last: bool, generator: torch.Generator
+) -> Iterator[tuple[Tensor, Tensor]]:
     """One epoch of minibatches; the order ``torch.randperm(n, generator)`` is drawn at the first batch."""
     n = x.shape[0]
     if batch_size is None:  # full batch, in the given order: no permutation, no draws
@@ -58,9 +59,9 @@ def _tensor_batches(x: Tensor, y: Tensor, batch_size: int | None, shuffle: bool,
     stop = n - batch_size + 1 if drop_last else n
     for i in range(0, stop, batch_size):
         if order is None:
-            yield x[i:i + batch_size], y[i:i + batch_size]
+            yield x[i : i + batch_size], y[i : i + batch_size]
         else:
-            idx = order[i:i + batch_size]
+            idx = order[i : i + batch_size]
             yield x[idx], y[idx]
 
 
@@ -71,18 +72,22 @@ def _loader_batches(data: Iterable[Any], device: torch.device | None) -> Iterato
         try:
             xb, yb = b[0], b[1]
         except (TypeError, IndexError, KeyError):
-            raise ShapeError("each batch of data must be (x, y) tensors (or a sequence starting with them); "
-                             f"got {type(b).__name__}.") from None
+            raise ShapeError(
+                f"each batch of data must be (x, y) tensors (or a sequence starting with them); got {type(b).__name__}."
+            ) from None
         yield (xb.to(device), yb.to(device)) if device is not None else (xb, yb)
 
 
-def _check_args(model: nn.Module, optimizer: Any, epochs: int | None, steps: int | None,
-                batch_size: int | None) -> None:
+def _check_args(
+    model: nn.Module, optimizer: Any, epochs: int | None, steps: int | None, batch_size: int | None
+) -> None:
     if not isinstance(optimizer, torch.optim.Optimizer):
         what = f"the class {optimizer.__name__}" if isinstance(optimizer, type) else type(optimizer).__name__
-        raise ConfigError(f"optimizer must be an optimizer instance built on the model's parameters, e.g. "
-                          f"torch.optim.SGD(model.parameters(), lr=0.1) or SAM(model.parameters(), torch.optim.SGD, "
-                          f"lr=0.1); got {what}.")
+        raise ConfigError(
+            f"optimizer must be an optimizer instance built on the model's parameters, e.g. "
+            f"torch.optim.SGD(model.parameters(), lr=0.1) or SAM(model.parameters(), torch.optim.SGD, "
+            f"lr=0.1); got {what}."
+        )
     own = {id(p) for p in model.parameters()}
     if own and not any(id(p) in own for g in optimizer.param_groups for p in g["params"]):
         raise ConfigError("the optimizer updates none of the model's parameters; build it on model.parameters().")
@@ -96,14 +101,25 @@ def _check_args(model: nn.Module, optimizer: Any, epochs: int | None, steps: int
         raise ConfigError(f"batch_size must be an integer >= 1 or None (full batch), got {batch_size!r}.")
 
 
-def fit(model: nn.Module, data: tuple[Tensor, Tensor] | Iterable[Any], optimizer: torch.optim.Optimizer, *,
-        loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy, epochs: int | None = None,
-        steps: int | None = None, batch_size: int | None = 128, shuffle: bool = True, drop_last: bool = False,
-        generator: Seed = None, device: torch.device | str | None = None,
-        transform: Callable[[nn.Module, Tensor, Tensor], tuple[Any, ...]] | None = None,
-        closure: Callable[..., LossClosure] = LossClosure, scheduler: Any = None,
-        metrics: Mapping[str, Metric] | None = None,
-        callback: Callable[[int, nn.Module], Mapping[str, float] | None] | None = None) -> History:
+def fit(
+    model: nn.Module,
+    data: tuple[Tensor, Tensor] | Iterable[Any],
+    optimizer: torch.optim.Optimizer,
+    *,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    epochs: int | None = None,
+    steps: int | None = None,
+    batch_size: int | None = 128,
+    shuffle: bool = True,
+    drop_last: bool = False,
+    generator: Seed = None,
+    device: torch.device | str | None = None,
+    transform: Callable[[nn.Module, Tensor, Tensor], tuple[Any, ...]] | None = None,
+    closure: Callable[..., LossClosure] = LossClosure,
+    scheduler: Any = None,
+    metrics: Mapping[str, Metric] | None = None,
+    callback: Callable[[int, nn.Module], Mapping[str, float] | None] | None = None,
+) -> History:
     """Train ``model`` on ``data``: each step is ``optimizer.step(closure(model, loss_fn, x, y))``.
 
     ``data``: ``(x, y)`` tensors, cut each epoch into minibatches of ``batch_size`` in the order
@@ -138,11 +154,15 @@ def fit(model: nn.Module, data: tuple[Tensor, Tensor] | Iterable[Any], optimizer
         if device is not None:
             x, y = x.to(device), y.to(device)
         if batch_size is not None and drop_last and batch_size > x.shape[0]:
-            raise ConfigError(f"drop_last with batch_size {batch_size} > {x.shape[0]} samples leaves no batch; "
-                              "lower batch_size or set drop_last=False.")
+            raise ConfigError(
+                f"drop_last with batch_size {batch_size} > {x.shape[0]} samples leaves no batch; "
+                "lower batch_size or set drop_last=False."
+            )
     elif isinstance(data, (Tensor, str, bytes)) or not isinstance(data, Iterable):
-        raise ShapeError("data must be (x, y) tensors or an iterable of (x, y) batches (e.g. a DataLoader); "
-                         f"got {type(data).__name__}.")
+        raise ShapeError(
+            "data must be (x, y) tensors or an iterable of (x, y) batches (e.g. a DataLoader); "
+            f"got {type(data).__name__}."
+        )
     g = as_generator(generator)
     history = History()
     modes = [(m, m.training) for m in model.modules()]
@@ -151,8 +171,9 @@ def fit(model: nn.Module, data: tuple[Tensor, Tensor] | Iterable[Any], optimizer
         model.train()
         while (history.num_steps < steps) if steps is not None else (epoch < epochs):  # type: ignore[operator]
             epoch += 1
-            batches = (_tensor_batches(x, y, batch_size, shuffle, drop_last, g) if tensors
-                       else _loader_batches(data, device))  # type: ignore[arg-type]
+            batches = (
+                _tensor_batches(x, y, batch_size, shuffle, drop_last, g) if tensors else _loader_batches(data, device)
+            )  # type: ignore[arg-type]
             sums: dict[str, float] = {"loss": 0.0, **{k: 0.0 for k in metrics}}
             count, done = 0, 0
             for xb, yb in batches:
@@ -162,11 +183,14 @@ def fit(model: nn.Module, data: tuple[Tensor, Tensor] | Iterable[Any], optimizer
                 try:
                     optimizer.step(c)
                 except DivergenceError as e:
-                    raise DivergenceError(f"training diverged in epoch {epoch}, step {done + 1} "
-                                          f"({history.num_steps} steps done): {e}") from e
+                    raise DivergenceError(
+                        f"training diverged in epoch {epoch}, step {done + 1} ({history.num_steps} steps done): {e}"
+                    ) from e
                 if c.loss is None:
-                    raise ConfigError(f"{type(optimizer).__name__}.step() did not call the closure; fit needs an "
-                                      "optimizer that takes the step protocol optimizer.step(closure).")
+                    raise ConfigError(
+                        f"{type(optimizer).__name__}.step() did not call the closure; fit needs an "
+                        "optimizer that takes the step protocol optimizer.step(closure)."
+                    )
                 value = float(c.loss)
                 n = int(batch[1].shape[0])
                 sums["loss"] += value * n
@@ -181,10 +205,14 @@ def fit(model: nn.Module, data: tuple[Tensor, Tensor] | Iterable[Any], optimizer
                 if steps is not None and history.num_steps == steps:
                     break
             if done == 0 and steps is not None:
-                raise ConfigError("an epoch of data gave no batch, so the steps can never be done; check data "
-                                  "and batch_size.")
-            record: dict[str, float] = {"epoch": epoch, "steps": done,
-                                        **{k: v / max(count, 1) for k, v in sums.items()}}
+                raise ConfigError(
+                    "an epoch of data gave no batch, so the steps can never be done; check data and batch_size."
+                )
+            record: dict[str, float] = {
+                "epoch": epoch,
+                "steps": done,
+                **{k: v / max(count, 1) for k, v in sums.items()},
+            }
             if callback is not None:
                 extra = callback(epoch, model)
                 model.train()

@@ -24,14 +24,7 @@ import torch
 from torch import nn
 
 from symgen.audit.limits import BUDGETS, AuditLimits, resolve_limits
-from symgen.audit.loading import (
-    ACTIONS,
-    action_name,
-    load_checkpoint,
-    load_model,
-    make_action,
-    resolve_data,
-)
+from symgen.audit.loading import ACTIONS, action_name, load_checkpoint, load_model, make_action, resolve_data
 from symgen.audit.result import RUN_ORDER, SECTIONS, AuditResult, Estimate, SectionResult
 from symgen.audit.sections import curvature, evaluation, ntk, scale_symmetries
 from symgen.audit.splits import Split, as_split
@@ -54,11 +47,21 @@ __all__ = [
 ]
 
 
-def audit(model: nn.Module, data: Any, action: Any = None, *, budget: str | float = "quick",
-          limits: Mapping[str, Any] | None = None, root: str | Path | None = None, generator: Seed = None,
-          device: str | torch.device | None = None, sections: Sequence[str] | None = None,
-          name: str | None = None, progress: Callable[[str], None] | None = None,
-          process_group: Any = "auto") -> AuditResult:
+def audit(
+    model: nn.Module,
+    data: Any,
+    action: Any = None,
+    *,
+    budget: str | float = "quick",
+    limits: Mapping[str, Any] | None = None,
+    root: str | Path | None = None,
+    generator: Seed = None,
+    device: str | torch.device | None = None,
+    sections: Sequence[str] | None = None,
+    name: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    process_group: Any = "auto",
+) -> AuditResult:
     """Measure how symmetric, flat, kernel-like and robust a trained classifier is.
 
     ``data``: a dataset name for :func:`symgen.data.load_dataset` (train split for the curvature,
@@ -90,8 +93,10 @@ def audit(model: nn.Module, data: Any, action: Any = None, *, budget: str | floa
     (up to round-off).
     """
     if not isinstance(model, nn.Module):
-        raise ConfigError(f"audit expects a torch.nn.Module, got {type(model).__name__}; load one with "
-                          "symgen.audit.load_model('MODULE:FACTORY').")
+        raise ConfigError(
+            f"audit expects a torch.nn.Module, got {type(model).__name__}; load one with "
+            "symgen.audit.load_model('MODULE:FACTORY')."
+        )
     lim = resolve_limits(budget, limits)
     known = [s for s, _ in SECTIONS]
     chosen = list(sections) if sections is not None else known
@@ -124,10 +129,18 @@ def audit(model: nn.Module, data: Any, action: Any = None, *, budget: str | floa
 
     group = distributed.resolve_group(process_group)
     lim, plan_notes = _plan(model, lim, train, test, act, fixed)
-    result = AuditResult(model=name or type(model).__name__, data=data_name, action=action_name(action),
-                         budget=str(budget), device=str(dev), dtype=str(dtype).replace("torch.", ""), seed=seed,
-                         num_params=sum(p.numel() for p in model.parameters()), limits=asdict(lim),
-                         sections={})
+    result = AuditResult(
+        model=name or type(model).__name__,
+        data=data_name,
+        action=action_name(action),
+        budget=str(budget),
+        device=str(dev),
+        dtype=str(dtype).replace("torch.", ""),
+        seed=seed,
+        num_params=sum(p.numel() for p in model.parameters()),
+        limits=asdict(lim),
+        sections={},
+    )
     start = time.perf_counter()
 
     def gen(key: str) -> torch.Generator:
@@ -135,11 +148,11 @@ def audit(model: nn.Module, data: Any, action: Any = None, *, budget: str | floa
         return torch.Generator().manual_seed(seed * 1009 + known.index(key))
 
     runners: dict[str, Callable[[SectionResult], None]] = {
-        "performance": lambda s: evaluation.performance(s, model, train, test, lim, gen("performance"), same,
-                                                               group),
+        "performance": lambda s: evaluation.performance(s, model, train, test, lim, gen("performance"), same, group),
         "invariance": lambda s: evaluation.invariance(s, model, act, test, lim, gen("invariance")),
-        "scale_symmetries": lambda s: scale_symmetries.scale_symmetries(s, model, train, lim,
-                                                                        gen("scale_symmetries"), seed),
+        "scale_symmetries": lambda s: scale_symmetries.scale_symmetries(
+            s, model, train, lim, gen("scale_symmetries"), seed
+        ),
         "hessian": lambda s: curvature.hessian(s, model, train, lim, seed, group),
         "noise_stability": lambda s: curvature.noise_stability(s, model, train, lim, seed, result, group),
         "ntk": lambda s: ntk.ntk(s, model, test, lim, gen("ntk")),
@@ -163,9 +176,11 @@ def audit(model: nn.Module, data: Any, action: Any = None, *, budget: str | floa
             # sections are sized to the budget; only a gross misestimate (twice the limit) skips one.
             if key != "performance" and elapsed > 2 * lim.time_limit:
                 sec.status = "skipped"
-                sec.skipped.append(f"time limit of the {budget} budget ({lim.time_limit:g} s) reached after "
-                                   f"{elapsed:.1f} s; raise it with --set time_limit=SECONDS"
-                                   + (" or use --budget full" if budget == "quick" else ""))
+                sec.skipped.append(
+                    f"time limit of the {budget} budget ({lim.time_limit:g} s) reached after "
+                    f"{elapsed:.1f} s; raise it with --set time_limit=SECONDS"
+                    + (" or use --budget full" if budget == "quick" else "")
+                )
                 continue
             if key in plan_notes:
                 sec.skipped.append(plan_notes[key])
@@ -196,16 +211,22 @@ def audit(model: nn.Module, data: Any, action: Any = None, *, budget: str | floa
 
 def _check_finite(model: nn.Module) -> None:
     """NaN or inf in a parameter or a floating buffer (BatchNorm statistics) makes every number meaningless."""
-    bad = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
-           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = [
+        n
+        for n, t in [*model.named_parameters(), *model.named_buffers()]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
     if bad:
         more = f", ... {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise DivergenceError(f"the model holds NaN or inf in {len(bad)} tensor(s) ({', '.join(bad[:3])}{more}); "
-                              "the training that produced these weights diverged. Audit an earlier checkpoint.")
+        raise DivergenceError(
+            f"the model holds NaN or inf in {len(bad)} tensor(s) ({', '.join(bad[:3])}{more}); "
+            "the training that produced these weights diverged. Audit an earlier checkpoint."
+        )
 
 
-def _plan(model: nn.Module, lim: AuditLimits, train: Split, test: Split, act: Any,
-          fixed: set[str]) -> tuple[AuditLimits, dict[str, str]]:
+def _plan(
+    model: nn.Module, lim: AuditLimits, train: Split, test: Split, act: Any, fixed: set[str]
+) -> tuple[AuditLimits, dict[str, str]]:
     """Limits sized to the time budget (unchanged when the timing itself fails: the sections then say why)."""
     from symgen.audit.planning import plan_limits, time_passes
 

@@ -22,8 +22,14 @@ def element_labels(action: str | None, order: int) -> list[str]:
     return [f"g{k}" for k in range(order)]
 
 
-FONT = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.labelsize": 10,
-        "ytick.labelsize": 10, "legend.fontsize": 10}
+FONT = {
+    "font.size": 11,
+    "axes.titlesize": 12,
+    "axes.labelsize": 11,
+    "xtick.labelsize": 10,
+    "ytick.labelsize": 10,
+    "legend.fontsize": 10,
+}
 
 
 def draw_figures(result: AuditResult, outdir: Path) -> list[Path]:
@@ -54,13 +60,19 @@ def _draw(result: AuditResult, outdir: Path, plt: Any) -> list[Path]:
         fig, ax = plt.subplots(1, 2, figsize=(10, 4))
         g = list(range(order))
         ax[0].bar(g, inv.details["agreement"], color="tab:blue")
-        ax[0].set(xlabel="group element g", ylabel="same prediction as x", ylim=(0, 1.05),
-                  title=f"P[class(g x) = class(x)] ({result.action})")
+        ax[0].set(
+            xlabel="group element g",
+            ylabel="same prediction as x",
+            ylim=(0, 1.05),
+            title=f"P[class(g x) = class(x)] ({result.action})",
+        )
         ax[1].bar(g, inv.details["kl_per_element"], color="tab:orange")
         ax[1].set(xlabel="group element g", ylabel="symmetric KL", title="KL between p(x) and p(g x)")
         for a in ax:
             step = max(1, order // 8)
-            a.set_xticks(g[::step], labels[::step], rotation=30 if order > 4 else 0, ha="right" if order > 4 else "center")
+            a.set_xticks(
+                g[::step], labels[::step], rotation=30 if order > 4 else 0, ha="right" if order > 4 else "center"
+            )
         save(fig, "invariance")
     hes = s.get("hessian")
     if hes is not None and hes.status == "ok" and hes.details.get("density_grid"):
@@ -78,8 +90,14 @@ def _draw(result: AuditResult, outdir: Path, plt: Any) -> list[Path]:
         c = noise.details["curve"]
         fig, ax = plt.subplots(figsize=(6.5, 4))
         sig = [r["sigma"] for r in c]
-        ax.errorbar(sig, [r["increase"] for r in c], yerr=[r["stderr"] for r in c], fmt="o-", capsize=3,
-                    label="E[L(W+U)] - L(W)")
+        ax.errorbar(
+            sig,
+            [r["increase"] for r in c],
+            yerr=[r["stderr"] for r in c],
+            fmt="o-",
+            capsize=3,
+            label="E[L(W+U)] - L(W)",
+        )
         if noise.details.get("predicted"):
             ax.plot(sig, noise.details["predicted"], "k--", label="sigma^2/2 tr(H)")
         ax.set(xscale="log", xlabel="weight noise std sigma", ylabel="loss increase", title="noise stability")
@@ -100,9 +118,18 @@ def _draw(result: AuditResult, outdir: Path, plt: Any) -> list[Path]:
     if rob is not None and rob.status == "ok":
         c = rob.details["curve"]
         fig, ax = plt.subplots(figsize=(6.5, 4))
-        ax.errorbar([0.0] + [r["eps_fraction"] for r in c], [rob.details["clean"]] + [r["accuracy"] for r in c],
-                    yerr=[0.0] + [r["stderr"] for r in c], fmt="o-", capsize=3)
-        ax.set(xlabel="eps (fraction of input range, L_inf)", ylabel="accuracy", ylim=(0, 1.05),
-               title="PGD robust accuracy")
+        ax.errorbar(
+            [0.0] + [r["eps_fraction"] for r in c],
+            [rob.details["clean"]] + [r["accuracy"] for r in c],
+            yerr=[0.0] + [r["stderr"] for r in c],
+            fmt="o-",
+            capsize=3,
+        )
+        ax.set(
+            xlabel="eps (fraction of input range, L_inf)",
+            ylabel="accuracy",
+            ylim=(0, 1.05),
+            title="PGD robust accuracy",
+        )
         save(fig, "robustness")
     return paths

@@ -23,15 +23,15 @@ class AuditLimits:
 
     time_limit: float = 60.0
     batch_size: int = 512
-    eval_samples: int | None = 2000            # training-split subsample of the performance section (None: whole)
-    test_samples: int | None = None            # None: the whole test split, streamed batch by batch
+    eval_samples: int | None = 2000  # training-split subsample of the performance section (None: whole)
+    test_samples: int | None = None  # None: the whole test split, streamed batch by batch
     invariance_samples: int = 256
     symmetry_samples: int = 32
     hessian_samples: int = 128
     hutchinson_probes: int = 24
     top_eigenvalues: int = 3
     eigen_iters: int = 30
-    density_runs: int = 2                      # >= 2 gives the density's implied trace an error bar
+    density_runs: int = 2  # >= 2 gives the density's implied trace an error bar
     density_steps: int = 24
     noise_samples: int = 128
     noise_draws: int = 16
@@ -40,7 +40,7 @@ class AuditLimits:
     ntk_subsamples: int = 3
     pgd_samples: int = 200
     pgd_steps: int = 10
-    pgd_eps: tuple[float, ...] = (0.01, 0.03, 0.1)   # fractions of the input range
+    pgd_eps: tuple[float, ...] = (0.01, 0.03, 0.1)  # fractions of the input range
 
     def describe_against(self, other: AuditLimits) -> dict[str, tuple[Any, Any]]:
         """Fields where these limits are below ``other``'s: name -> (this, other)."""
@@ -54,12 +54,26 @@ class AuditLimits:
 
 BUDGETS: dict[str, AuditLimits] = {
     "quick": AuditLimits(),
-    "full": AuditLimits(time_limit=3600.0, eval_samples=None, invariance_samples=2000,
-                        symmetry_samples=64, hessian_samples=2000, hutchinson_probes=200,
-                        top_eigenvalues=5, eigen_iters=150, density_runs=3, density_steps=80,
-                        noise_samples=2000, noise_draws=64, noise_sigmas=(0.001, 0.003, 0.01, 0.03, 0.1),
-                        ntk_samples=200, ntk_subsamples=3, pgd_samples=1000, pgd_steps=40,
-                        pgd_eps=(0.003, 0.01, 0.03, 0.1, 0.3)),
+    "full": AuditLimits(
+        time_limit=3600.0,
+        eval_samples=None,
+        invariance_samples=2000,
+        symmetry_samples=64,
+        hessian_samples=2000,
+        hutchinson_probes=200,
+        top_eigenvalues=5,
+        eigen_iters=150,
+        density_runs=3,
+        density_steps=80,
+        noise_samples=2000,
+        noise_draws=64,
+        noise_sigmas=(0.001, 0.003, 0.01, 0.03, 0.1),
+        ntk_samples=200,
+        ntk_subsamples=3,
+        pgd_samples=1000,
+        pgd_steps=40,
+        pgd_eps=(0.003, 0.01, 0.03, 0.1, 0.3),
+    ),
 }
 
 
@@ -84,8 +98,9 @@ def resolve_limits(budget: str | float, overrides: Mapping[str, Any] | None = No
             raise ConfigError(f"a budget in seconds must be a number > 0; got {budget!r} (e.g. --budget 60).")
         limits = replace(BUDGETS["quick"], time_limit=seconds)
     elif budget not in BUDGETS:
-        raise ConfigError(f"unknown budget '{budget}'; choose one of {', '.join(BUDGETS)} or a number of "
-                          "seconds (e.g. --budget 120).")
+        raise ConfigError(
+            f"unknown budget '{budget}'; choose one of {', '.join(BUDGETS)} or a number of seconds (e.g. --budget 120)."
+        )
     else:
         limits = BUDGETS[budget]
     if overrides:
@@ -101,9 +116,12 @@ def _check_limit(key: str, value: Any) -> Any:
     """A validated limit value: positive numbers, tuples of non-negative numbers for the sigma / eps lists."""
     if key in ("noise_sigmas", "pgd_eps"):
         vals = value if isinstance(value, (list, tuple)) else [value]
-        if not vals or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-                               for v in vals):
-            raise ConfigError(f"limit {key} must be a non-empty list of numbers >= 0, e.g. [0.01, 0.03]; got {value!r}.")
+        if not vals or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in vals
+        ):
+            raise ConfigError(
+                f"limit {key} must be a non-empty list of numbers >= 0, e.g. [0.01, 0.03]; got {value!r}."
+            )
         return tuple(float(v) for v in vals)
     if key in ("eval_samples", "test_samples") and value is None:
         return None

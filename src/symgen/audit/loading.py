@@ -19,8 +19,13 @@ __all__ = ["ACTIONS", "load_model", "load_checkpoint", "make_action", "action_na
 ACTIONS = ("c4", "d4", "shift", "none")
 
 
-def load_model(spec: str, checkpoint: str | Path | None = None, *, device: str | torch.device | None = None,
-               dtype: torch.dtype | None = None) -> nn.Module:
+def load_model(
+    spec: str,
+    checkpoint: str | Path | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
     """Build a model from ``MODULE:FACTORY`` (dotted module or ``path/to/file.py``), load weights, eval mode.
 
     ``FACTORY`` is a callable (a function or an ``nn.Module`` class) returning an ``nn.Module``,
@@ -29,16 +34,19 @@ def load_model(spec: str, checkpoint: str | Path | None = None, *, device: str |
     ``checkpoint`` is a state-dict file (see :func:`load_checkpoint`).
     """
     if not isinstance(spec, str) or ":" not in spec:
-        raise ConfigError(f"--model expects MODULE:FACTORY (e.g. mypkg.models:make_net or "
-                          f"path/to/models.py:make_net); got '{spec}'.")
+        raise ConfigError(
+            f"--model expects MODULE:FACTORY (e.g. mypkg.models:make_net or path/to/models.py:make_net); got '{spec}'."
+        )
     module_ref, attr, args, kwargs = _parse_spec(spec)
     module = _import_module(module_ref)
     factory: Any = module
     for part in attr.split("."):
         if not hasattr(factory, part):
             public = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
-            raise ConfigError(f"module '{module_ref}' has no attribute '{attr}'; callables it defines: "
-                              f"{', '.join(public[:20]) or 'none'}.")
+            raise ConfigError(
+                f"module '{module_ref}' has no attribute '{attr}'; callables it defines: "
+                f"{', '.join(public[:20]) or 'none'}."
+            )
         factory = getattr(factory, part)
     if isinstance(factory, nn.Module) and not args and not kwargs:
         model = factory
@@ -46,15 +54,20 @@ def load_model(spec: str, checkpoint: str | Path | None = None, *, device: str |
         try:
             model = factory(*args, **kwargs)
         except TypeError as e:
-            raise ConfigError(f"calling the factory of '{spec}' failed: {e}. Give its arguments in the spec, "
-                              "e.g. module:factory(8, kind='cnn'), or wrap it in a function without "
-                              "arguments.") from None
+            raise ConfigError(
+                f"calling the factory of '{spec}' failed: {e}. Give its arguments in the spec, "
+                "e.g. module:factory(8, kind='cnn'), or wrap it in a function without "
+                "arguments."
+            ) from None
         except Exception as e:  # noqa: BLE001 - whatever the user's factory raises is reported in one line
-            raise ConfigError(f"the model factory '{spec}' raised {type(e).__name__}: {_one_line(e)}; fix the "
-                              "factory or the arguments in the spec.") from None
+            raise ConfigError(
+                f"the model factory '{spec}' raised {type(e).__name__}: {_one_line(e)}; fix the "
+                "factory or the arguments in the spec."
+            ) from None
     else:
-        raise ConfigError(f"'{spec}' is a {type(factory).__name__}, not a factory; point --model at a function "
-                          "or nn.Module class.")
+        raise ConfigError(
+            f"'{spec}' is a {type(factory).__name__}, not a factory; point --model at a function or nn.Module class."
+        )
     if not isinstance(model, nn.Module):
         raise ConfigError(f"factory '{spec}' returned a {type(model).__name__}; it must return a torch.nn.Module.")
     if checkpoint is not None:
@@ -71,8 +84,9 @@ def _parse_spec(spec: str) -> tuple[str, str, list[Any], dict[str, Any]]:
     head = spec if call_at < 0 else spec[:call_at]
     module_ref, sep, attr = head.rpartition(":")
     if not sep or not module_ref or not attr.strip():
-        raise ConfigError(f"--model expects MODULE:FACTORY (e.g. mypkg.models:make_net or "
-                          f"path/to/models.py:make_net); got '{spec}'.")
+        raise ConfigError(
+            f"--model expects MODULE:FACTORY (e.g. mypkg.models:make_net or path/to/models.py:make_net); got '{spec}'."
+        )
     attr = attr.strip()
     if call_at < 0:
         return module_ref, attr, [], {}
@@ -83,8 +97,10 @@ def _parse_spec(spec: str) -> tuple[str, str, list[Any], dict[str, Any]]:
         args = [ast.literal_eval(a) for a in node.args]
         kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords if k.arg is not None}
     except (SyntaxError, ValueError) as e:
-        raise ConfigError(f"cannot read the factory arguments in '{spec}' ({e}); write them as Python "
-                          "literals, e.g. module:factory('cnn', (1, 8, 8), width=32).") from None
+        raise ConfigError(
+            f"cannot read the factory arguments in '{spec}' ({e}); write them as Python "
+            "literals, e.g. module:factory('cnn', (1, 8, 8), width=32)."
+        ) from None
     return module_ref, attr, args, kwargs
 
 
@@ -92,8 +108,9 @@ def _import_module(ref: str) -> Any:
     path = Path(ref)
     if ref.endswith(".py") or path.is_file():
         if not path.is_file():
-            raise ConfigError(f"model file {path} does not exist; give MODULE:FACTORY with an existing "
-                              "file or an importable module.")
+            raise ConfigError(
+                f"model file {path} does not exist; give MODULE:FACTORY with an existing file or an importable module."
+            )
         name = f"symgen_user_model_{abs(hash(str(path.resolve())))}"
         spec = importlib.util.spec_from_file_location(name, path)
         if spec is None or spec.loader is None:
@@ -113,8 +130,10 @@ def _import_module(ref: str) -> Any:
     try:
         return importlib.import_module(ref)
     except ModuleNotFoundError as e:
-        raise ConfigError(f"cannot import module '{ref}' ({e}); install it, run from its directory, or "
-                          "give the file path (path/to/models.py:FACTORY).") from None
+        raise ConfigError(
+            f"cannot import module '{ref}' ({e}); install it, run from its directory, or "
+            "give the file path (path/to/models.py:FACTORY)."
+        ) from None
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
@@ -125,8 +144,10 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} does not exist; pass a state-dict file saved with "
-                              "torch.save(model.state_dict(), path).")
+        raise CheckpointError(
+            f"checkpoint file {path} does not exist; pass a state-dict file saved with "
+            "torch.save(model.state_dict(), path)."
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's checkpoint problem
@@ -137,12 +158,14 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
                 obj = obj[key]
                 break
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict of tensors; "
-                              "save it with torch.save(model.state_dict(), path).")
+        raise CheckpointError(
+            f"checkpoint {path} holds a {type(obj).__name__}, not a state dict of tensors; "
+            "save it with torch.save(model.state_dict(), path)."
+        )
     state = dict(obj)
     expected = model.state_dict()
     if state and all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in expected):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
@@ -150,16 +173,24 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
             f"checkpoint {path} does not match the model ({type(model).__name__}, {len(expected)} tensors): "
             f"{len(missing)} missing keys {_first_list(missing)}, {len(unexpected)} unexpected keys "
             f"{_first_list(unexpected)}. "
-            "Check that --model builds the architecture the checkpoint was saved from.")
-    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-             for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
+            "Check that --model builds the architecture the checkpoint was saved from."
+        )
+    wrong = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if tuple(v.shape) != tuple(expected[k].shape)
+    ]
     if wrong:
-        raise CheckpointError(f"checkpoint {path}: {len(wrong)} of {len(state)} tensors have the wrong shape "
-                              f"({_first(wrong)}). Check the model's widths against the checkpoint's.")
+        raise CheckpointError(
+            f"checkpoint {path}: {len(wrong)} of {len(state)} tensors have the wrong shape "
+            f"({_first(wrong)}). Check the model's widths against the checkpoint's."
+        )
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
-        raise CheckpointError(f"checkpoint {path}: {len(bad)} tensor(s) hold NaN or inf ({_first(bad)}); the "
-                              "training that saved it diverged. Use an earlier checkpoint.")
+        raise CheckpointError(
+            f"checkpoint {path}: {len(bad)} tensor(s) hold NaN or inf ({_first(bad)}); the "
+            "training that saved it diverged. Use an earlier checkpoint."
+        )
     model.load_state_dict(state, strict=True)
     return model
 
@@ -195,18 +226,24 @@ def _unreadable(path: Path, e: BaseException) -> str:
     text = str(e)
     if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
         if zipfile.is_zipfile(path):
-            return (f"cannot read checkpoint {path}: it holds pickled Python objects (e.g. a whole module saved with "
-                    "torch.save(model, path)), which symgen does not execute; save the weights with "
-                    "torch.save(model.state_dict(), path), or load the module yourself and pass "
-                    "model.state_dict().")
+            return (
+                f"cannot read checkpoint {path}: it holds pickled Python objects (e.g. a whole module saved with "
+                "torch.save(model, path)), which symgen does not execute; save the weights with "
+                "torch.save(model.state_dict(), path), or load the module yourself and pass "
+                "model.state_dict()."
+            )
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
             head = f.read(2)
         if head[:1] != b"\x80":  # neither torch's zip format nor a legacy pickle
-            return (f"cannot read checkpoint {path}: it is not a file saved by torch.save (neither a zip archive nor a pickle); "
-                    "pass the state-dict file saved with torch.save(model.state_dict(), path).")
-    return (f"cannot read checkpoint {path} as a torch state dict ({type(e).__name__}: {_one_line(e)}); "
-            "save it with torch.save(model.state_dict(), path).")
+            return (
+                f"cannot read checkpoint {path}: it is not a file saved by torch.save (neither a zip archive nor a pickle); "
+                "pass the state-dict file saved with torch.save(model.state_dict(), path)."
+            )
+    return (
+        f"cannot read checkpoint {path} as a torch state dict ({type(e).__name__}: {_one_line(e)}); "
+        "save it with torch.save(model.state_dict(), path)."
+    )
 
 
 def make_action(action: Any, input_shape: Sequence[int]) -> Any:

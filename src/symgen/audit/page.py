@@ -13,8 +13,13 @@ if TYPE_CHECKING:
 __all__ = ["render_audit_page", "meaning", "FIGURE_OF"]
 
 # The figure each section draws (draw_figures), for the placeholder of a section that did not run.
-FIGURE_OF = {"invariance": "invariance", "hessian": "hessian_density", "noise_stability": "noise_stability",
-             "ntk": "ntk_spectrum", "robustness": "robustness"}
+FIGURE_OF = {
+    "invariance": "invariance",
+    "hessian": "hessian_density",
+    "noise_stability": "noise_stability",
+    "ntk": "ntk_spectrum",
+    "robustness": "robustness",
+}
 
 _MEANING = {
     "train_accuracy": "Share of training samples classified correctly.",
@@ -74,8 +79,13 @@ def render_audit_page(result: AuditResult, figures: Sequence[Path], *, title: st
             placeholders.append((fig, f"{sec.title}: {sec.status}. {why}"))
     return render_page(
         title or f"symgen audit: {result.model}",
-        subtitle=(f"data {result.data}, action {result.action or 'none'}, budget {result.budget}, "
-                  f"device {result.device}, {result.num_params} parameters, {result.seconds:.1f} s"),
-        tables=tables, figures=figures, placeholders=placeholders,
+        subtitle=(
+            f"data {result.data}, action {result.action or 'none'}, budget {result.budget}, "
+            f"device {result.device}, {result.num_params} parameters, {result.seconds:.1f} s"
+        ),
+        tables=tables,
+        figures=figures,
+        placeholders=placeholders,
         config={k: data[k] for k in ("model", "data", "action", "budget", "device", "dtype", "seed", "limits")},
-        data_json=data)
+        data_json=data,
+    )

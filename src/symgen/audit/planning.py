@@ -22,8 +22,15 @@ from symgen.audit.limits import AuditLimits
 __all__ = ["Timing", "time_passes", "estimate_costs", "plan_limits", "SHARES", "KNOBS"]
 
 # Share of the budget each section may use (the curvature sections are the costly ones).
-SHARES = {"performance": 0.05, "invariance": 0.10, "robustness": 0.15, "ntk": 0.15, "scale_symmetries": 0.05,
-          "hessian": 0.35, "noise_stability": 0.15}
+SHARES = {
+    "performance": 0.05,
+    "invariance": 0.10,
+    "robustness": 0.15,
+    "ntk": 0.15,
+    "scale_symmetries": 0.05,
+    "hessian": 0.35,
+    "noise_stability": 0.15,
+}
 # Knobs of each section: (limit, smallest value the section still means something with).
 KNOBS: dict[str, tuple[tuple[str, int], ...]] = {
     "performance": (("eval_samples", 100),),
@@ -90,8 +97,9 @@ def estimate_costs(lim: AuditLimits, t: Timing, n_train: int, n_test: int, group
     h = _n(lim.hessian_samples, n_train)
     # one Lanczos run serves the eigenvalues, the trace's deflation and the first SLQ run; the GGN's is separate
     lanczos = max(lim.eigen_iters, lim.density_steps if lim.density_runs > 0 else 0)
-    matvecs = (max(3, lim.hutchinson_probes) + lanczos + lim.eigen_iters
-               + max(lim.density_runs - 1, 0) * lim.density_steps)
+    matvecs = (
+        max(3, lim.hutchinson_probes) + lanczos + lim.eigen_iters + max(lim.density_runs - 1, 0) * lim.density_steps
+    )
     ntk_n = min(lim.ntk_samples * lim.ntk_subsamples, n_test)
     return {
         "performance": (_n(lim.eval_samples, n_train) + _n(lim.test_samples, n_test)) * t.forward,
@@ -100,13 +108,16 @@ def estimate_costs(lim: AuditLimits, t: Timing, n_train: int, n_test: int, group
         "ntk": 7.0 * ntk_n * t.outputs * t.backward,
         "scale_symmetries": _n(lim.symmetry_samples, n_train) * (4 + 2 * t.layers) * t.forward,
         "hessian": h * matvecs * hvp,
-        "noise_stability": 2.5 * _n(lim.noise_samples, n_train) * (1 + 2 * len(lim.noise_sigmas) * lim.noise_draws)
+        "noise_stability": 2.5
+        * _n(lim.noise_samples, n_train)
+        * (1 + 2 * len(lim.noise_sigmas) * lim.noise_draws)
         * t.forward,
     }
 
 
-def plan_limits(lim: AuditLimits, t: Timing, n_train: int, n_test: int, group_order: int,
-                fixed: Mapping[str, Any] = ()) -> tuple[AuditLimits, dict[str, str]]:
+def plan_limits(
+    lim: AuditLimits, t: Timing, n_train: int, n_test: int, group_order: int, fixed: Mapping[str, Any] = ()
+) -> tuple[AuditLimits, dict[str, str]]:
     """Limits whose predicted cost fits ``lim.time_limit``, and per section a note of what was cut.
 
     A section over its share of the budget (:data:`SHARES`) has its knobs (:data:`KNOBS`) scaled by
@@ -148,10 +159,12 @@ def plan_limits(lim: AuditLimits, t: Timing, n_train: int, n_test: int, group_or
             if "eigen_iters" in changed and new.eigen_iters < new.top_eigenvalues + 1:
                 new = replace(new, top_eigenvalues=max(1, new.eigen_iters - 1))
             predicted = estimate_costs(new, t, n_train, n_test, group_order)[section]
-            notes[section] = (f"sized to the {lim.time_limit:g} s budget (about {predicted:.1f} s predicted): "
-                              + ", ".join(f"{k}={v} instead of {old}" for k, (v, old) in changed.items())
-                              + "; a longer budget (--budget SECONDS or full) would use the larger values "
-                              "and give smaller standard errors")
+            notes[section] = (
+                f"sized to the {lim.time_limit:g} s budget (about {predicted:.1f} s predicted): "
+                + ", ".join(f"{k}={v} instead of {old}" for k, (v, old) in changed.items())
+                + "; a longer budget (--budget SECONDS or full) would use the larger values "
+                "and give smaller standard errors"
+            )
     return new, notes
 
 

@@ -27,8 +27,15 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("robustness", "PGD robust accuracy"),
 )
 # Cheap sections first, so a time limit cuts the expensive curvature sections rather than the rest.
-RUN_ORDER: tuple[str, ...] = ("performance", "invariance", "robustness", "ntk", "scale_symmetries", "hessian",
-                              "noise_stability")
+RUN_ORDER: tuple[str, ...] = (
+    "performance",
+    "invariance",
+    "robustness",
+    "ntk",
+    "scale_symmetries",
+    "hessian",
+    "noise_stability",
+)
 
 
 @dataclass
@@ -53,9 +60,9 @@ class SectionResult:
 
     name: str
     title: str
-    status: str = "ok"                          # ok | skipped | failed
-    seconds: float = 0.0                        # wall time
-    cpu_seconds: float = 0.0                    # CPU time of this process (all threads): robust to a busy machine
+    status: str = "ok"  # ok | skipped | failed
+    seconds: float = 0.0  # wall time
+    cpu_seconds: float = 0.0  # CPU time of this process (all threads): robust to a busy machine
     samples: int | None = None
     values: dict[str, Estimate] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
@@ -90,7 +97,8 @@ class AuditResult:
         fields = dict(data)
         fields["sections"] = {
             name: SectionResult(**{**sec, "values": {k: Estimate(**v) for k, v in sec.get("values", {}).items()}})
-            for name, sec in data.get("sections", {}).items()}
+            for name, sec in data.get("sections", {}).items()
+        }
         return cls(**fields)
 
     def value(self, section: str, metric: str) -> float:
@@ -106,17 +114,31 @@ class AuditResult:
         rows = []
         for s in self.sections.values():
             for metric, est in s.values.items():
-                rows.append({"section": s.name, "metric": metric, "value": est.value,
-                             "stderr": "-" if est.stderr is None else est.stderr,
-                             "flag": f"imprecise (stderr > {IMPRECISE:g} x |value|)" if est.imprecise else "",
-                             "note": est.note})
+                rows.append(
+                    {
+                        "section": s.name,
+                        "metric": metric,
+                        "value": est.value,
+                        "stderr": "-" if est.stderr is None else est.stderr,
+                        "flag": f"imprecise (stderr > {IMPRECISE:g} x |value|)" if est.imprecise else "",
+                        "note": est.note,
+                    }
+                )
         return rows
 
     def section_rows(self) -> list[dict[str, Any]]:
         """One row per section: status, seconds, samples, what it skipped and why."""
-        return [{"section": s.name, "status": s.status, "seconds": round(s.seconds, 3),
-                 "cpu_seconds": round(s.cpu_seconds, 3), "samples": "-" if s.samples is None else s.samples,
-                 "skipped": "; ".join(s.skipped) or "-"} for s in self.sections.values()]
+        return [
+            {
+                "section": s.name,
+                "status": s.status,
+                "seconds": round(s.seconds, 3),
+                "cpu_seconds": round(s.cpu_seconds, 3),
+                "samples": "-" if s.samples is None else s.samples,
+                "skipped": "; ".join(s.skipped) or "-",
+            }
+            for s in self.sections.values()
+        ]
 
     def summary(self) -> str:
         """A plain-text table of the values (what the CLI prints)."""
@@ -133,8 +155,15 @@ class AuditResult:
         sym = self.sections.get("scale_symmetries")
         if sym is not None and sym.details.get("symmetries"):
             tables["scale symmetries"] = [
-                {"weight": s["weight"], "kind": s["kind"], "blocks": s["num_blocks"], "filters": s["num_filters"],
-                 "through": ", ".join(s["normalizers"])} for s in sym.details["symmetries"]]
+                {
+                    "weight": s["weight"],
+                    "kind": s["kind"],
+                    "blocks": s["num_blocks"],
+                    "filters": s["num_filters"],
+                    "through": ", ".join(s["normalizers"]),
+                }
+                for s in sym.details["symmetries"]
+            ]
         return tables
 
     def figures(self, outdir: str | Path) -> list[Path]:

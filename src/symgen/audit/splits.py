@@ -38,8 +38,9 @@ class Split:
             x, y = source
             _check_labels(y, what)
             if x.shape[0] != y.shape[0] or x.shape[0] == 0:
-                raise ShapeError(f"{what}: x has {x.shape[0]} samples and y {y.shape[0]}; need the same, "
-                                 "non-zero number.")
+                raise ShapeError(
+                    f"{what}: x has {x.shape[0]} samples and y {y.shape[0]}; need the same, non-zero number."
+                )
             self.tensors: tuple[Tensor, Tensor] | None = (x.to(device, dtype), y.to(device))
             self.num_data = x.shape[0]
             self.num_classes = int(y.max()) + 1
@@ -100,8 +101,10 @@ class Split:
             if j == ordered.numel():
                 break
         if j < ordered.numel():
-            raise ShapeError(f"{self.what}: the loader yielded {offset} samples on this pass but {self.num_data} on "
-                             "the first; a loader must give the same samples on every pass.")
+            raise ShapeError(
+                f"{self.what}: the loader yielded {offset} samples on this pass but {self.num_data} on "
+                "the first; a loader must give the same samples on every pass."
+            )
         x, y = torch.cat(xs), torch.cat(ys)
         back = torch.empty_like(order)
         back[order] = torch.arange(order.numel())
@@ -143,17 +146,23 @@ def as_split(source: Any, what: str, device: torch.device, dtype: torch.dtype) -
     if is_tensor_pair(source):
         return Split(source, what, device, dtype)
     if isinstance(source, (Tensor, str, bytes)) or not hasattr(source, "__iter__"):
-        raise ConfigError(f"{what} must be a dataset name (e.g. 'digits'), an (x, y) pair of tensors, a DataLoader "
-                          f"(or another re-iterable) of (x, y) batches, or {{'train': ..., 'test': ...}}; got "
-                          f"{type(source).__name__}.")
+        raise ConfigError(
+            f"{what} must be a dataset name (e.g. 'digits'), an (x, y) pair of tensors, a DataLoader "
+            f"(or another re-iterable) of (x, y) batches, or {{'train': ..., 'test': ...}}; got "
+            f"{type(source).__name__}."
+        )
     if iter_is_self(source):
-        raise ConfigError(f"{what} is a one-shot iterator ({type(source).__name__}); the audit passes over its data "
-                          "several times and cannot re-iterate it. Pass a DataLoader, a list of (x, y) batches or "
-                          "(x, y) tensors instead.")
+        raise ConfigError(
+            f"{what} is a one-shot iterator ({type(source).__name__}); the audit passes over its data "
+            "several times and cannot re-iterate it. Pass a DataLoader, a list of (x, y) batches or "
+            "(x, y) tensors instead."
+        )
     return Split(source, what, device, dtype)
 
 
 def _check_labels(y: Tensor, what: str) -> None:
     if y.is_floating_point() or y.ndim != 1:
-        raise ShapeError(f"{what}: the audit measures classifiers; y must be integer class labels of shape (N,), "
-                         f"got {y.dtype} {tuple(y.shape)}.")
+        raise ShapeError(
+            f"{what}: the audit measures classifiers; y must be integer class labels of shape (N,), "
+            f"got {y.dtype} {tuple(y.shape)}."
+        )

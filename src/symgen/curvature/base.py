@@ -39,8 +39,10 @@ def _check_positive(name: str, value: int, minimum: int = 1) -> None:
 def as_operator(op: Any, caller: str) -> CurvatureOperator:
     """``op`` itself if it is a :class:`CurvatureOperator`; otherwise a ConfigError that says how to make one."""
     if not isinstance(op, CurvatureOperator):
-        raise ConfigError(f"{caller}() takes a CurvatureOperator (HessianOperator, GGNOperator, or "
-                          f"MatrixOperator(A) for a symmetric matrix A); got {type(op).__name__}.")
+        raise ConfigError(
+            f"{caller}() takes a CurvatureOperator (HessianOperator, GGNOperator, or "
+            f"MatrixOperator(A) for a symmetric matrix A); got {type(op).__name__}."
+        )
     return op
 
 
@@ -137,9 +139,16 @@ class CurvatureOperator:
 
     # -- estimates (see symgen.curvature.trace and symgen.curvature.lanczos) --
 
-    def trace(self, num_probes: int = 100, generator: Seed = None, *, method: str = "hutchinson",
-              deflation_steps: int | None = None, rtol: float | None = None,
-              max_matvecs: int | None = None) -> TraceEstimate:
+    def trace(
+        self,
+        num_probes: int = 100,
+        generator: Seed = None,
+        *,
+        method: str = "hutchinson",
+        deflation_steps: int | None = None,
+        rtol: float | None = None,
+        max_matvecs: int | None = None,
+    ) -> TraceEstimate:
         """tr(A) with its standard error from about ``num_probes`` products.
 
         ``method``: "hutchinson" (Rademacher probes), "hutch++" (arXiv 2010.09649) or "deflated"
@@ -155,20 +164,42 @@ class CurvatureOperator:
         if method == "hutch++":
             return hutchpp_trace(self, max(num_probes, 4), generator=generator)
         if method == "deflated":
-            return deflated_trace(self, max(num_probes, 3), deflation_steps=deflation_steps, rtol=rtol,
-                                  max_matvecs=max_matvecs, generator=generator)
+            return deflated_trace(
+                self,
+                max(num_probes, 3),
+                deflation_steps=deflation_steps,
+                rtol=rtol,
+                max_matvecs=max_matvecs,
+                generator=generator,
+            )
         raise ConfigError(f"method must be 'hutchinson', 'hutch++' or 'deflated', got '{method}'.")
 
-    def eigenpairs(self, k: int = 1, which: str = "largest", *, tol: float = 1e-4, max_steps: int | None = None,
-                   generator: Seed = None, criterion: str = "residual") -> Eigenpairs:
+    def eigenpairs(
+        self,
+        k: int = 1,
+        which: str = "largest",
+        *,
+        tol: float = 1e-4,
+        max_steps: int | None = None,
+        generator: Seed = None,
+        criterion: str = "residual",
+    ) -> Eigenpairs:
         """The k largest or smallest eigenpairs (vectors as columns) by Lanczos (:func:`lanczos_eigenpairs`)."""
         from symgen.curvature.lanczos import lanczos_eigenpairs
 
-        return lanczos_eigenpairs(self, k, which, tol=tol, max_steps=max_steps, generator=generator,
-                                  criterion=criterion)
+        return lanczos_eigenpairs(
+            self, k, which, tol=tol, max_steps=max_steps, generator=generator, criterion=criterion
+        )
 
-    def eigenvalues(self, k: int = 1, which: str = "largest", *, tol: float = 1e-4, max_steps: int | None = None,
-                    generator: Seed = None) -> Tensor:
+    def eigenvalues(
+        self,
+        k: int = 1,
+        which: str = "largest",
+        *,
+        tol: float = 1e-4,
+        max_steps: int | None = None,
+        generator: Seed = None,
+    ) -> Tensor:
         """The k largest (descending) or smallest (ascending) eigenvalues, Lanczos to ``tol`` relative."""
         return self.eigenpairs(k, which, tol=tol, max_steps=max_steps, generator=generator).values
 
@@ -181,8 +212,10 @@ class CurvatureOperator:
     def dense(self, max_dim: int = 5000) -> Tensor:
         """The full matrix (n, n), from n products, symmetrized: for tiny operators and validation only."""
         if self.dim > max_dim:
-            raise ConfigError(f"dense() builds an n x n matrix; n = {self.dim} > max_dim = {max_dim}. "
-                              "Use trace()/eigenvalues() or raise max_dim if you have the memory.")
+            raise ConfigError(
+                f"dense() builds an n x n matrix; n = {self.dim} > max_dim = {max_dim}. "
+                "Use trace()/eigenvalues() or raise max_dim if you have the memory."
+            )
         A = self.matmat(torch.eye(self.dim, dtype=self.dtype, device=self.device))
         return 0.5 * (A + A.T)
 
@@ -198,8 +231,10 @@ class MatrixOperator(CurvatureOperator):
             raise ShapeError("MatrixOperator: the matrix has NaN or inf entries.")
         scale = float(A.abs().max()) if A.numel() else 0.0
         if float((A - A.T).abs().max() if A.numel() else 0.0) > 100 * torch.finfo(A.dtype).eps * max(scale, 1e-30):
-            raise ShapeError("MatrixOperator needs a symmetric matrix (the estimators assume A = A^T); "
-                             "pass 0.5 * (A + A.T) if the asymmetry is rounding.")
+            raise ShapeError(
+                "MatrixOperator needs a symmetric matrix (the estimators assume A = A^T); "
+                "pass 0.5 * (A + A.T) if the asymmetry is rounding."
+            )
         super().__init__(A.shape[0], A.dtype, A.device)
         self.matrix = A
         self.chunk_size = chunk_size
@@ -238,10 +273,20 @@ class ModelOperator(CurvatureOperator):
 
     taylor = False  # quadratic forms by Taylor mode (HessianOperator); else v . (A v)
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], data: Any, *,
-                 param_names: Iterable[str] | None = None, bn_mode: str = "eval", reduction: str = "mean",
-                 batching: str = "loop", chunk_size: int | None = None, cache_graph: bool | None = None,
-                 process_group: Any = "auto") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        data: Any,
+        *,
+        param_names: Iterable[str] | None = None,
+        bn_mode: str = "eval",
+        reduction: str = "mean",
+        batching: str = "loop",
+        chunk_size: int | None = None,
+        cache_graph: bool | None = None,
+        process_group: Any = "auto",
+    ) -> None:
         if bn_mode not in ("eval", "train"):
             raise ConfigError(f"bn_mode must be 'eval' or 'train', got '{bn_mode}'.")
         if reduction not in ("mean", "sum"):
@@ -265,8 +310,10 @@ class ModelOperator(CurvatureOperator):
             names = [param_names] if isinstance(param_names, str) else list(param_names)
             unknown = [n for n in names if n not in all_params]
             if unknown or not names:
-                raise ConfigError(f"param_names {unknown or names} are not trainable parameters of the model; "
-                                  f"valid names: {', '.join(all_params)}.")
+                raise ConfigError(
+                    f"param_names {unknown or names} are not trainable parameters of the model; "
+                    f"valid names: {', '.join(all_params)}."
+                )
             self.params = {n: all_params[n] for n in names}
         self.param_names = list(self.params)
         ref = next(iter(self.params.values()))
@@ -387,7 +434,7 @@ class ModelOperator(CurvatureOperator):
         # backward cannot query the layout of a batched strided view
         k, blocks, i = rows.shape[0], {}, 0
         for name, p in self.params.items():
-            blocks[name] = rows[:, i:i + p.numel()].reshape((k,) + tuple(p.shape)).contiguous()
+            blocks[name] = rows[:, i : i + p.numel()].reshape((k,) + tuple(p.shape)).contiguous()
             i += p.numel()
         out = vmap(fn, chunk_size=self.chunk_size)(blocks)
         acc.add_(torch.cat([out[name].reshape(k, -1) for name in self.params], dim=1).detach(), alpha=weight)

@@ -51,8 +51,9 @@ def _forward(x: Tensor, w: Tensor, cfg: tuple) -> Tensor:
 def _backward(g: Tensor, x: Tensor, w: Tensor, cfg: tuple, which: int) -> Tensor:
     stride, padding, dilation, groups = cfg
     mask = [which == 0, which == 1, False]
-    return _aten.convolution_backward(_nhwc(g), x, w, None, stride, padding, dilation, False, [0, 0], groups,
-                                      mask)[which]
+    return _aten.convolution_backward(_nhwc(g), x, w, None, stride, padding, dilation, False, [0, 0], groups, mask)[
+        which
+    ]
 
 
 def _shaped(like: Tensor, shape: torch.Size, nhwc: bool) -> Tensor:
@@ -117,17 +118,31 @@ def _pair(v: Any) -> list[int]:
     return [int(i) for i in v] if isinstance(v, (tuple, list)) else [int(v), int(v)]
 
 
-def _conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1, padding: Any = 0,
-            dilation: Any = 1, groups: int = 1) -> Tensor | None:
+def _conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    groups: int = 1,
+) -> Tensor | None:
     if isinstance(padding, str) or x.ndim != 4:
         return None  # padding="same"/"valid", unbatched input: PyTorch's own kernel
     out = _Conv.apply(x, weight, (_pair(stride), _pair(padding), _pair(dilation), int(groups)))
     return out if bias is None else out + bias[:, None, None]
 
 
-def _batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None = None,
-                bias: Tensor | None = None, training: bool = False, momentum: float = 0.1,
-                eps: float = 1e-5) -> Tensor | None:
+def _batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor | None:
     if training or running_mean is None or running_var is None:
         return None  # batch statistics: PyTorch's own kernel
     s = torch.rsqrt(running_var + eps)

@@ -28,13 +28,32 @@ class GGNOperator(ModelOperator):
     (a vector-Jacobian product). Schraudolph 2002 (Neural Computation 14:1723); Martens, arXiv 1412.1193.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], data: Any, *,
-                 param_names: Iterable[str] | None = None, bn_mode: str = "eval", reduction: str = "mean",
-                 batching: str = "loop", chunk_size: int | None = None, cache_graph: bool | None = None,
-                 process_group: Any = "auto") -> None:
-        super().__init__(model, loss_fn, data, param_names=param_names, bn_mode=bn_mode, reduction=reduction,
-                         batching=batching, chunk_size=chunk_size, cache_graph=cache_graph,
-                         process_group=process_group)
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        data: Any,
+        *,
+        param_names: Iterable[str] | None = None,
+        bn_mode: str = "eval",
+        reduction: str = "mean",
+        batching: str = "loop",
+        chunk_size: int | None = None,
+        cache_graph: bool | None = None,
+        process_group: Any = "auto",
+    ) -> None:
+        super().__init__(
+            model,
+            loss_fn,
+            data,
+            param_names=param_names,
+            bn_mode=bn_mode,
+            reduction=reduction,
+            batching=batching,
+            chunk_size=chunk_size,
+            cache_graph=cache_graph,
+            process_group=process_group,
+        )
 
     def _build_product(self, x: Tensor, y: Tensor) -> Callable[[F.Params], F.Params]:
         keys = list(self.params)
@@ -42,8 +61,10 @@ class GGNOperator(ModelOperator):
         with torch.enable_grad():
             out = F.call(self.model, dict(zip(keys, leaves, strict=True)), self._buffers(), x)
             if not isinstance(out, Tensor):
-                raise ConfigError(f"GGNOperator needs a model that returns one tensor (the loss's input); "
-                                  f"got {type(out).__name__}: wrap the model to return the logits.")
+                raise ConfigError(
+                    f"GGNOperator needs a model that returns one tensor (the loss's input); "
+                    f"got {type(out).__name__}: wrap the model to return the logits."
+                )
             # J^T u is linear in the dummy u, so its derivative in u along v is J v: the forward
             # product on the same retained graph as the backward one
             u = torch.zeros_like(out, requires_grad=True)
@@ -57,8 +78,9 @@ class GGNOperator(ModelOperator):
         def apply(v: F.Params) -> F.Params:
             if not live or not g_out.requires_grad:
                 return {k: torch.zeros_like(params[k]) for k in keys}
-            jv = torch.autograd.grad([jtu[i] for i in live], u, grad_outputs=[v[keys[i]] for i in live],
-                                     retain_graph=True)[0]
+            jv = torch.autograd.grad(
+                [jtu[i] for i in live], u, grad_outputs=[v[keys[i]] for i in live], retain_graph=True
+            )[0]
             hjv = torch.autograd.grad(g_out, o, grad_outputs=jv, retain_graph=True)[0]
             res = torch.autograd.grad(out, leaves, grad_outputs=hjv, retain_graph=True, allow_unused=True)
             return {k: torch.zeros_like(params[k]) if r is None else r for k, r in zip(keys, res, strict=True)}

@@ -42,20 +42,48 @@ class HessianOperator(ModelOperator):
     graph (one batch, the default), after about 100 s of compilation: not the default.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], data: Any, *,
-                 param_names: Iterable[str] | None = None, bn_mode: str = "eval", reduction: str = "mean",
-                 hvp_mode: str = "reverse", batching: str = "loop", chunk_size: int | None = None,
-                 cache_graph: bool | None = None, process_group: Any = "auto", compile: bool | str = False,
-                 taylor: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        data: Any,
+        *,
+        param_names: Iterable[str] | None = None,
+        bn_mode: str = "eval",
+        reduction: str = "mean",
+        hvp_mode: str = "reverse",
+        batching: str = "loop",
+        chunk_size: int | None = None,
+        cache_graph: bool | None = None,
+        process_group: Any = "auto",
+        compile: bool | str = False,
+        taylor: bool = True,
+    ) -> None:
         if hvp_mode not in ("reverse", "forward"):
             raise ConfigError(f"hvp_mode must be 'reverse' or 'forward', got '{hvp_mode}'.")
-        self._compiled = None if compile is False or compile is None else F.compiled(
-            _forward_over_reverse, compile, "the forward-over-reverse Hessian-vector product (jvp of grad)",
-            "use compile=False (the eager retained-graph product)")
+        self._compiled = (
+            None
+            if compile is False or compile is None
+            else F.compiled(
+                _forward_over_reverse,
+                compile,
+                "the forward-over-reverse Hessian-vector product (jvp of grad)",
+                "use compile=False (the eager retained-graph product)",
+            )
+        )
         self.hvp_mode = "forward" if self._compiled is not None else hvp_mode
-        super().__init__(model, loss_fn, data, param_names=param_names, bn_mode=bn_mode, reduction=reduction,
-                         batching=batching, chunk_size=chunk_size, cache_graph=cache_graph,
-                         process_group=process_group)
+        super().__init__(
+            model,
+            loss_fn,
+            data,
+            param_names=param_names,
+            bn_mode=bn_mode,
+            reduction=reduction,
+            batching=batching,
+            chunk_size=chunk_size,
+            cache_graph=cache_graph,
+            process_group=process_group,
+        )
         # its custom autograd Functions have no jvp rule: reverse mode only
         self._fast_double_backward = self._fast_double_backward and self.hvp_mode == "reverse"
         self.taylor = bool(taylor)  # False after a fallback to v . (H v)
@@ -70,8 +98,9 @@ class HessianOperator(ModelOperator):
                 buffers = self._buffers()
 
                 def loss(*args: Tensor) -> Tensor:
-                    return self.loss_fn(F.call(self.model, dict(zip(keys, args[:-2], strict=True)), buffers,
-                                               args[-2]), args[-1])
+                    return self.loss_fn(
+                        F.call(self.model, dict(zip(keys, args[:-2], strict=True)), buffers, args[-2]), args[-1]
+                    )
 
                 self._traced[sig] = trace_loss(loss, values, x, y)
             program = TaylorProgram(self._traced[sig], values, x, y)
@@ -88,7 +117,14 @@ class HessianOperator(ModelOperator):
         return F.hvp_function(self._batch_loss(x, y), self.params, mode=self.hvp_mode)
 
 
-def _forward_over_reverse(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], params: F.Params,
-                          buffers: F.Params, x: Tensor, y: Tensor, v: F.Params) -> F.Params:
+def _forward_over_reverse(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    params: F.Params,
+    buffers: F.Params,
+    x: Tensor,
+    y: Tensor,
+    v: F.Params,
+) -> F.Params:
     """H v of ``loss_fn(model(x), y)`` by ``jvp(grad)``: the function ``compile=True`` compiles."""
     return F.hvp(lambda p: loss_fn(F.call(model, p, buffers, x), y), params, v)

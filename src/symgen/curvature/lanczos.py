@@ -36,8 +36,9 @@ class LanczosProcess:
         self.op = as_operator(op, "LanczosProcess")
         if not isinstance(start, Tensor) or start.numel() != self.op.dim:
             got = tuple(start.shape) if isinstance(start, Tensor) else type(start).__name__
-            raise ShapeError(f"Lanczos start vector must have {self.op.dim} entries (the operator's dimension), "
-                             f"got {got}.")
+            raise ShapeError(
+                f"Lanczos start vector must have {self.op.dim} entries (the operator's dimension), got {got}."
+            )
         self.generator = rng.as_generator(generator)
         self.start = start.reshape(-1).to(dtype=self.op.dtype, device=self.op.device)
         self.dim = self.start.numel()
@@ -108,8 +109,10 @@ class LanczosProcess:
             self._Q[j] = q
             w = self.op.matvec(q)
             if not torch.isfinite(w).all():
-                raise DivergenceError(f"Lanczos step {j}: the operator returned non-finite values; "
-                                      "check the loss and parameters for NaN/inf.")
+                raise DivergenceError(
+                    f"Lanczos step {j}: the operator returned non-finite values; "
+                    "check the loss and parameters for NaN/inf."
+                )
             alpha = torch.dot(w, q)
             self._alphas.append(alpha)
             w = self._orthogonalize(w)
@@ -128,8 +131,14 @@ def check_process(process: Any, op: CurvatureOperator, name: str) -> LanczosProc
     return process
 
 
-def lanczos(op: CurvatureOperator, start: Tensor, num_steps: int, *, generator: Seed = None,
-            callback: Callable[[int, Tensor, Tensor], bool] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def lanczos(
+    op: CurvatureOperator,
+    start: Tensor,
+    num_steps: int,
+    *,
+    generator: Seed = None,
+    callback: Callable[[int, Tensor, Tensor], bool] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Lanczos tridiagonalization with full reorthogonalization (see :class:`LanczosProcess`).
 
     Returns ``(alphas (j,), betas (j-1,), Q (n, j))`` with orthonormal columns, so T = Q^T A Q up to
@@ -139,8 +148,10 @@ def lanczos(op: CurvatureOperator, start: Tensor, num_steps: int, *, generator: 
     proc = LanczosProcess(op, start, generator)
     cb = None
     if callback is not None:
+
         def cb(p: LanczosProcess) -> bool:
             return callback(p.steps, p.alphas, torch.stack(p._betas))
+
     proc.extend(num_steps, cb)
     return proc.alphas, proc.betas, proc.Q
 
@@ -155,9 +166,18 @@ def _ritz(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return torch.linalg.eigh(T)
 
 
-def lanczos_eigenpairs(op: CurvatureOperator, k: int = 1, which: str = "largest", *, tol: float = 1e-4,
-                       max_steps: int | None = None, generator: Seed = None, start: Tensor | None = None,
-                       criterion: str = "residual", process: LanczosProcess | None = None) -> Eigenpairs:
+def lanczos_eigenpairs(
+    op: CurvatureOperator,
+    k: int = 1,
+    which: str = "largest",
+    *,
+    tol: float = 1e-4,
+    max_steps: int | None = None,
+    generator: Seed = None,
+    start: Tensor | None = None,
+    criterion: str = "residual",
+    process: LanczosProcess | None = None,
+) -> Eigenpairs:
     """The k largest (or smallest) eigenpairs of a symmetric operator by Lanczos with full reorthogonalization.
 
     Stops when every wanted Ritz value theta_i passes ``criterion`` at relative tolerance ``tol``:
@@ -226,12 +246,19 @@ def lanczos_eigenpairs(op: CurvatureOperator, k: int = 1, which: str = "largest"
     w = wanted(vals)
     S = vecs[:, w].to(dtype=Q.dtype, device=Q.device)
     err = state.get("err", torch.full((k,), math.nan, dtype=torch.float64))
-    return Eigenpairs(vals[w].to(dtype=op.dtype, device=Q.device), Q @ S, err, process.steps - before,
-                      bool(state["done"]))
+    return Eigenpairs(
+        vals[w].to(dtype=op.dtype, device=Q.device), Q @ S, err, process.steps - before, bool(state["done"])
+    )
 
 
-def slq_density(op: CurvatureOperator, num_steps: int = 80, num_runs: int = 1, *,
-                generator: Seed = None, first: LanczosProcess | None = None) -> SpectralDensity:
+def slq_density(
+    op: CurvatureOperator,
+    num_steps: int = 80,
+    num_runs: int = 1,
+    *,
+    generator: Seed = None,
+    first: LanczosProcess | None = None,
+) -> SpectralDensity:
     """Stochastic Lanczos quadrature: per run, Lanczos from a normalized Rademacher vector; nodes = Ritz
     values theta_i, weights = (first component of the Ritz vector)^2, so sum_i w_i f(theta_i) ~ tr f(A)/n.
 

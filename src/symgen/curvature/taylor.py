@@ -39,7 +39,9 @@ from torch.fx import GraphModule, Node
 __all__ = ["TaylorProgram", "TaylorUnsupported", "trace_loss"]
 
 _aten = torch.ops.aten
-Jet = Any  # (u', u'' or None) for a tensor that depends on W; a tuple/list of jets for a multi-output op; None: constant
+Jet = (
+    Any  # (u', u'' or None) for a tensor that depends on W; a tuple/list of jets for a multi-output op; None: constant
+)
 
 
 class TaylorUnsupported(Exception):
@@ -57,6 +59,7 @@ def trace_loss(f: Callable[..., Tensor], params: Sequence[Tensor], x: Tensor, y:
 
 # -- helpers on jets --
 
+
 def _add(u: Tensor | None, v: Tensor | None) -> Tensor | None:
     if u is None:
         return v
@@ -71,8 +74,11 @@ def _bilinear(fn: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor, ja: 
     """Coefficients of fn(a(t), b(t)) for fn bilinear: (ab)' = a'b + ab', (ab)'' = a''b + 2a'b' + ab''.
     Every term is a fresh tensor of the output's shape, so the sums are taken in place."""
     terms1 = ([fn(ja[0], b)] if ja is not None else []) + ([fn(a, jb[0])] if jb is not None else [])
-    terms2 = [(fn(j[1], c) if j is ja else fn(c, j[1]), 1) for j, c in ((ja, b), (jb, a))
-              if j is not None and j[1] is not None]
+    terms2 = [
+        (fn(j[1], c) if j is ja else fn(c, j[1]), 1)
+        for j, c in ((ja, b), (jb, a))
+        if j is not None and j[1] is not None
+    ]
     if ja is not None and jb is not None:
         terms2.append((fn(ja[0], jb[0]), 2))
     d1 = terms1[0]
@@ -80,8 +86,9 @@ def _bilinear(fn: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor, ja: 
         d1 = d1.add_(t) if d1.shape == t.shape else d1 + t
     d2 = None
     for t, k in terms2:
-        d2 = (t.mul_(k) if k != 1 else t) if d2 is None else (d2.add_(t, alpha=k) if d2.shape == t.shape
-                                                              else d2 + k * t)
+        d2 = (
+            (t.mul_(k) if k != 1 else t) if d2 is None else (d2.add_(t, alpha=k) if d2.shape == t.shape else d2 + k * t)
+        )
     return (d1, d2)
 
 
@@ -95,10 +102,13 @@ def _channel(t: Tensor, ndim: int) -> Tensor:
 
 # -- rules: rule(args, kwargs, jets, out) -> jet; args hold primal values, jets the args' jets --
 
+
 def _rule_linear_first(op: Any) -> Callable[..., Jet]:
     """Ops linear in their first (tensor) argument, the others constant: views, pads, pools, sums."""
+
     def rule(args, kwargs, jets, out):
         return _linear(lambda t: op(t, *args[1:], **kwargs), jets[0])
+
     return rule
 
 
@@ -117,6 +127,7 @@ def _rule_add(sign: float) -> Callable[..., Jet]:
         if jb is None:
             return (_fit(ja[0], out.shape), _fit(ja[1], out.shape))
         return (_fit(ja[0] + jb[0], out.shape), _fit(_add(ja[1], jb[1]), out.shape))
+
     return rule
 
 
@@ -131,6 +142,7 @@ def _rule_div(args, kwargs, jets, out):
 def _rule_mm(op: Any) -> Callable[..., Jet]:
     def rule(args, kwargs, jets, out):
         return _bilinear(op, args[0], args[1], jets[0], jets[1])
+
     return rule
 
 
@@ -249,8 +261,8 @@ def _rule_layer_norm(args, kwargs, jets, out):
         v2 = 2 * (c1 * c1).mean(dims, keepdim=True)
         if c2 is not None:
             v2 = v2 + 2 * (xhat * c2).mean(dims, keepdim=True) / r
-        r1 = -0.5 * r ** 3 * v1
-        r2 = 0.75 * r ** 5 * v1 * v1 - 0.5 * r ** 3 * v2
+        r1 = -0.5 * r**3 * v1
+        r2 = 0.75 * r**5 * v1 * v1 - 0.5 * r**3 * v2
         h1 = c1 * r + xhat / r * r1
         h2 = 2 * c1 * r1 + xhat / r * r2
         if c2 is not None:
@@ -267,16 +279,19 @@ def _rule_layer_norm(args, kwargs, jets, out):
 
 def _rule_unpack(op: Any) -> Callable[..., Jet]:
     """Linear ops with several outputs (unbind, split): one jet per output."""
+
     def rule(args, kwargs, jets, out):
         ones = op(jets[0][0], *args[1:], **kwargs)
         twos = [None] * len(ones) if jets[0][1] is None else op(jets[0][1], *args[1:], **kwargs)
         return [(a, b) for a, b in zip(ones, twos, strict=True)]
+
     return rule
 
 
 def _rule_nll(args, kwargs, jets, out):
     def nll(t: Tensor) -> Tensor:
         return _aten.nll_loss_forward(t, *args[1:], **kwargs)[0]
+
     return (_linear(nll, jets[0]), None)
 
 
@@ -300,8 +315,13 @@ def _rule_cat(args, kwargs, jets, out):
     firsts = [p[0] if p is not None else torch.zeros_like(t) for t, p in zip(tensors, parts, strict=True)]
     d2 = None
     if any(p is not None and p[1] is not None for p in parts):
-        d2 = torch.cat([p[1] if p is not None and p[1] is not None else torch.zeros_like(t)
-                        for t, p in zip(tensors, parts, strict=True)], dim)
+        d2 = torch.cat(
+            [
+                p[1] if p is not None and p[1] is not None else torch.zeros_like(t)
+                for t, p in zip(tensors, parts, strict=True)
+            ],
+            dim,
+        )
     return (torch.cat(firsts, dim), d2)
 
 
@@ -315,8 +335,9 @@ _RULES: dict[Any, Callable[..., Jet]] = {
     _aten.add.Tensor: _rule_add(1.0),
     _aten.sub.Tensor: _rule_add(-1.0),
     _aten.native_batch_norm.default: _rule_batch_norm,
-    _aten._native_batch_norm_legit_no_training.default:
-        lambda a, k, j, o: _rule_batch_norm((*a[:5], False, *a[5:]), k, j[:5] + [None] + j[5:], o),
+    _aten._native_batch_norm_legit_no_training.default: lambda a, k, j, o: _rule_batch_norm(
+        (*a[:5], False, *a[5:]), k, j[:5] + [None] + j[5:], o
+    ),
     _aten.relu.default: _rule_relu,
     _aten.max_pool2d_with_indices.default: _rule_max_pool,
     _aten._log_softmax.default: _rule_log_softmax,
@@ -336,11 +357,27 @@ _RULES: dict[Any, Callable[..., Jet]] = {
     _aten.cat.default: _rule_cat,
     operator.getitem: _rule_getitem,
 }
-_LINEAR_FIRST = (_aten.t.default, _aten.transpose.int, _aten.permute.default, _aten.expand.default,
-            _aten.slice.Tensor, _aten.select.int, _aten.unsqueeze.default, _aten.squeeze.dim, _aten.clone.default,
-            _aten.alias.default, _aten.constant_pad_nd.default, _aten.mean.dim, _aten.mean.default,
-            _aten.sum.dim_IntList, _aten.sum.default, _aten.avg_pool2d.default, _aten._adaptive_avg_pool2d.default,
-            _aten.neg.default, _aten._to_copy.default)
+_LINEAR_FIRST = (
+    _aten.t.default,
+    _aten.transpose.int,
+    _aten.permute.default,
+    _aten.expand.default,
+    _aten.slice.Tensor,
+    _aten.select.int,
+    _aten.unsqueeze.default,
+    _aten.squeeze.dim,
+    _aten.clone.default,
+    _aten.alias.default,
+    _aten.constant_pad_nd.default,
+    _aten.mean.dim,
+    _aten.mean.default,
+    _aten.sum.dim_IntList,
+    _aten.sum.default,
+    _aten.avg_pool2d.default,
+    _aten._adaptive_avg_pool2d.default,
+    _aten.neg.default,
+    _aten._to_copy.default,
+)
 _RULES.update({op: _rule_linear_first(op) for op in _LINEAR_FIRST})
 
 
@@ -350,14 +387,26 @@ _VIEWS = (_aten.view.default, _aten._unsafe_view.default)
 # the arguments that may depend on W (the rest must be constant); ops not listed: any argument
 _FIRST_ONLY = (0,)
 _ACTIVE_ARGS: dict[Any, tuple[int, ...]] = {
-    _aten.div.Tensor: _FIRST_ONLY, _aten.mse_loss.default: _FIRST_ONLY, _aten.relu.default: _FIRST_ONLY,
-    _aten.max_pool2d_with_indices.default: _FIRST_ONLY, _aten._log_softmax.default: _FIRST_ONLY,
-    _aten.nll_loss_forward.default: _FIRST_ONLY, _aten.view.default: _FIRST_ONLY,
-    _aten._unsafe_view.default: _FIRST_ONLY, _aten.reshape.default: _FIRST_ONLY, operator.getitem: _FIRST_ONLY,
-    _aten.native_batch_norm.default: (0, 1, 2), _aten._native_batch_norm_legit_no_training.default: (0, 1, 2),
-    _aten._softmax.default: _FIRST_ONLY, _aten.gelu.default: _FIRST_ONLY, _aten.tanh.default: _FIRST_ONLY,
-    _aten.sigmoid.default: _FIRST_ONLY, _aten.native_layer_norm.default: (0, 2, 3),
-    _aten.unbind.int: _FIRST_ONLY, _aten.split.Tensor: _FIRST_ONLY, _aten.split_with_sizes.default: _FIRST_ONLY,
+    _aten.div.Tensor: _FIRST_ONLY,
+    _aten.mse_loss.default: _FIRST_ONLY,
+    _aten.relu.default: _FIRST_ONLY,
+    _aten.max_pool2d_with_indices.default: _FIRST_ONLY,
+    _aten._log_softmax.default: _FIRST_ONLY,
+    _aten.nll_loss_forward.default: _FIRST_ONLY,
+    _aten.view.default: _FIRST_ONLY,
+    _aten._unsafe_view.default: _FIRST_ONLY,
+    _aten.reshape.default: _FIRST_ONLY,
+    operator.getitem: _FIRST_ONLY,
+    _aten.native_batch_norm.default: (0, 1, 2),
+    _aten._native_batch_norm_legit_no_training.default: (0, 1, 2),
+    _aten._softmax.default: _FIRST_ONLY,
+    _aten.gelu.default: _FIRST_ONLY,
+    _aten.tanh.default: _FIRST_ONLY,
+    _aten.sigmoid.default: _FIRST_ONLY,
+    _aten.native_layer_norm.default: (0, 2, 3),
+    _aten.unbind.int: _FIRST_ONLY,
+    _aten.split.Tensor: _FIRST_ONLY,
+    _aten.split_with_sizes.default: _FIRST_ONLY,
     **{op: _FIRST_ONLY for op in _LINEAR_FIRST},
 }
 
@@ -398,7 +447,7 @@ class TaylorProgram:
     def __init__(self, gm: GraphModule, params: Sequence[Tensor], x: Tensor, y: Tensor) -> None:
         nodes = list(gm.graph.nodes)
         placeholders = [n for n in nodes if n.op == "placeholder"]
-        self._param_nodes = placeholders[:len(params)]
+        self._param_nodes = placeholders[: len(params)]
         active = set(self._param_nodes)
         self._steps: list[Node] = []
         for n in nodes:
@@ -432,9 +481,16 @@ class TaylorProgram:
             for a in _flat_nodes((n.args, n.kwargs)):
                 last[a] = i
         # per step, what every probe reuses: its primal arguments and output, and the jets it frees
-        self._calls = [(n, _load(n.args, values), _load(n.kwargs, values), values[n],
-                        [a for a in _flat_nodes((n.args, n.kwargs)) if last.get(a) == i and a is not self._output])
-                       for i, n in enumerate(self._steps)]
+        self._calls = [
+            (
+                n,
+                _load(n.args, values),
+                _load(n.kwargs, values),
+                values[n],
+                [a for a in _flat_nodes((n.args, n.kwargs)) if last.get(a) == i and a is not self._output],
+            )
+            for i, n in enumerate(self._steps)
+        ]
         self._active = active
 
     def form(self, vs: Sequence[Tensor]) -> Tensor:

@@ -44,8 +44,9 @@ def _project_out(Z: Tensor, Q: Tensor) -> Tensor:
     return Z
 
 
-def hutchinson_trace(op: CurvatureOperator, num_probes: int, *, generator: Seed = None,
-                     block_size: int | None = None) -> TraceEstimate:
+def hutchinson_trace(
+    op: CurvatureOperator, num_probes: int, *, generator: Seed = None, block_size: int | None = None
+) -> TraceEstimate:
     """Hutchinson's estimator with Rademacher probes: tr(A) ~ (1/m) sum_i z_i^T A z_i, SE = std/sqrt(m).
 
     Hutchinson 1989 (Commun. Stat. Simul. 18:1059). Probes are applied ``block_size`` at a time.
@@ -81,9 +82,17 @@ def hutchpp_trace(op: CurvatureOperator, num_matvecs: int, *, generator: Seed = 
     return TraceEstimate(exact + mean, se, 2 * s + r, "hutch++", exact, q.tolist())
 
 
-def deflated_trace(op: CurvatureOperator, num_matvecs: int, *, deflation_steps: int | None = None,
-                   rtol: float | None = None, max_matvecs: int | None = None, block_size: int = 8,
-                   generator: Seed = None, deflation: LanczosProcess | None = None) -> TraceEstimate:
+def deflated_trace(
+    op: CurvatureOperator,
+    num_matvecs: int,
+    *,
+    deflation_steps: int | None = None,
+    rtol: float | None = None,
+    max_matvecs: int | None = None,
+    block_size: int = 8,
+    generator: Seed = None,
+    deflation: LanczosProcess | None = None,
+) -> TraceEstimate:
     """Lanczos-deflated Hutchinson: tr(A) = sum_j alpha_j + Hutchinson on (I - QQ^T) A (I - QQ^T).
 
     Q holds j Lanczos vectors from a Gaussian start: they capture the outlying eigenvalues that

@@ -7,8 +7,16 @@ import importlib
 from symgen.errors import ConfigError
 from symgen.experiments.base import Claim, Context, Experiment, ExperimentConfig, build_config
 
-__all__ = ["REGISTRY", "get_experiment", "list_experiments", "Claim", "Context", "Experiment",
-           "ExperimentConfig", "build_config"]
+__all__ = [
+    "REGISTRY",
+    "get_experiment",
+    "list_experiments",
+    "Claim",
+    "Context",
+    "Experiment",
+    "ExperimentConfig",
+    "build_config",
+]
 
 # name -> module holding a module-level ``EXPERIMENT``; imported lazily so the CLI starts fast.
 REGISTRY: dict[str, str] = {
@@ -27,8 +35,9 @@ REGISTRY: dict[str, str] = {
 def get_experiment(name: str) -> Experiment:
     """The registered experiment called ``name``."""
     if name not in REGISTRY:
-        raise ConfigError(f"unknown experiment '{name}'; known: {', '.join(sorted(REGISTRY)) or 'none'}. "
-                          "Run `symgen list`.")
+        raise ConfigError(
+            f"unknown experiment '{name}'; known: {', '.join(sorted(REGISTRY)) or 'none'}. Run `symgen list`."
+        )
     return importlib.import_module(REGISTRY[name]).EXPERIMENT
 
 

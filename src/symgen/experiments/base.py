@@ -42,8 +42,8 @@ class Claim(BaseModel):
     threshold: Any
     passed: bool
     note: str = ""
-    headline: str | None = None   # the key of ``measured`` that the one-line summary shows
-    paper: Any = None             # the paper's number for the headline, where the paper gives one
+    headline: str | None = None  # the key of ``measured`` that the one-line summary shows
+    paper: Any = None  # the paper's number for the headline, where the paper gives one
 
 
 class ExperimentConfig(BaseModel):
@@ -112,8 +112,21 @@ class Context:
 
 
 _COUNT_NAMES = {"seeds", "steps", "epochs", "records", "depth", "width", "members", "bands"}
-_COUNT_SUFFIXES = ("_steps", "_seeds", "_epochs", "_width", "_samples", "_points", "_size", "_per_class",
-                   "_subsets", "_draws", "_runs", "_features", "_iters")
+_COUNT_SUFFIXES = (
+    "_steps",
+    "_seeds",
+    "_epochs",
+    "_width",
+    "_samples",
+    "_points",
+    "_size",
+    "_per_class",
+    "_subsets",
+    "_draws",
+    "_runs",
+    "_features",
+    "_iters",
+)
 _POSITIVE_NAMES = {"lr", "time_limit"}
 
 
@@ -151,9 +164,14 @@ def _set_dotted(target: dict, key: str, value: Any) -> None:
     target[parts[-1]] = value
 
 
-def build_config(config_cls: type[ExperimentConfig], *, quick: dict | None = None,
-                 file: str | Path | None = None, sets: Iterable[str] = (),
-                 **explicit: Any) -> ExperimentConfig:
+def build_config(
+    config_cls: type[ExperimentConfig],
+    *,
+    quick: dict | None = None,
+    file: str | Path | None = None,
+    sets: Iterable[str] = (),
+    **explicit: Any,
+) -> ExperimentConfig:
     """Config from defaults < quick overrides < YAML file < ``--set key=value`` < explicit kwargs.
 
     Values of ``--set`` are parsed as YAML (``lr=0.1``, ``sizes=[1,2]``, ``flag=true``).
@@ -253,4 +271,3 @@ class num_threads:  # lower case: called like a function, as torch.set_grad_enab
         import torch
 
         torch.set_num_threads(self._before)
-

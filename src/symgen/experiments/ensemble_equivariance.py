@@ -48,8 +48,10 @@ class Config(ExperimentConfig):
     train_size: int | None = Field(None, ge=10, description="use the first N training samples (None: all)")
     test_size: int | None = Field(None, ge=1, description="evaluate on the first N test samples (None: all)")
     architecture: Literal["paper", "gap"] = Field(
-        "paper", description="'paper': their omegaCNN (LayerNorm over each channel's grid, flattened grid into "
-        "a bias-free head; models.PaperMaskedCNN); 'gap': global average pooling before the head (MaskedCNN)")
+        "paper",
+        description="'paper': their omegaCNN (LayerNorm over each channel's grid, flattened grid into "
+        "a bias-free head; models.PaperMaskedCNN); 'gap': global average pooling before the head (MaskedCNN)",
+    )
     standardize: bool = Field(True, description="inputs (x - mean) / std of the training set, as the paper's code")
     channels: int = Field(16, ge=1, description="channels of each conv (the paper: 16)")
     init_std: float = Field(1.0, gt=0)
@@ -60,8 +62,11 @@ class Config(ExperimentConfig):
     batch_size: int = Field(32, ge=1)
     epochs: int = Field(10, ge=0)
     members: int = Field(256, ge=2, description="ensemble pool size per setting")
-    sizes: list[int] | None = Field(None, description="sub-ensemble sizes; default powers of 2 up to members "
-                                    "(1 and members are always measured: the claims compare them)")
+    sizes: list[int] | None = Field(
+        None,
+        description="sub-ensemble sizes; default powers of 2 up to members "
+        "(1 and members are always measured: the claims compare them)",
+    )
     num_subsets: int = Field(30, ge=1, description="random sub-ensembles per size (without replacement)")
     num_bootstrap: int = Field(200, ge=2, description="bootstrap resamples for the SE at the full pool")
     slope_min_size: int = Field(4, ge=1, description="fit the log-log KL slope on sizes >= this")
@@ -83,7 +88,7 @@ def _sizes(config: Config) -> list[int]:
     if config.sizes:
         # C5.1 compares M = 1 with M = members, C5.2 and C5.3 read M = members: always measure both.
         return sorted({int(s) for s in config.sizes if 1 <= int(s) <= config.members} | {1, config.members})
-    sizes = [2 ** k for k in range(int(math.log2(config.members)) + 1)]
+    sizes = [2**k for k in range(int(math.log2(config.members)) + 1)]
     if config.members not in sizes:
         sizes.append(config.members)
     return sizes
@@ -101,12 +106,7 @@ def train_setting(item: dict[str, Any]) -> dict[str, Any]:
     """One trial: train a pool of ``members`` networks of one setting together, then measure
     OSP / KL of random sub-ensembles of each size on the test set's orbits."""
     from symgen.data import load_dataset
-    from symgen.ensemble import (
-        Ensemble,
-        infinite_ensemble_deviation,
-        sub_ensemble_metrics,
-        train_ensemble,
-    )
+    from symgen.ensemble import Ensemble, infinite_ensemble_deviation, sub_ensemble_metrics, train_ensemble
     from symgen.metrics import invariance_metrics
     from symgen.models import MaskedCNN, PaperMaskedCNN
 
@@ -130,14 +130,22 @@ def train_setting(item: dict[str, Any]) -> dict[str, Any]:
     def factory():
         if cfg.get("architecture", "gap") == "paper" and ndim == 2:
             return PaperMaskedCNN(tuple(x.shape[1:]), num_classes, cfg["channels"], support, cfg["init_std"])
-        return MaskedCNN(in_channels, num_classes, channels=cfg["channels"], support=support, ndim=ndim,
-                         init_std=cfg["init_std"])
+        return MaskedCNN(
+            in_channels, num_classes, channels=cfg["channels"], support=support, ndim=ndim, init_std=cfg["init_std"]
+        )
 
     # Same member seeds in every setting: the settings differ only by support and augmentation.
     ens = Ensemble.init(factory, cfg["members"], generator=cfg["seed"], device=device, dtype=dtype)
-    history = train_ensemble(ens, x, y, torch.optim.SGD(ens.parameters(), lr=cfg["lr"]), epochs=cfg["epochs"],
-                             batch_size=cfg["batch_size"], augment=action if augmented else None,
-                             generator=cfg["seed"])
+    history = train_ensemble(
+        ens,
+        x,
+        y,
+        torch.optim.SGD(ens.parameters(), lr=cfg["lr"]),
+        epochs=cfg["epochs"],
+        batch_size=cfg["batch_size"],
+        augment=action if augmented else None,
+        generator=cfg["seed"],
+    )
 
     # Orbit logits of every member, (P, |G|, N, K): each test chunk's whole orbit in one vmapped call.
     xt = xt.to(device=device, dtype=dtype)
@@ -147,7 +155,7 @@ def train_setting(item: dict[str, Any]) -> dict[str, Any]:
         member_acc = (ens.member_logits(xt).argmax(-1).cpu() == yt.cpu()).double().mean(1)
         for xc in torch.split(xt, 64):
             orbit = action.orbit(xc).reshape(-1, *xc.shape[1:])
-            out = ens.member_logits(orbit)                                   # (P, |G| b, K)
+            out = ens.member_logits(orbit)  # (P, |G| b, K)
             parts.append(out.reshape(out.shape[0], order, xc.shape[0], -1))
     logits = torch.cat(parts, dim=2).double().cpu()
     yt = yt.cpu()
@@ -157,25 +165,33 @@ def train_setting(item: dict[str, Any]) -> dict[str, Any]:
 
     gen = as_generator(cfg["seed"] + 1)
     curve = sub_ensemble_metrics(logits, item["sizes"], metric, num_subsets=cfg["num_subsets"], generator=gen)
-    boot = sub_ensemble_metrics(logits, [cfg["members"]], metric, num_subsets=cfg["num_bootstrap"],
-                                generator=gen, replace=True)[cfg["members"]]
-    return jsonable({
-        "setting": item["setting"],
-        "support": support,
-        "augmented": augmented,
-        "group": action.group.name,
-        "group_order": order,
-        "sizes": item["sizes"],
-        "curve": {str(k): v for k, v in curve.items()},
-        "bootstrap_se": {k: v["std"] for k, v in boot.items()},
-        # M -> infinity limit of the squared logit deviation, with the 1/M noise removed (diagnostic).
-        "infinite_ensemble_deviation": infinite_ensemble_deviation(logits),
-        "member_test_accuracy": {"mean": float(member_acc.mean()), "min": float(member_acc.min()),
-                                 "max": float(member_acc.max())},
-        "train_loss": history.mean(0).tolist(),
-        "train_loss_final_members": {"mean": float(history[:, -1].mean()) if history.shape[1] else None,
-                                     "max": float(history[:, -1].max()) if history.shape[1] else None},
-    })
+    boot = sub_ensemble_metrics(
+        logits, [cfg["members"]], metric, num_subsets=cfg["num_bootstrap"], generator=gen, replace=True
+    )[cfg["members"]]
+    return jsonable(
+        {
+            "setting": item["setting"],
+            "support": support,
+            "augmented": augmented,
+            "group": action.group.name,
+            "group_order": order,
+            "sizes": item["sizes"],
+            "curve": {str(k): v for k, v in curve.items()},
+            "bootstrap_se": {k: v["std"] for k, v in boot.items()},
+            # M -> infinity limit of the squared logit deviation, with the 1/M noise removed (diagnostic).
+            "infinite_ensemble_deviation": infinite_ensemble_deviation(logits),
+            "member_test_accuracy": {
+                "mean": float(member_acc.mean()),
+                "min": float(member_acc.min()),
+                "max": float(member_acc.max()),
+            },
+            "train_loss": history.mean(0).tolist(),
+            "train_loss_final_members": {
+                "mean": float(history[:, -1].mean()) if history.shape[1] else None,
+                "max": float(history[:, -1].max()) if history.shape[1] else None,
+            },
+        }
+    )
 
 
 def run(config: Config, ctx: Context) -> dict[str, Any]:
@@ -190,8 +206,14 @@ def run(config: Config, ctx: Context) -> dict[str, Any]:
         out["group_order"] = r["group_order"]
         out["group"] = r["group"]
         top = r["curve"][str(config.members)]
-        ctx.log(setting=r["setting"], members=config.members, kl=top["kl"]["mean"], osp=top["osp"]["mean"],
-                accuracy=top["accuracy"]["mean"], final_train_loss=r["train_loss"][-1] if r["train_loss"] else None)
+        ctx.log(
+            setting=r["setting"],
+            members=config.members,
+            kl=top["kl"]["mean"],
+            osp=top["osp"]["mean"],
+            accuracy=top["accuracy"]["mean"],
+            final_train_loss=r["train_loss"][-1] if r["train_loss"] else None,
+        )
     return jsonable(out)
 
 
@@ -224,14 +246,18 @@ def _line_fit_se(pts: list[tuple[float, float]]) -> tuple[float, float, float]:
 
 def _loglog_slope(setting: dict, min_size: int) -> float:
     """Slope of log KL against log M on sizes >= min_size (1/M decay: -1)."""
-    return _line_fit([(math.log(int(s)), math.log(v["kl"]["mean"])) for s, v in setting["curve"].items()
-                      if int(s) >= min_size and v["kl"]["mean"] > 0])[0]
+    return _line_fit(
+        [
+            (math.log(int(s)), math.log(v["kl"]["mean"]))
+            for s, v in setting["curve"].items()
+            if int(s) >= min_size and v["kl"]["mean"] > 0
+        ]
+    )[0]
 
 
 def _plateau_fit(setting: dict, min_size: int) -> tuple[float, float, float]:
     """Least squares KL(M) = a / M + b on sizes >= min_size; returns (a, b, standard error of the floor b)."""
-    return _line_fit_se([(1.0 / int(s), v["kl"]["mean"]) for s, v in setting["curve"].items()
-                         if int(s) >= min_size])
+    return _line_fit_se([(1.0 / int(s), v["kl"]["mean"]) for s, v in setting["curve"].items() if int(s) >= min_size])
 
 
 def check_claims(config: Config, result: dict[str, Any]) -> list[Claim]:
@@ -257,15 +283,30 @@ def check_claims(config: Config, result: dict[str, Any]) -> list[Claim]:
             note = f"log-log KL slope {slope:.3f} is above {SLOPE_MAX}"
         else:
             note = f"OSP did not rise with M ({osp1:.3f} -> {ospm:.3f})"
-        claims.append(Claim(
-            id="C5.1",
-            statement=f"Compatible ('+') support with {result.get('group', 'C4')} augmentation: ensemble KL "
-                      "falls with M (about 1/M) and OSP rises toward |G|.",
-            measured={"kl_loglog_slope": slope, "kl_M1": _kl_at(sym, 1), f"kl_M{m_max}": _kl_at(sym, m_max),
-                      "osp_M1": osp1, f"osp_M{m_max}": ospm, "group_order": order,
-                      "fit_sizes": f">= {config.slope_min_size}"},
-            threshold={"kl_loglog_slope": f"<= {SLOPE_MAX} (1/M reference: -1)", "osp": f"OSP(M={m_max}) > OSP(M=1)"},
-            passed=passed, note=note, headline="kl_loglog_slope", paper=-1.0))  # KL ~ 1/M (PAPERS.md)
+        claims.append(
+            Claim(
+                id="C5.1",
+                statement=f"Compatible ('+') support with {result.get('group', 'C4')} augmentation: ensemble KL "
+                "falls with M (about 1/M) and OSP rises toward |G|.",
+                measured={
+                    "kl_loglog_slope": slope,
+                    "kl_M1": _kl_at(sym, 1),
+                    f"kl_M{m_max}": _kl_at(sym, m_max),
+                    "osp_M1": osp1,
+                    f"osp_M{m_max}": ospm,
+                    "group_order": order,
+                    "fit_sizes": f">= {config.slope_min_size}",
+                },
+                threshold={
+                    "kl_loglog_slope": f"<= {SLOPE_MAX} (1/M reference: -1)",
+                    "osp": f"OSP(M={m_max}) > OSP(M=1)",
+                },
+                passed=passed,
+                note=note,
+                headline="kl_loglog_slope",
+                paper=-1.0,
+            )
+        )  # KL ~ 1/M (PAPERS.md)
 
     if sym is not None and asym is not None:
         kl_s, kl_a = _kl_at(sym, m_max), _kl_at(asym, m_max)
@@ -273,26 +314,42 @@ def check_claims(config: Config, result: dict[str, Any]) -> list[Claim]:
         a_s, b_s, se_b_s = _plateau_fit(sym, config.slope_min_size)
         a_a, b_a, se_b_a = _plateau_fit(asym, config.slope_min_size)
         passed = bool(kl_a - kl_s > SEPARATION_SE * se)
-        note = "" if passed else (
-            f"asymmetric KL {kl_a:.4g} is not above the symmetric {kl_s:.4g} by {SEPARATION_SE} SE ({se:.2g}); "
-            f"at M={m_max} the 1/M noise may still hide the asymmetric bias (paper: visible at M=1000).")
-        claims.append(Claim(
-            id="C5.2",
-            statement="Incompatible (asymmetric) support: with augmentation its ensemble KL stays above the "
-                      "compatible support's at the largest M.",
-            measured={f"kl_asymmetric_M{m_max}": kl_a, f"kl_symmetric_M{m_max}": kl_s,
-                      "ratio": kl_a / kl_s if kl_s > 0 else None, "bootstrap_se_combined": se,
-                      "margin_in_se": (kl_a - kl_s) / se - SEPARATION_SE if se > 0 else None,
-                      "fitted_plateau_asymmetric": b_a, "fitted_plateau_symmetric": b_s,
-                      "fitted_plateau_asymmetric_stderr": se_b_a, "fitted_plateau_symmetric_stderr": se_b_s,
-                      "member_test_accuracy_symmetric": (sym.get("member_test_accuracy") or {}).get("mean"),
-                      "member_test_accuracy_asymmetric": (asym.get("member_test_accuracy") or {}).get("mean"),
-                      "kl_loglog_slope_asymmetric": _loglog_slope(asym, config.slope_min_size),
-                      "infinite_ensemble_sq_logit_deviation_asymmetric": asym.get("infinite_ensemble_deviation"),
-                      "infinite_ensemble_sq_logit_deviation_symmetric": sym.get("infinite_ensemble_deviation"),
-                      "paper_implied_ratio": 1 + 0.0065 * m_max},
-            threshold=f"kl_asym - kl_sym > {SEPARATION_SE} x combined bootstrap SE at M={m_max}",
-            passed=passed, note=note, headline="margin_in_se"))
+        note = (
+            ""
+            if passed
+            else (
+                f"asymmetric KL {kl_a:.4g} is not above the symmetric {kl_s:.4g} by {SEPARATION_SE} SE ({se:.2g}); "
+                f"at M={m_max} the 1/M noise may still hide the asymmetric bias (paper: visible at M=1000)."
+            )
+        )
+        claims.append(
+            Claim(
+                id="C5.2",
+                statement="Incompatible (asymmetric) support: with augmentation its ensemble KL stays above the "
+                "compatible support's at the largest M.",
+                measured={
+                    f"kl_asymmetric_M{m_max}": kl_a,
+                    f"kl_symmetric_M{m_max}": kl_s,
+                    "ratio": kl_a / kl_s if kl_s > 0 else None,
+                    "bootstrap_se_combined": se,
+                    "margin_in_se": (kl_a - kl_s) / se - SEPARATION_SE if se > 0 else None,
+                    "fitted_plateau_asymmetric": b_a,
+                    "fitted_plateau_symmetric": b_s,
+                    "fitted_plateau_asymmetric_stderr": se_b_a,
+                    "fitted_plateau_symmetric_stderr": se_b_s,
+                    "member_test_accuracy_symmetric": (sym.get("member_test_accuracy") or {}).get("mean"),
+                    "member_test_accuracy_asymmetric": (asym.get("member_test_accuracy") or {}).get("mean"),
+                    "kl_loglog_slope_asymmetric": _loglog_slope(asym, config.slope_min_size),
+                    "infinite_ensemble_sq_logit_deviation_asymmetric": asym.get("infinite_ensemble_deviation"),
+                    "infinite_ensemble_sq_logit_deviation_symmetric": sym.get("infinite_ensemble_deviation"),
+                    "paper_implied_ratio": 1 + 0.0065 * m_max,
+                },
+                threshold=f"kl_asym - kl_sym > {SEPARATION_SE} x combined bootstrap SE at M={m_max}",
+                passed=passed,
+                note=note,
+                headline="margin_in_se",
+            )
+        )
 
     if sym is not None and noaug is not None:
         kl_aug, kl_no = _kl_at(sym, m_max), _kl_at(noaug, m_max)
@@ -300,22 +357,34 @@ def check_claims(config: Config, result: dict[str, Any]) -> list[Claim]:
         osp_no = float(noaug["curve"][str(m_max)]["osp"]["mean"])
         ratio = kl_no / kl_aug if kl_aug > 0 else float("inf")
         passed = bool(ratio >= NO_AUG_FACTOR and osp_no < osp_aug)
-        claims.append(Claim(
-            id="C5.3",
-            statement="Without augmentation the same ('+' support) ensemble stays far from equivariant.",
-            measured={f"kl_no_augmentation_M{m_max}": kl_no, f"kl_augmented_M{m_max}": kl_aug, "ratio": ratio,
-                      f"osp_no_augmentation_M{m_max}": osp_no, f"osp_augmented_M{m_max}": osp_aug,
-                      "kl_loglog_slope_no_augmentation": _loglog_slope(noaug, config.slope_min_size)},
-            threshold={"ratio": f">= {NO_AUG_FACTOR}", "osp": "OSP(no augmentation) < OSP(augmented)"},
-            passed=passed,
-            note="" if passed else f"KL ratio {ratio:.3g} (need >= {NO_AUG_FACTOR}), OSP {osp_no:.3f} vs {osp_aug:.3f}",
-            headline="ratio"))
+        claims.append(
+            Claim(
+                id="C5.3",
+                statement="Without augmentation the same ('+' support) ensemble stays far from equivariant.",
+                measured={
+                    f"kl_no_augmentation_M{m_max}": kl_no,
+                    f"kl_augmented_M{m_max}": kl_aug,
+                    "ratio": ratio,
+                    f"osp_no_augmentation_M{m_max}": osp_no,
+                    f"osp_augmented_M{m_max}": osp_aug,
+                    "kl_loglog_slope_no_augmentation": _loglog_slope(noaug, config.slope_min_size),
+                },
+                threshold={"ratio": f">= {NO_AUG_FACTOR}", "osp": "OSP(no augmentation) < OSP(augmented)"},
+                passed=passed,
+                note=""
+                if passed
+                else f"KL ratio {ratio:.3g} (need >= {NO_AUG_FACTOR}), OSP {osp_no:.3f} vs {osp_aug:.3f}",
+                headline="ratio",
+            )
+        )
     return claims
 
 
-_STYLE = {"symmetric-augmented": ("C0", "o", "'+' support, augmented"),
-          "asymmetric-augmented": ("C3", "s", "asymmetric support, augmented"),
-          "symmetric-no-augmentation": ("C2", "^", "'+' support, no augmentation")}
+_STYLE = {
+    "symmetric-augmented": ("C0", "o", "'+' support, augmented"),
+    "asymmetric-augmented": ("C3", "s", "asymmetric support, augmented"),
+    "symmetric-no-augmentation": ("C2", "^", "'+' support, no augmentation"),
+}
 
 
 def _series(setting: dict, metric: str, m_max: int) -> tuple[list[int], list[float], list[float]]:

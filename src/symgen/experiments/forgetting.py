@@ -33,14 +33,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from symgen.experiments.base import (
-    Claim,
-    Context,
-    Experiment,
-    ExperimentConfig,
-    jsonable,
-    num_threads,
-)
+from symgen.experiments.base import Claim, Context, Experiment, ExperimentConfig, jsonable, num_threads
 from symgen.report import pyplot, save_figure
 
 __all__ = ["Config", "EXPERIMENT", "width_trial", "run", "check_claims", "figures", "TASKS"]
@@ -97,9 +90,11 @@ def _data(seed: int, n: int, m: int, tasks: list[str]) -> dict:
         x = x.reshape(len(x), -1).double() - mean
         return x / x.norm(dim=1, keepdim=True).clamp(min=1e-12) * 8.0
 
-    def pick(x: torch.Tensor, y: torch.Tensor, classes: range, k: int, skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def pick(
+        x: torch.Tensor, y: torch.Tensor, classes: range, k: int, skip: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.nonzero((y >= classes.start) & (y < classes.stop))[:, 0]
-        idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))][skip:skip + k]
+        idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))][skip : skip + k]
         return prep(x[idx]), y[idx] - classes.start
 
     a_tr, a_ytr = pick(xtr, ytr, range(0, 5), n)
@@ -159,8 +154,15 @@ def _acc(f: torch.Tensor, labels: torch.Tensor) -> float:
     return float((f.argmax(1) == labels).double().mean())
 
 
-def _train(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int,
-           record: set[int] | None = None, probe: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+def _train(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    record: set[int] | None = None,
+    probe: torch.Tensor | None = None,
+) -> dict[int, torch.Tensor]:
     """Full-batch GD on 1/(2n) sum ||f - y||^2; returns the outputs on ``probe`` after the ``record`` steps."""
     from symgen.optim import LossClosure
 
@@ -177,9 +179,18 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: tor
     return seen
 
 
-def _track(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int,
-           a_te: torch.Tensor, ya_te: torch.Tensor, b_te: torch.Tensor, b_lab_te: torch.Tensor,
-           stop_at: float | None = None) -> dict[str, list[float]]:
+def _track(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    a_te: torch.Tensor,
+    ya_te: torch.Tensor,
+    b_te: torch.Tensor,
+    b_lab_te: torch.Tensor,
+    stop_at: float | None = None,
+) -> dict[str, list[float]]:
     """Full-batch GD on B; A's test MSE and B's test accuracy before the first and after every step (stops
     after the first step whose B accuracy reaches ``stop_at``)."""
     from symgen.optim import LossClosure
@@ -201,8 +212,11 @@ def _track(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: tor
 def _at_target(track: dict[str, list[float]], target: float, base: float) -> dict:
     """The first step whose B accuracy reaches ``target``, and A's forgetting there (None if never)."""
     hit = next((i for i, a in enumerate(track["acc_b"]) if a >= target), None)
-    return {"step": hit, "acc_b": None if hit is None else track["acc_b"][hit],
-            "forgetting": None if hit is None else track["mse_a"][hit] - base}
+    return {
+        "step": hit,
+        "acc_b": None if hit is None else track["acc_b"][hit],
+        "forgetting": None if hit is None else track["mse_a"][hit] - base,
+    }
 
 
 def width_trial(item: dict) -> dict:
@@ -212,13 +226,24 @@ def width_trial(item: dict) -> dict:
 
     with num_threads(item.get("threads")):
         device = torch.device(item.get("device", "cpu"))  # data and init drawn on the CPU: the same on every device
-        data = {k: tuple(t.to(device) for t in v)
-                for k, v in _data(item["seed"], item["train_size"], item["test_size"], item["tasks"]).items()}
+        data = {
+            k: tuple(t.to(device) for t in v)
+            for k, v in _data(item["seed"], item["train_size"], item["test_size"], item["tasks"]).items()
+        }
         a_tr, a_lab, a_te, a_lab_te = data["A"]
         ya, ya_te = _targets(a_lab), _targets(a_lab_te)
         n = len(a_tr)
-        net = ntk_mlp(64, item["width"], 1, 5, "relu", item["weight_std"], item["bias_std"],
-                      generator=1000 + item["seed"], dtype=torch.float64)
+        net = ntk_mlp(
+            64,
+            item["width"],
+            1,
+            5,
+            "relu",
+            item["weight_std"],
+            item["bias_std"],
+            generator=1000 + item["seed"],
+            dtype=torch.float64,
+        )
         model = _Centred(net).to(device)
         k_aa, _, _ = task_kernels(model, a_tr, a_tr[:1])
         lr = item["lr_factor"] * n / float(kernel_eigh(k_aa)[0][0])
@@ -227,8 +252,13 @@ def width_trial(item: dict) -> dict:
             f_a_te = model(a_te)
         after_a = {"mse": _mse(f_a_te, ya_te), "acc": _acc(f_a_te, a_lab_te)}
         state_a = copy.deepcopy(model.net.state_dict())
-        times = sorted({0, item["steps_b"], *np.unique(np.geomspace(1, item["steps_b"], item["records"]).round()
-                                                       .astype(int)).tolist()})
+        times = sorted(
+            {
+                0,
+                item["steps_b"],
+                *np.unique(np.geomspace(1, item["steps_b"], item["records"]).round().astype(int)).tolist(),
+            }
+        )
         ogd = None
         if item["ogd"]:  # the gradients of all outputs on A's training inputs, after A: shared by every pair
             ogd = OGD(model.parameters(), torch.optim.SGD, lr=lr)
@@ -243,37 +273,81 @@ def width_trial(item: dict) -> dict:
             with torch.no_grad():
                 f_b = model(b_tr)
             pred = predict_after_training(k_bb, k_eb, f_b, f_a_te, yb, times, lr, discrete=True)
-            track = _track(model, torch.optim.SGD(model.parameters(), lr=lr), b_tr, yb, item["steps_b"],
-                           a_te, ya_te, b_te, b_lab_te)
+            track = _track(
+                model,
+                torch.optim.SGD(model.parameters(), lr=lr),
+                b_tr,
+                yb,
+                item["steps_b"],
+                a_te,
+                ya_te,
+                b_te,
+                b_lab_te,
+            )
             with torch.no_grad():
                 acc_a_after_b = _acc(model(a_te), a_lab_te)
             measured = [track["mse_a"][t] for t in times]
             predicted = [_mse(p, ya_te) for p in pred]
-            rec = {"overlap": overlap.mean_squared_cosine, "cosines_top": overlap.cosines[:5].tolist(),
-                   "mse_a_measured": measured, "mse_a_predicted": predicted,
-                   "forgetting": measured[-1] - after_a["mse"], "acc_a_after_b": acc_a_after_b,
-                   "acc_b": track["acc_b"][-1]}
+            rec = {
+                "overlap": overlap.mean_squared_cosine,
+                "cosines_top": overlap.cosines[:5].tolist(),
+                "mse_a_measured": measured,
+                "mse_a_predicted": predicted,
+                "forgetting": measured[-1] - after_a["mse"],
+                "acc_a_after_b": acc_a_after_b,
+                "acc_b": track["acc_b"][-1],
+            }
             if ogd is not None:
                 rec["at_target"] = _at_target(track, item["accuracy_target"], after_a["mse"])
                 rec["trajectory"] = track
                 model.net.load_state_dict(state_a)  # in place: the optimizer keeps the same parameters
-                track_o = _track(model, ogd, b_tr, yb, round(item["ogd_step_factor"] * item["steps_b"]),
-                                 a_te, ya_te, b_te, b_lab_te, stop_at=item["accuracy_target"])
+                track_o = _track(
+                    model,
+                    ogd,
+                    b_tr,
+                    yb,
+                    round(item["ogd_step_factor"] * item["steps_b"]),
+                    a_te,
+                    ya_te,
+                    b_te,
+                    b_lab_te,
+                    stop_at=item["accuracy_target"],
+                )
                 with torch.no_grad():
-                    rec["ogd"] = {"at_target": _at_target(track_o, item["accuracy_target"], after_a["mse"]),
-                                  "forgetting": track_o["mse_a"][-1] - after_a["mse"], "steps": len(track_o["acc_b"]) - 1,
-                                  "acc_a_after_b": _acc(model(a_te), a_lab_te), "acc_b": track_o["acc_b"][-1],
-                                  "directions": ogd.num_directions, "trajectory": track_o}
+                    rec["ogd"] = {
+                        "at_target": _at_target(track_o, item["accuracy_target"], after_a["mse"]),
+                        "forgetting": track_o["mse_a"][-1] - after_a["mse"],
+                        "steps": len(track_o["acc_b"]) - 1,
+                        "acc_a_after_b": _acc(model(a_te), a_lab_te),
+                        "acc_b": track_o["acc_b"][-1],
+                        "directions": ogd.num_directions,
+                        "trajectory": track_o,
+                    }
             pairs[task] = rec
     return {"width": item["width"], "lr": lr, "times": times, "after_a": after_a, "pairs": pairs}
 
 
 def run(config: Config, ctx: Context) -> dict:
-    common = config.model_dump(include={"tasks", "train_size", "test_size", "steps_a", "steps_b", "lr_factor",
-                                        "weight_std", "bias_std", "num_components", "records",
-                                        "accuracy_target", "ogd_step_factor"})
-    items = [dict(common, width=w, seed=config.seed, ogd=(w == config.widths[-1]), threads=1, device=config.device)
-             for w in config.widths]
+    common = config.model_dump(
+        include={
+            "tasks",
+            "train_size",
+            "test_size",
+            "steps_a",
+            "steps_b",
+            "lr_factor",
+            "weight_std",
+            "bias_std",
+            "num_components",
+            "records",
+            "accuracy_target",
+            "ogd_step_factor",
+        }
+    )
+    items = [
+        dict(common, width=w, seed=config.seed, ogd=(w == config.widths[-1]), threads=1, device=config.device)
+        for w in config.widths
+    ]
     trials = ctx.map(width_trial, items, desc="C4.6 widths")
     for t in trials:
         for task, rec in t["pairs"].items():
@@ -282,8 +356,10 @@ def run(config: Config, ctx: Context) -> dict:
 
 
 def _pred_error(trial: dict) -> float:
-    errs = [abs(r["mse_a_predicted"][-1] - r["mse_a_measured"][-1]) / abs(r["mse_a_measured"][-1])
-            for r in trial["pairs"].values()]
+    errs = [
+        abs(r["mse_a_predicted"][-1] - r["mse_a_measured"][-1]) / abs(r["mse_a_measured"][-1])
+        for r in trial["pairs"].values()
+    ]
     return float(np.mean(errs))
 
 
@@ -297,34 +373,53 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
     fg = [top["pairs"][t]["forgetting"] for t in tasks]
     rho = float(spearmanr(ov, fg).statistic)
     ok_a = bool(np.isfinite(rho) and rho >= config.min_rank_correlation)
-    claims = [Claim(
-        id="C4.6-overlap",
-        statement="forgetting on task A grows with the NTK overlap of tasks A and B across task pairs",
-        measured={"spearman": rho, "overlap": dict(zip(tasks, ov, strict=True)),
-                  "forgetting": dict(zip(tasks, fg, strict=True))}, headline="spearman",
-        threshold=f"Spearman rank correlation >= {config.min_rank_correlation} at width {widths[-1]}",
-        passed=ok_a, note="" if ok_a else f"rank correlation {rho:.3f} below the threshold")]
+    claims = [
+        Claim(
+            id="C4.6-overlap",
+            statement="forgetting on task A grows with the NTK overlap of tasks A and B across task pairs",
+            measured={
+                "spearman": rho,
+                "overlap": dict(zip(tasks, ov, strict=True)),
+                "forgetting": dict(zip(tasks, fg, strict=True)),
+            },
+            headline="spearman",
+            threshold=f"Spearman rank correlation >= {config.min_rank_correlation} at width {widths[-1]}",
+            passed=ok_a,
+            note="" if ok_a else f"rank correlation {rho:.3f} below the threshold",
+        )
+    ]
 
     err_top, err_low = _pred_error(top), _pred_error(low)
     ok_b = err_top <= config.prediction_tolerance and err_top < err_low
-    claims.append(Claim(
-        id="C4.6-prediction",
-        statement="the kernel (linearized) prediction of A's test MSE after training on B matches the wide net, "
-                  "better at larger width",
-        measured={"mean_relative_error": err_top, "mean_relative_error_by_width": {str(w): _pred_error(result["by_width"][str(w)]) for w in widths},
-                  "predicted": {t: top["pairs"][t]["mse_a_predicted"][-1] for t in tasks},
-                  "measured": {t: top["pairs"][t]["mse_a_measured"][-1] for t in tasks}},
-        headline="mean_relative_error",
-        threshold=f"mean relative error <= {config.prediction_tolerance} at width {widths[-1]} and below the one at "
-                  f"width {widths[0]}",
-        passed=bool(ok_b), note="" if ok_b else f"relative error {err_top:.3f} (width {widths[-1]}) vs {err_low:.3f} "
-                                                 f"(width {widths[0]})"))
+    claims.append(
+        Claim(
+            id="C4.6-prediction",
+            statement="the kernel (linearized) prediction of A's test MSE after training on B matches the wide net, "
+            "better at larger width",
+            measured={
+                "mean_relative_error": err_top,
+                "mean_relative_error_by_width": {str(w): _pred_error(result["by_width"][str(w)]) for w in widths},
+                "predicted": {t: top["pairs"][t]["mse_a_predicted"][-1] for t in tasks},
+                "measured": {t: top["pairs"][t]["mse_a_measured"][-1] for t in tasks},
+            },
+            headline="mean_relative_error",
+            threshold=f"mean relative error <= {config.prediction_tolerance} at width {widths[-1]} and below the one at "
+            f"width {widths[0]}",
+            passed=bool(ok_b),
+            note=""
+            if ok_b
+            else f"relative error {err_top:.3f} (width {widths[-1]}) vs {err_low:.3f} (width {widths[0]})",
+        )
+    )
 
     target = config.accuracy_target
     sgd_at = {t: top["pairs"][t]["at_target"] for t in tasks}
     ogd_at = {t: top["pairs"][t]["ogd"]["at_target"] for t in tasks}
-    notes = [f"{name} never reaches B accuracy {target} on {missed}" for name, at in (("SGD", sgd_at), ("OGD", ogd_at))
-             if (missed := [t for t in tasks if at[t]["step"] is None])]
+    notes = [
+        f"{name} never reaches B accuracy {target} on {missed}"
+        for name, at in (("SGD", sgd_at), ("OGD", ogd_at))
+        if (missed := [t for t in tasks if at[t]["step"] is None])
+    ]
     both = [t for t in tasks if sgd_at[t]["step"] is not None and ogd_at[t]["step"] is not None]
     worse = [t for t in both if ogd_at[t]["forgetting"] >= sgd_at[t]["forgetting"]]
     if worse:
@@ -332,21 +427,32 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
     ok_c = len(both) == len(tasks) and not worse
     mean_sgd = float(np.mean([sgd_at[t]["forgetting"] for t in both])) if both else float("nan")
     mean_ogd = float(np.mean([ogd_at[t]["forgetting"] for t in both])) if both else float("nan")
-    claims.append(Claim(
-        id="C4.6-ogd",
-        statement="orthogonal gradient descent forgets less than SGD at the same accuracy on task B",
-        measured={"pairs_ogd_forgets_less": len(both) - len(worse), "pairs": len(tasks),
-                  "mean_forgetting_at_target_sgd": mean_sgd, "mean_forgetting_at_target_ogd": mean_ogd,
-                  "at_target_sgd": sgd_at, "at_target_ogd": ogd_at,
-                  "fixed_budget": {"forgetting_sgd": {t: top["pairs"][t]["forgetting"] for t in tasks},
-                                   "acc_b_sgd": {t: top["pairs"][t]["acc_b"] for t in tasks},
-                                   "forgetting_ogd": {t: top["pairs"][t]["ogd"]["forgetting"] for t in tasks},
-                                   "acc_b_ogd": {t: top["pairs"][t]["ogd"]["acc_b"] for t in tasks},
-                                   "steps_ogd": {t: top["pairs"][t]["ogd"]["steps"] for t in tasks}}},
-        headline="pairs_ogd_forgets_less",
-        threshold=f"each trained on B until B's test accuracy first reaches {target}: OGD's forgetting (increase "
-                  f"of A's test MSE) there < SGD's, on every pair (width {widths[-1]})",
-        passed=bool(ok_c), note="; ".join(notes)))
+    claims.append(
+        Claim(
+            id="C4.6-ogd",
+            statement="orthogonal gradient descent forgets less than SGD at the same accuracy on task B",
+            measured={
+                "pairs_ogd_forgets_less": len(both) - len(worse),
+                "pairs": len(tasks),
+                "mean_forgetting_at_target_sgd": mean_sgd,
+                "mean_forgetting_at_target_ogd": mean_ogd,
+                "at_target_sgd": sgd_at,
+                "at_target_ogd": ogd_at,
+                "fixed_budget": {
+                    "forgetting_sgd": {t: top["pairs"][t]["forgetting"] for t in tasks},
+                    "acc_b_sgd": {t: top["pairs"][t]["acc_b"] for t in tasks},
+                    "forgetting_ogd": {t: top["pairs"][t]["ogd"]["forgetting"] for t in tasks},
+                    "acc_b_ogd": {t: top["pairs"][t]["ogd"]["acc_b"] for t in tasks},
+                    "steps_ogd": {t: top["pairs"][t]["ogd"]["steps"] for t in tasks},
+                },
+            },
+            headline="pairs_ogd_forgets_less",
+            threshold=f"each trained on B until B's test accuracy first reaches {target}: OGD's forgetting (increase "
+            f"of A's test MSE) there < SGD's, on every pair (width {widths[-1]})",
+            passed=bool(ok_c),
+            note="; ".join(notes),
+        )
+    )
     return claims
 
 
@@ -357,7 +463,9 @@ def figures(result: dict, outdir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(5, 4))
     for w in widths:
         pairs = result["by_width"][str(w)]["pairs"]
-        ax.scatter([p["overlap"] for p in pairs.values()], [p["forgetting"] for p in pairs.values()], label=f"width {w}")
+        ax.scatter(
+            [p["overlap"] for p in pairs.values()], [p["forgetting"] for p in pairs.values()], label=f"width {w}"
+        )
     top = result["by_width"][str(widths[-1])]["pairs"]
     for t, p in top.items():
         ax.annotate(t, (p["overlap"], p["forgetting"]), fontsize=7)
@@ -391,7 +499,12 @@ EXPERIMENT = Experiment(
     run=run,
     check_claims=check_claims,
     figures=figures,
-    quick={"widths": [256, 2048], "tasks": ["relabel", "perm25", "perm50", "perm100", "rot90", "split"],
-           "steps_a": 300, "steps_b": 300, "ogd_step_factor": 1.0},
+    quick={
+        "widths": [256, 2048],
+        "tasks": ["relabel", "perm25", "perm50", "perm100", "rot90", "split"],
+        "steps_a": 300,
+        "steps_b": 300,
+        "ogd_step_factor": 1.0,
+    },
     claims=("C4.6",),
 )

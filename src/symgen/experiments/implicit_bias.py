@@ -22,14 +22,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from symgen.errors import ConfigError, DivergenceError
-from symgen.experiments.base import (
-    Claim,
-    Context,
-    Experiment,
-    ExperimentConfig,
-    jsonable,
-    num_threads,
-)
+from symgen.experiments.base import Claim, Context, Experiment, ExperimentConfig, jsonable, num_threads
 from symgen.models import LinearFCNet
 from symgen.nn import LinearSteerableNet
 from symgen.report import pyplot, save_figure
@@ -45,7 +38,8 @@ class Config(ExperimentConfig):
 
     # Non-empty lists: a claim over no dataset, depth or size would pass with nothing measured.
     datasets: list[Literal["cyclic", "digits-c4", "digits-d4"]] = Field(
-        default_factory=lambda: ["cyclic", "digits-c4", "digits-d4"], min_length=1)
+        default_factory=lambda: ["cyclic", "digits-c4", "digits-d4"], min_length=1
+    )
     depths: list[int] = Field(default_factory=lambda: [1, 2, 3])
     train_sizes: list[int] = Field(default_factory=lambda: [4, 8, 16, 32, 64])
     claim_size: int = 32
@@ -133,8 +127,10 @@ def make_dataset(dataset: str, cfg: dict, seed: int, n_train: int) -> dict[str, 
             parts.append((x, y))
         (x_pool, y_pool), (x_te, y_te) = parts
         if n_train > len(x_pool):
-            raise ConfigError(f"digits pair {a},{b} has {len(x_pool)} training images; train size {n_train} is too big.")
-        mean = action.orbit(x_pool).mean((0, 1))              # invariant, so centring keeps invariance
+            raise ConfigError(
+                f"digits pair {a},{b} has {len(x_pool)} training images; train size {n_train} is too big."
+            )
+        mean = action.orbit(x_pool).mean((0, 1))  # invariant, so centring keeps invariance
         perm = torch.randperm(len(x_pool), generator=gen)[:n_train]
         x_tr, y_tr = x_pool[perm], y_pool[perm]
         x_tr = action.apply_each(torch.randint(0, action.group.order, (n_train,), generator=gen), x_tr) - mean
@@ -192,8 +188,18 @@ def _train_trial(item: dict) -> dict:
         xa, ya = OrbitAugment(action)(x, y)
         sol_aug = hard_margin_svm(xa.double(), ya.double())
         sol_raw = hard_margin_svm(x.double(), y.double())
-        refs.append({"inv": sol_aug.direction.reshape(-1), "raw": sol_raw.direction.reshape(-1),
-                     "inv_margin": sol_aug.margin, "raw_margin": sol_raw.margin, "xa": xa, "ya": ya, "x": x, "y": y})
+        refs.append(
+            {
+                "inv": sol_aug.direction.reshape(-1),
+                "raw": sol_raw.direction.reshape(-1),
+                "inv_margin": sol_aug.margin,
+                "raw_margin": sol_raw.margin,
+                "xa": xa,
+                "ya": ya,
+                "x": x,
+                "y": y,
+            }
+        )
         xt, yt = (xa, ya) if kind == "fc_augmented" else (x, y)
         xs.append(xt)
         ys.append(yt)
@@ -207,8 +213,13 @@ def _train_trial(item: dict) -> dict:
     device = torch.device(cfg["device"])
     X, Y, LW = X.to(device), Y.to(device), LW.to(device)
 
-    model, params, _ = stacked_init(_factory(kind, action, shape, depth, cfg["width"]), m_count,
-                                    generator=10_000 * item["index"] + cfg["seed"], dtype=dtype, device=device)
+    model, params, _ = stacked_init(
+        _factory(kind, action, shape, depth, cfg["width"]),
+        m_count,
+        generator=10_000 * item["index"] + cfg["seed"],
+        dtype=dtype,
+        device=device,
+    )
 
     forward = vmap(lambda p, x: call(model, p, None, x))
     eye = torch.eye(d, dtype=dtype, device=device).reshape(d, *shape)
@@ -217,7 +228,9 @@ def _train_trial(item: dict) -> dict:
     raw_ref = torch.stack([r["raw"] for r in refs]).to(device=device, dtype=dtype)
 
     steps = int(cfg["steps"])
-    record_at = sorted({int(round(v)) for v in torch.logspace(0, math.log10(steps), cfg["records"]).tolist()} | {0, steps})
+    record_at = sorted(
+        {int(round(v)) for v in torch.logspace(0, math.log10(steps), cfg["records"]).tolist()} | {0, steps}
+    )
     traj_steps, traj_inv, traj_raw = [], [], []
 
     def record(step: int) -> None:
@@ -242,9 +255,11 @@ def _train_trial(item: dict) -> dict:
         with torch.no_grad():
             gnorm = torch.sqrt(sum(g.reshape(m_count, -1).pow(2).sum(1) for g in grads))
             if not bool(torch.isfinite(gnorm).all()):
-                raise DivergenceError(f"implicit-bias: non-finite gradient at step {step} ({dataset}, {kind}, "
-                                      f"depth {depth}); lower lr or max_step.")
-            scale = lr * torch.clamp(max_step / (lr * gnorm), max=1.0)      # step length <= max_step
+                raise DivergenceError(
+                    f"implicit-bias: non-finite gradient at step {step} ({dataset}, {kind}, "
+                    f"depth {depth}); lower lr or max_step."
+                )
+            scale = lr * torch.clamp(max_step / (lr * gnorm), max=1.0)  # step length <= max_step
             for p, g in zip(leaves, grads, strict=True):
                 p.sub_(scale.view(-1, *([1] * (p.ndim - 1))) * g)
 
@@ -256,22 +271,36 @@ def _train_trial(item: dict) -> dict:
         bx = b.reshape(shape)
         proj = action.orbit(bx).mean(0).reshape(-1)
         te = pools[s]
-        acc = float(((te["x_test"].double().reshape(len(te["x_test"]), -1) @ b).sign() == te["y_test"].double())
-                    .double().mean())
-        out_members.append({
-            "size": n, "seed": s,
-            "cos_inv_svm": float(_unit(b) @ r["inv"]),
-            "cos_raw_svm": float(_unit(b) @ r["raw"]),
-            "invariance_error": float((b - proj).norm() / b.norm()),
-            "margin_augmented": normalized_margin(b, r["xa"].double(), r["ya"].double()),
-            "margin_raw": normalized_margin(b, r["x"].double(), r["y"].double()),
-            "svm_inv_margin": r["inv_margin"], "svm_raw_margin": r["raw_margin"],
-            "test_accuracy": acc,
-            "beta": b.tolist(),
-        })
-    return jsonable({"dataset": dataset, "kind": kind, "depth": depth, "group": action.group.name,
-                     "dim": d, "group_order": order, "members": out_members,
-                     "trajectory": {"steps": traj_steps, "one_minus_cos_inv": traj_inv, "one_minus_cos_raw": traj_raw}})
+        acc = float(
+            ((te["x_test"].double().reshape(len(te["x_test"]), -1) @ b).sign() == te["y_test"].double()).double().mean()
+        )
+        out_members.append(
+            {
+                "size": n,
+                "seed": s,
+                "cos_inv_svm": float(_unit(b) @ r["inv"]),
+                "cos_raw_svm": float(_unit(b) @ r["raw"]),
+                "invariance_error": float((b - proj).norm() / b.norm()),
+                "margin_augmented": normalized_margin(b, r["xa"].double(), r["ya"].double()),
+                "margin_raw": normalized_margin(b, r["x"].double(), r["y"].double()),
+                "svm_inv_margin": r["inv_margin"],
+                "svm_raw_margin": r["raw_margin"],
+                "test_accuracy": acc,
+                "beta": b.tolist(),
+            }
+        )
+    return jsonable(
+        {
+            "dataset": dataset,
+            "kind": kind,
+            "depth": depth,
+            "group": action.group.name,
+            "dim": d,
+            "group_order": order,
+            "members": out_members,
+            "trajectory": {"steps": traj_steps, "one_minus_cos_inv": traj_inv, "one_minus_cos_raw": traj_raw},
+        }
+    )
 
 
 def _reference_trial(item: dict) -> dict:
@@ -299,16 +328,24 @@ def run(config: Config, ctx: Context) -> dict:
     if config.claim_size not in config.train_sizes:
         raise ConfigError(f"claim_size={config.claim_size} must be one of train_sizes={config.train_sizes}.")
     cfg = config.model_dump()
-    items = [{"index": i, "dataset": ds, "kind": kind, "depth": depth, "config": cfg}
-             for i, (ds, depth, kind) in enumerate((ds, depth, kind) for ds in config.datasets
-                                                   for depth in config.depths for kind in KINDS)]
+    items = [
+        {"index": i, "dataset": ds, "kind": kind, "depth": depth, "config": cfg}
+        for i, (ds, depth, kind) in enumerate(
+            (ds, depth, kind) for ds in config.datasets for depth in config.depths for kind in KINDS
+        )
+    ]
     trials = ctx.map(train_trial, items, desc="implicit-bias trials")
-    refs = ctx.map(_reference_trial, [{"dataset": ds, "config": cfg} for ds in config.datasets],
-                   desc="SVM cross-checks")
+    refs = ctx.map(
+        _reference_trial, [{"dataset": ds, "config": cfg} for ds in config.datasets], desc="SVM cross-checks"
+    )
     for t in trials:
-        ctx.log(dataset=t["dataset"], kind=t["kind"], depth=t["depth"],
-                min_cos_inv=min(m["cos_inv_svm"] for m in t["members"]),
-                min_cos_raw=min(m["cos_raw_svm"] for m in t["members"]))
+        ctx.log(
+            dataset=t["dataset"],
+            kind=t["kind"],
+            depth=t["depth"],
+            min_cos_inv=min(m["cos_inv_svm"] for m in t["members"]),
+            min_cos_raw=min(m["cos_raw_svm"] for m in t["members"]),
+        )
     # Direction agreement of the steerable net and the FC net on augmented data (same data, depth).
     pairs = []
     index = {(t["dataset"], t["kind"], t["depth"]): t for t in trials}
@@ -317,8 +354,15 @@ def run(config: Config, ctx: Context) -> dict:
             st, fa = index[(ds, "steerable", depth)], index[(ds, "fc_augmented", depth)]
             for a, b in zip(st["members"], fa["members"], strict=True):
                 ba, bb = torch.tensor(a["beta"]), torch.tensor(b["beta"])
-                pairs.append({"dataset": ds, "depth": depth, "size": a["size"], "seed": a["seed"],
-                              "cos_steerable_fc_augmented": float(ba @ bb / (ba.norm() * bb.norm()))})
+                pairs.append(
+                    {
+                        "dataset": ds,
+                        "depth": depth,
+                        "size": a["size"],
+                        "seed": a["seed"],
+                        "cos_steerable_fc_augmented": float(ba @ bb / (ba.norm() * bb.norm())),
+                    }
+                )
     return jsonable({"trials": trials, "agreement": pairs, "svm_crosscheck": refs})
 
 
@@ -326,8 +370,11 @@ def _members(result: dict, kind: str, size: int | None = None) -> list[dict]:
     out = []
     for t in result["trials"]:
         if t["kind"] == kind:
-            out += [dict(m, dataset=t["dataset"], depth=t["depth"]) for m in t["members"]
-                    if size is None or m["size"] == size]
+            out += [
+                dict(m, dataset=t["dataset"], depth=t["depth"])
+                for m in t["members"]
+                if size is None or m["size"] == size
+            ]
     return out
 
 
@@ -339,51 +386,80 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
     cos_steer = min(m["cos_inv_svm"] for m in steer)
     inv_err = max(m["invariance_error"] for m in steer)
     ok = cos_steer >= 0.99 and inv_err <= 1e-6
-    claims.append(Claim(
-        id="C1.1", statement=f"linear steerable nets (depths {config.depths}) converge to the invariant max-margin "
-        "direction, staying in Fix(rho_0)",
-        measured={"min_cos_to_invariant_svm": cos_steer, "max_invariance_error": inv_err, "members": len(steer)},
-        threshold={"min_cos": 0.99, "max_invariance_error": 1e-6}, passed=ok, headline="min_cos_to_invariant_svm",
-        note="" if ok else "cos below 0.99 or beta left Fix(rho_0); more steps or a larger max_step may be needed"))
+    claims.append(
+        Claim(
+            id="C1.1",
+            statement=f"linear steerable nets (depths {config.depths}) converge to the invariant max-margin "
+            "direction, staying in Fix(rho_0)",
+            measured={"min_cos_to_invariant_svm": cos_steer, "max_invariance_error": inv_err, "members": len(steer)},
+            threshold={"min_cos": 0.99, "max_invariance_error": 1e-6},
+            passed=ok,
+            headline="min_cos_to_invariant_svm",
+            note="" if ok else "cos below 0.99 or beta left Fix(rho_0); more steps or a larger max_step may be needed",
+        )
+    )
 
     cos_fca = min(m["cos_inv_svm"] for m in fca)
     agree = [p["cos_steerable_fc_augmented"] for p in result["agreement"] if p["size"] == size]
     cos_agree = min(agree)
     ok = cos_fca >= 0.99 and cos_agree >= 0.99
-    claims.append(Claim(
-        id="C1.2", statement="an FC net on orbit-augmented data reaches the same direction as the steerable net",
-        measured={"min_cos_fc_augmented_to_invariant_svm": cos_fca, "min_cos_steerable_vs_fc_augmented": cos_agree},
-        threshold={"min_cos": 0.99}, passed=ok, headline="min_cos_fc_augmented_to_invariant_svm",
-        note="" if ok else "one of the cosines is below 0.99"))
+    claims.append(
+        Claim(
+            id="C1.2",
+            statement="an FC net on orbit-augmented data reaches the same direction as the steerable net",
+            measured={"min_cos_fc_augmented_to_invariant_svm": cos_fca, "min_cos_steerable_vs_fc_augmented": cos_agree},
+            threshold={"min_cos": 0.99},
+            passed=ok,
+            headline="min_cos_fc_augmented_to_invariant_svm",
+            note="" if ok else "one of the cosines is below 0.99",
+        )
+    )
 
     diffs = [a["margin_augmented"] - b["margin_augmented"] for a, b in zip(steer, fcr, strict=True)]
     cos_raw = min(m["cos_raw_svm"] for m in fcr)
     frac = sum(x >= 0 for x in diffs) / len(diffs)
     ok = min(diffs) >= 0 and cos_raw >= 0.99
-    claims.append(Claim(
-        id="C1.3", statement="the steerable net's normalized margin on the augmented training set is >= the raw FC "
-        "net's; the raw FC net converges to the raw-data SVM",
-        measured={"mean_margin_steerable": sum(a["margin_augmented"] for a in steer) / len(steer),
-                  "mean_margin_fc_raw": sum(b["margin_augmented"] for b in fcr) / len(fcr),
-                  "min_margin_difference": min(diffs), "fraction_steerable_ge": frac,
-                  "min_cos_fc_raw_to_raw_svm": cos_raw},
-        threshold={"min_margin_difference": 0.0, "min_cos": 0.99}, passed=ok, headline="min_margin_difference",
-        note="" if ok else "some raw FC net had a larger augmented margin, or did not reach the raw SVM"))
+    claims.append(
+        Claim(
+            id="C1.3",
+            statement="the steerable net's normalized margin on the augmented training set is >= the raw FC "
+            "net's; the raw FC net converges to the raw-data SVM",
+            measured={
+                "mean_margin_steerable": sum(a["margin_augmented"] for a in steer) / len(steer),
+                "mean_margin_fc_raw": sum(b["margin_augmented"] for b in fcr) / len(fcr),
+                "min_margin_difference": min(diffs),
+                "fraction_steerable_ge": frac,
+                "min_cos_fc_raw_to_raw_svm": cos_raw,
+            },
+            threshold={"min_margin_difference": 0.0, "min_cos": 0.99},
+            passed=ok,
+            headline="min_margin_difference",
+            note="" if ok else "some raw FC net had a larger augmented margin, or did not reach the raw SVM",
+        )
+    )
 
     per = {}
     for ds in config.datasets:
         for depth in config.depths:
-            acc = {k: [m["test_accuracy"] for m in _members(result, k) if m["dataset"] == ds and m["depth"] == depth]
-                   for k in KINDS}
+            acc = {
+                k: [m["test_accuracy"] for m in _members(result, k) if m["dataset"] == ds and m["depth"] == depth]
+                for k in KINDS
+            }
             per[f"{ds}/depth{depth}"] = {k: round(sum(acc[k]) / len(acc[k]), 4) for k in ("steerable", "fc_raw")}
     ok = all(v["steerable"] >= v["fc_raw"] for v in per.values())
     worst = min(per.items(), key=lambda kv: kv[1]["steerable"] - kv[1]["fc_raw"])
-    claims.append(Claim(
-        id="C1.4", statement=f"held-out invariant test accuracy, mean over seeds and training sizes {config.train_sizes}: "
-        "steerable >= raw FC",
-        measured=per, threshold="steerable >= fc_raw in every dataset/depth", passed=ok,
-        headline=f"{worst[0]}.steerable",  # the setting where steerable leads raw FC by the least
-        note="" if ok else f"steerable below raw FC at {worst[0]}: {worst[1]}"))
+    claims.append(
+        Claim(
+            id="C1.4",
+            statement=f"held-out invariant test accuracy, mean over seeds and training sizes {config.train_sizes}: "
+            "steerable >= raw FC",
+            measured=per,
+            threshold="steerable >= fc_raw in every dataset/depth",
+            passed=ok,
+            headline=f"{worst[0]}.steerable",  # the setting where steerable leads raw FC by the least
+            note="" if ok else f"steerable below raw FC at {worst[0]}: {worst[1]}",
+        )
+    )
     return claims
 
 
@@ -409,8 +485,13 @@ def figures(result: dict, outdir: Path) -> list[Path]:
                 steps = np.maximum(np.array(tr["steps"]), 1)
                 for key, style in (("one_minus_cos_inv", "-"), ("one_minus_cos_raw", "--")):
                     vals = np.clip(np.array(tr[key], dtype=float).mean(1), 1e-12, None)
-                    ax.loglog(steps, vals, style, color=colors[t["kind"]],
-                              label=f"{t['kind']} vs {'invariant' if key.endswith('inv') else 'raw'} SVM")
+                    ax.loglog(
+                        steps,
+                        vals,
+                        style,
+                        color=colors[t["kind"]],
+                        label=f"{t['kind']} vs {'invariant' if key.endswith('inv') else 'raw'} SVM",
+                    )
             ax.set_title(f"{ds}, depth {depth}")
             ax.set_xlabel("step")
             ax.set_ylabel("1 - cos")
@@ -426,9 +507,19 @@ def figures(result: dict, outdir: Path) -> list[Path]:
                 continue
             sizes = sorted({m["size"] for m in t["members"]})
             acc = np.array([[m["test_accuracy"] for m in t["members"] if m["size"] == n] for n in sizes])
-            ax.errorbar(sizes, acc.mean(1), yerr=acc.std(1), color=colors[t["kind"]], capsize=2, alpha=0.8,
-                        marker=markers[t["kind"]], markersize=4, markerfacecolor="none",
-                        linestyle=["-", "--", ":"][depths.index(t["depth"]) % 3], label=f"{t['kind']} d{t['depth']}")
+            ax.errorbar(
+                sizes,
+                acc.mean(1),
+                yerr=acc.std(1),
+                color=colors[t["kind"]],
+                capsize=2,
+                alpha=0.8,
+                marker=markers[t["kind"]],
+                markersize=4,
+                markerfacecolor="none",
+                linestyle=["-", "--", ":"][depths.index(t["depth"]) % 3],
+                label=f"{t['kind']} d{t['depth']}",
+            )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("training size")
         ax.set_ylabel("test accuracy (invariant test data)")
@@ -447,7 +538,14 @@ EXPERIMENT = Experiment(
     run=run,
     check_claims=check_claims,
     figures=figures,
-    quick={"datasets": ["cyclic", "digits-d4"], "train_sizes": [4, 8, 16, 32], "seeds": 3, "steps": 1000,
-           "width": 8, "records": 25, "test_size": 1000},
+    quick={
+        "datasets": ["cyclic", "digits-d4"],
+        "train_sizes": [4, 8, 16, 32],
+        "seeds": 3,
+        "steps": 1000,
+        "width": 8,
+        "records": 25,
+        "test_size": 1000,
+    },
     claims=("C1.1", "C1.2", "C1.3", "C1.4"),
 )

@@ -28,14 +28,7 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from symgen.experiments.base import (
-    Claim,
-    Context,
-    Experiment,
-    ExperimentConfig,
-    jsonable,
-    num_threads,
-)
+from symgen.experiments.base import Claim, Context, Experiment, ExperimentConfig, jsonable, num_threads
 from symgen.report import pyplot, save_figure
 
 __all__ = ["Config", "EXPERIMENT", "curve_trial", "run", "check_claims", "figures"]
@@ -65,16 +58,22 @@ class Config(ExperimentConfig):
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         if min(self.student_filters) < self.teacher_filter:
-            raise ValueError(f"student_filters {self.student_filters} must be >= teacher_filter "
-                             f"{self.teacher_filter} (the regime s >= t of arXiv 2106.08619)")
+            raise ValueError(
+                f"student_filters {self.student_filters} must be >= teacher_filter "
+                f"{self.teacher_filter} (the regime s >= t of arXiv 2106.08619)"
+            )
         if max(self.student_filters) > min(self.dims):
-            raise ValueError(f"student filters {self.student_filters} must fit in the smallest dimension {min(self.dims)}")
+            raise ValueError(
+                f"student filters {self.student_filters} must fit in the smallest dimension {min(self.dims)}"
+            )
         if len(self.dims) < 2 or len(self.train_sizes) < 2:
             raise ValueError("dims and train_sizes need at least two values each")
         return self
 
 
-def _teacher_sample(d: int, t: int, w: float, b: float, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _teacher_sample(
+    d: int, t: int, w: float, b: float, n: int, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` inputs x ~ N(0, I_d) as (n, 1, d) and a Gaussian random field with the local kernel (filter t) on them."""
     from symgen.ntk import analytic_conv_ntk
 
@@ -95,38 +94,67 @@ def curve_trial(item: dict) -> dict:
     g = as_generator(item["seed"])
     with num_threads(item.get("threads")):
         device = torch.device(item.get("device", "cpu"))  # drawn on the CPU generator: the same data on every device
-        draws = [tuple(t.to(device) for t in _teacher_sample(d, item["teacher_filter"], w, b, need, g))
-                 for _ in range(item["num_draws"])]
+        draws = [
+            tuple(t.to(device) for t in _teacher_sample(d, item["teacher_filter"], w, b, need, g))
+            for _ in range(item["num_draws"])
+        ]
 
         def sampler():
             it = iter(draws)
             return lambda n, gen: next(it)
 
         def local(s: int):
-            return lambda x1, x2: analytic_conv_ntk(x1, x2, 1, s, "relu", "flatten", "circular", w, b,
-                                                    dtype=torch.float64)[1]
+            return lambda x1, x2: analytic_conv_ntk(
+                x1, x2, 1, s, "relu", "flatten", "circular", w, b, dtype=torch.float64
+            )[1]
 
         kernels = {f"local_s{s}": local(s) for s in item["student_filters"]}
         kernels["fc"] = lambda x1, x2: analytic_ntk(x1, x2, 1, "relu", w, b, dtype=torch.float64)[1]
         out = {}
         for name, kernel in kernels.items():
-            curve = learning_curve(kernel, sampler(), item["train_sizes"], num_test=item["num_test"],
-                                   num_draws=item["num_draws"], confidence=item["confidence"], generator=0)
+            curve = learning_curve(
+                kernel,
+                sampler(),
+                item["train_sizes"],
+                num_test=item["num_test"],
+                num_draws=item["num_draws"],
+                confidence=item["confidence"],
+                generator=0,
+            )
             out[name] = curve.to_dict()
     return {"d": d, "curves": out}
 
 
 def run(config: Config, ctx: Context) -> dict:
-    items = [dict(d=d, teacher_filter=config.teacher_filter, student_filters=config.student_filters,
-                  train_sizes=config.train_sizes, num_test=config.num_test, num_draws=config.num_draws,
-                  weight_std=config.weight_std, bias_std=config.bias_std, confidence=config.confidence,
-                  seed=config.seed * 1000 + d, threads=1, device=config.device) for d in config.dims]
+    items = [
+        dict(
+            d=d,
+            teacher_filter=config.teacher_filter,
+            student_filters=config.student_filters,
+            train_sizes=config.train_sizes,
+            num_test=config.num_test,
+            num_draws=config.num_draws,
+            weight_std=config.weight_std,
+            bias_std=config.bias_std,
+            confidence=config.confidence,
+            seed=config.seed * 1000 + d,
+            threads=1,
+            device=config.device,
+        )
+        for d in config.dims
+    ]
     trials = ctx.map(curve_trial, items, desc="C4.5 dimensions")
     by_d = {str(t["d"]): t["curves"] for t in trials}
     for t in trials:
         ctx.log(claim="C4.5", d=t["d"], **{f"beta_{k}": v["beta"] for k, v in t["curves"].items()})
-    return jsonable({"dims": config.dims, "student_filters": config.student_filters,
-                     "teacher_filter": config.teacher_filter, "by_d": by_d})
+    return jsonable(
+        {
+            "dims": config.dims,
+            "student_filters": config.student_filters,
+            "teacher_filter": config.teacher_filter,
+            "by_d": by_d,
+        }
+    )
 
 
 def _half(c: dict) -> float:
@@ -137,8 +165,10 @@ def _half(c: dict) -> float:
 def check_claims(config: Config, result: dict) -> list[Claim]:
     dims, filters, by_d = result["dims"], result["student_filters"], result["by_d"]
     d0, dmax = str(dims[0]), str(dims[-1])
-    table = {k: {d: {"beta": by_d[str(d)][k]["beta"], "ci": by_d[str(d)][k]["beta_ci"]} for d in dims}
-             for k in [f"local_s{s}" for s in filters] + ["fc"]}
+    table = {
+        k: {d: {"beta": by_d[str(d)][k]["beta"], "ci": by_d[str(d)][k]["beta_ci"]} for d in dims}
+        for k in [f"local_s{s}" for s in filters] + ["fc"]
+    }
     predicted = {**{f"local_s{s}": 1.0 / s for s in filters}, "fc": {d: 1.0 / d for d in dims}}
 
     ok_d, notes = True, []
@@ -153,34 +183,54 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
     lo_s, hi_s = by_d[dmax][f"local_s{filters[0]}"], by_d[dmax][f"local_s{filters[-1]}"]
     ok_s = len(filters) < 2 or lo_s["beta"] - hi_s["beta"] > _half(lo_s) + _half(hi_s)
     if not ok_s:
-        notes.append(f"at d={dmax} beta(s={filters[0]}) - beta(s={filters[-1]}) = {lo_s['beta'] - hi_s['beta']:.3f} "
-                     "is within the intervals")
+        notes.append(
+            f"at d={dmax} beta(s={filters[0]}) - beta(s={filters[-1]}) = {lo_s['beta'] - hi_s['beta']:.3f} "
+            "is within the intervals"
+        )
     s_gap = f"beta_s{filters[0]}_minus_s{filters[-1]}_at_d{dmax}"
-    claims = [Claim(
-        id="C4.5-local",
-        statement="the local student's exponent depends on its filter size s and not on the input dimension d",
-        measured={**{k: v for k, v in table.items() if k != "fc"}, s_gap: lo_s["beta"] - hi_s["beta"],
-                  "predicted": {k: v for k, v in predicted.items() if k != "fc"}},
-        headline=s_gap, paper=1.0 / filters[0] - 1.0 / filters[-1],
-        threshold=(f"for each s, |beta(d) - beta(d={d0})| <= sum of 95% half-widths or <= "
-                   f"{config.relative_tolerance} beta(d={d0}); at d={dmax} beta(s_min) - beta(s_max) > sum of "
-                   "half-widths"),
-        passed=bool(ok_d and ok_s), note="; ".join(notes))]
+    claims = [
+        Claim(
+            id="C4.5-local",
+            statement="the local student's exponent depends on its filter size s and not on the input dimension d",
+            measured={
+                **{k: v for k, v in table.items() if k != "fc"},
+                s_gap: lo_s["beta"] - hi_s["beta"],
+                "predicted": {k: v for k, v in predicted.items() if k != "fc"},
+            },
+            headline=s_gap,
+            paper=1.0 / filters[0] - 1.0 / filters[-1],
+            threshold=(
+                f"for each s, |beta(d) - beta(d={d0})| <= sum of 95% half-widths or <= "
+                f"{config.relative_tolerance} beta(d={d0}); at d={dmax} beta(s_min) - beta(s_max) > sum of "
+                "half-widths"
+            ),
+            passed=bool(ok_d and ok_s),
+            note="; ".join(notes),
+        )
+    ]
 
     fc = [by_d[str(d)]["fc"] for d in dims]
     mono = all(a["beta"] > b["beta"] for a, b in zip(fc[:-1], fc[1:], strict=True))
     drop = fc[0]["beta"] - fc[-1]["beta"]
     ok_fc = mono and drop > _half(fc[0]) + _half(fc[-1])
-    claims.append(Claim(
-        id="C4.5-fc",
-        statement="the fully-connected student's exponent falls with the input dimension d (curse of dimensionality)",
-        measured={**table["fc"], "beta_drop": drop, "predicted": predicted["fc"]}, headline="beta_drop",
-        paper=1.0 / dims[0] - 1.0 / dims[-1],
-        threshold="mean beta_FC decreases from each d to the next and beta_FC(d_min) - beta_FC(d_max) > sum of "
-                  "95% half-widths",
-        passed=bool(ok_fc),
-        note="" if ok_fc else (f"beta_FC by d: {[round(c['beta'], 3) for c in fc]}; drop {drop:.3f} vs half-widths "
-                               f"{_half(fc[0]):.3f} + {_half(fc[-1]):.3f}")))
+    claims.append(
+        Claim(
+            id="C4.5-fc",
+            statement="the fully-connected student's exponent falls with the input dimension d (curse of dimensionality)",
+            measured={**table["fc"], "beta_drop": drop, "predicted": predicted["fc"]},
+            headline="beta_drop",
+            paper=1.0 / dims[0] - 1.0 / dims[-1],
+            threshold="mean beta_FC decreases from each d to the next and beta_FC(d_min) - beta_FC(d_max) > sum of "
+            "95% half-widths",
+            passed=bool(ok_fc),
+            note=""
+            if ok_fc
+            else (
+                f"beta_FC by d: {[round(c['beta'], 3) for c in fc]}; drop {drop:.3f} vs half-widths "
+                f"{_half(fc[0]):.3f} + {_half(fc[-1]):.3f}"
+            ),
+        )
+    )
 
     gaps, ok_gap = {}, True
     f_max = by_d[dmax]["fc"]
@@ -188,13 +238,18 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
         c = by_d[dmax][f"local_s{s}"]
         gaps[f"s{s}"] = {"gap": c["beta"] - f_max["beta"], "sum_half_widths": _half(c) + _half(f_max)}
         ok_gap &= gaps[f"s{s}"]["gap"] > gaps[f"s{s}"]["sum_half_widths"]
-    claims.append(Claim(
-        id="C4.5-gap",
-        statement=f"at the largest d = {dmax}, local students learn with a larger exponent than the fully-connected one",
-        measured={**gaps, "predicted": {f"s{s}": 1.0 / s - 1.0 / dims[-1] for s in filters}},
-        headline=f"s{filters[-1]}.gap", paper=1.0 / filters[-1] - 1.0 / dims[-1],
-        threshold="beta_local(s) - beta_FC > half-width(local) + half-width(FC) (95%) for every s",
-        passed=bool(ok_gap), note="" if ok_gap else "a local exponent is not above the FC one beyond the intervals"))
+    claims.append(
+        Claim(
+            id="C4.5-gap",
+            statement=f"at the largest d = {dmax}, local students learn with a larger exponent than the fully-connected one",
+            measured={**gaps, "predicted": {f"s{s}": 1.0 / s - 1.0 / dims[-1] for s in filters}},
+            headline=f"s{filters[-1]}.gap",
+            paper=1.0 / filters[-1] - 1.0 / dims[-1],
+            threshold="beta_local(s) - beta_FC > half-width(local) + half-width(FC) (95%) for every s",
+            passed=bool(ok_gap),
+            note="" if ok_gap else "a local exponent is not above the FC one beyond the intervals",
+        )
+    )
     return claims
 
 

@@ -109,9 +109,18 @@ def _train_net(cfg: dict, x_s: Tensor, y_s: Tensor, x_te: Tensor, y_te: Tensor, 
     from symgen.models import ntk_mlp
     from symgen.training import fit
 
-    net = ntk_mlp(x_s[0].numel(), int(cfg["net_width"]), int(cfg["depth"]), y_s.shape[1], "relu",
-                  float(cfg["weight_std"]), float(cfg["bias_std"]), generator=seed, dtype=x_s.dtype,
-                  device=x_s.device)
+    net = ntk_mlp(
+        x_s[0].numel(),
+        int(cfg["net_width"]),
+        int(cfg["depth"]),
+        y_s.shape[1],
+        "relu",
+        float(cfg["weight_std"]),
+        float(cfg["bias_std"]),
+        generator=seed,
+        dtype=x_s.dtype,
+        device=x_s.device,
+    )
     opt = torch.optim.Adam(net.parameters(), lr=float(cfg["net_lr"]))
     fit(net, (x_s, y_s), opt, loss_fn=_half_mse, steps=int(cfg["net_steps"]), batch_size=None)
     with torch.no_grad():
@@ -128,12 +137,23 @@ def kip_trial(item: dict) -> dict:
     seed, size = int(item["seed"]), int(item["size"])
     # steps=0 returns the initialization: the same class-balanced random real subset KIP starts from.
     x_rand, y_rand, _ = kip(x_tr, y_tr, kernel, size, steps=0, generator=seed)
-    x_kip, y_kip, hist = kip(x_tr, y_tr, kernel, size, steps=int(cfg["steps"]), lr=float(cfg["lr"]),
-                             learn_labels=bool(cfg["learn_labels"]), ridge=float(cfg["ridge"]), generator=seed,
-                             target_per_class=int(cfg["target_per_class"]))
+    x_kip, y_kip, hist = kip(
+        x_tr,
+        y_tr,
+        kernel,
+        size,
+        steps=int(cfg["steps"]),
+        lr=float(cfg["lr"]),
+        learn_labels=bool(cfg["learn_labels"]),
+        ridge=float(cfg["ridge"]),
+        generator=seed,
+        target_per_class=int(cfg["target_per_class"]),
+    )
     ridge = float(cfg["ridge"])
     out = {
-        "dataset": item["dataset"], "size": size, "seed": seed,
+        "dataset": item["dataset"],
+        "size": size,
+        "seed": seed,
         "kernel_accuracy_distilled": _krr_accuracy(kernel, x_kip, y_kip, x_te, y_te, ridge),
         "kernel_accuracy_random": _krr_accuracy(kernel, x_rand, y_rand, x_te, y_te, ridge),
         "net_accuracy_distilled": _train_net(cfg, x_kip, y_kip, x_te, y_te, seed),
@@ -162,25 +182,38 @@ def full_trial(item: dict) -> dict:
 
 def run(config: Config, ctx: Context) -> dict:
     cfg = config.model_dump()
-    items = [{"dataset": ds, "size": size, "seed": config.seed + s, "config": cfg,
-              "keep_images": s == 0}
-             for ds in config.datasets for size in config.support_sizes for s in range(config.seeds)]
+    items = [
+        {"dataset": ds, "size": size, "seed": config.seed + s, "config": cfg, "keep_images": s == 0}
+        for ds in config.datasets
+        for size in config.support_sizes
+        for s in range(config.seeds)
+    ]
     trials = ctx.map(kip_trial, items, desc="KIP trials")
-    fulls = ctx.map(full_trial, [{"dataset": ds, "config": cfg} for ds in config.datasets],
-                    desc="full-set kernel regression")
+    fulls = ctx.map(
+        full_trial, [{"dataset": ds, "config": cfg} for ds in config.datasets], desc="full-set kernel regression"
+    )
     full = {f["dataset"]: f for f in fulls}
     summary = {}
     for ds in config.datasets:
         for size in config.support_sizes:
             rows = [t for t in trials if t["dataset"] == ds and t["size"] == size]
             key = f"{ds}/{size}"
-            s = {k: [r[k] for r in rows] for k in ("kernel_accuracy_distilled", "kernel_accuracy_random",
-                                                  "net_accuracy_distilled", "net_accuracy_random")}
+            s = {
+                k: [r[k] for r in rows]
+                for k in (
+                    "kernel_accuracy_distilled",
+                    "kernel_accuracy_random",
+                    "net_accuracy_distilled",
+                    "net_accuracy_random",
+                )
+            }
             summary[key] = {
                 **{f"{k}_mean": statistics.fmean(v) for k, v in s.items()},
                 **{f"{k}_std": (statistics.stdev(v) if len(v) > 1 else 0.0) for k, v in s.items()},
                 "kernel_accuracy_full": full[ds]["kernel_accuracy_full"],
-                "paired_gains": [a - b for a, b in zip(s["kernel_accuracy_distilled"], s["kernel_accuracy_random"], strict=True)],
+                "paired_gains": [
+                    a - b for a, b in zip(s["kernel_accuracy_distilled"], s["kernel_accuracy_random"], strict=True)
+                ],
             }
             ctx.log(setting=key, **{k: v for k, v in summary[key].items() if k.endswith("_mean")})
     return jsonable({"trials": trials, "full": fulls, "summary": summary})
@@ -203,27 +236,35 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
         }
         if gain < config.min_gain or min(s["paired_gains"]) <= 0:
             bad.append(key)
-    claims = [Claim(
-        id="C4.3",
-        statement=f"kernel regression from a KIP-distilled set of {config.support_sizes} image(s) per class has far "
-                  "higher test accuracy than from the same number of random training images",
-        measured=measured,
-        threshold=f"in every dataset/size: mean gain >= {config.min_gain:.2f} and distilled > random in every seed",
-        passed=not bad,
-        headline=f"{min(measured, key=lambda k: measured[k]['gain'])}.gain" if measured else None,
-        note="" if not bad else f"gain below threshold (or a seed not improved) at {bad}")]
+    claims = [
+        Claim(
+            id="C4.3",
+            statement=f"kernel regression from a KIP-distilled set of {config.support_sizes} image(s) per class has far "
+            "higher test accuracy than from the same number of random training images",
+            measured=measured,
+            threshold=f"in every dataset/size: mean gain >= {config.min_gain:.2f} and distilled > random in every seed",
+            passed=not bad,
+            headline=f"{min(measured, key=lambda k: measured[k]['gain'])}.gain" if measured else None,
+            note="" if not bad else f"gain below threshold (or a seed not improved) at {bad}",
+        )
+    ]
 
     net = {}
     for key, s in summary.items():
         net[key] = {"distilled": s["net_accuracy_distilled_mean"], "random": s["net_accuracy_random_mean"]}
     worse = [k for k, v in net.items() if v["distilled"] < v["random"]]
-    claims.append(Claim(
-        id="C4.3-net",
-        statement="a finite network of the kernel's architecture trained on the distilled set is at least as accurate "
-                  "as one trained on the random subset (transfer of KIP images to finite width)",
-        measured=net, threshold="distilled >= random in every dataset/size (mean over seeds)", passed=not worse,
-        headline=f"{min(net, key=lambda k: net[k]['distilled'] - net[k]['random'])}.distilled" if net else None,
-        note="" if not worse else f"networks on distilled data are worse at {worse}"))
+    claims.append(
+        Claim(
+            id="C4.3-net",
+            statement="a finite network of the kernel's architecture trained on the distilled set is at least as accurate "
+            "as one trained on the random subset (transfer of KIP images to finite width)",
+            measured=net,
+            threshold="distilled >= random in every dataset/size (mean over seeds)",
+            passed=not worse,
+            headline=f"{min(net, key=lambda k: net[k]['distilled'] - net[k]['random'])}.distilled" if net else None,
+            note="" if not worse else f"networks on distilled data are worse at {worse}",
+        )
+    )
     return claims
 
 
@@ -265,8 +306,10 @@ def figures(result: dict, outdir: Path) -> list[Path]:
                     ax.set_xticks([])
                     ax.set_yticks([])
             axes[0][0].legend(fontsize=6)
-        fig.suptitle(f"{t['dataset']}: {per} per class, initial random (top/grey) vs KIP-distilled (seed {t['seed']})",
-                     fontsize=8)
+        fig.suptitle(
+            f"{t['dataset']}: {per} per class, initial random (top/grey) vs KIP-distilled (seed {t['seed']})",
+            fontsize=8,
+        )
         paths.append(save_figure(fig, outdir / f"kip_images_{t['dataset']}_{per}.png", dpi=120))
 
     # Accuracy bars: random vs distilled vs full, kernel and network.
@@ -275,16 +318,25 @@ def figures(result: dict, outdir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(3.6 + 1.6 * len(keys), 3.4))
     xs = np.arange(len(keys))
     width = 0.2
-    series = [("kernel_accuracy_random", "kernel: random subset", "C0"),
-              ("kernel_accuracy_distilled", "kernel: KIP", "C3"),
-              ("net_accuracy_random", "network: random subset", "C9"),
-              ("net_accuracy_distilled", "network: KIP", "C1")]
+    series = [
+        ("kernel_accuracy_random", "kernel: random subset", "C0"),
+        ("kernel_accuracy_distilled", "kernel: KIP", "C3"),
+        ("net_accuracy_random", "network: random subset", "C9"),
+        ("net_accuracy_distilled", "network: KIP", "C1"),
+    ]
     for j, (k, label, color) in enumerate(series):
         means = [summary[key][f"{k}_mean"] for key in keys]
         stds = [summary[key][f"{k}_std"] for key in keys]
         ax.bar(xs + (j - 1.5) * width, means, width, yerr=stds, label=label, color=color)
-    ax.scatter(xs, [summary[key]["kernel_accuracy_full"] for key in keys], marker="_", s=600, color="k",
-               label="kernel: full train set", zorder=5)
+    ax.scatter(
+        xs,
+        [summary[key]["kernel_accuracy_full"] for key in keys],
+        marker="_",
+        s=600,
+        color="k",
+        label="kernel: full train set",
+        zorder=5,
+    )
     ax.set_xticks(xs)
     ax.set_xticklabels([k.replace("/", "\n") + " per class" for k in keys], fontsize=8)
     ax.set_ylabel("test accuracy")

@@ -41,14 +41,26 @@ from symgen.rng import as_generator, isolated_seed
 from symgen.stats import mean_stderr
 from symgen.training import fit
 
-__all__ = ["SOURCE", "TARGET", "BASELINES", "finetune_trial", "summarize", "weight_names", "trial_items", "claim_values", "eval_accuracy",
-           "equal_evals_verdict"]
+__all__ = [
+    "SOURCE",
+    "TARGET",
+    "BASELINES",
+    "finetune_trial",
+    "summarize",
+    "weight_names",
+    "trial_items",
+    "claim_values",
+    "eval_accuracy",
+    "equal_evals_verdict",
+]
 
 SOURCE = (0, 1, 2, 3, 4)
 TARGET = (5, 6, 7, 8, 9)
 EVALS_PER_STEP = {"sgd": 1, "sgd_equal_evals": 1, "sam": 2, "asam": 2}
-BASELINES = {"sgd": "equal epochs (the reference code's protocol; the claim)",
-             "sgd_equal_evals": "equal gradient evaluations (side comparison)"}
+BASELINES = {
+    "sgd": "equal epochs (the reference code's protocol; the claim)",
+    "sgd_equal_evals": "equal gradient evaluations (side comparison)",
+}
 
 
 def _split(x: Tensor, y: Tensor, classes: tuple[int, ...]) -> tuple[Tensor, Tensor]:
@@ -71,8 +83,11 @@ def eval_accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 def weight_names(model: nn.Module) -> list[str]:
     """The conv and linear weights (the parameters the reference code's Hessian measures run over)."""
     mods = dict(model.named_modules())
-    return [n for n, _ in model.named_parameters()
-            if n.endswith(".weight") and isinstance(mods[n.rsplit(".", 1)[0]], (nn.Conv1d, nn.Conv2d, nn.Linear))]
+    return [
+        n
+        for n, _ in model.named_parameters()
+        if n.endswith(".weight") and isinstance(mods[n.rsplit(".", 1)[0]], (nn.Conv1d, nn.Conv2d, nn.Linear))
+    ]
 
 
 def pretrained(item: dict, x: Tensor, y: Tensor) -> nn.Sequential:
@@ -82,8 +97,14 @@ def pretrained(item: dict, x: Tensor, y: Tensor) -> nn.Sequential:
     with isolated_seed(seed):
         model = bn_cnn(tuple(x.shape[1:]), len(SOURCE), item["width"]).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=item["pretrain_lr"])
-    fit(model, (xs.to(dev), ys.to(dev)), opt, epochs=item["pretrain_epochs"], batch_size=item["batch_size"],
-        generator=40_000 + seed)
+    fit(
+        model,
+        (xs.to(dev), ys.to(dev)),
+        opt,
+        epochs=item["pretrain_epochs"],
+        batch_size=item["batch_size"],
+        generator=40_000 + seed,
+    )
     with isolated_seed(50_000 + seed):  # same fresh head for every method at this seed
         model[-1] = nn.Linear(model[-1].in_features, len(TARGET)).to(dev)
     return model
@@ -97,11 +118,25 @@ def _curvature(model: nn.Module, data: tuple[Tensor, Tensor], item: dict, seed: 
     tr = H.trace(item["trace_matvecs"], cg, method="deflated")
     trw = Hw.trace(item["trace_matvecs"], cg, method="deflated")
     top = H.eigenpairs(1, "largest", tol=item["eig_tol"], generator=cg)
-    layer_tops = {n: float(HessianOperator(model, TF.cross_entropy, data, param_names=[n], bn_mode="eval")
-                           .eigenpairs(1, "largest", tol=item["eig_tol"], generator=cg).values[0]) for n in names}
-    return {"trace": trw.value, "trace_stderr": trw.stderr, "top_eig": sum(layer_tops.values()),
-            "layer_top_eigs": layer_tops, "global_trace": tr.value, "global_trace_stderr": tr.stderr,
-            "global_top_eig": float(top.values[0]), "num_weights": Hw.dim, "num_params": H.dim}
+    layer_tops = {
+        n: float(
+            HessianOperator(model, TF.cross_entropy, data, param_names=[n], bn_mode="eval")
+            .eigenpairs(1, "largest", tol=item["eig_tol"], generator=cg)
+            .values[0]
+        )
+        for n in names
+    }
+    return {
+        "trace": trw.value,
+        "trace_stderr": trw.stderr,
+        "top_eig": sum(layer_tops.values()),
+        "layer_top_eigs": layer_tops,
+        "global_trace": tr.value,
+        "global_trace_stderr": tr.stderr,
+        "global_top_eig": float(top.values[0]),
+        "num_weights": Hw.dim,
+        "num_params": H.dim,
+    }
 
 
 def finetune_trial(item: dict) -> dict:
@@ -132,27 +167,51 @@ def _finetune_trial(item: dict) -> dict:
         opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), **base)
         inner = opt
     elif name in ("sam", "asam"):
-        opt = SAM(model.parameters(), torch.optim.Adam, rho=item["rho_sam" if name == "sam" else "rho_asam"],
-                  adaptive=name == "asam", model=model, **base)
+        opt = SAM(
+            model.parameters(),
+            torch.optim.Adam,
+            rho=item["rho_sam" if name == "sam" else "rho_asam"],
+            adaptive=name == "asam",
+            model=model,
+            **base,
+        )
         inner = opt.base_optimizer
     else:
-        opt = NSO(model.parameters(), torch.optim.Adam, sigma=item["nso_sigma"], num_samples=k, model=model,
-                  generator=as_generator(10_000 + seed), **base)
+        opt = NSO(
+            model.parameters(),
+            torch.optim.Adam,
+            sigma=item["nso_sigma"],
+            num_samples=k,
+            model=model,
+            generator=as_generator(10_000 + seed),
+            **base,
+        )
         inner = opt.base_optimizer
     # StepLR(step_size=epochs/3, gamma=0.1) of the reference, in steps (stretched for the longer run)
     sched = torch.optim.lr_scheduler.StepLR(inner, step_size=max(1, steps // 3), gamma=0.1)
-    history = fit(model, (x, y), opt, steps=steps, batch_size=item["batch_size"], generator=20_000 + seed,
-                  scheduler=sched)
+    history = fit(
+        model, (x, y), opt, steps=steps, batch_size=item["batch_size"], generator=20_000 + seed, scheduler=sched
+    )
     train_time = time.perf_counter() - t0
     model.eval()
     m = item["hessian_samples"] or x.shape[0]
     curv = _curvature(model, (x[:m], y[:m]), item, seed)
     with torch.no_grad():
         train_loss = float(TF.cross_entropy(model(x), y))
-    return jsonable(dict(curv, optimizer=name, seed=seed, steps=history.num_steps,
-                         grad_evals=history.num_steps * evals, test_acc=eval_accuracy(model, xt, yt),
-                         train_acc=eval_accuracy(model, x, y), train_loss=train_loss, train_time_s=train_time,
-                         time_s=time.perf_counter() - t0))
+    return jsonable(
+        dict(
+            curv,
+            optimizer=name,
+            seed=seed,
+            steps=history.num_steps,
+            grad_evals=history.num_steps * evals,
+            test_acc=eval_accuracy(model, xt, yt),
+            train_acc=eval_accuracy(model, x, y),
+            train_loss=train_loss,
+            train_time_s=train_time,
+            time_s=time.perf_counter() - t0,
+        )
+    )
 
 
 def _reductions(runs: list[dict], out: dict[str, Any], o: str, baseline: str, suffix: str) -> None:
@@ -191,14 +250,30 @@ def summarize(runs: list[dict]) -> dict[str, Any]:
 
 def trial_items(config: Any) -> list[dict]:
     """One item per (seed, method) of the fine-tuning protocol (``config``: the flat-minima Config)."""
-    base = dict(width=config.finetune_width, pretrain_lr=config.pretrain_lr, pretrain_epochs=config.pretrain_epochs,
-                batch_size=config.finetune_batch_size, lr=config.finetune_lr, weight_decay=config.finetune_weight_decay,
-                epochs=config.finetune_epochs, nso_pairs=config.nso_pairs, nso_sigma=config.nso_sigma,
-                rho_sam=config.finetune_rho_sam, rho_asam=config.finetune_rho_asam,
-                hessian_samples=config.hessian_samples, trace_matvecs=config.trace_matvecs, eig_tol=config.eig_tol,
-                num_threads=config.num_threads, data_seed=config.seed, device=config.device)
-    return [dict(base, optimizer=o, seed=config.seed + s)
-            for s in range(config.finetune_seeds) for o in config.finetune_optimizers]
+    base = dict(
+        width=config.finetune_width,
+        pretrain_lr=config.pretrain_lr,
+        pretrain_epochs=config.pretrain_epochs,
+        batch_size=config.finetune_batch_size,
+        lr=config.finetune_lr,
+        weight_decay=config.finetune_weight_decay,
+        epochs=config.finetune_epochs,
+        nso_pairs=config.nso_pairs,
+        nso_sigma=config.nso_sigma,
+        rho_sam=config.finetune_rho_sam,
+        rho_asam=config.finetune_rho_asam,
+        hessian_samples=config.hessian_samples,
+        trace_matvecs=config.trace_matvecs,
+        eig_tol=config.eig_tol,
+        num_threads=config.num_threads,
+        data_seed=config.seed,
+        device=config.device,
+    )
+    return [
+        dict(base, optimizer=o, seed=config.seed + s)
+        for s in range(config.finetune_seeds)
+        for o in config.finetune_optimizers
+    ]
 
 
 def _margin_se(value: float, threshold: float, stderr: float) -> float:
@@ -207,14 +282,19 @@ def _margin_se(value: float, threshold: float, stderr: float) -> float:
 
 def _comparison(ns: dict, suffix: str, trace_threshold: float, eig_threshold: float) -> dict[str, float]:
     """NSO's reductions against one baseline and their margins in standard errors of the paired reductions."""
-    return {"trace": ns[f"trace_reduction{suffix}"], "top_eig": ns[f"top_eig_reduction{suffix}"],
-            "trace_margin_se": _margin_se(ns[f"trace_reduction{suffix}"], trace_threshold,
-                                          ns[f"trace_reduction{suffix}_stderr"]),
-            "top_eig_margin_se": _margin_se(ns[f"top_eig_reduction{suffix}"], eig_threshold,
-                                            ns[f"top_eig_reduction{suffix}_stderr"]),
-            "test_acc_margin_se": _margin_se(ns[f"test_acc_diff{suffix}"], 0.0, ns[f"test_acc_diff{suffix}_stderr"]),
-            "global_trace": ns[f"global_trace_reduction{suffix}"],
-            "global_top_eig": ns[f"global_top_eig_reduction{suffix}"]}
+    return {
+        "trace": ns[f"trace_reduction{suffix}"],
+        "top_eig": ns[f"top_eig_reduction{suffix}"],
+        "trace_margin_se": _margin_se(
+            ns[f"trace_reduction{suffix}"], trace_threshold, ns[f"trace_reduction{suffix}_stderr"]
+        ),
+        "top_eig_margin_se": _margin_se(
+            ns[f"top_eig_reduction{suffix}"], eig_threshold, ns[f"top_eig_reduction{suffix}_stderr"]
+        ),
+        "test_acc_margin_se": _margin_se(ns[f"test_acc_diff{suffix}"], 0.0, ns[f"test_acc_diff{suffix}_stderr"]),
+        "global_trace": ns[f"global_trace_reduction{suffix}"],
+        "global_top_eig": ns[f"global_top_eig_reduction{suffix}"],
+    }
 
 
 def claim_values(s: dict[str, Any], trace_threshold: float, eig_threshold: float) -> dict[str, Any]:
@@ -224,22 +304,31 @@ def claim_values(s: dict[str, Any], trace_threshold: float, eig_threshold: float
     (``*_equal_evals``, where that baseline ran) and SAM/ASAM beside."""
     sg, ns = s["sgd"], s["nso"]
     c = _comparison(ns, "", trace_threshold, eig_threshold)
-    m: dict[str, Any] = {"trace_reduction_vs_sgd": c["trace"], "top_eig_reduction_vs_sgd": c["top_eig"],
-                         "test_acc_nso": ns["test_acc"], "test_acc_sgd": sg["test_acc"],
-                         "trace_margin_se": c["trace_margin_se"], "top_eig_margin_se": c["top_eig_margin_se"],
-                         "test_acc_margin_se": c["test_acc_margin_se"],
-                         "global_trace_reduction_vs_sgd": c["global_trace"],
-                         "global_top_eig_reduction_vs_sgd": c["global_top_eig"]}
+    m: dict[str, Any] = {
+        "trace_reduction_vs_sgd": c["trace"],
+        "top_eig_reduction_vs_sgd": c["top_eig"],
+        "test_acc_nso": ns["test_acc"],
+        "test_acc_sgd": sg["test_acc"],
+        "trace_margin_se": c["trace_margin_se"],
+        "top_eig_margin_se": c["top_eig_margin_se"],
+        "test_acc_margin_se": c["test_acc_margin_se"],
+        "global_trace_reduction_vs_sgd": c["global_trace"],
+        "global_top_eig_reduction_vs_sgd": c["global_top_eig"],
+    }
     if "sgd_equal_evals" in s and "trace_reduction_equal_evals" in ns:
         e = _comparison(ns, "_equal_evals", trace_threshold, eig_threshold)
-        m.update({"trace_reduction_vs_sgd_equal_evals": e["trace"],
-                  "top_eig_reduction_vs_sgd_equal_evals": e["top_eig"],
-                  "test_acc_sgd_equal_evals": s["sgd_equal_evals"]["test_acc"],
-                  "trace_margin_se_equal_evals": e["trace_margin_se"],
-                  "top_eig_margin_se_equal_evals": e["top_eig_margin_se"],
-                  "test_acc_margin_se_equal_evals": e["test_acc_margin_se"],
-                  "global_trace_reduction_vs_sgd_equal_evals": e["global_trace"],
-                  "global_top_eig_reduction_vs_sgd_equal_evals": e["global_top_eig"]})
+        m.update(
+            {
+                "trace_reduction_vs_sgd_equal_evals": e["trace"],
+                "top_eig_reduction_vs_sgd_equal_evals": e["top_eig"],
+                "test_acc_sgd_equal_evals": s["sgd_equal_evals"]["test_acc"],
+                "trace_margin_se_equal_evals": e["trace_margin_se"],
+                "top_eig_margin_se_equal_evals": e["top_eig_margin_se"],
+                "test_acc_margin_se_equal_evals": e["test_acc_margin_se"],
+                "global_trace_reduction_vs_sgd_equal_evals": e["global_trace"],
+                "global_top_eig_reduction_vs_sgd_equal_evals": e["global_top_eig"],
+            }
+        )
     for o in ("sam", "asam"):
         if o in s:
             m[f"trace_reduction_{o}_vs_sgd"] = s[o]["trace_reduction"]
@@ -255,10 +344,14 @@ def equal_evals_verdict(m: dict[str, Any], trace_threshold: float, eig_threshold
     """The side comparison at equal gradient evaluations, in words (None where it did not run)."""
     if "trace_reduction_vs_sgd_equal_evals" not in m:
         return None
-    ok = (m["trace_reduction_vs_sgd_equal_evals"] >= trace_threshold
-          and m["top_eig_reduction_vs_sgd_equal_evals"] >= eig_threshold
-          and m["test_acc_nso"] >= m["test_acc_sgd_equal_evals"])
-    return (f"At equal gradient evaluations (side comparison: plain fine-tuning with 2k x NSO's steps) NSO's trace "
-            f"{m['trace_reduction_vs_sgd_equal_evals']:+.1%}, top eigenvalue "
-            f"{m['top_eig_reduction_vs_sgd_equal_evals']:+.1%}, test acc {m['test_acc_nso']:.4f} vs "
-            f"{m['test_acc_sgd_equal_evals']:.4f}: it would {'PASS' if ok else 'FAIL'} there. ")
+    ok = (
+        m["trace_reduction_vs_sgd_equal_evals"] >= trace_threshold
+        and m["top_eig_reduction_vs_sgd_equal_evals"] >= eig_threshold
+        and m["test_acc_nso"] >= m["test_acc_sgd_equal_evals"]
+    )
+    return (
+        f"At equal gradient evaluations (side comparison: plain fine-tuning with 2k x NSO's steps) NSO's trace "
+        f"{m['trace_reduction_vs_sgd_equal_evals']:+.1%}, top eigenvalue "
+        f"{m['top_eig_reduction_vs_sgd_equal_evals']:+.1%}, test acc {m['test_acc_nso']:.4f} vs "
+        f"{m['test_acc_sgd_equal_evals']:.4f}: it would {'PASS' if ok else 'FAIL'} there. "
+    )

@@ -57,8 +57,16 @@ class Config(ExperimentConfig):
             raise ValueError("widths must list at least two widths >= 1")
         return sorted(set(v))
 
-    @field_validator("kernel_points", "kernel_seeds", "dynamics_width", "train_size", "test_size", "steps",
-                     "records", "dynamics_seeds")
+    @field_validator(
+        "kernel_points",
+        "kernel_seeds",
+        "dynamics_width",
+        "train_size",
+        "test_size",
+        "steps",
+        "records",
+        "dynamics_seeds",
+    )
     @classmethod
     def _positive(cls, v: int) -> int:
         if v < 1:
@@ -100,10 +108,21 @@ def kernel_trial(item: dict) -> dict:
     dtype, device = _dtype(item["dtype"]), torch.device(item.get("device", "cpu"))
     x, _ = _inputs(item["dataset"], item["points"], "train", item["data_seed"])
     x = x.to(device)
-    _, ntk_inf = analytic_ntk(x, x, item["depth"], item["activation"], item["weight_std"], item["bias_std"],
-                              dtype=torch.float64)
-    net = ntk_mlp(x.shape[1], item["width"], item["depth"], 1, item["activation"], item["weight_std"],
-                  item["bias_std"], generator=item["seed"], dtype=dtype, device=device)
+    _, ntk_inf = analytic_ntk(
+        x, x, item["depth"], item["activation"], item["weight_std"], item["bias_std"], dtype=torch.float64
+    )
+    net = ntk_mlp(
+        x.shape[1],
+        item["width"],
+        item["depth"],
+        1,
+        item["activation"],
+        item["weight_std"],
+        item["bias_std"],
+        generator=item["seed"],
+        dtype=dtype,
+        device=device,
+    )
     ntk_emp = empirical_ntk(net, x.to(dtype), method="auto").double()
     err = ((ntk_emp - ntk_inf).norm() / ntk_inf.norm()).item()
     return {"width": item["width"], "seed": item["seed"], "rel_error": err}
@@ -119,13 +138,7 @@ def dynamics_trial(item: dict) -> dict:
     """Train a wide NTK-param. MLP by full-batch GD on MSE; record it against ``gd_dynamics`` over time."""
     from symgen.errors import DivergenceError
     from symgen.models import ntk_mlp
-    from symgen.ntk import (
-        eigen_projections,
-        empirical_ntk,
-        gd_dynamics,
-        kernel_eigh,
-        residual_decay,
-    )
+    from symgen.ntk import eigen_projections, empirical_ntk, gd_dynamics, kernel_eigh, residual_decay
     from symgen.training import fit
 
     dtype, device = _dtype(item["dtype"]), torch.device(item.get("device", "cpu"))
@@ -133,11 +146,21 @@ def dynamics_trial(item: dict) -> dict:
     xte, yte = _inputs(item["dataset"], item["test_size"], "test", item["seed"])
     xtr, ytr, xte, yte = xtr.to(device), ytr.to(device), xte.to(device), yte.to(device)
     classes = int(max(ytr.max(), yte.max()).item()) + 1
-    ytr_t = (torch.nn.functional.one_hot(ytr, classes).double() - 1.0 / classes)
-    yte_t = (torch.nn.functional.one_hot(yte, classes).double() - 1.0 / classes)
+    ytr_t = torch.nn.functional.one_hot(ytr, classes).double() - 1.0 / classes
+    yte_t = torch.nn.functional.one_hot(yte, classes).double() - 1.0 / classes
     n, m, o = xtr.shape[0], xte.shape[0], classes
-    net = ntk_mlp(xtr.shape[1], item["width"], item["depth"], o, item["activation"], item["weight_std"],
-                  item["bias_std"], generator=1000 + item["seed"], dtype=dtype, device=device)
+    net = ntk_mlp(
+        xtr.shape[1],
+        item["width"],
+        item["depth"],
+        o,
+        item["activation"],
+        item["weight_std"],
+        item["bias_std"],
+        generator=1000 + item["seed"],
+        dtype=dtype,
+        device=device,
+    )
     xtr_, xte_ = xtr.to(dtype), xte.to(dtype)
     with torch.no_grad():
         f0_tr, f0_te = net(xtr_).double(), net(xte_).double()
@@ -154,9 +177,18 @@ def dynamics_trial(item: dict) -> dict:
     times = sorted({0, *np.unique(np.geomspace(1, steps, item["records"]).round().astype(int)).tolist()})
 
     # Kernel (linearized-net) prediction at all record times for train and test rows at once (one eigh).
-    ker = gd_dynamics(k_tr, torch.cat([k_tr, k_te]), ytr_t.reshape(-1), times, lr, f0_tr.reshape(-1),
-                      torch.cat([f0_tr.reshape(-1), f0_te.reshape(-1)]), discrete=item["discrete"], normalization=n)
-    ker_tr, ker_te = ker[:, :n * o], ker[:, n * o:]
+    ker = gd_dynamics(
+        k_tr,
+        torch.cat([k_tr, k_te]),
+        ytr_t.reshape(-1),
+        times,
+        lr,
+        f0_tr.reshape(-1),
+        torch.cat([f0_tr.reshape(-1), f0_te.reshape(-1)]),
+        discrete=item["discrete"],
+        normalization=n,
+    )
+    ker_tr, ker_te = ker[:, : n * o], ker[:, n * o :]
     net_tr, net_te = [], []
     record = set(times)
 
@@ -172,11 +204,19 @@ def dynamics_trial(item: dict) -> dict:
 
     snapshot(0, net)
     try:
-        fit(net, (xtr_, ytr_t.to(dtype)), torch.optim.SGD(net.parameters(), lr=lr), loss_fn=loss_fn, steps=steps,
-            batch_size=None, callback=snapshot)
+        fit(
+            net,
+            (xtr_, ytr_t.to(dtype)),
+            torch.optim.SGD(net.parameters(), lr=lr),
+            loss_fn=loss_fn,
+            steps=steps,
+            batch_size=None,
+            callback=snapshot,
+        )
     except DivergenceError as e:
-        raise DivergenceError(f"{e} Here lr = lr_factor * n / lambda_max: lower lr_factor (now "
-                              f"{item['lr_factor']}).") from e
+        raise DivergenceError(
+            f"{e} Here lr = lr_factor * n / lambda_max: lower lr_factor (now {item['lr_factor']})."
+        ) from e
     net_tr_t, net_te_t = torch.stack(net_tr), torch.stack(net_te)
     y_norm_tr, y_norm_te = ytr_t.norm().item(), yte_t.norm().item()
     dev_tr = ((net_tr_t - ker_tr).norm(dim=1) / y_norm_tr).tolist()
@@ -188,26 +228,46 @@ def dynamics_trial(item: dict) -> dict:
     bands = np.array_split(np.arange(n * o), item["bands"])
     band_frac = [[(res_t[t, b].norm() / res0[b].norm()).item() for b in bands] for t in range(len(times))]
     theory = residual_decay(evals, times, lr, n, discrete=item["discrete"])  # (T, N O)
-    band_theory = [[((theory[t, b] * res0[b]).norm() / res0[b].norm()).item() for b in bands]
-                   for t in range(len(times))]
+    band_theory = [
+        [((theory[t, b] * res0[b]).norm() / res0[b].norm()).item() for b in bands] for t in range(len(times))
+    ]
     acc = {
         "net_test": (net_te_t[-1].reshape(m, o).argmax(1) == yte).double().mean().item(),
         "kernel_test": (ker_te[-1].reshape(m, o).argmax(1) == yte).double().mean().item(),
     }
     loss_net = [(0.5 * ((r - ytr_t.reshape(-1)) ** 2).sum() / n).item() for r in net_tr_t]
     loss_ker = [(0.5 * ((r - ytr_t.reshape(-1)) ** 2).sum() / n).item() for r in ker_tr]
-    return {"seed": item["seed"], "times": times, "lr": lr, "dev_train": dev_tr, "dev_test": dev_te,
-            "band_fraction": band_frac, "band_theory": band_theory, "loss_net": loss_net, "loss_kernel": loss_ker,
-            "eig_top": evals[:5].tolist(), "eig_band_mean": [evals[b].mean().item() for b in bands],
-            "accuracy": acc}
+    return {
+        "seed": item["seed"],
+        "times": times,
+        "lr": lr,
+        "dev_train": dev_tr,
+        "dev_test": dev_te,
+        "band_fraction": band_frac,
+        "band_theory": band_theory,
+        "loss_net": loss_net,
+        "loss_kernel": loss_ker,
+        "eig_top": evals[:5].tolist(),
+        "eig_band_mean": [evals[b].mean().item() for b in bands],
+        "accuracy": acc,
+    }
 
 
 def run(config: Config, ctx: Context) -> dict:
-    common = {"dataset": config.dataset, "depth": config.depth, "activation": config.activation,
-              "weight_std": config.weight_std, "bias_std": config.bias_std, "dtype": config.dtype,
-              "device": config.device}
-    kernel_items = [dict(common, width=w, seed=config.seed * 1000 + s, points=config.kernel_points,
-                         data_seed=config.seed) for w in config.widths for s in range(config.kernel_seeds)]
+    common = {
+        "dataset": config.dataset,
+        "depth": config.depth,
+        "activation": config.activation,
+        "weight_std": config.weight_std,
+        "bias_std": config.bias_std,
+        "dtype": config.dtype,
+        "device": config.device,
+    }
+    kernel_items = [
+        dict(common, width=w, seed=config.seed * 1000 + s, points=config.kernel_points, data_seed=config.seed)
+        for w in config.widths
+        for s in range(config.kernel_seeds)
+    ]
     kernel = ctx.map(kernel_trial, kernel_items, desc="C4.1 widths x seeds")
     by_width = {}
     for w in config.widths:
@@ -218,17 +278,31 @@ def run(config: Config, ctx: Context) -> dict:
     es = np.log(np.array([by_width[w]["mean"] for w in config.widths]))
     slope = float(np.polyfit(ws, es, 1)[0])
 
-    dyn_items = [dict(common, width=config.dynamics_width, seed=config.seed * 1000 + s,
-                      train_size=config.train_size, test_size=config.test_size, steps=config.steps,
-                      lr_factor=config.lr_factor, records=config.records, discrete=config.discrete,
-                      centered=config.centered,
-                      bands=config.bands) for s in range(config.dynamics_seeds)]
+    dyn_items = [
+        dict(
+            common,
+            width=config.dynamics_width,
+            seed=config.seed * 1000 + s,
+            train_size=config.train_size,
+            test_size=config.test_size,
+            steps=config.steps,
+            lr_factor=config.lr_factor,
+            records=config.records,
+            discrete=config.discrete,
+            centered=config.centered,
+            bands=config.bands,
+        )
+        for s in range(config.dynamics_seeds)
+    ]
     dynamics = ctx.map(dynamics_trial, dyn_items, desc="C4.2 GD runs")
     for d in dynamics:
         ctx.log(claim="C4.2", seed=d["seed"], max_dev_train=max(d["dev_train"]), max_dev_test=max(d["dev_test"]))
-    return jsonable({"kernel": {"by_width": {str(k): v for k, v in by_width.items()}, "slope": slope,
-                                "widths": config.widths},
-                     "dynamics": dynamics})
+    return jsonable(
+        {
+            "kernel": {"by_width": {str(k): v for k, v in by_width.items()}, "slope": slope, "widths": config.widths},
+            "dynamics": dynamics,
+        }
+    )
 
 
 def _spectral_time(d: dict) -> int:
@@ -246,29 +320,40 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
     means = {w: v["mean"] for w, v in k["by_width"].items()}
     first, last = means[str(k["widths"][0])], means[str(k["widths"][-1])]
     ok1 = k["slope"] <= config.max_slope and last < first
-    claims = [Claim(
-        id="C4.1",
-        statement="the empirical NTK of a wide MLP at init approaches the analytic NTK as width grows",
-        measured={"rel_error_by_width": means, "loglog_slope": k["slope"]},
-        threshold=f"log-log slope <= {config.max_slope} (theory -0.5) and error(widest) < error(narrowest)",
-        passed=bool(ok1), headline="loglog_slope",
-        paper=-0.5,  # the 1/sqrt(width) convergence of the empirical NTK at init (arXiv 1806.07572)
-        note="" if ok1 else "relative error does not fall fast enough with width")]
+    claims = [
+        Claim(
+            id="C4.1",
+            statement="the empirical NTK of a wide MLP at init approaches the analytic NTK as width grows",
+            measured={"rel_error_by_width": means, "loglog_slope": k["slope"]},
+            threshold=f"log-log slope <= {config.max_slope} (theory -0.5) and error(widest) < error(narrowest)",
+            passed=bool(ok1),
+            headline="loglog_slope",
+            paper=-0.5,  # the 1/sqrt(width) convergence of the empirical NTK at init (arXiv 1806.07572)
+            note="" if ok1 else "relative error does not fall fast enough with width",
+        )
+    ]
 
     dyn = result["dynamics"]
     dev_tr = max(max(d["dev_train"]) for d in dyn)
     dev_te = max(max(d["dev_test"]) for d in dyn)
     ok2 = dev_tr <= config.max_deviation and dev_te <= config.max_deviation
-    claims.append(Claim(
-        id="C4.2",
-        statement=f"a width-{config.dynamics_width} MLP trained by full-batch GD on MSE tracks the kernel-dynamics "
-                  "prediction f_t = f_0 + Theta_xX Theta^-1 (I - exp(-lr Theta t)) (y - f_0) on train and test",
-        measured={"max_dev_train": dev_tr, "max_dev_test": dev_te,
-                  "net_test_acc": [d["accuracy"]["net_test"] for d in dyn],
-                  "kernel_test_acc": [d["accuracy"]["kernel_test"] for d in dyn]},
-        threshold=f"max over time of ||f_net - f_kernel|| / ||y|| <= {config.max_deviation} (train and test)",
-        passed=bool(ok2), headline="max_dev_train" if dev_tr > dev_te else "max_dev_test",
-        note="" if ok2 else "the net departs from its linearization; increase dynamics_width"))
+    claims.append(
+        Claim(
+            id="C4.2",
+            statement=f"a width-{config.dynamics_width} MLP trained by full-batch GD on MSE tracks the kernel-dynamics "
+            "prediction f_t = f_0 + Theta_xX Theta^-1 (I - exp(-lr Theta t)) (y - f_0) on train and test",
+            measured={
+                "max_dev_train": dev_tr,
+                "max_dev_test": dev_te,
+                "net_test_acc": [d["accuracy"]["net_test"] for d in dyn],
+                "kernel_test_acc": [d["accuracy"]["kernel_test"] for d in dyn],
+            },
+            threshold=f"max over time of ||f_net - f_kernel|| / ||y|| <= {config.max_deviation} (train and test)",
+            passed=bool(ok2),
+            headline="max_dev_train" if dev_tr > dev_te else "max_dev_test",
+            note="" if ok2 else "the net departs from its linearization; increase dynamics_width",
+        )
+    )
 
     fracs, ordered = [], True
     for d in dyn:
@@ -276,14 +361,18 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
         fr = d["band_fraction"][t]
         fracs.append({"time": d["times"][t], "net": list(fr), "theory": list(d["band_theory"][t])})
         ordered &= all(a < b for a, b in zip(fr[:-1], fr[1:], strict=True))
-    claims.append(Claim(
-        id="C4.2-spectral",
-        statement="the net's training residual decays first along the top NTK eigendirections (spectral bias)",
-        measured={"remaining_fraction_by_band_top_to_bottom": fracs},
-        threshold=f"remaining residual fraction strictly increases from the top to the bottom of {config.bands} "
-                  "eigenvalue bands, at the time the top band falls below 1/e",
-        passed=bool(ordered), headline="remaining_fraction_by_band_top_to_bottom.0",
-        note="" if ordered else "band fractions are not ordered by eigenvalue"))
+    claims.append(
+        Claim(
+            id="C4.2-spectral",
+            statement="the net's training residual decays first along the top NTK eigendirections (spectral bias)",
+            measured={"remaining_fraction_by_band_top_to_bottom": fracs},
+            threshold=f"remaining residual fraction strictly increases from the top to the bottom of {config.bands} "
+            "eigenvalue bands, at the time the top band falls below 1/e",
+            passed=bool(ordered),
+            headline="remaining_fraction_by_band_top_to_bottom.0",
+            note="" if ordered else "band fractions are not ordered by eigenvalue",
+        )
+    )
     return claims
 
 
@@ -354,7 +443,16 @@ EXPERIMENT = Experiment(
     run=run,
     check_claims=check_claims,
     figures=figures,
-    quick={"widths": [64, 128, 256, 512, 1024], "kernel_points": 32, "kernel_seeds": 3, "dynamics_width": 1024,
-           "train_size": 64, "test_size": 128, "steps": 800, "records": 20, "dynamics_seeds": 1},
+    quick={
+        "widths": [64, 128, 256, 512, 1024],
+        "kernel_points": 32,
+        "kernel_seeds": 3,
+        "dynamics_width": 1024,
+        "train_size": 64,
+        "test_size": 128,
+        "steps": 800,
+        "records": 20,
+        "dynamics_seeds": 1,
+    },
     claims=("C4.1", "C4.2", "C4.2-spectral"),
 )

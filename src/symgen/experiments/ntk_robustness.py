@@ -24,8 +24,17 @@ from torch import Tensor
 from symgen.experiments.base import Claim, Context, Experiment, ExperimentConfig, jsonable
 from symgen.report import pyplot, save_figure
 
-__all__ = ["Config", "EXPERIMENT", "kernel_fn", "network_trial", "kernel_trial", "feature_trial", "run",
-           "check_claims", "figures"]
+__all__ = [
+    "Config",
+    "EXPERIMENT",
+    "kernel_fn",
+    "network_trial",
+    "kernel_trial",
+    "feature_trial",
+    "run",
+    "check_claims",
+    "figures",
+]
 
 
 PAPER_EPS = 0.3  # arXiv 2210.05577: MNIST, L_inf, pixels in [0, 1]
@@ -85,8 +94,7 @@ def kernel_fn(cfg: dict):
     depth, w, b = int(cfg["depth"]), float(cfg["weight_std"]), float(cfg["bias_std"])
 
     def kernel(a: Tensor, c: Tensor) -> Tensor:
-        return analytic_ntk(a, c, depth=depth, activation="relu", weight_std=w, bias_std=b,
-                            dtype=torch.float64)[1]
+        return analytic_ntk(a, c, depth=depth, activation="relu", weight_std=w, bias_std=b, dtype=torch.float64)[1]
 
     return kernel
 
@@ -134,8 +142,9 @@ def _train(cfg: dict, net: torch.nn.Module, x: Tensor, y: Tensor, seed: int, adv
     epochs, batch_size = int(cfg["epochs"]), int(cfg["batch_size"])
     if adversarial:
         attack = _attack(cfg, int(cfg.get("train_pgd_steps") or cfg["pgd_steps"]))  # None: the evaluation's
-        return adversarial_training(net, (x, y), attack, opt, epochs=epochs, batch_size=batch_size,
-                                    generator=seed)["loss"][-1]
+        return adversarial_training(net, (x, y), attack, opt, epochs=epochs, batch_size=batch_size, generator=seed)[
+            "loss"
+        ][-1]
     return fit(net, (x, y), opt, epochs=epochs, batch_size=batch_size, generator=seed)["loss"][-1]
 
 
@@ -151,13 +160,24 @@ def network_trial(item: dict) -> dict:
     attack = _attack(cfg, int(cfg["pgd_steps"]))
     out: dict = {"seed": seed}
     for name, adversarial in (("standard", False), ("adversarial", True)):
-        net = ntk_mlp(x_tr[0].numel(), int(cfg["width"]), int(cfg["depth"]), 10, "relu", float(cfg["weight_std"]),
-                      float(cfg["bias_std"]), generator=seed, device=cfg["device"])
+        net = ntk_mlp(
+            x_tr[0].numel(),
+            int(cfg["width"]),
+            int(cfg["depth"]),
+            10,
+            "relu",
+            float(cfg["weight_std"]),
+            float(cfg["bias_std"]),
+            generator=seed,
+            device=cfg["device"],
+        )
         final_loss = _train(cfg, net, x_tr, y_tr, seed, adversarial)
         net.eval()
         x_adv = attack(net, x_te, y_te, generator=seed + 1)
-        sweep = [accuracy(net(_attack(cfg, int(cfg["pgd_steps"]), eps)(net, x_te, y_te, generator=seed + 1)), y_te)
-                 for eps in cfg["eps_sweep"]]
+        sweep = [
+            accuracy(net(_attack(cfg, int(cfg["pgd_steps"]), eps)(net, x_te, y_te, generator=seed + 1)), y_te)
+            for eps in cfg["eps_sweep"]
+        ]
         with torch.no_grad():
             out[name] = {
                 "clean": accuracy(net(x_te), y_te),
@@ -183,8 +203,10 @@ def kernel_trial(item: dict) -> dict:
     predictor = kernel_predictor(kernel, x_tr, regression_targets(y_tr, 10).double(), float(cfg["ridge"]) * scale)
     steps = int(cfg["pgd_steps"])
     x_adv = _attack(cfg, steps, loss="margin")(predictor, x_te, y_te, generator=int(cfg["seed"]))
-    sweep = [accuracy(predictor(_attack(cfg, steps, eps, "margin")(predictor, x_te, y_te, generator=int(cfg["seed"]))), y_te)
-             for eps in cfg["eps_sweep"]]
+    sweep = [
+        accuracy(predictor(_attack(cfg, steps, eps, "margin")(predictor, x_te, y_te, generator=int(cfg["seed"]))), y_te)
+        for eps in cfg["eps_sweep"]
+    ]
     with torch.no_grad():
         out = {
             "clean": accuracy(predictor(x_te), y_te),
@@ -209,12 +231,35 @@ def feature_trial(item: dict) -> dict:
     kernel = kernel_fn(cfg)
     with torch.no_grad():
         scale = kernel(xs, xs).diagonal().mean().item()
-    res = ntk_feature_robustness(kernel, xs, ys, xt, yt, _attack(cfg, int(cfg["pgd_steps"])),
-                                 ridge=float(cfg["ridge"]) * scale, num_features=int(cfg["num_features"]))
-    return jsonable({"pair": [a, b], "num_train": int(xs.shape[0]), "num_test": int(xt.shape[0]),
-                     **{k: getattr(res, k) for k in ("eigenvalues", "usefulness", "robustness", "correlation",
-                                                     "robust_correlation", "predictor_accuracy",
-                                                     "predictor_robust_accuracy")}})
+    res = ntk_feature_robustness(
+        kernel,
+        xs,
+        ys,
+        xt,
+        yt,
+        _attack(cfg, int(cfg["pgd_steps"])),
+        ridge=float(cfg["ridge"]) * scale,
+        num_features=int(cfg["num_features"]),
+    )
+    return jsonable(
+        {
+            "pair": [a, b],
+            "num_train": int(xs.shape[0]),
+            "num_test": int(xt.shape[0]),
+            **{
+                k: getattr(res, k)
+                for k in (
+                    "eigenvalues",
+                    "usefulness",
+                    "robustness",
+                    "correlation",
+                    "robust_correlation",
+                    "predictor_accuracy",
+                    "predictor_robust_accuracy",
+                )
+            },
+        }
+    )
 
 
 def run(config: Config, ctx: Context) -> dict:
@@ -225,16 +270,18 @@ def run(config: Config, ctx: Context) -> dict:
     nets = ctx.map(network_trial, items, desc="networks (standard and PGD-trained)")
     summary = {}
     for name in ("standard", "adversarial"):
-        summary[name] = {k: statistics.fmean(n[name][k] for n in nets)
-                         for k in ("clean", "pgd", "random_sign", "kernel_transfer")}
+        summary[name] = {
+            k: statistics.fmean(n[name][k] for n in nets) for k in ("clean", "pgd", "random_sign", "kernel_transfer")
+        }
     summary["kernel"] = {k: kernel[k] for k in ("clean", "pgd", "random_sign")}
     ctx.log(**{f"{a}_{b}": v for a, d in summary.items() for b, v in d.items()})
     sweep = {"eps": list(config.eps_sweep), "kernel": kernel["pgd_sweep"]}
     for name in ("standard", "adversarial"):
         sweep[name] = [statistics.fmean(n[name]["pgd_sweep"][i] for n in nets) for i in range(len(config.eps_sweep))]
     kernel_small = {k: v for k, v in kernel.items() if k != "x_adv"}
-    return jsonable({"kernel": kernel_small, "networks": nets, "features": features, "summary": summary,
-                     "sweep": sweep})
+    return jsonable(
+        {"kernel": kernel_small, "networks": nets, "features": features, "summary": summary, "sweep": sweep}
+    )
 
 
 def check_claims(config: Config, result: dict) -> list[Claim]:
@@ -244,57 +291,94 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
     # measured values are unrounded: verdicts are decided on them, so the shown numbers must be the same.
     drops = {"network": std["clean"] - std["pgd"], "kernel": ker["clean"] - ker["pgd"]}
     ok = min(drops.values()) >= config.min_drop
-    claims.append(Claim(
-        id="C4.4-pgd",
-        statement=f"PGD ({config.norm}, eps={config.eps}) lowers the test accuracy of the network and of the NTK "
-                  "kernel-regression predictor",
-        measured={"network_clean": std["clean"], "network_pgd": std["pgd"],
-                  "kernel_clean": ker["clean"], "kernel_pgd": ker["pgd"], "drops": drops,
-                  "margin": min(drops.values()) - config.min_drop,
-                  "paper_budget": f"linf eps={PAPER_EPS} on MNIST in [0, 1] (CIFAR-10: 8/255), arXiv 2210.05577",
-                  "sweep": {"eps": result["sweep"]["eps"], "network_pgd": list(result["sweep"]["standard"]),
-                            "kernel_pgd": list(result["sweep"]["kernel"])}},
-        threshold=f"accuracy drop >= {config.min_drop} for both at eps={config.eps}", passed=ok,
-        note=("" if ok else "a predictor lost less accuracy than the threshold at this eps (see the eps sweep)")
-        + ("" if config.eps == PAPER_EPS or not ok else f" (eps {config.eps} is not the paper's {PAPER_EPS})"),
-        headline="margin"))
+    claims.append(
+        Claim(
+            id="C4.4-pgd",
+            statement=f"PGD ({config.norm}, eps={config.eps}) lowers the test accuracy of the network and of the NTK "
+            "kernel-regression predictor",
+            measured={
+                "network_clean": std["clean"],
+                "network_pgd": std["pgd"],
+                "kernel_clean": ker["clean"],
+                "kernel_pgd": ker["pgd"],
+                "drops": drops,
+                "margin": min(drops.values()) - config.min_drop,
+                "paper_budget": f"linf eps={PAPER_EPS} on MNIST in [0, 1] (CIFAR-10: 8/255), arXiv 2210.05577",
+                "sweep": {
+                    "eps": result["sweep"]["eps"],
+                    "network_pgd": list(result["sweep"]["standard"]),
+                    "kernel_pgd": list(result["sweep"]["kernel"]),
+                },
+            },
+            threshold=f"accuracy drop >= {config.min_drop} for both at eps={config.eps}",
+            passed=ok,
+            note=("" if ok else "a predictor lost less accuracy than the threshold at this eps (see the eps sweep)")
+            + ("" if config.eps == PAPER_EPS or not ok else f" (eps {config.eps} is not the paper's {PAPER_EPS})"),
+            headline="margin",
+        )
+    )
     gap = std["random_sign"] - std["kernel_transfer"]
     ok = gap >= config.min_transfer_gap
-    claims.append(Claim(
-        id="C4.4-transfer",
-        statement="adversarial examples crafted on the kernel predictor transfer to the (standard) network: they hurt "
-                  "it more than random-sign perturbations of the same size",
-        measured={"network_clean": std["clean"], "network_on_kernel_adv": std["kernel_transfer"],
-                  "network_on_random_sign": std["random_sign"], "gap": gap},
-        threshold=f"random_sign - kernel_transfer >= {config.min_transfer_gap}", passed=ok,
-        note="" if ok else "kernel-crafted examples are not much worse for the network than random noise",
-        headline="gap"))
+    claims.append(
+        Claim(
+            id="C4.4-transfer",
+            statement="adversarial examples crafted on the kernel predictor transfer to the (standard) network: they hurt "
+            "it more than random-sign perturbations of the same size",
+            measured={
+                "network_clean": std["clean"],
+                "network_on_kernel_adv": std["kernel_transfer"],
+                "network_on_random_sign": std["random_sign"],
+                "gap": gap,
+            },
+            threshold=f"random_sign - kernel_transfer >= {config.min_transfer_gap}",
+            passed=ok,
+            note="" if ok else "kernel-crafted examples are not much worse for the network than random noise",
+            headline="gap",
+        )
+    )
     gain = adv["pgd"] - std["pgd"]
     ok = gain >= config.min_robust_gain
-    claims.append(Claim(
-        id="C4.4-advtrain",
-        statement="PGD adversarial training raises the network's robust (PGD) accuracy",
-        measured={"standard_pgd": std["pgd"], "adversarial_pgd": adv["pgd"], "standard_clean": std["clean"],
-                  "adversarial_clean": adv["clean"], "gain": gain,
-                  "train_attack": {"eps": config.eps, "steps": config.train_pgd_steps or config.pgd_steps}},
-        threshold=f"robust accuracy gain >= {config.min_robust_gain}", passed=ok,
-        note="" if ok else "adversarial training did not raise robust accuracy enough", headline="gain"))
+    claims.append(
+        Claim(
+            id="C4.4-advtrain",
+            statement="PGD adversarial training raises the network's robust (PGD) accuracy",
+            measured={
+                "standard_pgd": std["pgd"],
+                "adversarial_pgd": adv["pgd"],
+                "standard_clean": std["clean"],
+                "adversarial_clean": adv["clean"],
+                "gain": gain,
+                "train_attack": {"eps": config.eps, "steps": config.train_pgd_steps or config.pgd_steps},
+            },
+            threshold=f"robust accuracy gain >= {config.min_robust_gain}",
+            passed=ok,
+            note="" if ok else "adversarial training did not raise robust accuracy enough",
+            headline="gain",
+        )
+    )
     f = result["features"]
     k = min(config.top_features, len(f["robustness"]) - 1)
     top = statistics.fmean(f["robustness"][:k]) if k > 0 else float("nan")
     rest = statistics.fmean(f["robustness"][k:]) if k > 0 else float("nan")
     ok = k > 0 and top > rest
-    claims.append(Claim(
-        id="C4.4-features",
-        statement="robust NTK eigen-features sit at the top of the spectrum (Tsilivis & Kempe 2022): the features of "
-                  f"the {k} largest eigenvalues are more robust than the next {len(f['robustness']) - k}",
-        measured={"mean_robustness_top": top, "mean_robustness_rest": rest,
-                  "mean_usefulness_top": statistics.fmean(f["usefulness"][:k]) if k > 0 else None,
-                  "mean_usefulness_rest": statistics.fmean(f["usefulness"][k:]) if k > 0 else None,
-                  "pair": f["pair"]},
-        threshold="mean robustness (accuracy under PGD on the feature) of the top features > that of the rest",
-        passed=ok, note="" if ok else "the top eigen-features are not more robust than the rest here",
-        headline="mean_robustness_top"))
+    claims.append(
+        Claim(
+            id="C4.4-features",
+            statement="robust NTK eigen-features sit at the top of the spectrum (Tsilivis & Kempe 2022): the features of "
+            f"the {k} largest eigenvalues are more robust than the next {len(f['robustness']) - k}",
+            measured={
+                "mean_robustness_top": top,
+                "mean_robustness_rest": rest,
+                "mean_usefulness_top": statistics.fmean(f["usefulness"][:k]) if k > 0 else None,
+                "mean_usefulness_rest": statistics.fmean(f["usefulness"][k:]) if k > 0 else None,
+                "pair": f["pair"],
+            },
+            threshold="mean robustness (accuracy under PGD on the feature) of the top features > that of the rest",
+            passed=ok,
+            note="" if ok else "the top eigen-features are not more robust than the rest here",
+            headline="mean_robustness_top",
+        )
+    )
     return claims
 
 
@@ -335,8 +419,13 @@ def figures(result: dict, outdir: Path) -> list[Path]:
     w = 0.27
     for j, (name, color) in enumerate((("kernel", "C2"), ("standard", "C0"), ("adversarial", "C3"))):
         vals = [s[name].get(k, np.nan) for k in labels]
-        ax.bar(xs + (j - 1) * w, vals, w, label={"kernel": "NTK predictor", "standard": "network",
-                                                 "adversarial": "PGD-trained network"}[name], color=color)
+        ax.bar(
+            xs + (j - 1) * w,
+            vals,
+            w,
+            label={"kernel": "NTK predictor", "standard": "network", "adversarial": "PGD-trained network"}[name],
+            color=color,
+        )
     ax.set_xticks(xs)
     ax.set_xticklabels(["clean", "random sign", "PGD (own)", "PGD from kernel"], fontsize=8)
     ax.set_ylabel("test accuracy")
@@ -345,8 +434,11 @@ def figures(result: dict, outdir: Path) -> list[Path]:
     ax.set_title("Robustness of networks and the NTK predictor (C4.4)", fontsize=9)
     sw = result["sweep"]
     eps_axis = [0.0] + list(sw["eps"])
-    for name, color, label in (("kernel", "C2", "NTK predictor"), ("standard", "C0", "network"),
-                               ("adversarial", "C3", "PGD-trained network")):
+    for name, color, label in (
+        ("kernel", "C2", "NTK predictor"),
+        ("standard", "C0", "network"),
+        ("adversarial", "C3", "PGD-trained network"),
+    ):
         ax_sweep.plot(eps_axis, [s[name]["clean"]] + list(sw[name]), "o-", color=color, ms=3, label=label)
     ax_sweep.set_xlabel("PGD eps")
     ax_sweep.set_ylabel("test accuracy under PGD")

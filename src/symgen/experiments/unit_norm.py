@@ -33,14 +33,7 @@ from torch import Tensor, nn
 
 from symgen.errors import DivergenceError
 from symgen.experiments import unit_norm_protocol as protocol
-from symgen.experiments.base import (
-    Claim,
-    Context,
-    Experiment,
-    ExperimentConfig,
-    jsonable,
-    num_threads,
-)
+from symgen.experiments.base import Claim, Context, Experiment, ExperimentConfig, jsonable, num_threads
 from symgen.functional import buffers_of, call, params_of
 from symgen.models import build_model
 from symgen.optim.unit_norm import UnitNormSGD
@@ -64,8 +57,7 @@ class Config(ExperimentConfig):
 
     dataset: Literal["digits", "mnist1d"] = "digits"
     models: list[Literal["mlp", "cnn"]] = Field(default_factory=lambda: ["mlp", "cnn"], min_length=1)
-    lrs: list[float] = Field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
-                             min_length=1)
+    lrs: list[float] = Field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0], min_length=1)
     seeds: int = Field(5, ge=1)
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=2)
@@ -75,14 +67,20 @@ class Config(ExperimentConfig):
     weight_decay: float = Field(5e-4, ge=0.0, description="for the SGD + weight decay method")
     detection_batch: int = Field(256, ge=2)
     detection_models: list[Literal["mlp", "cnn", "mixed"]] = Field(
-        default_factory=lambda: ["mlp", "cnn", "mixed"], min_length=1)
+        default_factory=lambda: ["mlp", "cnn", "mixed"], min_length=1
+    )
     val_fraction: float = Field(0.2, ge=0.05, lt=0.9, description="training data held out to choose each lr")
     centred_factors: list[float] = Field(
-        default_factory=lambda: [0.1, 0.1 ** 0.5, 1.0, 10 ** 0.5, 10.0], min_length=1,
-        description="C2.2 (b): each method's grid is its own best lr times these factors (same width for all)")
+        default_factory=lambda: [0.1, 0.1**0.5, 1.0, 10**0.5, 10.0],
+        min_length=1,
+        description="C2.2 (b): each method's grid is its own best lr times these factors (same width for all)",
+    )
     lr_search_extensions: int = Field(
-        4, ge=0, description="C2.2 (b): at most this many grid steps past the coarse grid's edge, per method, "
-                             "until its best lr (on the validation split) is interior")
+        4,
+        ge=0,
+        description="C2.2 (b): at most this many grid steps past the coarse grid's edge, per method, "
+        "until its best lr (on the validation split) is interior",
+    )
     rescalings: int = Field(5, ge=2, description="C2.2 (a): function-preserving rescaled initializations")
     rescale_range: float = Field(100.0, gt=1, description="C2.2 (a): filter factors log-uniform over this ratio")
 
@@ -105,8 +103,11 @@ QUICK = {"seeds": 2, "epochs": 8, "lrs": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0], "re
 EXPECTED: dict[str, dict[str, tuple[str, str | None, str | None]]] = {
     "mlp": {"1.weight": ("per_filter", "1.bias", None), "4.weight": ("per_filter", "4.bias", None)},
     "cnn": {"0.weight": ("per_filter", "0.bias", None), "3.weight": ("per_filter", "3.bias", None)},
-    "mixed": {"c1.weight": ("per_filter", "c1.bias", None), "c2.weight": ("per_group", None, None),
-              "l2.weight": ("joint", None, "l2.bias")},
+    "mixed": {
+        "c1.weight": ("per_filter", "c1.bias", None),
+        "c2.weight": ("per_group", None, None),
+        "l2.weight": ("joint", None, "l2.bias"),
+    },
 }
 
 
@@ -160,7 +161,7 @@ def _detect(item: dict) -> dict:
             p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) * (0.5 * rms if rms > 0 else 0.5))
         model.train()
         for i in range(4):  # running statistics that hold estimates
-            model(x[i * 64:(i + 1) * 64].double())
+            model(x[i * 64 : (i + 1) * 64].double())
     xb = x[: item["detection_batch"]].double()
     yb = y[: item["detection_batch"]]
     t0 = time.perf_counter()
@@ -175,8 +176,13 @@ def _detect(item: dict) -> dict:
     for sym in report.symmetries:
         f = _log_uniform((sym.num_blocks,), gen)
         p2, b2 = rescale_filters(p, b, sym, f)
-        row = {"weight": sym.weight, "kind": sym.kind, "blocks": sym.num_blocks,
-               "redundant_bias": sym.redundant_bias, "bias": sym.bias}
+        row = {
+            "weight": sym.weight,
+            "kind": sym.kind,
+            "blocks": sym.num_blocks,
+            "redundant_bias": sym.redundant_bias,
+            "bias": sym.bias,
+        }
         for tag, m in (("eps", model), ("exact", exact)):
             row[f"train_{tag}"] = _rel(_loss(m, p2, b, xb, yb, True), _loss(m, p, b, xb, yb, True))
             row[f"eval_{tag}"] = _rel(_loss(m, p2, b2, xb, yb, False), _loss(m, p, b, xb, yb, False))
@@ -196,8 +202,10 @@ def _detect(item: dict) -> dict:
         p_all, b_all = p, b
         for sym in report.symmetries:
             p_all, b_all = rescale_filters(p_all, b_all, sym, _log_uniform((sym.num_blocks,), gen))
-        all_row = {tag: _rel(_loss(m, p_all, b, xb, yb, True), _loss(m, p, b, xb, yb, True))
-                   for tag, m in (("train_eps", model), ("train_exact", exact))}
+        all_row = {
+            tag: _rel(_loss(m, p_all, b, xb, yb, True), _loss(m, p, b, xb, yb, True))
+            for tag, m in (("train_eps", model), ("train_exact", exact))
+        }
     else:
         all_row = {}
     redundant = {}
@@ -216,11 +224,22 @@ def _detect(item: dict) -> dict:
         not_found[name] = _rel(_loss(model, p5, b, xb, yb, True), _loss(model, p, b, xb, yb, True))
     expected = EXPECTED[item["model"]]
     got = {s.weight: (s.kind, s.redundant_bias, s.bias) for s in report.symmetries}
-    return jsonable({"model": item["model"], "found": found, "all_at_once": all_row,
-                     "redundant_bias_change": redundant, "not_found_change": not_found,
-                     "matches_expected": got == expected, "got": got, "expected": expected,
-                     "method": report.method, "unanalysed": report.unanalysed,
-                     "rejected": report.rejected, "detect_seconds": detect_s})
+    return jsonable(
+        {
+            "model": item["model"],
+            "found": found,
+            "all_at_once": all_row,
+            "redundant_bias_change": redundant,
+            "not_found_change": not_found,
+            "matches_expected": got == expected,
+            "got": got,
+            "expected": expected,
+            "method": report.method,
+            "unanalysed": report.unanalysed,
+            "rejected": report.rejected,
+            "detect_seconds": detect_s,
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,15 +264,21 @@ def _train(item: dict) -> dict:
         _rescale_in_place(model, x[:64], item["rescale"], item["rescale_range"])
     lr, method = item["lr"], item["method"]
     if method == "unit_norm":
-        opt: torch.optim.Optimizer = UnitNormSGD(model, lr, momentum=item["momentum"],
-                                                 example_input=x[:64])
+        opt: torch.optim.Optimizer = UnitNormSGD(model, lr, momentum=item["momentum"], example_input=x[:64])
     else:
         wd = item["weight_decay"] if method == "sgd_wd" else 0.0
         opt = torch.optim.SGD(model.parameters(), lr, momentum=item["momentum"], weight_decay=wd)
     t0 = time.perf_counter()
     try:  # same minibatches for every method; drop the last partial batch (BatchNorm needs > 1)
-        history = fit(model, (x, y), opt, epochs=item["epochs"], batch_size=item["batch_size"], drop_last=True,
-                      generator=item["seed"])
+        history = fit(
+            model,
+            (x, y),
+            opt,
+            epochs=item["epochs"],
+            batch_size=item["batch_size"],
+            drop_last=True,
+            generator=item["seed"],
+        )
         diverged, last = False, history.last_loss
     except DivergenceError:  # stopped before the non-finite step's update; that model is evaluated
         diverged, last = True, None
@@ -262,9 +287,16 @@ def _train(item: dict) -> dict:
         logits = model(xt)
         ok = (logits.argmax(1) == yt) & torch.isfinite(logits).all(1)
         val_logits = model(xv) if num_val else None
-    out = {"model": item["model"], "method": method, "lr": lr, "seed": item["seed"],
-           "test_acc": ok.double().mean().item(), "final_train_loss": last,
-           "diverged": diverged, "seconds": time.perf_counter() - t0}
+    out = {
+        "model": item["model"],
+        "method": method,
+        "lr": lr,
+        "seed": item["seed"],
+        "test_acc": ok.double().mean().item(),
+        "final_train_loss": last,
+        "diverged": diverged,
+        "seconds": time.perf_counter() - t0,
+    }
     if val_logits is not None:
         out["val_acc"] = ((val_logits.argmax(1) == yv) & torch.isfinite(val_logits).all(1)).double().mean().item()
     if item.get("rescale") is not None:
@@ -298,41 +330,64 @@ def _summary(trials: list[dict], models: list[str], lrs: list[float]) -> dict:
             per_lr = []
             for lr in lrs:
                 accs = [t["test_acc"] for t in rows if t["lr"] == lr]
-                per_lr.append({"lr": lr, "mean": float(np.mean(accs)), "std": float(np.std(accs)),
-                               "n": len(accs),
-                               "diverged": sum(t["diverged"] for t in rows if t["lr"] == lr)})
+                per_lr.append(
+                    {
+                        "lr": lr,
+                        "mean": float(np.mean(accs)),
+                        "std": float(np.std(accs)),
+                        "n": len(accs),
+                        "diverged": sum(t["diverged"] for t in rows if t["lr"] == lr),
+                    }
+                )
             means = np.array([r["mean"] for r in per_lr])
             out[model][method] = {
                 "per_lr": per_lr,
                 "mean_acc": float(np.mean([t["test_acc"] for t in rows])),
                 "spread_across_lr": float(np.std(means)),
                 "range_across_lr": float(means.max() - means.min()),
-                "best_acc": float(means.max()), "best_lr": lrs[int(means.argmax())],
+                "best_acc": float(means.max()),
+                "best_lr": lrs[int(means.argmax())],
                 "seed_std_mean": float(np.mean([r["std"] for r in per_lr])),
             }
     return out
 
 
 def run(config: Config, ctx: Context) -> dict:
-    base = {"dataset": config.dataset, "device": config.device, "width": config.width,
-            "channels": config.channels}
-    det_items = [dict(base, model=m, seed=config.seed, detection_batch=config.detection_batch)
-                 for m in config.detection_models]
+    base = {"dataset": config.dataset, "device": config.device, "width": config.width, "channels": config.channels}
+    det_items = [
+        dict(base, model=m, seed=config.seed, detection_batch=config.detection_batch) for m in config.detection_models
+    ]
     detection = ctx.map(detection_trial, det_items, desc="detection (C2.1)")
-    train_base = dict(base, epochs=config.epochs, batch_size=config.batch_size, momentum=config.momentum,
-                      weight_decay=config.weight_decay, val_fraction=config.val_fraction,
-                      rescale_range=config.rescale_range)
+    train_base = dict(
+        base,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        val_fraction=config.val_fraction,
+        rescale_range=config.rescale_range,
+    )
     seeds = [config.seed + s for s in range(config.seeds)]
-    items = [dict(train_base, model=m, method=meth, lr=lr, seed=s)
-             for m in config.models for s in seeds for lr in config.lrs for meth in METHODS]
+    items = [
+        dict(train_base, model=m, method=meth, lr=lr, seed=s)
+        for m in config.models
+        for s in seeds
+        for lr in config.lrs
+        for meth in METHODS
+    ]
     trials = ctx.map(train_trial, items, desc="shared lr grid (choice of lr; side result)")
     for t in trials:
         ctx.log(**{k: v for k, v in t.items() if k != "seconds"})
     # C2.2 (b): each method's own best lr on the validation split (the search extended past the coarse grid's
     # edge until the best is interior, or the cap), then a grid of equal width around it
     best, extra = protocol.search_best(
-        trials, list(config.models), train_base, seeds, config.lr_search_extensions,
-        lambda items: ctx.map(train_trial, items, desc="lr search past the grid's edge (C2.2 b)"))
+        trials,
+        list(config.models),
+        train_base,
+        seeds,
+        config.lr_search_extensions,
+        lambda items: ctx.map(train_trial, items, desc="lr search past the grid's edge (C2.2 b)"),
+    )
     search = [t for t in trials + extra if t["method"] in protocol.PROTOCOL_METHODS]
     done = {(t["model"], t["method"], t["lr"], t["seed"]): t for t in trials + extra}
     wanted = protocol.centred_items(train_base, best, list(config.centred_factors), seeds)
@@ -341,16 +396,29 @@ def run(config: Config, ctx: Context) -> dict:
         done[(t["model"], t["method"], t["lr"], t["seed"])] = t
     centred = [done[(i["model"], i["method"], i["lr"], i["seed"])] for i in wanted]
     # C2.2 (a): the same function from rescaled filters, each method at its own best lr
-    rescaled = ctx.map(train_trial, protocol.rescale_items(train_base, best, config.rescalings, config.seed),
-                       desc="rescaled initializations (C2.2 a)")
-    return jsonable({"detection": detection, "trials": trials,
-                     "summary": _summary(trials, list(config.models), list(config.lrs)),
-                     "lrs": list(config.lrs), "models": list(config.models),
-                     "protocol": {"best_lrs": best, "factors": list(config.centred_factors), "search_trials": extra,
-                                  "search": protocol.search_summary(search, best, list(config.lrs)),
-                                  "rescalings": config.rescalings, "rescale_range": config.rescale_range,
-                                  "summary": protocol.summarize(centred, rescaled, best,
-                                                                list(config.centred_factors))}})
+    rescaled = ctx.map(
+        train_trial,
+        protocol.rescale_items(train_base, best, config.rescalings, config.seed),
+        desc="rescaled initializations (C2.2 a)",
+    )
+    return jsonable(
+        {
+            "detection": detection,
+            "trials": trials,
+            "summary": _summary(trials, list(config.models), list(config.lrs)),
+            "lrs": list(config.lrs),
+            "models": list(config.models),
+            "protocol": {
+                "best_lrs": best,
+                "factors": list(config.centred_factors),
+                "search_trials": extra,
+                "search": protocol.search_summary(search, best, list(config.lrs)),
+                "rescalings": config.rescalings,
+                "rescale_range": config.rescale_range,
+                "summary": protocol.summarize(centred, rescaled, best, list(config.centred_factors)),
+            },
+        }
+    )
 
 
 def _shown(a: float, b: float) -> tuple[float, float]:
@@ -364,41 +432,60 @@ def _shown(a: float, b: float) -> tuple[float, float]:
 def check_claims(config: Config, result: dict) -> list[Claim]:
     claims: list[Claim] = []
     det = result["detection"]
-    found_max = max((r[k] for d in det for r in d["found"] for k in ("train_exact", "eval_exact")),
-                    default=float("nan"))
-    found_max_eps = max((r[k] for d in det for r in d["found"] for k in ("train_eps", "eval_eps")),
-                        default=float("nan"))
+    found_max = max(
+        (r[k] for d in det for r in d["found"] for k in ("train_exact", "eval_exact")), default=float("nan")
+    )
+    found_max_eps = max(
+        (r[k] for d in det for r in d["found"] for k in ("train_eps", "eval_eps")), default=float("nan")
+    )
     redundant_max = max((v for d in det for v in d["redundant_bias_change"].values()), default=0.0)
     not_found = {f"{d['model']}:{k}": v for d in det for k, v in d["not_found_change"].items()}
     not_found_min = min(not_found.values(), default=float("nan"))
     finer = [r["finer_train_exact"] for d in det for r in d["found"] if "finer_train_exact" in r]
     finer_min = min(finer, default=float("inf"))
     matches = {d["model"]: d["matches_expected"] for d in det}
-    passed = (all(matches.values()) and found_max <= TOL_INVARIANT and redundant_max <= TOL_INVARIANT
-              and not_found_min > TOL_INVARIANT and finer_min > TOL_FINER)
+    passed = (
+        all(matches.values())
+        and found_max <= TOL_INVARIANT
+        and redundant_max <= TOL_INVARIANT
+        and not_found_min > TOL_INVARIANT
+        and finer_min > TOL_FINER
+    )
     notes = []
     if not all(matches.values()):
-        notes.append(f"found groups differ from the hand analysis for "
-                     f"{[m for m, ok in matches.items() if not ok]}")
+        notes.append(f"found groups differ from the hand analysis for {[m for m, ok in matches.items() if not ok]}")
     if found_max_eps > TOL_INVARIANT:
-        notes.append(f"at the models' own BatchNorm/LayerNorm eps = 1e-5 the loss of a rescaled "
-                     f"found group changes by up to {found_max_eps:.1e}: eps breaks the symmetry to "
-                     f"order eps/variance; the threshold is applied to the exact symmetry (eps -> 0)")
-    claims.append(Claim(
-        id="C2.1",
-        statement="symgen finds exactly the scale-invariant parameter groups: loss unchanged "
-                  "(relative 1e-5) when a found filter block is rescaled, changed for parameters "
-                  "not found",
-        measured={"found_max_rel_loss_change_exact": found_max,
-                  "found_max_rel_loss_change_at_model_eps": found_max_eps,
-                  "redundant_bias_max_rel_change": redundant_max,
-                  "not_found_min_rel_loss_change": not_found_min,
-                  "finer_than_found_min_rel_change": finer_min if finer else None,
-                  "matches_hand_analysis": matches,
-                  "models": [d["model"] for d in det]},
-        threshold={"found": f"<= {TOL_INVARIANT:g}", "not_found": f"> {TOL_INVARIANT:g}",
-                   "finer_than_found": f"> {TOL_FINER:g}", "groups": "equal to the hand analysis"},
-        passed=bool(passed), note="; ".join(notes), headline="found_max_rel_loss_change_exact"))
+        notes.append(
+            f"at the models' own BatchNorm/LayerNorm eps = 1e-5 the loss of a rescaled "
+            f"found group changes by up to {found_max_eps:.1e}: eps breaks the symmetry to "
+            f"order eps/variance; the threshold is applied to the exact symmetry (eps -> 0)"
+        )
+    claims.append(
+        Claim(
+            id="C2.1",
+            statement="symgen finds exactly the scale-invariant parameter groups: loss unchanged "
+            "(relative 1e-5) when a found filter block is rescaled, changed for parameters "
+            "not found",
+            measured={
+                "found_max_rel_loss_change_exact": found_max,
+                "found_max_rel_loss_change_at_model_eps": found_max_eps,
+                "redundant_bias_max_rel_change": redundant_max,
+                "not_found_min_rel_loss_change": not_found_min,
+                "finer_than_found_min_rel_change": finer_min if finer else None,
+                "matches_hand_analysis": matches,
+                "models": [d["model"] for d in det],
+            },
+            threshold={
+                "found": f"<= {TOL_INVARIANT:g}",
+                "not_found": f"> {TOL_INVARIANT:g}",
+                "finer_than_found": f"> {TOL_FINER:g}",
+                "groups": "equal to the hand analysis",
+            },
+            passed=bool(passed),
+            note="; ".join(notes),
+            headline="found_max_rel_loss_change_exact",
+        )
+    )
 
     if "protocol" in result:
         claims.append(protocol_claim(config, result))
@@ -413,17 +500,27 @@ def protocol_claim(config: Config, result: dict) -> Claim:
     return Claim(
         id="C2.2",
         statement="SGD is not invariant to BatchNorm's filter rescalings, unit-norm SGD is: (a) from rescaled "
-                  "initializations computing the same function, unit-norm SGD's final predictions agree while "
-                  "SGD's spread; (b) on lr grids of equal width centred on each method's own best lr (chosen on "
-                  "a validation split), unit-norm SGD's mean test accuracy is >= SGD's and varies less",
-        measured={"per_model": measured, "best_lrs": prot["best_lrs"], "centred_factors": factors,
-                  "rescalings": prot["rescalings"], "rescale_range": prot["rescale_range"],
-                  "seeds": config.seeds, "epochs": config.epochs,
-                  "lr_search": {m: {k: {"grid": v["grid"], "val_acc": v["val_acc"], "interior": v["interior"]}
-                                    for k, v in per.items()} for m, per in (prot.get("search") or {}).items()}},
+        "initializations computing the same function, unit-norm SGD's final predictions agree while "
+        "SGD's spread; (b) on lr grids of equal width centred on each method's own best lr (chosen on "
+        "a validation split), unit-norm SGD's mean test accuracy is >= SGD's and varies less",
+        measured={
+            "per_model": measured,
+            "best_lrs": prot["best_lrs"],
+            "centred_factors": factors,
+            "rescalings": prot["rescalings"],
+            "rescale_range": prot["rescale_range"],
+            "seeds": config.seeds,
+            "epochs": config.epochs,
+            "lr_search": {
+                m: {k: {"grid": v["grid"], "val_acc": v["val_acc"], "interior": v["interior"]} for k, v in per.items()}
+                for m, per in (prot.get("search") or {}).items()
+            },
+        },
         threshold=f"(a) disagreement(UnitNormSGD) < disagreement(SGD) and <= {protocol.MAX_UNIT_NORM_DISAGREEMENT}; "
-                  "(b) centred mean_acc(UnitNormSGD) >= SGD's and spread < SGD's; every model",
-        passed=bool(passed), note="; ".join(reasons))
+        "(b) centred mean_acc(UnitNormSGD) >= SGD's and spread < SGD's; every model",
+        passed=bool(passed),
+        note="; ".join(reasons),
+    )
 
 
 def shared_grid_check(config: Config, result: dict) -> Claim:
@@ -446,8 +543,11 @@ def shared_grid_check(config: Config, result: dict) -> Claim:
             "passes_vs_sgd": ok,
             "passes_vs_sgd_wd": u["mean_acc"] >= w["mean_acc"] and u["spread_across_lr"] < w["spread_across_lr"],
         }
-    note = [] if grid_ok else [f"the lr grid {lrs} has fewer than 5 values or spans < 2 orders of "
-                               "magnitude, which the claim requires"]
+    note = (
+        []
+        if grid_ok
+        else [f"the lr grid {lrs} has fewer than 5 values or spans < 2 orders of magnitude, which the claim requires"]
+    )
     for model, pm in per_model.items():
         if not pm["passes_vs_sgd"]:
             mean_u, mean_g = _shown(pm["mean_acc"]["unit_norm"], pm["mean_acc"]["sgd"])
@@ -456,11 +556,13 @@ def shared_grid_check(config: Config, result: dict) -> Claim:
     return Claim(
         id="C2.2-shared-grid",
         statement="(side result) across ONE shared grid of learning rates and seeds on a BN network, unit-norm SGD's test "
-                  "accuracy is at least SGD's on average and varies less across learning rates",
+        "accuracy is at least SGD's on average and varies less across learning rates",
         measured={"per_model": per_model, "lrs": lrs, "seeds": config.seeds, "epochs": config.epochs},
         threshold="mean_acc(UnitNormSGD) >= mean_acc(SGD) and std over lrs of the seed-mean "
-                  "accuracy (UnitNormSGD) < SGD's, for every model; grid >= 5 lrs over >= 100x",
-        passed=bool(ok_all), note="; ".join(note))
+        "accuracy (UnitNormSGD) < SGD's, for every model; grid >= 5 lrs over >= 100x",
+        passed=bool(ok_all),
+        note="; ".join(note),
+    )
 
 
 def figures(result: dict, outdir: Path) -> list[Path]:
@@ -471,9 +573,14 @@ def figures(result: dict, outdir: Path) -> list[Path]:
     for ax, model in zip(axes[0], models, strict=True):
         for method in METHODS:
             rows = result["summary"][model][method]["per_lr"]
-            ax.errorbar([r["lr"] for r in rows], [r["mean"] for r in rows],
-                        yerr=[r["std"] for r in rows], marker="o", capsize=3,
-                        label=METHOD_LABELS[method])
+            ax.errorbar(
+                [r["lr"] for r in rows],
+                [r["mean"] for r in rows],
+                yerr=[r["std"] for r in rows],
+                marker="o",
+                capsize=3,
+                label=METHOD_LABELS[method],
+            )
         ax.set_xscale("log")
         ax.set_xlabel("learning rate (UnitNormSGD: angular step on the sphere)")
         ax.set_ylabel("test accuracy (mean ± std over seeds)")

@@ -27,8 +27,19 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["PROTOCOL_METHODS", "MAX_UNIT_NORM_DISAGREEMENT", "best_lrs", "search_grid", "extension_items", "search_best",
-           "search_summary", "centred_items", "rescale_items", "summarize", "verdict"]
+__all__ = [
+    "PROTOCOL_METHODS",
+    "MAX_UNIT_NORM_DISAGREEMENT",
+    "best_lrs",
+    "search_grid",
+    "extension_items",
+    "search_best",
+    "search_summary",
+    "centred_items",
+    "rescale_items",
+    "summarize",
+    "verdict",
+]
 
 PROTOCOL_METHODS = ("sgd", "unit_norm")
 MAX_UNIT_NORM_DISAGREEMENT = 0.01
@@ -46,9 +57,11 @@ def best_lrs(trials: list[dict], models: list[str], lrs: list[float] | None = No
     for model in models:
         out[model] = {}
         for method in PROTOCOL_METHODS:
+
             def val(lr: float, model: str = model, method: str = method) -> float:
                 accs = [t["val_acc"] for t in trials if t["model"] == model and t["method"] == method and t["lr"] == lr]
                 return statistics.fmean(accs)
+
             grid = sorted(lrs) if lrs is not None else search_grid(trials, model, method)
             out[model][method] = max(grid, key=val)  # ties: the first (smallest) lr
     return out
@@ -57,7 +70,7 @@ def best_lrs(trials: list[dict], models: list[str], lrs: list[float] | None = No
 def _next_lr(grid: list[float], best: float) -> float | None:
     """One grid step past the edge where ``best`` lies (the ratio of the two outermost lrs there), or None."""
     if len(grid) < 2:
-        return best * 10 ** 0.5
+        return best * 10**0.5
     if best == grid[-1]:
         return grid[-1] * (grid[-1] / grid[-2])
     if best == grid[0]:
@@ -65,8 +78,7 @@ def _next_lr(grid: list[float], best: float) -> float | None:
     return None
 
 
-def extension_items(base: dict, trials: list[dict], best: dict[str, dict[str, float]],
-                    seeds: list[int]) -> list[dict]:
+def extension_items(base: dict, trials: list[dict], best: dict[str, dict[str, float]], seeds: list[int]) -> list[dict]:
     """Training items that extend each method's search one step past the edge where its best lies."""
     items = []
     for model in best:
@@ -77,8 +89,14 @@ def extension_items(base: dict, trials: list[dict], best: dict[str, dict[str, fl
     return items
 
 
-def search_best(trials: list[dict], models: list[str], base: dict, seeds: list[int], cap: int,
-                train: Callable[[list[dict]], list[dict]]) -> tuple[dict[str, dict[str, float]], list[dict]]:
+def search_best(
+    trials: list[dict],
+    models: list[str],
+    base: dict,
+    seeds: list[int],
+    cap: int,
+    train: Callable[[list[dict]], list[dict]],
+) -> tuple[dict[str, dict[str, float]], list[dict]]:
     """Each method's best lr on the validation split, the search extended past the edge where the best lies
     (``train`` runs the new items) until it is interior or ``cap`` steps were taken; (best, the new trials)."""
     search = [t for t in trials if t["method"] in PROTOCOL_METHODS]
@@ -102,25 +120,42 @@ def search_summary(trials: list[dict], best: dict[str, dict[str, float]], coarse
         out[model] = {}
         for method in PROTOCOL_METHODS:
             grid = search_grid(trials, model, method)
-            val = [statistics.fmean(t["val_acc"] for t in trials
-                                    if t["model"] == model and t["method"] == method and t["lr"] == lr)
-                   for lr in grid]
+            val = [
+                statistics.fmean(
+                    t["val_acc"] for t in trials if t["model"] == model and t["method"] == method and t["lr"] == lr
+                )
+                for lr in grid
+            ]
             b = best[model][method]
-            out[model][method] = {"grid": grid, "val_acc": val, "best_lr": b, "interior": grid[0] < b < grid[-1],
-                                  "extensions": sum(lr not in coarse for lr in grid)}
+            out[model][method] = {
+                "grid": grid,
+                "val_acc": val,
+                "best_lr": b,
+                "interior": grid[0] < b < grid[-1],
+                "extensions": sum(lr not in coarse for lr in grid),
+            }
     return out
 
 
 def centred_items(base: dict, best: dict[str, dict[str, float]], factors: list[float], seeds: list[int]) -> list[dict]:
     """Training items of the centred grids: lr = best x factor for every method, model and seed."""
-    return [dict(base, model=model, method=method, lr=best[model][method] * f, seed=s)
-            for model in best for method in PROTOCOL_METHODS for f in factors for s in seeds]
+    return [
+        dict(base, model=model, method=method, lr=best[model][method] * f, seed=s)
+        for model in best
+        for method in PROTOCOL_METHODS
+        for f in factors
+        for s in seeds
+    ]
 
 
 def rescale_items(base: dict, best: dict[str, dict[str, float]], rescalings: int, seed: int) -> list[dict]:
     """Training items of (a): one initialization seed, ``rescalings`` function-preserving rescalings of it."""
-    return [dict(base, model=model, method=method, lr=best[model][method], seed=seed, rescale=1000 + r)
-            for model in best for method in PROTOCOL_METHODS for r in range(rescalings)]
+    return [
+        dict(base, model=model, method=method, lr=best[model][method], seed=seed, rescale=1000 + r)
+        for model in best
+        for method in PROTOCOL_METHODS
+        for r in range(rescalings)
+    ]
 
 
 def _disagreement(predictions: list[list[int]]) -> float:
@@ -135,8 +170,9 @@ def _std(values: list[float]) -> float:
     return statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
-def summarize(centred: list[dict], rescaled: list[dict], best: dict[str, dict[str, float]],
-              factors: list[float]) -> dict[str, Any]:
+def summarize(
+    centred: list[dict], rescaled: list[dict], best: dict[str, dict[str, float]], factors: list[float]
+) -> dict[str, Any]:
     """Per model and method: (a) accuracy spread and prediction disagreement over rescalings; (b) the centred
     grid's per-lr seed-mean test accuracy, its mean and its spread (population std across the grid)."""
     out: dict[str, Any] = {}
@@ -146,16 +182,22 @@ def summarize(centred: list[dict], rescaled: list[dict], best: dict[str, dict[st
             lr0 = best[model][method]
             per_lr = []
             for f in factors:
-                accs = [t["test_acc"] for t in centred
-                        if t["model"] == model and t["method"] == method and t["lr"] == lr0 * f]
+                accs = [
+                    t["test_acc"]
+                    for t in centred
+                    if t["model"] == model and t["method"] == method and t["lr"] == lr0 * f
+                ]
                 per_lr.append({"lr": lr0 * f, "factor": f, "mean": statistics.fmean(accs), "n": len(accs)})
             means = [r["mean"] for r in per_lr]
             runs = [t for t in rescaled if t["model"] == model and t["method"] == method]
             accs = [t["test_acc"] for t in runs]
             out[model][method] = {
-                "best_lr": lr0, "centred_grid": per_lr,
-                "centred_mean_acc": statistics.fmean(means), "centred_spread": _std(means),
-                "rescaled_accs": accs, "rescaled_acc_std": _std(accs),
+                "best_lr": lr0,
+                "centred_grid": per_lr,
+                "centred_mean_acc": statistics.fmean(means),
+                "centred_spread": _std(means),
+                "rescaled_accs": accs,
+                "rescaled_acc_std": _std(accs),
                 "rescaled_acc_range": max(accs) - min(accs) if accs else 0.0,
                 "rescaled_disagreement": _disagreement([t["predictions"] for t in runs]),
             }
@@ -170,14 +212,18 @@ def verdict(summary: dict[str, Any], search: dict[str, Any] | None = None) -> tu
     for model, per_method in (search or {}).items():
         for method, info in per_method.items():
             if not info["interior"]:
-                reasons.append(f"{model} (b): {method}'s best lr {info['best_lr']:.4g} is still at an edge of its "
-                               f"search grid {[float(f'{lr:.4g}') for lr in info['grid']]} after "
-                               f"{info['extensions']} extension step(s) (the cap, lr_search_extensions): its best "
-                               "lr was not found, so the grid cannot be centred on it")
+                reasons.append(
+                    f"{model} (b): {method}'s best lr {info['best_lr']:.4g} is still at an edge of its "
+                    f"search grid {[float(f'{lr:.4g}') for lr in info['grid']]} after "
+                    f"{info['extensions']} extension step(s) (the cap, lr_search_extensions): its best "
+                    "lr was not found, so the grid cannot be centred on it"
+                )
     for model, s in summary.items():
         u, g = s["unit_norm"], s["sgd"]
-        ok_a = (u["rescaled_disagreement"] < g["rescaled_disagreement"]
-                and u["rescaled_disagreement"] <= MAX_UNIT_NORM_DISAGREEMENT)
+        ok_a = (
+            u["rescaled_disagreement"] < g["rescaled_disagreement"]
+            and u["rescaled_disagreement"] <= MAX_UNIT_NORM_DISAGREEMENT
+        )
         ok_b_mean = u["centred_mean_acc"] >= g["centred_mean_acc"]
         ok_b_spread = u["centred_spread"] < g["centred_spread"]
         measured[model] = {
@@ -192,11 +238,15 @@ def verdict(summary: dict[str, Any], search: dict[str, Any] | None = None) -> tu
             "passes": {"a": ok_a, "b_mean": ok_b_mean, "b_spread": ok_b_spread},
         }
         if not ok_a:
-            reasons.append(f"{model} (a): disagreement UnitNormSGD {u['rescaled_disagreement']:.4g} vs SGD "
-                           f"{g['rescaled_disagreement']:.4g} (need below SGD and <= {MAX_UNIT_NORM_DISAGREEMENT})")
+            reasons.append(
+                f"{model} (a): disagreement UnitNormSGD {u['rescaled_disagreement']:.4g} vs SGD "
+                f"{g['rescaled_disagreement']:.4g} (need below SGD and <= {MAX_UNIT_NORM_DISAGREEMENT})"
+            )
         if not ok_b_mean:
-            reasons.append(f"{model} (b): centred-grid mean accuracy UnitNormSGD {u['centred_mean_acc']!r} < "
-                           f"SGD {g['centred_mean_acc']!r}")
+            reasons.append(
+                f"{model} (b): centred-grid mean accuracy UnitNormSGD {u['centred_mean_acc']!r} < "
+                f"SGD {g['centred_mean_acc']!r}"
+            )
         if not ok_b_spread:
             reasons.append(f"{model} (b): spread UnitNormSGD {u['centred_spread']!r} >= SGD {g['centred_spread']!r}")
     return not reasons and bool(summary), measured, reasons

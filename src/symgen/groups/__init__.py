@@ -16,19 +16,8 @@ from symgen.groups.actions import (
     TrivialAction,
     permutation_matrices,
 )
-from symgen.groups.commutant import (
-    commutant_basis,
-    commutant_dimension,
-    commutant_orbits,
-    fixed_basis,
-)
-from symgen.groups.finite import (
-    CyclicGroup,
-    DihedralGroup,
-    DirectProduct,
-    FiniteGroup,
-    PermutationGroup,
-)
+from symgen.groups.commutant import commutant_basis, commutant_dimension, commutant_orbits, fixed_basis
+from symgen.groups.finite import CyclicGroup, DihedralGroup, DirectProduct, FiniteGroup, PermutationGroup
 from symgen.groups.representations import Representation, RepresentationAction, reynolds_projector
 
 __all__ = [

@@ -14,13 +14,7 @@ import torch
 from torch import Tensor
 
 from symgen.errors import GroupActionError
-from symgen.groups.finite import (
-    CyclicGroup,
-    DihedralGroup,
-    FiniteGroup,
-    PermutationGroup,
-    _as_perm_list,
-)
+from symgen.groups.finite import CyclicGroup, DihedralGroup, FiniteGroup, PermutationGroup, _as_perm_list
 
 __all__ = [
     "GroupAction",
@@ -72,7 +66,8 @@ class GroupAction:
         if len(shape) < self.event_ndim:
             raise GroupActionError(
                 f"{self!r} acts on the last {self.event_ndim} dim(s); got an input of shape {shape} "
-                f"with {len(shape)} dim(s). Reshape the input so its last dims are the acted-on ones.")
+                f"with {len(shape)} dim(s). Reshape the input so its last dims are the acted-on ones."
+            )
         self._check_event(shape)
 
     def _check_element(self, g: int) -> int:
@@ -89,7 +84,7 @@ class GroupAction:
     def event_shape(self, shape: Sequence[int] | torch.Size) -> tuple[int, ...]:
         """The trailing dims this action acts on."""
         shape = tuple(int(s) for s in shape)
-        return shape[len(shape) - self.event_ndim:]
+        return shape[len(shape) - self.event_ndim :]
 
     def permutations(self, shape: Sequence[int] | torch.Size, device: torch.device | str | None = None) -> Tensor:
         """Gather indices (|G|, d), d = prod(shape): ``apply(g, x).reshape(..., d)[..., i] == x.reshape(..., d)[..., perm[g, i]]``."""
@@ -98,8 +93,12 @@ class GroupAction:
         perms = _permutation_table(self, shape)
         return perms.to(device) if device is not None else perms.clone()
 
-    def matrices(self, shape: Sequence[int] | torch.Size, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> Tensor:
+    def matrices(
+        self,
+        shape: Sequence[int] | torch.Size,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
         """The representation on flattened inputs, (|G|, d, d): ``vec(apply(g, x)) = matrices[g] @ vec(x)``.
 
         Equal to ``Representation.from_action(self, shape).matrices`` (one helper builds both).
@@ -114,7 +113,7 @@ class GroupAction:
         batch = x.shape[: x.ndim - self.event_ndim]
         perms = _permutation_table(self, ev).to(x.device)
         flat = x.reshape(*batch, d)
-        out = flat[..., perms]                           # (*batch, |G|, d)
+        out = flat[..., perms]  # (*batch, |G|, d)
         return out.movedim(-2, 0).reshape(self.order, *x.shape)
 
     def apply_each(self, elements: Tensor, x: Tensor) -> Tensor:
@@ -122,13 +121,14 @@ class GroupAction:
         self.check(x.shape[1:])
         elements = torch.as_tensor(elements, dtype=torch.long, device=x.device)
         if elements.shape != (x.shape[0],):
-            raise GroupActionError(f"apply_each: need one element per sample, shape ({x.shape[0]},); "
-                                   f"got {tuple(elements.shape)}.")
+            raise GroupActionError(
+                f"apply_each: need one element per sample, shape ({x.shape[0]},); got {tuple(elements.shape)}."
+            )
         if elements.numel() and (int(elements.min()) < 0 or int(elements.max()) >= self.order):
             raise GroupActionError(f"apply_each: elements must lie in 0..{self.order - 1}.")
         ev = self.event_shape(x.shape)
         d = math.prod(ev)
-        perms = _permutation_table(self, ev).to(x.device)[elements]      # (B, d)
+        perms = _permutation_table(self, ev).to(x.device)[elements]  # (B, d)
         flat = x.reshape(x.shape[0], -1, d)
         idx = perms[:, None, :].expand_as(flat)
         return flat.gather(2, idx).reshape(x.shape)
@@ -159,7 +159,8 @@ class ImageRotation90(GroupAction):
         if shape[-1] != shape[-2]:
             raise GroupActionError(
                 f"ImageRotation90 needs square images (last two dims equal); got {shape[-2]}x{shape[-1]} "
-                f"in input shape {shape}. Crop or pad to a square.")
+                f"in input shape {shape}. Crop or pad to a square."
+            )
 
     def _apply(self, g: int, x: Tensor) -> Tensor:
         return torch.rot90(x, k=g, dims=(-2, -1))
@@ -177,7 +178,8 @@ class ImageDihedral(GroupAction):
         if shape[-1] != shape[-2]:
             raise GroupActionError(
                 f"ImageDihedral needs square images (last two dims equal); got {shape[-2]}x{shape[-1]} "
-                f"in input shape {shape}. Crop or pad to a square.")
+                f"in input shape {shape}. Crop or pad to a square."
+            )
 
     def _apply(self, g: int, x: Tensor) -> Tensor:
         k, s = g % 4, g // 4
@@ -197,8 +199,9 @@ class LiftedImageAction(GroupAction):
 
     def __init__(self, image_action: GroupAction) -> None:
         if image_action.event_ndim != 2:
-            raise GroupActionError(f"LiftedImageAction needs an action on the last two (spatial) dims; "
-                                   f"got {image_action!r}.")
+            raise GroupActionError(
+                f"LiftedImageAction needs an action on the last two (spatial) dims; got {image_action!r}."
+            )
         self.image_action = image_action
         self.group = image_action.group
         # regular[k, h] = k^-1 h: the group index gathered into position h
@@ -208,7 +211,8 @@ class LiftedImageAction(GroupAction):
         if shape[-3] != self.group.order:
             raise GroupActionError(
                 f"{self!r} acts on (..., |G|={self.group.order}, H, W); input shape {shape} has {shape[-3]} "
-                "at dim -3. Pass lifted features, e.g. the output of LiftingConv2d.")
+                "at dim -3. Pass lifted features, e.g. the output of LiftingConv2d."
+            )
         self.image_action.check(shape)
 
     def _apply(self, g: int, x: Tensor) -> Tensor:
@@ -234,7 +238,8 @@ class CyclicShift(GroupAction):
         if shape[self.dim] != self.n:
             raise GroupActionError(
                 f"CyclicShift(n={self.n}, dim={self.dim}) needs size {self.n} along dim {self.dim}; "
-                f"input shape {shape} has {shape[self.dim]}. Use CyclicShift({shape[self.dim]}, dim={self.dim}).")
+                f"input shape {shape} has {shape[self.dim]}. Use CyclicShift({shape[self.dim]}, dim={self.dim})."
+            )
 
     def _apply(self, g: int, x: Tensor) -> Tensor:
         return torch.roll(x, shifts=g, dims=self.dim)
@@ -270,8 +275,12 @@ class PermutationAction(GroupAction):
     must form a homomorphism (checked).
     """
 
-    def __init__(self, perms_or_generators: Sequence[Sequence[int]] | Tensor, group: FiniteGroup | None = None,
-                 event_ndim: int = 1) -> None:
+    def __init__(
+        self,
+        perms_or_generators: Sequence[Sequence[int]] | Tensor,
+        group: FiniteGroup | None = None,
+        event_ndim: int = 1,
+    ) -> None:
         rows = _as_perm_list(perms_or_generators)
         if group is None:
             pg = PermutationGroup(rows)
@@ -279,14 +288,19 @@ class PermutationAction(GroupAction):
             sigma = pg.perms
         else:
             if len(rows) != group.order:
-                raise GroupActionError(f"PermutationAction with group {group!r} needs one permutation per element "
-                                       f"({group.order}); got {len(rows)}.")
+                raise GroupActionError(
+                    f"PermutationAction with group {group!r} needs one permutation per element "
+                    f"({group.order}); got {len(rows)}."
+                )
             sigma = torch.tensor(rows, dtype=torch.long)
-            comp = sigma[:, None, :].expand(-1, group.order, -1).gather(
-                2, sigma[None, :, :].expand(group.order, -1, -1))        # sigma_g o sigma_h
+            comp = (
+                sigma[:, None, :].expand(-1, group.order, -1).gather(2, sigma[None, :, :].expand(group.order, -1, -1))
+            )  # sigma_g o sigma_h
             if not torch.equal(comp, sigma[group.table]):
-                raise GroupActionError(f"the permutations do not form a representation of {group!r}: "
-                                       "perms[g*h] must equal perms[g] o perms[h] for all g, h.")
+                raise GroupActionError(
+                    f"the permutations do not form a representation of {group!r}: "
+                    "perms[g*h] must equal perms[g] o perms[h] for all g, h."
+                )
             self.group = group
         self.sigma = sigma
         self.degree = sigma.shape[1]
@@ -295,11 +309,12 @@ class PermutationAction(GroupAction):
         self._gather = torch.argsort(sigma, dim=1)
 
     def _check_event(self, shape: tuple[int, ...]) -> None:
-        d = math.prod(shape[len(shape) - self.event_ndim:])
+        d = math.prod(shape[len(shape) - self.event_ndim :])
         if d != self.degree:
             raise GroupActionError(
                 f"PermutationAction permutes {self.degree} features (the last {self.event_ndim} dim(s) "
-                f"flattened); input shape {shape} has {d}. Flatten the features or give matching permutations.")
+                f"flattened); input shape {shape} has {d}. Flatten the features or give matching permutations."
+            )
 
     def _apply(self, g: int, x: Tensor) -> Tensor:
         shape = x.shape

@@ -24,8 +24,9 @@ def commutant_dimension(in_rep: Representation | Tensor, out_rep: Representation
     return int(round(float((i.character() * o.character()).sum()) / i.order))
 
 
-def commutant_basis(in_rep: Representation | Tensor, out_rep: Representation | Tensor,
-                    rtol: float | None = None) -> Tensor:
+def commutant_basis(
+    in_rep: Representation | Tensor, out_rep: Representation | Tensor, rtol: float | None = None
+) -> Tensor:
     """Orthonormal basis (k, d_out, d_in) of {W : rho_out(g) W = W rho_in(g)}: nullspace by float64 SVD.
 
     Stacks (rho_out(s) (x) I - I (x) rho_in(s)^T) vec(W) = 0 over the generators s (row-major vec);
@@ -38,8 +39,10 @@ def commutant_basis(in_rep: Representation | Tensor, out_rep: Representation | T
         return i._cache[key]
     d_in, d_out = i.dim, o.dim
     eye_in, eye_out = torch.eye(d_in, dtype=torch.float64), torch.eye(d_out, dtype=torch.float64)
-    blocks = [torch.kron(o.matrices[s], eye_in) - torch.kron(eye_out, i.matrices[s].T.contiguous())
-              for s in sorted(set(i.constraint_elements()) | set(o.constraint_elements()))]
+    blocks = [
+        torch.kron(o.matrices[s], eye_in) - torch.kron(eye_out, i.matrices[s].T.contiguous())
+        for s in sorted(set(i.constraint_elements()) | set(o.constraint_elements()))
+    ]
     basis = _nullspace(torch.cat(blocks), rtol).reshape(-1, d_out, d_in)
     i._cache[key] = basis
     return basis
@@ -101,7 +104,7 @@ def commutant_orbits(in_rep: Representation, out_rep: Representation) -> tuple[T
         return i._cache[key]
     gens = sorted(set(i.constraint_elements()) | set(o.constraint_elements()))
     pi, po = i.permutations[gens], o.permutations[gens]
-    maps = po[:, :, None] * i.dim + pi[:, None, :]        # (k, d_out, d_in): pair (a, b) -> (p_out a, p_in b)
+    maps = po[:, :, None] * i.dim + pi[:, None, :]  # (k, d_out, d_in): pair (a, b) -> (p_out a, p_in b)
     labels, sizes = _orbit_labels(maps.reshape(len(gens), -1))
     out = (torch.as_tensor(labels, dtype=torch.long), torch.as_tensor(sizes, dtype=torch.long))
     i._cache[key] = out

@@ -26,10 +26,14 @@ class FiniteGroup:
             raise GroupActionError(f"group table must be square (order, order); got shape {tuple(table.shape)}.")
         ar = torch.arange(n)
         if not (torch.equal(table[0], ar) and torch.equal(table[:, 0], ar)):
-            raise GroupActionError(f"group '{name}': element 0 must be the identity (table[0] and table[:, 0] = 0..n-1).")
+            raise GroupActionError(
+                f"group '{name}': element 0 must be the identity (table[0] and table[:, 0] = 0..n-1)."
+            )
         # Latin square: every row and column is a permutation (cancellation law).
-        if not (torch.equal(table.sort(dim=1).values, ar.expand(n, n))
-                and torch.equal(table.sort(dim=0).values, ar[:, None].expand(n, n))):
+        if not (
+            torch.equal(table.sort(dim=1).values, ar.expand(n, n))
+            and torch.equal(table.sort(dim=0).values, ar[:, None].expand(n, n))
+        ):
             raise GroupActionError(f"group '{name}': table is not a Latin square, so it is not a group table.")
         self.name = name
         self.order = int(n)
@@ -57,8 +61,8 @@ class FiniteGroup:
     def is_associative(self) -> bool:
         """Check (gh)k = g(hk) for all triples (O(order^3), for tests and user-built tables)."""
         t = self.table
-        left = t[t]                  # left[g, h, k] = table[table[g, h], k]
-        right = t[:, t]              # right[g, h, k] = table[g, table[h, k]]
+        left = t[t]  # left[g, h, k] = table[table[g, h], k]
+        right = t[:, t]  # right[g, h, k] = table[g, table[h, k]]
         return bool(torch.equal(left, right))
 
     def __len__(self) -> int:
@@ -130,7 +134,8 @@ def _as_perm_list(perms: Sequence[Sequence[int]] | Tensor) -> list[tuple[int, ..
         if len(p) != n or sorted(p) != list(range(n)):
             raise GroupActionError(
                 f"{list(p)} is not a permutation of 0..{n - 1}; each generator must list every index "
-                "once, all of the same length.")
+                "once, all of the same length."
+            )
     return rows
 
 
@@ -142,8 +147,9 @@ class PermutationGroup(FiniteGroup):
     rest in BFS order, so a list that is already a group with the identity first keeps its order.
     """
 
-    def __init__(self, generators: Sequence[Sequence[int]] | Tensor, name: str | None = None,
-                 max_order: int = 100_000) -> None:
+    def __init__(
+        self, generators: Sequence[Sequence[int]] | Tensor, name: str | None = None, max_order: int = 100_000
+    ) -> None:
         gens = _as_perm_list(generators)
         n = len(gens[0])
         identity = tuple(range(n))
@@ -158,7 +164,7 @@ class PermutationGroup(FiniteGroup):
             new = []
             for p in frontier:
                 for q in gens:
-                    r = tuple(p[q[i]] for i in range(n))   # p o q
+                    r = tuple(p[q[i]] for i in range(n))  # p o q
                     if r not in index:
                         index[r] = len(elements)
                         elements.append(r)
@@ -166,7 +172,8 @@ class PermutationGroup(FiniteGroup):
                         if len(elements) > max_order:
                             raise GroupActionError(
                                 f"the generated group has more than max_order={max_order} elements; "
-                                "pass fewer generators or raise max_order.")
+                                "pass fewer generators or raise max_order."
+                            )
             frontier = new
         perms = torch.tensor(elements, dtype=torch.long)
         order = perms.shape[0]

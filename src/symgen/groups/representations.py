@@ -36,10 +36,19 @@ class Representation:
     and fixed-point bases take the orbit fast path.
     """
 
-    def __init__(self, matrices: Tensor | None = None, group: FiniteGroup | None = None, *,
-                 permutations: Tensor | None = None, name: str = "rho", check: bool = True) -> None:
+    def __init__(
+        self,
+        matrices: Tensor | None = None,
+        group: FiniteGroup | None = None,
+        *,
+        permutations: Tensor | None = None,
+        name: str = "rho",
+        check: bool = True,
+    ) -> None:
         if matrices is None and permutations is None:
-            raise GroupActionError("Representation needs `matrices` (|G|, d, d) or `permutations` (|G|, d); got neither.")
+            raise GroupActionError(
+                "Representation needs `matrices` (|G|, d, d) or `permutations` (|G|, d); got neither."
+            )
         self.group = group
         self.name = name
         self.permutations: Tensor | None = None
@@ -51,8 +60,9 @@ class Representation:
             n, d = perms.shape
             ar = torch.arange(d)
             if not torch.equal(perms.sort(dim=1).values, ar.expand(n, d)):
-                raise GroupActionError(f"representation '{name}': each row of `permutations` must be a "
-                                       f"permutation of 0..{d - 1}.")
+                raise GroupActionError(
+                    f"representation '{name}': each row of `permutations` must be a permutation of 0..{d - 1}."
+                )
             self.permutations = perms
             if matrices is not None:
                 mats = torch.as_tensor(matrices, dtype=torch.float64).cpu()
@@ -62,13 +72,16 @@ class Representation:
         else:
             mats = torch.as_tensor(matrices).detach().to(device="cpu", dtype=torch.float64)
             if mats.ndim != 3 or mats.shape[1] != mats.shape[2]:
-                raise GroupActionError(f"representation '{name}': matrices must have shape (|G|, d, d); "
-                                       f"got {tuple(mats.shape)}.")
+                raise GroupActionError(
+                    f"representation '{name}': matrices must have shape (|G|, d, d); got {tuple(mats.shape)}."
+                )
             self._matrices = mats
             self.permutations = _as_permutations(mats)
         if group is not None and group.order != self.order:
-            raise GroupActionError(f"representation '{name}' has {self.order} matrices but "
-                                   f"{group!r} has {group.order} elements; give one matrix per element.")
+            raise GroupActionError(
+                f"representation '{name}' has {self.order} matrices but "
+                f"{group!r} has {group.order} elements; give one matrix per element."
+            )
         self._cache: dict = {}
         if check:
             self.check()
@@ -174,8 +187,7 @@ class Representation:
             return self.matrices[self.group.inverses]
         return torch.linalg.inv(self.matrices)
 
-    def reynolds_projector(self, dtype: torch.dtype | None = None,
-                           device: torch.device | str | None = None) -> Tensor:
+    def reynolds_projector(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Tensor:
         """Projector onto Fix(rho), (d, d): P_G = |G|^-1 sum_g rho(g) (arXiv 2303.04198)."""
         dtype = dtype or torch.get_default_dtype()
         if self.permutations is None:
@@ -185,8 +197,11 @@ class Representation:
         # Scatter-add 1/|G| at (i, perm[g, i]) for every g: O(|G| d) work, no (|G|, d, d) tensor.
         p = torch.zeros(d, d, dtype=dtype, device=perms.device)
         rows = torch.arange(d, device=perms.device).expand(n, d)
-        p.index_put_((rows.reshape(-1), perms.reshape(-1)),
-                     torch.full((n * d,), 1.0 / n, dtype=dtype, device=perms.device), accumulate=True)
+        p.index_put_(
+            (rows.reshape(-1), perms.reshape(-1)),
+            torch.full((n * d,), 1.0 / n, dtype=dtype, device=perms.device),
+            accumulate=True,
+        )
         return p
 
     def check(self, atol: float = _ATOL) -> None:
@@ -209,7 +224,8 @@ class Representation:
             if not ok:
                 raise GroupActionError(
                     f"representation '{self.name}' is not a homomorphism of {self.group!r}: rho(g) rho(h) != "
-                    "rho(g*h) for some g, h. Give the matrices in the group's element order (element 0 = identity).")
+                    "rho(g*h) for some g, h. Give the matrices in the group's element order (element 0 = identity)."
+                )
             if not identity:
                 raise GroupActionError(f"representation '{self.name}': rho(identity) = rho(0) must be the identity.")
             return
@@ -223,7 +239,8 @@ class Representation:
         if not bool((dist.min(dim=1).values <= atol * scale * d).all()):
             raise GroupActionError(
                 f"representation '{self.name}': the {n} matrices are not closed under multiplication, so they "
-                "are not the image of a group homomorphism. Give rho(g) for every element g of the group.")
+                "are not the image of a group homomorphism. Give rho(g) for every element g of the group."
+            )
         if not bool((torch.cdist(torch.eye(d, dtype=torch.float64).reshape(1, -1), flat) <= atol * d).any()):
             raise GroupActionError(f"representation '{self.name}': the identity matrix is missing.")
 
@@ -244,24 +261,31 @@ def _as_permutations(mats: Tensor) -> Tensor | None:
 def check_same_group(a: Representation, b: Representation) -> None:
     """Raise :class:`GroupActionError` unless ``a`` and ``b`` index the same group elements."""
     if a.order != b.order:
-        raise GroupActionError(f"representations {a!r} and {b!r} belong to groups of different orders "
-                               f"({a.order} vs {b.order}); both must index the same group elements.")
+        raise GroupActionError(
+            f"representations {a!r} and {b!r} belong to groups of different orders "
+            f"({a.order} vs {b.order}); both must index the same group elements."
+        )
     if a.group is not None and b.group is not None and not torch.equal(a.group.table, b.group.table):
-        raise GroupActionError(f"representations {a!r} and {b!r} use different group tables; build both from "
-                               "the same group object.")
+        raise GroupActionError(
+            f"representations {a!r} and {b!r} use different group tables; build both from the same group object."
+        )
 
 
-def as_representation_pair(in_rep: Representation | Tensor,
-                           out_rep: Representation | Tensor) -> tuple[Representation, Representation]:
+def as_representation_pair(
+    in_rep: Representation | Tensor, out_rep: Representation | Tensor
+) -> tuple[Representation, Representation]:
     """Two representations of one group from representations or raw matrix sets (checked jointly)."""
     group = next((r.group for r in (in_rep, out_rep) if isinstance(r, Representation) and r.group is not None), None)
     if group is None and not isinstance(in_rep, Representation) and not isinstance(out_rep, Representation):
         # Two raw matrix sets: check closure of the pair jointly, so both index the same elements.
         a, b = torch.as_tensor(in_rep, dtype=torch.float64), torch.as_tensor(out_rep, dtype=torch.float64)
         if a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0]:
-            raise GroupActionError(f"in/out matrices must be (|G|, d, d) with the same |G|; got {tuple(a.shape)} "
-                                   f"and {tuple(b.shape)}.")
-        Representation(torch.stack([torch.block_diag(x, y) for x, y in zip(a, b, strict=True)]), name="rho_in + rho_out")
+            raise GroupActionError(
+                f"in/out matrices must be (|G|, d, d) with the same |G|; got {tuple(a.shape)} and {tuple(b.shape)}."
+            )
+        Representation(
+            torch.stack([torch.block_diag(x, y) for x, y in zip(a, b, strict=True)]), name="rho_in + rho_out"
+        )
         return Representation(a, name="rho_in", check=False), Representation(b, name="rho_out", check=False)
     i = _as_rep(in_rep, group, "rho_in")
     o = _as_rep(out_rep, group, "rho_out")
@@ -287,8 +311,10 @@ class RepresentationAction(GroupAction):
     def __init__(self, rep: Representation, shape: Sequence[int]) -> None:
         shape = tuple(int(s) for s in shape)
         if math.prod(shape) != rep.dim:
-            raise GroupActionError(f"{rep!r} acts on {rep.dim} coordinates; the event shape {shape} has "
-                                   f"{math.prod(shape)}. Give a shape with prod(shape) = {rep.dim}.")
+            raise GroupActionError(
+                f"{rep!r} acts on {rep.dim} coordinates; the event shape {shape} has "
+                f"{math.prod(shape)}. Give a shape with prod(shape) = {rep.dim}."
+            )
         self.rep = rep
         self.group = rep.group
         self.shape = shape
@@ -300,8 +326,9 @@ class RepresentationAction(GroupAction):
 
     def _check_event(self, shape: tuple[int, ...]) -> None:
         if self.event_shape(shape) != self.shape:
-            raise GroupActionError(f"{self!r} needs inputs of shape (..., {', '.join(map(str, self.shape))}); "
-                                   f"got {shape}.")
+            raise GroupActionError(
+                f"{self!r} needs inputs of shape (..., {', '.join(map(str, self.shape))}); got {shape}."
+            )
 
     def _apply(self, g: int, x: Tensor) -> Tensor:
         flat = x.reshape(*x.shape[: x.ndim - self.event_ndim], self.rep.dim)
@@ -317,8 +344,12 @@ class RepresentationAction(GroupAction):
             raise GroupActionError(f"{self.rep!r} is not a permutation representation; use matrices(shape).")
         return self.rep.permutations.to(device) if device is not None else self.rep.permutations.clone()
 
-    def matrices(self, shape: Sequence[int] | torch.Size, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> Tensor:
+    def matrices(
+        self,
+        shape: Sequence[int] | torch.Size,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
         self.check(shape)
         return self.rep.matrices.to(dtype=dtype or torch.get_default_dtype(), device=device)
 
@@ -335,10 +366,13 @@ class RepresentationAction(GroupAction):
             return super().apply_each(elements, x)
         self.check(x.shape[1:])
         elements = torch.as_tensor(elements, dtype=torch.long, device=x.device)
-        if elements.shape != (x.shape[0],) or (elements.numel() and (int(elements.min()) < 0
-                                                                     or int(elements.max()) >= self.order)):
-            raise GroupActionError(f"apply_each: need one element in 0..{self.order - 1} per sample, shape "
-                                   f"({x.shape[0]},); got {tuple(elements.shape)}.")
+        if elements.shape != (x.shape[0],) or (
+            elements.numel() and (int(elements.min()) < 0 or int(elements.max()) >= self.order)
+        ):
+            raise GroupActionError(
+                f"apply_each: need one element in 0..{self.order - 1} per sample, shape "
+                f"({x.shape[0]},); got {tuple(elements.shape)}."
+            )
         flat = x.reshape(x.shape[0], -1, self.rep.dim)
         mats = self.rep.matrices.to(dtype=x.dtype, device=x.device)[elements]
         return torch.einsum("bij,bkj->bki", mats, flat).reshape(x.shape)
@@ -347,8 +381,12 @@ class RepresentationAction(GroupAction):
         return f"RepresentationAction({self.rep.name}, shape={self.shape})"
 
 
-def reynolds_projector(action: GroupAction | Representation, shape: Sequence[int] | torch.Size | None = None,
-                       dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Tensor:
+def reynolds_projector(
+    action: GroupAction | Representation,
+    shape: Sequence[int] | torch.Size | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
     """Projector onto the invariant subspace, (d, d): P_G = |G|^-1 sum_g rho(g) (arXiv 2303.04198).
 
     ``action`` with the input ``shape`` (one sample, no batch), or a :class:`Representation` directly.

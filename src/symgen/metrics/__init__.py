@@ -2,12 +2,7 @@
 
 __all__: list[str] = []
 
-from symgen.metrics.equivariance import (  # noqa: E402
-    equivariance_error,
-    invariance_metrics,
-    invariance_report,
-    orbit_outputs,
-)
+from symgen.metrics.equivariance import equivariance_error, invariance_metrics, invariance_report, orbit_outputs  # noqa: E402
 
 __all__ += ["equivariance_error", "invariance_metrics", "invariance_report", "orbit_outputs"]
 

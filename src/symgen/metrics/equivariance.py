@@ -18,8 +18,9 @@ from symgen.groups import GroupAction
 __all__ = ["orbit_outputs", "invariance_metrics", "invariance_report", "equivariance_error"]
 
 
-def orbit_outputs(fn: Callable[[Tensor], Tensor], action: GroupAction, x: Tensor,
-                  chunk_size: int | None = None) -> Tensor:
+def orbit_outputs(
+    fn: Callable[[Tensor], Tensor], action: GroupAction, x: Tensor, chunk_size: int | None = None
+) -> Tensor:
     """``fn`` on the whole orbit, shape (|G|, B, *out): one batched call on (|G| * B, ...) inputs.
 
     ``chunk_size`` (samples of x per call) bounds memory; ``None`` evaluates everything at once.
@@ -30,11 +31,13 @@ def orbit_outputs(fn: Callable[[Tensor], Tensor], action: GroupAction, x: Tensor
     chunks = [x] if chunk_size is None else list(torch.split(x, chunk_size))
     outs = []
     for xc in chunks:
-        orbit = action.orbit(xc)                                  # (|G|, b, ...)
+        orbit = action.orbit(xc)  # (|G|, b, ...)
         out = fn(orbit.reshape(-1, *xc.shape[1:]))
         if not isinstance(out, Tensor) or out.shape[0] != orbit.shape[0] * orbit.shape[1]:
-            raise ShapeError(f"fn must map (N, ...) inputs to (N, ...) outputs; for N={order * xc.shape[0]} "
-                             f"it returned {getattr(out, 'shape', type(out))}.")
+            raise ShapeError(
+                f"fn must map (N, ...) inputs to (N, ...) outputs; for N={order * xc.shape[0]} "
+                f"it returned {getattr(out, 'shape', type(out))}."
+            )
         outs.append(out.reshape(order, xc.shape[0], *out.shape[1:]))
     return torch.cat(outs, dim=1)
 
@@ -53,11 +56,11 @@ def invariance_metrics(orbit_logits: Tensor, labels: Tensor | None = None) -> di
     logp0 = logp[:1]
     p, p0 = logp.exp(), logp0.exp()
     # 1/2 [KL(p0||pg) + KL(pg||p0)] = 1/2 sum (p0 - pg)(log p0 - log pg)
-    skl = 0.5 * ((p0 - p) * (logp0 - logp)).sum(-1)              # (|G|, B)
-    pred = orbit_logits.argmax(-1)                                # (|G|, B)
-    same = (pred == pred[:1]).sum(0).to(orbit_logits.dtype)       # (B,) in 1..|G|
+    skl = 0.5 * ((p0 - p) * (logp0 - logp)).sum(-1)  # (|G|, B)
+    pred = orbit_logits.argmax(-1)  # (|G|, B)
+    same = (pred == pred[:1]).sum(0).to(orbit_logits.dtype)  # (B,) in 1..|G|
     diff = orbit_logits - orbit_logits[:1]
-    denom = orbit_logits[0].norm() * order ** 0.5
+    denom = orbit_logits[0].norm() * order**0.5
     out = {
         "osp": float(same.mean()),
         "kl": float(skl.mean()),
@@ -72,8 +75,13 @@ def invariance_metrics(orbit_logits: Tensor, labels: Tensor | None = None) -> di
     return out
 
 
-def invariance_report(fn: Callable[[Tensor], Tensor], action: GroupAction, x: Tensor,
-                      labels: Tensor | None = None, chunk_size: int | None = None) -> dict[str, float]:
+def invariance_report(
+    fn: Callable[[Tensor], Tensor],
+    action: GroupAction,
+    x: Tensor,
+    labels: Tensor | None = None,
+    chunk_size: int | None = None,
+) -> dict[str, float]:
     """OSP, symmetric KL (mean and max), relative logit deviation of ``fn`` over the orbits of ``x``.
 
     ``fn`` maps (N, ...) inputs to (N, K) logits: a module, an :class:`symgen.ensemble.Ensemble`
@@ -82,28 +90,40 @@ def invariance_report(fn: Callable[[Tensor], Tensor], action: GroupAction, x: Te
     with torch.no_grad():
         logits = orbit_outputs(fn, action, x, chunk_size)
     if logits.ndim != 3:
-        raise ShapeError(f"invariance_report needs fn to return logits (N, K); got per-sample shape "
-                         f"{tuple(logits.shape[2:])}.")
+        raise ShapeError(
+            f"invariance_report needs fn to return logits (N, K); got per-sample shape {tuple(logits.shape[2:])}."
+        )
     return invariance_metrics(logits, labels)
 
 
-def equivariance_error(fn: Callable[[Tensor], Tensor], in_action: GroupAction, out_action: GroupAction,
-                       x: Tensor, reduction: str = "max", chunk_size: int | None = None) -> Tensor:
+def equivariance_error(
+    fn: Callable[[Tensor], Tensor],
+    in_action: GroupAction,
+    out_action: GroupAction,
+    x: Tensor,
+    reduction: str = "max",
+    chunk_size: int | None = None,
+) -> Tensor:
     """Relative equivariance error ||f(rho_in(g) x) - rho_out(g) f(x)||_F / ||f(x)||_F per g, reduced.
 
     ``reduction``: "max" or "mean" over g (a 0-dim tensor), or "none" (shape (|G|,)).
     The whole orbit goes through ``fn`` in one batched call.
     """
-    same = (in_action.order == out_action.order if in_action.group is None or out_action.group is None
-            else torch.equal(in_action.group.table, out_action.group.table))
+    same = (
+        in_action.order == out_action.order
+        if in_action.group is None or out_action.group is None
+        else torch.equal(in_action.group.table, out_action.group.table)
+    )
     if not same:
-        raise GroupActionError(f"in_action's group {in_action.group!r} and out_action's group "
-                               f"{out_action.group!r} differ; equivariance needs one group acting on both.")
+        raise GroupActionError(
+            f"in_action's group {in_action.group!r} and out_action's group "
+            f"{out_action.group!r} differ; equivariance needs one group acting on both."
+        )
     if reduction not in ("max", "mean", "none"):
         raise ShapeError(f"reduction must be 'max', 'mean' or 'none'; got '{reduction}'.")
     with torch.no_grad():
-        out = orbit_outputs(fn, in_action, x, chunk_size)        # (|G|, B, *out)
-        ref = out_action.orbit(out[0])                            # rho_out(g) f(x)
+        out = orbit_outputs(fn, in_action, x, chunk_size)  # (|G|, B, *out)
+        ref = out_action.orbit(out[0])  # rho_out(g) f(x)
         err = (out - ref).flatten(1).norm(dim=1)
         scale = out[0].norm()
         err = err / scale if float(scale) > 0 else err

@@ -33,10 +33,21 @@ class NoiseStability:
     relative: bool
 
 
-def noise_stability(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], data: Any, sigma: float,
-                    num_samples: int = 32, *, relative: bool = False, antithetic: bool = True,
-                    bn_mode: str = "eval", param_names: Iterable[str] | None = None, generator: Seed = None,
-                    chunk_size: int | None = None, process_group: Any = "auto") -> NoiseStability:
+def noise_stability(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    data: Any,
+    sigma: float,
+    num_samples: int = 32,
+    *,
+    relative: bool = False,
+    antithetic: bool = True,
+    bn_mode: str = "eval",
+    param_names: Iterable[str] | None = None,
+    generator: Seed = None,
+    chunk_size: int | None = None,
+    process_group: Any = "auto",
+) -> NoiseStability:
     """Noise stability E_U[L(W + U)] - L(W), U ~ N(0, sigma^2 I) (about sigma^2/2 tr H for small sigma).
 
     ``num_samples`` noise draws, evaluated together by ``vmap``; ``antithetic`` also evaluates W - U
@@ -55,12 +66,16 @@ def noise_stability(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 2:
         raise ConfigError(f"num_samples must be an integer >= 2 (for a standard error), got {num_samples!r}.")
     all_params = F.params_of(model)
-    names = list(all_params) if param_names is None else (
-        [param_names] if isinstance(param_names, str) else list(param_names))
+    names = (
+        list(all_params)
+        if param_names is None
+        else ([param_names] if isinstance(param_names, str) else list(param_names))
+    )
     unknown = [n for n in names if n not in all_params]
     if unknown or not names:
-        raise ConfigError(f"param_names {unknown or names} are not trainable parameters; "
-                          f"valid: {', '.join(all_params)}.")
+        raise ConfigError(
+            f"param_names {unknown or names} are not trainable parameters; valid: {', '.join(all_params)}."
+        )
     w0 = {n: all_params[n] for n in names}
     group = distributed.resolve_group(process_group)
     stream = BatchStream(data, device=model_device(model), allow_empty=group is not None)
@@ -73,14 +88,16 @@ def noise_stability(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor
     acc = torch.zeros(m + 2, dtype=torch.float64, device=model_device(model))
     with torch.no_grad(), F.bn_mode(model, bn_mode):
         for x, y in stream:
+
             def loss_at(p: F.Params, b: F.Params, x: Tensor = x, y: Tensor = y) -> Tensor:
                 return F.loss_function(model, loss_fn, b)(p, x, y)
 
             n_b = float(x.shape[0])
             acc[0] += n_b * float(loss_at(w0, _clone(base_buffers)))
             if bn_mode == "train":  # each copy normalizes with its own batch statistics, in private buffers
-                losses = vmap(loss_at, in_dims=(0, 0), chunk_size=chunk_size)(stacked,
-                                                                            F.expand_buffers(base_buffers, m))
+                losses = vmap(loss_at, in_dims=(0, 0), chunk_size=chunk_size)(
+                    stacked, F.expand_buffers(base_buffers, m)
+                )
             else:
                 losses = vmap(loss_at, in_dims=(0, None), chunk_size=chunk_size)(stacked, base_buffers)
             acc[1:-1] += n_b * losses.double()

@@ -12,6 +12,18 @@ from symgen.nn.linear import EquivariantLinear, GroupLinear, InvariantReadout, L
 from symgen.nn.masked import MaskedCNN, MaskedConv1d, MaskedConv2d, support_mask
 from symgen.nn.steerable import LinearSteerableNet
 
-__all__ = ["EquivariantModule", "EquivariantLinear", "LiftingLinear", "GroupLinear", "InvariantReadout",
-           "LiftingConv2d", "GroupConv2d", "GCNN", "LinearSteerableNet", "MaskedCNN", "MaskedConv1d",
-           "MaskedConv2d", "support_mask"]
+__all__ = [
+    "EquivariantModule",
+    "EquivariantLinear",
+    "LiftingLinear",
+    "GroupLinear",
+    "InvariantReadout",
+    "LiftingConv2d",
+    "GroupConv2d",
+    "GCNN",
+    "LinearSteerableNet",
+    "MaskedCNN",
+    "MaskedConv1d",
+    "MaskedConv2d",
+    "support_mask",
+]

@@ -56,10 +56,10 @@ class EquivariantModule(nn.Module):
         """
         with torch.no_grad():
             x = self.example_input() if x is None else x
-            out = orbit_outputs(self, self.in_action, x)          # f(rho_in(g) x) for every g: (|G|, B, ...)
-            y = out[0]                                            # g = 0 is the identity
+            out = orbit_outputs(self, self.in_action, x)  # f(rho_in(g) x) for every g: (|G|, B, ...)
+            y = out[0]  # g = 0 is the identity
             err = (out - self.out_action.orbit(y)).abs().flatten(1).amax(1)
-            err = torch.where(torch.isnan(err), torch.full_like(err, math.inf), err)   # NaN counts as worst
+            err = torch.where(torch.isnan(err), torch.full_like(err, math.inf), err)  # NaN counts as worst
             worst_g = int(err.argmax())
             worst = float(err[worst_g])
             scale = float(y.abs().max()) if y.numel() else 0.0
@@ -70,7 +70,8 @@ class EquivariantModule(nn.Module):
                 f"{type(self).__name__} is not equivariant: group element {worst_g} of {self.in_action.order} gives "
                 f"max |f(rho_in(g) x) - rho_out(g) f(x)| = {worst:.3e} > atol = {tol:.1e} (max |f(x)| = {scale:.3e}). "
                 "A weight or index buffer was changed outside the equivariant parameterization, or the layer "
-                "was built for another action.")
+                "was built for another action."
+            )
         return worst
 
     def export(self) -> nn.Module:
@@ -111,9 +112,11 @@ def _normal(shape: Sequence[int], generator: rng.Seed) -> Tensor:
 
 
 def _check_last(x: Tensor, shape: tuple[int, ...], layer: str) -> None:
-    if x.ndim < len(shape) or tuple(x.shape[x.ndim - len(shape):]) != shape:
-        raise ShapeError(f"{layer} expects inputs of shape (..., {', '.join(map(str, shape))}); got "
-                         f"{tuple(x.shape)}. The trailing dims must match the representation the layer was built for.")
+    if x.ndim < len(shape) or tuple(x.shape[x.ndim - len(shape) :]) != shape:
+        raise ShapeError(
+            f"{layer} expects inputs of shape (..., {', '.join(map(str, shape))}); got "
+            f"{tuple(x.shape)}. The trailing dims must match the representation the layer was built for."
+        )
 
 
 def _factory(device: torch.device | str | None, dtype: torch.dtype | None) -> dict:

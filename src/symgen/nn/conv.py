@@ -17,13 +17,7 @@ from torch import Tensor, nn
 
 from symgen import rng
 from symgen.errors import GroupActionError, ShapeError
-from symgen.groups import (
-    GroupAction,
-    ImageDihedral,
-    ImageRotation90,
-    LiftedImageAction,
-    TrivialAction,
-)
+from symgen.groups import GroupAction, ImageDihedral, ImageRotation90, LiftedImageAction, TrivialAction
 from symgen.nn.base import EquivariantModule, _factory, _normal
 from symgen.nn.linear import InvariantReadout
 
@@ -60,8 +54,15 @@ class _GroupConvBase(EquivariantModule):
     def as_conv(self) -> nn.Conv2d:
         """An ``nn.Conv2d`` on channel-flattened features: (B, C_in', H, W) -> (B, out_channels * |G|, H, W)."""
         w = self.filters().detach()
-        conv = nn.Conv2d(w.shape[1], w.shape[0], self.kernel_size, padding=self.kernel_size // 2,
-                         bias=self.bias is not None, device=w.device, dtype=w.dtype)
+        conv = nn.Conv2d(
+            w.shape[1],
+            w.shape[0],
+            self.kernel_size,
+            padding=self.kernel_size // 2,
+            bias=self.bias is not None,
+            device=w.device,
+            dtype=w.dtype,
+        )
         with torch.no_grad():
             conv.weight.copy_(w)
             if self.bias is not None:
@@ -83,9 +84,18 @@ class LiftingConv2d(_GroupConvBase):
     odd k keeps rotations and flips of square images exact. Source: arXiv 1602.07576.
     """
 
-    def __init__(self, action: GroupAction | str, in_channels: int, out_channels: int, kernel_size: int = 3,
-                 bias: bool = True, *, generator: rng.Seed = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        action: GroupAction | str,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        bias: bool = True,
+        *,
+        generator: rng.Seed = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self._setup(action, in_channels, out_channels, kernel_size)
         self.in_action = self.action
@@ -93,8 +103,9 @@ class LiftingConv2d(_GroupConvBase):
         k = kernel_size
         self.register_buffer("spatial_index", self.action.permutations((k, k)).to(fk["device"]))
         fan_in = in_channels * k * k
-        self.weight = nn.Parameter(_normal((out_channels, in_channels, k, k), generator).to(**fk)
-                                   * math.sqrt(2.0 / fan_in))
+        self.weight = nn.Parameter(
+            _normal((out_channels, in_channels, k, k), generator).to(**fk) * math.sqrt(2.0 / fan_in)
+        )
         self.bias = nn.Parameter(torch.zeros(out_channels, **fk)) if bias else None
 
     def _channel_shape(self) -> tuple[int, ...]:
@@ -126,9 +137,18 @@ class GroupConv2d(_GroupConvBase):
     Equivariant to (L_k f)[c, h](u) = f[c, k^-1 h](k^-1 u). Source: arXiv 1602.07576, eq. (11).
     """
 
-    def __init__(self, action: GroupAction | str, in_channels: int, out_channels: int, kernel_size: int = 3,
-                 bias: bool = True, *, generator: rng.Seed = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        action: GroupAction | str,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        bias: bool = True,
+        *,
+        generator: rng.Seed = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self._setup(action, in_channels, out_channels, kernel_size)
         self.in_action = self.out_action
@@ -137,8 +157,9 @@ class GroupConv2d(_GroupConvBase):
         self.register_buffer("spatial_index", self.action.permutations((k, k)).to(fk["device"]))
         self.register_buffer("kernel_index", self.group.table[self.group.inverses].to(fk["device"]))
         fan_in = in_channels * n * k * k
-        self.weight = nn.Parameter(_normal((out_channels, in_channels, n, k, k), generator).to(**fk)
-                                   * math.sqrt(2.0 / fan_in))
+        self.weight = nn.Parameter(
+            _normal((out_channels, in_channels, n, k, k), generator).to(**fk) * math.sqrt(2.0 / fan_in)
+        )
         self.bias = nn.Parameter(torch.zeros(out_channels, **fk)) if bias else None
 
     def _channel_shape(self) -> tuple[int, ...]:
@@ -148,9 +169,9 @@ class GroupConv2d(_GroupConvBase):
         """Filter bank (out_channels * |G|, in_channels * |G|, k, k)."""
         k, n = self.kernel_size, self.group.order
         o, c = self.out_channels, self.in_channels
-        w = self.weight.reshape(o, c, n, k * k)[:, :, self.kernel_index]           # (o, c, g, h, kk)
+        w = self.weight.reshape(o, c, n, k * k)[:, :, self.kernel_index]  # (o, c, g, h, kk)
         idx = self.spatial_index[None, None, :, None, :].expand(o, c, n, n, k * k)
-        w = w.gather(-1, idx)                                                        # spatial transform by g
+        w = w.gather(-1, idx)  # spatial transform by g
         return w.permute(0, 2, 1, 3, 4).reshape(o * n, c * n, k, k)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -164,8 +185,7 @@ class GroupConv2d(_GroupConvBase):
 
     def export(self) -> nn.Module:
         """``nn.Flatten`` of (C, |G|), ``nn.Conv2d``, ``nn.Unflatten`` back to (B, O, |G|, H, W)."""
-        return nn.Sequential(nn.Flatten(1, 2), self.as_conv(),
-                             nn.Unflatten(1, (self.out_channels, self.group.order)))
+        return nn.Sequential(nn.Flatten(1, 2), self.as_conv(), nn.Unflatten(1, (self.out_channels, self.group.order)))
 
 
 class GCNN(EquivariantModule):
@@ -174,10 +194,19 @@ class GCNN(EquivariantModule):
     logits = A mean_{g,u} h_L[:, g](u) + b: invariant to the image action. Source: arXiv 1602.07576.
     """
 
-    def __init__(self, action: GroupAction | str = "c4", in_channels: int = 1, channels: Sequence[int] = (8, 8),
-                 num_classes: int = 10, kernel_size: int = 3, nonlinearity: Callable[[], nn.Module] = nn.ReLU, *,
-                 generator: rng.Seed = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        action: GroupAction | str = "c4",
+        in_channels: int = 1,
+        channels: Sequence[int] = (8, 8),
+        num_classes: int = 10,
+        kernel_size: int = 3,
+        nonlinearity: Callable[[], nn.Module] = nn.ReLU,
+        *,
+        generator: rng.Seed = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         if not channels:
             raise ShapeError("GCNN needs at least one hidden layer: channels=(c1, ...).")
@@ -187,15 +216,17 @@ class GCNN(EquivariantModule):
         self.out_action = TrivialAction(self.action.group)
         # One generator for all layers, so a seed gives each layer its own part of one stream.
         kw = {"generator": rng.init_generator(generator), "device": device, "dtype": dtype}
-        layers: list[nn.Module] = [LiftingConv2d(self.action, in_channels, channels[0], kernel_size, **kw),
-                                   nonlinearity()]
+        layers: list[nn.Module] = [
+            LiftingConv2d(self.action, in_channels, channels[0], kernel_size, **kw),
+            nonlinearity(),
+        ]
         for a, b in zip(channels[:-1], channels[1:], strict=True):
             layers += [GroupConv2d(self.action, a, b, kernel_size, **kw), nonlinearity()]
         self.features = nn.Sequential(*layers)
         self.head = InvariantReadout(self.action.group, channels[-1], num_classes, **kw)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.features(x)                                   # (B, C, |G|, H, W)
+        h = self.features(x)  # (B, C, |G|, H, W)
         return self.head(h.mean(dim=(-2, -1)))
 
     def example_shape(self) -> tuple[int, ...]:

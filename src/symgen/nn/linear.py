@@ -17,14 +17,7 @@ from torch import Tensor, nn
 
 from symgen import rng
 from symgen.errors import GroupActionError, ShapeError
-from symgen.groups import (
-    FiniteGroup,
-    GroupAction,
-    Representation,
-    commutant_basis,
-    commutant_orbits,
-    fixed_basis,
-)
+from symgen.groups import FiniteGroup, GroupAction, Representation, commutant_basis, commutant_orbits, fixed_basis
 from symgen.groups.representations import as_representation_pair
 from symgen.nn.base import EquivariantModule, _check_last, _factory, _normal, plain_linear, reshaped
 
@@ -34,8 +27,9 @@ __all__ = ["EquivariantLinear", "LiftingLinear", "GroupLinear", "InvariantReadou
 class _RepresentationMap(EquivariantModule):
     """A linear equivariant map between representations: y = W x + b on (..., *in_shape) -> (..., *out_shape)."""
 
-    def _set_representations(self, in_rep: Representation, out_rep: Representation,
-                             in_shape: Sequence[int], out_shape: Sequence[int]) -> None:
+    def _set_representations(
+        self, in_rep: Representation, out_rep: Representation, in_shape: Sequence[int], out_shape: Sequence[int]
+    ) -> None:
         self.in_rep, self.out_rep = in_rep, out_rep
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
         self.in_action, self.out_action = in_rep.action(self.in_shape), out_rep.action(self.out_shape)
@@ -66,9 +60,17 @@ class EquivariantLinear(_RepresentationMap):
     Source: arXiv 2104.09459 (equivariant MLPs), arXiv 1602.07576.
     """
 
-    def __init__(self, in_rep: Representation | Tensor, out_rep: Representation | Tensor, bias: bool = True, *,
-                 method: str = "auto", generator: rng.Seed = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_rep: Representation | Tensor,
+        out_rep: Representation | Tensor,
+        bias: bool = True,
+        *,
+        method: str = "auto",
+        generator: rng.Seed = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         in_rep, out_rep = as_representation_pair(in_rep, out_rep)
         self._set_representations(in_rep, out_rep, (in_rep.dim,), (out_rep.dim,))
@@ -123,27 +125,39 @@ class LiftingLinear(_RepresentationMap):
     (..., out_channels, |G|); (L_h y)[o, g] = y[o, h^-1 g]. Source: arXiv 1602.07576, eq. (10).
     """
 
-    def __init__(self, in_rep: Representation | GroupAction, out_channels: int, *,
-                 in_shape: Sequence[int] | None = None, bias: bool = True, generator: rng.Seed = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_rep: Representation | GroupAction,
+        out_channels: int,
+        *,
+        in_shape: Sequence[int] | None = None,
+        bias: bool = True,
+        generator: rng.Seed = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         if not isinstance(in_rep, Representation):
             if in_shape is None:
                 raise ShapeError("LiftingLinear(action, ...) needs in_shape=(...) (the input shape without batch).")
             in_rep = Representation.from_action(in_rep, in_shape)
         if in_rep.group is None:
-            raise GroupActionError("LiftingLinear needs a representation with a group (its regular representation "
-                                   "is indexed by the group's elements); pass group= to Representation.")
+            raise GroupActionError(
+                "LiftingLinear needs a representation with a group (its regular representation "
+                "is indexed by the group's elements); pass group= to Representation."
+            )
         self.group = in_rep.group
         d = in_rep.dim
         in_shape = tuple(int(s) for s in in_shape) if in_shape is not None else (d,)
         if math.prod(in_shape) != d:
-            raise ShapeError(f"in_shape {in_shape} has {math.prod(in_shape)} entries; the representation "
-                             f"has dimension {d}.")
+            raise ShapeError(
+                f"in_shape {in_shape} has {math.prod(in_shape)} entries; the representation has dimension {d}."
+            )
         self.out_channels = int(out_channels)
         n = self.group.order
-        self._set_representations(in_rep, Representation.regular(self.group).copies(self.out_channels),
-                                  in_shape, (self.out_channels, n))
+        self._set_representations(
+            in_rep, Representation.regular(self.group).copies(self.out_channels), in_shape, (self.out_channels, n)
+        )
         fk = _factory(device, dtype)
         if in_rep.is_permutation:
             self.register_buffer("filter_index", in_rep.permutations.to(fk["device"]))
@@ -187,25 +201,35 @@ class GroupLinear(_RepresentationMap):
     number of orbits of G on index pairs. Source: arXiv 1602.07576, eq. (11).
     """
 
-    def __init__(self, group: FiniteGroup, in_channels: int, out_channels: int, bias: bool = True, *,
-                 generator: rng.Seed = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        group: FiniteGroup,
+        in_channels: int,
+        out_channels: int,
+        bias: bool = True,
+        *,
+        generator: rng.Seed = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.group = group
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         n = group.order
         reg = Representation.regular(group)
-        self._set_representations(reg.copies(self.in_channels), reg.copies(self.out_channels),
-                                  (self.in_channels, n), (self.out_channels, n))
+        self._set_representations(
+            reg.copies(self.in_channels), reg.copies(self.out_channels), (self.in_channels, n), (self.out_channels, n)
+        )
         fk = _factory(device, dtype)
         self.register_buffer("kernel_index", group.table[group.inverses].to(fk["device"]))  # [g, h] -> g^-1 h
-        self.weight = nn.Parameter(_normal((out_channels, in_channels, n), generator).to(**fk)
-                                   / math.sqrt(in_channels * n))
+        self.weight = nn.Parameter(
+            _normal((out_channels, in_channels, n), generator).to(**fk) / math.sqrt(in_channels * n)
+        )
         self.bias = nn.Parameter(torch.zeros(out_channels, **fk)) if bias else None
 
     def weight_matrix(self) -> Tensor:
         """Dense matrix (c_out |G|, c_in |G|) with rows (o, g) and columns (i, h)."""
-        w = self.weight[:, :, self.kernel_index]                 # (o, i, g, h)
+        w = self.weight[:, :, self.kernel_index]  # (o, i, g, h)
         n = self.group.order
         return w.permute(0, 2, 1, 3).reshape(self.out_channels * n, self.in_channels * n)
 
@@ -231,18 +255,28 @@ class InvariantReadout(_RepresentationMap):
     Input (..., in_channels, |G|), output (..., out_features). Source: arXiv 1602.07576 (pooling over G).
     """
 
-    def __init__(self, group: FiniteGroup, in_channels: int, out_features: int, bias: bool = True, *,
-                 generator: rng.Seed = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        group: FiniteGroup,
+        in_channels: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        generator: rng.Seed = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.group = group
         self.in_channels, self.out_features = int(in_channels), int(out_features)
-        self._set_representations(Representation.regular(group).copies(self.in_channels),
-                                  Representation.trivial(group, self.out_features),
-                                  (self.in_channels, group.order), (self.out_features,))
+        self._set_representations(
+            Representation.regular(group).copies(self.in_channels),
+            Representation.trivial(group, self.out_features),
+            (self.in_channels, group.order),
+            (self.out_features,),
+        )
         fk = _factory(device, dtype)
-        self.weight = nn.Parameter(_normal((out_features, in_channels), generator).to(**fk)
-                                   / math.sqrt(in_channels))
+        self.weight = nn.Parameter(_normal((out_features, in_channels), generator).to(**fk) / math.sqrt(in_channels))
         self.bias = nn.Parameter(torch.zeros(out_features, **fk)) if bias else None
 
     def weight_matrix(self) -> Tensor:

@@ -34,16 +34,19 @@ def support_mask(support: str | Tensor, kernel_size: int = 3, ndim: int = 2) -> 
             raise ShapeError(f"support mask must have shape {(kernel_size,) * ndim}; got {tuple(support.shape)}.")
         return (support != 0).to(torch.get_default_dtype())
     if support not in SUPPORTS:
-        raise ConfigError(f"unknown filter support '{support}'; choose one of {', '.join(SUPPORTS)} "
-                          "or pass a mask tensor.")
+        raise ConfigError(
+            f"unknown filter support '{support}'; choose one of {', '.join(SUPPORTS)} or pass a mask tensor."
+        )
     if ndim not in (1, 2):
         raise ConfigError(f"support_mask supports 1D and 2D filters; got ndim={ndim}.")
     k = kernel_size
     if support == "full":
         return torch.ones((k,) * ndim)
     if k != 3:
-        raise ConfigError(f"the named support '{support}' is defined for 3-tap filters; got kernel_size={k}. "
-                          "Pass an explicit mask tensor for other sizes.")
+        raise ConfigError(
+            f"the named support '{support}' is defined for 3-tap filters; got kernel_size={k}. "
+            "Pass an explicit mask tensor for other sizes."
+        )
     if ndim == 1:
         return torch.ones(3) if support == "symmetric" else torch.tensor([0.0, 1.0, 1.0])
     m = torch.zeros(3, 3)
@@ -58,10 +61,18 @@ def support_mask(support: str | Tensor, kernel_size: int = 3, ndim: int = 2) -> 
 class _MaskedConvNd(nn.Module):
     ndim: int = 2
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
-                 support: str | Tensor = "full", bias: bool = True, init_std: float = 1.0,
-                 generator: rng.Seed = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        support: str | Tensor = "full",
+        bias: bool = True,
+        init_std: float = 1.0,
+        generator: rng.Seed = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         if kernel_size % 2 != 1:
             raise ConfigError(f"masked convolutions use 'same' padding and need an odd kernel_size; got {kernel_size}.")
@@ -81,14 +92,18 @@ class _MaskedConvNd(nn.Module):
             w = rng.randn(self.weight.shape, g, dtype=self.weight.dtype, device=self.weight.device)
             self.weight.copy_(init_std * w * self.mask)
             if self.bias is not None:
-                self.bias.copy_(init_std * rng.randn(self.bias.shape, g, dtype=self.bias.dtype, device=self.bias.device))
+                self.bias.copy_(
+                    init_std * rng.randn(self.bias.shape, g, dtype=self.bias.dtype, device=self.bias.device)
+                )
 
     def masked_weight(self) -> Tensor:
         return self.weight * self.mask
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"support_size={int(self.mask.sum())}, bias={self.bias is not None}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"support_size={int(self.mask.sum())}, bias={self.bias is not None}"
+        )
 
 
 class MaskedConv2d(_MaskedConvNd):
@@ -117,10 +132,19 @@ class MaskedCNN(nn.Module):
     (rotations about the image centre, reflections).
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, channels: int | Sequence[int] = 8,
-                 support: str | Tensor = "symmetric", num_layers: int = 3, ndim: int = 2,
-                 init_std: float = 1.0, generator: rng.Seed = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        channels: int | Sequence[int] = 8,
+        support: str | Tensor = "symmetric",
+        num_layers: int = 3,
+        ndim: int = 2,
+        init_std: float = 1.0,
+        generator: rng.Seed = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         if ndim not in (1, 2):
             raise ConfigError(f"MaskedCNN works on 1D signals or 2D images; got ndim={ndim}.")
@@ -133,8 +157,9 @@ class MaskedCNN(nn.Module):
         self.convs = nn.ModuleList()
         c = in_channels
         for w in widths:
-            self.convs.append(conv(c, w, 3, support, init_std=init_std, generator=generator,
-                                   device=device, dtype=dtype))
+            self.convs.append(
+                conv(c, w, 3, support, init_std=init_std, generator=generator, device=device, dtype=dtype)
+            )
             c = w
         self.norm = nn.LayerNorm(c, elementwise_affine=False)
         self.head = nn.Linear(c, num_classes, device=device, dtype=dtype)
@@ -144,8 +169,10 @@ class MaskedCNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != self.ndim + 2:
-            raise ShapeError(f"MaskedCNN(ndim={self.ndim}) expects inputs (N, C{', H, W' if self.ndim == 2 else ', L'}); "
-                             f"got shape {tuple(x.shape)}.")
+            raise ShapeError(
+                f"MaskedCNN(ndim={self.ndim}) expects inputs (N, C{', H, W' if self.ndim == 2 else ', L'}); "
+                f"got shape {tuple(x.shape)}."
+            )
         pool = F.avg_pool2d if self.ndim == 2 else F.avg_pool1d
         for i, conv in enumerate(self.convs):
             x = torch.tanh(conv(x))

@@ -27,9 +27,17 @@ class LinearSteerableNet(EquivariantModule):
     Source: Chen & Zhu, arXiv 2303.04198.
     """
 
-    def __init__(self, action: GroupAction, shape: Sequence[int], depth: int = 2, width: int = 8, *,
-                 generator: rng.Seed = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        action: GroupAction,
+        shape: Sequence[int],
+        depth: int = 2,
+        width: int = 8,
+        *,
+        generator: rng.Seed = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         if depth < 1 or width < 1:
             raise ShapeError(f"LinearSteerableNet needs depth >= 1 and width >= 1; got depth={depth}, width={width}.")
@@ -42,7 +50,9 @@ class LinearSteerableNet(EquivariantModule):
         # One generator for all layers, so a seed gives each layer its own part of one stream.
         kw = {"generator": rng.init_generator(generator), "device": device, "dtype": dtype}
         if depth == 1:
-            layers: list[nn.Module] = [EquivariantLinear(self.rep, Representation.trivial(self.group), bias=False, **kw)]
+            layers: list[nn.Module] = [
+                EquivariantLinear(self.rep, Representation.trivial(self.group), bias=False, **kw)
+            ]
         else:
             layers = [LiftingLinear(self.rep, width, in_shape=self.shape, bias=False, **kw)]
             layers += [GroupLinear(self.group, width, width, bias=False, **kw) for _ in range(depth - 2)]

@@ -8,13 +8,7 @@ Sources: Jacot et al. arXiv 1806.07572; Lee et al. arXiv 1902.06720; Novak et al
 """
 
 from symgen.ntk.analytic import ACTIVATIONS, Erf, NTKLinear, analytic_ntk, ntk_mlp
-from symgen.ntk.convolutional import (
-    CONV_PADDINGS,
-    CONV_READOUTS,
-    NTKConv,
-    analytic_conv_ntk,
-    ntk_cnn,
-)
+from symgen.ntk.convolutional import CONV_PADDINGS, CONV_READOUTS, NTKConv, analytic_conv_ntk, ntk_cnn
 from symgen.ntk.empirical import (
     NTK_METHODS,
     NTK_OUTPUTS,
@@ -24,29 +18,10 @@ from symgen.ntk.empirical import (
     empirical_ntk_fn,
     ntk_vector_product,
 )
-from symgen.ntk.kip import (
-    centred_one_hot,
-    class_balanced_indices,
-    kip,
-    kip_loss,
-    load_support,
-    save_support,
-)
+from symgen.ntk.kip import centred_one_hot, class_balanced_indices, kip, kip_loss, load_support, save_support
 from symgen.ntk.learning_curves import LearningCurve, fit_power_law, learning_curve
-from symgen.ntk.overlap import (
-    NTKOverlap,
-    ntk_overlap,
-    overlap_from_kernels,
-    predict_after_training,
-    task_kernels,
-)
-from symgen.ntk.regression import (
-    eigen_projections,
-    gd_dynamics,
-    kernel_eigh,
-    kernel_regression,
-    residual_decay,
-)
+from symgen.ntk.overlap import NTKOverlap, ntk_overlap, overlap_from_kernels, predict_after_training, task_kernels
+from symgen.ntk.regression import eigen_projections, gd_dynamics, kernel_eigh, kernel_regression, residual_decay
 
 __all__ = [
     "NTK_METHODS",

@@ -33,8 +33,9 @@ def _as_matrix(x: Tensor, name: str) -> Tensor:
     return x.reshape(x.shape[0], -1)
 
 
-def _relu_dense(c11: Tensor, c12: Tensor, c22: Tensor, ntk: Tensor, w2: float, b2: float
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _relu_dense(
+    c11: Tensor, c12: Tensor, c22: Tensor, ntk: Tensor, w2: float, b2: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """ReLU then Dense, via the Cho & Saul arc-cosine kernels ("Kernel methods for deep learning", NeurIPS 2009).
 
     ``E[relu(u) relu(v)] = (sqrt(c11 c22 - c12^2) + (pi - arccos rho) c12) / (2 pi)`` and
@@ -71,9 +72,15 @@ def _erf(c11: Tensor, c12: Tensor, c22: Tensor, ntk: Tensor) -> tuple[Tensor, Te
     return diag(c11), nngp, diag(c22), ntk * dot
 
 
-def analytic_ntk(x1: Tensor, x2: Tensor | None = None, depth: int = 1, activation: str = "relu",
-                 weight_std: float = 1.0, bias_std: float = 0.0,
-                 dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+def analytic_ntk(
+    x1: Tensor,
+    x2: Tensor | None = None,
+    depth: int = 1,
+    activation: str = "relu",
+    weight_std: float = 1.0,
+    bias_std: float = 0.0,
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
     """Infinite-width ``(nngp, ntk)``, each (N1, N2), of ``[Dense, act] * depth + Dense`` (NTK param.).
 
     Recursion: ``K <- W^2 K + b^2, Theta <- K + W^2 Theta`` per Dense (``K0 = x.x'/d``, ``Theta0 = 0``);
@@ -92,8 +99,10 @@ def analytic_ntk(x1: Tensor, x2: Tensor | None = None, depth: int = 1, activatio
     a = _as_matrix(x1, "x1")
     b = a if x2 is None else _as_matrix(x2, "x2")
     if a.shape[1] != b.shape[1]:
-        raise ShapeError(f"x1 and x2 must have the same number of features; got {a.shape[1]} and "
-                         f"{b.shape[1]} (shapes {tuple(x1.shape)} and {tuple(x2.shape)}).")  # type: ignore[union-attr]
+        raise ShapeError(
+            f"x1 and x2 must have the same number of features; got {a.shape[1]} and "
+            f"{b.shape[1]} (shapes {tuple(x1.shape)} and {tuple(x2.shape)})."
+        )  # type: ignore[union-attr]
     if dtype is None:
         dtype = a.dtype if a.is_floating_point() else torch.get_default_dtype()
     a, b = a.to(dtype), b.to(dtype)
@@ -128,7 +137,7 @@ def analytic_ntk(x1: Tensor, x2: Tensor | None = None, depth: int = 1, activatio
     nngp = torch.empty(a.shape[0], b.shape[0], dtype=dtype, device=a.device)
     ntk = torch.empty_like(nngp)
     for i in range(0, a.shape[0], step):  # no autograd: write blocks in place, no concatenation
-        nngp[i:i + step], ntk[i:i + step] = block(slice(i, i + step))
+        nngp[i : i + step], ntk[i : i + step] = block(slice(i, i + step))
     return nngp, ntk
 
 
@@ -140,9 +149,17 @@ class NTKLinear(nn.Module):
     ``generator`` (a seed or a ``torch.Generator``; None: the global generator, as torch.nn).
     """
 
-    def __init__(self, in_features: int, out_features: int, weight_std: float = 1.0,
-                 bias_std: float = 0.0, *, generator: Seed = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        weight_std: float = 1.0,
+        bias_std: float = 0.0,
+        *,
+        generator: Seed = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         if in_features < 1 or out_features < 1:
             raise ConfigError(f"NTKLinear needs in_features, out_features >= 1, got {in_features}, {out_features}.")
@@ -177,8 +194,10 @@ class NTKLinear(nn.Module):
         return y if self.bias is None else y + self.bias * self.bias_scale
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"weight_std={self.weight_std}, bias_std={self.bias_std}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"weight_std={self.weight_std}, bias_std={self.bias_std}"
+        )
 
 
 class Erf(nn.Module):
@@ -188,10 +207,19 @@ class Erf(nn.Module):
         return torch.erf(x)
 
 
-def ntk_mlp(in_features: int, width: int, depth: int, out_features: int = 1, activation: str = "relu",
-            weight_std: float = 1.0, bias_std: float = 0.0, *, generator: Seed = None,
-            device: torch.device | str | None = None,
-            dtype: torch.dtype | None = None) -> nn.Sequential:
+def ntk_mlp(
+    in_features: int,
+    width: int,
+    depth: int,
+    out_features: int = 1,
+    activation: str = "relu",
+    weight_std: float = 1.0,
+    bias_std: float = 0.0,
+    *,
+    generator: Seed = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Sequential:
     """The finite net ``Flatten, [NTKLinear, act] * depth, NTKLinear`` whose width -> inf kernels are :func:`analytic_ntk`.
 
     Randomness: ``generator``, a seed or a ``torch.Generator`` (None: the global one, as torch.nn), shared by the layers.

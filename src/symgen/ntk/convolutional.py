@@ -52,8 +52,9 @@ def _pad_axis(t: Tensor, axis: int, left: int, right: int, mode: str) -> Tensor:
     return torch.cat(parts, dim=axis)
 
 
-def _filter_mean(t: Tensor, axes_groups: list[tuple[int, ...]], filter_size: tuple[int, ...],
-                 pads: list[tuple[int, int]], mode: str) -> Tensor:
+def _filter_mean(
+    t: Tensor, axes_groups: list[tuple[int, ...]], filter_size: tuple[int, ...], pads: list[tuple[int, int]], mode: str
+) -> Tensor:
     """``mean_k t[..., p + k, (q + k)]``: the covariance a stride-1 conv sees. ``axes_groups[a]`` lists the axes
     that shift together along spatial dimension a (one axis for same-position kernels, two for all pairs)."""
     for group, (left, right) in zip(axes_groups, pads, strict=True):
@@ -61,8 +62,10 @@ def _filter_mean(t: Tensor, axes_groups: list[tuple[int, ...]], filter_size: tup
             t = _pad_axis(t, ax, left, right, mode)
     out_sizes = [t.shape[g[0]] - k + 1 for g, k in zip(axes_groups, filter_size, strict=True)]
     if min(out_sizes) < 1:
-        raise ShapeError(f"filter size {filter_size} is larger than the (padded) input; use a smaller filter or "
-                         "padding='same'/'circular'.")
+        raise ShapeError(
+            f"filter size {filter_size} is larger than the (padded) input; use a smaller filter or "
+            "padding='same'/'circular'."
+        )
     total = None
     for offset in itertools.product(*[range(k) for k in filter_size]):
         piece = t
@@ -105,13 +108,23 @@ def _act_var(v: Tensor, activation: str) -> Tensor:
 def _as_image(x: Tensor, name: str) -> Tensor:
     if not isinstance(x, Tensor) or x.dim() not in (3, 4) or x.shape[0] == 0:
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ShapeError(f"{name} must have shape (N, C, L) (1D) or (N, C, H, W) (2D) with N >= 1, got {got}; "
-                         "add a channel axis with x.unsqueeze(1).")
+        raise ShapeError(
+            f"{name} must have shape (N, C, L) (1D) or (N, C, H, W) (2D) with N >= 1, got {got}; "
+            "add a channel axis with x.unsqueeze(1)."
+        )
     return x
 
 
-def _check(depth: int, filter_size: int | tuple[int, ...], activation: str, readout: str, padding: str,
-           weight_std: float, bias_std: float, dims: int) -> tuple[int, ...]:
+def _check(
+    depth: int,
+    filter_size: int | tuple[int, ...],
+    activation: str,
+    readout: str,
+    padding: str,
+    weight_std: float,
+    bias_std: float,
+    dims: int,
+) -> tuple[int, ...]:
     if activation not in _ACTIVATIONS:
         raise ConfigError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}.")
     if readout not in CONV_READOUTS:
@@ -124,15 +137,24 @@ def _check(depth: int, filter_size: int | tuple[int, ...], activation: str, read
         raise ConfigError(f"weight_std and bias_std must be >= 0, got {weight_std}, {bias_std}.")
     fs = (filter_size,) * dims if isinstance(filter_size, int) else tuple(filter_size)
     if len(fs) != dims or min(fs) < 1:
-        raise ConfigError(f"filter_size must be an int >= 1 or a tuple of {dims} ints >= 1 for {dims}D inputs, "
-                          f"got {filter_size!r}.")
+        raise ConfigError(
+            f"filter_size must be an int >= 1 or a tuple of {dims} ints >= 1 for {dims}D inputs, got {filter_size!r}."
+        )
     return fs
 
 
-def analytic_conv_ntk(x1: Tensor, x2: Tensor | None = None, depth: int = 1, filter_size: int | tuple[int, ...] = 3,
-                      activation: str = "relu", readout: str = "flatten", padding: str = "circular",
-                      weight_std: float = 1.0, bias_std: float = 0.0,
-                      dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+def analytic_conv_ntk(
+    x1: Tensor,
+    x2: Tensor | None = None,
+    depth: int = 1,
+    filter_size: int | tuple[int, ...] = 3,
+    activation: str = "relu",
+    readout: str = "flatten",
+    padding: str = "circular",
+    weight_std: float = 1.0,
+    bias_std: float = 0.0,
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
     """Infinite-width ``(nngp, ntk)``, each (N1, N2), of ``[Conv, act] * depth`` + read-out + Dense (NTK param.).
 
     ``x1``: (N1, C, L) or (N1, C, H, W); ``x2`` likewise or None (= x1). Input covariance per position pair
@@ -146,8 +168,9 @@ def analytic_conv_ntk(x1: Tensor, x2: Tensor | None = None, depth: int = 1, filt
     a = _as_image(x1, "x1")
     b = a if x2 is None else _as_image(x2, "x2")
     if a.shape[1:] != b.shape[1:]:
-        raise ShapeError(f"x1 and x2 must have the same channels and spatial size, got {tuple(a.shape)} and "
-                         f"{tuple(b.shape)}.")
+        raise ShapeError(
+            f"x1 and x2 must have the same channels and spatial size, got {tuple(a.shape)} and {tuple(b.shape)}."
+        )
     dims = a.dim() - 2
     fs = _check(depth, filter_size, activation, readout, padding, weight_std, bias_std, dims)
     if dtype is None:
@@ -211,10 +234,20 @@ class NTKConv(nn.Module):
     infinite-width kernels are :func:`analytic_conv_ntk`'s.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, filter_size: int | tuple[int, ...], dims: int = 1,
-                 padding: str = "circular", weight_std: float = 1.0, bias_std: float = 0.0, *,
-                 generator: Seed = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        filter_size: int | tuple[int, ...],
+        dims: int = 1,
+        padding: str = "circular",
+        weight_std: float = 1.0,
+        bias_std: float = 0.0,
+        *,
+        generator: Seed = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         if dims not in (1, 2):
             raise ConfigError(f"dims must be 1 or 2, got {dims!r}.")
@@ -224,10 +257,12 @@ class NTKConv(nn.Module):
         self.dims, self.padding = dims, padding
         self.weight_std, self.bias_std = float(weight_std), float(bias_std)
         self.scale = self.weight_std / math.sqrt(in_channels * math.prod(self.filter_size))
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.filter_size, device=device,
-                                               dtype=dtype))
-        self.bias = (nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype))
-                     if self.bias_std != 0.0 else None)
+        self.weight = nn.Parameter(
+            torch.empty(out_channels, in_channels, *self.filter_size, device=device, dtype=dtype)
+        )
+        self.bias = (
+            nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if self.bias_std != 0.0 else None
+        )
         g = init_generator(generator)
         with torch.no_grad():
             for p in (self.weight, self.bias):
@@ -244,10 +279,22 @@ class NTKConv(nn.Module):
         return y
 
 
-def ntk_cnn(input_shape: tuple[int, ...], width: int, depth: int = 1, filter_size: int | tuple[int, ...] = 3,
-            out_features: int = 1, activation: str = "relu", readout: str = "flatten", padding: str = "circular",
-            weight_std: float = 1.0, bias_std: float = 0.0, *, generator: Seed = None,
-            device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> nn.Sequential:
+def ntk_cnn(
+    input_shape: tuple[int, ...],
+    width: int,
+    depth: int = 1,
+    filter_size: int | tuple[int, ...] = 3,
+    out_features: int = 1,
+    activation: str = "relu",
+    readout: str = "flatten",
+    padding: str = "circular",
+    weight_std: float = 1.0,
+    bias_std: float = 0.0,
+    *,
+    generator: Seed = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Sequential:
     """The finite net ``[NTKConv, act] * depth``, read-out (flatten or global average pool), ``NTKLinear``.
 
     ``input_shape``: (C, L) or (C, H, W) without the batch axis. As ``width`` (channels) -> inf its kernels
@@ -263,15 +310,16 @@ def ntk_cnn(input_shape: tuple[int, ...], width: int, depth: int = 1, filter_siz
     layers: list[nn.Module] = []
     chans, spatial = input_shape[0], list(input_shape[1:])
     for _ in range(depth):
-        layers.append(NTKConv(chans, width, fs, dims, padding, weight_std, bias_std, generator=generator,
-                              dtype=dtype))
+        layers.append(NTKConv(chans, width, fs, dims, padding, weight_std, bias_std, generator=generator, dtype=dtype))
         layers.append({"relu": nn.ReLU, "erf": Erf, "identity": nn.Identity}[activation]())
         chans = width
         if padding == "valid":
             spatial = [s - k + 1 for s, k in zip(spatial, fs, strict=True)]
             if min(spatial) < 1:
-                raise ConfigError(f"filter size {fs} with padding='valid' leaves no positions after {depth} layers "
-                                  f"on input {tuple(input_shape)}.")
+                raise ConfigError(
+                    f"filter size {fs} with padding='valid' leaves no positions after {depth} layers "
+                    f"on input {tuple(input_shape)}."
+                )
     if readout == "gap":
         layers += [nn.Flatten(2), _Mean()]
         features = chans

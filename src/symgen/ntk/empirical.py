@@ -30,8 +30,15 @@ from symgen.ntk.jacobian import _blocks, _jacobian_ntk, _ntvp_ntk
 from symgen.ntk.structured import _affine_layers, _probe, _structured_ntk
 from symgen.streaming import BatchStream, model_device
 
-__all__ = ["NTK_METHODS", "NTK_OUTPUTS", "EmpiricalNTKFn", "empirical_ntk_fn", "empirical_ntk",
-           "ntk_vector_product", "choose_ntk_method"]
+__all__ = [
+    "NTK_METHODS",
+    "NTK_OUTPUTS",
+    "EmpiricalNTKFn",
+    "empirical_ntk_fn",
+    "empirical_ntk",
+    "ntk_vector_product",
+    "choose_ntk_method",
+]
 
 NTK_METHODS = ("auto", "jacobian", "ntvp", "structured")
 NTK_OUTPUTS = ("trace", "full")
@@ -51,8 +58,9 @@ def _check_inputs(x1: Tensor, x2: Tensor | None) -> None:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ShapeError(f"{name} must be a batch tensor of shape (N, ...) with N >= 1, got {shape}.")
     if x2 is not None and x1.shape[1:] != x2.shape[1:]:
-        raise ShapeError(f"x1 and x2 must have the same per-sample shape; got {tuple(x1.shape[1:])} and "
-                         f"{tuple(x2.shape[1:])}.")
+        raise ShapeError(
+            f"x1 and x2 must have the same per-sample shape; got {tuple(x1.shape[1:])} and {tuple(x2.shape[1:])}."
+        )
 
 
 def _check_model(model: nn.Module) -> None:
@@ -60,13 +68,16 @@ def _check_model(model: nn.Module) -> None:
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
 
 
-def _resolve(model: nn.Module, params: Mapping[str, Tensor] | None,
-             buffers: Mapping[str, Tensor] | None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def _resolve(
+    model: nn.Module, params: Mapping[str, Tensor] | None, buffers: Mapping[str, Tensor] | None
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     _check_model(model)
     p = {k: v.detach() for k, v in (params_of(model) if params is None else params).items()}
     if not p:
-        raise ConfigError("the model has no trainable parameters, so its NTK is zero; pass `params` or unfreeze "
-                          "parameters (requires_grad=True).")
+        raise ConfigError(
+            "the model has no trainable parameters, so its NTK is zero; pass `params` or unfreeze "
+            "parameters (requires_grad=True)."
+        )
     b = dict(buffers_of(model) if buffers is None else buffers)
     return p, b
 
@@ -84,8 +95,10 @@ def _check_device(p: Mapping[str, Tensor], x1: Tensor, x2: Tensor | None) -> Non
     dev = next(iter(p.values())).device
     for name, x in (("x1", x1), ("x2", x2)):
         if x is not None and x.device != dev:
-            raise ConfigError(f"{name} is on {x.device} but the model's parameters are on {dev}; move the inputs "
-                              f"({name}.to(device)) or the model (model.to(device)).")
+            raise ConfigError(
+                f"{name} is on {x.device} but the model's parameters are on {dev}; move the inputs "
+                f"({name}.to(device)) or the model (model.to(device))."
+            )
 
 
 def _kernel_shape(n1: int, n2: int, output: str, o: int) -> tuple[int, ...]:
@@ -103,7 +116,7 @@ def _upper_blocks(kernel: Tensor, sizes: list[int], output: str) -> Tensor:
     edges = [0, *torch.tensor(sizes).cumsum(0).tolist()]
     for i in range(len(sizes)):
         for j in range(i):
-            out[edges[i]:edges[i + 1], edges[j]:edges[j + 1]] = 0
+            out[edges[i] : edges[i + 1], edges[j] : edges[j + 1]] = 0
     return out
 
 
@@ -111,13 +124,14 @@ def _symmetrize_blocks(kernel: Tensor, sizes: list[int], output: str) -> Tensor:
     edges = [0, *torch.tensor(sizes).cumsum(0).tolist()]
     for i in range(len(sizes)):
         for j in range(i):
-            up = kernel[edges[j]:edges[j + 1], edges[i]:edges[i + 1]]
-            kernel[edges[i]:edges[i + 1], edges[j]:edges[j + 1]] = _mirror(up, output)
+            up = kernel[edges[j] : edges[j + 1], edges[i] : edges[i + 1]]
+            kernel[edges[i] : edges[i + 1], edges[j] : edges[j + 1]] = _mirror(up, output)
     return kernel
 
 
-def _per_sample_numel(model: nn.Module, p: Mapping[str, Tensor], b: Mapping[str, Tensor],
-                      x: Tensor) -> tuple[int, int, int]:
+def _per_sample_numel(
+    model: nn.Module, p: Mapping[str, Tensor], b: Mapping[str, Tensor], x: Tensor
+) -> tuple[int, int, int]:
     """One sample's numel of: all leaf-module outputs, the inputs and the outputs of its affine layers."""
     _, act, _ = _probe(model, p, b, x)
     layers = _affine_layers(model, p)
@@ -137,10 +151,17 @@ def _per_sample_numel(model: nn.Module, p: Mapping[str, Tensor], b: Mapping[str,
             h.remove()
     return act, sig[0], sig[1]
 
+
 # -------------------------------------------------------------------------------------- ntvp method
-def ntk_vector_product(model: nn.Module, x1: Tensor, x2: Tensor, v: Tensor, *,
-                       params: Mapping[str, Tensor] | None = None,
-                       buffers: Mapping[str, Tensor] | None = None) -> Tensor:
+def ntk_vector_product(
+    model: nn.Module,
+    x1: Tensor,
+    x2: Tensor,
+    v: Tensor,
+    *,
+    params: Mapping[str, Tensor] | None = None,
+    buffers: Mapping[str, Tensor] | None = None,
+) -> Tensor:
     """NTK-vector product ``Theta(x1, x2) v = J(x1) (J(x2)^T v)`` for ``v`` shaped like ``model(x2)``.
 
     One vjp and one jvp; matrix-free (use it in iterative solvers). Source: arXiv 2206.08720.
@@ -153,8 +174,16 @@ def ntk_vector_product(model: nn.Module, x1: Tensor, x2: Tensor, v: Tensor, *,
 
 
 # -------------------------------------------------------------------------------------- cost model
-def _costs(model: nn.Module, wrt: Mapping[str, Tensor], fixed: Mapping[str, Tensor], x1: Tensor, n2: int,
-           output: str, o: int, budget: int) -> tuple[dict[str, float], int]:
+def _costs(
+    model: nn.Module,
+    wrt: Mapping[str, Tensor],
+    fixed: Mapping[str, Tensor],
+    x1: Tensor,
+    n2: int,
+    output: str,
+    o: int,
+    budget: int,
+) -> tuple[dict[str, float], int]:
     """Estimated FLOPs of each method, and the activation numel of one sample (sizes ntvp's blocks).
 
     FLOPs are estimated from layer shapes (:func:`symgen.ntk.structured._probe`): exact counting with
@@ -194,17 +223,26 @@ def _cheapest(costs: Mapping[str, float], differentiable: bool) -> str:
     return min(allowed, key=lambda k: costs[k])
 
 
-def choose_ntk_method(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *, output: str = "trace",
-                      params: Mapping[str, Tensor] | None = None, buffers: Mapping[str, Tensor] | None = None,
-                      memory_budget: int | None = None, differentiable: bool = False) -> str:
+def choose_ntk_method(
+    model: nn.Module,
+    x1: Tensor,
+    x2: Tensor | None = None,
+    *,
+    output: str = "trace",
+    params: Mapping[str, Tensor] | None = None,
+    buffers: Mapping[str, Tensor] | None = None,
+    memory_budget: int | None = None,
+    differentiable: bool = False,
+) -> str:
     """The method ``method="auto"`` uses: the cheapest by an estimate of FLOPs (among the methods that
     keep the inputs' autograd graph when ``differentiable``)."""
     _check_inputs(x1, x2)
     p, b = _resolve(model, params, buffers)
     with bn_mode(model, "eval"):
         o = _output_size(model, p, b, x1)
-        costs, _ = _costs(model, p, b, x1, x1.shape[0] if x2 is None else x2.shape[0], output, o,
-                          memory_budget or _DEFAULT_BUDGET)
+        costs, _ = _costs(
+            model, p, b, x1, x1.shape[0] if x2 is None else x2.shape[0], output, o, memory_budget or _DEFAULT_BUDGET
+        )
     return _cheapest(costs, differentiable)
 
 
@@ -217,8 +255,17 @@ class EmpiricalNTKFn:
     estimate; :meth:`method_for` tells which method a shape gets.
     """
 
-    def __init__(self, model: nn.Module, params: Mapping[str, Tensor] | None, buffers: Mapping[str, Tensor] | None,
-                 output: str, method: str, differentiable: bool, chunk_size: int | None, budget: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Mapping[str, Tensor] | None,
+        buffers: Mapping[str, Tensor] | None,
+        output: str,
+        method: str,
+        differentiable: bool,
+        chunk_size: int | None,
+        budget: int,
+    ) -> None:
         self.model, self.params, self.buffers = model, params, buffers
         self.output, self.method, self.differentiable = output, method, differentiable
         self.chunk_size, self.budget = chunk_size, budget
@@ -228,16 +275,18 @@ class EmpiricalNTKFn:
     def _key(self, x1: Tensor, x2: Tensor | None) -> tuple:
         return (tuple(x1.shape), None if x2 is None else tuple(x2.shape), self.output, x1.dtype, x1.device)
 
-    def _plan(self, p: Mapping[str, Tensor], b: Mapping[str, Tensor], x1: Tensor,
-              x2: Tensor | None) -> tuple[str, int, int]:
+    def _plan(
+        self, p: Mapping[str, Tensor], b: Mapping[str, Tensor], x1: Tensor, x2: Tensor | None
+    ) -> tuple[str, int, int]:
         key = self._key(x1, x2)
         plan = self._plans.get(key)
         if plan is None:
             o = _output_size(self.model, p, b, x1)
             method, act = self.method, 0
             if method in ("auto", "ntvp"):  # ntvp sizes its blocks by the activation estimate
-                costs, act = _costs(self.model, p, b, x1, x1.shape[0] if x2 is None else x2.shape[0],
-                                    self.output, o, self.budget)
+                costs, act = _costs(
+                    self.model, p, b, x1, x1.shape[0] if x2 is None else x2.shape[0], self.output, o, self.budget
+                )
                 if method == "auto":
                     method = _cheapest(costs, self.differentiable)
             if len(self._plans) >= _MAX_CACHED_SHAPES:
@@ -302,8 +351,9 @@ class EmpiricalNTKFn:
                 return _ntvp_ntk(model, p, b, x1, x2, output, o, chunk, budget, act)
             return _structured_ntk(model, p, b, x1, x2, output, o, chunk, budget)
 
-    def _samples_per_block(self, p: Mapping[str, Tensor], b: Mapping[str, Tensor], x1: Tensor, method: str,
-                           o: int) -> int:
+    def _samples_per_block(
+        self, p: Mapping[str, Tensor], b: Mapping[str, Tensor], x1: Tensor, method: str, o: int
+    ) -> int:
         """How many samples (rows and columns together) one kernel block may hold within the budget.
 
         Per sample: the stored activations and backward signals of the affine layers ((1 + O) numbers per
@@ -326,7 +376,8 @@ class EmpiricalNTKFn:
                     f"({method} method): one Jacobian row of the largest parameter tensor '{biggest}' "
                     f"({p[biggest].numel()} entries) needs {smallest} bytes, and blocks of whole samples about "
                     f"{per_sample} bytes each; raise memory_budget to at least {max(smallest, per_sample)} bytes, or "
-                    f"pass params= to take the kernel over fewer parameters.")
+                    f"pass params= to take the kernel over fewer parameters."
+                )
             self._plans[key] = (method, max(1, int(self.budget // max(1, per_sample))), 0)  # type: ignore[assignment]
         return self._plans[key][1]  # type: ignore[return-value]
 
@@ -355,8 +406,13 @@ class EmpiricalNTKFn:
                     col_sizes.append(xj.shape[0])
                 mine = i % w == r and not (data2 is None and j < i)
                 if not mine:
-                    row.append(torch.zeros(_kernel_shape(xi.shape[0], xj.shape[0], self.output, self._o(p, xi)),
-                                           dtype=some.dtype, device=dev))
+                    row.append(
+                        torch.zeros(
+                            _kernel_shape(xi.shape[0], xj.shape[0], self.output, self._o(p, xi)),
+                            dtype=some.dtype,
+                            device=dev,
+                        )
+                    )
                 else:
                     row.append(self(xi) if data2 is None and i == j else self(xi, xj))
             out.append(row)
@@ -378,10 +434,17 @@ class EmpiricalNTKFn:
             return _output_size(self.model, p, b, x)
 
 
-def empirical_ntk_fn(model: nn.Module, *, params: Mapping[str, Tensor] | None = None,
-                     buffers: Mapping[str, Tensor] | None = None, output: str = "trace", method: str = "auto",
-                     differentiable: bool = False, chunk_size: int | None = None,
-                     memory_budget: int | float | None = None) -> EmpiricalNTKFn:
+def empirical_ntk_fn(
+    model: nn.Module,
+    *,
+    params: Mapping[str, Tensor] | None = None,
+    buffers: Mapping[str, Tensor] | None = None,
+    output: str = "trace",
+    method: str = "auto",
+    differentiable: bool = False,
+    chunk_size: int | None = None,
+    memory_budget: int | float | None = None,
+) -> EmpiricalNTKFn:
     """The empirical NTK of ``model`` as ``kernel(x1, x2=None)`` (neural-tangents' ``empirical_ntk_fn``).
 
     ``Theta(x1, x2)[i, j, a, b] = <d f_a(x1_i) / d theta, d f_b(x2_j) / d theta>``, i.e.
@@ -405,22 +468,45 @@ def empirical_ntk_fn(model: nn.Module, *, params: Mapping[str, Tensor] | None = 
     if method not in NTK_METHODS:
         raise ConfigError(f"method must be one of {NTK_METHODS}, got {method!r}.")
     if differentiable and method not in ("auto", *_DIFFERENTIABLE_METHODS):
-        raise ConfigError(f"method {method!r} detaches its intermediate results, so it cannot be differentiated "
-                          f"w.r.t. the inputs; with differentiable=True use one of "
-                          f"{('auto', *_DIFFERENTIABLE_METHODS)}.")
+        raise ConfigError(
+            f"method {method!r} detaches its intermediate results, so it cannot be differentiated "
+            f"w.r.t. the inputs; with differentiable=True use one of "
+            f"{('auto', *_DIFFERENTIABLE_METHODS)}."
+        )
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ConfigError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
-    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int | float)
-                                      or not 1 <= memory_budget < math.inf):
+    if memory_budget is not None and (
+        isinstance(memory_budget, bool)
+        or not isinstance(memory_budget, int | float)
+        or not 1 <= memory_budget < math.inf
+    ):
         raise ConfigError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}.")
-    return EmpiricalNTKFn(model, params, buffers, output, method, bool(differentiable), chunk_size,
-                          int(memory_budget or _DEFAULT_BUDGET))
+    return EmpiricalNTKFn(
+        model, params, buffers, output, method, bool(differentiable), chunk_size, int(memory_budget or _DEFAULT_BUDGET)
+    )
 
 
-def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
-                  params: Mapping[str, Tensor] | None = None, buffers: Mapping[str, Tensor] | None = None,
-                  output: str = "trace", method: str = "auto", differentiable: bool = False,
-                  chunk_size: int | None = None, memory_budget: int | float | None = None) -> Tensor:
+def empirical_ntk(
+    model: nn.Module,
+    x1: Tensor,
+    x2: Tensor | None = None,
+    *,
+    params: Mapping[str, Tensor] | None = None,
+    buffers: Mapping[str, Tensor] | None = None,
+    output: str = "trace",
+    method: str = "auto",
+    differentiable: bool = False,
+    chunk_size: int | None = None,
+    memory_budget: int | float | None = None,
+) -> Tensor:
     """``Theta(x1, x2) = J(x1) J(x2)^T`` in one call: ``empirical_ntk_fn(model, **options)(x1, x2)`` (arXiv 1806.07572)."""
-    return empirical_ntk_fn(model, params=params, buffers=buffers, output=output, method=method,
-                            differentiable=differentiable, chunk_size=chunk_size, memory_budget=memory_budget)(x1, x2)
+    return empirical_ntk_fn(
+        model,
+        params=params,
+        buffers=buffers,
+        output=output,
+        method=method,
+        differentiable=differentiable,
+        chunk_size=chunk_size,
+        memory_budget=memory_budget,
+    )(x1, x2)

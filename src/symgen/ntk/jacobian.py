@@ -51,9 +51,18 @@ def _param_groups(wrt: Mapping[str, Tensor], max_numel: int) -> list[list[str]]:
     return groups
 
 
-def _jacobian_ntk(model: nn.Module, wrt: Mapping[str, Tensor], fixed: Mapping[str, Tensor], x1: Tensor,
-                  x2: Tensor | None, output: str, o: int, chunk: int | None, budget: int,
-                  timings: dict | None = None) -> Tensor:
+def _jacobian_ntk(
+    model: nn.Module,
+    wrt: Mapping[str, Tensor],
+    fixed: Mapping[str, Tensor],
+    x1: Tensor,
+    x2: Tensor | None,
+    output: str,
+    o: int,
+    chunk: int | None,
+    budget: int,
+    timings: dict | None = None,
+) -> Tensor:
     """Per-sample Jacobians in blocks of (samples x outputs x parameter group), one matmul per block pair.
 
     Blocks are as tall as the memory budget allows (all samples of an output at once where possible),
@@ -102,7 +111,8 @@ def _jacobian_ntk(model: nn.Module, wrt: Mapping[str, Tensor], fixed: Mapping[st
         if timings is not None:
             timings["contract_s"] = timings.get("contract_s", 0.0) + time.perf_counter() - t0
             timings["contract_flops"] = timings.get("contract_flops", 0) + 2 * na * nb * sum(
-                a[0].numel() for a in ja) * (ob if output == "full" else 1)
+                a[0].numel() for a in ja
+            ) * (ob if output == "full" else 1)
 
     for keys in groups:
         p_g = sum(wrt[k].numel() for k in keys)
@@ -134,8 +144,18 @@ def _jacobian_ntk(model: nn.Module, wrt: Mapping[str, Tensor], fixed: Mapping[st
     return kernel
 
 
-def _ntvp_ntk(model: nn.Module, wrt: Mapping[str, Tensor], fixed: Mapping[str, Tensor], x1: Tensor,
-              x2: Tensor | None, output: str, o: int, chunk: int | None, budget: int, act_numel: int) -> Tensor:
+def _ntvp_ntk(
+    model: nn.Module,
+    wrt: Mapping[str, Tensor],
+    fixed: Mapping[str, Tensor],
+    x1: Tensor,
+    x2: Tensor | None,
+    output: str,
+    o: int,
+    chunk: int | None,
+    budget: int,
+    act_numel: int,
+) -> Tensor:
     """Columns of Theta as NTK-vector products with basis vectors: vjp (per sample of x2), then batched jvp."""
     from torch.func import vmap
 
@@ -161,4 +181,3 @@ def _ntvp_ntk(model: nn.Module, wrt: Mapping[str, Tensor], fixed: Mapping[str, T
         full = cols.reshape(nb, o, n1, o).permute(2, 0, 3, 1)  # (i, j, a, b)
         kernel[:, sb] = full.diagonal(dim1=2, dim2=3).sum(-1) if output == "trace" else full
     return kernel
-

@@ -18,25 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from symgen.data import class_balanced_indices
-from symgen.errors import (
-    CheckpointError,
-    ConfigError,
-    DivergenceError,
-    MissingDataError,
-    ShapeError,
-)
+from symgen.errors import CheckpointError, ConfigError, DivergenceError, MissingDataError, ShapeError
 from symgen.io import atomic_write
 from symgen.ntk.regression import kernel_regression
 from symgen.rng import Seed, as_generator
 
-__all__ = [
-    "kip",
-    "kip_loss",
-    "centred_one_hot",
-    "class_balanced_indices",
-    "save_support",
-    "load_support",
-]
+__all__ = ["kip", "kip_loss", "centred_one_hot", "class_balanced_indices", "save_support", "load_support"]
 
 Kernel = Callable[[Tensor, Tensor], Tensor]
 
@@ -47,8 +34,9 @@ def centred_one_hot(y: Tensor, num_classes: int, dtype: torch.dtype | None = Non
     return F.one_hot(y, num_classes).to(dtype) - 1.0 / num_classes
 
 
-def kip_loss(kernel: Kernel, x_support: Tensor, y_support: Tensor, x_target: Tensor, y_target: Tensor,
-             ridge: float) -> tuple[Tensor, Tensor]:
+def kip_loss(
+    kernel: Kernel, x_support: Tensor, y_support: Tensor, x_target: Tensor, y_target: Tensor, ridge: float
+) -> tuple[Tensor, Tensor]:
     """``(loss, prediction)`` with loss = 0.5 mean((K_ts (K_ss + ridge tr(K_ss)/n I)^-1 y_s - y_t)^2).
 
     Differentiable in the support set; the solve is ``symgen.ntk.kernel_regression`` (arXiv 2011.00050).
@@ -63,20 +51,35 @@ def kip_loss(kernel: Kernel, x_support: Tensor, y_support: Tensor, x_target: Ten
     # K_ts (K_ss + r s I)^-1 = (K_ts / s)(K_ss / s + r I)^-1, and gradients still flow through s.
     scale = torch.diagonal(k_ss).sum() / n
     if not torch.isfinite(scale) or scale.item() <= 0:
-        raise DivergenceError(f"tr(K_ss)/n = {scale.item()} is not a positive finite number; the kernel "
-                              "must be positive semi-definite and finite on the support set.")
+        raise DivergenceError(
+            f"tr(K_ss)/n = {scale.item()} is not a positive finite number; the kernel "
+            "must be positive semi-definite and finite on the support set."
+        )
     pred = kernel_regression(k_ss / scale, y_support, k_ts / scale, ridge)
     loss = 0.5 * (pred - y_target).pow(2).mean()
     if not torch.isfinite(loss):
-        raise DivergenceError(f"the KIP loss is not finite (ridge={ridge}); the support kernel solve is "
-                              "singular or the kernel returned NaN. Increase ridge or use float64.")
+        raise DivergenceError(
+            f"the KIP loss is not finite (ridge={ridge}); the support kernel solve is "
+            "singular or the kernel returned NaN. Increase ridge or use float64."
+        )
     return loss, pred
 
 
-def kip(x_target: Tensor, y_target: Tensor, kernel: Kernel, support_per_class: int = 1,
-        steps: int = 1000, lr: float = 0.01, learn_labels: bool = False, ridge: float = 1e-6,
-        generator: Seed = None, *, target_per_class: int = 10, num_classes: int | None = None,
-        callback: Callable[[int, float], None] | None = None) -> tuple[Tensor, Tensor, dict[str, list[float]]]:
+def kip(
+    x_target: Tensor,
+    y_target: Tensor,
+    kernel: Kernel,
+    support_per_class: int = 1,
+    steps: int = 1000,
+    lr: float = 0.01,
+    learn_labels: bool = False,
+    ridge: float = 1e-6,
+    generator: Seed = None,
+    *,
+    target_per_class: int = 10,
+    num_classes: int | None = None,
+    callback: Callable[[int, float], None] | None = None,
+) -> tuple[Tensor, Tensor, dict[str, list[float]]]:
     """Learn a support set of ``support_per_class`` examples per class by kernel inducing points.
 
     ``kernel(a, b) -> K`` (a: (n_a, ...), b: (n_b, ...)) must be differentiable in its inputs, e.g.
@@ -90,8 +93,10 @@ def kip(x_target: Tensor, y_target: Tensor, kernel: Kernel, support_per_class: i
     ``loss`` and ``batch_accuracy`` (argmax accuracy on the target batch). arXiv 2011.00050.
     """
     if y_target.ndim != 1 or y_target.is_floating_point():
-        raise ShapeError(f"y_target must be integer class labels of shape (N,), got dtype {y_target.dtype} "
-                         f"shape {tuple(y_target.shape)}.")
+        raise ShapeError(
+            f"y_target must be integer class labels of shape (N,), got dtype {y_target.dtype} "
+            f"shape {tuple(y_target.shape)}."
+        )
     if x_target.shape[0] != y_target.shape[0]:
         raise ShapeError(f"x_target has {x_target.shape[0]} examples, y_target {y_target.shape[0]}.")
     if not x_target.is_floating_point():
@@ -123,13 +128,16 @@ def kip(x_target: Tensor, y_target: Tensor, kernel: Kernel, support_per_class: i
     members = [torch.nonzero(y_target.cpu() == c).flatten() for c in range(num_classes)]
     short = [(c, len(m)) for c, m in enumerate(members) if len(m) < target_per_class]
     if short and steps > 0:
-        raise ConfigError(f"classes {short} (class, count) have fewer than target_per_class="
-                          f"{target_per_class} examples; lower target_per_class.")
+        raise ConfigError(
+            f"classes {short} (class, count) have fewer than target_per_class="
+            f"{target_per_class} examples; lower target_per_class."
+        )
 
     history: dict[str, list[float]] = {"step": [], "loss": [], "batch_accuracy": []}
     for step in range(steps):
-        batch = torch.cat([m[torch.randperm(len(m), generator=generator)[:target_per_class]]
-                           for m in members]).to(device)
+        batch = torch.cat([m[torch.randperm(len(m), generator=generator)[:target_per_class]] for m in members]).to(
+            device
+        )
         x_t = x_target[batch]
         y_t = centred_one_hot(y_target[batch], num_classes, dtype).to(device)
         loss, pred = kip_loss(kernel, x_s, y_s, x_t, y_t, ridge)
@@ -141,8 +149,7 @@ def kip(x_target: Tensor, y_target: Tensor, kernel: Kernel, support_per_class: i
         value = loss.item()
         history["step"].append(step)
         history["loss"].append(value)
-        history["batch_accuracy"].append((pred.detach().argmax(1) == y_target[batch].to(device)).double()
-                                         .mean().item())
+        history["batch_accuracy"].append((pred.detach().argmax(1) == y_target[batch].to(device)).double().mean().item())
         if callback is not None:
             callback(step, value)
     return x_s.detach(), y_s.detach(), history
@@ -150,8 +157,12 @@ def kip(x_target: Tensor, y_target: Tensor, kernel: Kernel, support_per_class: i
 
 def save_support(path: str | Path, x_support: Tensor, y_support: Tensor, **meta: Any) -> Path:
     """Save a distilled set (and JSON-able metadata) atomically with ``torch.save``."""
-    payload = {"format": "symgen-kip-support-v1", "x_support": x_support.detach().cpu(),
-               "y_support": y_support.detach().cpu(), "meta": dict(meta)}
+    payload = {
+        "format": "symgen-kip-support-v1",
+        "x_support": x_support.detach().cpu(),
+        "y_support": y_support.detach().cpu(),
+        "meta": dict(meta),
+    }
     return atomic_write(path, lambda f: torch.save(payload, f))
 
 
@@ -165,8 +176,9 @@ def load_support(path: str | Path, device: torch.device | str | None = None) -> 
     except Exception as e:  # a corrupt or foreign file: torch raises many types
         raise CheckpointError(f"{path} is not a readable distilled-set file ({type(e).__name__}: {e}).") from None
     if not isinstance(payload, dict) or payload.get("format") != "symgen-kip-support-v1":
-        raise CheckpointError(f"{path} is not a symgen KIP support file (missing format tag); "
-                              "it must be written by save_support().")
+        raise CheckpointError(
+            f"{path} is not a symgen KIP support file (missing format tag); it must be written by save_support()."
+        )
     x, y = payload["x_support"], payload["y_support"]
     if x.shape[0] != y.shape[0]:
         raise CheckpointError(f"{path}: {x.shape[0]} support inputs but {y.shape[0]} labels.")

@@ -51,13 +51,23 @@ class LearningCurve:
         return [sum(col) / len(col) for col in zip(*self.errors, strict=True)]
 
     def to_dict(self) -> dict:
-        return {"sizes": self.sizes, "errors": self.errors, "mean_errors": self.mean_errors, "beta": self.beta,
-                "beta_stderr": self.beta_stderr, "beta_ci": list(self.beta_ci), "betas": self.betas,
-                "log_amplitude": self.log_amplitude, "confidence": self.confidence, **self.extra}
+        return {
+            "sizes": self.sizes,
+            "errors": self.errors,
+            "mean_errors": self.mean_errors,
+            "beta": self.beta,
+            "beta_stderr": self.beta_stderr,
+            "beta_ci": list(self.beta_ci),
+            "betas": self.betas,
+            "log_amplitude": self.log_amplitude,
+            "confidence": self.confidence,
+            **self.extra,
+        }
 
 
-def fit_power_law(sizes: Sequence[int], errors: Sequence[Sequence[float]],
-                  confidence: float = 0.95) -> tuple[float, float, tuple[float, float], list[float], float]:
+def fit_power_law(
+    sizes: Sequence[int], errors: Sequence[Sequence[float]], confidence: float = 0.95
+) -> tuple[float, float, tuple[float, float], list[float], float]:
     """``(beta, stderr, ci, per_draw_betas, log_amplitude)`` of ``error ~ A P^-beta``, one fit per draw (row).
 
     Least squares of ``log error`` on ``log P`` per draw; beta = mean of the draws' slopes (negated), its
@@ -70,11 +80,14 @@ def fit_power_law(sizes: Sequence[int], errors: Sequence[Sequence[float]],
     logp = torch.log(torch.as_tensor(sizes, dtype=torch.float64))
     err = torch.as_tensor(errors, dtype=torch.float64)
     if err.dim() != 2 or err.shape[1] != logp.numel() or logp.numel() < 2:
-        raise ShapeError(f"errors must be (draws, {logp.numel()}) for {logp.numel()} >= 2 sizes, got "
-                         f"{tuple(err.shape)}.")
+        raise ShapeError(
+            f"errors must be (draws, {logp.numel()}) for {logp.numel()} >= 2 sizes, got {tuple(err.shape)}."
+        )
     if not bool((err > 0).all()):
-        raise ConfigError("every error must be > 0 to fit a power law in log-log; got a zero or negative error "
-                          "(the task is learned exactly: use a harder task or fewer samples).")
+        raise ConfigError(
+            "every error must be > 0 to fit a power law in log-log; got a zero or negative error "
+            "(the task is learned exactly: use a harder task or fewer samples)."
+        )
     x = logp - logp.mean()
     loge = torch.log(err)
     slopes = (loge - loge.mean(1, keepdim=True)) @ x / (x @ x)
@@ -89,9 +102,18 @@ def fit_power_law(sizes: Sequence[int], errors: Sequence[Sequence[float]],
     return beta, se, (beta - half, beta + half), betas, amp
 
 
-def learning_curve(kernel: Kernel, data: tuple[Tensor, Tensor] | Sampler, sizes: Sequence[int], *,
-                   num_test: int, num_draws: int = 5, ridge: float = 0.0, confidence: float = 0.95,
-                   generator: Seed = None, dtype: torch.dtype = torch.float64) -> LearningCurve:
+def learning_curve(
+    kernel: Kernel,
+    data: tuple[Tensor, Tensor] | Sampler,
+    sizes: Sequence[int],
+    *,
+    num_test: int,
+    num_draws: int = 5,
+    ridge: float = 0.0,
+    confidence: float = 0.95,
+    generator: Seed = None,
+    dtype: torch.dtype = torch.float64,
+) -> LearningCurve:
     """Test mean squared error of kernel ridge(less) regression for each training-set size P in ``sizes``.
 
     ``kernel(x1, x2) -> (N1, N2)``, e.g. ``lambda a, b: analytic_conv_ntk(a, b, ...)[1]``. ``data``: a pool
@@ -112,13 +134,18 @@ def learning_curve(kernel: Kernel, data: tuple[Tensor, Tensor] | Sampler, sizes:
     g = as_generator(generator)
     if not callable(data):
         if not is_tensor_pair(data):
-            raise ConfigError("data must be a pool (x, y) of tensors or a sampler sample(num_data, generator) -> (x, y).")
+            raise ConfigError(
+                "data must be a pool (x, y) of tensors or a sampler sample(num_data, generator) -> (x, y)."
+            )
         if data[0].shape[0] != data[1].shape[0]:
-            raise ShapeError(f"x and y must hold the same number of points, got {data[0].shape[0]} and "
-                             f"{data[1].shape[0]}.")
+            raise ShapeError(
+                f"x and y must hold the same number of points, got {data[0].shape[0]} and {data[1].shape[0]}."
+            )
         if data[0].shape[0] < need:
-            raise ConfigError(f"the pool holds {data[0].shape[0]} points but max(sizes) + num_test = {need}; "
-                              "lower the sizes or num_test, or pass a larger pool.")
+            raise ConfigError(
+                f"the pool holds {data[0].shape[0]} points but max(sizes) + num_test = {need}; "
+                "lower the sizes or num_test, or pass a larger pool."
+            )
     errors: list[list[float]] = []
     for _ in range(num_draws):
         if callable(data):
@@ -139,5 +166,13 @@ def learning_curve(kernel: Kernel, data: tuple[Tensor, Tensor] | Sampler, sizes:
             row.append(float((diff * diff).sum(1).mean()))
         errors.append(row)
     beta, se, ci, betas, amp = fit_power_law(sizes, errors, confidence)
-    return LearningCurve(sizes=sizes, errors=errors, beta=beta, beta_stderr=se, beta_ci=ci, betas=betas,
-                         log_amplitude=amp, confidence=confidence)
+    return LearningCurve(
+        sizes=sizes,
+        errors=errors,
+        beta=beta,
+        beta_stderr=se,
+        beta_ci=ci,
+        betas=betas,
+        log_amplitude=amp,
+        confidence=confidence,
+    )

@@ -40,22 +40,25 @@ class NTKOverlap:
 
     @property
     def mean_squared_cosine(self) -> float:
-        return float((self.cosines ** 2).sum() / max(1, min(self.rank_a, self.rank_b)))
+        return float((self.cosines**2).sum() / max(1, min(self.rank_a, self.rank_b)))
 
 
 def _basis(k: Tensor, name: str, rtol: float, num_components: int | None) -> tuple[Tensor, Tensor]:
     evals, evecs = kernel_eigh(k)
     if not bool(torch.isfinite(evals).all()) or float(evals[0]) <= 0:
-        raise ShapeError(f"{name} must be a symmetric PSD kernel with a positive top eigenvalue; got top "
-                         f"eigenvalue {float(evals[0])}.")
+        raise ShapeError(
+            f"{name} must be a symmetric PSD kernel with a positive top eigenvalue; got top "
+            f"eigenvalue {float(evals[0])}."
+        )
     keep = int((evals > rtol * evals[0]).sum())
     if num_components is not None:
         keep = min(keep, num_components)
     return evals[:keep].sqrt(), evecs[:, :keep]
 
 
-def overlap_from_kernels(k_aa: Tensor, k_ab: Tensor, k_bb: Tensor, *, num_components: int | None = None,
-                         rtol: float = 1e-8) -> NTKOverlap:
+def overlap_from_kernels(
+    k_aa: Tensor, k_ab: Tensor, k_bb: Tensor, *, num_components: int | None = None, rtol: float = 1e-8
+) -> NTKOverlap:
     """The overlap of two tasks from their kernel blocks ``Theta_AA`` (n_a, n_a), ``Theta_AB`` (n_a, n_b), ``Theta_BB``.
 
     Eigendirections with eigenvalue below ``rtol * lambda_max`` are dropped (the numerical rank);
@@ -69,14 +72,16 @@ def overlap_from_kernels(k_aa: Tensor, k_ab: Tensor, k_bb: Tensor, *, num_compon
         if k.dim() != 2 or k.shape[0] != k.shape[1]:
             raise ShapeError(f"{name} must be a square kernel matrix, got {tuple(k.shape)}.")
     if k_ab.shape != (k_aa.shape[0], k_bb.shape[0]):
-        raise ShapeError(f"k_ab must have shape ({k_aa.shape[0]}, {k_bb.shape[0]}) to match k_aa and k_bb, got "
-                         f"{tuple(k_ab.shape)}.")
+        raise ShapeError(
+            f"k_ab must have shape ({k_aa.shape[0]}, {k_bb.shape[0]}) to match k_aa and k_bb, got {tuple(k_ab.shape)}."
+        )
     s_a, u_a = _basis(k_aa, "k_aa", rtol, num_components)
     s_b, u_b = _basis(k_bb, "k_bb", rtol, num_components)
     o = (u_a.T @ k_ab.to(u_a.dtype) @ u_b) / s_a[:, None] / s_b[None, :]
     cos = torch.linalg.svdvals(o).clamp(0.0, 1.0)
-    return NTKOverlap(overlap=o, cosines=cos, principal_angles=torch.arccos(cos), rank_a=int(s_a.numel()),
-                      rank_b=int(s_b.numel()))
+    return NTKOverlap(
+        overlap=o, cosines=cos, principal_angles=torch.arccos(cos), rank_a=int(s_a.numel()), rank_b=int(s_b.numel())
+    )
 
 
 def _flat_full(k: Tensor) -> Tensor:
@@ -88,13 +93,22 @@ def _flat_full(k: Tensor) -> Tensor:
 def _inputs(task: Tensor | tuple | list, name: str) -> Tensor:
     x = task[0] if isinstance(task, (tuple, list)) and len(task) else task
     if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] == 0:
-        raise ShapeError(f"{name} must be inputs x (N, ...) or a pair (x, y) with N >= 1, got "
-                         f"{type(x).__name__ if not isinstance(x, Tensor) else tuple(x.shape)}.")
+        raise ShapeError(
+            f"{name} must be inputs x (N, ...) or a pair (x, y) with N >= 1, got "
+            f"{type(x).__name__ if not isinstance(x, Tensor) else tuple(x.shape)}."
+        )
     return x
 
 
-def task_kernels(model: nn.Module, x_a: Tensor, x_b: Tensor, *, output: str = "full", method: str = "auto",
-                 params: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def task_kernels(
+    model: nn.Module,
+    x_a: Tensor,
+    x_b: Tensor,
+    *,
+    output: str = "full",
+    method: str = "auto",
+    params: dict[str, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(Theta_AA, Theta_AB, Theta_BB)`` of ``model``'s empirical NTK, float64; ``output="full"`` flattens
     outputs into rows (sample, output) (the gradients of every logit), ``"trace"`` sums over outputs."""
     from symgen.ntk.empirical import empirical_ntk_fn
@@ -108,9 +122,17 @@ def task_kernels(model: nn.Module, x_a: Tensor, x_b: Tensor, *, output: str = "f
     return blocks[0].double(), blocks[1].double(), blocks[2].double()
 
 
-def ntk_overlap(model: nn.Module, task_a: Tensor | tuple, task_b: Tensor | tuple, *, output: str = "full",
-                num_components: int | None = None, rtol: float = 1e-8, method: str = "auto",
-                params: dict[str, Tensor] | None = None) -> NTKOverlap:
+def ntk_overlap(
+    model: nn.Module,
+    task_a: Tensor | tuple,
+    task_b: Tensor | tuple,
+    *,
+    output: str = "full",
+    num_components: int | None = None,
+    rtol: float = 1e-8,
+    method: str = "auto",
+    params: dict[str, Tensor] | None = None,
+) -> NTKOverlap:
     """Principal angles between the NTK feature subspaces of two tasks at ``model``'s current weights.
 
     ``task_a``, ``task_b``: inputs x (N, ...) or pairs (x, y) (targets unused). ``output="full"``: the span of
@@ -122,10 +144,19 @@ def ntk_overlap(model: nn.Module, task_a: Tensor | tuple, task_b: Tensor | tuple
     return overlap_from_kernels(k_aa, k_ab, k_bb, num_components=num_components, rtol=rtol)
 
 
-def predict_after_training(k_train: Tensor, k_eval_train: Tensor, f_train: Tensor, f_eval: Tensor,
-                           y_train: Tensor, t: float | list[float] | Tensor | None = None, lr: float | None = None, *,
-                           normalization: float | None = None, discrete: bool = True,
-                           ridge: float = 0.0) -> Tensor:
+def predict_after_training(
+    k_train: Tensor,
+    k_eval_train: Tensor,
+    f_train: Tensor,
+    f_eval: Tensor,
+    y_train: Tensor,
+    t: float | list[float] | Tensor | None = None,
+    lr: float | None = None,
+    *,
+    normalization: float | None = None,
+    discrete: bool = True,
+    ridge: float = 0.0,
+) -> Tensor:
     """Linearized outputs on evaluation inputs (e.g. task A's) after training on (X_B, y_B) by GD on MSE.
 
     ``f_eval + Theta_eB Theta_BB^-1 (I - exp(-lr Theta_BB t / n)) (y_B - f_B)`` with ``k_train = Theta_BB``
@@ -136,14 +167,18 @@ def predict_after_training(k_train: Tensor, k_eval_train: Tensor, f_train: Tenso
     solve). Returns (M, O) for a scalar or None ``t``, (T, M, O) for T times. Source: arXiv 2010.04003.
     """
     if f_train.dim() != 2 or f_eval.dim() != 2 or y_train.shape != f_train.shape:
-        raise ShapeError(f"f_train, y_train must be (N, O) alike and f_eval (M, O); got {tuple(f_train.shape)}, "
-                         f"{tuple(y_train.shape)}, {tuple(f_eval.shape)}.")
+        raise ShapeError(
+            f"f_train, y_train must be (N, O) alike and f_eval (M, O); got {tuple(f_train.shape)}, "
+            f"{tuple(y_train.shape)}, {tuple(f_eval.shape)}."
+        )
     n, o = f_train.shape
     m = f_eval.shape[0]
     if k_train.shape != (n * o, n * o) or k_eval_train.shape != (m * o, n * o):
-        raise ShapeError(f"kernels must be (N O, N O) = ({n * o}, {n * o}) and (M O, N O) = ({m * o}, {n * o}) "
-                         f"with rows (sample, output); got {tuple(k_train.shape)} and {tuple(k_eval_train.shape)}. "
-                         "Use task_kernels(..., output='full').")
+        raise ShapeError(
+            f"kernels must be (N O, N O) = ({n * o}, {n * o}) and (M O, N O) = ({m * o}, {n * o}) "
+            f"with rows (sample, output); got {tuple(k_train.shape)} and {tuple(k_eval_train.shape)}. "
+            "Use task_kernels(..., output='full')."
+        )
     dtype = k_train.dtype
     resid = (y_train - f_train).to(dtype).reshape(-1)
     if t is None:
@@ -155,4 +190,3 @@ def predict_after_training(k_train: Tensor, k_eval_train: Tensor, f_train: Tenso
     out = gd_dynamics(k_train, k_eval_train.to(dtype), resid, t, lr, normalization=norm, discrete=discrete)
     shape = (m, o) if out.dim() == 1 else (out.shape[0], m, o)
     return f_eval.to(dtype) + out.reshape(shape) if out.dim() == 1 else f_eval.to(dtype)[None] + out.reshape(shape)
-

@@ -15,13 +15,7 @@ from torch import Tensor
 
 from symgen.errors import ConfigError, DivergenceError, ShapeError
 
-__all__ = [
-    "kernel_regression",
-    "gd_dynamics",
-    "kernel_eigh",
-    "eigen_projections",
-    "residual_decay",
-]
+__all__ = ["kernel_regression", "gd_dynamics", "kernel_eigh", "eigen_projections", "residual_decay"]
 
 
 def _check_square(k: Tensor, name: str) -> int:
@@ -55,19 +49,25 @@ def _cholesky(a: Tensor, max_tries: int) -> Tensor:
     for _ in range(max_tries):
         factor, info = torch.linalg.cholesky_ex(a + jitter * eye)
         if not bool(info.any()):
-            warnings.warn(f"kernel matrix is not numerically positive definite; added jitter {jitter:.3g} "
-                          f"({jitter / scale:.1e} of its mean diagonal). Raise `ridge` or use float64 to avoid this.",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"kernel matrix is not numerically positive definite; added jitter {jitter:.3g} "
+                f"({jitter / scale:.1e} of its mean diagonal). Raise `ridge` or use float64 to avoid this.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             return factor
         jitter *= 100.0
-    raise DivergenceError(f"kernel matrix ({a.shape[0]} x {a.shape[0]}) is not positive definite even with jitter "
-                          f"{jitter / 100.0:.3g} ({jitter / 100.0 / scale:.1e} of its mean diagonal). Expected a "
-                          "symmetric PSD kernel; raise `ridge`, compute the kernel in float64, or remove duplicate "
-                          "inputs.")
+    raise DivergenceError(
+        f"kernel matrix ({a.shape[0]} x {a.shape[0]}) is not positive definite even with jitter "
+        f"{jitter / 100.0:.3g} ({jitter / 100.0 / scale:.1e} of its mean diagonal). Expected a "
+        "symmetric PSD kernel; raise `ridge`, compute the kernel in float64, or remove duplicate "
+        "inputs."
+    )
 
 
-def kernel_regression(k_train: Tensor, y_train: Tensor, k_test_train: Tensor, ridge: float = 0.0, *,
-                      max_jitter_tries: int = 6) -> Tensor:
+def kernel_regression(
+    k_train: Tensor, y_train: Tensor, k_test_train: Tensor, ridge: float = 0.0, *, max_jitter_tries: int = 6
+) -> Tensor:
     """Kernel ridge regression predictions ``K_tX (K_XX + ridge I)^-1 y``, shape (M,) or (M, O) like ``y_train``.
 
     Cholesky solve, differentiable in all inputs (KIP, attacks). If ``K + ridge I`` is not numerically
@@ -82,8 +82,10 @@ def kernel_regression(k_train: Tensor, y_train: Tensor, k_test_train: Tensor, ri
         raise ConfigError(f"ridge must be >= 0, got {ridge}.")
     for name, t in (("k_train", k_train), ("y_train", y), ("k_test_train", k_test_train)):
         if not bool(torch.isfinite(t.detach()).all()):
-            raise DivergenceError(f"{name} contains NaN or inf; expected finite values. Check the kernel "
-                                  "inputs (and their dtype) before regression.")
+            raise DivergenceError(
+                f"{name} contains NaN or inf; expected finite values. Check the kernel "
+                "inputs (and their dtype) before regression."
+            )
     a = k_train
     if ridge:
         a = a + ridge * torch.eye(n, dtype=k_train.dtype, device=k_train.device)
@@ -103,8 +105,9 @@ def kernel_eigh(k: Tensor) -> tuple[Tensor, Tensor]:
 def eigen_projections(v: Tensor, eigvecs: Tensor) -> Tensor:
     """Coefficients ``U^T v`` of ``v`` (N,) or (N, O) along the kernel eigenvectors (columns of ``U``)."""
     if eigvecs.dim() != 2 or v.shape[0] != eigvecs.shape[0]:
-        raise ShapeError(f"v must have leading size {eigvecs.shape[0]} (eigvecs {tuple(eigvecs.shape)}), "
-                         f"got {tuple(v.shape)}.")
+        raise ShapeError(
+            f"v must have leading size {eigvecs.shape[0]} (eigvecs {tuple(eigvecs.shape)}), got {tuple(v.shape)}."
+        )
     return eigvecs.T.to(v.dtype) @ v
 
 
@@ -117,8 +120,9 @@ def _times(t: float | Tensor | list[float], like: Tensor) -> tuple[Tensor, bool]
     return tt.reshape(-1), tt.dim() == 0
 
 
-def residual_decay(eigvals: Tensor, t: float | Tensor, lr: float, normalization: float,
-                   discrete: bool = False) -> Tensor:
+def residual_decay(
+    eigvals: Tensor, t: float | Tensor, lr: float, normalization: float, discrete: bool = False
+) -> Tensor:
     """Factor by which the training residual along each eigendirection shrinks after time ``t``.
 
     Gradient flow: ``exp(-lr lambda t / n)``; ``discrete=True`` (t GD steps): ``(1 - lr lambda / n)^t``.
@@ -133,9 +137,18 @@ def residual_decay(eigvals: Tensor, t: float | Tensor, lr: float, normalization:
     return out[0] if scalar else out
 
 
-def gd_dynamics(k_train: Tensor, k_test_train: Tensor | None, y_train: Tensor, t: float | Tensor | list[float],
-                lr: float, f0: Tensor | None = None, f0_test: Tensor | None = None, *,
-                normalization: float | None = None, discrete: bool = False) -> Tensor:
+def gd_dynamics(
+    k_train: Tensor,
+    k_test_train: Tensor | None,
+    y_train: Tensor,
+    t: float | Tensor | list[float],
+    lr: float,
+    f0: Tensor | None = None,
+    f0_test: Tensor | None = None,
+    *,
+    normalization: float | None = None,
+    discrete: bool = False,
+) -> Tensor:
     """Prediction of a wide net after time ``t`` of gradient descent on MSE (linearized / kernel dynamics).
 
     ``f_t(x) = f0(x) + Theta_xX Theta^-1 (I - exp(-lr Theta t / n)) (y - f0(X))`` via the eigendecomposition
@@ -156,16 +169,22 @@ def gd_dynamics(k_train: Tensor, k_test_train: Tensor | None, y_train: Tensor, t
     _cross(k_test_train, n)
     m = k_test_train.shape[0]
     if f0 is not None and f0_test is None:
-        raise ShapeError("f0 (outputs at init on the training inputs) was given without f0_test (outputs at init "
-                         f"on the test inputs, shape ({m}, {y.shape[1]})); pass both or neither.")
+        raise ShapeError(
+            "f0 (outputs at init on the training inputs) was given without f0_test (outputs at init "
+            f"on the test inputs, shape ({m}, {y.shape[1]})); pass both or neither."
+        )
     dtype = k_train.dtype
     y = y.to(dtype)
     f0_ = torch.zeros_like(y) if f0 is None else _targets(f0, n, "f0")[0].to(dtype)
-    ft_ = (torch.zeros(m, y.shape[1], dtype=dtype, device=y.device) if f0_test is None
-           else _targets(f0_test, m, "f0_test")[0].to(dtype))
+    ft_ = (
+        torch.zeros(m, y.shape[1], dtype=dtype, device=y.device)
+        if f0_test is None
+        else _targets(f0_test, m, "f0_test")[0].to(dtype)
+    )
     if f0_.shape != y.shape or ft_.shape[1] != y.shape[1]:
-        raise ShapeError(f"f0 / f0_test must have {y.shape[1]} outputs like y_train; got {tuple(f0_.shape)}, "
-                         f"{tuple(ft_.shape)}.")
+        raise ShapeError(
+            f"f0 / f0_test must have {y.shape[1]} outputs like y_train; got {tuple(f0_.shape)}, {tuple(ft_.shape)}."
+        )
     norm = float(n if normalization is None else normalization)
     evals, evecs = kernel_eigh(k_train)
     tt, scalar = _times(t, evals)

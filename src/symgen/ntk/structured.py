@@ -49,7 +49,12 @@ def _affine_layers(model: nn.Module, wrt: Mapping[str, Tensor]) -> list[_Affine]
         if t is nn.Linear or t is NTKLinear:
             kind, ws, bs = "linear", getattr(mod, "weight_scale", 1.0), getattr(mod, "bias_scale", 1.0)
         elif t in (nn.Conv1d, nn.Conv2d):
-            if mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str) and mod.padding != "valid":
+            if (
+                mod.groups != 1
+                or mod.padding_mode != "zeros"
+                or isinstance(mod.padding, str)
+                and mod.padding != "valid"
+            ):
                 continue  # grouped / non-zero / "same" padding: left to the jacobian fallback
             kind, ws, bs = ("conv1d" if t is nn.Conv1d else "conv2d"), 1.0, 1.0
         else:
@@ -79,25 +84,36 @@ def _as_positions(layer: _Affine, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]
         k, c = a.shape[-1], g.shape[-1]
         return a.reshape(n, -1, k), g.reshape(o, n, -1, c)
     if layer.kind == "conv2d":
-        cols = F.unfold(a, mod.kernel_size, dilation=mod.dilation, padding=0 if mod.padding == "valid" else mod.padding,
-                        stride=mod.stride)
+        cols = F.unfold(
+            a,
+            mod.kernel_size,
+            dilation=mod.dilation,
+            padding=0 if mod.padding == "valid" else mod.padding,
+            stride=mod.stride,
+        )
     else:
         pad = 0 if mod.padding == "valid" else mod.padding[0]
-        cols = F.unfold(a.unsqueeze(-1), (mod.kernel_size[0], 1), dilation=(mod.dilation[0], 1), padding=(pad, 0),
-                        stride=(mod.stride[0], 1))
+        cols = F.unfold(
+            a.unsqueeze(-1),
+            (mod.kernel_size[0], 1),
+            dilation=(mod.dilation[0], 1),
+            padding=(pad, 0),
+            stride=(mod.stride[0], 1),
+        )
     c = g.shape[2]
     return cols.transpose(1, 2), g.reshape(o, n, c, -1).transpose(2, 3)
 
 
-def _pair_contribution(layer: _Affine, a1: Tensor, g1: Tensor, a2: Tensor, g2: Tensor, output: str,
-                       budget: int) -> Tensor:
+def _pair_contribution(
+    layer: _Affine, a1: Tensor, g1: Tensor, a2: Tensor, g2: Tensor, output: str, budget: int
+) -> Tensor:
     """sum over weight and bias of <J_layer(x_i), J_layer(x_j)> for one pair of calls, never forming J."""
     A1, G1 = _as_positions(layer, a1, g1)
     A2, G2 = _as_positions(layer, a2, g2)
     o, n1, s1, c = G1.shape
     n2, s2, k = A2.shape[0], A2.shape[1], A2.shape[2]
-    ws2 = layer.weight_scale ** 2 if layer.weight_key else 0.0
-    bs2 = layer.bias_scale ** 2 if layer.bias_key else 0.0
+    ws2 = layer.weight_scale**2 if layer.weight_key else 0.0
+    bs2 = layer.bias_scale**2 if layer.bias_key else 0.0
     itemsize = A1.element_size()
     if s1 == 1 and s2 == 1:
         g1f, g2f = G1[:, :, 0].transpose(0, 1), G2[:, :, 0].transpose(0, 1)  # (N, O, C)
@@ -145,22 +161,27 @@ def _backward_signals(f: Tensor, zs: list[Tensor], o: int) -> tuple[Tensor | Non
     n = f.shape[0]
     with torch.enable_grad():
         if o == 1:  # one output: a plain backward pass, no batching machinery
-            return tuple(None if g is None else g.unsqueeze(0)
-                         for g in torch.autograd.grad(f.sum(), zs, allow_unused=True))
+            return tuple(
+                None if g is None else g.unsqueeze(0) for g in torch.autograd.grad(f.sum(), zs, allow_unused=True)
+            )
         basis = torch.eye(o, dtype=f.dtype, device=f.device)[:, None, :].expand(o, n, o)
         try:
-            return torch.autograd.grad(f, zs, grad_outputs=basis, is_grads_batched=True, allow_unused=True,
-                                       retain_graph=True)
+            return torch.autograd.grad(
+                f, zs, grad_outputs=basis, is_grads_batched=True, allow_unused=True, retain_graph=True
+            )
         except RuntimeError:  # an op without a batching rule: one backward pass per output instead
-            per_out = [torch.autograd.grad(f[:, a].sum(), zs, retain_graph=True, allow_unused=True)
-                       for a in range(o)]
-            return tuple(None if all(g[i] is None for g in per_out) else
-                         torch.stack([torch.zeros_like(z) if g[i] is None else g[i] for g in per_out])
-                         for i, z in enumerate(zs))
+            per_out = [torch.autograd.grad(f[:, a].sum(), zs, retain_graph=True, allow_unused=True) for a in range(o)]
+            return tuple(
+                None
+                if all(g[i] is None for g in per_out)
+                else torch.stack([torch.zeros_like(z) if g[i] is None else g[i] for g in per_out])
+                for i, z in enumerate(zs)
+            )
 
 
-def _signals(model: nn.Module, layers: list[_Affine], wrt: Mapping[str, Tensor], fixed: Mapping[str, Tensor],
-             x: Tensor, o: int) -> list[list[tuple[Tensor, Tensor]]] | None:
+def _signals(
+    model: nn.Module, layers: list[_Affine], wrt: Mapping[str, Tensor], fixed: Mapping[str, Tensor], x: Tensor, o: int
+) -> list[list[tuple[Tensor, Tensor]]] | None:
     """Per layer, per call: (input a (N, ...), backward signals g (O, N, *out)). None if not per-sample."""
     n = x.shape[0]
     bad = []
@@ -169,8 +190,13 @@ def _signals(model: nn.Module, layers: list[_Affine], wrt: Mapping[str, Tensor],
 
     def make_hook(layer: _Affine):
         def hook(mod: nn.Module, inputs: tuple, out: Tensor):
-            if not inputs or not isinstance(out, Tensor) or inputs[0].shape[0] != n or out.shape[0] != n \
-                    or inputs[0].dim() < (2 if layer.kind == "linear" else 3 if layer.kind == "conv1d" else 4):
+            if (
+                not inputs
+                or not isinstance(out, Tensor)
+                or inputs[0].shape[0] != n
+                or out.shape[0] != n
+                or inputs[0].dim() < (2 if layer.kind == "linear" else 3 if layer.kind == "conv1d" else 4)
+            ):
                 bad.append(layer.name)
                 return None
             layer.calls.append((inputs[0].detach(), out))  # out is in the graph (x requires grad)
@@ -191,8 +217,10 @@ def _signals(model: nn.Module, layers: list[_Affine], wrt: Mapping[str, Tensor],
         return None
     zs = [z for layer in layers for _, z in layer.calls if z.requires_grad]
     if not zs or not f.requires_grad:
-        return [[(a, torch.zeros((o, *z.shape), dtype=z.dtype, device=z.device)) for a, z in layer.calls]
-                for layer in layers]
+        return [
+            [(a, torch.zeros((o, *z.shape), dtype=z.dtype, device=z.device)) for a, z in layer.calls]
+            for layer in layers
+        ]
     grads = _backward_signals(f, zs, o)
     out, i = [], 0
     for layer in layers:
@@ -208,8 +236,17 @@ def _signals(model: nn.Module, layers: list[_Affine], wrt: Mapping[str, Tensor],
     return out
 
 
-def _structured_ntk(model: nn.Module, wrt: Mapping[str, Tensor], fixed: Mapping[str, Tensor], x1: Tensor,
-                    x2: Tensor | None, output: str, o: int, chunk: int | None, budget: int) -> Tensor:
+def _structured_ntk(
+    model: nn.Module,
+    wrt: Mapping[str, Tensor],
+    fixed: Mapping[str, Tensor],
+    x1: Tensor,
+    x2: Tensor | None,
+    output: str,
+    o: int,
+    chunk: int | None,
+    budget: int,
+) -> Tensor:
     layers = _affine_layers(model, wrt)
     if not layers:
         return _jacobian_ntk(model, wrt, fixed, x1, x2, output, o, chunk, budget)
@@ -225,8 +262,13 @@ def _structured_ntk(model: nn.Module, wrt: Mapping[str, Tensor], fixed: Mapping[
             return None
         if len(parts) == 1:
             return parts[0]
-        return [[(torch.cat([p[li][ci][0] for p in parts]), torch.cat([p[li][ci][1] for p in parts], dim=1))
-                 for ci in range(len(parts[0][li]))] for li in range(len(layers))]
+        return [
+            [
+                (torch.cat([p[li][ci][0] for p in parts]), torch.cat([p[li][ci][1] for p in parts], dim=1))
+                for ci in range(len(parts[0][li]))
+            ]
+            for li in range(len(layers))
+        ]
 
     rec1 = collect(x1)
     rec2 = rec1 if x2 is None else collect(x2)
@@ -247,8 +289,9 @@ def _structured_ntk(model: nn.Module, wrt: Mapping[str, Tensor], fixed: Mapping[
     return kernel
 
 
-def _probe(model: nn.Module, wrt: Mapping[str, Tensor], fixed: Mapping[str, Tensor], x: Tensor
-           ) -> tuple[float, int, list[tuple[_Affine, list[tuple[int, int, int]]]]]:
+def _probe(
+    model: nn.Module, wrt: Mapping[str, Tensor], fixed: Mapping[str, Tensor], x: Tensor
+) -> tuple[float, int, list[tuple[_Affine, list[tuple[int, int, int]]]]]:
     """Forward FLOPs of one sample (estimated), activation numel, and per supported layer its (S, K, C) per call.
 
     FLOPs: ``2 S K C`` per call of a supported layer plus ``2 numel`` per other parameter and one per

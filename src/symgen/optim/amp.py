@@ -24,15 +24,18 @@ from symgen.errors import ConfigError
 
 __all__ = ["ScaledStep", "PATTERN"]
 
-PATTERN = ("def closure():\n    optimizer.zero_grad()\n    with torch.autocast(device_type, dtype):\n"
-           "        loss = loss_fn(model(x), y)\n    scaler.scale(loss).backward()\n    return loss\n"
-           "optimizer.step(closure, scaler=scaler)\nscaler.update()")
+PATTERN = (
+    "def closure():\n    optimizer.zero_grad()\n    with torch.autocast(device_type, dtype):\n"
+    "        loss = loss_fn(model(x), y)\n    scaler.scale(loss).backward()\n    return loss\n"
+    "optimizer.step(closure, scaler=scaler)\nscaler.update()"
+)
 
 
 def _stage_stepped(scaler: Any, optimizer: torch.optim.Optimizer) -> None:
     """Mark the optimizer as stepped in the scaler, so a stray ``scaler.step(optimizer)`` raises."""
     try:
         from torch.amp.grad_scaler import OptState
+
         scaler._per_optimizer_states[id(optimizer)]["stage"] = OptState.STEPPED
     except (ImportError, AttributeError, KeyError, TypeError):  # private API moved: only the guard is lost
         pass
@@ -47,27 +50,34 @@ class ScaledStep:
     ``optimizer.grad_scale`` and ``optimizer.found_inf`` are set and the scaler has checked the gradients).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, scaler: Any, closure: Any,
-                 needs_closure: bool = False) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, scaler: Any, closure: Any, needs_closure: bool = False
+    ) -> None:
         self.optimizer = optimizer
         self.scaler = scaler if scaler is not None and getattr(scaler, "is_enabled", lambda: True)() else None
         self.from_scaler = getattr(optimizer, "grad_scale", None) is not None or hasattr(optimizer, "found_inf")
         name = type(optimizer).__name__
         if scaler is not None and not hasattr(scaler, "unscale_"):
-            raise ConfigError(f"{name}.step(scaler=...) expects a torch.amp.GradScaler, got "
-                              f"{type(scaler).__name__}.")
+            raise ConfigError(f"{name}.step(scaler=...) expects a torch.amp.GradScaler, got {type(scaler).__name__}.")
         if self.from_scaler and needs_closure:
-            raise ConfigError(f"GradScaler.step({name}) cannot run {name}: its step computes gradients at "
-                              f"other weights through a closure. Use this pattern instead:\n{PATTERN}")
+            raise ConfigError(
+                f"GradScaler.step({name}) cannot run {name}: its step computes gradients at "
+                f"other weights through a closure. Use this pattern instead:\n{PATTERN}"
+            )
         if self.from_scaler and closure is not None:
-            raise ConfigError(f"GradScaler.step({name}, closure) cannot check the gradients the closure "
-                              f"computes (it unscales before the step). Use this pattern instead:\n{PATTERN}")
+            raise ConfigError(
+                f"GradScaler.step({name}, closure) cannot check the gradients the closure "
+                f"computes (it unscales before the step). Use this pattern instead:\n{PATTERN}"
+            )
         if self.scaler is not None:
             from symgen.optim.closure import LossClosure  # the closure that never scales its loss
+
             if isinstance(closure, LossClosure):
-                raise ConfigError(f"{name}.step(LossClosure, scaler=...): LossClosure calls loss.backward() "
-                                  "without scaling the loss; with a GradScaler write the closure yourself:\n"
-                                  f"{PATTERN}")
+                raise ConfigError(
+                    f"{name}.step(LossClosure, scaler=...): LossClosure calls loss.backward() "
+                    "without scaling the loss; with a GradScaler write the closure yourself:\n"
+                    f"{PATTERN}"
+                )
 
     @property
     def active(self) -> bool:

@@ -63,8 +63,10 @@ class LossClosure:
             self.loss = loss.detach()
             self.output = out.detach() if isinstance(out, Tensor) else out
             if check and not bool(torch.isfinite(self.loss).all()):
-                raise DivergenceError(f"non-finite loss {float(self.loss)} at the weights before the step; lower "
-                                      "the learning rate, or check the data and the initialization.")
+                raise DivergenceError(
+                    f"non-finite loss {float(self.loss)} at the weights before the step; lower "
+                    "the learning rate, or check the data and the initialization."
+                )
         if backward:
             loss.backward()
         return loss.detach()

@@ -20,6 +20,7 @@ def is_ddp(model: Any) -> bool:
     if not isinstance(model, nn.Module) or not torch.distributed.is_available():
         return False
     from torch.nn.parallel import DistributedDataParallel
+
     return isinstance(model, DistributedDataParallel)
 
 
@@ -45,12 +46,11 @@ def all_reduce_mean(tensors: list[Tensor], group: Any, extra: Tensor | None = No
     """
     parts = [t.reshape(-1) for t in tensors]
     if extra is not None:
-        parts.append(extra.reshape(-1).to(device=parts[0].device, dtype=parts[0].dtype) if parts
-                     else extra.reshape(-1))
+        parts.append(extra.reshape(-1).to(device=parts[0].device, dtype=parts[0].dtype) if parts else extra.reshape(-1))
     flat = distributed.all_reduce_sum(torch.cat(parts), group)  # a DistributedError, not a hang, if a rank dies
     size = distributed.world_size(group)
     offset = 0
     for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t) / size)
+        t.copy_(flat[offset : offset + t.numel()].view_as(t) / size)
         offset += t.numel()
     return flat[offset:].view_as(extra) if extra is not None else None

@@ -57,15 +57,26 @@ class NSO(WrapperOptimizer):
     they were before the step (also if the closure raises).
     """
 
-    def __init__(self, params: Iterable[Any], base_optimizer: type[torch.optim.Optimizer] = torch.optim.SGD,
-                 sigma: float = 0.01, num_samples: int = 1, antithetic: bool = True, clean_weight: float = 0.0,
-                 relative: bool = False, model: nn.Module | None = None, generator: Seed = None,
-                 chunk_size: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base_optimizer: type[torch.optim.Optimizer] = torch.optim.SGD,
+        sigma: float = 0.01,
+        num_samples: int = 1,
+        antithetic: bool = True,
+        clean_weight: float = 0.0,
+        relative: bool = False,
+        model: nn.Module | None = None,
+        generator: Seed = None,
+        chunk_size: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         if not sigma >= 0:
             raise ConfigError(f"sigma must be >= 0, got {sigma}.")
         if not isinstance(num_samples, int) or num_samples < 1:
-            raise ConfigError(f"num_samples (k, the number of noise draws per step) must be an integer >= 1, "
-                              f"got {num_samples!r}.")
+            raise ConfigError(
+                f"num_samples (k, the number of noise draws per step) must be an integer >= 1, got {num_samples!r}."
+            )
         if not 0.0 <= clean_weight <= 1.0:
             raise ConfigError(f"clean_weight (lam) must lie in [0, 1], got {clean_weight}.")
         super().__init__(params, base_optimizer, dict(sigma=sigma, relative=relative), **kwargs)
@@ -95,16 +106,21 @@ class NSO(WrapperOptimizer):
         """U for every parameter, shape (k, *p.shape); drawn in parameter order, k at a time."""
         items = [(p, g) for g in self.param_groups for p in g["params"]]
         keys = [str(i) for i in range(len(items))]
-        noise = F.gaussian_noise({k: p for k, (p, _) in zip(keys, items, strict=True)},
-                                 {k: g["sigma"] for k, (_, g) in zip(keys, items, strict=True)},
-                                 self.generator, self.num_samples,
-                                 relative={k: g["relative"] for k, (_, g) in zip(keys, items, strict=True)})
+        noise = F.gaussian_noise(
+            {k: p for k, (p, _) in zip(keys, items, strict=True)},
+            {k: g["sigma"] for k, (_, g) in zip(keys, items, strict=True)},
+            self.generator,
+            self.num_samples,
+            relative={k: g["relative"] for k, (_, g) in zip(keys, items, strict=True)},
+        )
         return list(noise.values())
 
     def _fail(self, what: str) -> None:
-        raise DivergenceError(f"NSO step {self.num_steps + 1}: non-finite {what}. Parameters and BatchNorm "
-                              "statistics are left as before the step; lower the learning rate or sigma, "
-                              "or check the data.")
+        raise DivergenceError(
+            f"NSO step {self.num_steps + 1}: non-finite {what}. Parameters and BatchNorm "
+            "statistics are left as before the step; lower the learning rate or sigma, "
+            "or check the data."
+        )
 
     @contextlib.contextmanager
     def _restored_on_error(self, model: nn.Module | None, params: list[Tensor] | None) -> Any:
@@ -141,14 +157,19 @@ class NSO(WrapperOptimizer):
     _step_supports_amp_scaling = True  # scaler.step(optimizer) calls step() itself; see symgen.optim.amp
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None,  # type: ignore[override]
-             scaler: Any = None) -> Tensor:
+    def step(
+        self,
+        closure: Callable[[], Tensor] | None = None,  # type: ignore[override]
+        scaler: Any = None,
+    ) -> Tensor:
         """One NSO step; with ``scaler`` (a ``torch.amp.GradScaler``) the closure backpropagates the scaled
         loss, the averaged gradient is unscaled once and an inf/NaN step is skipped (:mod:`symgen.optim.amp`)."""
         amp = ScaledStep(self, scaler, closure, needs_closure=True)
         if closure is None:
-            raise ConfigError("NSO.step() needs a closure that zeroes gradients, computes the loss, calls "
-                              "backward() and returns it, e.g. symgen.optim.LossClosure(model, loss_fn, x, y).")
+            raise ConfigError(
+                "NSO.step() needs a closure that zeroes gradients, computes the loss, calls "
+                "backward() and returns it, e.g. symgen.optim.LossClosure(model, loss_fn, x, y)."
+            )
         if amp.active:
             loss = self._estimate_sequential(closure, tolerate=True)
             if loss is None or not amp.grads_finite():
@@ -248,8 +269,10 @@ class NSO(WrapperOptimizer):
         out = []
         for p in self._params():
             if id(p) not in names:
-                raise ConfigError("NSO with a LossClosure: an optimized parameter is not a parameter of the "
-                                  "closure's model; build NSO from model.parameters(), or pass a plain closure.")
+                raise ConfigError(
+                    "NSO with a LossClosure: an optimized parameter is not a parameter of the "
+                    "closure's model; build NSO from model.parameters(), or pass a plain closure."
+                )
             out.append(names[id(p)])
         return out
 
@@ -271,8 +294,10 @@ class NSO(WrapperOptimizer):
                 self._fail(f"loss {float(loss)} at the clean weights W")
             g_clean = None
             if lam > 0:
-                g_clean = {n: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-                           for n, p in zip(names, params, strict=True)}
+                g_clean = {
+                    n: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+                    for n, p in zip(names, params, strict=True)
+                }
             w0 = {n: p.detach() for n, p in zip(names, params, strict=True)}
             noise = dict(zip(names, self._draw_noise(), strict=True))
             signs = self._signs()
@@ -284,15 +309,18 @@ class NSO(WrapperOptimizer):
             def member_loss(p: F.Params, b: F.Params, xx: Tensor, yy: Tensor) -> Tensor:
                 return loss_fn(F.call(model, p, b, xx), yy)
 
-            values, grads = F.ensemble_value_and_grad(member_loss, stacked, buffers, x, y, in_dims=(0, None, None),
-                                                      chunk_size=self.chunk_size)
+            values, grads = F.ensemble_value_and_grad(
+                member_loss, stacked, buffers, x, y, in_dims=(0, None, None), chunk_size=self.chunk_size
+            )
             # one finiteness check over every member's loss and gradient; locate a failure only if there is one
             ok = torch.isfinite(torch.cat([values.reshape(m, 1)] + [grads[n].reshape(m, -1) for n in names], 1)).all(1)
             if not bool(ok.all()):
                 j = int((~ok).nonzero()[0, 0])
                 what = "loss" if not self._finite(values[j]) else "gradient"
                 self._fail(f"{what} at {self._sample_name(j % self.num_samples, signs[j // self.num_samples])}")
-            if g_clean is not None and not bool(torch.isfinite(torch.cat([g.reshape(-1) for g in g_clean.values()])).all()):
+            if g_clean is not None and not bool(
+                torch.isfinite(torch.cat([g.reshape(-1) for g in g_clean.values()])).all()
+            ):
                 self._fail("gradient at the clean weights W")
             with torch.no_grad():
                 for p, n in zip(params, names, strict=True):

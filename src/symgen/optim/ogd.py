@@ -38,8 +38,15 @@ class OGD(WrapperOptimizer):
     parameters; one task only, and not carried by ``state_dict()``.
     """
 
-    def __init__(self, params: Iterable[Any], base_optimizer: type[torch.optim.Optimizer] = torch.optim.SGD, *,
-                 tol: float = 1e-6, max_directions: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base_optimizer: type[torch.optim.Optimizer] = torch.optim.SGD,
+        *,
+        tol: float = 1e-6,
+        max_directions: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         if not 0 <= tol < 1:
             raise ConfigError(f"tol must be in [0, 1), got {tol}.")
         if max_directions is not None and max_directions < 1:
@@ -83,8 +90,10 @@ class OGD(WrapperOptimizer):
         self._no_implicit()
         total = sum(p.numel() for p in ps)
         if vectors.dim() != 2 or vectors.shape[1] != total:
-            raise ShapeError(f"vectors must be (k, {total}) (flat, in the order of the optimizer's parameters), got "
-                             f"{tuple(vectors.shape)}.")
+            raise ShapeError(
+                f"vectors must be (k, {total}) (flat, in the order of the optimizer's parameters), got "
+                f"{tuple(vectors.shape)}."
+            )
         basis = self.basis()
         v = vectors.to(basis.dtype)
         if not bool(torch.isfinite(v).all()):
@@ -109,21 +118,33 @@ class OGD(WrapperOptimizer):
         basis = torch.cat([basis, q])
         new = q
         if self.max_directions is not None and basis.shape[0] > self.max_directions:
-            raise ConfigError(f"OGD would store {basis.shape[0]} directions, more than max_directions="
-                              f"{self.max_directions}; store fewer samples or outputs (outputs='average').")
+            raise ConfigError(
+                f"OGD would store {basis.shape[0]} directions, more than max_directions="
+                f"{self.max_directions}; store fewer samples or outputs (outputs='average')."
+            )
         offset = 0
         for p in ps:
-            self.state[p]["ogd_basis"] = basis[:, offset:offset + p.numel()].reshape(basis.shape[0], *p.shape).clone()
+            self.state[p]["ogd_basis"] = basis[:, offset : offset + p.numel()].reshape(basis.shape[0], *p.shape).clone()
             offset += p.numel()
         return len(new)
 
     def _no_implicit(self) -> None:
         if self._implicit is not None:
-            raise ConfigError("OGD holds a task in implicit form, which supports one task only; store every task "
-                              "with form='explicit' to combine several.")
+            raise ConfigError(
+                "OGD holds a task in implicit form, which supports one task only; store every task "
+                "with form='explicit' to combine several."
+            )
 
-    def store_task(self, model: nn.Module, x: Tensor, y: Tensor | None = None, *, outputs: str = "all",
-                   batch_size: int = 64, form: str = "explicit") -> int:
+    def store_task(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor | None = None,
+        *,
+        outputs: str = "all",
+        batch_size: int = 64,
+        form: str = "explicit",
+    ) -> int:
         """Store the gradients of ``model``'s outputs on inputs ``x`` at its current weights (after a task).
 
         ``outputs``: "all" (every logit of every sample, OGD-ALL), "average" (the mean logit, OGD-AVE) or
@@ -137,15 +158,19 @@ class OGD(WrapperOptimizer):
             raise ConfigError(f"form must be 'explicit' or 'implicit', got {form!r}.")
         self._no_implicit()
         if form == "implicit" and self.num_directions:
-            raise ConfigError("form='implicit' needs an OGD with no stored directions (one task only); use "
-                              "form='explicit' for every task.")
+            raise ConfigError(
+                "form='implicit' needs an OGD with no stored directions (one task only); use "
+                "form='explicit' for every task."
+            )
         if outputs == "ground_truth" and (y is None or y.shape[0] != x.shape[0]):
             raise ShapeError("outputs='ground_truth' needs labels y with one entry per input of x.")
         names = dict((id(p), n) for n, p in model.named_parameters())
         ps = self._params()
         if any(id(p) not in names for p in ps):
-            raise ConfigError("OGD.store_task: the optimizer holds parameters that are not the model's; build OGD "
-                              "on model.parameters().")
+            raise ConfigError(
+                "OGD.store_task: the optimizer holds parameters that are not the model's; build OGD "
+                "on model.parameters()."
+            )
         from torch.func import functional_call, jacrev, vmap
 
         order = [names[id(p)] for p in ps]
@@ -164,17 +189,26 @@ class OGD(WrapperOptimizer):
         model.eval()
         try:
             for i in range(0, x.shape[0], batch_size):
-                jac = vmap(jacrev(out), in_dims=(None, 0))(selected, x[i:i + batch_size])
+                jac = vmap(jacrev(out), in_dims=(None, 0))(selected, x[i : i + batch_size])
                 rows = torch.cat([jac[n].reshape(jac[n].shape[0], jac[n].shape[1], -1) for n in order], dim=2)
                 if outputs == "ground_truth":
-                    rows = rows[torch.arange(rows.shape[0]), y[i:i + batch_size].long()][:, None]  # type: ignore[index]
+                    rows = rows[torch.arange(rows.shape[0]), y[i : i + batch_size].long()][:, None]  # type: ignore[index]
                 added += self.add_directions(rows.reshape(-1, rows.shape[-1]))
         finally:
             model.train(was_training)
         return added
 
-    def _store_implicit(self, model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor],
-                        order: list[str], x: Tensor, y: Tensor | None, outputs: str, batch_size: int) -> int:
+    def _store_implicit(
+        self,
+        model: nn.Module,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        order: list[str],
+        x: Tensor,
+        y: Tensor | None,
+        outputs: str,
+        batch_size: int,
+    ) -> int:
         """Keep J (the stacked output gradients on ``x``) as jvp/vjp closures and the truncated K^+ = U L^-1 U^T."""
         from torch.func import functional_call, jvp, vjp, vmap
 
@@ -201,8 +235,8 @@ class OGD(WrapperOptimizer):
             gram = out.new_zeros(k, k)
             eye = torch.eye(k, dtype=out.dtype, device=out.device)
             for i in range(0, k, batch_size):  # K[:, chunk] = J (J^T e_chunk)
-                rows = vmap(vjp_fn)(eye[i:i + batch_size])[0]
-                gram[:, i:i + batch_size] = vmap(lambda t: jvp(outs, (selected,), (t,))[1])(rows).T
+                rows = vmap(vjp_fn)(eye[i : i + batch_size])[0]
+                gram[:, i : i + batch_size] = vmap(lambda t: jvp(outs, (selected,), (t,))[1])(rows).T
         finally:
             model.train(was_training)
         if not bool(torch.isfinite(gram).all()):
@@ -214,11 +248,21 @@ class OGD(WrapperOptimizer):
         keep = evals > floor**2 * scale2
         rank = int(keep.sum())
         if self.max_directions is not None and rank > self.max_directions:
-            raise ConfigError(f"OGD would store {rank} directions, more than max_directions={self.max_directions}; "
-                              "store fewer samples or outputs (outputs='average').")
+            raise ConfigError(
+                f"OGD would store {rank} directions, more than max_directions={self.max_directions}; "
+                "store fewer samples or outputs (outputs='average')."
+            )
         half = evecs[:, keep] / evals[keep].sqrt()
-        self._implicit = {"order": order, "outs": outs, "vjp": vjp_fn, "selected": selected, "half": half,
-                          "pinv": half @ half.T, "rank": rank, "model": model}
+        self._implicit = {
+            "order": order,
+            "outs": outs,
+            "vjp": vjp_fn,
+            "selected": selected,
+            "half": half,
+            "pinv": half @ half.T,
+            "rank": rank,
+            "model": model,
+        }
         return rank
 
     def _project_implicit(self) -> None:
@@ -228,8 +272,9 @@ class OGD(WrapperOptimizer):
         ps = self._params()
         if all(p.grad is None for p in ps):
             return
-        grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in zip(imp["order"], ps,
-                                                                                            strict=True)}
+        grads = {
+            n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in zip(imp["order"], ps, strict=True)
+        }
         model = imp["model"]
         was_training = model.training
         model.eval()
@@ -265,8 +310,9 @@ class OGD(WrapperOptimizer):
                 loss = closure()
         for p in self._params():
             if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                raise DivergenceError("OGD step: non-finite gradient; parameters untouched. Lower the learning rate "
-                                      "or check the data.")
+                raise DivergenceError(
+                    "OGD step: non-finite gradient; parameters untouched. Lower the learning rate or check the data."
+                )
         self.project()
         self.base_optimizer.step()
         return loss

@@ -27,10 +27,12 @@ from symgen.optim.wrapper import WrapperOptimizer
 __all__ = ["SAM", "ASCENTS"]
 
 ASCENTS = ("global", "local")
-_LOCAL_NEEDS_DDP = ("ascent='local' (m-sharpness: each process perturbs the weights along its own gradient) needs "
-                    "the model wrapped in torch.nn.parallel.DistributedDataParallel: pass model=ddp_model to SAM, or "
-                    "step with symgen.optim.LossClosure(ddp_model, loss_fn, x, y); in one process use "
-                    "ascent='global'")
+_LOCAL_NEEDS_DDP = (
+    "ascent='local' (m-sharpness: each process perturbs the weights along its own gradient) needs "
+    "the model wrapped in torch.nn.parallel.DistributedDataParallel: pass model=ddp_model to SAM, or "
+    "step with symgen.optim.LossClosure(ddp_model, loss_fn, x, y); in one process use "
+    "ascent='global'"
+)
 
 
 def _params_with_grad(groups: list[dict[str, Any]]) -> list[Tensor]:
@@ -62,14 +64,23 @@ class SAM(WrapperOptimizer):
     any, synchronizes both passes: the global direction).
     """
 
-    def __init__(self, params: Iterable[Any], base_optimizer: type[torch.optim.Optimizer] = torch.optim.SGD,
-                 rho: float = 0.05, adaptive: bool = False, model: nn.Module | None = None, ascent: str = "global",
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base_optimizer: type[torch.optim.Optimizer] = torch.optim.SGD,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        model: nn.Module | None = None,
+        ascent: str = "global",
+        **kwargs: Any,
+    ) -> None:
         if not rho >= 0:
             raise ConfigError(f"rho must be >= 0, got {rho}.")
         if ascent not in ASCENTS:
-            raise ConfigError(f"ascent must be one of {ASCENTS} ('global': the all-reduced gradient; 'local': each "
-                              f"process's own, under DistributedDataParallel), got {ascent!r}.")
+            raise ConfigError(
+                f"ascent must be one of {ASCENTS} ('global': the all-reduced gradient; 'local': each "
+                f"process's own, under DistributedDataParallel), got {ascent!r}."
+            )
         if ascent == "local" and model is not None and not is_ddp(model):
             raise ConfigError(f"{_LOCAL_NEEDS_DDP}; got model={type(model).__name__}.")
         self.ascent = ascent
@@ -81,8 +92,12 @@ class SAM(WrapperOptimizer):
 
     @torch.no_grad()
     def _grad_norm(self) -> Tensor:
-        norms = [((p.abs() if g["adaptive"] else 1.0) * p.grad).norm(p=2)
-                 for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norms = [
+            ((p.abs() if g["adaptive"] else 1.0) * p.grad).norm(p=2)
+            for g in self.param_groups
+            for p in g["params"]
+            if p.grad is not None
+        ]
         if not norms:
             raise ConfigError("SAM.first_step(): no parameter has a gradient; call loss.backward() first.")
         return torch.stack([n.to(norms[0].device) for n in norms]).norm(p=2)
@@ -90,8 +105,10 @@ class SAM(WrapperOptimizer):
     def _check_grads(self, where: str) -> None:
         for p in _params_with_grad(self.param_groups):
             if not torch.isfinite(p.grad).all():
-                raise DivergenceError(f"SAM step {self.num_steps + 1}: non-finite gradient {where}. Parameters "
-                                      "are left at W; lower the learning rate or rho, or check the data.")
+                raise DivergenceError(
+                    f"SAM step {self.num_steps + 1}: non-finite gradient {where}. Parameters "
+                    "are left at W; lower the learning rate or rho, or check the data."
+                )
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
@@ -129,15 +146,20 @@ class SAM(WrapperOptimizer):
     _step_supports_amp_scaling = True  # scaler.step(optimizer) calls step() itself; see symgen.optim.amp
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None,  # type: ignore[override]
-             scaler: Any = None) -> Tensor:
+    def step(
+        self,
+        closure: Callable[[], Tensor] | None = None,  # type: ignore[override]
+        scaler: Any = None,
+    ) -> Tensor:
         """One SAM step; with ``scaler`` (a ``torch.amp.GradScaler``) the closure backpropagates the scaled loss,
         the gradient at W + e is unscaled once, and an inf/NaN step is skipped (:mod:`symgen.optim.amp`)."""
         amp = ScaledStep(self, scaler, closure, needs_closure=True)
         if closure is None:
-            raise ConfigError("SAM.step() needs a closure that zeroes gradients, computes the loss, calls "
-                              "backward() and returns the loss, e.g. symgen.optim.LossClosure(model, loss_fn, x, y); "
-                              "or call first_step()/second_step() yourself.")
+            raise ConfigError(
+                "SAM.step() needs a closure that zeroes gradients, computes the loss, calls "
+                "backward() and returns the loss, e.g. symgen.optim.LossClosure(model, loss_fn, x, y); "
+                "or call first_step()/second_step() yourself."
+            )
         model = self.model if self.model is not None else getattr(closure, "model", None)
         if self.ascent == "local" and not is_ddp(model):
             got = "no model" if model is None else f"model={type(model).__name__}"
@@ -156,11 +178,15 @@ class SAM(WrapperOptimizer):
             return loss.detach() if isinstance(loss, Tensor) else loss
         if not finite:
             where = " on at least one process" if is_ddp(model) else ""
-            raise DivergenceError(f"SAM step {self.num_steps + 1}: non-finite loss at W{where} (here "
-                                  f"{float(loss)}); parameters untouched; lower the learning rate, or check the data.")
+            raise DivergenceError(
+                f"SAM step {self.num_steps + 1}: non-finite loss at W{where} (here "
+                f"{float(loss)}); parameters untouched; lower the learning rate, or check the data."
+            )
         if not _params_with_grad(self.param_groups):
-            raise ConfigError("SAM.step(): the closure left no gradient on any parameter; it must call "
-                              "loss.backward() (or scaler.scale(loss).backward()).")
+            raise ConfigError(
+                "SAM.step(): the closure left no gradient on any parameter; it must call "
+                "loss.backward() (or scaler.scale(loss).backward())."
+            )
         self.first_step(zero_grad=True)  # e = rho g / ||g|| is the same for the scaled gradient s g
         try:
             frozen = frozen_running_stats(model) if model is not None else contextlib.nullcontext()
@@ -183,9 +209,11 @@ class SAM(WrapperOptimizer):
             return loss.detach() if isinstance(loss, Tensor) else loss
         if not finite:
             self.restore()
-            raise DivergenceError(f"SAM step {self.num_steps + 1}: non-finite loss {float(perturbed)} at the "
-                                  "perturbed weights W + e; parameters are left at W; lower the learning rate "
-                                  "or rho.")
+            raise DivergenceError(
+                f"SAM step {self.num_steps + 1}: non-finite loss {float(perturbed)} at the "
+                "perturbed weights W + e; parameters are left at W; lower the learning rate "
+                "or rho."
+            )
         self.second_step()
         return loss.detach() if isinstance(loss, Tensor) else loss
 
@@ -202,7 +230,9 @@ class SAM(WrapperOptimizer):
                 bad += 1.0
             bad = distributed.all_reduce_sum(bad.to(grads[0].device) if grads else bad, group)
             if float(bad) > 0 and not amp_active:
-                raise DivergenceError(f"SAM step {self.num_steps + 1}: non-finite loss or gradient at W on "
-                                      f"{int(float(bad))} process(es); parameters untouched; lower the learning "
-                                      "rate, or check the data.")
+                raise DivergenceError(
+                    f"SAM step {self.num_steps + 1}: non-finite loss or gradient at W on "
+                    f"{int(float(bad))} process(es); parameters untouched; lower the learning "
+                    "rate, or check the data."
+                )
         return float(bad) == 0

@@ -14,13 +14,7 @@ from symgen.errors import ConfigError
 from symgen.functional import buffers_of, params_of
 from symgen.optim.amp import ScaledStep
 from symgen.rng import Seed
-from symgen.symmetry import (
-    ScaleSymmetry,
-    ScaleSymmetryReport,
-    block_norms,
-    find_scale_symmetries,
-    rescale_filters,
-)
+from symgen.symmetry import ScaleSymmetry, ScaleSymmetryReport, block_norms, find_scale_symmetries, rescale_filters
 
 __all__ = ["UnitNormSGD"]
 
@@ -66,10 +60,17 @@ class UnitNormSGD(torch.optim.Optimizer):
     nothing detected, a warning is issued and every parameter takes plain SGD steps.
     """
 
-    def __init__(self, params: nn.Module | Iterable[Any], lr: float, momentum: float = 0.0,
-                 weight_decay: float = 0.0,
-                 filters: str | Sequence[str | ScaleSymmetry] | ScaleSymmetryReport | None = "auto",
-                 *, example_input: Any = None, generator: Seed = None) -> None:
+    def __init__(
+        self,
+        params: nn.Module | Iterable[Any],
+        lr: float,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        filters: str | Sequence[str | ScaleSymmetry] | ScaleSymmetryReport | None = "auto",
+        *,
+        example_input: Any = None,
+        generator: Seed = None,
+    ) -> None:
         if not (isinstance(lr, (int, float)) and lr > 0):
             raise ConfigError(f"UnitNormSGD: lr must be a positive number, got {lr!r}.")
         if not 0.0 <= momentum < 1.0:
@@ -90,58 +91,80 @@ class UnitNormSGD(torch.optim.Optimizer):
     # -- construction ---------------------------------------------------------------------
 
     @staticmethod
-    def _resolve(model: nn.Module | None, filters: Any, example_input: Any,
-                 generator: Seed) -> list[ScaleSymmetry]:
+    def _resolve(model: nn.Module | None, filters: Any, example_input: Any, generator: Seed) -> list[ScaleSymmetry]:
         if filters is None or (isinstance(filters, (list, tuple)) and len(filters) == 0):
             return []
         if isinstance(filters, str):
             if filters != "auto":
-                raise ConfigError(f"UnitNormSGD: filters must be 'auto', a list of parameter names, "
-                                  f"a list of ScaleSymmetry, a ScaleSymmetryReport or None; got "
-                                  f"'{filters}'.")
+                raise ConfigError(
+                    f"UnitNormSGD: filters must be 'auto', a list of parameter names, "
+                    f"a list of ScaleSymmetry, a ScaleSymmetryReport or None; got "
+                    f"'{filters}'."
+                )
             if model is None:
-                warnings.warn("UnitNormSGD(filters='auto') was given parameters, not the module, so "
-                              "it cannot detect scale symmetries: every parameter takes plain SGD "
-                              "steps. Pass the nn.Module and example_input=<a batch>.", UserWarning,
-                              stacklevel=3)
+                warnings.warn(
+                    "UnitNormSGD(filters='auto') was given parameters, not the module, so "
+                    "it cannot detect scale symmetries: every parameter takes plain SGD "
+                    "steps. Pass the nn.Module and example_input=<a batch>.",
+                    UserWarning,
+                    stacklevel=3,
+                )
                 return []
             if example_input is None:
-                raise ConfigError("UnitNormSGD(filters='auto') needs example_input=<a batch of "
-                                  "inputs> to trace the model and confirm its symmetries; pass it, "
-                                  "or pass filters=find_scale_symmetries(model, x).")
+                raise ConfigError(
+                    "UnitNormSGD(filters='auto') needs example_input=<a batch of "
+                    "inputs> to trace the model and confirm its symmetries; pass it, "
+                    "or pass filters=find_scale_symmetries(model, x)."
+                )
             report = find_scale_symmetries(model, example_input, generator=generator)
             if not report.symmetries:
-                why = "; ".join(f"{k}: {v}" for k, v in
-                                list(report.not_invariant.items())[:3] + list(report.unanalysed.items())[:3]
-                                + list(report.rejected.items())[:3])
-                warnings.warn(f"UnitNormSGD(filters='auto') found no scale-invariant filters in "
-                              f"{type(model).__name__} ({why or 'no linear/convolution weights'}); "
-                              "every parameter takes plain SGD steps.", UserWarning, stacklevel=3)
+                why = "; ".join(
+                    f"{k}: {v}"
+                    for k, v in list(report.not_invariant.items())[:3]
+                    + list(report.unanalysed.items())[:3]
+                    + list(report.rejected.items())[:3]
+                )
+                warnings.warn(
+                    f"UnitNormSGD(filters='auto') found no scale-invariant filters in "
+                    f"{type(model).__name__} ({why or 'no linear/convolution weights'}); "
+                    "every parameter takes plain SGD steps.",
+                    UserWarning,
+                    stacklevel=3,
+                )
             return list(report.symmetries)
         if isinstance(filters, ScaleSymmetryReport):
             if model is None:
-                raise ConfigError("UnitNormSGD: a ScaleSymmetryReport names parameters of a module; "
-                                  "pass the nn.Module as the first argument.")
+                raise ConfigError(
+                    "UnitNormSGD: a ScaleSymmetryReport names parameters of a module; "
+                    "pass the nn.Module as the first argument."
+                )
             return list(filters.symmetries)
         if isinstance(filters, (list, tuple)):
             out: list[ScaleSymmetry] = [f for f in filters if isinstance(f, ScaleSymmetry)]
             names = [f for f in filters if isinstance(f, str)]
             bad = [f for f in filters if not isinstance(f, (str, ScaleSymmetry))]
             if bad:
-                raise ConfigError(f"UnitNormSGD: filters list items must be parameter names or "
-                                  f"ScaleSymmetry; got {type(bad[0]).__name__}.")
+                raise ConfigError(
+                    f"UnitNormSGD: filters list items must be parameter names or "
+                    f"ScaleSymmetry; got {type(bad[0]).__name__}."
+                )
             if (names or out) and model is None:
-                raise ConfigError("UnitNormSGD: an explicit filters list names parameters of a "
-                                  "module; pass the nn.Module as the first argument.")
+                raise ConfigError(
+                    "UnitNormSGD: an explicit filters list names parameters of a "
+                    "module; pass the nn.Module as the first argument."
+                )
             if names:
                 known = dict(model.named_parameters())  # type: ignore[union-attr]
                 missing = [n for n in names if n not in known]
                 if missing:
-                    raise ConfigError(f"UnitNormSGD: no parameter named {missing[0]!r}; the model's "
-                                      f"parameters are {sorted(known)}.")
+                    raise ConfigError(
+                        f"UnitNormSGD: no parameter named {missing[0]!r}; the model's parameters are {sorted(known)}."
+                    )
                 if example_input is None:
-                    raise ConfigError("UnitNormSGD: an explicit filters list is checked for scale "
-                                      "invariance; pass example_input=<a batch of inputs>.")
+                    raise ConfigError(
+                        "UnitNormSGD: an explicit filters list is checked for scale "
+                        "invariance; pass example_input=<a batch of inputs>."
+                    )
                 report = find_scale_symmetries(model, example_input, generator=generator)  # type: ignore[arg-type]
                 for n in names:
                     sym = report.get(n)
@@ -151,7 +174,8 @@ class UnitNormSGD(torch.optim.Optimizer):
                             f"UnitNormSGD: parameter {n!r} is not scale-invariant ({report.reason(n)}), "
                             f"so it cannot be kept on a unit sphere. Scale-invariant parameters of "
                             f"this model: {', '.join(inv)}. Remove it from filters or use "
-                            "filters='auto'.")
+                            "filters='auto'."
+                        )
                     if all(s.weight != sym.weight for s in out):
                         out.append(sym)
             return out
@@ -164,8 +188,10 @@ class UnitNormSGD(torch.optim.Optimizer):
         for sym in symmetries:
             for name in sym.members:
                 if name not in named:
-                    raise ConfigError(f"UnitNormSGD: symmetry names parameter {name!r}, which this "
-                                      f"model does not have; detect symmetries on this model.")
+                    raise ConfigError(
+                        f"UnitNormSGD: symmetry names parameter {name!r}, which this "
+                        f"model does not have; detect symmetries on this model."
+                    )
                 if name in taken:
                     raise ConfigError(f"UnitNormSGD: parameter {name!r} appears in two symmetries.")
                 taken.add(name)
@@ -173,12 +199,15 @@ class UnitNormSGD(torch.optim.Optimizer):
             if not any(named[n].requires_grad for n in sym.members):
                 continue  # frozen filters are not optimized at all
             if w.dim() <= sym.axis or w.shape[sym.axis] != sym.num_filters:
-                raise ConfigError(f"UnitNormSGD: {sym.weight} has shape {tuple(w.shape)}, the "
-                                  f"symmetry expects {sym.num_filters} filters on axis {sym.axis}.")
+                raise ConfigError(
+                    f"UnitNormSGD: {sym.weight} has shape {tuple(w.shape)}, the "
+                    f"symmetry expects {sym.num_filters} filters on axis {sym.axis}."
+                )
             groups = {group_of.get(id(named[n])) for n in sym.members}
             if None in groups or len(groups) != 1:
-                raise ConfigError(f"UnitNormSGD: {', '.join(sym.members)} must all be optimized and "
-                                  f"in the same parameter group.")
+                raise ConfigError(
+                    f"UnitNormSGD: {', '.join(sym.members)} must all be optimized and in the same parameter group."
+                )
             b = named[sym.bias] if sym.bias else None
             self.spheres.append(_Sphere(sym, w, b, sym.channel_block(w.device)))
         self._normalize(model)
@@ -192,14 +221,21 @@ class UnitNormSGD(torch.optim.Optimizer):
             sym = sphere.symmetry
             norms = block_norms(params, sym)
             if not bool((norms > 0).all()):
-                raise ConfigError(f"UnitNormSGD: a block of filters of {sym.weight} has zero norm, "
-                                  f"so it has no direction on the sphere; initialize it with nonzero "
-                                  f"values.")
+                raise ConfigError(
+                    f"UnitNormSGD: a block of filters of {sym.weight} has zero norm, "
+                    f"so it has no direction on the sphere; initialize it with nonzero "
+                    f"values."
+                )
             # Running statistics are rescaled only where they already hold estimates.
-            live = {k: v for k, v in buffers.items()
-                    if not any(k.startswith(f"{link.norm}.running_") and
-                               int(buffers.get(f"{link.norm}.num_batches_tracked", torch.ones(()))) == 0
-                               for link in sym.stat_links)}
+            live = {
+                k: v
+                for k, v in buffers.items()
+                if not any(
+                    k.startswith(f"{link.norm}.running_")
+                    and int(buffers.get(f"{link.norm}.num_batches_tracked", torch.ones(()))) == 0
+                    for link in sym.stat_links
+                )
+            }
             new_p, new_b = rescale_filters(params, live, sym, 1.0 / norms)
             for name in sym.members:
                 params[name].copy_(new_p[name])
@@ -230,8 +266,11 @@ class UnitNormSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if amp.active:
-            if not (bool(torch.isfinite(torch.as_tensor(loss)).all()) if loss is not None else True) \
-                    or not amp.grads_finite() and not amp.from_scaler:
+            if (
+                not (bool(torch.isfinite(torch.as_tensor(loss)).all()) if loss is not None else True)
+                or not amp.grads_finite()
+                and not amp.from_scaler
+            ):
                 amp.skip()
                 return loss
             if not amp.finish():

@@ -21,13 +21,23 @@ class WrapperOptimizer(torch.optim.Optimizer):
     ``load_state_dict`` restores them: a resumed run continues exactly).
     """
 
-    def __init__(self, params: Iterable[Any], base_optimizer: type[torch.optim.Optimizer],
-                 defaults: dict[str, Any], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base_optimizer: type[torch.optim.Optimizer],
+        defaults: dict[str, Any],
+        **kwargs: Any,
+    ) -> None:
         if not isinstance(base_optimizer, type) or not issubclass(base_optimizer, torch.optim.Optimizer):
-            got = (f"an instance of {type(base_optimizer).__name__}" if isinstance(base_optimizer, torch.optim.Optimizer)
-                   else repr(base_optimizer))
-            raise ConfigError(f"base_optimizer must be an optimizer class such as torch.optim.SGD, got {got}; "
-                              "pass the class and its arguments (lr, momentum, ...) as keywords.")
+            got = (
+                f"an instance of {type(base_optimizer).__name__}"
+                if isinstance(base_optimizer, torch.optim.Optimizer)
+                else repr(base_optimizer)
+            )
+            raise ConfigError(
+                f"base_optimizer must be an optimizer class such as torch.optim.SGD, got {got}; "
+                "pass the class and its arguments (lr, momentum, ...) as keywords."
+            )
         super().__init__(params, {**defaults, **kwargs})
         self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
         self.param_groups = self.base_optimizer.param_groups

@@ -61,8 +61,9 @@ __all__ = [
 ]
 
 
-def find_scale_symmetries(model: nn.Module, example_input: Tensor | Sequence[Any], *,
-                          generator: Seed = None, tol: float | None = None) -> ScaleSymmetryReport:
+def find_scale_symmetries(
+    model: nn.Module, example_input: Tensor | Sequence[Any], *, generator: Seed = None, tol: float | None = None
+) -> ScaleSymmetryReport:
     """The parameter groups of ``model`` whose filter rescaling leaves the model unchanged.
 
     For each linear / convolution weight W: ``f(W_B -> a_B W_B) = f(W)`` for all a_B > 0 when every
@@ -81,12 +82,16 @@ def find_scale_symmetries(model: nn.Module, example_input: Tensor | Sequence[Any
         raise ConfigError(f"find_scale_symmetries expects an nn.Module, got {type(model).__name__}.")
     args = _as_args(example_input)
     if not any(isinstance(a, Tensor) for a in args):
-        raise ConfigError("find_scale_symmetries needs example_input: a batch of inputs (a tensor, "
-                          "or a tuple of the forward's arguments); got no tensor.")
+        raise ConfigError(
+            "find_scale_symmetries needs example_input: a batch of inputs (a tensor, "
+            "or a tuple of the forward's arguments); got no tensor."
+        )
     first = next(a for a in args if isinstance(a, Tensor))
     if first.dim() == 0 or first.shape[0] < 2:
-        raise ShapeError(f"example_input must be a batch of at least 2 inputs (BatchNorm needs "
-                         f"batch statistics); got shape {tuple(first.shape)}.")
+        raise ShapeError(
+            f"example_input must be a batch of at least 2 inputs (BatchNorm needs "
+            f"batch statistics); got shape {tuple(first.shape)}."
+        )
     seed = seed_of(generator)  # dropout masks: the same on both sides of every comparison
     gen = as_generator(generator)
     # Every forward pass runs under a seeded global RNG that is restored after: the caller's
@@ -95,8 +100,9 @@ def find_scale_symmetries(model: nn.Module, example_input: Tensor | Sequence[Any
         return _find(model, args, gen, seed, tol)
 
 
-def _find(model: nn.Module, args: tuple[Any, ...], gen: torch.Generator, seed: int,
-          tol: float | None) -> ScaleSymmetryReport:
+def _find(
+    model: nn.Module, args: tuple[Any, ...], gen: torch.Generator, seed: int, tol: float | None
+) -> ScaleSymmetryReport:
     """Trace, analyse every linear / convolution layer, confirm each candidate; sort every parameter."""
     ref = next(iter(model.parameters()), None)
     device = ref.device if ref is not None else None
@@ -133,7 +139,8 @@ def _find(model: nn.Module, args: tuple[Any, ...], gen: torch.Generator, seed: i
         if shared:
             for pn in pnames:
                 unanalysed[pn] = graph.unanalysed_params.get(
-                    pn, f"{shared[0]} of the same module is also used by a functional op")
+                    pn, f"{shared[0]} of the same module is also used by a functional op"
+                )
             continue
         analyses = [_analyse_source(graph, n, name, mod, gen) for n in nodes]
         failure = next((a.failure for a in analyses if a.failure is not None), None)
@@ -156,10 +163,12 @@ def _find(model: nn.Module, args: tuple[Any, ...], gen: torch.Generator, seed: i
     flat = set(_degenerate_norms(models["exact"], cargs["exact"], norms, seed)) if candidates else set()
     for sym, pnames in [c for c in candidates if flat & set(c[0].normalizers)]:
         for pn in pnames:
-            rejected[pn] = (f"graph analysis predicted a {sym.kind} symmetry via {', '.join(sym.normalizers)}, "
-                            f"but {', '.join(sorted(flat & set(sym.normalizers)))} see(s) a constant group of "
-                            "values on example_input (e.g. an all-zero filter), where eps -> 0 normalization is "
-                            "undefined, so the numeric check cannot confirm it")
+            rejected[pn] = (
+                f"graph analysis predicted a {sym.kind} symmetry via {', '.join(sym.normalizers)}, "
+                f"but {', '.join(sorted(flat & set(sym.normalizers)))} see(s) a constant group of "
+                "values on example_input (e.g. an all-zero filter), where eps -> 0 normalization is "
+                "undefined, so the numeric check cannot confirm it"
+            )
     candidates = [c for c in candidates if not flat & set(c[0].normalizers)]
     verdicts = _confirm_candidates(models, [c[0] for c in candidates], cargs, gen, seed, tol, refs)
     for (sym, pnames), (check, error) in zip(candidates, verdicts, strict=True):
@@ -168,42 +177,58 @@ def _find(model: nn.Module, args: tuple[Any, ...], gen: torch.Generator, seed: i
                 rejected[pn] = f"numeric check failed to run ({error})"
             continue
         sym.check = check
-        keys = ["train_exact", "eval_exact"] + (["bias_train_exact", "bias_eval_exact"]
-                                                if sym.redundant_bias else [])
+        keys = ["train_exact", "eval_exact"] + (["bias_train_exact", "bias_eval_exact"] if sym.redundant_bias else [])
         bad = {k: sym.check[k] for k in keys if not (sym.check[k] <= tol)}
         if bad:
             flat = _degenerate_norms(models["exact"], cargs["exact"], sym.normalizers, seed)
-            hint = (f"; {', '.join(flat)} see(s) a constant group of values on example_input (e.g. "
-                    "an all-zero filter), where eps -> 0 normalization is undefined" if flat else "")
+            hint = (
+                f"; {', '.join(flat)} see(s) a constant group of values on example_input (e.g. "
+                "an all-zero filter), where eps -> 0 normalization is undefined"
+                if flat
+                else ""
+            )
             for pn in pnames:
-                rejected[pn] = (f"graph analysis predicted a {sym.kind} symmetry via "
-                                f"{', '.join(sym.normalizers)}, but rescaling changed the output "
-                                f"(relative {bad}, tolerance {tol:g}){hint}")
+                rejected[pn] = (
+                    f"graph analysis predicted a {sym.kind} symmetry via "
+                    f"{', '.join(sym.normalizers)}, but rescaling changed the output "
+                    f"(relative {bad}, tolerance {tol:g}){hint}"
+                )
             continue
         symmetries.append(sym)
         if sym.redundant_bias:
-            redundant[sym.redundant_bias] = (f"cancelled by the mean subtraction of "
-                                             f"{', '.join(sym.normalizers)}")
+            redundant[sym.redundant_bias] = f"cancelled by the mean subtraction of {', '.join(sym.normalizers)}"
     found = {n for s in symmetries for n in s.members} | set(redundant)
     decided = found | set(not_inv) | set(unanalysed) | set(rejected)
-    not_candidates = {n: "not a weight or bias of nn.Linear / nn.Conv* (not analysed)"
-                      for n in all_params if n not in decided}
+    not_candidates = {
+        n: "not a weight or bias of nn.Linear / nn.Conv* (not analysed)" for n in all_params if n not in decided
+    }
     if symmetries:
-        notes.append("eps > 0 in a normalization makes the symmetry approximate: check['train_eps'] "
-                     "is the relative output change at the model's own eps")
-    notes.append("only scale invariance of single layers is reported; symmetries that need a "
-                 "compensating change in another layer (ReLU rescaling, permutations) are not")
-    return ScaleSymmetryReport(symmetries, redundant, not_inv, unanalysed, rejected, not_candidates,
-                               graph.method, notes)
+        notes.append(
+            "eps > 0 in a normalization makes the symmetry approximate: check['train_eps'] "
+            "is the relative output change at the model's own eps"
+        )
+    notes.append(
+        "only scale invariance of single layers is reported; symmetries that need a "
+        "compensating change in another layer (ReLU rescaling, permutations) are not"
+    )
+    return ScaleSymmetryReport(
+        symmetries, redundant, not_inv, unanalysed, rejected, not_candidates, graph.method, notes
+    )
 
 
 # One pass per group of candidates (issue 13 section 3); False: every candidate alone (the reference path).
 _GROUP_CONFIRMATION = True
 
 
-def _confirm_candidates(models: dict[str, nn.Module], syms: list[ScaleSymmetry], cargs: dict[str, tuple[Any, ...]],
-                        gen: torch.Generator, seed: int, tol: float,
-                        refs: dict[tuple[str, bool], Tensor]) -> list[tuple[dict[str, float], str | None]]:
+def _confirm_candidates(
+    models: dict[str, nn.Module],
+    syms: list[ScaleSymmetry],
+    cargs: dict[str, tuple[Any, ...]],
+    gen: torch.Generator,
+    seed: int,
+    tol: float,
+    refs: dict[tuple[str, bool], Tensor],
+) -> list[tuple[dict[str, float], str | None]]:
     """Each candidate's numeric check, or the error that stopped it: ``[(check, error)]`` in order.
 
     Group testing: all candidates are rescaled together; a group whose check passes confirms all its
@@ -214,14 +239,18 @@ def _confirm_candidates(models: dict[str, nn.Module], syms: list[ScaleSymmetry],
     out: list[tuple[dict[str, float], str | None]] = [({}, None)] * len(syms)
 
     def passes(check: dict[str, float], group: list[int]) -> bool:
-        keys = ["train_exact", "eval_exact"] + (["bias_train_exact", "bias_eval_exact"]
-                                                if any(syms[i].redundant_bias for i in group) else [])
+        keys = ["train_exact", "eval_exact"] + (
+            ["bias_train_exact", "bias_eval_exact"] if any(syms[i].redundant_bias for i in group) else []
+        )
         return all(check[k] <= tol for k in keys)
 
     def run(group: list[int]) -> None:
         try:
-            check = (_confirm_group(models, [syms[i] for i in group], cargs, gen, seed, refs) if len(group) > 1
-                     else _confirm(models, syms[group[0]], cargs, gen, seed, refs))
+            check = (
+                _confirm_group(models, [syms[i] for i in group], cargs, gen, seed, refs)
+                if len(group) > 1
+                else _confirm(models, syms[group[0]], cargs, gen, seed, refs)
+            )
         except Exception as e:  # noqa: BLE001 - split to find the candidate that fails to run
             if len(group) == 1:
                 out[group[0]] = ({}, f"{type(e).__name__}: {e}")

@@ -31,8 +31,9 @@ def block_norms(params: Mapping[str, Tensor], symmetry: ScaleSymmetry) -> Tensor
     return torch.zeros(symmetry.num_blocks, dtype=w.dtype, device=w.device).index_add(0, idx, sq).sqrt()
 
 
-def rescale_filters(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None,
-                    symmetry: ScaleSymmetry, factors: Tensor) -> tuple[Params, Params]:
+def rescale_filters(
+    params: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None, symmetry: ScaleSymmetry, factors: Tensor
+) -> tuple[Params, Params]:
     """Apply the symmetry: block B of filters times ``factors[B]`` (> 0), running statistics to match.
 
     ``W_B -> a_B W_B`` (and the scaled bias), ``running_mean -> a (running_mean - shift) + shift``,
@@ -41,8 +42,10 @@ def rescale_filters(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor] 
     """
     factors = torch.as_tensor(factors)
     if factors.shape != (symmetry.num_blocks,):
-        raise ShapeError(f"rescale_filters: expected {symmetry.num_blocks} factors (one per block of "
-                         f"{symmetry.weight}), got shape {tuple(factors.shape)}.")
+        raise ShapeError(
+            f"rescale_filters: expected {symmetry.num_blocks} factors (one per block of "
+            f"{symmetry.weight}), got shape {tuple(factors.shape)}."
+        )
     w = params[symmetry.weight]
     factors = factors.to(device=w.device, dtype=w.dtype)
     alpha = factors[symmetry.channel_block(w.device)]
@@ -80,12 +83,17 @@ def _as_args(example_input: Any) -> tuple[Any, ...]:
 
 def _cast_args(args: tuple[Any, ...], dtype: torch.dtype, device: torch.device | None) -> tuple[Any, ...]:
     """Floating-point tensors to ``dtype`` and ``device``, other tensors to ``device``, the rest as is."""
-    return tuple(a.to(device=device, dtype=dtype) if isinstance(a, Tensor) and a.is_floating_point()
-                 else (a.to(device) if isinstance(a, Tensor) and device is not None else a) for a in args)
+    return tuple(
+        a.to(device=device, dtype=dtype)
+        if isinstance(a, Tensor) and a.is_floating_point()
+        else (a.to(device) if isinstance(a, Tensor) and device is not None else a)
+        for a in args
+    )
 
 
-def _forward(model: nn.Module, params: Params, buffers: Params, args: tuple[Any, ...],
-             train: bool, seed: int) -> Tensor:
+def _forward(
+    model: nn.Module, params: Params, buffers: Params, args: tuple[Any, ...], train: bool, seed: int
+) -> Tensor:
     """The output (flattened and concatenated if a tuple) at ``params`` and copies of ``buffers``."""
     model.train(train)
     with torch.no_grad(), isolated_seed(seed):  # the same dropout masks for both sides of a comparison
@@ -102,15 +110,26 @@ def _rel(a: Tensor, b: Tensor) -> float:
     return num / den if den > 0 else num
 
 
-def _confirm(models: dict[str, nn.Module], sym: ScaleSymmetry, args: dict[str, tuple[Any, ...]],
-             gen: torch.Generator, seed: int, refs: dict[tuple[str, bool], Tensor] | None = None) -> dict[str, float]:
+def _confirm(
+    models: dict[str, nn.Module],
+    sym: ScaleSymmetry,
+    args: dict[str, tuple[Any, ...]],
+    gen: torch.Generator,
+    seed: int,
+    refs: dict[tuple[str, bool], Tensor] | None = None,
+) -> dict[str, float]:
     """Relative output changes under random block factors in [1/2, 2] of one candidate, train and eval mode."""
     return _confirm_group(models, [sym], args, gen, seed, refs)
 
 
-def _confirm_group(models: dict[str, nn.Module], syms: Sequence[ScaleSymmetry], args: dict[str, tuple[Any, ...]],
-                   gen: torch.Generator, seed: int,
-                   refs: dict[tuple[str, bool], Tensor] | None = None) -> dict[str, float]:
+def _confirm_group(
+    models: dict[str, nn.Module],
+    syms: Sequence[ScaleSymmetry],
+    args: dict[str, tuple[Any, ...]],
+    gen: torch.Generator,
+    seed: int,
+    refs: dict[tuple[str, bool], Tensor] | None = None,
+) -> dict[str, float]:
     """Relative output changes when every candidate of ``syms`` is rescaled at once (random block factors
     in [1/2, 2] each), train and eval mode; for one candidate, exactly the check of that candidate alone.
 
@@ -120,8 +139,12 @@ def _confirm_group(models: dict[str, nn.Module], syms: Sequence[ScaleSymmetry], 
     the outputs at the unchanged weights, shared by every group (a forward at the model's own
     parameters, train or eval mode, under the same seed).
     """
-    factors = [torch.exp((torch.rand(sym.num_blocks, generator=gen, device=gen.device, dtype=torch.float64) * 2 - 1)
-                         * math.log(2.0)) for sym in syms]
+    factors = [
+        torch.exp(
+            (torch.rand(sym.num_blocks, generator=gen, device=gen.device, dtype=torch.float64) * 2 - 1) * math.log(2.0)
+        )
+        for sym in syms
+    ]
     redundant = [sym for sym in syms if sym.redundant_bias]
     refs = {} if refs is None else refs
     check: dict[str, float] = {}
@@ -132,8 +155,9 @@ def _confirm_group(models: dict[str, nn.Module], syms: Sequence[ScaleSymmetry], 
             p2, b2 = rescale_filters(p2, b2, sym, f)
         x = args[tag]
 
-        def ref(train: bool, tag: str = tag, model: nn.Module = model, p: Params = p, b: Params = b,
-                x: tuple[Any, ...] = x) -> Tensor:
+        def ref(
+            train: bool, tag: str = tag, model: nn.Module = model, p: Params = p, b: Params = b, x: tuple[Any, ...] = x
+        ) -> Tensor:
             if (tag, train) not in refs:
                 refs[(tag, train)] = _forward(model, p, b, x, train, seed)
             return refs[(tag, train)]
@@ -159,18 +183,19 @@ def _confirm_group(models: dict[str, nn.Module], syms: Sequence[ScaleSymmetry], 
     return check
 
 
-def _degenerate_norms(model: nn.Module, args: tuple[Any, ...], names: Sequence[str],
-                      seed: int) -> list[str]:
+def _degenerate_norms(model: nn.Module, args: tuple[Any, ...], names: Sequence[str], seed: int) -> list[str]:
     """Normalizations among ``names`` with a (numerically) constant group of inputs."""
     mods = dict(model.named_modules())
     flat: list[str] = []
     handles = []
     for name in names:
+
         def pre(m, inp, name=name):
             rows = _norm_rows(m, inp[0].detach())
             spread = rows.amax(dim=1) - rows.amin(dim=1)
             if bool((spread <= 1e-12 * rows.abs().amax(dim=1).clamp_min(1e-300)).any()):
                 flat.append(name)
+
         if name in mods:
             handles.append(mods[name].register_forward_pre_hook(pre))
     try:
@@ -185,12 +210,16 @@ def _degenerate_norms(model: nn.Module, args: tuple[Any, ...], names: Sequence[s
     return sorted(set(flat))
 
 
-
-
-def _check_models(model: nn.Module, args: tuple[Any, ...], native_args: tuple[Any, ...], ref: Tensor | None,
-                  device: torch.device | None, seed: int, notes: list[str],
-                  refs: dict[tuple[str, bool], Tensor] | None = None,
-                  ) -> tuple[dict[str, nn.Module], dict[str, tuple[Any, ...]], torch.dtype]:
+def _check_models(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    native_args: tuple[Any, ...],
+    ref: Tensor | None,
+    device: torch.device | None,
+    seed: int,
+    notes: list[str],
+    refs: dict[tuple[str, bool], Tensor] | None = None,
+) -> tuple[dict[str, nn.Module], dict[str, tuple[Any, ...]], torch.dtype]:
     """Copies of ``model`` for the check: ``exact`` (normalization eps -> 0) and ``eps`` (as is), in float64.
 
     eps = 0 gives the exact symmetry (torch refuses 0, so the smallest positive float); a model that

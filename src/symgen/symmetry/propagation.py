@@ -57,10 +57,10 @@ def _row_constant(rows: Tensor, tol: float = 1e-9) -> Tensor:
 class _PathState:
     """What is known about the tensor on a path from the source, element by element."""
 
-    labels: Tensor                # source channel of every element (NaN: not from the source)
-    bias: Tensor | None           # image of a unit bias (ones) if the path so far is affine in it
-    bias_rand: Tensor | None      # image of a random bias, reveals mixing of channels
-    const: Tensor                 # unscaled constant shifts added on the way
+    labels: Tensor  # source channel of every element (NaN: not from the source)
+    bias: Tensor | None  # image of a unit bias (ones) if the path so far is affine in it
+    bias_rand: Tensor | None  # image of a random bias, reveals mixing of channels
+    const: Tensor  # unscaled constant shifts added on the way
     names: list[str]
 
 
@@ -107,8 +107,7 @@ def _move_labels(step: _Step, labels: Tensor, rand: Tensor) -> Tensor | None:
     return torch.where(ok, lab.round(), torch.nan)
 
 
-def _analyse_source(graph: Any, node: Any, name: str, mod: nn.Module,
-                    gen: torch.Generator) -> _Analysis:
+def _analyse_source(graph: Any, node: Any, name: str, mod: nn.Module, gen: torch.Generator) -> _Analysis:
     """Follow every use of the output of ``node`` (a call of ``mod``) to the normalizations it reaches."""
     out = graph.value(node)
     result = _Analysis()
@@ -126,7 +125,9 @@ def _analyse_source(graph: Any, node: Any, name: str, mod: nn.Module,
         labels=lab.clone(),
         bias=torch.ones_like(out) if has_bias else None,
         bias_rand=_along(rand, ch_dim, out.dim()).expand_as(out).clone() if has_bias else None,
-        const=torch.zeros_like(out), names=[name])
+        const=torch.zeros_like(out),
+        names=[name],
+    )
     tainted = graph.descendants(node)
 
     def visit(n: Any, incoming: Any, st: _PathState, value: Tensor) -> None:
@@ -137,19 +138,28 @@ def _analyse_source(graph: Any, node: Any, name: str, mod: nn.Module,
         if step.kind == "metadata":
             return
         if step.kind in ("break", "output", "unknown"):
-            result.failure = ("unknown" if step.kind == "unknown" else "break",
-                              f"{step.reason} (path {' -> '.join(names)})")
+            result.failure = (
+                "unknown" if step.kind == "unknown" else "break",
+                f"{step.reason} (path {' -> '.join(names)})",
+            )
             return
         if step.kind == "norm":
-            result.terminals.append((step.module_name or step.name, step.module,
-                                     _PathState(st.labels, st.bias, st.bias_rand, st.const, names)))
+            result.terminals.append(
+                (
+                    step.module_name or step.name,
+                    step.module,
+                    _PathState(st.labels, st.bias, st.bias_rand, st.const, names),
+                )
+            )
             return
         nxt = graph.value(n)
         nxt = nxt.detach().to(torch.float64) if isinstance(nxt, Tensor) else value
         if step.kind == "homog":
             if st.const.abs().max() > 0:
-                result.failure = ("break", f"a constant shift is followed by {step.name}, which is "
-                                  f"not affine (path {' -> '.join(names)})")
+                result.failure = (
+                    "break",
+                    f"a constant shift is followed by {step.name}, which is not affine (path {' -> '.join(names)})",
+                )
                 return
             new = _PathState(st.labels, None, None, st.const, names)
         elif step.kind in ("move", "scale", "shift"):
@@ -168,21 +178,24 @@ def _analyse_source(graph: Any, node: Any, name: str, mod: nn.Module,
                             bias = bias_r = None
                         if const.abs().max() > 0:
                             if step.kind == "move" and not _is_affine(step, value, const):
-                                result.failure = ("break", f"a constant shift does not pass "
-                                                  f"{step.name} affinely (path {' -> '.join(names)})")
+                                result.failure = (
+                                    "break",
+                                    f"a constant shift does not pass {step.name} affinely (path {' -> '.join(names)})",
+                                )
                                 return
                         const = step.apply(const, 0.0)
             except Exception as e:  # noqa: BLE001
-                result.failure = ("unknown", f"could not replay {step.name} on the rescaled tensor "
-                                  f"({type(e).__name__}: {e})")
+                result.failure = (
+                    "unknown",
+                    f"could not replay {step.name} on the rescaled tensor ({type(e).__name__}: {e})",
+                )
                 return
             if labels.shape != nxt.shape:
                 labels = torch.broadcast_to(labels, nxt.shape) if step.kind != "move" else labels
             if const.shape != labels.shape:
                 const = torch.broadcast_to(const, labels.shape).clone()
             if labels is None:
-                result.failure = ("break", f"{step.name} mixes values of different filters "
-                                  f"(path {' -> '.join(names)})")
+                result.failure = ("break", f"{step.name} mixes values of different filters (path {' -> '.join(names)})")
                 return
             new = _PathState(labels, bias, bias_r, const, names)
         else:  # pragma: no cover - every kind is handled above
@@ -232,8 +245,14 @@ def _candidate(module_name: str, mod: nn.Module, analyses: list[_Analysis]) -> t
             nan = torch.isnan(rows)
             mixed = nan.any(dim=1) & ~nan.all(dim=1)
             if mixed.any():
-                return None, "break", (f"{norm_name} normalizes its filters jointly with values that "
-                                       f"are not rescaled (path {' -> '.join(st.names)})")
+                return (
+                    None,
+                    "break",
+                    (
+                        f"{norm_name} normalizes its filters jointly with values that "
+                        f"are not rescaled (path {' -> '.join(st.names)})"
+                    ),
+                )
             keep = ~nan.all(dim=1)
             lab = rows[keep].long()
             uniq = torch.unique(lab, dim=0) if lab.numel() else lab
@@ -245,12 +264,19 @@ def _candidate(module_name: str, mod: nn.Module, analyses: list[_Analysis]) -> t
             single = bool((lab.amax(dim=1) == lab.amin(dim=1)).all()) if lab.numel() else True
             const_rows = _norm_rows(norm, st.const)[keep]
             if const_rows.abs().max() > 0 and not (subtracts_mean and bool(_row_constant(const_rows).all())):
-                return None, "break", (f"a constant shift reaches {norm_name}, which does not remove "
-                                       f"it (path {' -> '.join(st.names)})")
+                return (
+                    None,
+                    "break",
+                    (f"a constant shift reaches {norm_name}, which does not remove it (path {' -> '.join(st.names)})"),
+                )
             if has_bias:
-                ok = (st.bias is not None and subtracts_mean and single
-                      and bool(_row_constant(_norm_rows(norm, st.bias)[keep]).all())
-                      and bool(_row_constant(_norm_rows(norm, st.bias_rand)[keep]).all()))
+                ok = (
+                    st.bias is not None
+                    and subtracts_mean
+                    and single
+                    and bool(_row_constant(_norm_rows(norm, st.bias)[keep]).all())
+                    and bool(_row_constant(_norm_rows(norm, st.bias_rand)[keep]).all())
+                )
                 bias_cancelled = bias_cancelled and ok
             normalizers.append(norm_name)
             paths.append(" -> ".join(st.names))
@@ -258,11 +284,15 @@ def _candidate(module_name: str, mod: nn.Module, analyses: list[_Analysis]) -> t
                 ch_lab = _per_channel(norm, st.labels)
                 ch_const = _per_channel(norm, st.const)
                 ch_gain = _per_channel(norm, st.bias) if st.bias is not None else torch.zeros_like(ch_lab)
-                labels_j = tuple(int(r[~torch.isnan(r)][0].item()) if (~torch.isnan(r)).any() else -1
-                                 for r in ch_lab)
-                links.append(RunningStatLink(norm_name, labels_j,
-                                             tuple(float(v) for v in ch_gain[:, 0]),
-                                             tuple(float(v) for v in ch_const[:, 0])))
+                labels_j = tuple(int(r[~torch.isnan(r)][0].item()) if (~torch.isnan(r)).any() else -1 for r in ch_lab)
+                links.append(
+                    RunningStatLink(
+                        norm_name,
+                        labels_j,
+                        tuple(float(v) for v in ch_gain[:, 0]),
+                        tuple(float(v) for v in ch_const[:, 0]),
+                    )
+                )
     groups: dict[int, list[int]] = {}
     for c in range(C):
         groups.setdefault(uf.find(c), []).append(c)
@@ -272,11 +302,19 @@ def _candidate(module_name: str, mod: nn.Module, analyses: list[_Analysis]) -> t
         kind = "per_filter"
     w_name = f"{module_name}.weight" if module_name else "weight"
     b_name = f"{module_name}.bias" if module_name else "bias"
-    return ScaleSymmetry(
-        module=module_name, weight=w_name, axis=axis, kind=kind, blocks=blocks,  # type: ignore[arg-type]
-        bias=b_name if has_bias and not bias_cancelled else None,
-        redundant_bias=b_name if has_bias and bias_cancelled else None,
-        normalizers=tuple(dict.fromkeys(normalizers)), paths=tuple(dict.fromkeys(paths)),
-        stat_links=tuple(links)), "", ""
-
-
+    return (
+        ScaleSymmetry(
+            module=module_name,
+            weight=w_name,
+            axis=axis,
+            kind=kind,
+            blocks=blocks,  # type: ignore[arg-type]
+            bias=b_name if has_bias and not bias_cancelled else None,
+            redundant_bias=b_name if has_bias and bias_cancelled else None,
+            normalizers=tuple(dict.fromkeys(normalizers)),
+            paths=tuple(dict.fromkeys(paths)),
+            stat_links=tuple(links),
+        ),
+        "",
+        "",
+    )

@@ -59,8 +59,11 @@ def _classify_module(mod: nn.Module, name: str) -> tuple[str, str]:
     if isinstance(mod, _MOVEMENT_MODULES):
         return "move", ""
     if isinstance(mod, _BREAKING_MODULES):
-        what = "a layer mixing channels" if isinstance(mod, _SOURCES + (nn.Bilinear,)) else \
-            "a function that is not positively homogeneous"
+        what = (
+            "a layer mixing channels"
+            if isinstance(mod, _SOURCES + (nn.Bilinear,))
+            else "a function that is not positively homogeneous"
+        )
         return "break", f"reaches {name} ({type(mod).__name__}, {what}) before any normalization"
     return "unknown", f"passes through {name} ({type(mod).__name__}), whose behaviour under scaling is not known"
 
@@ -79,8 +82,15 @@ def _describe(node: Any) -> str:
     import torch.fx as fx
 
     operands: list[str] = []
-    fx.node.map_arg((node.args, node.kwargs), lambda a: operands.append(
-        str(a.target) if a.op in ("call_module", "get_attr", "placeholder") else f"{_func_name(a.target)}()") or a)
+    fx.node.map_arg(
+        (node.args, node.kwargs),
+        lambda a: (
+            operands.append(
+                str(a.target) if a.op in ("call_module", "get_attr", "placeholder") else f"{_func_name(a.target)}()"
+            )
+            or a
+        ),
+    )
     stack = node.meta.get("nn_module_stack") or {}
     where = f"{next(reversed(stack.values()))[0]}.forward()" if stack else "forward()"
     return f"{_func_name(node.target)}({', '.join(dict.fromkeys(operands))}) in {where}"
@@ -113,7 +123,8 @@ class _FxGraph:
                 users = ", ".join(_describe(u) for u in n.users) or "no operation"
                 self.unanalysed_params[str(n.target)] = (
                     f"used directly by a functional op ({users}), not through its module; only parameters "
-                    "of nn.Linear / nn.Conv* modules are analysed")
+                    "of nn.Linear / nn.Conv* modules are analysed"
+                )
 
     def sources(self) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {}
@@ -151,13 +162,14 @@ class _FxGraph:
             mod = self.modules[node.target]
             kind, reason = _classify_module(mod, str(node.target))
             if uses != 1 or (node.args and node.args[0] is not incoming):
-                return _Step("unknown", str(node.target), reason=f"{label} takes the rescaled tensor "
-                             "in an unsupported position")
+                return _Step(
+                    "unknown", str(node.target), reason=f"{label} takes the rescaled tensor in an unsupported position"
+                )
             if kind in ("move", "scale"):
-                return _Step(kind, str(node.target), apply=lambda t, fill, m=mod: m(t),
-                             module=mod, module_name=str(node.target))
-            return _Step(kind, str(node.target), module=mod, module_name=str(node.target),
-                         reason=reason)
+                return _Step(
+                    kind, str(node.target), apply=lambda t, fill, m=mod: m(t), module=mod, module_name=str(node.target)
+                )
+            return _Step(kind, str(node.target), module=mod, module_name=str(node.target), reason=reason)
         if node.op not in ("call_function", "call_method"):
             return _Step("unknown", node.name, reason=f"unsupported node {label}")
         name = _func_name(node.target)
@@ -167,8 +179,9 @@ class _FxGraph:
             return _Step("unknown", name, reason=f"{label} uses the rescaled tensor {uses} times")
         others = [a for a in flat if isinstance(a, fx.Node) and a is not incoming]
         if any(a in tainted for a in others):
-            return _Step("unknown", name, reason=f"{label} combines the rescaled tensor with "
-                         "another tensor computed from it")
+            return _Step(
+                "unknown", name, reason=f"{label} combines the rescaled tensor with another tensor computed from it"
+            )
         if not isinstance(self.env.get(node.name), Tensor):
             return _Step("unknown", name, reason=f"{label} does not return a single tensor")
 
@@ -202,14 +215,20 @@ class _FxGraph:
         if name in ("add", "add_", "sub", "sub_", "iadd", "isub"):
             if name.lstrip("i").startswith("sub") and not is_first:
                 return _Step("unknown", name, reason=f"{label} subtracts the rescaled tensor")
-            if all(not isinstance(a, fx.Node) for a in node.args if a is not incoming) and \
-                    not others:
+            if all(not isinstance(a, fx.Node) for a in node.args if a is not incoming) and not others:
                 return _Step("shift", name, apply=reexec)
-            return _Step("break", name, reason=f"{label} adds a tensor that is not rescaled "
-                         "(e.g. a residual connection) before any normalization")
+            return _Step(
+                "break",
+                name,
+                reason=f"{label} adds a tensor that is not rescaled "
+                "(e.g. a residual connection) before any normalization",
+            )
         if name in _BREAKING_FUNCS:
-            return _Step("break", name, reason=f"{label} is not positively homogeneous / mixes "
-                         "channels, and comes before any normalization")
+            return _Step(
+                "break",
+                name,
+                reason=f"{label} is not positively homogeneous / mixes channels, and comes before any normalization",
+            )
         return _Step("unknown", name, reason=f"{label}: behaviour under scaling is not known")
 
 
@@ -223,9 +242,11 @@ class _HookGraph:
         handles = []
         for name, mod in model.named_modules():
             if len(list(mod.children())) == 0:
+
                 def hook(m, inp, out, name=name):
                     first = inp[0] if inp and isinstance(inp[0], Tensor) else None
                     self.calls.append((name, m, first, out))
+
                 handles.append(mod.register_forward_hook(hook))
         try:
             with torch.no_grad():
@@ -263,15 +284,16 @@ class _HookGraph:
         if j == "output":
             return _Step("output", "output", reason="reaches the model output without normalization")
         if j == "invisible":
-            return _Step("unknown", "?", reason="its output is used by an operation outside any "
-                         "module, which forward hooks cannot see")
+            return _Step(
+                "unknown",
+                "?",
+                reason="its output is used by an operation outside any module, which forward hooks cannot see",
+            )
         name, mod, _, _ = self.calls[j]
         kind, reason = _classify_module(mod, name)
         if kind in ("move", "scale"):
             return _Step(kind, name, apply=lambda t, fill, m=mod: m(t), module=mod, module_name=name)
         return _Step(kind, name, module=mod, module_name=name, reason=reason)
-
-
 
 
 def _trace(model: nn.Module, args: tuple[Any, ...], notes: list[str]) -> tuple[_FxGraph | _HookGraph, nn.Module]:
@@ -283,13 +305,16 @@ def _trace(model: nn.Module, args: tuple[Any, ...], notes: list[str]) -> tuple[_
     try:
         return _FxGraph(work, args), work
     except Exception as e:  # noqa: BLE001 - any tracing failure falls back to hooks
-        notes.append(f"torch.fx could not trace the model ({type(e).__name__}: {str(e)[:200]}); "
-                     "analysed the module call order with forward hooks instead: only direct "
-                     "module-to-module connections are visible, operations in forward() between "
-                     "modules are not, so every candidate rests on the numeric check")
+        notes.append(
+            f"torch.fx could not trace the model ({type(e).__name__}: {str(e)[:200]}); "
+            "analysed the module call order with forward hooks instead: only direct "
+            "module-to-module connections are visible, operations in forward() between "
+            "modules are not, so every candidate rests on the numeric check"
+        )
     work = copy.deepcopy(model).eval()
     try:
         return _HookGraph(work, args), work
     except Exception as e2:  # noqa: BLE001
-        raise ShapeError(f"the model failed on example_input ({type(e2).__name__}: {e2}); pass "
-                         "a batch the model accepts.") from None
+        raise ShapeError(
+            f"the model failed on example_input ({type(e2).__name__}: {e2}); pass a batch the model accepts."
+        ) from None

@@ -14,50 +14,160 @@ __all__ = ["RunningStatLink", "ScaleSymmetry", "ScaleSymmetryReport", "NORMALIZA
 # ---------------------------------------------------------------------------------------------
 # Function classes: how a layer or function treats a positive rescaling of its input's channels
 
-_BATCH_NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-                                             nn.SyncBatchNorm)
-_INSTANCE_NORMS: tuple[type[nn.Module], ...] = (nn.InstanceNorm1d, nn.InstanceNorm2d,
-                                                nn.InstanceNorm3d)
+_BATCH_NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_INSTANCE_NORMS: tuple[type[nn.Module], ...] = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 _RMS_NORMS: tuple[type[nn.Module], ...] = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
 NORMALIZATION_LAYERS: tuple[type[nn.Module], ...] = (
-    _BATCH_NORMS + _INSTANCE_NORMS + (nn.LayerNorm, nn.GroupNorm) + _RMS_NORMS)
+    _BATCH_NORMS + _INSTANCE_NORMS + (nn.LayerNorm, nn.GroupNorm) + _RMS_NORMS
+)
 
 _CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_TRANSPOSES: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d,
-                                                 nn.ConvTranspose3d)
+_CONV_TRANSPOSES: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _SOURCES: tuple[type[nn.Module], ...] = (nn.Linear,) + _CONVS + _CONV_TRANSPOSES
 
 # Positively homogeneous but not affine: f(a z) = a f(z) for a > 0, f(z + b) != f(z) + b.
 _HOMOGENEOUS_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+)
 # Copy or convexly average values within a channel: commute with per-channel scaling and shifts.
 _MOVEMENT_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Flatten, nn.Unflatten, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d,
-    nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-    nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)
+    nn.Flatten,
+    nn.Unflatten,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.Upsample,
+    nn.PixelShuffle,
+    nn.PixelUnshuffle,
+    nn.ChannelShuffle,
+)
 _BREAKING_MODULES: tuple[type[nn.Module], ...] = _SOURCES + (
-    nn.Bilinear, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.ELU, nn.CELU, nn.SELU, nn.Softplus,
-    nn.Softmax, nn.LogSoftmax, nn.Hardtanh, nn.ReLU6, nn.Mish, nn.Hardswish, nn.Hardsigmoid,
-    nn.GLU, nn.Tanhshrink, nn.Softsign, nn.LogSigmoid, nn.Embedding)
+    nn.Bilinear,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.GELU,
+    nn.SiLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.Softplus,
+    nn.Softmax,
+    nn.LogSoftmax,
+    nn.Hardtanh,
+    nn.ReLU6,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.GLU,
+    nn.Tanhshrink,
+    nn.Softsign,
+    nn.LogSigmoid,
+    nn.Embedding,
+)
 
-_HOMOGENEOUS_FUNCS = {"relu", "relu_", "leaky_relu", "leaky_relu_", "prelu", "dropout",
-                      "dropout1d", "dropout2d", "dropout3d", "feature_dropout"}
-_SCALE_FUNCS = {"neg", "clone", "detach", "contiguous", "float", "double", "half", "bfloat16",
-                "to", "type_as"}
-_MOVEMENT_FUNCS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "t",
-                   "squeeze", "unsqueeze", "expand", "expand_as", "repeat", "getitem", "narrow",
-                   "select", "flip", "roll", "movedim", "swapaxes", "view_as", "reshape_as",
-                   "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d",
-                   "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
-                   "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
-                   "adaptive_max_pool3d", "pixel_shuffle", "pixel_unshuffle", "interpolate",
-                   "upsample", "channel_shuffle"}
-_BREAKING_FUNCS = {"gelu", "sigmoid", "tanh", "silu", "elu", "celu", "selu", "softplus",
-                   "softmax", "log_softmax", "hardtanh", "relu6", "mish", "hardswish",
-                   "hardsigmoid", "glu", "exp", "log", "sqrt", "rsqrt", "pow", "sin", "cos",
-                   "abs", "linear", "conv1d", "conv2d", "conv3d", "matmul", "mm", "bmm",
-                   "square", "reciprocal"}
+_HOMOGENEOUS_FUNCS = {
+    "relu",
+    "relu_",
+    "leaky_relu",
+    "leaky_relu_",
+    "prelu",
+    "dropout",
+    "dropout1d",
+    "dropout2d",
+    "dropout3d",
+    "feature_dropout",
+}
+_SCALE_FUNCS = {"neg", "clone", "detach", "contiguous", "float", "double", "half", "bfloat16", "to", "type_as"}
+_MOVEMENT_FUNCS = {
+    "view",
+    "reshape",
+    "flatten",
+    "unflatten",
+    "permute",
+    "transpose",
+    "t",
+    "squeeze",
+    "unsqueeze",
+    "expand",
+    "expand_as",
+    "repeat",
+    "getitem",
+    "narrow",
+    "select",
+    "flip",
+    "roll",
+    "movedim",
+    "swapaxes",
+    "view_as",
+    "reshape_as",
+    "max_pool1d",
+    "max_pool2d",
+    "max_pool3d",
+    "avg_pool1d",
+    "avg_pool2d",
+    "avg_pool3d",
+    "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d",
+    "adaptive_avg_pool3d",
+    "adaptive_max_pool1d",
+    "adaptive_max_pool2d",
+    "adaptive_max_pool3d",
+    "pixel_shuffle",
+    "pixel_unshuffle",
+    "interpolate",
+    "upsample",
+    "channel_shuffle",
+}
+_BREAKING_FUNCS = {
+    "gelu",
+    "sigmoid",
+    "tanh",
+    "silu",
+    "elu",
+    "celu",
+    "selu",
+    "softplus",
+    "softmax",
+    "log_softmax",
+    "hardtanh",
+    "relu6",
+    "mish",
+    "hardswish",
+    "hardsigmoid",
+    "glu",
+    "exp",
+    "log",
+    "sqrt",
+    "rsqrt",
+    "pow",
+    "sin",
+    "cos",
+    "abs",
+    "linear",
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "matmul",
+    "mm",
+    "bmm",
+    "square",
+    "reciprocal",
+}
 _METADATA_FUNCS = {"size", "dim", "numel", "getattr", "shape", "dtype", "device", "ndimension"}
 
 
@@ -126,11 +236,19 @@ class ScaleSymmetry:
         return idx.to(device) if device is not None else idx
 
     def to_dict(self) -> dict[str, Any]:
-        return {"module": self.module, "weight": self.weight, "axis": self.axis, "kind": self.kind,
-                "num_filters": self.num_filters, "num_blocks": self.num_blocks,
-                "bias_scaled_with_filter": self.bias, "redundant_bias": self.redundant_bias,
-                "normalizers": list(self.normalizers), "paths": list(self.paths),
-                "check": dict(self.check)}
+        return {
+            "module": self.module,
+            "weight": self.weight,
+            "axis": self.axis,
+            "kind": self.kind,
+            "num_filters": self.num_filters,
+            "num_blocks": self.num_blocks,
+            "bias_scaled_with_filter": self.bias,
+            "redundant_bias": self.redundant_bias,
+            "normalizers": list(self.normalizers),
+            "paths": list(self.paths),
+            "check": dict(self.check),
+        }
 
 
 @dataclass
@@ -169,11 +287,13 @@ class ScaleSymmetryReport:
         s = self.get(name)
         if s is not None:
             return f"{s.kind} scale symmetry through {', '.join(s.normalizers)}"
-        for label, table in (("redundant bias", self.redundant_biases),
-                             ("not scale-invariant", self.not_invariant),
-                             ("not analysed", self.unanalysed),
-                             ("rejected by the numeric check", self.rejected),
-                             ("not a candidate", self.not_candidates)):
+        for label, table in (
+            ("redundant bias", self.redundant_biases),
+            ("not scale-invariant", self.not_invariant),
+            ("not analysed", self.unanalysed),
+            ("rejected by the numeric check", self.rejected),
+            ("not a candidate", self.not_candidates),
+        ):
             if name in table:
                 return f"{label}: {table[name]}"
         return "not a parameter of the analysed model"
@@ -184,11 +304,15 @@ class ScaleSymmetryReport:
         for s in self.symmetries:
             extra = f", bias {s.bias} scaled with it" if s.bias else ""
             extra += f", redundant bias {s.redundant_bias}" if s.redundant_bias else ""
-            lines.append(f"  {s.weight}: {s.kind}, {s.num_blocks} block(s) of {s.num_filters} "
-                         f"filters (axis {s.axis}) via {' | '.join(s.paths)}{extra}")
-        for title, table in (("not scale-invariant", self.not_invariant),
-                             ("could not be analysed", self.unanalysed),
-                             ("rejected by numeric check", self.rejected)):
+            lines.append(
+                f"  {s.weight}: {s.kind}, {s.num_blocks} block(s) of {s.num_filters} "
+                f"filters (axis {s.axis}) via {' | '.join(s.paths)}{extra}"
+            )
+        for title, table in (
+            ("not scale-invariant", self.not_invariant),
+            ("could not be analysed", self.unanalysed),
+            ("rejected by numeric check", self.rejected),
+        ):
             if table:
                 lines.append(f"{title}:")
                 lines += [f"  {k}: {v}" for k, v in table.items()]
@@ -196,11 +320,16 @@ class ScaleSymmetryReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "symmetries": [s.to_dict() for s in self.symmetries],
-                "redundant_biases": dict(self.redundant_biases),
-                "not_invariant": dict(self.not_invariant), "unanalysed": dict(self.unanalysed),
-                "rejected": dict(self.rejected), "not_candidates": dict(self.not_candidates),
-                "notes": list(self.notes)}
+        return {
+            "method": self.method,
+            "symmetries": [s.to_dict() for s in self.symmetries],
+            "redundant_biases": dict(self.redundant_biases),
+            "not_invariant": dict(self.not_invariant),
+            "unanalysed": dict(self.unanalysed),
+            "rejected": dict(self.rejected),
+            "not_candidates": dict(self.not_candidates),
+            "notes": list(self.notes),
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,4 +350,3 @@ def _along(vec: Tensor, axis: int, ndim: int) -> Tensor:
     shape = [1] * ndim
     shape[axis] = -1
     return vec.reshape(shape)
-

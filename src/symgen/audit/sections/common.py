@@ -28,17 +28,21 @@ def curvature_subsample(n: int, k: int, seed: int) -> Tensor:
 def logits(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
     """``model(x)`` without gradients, in batches of ``batch_size``."""
     with torch.no_grad():
-        return torch.cat([model(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+        return torch.cat([model(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
 
 
 def check_logits(out: Tensor, x: Tensor, y: Tensor) -> None:
     """Logits (N, K) with a logit per label and finite values, or a :class:`ShapeError` / :class:`DivergenceError`."""
     if out.ndim != 2 or out.shape[0] != x.shape[0]:
-        raise ShapeError(f"the model must map inputs (N, ...) to logits (N, K); for inputs {tuple(x.shape)} it "
-                         f"returned {tuple(out.shape)}.")
+        raise ShapeError(
+            f"the model must map inputs (N, ...) to logits (N, K); for inputs {tuple(x.shape)} it "
+            f"returned {tuple(out.shape)}."
+        )
     if int(y.max()) >= out.shape[1]:
-        raise ShapeError(f"labels go up to {int(y.max())} but the model has {out.shape[1]} outputs; audit a "
-                         "classifier with one logit per class.")
+        raise ShapeError(
+            f"labels go up to {int(y.max())} but the model has {out.shape[1]} outputs; audit a "
+            "classifier with one logit per class."
+        )
     if not torch.isfinite(out).all():
         raise DivergenceError("the model's outputs contain NaN or inf; check the checkpoint and the input scale.")
 

@@ -24,12 +24,11 @@ def shard_batches(x: Tensor, y: Tensor, idx: Tensor, batch_size: int, group: Any
     from symgen import distributed
 
     share = distributed.shard_range(idx.numel(), group)
-    mine = idx[share.start:share.stop]
+    mine = idx[share.start : share.stop]
     return [(x[i], y[i]) for i in mine.to(x.device).split(batch_size)]
 
 
-def hessian(sec: SectionResult, model: nn.Module, train: Split, lim: AuditLimits,
-            seed: int, group: Any = None) -> None:
+def hessian(sec: SectionResult, model: nn.Module, train: Split, lim: AuditLimits, seed: int, group: Any = None) -> None:
     """tr(H) by Lanczos-deflated Hutchinson, the top eigenvalues by Lanczos, the density by SLQ
     of the mean cross-entropy on a training subsample, and beside them the top eigenvalue of the
     generalized Gauss-Newton matrix G = J^T H_loss J (arXiv 1412.1193); BatchNorm in eval mode.
@@ -53,50 +52,83 @@ def hessian(sec: SectionResult, model: nn.Module, train: Split, lim: AuditLimits
     if lim.density_runs > 0:
         proc.extend(lim.density_steps - proc.steps)  # the first SLQ run needs this many steps
     # probes two at a time: a block of k probes holds about 6 k parameter-sized vectors (float64 sums)
-    trace = deflated_trace(hess, max(3, lim.hutchinson_probes), deflation=proc, block_size=2,
-                           generator=torch.Generator().manual_seed(seed))
-    sec.add("trace", trace.value, trace.stderr,
-            f"Hutchinson deflated by the {proc.steps} Lanczos vectors of the eigenvalue run, {trace.num_matvecs} "
-            f"probes v^T H v ({'Taylor mode' if hess.taylor else 'from Hessian-vector products'}); "
-            "eval-mode BatchNorm")
+    trace = deflated_trace(
+        hess, max(3, lim.hutchinson_probes), deflation=proc, block_size=2, generator=torch.Generator().manual_seed(seed)
+    )
+    sec.add(
+        "trace",
+        trace.value,
+        trace.stderr,
+        f"Hutchinson deflated by the {proc.steps} Lanczos vectors of the eigenvalue run, {trace.num_matvecs} "
+        f"probes v^T H v ({'Taylor mode' if hess.taylor else 'from Hessian-vector products'}); "
+        "eval-mode BatchNorm",
+    )
     tops = [float(v) for v in pairs.values]
     for i, (val, bound) in enumerate(zip(tops, pairs.error_bounds.tolist(), strict=True)):
-        sec.add(f"eigenvalue_{i + 1}", val, bound, "uncertainty = Lanczos error bound" + (
-            "" if pairs.converged else f" (not converged to 1e-3 in {pairs.num_matvecs} steps)"))
+        sec.add(
+            f"eigenvalue_{i + 1}",
+            val,
+            bound,
+            "uncertainty = Lanczos error bound"
+            + ("" if pairs.converged else f" (not converged to 1e-3 in {pairs.num_matvecs} steps)"),
+        )
     if not pairs.converged:
-        sec.skipped.append(f"Lanczos stopped at {pairs.num_matvecs} steps before every top eigenvalue reached "
-                           "relative error 1e-3 (budget); the error bounds say how far off they may be")
+        sec.skipped.append(
+            f"Lanczos stopped at {pairs.num_matvecs} steps before every top eigenvalue reached "
+            "relative error 1e-3 (budget); the error bounds say how far off they may be"
+        )
     if lim.density_runs > 0:
         proc.release_basis()  # SLQ's first run needs only T: the basis would sit beside the next run's
-        dens = slq_density(hess, lim.density_steps, lim.density_runs, first=proc,
-                           generator=torch.Generator().manual_seed(seed + 2))
+        dens = slq_density(
+            hess, lim.density_steps, lim.density_runs, first=proc, generator=torch.Generator().manual_seed(seed + 2)
+        )
         lo, hi = float(dens.nodes.min()), float(dens.nodes.max())
         pad = 0.05 * (hi - lo) if hi > lo else 1.0
         grid = torch.linspace(lo - pad, hi + pad, 400, dtype=torch.float64)
-        sec.add("smallest_ritz_value", lo, None, f"most negative curvature seen by SLQ ({lim.density_runs} run(s) "
-                f"of {lim.density_steps} Lanczos steps)")
+        sec.add(
+            "smallest_ritz_value",
+            lo,
+            None,
+            f"most negative curvature seen by SLQ ({lim.density_runs} run(s) of {lim.density_steps} Lanczos steps)",
+        )
         _density_trace(sec, dens, trace)
-        sec.details.update(density_grid=grid.tolist(), density=dens.evaluate(grid.to(dens.nodes.dtype)).tolist(),
-                           nodes=dens.nodes.tolist(), weights=dens.weights.tolist())
+        sec.details.update(
+            density_grid=grid.tolist(),
+            density=dens.evaluate(grid.to(dens.nodes.dtype)).tolist(),
+            nodes=dens.nodes.tolist(),
+            weights=dens.weights.tolist(),
+        )
     else:
         sec.skipped.append("spectral density: density_runs = 0")
     sec.details.update(top_eigenvalues=tops, dim=hess.dim, matvecs=hess.num_matvecs, bn_mode="eval")
     del hess, proc, pairs  # the Hessian's retained graph and Lanczos basis, before the GGN builds its own
     try:
         ggn = GGNOperator(model, F.cross_entropy, batches, bn_mode="eval", process_group=group)
-        top = ggn.eigenpairs(1, tol=1e-3, max_steps=max(lim.eigen_iters, 2),
-                             generator=torch.Generator().manual_seed(seed + 3))
-        sec.add("ggn_top_eigenvalue", float(top.values[0]), float(top.error_bounds[0]),
-                "generalized Gauss-Newton J^T H_loss J (PSD part of H); uncertainty = Lanczos error bound"
-                + ("" if top.converged else f" (not converged to 1e-3 in {top.num_matvecs} steps)"))
+        top = ggn.eigenpairs(
+            1, tol=1e-3, max_steps=max(lim.eigen_iters, 2), generator=torch.Generator().manual_seed(seed + 3)
+        )
+        sec.add(
+            "ggn_top_eigenvalue",
+            float(top.values[0]),
+            float(top.error_bounds[0]),
+            "generalized Gauss-Newton J^T H_loss J (PSD part of H); uncertainty = Lanczos error bound"
+            + ("" if top.converged else f" (not converged to 1e-3 in {top.num_matvecs} steps)"),
+        )
         sec.details.update(ggn_matvecs=ggn.num_matvecs)
     except Exception as e:  # noqa: BLE001 - an extra metric must not hide the Hessian's
         sec.skipped.append(f"GGN top eigenvalue: {type(e).__name__}: {str(e)[:300]}")
     sec.samples = idx.numel()
 
 
-def noise_stability(sec: SectionResult, model: nn.Module, train: Split, lim: AuditLimits,
-                    seed: int, result: AuditResult, group: Any = None) -> None:
+def noise_stability(
+    sec: SectionResult,
+    model: nn.Module,
+    train: Split,
+    lim: AuditLimits,
+    seed: int,
+    result: AuditResult,
+    group: Any = None,
+) -> None:
     """E_U[L(W + U)] - L(W), U ~ N(0, sigma^2 I), antithetic draws, next to the second-order
     prediction sigma^2/2 tr(H) from the Hessian section."""
     from symgen.metrics import noise_stability as measure
@@ -110,10 +142,18 @@ def noise_stability(sec: SectionResult, model: nn.Module, train: Split, lim: Aud
     same_data = trace is not None and lim.noise_samples == lim.hessian_samples
     curve, predicted = [], []
     for i, sigma in enumerate(lim.noise_sigmas):
-        ns = measure(model, F.cross_entropy, batches, sigma, num_samples=max(2, lim.noise_draws), bn_mode="eval",
-                     generator=torch.Generator().manual_seed(seed + 100 + i), chunk_size=8,
-                     process_group=group)
-        pred = 0.5 * sigma ** 2 * trace if trace is not None else None
+        ns = measure(
+            model,
+            F.cross_entropy,
+            batches,
+            sigma,
+            num_samples=max(2, lim.noise_draws),
+            bn_mode="eval",
+            generator=torch.Generator().manual_seed(seed + 100 + i),
+            chunk_size=8,
+            process_group=group,
+        )
+        pred = 0.5 * sigma**2 * trace if trace is not None else None
         note = f"E[L(W+U)] - L(W), U ~ N(0, {sigma:g}^2 I), {ns.num_samples} antithetic draws"
         if pred is not None:
             note += f"; sigma^2/2 tr(H) = {pred:.4g}" + ("" if same_data else " (Hessian on other samples)")
@@ -143,6 +183,8 @@ def _density_trace(sec: SectionResult, dens: object, trace: object) -> None:
     t_val, t_se = float(trace.value), trace.stderr  # type: ignore[attr-defined]
     combined = math.hypot(se, t_se or 0.0)
     if combined > 0 and abs(mean - t_val) > 3 * combined:
-        sec.skipped.append(f"the density's implied trace {mean:.4g} ± {se:.2g} disagrees with the Hutchinson "
-                           f"trace {t_val:.4g} ± {t_se or 0:.2g} (more than 3 combined standard errors); "
-                           "more density runs or probes (a longer budget) would settle it")
+        sec.skipped.append(
+            f"the density's implied trace {mean:.4g} ± {se:.2g} disagrees with the Hutchinson "
+            f"trace {t_val:.4g} ± {t_se or 0:.2g} (more than 3 combined standard errors); "
+            "more density runs or probes (a longer budget) would settle it"
+        )

@@ -18,8 +18,16 @@ from symgen.stats import binomial_stderr, mean_stderr
 __all__ = ["performance", "invariance", "robustness"]
 
 
-def performance(sec: SectionResult, model: nn.Module, train: Split, test: Split, lim: AuditLimits,
-                gen: torch.Generator, same: bool, group: Any = None) -> None:
+def performance(
+    sec: SectionResult,
+    model: nn.Module,
+    train: Split,
+    test: Split,
+    lim: AuditLimits,
+    gen: torch.Generator,
+    same: bool,
+    group: Any = None,
+) -> None:
     """Accuracy (binomial standard error) and mean cross-entropy (sample standard error) per split,
     by :func:`symgen.evaluation.evaluate` (float64 sums, all-reduced over the ranks).
 
@@ -30,19 +38,31 @@ def performance(sec: SectionResult, model: nn.Module, train: Split, test: Split,
     """
     from symgen.evaluation import evaluate
 
-    splits = [("test", test, lim.test_samples)] if same else [("train", train, lim.eval_samples),
-                                                              ("test", test, lim.test_samples)]
+    splits = (
+        [("test", test, lim.test_samples)]
+        if same
+        else [("train", train, lim.eval_samples), ("test", test, lim.test_samples)]
+    )
     for split, data, k in splits:
         idx = subsample(data.num_data, k, gen)
         whole = idx.numel() == data.num_data
         if not whole:
             sec.skipped.append(f"{split}: {idx.numel()} of {data.num_data} samples (budget)")
         part = data if whole else Split(data.take(idx), data.what, data.device, data.dtype)
-        ev = evaluate(model, part.batches(lim.batch_size, group), loss_fn=_checked_cross_entropy, bn_mode="eval",
-                      process_group=group)
+        ev = evaluate(
+            model,
+            part.batches(lim.batch_size, group),
+            loss_fn=_checked_cross_entropy,
+            bn_mode="eval",
+            process_group=group,
+        )
         n, acc = ev.num_data, ev.clean_accuracy
-        sec.add(f"{split}_accuracy", acc, binomial_stderr(acc, n),
-                f"{n} samples" + (", the whole split, streamed" if n == data.num_data else ""))
+        sec.add(
+            f"{split}_accuracy",
+            acc,
+            binomial_stderr(acc, n),
+            f"{n} samples" + (", the whole split, streamed" if n == data.num_data else ""),
+        )
         sec.add(f"{split}_loss", ev.loss, ev.loss_stderr, "cross-entropy")
         sec.samples = (sec.samples or 0) + n
     if same:
@@ -55,8 +75,9 @@ def _checked_cross_entropy(out: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(out, y, reduction="none")
 
 
-def invariance(sec: SectionResult, model: nn.Module, action: Any, test: Split, lim: AuditLimits,
-               gen: torch.Generator) -> None:
+def invariance(
+    sec: SectionResult, model: nn.Module, action: Any, test: Split, lim: AuditLimits, gen: torch.Generator
+) -> None:
     """OSP, symmetric KL, logit deviation and orbit accuracy over the group orbits of test inputs
     (Nordenfors & Flinth, arXiv 2410.01452); standard errors by batch means."""
     from symgen.metrics import invariance_metrics, orbit_outputs
@@ -82,13 +103,18 @@ def invariance(sec: SectionResult, model: nn.Module, action: Any, test: Split, l
     sec.add("orbit_accuracy", full["orbit_accuracy"], se("orbit_accuracy"), "accuracy over all g x")
     # Per group element: agreement with the identity and KL, from the 2-element orbits {e, g}.
     per_g = [invariance_metrics(orbit[[0, g]]) for g in range(order)]
-    sec.details.update(group=str(action), order=order,
-                       agreement=[p["osp"] - 1.0 for p in per_g], kl_per_element=[p["kl"] for p in per_g])
+    sec.details.update(
+        group=str(action),
+        order=order,
+        agreement=[p["osp"] - 1.0 for p in per_g],
+        kl_per_element=[p["kl"] for p in per_g],
+    )
     sec.samples = idx.numel()
 
 
-def robustness(sec: SectionResult, model: nn.Module, test: Split, lim: AuditLimits,
-               gen: torch.Generator, seed: int) -> None:
+def robustness(
+    sec: SectionResult, model: nn.Module, test: Split, lim: AuditLimits, gen: torch.Generator, seed: int
+) -> None:
     """Accuracy under L_inf PGD at eps = fractions of the input range (arXiv 1706.06083), binomial errors."""
     from symgen.robust import accuracy, pgd
 
@@ -104,13 +130,27 @@ def robustness(sec: SectionResult, model: nn.Module, test: Split, lim: AuditLimi
     curve = []
     for frac in lim.pgd_eps:
         eps = frac * span
-        x_adv = pgd(model, xs, ys, eps, steps=lim.pgd_steps, norm="linf", clamp=clamp, loss="ce",
-                    batch_size=lim.batch_size, generator=seed)
+        x_adv = pgd(
+            model,
+            xs,
+            ys,
+            eps,
+            steps=lim.pgd_steps,
+            norm="linf",
+            clamp=clamp,
+            loss="ce",
+            batch_size=lim.batch_size,
+            generator=seed,
+        )
         acc = accuracy(logits(model, x_adv, lim.batch_size), ys)
         err = binomial_stderr(acc, idx.numel())
         curve.append({"eps_fraction": frac, "eps": eps, "accuracy": acc, "stderr": err})
-        sec.add(f"robust_accuracy@{frac:g}", acc, err,
-                f"L_inf eps = {eps:.4g} ({frac:g} of the input range), {lim.pgd_steps} PGD steps")
+        sec.add(
+            f"robust_accuracy@{frac:g}",
+            acc,
+            err,
+            f"L_inf eps = {eps:.4g} ({frac:g} of the input range), {lim.pgd_steps} PGD steps",
+        )
     sec.add("clean_accuracy", clean, binomial_stderr(clean, idx.numel()), "on the attacked subsample")
     sec.details.update(curve=curve, clean=clean, clamp=clamp, span=span)
     sec.samples = idx.numel()

@@ -17,8 +17,7 @@ from symgen.stats import mean_stderr
 __all__ = ["ntk"]
 
 
-def ntk(sec: SectionResult, model: nn.Module, test: Split, lim: AuditLimits,
-        gen: torch.Generator) -> None:
+def ntk(sec: SectionResult, model: nn.Module, test: Split, lim: AuditLimits, gen: torch.Generator) -> None:
     """Effective rank exp(H(lambda / sum lambda)) (Roy & Vetterli 2007), condition number lambda_max / lambda_min
     and kernel-target alignment <K, Y Y^T>_F / (||K||_F ||Y Y^T||_F) (Cristianini et al. 2001) of the
     output-summed empirical NTK, on disjoint random subsamples of the test set."""
@@ -27,12 +26,16 @@ def ntk(sec: SectionResult, model: nn.Module, test: Split, lim: AuditLimits,
     from symgen.ntk.regression import kernel_eigh
 
     n = test.num_data
-    per = min(lim.ntk_samples, n // max(1, lim.ntk_subsamples)) if n >= 2 * lim.ntk_subsamples else min(lim.ntk_samples, n)
+    per = (
+        min(lim.ntk_samples, n // max(1, lim.ntk_subsamples))
+        if n >= 2 * lim.ntk_subsamples
+        else min(lim.ntk_samples, n)
+    )
     reps = max(1, min(lim.ntk_subsamples, n // max(per, 1)))
     if per < 2:
         raise ShapeError(f"the NTK section needs at least 2 test samples; got {n}.")
     perm = torch.randperm(n, generator=gen)
-    x, y = test.take(perm[:reps * per])  # the subsamples, gathered in one pass
+    x, y = test.take(perm[: reps * per])  # the subsamples, gathered in one pass
     num_classes = test.num_classes
     kernel = empirical_ntk_fn(model, output="trace")  # one kernel: its method is chosen once per shape
     ranks, conds, aligns, spectra = [], [], [], []
@@ -57,15 +60,23 @@ def ntk(sec: SectionResult, model: nn.Module, test: Split, lim: AuditLimits,
 
     note = f"{reps} disjoint subsamples of {per} test inputs, output-summed NTK (eval mode)"
     sec.add("effective_rank", *agg(ranks), note=f"exp(entropy of normalized eigenvalues), of {per}; {note}")
-    sec.add("log10_condition_number", *agg([math.log10(c) if math.isfinite(c) else float("inf") for c in conds]),
-            note="log10(lambda_max / lambda_min)")
+    sec.add(
+        "log10_condition_number",
+        *agg([math.log10(c) if math.isfinite(c) else float("inf") for c in conds]),
+        note="log10(lambda_max / lambda_min)",
+    )
     sec.add("target_alignment", *agg(aligns), note="<K, YY^T> / (|K| |YY^T|), Y centred one-hot")
-    sec.details.update(spectra=spectra, effective_rank=ranks, condition_number=conds, alignment=aligns,
-                       subsample=per, subsamples=reps)
+    sec.details.update(
+        spectra=spectra, effective_rank=ranks, condition_number=conds, alignment=aligns, subsample=per, subsamples=reps
+    )
     if reps < lim.ntk_subsamples or per < lim.ntk_samples:
-        sec.skipped.append(f"{reps} subsample(s) of {per} inputs instead of {lim.ntk_subsamples} of "
-                           f"{lim.ntk_samples}: the test set has {n}")
+        sec.skipped.append(
+            f"{reps} subsample(s) of {per} inputs instead of {lim.ntk_subsamples} of "
+            f"{lim.ntk_samples}: the test set has {n}"
+        )
     if reps * per < n:
-        sec.skipped.append(f"the kernel on all {n} test inputs: its cost grows as N^2 x outputs x parameters; "
-                           f"the budget allows {lim.ntk_subsamples} x {lim.ntk_samples}")
+        sec.skipped.append(
+            f"the kernel on all {n} test inputs: its cost grows as N^2 x outputs x parameters; "
+            f"the budget allows {lim.ntk_subsamples} x {lim.ntk_samples}"
+        )
     sec.samples = reps * per

@@ -14,8 +14,9 @@ from symgen.audit.splits import Split
 __all__ = ["scale_symmetries"]
 
 
-def scale_symmetries(sec: SectionResult, model: nn.Module, train: Split, lim: AuditLimits,
-                     gen: torch.Generator, seed: int) -> None:
+def scale_symmetries(
+    sec: SectionResult, model: nn.Module, train: Split, lim: AuditLimits, gen: torch.Generator, seed: int
+) -> None:
     """Groups, independent scale factors and the share of parameters in a scale-symmetric group."""
     from symgen.symmetry import find_scale_symmetries
 
