@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, Union
 
 import torch
 from torch import Tensor
 
 from symgen.errors import ConfigError, DistributedError
 
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
 __all__ = [
+    "Group",
+    "GroupSpec",
     "DEFAULT_TIMEOUT_S",
     "init_process_group",
     "resolve_group",
@@ -33,6 +38,11 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT_S = 300.0
+
+#: A resolved group: a ``torch.distributed`` ``ProcessGroup``, or None for this process alone.
+Group: TypeAlias = Union["ProcessGroup", None]
+#: What every ``process_group=`` argument in symgen accepts (default "auto"): see :func:`resolve_group`.
+GroupSpec: TypeAlias = Union["ProcessGroup", Literal["auto"], None]
 
 
 def _dist() -> Any:
@@ -80,11 +90,11 @@ def init_process_group(
     return dist.group.WORLD
 
 
-def resolve_group(process_group: Any = "auto") -> Any:
+def resolve_group(process_group: GroupSpec = "auto") -> Group:
     """The group to reduce over, or None for this process alone.
 
-    "auto": the default group when torch.distributed is initialized with more than one process, else
-    None; None or False: this process alone; a ``ProcessGroup``: that group.
+    "auto" (every symgen entry point's default): the default group when torch.distributed is initialized
+    with more than one process, else None; None: this process alone; a ``ProcessGroup``: that group.
     """
     if process_group is None or process_group is False:
         return None
@@ -105,12 +115,12 @@ def resolve_group(process_group: Any = "auto") -> Any:
     return process_group
 
 
-def rank(group: Any = None) -> int:
+def rank(group: Group = None) -> int:
     """This process's rank in ``group`` (0 without torch.distributed)."""
     return 0 if group is None else _dist().get_rank(group)
 
 
-def world_size(group: Any = None) -> int:
+def world_size(group: Group = None) -> int:
     """The number of processes in ``group`` (1 without torch.distributed)."""
     return 1 if group is None else _dist().get_world_size(group)
 
@@ -130,7 +140,7 @@ def _wait(work: Any, what: str, timeout_s: float) -> None:
         )
 
 
-def _comm_tensor(t: Tensor, group: Any) -> Tensor:
+def _comm_tensor(t: Tensor, group: Group) -> Tensor:
     # NCCL reduces only CUDA tensors; gloo only CPU ones
     backend = _dist().get_backend(group)
     if backend == "nccl":
@@ -138,7 +148,7 @@ def _comm_tensor(t: Tensor, group: Any) -> Tensor:
     return t.cpu() if t.is_cuda and backend == "gloo" else t
 
 
-def all_reduce_sum(t: Tensor, group: Any = None, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Tensor:
+def all_reduce_sum(t: Tensor, group: Group = None, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Tensor:
     """The element-wise sum of ``t`` over the ranks of ``group`` (a new tensor; ``t`` itself for None)."""
     if group is None:
         return t
@@ -147,13 +157,13 @@ def all_reduce_sum(t: Tensor, group: Any = None, *, timeout_s: float = DEFAULT_T
     return buf.to(t.device)
 
 
-def barrier(group: Any = None, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+def barrier(group: Group = None, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """Wait for every rank, at most ``timeout_s`` seconds."""
     if group is not None:
         all_reduce_sum(torch.zeros(1), group, timeout_s=timeout_s)
 
 
-def all_gather_rows(t: Tensor, group: Any = None, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Tensor:
+def all_gather_rows(t: Tensor, group: Group = None, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Tensor:
     """The rows of ``t (m_r, ...)`` of every rank concatenated in rank order (row counts may differ)."""
     if group is None:
         return t
@@ -172,7 +182,7 @@ def all_gather_rows(t: Tensor, group: Any = None, *, timeout_s: float = DEFAULT_
     return torch.cat([o[: int(s)].to(t.device) for o, s in zip(out, sizes, strict=True)])
 
 
-def shard_range(n: int, group: Any = None) -> range:
+def shard_range(n: int, group: Group = None) -> range:
     """This rank's contiguous share of ``range(n)`` (sizes differ by at most one; rank order)."""
     r, w = rank(group), world_size(group)
     return range(r * n // w, (r + 1) * n // w)
@@ -186,7 +196,7 @@ class ShardedBatches:
     other ranks' batches). Every rank must see the same batches in the same order.
     """
 
-    def __init__(self, data: Any, group: Any = "auto") -> None:
+    def __init__(self, data: Any, group: GroupSpec = "auto") -> None:
         self.data = data
         self.group = resolve_group(group)
 
