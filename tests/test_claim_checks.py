@@ -12,10 +12,12 @@ import math
 
 import pytest
 
+from symgen.experiments import REGISTRY, get_experiment, kip, ntk
 from symgen.experiments import ensemble_equivariance as ee
 from symgen.experiments import flat_minima as fm
+from symgen.experiments import forgetting as fg
 from symgen.experiments import implicit_bias as ib
-from symgen.experiments import kip, ntk
+from symgen.experiments import inductive_bias as ibias
 from symgen.experiments import ntk_robustness as nr
 from symgen.experiments import unit_norm as un
 
@@ -827,3 +829,241 @@ def test_ensemble_equivariance_claims_follow_the_settings_run():
     assert list(_claims(ee.check_claims, EE_CFG, result)) == ["C5.1", "C5.3"]
     del result["settings"]["symmetric-augmented"]
     assert _claims(ee.check_claims, EE_CFG, result) == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# inductive-bias (C4.5-local, C4.5-fc, C4.5-gap)
+
+IBIAS_CFG = ibias.Config(dims=[8, 16, 32], student_filters=[2, 4])  # relative_tolerance 0.2
+
+
+def _curve(beta: float, half: float | None = 0.05) -> dict:
+    ci = [None, None] if half is None else [beta - half, beta + half]
+    return {"beta": beta, "beta_ci": ci}
+
+
+def _ibias_result(local_s2=None, local_s4=None, fc=None) -> dict:
+    """Exponents by d: local students flat in d at 1/s, the FC student falling; 95% half-widths 0.05."""
+    local_s2 = local_s2 or {8: _curve(0.5), 16: _curve(0.5), 32: _curve(0.5)}
+    local_s4 = local_s4 or {8: _curve(0.25), 16: _curve(0.25), 32: _curve(0.25)}
+    fc = fc or {8: _curve(0.5), 16: _curve(0.3), 32: _curve(0.1)}
+    by_d = {str(d): {"local_s2": local_s2[d], "local_s4": local_s4[d], "fc": fc[d]} for d in (8, 16, 32)}
+    return {"dims": [8, 16, 32], "student_filters": [2, 4], "teacher_filter": 2, "by_d": by_d}
+
+
+def test_inductive_bias_all_pass():
+    claims = _claims(ibias.check_claims, IBIAS_CFG, _ibias_result())
+    _covers(claims, ibias.EXPERIMENT)
+    assert list(claims) == ["C4.5-local", "C4.5-fc", "C4.5-gap"]
+    assert all(c.passed and c.note == "" for c in claims.values())
+    local, fc, gap = claims["C4.5-local"], claims["C4.5-fc"], claims["C4.5-gap"]
+    # headlines and the paper's numbers (beta = 1/s for local students, 1/d for the FC student)
+    assert local.headline == "beta_s2_minus_s4_at_d32" and local.measured[local.headline] == pytest.approx(0.25)
+    assert local.paper == pytest.approx(0.5 - 0.25)
+    assert local.measured["predicted"] == {"local_s2": 0.5, "local_s4": 0.25}
+    assert fc.headline == "beta_drop" and fc.measured["beta_drop"] == pytest.approx(0.4)  # 0.5 - 0.1
+    assert fc.paper == pytest.approx(1 / 8 - 1 / 32)
+    assert gap.headline == "s4.gap" and gap.paper == pytest.approx(0.25 - 1 / 32)
+    assert gap.measured["s2"] == {"gap": pytest.approx(0.4), "sum_half_widths": pytest.approx(0.1)}
+    assert gap.measured["s4"] == {"gap": pytest.approx(0.15), "sum_half_widths": pytest.approx(0.1)}
+
+
+@pytest.mark.parametrize(
+    "beta_d16, half, passed",
+    [
+        (0.34, 0.05, True),  # |0.34 - 0.25| = 0.09 <= 0.05 + 0.05 (the intervals overlap)
+        (0.36, 0.05, False),  # 0.11 > 0.1 and > 0.2 * 0.25
+        (0.29, 0.01, True),  # 0.04 > 0.02 (intervals) but <= 0.2 * 0.25 = 0.05 (relative tolerance)
+        (0.31, 0.01, False),  # 0.06 > 0.05 and > 0.02
+    ],
+)
+def test_inductive_bias_c4_5_local_independent_of_d(beta_d16, half, passed):
+    s4 = {8: _curve(0.25, half), 16: _curve(beta_d16, half), 32: _curve(0.25, 0.05)}
+    c = _claims(ibias.check_claims, IBIAS_CFG, _ibias_result(local_s4=s4))["C4.5-local"]
+    assert c.passed is passed and (c.note == "") is passed
+    assert c.measured["local_s4"][16]["beta"] == beta_d16
+    if not passed:
+        assert "s=4" in c.note and "d=16" in c.note
+
+
+@pytest.mark.parametrize(
+    "s4_at_d32, half, passed",
+    [(0.39, 0.05, True), (0.41, 0.05, False), (0.25, None, False)],  # beta(s2) - beta(s4) > 0.05 + 0.05 at d=32
+)
+def test_inductive_bias_c4_5_local_ordered_by_s(s4_at_d32, half, passed):
+    s2 = {8: _curve(0.5), 16: _curve(0.5), 32: _curve(0.5)}
+    s4 = {8: _curve(s4_at_d32, half), 16: _curve(s4_at_d32, half), 32: _curve(s4_at_d32, half)}
+    c = _claims(ibias.check_claims, IBIAS_CFG, _ibias_result(local_s2=s2, local_s4=s4))["C4.5-local"]
+    assert c.passed is passed
+    assert c.measured["beta_s2_minus_s4_at_d32"] == pytest.approx(0.5 - s4_at_d32)
+    if not passed:
+        assert "within the intervals" in c.note
+
+
+@pytest.mark.parametrize(
+    "betas, passed",
+    [
+        ((0.5, 0.3, 0.1), True),
+        ((0.5, 0.55, 0.1), False),  # not decreasing from d=8 to d=16
+        ((0.5, 0.48, 0.41), False),  # decreasing, but the drop 0.09 is within 0.05 + 0.05
+        ((0.5, 0.45, 0.39), True),  # drop 0.11 > 0.1
+    ],
+)
+def test_inductive_bias_c4_5_fc_falls_with_d(betas, passed):
+    fc = {d: _curve(b) for d, b in zip((8, 16, 32), betas, strict=True)}
+    c = _claims(ibias.check_claims, IBIAS_CFG, _ibias_result(fc=fc))["C4.5-fc"]
+    assert c.passed is passed and (c.note == "") is passed
+    assert c.measured["beta_drop"] == pytest.approx(betas[0] - betas[-1])
+    assert c.measured["predicted"] == {8: 1 / 8, 16: 1 / 16, 32: 1 / 32}
+
+
+@pytest.mark.parametrize("s4_at_d32, passed", [(0.21, True), (0.19, False)])  # gap > 0.05 + 0.05 above FC's 0.1
+def test_inductive_bias_c4_5_gap(s4_at_d32, passed):
+    s4 = {8: _curve(0.25), 16: _curve(0.25), 32: _curve(s4_at_d32)}
+    claims = _claims(ibias.check_claims, IBIAS_CFG, _ibias_result(local_s4=s4))
+    c = claims["C4.5-gap"]
+    assert c.passed is passed and (c.note == "") is passed
+    assert c.measured["s4"]["gap"] == pytest.approx(s4_at_d32 - 0.1)
+    assert c.measured["s2"]["gap"] == pytest.approx(0.4)
+    assert claims["C4.5-local"].passed and claims["C4.5-fc"].passed  # only the gap moved
+
+
+# ---------------------------------------------------------------------------------------------
+# forgetting (C4.6-overlap, C4.6-prediction, C4.6-ogd)
+
+FG_CFG = fg.Config(widths=[256, 2048], tasks=["relabel", "perm25", "perm50", "split"])  # 0.7, 0.15, target 0.8
+FG_TASKS = ("relabel", "perm25", "perm50", "split")
+
+
+def _fg_pair(overlap, forgetting, predicted, sgd=(5, 0.5), ogd=(8, 0.1)) -> dict:
+    """One task pair at a width: A's test MSE measured 1.0 after B, predicted ``predicted``; (step, forgetting)
+    where SGD / OGD first reach B accuracy 0.8 (step None: never)."""
+
+    def at(step, forgetting_there):
+        return {"step": step, "acc_b": None if step is None else 0.8, "forgetting": forgetting_there}
+
+    return {
+        "overlap": overlap,
+        "forgetting": forgetting,
+        "mse_a_measured": [0.6, 1.0],
+        "mse_a_predicted": [0.6, predicted],
+        "acc_b": 0.9,
+        "at_target": at(*sgd),
+        "ogd": {"at_target": at(*ogd), "forgetting": ogd[1], "acc_b": 0.8, "steps": ogd[0] or 300},
+    }
+
+
+def _fg_result(top=None, low_predicted=1.2) -> dict:
+    """Largest width: overlaps 0.6 > 0.3 > 0.2 > 0.1 and forgetting ranked 4, 3, 1, 2 (Spearman 0.8);
+    kernel predictions 10% off at width 2048, 20% off at width 256; OGD forgets less at B accuracy 0.8."""
+    top = top or {
+        "relabel": _fg_pair(0.6, 1.6, 1.1),
+        "perm25": _fg_pair(0.3, 0.6, 1.1),
+        "perm50": _fg_pair(0.2, 0.3, 1.1),
+        "split": _fg_pair(0.1, 0.4, 1.1),
+    }
+    low = {t: {"mse_a_measured": [0.6, 1.0], "mse_a_predicted": [0.6, low_predicted]} for t in FG_TASKS}
+    return {"widths": [256, 2048], "by_width": {"256": {"pairs": low}, "2048": {"pairs": top}}}
+
+
+def test_forgetting_all_pass():
+    claims = _claims(fg.check_claims, FG_CFG, _fg_result())
+    _covers(claims, fg.EXPERIMENT)
+    assert list(claims) == ["C4.6-overlap", "C4.6-prediction", "C4.6-ogd"]
+    assert all(c.passed and c.note == "" for c in claims.values())
+    ov, pred, ogd = claims["C4.6-overlap"], claims["C4.6-prediction"], claims["C4.6-ogd"]
+    assert ov.measured["spearman"] == pytest.approx(0.8)  # 1 - 6 * 2 / (4 * 15)
+    assert ov.measured["overlap"] == {"relabel": 0.6, "perm25": 0.3, "perm50": 0.2, "split": 0.1}
+    assert pred.measured["mean_relative_error"] == pytest.approx(0.1)
+    assert pred.measured["mean_relative_error_by_width"] == {"256": pytest.approx(0.2), "2048": pytest.approx(0.1)}
+    m = ogd.measured
+    assert m["pairs_ogd_forgets_less"] == 4 and m["pairs"] == 4
+    assert m["mean_forgetting_at_target_sgd"] == pytest.approx(0.5)
+    assert m["mean_forgetting_at_target_ogd"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    "forgetting, spearman, passed",
+    [
+        ((1.6, 0.6, 0.3, 0.4), 0.8, True),  # ranks 4 3 1 2 against 4 3 2 1
+        ((1.6, 0.3, 0.6, 0.4), 0.4, False),  # ranks 4 1 3 2: 1 - 6 * 6 / 60
+        ((0.1, 0.2, 0.3, 0.4), -1.0, False),  # forgetting falls with overlap
+    ],
+)
+def test_forgetting_c4_6_overlap_rank_correlation(forgetting, spearman, passed):
+    top = {t: _fg_pair(o, f, 1.1) for t, o, f in zip(FG_TASKS, (0.6, 0.3, 0.2, 0.1), forgetting, strict=True)}
+    c = _claims(fg.check_claims, FG_CFG, _fg_result(top=top))["C4.6-overlap"]
+    assert c.passed is passed and (c.note == "") is passed
+    assert c.measured["spearman"] == pytest.approx(spearman)
+    assert c.headline == "spearman"
+
+
+@pytest.mark.parametrize(
+    "top_predicted, low_predicted, error, passed",
+    [
+        (1.14, 1.2, 0.14, True),  # 0.14 <= 0.15 and < 0.2 at width 256
+        (1.16, 1.2, 0.16, False),  # above the tolerance 0.15
+        (0.9, 1.05, 0.1, False),  # within the tolerance, but not better than width 256's 0.05
+    ],
+)
+def test_forgetting_c4_6_prediction(top_predicted, low_predicted, error, passed):
+    top = {
+        t: _fg_pair(o, f, top_predicted)
+        for t, o, f in zip(FG_TASKS, (0.6, 0.3, 0.2, 0.1), (1.6, 0.6, 0.3, 0.4), strict=True)
+    }
+    c = _claims(fg.check_claims, FG_CFG, _fg_result(top=top, low_predicted=low_predicted))["C4.6-prediction"]
+    assert c.passed is passed and (c.note == "") is passed
+    assert c.measured["mean_relative_error"] == pytest.approx(error)
+    assert c.measured["predicted"]["split"] == top_predicted and c.measured["measured"]["split"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "perm50_sgd, perm50_ogd, forgets_less, passed, note",
+    [
+        ((5, 0.5), (8, 0.49), 4, True, ""),
+        ((5, 0.5), (8, 0.5), 3, False, "at B accuracy 0.8, OGD forgets as much or more on ['perm50']"),
+        ((5, 0.5), (None, None), 3, False, "OGD never reaches B accuracy 0.8 on ['perm50']"),
+        ((None, None), (8, 0.1), 3, False, "SGD never reaches B accuracy 0.8 on ['perm50']"),
+    ],
+)
+def test_forgetting_c4_6_ogd_at_the_same_accuracy(perm50_sgd, perm50_ogd, forgets_less, passed, note):
+    top = {t: _fg_pair(o, f, 1.1) for t, o, f in zip(FG_TASKS, (0.6, 0.3, 0.2, 0.1), (1.6, 0.6, 0.3, 0.4), strict=True)}
+    top["perm50"] = _fg_pair(0.2, 0.3, 1.1, sgd=perm50_sgd, ogd=perm50_ogd)
+    c = _claims(fg.check_claims, FG_CFG, _fg_result(top=top))["C4.6-ogd"]
+    assert c.passed is passed and c.note == note
+    assert c.measured["pairs_ogd_forgets_less"] == forgets_less and c.measured["pairs"] == 4
+    if perm50_sgd[0] is not None and perm50_ogd[0] is not None:  # the means are over the pairs where both arrive
+        assert c.measured["mean_forgetting_at_target_ogd"] == pytest.approx((0.1 * 3 + perm50_ogd[1]) / 4)
+    else:
+        assert c.measured["mean_forgetting_at_target_sgd"] == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# every registered experiment: a known-answer result, and declared ids == emitted ids
+
+KNOWN_ANSWERS = {  # experiment name -> (config, a result on which every claim passes)
+    "implicit-bias": (IB_CFG, _ib_result),
+    "unit-norm": (UN_CFG, _un_result),
+    "flat-minima": (FM_CFG, _fm_result),
+    "ntk": (NTK_CFG, _ntk_result),
+    "kip": (KIP_CFG, _kip_result),
+    "ntk-robustness": (NR_CFG, _nr_result),
+    "ensemble-equivariance": (EE_CFG, _ee_result),
+    "inductive-bias": (IBIAS_CFG, _ibias_result),
+    "forgetting": (FG_CFG, _fg_result),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_registered_experiment_has_known_answer_tests(name):
+    """A newly registered experiment fails here until its claim checks get a known-answer result above."""
+    assert name in KNOWN_ANSWERS, f"experiment {name!r} is registered without a known-answer test of its claims"
+    config, result = KNOWN_ANSWERS[name]
+    experiment = get_experiment(name)
+    claims = experiment.check_claims(config, result())
+    assert tuple(c.id for c in claims) == experiment.claims  # `symgen list` shows the ids a run reports
+    assert all(c.passed for c in claims)
+
+
+def test_known_answers_name_only_registered_experiments():
+    assert set(KNOWN_ANSWERS) == set(REGISTRY)

@@ -72,9 +72,10 @@ class Experiment:
 
     ``run(config, ctx) -> dict`` does the work (trials through ``ctx.map``), ``check_claims(config,
     result) -> list[Claim]`` evaluates the claims, ``figures(result, outdir) -> list[Path]`` draws.
-    ``quick`` holds the config overrides of ``--quick`` (the CPU-sized setting). ``claims`` lists the
-    PAPERS.md claim ids checked; ``check_claims`` may emit refinements of one as ``<id>-<part>``
-    (``C4.4-pgd``), never an id outside this list. ``validate(config)``, when given, checks what the
+    ``quick`` holds the config overrides of ``--quick`` (the CPU-sized setting). ``claims`` lists, in
+    order, exactly the claim ids that ``check_claims`` emits (``C4.4-pgd``, ``C4.5-local``): the one
+    source of the ids that ``symgen list``, docs/claims.md and README show (a test holds each
+    experiment to it). ``validate(config)``, when given, checks what the
     config's types cannot (a dataset's files exist, ...) before the run directory is created.
     """
 

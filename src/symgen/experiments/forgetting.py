@@ -506,5 +506,5 @@ EXPERIMENT = Experiment(
         "steps_b": 300,
         "ogd_step_factor": 1.0,
     },
-    claims=("C4.6",),
+    claims=("C4.6-overlap", "C4.6-prediction", "C4.6-ogd"),
 )

@@ -297,5 +297,5 @@ EXPERIMENT = Experiment(
     check_claims=check_claims,
     figures=figures,
     quick={"dims": [8, 16, 32], "train_sizes": [32, 64, 128, 256, 512], "num_test": 400, "num_draws": 6},
-    claims=("C4.5",),
+    claims=("C4.5-local", "C4.5-fc", "C4.5-gap"),
 )
