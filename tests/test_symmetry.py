@@ -501,8 +501,8 @@ def test_shared_reference_passes_give_the_verdicts_of_per_candidate_passes(build
     model = build()
     x = torch.randn(*shape)
     shared = symmetry_pkg.find_scale_symmetries(model, x, generator=5)
-    confirm = symmetry_pkg._confirm
-    monkeypatch.setattr(symmetry_pkg, "_confirm", lambda *a, **k: confirm(*a[:5]))  # refs=None: fresh passes
+    confirm = symmetry_pkg.confirm_one
+    monkeypatch.setattr(symmetry_pkg, "confirm_one", lambda *a, **k: confirm(*a[:5]))  # refs=None: fresh passes
     alone = symmetry_pkg.find_scale_symmetries(model, x, generator=5)
     assert bool(shared.symmetries) == found  # ResNet: BatchNorm symmetries; pre-norm ViT: none (residual adds)
     assert [s.to_dict() for s in shared.symmetries] == [s.to_dict() for s in alone.symmetries]
@@ -564,9 +564,9 @@ def test_grouped_confirmation_gives_the_verdicts_of_one_candidate_at_a_time(buil
     model = build()
     x = torch.randn(*shape, dtype=next(model.parameters()).dtype)
     calls: list[int] = []
-    group = symmetry_pkg._confirm_group
+    group = symmetry_pkg.confirm_group
     monkeypatch.setattr(
-        symmetry_pkg, "_confirm_group", lambda m, syms, *a: calls.append(len(syms)) or group(m, syms, *a)
+        symmetry_pkg, "confirm_group", lambda m, syms, *a: calls.append(len(syms)) or group(m, syms, *a)
     )
     grouped = symmetry_pkg.find_scale_symmetries(model, x, generator=3)
     monkeypatch.setattr(symmetry_pkg, "_GROUP_CONFIRMATION", False)

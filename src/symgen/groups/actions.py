@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from symgen.errors import GroupActionError
-from symgen.groups.finite import CyclicGroup, DihedralGroup, FiniteGroup, PermutationGroup, _as_perm_list
+from symgen.groups.finite import CyclicGroup, DihedralGroup, FiniteGroup, PermutationGroup, as_perm_list
 
 __all__ = [
     "GroupAction",
@@ -139,7 +139,7 @@ class GroupAction:
 
 def _permutation_table(action: GroupAction, event_shape: tuple[int, ...]) -> Tensor:
     # Applying the action to the index tensor 0..d-1 yields the gather index directly.
-    cache = action.__dict__.setdefault("_perm_cache", {})
+    cache: dict[tuple[int, ...], Tensor] = action.__dict__.setdefault("_perm_cache", {})
     if event_shape not in cache:
         d = math.prod(event_shape)
         idx = torch.arange(d).reshape(event_shape)
@@ -281,7 +281,7 @@ class PermutationAction(GroupAction):
         group: FiniteGroup | None = None,
         event_ndim: int = 1,
     ) -> None:
-        rows = _as_perm_list(perms_or_generators)
+        rows = as_perm_list(perms_or_generators)
         if group is None:
             pg = PermutationGroup(rows)
             self.group = pg

@@ -35,8 +35,9 @@ def commutant_basis(
     """
     i, o = as_representation_pair(in_rep, out_rep)
     key = ("hom", o.digest, rtol)
-    if key in i._cache:
-        return i._cache[key]
+    hit = i._cache.get(key)
+    if isinstance(hit, Tensor):
+        return hit
     d_in, d_out = i.dim, o.dim
     eye_in, eye_out = torch.eye(d_in, dtype=torch.float64), torch.eye(d_out, dtype=torch.float64)
     blocks = [
@@ -51,9 +52,10 @@ def commutant_basis(
 def fixed_basis(rep: Representation, rtol: float | None = None) -> Tensor:
     """Orthonormal basis (k, d) of the invariant subspace Fix(rho) = {v : rho(g) v = v for all g}."""
     key = ("fix", rtol)
-    if key in rep._cache:
-        return rep._cache[key]
-    if rep.is_permutation:
+    hit = rep._cache.get(key)
+    if isinstance(hit, Tensor):
+        return hit
+    if rep.permutations is not None:
         ids, sizes = _orbit_labels(rep.permutations[rep.constraint_elements()])
         basis = torch.zeros(len(sizes), rep.dim, dtype=torch.float64)
         basis[torch.as_tensor(ids), torch.arange(rep.dim)] = torch.as_tensor(1.0 / np.sqrt(sizes[ids]))
@@ -67,6 +69,8 @@ def fixed_basis(rep: Representation, rtol: float | None = None) -> Tensor:
 def _nullspace(a: Tensor, rtol: float | None) -> Tensor:
     if a.shape[0] == 0:
         return torch.eye(a.shape[1], dtype=a.dtype)
+    s: Tensor
+    vh: Tensor
     _, s, vh = torch.linalg.svd(a, full_matrices=True)
     tol = (rtol if rtol is not None else max(a.shape) * torch.finfo(a.dtype).eps) * (float(s[0]) if s.numel() else 1.0)
     rank = int((s > tol).sum())
@@ -100,8 +104,11 @@ def commutant_orbits(in_rep: Representation, out_rep: Representation) -> tuple[T
     if not (i.is_permutation and o.is_permutation):
         raise GroupActionError("commutant_orbits needs two permutation representations; use commutant_basis.")
     key = ("orbits", o.digest)
-    if key in i._cache:
-        return i._cache[key]
+    hit = i._cache.get(key)
+    if isinstance(hit, tuple):
+        return hit
+    if i.permutations is None or o.permutations is None:  # pragma: no cover - checked above
+        raise GroupActionError("commutant_orbits needs two permutation representations; use commutant_basis.")
     gens = sorted(set(i.constraint_elements()) | set(o.constraint_elements()))
     pi, po = i.permutations[gens], o.permutations[gens]
     maps = po[:, :, None] * i.dim + pi[:, None, :]  # (k, d_out, d_in): pair (a, b) -> (p_out a, p_in b)

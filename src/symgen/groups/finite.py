@@ -120,7 +120,7 @@ class DirectProduct(FiniteGroup):
         return int(g) * self.factors[1].order + int(h)
 
 
-def _as_perm_list(perms: Sequence[Sequence[int]] | Tensor) -> list[tuple[int, ...]]:
+def as_perm_list(perms: Sequence[Sequence[int]] | Tensor) -> list[tuple[int, ...]]:
     if isinstance(perms, Tensor):
         if perms.ndim == 1:
             perms = perms[None]
@@ -150,7 +150,7 @@ class PermutationGroup(FiniteGroup):
     def __init__(
         self, generators: Sequence[Sequence[int]] | Tensor, name: str | None = None, max_order: int = 100_000
     ) -> None:
-        gens = _as_perm_list(generators)
+        gens = as_perm_list(generators)
         n = len(gens[0])
         identity = tuple(range(n))
         elements: list[tuple[int, ...]] = [identity]

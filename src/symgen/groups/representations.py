@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 import torch
@@ -82,7 +82,9 @@ class Representation:
                 f"representation '{name}' has {self.order} matrices but "
                 f"{group!r} has {group.order} elements; give one matrix per element."
             )
-        self._cache: dict = {}
+        # commutant / fixed-point bases and orbit labels, keyed by kind and the other side's digest
+        self._cache: dict[Hashable, Tensor | tuple[Tensor, Tensor]] = {}
+        self._digest: str | None = None
         if check:
             self.check()
 
@@ -115,9 +117,10 @@ class Representation:
         for r in reps[1:]:
             check_same_group(first, r)
         name = " + ".join(r.name for r in reps)
-        if all(r.permutations is not None for r in reps):
+        perm_list = [r.permutations for r in reps if r.permutations is not None]
+        if len(perm_list) == len(reps):
             offs = np.cumsum([0] + [r.dim for r in reps])
-            perms = torch.cat([r.permutations + int(o) for r, o in zip(reps, offs[:-1], strict=True)], dim=1)
+            perms = torch.cat([p + int(o) for p, o in zip(perm_list, offs[:-1], strict=True)], dim=1)
             return Representation(group=first.group, permutations=perms, name=name, check=False)
         mats = torch.stack([torch.block_diag(*(r.matrices[g] for r in reps)) for g in range(first.order)])
         return Representation(mats, group=first.group, name=name, check=False)
@@ -140,25 +143,36 @@ class Representation:
     def matrices(self) -> Tensor:
         """rho(g) for every g, (|G|, d, d) in float64 (built from the permutations on first use)."""
         if self._matrices is None:
-            self._matrices = permutation_matrices(self.permutations, torch.float64)
+            self._matrices = permutation_matrices(self._data(), torch.float64)
         return self._matrices
+
+    def _data(self) -> Tensor:
+        """The matrices if built, else the permutations (one of them always exists)."""
+        if self._matrices is not None:
+            return self._matrices
+        if self.permutations is None:  # pragma: no cover - the constructor needs one of them
+            raise GroupActionError(f"representation '{self.name}' has neither matrices nor permutations.")
+        return self.permutations
 
     @property
     def dim(self) -> int:
-        return int(self.permutations.shape[1] if self._matrices is None else self._matrices.shape[1])
+        """d, the dimension of the representation space."""
+        return int(self._data().shape[1])
 
     @property
     def order(self) -> int:
-        return int(self.permutations.shape[0] if self._matrices is None else self._matrices.shape[0])
+        """|G|, the number of matrices."""
+        return int(self._data().shape[0])
 
     @property
     def is_permutation(self) -> bool:
+        """Whether every rho(g) is a permutation matrix (given by ``permutations``)."""
         return self.permutations is not None
 
     @property
     def digest(self) -> str:
         """A content hash (group table and matrices), the key of the commutant cache."""
-        if "digest" not in self._cache:
+        if self._digest is None:
             if self.permutations is not None:
                 h = hashlib.sha1(b"perm" + self.permutations.numpy().tobytes())
             else:
@@ -166,8 +180,8 @@ class Representation:
             h.update(str((self.order, self.dim)).encode())
             if self.group is not None:
                 h.update(self.group.table.numpy().tobytes())
-            self._cache["digest"] = h.hexdigest()
-        return self._cache["digest"]
+            self._digest = h.hexdigest()
+        return self._digest
 
     def character(self) -> Tensor:
         """chi(g) = tr rho(g), shape (|G|,)."""
@@ -185,7 +199,8 @@ class Representation:
         """rho(g)^-1 for every g, (|G|, d, d)."""
         if self.group is not None:
             return self.matrices[self.group.inverses]
-        return torch.linalg.inv(self.matrices)
+        inverses: Tensor = torch.linalg.inv(self.matrices)
+        return inverses
 
     def reynolds_projector(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Tensor:
         """Projector onto Fix(rho), (d, d): P_G = |G|^-1 sum_g rho(g) (arXiv 2303.04198)."""
@@ -316,7 +331,8 @@ class RepresentationAction(GroupAction):
                 f"{math.prod(shape)}. Give a shape with prod(shape) = {rep.dim}."
             )
         self.rep = rep
-        self.group = rep.group
+        # None for raw matrices without a group: the elements are then the matrix indices
+        self.group = rep.group  # type: ignore[assignment]
         self.shape = shape
         self.event_ndim = len(shape)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +42,7 @@ class EquivariantModule(nn.Module):
 
     def example_input(self, batch_size: int = 2, generator: rng.Seed = None) -> Tensor:
         """A N(0, 1) batch (batch_size, *example_shape()) in the module's dtype and device."""
-        ref = next(iter(self.parameters()), None)
+        ref: Tensor | None = next(iter(self.parameters()), None)
         if ref is None:
             ref = next(iter(self.buffers()), None)
         dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.get_default_dtype()
@@ -106,12 +107,27 @@ def reshaped(layer: nn.Module, in_shape: Sequence[int], out_shape: Sequence[int]
     return layers[0] if len(layers) == 1 else nn.Sequential(*layers)
 
 
-def _normal(shape: Sequence[int], generator: rng.Seed) -> Tensor:
-    """float64 N(0, 1) initial weights on the generator's device (None: the global generator, as torch.nn)."""
+def normal_init(shape: Sequence[int], generator: rng.Seed) -> Tensor:
+    """float64 N(0, 1) initial weights on the generator's device (None: the global generator, as torch.nn).
+
+    Args:
+        shape: shape of the weight tensor.
+        generator: a seed or a ``torch.Generator`` (None: torch's global generator, as ``torch.nn`` layers).
+
+    Returns:
+        a float64 tensor of i.i.d. standard normal entries.
+    """
     return rng.randn(tuple(shape), rng.init_generator(generator), dtype=torch.float64)
 
 
-def _check_last(x: Tensor, shape: tuple[int, ...], layer: str) -> None:
+def check_trailing_shape(x: Tensor, shape: tuple[int, ...], layer: str) -> None:
+    """Raise a :class:`ShapeError` unless the trailing dims of ``x`` equal ``shape``.
+
+    Args:
+        x: the layer's input, ``(..., *shape)``.
+        shape: the trailing dims the layer's representation acts on.
+        layer: the layer's name, for the message.
+    """
     if x.ndim < len(shape) or tuple(x.shape[x.ndim - len(shape) :]) != shape:
         raise ShapeError(
             f"{layer} expects inputs of shape (..., {', '.join(map(str, shape))}); got "
@@ -119,5 +135,21 @@ def _check_last(x: Tensor, shape: tuple[int, ...], layer: str) -> None:
         )
 
 
-def _factory(device: torch.device | str | None, dtype: torch.dtype | None) -> dict:
+class FactoryKwargs(TypedDict):
+    """The ``device`` and ``dtype`` keyword arguments of a layer's tensors (``Tensor.to(**kw)``)."""
+
+    device: torch.device | str | None
+    dtype: torch.dtype
+
+
+def factory_kwargs(device: torch.device | str | None, dtype: torch.dtype | None) -> FactoryKwargs:
+    """The ``device`` and ``dtype`` a layer builds its tensors with (dtype None: torch's default dtype).
+
+    Args:
+        device: where the tensors live (None: torch's default device).
+        dtype: their dtype (None: ``torch.get_default_dtype()``).
+
+    Returns:
+        ``{"device": device, "dtype": dtype}``.
+    """
     return {"device": device, "dtype": dtype or torch.get_default_dtype()}

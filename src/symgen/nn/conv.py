@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from symgen import rng
 from symgen.errors import GroupActionError, ShapeError
 from symgen.groups import GroupAction, ImageDihedral, ImageRotation90, LiftedImageAction, TrivialAction
-from symgen.nn.base import EquivariantModule, _factory, _normal
+from symgen.nn.base import EquivariantModule, factory_kwargs, normal_init
 from symgen.nn.linear import InvariantReadout
 
 __all__ = ["LiftingConv2d", "GroupConv2d", "GCNN"]
@@ -39,6 +39,10 @@ def _image_action(action: GroupAction | str) -> GroupAction:
 
 class _GroupConvBase(EquivariantModule):
     """Shared parts: the image action, odd kernel, and the plain ``nn.Conv2d`` with the transformed filters."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    spatial_index: Tensor
 
     def _setup(self, action: GroupAction | str, in_channels: int, out_channels: int, kernel_size: int) -> None:
         if kernel_size % 2 != 1:
@@ -65,7 +69,7 @@ class _GroupConvBase(EquivariantModule):
         )
         with torch.no_grad():
             conv.weight.copy_(w)
-            if self.bias is not None:
+            if self.bias is not None and conv.bias is not None:
                 conv.bias.copy_(self.bias.detach().repeat_interleave(self.group.order))
         return conv
 
@@ -99,12 +103,12 @@ class LiftingConv2d(_GroupConvBase):
         super().__init__()
         self._setup(action, in_channels, out_channels, kernel_size)
         self.in_action = self.action
-        fk = _factory(device, dtype)
+        fk = factory_kwargs(device, dtype)
         k = kernel_size
         self.register_buffer("spatial_index", self.action.permutations((k, k)).to(fk["device"]))
         fan_in = in_channels * k * k
         self.weight = nn.Parameter(
-            _normal((out_channels, in_channels, k, k), generator).to(**fk) * math.sqrt(2.0 / fan_in)
+            normal_init((out_channels, in_channels, k, k), generator).to(**fk) * math.sqrt(2.0 / fan_in)
         )
         self.bias = nn.Parameter(torch.zeros(out_channels, **fk)) if bias else None
 
@@ -137,6 +141,8 @@ class GroupConv2d(_GroupConvBase):
     Equivariant to (L_k f)[c, h](u) = f[c, k^-1 h](k^-1 u). Source: arXiv 1602.07576, eq. (11).
     """
 
+    kernel_index: Tensor
+
     def __init__(
         self,
         action: GroupAction | str,
@@ -152,13 +158,13 @@ class GroupConv2d(_GroupConvBase):
         super().__init__()
         self._setup(action, in_channels, out_channels, kernel_size)
         self.in_action = self.out_action
-        fk = _factory(device, dtype)
+        fk = factory_kwargs(device, dtype)
         k, n = kernel_size, self.group.order
         self.register_buffer("spatial_index", self.action.permutations((k, k)).to(fk["device"]))
         self.register_buffer("kernel_index", self.group.table[self.group.inverses].to(fk["device"]))
         fan_in = in_channels * n * k * k
         self.weight = nn.Parameter(
-            _normal((out_channels, in_channels, n, k, k), generator).to(**fk) * math.sqrt(2.0 / fan_in)
+            normal_init((out_channels, in_channels, n, k, k), generator).to(**fk) * math.sqrt(2.0 / fan_in)
         )
         self.bias = nn.Parameter(torch.zeros(out_channels, **fk)) if bias else None
 
@@ -215,15 +221,18 @@ class GCNN(EquivariantModule):
         self.in_action = self.action
         self.out_action = TrivialAction(self.action.group)
         # One generator for all layers, so a seed gives each layer its own part of one stream.
-        kw = {"generator": rng.init_generator(generator), "device": device, "dtype": dtype}
+        g = rng.init_generator(generator)
         layers: list[nn.Module] = [
-            LiftingConv2d(self.action, in_channels, channels[0], kernel_size, **kw),
+            LiftingConv2d(self.action, in_channels, channels[0], kernel_size, generator=g, device=device, dtype=dtype),
             nonlinearity(),
         ]
         for a, b in zip(channels[:-1], channels[1:], strict=True):
-            layers += [GroupConv2d(self.action, a, b, kernel_size, **kw), nonlinearity()]
+            conv = GroupConv2d(self.action, a, b, kernel_size, generator=g, device=device, dtype=dtype)
+            layers += [conv, nonlinearity()]
         self.features = nn.Sequential(*layers)
-        self.head = InvariantReadout(self.action.group, channels[-1], num_classes, **kw)
+        self.head = InvariantReadout(
+            self.action.group, channels[-1], num_classes, generator=g, device=device, dtype=dtype
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.features(x)  # (B, C, |G|, H, W)

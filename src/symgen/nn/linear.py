@@ -19,13 +19,16 @@ from symgen import rng
 from symgen.errors import GroupActionError, ShapeError
 from symgen.groups import FiniteGroup, GroupAction, Representation, commutant_basis, commutant_orbits, fixed_basis
 from symgen.groups.representations import as_representation_pair
-from symgen.nn.base import EquivariantModule, _check_last, _factory, _normal, plain_linear, reshaped
+from symgen.nn.base import EquivariantModule, check_trailing_shape, factory_kwargs, normal_init, plain_linear, reshaped
 
 __all__ = ["EquivariantLinear", "LiftingLinear", "GroupLinear", "InvariantReadout"]
 
 
 class _RepresentationMap(EquivariantModule):
     """A linear equivariant map between representations: y = W x + b on (..., *in_shape) -> (..., *out_shape)."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
 
     def _set_representations(
         self, in_rep: Representation, out_rep: Representation, in_shape: Sequence[int], out_shape: Sequence[int]
@@ -60,6 +63,11 @@ class EquivariantLinear(_RepresentationMap):
     Source: arXiv 2104.09459 (equivariant MLPs), arXiv 1602.07576.
     """
 
+    orbit_label: Tensor
+    orbit_scale: Tensor
+    basis: Tensor
+    bias_basis: Tensor
+
     def __init__(
         self,
         in_rep: Representation | Tensor,
@@ -80,7 +88,7 @@ class EquivariantLinear(_RepresentationMap):
         if method == "orbit" and not perm:
             raise GroupActionError("method='orbit' needs permutation representations on both sides; use 'dense'.")
         self.method = "orbit" if (method == "auto" and perm) else ("dense" if method == "auto" else method)
-        fk = _factory(device, dtype)
+        fk = factory_kwargs(device, dtype)
         if self.method == "orbit":
             labels, sizes = commutant_orbits(self.in_rep, self.out_rep)
             self.register_buffer("orbit_label", labels.to(fk["device"]))
@@ -92,7 +100,7 @@ class EquivariantLinear(_RepresentationMap):
             k = int(basis.shape[0])
         self.num_basis = k
         std = math.sqrt(self.out_rep.dim / max(k, 1))
-        self.weight = nn.Parameter(_normal((k,), generator).to(**fk) * std)
+        self.weight = nn.Parameter(normal_init((k,), generator).to(**fk) * std)
         if bias:
             fb = fixed_basis(self.out_rep)
             self.register_buffer("bias_basis", fb.to(**fk))
@@ -110,7 +118,7 @@ class EquivariantLinear(_RepresentationMap):
         return None if self.bias is None else self.bias @ self.bias_basis
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_last(x, (self.in_rep.dim,), "EquivariantLinear")
+        check_trailing_shape(x, (self.in_rep.dim,), "EquivariantLinear")
         return F.linear(x, self.weight_matrix(), self.bias_vector())
 
     def extra_repr(self) -> str:
@@ -124,6 +132,9 @@ class LiftingLinear(_RepresentationMap):
     over the orbit (for permutation rho the filter bank is a gather psi_o[perm[g]]). Output shape
     (..., out_channels, |G|); (L_h y)[o, g] = y[o, h^-1 g]. Source: arXiv 1602.07576, eq. (10).
     """
+
+    filter_index: Tensor
+    filter_maps: Tensor | None
 
     def __init__(
         self,
@@ -158,14 +169,14 @@ class LiftingLinear(_RepresentationMap):
         self._set_representations(
             in_rep, Representation.regular(self.group).copies(self.out_channels), in_shape, (self.out_channels, n)
         )
-        fk = _factory(device, dtype)
-        if in_rep.is_permutation:
+        fk = factory_kwargs(device, dtype)
+        if in_rep.permutations is not None:
             self.register_buffer("filter_index", in_rep.permutations.to(fk["device"]))
             self.filter_maps = None
         else:
             # rho(g^-1)^T acting on psi gives the filter of group element g.
             self.register_buffer("filter_maps", in_rep.inverse_matrices().transpose(1, 2).to(**fk))
-        self.weight = nn.Parameter(_normal((out_channels, d), generator).to(**fk) / math.sqrt(d))
+        self.weight = nn.Parameter(normal_init((out_channels, d), generator).to(**fk) / math.sqrt(d))
         self.bias = nn.Parameter(torch.zeros(out_channels, **fk)) if bias else None
 
     def filters(self) -> Tensor:
@@ -181,7 +192,7 @@ class LiftingLinear(_RepresentationMap):
         return None if self.bias is None else self.bias.repeat_interleave(self.group.order)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_last(x, self.in_shape, "LiftingLinear")
+        check_trailing_shape(x, self.in_shape, "LiftingLinear")
         lead = x.shape[: x.ndim - len(self.in_shape)]
         flat = x.reshape(*lead, -1)
         out = flat @ self.filters().reshape(-1, self.in_rep.dim).T
@@ -200,6 +211,8 @@ class GroupLinear(_RepresentationMap):
     Input (..., in_channels, |G|), output (..., out_channels, |G|); c_out c_in |G| parameters = the
     number of orbits of G on index pairs. Source: arXiv 1602.07576, eq. (11).
     """
+
+    kernel_index: Tensor
 
     def __init__(
         self,
@@ -220,10 +233,10 @@ class GroupLinear(_RepresentationMap):
         self._set_representations(
             reg.copies(self.in_channels), reg.copies(self.out_channels), (self.in_channels, n), (self.out_channels, n)
         )
-        fk = _factory(device, dtype)
+        fk = factory_kwargs(device, dtype)
         self.register_buffer("kernel_index", group.table[group.inverses].to(fk["device"]))  # [g, h] -> g^-1 h
         self.weight = nn.Parameter(
-            _normal((out_channels, in_channels, n), generator).to(**fk) / math.sqrt(in_channels * n)
+            normal_init((out_channels, in_channels, n), generator).to(**fk) / math.sqrt(in_channels * n)
         )
         self.bias = nn.Parameter(torch.zeros(out_channels, **fk)) if bias else None
 
@@ -237,7 +250,7 @@ class GroupLinear(_RepresentationMap):
         return None if self.bias is None else self.bias.repeat_interleave(self.group.order)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_last(x, (self.in_channels, self.group.order), "GroupLinear")
+        check_trailing_shape(x, (self.in_channels, self.group.order), "GroupLinear")
         lead = x.shape[:-2]
         out = x.reshape(*lead, -1) @ self.weight_matrix().T
         out = out.reshape(*lead, self.out_channels, self.group.order)
@@ -275,8 +288,10 @@ class InvariantReadout(_RepresentationMap):
             (self.in_channels, group.order),
             (self.out_features,),
         )
-        fk = _factory(device, dtype)
-        self.weight = nn.Parameter(_normal((out_features, in_channels), generator).to(**fk) / math.sqrt(in_channels))
+        fk = factory_kwargs(device, dtype)
+        self.weight = nn.Parameter(
+            normal_init((out_features, in_channels), generator).to(**fk) / math.sqrt(in_channels)
+        )
         self.bias = nn.Parameter(torch.zeros(out_features, **fk)) if bias else None
 
     def weight_matrix(self) -> Tensor:
@@ -287,7 +302,7 @@ class InvariantReadout(_RepresentationMap):
         return self.bias
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_last(x, (self.in_channels, self.group.order), "InvariantReadout")
+        check_trailing_shape(x, (self.in_channels, self.group.order), "InvariantReadout")
         return F.linear(x.mean(-1), self.weight, self.bias)
 
     def extra_repr(self) -> str:

@@ -59,7 +59,12 @@ def support_mask(support: str | Tensor, kernel_size: int = 3, ndim: int = 2) -> 
 
 
 class _MaskedConvNd(nn.Module):
+    """A convolution whose filter is ``weight * mask`` (a fixed support), 'same' padding."""
+
     ndim: int = 2
+    mask: Tensor
+    weight: nn.Parameter
+    bias: nn.Parameter | None
 
     def __init__(
         self,
@@ -86,7 +91,12 @@ class _MaskedConvNd(nn.Module):
         self.reset_parameters(init_std, generator)
 
     def reset_parameters(self, init_std: float = 1.0, generator: rng.Seed = None) -> None:
-        """Gaussian N(0, init_std^2) weights on the support (zero elsewhere) and biases."""
+        """Gaussian N(0, init_std^2) weights on the support (zero elsewhere) and biases.
+
+        Args:
+            init_std: standard deviation of the weights and biases.
+            generator: a seed or a ``torch.Generator`` (None: torch's global generator, as ``torch.nn``).
+        """
         g = rng.init_generator(generator)
         with torch.no_grad():
             w = rng.randn(self.weight.shape, g, dtype=self.weight.dtype, device=self.weight.device)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from symgen import rng
 from symgen.errors import ShapeError
 from symgen.groups import GroupAction, Representation
-from symgen.nn.base import EquivariantModule, _check_last
+from symgen.nn.base import EquivariantModule, check_trailing_shape
 from symgen.nn.linear import EquivariantLinear, GroupLinear, InvariantReadout, LiftingLinear
 
 __all__ = ["LinearSteerableNet"]
@@ -43,24 +43,31 @@ class LinearSteerableNet(EquivariantModule):
             raise ShapeError(f"LinearSteerableNet needs depth >= 1 and width >= 1; got depth={depth}, width={width}.")
         self.shape = tuple(int(s) for s in shape)
         self.rep = Representation.from_action(action, self.shape)
-        self.group = self.rep.group
+        self.group = action.group  # = self.rep.group
         self.depth, self.width = int(depth), int(width)
         self.in_action = self.rep.action(self.shape)
         self.out_action = Representation.trivial(self.group).action(())
         # One generator for all layers, so a seed gives each layer its own part of one stream.
-        kw = {"generator": rng.init_generator(generator), "device": device, "dtype": dtype}
+        g = rng.init_generator(generator)
         if depth == 1:
             layers: list[nn.Module] = [
-                EquivariantLinear(self.rep, Representation.trivial(self.group), bias=False, **kw)
+                EquivariantLinear(
+                    self.rep, Representation.trivial(self.group), bias=False, generator=g, device=device, dtype=dtype
+                )
             ]
         else:
-            layers = [LiftingLinear(self.rep, width, in_shape=self.shape, bias=False, **kw)]
-            layers += [GroupLinear(self.group, width, width, bias=False, **kw) for _ in range(depth - 2)]
-            layers += [InvariantReadout(self.group, width, 1, bias=False, **kw)]
+            layers = [
+                LiftingLinear(self.rep, width, in_shape=self.shape, bias=False, generator=g, device=device, dtype=dtype)
+            ]
+            layers += [
+                GroupLinear(self.group, width, width, bias=False, generator=g, device=device, dtype=dtype)
+                for _ in range(depth - 2)
+            ]
+            layers += [InvariantReadout(self.group, width, 1, bias=False, generator=g, device=device, dtype=dtype)]
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_last(x, self.shape, "LinearSteerableNet")
+        check_trailing_shape(x, self.shape, "LinearSteerableNet")
         h = x.reshape(*x.shape[: x.ndim - len(self.shape)], -1) if self.depth == 1 else x
         for layer in self.layers:
             h = layer(h)
@@ -74,9 +81,15 @@ class LinearSteerableNet(EquivariantModule):
         return self(eye).reshape(self.shape)
 
     def example_shape(self) -> tuple[int, ...]:
+        """The shape of one input, ``shape``."""
         return self.shape
+
+    def _linears(self) -> list[nn.Linear]:
+        """Every layer as an ``nn.Linear`` on flattened features, in order."""
+        maps = (EquivariantLinear, LiftingLinear, GroupLinear, InvariantReadout)
+        return [layer.as_linear() for layer in self.layers if isinstance(layer, maps)]
 
     def export(self) -> nn.Module:
         """The same factorization as plain ``nn.Linear`` layers on flattened features: (..., *shape) -> (...)."""
         flatten = [nn.Flatten(-len(self.shape))] if len(self.shape) > 1 else []
-        return nn.Sequential(*flatten, *(layer.as_linear() for layer in self.layers), nn.Flatten(-2))
+        return nn.Sequential(*flatten, *self._linears(), nn.Flatten(-2))

@@ -29,20 +29,20 @@ from torch import Tensor, nn
 from symgen.errors import ConfigError, ShapeError
 from symgen.rng import Seed, as_generator, isolated_seed, seed_of
 from symgen.symmetry.confirm import (
-    _as_args,
-    _cast_args,
-    _check_models,
-    _confirm,
-    _confirm_group,
-    _degenerate_norms,
+    as_args,
     block_norms,
+    cast_args,
+    check_models,
+    confirm_group,
+    confirm_one,
+    degenerate_norms,
     rescale_filters,
 )
-from symgen.symmetry.propagation import _analyse_source, _candidate
-from symgen.symmetry.tracing import _FxGraph, _HookGraph, _trace
+from symgen.symmetry.propagation import analyse_source, candidate_symmetry
+from symgen.symmetry.tracing import FxGraph, HookGraph, trace_model
 from symgen.symmetry.types import (
-    _SOURCES,
     NORMALIZATION_LAYERS,
+    SOURCES,
     RunningStatLink,
     ScaleSymmetry,
     ScaleSymmetryReport,
@@ -80,7 +80,7 @@ def find_scale_symmetries(
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"find_scale_symmetries expects an nn.Module, got {type(model).__name__}.")
-    args = _as_args(example_input)
+    args = as_args(example_input)
     if not any(isinstance(a, Tensor) for a in args):
         raise ConfigError(
             "find_scale_symmetries needs example_input: a batch of inputs (a tensor, "
@@ -107,11 +107,11 @@ def _find(
     ref = next(iter(model.parameters()), None)
     device = ref.device if ref is not None else None
     notes: list[str] = []
-    native_args = _cast_args(args, ref.dtype if ref is not None else torch.float32, device)
-    graph: _FxGraph | _HookGraph
-    graph, work = _trace(model, native_args, notes)  # analyses a copy: the user's model is untouched
+    native_args = cast_args(args, ref.dtype if ref is not None else torch.float32, device)
+    graph: FxGraph | HookGraph
+    graph, work = trace_model(model, native_args, notes)  # analyses a copy: the user's model is untouched
     refs: dict[tuple[str, bool], Tensor] = {}  # outputs at the unchanged weights, shared by all candidates
-    models, cargs, exact_dtype = _check_models(model, args, native_args, ref, device, seed, notes, refs)
+    models, cargs, exact_dtype = check_models(model, args, native_args, ref, device, seed, notes, refs)
     if tol is None:
         tol = 1e-8 if exact_dtype == torch.float64 else 1e-4
 
@@ -124,7 +124,7 @@ def _find(
     rejected: dict[str, str] = {}
     sources = graph.sources()
     for name, mod in named_modules.items():
-        if isinstance(mod, _SOURCES) and name not in sources:
+        if isinstance(mod, SOURCES) and name not in sources:
             for pn, _ in mod.named_parameters(prefix=name, recurse=False):
                 unanalysed.setdefault(pn, "its module is never called in forward() on example_input")
     candidates: list[tuple[ScaleSymmetry, list[str]]] = []
@@ -142,7 +142,7 @@ def _find(
                     pn, f"{shared[0]} of the same module is also used by a functional op"
                 )
             continue
-        analyses = [_analyse_source(graph, n, name, mod, gen) for n in nodes]
+        analyses = [analyse_source(graph, n, name, mod, gen) for n in nodes]
         failure = next((a.failure for a in analyses if a.failure is not None), None)
         if failure is not None:
             kind, reason = failure
@@ -150,7 +150,7 @@ def _find(
             for pn in pnames:
                 table[pn] = reason
             continue
-        sym, kind, reason = _candidate(name, mod, analyses)
+        sym, kind, reason = candidate_symmetry(name, mod, analyses)
         if sym is None:
             table = unanalysed if kind == "unknown" else not_inv
             for pn in pnames:
@@ -160,7 +160,7 @@ def _find(
     # a normalization that sees a constant group (an all-zero filter) makes the eps -> 0 check round-off
     # over round-off: such candidates are rejected up front, whatever the random factors would give
     norms = sorted({n for sym, _ in candidates for n in sym.normalizers})
-    flat = set(_degenerate_norms(models["exact"], cargs["exact"], norms, seed)) if candidates else set()
+    flat = set(degenerate_norms(models["exact"], cargs["exact"], norms, seed)) if candidates else set()
     for sym, pnames in [c for c in candidates if flat & set(c[0].normalizers)]:
         for pn in pnames:
             rejected[pn] = (
@@ -180,11 +180,11 @@ def _find(
         keys = ["train_exact", "eval_exact"] + (["bias_train_exact", "bias_eval_exact"] if sym.redundant_bias else [])
         bad = {k: sym.check[k] for k in keys if not (sym.check[k] <= tol)}
         if bad:
-            flat = _degenerate_norms(models["exact"], cargs["exact"], sym.normalizers, seed)
+            flat_norms = degenerate_norms(models["exact"], cargs["exact"], sym.normalizers, seed)
             hint = (
-                f"; {', '.join(flat)} see(s) a constant group of values on example_input (e.g. "
+                f"; {', '.join(flat_norms)} see(s) a constant group of values on example_input (e.g. "
                 "an all-zero filter), where eps -> 0 normalization is undefined"
-                if flat
+                if flat_norms
                 else ""
             )
             for pn in pnames:
@@ -247,9 +247,9 @@ def _confirm_candidates(
     def run(group: list[int]) -> None:
         try:
             check = (
-                _confirm_group(models, [syms[i] for i in group], cargs, gen, seed, refs)
+                confirm_group(models, [syms[i] for i in group], cargs, gen, seed, refs)
                 if len(group) > 1
-                else _confirm(models, syms[group[0]], cargs, gen, seed, refs)
+                else confirm_one(models, syms[group[0]], cargs, gen, seed, refs)
             )
         except Exception as e:  # noqa: BLE001 - split to find the candidate that fails to run
             if len(group) == 1:

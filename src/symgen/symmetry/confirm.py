@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from symgen.errors import ShapeError
 from symgen.functional import Params, buffers_of, call, params_of
 from symgen.rng import isolated_seed, randn
-from symgen.symmetry.propagation import _norm_rows
-from symgen.symmetry.types import NORMALIZATION_LAYERS, ScaleSymmetry, _along
+from symgen.symmetry.propagation import norm_rows
+from symgen.symmetry.types import NORMALIZATION_LAYERS, ScaleSymmetry, along_axis
 
 __all__ = ["block_norms", "rescale_filters"]
 
@@ -50,7 +50,7 @@ def rescale_filters(
     factors = factors.to(device=w.device, dtype=w.dtype)
     alpha = factors[symmetry.channel_block(w.device)]
     out_p = dict(params)
-    out_p[symmetry.weight] = w * _along(alpha, symmetry.axis, w.dim())
+    out_p[symmetry.weight] = w * along_axis(alpha, symmetry.axis, w.dim())
     if symmetry.bias:
         out_p[symmetry.bias] = params[symmetry.bias] * alpha
     out_b = dict(buffers) if buffers else {}
@@ -76,12 +76,12 @@ def rescale_filters(
 # Numeric confirmation
 
 
-def _as_args(example_input: Any) -> tuple[Any, ...]:
+def as_args(example_input: Any) -> tuple[Any, ...]:
     """The forward's positional arguments: a tuple or list as given, anything else as one argument."""
     return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
 
 
-def _cast_args(args: tuple[Any, ...], dtype: torch.dtype, device: torch.device | None) -> tuple[Any, ...]:
+def cast_args(args: tuple[Any, ...], dtype: torch.dtype, device: torch.device | None) -> tuple[Any, ...]:
     """Floating-point tensors to ``dtype`` and ``device``, other tensors to ``device``, the rest as is."""
     return tuple(
         a.to(device=device, dtype=dtype)
@@ -110,7 +110,7 @@ def _rel(a: Tensor, b: Tensor) -> float:
     return num / den if den > 0 else num
 
 
-def _confirm(
+def confirm_one(
     models: dict[str, nn.Module],
     sym: ScaleSymmetry,
     args: dict[str, tuple[Any, ...]],
@@ -119,10 +119,10 @@ def _confirm(
     refs: dict[tuple[str, bool], Tensor] | None = None,
 ) -> dict[str, float]:
     """Relative output changes under random block factors in [1/2, 2] of one candidate, train and eval mode."""
-    return _confirm_group(models, [sym], args, gen, seed, refs)
+    return confirm_group(models, [sym], args, gen, seed, refs)
 
 
-def _confirm_group(
+def confirm_group(
     models: dict[str, nn.Module],
     syms: Sequence[ScaleSymmetry],
     args: dict[str, tuple[Any, ...]],
@@ -170,6 +170,8 @@ def _confirm_group(
             p3, b3 = dict(p), dict(b)
             for sym in redundant:
                 bn = sym.redundant_bias
+                if bn is None:  # pragma: no cover - redundant holds only candidates with a redundant bias
+                    continue
                 delta = randn(p[bn].shape, gen, dtype=torch.float64).to(p[bn]) * (p[bn].abs().mean() + 1.0)
                 p3[bn] = p[bn] + delta
                 for link in sym.stat_links:
@@ -183,7 +185,7 @@ def _confirm_group(
     return check
 
 
-def _degenerate_norms(model: nn.Module, args: tuple[Any, ...], names: Sequence[str], seed: int) -> list[str]:
+def degenerate_norms(model: nn.Module, args: tuple[Any, ...], names: Sequence[str], seed: int) -> list[str]:
     """Normalizations among ``names`` with a (numerically) constant group of inputs."""
     mods = dict(model.named_modules())
     flat: list[str] = []
@@ -191,7 +193,7 @@ def _degenerate_norms(model: nn.Module, args: tuple[Any, ...], names: Sequence[s
     for name in names:
 
         def pre(m, inp, name=name):
-            rows = _norm_rows(m, inp[0].detach())
+            rows = norm_rows(m, inp[0].detach())
             spread = rows.amax(dim=1) - rows.amin(dim=1)
             if bool((spread <= 1e-12 * rows.abs().amax(dim=1).clamp_min(1e-300)).any()):
                 flat.append(name)
@@ -210,7 +212,7 @@ def _degenerate_norms(model: nn.Module, args: tuple[Any, ...], names: Sequence[s
     return sorted(set(flat))
 
 
-def _check_models(
+def check_models(
     model: nn.Module,
     args: tuple[Any, ...],
     native_args: tuple[Any, ...],
@@ -235,7 +237,7 @@ def _check_models(
             m = copy.deepcopy(model).to(torch.float64)
             if tag == "exact":
                 _set_tiny_eps(m, torch.float64)
-            models[tag], cargs[tag] = m, _cast_args(args, torch.float64, device)
+            models[tag], cargs[tag] = m, cast_args(args, torch.float64, device)
             out = _forward(m, params_of(m, requires_grad_only=False), buffers_of(m), cargs[tag], True, seed)
             if refs is not None:
                 refs[(tag, True)] = out

@@ -12,37 +12,40 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from symgen.symmetry.tracing import _Step
+from symgen.errors import ShapeError
+from symgen.symmetry.tracing import Step
 from symgen.symmetry.types import (
-    _BATCH_NORMS,
-    _INSTANCE_NORMS,
-    _RMS_NORMS,
+    BATCH_NORMS,
+    INSTANCE_NORMS,
+    RMS_NORMS,
     RunningStatLink,
     ScaleSymmetry,
-    _along,
+    along_axis,
     filter_axis,
+    source_weight,
 )
 
 __all__: list[str] = []  # internal to symgen.symmetry
 
 
-def _norm_rows(mod: nn.Module, t: Tensor) -> Tensor:
+def norm_rows(mod: nn.Module, t: Tensor) -> Tensor:
     """``t`` (shaped like the layer's input) as rows of jointly normalized elements."""
-    if isinstance(mod, _BATCH_NORMS):
+    if isinstance(mod, BATCH_NORMS):
         return t.movedim(1, 0).reshape(t.shape[1], -1)
-    if isinstance(mod, _INSTANCE_NORMS):
+    if isinstance(mod, INSTANCE_NORMS):
         if t.dim() == mod._get_no_batch_dim():  # unbatched (C, *)
             return t.reshape(t.shape[0], -1)
         return t.reshape(t.shape[0] * t.shape[1], -1)
     if isinstance(mod, nn.GroupNorm):
         return t.reshape(t.shape[0] * mod.num_groups, -1)
-    shape = mod.normalized_shape  # LayerNorm / RMSNorm
-    return t.reshape(-1, math.prod(shape))
+    if isinstance(mod, nn.LayerNorm) or isinstance(mod, RMS_NORMS):
+        return t.reshape(-1, math.prod(mod.normalized_shape))
+    raise ShapeError(f"{type(mod).__name__} is not a normalization layer.")  # pragma: no cover
 
 
 def _per_channel(mod: nn.Module, t: Tensor) -> Tensor:
     """Per-channel rows for layers with running statistics (BatchNorm / InstanceNorm)."""
-    if isinstance(mod, _INSTANCE_NORMS) and t.dim() == mod._get_no_batch_dim():
+    if isinstance(mod, INSTANCE_NORMS) and t.dim() == mod._get_no_batch_dim():
         return t.reshape(t.shape[0], -1)
     return t.movedim(1, 0).reshape(t.shape[1], -1)
 
@@ -72,17 +75,17 @@ class _Analysis:
     failure: tuple[str, str] | None = None  # ("break" | "unknown", reason)
 
 
-def _is_affine(step: _Step, z: Tensor, shift: Tensor) -> bool:
+def _is_affine(step: Step, z: Tensor, shift: Tensor) -> bool:
     """Spot check ``op(z + s) = op(z) + op(s)`` on the recorded value (max pooling needs s flat per window)."""
     try:
-        lhs = step.apply(z + shift, 0.0) - step.apply(z, 0.0)
-        rhs = step.apply(shift, 0.0)
+        lhs = step.run(z + shift, 0.0) - step.run(z, 0.0)
+        rhs = step.run(shift, 0.0)
     except Exception:  # noqa: BLE001 - an op that cannot be replayed is not shown affine
         return False
     return lhs.shape == rhs.shape and torch.allclose(lhs, rhs, rtol=1e-9, atol=1e-9 * (1 + z.abs().max().item()))
 
 
-def _move_labels(step: _Step, labels: Tensor, rand: Tensor) -> Tensor | None:
+def _move_labels(step: Step, labels: Tensor, rand: Tensor) -> Tensor | None:
     """Source channel of every element after a move, or None if the move mixes channels.
 
     Replays the op on ``labels + 1`` and on a random code per channel, both divided by the op
@@ -92,9 +95,9 @@ def _move_labels(step: _Step, labels: Tensor, rand: Tensor) -> Tensor | None:
     nan = torch.isnan(labels)
     ones = torch.where(nan, torch.nan, torch.ones_like(labels))
     code = torch.where(nan, torch.nan, rand[labels.nan_to_num(0).long()])
-    den = step.apply(ones, float("nan"))
-    lab = step.apply(torch.where(nan, torch.nan, labels + 1), float("nan")) / den - 1
-    cod = step.apply(code, float("nan")) / den
+    den = step.run(ones, float("nan"))
+    lab = step.run(torch.where(nan, torch.nan, labels + 1), float("nan")) / den - 1
+    cod = step.run(code, float("nan")) / den
     lab = torch.where(den.abs() > 0, lab, torch.nan)  # fully padded: a constant zero, not a filter
     ok = ~torch.isnan(lab)
     if not ok.any():
@@ -107,7 +110,7 @@ def _move_labels(step: _Step, labels: Tensor, rand: Tensor) -> Tensor | None:
     return torch.where(ok, lab.round(), torch.nan)
 
 
-def _analyse_source(graph: Any, node: Any, name: str, mod: nn.Module, gen: torch.Generator) -> _Analysis:
+def analyse_source(graph: Any, node: Any, name: str, mod: nn.Module, gen: torch.Generator) -> _Analysis:
     """Follow every use of the output of ``node`` (a call of ``mod``) to the normalizations it reaches."""
     out = graph.value(node)
     result = _Analysis()
@@ -115,16 +118,16 @@ def _analyse_source(graph: Any, node: Any, name: str, mod: nn.Module, gen: torch
         result.failure = ("unknown", "its output is not a tensor")
         return result
     out = out.detach().to(torch.float64)
-    ch_dim = out.dim() - 1 if isinstance(mod, nn.Linear) else out.dim() - (mod.weight.dim() - 2) - 1
+    ch_dim = out.dim() - 1 if isinstance(mod, nn.Linear) else out.dim() - (source_weight(mod).dim() - 2) - 1
     C = out.shape[ch_dim]
-    lab = _along(torch.arange(C, dtype=torch.float64, device=out.device), ch_dim, out.dim()).expand_as(out)
+    lab = along_axis(torch.arange(C, dtype=torch.float64, device=out.device), ch_dim, out.dim()).expand_as(out)
     has_bias = getattr(mod, "bias", None) is not None
     # drawn on the generator's device, then moved: a seed gives the same codes on every device
     rand = torch.rand(C, generator=gen, device=gen.device, dtype=torch.float64).to(out.device) + 0.5
     state = _PathState(
         labels=lab.clone(),
         bias=torch.ones_like(out) if has_bias else None,
-        bias_rand=_along(rand, ch_dim, out.dim()).expand_as(out).clone() if has_bias else None,
+        bias_rand=along_axis(rand, ch_dim, out.dim()).expand_as(out).clone() if has_bias else None,
         const=torch.zeros_like(out),
         names=[name],
     )
@@ -169,11 +172,15 @@ def _analyse_source(graph: Any, node: Any, name: str, mod: nn.Module, gen: torch
                     bias, bias_r, const = st.bias, st.bias_rand, st.const
                     if step.kind == "shift":
                         # the added number joins the unscaled constants; the bias passes unchanged
-                        const = step.apply(st.const, 0.0)
+                        const = step.run(st.const, 0.0)
                     else:
                         # a move like max pooling passes a shift only if it is flat per window
-                        if bias is not None and (step.kind == "scale" or _is_affine(step, value, bias_r)):
-                            bias, bias_r = step.apply(bias, 0.0), step.apply(bias_r, 0.0)
+                        if (
+                            bias is not None
+                            and bias_r is not None
+                            and (step.kind == "scale" or _is_affine(step, value, bias_r))
+                        ):
+                            bias, bias_r = step.run(bias, 0.0), step.run(bias_r, 0.0)
                         else:
                             bias = bias_r = None
                         if const.abs().max() > 0:
@@ -183,20 +190,20 @@ def _analyse_source(graph: Any, node: Any, name: str, mod: nn.Module, gen: torch
                                     f"a constant shift does not pass {step.name} affinely (path {' -> '.join(names)})",
                                 )
                                 return
-                        const = step.apply(const, 0.0)
+                        const = step.run(const, 0.0)
             except Exception as e:  # noqa: BLE001
                 result.failure = (
                     "unknown",
                     f"could not replay {step.name} on the rescaled tensor ({type(e).__name__}: {e})",
                 )
                 return
+            if labels is None:
+                result.failure = ("break", f"{step.name} mixes values of different filters (path {' -> '.join(names)})")
+                return
             if labels.shape != nxt.shape:
                 labels = torch.broadcast_to(labels, nxt.shape) if step.kind != "move" else labels
             if const.shape != labels.shape:
                 const = torch.broadcast_to(const, labels.shape).clone()
-            if labels is None:
-                result.failure = ("break", f"{step.name} mixes values of different filters (path {' -> '.join(names)})")
-                return
             new = _PathState(labels, bias, bias_r, const, names)
         else:  # pragma: no cover - every kind is handled above
             result.failure = ("unknown", f"unhandled op kind {step.kind}")
@@ -227,10 +234,14 @@ class _UnionFind:
             self.parent[max(a, b)] = min(a, b)
 
 
-def _candidate(module_name: str, mod: nn.Module, analyses: list[_Analysis]) -> tuple[ScaleSymmetry | None, str, str]:
+def candidate_symmetry(
+    module_name: str, mod: nn.Module, analyses: list[_Analysis]
+) -> tuple[ScaleSymmetry | None, str, str]:
     """Combine the paths of every call of a source into a symmetry, or ``(None, kind, reason)``."""
     axis = filter_axis(mod)
-    C = mod.weight.shape[axis]  # type: ignore[index]
+    if axis is None:  # pragma: no cover - the caller skips layers without a filter axis
+        return None, "unknown", f"{type(mod).__name__} with groups > 1 is not supported"
+    C = source_weight(mod).shape[axis]
     uf = _UnionFind(C)
     has_bias = getattr(mod, "bias", None) is not None
     bias_cancelled = has_bias
@@ -241,7 +252,7 @@ def _candidate(module_name: str, mod: nn.Module, analyses: list[_Analysis]) -> t
         return None, "break", "its output reaches no normalization layer"
     for a in analyses:
         for norm_name, norm, st in a.terminals:
-            rows = _norm_rows(norm, st.labels)
+            rows = norm_rows(norm, st.labels)
             nan = torch.isnan(rows)
             mixed = nan.any(dim=1) & ~nan.all(dim=1)
             if mixed.any():
@@ -260,9 +271,9 @@ def _candidate(module_name: str, mod: nn.Module, analyses: list[_Analysis]) -> t
                 first = row[0]
                 for other in set(row):
                     uf.union(first, other)
-            subtracts_mean = not isinstance(norm, _RMS_NORMS)
+            subtracts_mean = not isinstance(norm, RMS_NORMS)
             single = bool((lab.amax(dim=1) == lab.amin(dim=1)).all()) if lab.numel() else True
-            const_rows = _norm_rows(norm, st.const)[keep]
+            const_rows = norm_rows(norm, st.const)[keep]
             if const_rows.abs().max() > 0 and not (subtracts_mean and bool(_row_constant(const_rows).all())):
                 return (
                     None,
@@ -272,10 +283,11 @@ def _candidate(module_name: str, mod: nn.Module, analyses: list[_Analysis]) -> t
             if has_bias:
                 ok = (
                     st.bias is not None
+                    and st.bias_rand is not None
                     and subtracts_mean
                     and single
-                    and bool(_row_constant(_norm_rows(norm, st.bias)[keep]).all())
-                    and bool(_row_constant(_norm_rows(norm, st.bias_rand)[keep]).all())
+                    and bool(_row_constant(norm_rows(norm, st.bias)[keep]).all())
+                    and bool(_row_constant(norm_rows(norm, st.bias_rand)[keep]).all())
                 )
                 bias_cancelled = bias_cancelled and ok
             normalizers.append(norm_name)
@@ -308,7 +320,7 @@ def _candidate(module_name: str, mod: nn.Module, analyses: list[_Analysis]) -> t
             weight=w_name,
             axis=axis,
             kind=kind,
-            blocks=blocks,  # type: ignore[arg-type]
+            blocks=blocks,
             bias=b_name if has_bias and not bias_cancelled else None,
             redundant_bias=b_name if has_bias and bias_cancelled else None,
             normalizers=tuple(dict.fromkeys(normalizers)),

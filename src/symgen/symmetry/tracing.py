@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -14,23 +15,23 @@ from torch import Tensor, nn
 
 from symgen.errors import ShapeError
 from symgen.symmetry.types import (
-    _BREAKING_FUNCS,
-    _BREAKING_MODULES,
-    _HOMOGENEOUS_FUNCS,
-    _HOMOGENEOUS_MODULES,
-    _METADATA_FUNCS,
-    _MOVEMENT_FUNCS,
-    _MOVEMENT_MODULES,
-    _SCALE_FUNCS,
-    _SOURCES,
+    BREAKING_FUNCS,
+    BREAKING_MODULES,
+    HOMOGENEOUS_FUNCS,
+    HOMOGENEOUS_MODULES,
+    METADATA_FUNCS,
+    MOVEMENT_FUNCS,
+    MOVEMENT_MODULES,
     NORMALIZATION_LAYERS,
+    SCALE_FUNCS,
+    SOURCES,
 )
 
 __all__: list[str] = []  # internal to symgen.symmetry
 
 
 @dataclass
-class _Step:
+class Step:
     """How one op acts on the rescaled tensor flowing into it."""
 
     kind: str  # norm | move | scale | homog | shift | break | unknown | output | metadata
@@ -39,6 +40,26 @@ class _Step:
     module: nn.Module | None = None
     module_name: str | None = None
     reason: str = ""
+
+    def run(self, t: Tensor, fill: float) -> Tensor:
+        """The op replayed on ``t`` in place of the path tensor.
+
+        Args:
+            t: the value to feed in place of the rescaled tensor.
+            fill: the value of other operands of a concatenation (to tell them apart).
+
+        Returns:
+            the op's output.
+        """
+        if self.apply is None:
+            raise TypeError(f"{self.name} ({self.kind}) cannot be replayed")
+        return self.apply(t, fill)
+
+
+def _call_module(mod: nn.Module, t: Tensor, fill: float) -> Tensor:
+    """``mod(t)``: a module as a function of the path tensor (``fill`` is unused)."""
+    out: Tensor = mod(t)
+    return out
 
 
 def _func_name(target: Any) -> str:
@@ -52,16 +73,16 @@ def _classify_module(mod: nn.Module, name: str) -> tuple[str, str]:
     """``(kind, reason)`` of a leaf module from the function-class tables."""
     if isinstance(mod, NORMALIZATION_LAYERS):
         return "norm", ""
-    if isinstance(mod, _HOMOGENEOUS_MODULES):
+    if isinstance(mod, HOMOGENEOUS_MODULES):
         return "homog", ""
     if isinstance(mod, nn.Identity):
         return "scale", ""
-    if isinstance(mod, _MOVEMENT_MODULES):
+    if isinstance(mod, MOVEMENT_MODULES):
         return "move", ""
-    if isinstance(mod, _BREAKING_MODULES):
+    if isinstance(mod, BREAKING_MODULES):
         what = (
             "a layer mixing channels"
-            if isinstance(mod, _SOURCES + (nn.Bilinear,))
+            if isinstance(mod, SOURCES + (nn.Bilinear,))
             else "a function that is not positively homogeneous"
         )
         return "break", f"reaches {name} ({type(mod).__name__}, {what}) before any normalization"
@@ -82,21 +103,20 @@ def _describe(node: Any) -> str:
     import torch.fx as fx
 
     operands: list[str] = []
-    fx.node.map_arg(
-        (node.args, node.kwargs),
-        lambda a: (
-            operands.append(
-                str(a.target) if a.op in ("call_module", "get_attr", "placeholder") else f"{_func_name(a.target)}()"
-            )
-            or a
-        ),
-    )
+
+    def collect(a: Any) -> Any:
+        operands.append(
+            str(a.target) if a.op in ("call_module", "get_attr", "placeholder") else f"{_func_name(a.target)}()"
+        )
+        return a
+
+    fx.node.map_arg((node.args, node.kwargs), collect)
     stack = node.meta.get("nn_module_stack") or {}
     where = f"{next(reversed(stack.values()))[0]}.forward()" if stack else "forward()"
     return f"{_func_name(node.target)}({', '.join(dict.fromkeys(operands))}) in {where}"
 
 
-class _FxGraph:
+class FxGraph:
     """The ``torch.fx`` graph of the model, with every intermediate value of one forward pass."""
 
     method = "torch.fx"
@@ -129,7 +149,7 @@ class _FxGraph:
     def sources(self) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {}
         for n in self.gm.graph.nodes:
-            if n.op == "call_module" and isinstance(self.modules[n.target], _SOURCES):
+            if n.op == "call_module" and isinstance(self.modules[n.target], SOURCES):
                 out.setdefault(str(n.target), []).append(n)
         return out
 
@@ -149,41 +169,46 @@ class _FxGraph:
                     todo.append(u)
         return seen
 
-    def step(self, node: Any, incoming: Any, tainted: set[Any]) -> _Step:
+    def step(self, node: Any, incoming: Any, tainted: set[Any]) -> Step:
         import torch.fx as fx
 
         label = _describe(node)
         if node.op == "output":
-            return _Step("output", "output", reason="reaches the model output without normalization")
+            return Step("output", "output", reason="reaches the model output without normalization")
         flat: list[Any] = []
-        fx.node.map_arg((node.args, node.kwargs), lambda a: flat.append(a) or a)
+
+        def collect(a: Any) -> Any:
+            flat.append(a)
+            return a
+
+        fx.node.map_arg((node.args, node.kwargs), collect)
         uses = sum(1 for a in flat if a is incoming)
         if node.op == "call_module":
             mod = self.modules[node.target]
             kind, reason = _classify_module(mod, str(node.target))
             if uses != 1 or (node.args and node.args[0] is not incoming):
-                return _Step(
+                return Step(
                     "unknown", str(node.target), reason=f"{label} takes the rescaled tensor in an unsupported position"
                 )
             if kind in ("move", "scale"):
-                return _Step(
-                    kind, str(node.target), apply=lambda t, fill, m=mod: m(t), module=mod, module_name=str(node.target)
+                return Step(
+                    kind, str(node.target), apply=partial(_call_module, mod), module=mod, module_name=str(node.target)
                 )
-            return _Step(kind, str(node.target), module=mod, module_name=str(node.target), reason=reason)
+            return Step(kind, str(node.target), module=mod, module_name=str(node.target), reason=reason)
         if node.op not in ("call_function", "call_method"):
-            return _Step("unknown", node.name, reason=f"unsupported node {label}")
+            return Step("unknown", node.name, reason=f"unsupported node {label}")
         name = _func_name(node.target)
-        if name in _METADATA_FUNCS or (name == "getattr" and node.op == "call_function"):
-            return _Step("metadata", name)
+        if name in METADATA_FUNCS or (name == "getattr" and node.op == "call_function"):
+            return Step("metadata", name)
         if uses != 1:
-            return _Step("unknown", name, reason=f"{label} uses the rescaled tensor {uses} times")
+            return Step("unknown", name, reason=f"{label} uses the rescaled tensor {uses} times")
         others = [a for a in flat if isinstance(a, fx.Node) and a is not incoming]
         if any(a in tainted for a in others):
-            return _Step(
+            return Step(
                 "unknown", name, reason=f"{label} combines the rescaled tensor with another tensor computed from it"
             )
         if not isinstance(self.env.get(node.name), Tensor):
-            return _Step("unknown", name, reason=f"{label} does not return a single tensor")
+            return Step("unknown", name, reason=f"{label} does not return a single tensor")
 
         def reexec(t: Tensor, fill: float, node=node, incoming=incoming) -> Tensor:
             def sub(a: Any) -> Any:
@@ -201,38 +226,38 @@ class _FxGraph:
             return node.target(*args, **kwargs)
 
         is_first = (node.args and node.args[0] is incoming) or node.kwargs.get("input") is incoming
-        if name in _MOVEMENT_FUNCS and is_first:
-            return _Step("move", name, apply=reexec)
+        if name in MOVEMENT_FUNCS and is_first:
+            return Step("move", name, apply=reexec)
         if name == "cat":
-            return _Step("move", name, apply=reexec)
-        if name in _SCALE_FUNCS and is_first:
-            return _Step("scale", name, apply=reexec)
-        if name in _HOMOGENEOUS_FUNCS and is_first:
-            return _Step("homog", name)
+            return Step("move", name, apply=reexec)
+        if name in SCALE_FUNCS and is_first:
+            return Step("scale", name, apply=reexec)
+        if name in HOMOGENEOUS_FUNCS and is_first:
+            return Step("homog", name)
         if name in ("mul", "mul_", "div", "div_", "truediv") and (is_first or name.startswith("mul")):
             # Times a number or a tensor that does not depend on the scaled filter: linear.
-            return _Step("scale", name, apply=reexec)
+            return Step("scale", name, apply=reexec)
         if name in ("add", "add_", "sub", "sub_", "iadd", "isub"):
             if name.lstrip("i").startswith("sub") and not is_first:
-                return _Step("unknown", name, reason=f"{label} subtracts the rescaled tensor")
+                return Step("unknown", name, reason=f"{label} subtracts the rescaled tensor")
             if all(not isinstance(a, fx.Node) for a in node.args if a is not incoming) and not others:
-                return _Step("shift", name, apply=reexec)
-            return _Step(
+                return Step("shift", name, apply=reexec)
+            return Step(
                 "break",
                 name,
                 reason=f"{label} adds a tensor that is not rescaled "
                 "(e.g. a residual connection) before any normalization",
             )
-        if name in _BREAKING_FUNCS:
-            return _Step(
+        if name in BREAKING_FUNCS:
+            return Step(
                 "break",
                 name,
                 reason=f"{label} is not positively homogeneous / mixes channels, and comes before any normalization",
             )
-        return _Step("unknown", name, reason=f"{label}: behaviour under scaling is not known")
+        return Step("unknown", name, reason=f"{label}: behaviour under scaling is not known")
 
 
-class _HookGraph:
+class HookGraph:
     """Dataflow between leaf modules recovered from forward hooks (tensor identity)."""
 
     method = "hooks"
@@ -261,7 +286,7 @@ class _HookGraph:
     def sources(self) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {}
         for i, (name, mod, _, _) in enumerate(self.calls):
-            if isinstance(mod, _SOURCES):
+            if isinstance(mod, SOURCES):
                 out.setdefault(name, []).append(i)
         return out
 
@@ -280,11 +305,11 @@ class _HookGraph:
     def descendants(self, i: int) -> set[Any]:
         return set()
 
-    def step(self, j: Any, incoming: Any, tainted: set[Any]) -> _Step:
+    def step(self, j: Any, incoming: Any, tainted: set[Any]) -> Step:
         if j == "output":
-            return _Step("output", "output", reason="reaches the model output without normalization")
+            return Step("output", "output", reason="reaches the model output without normalization")
         if j == "invisible":
-            return _Step(
+            return Step(
                 "unknown",
                 "?",
                 reason="its output is used by an operation outside any module, which forward hooks cannot see",
@@ -292,18 +317,18 @@ class _HookGraph:
         name, mod, _, _ = self.calls[j]
         kind, reason = _classify_module(mod, name)
         if kind in ("move", "scale"):
-            return _Step(kind, name, apply=lambda t, fill, m=mod: m(t), module=mod, module_name=name)
-        return _Step(kind, name, module=mod, module_name=name, reason=reason)
+            return Step(kind, name, apply=partial(_call_module, mod), module=mod, module_name=name)
+        return Step(kind, name, module=mod, module_name=name, reason=reason)
 
 
-def _trace(model: nn.Module, args: tuple[Any, ...], notes: list[str]) -> tuple[_FxGraph | _HookGraph, nn.Module]:
+def trace_model(model: nn.Module, args: tuple[Any, ...], notes: list[str]) -> tuple[FxGraph | HookGraph, nn.Module]:
     """The graph of an eval-mode copy of ``model`` (the copy is returned too; ``model`` is not touched).
 
     ``torch.fx`` first; when tracing fails (data-dependent control flow), forward hooks, with a note.
     """
     work = copy.deepcopy(model).eval()
     try:
-        return _FxGraph(work, args), work
+        return FxGraph(work, args), work
     except Exception as e:  # noqa: BLE001 - any tracing failure falls back to hooks
         notes.append(
             f"torch.fx could not trace the model ({type(e).__name__}: {str(e)[:200]}); "
@@ -313,7 +338,7 @@ def _trace(model: nn.Module, args: tuple[Any, ...], notes: list[str]) -> tuple[_
         )
     work = copy.deepcopy(model).eval()
     try:
-        return _HookGraph(work, args), work
+        return HookGraph(work, args), work
     except Exception as e2:  # noqa: BLE001
         raise ShapeError(
             f"the model failed on example_input ({type(e2).__name__}: {e2}); pass a batch the model accepts."

@@ -9,24 +9,47 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from symgen.errors import ShapeError
+
 __all__ = ["RunningStatLink", "ScaleSymmetry", "ScaleSymmetryReport", "NORMALIZATION_LAYERS", "filter_axis"]
 
 # ---------------------------------------------------------------------------------------------
 # Function classes: how a layer or function treats a positive rescaling of its input's channels
 
-_BATCH_NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-_INSTANCE_NORMS: tuple[type[nn.Module], ...] = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-_RMS_NORMS: tuple[type[nn.Module], ...] = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
-NORMALIZATION_LAYERS: tuple[type[nn.Module], ...] = (
-    _BATCH_NORMS + _INSTANCE_NORMS + (nn.LayerNorm, nn.GroupNorm) + _RMS_NORMS
+BATCH_NORMS: tuple[type[nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d | nn.SyncBatchNorm], ...] = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
 )
+INSTANCE_NORMS: tuple[type[nn.InstanceNorm1d | nn.InstanceNorm2d | nn.InstanceNorm3d], ...] = (
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
+RMS_NORMS: tuple[type[nn.RMSNorm], ...] = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+NORMALIZATION_LAYERS: tuple[
+    type[
+        nn.BatchNorm1d
+        | nn.BatchNorm2d
+        | nn.BatchNorm3d
+        | nn.SyncBatchNorm
+        | nn.InstanceNorm1d
+        | nn.InstanceNorm2d
+        | nn.InstanceNorm3d
+        | nn.LayerNorm
+        | nn.GroupNorm
+        | nn.RMSNorm
+    ],
+    ...,
+] = BATCH_NORMS + INSTANCE_NORMS + (nn.LayerNorm, nn.GroupNorm) + RMS_NORMS
 
 _CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TRANSPOSES: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_SOURCES: tuple[type[nn.Module], ...] = (nn.Linear,) + _CONVS + _CONV_TRANSPOSES
+SOURCES: tuple[type[nn.Module], ...] = (nn.Linear,) + _CONVS + _CONV_TRANSPOSES
 
 # Positively homogeneous but not affine: f(a z) = a f(z) for a > 0, f(z + b) != f(z) + b.
-_HOMOGENEOUS_MODULES: tuple[type[nn.Module], ...] = (
+HOMOGENEOUS_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU,
     nn.LeakyReLU,
     nn.PReLU,
@@ -36,7 +59,7 @@ _HOMOGENEOUS_MODULES: tuple[type[nn.Module], ...] = (
     nn.Dropout3d,
 )
 # Copy or convexly average values within a channel: commute with per-channel scaling and shifts.
-_MOVEMENT_MODULES: tuple[type[nn.Module], ...] = (
+MOVEMENT_MODULES: tuple[type[nn.Module], ...] = (
     nn.Flatten,
     nn.Unflatten,
     nn.MaxPool1d,
@@ -56,7 +79,7 @@ _MOVEMENT_MODULES: tuple[type[nn.Module], ...] = (
     nn.PixelUnshuffle,
     nn.ChannelShuffle,
 )
-_BREAKING_MODULES: tuple[type[nn.Module], ...] = _SOURCES + (
+BREAKING_MODULES: tuple[type[nn.Module], ...] = SOURCES + (
     nn.Bilinear,
     nn.Sigmoid,
     nn.Tanh,
@@ -80,7 +103,7 @@ _BREAKING_MODULES: tuple[type[nn.Module], ...] = _SOURCES + (
     nn.Embedding,
 )
 
-_HOMOGENEOUS_FUNCS = {
+HOMOGENEOUS_FUNCS = {
     "relu",
     "relu_",
     "leaky_relu",
@@ -92,8 +115,8 @@ _HOMOGENEOUS_FUNCS = {
     "dropout3d",
     "feature_dropout",
 }
-_SCALE_FUNCS = {"neg", "clone", "detach", "contiguous", "float", "double", "half", "bfloat16", "to", "type_as"}
-_MOVEMENT_FUNCS = {
+SCALE_FUNCS = {"neg", "clone", "detach", "contiguous", "float", "double", "half", "bfloat16", "to", "type_as"}
+MOVEMENT_FUNCS = {
     "view",
     "reshape",
     "flatten",
@@ -133,7 +156,7 @@ _MOVEMENT_FUNCS = {
     "upsample",
     "channel_shuffle",
 }
-_BREAKING_FUNCS = {
+BREAKING_FUNCS = {
     "gelu",
     "sigmoid",
     "tanh",
@@ -168,7 +191,7 @@ _BREAKING_FUNCS = {
     "square",
     "reciprocal",
 }
-_METADATA_FUNCS = {"size", "dim", "numel", "getattr", "shape", "dtype", "device", "ndimension"}
+METADATA_FUNCS = {"size", "dim", "numel", "getattr", "shape", "dtype", "device", "ndimension"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +368,22 @@ def filter_axis(module: nn.Module) -> int | None:
     return None
 
 
-def _along(vec: Tensor, axis: int, ndim: int) -> Tensor:
+def source_weight(module: nn.Module) -> Tensor:
+    """The ``weight`` of a linear / convolution layer.
+
+    Args:
+        module: a layer of ``SOURCES``.
+
+    Returns:
+        its weight tensor.
+    """
+    weight = module.weight
+    if not isinstance(weight, Tensor):  # pragma: no cover - every source layer has a weight tensor
+        raise ShapeError(f"{type(module).__name__}.weight is not a tensor.")
+    return weight
+
+
+def along_axis(vec: Tensor, axis: int, ndim: int) -> Tensor:
     """``vec`` reshaped to broadcast along ``axis`` of an ``ndim``-dimensional tensor."""
     shape = [1] * ndim
     shape[axis] = -1
