@@ -5,6 +5,6 @@ from symgen.optim.nso import NSO
 from symgen.optim.ogd import OGD
 from symgen.optim.sam import SAM
 from symgen.optim.unit_norm import UnitNormSGD
-from symgen.optim.wrapper import WrapperOptimizer
+from symgen.optim.wrapper import StepContext, WrapperOptimizer
 
-__all__ = ["LossClosure", "NSO", "OGD", "SAM", "UnitNormSGD", "WrapperOptimizer"]
+__all__ = ["LossClosure", "NSO", "OGD", "SAM", "StepContext", "UnitNormSGD", "WrapperOptimizer"]

@@ -15,14 +15,13 @@ naming the pattern above.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
+from torch.amp.grad_scaler import GradScaler
 
 from symgen.errors import ConfigError
 
-__all__ = ["ScaledStep", "PATTERN"]
+__all__ = ["ScaledStep", "PATTERN", "GradScaler"]
 
 PATTERN = (
     "def closure():\n    optimizer.zero_grad()\n    with torch.autocast(device_type, dtype):\n"
@@ -31,7 +30,7 @@ PATTERN = (
 )
 
 
-def _stage_stepped(scaler: Any, optimizer: torch.optim.Optimizer) -> None:
+def _stage_stepped(scaler: GradScaler, optimizer: torch.optim.Optimizer) -> None:
     """Mark the optimizer as stepped in the scaler, so a stray ``scaler.step(optimizer)`` raises."""
     try:
         from torch.amp.grad_scaler import OptState
@@ -51,7 +50,7 @@ class ScaledStep:
     """
 
     def __init__(
-        self, optimizer: torch.optim.Optimizer, scaler: Any, closure: Any, needs_closure: bool = False
+        self, optimizer: torch.optim.Optimizer, scaler: GradScaler | None, closure: object, needs_closure: bool = False
     ) -> None:
         self.optimizer = optimizer
         self.scaler = scaler if scaler is not None and getattr(scaler, "is_enabled", lambda: True)() else None
@@ -81,19 +80,29 @@ class ScaledStep:
 
     @property
     def active(self) -> bool:
+        """Whether the step runs under loss scaling."""
         return self.scaler is not None or self.from_scaler
 
-    def _params(self) -> list[Tensor]:
-        return [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+    def _grads(self) -> list[Tensor]:
+        return [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
 
     @torch.no_grad()
     def grads_finite(self) -> bool:
-        grads = [p.grad.reshape(-1) for p in self._params()]
+        """Whether every gradient in ``.grad`` is finite (one check).
+
+        Returns:
+            True when no gradient holds an inf or NaN.
+        """
+        grads = [g.reshape(-1) for g in self._grads()]
         return not grads or bool(torch.isfinite(torch.cat([g.float() for g in grads])).all())
 
     @torch.no_grad()
     def finish(self) -> bool:
-        """Unscale ``.grad`` once (recording inf/NaN in the scaler); True if the step may be taken."""
+        """Unscale ``.grad`` once (recording inf/NaN in the scaler).
+
+        Returns:
+            True if the step may be taken.
+        """
         if self.from_scaler:  # scaler.step(optimizer): it checked the gradients; divide by its scale
             found = getattr(self.optimizer, "found_inf", 0)
             if float(torch.as_tensor(found).sum()) > 0:
@@ -101,8 +110,8 @@ class ScaledStep:
             scale = getattr(self.optimizer, "grad_scale", None)
             if scale is not None:
                 inv = 1.0 / torch.as_tensor(scale, dtype=torch.float64)
-                for p in self._params():
-                    p.grad.mul_(inv.to(device=p.grad.device, dtype=p.grad.dtype))
+                for g in self._grads():
+                    g.mul_(inv.to(device=g.device, dtype=g.dtype))
             return True
         if self.scaler is None:
             return True
@@ -115,9 +124,9 @@ class ScaledStep:
     def skip(self) -> None:
         """Record an inf/NaN step in the scaler (its next ``update()`` lowers the scale); clear ``.grad``."""
         if self.scaler is not None:
-            for p in self._params():
-                p.grad.fill_(float("nan"))
-            if not self._params():  # nothing to record the failure on: give the first parameter a NaN grad
+            for g in self._grads():
+                g.fill_(float("nan"))
+            if not self._grads():  # nothing to record the failure on: give the first parameter a NaN grad
                 first = next((p for g in self.optimizer.param_groups for p in g["params"]), None)
                 if first is not None:
                     first.grad = torch.full_like(first, float("nan"))

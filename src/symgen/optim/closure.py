@@ -44,14 +44,23 @@ class LossClosure:
         self.num_calls = 0
 
     def compute(self) -> tuple[Tensor, Tensor]:
-        """``(loss, output)`` of one forward pass at the model's current weights."""
+        """One forward pass at the model's current weights.
+
+        Returns:
+            ``(loss, output)``.
+        """
         out = self.model(self.x)
         return self.loss_fn(out, self.y), out
 
     def evaluate(self, backward: bool = True, check: bool = True) -> Tensor:
         """One pass: with ``backward`` the gradients are zeroed and replaced by this loss's; else forward only.
 
-        ``check``: raise :class:`DivergenceError` if the first call's loss is not finite (NSO checks itself).
+        Args:
+            backward: zero the gradients and backpropagate this loss.
+            check: raise :class:`DivergenceError` if the first call's loss is not finite (NSO checks itself).
+
+        Returns:
+            The loss, detached.
         """
         with torch.enable_grad() if backward else torch.no_grad():
             if backward:
@@ -72,4 +81,9 @@ class LossClosure:
         return loss.detach()
 
     def __call__(self) -> Tensor:
+        """The step's closure: zero the gradients, compute the loss, ``backward``.
+
+        Returns:
+            The loss, detached.
+        """
         return self.evaluate(backward=True)

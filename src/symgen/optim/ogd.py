@@ -9,22 +9,40 @@ stored inputs then do not move, and Bennani et al. (arXiv 2006.11942) bound the 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from symgen.errors import ConfigError, DivergenceError, ShapeError
-from symgen.optim.wrapper import WrapperOptimizer
+from symgen.optim.wrapper import Closure, StepContext, WrapperOptimizer
 
 __all__ = ["OGD", "OGD_OUTPUTS"]
 
 OGD_OUTPUTS = ("all", "average", "ground_truth")
 
+Named = dict[str, Tensor]
+
+
+@dataclass
+class _ImplicitTask:
+    """One task kept as J (jvp/vjp of its stacked outputs) and K^+ = half half^T, truncated to ``rank``."""
+
+    order: list[str]
+    outs: Callable[[Named], Tensor]
+    vjp: Callable[[Tensor], tuple[Named]]
+    selected: Named
+    half: Tensor
+    pinv: Tensor
+    rank: int
+    model: nn.Module
+
 
 class OGD(WrapperOptimizer):
-    """OGD around a base optimizer (a CLASS and its keyword arguments, e.g. ``OGD(params, torch.optim.SGD, lr=0.1)``).
+    """OGD: the base optimizer steps with g - sum_v (g . v) v, v the stored orthonormal directions (arXiv 1910.07104).
 
+    Around a base optimizer (a CLASS and its keyword arguments, e.g. ``OGD(params, torch.optim.SGD, lr=0.1)``).
     ``step(closure)``: the closure computes the gradient (or, without a closure, ``.grad`` is used as is),
     :meth:`project` removes its components along the stored orthonormal basis, the base optimizer steps.
     :meth:`store_task` adds the gradients of a model's outputs on a task's inputs; :meth:`add_directions`
@@ -35,8 +53,18 @@ class OGD(WrapperOptimizer):
     ``store_task(..., form="implicit")`` keeps the task as its inputs and weights instead of k rows: the step
     projects with one Jacobian-vector and one vector-Jacobian product, ``g - J^T K^+ J g`` (K = J J^T), the same
     projector as the explicit basis at a cost of two passes over the task's inputs instead of two over k x
-    parameters; one task only, and not carried by ``state_dict()``.
+    parameters; one task only, and not carried by ``state_dict()``. A non-finite loss, gradient or update
+    raises :class:`~symgen.errors.DivergenceError` with parameters and optimizer state as before the step.
+
+    Args:
+        params: parameters or parameter groups.
+        base_optimizer: the optimizer class that takes the step, e.g. ``torch.optim.SGD``.
+        tol: relative singular-value floor of new directions.
+        max_directions: the most directions to store (None: no limit).
+        **kwargs: the base optimizer's arguments (lr, momentum, weight_decay, ...).
     """
+
+    needs_closure = False
 
     def __init__(
         self,
@@ -54,26 +82,31 @@ class OGD(WrapperOptimizer):
         super().__init__(params, base_optimizer, {}, **kwargs)
         self.tol = float(tol)
         self.max_directions = max_directions
-        self._implicit: dict[str, Any] | None = None
+        self._implicit: _ImplicitTask | None = None
 
     def _params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
     @property
     def num_directions(self) -> int:
+        """The number of stored orthonormal directions (the rank of the stored gradients)."""
         if self._implicit is not None:
-            return int(self._implicit["rank"])
+            return self._implicit.rank
         first = self._params()[0]
         basis = self.state[first].get("ogd_basis") if first in self.state else None
         return 0 if basis is None else int(basis.shape[0])
 
     def basis(self) -> Tensor:
-        """The stored orthonormal directions as rows, flat in parameter order: (k, number of parameters)."""
+        """The stored orthonormal directions as rows, flat in parameter order.
+
+        Returns:
+            (k, number of parameters).
+        """
         ps = self._params()
         if self._implicit is not None:  # rows M^T J with M = U Lambda^{-1/2}: orthonormal, spanning J's rows
             imp = self._implicit
-            rows = torch.func.vmap(imp["vjp"])(imp["half"].T)[0]
-            return torch.cat([rows[n].reshape(imp["rank"], -1) for n in imp["order"]], dim=1)
+            rows: Named = torch.func.vmap(imp.vjp)(imp.half.T)[0]
+            return torch.cat([rows[n].reshape(imp.rank, -1) for n in imp.order], dim=1)
         if self.num_directions == 0:
             return torch.zeros(0, sum(p.numel() for p in ps), dtype=ps[0].dtype, device=ps[0].device)
         return torch.cat([self.state[p]["ogd_basis"].reshape(self.num_directions, -1) for p in ps], dim=1)
@@ -84,7 +117,13 @@ class OGD(WrapperOptimizer):
 
         Block Gram-Schmidt: projected off the basis twice, then a rank-revealing Cholesky-QR of the block
         (twice); directions of the block's new part with singular value below ``tol`` times the largest
-        row norm are dropped. Returns how many were kept.
+        row norm are dropped.
+
+        Args:
+            vectors: (k, number of parameters), flat in the optimizer's parameter order.
+
+        Returns:
+            How many directions were kept.
         """
         ps = self._params()
         self._no_implicit()
@@ -150,7 +189,17 @@ class OGD(WrapperOptimizer):
         ``outputs``: "all" (every logit of every sample, OGD-ALL), "average" (the mean logit, OGD-AVE) or
         "ground_truth" (the logit of label ``y``, OGD-GTL; needs ``y``). The model's parameters must be the
         optimizer's, in the same order. ``form``: "explicit" (orthonormal rows) or "implicit" (see the class).
-        Returns the number of directions added.
+
+        Args:
+            model: the model after the task.
+            x: the task's inputs (n, ...).
+            y: the task's labels (needed for "ground_truth").
+            outputs: which outputs' gradients to store.
+            batch_size: inputs per Jacobian call.
+            form: "explicit" or "implicit".
+
+        Returns:
+            The number of directions added.
         """
         if outputs not in OGD_OUTPUTS:
             raise ConfigError(f"outputs must be one of {OGD_OUTPUTS}, got {outputs!r}.")
@@ -178,7 +227,7 @@ class OGD(WrapperOptimizer):
         buffers = dict(model.named_buffers())
 
         def out(pr: dict[str, Tensor], xi: Tensor) -> Tensor:
-            f = functional_call(model, ({**params, **pr}, buffers), (xi[None],))[0].reshape(-1)
+            f: Tensor = functional_call(model, ({**params, **pr}, buffers), (xi[None],))[0].reshape(-1)
             return f.mean()[None] if outputs == "average" else f
 
         selected = {n: params[n] for n in order}
@@ -191,8 +240,8 @@ class OGD(WrapperOptimizer):
             for i in range(0, x.shape[0], batch_size):
                 jac = vmap(jacrev(out), in_dims=(None, 0))(selected, x[i : i + batch_size])
                 rows = torch.cat([jac[n].reshape(jac[n].shape[0], jac[n].shape[1], -1) for n in order], dim=2)
-                if outputs == "ground_truth":
-                    rows = rows[torch.arange(rows.shape[0]), y[i : i + batch_size].long()][:, None]  # type: ignore[index]
+                if y is not None and outputs == "ground_truth":
+                    rows = rows[torch.arange(rows.shape[0]), y[i : i + batch_size].long()][:, None]
                 added += self.add_directions(rows.reshape(-1, rows.shape[-1]))
         finally:
             model.train(was_training)
@@ -217,8 +266,8 @@ class OGD(WrapperOptimizer):
         x = x.detach()
         labels = None if y is None else y.detach().long()
 
-        def outs(sel: dict[str, Tensor]) -> Tensor:
-            f = functional_call(model, ({**params, **sel}, buffers), (x,))
+        def outs(sel: Named) -> Tensor:
+            f: Tensor = functional_call(model, ({**params, **sel}, buffers), (x,))
             f = f.reshape(f.shape[0], -1)
             if outputs == "average":
                 return f.mean(1)
@@ -230,7 +279,8 @@ class OGD(WrapperOptimizer):
         was_training = model.training
         model.eval()
         try:
-            out, vjp_fn = vjp(outs, selected)
+            pulled = vjp(outs, selected)
+            out, vjp_fn = pulled[0], pulled[1]
             k = out.shape[0]
             gram = out.new_zeros(k, k)
             eye = torch.eye(k, dtype=out.dtype, device=out.device)
@@ -253,37 +303,25 @@ class OGD(WrapperOptimizer):
                 "store fewer samples or outputs (outputs='average')."
             )
         half = evecs[:, keep] / evals[keep].sqrt()
-        self._implicit = {
-            "order": order,
-            "outs": outs,
-            "vjp": vjp_fn,
-            "selected": selected,
-            "half": half,
-            "pinv": half @ half.T,
-            "rank": rank,
-            "model": model,
-        }
+        self._implicit = _ImplicitTask(order, outs, vjp_fn, selected, half, half @ half.T, rank, model)
         return rank
 
-    def _project_implicit(self) -> None:
+    def _project_implicit(self, imp: _ImplicitTask) -> None:
         from torch.func import jvp
 
-        imp = self._implicit
         ps = self._params()
         if all(p.grad is None for p in ps):
             return
-        grads = {
-            n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in zip(imp["order"], ps, strict=True)
-        }
-        model = imp["model"]
+        grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in zip(imp.order, ps, strict=True)}
+        model = imp.model
         was_training = model.training
         model.eval()
         try:
-            jg = jvp(imp["outs"], (imp["selected"],), (grads,))[1]
+            jg = jvp(imp.outs, (imp.selected,), (grads,))[1]
         finally:
             model.train(was_training)
-        back = imp["vjp"](imp["pinv"] @ jg)[0]
-        for n, p in zip(imp["order"], ps, strict=True):
+        back = imp.vjp(imp.pinv @ jg)[0]
+        for n, p in zip(imp.order, ps, strict=True):
             if p.grad is not None:
                 p.grad.sub_(back[n])
 
@@ -292,27 +330,27 @@ class OGD(WrapperOptimizer):
         """``g <- g - V^T (V g)`` for the parameters' gradients (V: the stored orthonormal rows)."""
         if self._implicit is not None:
             with torch.enable_grad():
-                self._project_implicit()
+                self._project_implicit(self._implicit)
             return
         k = self.num_directions
-        ps = [p for p in self._params() if p.grad is not None]
-        if k == 0 or not ps:
+        pairs = [(p, p.grad) for p in self._params() if p.grad is not None]
+        if k == 0 or not pairs:
             return
-        coef = sum(self.state[p]["ogd_basis"].reshape(k, -1) @ p.grad.reshape(-1) for p in ps)
-        for p in ps:
-            p.grad.sub_((coef @ self.state[p]["ogd_basis"].reshape(k, -1)).reshape(p.shape))
+        coef = torch.stack([self.state[p]["ogd_basis"].reshape(k, -1) @ g.reshape(-1) for p, g in pairs]).sum(0)
+        for p, g in pairs:
+            g.sub_((coef @ self.state[p]["ogd_basis"].reshape(k, -1)).reshape(p.shape))
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for p in self._params():
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                raise DivergenceError(
-                    "OGD step: non-finite gradient; parameters untouched. Lower the learning rate or check the data."
-                )
+    def estimate(self, closure: Closure | None, ctx: StepContext) -> Tensor | float | None:
+        """The projected gradient in ``.grad``: the closure's (or, without one, the one in ``.grad``).
+
+        Args:
+            closure: the step's closure, or None to project the gradient already in ``.grad``.
+            ctx: the step's passes.
+
+        Returns:
+            The loss (None without a closure).
+        """
+        loss = ctx.clean(closure, "at W") if closure is not None else None
+        ctx.check_grads("at W (before the projection)")
         self.project()
-        self.base_optimizer.step()
         return loss

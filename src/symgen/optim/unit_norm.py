@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import torch
 from torch import Tensor, nn
 
-from symgen.errors import ConfigError
+from symgen.errors import ConfigError, DivergenceError
 from symgen.functional import buffers_of, params_of
-from symgen.optim.amp import ScaledStep
+from symgen.optim.amp import GradScaler, ScaledStep
+from symgen.optim.wrapper import StepSnapshot, all_finite, divergence, model_of
 from symgen.rng import Seed
 from symgen.symmetry import ScaleSymmetry, ScaleSymmetryReport, block_norms, find_scale_symmetries, rescale_filters
 
 __all__ = ["UnitNormSGD"]
+
+LossT = TypeVar("LossT", Tensor, float)
 
 
 @dataclass
@@ -58,6 +61,18 @@ class UnitNormSGD(torch.optim.Optimizer):
     only: on a sphere its gradient ``lambda w`` is radial and projects to zero. Other parameters
     follow ``torch.optim.SGD`` (dampening 0, no Nesterov) exactly. With ``filters="auto"`` and
     nothing detected, a warning is issued and every parameter takes plain SGD steps.
+
+    A non-finite loss, gradient or update raises :class:`~symgen.errors.DivergenceError` with parameters,
+    optimizer state and BatchNorm statistics (of the model given, or a LossClosure's) as before the step.
+
+    Args:
+        params: the model, or parameters / parameter groups.
+        lr: the step size (angular on the spheres).
+        momentum: heavy-ball momentum in [0, 1).
+        weight_decay: L2 penalty on the plain parameters.
+        filters: which filters live on spheres (see above).
+        example_input: a batch of inputs, to detect or check the symmetries.
+        generator: a seed or ``torch.Generator`` for the symmetry check (None: seed 0).
     """
 
     def __init__(
@@ -77,12 +92,14 @@ class UnitNormSGD(torch.optim.Optimizer):
             raise ConfigError(f"UnitNormSGD: momentum must be in [0, 1), got {momentum!r}.")
         if weight_decay < 0:
             raise ConfigError(f"UnitNormSGD: weight_decay must be >= 0, got {weight_decay!r}.")
-        model = params if isinstance(params, nn.Module) else None
-        if model is not None:
-            param_list: Any = [p for p in model.parameters() if p.requires_grad]
+        if isinstance(params, nn.Module):
+            model: nn.Module | None = params
+            param_list: list[Any] = [p for p in params.parameters() if p.requires_grad]
         else:
-            param_list = list(params)
+            model, param_list = None, list(params)
         super().__init__(param_list, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.model = model
+        self.num_steps = 0
         symmetries = self._resolve(model, filters, example_input, generator)
         self.spheres: list[_Sphere] = []
         if model is not None and symmetries:
@@ -253,29 +270,64 @@ class UnitNormSGD(torch.optim.Optimizer):
 
     _step_supports_amp_scaling = True  # scaler.step(optimizer) calls step() itself; see symgen.optim.amp
 
-    @torch.no_grad()
-    def step(self, closure: Any = None, scaler: Any = None) -> Any:
+    @overload
+    def step(self, closure: None = None, scaler: GradScaler | None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], LossT], scaler: GradScaler | None = None) -> LossT: ...
+
+    def step(self, closure: Callable[[], LossT] | None = None, scaler: GradScaler | None = None) -> LossT | None:
         """One update: Riemannian step with retraction on sphere blocks, SGD elsewhere.
 
         Mixed precision: ``scaler.step(optimizer)`` after ``scaler.scale(loss).backward()`` (the usual
         GradScaler pattern), or ``optimizer.step(closure, scaler=scaler)``; an inf/NaN step is skipped.
+
+        Args:
+            closure: optional; zeroes gradients, computes the loss, calls ``backward``, returns the loss.
+            scaler: a ``torch.amp.GradScaler`` for mixed precision, or None.
+
+        Returns:
+            The closure's loss (None without a closure).
         """
         amp = ScaledStep(self, scaler, closure)
+        snapshot = StepSnapshot(self, model_of(self.model, closure))
+        try:
+            with torch.no_grad():
+                return self._guarded_step(closure, amp, snapshot)
+        except BaseException:
+            snapshot.restore()
+            raise
+
+    def _guarded_step(
+        self, closure: Callable[[], LossT] | None, amp: ScaledStep, snapshot: StepSnapshot
+    ) -> LossT | None:
+        def fail(what: str) -> DivergenceError:
+            return divergence("UnitNormSGD", self.num_steps + 1, what, "lower the learning rate, or check the data")
+
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        loss_finite = loss is None or bool(torch.isfinite(torch.as_tensor(loss)).all())
         if amp.active:
-            if (
-                not (bool(torch.isfinite(torch.as_tensor(loss)).all()) if loss is not None else True)
-                or not amp.grads_finite()
-                and not amp.from_scaler
-            ):
+            if not loss_finite or (not amp.from_scaler and not amp.grads_finite()):
                 amp.skip()
                 return loss
             if not amp.finish():
                 self.zero_grad(set_to_none=True)
                 return loss
+        elif not loss_finite:
+            raise fail(f"loss {float(torch.as_tensor(loss).sum())}")
+        if not all_finite(p.grad for g in self.param_groups for p in g["params"]):
+            raise fail("gradient")
+        snapshot.save_state()
+        self._update()
+        if not snapshot.update_finite():
+            raise fail("update: the parameters after the step")
+        self.num_steps += 1
+        return loss
+
+    def _update(self) -> None:
         on_sphere = {id(s.weight) for s in self.spheres} | {id(s.bias) for s in self.spheres if s.bias is not None}
         for group in self.param_groups:
             lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
@@ -294,7 +346,6 @@ class UnitNormSGD(torch.optim.Optimizer):
                 p.add_(d_p, alpha=-lr)
         for sphere in self.spheres:
             self._sphere_step(sphere)
-        return loss
 
     def _sphere_step(self, sphere: _Sphere) -> None:
         w_t, b_t, axis = sphere.weight, sphere.bias, sphere.symmetry.axis
