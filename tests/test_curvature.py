@@ -248,7 +248,7 @@ def test_bad_input():
     with pytest.raises(ShapeError, match="batch"):
         HessianOperator(m, TF.cross_entropy, 5)
     H = HessianOperator(m, TF.cross_entropy, (x, y))
-    with pytest.raises(ConfigError, match="num_probes"):
+    with pytest.raises(ConfigError, match="num_matvecs"):
         H.trace(0)
     with pytest.raises(ConfigError, match="k must be"):
         H.eigenvalues(0)

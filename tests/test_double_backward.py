@@ -1,11 +1,14 @@
 """The fast double-backward kernels (symgen.curvature.double_backward) against PyTorch's own autograd and dense Hessians."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as TF
 from torch import nn
 
 from symgen.curvature import GGNOperator, HessianOperator
+from symgen.curvature.checks import FallbackWarning
 from symgen.curvature.double_backward import fast_double_backward
 
 CONFIGS = [  # stride, padding, dilation, groups, bias
@@ -108,15 +111,25 @@ def test_float32_operator_on_cpu_matches_a_float64_dense_matrix(operator, flatte
     x = torch.randn(6, 3, 8, 8, generator=g)
     y = torch.randint(0, 3, (6,), generator=g)
     op = operator(model, TF.cross_entropy, (x, y))
-    assert op._fast_double_backward
+    assert op.fast_double_backward and "fast_double_backward" not in op.fallback_reasons
     V = torch.randn(op.dim, 3, generator=g)
-    got = op.matmat(V).double()
-    # the fallback was taken exactly when the model flattens with .view
-    assert op._fast_double_backward == (flatten == "flatten")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = op.matmat(V).double()
+        op.matmat(V)  # a second product does not warn again
+    # the fallback was taken exactly when the model flattens with .view, and it says so, once
+    assert op.fast_double_backward == (flatten == "flatten")
+    fallbacks = [w for w in caught if issubclass(w.category, FallbackWarning)]
+    if flatten == "view":
+        assert len(fallbacks) == 1 and ".view" in str(fallbacks[0].message)
+        assert ".view" in op.fallback_reasons["fast_double_backward"]
+    else:
+        assert fallbacks == []
 
     ref = _model(flatten).double()
     ref_op = operator(ref, TF.cross_entropy, (x.double(), y))
-    assert not ref_op._fast_double_backward  # float64: PyTorch's kernels
+    assert not ref_op.fast_double_backward  # float64: PyTorch's kernels
+    assert "float32" in ref_op.fallback_reasons["fast_double_backward"]
     dense = ref_op.dense()
     want = dense @ V.double()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from symgen import functional as F
 from symgen.curvature import HessianOperator, MatrixOperator
+from symgen.curvature.checks import FallbackWarning
 from symgen.curvature.taylor import TaylorProgram, TaylorUnsupported, trace_loss
 from symgen.errors import ShapeError
 from symgen.models import ResNet, small_cnn, vit
@@ -199,8 +200,13 @@ def test_unsupported_operations_fall_back_to_products(case):
     y = torch.randint(0, 3, (7,), generator=g)
     H = HessianOperator(model, TF.cross_entropy, (x, y), bn_mode=bn_mode)
     V = torch.randn(H.dim, 3, generator=g, dtype=torch.float64)
-    got = H.quadratic_forms(V)
+    with pytest.warns(FallbackWarning, match="Taylor mode") as caught:
+        got = H.quadratic_forms(V)
+        H.quadratic_forms(V)  # warned once, not per call
+    assert len([w for w in caught if issubclass(w.category, FallbackWarning)]) == 1
     assert not H.taylor
+    reason = "silu" if case == "silu" else "bn_mode='train'"
+    assert reason in H.fallback_reasons["taylor"] and reason in str(caught[0].message)
     torch.testing.assert_close(got, (V * H.matmat(V)).sum(0), rtol=1e-10, atol=1e-12)
     if case == "silu":
         params = F.params_of(model)

@@ -7,10 +7,11 @@ Estimators: the trace (Hutchinson, Hutch++, Lanczos-deflated Hutchinson), extrem
 (Lanczos with full reorthogonalization) and the spectral density (stochastic Lanczos quadrature).
 """
 
-from symgen.curvature.base import CurvatureOperator, MatrixOperator, ModelOperator
+from symgen.curvature.base import CurvatureOperator, MatrixOperator
 from symgen.curvature.ggn import GGNOperator
 from symgen.curvature.hessian import HessianOperator
 from symgen.curvature.lanczos import LanczosProcess, lanczos, lanczos_eigenpairs, slq_density
+from symgen.curvature.model import ModelOperator
 from symgen.curvature.results import Eigenpairs, SpectralDensity, TraceEstimate
 from symgen.curvature.trace import deflated_trace, hutchinson_trace, hutchpp_trace
 

@@ -1,6 +1,5 @@
-"""Symmetric linear operators for curvature: the base class, a dense-matrix operator, and the
-model-based layer (the batch loop, its normalization, BatchNorm mode and parameter selection)
-shared by the Hessian and the generalized Gauss-Newton operators.
+"""Symmetric linear operators for curvature: the base class and a dense-matrix operator (the
+model-based layer shared by the Hessian and the GGN is :mod:`symgen.curvature.model`).
 
 Vectors are columns, as in SciPy and curvlinops: ``op.matvec(v)`` with ``v (n,)`` and
 ``op.matmat(V)`` with ``V (n, k)``; ``op.to_scipy()`` is a ``scipy.sparse.linalg.LinearOperator``.
@@ -8,42 +7,39 @@ Vectors are columns, as in SciPy and curvlinops: ``op.matvec(v)`` with ``v (n,)`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
-from torch.func import vmap
+from torch import Tensor
 
-from symgen import distributed
-from symgen import functional as F
-from symgen.curvature.double_backward import fast_double_backward, fast_double_backward_applies
+from symgen.curvature.checks import as_operator, check_positive
+from symgen.curvature.lanczos import lanczos_eigenpairs, slq_density
+from symgen.curvature.results import Eigenpairs, SpectralDensity, TraceEstimate
+from symgen.curvature.trace import deflated_trace, hutchinson_trace, hutchpp_trace
 from symgen.errors import ConfigError, ShapeError
 from symgen.rng import Seed
-from symgen.streaming import BatchStream, model_device
 
 if TYPE_CHECKING:
     from scipy.sparse.linalg import LinearOperator
 
-    from symgen.curvature.results import Eigenpairs, SpectralDensity, TraceEstimate
-
-__all__ = ["CurvatureOperator", "MatrixOperator", "ModelOperator", "as_operator"]
+__all__ = ["CurvatureOperator", "MatrixOperator", "as_operator"]
 
 
-def _check_positive(name: str, value: int, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-
-
-def as_operator(op: Any, caller: str) -> CurvatureOperator:
-    """``op`` itself if it is a :class:`CurvatureOperator`; otherwise a ConfigError that says how to make one."""
-    if not isinstance(op, CurvatureOperator):
-        raise ConfigError(
-            f"{caller}() takes a CurvatureOperator (HessianOperator, GGNOperator, or "
-            f"MatrixOperator(A) for a symmetric matrix A); got {type(op).__name__}."
-        )
-    return op
+def _renamed(deprecated: dict[str, Any], old: str, new: str, value: int, caller: str) -> int:
+    """``value``, or the value passed under the deprecated keyword ``old`` (with a DeprecationWarning)."""
+    if not deprecated:
+        return value
+    unknown = set(deprecated) - {old}
+    if unknown:
+        raise TypeError(f"{caller}() got unexpected keyword arguments {sorted(unknown)}.")
+    warnings.warn(
+        f"{caller}({old}=...) is deprecated: the count is of operator products, `{new}`.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return int(deprecated[old])
 
 
 class CurvatureOperator:
@@ -65,6 +61,7 @@ class CurvatureOperator:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """``(n, n)``."""
         return (self.dim, self.dim)
 
     def __repr__(self) -> str:
@@ -141,32 +138,47 @@ class CurvatureOperator:
 
     def trace(
         self,
-        num_probes: int = 100,
+        num_matvecs: int = 100,
         generator: Seed = None,
         *,
         method: str = "hutchinson",
         deflation_steps: int | None = None,
         rtol: float | None = None,
         max_matvecs: int | None = None,
+        **deprecated: Any,
     ) -> TraceEstimate:
-        """tr(A) with its standard error from about ``num_probes`` products.
+        """tr(A) with its standard error from ``num_matvecs`` operator products.
 
-        ``method``: "hutchinson" (Rademacher probes), "hutch++" (arXiv 2010.09649) or "deflated"
-        (Lanczos-deflated Hutchinson, arXiv 2205.01736: far lower variance on network Hessians,
-        whose trace is dominated by a few outliers). ``rtol`` (deflated only): add probes until
-        stderr <= rtol |trace|, at most ``max_matvecs`` products. ``generator``: seed or generator (None = 0).
+        Hutchinson: tr(A) ~ (1/m) sum_i z_i^T A z_i over m = ``num_matvecs`` Rademacher probes (one product
+        each); "hutch++" (arXiv 2010.09649) and "deflated" (Lanczos-deflated Hutchinson, arXiv 2205.01736: far
+        lower variance on network Hessians, whose trace is dominated by a few outliers) spend the same budget
+        on a low-rank part and probes (:func:`~symgen.curvature.trace.hutchpp_trace`,
+        :func:`~symgen.curvature.trace.deflated_trace`). A budget below a method's minimum raises a
+        ConfigError (it is never raised silently).
+
+        Args:
+            num_matvecs: operator products to spend (Hutchinson: the number of probes; >= 1, hutch++ >= 4,
+                deflated >= 3). The old keyword ``num_probes`` still works, with a DeprecationWarning.
+            generator: seed or ``torch.Generator`` (None = seed 0).
+            method: "hutchinson", "hutch++" or "deflated".
+            deflation_steps: Lanczos steps of the deflated estimator (default: half the budget).
+            rtol: deflated only: add probes until stderr <= rtol |trace|, at most ``max_matvecs`` products.
+            max_matvecs: the cap on products with ``rtol`` (default 100 ``num_matvecs``).
+            **deprecated: ``num_probes`` (the old name of ``num_matvecs``).
+
+        Returns:
+            The :class:`TraceEstimate` (value, stderr, products used).
         """
-        from symgen.curvature.trace import deflated_trace, hutchinson_trace, hutchpp_trace
-
-        _check_positive("num_probes", num_probes)
+        num_matvecs = _renamed(deprecated, "num_probes", "num_matvecs", num_matvecs, "CurvatureOperator.trace")
+        check_positive("num_matvecs", num_matvecs)
         if method == "hutchinson":
-            return hutchinson_trace(self, num_probes, generator=generator, block_size=self.chunk_size)
+            return hutchinson_trace(self, num_matvecs, generator=generator, block_size=self.chunk_size)
         if method == "hutch++":
-            return hutchpp_trace(self, max(num_probes, 4), generator=generator)
+            return hutchpp_trace(self, num_matvecs, generator=generator)
         if method == "deflated":
             return deflated_trace(
                 self,
-                max(num_probes, 3),
+                num_matvecs,
                 deflation_steps=deflation_steps,
                 rtol=rtol,
                 max_matvecs=max_matvecs,
@@ -184,9 +196,19 @@ class CurvatureOperator:
         generator: Seed = None,
         criterion: str = "residual",
     ) -> Eigenpairs:
-        """The k largest or smallest eigenpairs (vectors as columns) by Lanczos (:func:`lanczos_eigenpairs`)."""
-        from symgen.curvature.lanczos import lanczos_eigenpairs
+        """The k largest or smallest eigenpairs (vectors as columns) by Lanczos (:func:`lanczos_eigenpairs`).
 
+        Args:
+            k: how many eigenpairs.
+            which: "largest" or "smallest".
+            tol: relative tolerance of the stopping criterion.
+            max_steps: the most Lanczos steps (products); default max(4k + 40, 100).
+            generator: seed or ``torch.Generator`` of the start vector (None = seed 0).
+            criterion: "residual", "gap" or "change" (see :func:`lanczos_eigenpairs`).
+
+        Returns:
+            :class:`Eigenpairs`: values (k,), vectors as columns (n, k), error bounds, products used.
+        """
         return lanczos_eigenpairs(
             self, k, which, tol=tol, max_steps=max_steps, generator=generator, criterion=criterion
         )
@@ -200,17 +222,44 @@ class CurvatureOperator:
         max_steps: int | None = None,
         generator: Seed = None,
     ) -> Tensor:
-        """The k largest (descending) or smallest (ascending) eigenvalues, Lanczos to ``tol`` relative."""
+        """The k largest (descending) or smallest (ascending) eigenvalues, Lanczos to ``tol`` relative.
+
+        Args:
+            k: how many eigenvalues.
+            which: "largest" or "smallest".
+            tol: relative tolerance of the residual criterion.
+            max_steps: the most Lanczos steps (products).
+            generator: seed or ``torch.Generator`` of the start vector (None = seed 0).
+
+        Returns:
+            The eigenvalues, shape (k,).
+        """
         return self.eigenpairs(k, which, tol=tol, max_steps=max_steps, generator=generator).values
 
     def density(self, num_steps: int = 80, num_runs: int = 1, generator: Seed = None) -> SpectralDensity:
-        """The eigenvalue density by stochastic Lanczos quadrature (``num_runs`` x ``num_steps`` products)."""
-        from symgen.curvature.lanczos import slq_density
+        """The eigenvalue density by stochastic Lanczos quadrature (``num_runs`` x ``num_steps`` products).
 
+        Ubaru, Chen, Saad 2017 (SIMAX 38:1075); Ghorbani et al. arXiv 1901.10159.
+
+        Args:
+            num_steps: Lanczos steps per run.
+            num_runs: independent runs (random start vectors).
+            generator: seed or ``torch.Generator`` (None = seed 0).
+
+        Returns:
+            The :class:`SpectralDensity` (nodes and weights per run).
+        """
         return slq_density(self, num_steps, num_runs, generator=generator)
 
     def dense(self, max_dim: int = 5000) -> Tensor:
-        """The full matrix (n, n), from n products, symmetrized: for tiny operators and validation only."""
+        """The full matrix (n, n), from n products, symmetrized: for tiny operators and validation only.
+
+        Args:
+            max_dim: refuse (ConfigError) above this dimension.
+
+        Returns:
+            0.5 (A + A^T) with A = op.matmat(I), shape (n, n).
+        """
         if self.dim > max_dim:
             raise ConfigError(
                 f"dense() builds an n x n matrix; n = {self.dim} > max_dim = {max_dim}. "
@@ -244,226 +293,3 @@ class MatrixOperator(CurvatureOperator):
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self.matrix @ V
-
-
-class ModelOperator(CurvatureOperator):
-    """A curvature matrix of a model's loss w.r.t. (some of) its parameters: the shared batch loop.
-
-    The loss is ``L(W) = sum_b w_b loss_fn(model(x_b; W), y_b)`` over the batches of ``data``: one batch
-    ``(x, y)``, a list of batches, or a ``torch.utils.data.DataLoader`` (any re-iterable of batches),
-    streamed afresh on every product so memory holds one batch (and its graph) plus the vectors,
-    whatever the dataset size (:class:`symgen.streaming.BatchStream`; batches are moved to the model's
-    device). ``w_b = n_b / N`` for ``reduction="mean"`` (the dataset mean of a batch-mean loss, so the
-    same operator whatever the batch size) or 1 for ``"sum"``; products are accumulated in float64.
-    ``process_group``: data-parallel execution (:mod:`symgen.distributed`): each rank streams its own
-    shard, the float64 sums and N are all-reduced (with a timeout), so every rank gets the products of
-    the whole dataset; "auto" uses the default group when torch.distributed is initialized with more
-    than one process, None this process only. ``param_names``: the parameters it is taken over (default
-    all trainable ones; the rest stay fixed). ``bn_mode``: "eval" (running statistics) or "train" (batch
-    statistics; running statistics are never updated); other layers run in eval mode. ``batching``:
-    each batch's graph applies to the columns one by one ("loop") or with ``vmap`` ("vmap",
-    ``chunk_size`` at a time). ``cache_graph``: keep each batch's product function (retained graph)
-    between products (default: only for one in-memory batch). Products on CPU in float32 with
-    ``batching="loop"`` build their graphs with :func:`symgen.curvature.double_backward.fast_double_backward`
-    (same numbers to round-off; up to 1.5x faster on conv nets). Vectors are flat in ``functional.flatten``
-    order; the operator is taken at the parameters' values when a batch's graph is built: build a new one
-    after changing the model. Subclasses implement ``_build_product(x, y)``: ``v -> A_b v`` for the
-    batch-mean (or batch-sum) loss of one batch.
-    """
-
-    taylor = False  # quadratic forms by Taylor mode (HessianOperator); else v . (A v)
-
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: Callable[[Tensor, Tensor], Tensor],
-        data: Any,
-        *,
-        param_names: Iterable[str] | None = None,
-        bn_mode: str = "eval",
-        reduction: str = "mean",
-        batching: str = "loop",
-        chunk_size: int | None = None,
-        cache_graph: bool | None = None,
-        process_group: Any = "auto",
-    ) -> None:
-        if bn_mode not in ("eval", "train"):
-            raise ConfigError(f"bn_mode must be 'eval' or 'train', got '{bn_mode}'.")
-        if reduction not in ("mean", "sum"):
-            raise ConfigError(f"reduction must be 'mean' or 'sum', got '{reduction}'.")
-        if batching not in ("loop", "vmap"):
-            raise ConfigError(f"batching must be 'loop' or 'vmap', got '{batching}'.")
-        self.model = model
-        self.loss_fn = loss_fn
-        self.bn_mode = bn_mode
-        self.reduction = reduction
-        self.batching = batching
-        self.chunk_size = chunk_size
-        self.group = distributed.resolve_group(process_group)
-        self.timeout_s = distributed.DEFAULT_TIMEOUT_S
-        all_params = F.params_of(model)
-        if not all_params:
-            raise ConfigError(f"{type(model).__name__} has no trainable parameters (requires_grad=True).")
-        if param_names is None:
-            self.params = all_params
-        else:
-            names = [param_names] if isinstance(param_names, str) else list(param_names)
-            unknown = [n for n in names if n not in all_params]
-            if unknown or not names:
-                raise ConfigError(
-                    f"param_names {unknown or names} are not trainable parameters of the model; "
-                    f"valid names: {', '.join(all_params)}."
-                )
-            self.params = {n: all_params[n] for n in names}
-        self.param_names = list(self.params)
-        ref = next(iter(self.params.values()))
-        super().__init__(F.num_params(self.params), ref.dtype, model_device(model))
-        self.data = BatchStream(data, device=self.device, allow_empty=self.group is not None)
-        in_memory = isinstance(self.data._source, (list, tuple))
-        self.cache_graph = (in_memory and len(self.data) == 1) if cache_graph is None else bool(cache_graph)
-        self._products: dict[int, Callable[[F.Params], F.Params]] = {}
-        self._num_data: int | None = None
-        self._fast_double_backward = batching == "loop" and fast_double_backward_applies(self.device, self.dtype)
-
-    @property
-    def num_data(self) -> int:
-        """N, the number of samples over all batches (and all ranks)."""
-        if self._num_data is None:
-            local = self.data.num_data
-            if local is None:
-                local = sum(x.shape[0] for x, _ in self.data)
-            self._set_num_data(torch.tensor([float(local)], dtype=torch.float64, device=self.device))
-        return self._num_data  # type: ignore[return-value]
-
-    def _set_num_data(self, total: Tensor) -> None:
-        n = int(round(float(total.reshape(-1)[0])))
-        if n == 0:
-            raise ShapeError("data holds no samples on any rank; pass a batch (x, y) or a non-empty loader.")
-        self._num_data = n
-
-    # -- the loss as a pure function of the parameters --
-
-    def _buffers(self) -> F.Params:
-        # fresh buffer copies in train mode: BatchNorm then updates the copies, never the model
-        base = F.buffers_of(self.model)
-        return {k: v.clone() for k, v in base.items()} if self.bn_mode == "train" else base
-
-    def _batch_loss(self, x: Tensor, y: Tensor) -> Callable[[F.Params], Tensor]:
-        def f(p: F.Params) -> Tensor:
-            return self.loss_fn(F.call(self.model, p, self._buffers(), x), y)
-
-        return f
-
-    def _reduce(self, acc: Tensor, count: int) -> Tensor:
-        """Sum ``acc`` (float64) and the sample count over ranks; normalize for ``reduction="mean"``
-        (in place on one process: ``acc`` may be k parameter-sized vectors)."""
-        if self.group is None:
-            self._set_num_data(torch.tensor([float(count)], dtype=torch.float64))
-            out = acc
-        else:
-            flat = torch.cat([acc.reshape(-1), torch.tensor([float(count)], dtype=torch.float64, device=acc.device)])
-            flat = distributed.all_reduce_sum(flat, self.group, timeout_s=self.timeout_s)
-            self._set_num_data(flat[-1:])
-            out = flat[:-1].reshape(acc.shape)
-        return out.div_(self._num_data) if self.reduction == "mean" else out
-
-    def _weight(self, n_b: int) -> float:
-        return float(n_b) if self.reduction == "mean" else 1.0
-
-    def loss(self, params: F.Params | None = None) -> Tensor:
-        """L at ``params`` (default the model's current parameters), accumulated in float64."""
-        p = self.params if params is None else params
-        acc, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
-        with torch.no_grad(), F.bn_mode(self.model, self.bn_mode):
-            for x, y in self.data:
-                acc += self._weight(x.shape[0]) * self._batch_loss(x, y)(p).double()
-                count += x.shape[0]
-        return self._reduce(acc, count).to(self.dtype)
-
-    # -- products: the sum over batches --
-
-    def _build_product(self, x: Tensor, y: Tensor) -> Callable[[F.Params], F.Params]:
-        raise NotImplementedError(f"{type(self).__name__} must implement _build_product(x, y).")
-
-    def _build(self, x: Tensor, y: Tensor) -> Callable[[F.Params], F.Params]:
-        if self._fast_double_backward:
-            try:
-                with fast_double_backward():
-                    return self._build_product(x, y)
-            except RuntimeError as e:
-                # the model flattens a channels-last feature map with .view: PyTorch's kernels from now on
-                if "view size is not compatible" not in str(e):
-                    raise
-                self._fast_double_backward = False
-        return self._build_product(x, y)
-
-    def _build_forms(self, x: Tensor, y: Tensor) -> Callable[[Tensor], Tensor] | None:
-        """Subclass hook, called when ``self.taylor``: ``rows (k, n) -> (z_i^T A_b z_i)_i`` for one batch
-        without products, or None (then ``self.taylor`` is False from now on)."""
-        return None
-
-    def _batch_forms(self, b: int, x: Tensor, y: Tensor, rows: Tensor) -> Tensor:
-        """``z_i^T A_b z_i`` (float64, shape (k,)) for batch b: Taylor-mode forms where the subclass has
-        them, else from the products. The forms are built afresh (one forward pass per call, for all k
-        rows) after freeing the batch's cached product graph, so the two never hold memory at once."""
-        if self.taylor:
-            self._products.pop(b, None)
-            forms = self._build_forms(x, y)
-            if forms is not None:
-                return forms(rows).double()
-        prods = torch.zeros(rows.shape, dtype=torch.float64, device=self.device)
-        self._accumulate(prods, self._product(b, x, y), rows, 1.0)
-        return (prods * rows).sum(1)
-
-    def _product(self, b: int, x: Tensor, y: Tensor) -> Callable[[F.Params], F.Params]:
-        # call inside bn_mode; uncached, only one batch's graph is alive at a time
-        if not self.cache_graph:
-            return self._build(x, y)
-        if b not in self._products:
-            self._products[b] = self._build(x, y)
-        return self._products[b]
-
-    def _accumulate(self, acc: Tensor, fn: Callable[[F.Params], F.Params], rows: Tensor, weight: float) -> None:
-        """``acc += weight * A_b rows`` (rows ``(k, n)``), one row at a time for ``batching="loop"``:
-        no ``(k, n)`` temporary beside the float64 accumulator."""
-        if self.batching == "loop" or rows.shape[0] == 1:
-            for a, r in zip(acc, rows, strict=True):
-                a.add_(F.flatten(fn(F.unflatten(r, self.params))).detach(), alpha=weight)
-            return
-        # split the rows into contiguous per-parameter blocks (k, *shape) outside vmap: convolution
-        # backward cannot query the layout of a batched strided view
-        k, blocks, i = rows.shape[0], {}, 0
-        for name, p in self.params.items():
-            blocks[name] = rows[:, i : i + p.numel()].reshape((k,) + tuple(p.shape)).contiguous()
-            i += p.numel()
-        out = vmap(fn, chunk_size=self.chunk_size)(blocks)
-        acc.add_(torch.cat([out[name].reshape(k, -1) for name in self.params], dim=1).detach(), alpha=weight)
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        rows = V.T.contiguous()
-        acc = torch.zeros(rows.shape, dtype=torch.float64, device=self.device)
-        count = 0
-        with F.bn_mode(self.model, self.bn_mode):
-            for b, (x, y) in enumerate(self.data):
-                if self.batching == "vmap":
-                    # canonical strides: an input with a size-1 channel axis can also look channels-last,
-                    # and convolution backward under vmap cannot handle that layout
-                    x = x.clone(memory_format=torch.contiguous_format)
-                fn = self._product(b, x, y)  # built outside vmap: requires_grad_ is not allowed inside it
-                self._accumulate(acc, fn, rows, self._weight(x.shape[0]))
-                count += x.shape[0]
-                del fn
-        return self._reduce(acc, count).to(self.dtype).T
-
-    def _matvec(self, v: Tensor) -> Tensor:
-        return self._matmat(v[:, None])[:, 0]
-
-    def _quadratic_forms(self, V: Tensor) -> Tensor:
-        rows = V.T.contiguous()
-        acc = torch.zeros(rows.shape[0], dtype=torch.float64, device=self.device)
-        count = 0
-        with F.bn_mode(self.model, self.bn_mode):
-            for b, (x, y) in enumerate(self.data):
-                acc.add_(self._batch_forms(b, x, y, rows), alpha=self._weight(x.shape[0]))
-                count += x.shape[0]
-        return self._reduce(acc, count).to(self.dtype)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 import torch.nn.functional as TF
@@ -37,23 +37,26 @@ from torch.overrides import TorchFunctionMode
 __all__ = ["fast_double_backward", "fast_double_backward_applies"]
 
 _aten = torch.ops.aten
+# (stride, padding, dilation, groups) of a 2D convolution
+ConvConfig: TypeAlias = tuple[list[int], list[int], list[int], int]
 
 
 def _nhwc(t: Tensor) -> Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
-def _forward(x: Tensor, w: Tensor, cfg: tuple) -> Tensor:
+def _forward(x: Tensor, w: Tensor, cfg: ConvConfig) -> Tensor:
     stride, padding, dilation, groups = cfg
-    return _aten.convolution(_nhwc(x), w, None, stride, padding, dilation, False, [0, 0], groups)
+    y: Tensor = _aten.convolution(_nhwc(x), w, None, stride, padding, dilation, False, [0, 0], groups)
+    return y
 
 
-def _backward(g: Tensor, x: Tensor, w: Tensor, cfg: tuple, which: int) -> Tensor:
+def _backward(g: Tensor, x: Tensor, w: Tensor, cfg: ConvConfig, which: int) -> Tensor:
     stride, padding, dilation, groups = cfg
     mask = [which == 0, which == 1, False]
-    return _aten.convolution_backward(_nhwc(g), x, w, None, stride, padding, dilation, False, [0, 0], groups, mask)[
-        which
-    ]
+    grads = _aten.convolution_backward(_nhwc(g), x, w, None, stride, padding, dilation, False, [0, 0], groups, mask)
+    out: Tensor = grads[which]
+    return out
 
 
 def _shaped(like: Tensor, shape: torch.Size, nhwc: bool) -> Tensor:
@@ -67,13 +70,13 @@ class _Conv(Function):
     """A(x, W) = conv(x, W)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, w: Tensor, cfg: tuple) -> Tensor:
+    def forward(ctx: Any, x: Tensor, w: Tensor, cfg: ConvConfig) -> Tensor:
         ctx.save_for_backward(x, w)
         ctx.cfg = cfg
         return _forward(x, w, cfg)
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple:
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         x, w = ctx.saved_tensors
         gx = _InputGrad.apply(g, w, x.shape, ctx.cfg) if ctx.needs_input_grad[0] else None
         gw = _WeightGrad.apply(x, g, w.shape, ctx.cfg) if ctx.needs_input_grad[1] else None
@@ -84,13 +87,13 @@ class _InputGrad(Function):
     """B(g, W) = A(., W)^T g, linear in g and in W."""
 
     @staticmethod
-    def forward(ctx: Any, g: Tensor, w: Tensor, x_shape: torch.Size, cfg: tuple) -> Tensor:
+    def forward(ctx: Any, g: Tensor, w: Tensor, x_shape: torch.Size, cfg: ConvConfig) -> Tensor:
         ctx.save_for_backward(g, w)
         ctx.cfg = cfg
         return _backward(g, _shaped(g, x_shape, True), w, cfg, 0)
 
     @staticmethod
-    def backward(ctx: Any, h: Tensor) -> tuple:
+    def backward(ctx: Any, h: Tensor) -> tuple[Tensor | None, ...]:
         g, w = ctx.saved_tensors
         gg = _Conv.apply(h, w, ctx.cfg) if ctx.needs_input_grad[0] else None
         gw = _WeightGrad.apply(h, g, w.shape, ctx.cfg) if ctx.needs_input_grad[1] else None
@@ -101,13 +104,13 @@ class _WeightGrad(Function):
     """C(x, g) = A(x, .)^T g, linear in x and in g."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, g: Tensor, w_shape: torch.Size, cfg: tuple) -> Tensor:
+    def forward(ctx: Any, x: Tensor, g: Tensor, w_shape: torch.Size, cfg: ConvConfig) -> Tensor:
         ctx.save_for_backward(x, g)
         ctx.cfg = cfg
         return _backward(g, _nhwc(x), _shaped(x, w_shape, False), cfg, 1)
 
     @staticmethod
-    def backward(ctx: Any, k: Tensor) -> tuple:
+    def backward(ctx: Any, k: Tensor) -> tuple[Tensor | None, ...]:
         x, g = ctx.saved_tensors
         gx = _InputGrad.apply(g, k, x.shape, ctx.cfg) if ctx.needs_input_grad[0] else None
         gg = _Conv.apply(x, k, ctx.cfg) if ctx.needs_input_grad[1] else None
@@ -129,7 +132,7 @@ def _conv2d(
 ) -> Tensor | None:
     if isinstance(padding, str) or x.ndim != 4:
         return None  # padding="same"/"valid", unbatched input: PyTorch's own kernel
-    out = _Conv.apply(x, weight, (_pair(stride), _pair(padding), _pair(dilation), int(groups)))
+    out: Tensor = _Conv.apply(x, weight, (_pair(stride), _pair(padding), _pair(dilation), int(groups)))
     return out if bias is None else out + bias[:, None, None]
 
 
@@ -156,7 +159,9 @@ def _batch_norm(
 
 
 class _FastMode(TorchFunctionMode):
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         if func is TF.conv2d or func is TF.batch_norm:
             out = (_conv2d if func is TF.conv2d else _batch_norm)(*args, **kwargs)

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from symgen import functional as F
-from symgen.curvature.base import ModelOperator
+from symgen.curvature.model import ModelOperator
+from symgen.distributed import GroupSpec
 from symgen.errors import ConfigError
 
 __all__ = ["GGNOperator"]
@@ -40,7 +41,7 @@ class GGNOperator(ModelOperator):
         batching: str = "loop",
         chunk_size: int | None = None,
         cache_graph: bool | None = None,
-        process_group: Any = "auto",
+        process_group: GroupSpec = "auto",
     ) -> None:
         super().__init__(
             model,

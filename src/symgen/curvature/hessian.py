@@ -7,10 +7,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.fx import GraphModule
 
 from symgen import functional as F
-from symgen.curvature.base import ModelOperator
-from symgen.curvature.taylor import TaylorProgram, trace_loss
+from symgen.curvature.model import ModelOperator
+from symgen.curvature.taylor import TaylorProgram, TaylorUnsupported, trace_loss
+from symgen.distributed import GroupSpec
 from symgen.errors import ConfigError
 
 __all__ = ["HessianOperator"]
@@ -29,8 +31,10 @@ class HessianOperator(ModelOperator):
     second-order Taylor mode (:mod:`symgen.curvature.taylor`), 4 forward convolutions per probe
     against 6 for a product, where every operation of the loss has a rule (convolutions, linear
     layers, eval-mode BatchNorm, LayerNorm, ReLU, GELU, tanh, sigmoid, softmax attention, pooling,
-    residual sums, cross-entropy, MSE); otherwise (``self.taylor`` turns False), and with
-    ``taylor=False``, ``v . (H v)``. The loss is traced once per batch shape, so a model whose Python
+    residual sums, cross-entropy, MSE); otherwise, and with ``taylor=False``, ``v . (H v)``. A fallback is
+    visible: ``self.taylor`` turns False, ``self.fallback_reasons["taylor"]`` names the reason (e.g. the
+    operation without a Taylor rule) and a :class:`~symgen.curvature.checks.FallbackWarning` (a
+    UserWarning) is issued once; likewise ``self.fast_double_backward`` (:class:`ModelOperator`). The loss is traced once per batch shape, so a model whose Python
     control flow depends on the data's values, or that computes part of its loss under
     ``torch.no_grad()`` (the trace does not see grad mode), needs ``taylor=False``.
 
@@ -55,7 +59,7 @@ class HessianOperator(ModelOperator):
         batching: str = "loop",
         chunk_size: int | None = None,
         cache_graph: bool | None = None,
-        process_group: Any = "auto",
+        process_group: GroupSpec = "auto",
         compile: bool | str = False,
         taylor: bool = True,
     ) -> None:
@@ -85,9 +89,13 @@ class HessianOperator(ModelOperator):
             process_group=process_group,
         )
         # its custom autograd Functions have no jvp rule: reverse mode only
-        self._fast_double_backward = self._fast_double_backward and self.hvp_mode == "reverse"
+        if self.fast_double_backward and self.hvp_mode != "reverse":
+            self.fast_double_backward = False
+            self.fallback_reasons["fast_double_backward"] = "hvp_mode='forward' (its functions have no jvp rule)"
         self.taylor = bool(taylor)  # False after a fallback to v . (H v)
-        self._traced: dict[tuple, Any] = {}
+        if not self.taylor:
+            self.fallback_reasons["taylor"] = "taylor=False"
+        self._traced: dict[tuple[Any, ...], GraphModule] = {}
 
     def _build_forms(self, x: Tensor, y: Tensor) -> Callable[[Tensor], Tensor] | None:
         keys = list(self.params)
@@ -104,8 +112,12 @@ class HessianOperator(ModelOperator):
 
                 self._traced[sig] = trace_loss(loss, values, x, y)
             program = TaylorProgram(self._traced[sig], values, x, y)
-        except Exception:  # noqa: BLE001 - TaylorUnsupported, or a model make_fx cannot trace: the products
-            self.taylor = False  # (which raise the model's real errors) from now on
+        except TaylorUnsupported as e:  # an operation without a rule: the products from now on
+            self.fallback("taylor", str(e))
+            return None
+        except Exception as e:  # noqa: BLE001 - a model make_fx cannot trace: the products (which raise
+            # the model's real errors) from now on
+            self.fallback("taylor", f"the loss could not be traced ({type(e).__name__}: {e})")
             return None
         params = self.params
         return lambda rows: torch.stack([program.form(list(F.unflatten(r, params).values())) for r in rows])

@@ -1,7 +1,8 @@
 """Lanczos with full reorthogonalization on a symmetric operator: the process, extreme eigenpairs,
 and the spectral density by stochastic Lanczos quadrature.
 
-Each function takes a :class:`~symgen.curvature.base.CurvatureOperator` and a ``generator`` (an
+Each function takes a symmetric operator (:class:`~symgen.curvature.checks.SymmetricOperator`, e.g. a
+:class:`~symgen.curvature.base.CurvatureOperator`) and a ``generator`` (an
 int seed or a ``torch.Generator``; None = seed 0). Bases and eigenvectors are columns ``(n, j)``.
 """
 
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from symgen import rng
-from symgen.curvature.base import CurvatureOperator, _check_positive, as_operator
+from symgen.curvature.checks import SymmetricOperator, as_operator, check_positive
 from symgen.curvature.results import Eigenpairs, SpectralDensity
 from symgen.errors import ConfigError, DivergenceError, ShapeError
 from symgen.rng import Seed
@@ -32,7 +33,7 @@ class LanczosProcess:
     reorthogonalization as in Golub & Van Loan, sec. 10.3 (twice: "twice is enough", Parlett).
     """
 
-    def __init__(self, op: CurvatureOperator, start: Tensor, generator: Seed = None) -> None:
+    def __init__(self, op: SymmetricOperator, start: Tensor, generator: Seed = None) -> None:
         self.op = as_operator(op, "LanczosProcess")
         if not isinstance(start, Tensor) or start.numel() != self.op.dim:
             got = tuple(start.shape) if isinstance(start, Tensor) else type(start).__name__
@@ -43,7 +44,7 @@ class LanczosProcess:
         self.start = start.reshape(-1).to(dtype=self.op.dtype, device=self.op.device)
         self.dim = self.start.numel()
         # the basis is stored as rows (steps, n): each new vector is one contiguous row
-        self._Q = torch.zeros(0, self.dim, dtype=self.start.dtype, device=self.start.device)
+        self._Q: Tensor | None = torch.zeros(0, self.dim, dtype=self.start.dtype, device=self.start.device)
         self._alphas: list[Tensor] = []
         self._betas: list[Tensor] = []
         self._next = self.start / self.start.norm()
@@ -51,6 +52,7 @@ class LanczosProcess:
 
     @property
     def steps(self) -> int:
+        """The number of steps taken (= products)."""
         return len(self._alphas)
 
     @property
@@ -66,16 +68,13 @@ class LanczosProcess:
 
     @property
     def alphas(self) -> Tensor:
+        """The diagonal of T, shape (steps,)."""
         return torch.stack(self._alphas)
 
     @property
     def betas(self) -> Tensor:
         """The off-diagonal of T (length steps - 1)."""
         return torch.stack(self._betas[:-1]) if self.steps > 1 else self.start.new_zeros(0)
-
-    @property
-    def residual_norm(self) -> Tensor:
-        return self._betas[-1]
 
     def _orthogonalize(self, w: Tensor) -> Tensor:
         Q = self._rows
@@ -102,11 +101,13 @@ class LanczosProcess:
                     r = rng.randn((1, self.dim), self.generator, device=self.start.device, dtype=self.start.dtype)
                     w = self._orthogonalize(r[0])
                     self._next = w / w.norm()
-            if self._Q.shape[0] <= j:  # grow storage geometrically, never past the steps asked for
-                grow = torch.zeros(min(max(8, j), end - j), self.dim, dtype=self._Q.dtype, device=self._Q.device)
-                self._Q = torch.cat([self._Q, grow])
+            basis = self._Q
+            assert basis is not None  # checked above
+            if basis.shape[0] <= j:  # grow storage geometrically, never past the steps asked for
+                grow = torch.zeros(min(max(8, j), end - j), self.dim, dtype=basis.dtype, device=basis.device)
+                basis = self._Q = torch.cat([basis, grow])
             q = self._next
-            self._Q[j] = q
+            basis[j] = q
             w = self.op.matvec(q)
             if not torch.isfinite(w).all():
                 raise DivergenceError(
@@ -124,7 +125,7 @@ class LanczosProcess:
                 break
 
 
-def check_process(process: Any, op: CurvatureOperator, name: str) -> LanczosProcess:
+def check_process(process: Any, op: SymmetricOperator, name: str) -> LanczosProcess:
     """``process`` itself if it is a :class:`LanczosProcess` on ``op``; otherwise a ConfigError naming ``name``."""
     if not isinstance(process, LanczosProcess) or process.op is not op:
         raise ConfigError(f"{name} must be a LanczosProcess on the same operator (LanczosProcess(op, start)).")
@@ -132,7 +133,7 @@ def check_process(process: Any, op: CurvatureOperator, name: str) -> LanczosProc
 
 
 def lanczos(
-    op: CurvatureOperator,
+    op: SymmetricOperator,
     start: Tensor,
     num_steps: int,
     *,
@@ -144,7 +145,7 @@ def lanczos(
     Returns ``(alphas (j,), betas (j-1,), Q (n, j))`` with orthonormal columns, so T = Q^T A Q up to
     rounding. ``callback(j, alphas, betas_including_last)`` may stop early by returning True.
     """
-    _check_positive("num_steps", num_steps)
+    check_positive("num_steps", num_steps)
     proc = LanczosProcess(op, start, generator)
     cb = None
     if callback is not None:
@@ -163,11 +164,12 @@ def _tridiag(a: Tensor, b: Tensor) -> Tensor:
 def _ritz(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     # eigh of the small tridiagonal in float64 for stable Ritz values
     T = _tridiag(a.double().cpu(), b.double().cpu())
-    return torch.linalg.eigh(T)
+    vals, vecs = torch.linalg.eigh(T)
+    return vals, vecs
 
 
 def lanczos_eigenpairs(
-    op: CurvatureOperator,
+    op: SymmetricOperator,
     k: int = 1,
     which: str = "largest",
     *,
@@ -194,7 +196,7 @@ def lanczos_eigenpairs(
     """
     op = as_operator(op, "lanczos_eigenpairs")
     dim = op.dim
-    _check_positive("k", k)
+    check_positive("k", k)
     if which not in ("largest", "smallest"):
         raise ConfigError(f"which must be 'largest' or 'smallest', got '{which}'.")
     if k > dim:
@@ -232,8 +234,9 @@ def lanczos_eigenpairs(
             err = (vals[w] - prev).abs() if prev is not None else torch.full((k,), math.inf, dtype=vals.dtype)
             state["prev"] = vals[w]
         state["err"] = res[w]
-        state["done"] = bool((err <= tol * vals[w].abs().clamp_min(1e-30)).all()) or j == dim
-        return state["done"]
+        done = bool((err <= tol * vals[w].abs().clamp_min(1e-30)).all()) or j == dim
+        state["done"] = done
+        return done
 
     def cb(p: LanczosProcess) -> bool:
         return callback(p.steps, p.alphas, torch.stack(p._betas))
@@ -252,7 +255,7 @@ def lanczos_eigenpairs(
 
 
 def slq_density(
-    op: CurvatureOperator,
+    op: SymmetricOperator,
     num_steps: int = 80,
     num_runs: int = 1,
     *,
@@ -268,8 +271,8 @@ def slq_density(
     Ubaru, Chen, Saad 2017 (SIMAX 38:1075); Ghorbani et al. 2019 (arXiv 1901.10159).
     """
     op = as_operator(op, "slq_density")
-    _check_positive("num_steps", num_steps)
-    _check_positive("num_runs", num_runs)
+    check_positive("num_steps", num_steps)
+    check_positive("num_runs", num_runs)
     if first is not None:
         check_process(first, op, "first")
     gen = rng.as_generator(generator)

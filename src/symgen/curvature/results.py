@@ -31,6 +31,7 @@ class TraceEstimate:
 
     @property
     def relative_stderr(self) -> float:
+        """stderr / |value| (inf for a zero value)."""
         return self.stderr / abs(self.value) if self.value else math.inf
 
     def __iter__(self) -> Iterator[float]:
