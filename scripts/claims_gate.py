@@ -33,11 +33,22 @@ from pathlib import Path
 from typing import Any
 
 START, END = "<!-- claims:start -->", "<!-- claims:end -->"
-ROW = re.compile(r"^\| (?P<exp>[^|]+?)(?: \(quick\))? \| (?P<id>[^:|]+): .*\| (?P<verdict>PASS|\*\*FAIL\*\*) \|$")
+# | experiment (quick) | claim id | headline | threshold | paper | margin | verdict |  (scripts/update_readme.py);
+# an id cell may carry ": statement" (the table's earlier layout)
+ROW = re.compile(
+    r"^\| (?P<exp>[^|]+?)(?: \(quick\))? \| (?P<id>[^:|]+?)(?:: [^|]*)? \|.*\| (?P<verdict>PASS|\*\*FAIL\*\*) \|$"
+)
 
 
 def readme_verdicts(text: str) -> dict[tuple[str, str], bool]:
-    """{(experiment, claim id): passed} from README's claims table."""
+    """{(experiment, claim id): passed} from README's claims table.
+
+    Args:
+        text: README's text.
+
+    Returns:
+        each row's verdict, keyed by experiment name (without `` (quick)``) and claim id.
+    """
     if START not in text or END not in text:
         raise SystemExit(f"README has no claims table between {START} and {END}.")
     block = text.split(START, 1)[1].split(END, 1)[0]

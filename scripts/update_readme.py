@@ -9,43 +9,84 @@ import argparse
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from symgen.report import format_value
 from symgen.runs import RunStore
+from symgen.terminal import claim_headline, format_value
 
 START, END = "<!-- claims:start -->", "<!-- claims:end -->"
 
 
+HEADER = ("| experiment | claim | headline | threshold | paper | margin | verdict |", "|---|---|---|---|---|---|---|")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def row(experiment: str, claim: dict[str, Any]) -> str:
+    """One README table row for a claim (the ``claims.json`` form): its headline number, the threshold it is
+    held to (the number, or the rule where the threshold is not one number), the paper's number, the margin
+    (positive on the passing side) and the verdict; the full measured values are in the run's report.
+
+    Args:
+        experiment: the experiment's label, e.g. ``implicit-bias (quick)``.
+        claim: ``{id, measured, threshold, passed, headline, paper}``.
+
+    Returns:
+        the row, ending in ``| PASS |`` or ``| **FAIL** |``.
+    """
+    h = claim_headline(claim)
+    headline = "-" if h["measured"] is None else f"{h['key']}={format_value(h['measured'], 3)}"
+    threshold = format_value(h["threshold"] if h["threshold"] is not None else claim["threshold"], 3)
+    paper = "-" if h["paper"] is None else format_value(h["paper"], 3)
+    margin = "-" if h["margin"] is None else f"{h['margin']:+.3g}"
+    verdict = "PASS" if claim["passed"] else "**FAIL**"
+    cells = [experiment, str(claim["id"]), headline, threshold, paper, margin]
+    return "| " + " | ".join(_cell(c) for c in cells) + f" | {verdict} |"
+
+
+def summary_line(rows: list[str]) -> str:
+    """``21/26 claims pass; failing: C2.2, ...`` from the table's rows."""
+    passed = sum(r.endswith("| PASS |") for r in rows)
+    failed = [r.split(" | ")[1] for r in rows if r.endswith("| **FAIL** |")]
+    return f"{passed}/{passed + len(failed)} claims pass" + (f"; failing: {', '.join(failed)}." if failed else ".")
+
+
 def table(store: RunStore) -> str:
+    """The claims block: the summary line, then one row per claim of the latest finished run of each experiment.
+
+    Args:
+        store: the run store ``make demo`` wrote.
+
+    Returns:
+        the text between README's claims markers.
+    """
     latest: dict[str, dict] = {}
-    for row in store.list():
-        if row["status"] == "done":
-            latest[row["experiment"]] = row
-    lines = ["| experiment | claim | measured | threshold | paper | verdict |", "|---|---|---|---|---|---|"]
-    for name, row in latest.items():
-        path = Path(row["path"])
+    for r in store.list():
+        if r["status"] == "done":
+            latest[r["experiment"]] = r
+    rows = []
+    for name, r in latest.items():
+        path = Path(r["path"])
         quick = yaml.safe_load((path / "config.yaml").read_text()).get("quick")
-        for c in json.loads((path / "claims.json").read_text()):
-            measured = format_value(c["measured"], 3).replace("|", "\\|")
-            threshold = format_value(c["threshold"], 3).replace("|", "\\|")
-            verdict = "PASS" if c["passed"] else "**FAIL**"
-            # the paper's own number for the headline quantity, where the paper states one
-            paper = "-" if c.get("paper") is None else f"{c.get('headline')}={format_value(c['paper'], 3)}"
-            paper = paper.replace("|", "\\|")
-            statement = c["statement"].replace("|", "\\|")
-            lines.append(
-                f"| {name}{' (quick)' if quick else ''} | {c['id']}: {statement} | {measured} | "
-                f"{threshold} | {paper} | {verdict} |"
-            )
-    passed = sum(line.endswith("| PASS |") for line in lines)
-    failed = [line.split(" | ")[1].split(":")[0] for line in lines if line.endswith("| **FAIL** |")]
-    head = f"{passed}/{passed + len(failed)} claims pass" + (f"; failing: {', '.join(failed)}." if failed else ".")
-    return head + "\n\n" + "\n".join(lines)
+        label = f"{name}{' (quick)' if quick else ''}"
+        rows += [row(label, c) for c in json.loads((path / "claims.json").read_text())]
+    return "\n".join([summary_line(rows), "", FOOTNOTE, "", *HEADER, *rows])
+
+
+FOOTNOTE = (
+    "One row per claim: its headline number, the threshold (the number, or the rule where it is not one "
+    "number), the paper's number, the margin (positive on the passing side) and the verdict. What each claim "
+    "means, its protocol and where its threshold comes from: [docs/claims.md](docs/claims.md); every measured "
+    "value: each run's `report.html` and `claims.json`."
+)
 
 
 def main() -> None:
+    """Rewrite the claims block of README (``--readme``) from the run store (``--out``)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs")
     ap.add_argument("--readme", default="README.md")

@@ -5,7 +5,8 @@ init) is trained by full-batch gradient descent on MSE on task A (digits of clas
 The B tasks vary in similarity to A: fresh digits of the same classes with shifted labels (c + 1 mod 5),
 the same with a growing fraction of pixels permuted, rotated by 90 / 180 degrees, and the split task
 (classes 5-9 as labels 0-4). Sources: Doan et al. arXiv 2010.04003 (NTK overlap matrix); Bennani et al.
-arXiv 2006.11942 and Farajtabar et al. arXiv 1910.07104 (OGD); Kempe et al. arXiv 2307.02693.
+arXiv 2006.11942 and Farajtabar et al. arXiv 1910.07104 (OGD); Kempe et al. arXiv 2307.02693. The tasks are built in :mod:`symgen.experiments.forgetting_tasks`. The
+claims, thresholds and where symgen's protocol differs from the papers': docs/claims.md.
 
 Claim C4.6, thresholds fixed before the first run:
 - C4.6-overlap (a): across the task pairs at the largest width, the Spearman rank correlation between the
@@ -34,11 +35,11 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from symgen.experiments.base import Claim, Context, Experiment, ExperimentConfig, jsonable, num_threads
+from symgen.experiments.forgetting_tasks import TASKS, make_tasks
+from symgen.labels import accuracy, centred_one_hot
 from symgen.report import pyplot, save_figure
 
 __all__ = ["Config", "EXPERIMENT", "width_trial", "run", "check_claims", "figures", "TASKS"]
-
-TASKS = ("relabel", "perm25", "perm50", "perm100", "rot90", "rot180", "split")
 
 
 class Config(ExperimentConfig):
@@ -76,53 +77,6 @@ class Config(ExperimentConfig):
         return list(dict.fromkeys(v))
 
 
-def _data(seed: int, n: int, m: int, tasks: list[str]) -> dict:
-    """Task A and each task B as (x_train, y_train, x_test, labels_test); inputs centred, ||x||^2 / d = 1."""
-    from symgen.data import load_dataset
-    from symgen.rng import as_generator
-
-    g = as_generator(seed)
-    xtr, ytr = load_dataset("digits", "train", generator=0)
-    xte, yte = load_dataset("digits", "test", generator=0)
-    mean = xtr.reshape(len(xtr), -1).double().mean(0)
-
-    def prep(x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(len(x), -1).double() - mean
-        return x / x.norm(dim=1, keepdim=True).clamp(min=1e-12) * 8.0
-
-    def pick(
-        x: torch.Tensor, y: torch.Tensor, classes: range, k: int, skip: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.nonzero((y >= classes.start) & (y < classes.stop))[:, 0]
-        idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))][skip : skip + k]
-        return prep(x[idx]), y[idx] - classes.start
-
-    a_tr, a_ytr = pick(xtr, ytr, range(0, 5), n)
-    a_te, a_yte = pick(xte, yte, range(0, 5), m)
-    out = {"A": (a_tr, a_ytr, a_te, a_yte)}
-    perm_all = torch.randperm(64, generator=g)
-    for task in tasks:
-        if task == "split":
-            b_tr, b_ytr = pick(xtr, ytr, range(5, 10), n)
-            b_te, b_yte = pick(xte, yte, range(5, 10), m)
-        else:  # fresh digits of A's classes (the next n of the same shuffled order), labels shifted by one
-            b_tr, b_ytr = pick(xtr, ytr, range(0, 5), n, skip=n)
-            b_te, b_yte = a_te.clone(), a_yte.clone()
-            b_ytr, b_yte = (b_ytr + 1) % 5, (b_yte + 1) % 5
-            if task.startswith("perm"):
-                k = round(64 * int(task[4:]) / 100)
-                perm = torch.arange(64)
-                chosen = perm_all[:k]
-                perm[chosen] = chosen[torch.randperm(k, generator=g)]
-                b_tr, b_te = b_tr[:, perm], b_te[:, perm]
-            elif task.startswith("rot"):
-                turns = int(task[3:]) // 90
-                b_tr = torch.rot90(b_tr.reshape(-1, 8, 8), turns, (1, 2)).reshape(-1, 64)
-                b_te = torch.rot90(b_te.reshape(-1, 8, 8), turns, (1, 2)).reshape(-1, 64)
-        out[task] = (b_tr, b_ytr, b_te, b_yte)
-    return out
-
-
 class _Centred(nn.Module):
     """``f(x; theta) - f(x; theta_0)``: same NTK, starts at 0 (arXiv 1902.06720 §2.3); theta_0 is hidden from
     ``parameters()`` so kernels and optimizers see only theta."""
@@ -143,15 +97,11 @@ class _Centred(nn.Module):
 
 
 def _targets(labels: torch.Tensor) -> torch.Tensor:
-    return nn.functional.one_hot(labels, 5).double() - 0.2
+    return centred_one_hot(labels, 5, torch.float64)  # e_y - 1/5
 
 
 def _mse(f: torch.Tensor, y: torch.Tensor) -> float:
     return float(((f - y) ** 2).sum(1).mean())
-
-
-def _acc(f: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((f.argmax(1) == labels).double().mean())
 
 
 def _train(
@@ -202,7 +152,7 @@ def _track(
     for step in range(steps + 1):
         with torch.no_grad():
             mse_a.append(_mse(model(a_te), ya_te))
-            acc_b.append(_acc(model(b_te), b_lab_te))
+            acc_b.append(accuracy(model(b_te), b_lab_te))
         if step == steps or (stop_at is not None and acc_b[-1] >= stop_at):
             break
         opt.step(LossClosure(model, loss_fn, x, y))
@@ -228,7 +178,7 @@ def width_trial(item: dict) -> dict:
         device = torch.device(item.get("device", "cpu"))  # data and init drawn on the CPU: the same on every device
         data = {
             k: tuple(t.to(device) for t in v)
-            for k, v in _data(item["seed"], item["train_size"], item["test_size"], item["tasks"]).items()
+            for k, v in make_tasks(item["seed"], item["train_size"], item["test_size"], item["tasks"]).items()
         }
         a_tr, a_lab, a_te, a_lab_te = data["A"]
         ya, ya_te = _targets(a_lab), _targets(a_lab_te)
@@ -250,7 +200,7 @@ def width_trial(item: dict) -> dict:
         _train(model, torch.optim.SGD(model.parameters(), lr=lr), a_tr, ya, item["steps_a"])
         with torch.no_grad():
             f_a_te = model(a_te)
-        after_a = {"mse": _mse(f_a_te, ya_te), "acc": _acc(f_a_te, a_lab_te)}
+        after_a = {"mse": _mse(f_a_te, ya_te), "acc": accuracy(f_a_te, a_lab_te)}
         state_a = copy.deepcopy(model.net.state_dict())
         times = sorted(
             {
@@ -285,7 +235,7 @@ def width_trial(item: dict) -> dict:
                 b_lab_te,
             )
             with torch.no_grad():
-                acc_a_after_b = _acc(model(a_te), a_lab_te)
+                acc_a_after_b = accuracy(model(a_te), a_lab_te)
             measured = [track["mse_a"][t] for t in times]
             predicted = [_mse(p, ya_te) for p in pred]
             rec = {
@@ -318,7 +268,7 @@ def width_trial(item: dict) -> dict:
                         "at_target": _at_target(track_o, item["accuracy_target"], after_a["mse"]),
                         "forgetting": track_o["mse_a"][-1] - after_a["mse"],
                         "steps": len(track_o["acc_b"]) - 1,
-                        "acc_a_after_b": _acc(model(a_te), a_lab_te),
+                        "acc_a_after_b": accuracy(model(a_te), a_lab_te),
                         "acc_b": track_o["acc_b"][-1],
                         "directions": ogd.num_directions,
                         "trajectory": track_o,

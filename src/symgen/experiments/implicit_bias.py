@@ -1,6 +1,7 @@
 """Experiment ``implicit-bias``: linear steerable networks converge to the G-invariant max-margin classifier.
 
-Claims C1.1-C1.4 of PAPERS.md §1 (Chen & Zhu, arXiv 2303.04198). Models: a linear steerable
+Claims C1.1-C1.4 (Chen & Zhu, arXiv 2303.04198; the claims, thresholds and protocol: docs/claims.md).
+The data sets and their group actions are in :mod:`symgen.experiments.implicit_bias_data`. Models: a linear steerable
 network (lifting, group convolutions, invariant readout; depths 1-3) on raw data, a linear
 fully-connected net of the same depth on the orbit-augmented data, and the same FC net on raw data.
 Training: gradient descent on log L(theta), L the mean exponential loss (the normalized gradient
@@ -23,6 +24,7 @@ from torch.func import vmap
 
 from symgen.errors import ConfigError, DivergenceError
 from symgen.experiments.base import Claim, Context, Experiment, ExperimentConfig, jsonable, num_threads
+from symgen.experiments.implicit_bias_data import DATASETS, group_action, make_dataset
 from symgen.models import LinearFCNet
 from symgen.nn import LinearSteerableNet
 from symgen.report import pyplot, save_figure
@@ -30,7 +32,6 @@ from symgen.report import pyplot, save_figure
 __all__ = ["Config", "EXPERIMENT", "make_dataset", "train_trial", "run", "check_claims", "figures"]
 
 KINDS = ("steerable", "fc_augmented", "fc_raw")
-DATASETS = ("cyclic", "digits-c4", "digits-d4")
 
 
 class Config(ExperimentConfig):
@@ -72,73 +73,6 @@ class Config(ExperimentConfig):
 
 
 # ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
-
-
-def _action(dataset: str, cfg: dict):
-    from symgen.groups import CyclicShift, ImageDihedral, ImageRotation90
-
-    if dataset == "cyclic":
-        return CyclicShift(cfg["cyclic_length"]), (cfg["cyclic_channels"], cfg["cyclic_length"])
-    if dataset == "digits-c4":
-        return ImageRotation90(), (1, 8, 8)
-    if dataset == "digits-d4":
-        return ImageDihedral(), (1, 8, 8)
-    raise ConfigError(f"unknown dataset '{dataset}'; choose one of {', '.join(DATASETS)}.")
-
-
-def make_dataset(dataset: str, cfg: dict, seed: int, n_train: int) -> dict[str, Tensor]:
-    """G-invariant binary data: a training pool of ``n_train`` points (nested over sizes) and a test set.
-
-    cyclic: x ~ N(0, I) on (channels, length), y = sign <w*, x> with w* = P_G w random (invariant),
-    keeping |<w*, x>| >= margin. digits: the pair (a, b) (y = +1 for a), each image moved by a
-    uniformly random group element (an invariant distribution), centred by the invariant mean.
-    """
-    action, shape = _action(dataset, cfg)
-    dtype = getattr(torch, cfg["dtype"])
-    gen = torch.Generator().manual_seed(1000 + seed)
-    if dataset == "cyclic":
-        w = action.orbit(torch.randn(shape, generator=gen, dtype=torch.float64)).mean(0)
-        w = w / w.norm()
-
-        def draw(n: int) -> tuple[Tensor, Tensor]:
-            chunks, total = [], 0
-            while total < n:
-                x = torch.randn(4 * n + 16, *shape, generator=gen, dtype=torch.float64)
-                s = (x * w).flatten(1).sum(1)
-                x = x[s.abs() >= cfg["cyclic_margin"]]
-                chunks.append(x)
-                total += len(x)
-            x = torch.cat(chunks)[:n]
-            return x, torch.sign((x * w).flatten(1).sum(1))
-
-        x_tr, y_tr = draw(n_train)
-        x_te, y_te = draw(cfg["test_size"])
-    else:
-        from symgen.data import load_dataset
-
-        a, b = cfg["digits_pair"]
-        parts = []
-        for split in ("train", "test"):
-            x, y = load_dataset("digits", split=split)
-            keep = (y == a) | (y == b)
-            x, y = x[keep].double(), torch.where(y[keep] == a, 1.0, -1.0).double()
-            parts.append((x, y))
-        (x_pool, y_pool), (x_te, y_te) = parts
-        if n_train > len(x_pool):
-            raise ConfigError(
-                f"digits pair {a},{b} has {len(x_pool)} training images; train size {n_train} is too big."
-            )
-        mean = action.orbit(x_pool).mean((0, 1))  # invariant, so centring keeps invariance
-        perm = torch.randperm(len(x_pool), generator=gen)[:n_train]
-        x_tr, y_tr = x_pool[perm], y_pool[perm]
-        x_tr = action.apply_each(torch.randint(0, action.group.order, (n_train,), generator=gen), x_tr) - mean
-        x_te = action.apply_each(torch.randint(0, action.group.order, (len(x_te),), generator=gen), x_te) - mean
-    return {"x_train": x_tr.to(dtype), "y_train": y_tr.to(dtype), "x_test": x_te.to(dtype), "y_test": y_te.to(dtype)}
-
-
-# ----------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------
 
@@ -174,7 +108,7 @@ def _train_trial(item: dict) -> dict:
     cfg = item["config"]
     dataset, kind, depth = item["dataset"], item["kind"], int(item["depth"])
     dtype = getattr(torch, cfg["dtype"])
-    action, shape = _action(dataset, cfg)
+    action, shape = group_action(dataset, cfg)
     d = math.prod(shape)
     order = action.group.order
     sizes, seeds = cfg["train_sizes"], list(range(cfg["seed"], cfg["seed"] + cfg["seeds"]))
@@ -308,7 +242,7 @@ def _reference_trial(item: dict) -> dict:
     from symgen.margins import invariant_max_margin
 
     cfg = item["config"]
-    action, _ = _action(item["dataset"], cfg)
+    action, _ = group_action(item["dataset"], cfg)
     rows = []
     for s in range(cfg["seed"], cfg["seed"] + cfg["seeds"]):
         data = make_dataset(item["dataset"], cfg, s, cfg["claim_size"])

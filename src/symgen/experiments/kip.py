@@ -21,6 +21,7 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from symgen.experiments.base import Claim, Context, Experiment, ExperimentConfig, jsonable
+from symgen.labels import accuracy, centred_one_hot
 from symgen.report import pyplot, save_figure
 
 __all__ = ["Config", "EXPERIMENT", "kernel_fn", "kip_trial", "full_trial", "run", "check_claims", "figures"]
@@ -97,7 +98,7 @@ def _krr_accuracy(kernel, x_s: Tensor, y_s: Tensor, x_te: Tensor, y_te: Tensor, 
         k_ss = kernel(x_s, x_s)
         scale = k_ss.diagonal().mean()
         pred = kernel_regression(k_ss / scale, y_s, kernel(x_te, x_s) / scale, ridge)
-    return (pred.argmax(1) == y_te).double().mean().item()
+    return accuracy(pred, y_te)
 
 
 def _half_mse(output: Tensor, target: Tensor) -> Tensor:
@@ -124,7 +125,7 @@ def _train_net(cfg: dict, x_s: Tensor, y_s: Tensor, x_te: Tensor, y_te: Tensor, 
     opt = torch.optim.Adam(net.parameters(), lr=float(cfg["net_lr"]))
     fit(net, (x_s, y_s), opt, loss_fn=_half_mse, steps=int(cfg["net_steps"]), batch_size=None)
     with torch.no_grad():
-        return (net(x_te).argmax(1) == y_te).double().mean().item()
+        return accuracy(net(x_te), y_te)
 
 
 def kip_trial(item: dict) -> dict:
@@ -171,8 +172,6 @@ def kip_trial(item: dict) -> dict:
 
 def full_trial(item: dict) -> dict:
     """Kernel regression from the full training set (the ceiling the distilled sets are compared with)."""
-    from symgen.ntk import centred_one_hot
-
     cfg = item["config"]
     x_tr, y_tr, x_te, y_te = _data(item["dataset"], cfg)
     y = centred_one_hot(y_tr, int(y_tr.max().item()) + 1, x_tr.dtype)

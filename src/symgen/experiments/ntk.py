@@ -18,6 +18,7 @@ import torch
 from pydantic import Field, field_validator
 
 from symgen.experiments.base import Claim, Context, Experiment, ExperimentConfig, jsonable
+from symgen.labels import accuracy, centred_one_hot
 from symgen.report import pyplot, save_figure
 
 __all__ = ["Config", "EXPERIMENT", "kernel_trial", "dynamics_trial", "run", "check_claims", "figures"]
@@ -146,8 +147,8 @@ def dynamics_trial(item: dict) -> dict:
     xte, yte = _inputs(item["dataset"], item["test_size"], "test", item["seed"])
     xtr, ytr, xte, yte = xtr.to(device), ytr.to(device), xte.to(device), yte.to(device)
     classes = int(max(ytr.max(), yte.max()).item()) + 1
-    ytr_t = torch.nn.functional.one_hot(ytr, classes).double() - 1.0 / classes
-    yte_t = torch.nn.functional.one_hot(yte, classes).double() - 1.0 / classes
+    ytr_t = centred_one_hot(ytr, classes, torch.float64)
+    yte_t = centred_one_hot(yte, classes, torch.float64)
     n, m, o = xtr.shape[0], xte.shape[0], classes
     net = ntk_mlp(
         xtr.shape[1],
@@ -232,8 +233,8 @@ def dynamics_trial(item: dict) -> dict:
         [((theory[t, b] * res0[b]).norm() / res0[b].norm()).item() for b in bands] for t in range(len(times))
     ]
     acc = {
-        "net_test": (net_te_t[-1].reshape(m, o).argmax(1) == yte).double().mean().item(),
-        "kernel_test": (ker_te[-1].reshape(m, o).argmax(1) == yte).double().mean().item(),
+        "net_test": accuracy(net_te_t[-1].reshape(m, o), yte),
+        "kernel_test": accuracy(ker_te[-1].reshape(m, o), yte),
     }
     loss_net = [(0.5 * ((r - ytr_t.reshape(-1)) ** 2).sum() / n).item() for r in net_tr_t]
     loss_ker = [(0.5 * ((r - ytr_t.reshape(-1)) ** 2).sum() / n).item() for r in ker_tr]
