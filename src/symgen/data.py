@@ -13,6 +13,7 @@ import random
 import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,7 +113,15 @@ def read_idx(path: str | Path) -> np.ndarray:
         raw = f.read()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise MissingDataError(f"{path} is not an IDX file (bad magic number); expected MNIST-format files.")
-    dtype = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}[raw[2]]
+    dtypes: dict[int, np.dtype[Any]] = {
+        0x08: np.dtype(np.uint8),
+        0x09: np.dtype(np.int8),
+        0x0B: np.dtype(">i2"),
+        0x0C: np.dtype(">i4"),
+        0x0D: np.dtype(">f4"),
+        0x0E: np.dtype(">f8"),
+    }
+    dtype = dtypes[raw[2]]
     ndim = raw[3]
     shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim)

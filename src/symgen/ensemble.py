@@ -53,7 +53,7 @@ class Ensemble:
         params: Mapping[str, Tensor],
         buffers: Mapping[str, Tensor] | None = None,
         member_ids: Sequence[int] | None = None,
-        process_group: Any = None,
+        process_group: sd.GroupSpec = "auto",
     ) -> None:
         self.process_group = sd.resolve_group(process_group)
         self.module = module
@@ -73,7 +73,7 @@ class Ensemble:
         first_member: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        process_group: Any = None,
+        process_group: sd.GroupSpec = "auto",
     ) -> Ensemble:
         """Members ``first_member .. first_member + num_members - 1``; member i built under the seed
         ``s + i``, s = ``rng.seed_of(generator)`` (an int seed is s itself; None = 0).
@@ -114,7 +114,7 @@ class Ensemble:
         ids = gather(torch.tensor(self.member_ids, dtype=torch.int64)).tolist()
         params = {k: gather(v).clone() for k, v in self.params.items()}
         buffers = {k: gather(v).clone() for k, v in self.buffers_.items()}
-        return Ensemble(self.module, params, buffers, ids)
+        return Ensemble(self.module, params, buffers, ids, process_group=None)
 
     @property
     def num_members(self) -> int:
@@ -156,7 +156,7 @@ class Ensemble:
         dev = next(iter(self.params.values())).device
         params = {k: v.detach()[idx.to(dev)].clone() for k, v in self.params.items()}
         buffers = {k: v[idx.to(v.device)].clone() for k, v in self.buffers_.items()}
-        return Ensemble(self.module, params, buffers, [self.member_ids[int(i)] for i in idx])
+        return Ensemble(self.module, params, buffers, [self.member_ids[int(i)] for i in idx], process_group=None)
 
     def member(self, index: int) -> nn.Module:
         """A standalone module holding member ``index``'s parameters."""
@@ -183,7 +183,7 @@ def epoch_plan(generator: torch.Generator, num_data: int, group_order: int | Non
     return order, elements
 
 
-def _check_optimizer(ensemble: Ensemble, optimizer: Any) -> None:
+def _check_optimizer(ensemble: Ensemble, optimizer: object) -> None:
     if not isinstance(optimizer, torch.optim.Optimizer):
         what = f"the class {optimizer.__name__}" if isinstance(optimizer, type) else repr(optimizer)
         raise ConfigError(
@@ -269,14 +269,14 @@ def train_ensemble(
         for epoch in epoch_iter:
             plans = [epoch_plan(g, n, order_g) for g in gens]
             orders = torch.stack([p[0] for p in plans]).to(dev)  # (M, n)
-            elems = torch.stack([p[1] for p in plans]).to(dev) if augment is not None else None
+            elems = torch.stack([e for _, e in plans if e is not None]).to(dev) if augment is not None else None
             total = torch.zeros(m, dtype=dtype, device=dev)
             for s in range(steps):
                 sl = slice(s * batch_size, min((s + 1) * batch_size, n))
                 idx = orders[:, sl]  # (M, b)
                 xb, yb = x[idx], y[idx]  # (M, b, ...)
                 b = idx.shape[1]
-                if augment is not None:
+                if augment is not None and elems is not None:
                     flat = xb.reshape(m * b, *x.shape[1:])
                     xb = augment.apply_each(elems[:, sl].reshape(-1), flat).reshape(xb.shape)
                 losses: list[Tensor] = []
@@ -299,7 +299,8 @@ def train_ensemble(
 
                 factors = _member_factors(lr_factors, epoch, s, m, dev, dtype)
                 before = [p.detach().clone() for p in leaves.values()] if factors is not None else []
-                optimizer.step(closure)
+                # torch's stub types a closure as returning float; the step protocol returns the loss tensor
+                optimizer.step(closure)  # type: ignore[arg-type]
                 if factors is not None:
                     with torch.no_grad():
                         for p, p0 in zip(leaves.values(), before, strict=True):

@@ -262,7 +262,8 @@ def jvp_outputs(
     """``(f(x), J(x) v)``: outputs and their directional derivative along the parameter tangent ``v``."""
     from torch.func import jvp
 
-    return jvp(lambda p: call(module, p, buffers, x), (dict(params),), (dict(tangents),))
+    out = jvp(lambda p: call(module, p, buffers, x), (dict(params),), (dict(tangents),))
+    return out[0], out[1]
 
 
 def vjp_outputs(
@@ -271,8 +272,9 @@ def vjp_outputs(
     """``J(x)^T u``: the parameter gradient of ``<f(x), u>`` for an output-shaped cotangent ``u``."""
     from torch.func import vjp
 
-    _, pullback = vjp(lambda p: call(module, p, buffers, x), dict(params))
-    return pullback(cotangent)[0]
+    pullback = vjp(lambda p: call(module, p, buffers, x), dict(params))[1]
+    grads: Params = pullback(cotangent)[0]
+    return grads
 
 
 # --- curvature and perturbed copies (issue 4) -------------------------------------------------

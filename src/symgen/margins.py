@@ -222,10 +222,11 @@ def end_to_end_predictor(model: nn.Module, input_shape: Sequence[int] | None = N
             out = out.reshape(out.shape[0])
         return out
 
+    predictor = getattr(model, "predictor", None)
     with torch.no_grad():
         beta = (
-            model.predictor().reshape(shape)
-            if hasattr(model, "predictor")
+            predictor().reshape(shape)
+            if predictor is not None
             else f(torch.eye(d, dtype=dtype, device=device).reshape(d, *shape)).reshape(shape)
         )
         if check:

@@ -79,7 +79,7 @@ def _loader_batches(data: Iterable[Any], device: torch.device | None) -> Iterato
 
 
 def _check_args(
-    model: nn.Module, optimizer: Any, epochs: int | None, steps: int | None, batch_size: int | None
+    model: nn.Module, optimizer: object, epochs: int | None, steps: int | None, batch_size: int | None
 ) -> None:
     if not isinstance(optimizer, torch.optim.Optimizer):
         what = f"the class {optimizer.__name__}" if isinstance(optimizer, type) else type(optimizer).__name__
@@ -116,7 +116,7 @@ def fit(
     device: torch.device | str | None = None,
     transform: Callable[[nn.Module, Tensor, Tensor], tuple[Any, ...]] | None = None,
     closure: Callable[..., LossClosure] = LossClosure,
-    scheduler: Any = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     metrics: Mapping[str, Metric] | None = None,
     callback: Callable[[int, nn.Module], Mapping[str, float] | None] | None = None,
 ) -> History:
@@ -173,7 +173,7 @@ def fit(
             epoch += 1
             batches = (
                 _tensor_batches(x, y, batch_size, shuffle, drop_last, g) if tensors else _loader_batches(data, device)
-            )  # type: ignore[arg-type]
+            )
             sums: dict[str, float] = {"loss": 0.0, **{k: 0.0 for k in metrics}}
             count, done = 0, 0
             for xb, yb in batches:
@@ -181,7 +181,8 @@ def fit(
                 c = closure(model, loss_fn, *batch)
                 optimizer.zero_grad(set_to_none=True)
                 try:
-                    optimizer.step(c)
+                    # torch's stub types a closure as returning float; the step protocol returns the loss tensor
+                    optimizer.step(c)  # type: ignore[arg-type]
                 except DivergenceError as e:
                     raise DivergenceError(
                         f"training diverged in epoch {epoch}, step {done + 1} ({history.num_steps} steps done): {e}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -12,10 +11,11 @@ from torch.func import vmap
 
 from symgen import distributed
 from symgen import functional as F
+from symgen.distributed import GroupSpec
 from symgen.errors import ConfigError, ShapeError
 from symgen.rng import Seed, as_generator
 from symgen.stats import mean_stderr
-from symgen.streaming import BatchStream, model_device
+from symgen.streaming import BatchStream, Data, model_device
 
 __all__ = ["NoiseStability", "noise_stability"]
 
@@ -36,7 +36,7 @@ class NoiseStability:
 def noise_stability(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
-    data: Any,
+    data: Data,
     sigma: float,
     num_samples: int = 32,
     *,
@@ -46,7 +46,7 @@ def noise_stability(
     param_names: Iterable[str] | None = None,
     generator: Seed = None,
     chunk_size: int | None = None,
-    process_group: Any = "auto",
+    process_group: GroupSpec = "auto",
 ) -> NoiseStability:
     """Noise stability E_U[L(W + U)] - L(W), U ~ N(0, sigma^2 I) (about sigma^2/2 tr H for small sigma).
 
