@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from symgen.errors import ConfigError, DivergenceError
 from symgen.functional import buffers_of, params_of
 from symgen.optim.amp import GradScaler, ScaledStep
-from symgen.optim.wrapper import StepSnapshot, all_finite, divergence, model_of
+from symgen.optim.wrapper import StepSnapshot, all_finite, call_closure, divergence, model_of
 from symgen.rng import Seed
 from symgen.symmetry import ScaleSymmetry, ScaleSymmetryReport, block_norms, find_scale_symmetries, rescale_filters
 
@@ -304,10 +304,7 @@ class UnitNormSGD(torch.optim.Optimizer):
         def fail(what: str) -> DivergenceError:
             return divergence("UnitNormSGD", self.num_steps + 1, what, "lower the learning rate, or check the data")
 
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = None if closure is None else call_closure(closure, "UnitNormSGD", self.num_steps + 1)
         loss_finite = loss is None or bool(torch.isfinite(torch.as_tensor(loss)).all())
         if amp.active:
             if not loss_finite or (not amp.from_scaler and not amp.grads_finite()):
@@ -320,6 +317,8 @@ class UnitNormSGD(torch.optim.Optimizer):
             raise fail(f"loss {float(torch.as_tensor(loss).sum())}")
         if not all_finite(p.grad for g in self.param_groups for p in g["params"]):
             raise fail("gradient")
+        if not snapshot.buffers_finite():
+            raise fail("BatchNorm running statistics after the closure's pass")
         snapshot.save_state()
         self._update()
         if not snapshot.update_finite():

@@ -27,7 +27,17 @@ from symgen.errors import ConfigError, DivergenceError
 from symgen.functional import frozen_running_stats
 from symgen.optim.amp import GradScaler, ScaledStep
 
-__all__ = ["WrapperOptimizer", "StepContext", "StepSnapshot", "Closure", "bn_buffers", "model_of", "all_finite"]
+__all__ = [
+    "WrapperOptimizer",
+    "StepContext",
+    "StepSnapshot",
+    "Closure",
+    "bn_buffers",
+    "model_of",
+    "all_finite",
+    "divergence",
+    "call_closure",
+]
 
 #: A step's closure: zeroes the gradients, computes the loss, calls ``backward``, returns the loss.
 Closure = Callable[[], "Tensor | float"]
@@ -138,6 +148,14 @@ class StepSnapshot:
             self.optimizer.state.update(self.state)
             self.state = None
 
+    def buffers_finite(self) -> bool:
+        """Whether the BatchNorm running statistics are finite (an inf variance: the weights have blown up).
+
+        Returns:
+            True when every running statistic is finite.
+        """
+        return all_finite(self.buffers)
+
     def update_finite(self) -> bool:
         """Whether the parameters are finite after the update (False: the step diverged).
 
@@ -163,6 +181,26 @@ def divergence(name: str, step: int, what: str, hint: str) -> DivergenceError:
         f"{name} step {step}: non-finite {what}. Parameters, optimizer state and BatchNorm statistics are "
         f"left as they were before the step; {hint}."
     )
+
+
+def call_closure(closure: Callable[[], LossT], name: str, step: int) -> LossT:
+    """Run a step's closure with gradients enabled; a DivergenceError it raises (a LossClosure's) names the step.
+
+    Args:
+        closure: the closure.
+        name: the optimizer's name.
+        step: the step's number.
+
+    Returns:
+        The closure's loss.
+    """
+    try:
+        with torch.enable_grad():
+            return closure()
+    except DivergenceError as e:
+        if str(e).startswith(f"{name} step"):
+            raise
+        raise DivergenceError(f"{name} step {step}: {e}") from e
 
 
 class _Skipped(Exception):
@@ -220,13 +258,7 @@ class StepContext:
             self.fail(f"gradient {where}")
 
     def _call(self, closure: Callable[[], Tensor | float]) -> Tensor | float:
-        try:
-            with torch.enable_grad():
-                return closure()
-        except DivergenceError as e:  # a LossClosure's own check: name the step
-            if str(e).startswith(f"{type(self.optimizer).__name__} step"):
-                raise
-            raise DivergenceError(f"{type(self.optimizer).__name__} step {self.number}: {e}") from e
+        return call_closure(closure, type(self.optimizer).__name__, self.number)
 
     def clean(
         self, closure: Callable[[], Tensor | float], where: str = "at the clean weights W", check: bool = True
@@ -462,6 +494,8 @@ class WrapperOptimizer(torch.optim.Optimizer):
                     self.zero_grad(set_to_none=True)
                     return loss
             ctx.check_grads("in the step's gradient estimate")
+            if not snapshot.buffers_finite():
+                ctx.fail("BatchNorm running statistics after the pass at W", skip=False)
             if not update:
                 return loss
             snapshot.save_state()
