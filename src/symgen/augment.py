@@ -33,6 +33,15 @@ class OrbitAugment:
         self.out_action = out_action
 
     def __call__(self, x: Tensor, y: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """The orbit of the batch, x_aug[g * B + b] = rho(g) x[b], and the labels to match.
+
+        Args:
+            x: a batch (B, ...).
+            y: labels (B, ...) or None.
+
+        Returns:
+            ``x_aug`` (|G| B, ...) if ``y`` is None, else ``(x_aug, y_aug)`` (y repeated, or transformed by ``out_action``).
+        """
         x = torch.as_tensor(x)
         if x.ndim < 1:
             raise ShapeError(f"OrbitAugment: x must have a leading sample dim (B, ...); got shape {tuple(x.shape)}.")
@@ -97,6 +106,15 @@ class RandomGroupAugment:
         return action.apply_each(elements.reshape(-1).to(x.device), flat).reshape(x.shape)
 
     def __call__(self, x: Tensor, y: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """A fresh random group element per sample: x_aug[b] = rho(g_b) x[b] (kept in ``last_elements``).
+
+        Args:
+            x: a batch (*batch, ...) with ``batch_dims`` leading batch dims.
+            y: labels or None.
+
+        Returns:
+            ``x_aug`` if ``y`` is None, else ``(x_aug, y)`` (``y`` transformed by ``out_action`` when given).
+        """
         if x.ndim <= self.batch_dims:
             raise ShapeError(
                 f"RandomGroupAugment: x of shape {tuple(x.shape)} has no dims after the {self.batch_dims} batch dim(s)."

@@ -118,6 +118,7 @@ class Ensemble:
 
     @property
     def num_members(self) -> int:
+        """M, the number of members this process holds."""
         return sf.stacked_size(self.params)
 
     def parameters(self) -> list[Tensor]:

@@ -190,6 +190,15 @@ def tree_add(a: Mapping[str, Tensor], b: Mapping[str, Tensor], alpha: float = 1.
 
 
 def tree_scale(a: Mapping[str, Tensor], alpha: float | Tensor) -> Params:
+    """``alpha * a`` key by key.
+
+    Args:
+        a: a parameter dict.
+        alpha: the scale (a number or a broadcastable tensor).
+
+    Returns:
+        the scaled dict.
+    """
     return {k: alpha * v for k, v in a.items()}
 
 
@@ -199,6 +208,14 @@ def tree_dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
 
 
 def tree_norm(a: Mapping[str, Tensor]) -> Tensor:
+    """Euclidean norm of a parameter dict, sqrt(sum_k ||a_k||^2).
+
+    Args:
+        a: a parameter dict.
+
+    Returns:
+        a 0-dim tensor.
+    """
     return tree_dot(a, a).sqrt()
 
 

@@ -105,6 +105,14 @@ class MixedNet(nn.Module):
         self.l3 = nn.Linear(12, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Convolutions with BatchNorm and GroupNorm, then linear layers with LayerNorm.
+
+        Args:
+            x: images (N, C, H, W).
+
+        Returns:
+            logits (N, num_classes).
+        """
         h = F.relu(self.bn(self.c1(x)))
         h = self.gn(self.pool(F.relu(self.c2(h)), 2)).flatten(1)
         h = F.relu(self.ln(self.l2(F.relu(self.l1(h)))))
@@ -135,6 +143,14 @@ class LinearFCNet(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in zip(dims[:-1], dims[1:], strict=True))
 
     def forward(self, x: Tensor) -> Tensor:
+        """The product of the linear layers on flattened inputs.
+
+        Args:
+            x: inputs (N, *shape).
+
+        Returns:
+            outputs (N, ...).
+        """
         h = x.reshape(*x.shape[: x.ndim - len(self.shape)], -1)
         for layer in self.layers:
             h = layer(h)
@@ -178,6 +194,14 @@ class BasicBlock(nn.Module):
                 raise ConfigError(f"shortcut must be 'A' (zero padding) or 'B' (projection), got {shortcut!r}.")
 
     def forward(self, x: Tensor) -> Tensor:
+        """relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)) (arXiv 1512.03385).
+
+        Args:
+            x: features (N, C_in, H, W).
+
+        Returns:
+            features (N, C_out, H', W').
+        """
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return F.relu(out + self.shortcut(x))
@@ -217,6 +241,14 @@ class ResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: Tensor) -> Tensor:
+        """Stem, residual stages, global average pooling, linear classifier (arXiv 1512.03385).
+
+        Args:
+            x: images (N, C, H, W).
+
+        Returns:
+            logits (N, num_classes).
+        """
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ShapeError(f"ResNet expects images (N, {self.in_channels}, H, W); got {tuple(x.shape)}.")
         out = F.relu(self.bn1(self.conv1(x)))
@@ -305,6 +337,14 @@ class VisionTransformer(nn.Module):
         self.head = nn.Linear(dim, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Patch embedding, transformer encoder, class-token classifier (arXiv 2010.11929).
+
+        Args:
+            x: images (N, C, H, W) of ``image_size``.
+
+        Returns:
+            logits (N, num_classes).
+        """
         if x.ndim != 4 or tuple(x.shape[1:]) != (self.in_channels, *self.image_size):
             raise ShapeError(
                 f"VisionTransformer expects images (N, {self.in_channels}, {self.image_size[0]}, "
@@ -367,6 +407,14 @@ class PaperMaskedCNN(nn.Module):
             self.head.weight.normal_(0.0, init_std)
 
     def forward(self, x: Tensor) -> Tensor:
+        """The masked convolutions with their nonlinearities and pooling, then the classifier.
+
+        Args:
+            x: images (N, C, H, W).
+
+        Returns:
+            logits (N, num_classes).
+        """
         for i, conv in enumerate(self.convs):
             x = conv(x)
             if i < 2:

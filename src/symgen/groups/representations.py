@@ -338,6 +338,7 @@ class RepresentationAction(GroupAction):
 
     @property
     def order(self) -> int:
+        """|G|, the number of matrices of the representation."""
         return self.rep.order
 
     def _check_event(self, shape: tuple[int, ...]) -> None:
@@ -355,6 +356,15 @@ class RepresentationAction(GroupAction):
         return out.reshape(x.shape)
 
     def permutations(self, shape: Sequence[int] | torch.Size, device: torch.device | str | None = None) -> Tensor:
+        """Gather indices (|G|, d) with apply(g, x).flatten()[i] = x.flatten()[perm[g, i]].
+
+        Args:
+            shape: the event shape (must be the action's).
+            device: where to put the result (None: a CPU copy).
+
+        Returns:
+            a long tensor (|G|, d).
+        """
         self.check(shape)
         if self.rep.permutations is None:
             raise GroupActionError(f"{self.rep!r} is not a permutation representation; use matrices(shape).")
@@ -366,10 +376,28 @@ class RepresentationAction(GroupAction):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> Tensor:
+        """The matrices rho(g), (|G|, d, d).
+
+        Args:
+            shape: the event shape (must be the action's).
+            dtype: their dtype (None: torch's default dtype).
+            device: their device.
+
+        Returns:
+            a tensor (|G|, d, d).
+        """
         self.check(shape)
         return self.rep.matrices.to(dtype=dtype or torch.get_default_dtype(), device=device)
 
     def orbit(self, x: Tensor) -> Tensor:
+        """Every transform of ``x``: out[g] = rho(g) x, by one einsum for a matrix representation.
+
+        Args:
+            x: a tensor (..., *shape).
+
+        Returns:
+            a tensor (|G|, ..., *shape).
+        """
         if self.rep.permutations is not None:
             return super().orbit(x)
         self.check(x.shape)
@@ -378,6 +406,15 @@ class RepresentationAction(GroupAction):
         return torch.einsum("gij,...j->g...i", mats, flat).reshape(self.order, *x.shape)
 
     def apply_each(self, elements: Tensor, x: Tensor) -> Tensor:
+        """One group element per sample: out[b] = rho(elements[b]) x[b].
+
+        Args:
+            elements: group element indices (B,).
+            x: a batch (B, ..., *shape).
+
+        Returns:
+            a tensor shaped like ``x``.
+        """
         if self.rep.permutations is not None:
             return super().apply_each(elements, x)
         self.check(x.shape[1:])

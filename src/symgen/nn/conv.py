@@ -122,6 +122,14 @@ class LiftingConv2d(_GroupConvBase):
         return w.permute(0, 2, 1, 3).reshape(self.out_channels * n, self.in_channels, k, k)
 
     def forward(self, x: Tensor) -> Tensor:
+        """y[o, g] = sum_{c,u} (g . psi_o)[c](u - x) f[c](u), one ``conv2d`` with the transformed filters.
+
+        Args:
+            x: images (B, in_channels, H, W).
+
+        Returns:
+            features (B, out_channels, |G|, H, W).
+        """
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ShapeError(f"LiftingConv2d expects (B, {self.in_channels}, H, W); got {tuple(x.shape)}.")
         self.action.check(x.shape)
@@ -181,6 +189,14 @@ class GroupConv2d(_GroupConvBase):
         return w.permute(0, 2, 1, 3, 4).reshape(o * n, c * n, k, k)
 
     def forward(self, x: Tensor) -> Tensor:
+        """y[o, g] = sum_{c,h} (g . psi[o, c, g^-1 h]) * f[c, h], one ``conv2d`` on channel-flattened features.
+
+        Args:
+            x: features (B, in_channels, |G|, H, W).
+
+        Returns:
+            features (B, out_channels, |G|, H, W).
+        """
         n = self.group.order
         if x.ndim != 5 or x.shape[1] != self.in_channels or x.shape[2] != n:
             raise ShapeError(f"GroupConv2d expects (B, {self.in_channels}, {n}, H, W); got {tuple(x.shape)}.")
@@ -235,10 +251,19 @@ class GCNN(EquivariantModule):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        """logits = A mean_{g,u} h_L[:, g](u) + b, invariant to the image action.
+
+        Args:
+            x: images (B, in_channels, H, W).
+
+        Returns:
+            logits (B, num_classes).
+        """
         h = self.features(x)  # (B, C, |G|, H, W)
         return self.head(h.mean(dim=(-2, -1)))
 
     def example_shape(self) -> tuple[int, ...]:
+        """The shape of one example input: (in_channels, 2k + 1, 2k + 1)."""
         side = 2 * self.kernel_size + 1
         return (self.in_channels, side, side)
 

@@ -109,19 +109,30 @@ class EquivariantLinear(_RepresentationMap):
             self.register_parameter("bias", None)
 
     def weight_matrix(self) -> Tensor:
+        """The dense matrix W = sum_k w_k B_k (d_out, d_in) on flattened inputs and outputs."""
         d_in, d_out = self.in_rep.dim, self.out_rep.dim
         if self.method == "orbit":
             return (self.weight * self.orbit_scale)[self.orbit_label].reshape(d_out, d_in)
         return torch.einsum("k,koi->oi", self.weight, self.basis)
 
     def bias_vector(self) -> Tensor | None:
+        """The dense bias b = sum_k c_k F_k in Fix(rho_out), (d_out,), or None."""
         return None if self.bias is None else self.bias @ self.bias_basis
 
     def forward(self, x: Tensor) -> Tensor:
+        """y = W x + b.
+
+        Args:
+            x: inputs (..., d_in).
+
+        Returns:
+            outputs (..., d_out).
+        """
         check_trailing_shape(x, (self.in_rep.dim,), "EquivariantLinear")
         return F.linear(x, self.weight_matrix(), self.bias_vector())
 
     def extra_repr(self) -> str:
+        """The layer's sizes, number of basis elements and method."""
         return f"{self.in_rep.dim} -> {self.out_rep.dim}, basis={self.num_basis}, method={self.method}"
 
 
@@ -186,12 +197,22 @@ class LiftingLinear(_RepresentationMap):
         return torch.einsum("gij,oj->ogi", self.filter_maps, self.weight)
 
     def weight_matrix(self) -> Tensor:
+        """The dense matrix (out_channels |G|, d): row (o, g) is rho(g^-1)^T psi_o."""
         return self.filters().reshape(-1, self.in_rep.dim)
 
     def bias_vector(self) -> Tensor | None:
+        """The bias b[o] repeated over the |G| positions of channel o, or None."""
         return None if self.bias is None else self.bias.repeat_interleave(self.group.order)
 
     def forward(self, x: Tensor) -> Tensor:
+        """y[o, g] = <rho(g^-1)^T psi_o, x> + b[o].
+
+        Args:
+            x: inputs (..., *in_shape).
+
+        Returns:
+            outputs (..., out_channels, |G|).
+        """
         check_trailing_shape(x, self.in_shape, "LiftingLinear")
         lead = x.shape[: x.ndim - len(self.in_shape)]
         flat = x.reshape(*lead, -1)
@@ -202,6 +223,7 @@ class LiftingLinear(_RepresentationMap):
         return out
 
     def extra_repr(self) -> str:
+        """The layer's input shape, channels and group order."""
         return f"in_shape={self.in_shape}, out_channels={self.out_channels}, |G|={self.group.order}"
 
 
@@ -247,9 +269,18 @@ class GroupLinear(_RepresentationMap):
         return w.permute(0, 2, 1, 3).reshape(self.out_channels * n, self.in_channels * n)
 
     def bias_vector(self) -> Tensor | None:
+        """The bias b[o] repeated over the |G| positions of channel o, or None."""
         return None if self.bias is None else self.bias.repeat_interleave(self.group.order)
 
     def forward(self, x: Tensor) -> Tensor:
+        """y[o, g] = sum_{i,h} psi[o, i, g^-1 h] x[i, h] + b[o].
+
+        Args:
+            x: inputs (..., in_channels, |G|).
+
+        Returns:
+            outputs (..., out_channels, |G|).
+        """
         check_trailing_shape(x, (self.in_channels, self.group.order), "GroupLinear")
         lead = x.shape[:-2]
         out = x.reshape(*lead, -1) @ self.weight_matrix().T
@@ -259,6 +290,7 @@ class GroupLinear(_RepresentationMap):
         return out
 
     def extra_repr(self) -> str:
+        """The layer's channels and group order."""
         return f"{self.in_channels} -> {self.out_channels}, |G|={self.group.order}"
 
 
@@ -299,11 +331,21 @@ class InvariantReadout(_RepresentationMap):
         return self.weight.repeat_interleave(self.group.order, dim=1) / self.group.order
 
     def bias_vector(self) -> Tensor | None:
+        """The bias (out_features,), or None."""
         return self.bias
 
     def forward(self, x: Tensor) -> Tensor:
+        """y = A mean_g x[:, g] + b.
+
+        Args:
+            x: inputs (..., in_channels, |G|).
+
+        Returns:
+            outputs (..., out_features).
+        """
         check_trailing_shape(x, (self.in_channels, self.group.order), "InvariantReadout")
         return F.linear(x.mean(-1), self.weight, self.bias)
 
     def extra_repr(self) -> str:
+        """The layer's channels, outputs and group order."""
         return f"{self.in_channels} -> {self.out_features}, |G|={self.group.order}"

@@ -122,6 +122,14 @@ class MaskedConv2d(_MaskedConvNd):
     ndim = 2
 
     def forward(self, x: Tensor) -> Tensor:
+        """conv2d with the masked filter ``weight * mask`` and 'same' padding.
+
+        Args:
+            x: images (N, C, H, W).
+
+        Returns:
+            features (N, out_channels, H, W).
+        """
         return F.conv2d(x, self.masked_weight(), self.bias, padding=self.padding)
 
 
@@ -131,6 +139,14 @@ class MaskedConv1d(_MaskedConvNd):
     ndim = 1
 
     def forward(self, x: Tensor) -> Tensor:
+        """conv1d with the masked filter ``weight * mask`` and 'same' padding.
+
+        Args:
+            x: signals (N, C, L).
+
+        Returns:
+            features (N, out_channels, L).
+        """
         return F.conv1d(x, self.masked_weight(), self.bias, padding=self.padding)
 
 
@@ -178,6 +194,14 @@ class MaskedCNN(nn.Module):
                 p.copy_(init_std * rng.randn(p.shape, generator, dtype=p.dtype, device=p.device))
 
     def forward(self, x: Tensor) -> Tensor:
+        """The masked convolutions, pooling and the linear head.
+
+        Args:
+            x: inputs (N, C, H, W) (ndim 2) or (N, C, L) (ndim 1).
+
+        Returns:
+            logits (N, num_classes).
+        """
         if x.ndim != self.ndim + 2:
             raise ShapeError(
                 f"MaskedCNN(ndim={self.ndim}) expects inputs (N, C{', H, W' if self.ndim == 2 else ', L'}); "

@@ -67,6 +67,14 @@ class LinearSteerableNet(EquivariantModule):
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x: Tensor) -> Tensor:
+        """f(x) = <beta, x>: the layers applied in turn, no nonlinearity.
+
+        Args:
+            x: inputs (..., *shape).
+
+        Returns:
+            outputs (...).
+        """
         check_trailing_shape(x, self.shape, "LinearSteerableNet")
         h = x.reshape(*x.shape[: x.ndim - len(self.shape)], -1) if self.depth == 1 else x
         for layer in self.layers:

@@ -240,10 +240,12 @@ class ScaleSymmetry:
 
     @property
     def num_filters(self) -> int:
+        """The number of filters of the weight (its size along ``axis``)."""
         return sum(len(b) for b in self.blocks)
 
     @property
     def num_blocks(self) -> int:
+        """The number of blocks, each rescaled by one factor."""
         return len(self.blocks)
 
     @property
@@ -259,6 +261,7 @@ class ScaleSymmetry:
         return idx.to(device) if device is not None else idx
 
     def to_dict(self) -> dict[str, Any]:
+        """The symmetry as plain JSON-ready values."""
         return {
             "module": self.module,
             "weight": self.weight,
@@ -343,6 +346,7 @@ class ScaleSymmetryReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as plain JSON-ready values."""
         return {
             "method": self.method,
             "symmetries": [s.to_dict() for s in self.symmetries],
