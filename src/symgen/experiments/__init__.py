@@ -1,4 +1,4 @@
-"""Registered experiments, one module per reproduced claim (see ../shared/PAPERS.md)."""
+"""Registered experiments, one module per reproduced claim set (the claims: docs/claims.md)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 and claim checks that turn the result into PASS/FAIL with the measured numbers.
 
 Experiments never import the run store: a :class:`Context` is handed to ``run``; the in-memory
-default runs trials in-process, the run store's context adds disk checkpoints and executors.
+default runs trials in-process, the run store's context adds disk checkpoints and executors. The claims
+the experiments check, their protocols and thresholds: docs/claims.md.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Experiment ``ensemble-equivariance``: augmented ensembles become invariant when the architecture
-is compatible with the group (Nordenfors & Flinth, arXiv 2410.01452; PAPERS.md section 5).
+is compatible with the group (Nordenfors & Flinth, arXiv 2410.01452). The claims, thresholds and protocol:
+docs/claims.md.
 
 The paper's masked CNN scaled to 8x8 digits (three masked 3x3 convs, tanh, average pooling,
 LayerNorm without affine, linear head, N(0,1) init), trained as vectorized ensembles in three
@@ -29,7 +30,7 @@ SETTINGS: dict[str, tuple[str, bool]] = {
     "symmetric-no-augmentation": ("symmetric", False),
 }
 
-# Thresholds, fixed from the paper's claims before any run (PAPERS.md section 5):
+# Thresholds, fixed from the paper's claims before any run (docs/claims.md):
 # C5.1 KL ~ 1/M (log-log slope -1); we accept a fitted slope <= -0.5, i.e. at least sqrt(M) decay.
 SLOPE_MAX = -0.5
 # C5.2 "plateaus above": the asymmetric KL at the largest M exceeds the symmetric one by more than
@@ -306,7 +307,7 @@ def check_claims(config: Config, result: dict[str, Any]) -> list[Claim]:
                 headline="kl_loglog_slope",
                 paper=-1.0,
             )
-        )  # KL ~ 1/M (PAPERS.md)
+        )  # KL ~ 1/M (the paper; docs/claims.md)
 
     if sym is not None and asym is not None:
         kl_s, kl_a = _kl_at(sym, m_max), _kl_at(asym, m_max)

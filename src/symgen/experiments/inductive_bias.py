@@ -10,6 +10,8 @@ regressors with the local kernel of filter size s >= t and with the fully-connec
 Predicted exponents (arXiv 2106.08619, with the NTK's cusp exponent alpha_t = 1): local student
 beta = alpha_t / s = 1/s, independent of d; fully-connected student beta = alpha_t / d = 1/d.
 
+The claims, their thresholds and where the protocol differs from the paper's: docs/claims.md.
+
 Claim C4.5, thresholds fixed before the first run:
 - C4.5-local: for every s, the exponents at every d agree with the one at the smallest d within the sum of
   their 95% half-widths or within 20% of it; and at the largest d the smallest s has a larger exponent than

@@ -1,6 +1,6 @@
 """Experiment ``kip``: dataset distillation with kernel inducing points (claim C4.3).
 
-PAPERS.md §4 (Nguyen, Chen, Lee, arXiv 2011.00050; Kempe et al., arXiv 2307.02693). For each
+docs/claims.md (Nguyen, Chen, Lee, arXiv 2011.00050; Kempe et al., arXiv 2307.02693). For each
 dataset (digits, mnist1d), support size (1 and 10 images per class) and seed, KIP learns a support
 set under the infinite-width ReLU NTK, starting from a class-balanced random sample of real
 training images. Kernel ridge regression from (a) the distilled set, (b) that same random real

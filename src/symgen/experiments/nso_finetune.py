@@ -1,5 +1,7 @@
 """C3.2 in the paper's regime (Ju, Li, Zhang, arXiv 2306.08553): fine-tuning a pretrained network.
 
+The claim, its threshold and where the protocol differs from the paper's: docs/claims.md.
+
 The paper fine-tunes ImageNet-pretrained ResNets on six small image data sets. The embedded stand-in:
 the flat-minima BatchNorm CNN is pretrained on the SOURCE task digits 0-4 (Adam, lr 1e-3), its head is
 replaced by a fresh 5-way linear layer, and it is fine-tuned on the TARGET task digits 5-9 (a disjoint

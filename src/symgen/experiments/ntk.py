@@ -2,7 +2,7 @@
 trained by full-batch gradient descent on MSE follows the kernel dynamics, learning the top NTK
 eigendirections first (C4.2).
 
-PAPERS.md §4 (Kempe et al. arXiv 2307.02693; Jacot et al. arXiv 1806.07572; Lee et al. arXiv
+docs/claims.md (Kempe et al. arXiv 2307.02693; Jacot et al. arXiv 1806.07572; Lee et al. arXiv
 1902.06720). Nets are NTK-parameterized MLPs (:func:`symgen.ntk.ntk_mlp`) on the digits dataset with
 inputs centred and scaled to ``||x||^2 / d = 1``.
 """

@@ -1,6 +1,6 @@
 """Experiment ``ntk-robustness``: adversarial examples for networks and NTK predictors (claim C4.4).
 
-PAPERS.md §4 (Kempe et al., arXiv 2307.02693; Tsilivis & Kempe 2022, arXiv 2210.05577; PGD and
+docs/claims.md (Kempe et al., arXiv 2307.02693; Tsilivis & Kempe 2022, arXiv 2210.05577; PGD and
 adversarial training: Madry et al., arXiv 1706.06083). On digits: an MLP in NTK parameterization
 and the kernel-regression predictor of its infinite-width NTK are attacked with PGD; examples
 crafted on the kernel predictor are transferred to the network (against a random-sign control of

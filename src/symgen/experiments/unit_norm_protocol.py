@@ -14,7 +14,7 @@ grid step further past that edge (the ratio of the two outermost lrs there), and
 interior or ``lr_search_extensions`` steps were taken; a best still at an edge then fails the claim with
 that reason (the protocol's "best" was not found).
 
-Thresholds, fixed before any run (PAPERS.md C2.2): (a) UnitNormSGD's prediction disagreement is below
+Thresholds, fixed before any run (docs/claims.md, C2.2): (a) UnitNormSGD's prediction disagreement is below
 SGD's and at most ``MAX_UNIT_NORM_DISAGREEMENT`` (its filters are normalized at construction, so rescaled
 initializations are the same point up to rounding); (b) UnitNormSGD's mean test accuracy over its centred
 grid is at least SGD's and its spread across the grid is smaller.
