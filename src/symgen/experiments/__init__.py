@@ -33,7 +33,17 @@ REGISTRY: dict[str, str] = {
 
 
 def get_experiment(name: str) -> Experiment:
-    """The registered experiment called ``name``."""
+    """The registered experiment called ``name``.
+
+    Args:
+        name: a key of ``REGISTRY`` (``symgen list``).
+
+    Returns:
+        the module's ``EXPERIMENT``.
+
+    Raises:
+        ConfigError: for an unknown name.
+    """
     if name not in REGISTRY:
         raise ConfigError(
             f"unknown experiment '{name}'; known: {', '.join(sorted(REGISTRY)) or 'none'}. Run `symgen list`."
@@ -42,4 +52,5 @@ def get_experiment(name: str) -> Experiment:
 
 
 def list_experiments() -> list[Experiment]:
+    """Every registered experiment, in registry order (the order ``symgen list`` and ``reproduce`` use)."""
     return [get_experiment(n) for n in REGISTRY]

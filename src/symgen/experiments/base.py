@@ -104,12 +104,37 @@ class Context:
     device: str = "cpu"
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any], desc: str = "trials") -> list[Any]:
+        """``[fn(item) for item in items]``, one by one here.
+
+        Args:
+            fn: a pure, picklable, module-level trial function.
+            items: its inputs.
+            desc: what the progress display calls them.
+
+        Returns:
+            the results, in the order of ``items``.
+        """
         return [fn(item) for item in self.progress(items, desc=desc, total=len(items))]
 
     def log(self, **metrics: Any) -> None:
+        """Record one line of metrics (``metrics.jsonl`` in the run store; nothing here).
+
+        Args:
+            **metrics: JSON-able values by name.
+        """
         pass
 
     def progress(self, iterable: Iterable[Any], desc: str = "", total: int | None = None) -> Iterable[Any]:
+        """``iterable``, shown as progress where there is a terminal (unchanged here).
+
+        Args:
+            iterable: what to walk through.
+            desc: its label.
+            total: its length, where known.
+
+        Returns:
+            the same items.
+        """
         return iterable
 
 

@@ -143,6 +143,15 @@ QUICK: dict[str, Any] = {
 
 
 def run(config: Config, ctx: Context) -> dict:
+    """Run the experiment: every trial through ``ctx.map``, then the summaries the claims read.
+
+    Args:
+        config: the experiment's settings.
+        ctx: where trials run and metrics go (:class:`~symgen.experiments.base.Context`).
+
+    Returns:
+        the JSON-able result that ``check_claims`` and ``figures`` take.
+    """
     base = {
         k: getattr(config, k)
         for k in (
@@ -219,6 +228,15 @@ def run(config: Config, ctx: Context) -> dict:
 
 
 def check_claims(config: Config, result: dict) -> list[Claim]:
+    """The claims of this experiment on ``result``, in the order of ``EXPERIMENT.claims`` (docs/claims.md).
+
+    Args:
+        config: the settings the result was computed with (thresholds are read from it).
+        result: ``run``'s output.
+
+    Returns:
+        one :class:`~symgen.experiments.base.Claim` per claim id, with the measured values and the verdict.
+    """
     claims = []
     claims.append(estimator_claim(result))
     ftr = result.get("finetune") or {}
@@ -323,6 +341,15 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
 
 
 def figures(result: dict, outdir: Path) -> list[Path]:
+    """Draw the experiment's figures.
+
+    Args:
+        result: ``run``'s output.
+        outdir: directory for the PNG files.
+
+    Returns:
+        the paths written.
+    """
     plt = pyplot()
 
     from symgen.curvature import SpectralDensity

@@ -259,6 +259,15 @@ def _reference_trial(item: dict) -> dict:
 
 
 def run(config: Config, ctx: Context) -> dict:
+    """Run the experiment: every trial through ``ctx.map``, then the summaries the claims read.
+
+    Args:
+        config: the experiment's settings.
+        ctx: where trials run and metrics go (:class:`~symgen.experiments.base.Context`).
+
+    Returns:
+        the JSON-able result that ``check_claims`` and ``figures`` take.
+    """
     if config.claim_size not in config.train_sizes:
         raise ConfigError(f"claim_size={config.claim_size} must be one of train_sizes={config.train_sizes}.")
     cfg = config.model_dump()
@@ -313,6 +322,15 @@ def _members(result: dict, kind: str, size: int | None = None) -> list[dict]:
 
 
 def check_claims(config: Config, result: dict) -> list[Claim]:
+    """The claims of this experiment on ``result``, in the order of ``EXPERIMENT.claims`` (docs/claims.md).
+
+    Args:
+        config: the settings the result was computed with (thresholds are read from it).
+        result: ``run``'s output.
+
+    Returns:
+        one :class:`~symgen.experiments.base.Claim` per claim id, with the measured values and the verdict.
+    """
     size = config.claim_size
     steer, fca, fcr = (_members(result, k, size) for k in KINDS)
     claims = []
@@ -398,6 +416,15 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
 
 
 def figures(result: dict, outdir: Path) -> list[Path]:
+    """Draw the experiment's figures.
+
+    Args:
+        result: ``run``'s output.
+        outdir: directory for the PNG files.
+
+    Returns:
+        the paths written.
+    """
     plt = pyplot()
     import numpy as np
 

@@ -180,6 +180,15 @@ def full_trial(item: dict) -> dict:
 
 
 def run(config: Config, ctx: Context) -> dict:
+    """Run the experiment: every trial through ``ctx.map``, then the summaries the claims read.
+
+    Args:
+        config: the experiment's settings.
+        ctx: where trials run and metrics go (:class:`~symgen.experiments.base.Context`).
+
+    Returns:
+        the JSON-able result that ``check_claims`` and ``figures`` take.
+    """
     cfg = config.model_dump()
     items = [
         {"dataset": ds, "size": size, "seed": config.seed + s, "config": cfg, "keep_images": s == 0}
@@ -219,6 +228,15 @@ def run(config: Config, ctx: Context) -> dict:
 
 
 def check_claims(config: Config, result: dict) -> list[Claim]:
+    """The claims of this experiment on ``result``, in the order of ``EXPERIMENT.claims`` (docs/claims.md).
+
+    Args:
+        config: the settings the result was computed with (thresholds are read from it).
+        result: ``run``'s output.
+
+    Returns:
+        one :class:`~symgen.experiments.base.Claim` per claim id, with the measured values and the verdict.
+    """
     summary = result["summary"]
     measured, bad = {}, []
     for key, s in summary.items():
@@ -268,6 +286,15 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
 
 
 def figures(result: dict, outdir: Path) -> list[Path]:
+    """Draw the experiment's figures.
+
+    Args:
+        result: ``run``'s output.
+        outdir: directory for the PNG files.
+
+    Returns:
+        the paths written.
+    """
     plt = pyplot()
     import numpy as np
 

@@ -255,6 +255,15 @@ def dynamics_trial(item: dict) -> dict:
 
 
 def run(config: Config, ctx: Context) -> dict:
+    """Run the experiment: every trial through ``ctx.map``, then the summaries the claims read.
+
+    Args:
+        config: the experiment's settings.
+        ctx: where trials run and metrics go (:class:`~symgen.experiments.base.Context`).
+
+    Returns:
+        the JSON-able result that ``check_claims`` and ``figures`` take.
+    """
     common = {
         "dataset": config.dataset,
         "depth": config.depth,
@@ -316,6 +325,15 @@ def _spectral_time(d: dict) -> int:
 
 
 def check_claims(config: Config, result: dict) -> list[Claim]:
+    """The claims of this experiment on ``result``, in the order of ``EXPERIMENT.claims`` (docs/claims.md).
+
+    Args:
+        config: the settings the result was computed with (thresholds are read from it).
+        result: ``run``'s output.
+
+    Returns:
+        one :class:`~symgen.experiments.base.Claim` per claim id, with the measured values and the verdict.
+    """
     k = result["kernel"]
     # Unrounded throughout: verdicts are decided on these numbers, so the shown ones must be the same.
     means = {w: v["mean"] for w, v in k["by_width"].items()}
@@ -378,6 +396,15 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
 
 
 def figures(result: dict, outdir: Path) -> list[Path]:
+    """Draw the experiment's figures.
+
+    Args:
+        result: ``run``'s output.
+        outdir: directory for the PNG files.
+
+    Returns:
+        the paths written.
+    """
     plt = pyplot()
 
     outdir = Path(outdir)

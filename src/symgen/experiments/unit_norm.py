@@ -202,6 +202,15 @@ def _summary(trials: list[dict], models: list[str], lrs: list[float]) -> dict:
 
 
 def run(config: Config, ctx: Context) -> dict:
+    """Run the experiment: every trial through ``ctx.map``, then the summaries the claims read.
+
+    Args:
+        config: the experiment's settings.
+        ctx: where trials run and metrics go (:class:`~symgen.experiments.base.Context`).
+
+    Returns:
+        the JSON-able result that ``check_claims`` and ``figures`` take.
+    """
     base = {"dataset": config.dataset, "device": config.device, "width": config.width, "channels": config.channels}
     det_items = [
         dict(base, model=m, seed=config.seed, detection_batch=config.detection_batch) for m in config.detection_models
@@ -279,6 +288,15 @@ def _shown(a: float, b: float) -> tuple[float, float]:
 
 
 def check_claims(config: Config, result: dict) -> list[Claim]:
+    """The claims of this experiment on ``result``, in the order of ``EXPERIMENT.claims`` (docs/claims.md).
+
+    Args:
+        config: the settings the result was computed with (thresholds are read from it).
+        result: ``run``'s output.
+
+    Returns:
+        one :class:`~symgen.experiments.base.Claim` per claim id, with the measured values and the verdict.
+    """
     claims: list[Claim] = [detection_claim(result)]
     if "protocol" in result:
         claims.append(protocol_claim(config, result))
@@ -359,6 +377,15 @@ def shared_grid_check(config: Config, result: dict) -> Claim:
 
 
 def figures(result: dict, outdir: Path) -> list[Path]:
+    """Draw the experiment's figures.
+
+    Args:
+        result: ``run``'s output.
+        outdir: directory for the PNG files.
+
+    Returns:
+        the paths written.
+    """
     plt = pyplot()
 
     models = result["models"]
