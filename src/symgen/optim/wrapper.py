@@ -42,6 +42,7 @@ __all__ = [
 #: A step's closure: zeroes the gradients, computes the loss, calls ``backward``, returns the loss.
 Closure = Callable[[], "Tensor | float"]
 LossT = TypeVar("LossT", Tensor, float)
+T = TypeVar("T")
 
 
 def bn_buffers(model: nn.Module | None) -> list[Tensor]:
@@ -183,7 +184,7 @@ def divergence(name: str, step: int, what: str, hint: str) -> DivergenceError:
     )
 
 
-def call_closure(closure: Callable[[], LossT], name: str, step: int) -> LossT:
+def call_closure(closure: Callable[[], T], name: str, step: int) -> T:
     """Run a step's closure with gradients enabled; a DivergenceError it raises (a LossClosure's) names the step.
 
     Args:
