@@ -9,7 +9,7 @@ from torch import nn
 from symgen import functional as Fn
 from symgen.errors import ConfigError, ShapeError
 from symgen.ntk import NTKLinear, choose_ntk_method, empirical_ntk, empirical_ntk_fn, ntk_mlp, ntk_vector_product
-from symgen.ntk import empirical as ntk_empirical
+from symgen.ntk import cost as ntk_cost
 from symgen.rng import isolated_seed
 
 F64 = torch.float64
@@ -165,9 +165,13 @@ def test_all_methods_match_dense_jacobian(name):
         for x2_, ref in ((x2, ref12), (None, ref11)):
             full = empirical_ntk(model, x1, x2_, output="full", method=method)
             trace = empirical_ntk(model, x1, x2_, output="trace", method=method)
+            mean = empirical_ntk(model, x1, x2_, output="mean", method=method)
             torch.testing.assert_close(full, ref, rtol=1e-10, atol=1e-12, msg=f"{name} {method} full")
             torch.testing.assert_close(
                 trace, ref.diagonal(dim1=2, dim2=3).sum(-1), rtol=1e-10, atol=1e-12, msg=f"{name} {method} trace"
+            )
+            torch.testing.assert_close(
+                mean, ref.diagonal(dim1=2, dim2=3).mean(-1), rtol=1e-10, atol=1e-12, msg=f"{name} {method} mean"
             )
     assert [m.training for m in model.modules()] == flags  # train/eval flags restored
 
@@ -181,9 +185,10 @@ def test_chunked_paths_match(budget):
     for x2_ in (x2, None):
         ref = dense_ntk(model, x1, x1 if x2_ is None else x2_)
         for method in ("jacobian", "ntvp", "structured"):
-            for output in ("trace", "full"):
+            for output in ("trace", "mean", "full"):
                 k = empirical_ntk(model, x1, x2_, output=output, method=method, memory_budget=budget, chunk_size=2)
-                r = ref if output == "full" else ref.diagonal(dim1=2, dim2=3).sum(-1)
+                diag = ref.diagonal(dim1=2, dim2=3)
+                r = ref if output == "full" else diag.sum(-1) if output == "trace" else diag.mean(-1)
                 torch.testing.assert_close(k, r, rtol=1e-10, atol=1e-12, msg=f"{method} {output} {budget}")
 
 
@@ -247,7 +252,7 @@ def test_errors():
     model, _ = MODELS["mlp"]
     x = torch.randn(3, 5, dtype=F64)
     with pytest.raises(ConfigError, match="output"):
-        empirical_ntk(model, x, output="mean")
+        empirical_ntk(model, x, output="average")
     with pytest.raises(ConfigError, match="method"):
         empirical_ntk(model, x, method="fast")
     with pytest.raises(ConfigError, match="chunk_size"):
@@ -293,13 +298,13 @@ def test_factory_caches_the_auto_choice_per_shape(monkeypatch):
     x1 = torch.randn(4, *shape, generator=g, dtype=F64)
     x2 = torch.randn(3, *shape, generator=g, dtype=F64)
     calls = []
-    real = ntk_empirical._costs
+    real = ntk_cost.method_costs
 
     def counting(*args, **kwargs):
         calls.append(args[3].shape)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ntk_empirical, "_costs", counting)
+    monkeypatch.setattr(ntk_cost, "method_costs", counting)
     for output in ("trace", "full"):
         kernel = empirical_ntk_fn(model, output=output)
         ref = dense_ntk(model, x1, x2)
@@ -321,7 +326,7 @@ def test_factory_caches_the_auto_choice_per_shape(monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["auto", "jacobian", "ntvp"])
-@pytest.mark.parametrize("output", ["trace", "full"])
+@pytest.mark.parametrize("output", ["trace", "mean", "full"])
 def test_differentiable_kernel_gradient_matches_finite_differences(method, output):
     g = torch.Generator().manual_seed(8)
     with isolated_seed(8):
@@ -334,7 +339,8 @@ def test_differentiable_kernel_gradient_matches_finite_differences(method, outpu
     kernel = empirical_ntk_fn(model, output=output, method=method, differentiable=True)
     # Its value equals the dense kernel and the no-grad kernel.
     ref = dense_ntk(model, x1, x2)
-    ref = ref if output == "full" else ref.diagonal(dim1=2, dim2=3).sum(-1)
+    diag = ref.diagonal(dim1=2, dim2=3)
+    ref = ref if output == "full" else diag.sum(-1) if output == "trace" else diag.mean(-1)
     torch.testing.assert_close(kernel(x1, x2).detach(), ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(
         kernel(x1, x2).detach(), empirical_ntk(model, x1, x2, output=output, method=method), rtol=1e-10, atol=1e-12
@@ -363,3 +369,27 @@ def test_factory_errors():
         empirical_ntk_fn(model, memory_budget=0)
     with pytest.raises(ConfigError, match="nn.Module"):
         empirical_ntk_fn(lambda x: x)
+
+
+def test_trace_sums_and_mean_averages_over_outputs_from_an_explicit_jacobian():
+    """ "trace" = sum_a J_a(x_i) . J_a(x_j), "mean" = that / O (neural-tangents' trace_axes convention), from a
+    Jacobian built column by column with finite-free autograd on a linear model, where J is the weight itself."""
+    g = torch.Generator().manual_seed(11)
+    model = nn.Linear(4, 3, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(3, 4, generator=g, dtype=F64))
+    x1 = torch.randn(5, 4, generator=g, dtype=F64)
+    x2 = torch.randn(2, 4, generator=g, dtype=F64)
+    # f_a(x) = W_a . x: d f_a / d W = e_a x^T, so Theta[i, j, a, b] = delta_ab (x1_i . x2_j)
+    gram = x1 @ x2.T
+    o = 3
+    for method in ("jacobian", "ntvp", "structured"):
+        trace = empirical_ntk(model, x1, x2, output="trace", method=method)
+        mean = empirical_ntk(model, x1, x2, output="mean", method=method)
+        full = empirical_ntk(model, x1, x2, output="full", method=method)
+        torch.testing.assert_close(trace, o * gram, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(mean, gram, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(full, gram[:, :, None, None] * torch.eye(o, dtype=F64), rtol=1e-12, atol=1e-12)
+    # streamed over loaders, blocks mirrored: the same mean
+    loader = [x1[:2], x1[2:]]
+    torch.testing.assert_close(empirical_ntk_fn(model, output="mean").stream(loader), x1 @ x1.T, rtol=1e-12, atol=1e-12)

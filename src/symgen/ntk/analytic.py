@@ -11,6 +11,7 @@ Novak et al. (neural-tangents) arXiv 1912.02803; Kempe et al. arXiv 2307.02693.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -101,14 +102,18 @@ def analytic_ntk(
     if a.shape[1] != b.shape[1]:
         raise ShapeError(
             f"x1 and x2 must have the same number of features; got {a.shape[1]} and "
-            f"{b.shape[1]} (shapes {tuple(x1.shape)} and {tuple(x2.shape)})."
-        )  # type: ignore[union-attr]
+            f"{b.shape[1]} (shapes {tuple(x1.shape)} and {tuple((b if x2 is None else x2).shape)})."
+        )
     if dtype is None:
         dtype = a.dtype if a.is_floating_point() else torch.get_default_dtype()
     a, b = a.to(dtype), b.to(dtype)
     d = a.shape[1]
     w2, b2 = float(weight_std) ** 2, float(bias_std) ** 2
-    act = {"relu": _relu_dense, "erf": _erf, "identity": None}[activation]
+    act: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]] | None = {
+        "relu": _relu_dense,
+        "erf": _erf,
+        "identity": None,
+    }[activation]
     c11_all = w2 * (a * a).sum(-1) / d + b2
     c22_0 = w2 * (b * b).sum(-1) / d + b2
 
@@ -174,14 +179,20 @@ class NTKLinear(nn.Module):
 
     @property
     def weight_scale(self) -> float:
+        """weight_std / sqrt(in_features): the NTK parameterization's weight factor."""
         return self.weight_std / math.sqrt(self.in_features)
 
     @property
     def bias_scale(self) -> float:
+        """bias_std: the NTK parameterization's bias factor."""
         return self.bias_std
 
     def reset_parameters(self, generator: Seed = None) -> None:
-        """W, b ~ N(0, 1) from ``generator`` (a seed, a ``torch.Generator``, None: the global one), drawn on its device."""
+        """W, b ~ N(0, 1), drawn on the generator's device.
+
+        Args:
+            generator: a seed, a ``torch.Generator``, or None (the global one).
+        """
         g = init_generator(generator)
         with torch.no_grad():
             self.weight.copy_(torch.randn(self.weight.shape, generator=g, dtype=self.weight.dtype, device=g.device))
@@ -190,10 +201,19 @@ class NTKLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # Scale the (batch x out) product, not the (out x in) weight: cheaper for wide layers.
+        """y = (weight_std / sqrt(in)) W x + bias_std b (Jacot et al. arXiv 1806.07572).
+
+        Args:
+            x: inputs (..., in_features).
+
+        Returns:
+            outputs (..., out_features).
+        """
         y = F.linear(x, self.weight) * self.weight_scale
         return y if self.bias is None else y + self.bias * self.bias_scale
 
     def extra_repr(self) -> str:
+        """The layer's sizes and scales, for ``repr``."""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"weight_std={self.weight_std}, bias_std={self.bias_std}"
@@ -204,6 +224,14 @@ class Erf(nn.Module):
     """Elementwise ``erf`` activation (neural-tangents' ``stax.Erf()``)."""
 
     def forward(self, x: Tensor) -> Tensor:
+        """erf(x) elementwise.
+
+        Args:
+            x: any tensor.
+
+        Returns:
+            erf(x).
+        """
         return torch.erf(x)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -53,7 +54,11 @@ def _pad_axis(t: Tensor, axis: int, left: int, right: int, mode: str) -> Tensor:
 
 
 def _filter_mean(
-    t: Tensor, axes_groups: list[tuple[int, ...]], filter_size: tuple[int, ...], pads: list[tuple[int, int]], mode: str
+    t: Tensor,
+    axes_groups: Sequence[tuple[int, ...]],
+    filter_size: tuple[int, ...],
+    pads: list[tuple[int, int]],
+    mode: str,
 ) -> Tensor:
     """``mean_k t[..., p + k, (q + k)]``: the covariance a stride-1 conv sees. ``axes_groups[a]`` lists the axes
     that shift together along spatial dimension a (one axis for same-position kernels, two for all pairs)."""
@@ -66,14 +71,15 @@ def _filter_mean(
             f"filter size {filter_size} is larger than the (padded) input; use a smaller filter or "
             "padding='same'/'circular'."
         )
-    total = None
+    total: Tensor | None = None
     for offset in itertools.product(*[range(k) for k in filter_size]):
         piece = t
         for group, off, size in zip(axes_groups, offset, out_sizes, strict=True):
             for ax in group:
                 piece = piece.narrow(ax, off, size)
         total = piece.clone() if total is None else total.add_(piece)
-    return total / math.prod(filter_size)  # type: ignore[operator]
+    assert total is not None  # filter_size has at least one offset
+    return total / math.prod(filter_size)
 
 
 def _relu(v1: Tensor, v2: Tensor, c12: Tensor) -> tuple[Tensor, Tensor]:
@@ -198,7 +204,7 @@ def analytic_conv_ntk(
         if full:  # (n1, n2, *S, *S): every pair of positions
             k = torch.einsum("acp,bcq->abpq", xa.flatten(2), b.flatten(2)) / chans
             k = k.reshape(xa.shape[0], b.shape[0], *a.shape[2:], *b.shape[2:])
-            groups = [(2 + i, 2 + dims + i) for i in range(dims)]
+            groups: list[tuple[int, ...]] = [(2 + i, 2 + dims + i) for i in range(dims)]
         else:  # (n1, n2, *S): equal positions only
             k = torch.einsum("ac...,bc...->ab...", xa, b) / chans
             groups = [(2 + i,) for i in range(dims)]
@@ -270,6 +276,14 @@ class NTKConv(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype, device=g.device))
 
     def forward(self, x: Tensor) -> Tensor:
+        """y = (weight_std / sqrt(C k)) conv(pad(x), W) + bias_std b (NTK parameterization, stride 1).
+
+        Args:
+            x: inputs (N, C, L) or (N, C, H, W).
+
+        Returns:
+            outputs with the same spatial size under "same"/"circular" padding.
+        """
         for i, (left, right) in enumerate(_pads(self.filter_size, self.padding)):
             x = _pad_axis(x, 2 + i, left, right, "circular" if self.padding == "circular" else "zeros")
         conv = F.conv1d if self.dims == 1 else F.conv2d

@@ -24,10 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from symgen import distributed
+from symgen.distributed import GroupSpec
 from symgen.errors import ConfigError, MemoryBudgetError, ShapeError
 from symgen.functional import bn_mode, buffers_of, call, jvp_outputs, params_of, vjp_outputs
-from symgen.ntk.jacobian import _blocks, _jacobian_ntk, _ntvp_ntk
-from symgen.ntk.structured import _affine_layers, _probe, _structured_ntk
+from symgen.ntk import cost
+from symgen.ntk.jacobian import blocks, jacobian_ntk, ntvp_ntk
+from symgen.ntk.structured import structured_ntk
 from symgen.streaming import BatchStream, model_device
 
 __all__ = [
@@ -41,10 +43,7 @@ __all__ = [
 ]
 
 NTK_METHODS = ("auto", "jacobian", "ntvp", "structured")
-NTK_OUTPUTS = ("trace", "full")
-# Methods whose result stays in the autograd graph of the inputs (the structured method detaches
-# its activations and backward signals).
-_DIFFERENTIABLE_METHODS = ("jacobian", "ntvp")
+NTK_OUTPUTS = ("trace", "mean", "full")
 _DEFAULT_BUDGET = 1 << 30  # bytes of Jacobian blocks / intermediates held at once
 _MAX_CACHED_SHAPES = 256  # auto choices kept per kernel (shapes of a training loop repeat)
 
@@ -101,13 +100,24 @@ def _check_device(p: Mapping[str, Tensor], x1: Tensor, x2: Tensor | None) -> Non
             )
 
 
+def _summed(output: str) -> str:
+    """What the methods compute for ``output``: "full" (N1, N2, O, O), else "trace" (the sum over outputs)."""
+    return "full" if output == "full" else "trace"
+
+
 def _kernel_shape(n1: int, n2: int, output: str, o: int) -> tuple[int, ...]:
-    return (n1, n2) if output == "trace" else (n1, n2, o, o)
+    return (n1, n2, o, o) if output == "full" else (n1, n2)
+
+
+def _done(block: Tensor | None) -> Tensor:
+    """A computed kernel block (every block is computed or mirrored before the blocks are joined)."""
+    assert block is not None
+    return block
 
 
 def _mirror(block: Tensor, output: str) -> Tensor:
     """The block (j, i) of a symmetric kernel from block (i, j)."""
-    return block.T if output == "trace" else block.permute(1, 0, 3, 2)
+    return block.permute(1, 0, 3, 2) if output == "full" else block.T
 
 
 def _upper_blocks(kernel: Tensor, sizes: list[int], output: str) -> Tensor:
@@ -129,29 +139,6 @@ def _symmetrize_blocks(kernel: Tensor, sizes: list[int], output: str) -> Tensor:
     return kernel
 
 
-def _per_sample_numel(
-    model: nn.Module, p: Mapping[str, Tensor], b: Mapping[str, Tensor], x: Tensor
-) -> tuple[int, int, int]:
-    """One sample's numel of: all leaf-module outputs, the inputs and the outputs of its affine layers."""
-    _, act, _ = _probe(model, p, b, x)
-    layers = _affine_layers(model, p)
-    sig = [0, 0]
-
-    def hook(mod: nn.Module, inputs: tuple, out: Any) -> None:
-        if inputs and isinstance(inputs[0], Tensor) and isinstance(out, Tensor):
-            sig[0] += inputs[0][0].numel()
-            sig[1] += out[0].numel()
-
-    handles = [layer.module.register_forward_hook(hook) for layer in layers]
-    try:
-        with torch.no_grad():
-            call(model, p, b, x[:1])
-    finally:
-        for h in handles:
-            h.remove()
-    return act, sig[0], sig[1]
-
-
 # -------------------------------------------------------------------------------------- ntvp method
 def ntk_vector_product(
     model: nn.Module,
@@ -162,9 +149,20 @@ def ntk_vector_product(
     params: Mapping[str, Tensor] | None = None,
     buffers: Mapping[str, Tensor] | None = None,
 ) -> Tensor:
-    """NTK-vector product ``Theta(x1, x2) v = J(x1) (J(x2)^T v)`` for ``v`` shaped like ``model(x2)``.
+    """NTK-vector product ``Theta(x1, x2) v = J(x1) (J(x2)^T v)``: one vjp and one jvp, matrix-free.
 
-    One vjp and one jvp; matrix-free (use it in iterative solvers). Source: arXiv 2206.08720.
+    Novak, Sohl-Dickstein, Schoenholz arXiv 2206.08720. Use it in iterative solvers.
+
+    Args:
+        model: the network.
+        x1: inputs (N1, ...).
+        x2: inputs (N2, ...).
+        v: shaped like ``model(x2)``.
+        params: parameters to evaluate at (default the model's trainable ones).
+        buffers: buffers to evaluate with (default the model's).
+
+    Returns:
+        ``Theta v``, shaped like ``model(x1)``.
     """
     _check_inputs(x1, x2)
     p, b = _resolve(model, params, buffers)
@@ -174,55 +172,6 @@ def ntk_vector_product(
 
 
 # -------------------------------------------------------------------------------------- cost model
-def _costs(
-    model: nn.Module,
-    wrt: Mapping[str, Tensor],
-    fixed: Mapping[str, Tensor],
-    x1: Tensor,
-    n2: int,
-    output: str,
-    o: int,
-    budget: int,
-) -> tuple[dict[str, float], int]:
-    """Estimated FLOPs of each method, and the activation numel of one sample (sizes ntvp's blocks).
-
-    FLOPs are estimated from layer shapes (:func:`symgen.ntk.structured._probe`): exact counting with
-    ``torch.utils.flop_counter`` costs seconds on first use.
-    """
-    n1 = x1.shape[0]
-    flops, act, layers = _probe(model, wrt, fixed, x1)
-    p_all = sum(v.numel() for v in wrt.values())
-    oo = o if output == "full" else 1
-    itemsize = next(iter(wrt.values())).element_size()
-    jac_blocks = max(1, math.ceil(n2 * o * p_all * itemsize * 4 / budget))
-    jac_fwd = 3.0 * flops * o * (n1 + n2 * jac_blocks)
-
-    def jacobian_cost(p: int) -> float:
-        return jac_fwd * (p / max(1, p_all)) + 2.0 * n1 * n2 * o * oo * p
-
-    costs = {"jacobian": jacobian_cost(p_all), "ntvp": 3.0 * flops * o * (n2 + n1 * n2)}
-    claimed_params, contraction = 0, 0.0
-    for layer, calls in layers:
-        for key in (layer.weight_key, layer.bias_key):
-            if key:
-                claimed_params += wrt[key].numel()
-        for s1, k, c in calls:
-            for s2, _, _ in calls:
-                if s1 == 1 and s2 == 1:
-                    contraction += 2.0 * n1 * n2 * (k + o * c * oo)
-                else:
-                    gram = s1 * s2 * (k + o * c) if output == "trace" else float("inf")
-                    contraction += 2.0 * min(n1 * n2 * gram, (n1 * s1 + n2 * s2) * o * c * k + n1 * n2 * o * oo * c * k)
-    rest = p_all - claimed_params
-    costs["structured"] = 3.0 * flops * (1 + o) * (n1 + n2) / 3.0 + contraction + (jacobian_cost(rest) if rest else 0.0)
-    return costs, act
-
-
-def _cheapest(costs: Mapping[str, float], differentiable: bool) -> str:
-    allowed = _DIFFERENTIABLE_METHODS if differentiable else tuple(costs)
-    return min(allowed, key=lambda k: costs[k])
-
-
 def choose_ntk_method(
     model: nn.Module,
     x1: Tensor,
@@ -234,16 +183,38 @@ def choose_ntk_method(
     memory_budget: int | None = None,
     differentiable: bool = False,
 ) -> str:
-    """The method ``method="auto"`` uses: the cheapest by an estimate of FLOPs (among the methods that
-    keep the inputs' autograd graph when ``differentiable``)."""
+    """The method ``method="auto"`` uses: the cheapest by an estimate of FLOPs (:mod:`symgen.ntk.cost`).
+
+    Among the methods that keep the inputs' autograd graph when ``differentiable`` (arXiv 2206.08720).
+
+    Args:
+        model: the network.
+        x1: inputs (N1, ...).
+        x2: inputs (N2, ...); None means x1.
+        output: "trace", "mean" or "full".
+        params: parameters to evaluate at.
+        buffers: buffers to evaluate with.
+        memory_budget: bytes held at once (default 1 GiB).
+        differentiable: only "jacobian" or "ntvp".
+
+    Returns:
+        "jacobian", "ntvp" or "structured".
+    """
     _check_inputs(x1, x2)
     p, b = _resolve(model, params, buffers)
     with bn_mode(model, "eval"):
         o = _output_size(model, p, b, x1)
-        costs, _ = _costs(
-            model, p, b, x1, x1.shape[0] if x2 is None else x2.shape[0], output, o, memory_budget or _DEFAULT_BUDGET
+        costs, _ = cost.method_costs(
+            model,
+            p,
+            b,
+            x1,
+            x1.shape[0] if x2 is None else x2.shape[0],
+            _summed(output),
+            o,
+            memory_budget or _DEFAULT_BUDGET,
         )
-    return _cheapest(costs, differentiable)
+    return cost.cheapest(costs, differentiable)
 
 
 # ---------------------------------------------------------------------------------------- frontend
@@ -270,9 +241,9 @@ class EmpiricalNTKFn:
         self.output, self.method, self.differentiable = output, method, differentiable
         self.chunk_size, self.budget = chunk_size, budget
         # key -> (method, output size O, activation numel of one sample or 0 when not estimated)
-        self._plans: dict[tuple, tuple[str, int, int]] = {}
+        self._plans: dict[tuple[Any, ...], tuple[str, int, int]] = {}
 
-    def _key(self, x1: Tensor, x2: Tensor | None) -> tuple:
+    def _key(self, x1: Tensor, x2: Tensor | None) -> tuple[Any, ...]:
         return (tuple(x1.shape), None if x2 is None else tuple(x2.shape), self.output, x1.dtype, x1.device)
 
     def _plan(
@@ -284,25 +255,40 @@ class EmpiricalNTKFn:
             o = _output_size(self.model, p, b, x1)
             method, act = self.method, 0
             if method in ("auto", "ntvp"):  # ntvp sizes its blocks by the activation estimate
-                costs, act = _costs(
-                    self.model, p, b, x1, x1.shape[0] if x2 is None else x2.shape[0], self.output, o, self.budget
+                costs, act = cost.method_costs(
+                    self.model,
+                    p,
+                    b,
+                    x1,
+                    x1.shape[0] if x2 is None else x2.shape[0],
+                    _summed(self.output),
+                    o,
+                    self.budget,
                 )
                 if method == "auto":
-                    method = _cheapest(costs, self.differentiable)
+                    method = cost.cheapest(costs, self.differentiable)
             if len(self._plans) >= _MAX_CACHED_SHAPES:
                 self._plans.clear()
             plan = self._plans[key] = (method, o, act)
         return plan
 
     def method_for(self, x1: Tensor, x2: Tensor | None = None) -> str:
-        """The method this kernel uses for inputs shaped like ``x1`` and ``x2`` (computed once, then cached)."""
+        """The method this kernel uses for inputs shaped like ``x1`` and ``x2`` (computed once, then cached).
+
+        Args:
+            x1: inputs (N1, ...).
+            x2: inputs (N2, ...); None means x1.
+
+        Returns:
+            "jacobian", "ntvp" or "structured".
+        """
         _check_inputs(x1, x2)
         p, b = _resolve(self.model, self.params, self.buffers)
         with bn_mode(self.model, "eval"):
             return self._plan(p, b, x1, None if x2 is x1 else x2)[0]
 
     def __call__(self, x1: Any, x2: Any = None) -> Tensor:
-        """``Theta(x1, x2)``: (N1, N2) for ``output="trace"``, (N1, N2, O, O) for ``"full"``; x2=None means x1.
+        """``Theta(x1, x2)``: (N1, N2) for ``output="trace"`` or ``"mean"``, (N1, N2, O, O) for ``"full"``.
 
         ``x1`` / ``x2`` may be tensors or DataLoaders (iterables of batches ``x`` or ``(x, y)``): the kernel
         is then computed block by block over the batches (rows of x1, columns of x2), one pair of batches in
@@ -323,9 +309,9 @@ class EmpiricalNTKFn:
             return self._compute(p, b, x1, x2)
         # the samples of a block pair must fit the budget: kernel blocks, recomputing each block's signals
         step = max(1, size // 2)
-        rows = _blocks(n1, step)
-        cols = rows if x2 is None else _blocks(n2, step)
-        out = [[None] * len(cols) for _ in rows]
+        rows = blocks(n1, step)
+        cols = rows if x2 is None else blocks(n2, step)
+        out: list[list[Tensor | None]] = [[None] * len(cols) for _ in rows]
         for i, si in enumerate(rows):
             for j, sj in enumerate(cols):
                 if x2 is None and j < i:
@@ -337,19 +323,21 @@ class EmpiricalNTKFn:
         if x2 is None:
             for i in range(len(rows)):
                 for j in range(i):
-                    out[i][j] = _mirror(out[j][i], self.output)
-        return torch.cat([torch.cat(r, dim=1) for r in out], dim=0)
+                    out[i][j] = _mirror(_done(out[j][i]), self.output)
+        return torch.cat([torch.cat([_done(k) for k in r], dim=1) for r in out], dim=0)
 
     def _compute(self, p: Mapping[str, Tensor], b: Mapping[str, Tensor], x1: Tensor, x2: Tensor | None) -> Tensor:
-        model, output, chunk, budget = self.model, self.output, self.chunk_size, self.budget
+        model, output, chunk, budget = self.model, _summed(self.output), self.chunk_size, self.budget
         grad_mode = contextlib.nullcontext() if self.differentiable else torch.no_grad()
         with bn_mode(model, "eval"), grad_mode:
             method, o, act = self._plan(p, b, x1, x2)
             if method == "jacobian":
-                return _jacobian_ntk(model, p, b, x1, x2, output, o, chunk, budget)
-            if method == "ntvp":
-                return _ntvp_ntk(model, p, b, x1, x2, output, o, chunk, budget, act)
-            return _structured_ntk(model, p, b, x1, x2, output, o, chunk, budget)
+                kernel = jacobian_ntk(model, p, b, x1, x2, output, o, chunk, budget)
+            elif method == "ntvp":
+                kernel = ntvp_ntk(model, p, b, x1, x2, output, o, chunk, budget, act)
+            else:
+                kernel = structured_ntk(model, p, b, x1, x2, output, o, chunk, budget)
+        return kernel / o if self.output == "mean" else kernel
 
     def _samples_per_block(
         self, p: Mapping[str, Tensor], b: Mapping[str, Tensor], x1: Tensor, method: str, o: int
@@ -362,7 +350,7 @@ class EmpiricalNTKFn:
         """
         key = ("block", x1.shape[1:], x1.dtype, method, o)
         if key not in self._plans:
-            act, inputs, outputs = _per_sample_numel(self.model, p, b, x1)
+            act, inputs, outputs = cost.per_sample_numel(self.model, p, b, x1)
             item = next(iter(p.values())).element_size()
             biggest = max(p, key=lambda k: p[k].numel())
             # structured: stored layer inputs and O backward signals per layer output, plus a pass's activations
@@ -378,17 +366,24 @@ class EmpiricalNTKFn:
                     f"{per_sample} bytes each; raise memory_budget to at least {max(smallest, per_sample)} bytes, or "
                     f"pass params= to take the kernel over fewer parameters."
                 )
-            self._plans[key] = (method, max(1, int(self.budget // max(1, per_sample))), 0)  # type: ignore[assignment]
-        return self._plans[key][1]  # type: ignore[return-value]
+            self._plans[key] = (method, max(1, int(self.budget // max(1, per_sample))), 0)
+        return self._plans[key][1]
 
-    def stream(self, data1: Any, data2: Any = None, *, process_group: Any = "auto") -> Tensor:
+    def stream(self, data1: Any, data2: Any = None, *, process_group: GroupSpec = "auto") -> Tensor:
         """``Theta`` over DataLoaders (or iterables of batches ``x`` or ``(x, y)``), block by block.
 
         Row block i (the i-th batch of ``data1``) against every column block (batches of ``data2``, or of
-        ``data1`` when None: then only j >= i are computed and mirrored). ``process_group``: row blocks are
-        shared round robin over the ranks (batch i on rank i mod world) and the kernel is summed over ranks,
-        so every rank returns the whole kernel (:mod:`symgen.distributed`). Memory: two batches, their
-        signals within ``memory_budget``, and the (N1, N2) kernel itself.
+        ``data1`` when None: then only j >= i are computed and mirrored). Memory: two batches, their signals
+        within ``memory_budget``, and the (N1, N2) kernel itself.
+
+        Args:
+            data1: the row batches.
+            data2: the column batches (None: data1, the symmetric kernel).
+            process_group: row blocks are shared round robin over the ranks (batch i on rank i mod world) and
+                the kernel is summed over ranks, so every rank returns the whole kernel (:mod:`symgen.distributed`).
+
+        Returns:
+            The kernel, (N1, N2) or (N1, N2, O, O) by ``output``.
         """
         group = distributed.resolve_group(process_group)
         r, w = distributed.rank(group), distributed.world_size(group)
@@ -449,29 +444,38 @@ def empirical_ntk_fn(
 
     ``Theta(x1, x2)[i, j, a, b] = <d f_a(x1_i) / d theta, d f_b(x2_j) / d theta>``, i.e.
     ``Theta = J(x1) J(x2)^T`` with J the Jacobian of the outputs w.r.t. the trainable parameters
-    (arXiv 1806.07572; methods after arXiv 2206.08720).
+    (arXiv 1806.07572; methods after arXiv 2206.08720). Outputs are flattened per sample (O = numel of
+    ``model(x)[0]``). The model runs in eval mode (BatchNorm uses running statistics,
+    ``functional.bn_mode``); its flags are restored after.
 
-    ``output="trace"`` gives (N1, N2), the SUM over outputs ``sum_a Theta[i, j, a, a]``
-    (neural-tangents' ``trace_axes`` gives the MEAN, i.e. this divided by O); ``output="full"`` gives
-    (N1, N2, O, O). Outputs are flattened per sample (O = numel of ``model(x)[0]``).
-    ``method``: "jacobian", "ntvp", "structured" or "auto" (cheapest by a FLOP estimate, see
-    :func:`choose_ntk_method`; chosen once per input shape). ``differentiable=True`` keeps the kernel
-    in the autograd graph of the inputs x1, x2 (KIP moves its support set through it; methods
-    "jacobian" / "ntvp"); otherwise it runs under ``no_grad``. ``chunk_size``: samples per block
-    (default: from ``memory_budget`` bytes, 1 GiB). ``params`` / ``buffers``: dicts name -> tensor to
-    evaluate at instead of the model's own (read at each call when None). The model runs in eval mode
-    (BatchNorm uses running statistics, ``functional.bn_mode``); its flags are restored after.
+    Args:
+        model: the network; ``model(x)`` maps a batch (N, ...) to outputs (N, ...).
+        params: dict name -> tensor to evaluate at instead of the model's own trainable parameters (read
+            at each call when None); the kernel is taken over these.
+        buffers: dict name -> tensor of buffers (default the model's).
+        output: "trace": (N1, N2), the SUM over outputs ``sum_a Theta[i, j, a, a]``; "mean": (N1, N2),
+            the MEAN ``(1/O) sum_a Theta[i, j, a, a]`` (neural-tangents' convention, its ``trace_axes``);
+            "full": (N1, N2, O, O).
+        method: "jacobian", "ntvp", "structured" or "auto" (cheapest by a FLOP estimate, see
+            :func:`choose_ntk_method`; chosen once per input shape).
+        differentiable: keep the kernel in the autograd graph of the inputs x1, x2 (KIP moves its
+            support set through it; methods "jacobian" / "ntvp"); otherwise it runs under ``no_grad``.
+        chunk_size: samples per block (default: from ``memory_budget``).
+        memory_budget: bytes of Jacobian blocks / intermediates held at once (default 1 GiB).
+
+    Returns:
+        The kernel function, an :class:`EmpiricalNTKFn`.
     """
     _check_model(model)
     if output not in NTK_OUTPUTS:
         raise ConfigError(f"output must be one of {NTK_OUTPUTS}, got {output!r}.")
     if method not in NTK_METHODS:
         raise ConfigError(f"method must be one of {NTK_METHODS}, got {method!r}.")
-    if differentiable and method not in ("auto", *_DIFFERENTIABLE_METHODS):
+    if differentiable and method not in ("auto", *cost.DIFFERENTIABLE_METHODS):
         raise ConfigError(
             f"method {method!r} detaches its intermediate results, so it cannot be differentiated "
             f"w.r.t. the inputs; with differentiable=True use one of "
-            f"{('auto', *_DIFFERENTIABLE_METHODS)}."
+            f"{('auto', *cost.DIFFERENTIABLE_METHODS)}."
         )
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ConfigError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
@@ -499,7 +503,25 @@ def empirical_ntk(
     chunk_size: int | None = None,
     memory_budget: int | float | None = None,
 ) -> Tensor:
-    """``Theta(x1, x2) = J(x1) J(x2)^T`` in one call: ``empirical_ntk_fn(model, **options)(x1, x2)`` (arXiv 1806.07572)."""
+    """``Theta(x1, x2) = J(x1) J(x2)^T`` in one call: ``empirical_ntk_fn(model, **options)(x1, x2)``.
+
+    Jacot et al. arXiv 1806.07572.
+
+    Args:
+        model: the network.
+        x1: inputs (N1, ...).
+        x2: inputs (N2, ...); None means x1 (the symmetric kernel).
+        params: parameters to evaluate at (see :func:`empirical_ntk_fn`).
+        buffers: buffers to evaluate with.
+        output: "trace" (sum over outputs), "mean" (trace / O, neural-tangents') or "full".
+        method: "auto", "jacobian", "ntvp" or "structured".
+        differentiable: keep the autograd graph of the inputs.
+        chunk_size: samples per block.
+        memory_budget: bytes held at once.
+
+    Returns:
+        (N1, N2) for "trace" / "mean", (N1, N2, O, O) for "full".
+    """
     return empirical_ntk_fn(
         model,
         params=params,

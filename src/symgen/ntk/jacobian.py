@@ -22,12 +22,12 @@ from symgen.functional import jvp_outputs, per_sample_jacobian
 __all__: list[str] = []  # internal: reached through symgen.ntk.empirical_ntk_fn
 
 
-def _blocks(n: int, size: int) -> list[slice]:
+def blocks(n: int, size: int) -> list[slice]:
     size = max(1, int(size))
     return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
 
-def _to_kernel(gram: Tensor, n1: int, n2: int, o: int, output: str) -> Tensor:
+def to_kernel(gram: Tensor, n1: int, n2: int, o: int, output: str) -> Tensor:
     """(n1*O, n2*O) Gram of per-output Jacobian rows -> (n1, n2, O, O) (``full``)."""
     return gram.reshape(n1, o, n2, o).permute(0, 2, 1, 3)
 
@@ -51,7 +51,7 @@ def _param_groups(wrt: Mapping[str, Tensor], max_numel: int) -> list[list[str]]:
     return groups
 
 
-def _jacobian_ntk(
+def jacobian_ntk(
     model: nn.Module,
     wrt: Mapping[str, Tensor],
     fixed: Mapping[str, Tensor],
@@ -61,7 +61,7 @@ def _jacobian_ntk(
     o: int,
     chunk: int | None,
     budget: int,
-    timings: dict | None = None,
+    timings: dict[str, float] | None = None,
 ) -> Tensor:
     """Per-sample Jacobians in blocks of (samples x outputs x parameter group), one matmul per block pair.
 
@@ -125,9 +125,9 @@ def _jacobian_ntk(
             s_c, o_c = cap, 1
         if chunk is not None:
             s_c = min(s_c, chunk)
-        outs = _blocks(o, o_c)
-        rows1 = [(s, q) for q in outs for s in _blocks(n1, s_c)]
-        rows2 = rows1 if sym else [(s, q) for q in outs for s in _blocks(n2, s_c)]
+        outs = blocks(o, o_c)
+        rows1 = [(s, q) for q in outs for s in blocks(n1, s_c)]
+        rows2 = rows1 if sym else [(s, q) for q in outs for s in blocks(n2, s_c)]
         cache2 = None if sym or len(rows2) > 1 else [jac(x2, keys, rows2[0][1])]  # type: ignore[arg-type]
         for ia, (sa, qa) in enumerate(rows1):
             ja = jac(x1[sa], keys, qa)
@@ -144,7 +144,7 @@ def _jacobian_ntk(
     return kernel
 
 
-def _ntvp_ntk(
+def ntvp_ntk(
     model: nn.Module,
     wrt: Mapping[str, Tensor],
     fixed: Mapping[str, Tensor],
@@ -173,7 +173,7 @@ def _ntvp_ntk(
 
     shape = (n1, n2) if output == "trace" else (n1, n2, o, o)
     kernel = torch.empty(shape, dtype=some.dtype, device=some.device)
-    for sb in _blocks(n2, chunk):
+    for sb in blocks(n2, chunk):
         nb = sb.stop - sb.start
         rows = per_sample_jacobian(model, wrt, fixed, x2_[sb])  # vjps with one-hot cotangents
         tangents = {k: v.reshape(nb * o, *v.shape[2:]) for k, v in rows.items()}

@@ -14,24 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from symgen.data import class_balanced_indices
 from symgen.errors import CheckpointError, ConfigError, DivergenceError, MissingDataError, ShapeError
 from symgen.io import atomic_write
-from symgen.ntk.regression import kernel_regression
+from symgen.labels import accuracy, centred_one_hot
+from symgen.ntk.regression import Kernel, kernel_regression
 from symgen.rng import Seed, as_generator
 
 __all__ = ["kip", "kip_loss", "centred_one_hot", "class_balanced_indices", "save_support", "load_support"]
-
-Kernel = Callable[[Tensor, Tensor], Tensor]
-
-
-def centred_one_hot(y: Tensor, num_classes: int, dtype: torch.dtype | None = None) -> Tensor:
-    """Labels as centred one-hot rows e_y - 1/C (the KIP regression targets)."""
-    dtype = dtype or torch.get_default_dtype()
-    return F.one_hot(y, num_classes).to(dtype) - 1.0 / num_classes
 
 
 def kip_loss(
@@ -143,13 +135,13 @@ def kip(
         loss, pred = kip_loss(kernel, x_s, y_s, x_t, y_t, ridge)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if not torch.isfinite(x_s.grad).all():
+        if x_s.grad is None or not torch.isfinite(x_s.grad).all():
             raise DivergenceError(f"KIP gradient became non-finite at step {step}; lower lr or raise ridge.")
         opt.step()
         value = loss.item()
         history["step"].append(step)
         history["loss"].append(value)
-        history["batch_accuracy"].append((pred.detach().argmax(1) == y_target[batch].to(device)).double().mean().item())
+        history["batch_accuracy"].append(accuracy(pred.detach(), y_target[batch]))
         if callback is not None:
             callback(step, value)
     return x_s.detach(), y_s.detach(), history
@@ -166,7 +158,7 @@ def save_support(path: str | Path, x_support: Tensor, y_support: Tensor, **meta:
     return atomic_write(path, lambda f: torch.save(payload, f))
 
 
-def load_support(path: str | Path, device: torch.device | str | None = None) -> tuple[Tensor, Tensor, dict]:
+def load_support(path: str | Path, device: torch.device | str | None = None) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Load ``(x_support, y_support, meta)`` written by :func:`save_support`."""
     path = Path(path)
     if not path.is_file():

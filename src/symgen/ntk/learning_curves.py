@@ -11,19 +11,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from symgen.errors import ConfigError, ShapeError
-from symgen.ntk.regression import kernel_regression
+from symgen.ntk.regression import Kernel, kernel_regression
 from symgen.rng import Seed, as_generator
 from symgen.stats import mean_stderr
 from symgen.streaming import is_tensor_pair
 
 __all__ = ["LearningCurve", "learning_curve", "fit_power_law"]
 
-Kernel = Callable[[Tensor, Tensor], Tensor]
 Sampler = Callable[[int, torch.Generator], tuple[Tensor, Tensor]]
 
 
@@ -44,13 +44,19 @@ class LearningCurve:
     betas: list[float]
     log_amplitude: float
     confidence: float
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def mean_errors(self) -> list[float]:
+        """The mean test error over draws at each size."""
         return [sum(col) / len(col) for col in zip(*self.errors, strict=True)]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
+        """The curve as JSON-able types.
+
+        Returns:
+            dict of sizes, errors, mean errors, beta with its stderr and interval, per-draw betas, amplitude, extra.
+        """
         return {
             "sizes": self.sizes,
             "errors": self.errors,

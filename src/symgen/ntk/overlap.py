@@ -40,6 +40,7 @@ class NTKOverlap:
 
     @property
     def mean_squared_cosine(self) -> float:
+        """sum_i cos^2(theta_i) / min(rank_a, rank_b): 1 for nested subspaces, 0 for orthogonal ones."""
         return float((self.cosines**2).sum() / max(1, min(self.rank_a, self.rank_b)))
 
 
@@ -90,7 +91,7 @@ def _flat_full(k: Tensor) -> Tensor:
     return k.permute(0, 2, 1, 3).reshape(n1 * o, n2 * o)
 
 
-def _inputs(task: Tensor | tuple | list, name: str) -> Tensor:
+def _inputs(task: Tensor | tuple[Tensor, ...] | list[Tensor], name: str) -> Tensor:
     x = task[0] if isinstance(task, (tuple, list)) and len(task) else task
     if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] == 0:
         raise ShapeError(
@@ -124,8 +125,8 @@ def task_kernels(
 
 def ntk_overlap(
     model: nn.Module,
-    task_a: Tensor | tuple,
-    task_b: Tensor | tuple,
+    task_a: Tensor | tuple[Tensor, ...],
+    task_b: Tensor | tuple[Tensor, ...],
     *,
     output: str = "full",
     num_components: int | None = None,

@@ -9,13 +9,18 @@ arXiv 1902.06720; Kempe et al. arXiv 2307.02693.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from typing import TypeAlias
 
 import torch
 from torch import Tensor
 
 from symgen.errors import ConfigError, DivergenceError, ShapeError
 
-__all__ = ["kernel_regression", "gd_dynamics", "kernel_eigh", "eigen_projections", "residual_decay"]
+__all__ = ["Kernel", "kernel_regression", "gd_dynamics", "kernel_eigh", "eigen_projections", "residual_decay"]
+
+Kernel: TypeAlias = Callable[[Tensor, Tensor], Tensor]
+"""A kernel function ``kernel(a, b) -> K (n_a, n_b)`` on batches of inputs (KIP, learning curves)."""
 
 
 def _check_square(k: Tensor, name: str) -> int:
@@ -40,6 +45,7 @@ def _cross(k: Tensor, n: int, name: str = "k_test_train") -> None:
 
 def _cholesky(a: Tensor, max_tries: int) -> Tensor:
     """Cholesky factor of ``a``, adding escalating jitter (with a warning) if ``a`` is not numerically PD."""
+    factor: Tensor
     factor, info = torch.linalg.cholesky_ex(a)
     if not bool(info.any()):
         return factor

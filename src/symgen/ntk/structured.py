@@ -9,8 +9,9 @@ Schoenholz, "Fast finite width neural tangent kernel", arXiv 2206.08720.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -18,13 +19,13 @@ from torch.nn import functional as F
 
 from symgen.functional import call
 from symgen.ntk.analytic import NTKLinear
-from symgen.ntk.jacobian import _blocks, _jacobian_ntk, _to_kernel
+from symgen.ntk.jacobian import blocks, jacobian_ntk, to_kernel
 
 __all__: list[str] = []  # internal: reached through symgen.ntk.empirical_ntk_fn
 
 
 @dataclass
-class _Affine:
+class AffineLayer:
     """A layer ``y = ws * W a + bs * b`` whose NTK contribution is computed from (a, g)."""
 
     name: str
@@ -37,7 +38,7 @@ class _Affine:
     calls: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (input a, output y) per call
 
 
-def _affine_layers(model: nn.Module, wrt: Mapping[str, Tensor]) -> list[_Affine]:
+def affine_layers(model: nn.Module, wrt: Mapping[str, Tensor]) -> list[AffineLayer]:
     """Layers of exactly supported types whose parameters are in ``wrt`` and not shared with other modules."""
     owners: dict[int, int] = {}
     for _, mod in model.named_modules(remove_duplicate=False):
@@ -72,27 +73,24 @@ def _affine_layers(model: nn.Module, wrt: Mapping[str, Tensor]) -> list[_Affine]
             continue
         if keys["weight"] is None and getattr(mod, "weight", None) is not None and (prefix + "weight") in wrt:
             continue  # a shared weight: keep the whole layer in the fallback
-        out.append(_Affine(name, mod, kind, keys["weight"], keys["bias"], float(ws), float(bs)))
+        out.append(AffineLayer(name, mod, kind, keys["weight"], keys["bias"], float(ws), float(bs)))
     return out
 
 
-def _as_positions(layer: _Affine, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+def _as_positions(layer: AffineLayer, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     """Input ``a`` -> A (N, S, K) and backward signals ``g`` (O, N, *out) -> G (O, N, S, C)."""
     mod = layer.module
     o, n = g.shape[0], g.shape[1]
     if layer.kind == "linear":
         k, c = a.shape[-1], g.shape[-1]
         return a.reshape(n, -1, k), g.reshape(o, n, -1, c)
+    assert isinstance(mod, nn.Conv1d | nn.Conv2d)  # affine_layers: kind "conv1d" / "conv2d"
+    # padding "same" and non-zero padding modes are left to the jacobian fallback (affine_layers)
+    padding = (0,) * len(mod.kernel_size) if isinstance(mod.padding, str) else mod.padding
     if layer.kind == "conv2d":
-        cols = F.unfold(
-            a,
-            mod.kernel_size,
-            dilation=mod.dilation,
-            padding=0 if mod.padding == "valid" else mod.padding,
-            stride=mod.stride,
-        )
+        cols = F.unfold(a, mod.kernel_size, dilation=mod.dilation, padding=padding, stride=mod.stride)
     else:
-        pad = 0 if mod.padding == "valid" else mod.padding[0]
+        pad = padding[0]
         cols = F.unfold(
             a.unsqueeze(-1),
             (mod.kernel_size[0], 1),
@@ -105,7 +103,7 @@ def _as_positions(layer: _Affine, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]
 
 
 def _pair_contribution(
-    layer: _Affine, a1: Tensor, g1: Tensor, a2: Tensor, g2: Tensor, output: str, budget: int
+    layer: AffineLayer, a1: Tensor, g1: Tensor, a2: Tensor, g2: Tensor, output: str, budget: int
 ) -> Tensor:
     """sum over weight and bias of <J_layer(x_i), J_layer(x_j)> for one pair of calls, never forming J."""
     A1, G1 = _as_positions(layer, a1, g1)
@@ -120,7 +118,7 @@ def _pair_contribution(
         if output == "trace":
             gg = g1f.reshape(n1, o * c) @ g2f.reshape(n2, o * c).T
             return (ws2 * (A1[:, 0] @ A2[:, 0].T) + bs2) * gg if ws2 else bs2 * gg
-        gg = _to_kernel(g1f.reshape(n1 * o, c) @ g2f.reshape(n2 * o, c).T, n1, n2, o, output)
+        gg = to_kernel(g1f.reshape(n1 * o, c) @ g2f.reshape(n2 * o, c).T, n1, n2, o, output)
         aa = ws2 * (A1[:, 0] @ A2[:, 0].T) + bs2 if ws2 else torch.full((n1, n2), bs2, dtype=gg.dtype, device=gg.device)
         return aa[:, :, None, None] * gg
     shape = (n1, n2) if output == "trace" else (n1, n2, o, o)
@@ -130,7 +128,7 @@ def _pair_contribution(
         if output == "trace":
             res += bs2 * (b1.reshape(n1, o * c) @ b2.reshape(n2, o * c).T)
         else:
-            res += bs2 * _to_kernel(b1.reshape(n1 * o, c) @ b2.reshape(n2 * o, c).T, n1, n2, o, output)
+            res += bs2 * to_kernel(b1.reshape(n1 * o, c) @ b2.reshape(n2 * o, c).T, n1, n2, o, output)
     if not ws2:
         return res
     gram_cost = s1 * s2 * (k + o * c)
@@ -138,7 +136,7 @@ def _pair_contribution(
     if output == "trace" and gram_cost <= jac_cost:
         # sum_{s,t} (A1_is . A2_jt) (sum_a G1_ias . G2_jat)
         rows = max(1, budget // max(1, 2 * n2 * s1 * s2 * itemsize))
-        for sl in _blocks(n1, rows):
+        for sl in blocks(n1, rows):
             aa = torch.einsum("nsk,mtk->nmst", A1[sl], A2)
             gg = torch.einsum("ansc,amtc->nmst", G1[:, sl], G2)
             res[sl] += ws2 * (aa * gg).sum((2, 3))
@@ -146,13 +144,13 @@ def _pair_contribution(
     # explicit per-sample layer Jacobians J[i, a] = sum_s G_ias A_is^T (cheaper when S^2 > C K)
     j2 = torch.einsum("amsc,msk->mack", G2, A2).reshape(n2 * o, c * k)
     rows = max(1, budget // max(1, 2 * o * c * k * itemsize))
-    for sl in _blocks(n1, rows):
+    for sl in blocks(n1, rows):
         nb = sl.stop - sl.start
         j1 = torch.einsum("ansc,nsk->nack", G1[:, sl], A1[sl]).reshape(nb * o, c * k)
         if output == "trace":
             res[sl] += ws2 * (j1.reshape(nb, o * c * k) @ j2.reshape(n2, o * c * k).T)
         else:
-            res[sl] += ws2 * _to_kernel(j1 @ j2.T, nb, n2, o, output)
+            res[sl] += ws2 * to_kernel(j1 @ j2.T, nb, n2, o, output)
     return res
 
 
@@ -180,7 +178,12 @@ def _backward_signals(f: Tensor, zs: list[Tensor], o: int) -> tuple[Tensor | Non
 
 
 def _signals(
-    model: nn.Module, layers: list[_Affine], wrt: Mapping[str, Tensor], fixed: Mapping[str, Tensor], x: Tensor, o: int
+    model: nn.Module,
+    layers: list[AffineLayer],
+    wrt: Mapping[str, Tensor],
+    fixed: Mapping[str, Tensor],
+    x: Tensor,
+    o: int,
 ) -> list[list[tuple[Tensor, Tensor]]] | None:
     """Per layer, per call: (input a (N, ...), backward signals g (O, N, *out)). None if not per-sample."""
     n = x.shape[0]
@@ -188,8 +191,8 @@ def _signals(
     for layer in layers:
         layer.calls = []
 
-    def make_hook(layer: _Affine):
-        def hook(mod: nn.Module, inputs: tuple, out: Tensor):
+    def make_hook(layer: AffineLayer) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        def hook(mod: nn.Module, inputs: tuple[Any, ...], out: Any) -> None:
             if (
                 not inputs
                 or not isinstance(out, Tensor)
@@ -236,7 +239,7 @@ def _signals(
     return out
 
 
-def _structured_ntk(
+def structured_ntk(
     model: nn.Module,
     wrt: Mapping[str, Tensor],
     fixed: Mapping[str, Tensor],
@@ -247,18 +250,19 @@ def _structured_ntk(
     chunk: int | None,
     budget: int,
 ) -> Tensor:
-    layers = _affine_layers(model, wrt)
+    layers = affine_layers(model, wrt)
     if not layers:
-        return _jacobian_ntk(model, wrt, fixed, x1, x2, output, o, chunk, budget)
+        return jacobian_ntk(model, wrt, fixed, x1, x2, output, o, chunk, budget)
 
     size = chunk
     if size is None:  # bound the autograd graph of one collection pass by the memory budget
-        _, act, _ = _probe(model, wrt, fixed, x1)
+        _, act, _ = probe(model, wrt, fixed, x1)
         size = max(1, budget // max(1, 4 * act * (o + 2) * next(iter(wrt.values())).element_size()))
 
     def collect(x: Tensor) -> list[list[tuple[Tensor, Tensor]]] | None:
-        parts = [_signals(model, layers, wrt, fixed, x[s], o) for s in _blocks(x.shape[0], size)]
-        if any(p is None for p in parts):
+        found = [_signals(model, layers, wrt, fixed, x[s], o) for s in blocks(x.shape[0], size)]
+        parts = [p for p in found if p is not None]
+        if len(parts) < len(found):
             return None
         if len(parts) == 1:
             return parts[0]
@@ -273,7 +277,7 @@ def _structured_ntk(
     rec1 = collect(x1)
     rec2 = rec1 if x2 is None else collect(x2)
     if rec1 is None or rec2 is None:  # a layer not applied per sample (e.g. batch folded into other axes)
-        return _jacobian_ntk(model, wrt, fixed, x1, x2, output, o, chunk, budget)
+        return jacobian_ntk(model, wrt, fixed, x1, x2, output, o, chunk, budget)
     n1, n2 = x1.shape[0], (x1 if x2 is None else x2).shape[0]
     some = next(iter(wrt.values()))
     kernel = torch.zeros((n1, n2) if output == "trace" else (n1, n2, o, o), dtype=some.dtype, device=some.device)
@@ -285,24 +289,24 @@ def _structured_ntk(
     rest = {k: v for k, v in wrt.items() if k not in claimed}
     if rest:
         fixed_rest = {**fixed, **{k: v for k, v in wrt.items() if k in claimed}}
-        kernel += _jacobian_ntk(model, rest, fixed_rest, x1, x2, output, o, chunk, budget)
+        kernel += jacobian_ntk(model, rest, fixed_rest, x1, x2, output, o, chunk, budget)
     return kernel
 
 
-def _probe(
+def probe(
     model: nn.Module, wrt: Mapping[str, Tensor], fixed: Mapping[str, Tensor], x: Tensor
-) -> tuple[float, int, list[tuple[_Affine, list[tuple[int, int, int]]]]]:
+) -> tuple[float, int, list[tuple[AffineLayer, list[tuple[int, int, int]]]]]:
     """Forward FLOPs of one sample (estimated), activation numel, and per supported layer its (S, K, C) per call.
 
     FLOPs: ``2 S K C`` per call of a supported layer plus ``2 numel`` per other parameter and one per
     activation entry (elementwise work); exact FLOP counting costs seconds on first use.
     """
-    layers = _affine_layers(model, wrt)
+    layers = affine_layers(model, wrt)
     shapes: dict[int, list[tuple[int, int, int]]] = {id(layer): [] for layer in layers}
     act = [0]
 
-    def make_hook(layer: _Affine):
-        def hook(mod, inputs, out):
+    def make_hook(layer: AffineLayer) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        def hook(mod: nn.Module, inputs: tuple[Any, ...], out: Any) -> None:
             if inputs and isinstance(out, Tensor):
                 g = torch.zeros((1, *out.shape), dtype=out.dtype, device=out.device)
                 try:
@@ -313,7 +317,7 @@ def _probe(
 
         return hook
 
-    def count(mod, inputs, out):
+    def count(mod: nn.Module, inputs: tuple[Any, ...], out: Any) -> None:
         if isinstance(out, Tensor):
             act[0] += out[0].numel() if out.dim() else 1
 
