@@ -78,7 +78,14 @@ class CurvatureOperator:
         return torch.stack([self._matvec(v.contiguous()) for v in V.T]).T
 
     def matvec(self, v: Tensor) -> Tensor:
-        """``A v`` for a flat vector ``v (n,)``."""
+        """``A v`` for a flat vector ``v (n,)`` (counted in ``num_matvecs``).
+
+        Args:
+            v: the vector, shape (n,); converted to the operator's dtype and device.
+
+        Returns:
+            ``A v``, shape (n,).
+        """
         if not isinstance(v, Tensor) or v.shape != (self.dim,):
             got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
             raise ShapeError(f"matvec expects a flat vector of shape ({self.dim},), got {got}.")
@@ -94,7 +101,14 @@ class CurvatureOperator:
         return V.to(dtype=self.dtype, device=self.device)
 
     def matmat(self, V: Tensor) -> Tensor:
-        """``A V`` for columns ``V (n, k)``: A applied to each column."""
+        """``A V`` for columns ``V (n, k)``: A applied to each column (k products counted).
+
+        Args:
+            V: the columns, shape (n, k) (for rows R use ``op.matmat(R.T).T``).
+
+        Returns:
+            ``A V``, shape (n, k).
+        """
         V = self._columns(V, "matmat", "; vectors are columns (for rows R use op.matmat(R.T).T).")
         if V.shape[1] == 0:
             return V.clone()
@@ -105,8 +119,16 @@ class CurvatureOperator:
         return (V * self._matmat(V)).sum(0)
 
     def quadratic_forms(self, V: Tensor) -> Tensor:
-        """``v_i^T A v_i`` for the columns ``v_i`` of ``V (n, k)``, shape ``(k,)``: what Hutchinson-type
-        trace estimators need (k products are counted; a Hessian takes them without products where it can)."""
+        """``v_i^T A v_i`` for the columns ``v_i`` of ``V (n, k)``: what Hutchinson-type trace estimators need.
+
+        k products are counted; a Hessian takes them without products where it can (Taylor mode).
+
+        Args:
+            V: the columns, shape (n, k).
+
+        Returns:
+            The forms, shape (k,).
+        """
         V = self._columns(V, "quadratic_forms")
         if V.shape[1] == 0:
             return V.new_zeros(0)

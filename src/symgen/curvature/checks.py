@@ -32,15 +32,36 @@ class SymmetricOperator(Protocol):
     device: torch.device
 
     def matvec(self, v: Tensor) -> Tensor:
-        """``A v`` for a flat vector ``v (n,)``."""
+        """``A v`` for a flat vector ``v (n,)``.
+
+        Args:
+            v: shape (n,).
+
+        Returns:
+            shape (n,).
+        """
         ...
 
     def matmat(self, V: Tensor) -> Tensor:
-        """``A V`` for columns ``V (n, k)``."""
+        """``A V`` for columns ``V (n, k)``.
+
+        Args:
+            V: shape (n, k).
+
+        Returns:
+            shape (n, k).
+        """
         ...
 
     def quadratic_forms(self, V: Tensor) -> Tensor:
-        """``v_i^T A v_i`` for the columns ``v_i`` of ``V (n, k)``, shape ``(k,)``."""
+        """``v_i^T A v_i`` for the columns ``v_i`` of ``V (n, k)``.
+
+        Args:
+            V: shape (n, k).
+
+        Returns:
+            shape (k,).
+        """
         ...
 
 

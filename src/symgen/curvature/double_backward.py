@@ -171,8 +171,17 @@ class _FastMode(TorchFunctionMode):
 
 
 def fast_double_backward_applies(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether :func:`fast_double_backward` is used for an operator on ``device`` in ``dtype``: float32
-    on CPU, where it was measured (oneDNN has no float64 kernels; GPUs are not measured yet)."""
+    """Whether :func:`fast_double_backward` is used for an operator on ``device`` in ``dtype``.
+
+    Float32 on CPU, where it was measured (oneDNN has no float64 kernels; GPUs are not measured yet).
+
+    Args:
+        device: the operator's device.
+        dtype: the operator's dtype.
+
+    Returns:
+        True for float32 on CPU.
+    """
     return torch.device(device).type == "cpu" and dtype == torch.float32
 
 

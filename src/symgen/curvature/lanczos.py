@@ -87,7 +87,12 @@ class LanczosProcess:
         self._Q = None
 
     def extend(self, num_steps: int, callback: Callable[[LanczosProcess], bool] | None = None) -> None:
-        """Run up to ``num_steps`` more steps (never beyond the dimension); ``callback(self)`` may stop early."""
+        """Run up to ``num_steps`` more steps (never beyond the dimension), one product each.
+
+        Args:
+            num_steps: how many more steps.
+            callback: ``callback(self) -> bool``, called after each step; True stops early.
+        """
         end = self.steps + max(0, min(num_steps, self.dim - self.steps))
         if end > self.steps and self._Q is None:
             raise ConfigError("this LanczosProcess released its basis (release_basis()); it cannot take more steps.")
@@ -126,7 +131,16 @@ class LanczosProcess:
 
 
 def check_process(process: Any, op: SymmetricOperator, name: str) -> LanczosProcess:
-    """``process`` itself if it is a :class:`LanczosProcess` on ``op``; otherwise a ConfigError naming ``name``."""
+    """``process`` itself if it is a :class:`LanczosProcess` on ``op``; otherwise a ConfigError naming ``name``.
+
+    Args:
+        process: the object passed.
+        op: the operator it must run on.
+        name: the argument's name, for the message.
+
+    Returns:
+        ``process``.
+    """
     if not isinstance(process, LanczosProcess) or process.op is not op:
         raise ConfigError(f"{name} must be a LanczosProcess on the same operator (LanczosProcess(op, start)).")
     return process
@@ -140,10 +154,19 @@ def lanczos(
     generator: Seed = None,
     callback: Callable[[int, Tensor, Tensor], bool] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Lanczos tridiagonalization with full reorthogonalization (see :class:`LanczosProcess`).
+    """Lanczos tridiagonalization with full reorthogonalization (see :class:`LanczosProcess`): T = Q^T A Q.
 
-    Returns ``(alphas (j,), betas (j-1,), Q (n, j))`` with orthonormal columns, so T = Q^T A Q up to
-    rounding. ``callback(j, alphas, betas_including_last)`` may stop early by returning True.
+    Lanczos 1950; Golub & Van Loan sec. 10.3.
+
+    Args:
+        op: the symmetric operator.
+        start: the start vector (n entries).
+        num_steps: j, the steps (= products); >= 1.
+        generator: seed or ``torch.Generator`` for restarts after a breakdown (None = seed 0).
+        callback: ``callback(j, alphas, betas_including_last) -> bool``; True stops early.
+
+    Returns:
+        ``(alphas (j,), betas (j-1,), Q (n, j))`` with orthonormal columns, so T = Q^T A Q up to rounding.
     """
     check_positive("num_steps", num_steps)
     proc = LanczosProcess(op, start, generator)
@@ -187,12 +210,25 @@ def lanczos_eigenpairs(
     within r_i of theta_i; Parlett, The Symmetric Eigenvalue Problem, ch. 11; ARPACK's test);
     "gap": min(r_i, r_i^2 / gap_i) <= tol |theta_i|, gap_i to the nearest other Ritz value (an
     estimate: the Ritz gap can exceed the true gap); "change": theta_i moved by <= tol |theta_i| in
-    the last step (a heuristic, PyHessian's test for power iteration). ``error_bounds`` are always
-    the residuals r_i; ``vectors`` are columns ``(n, k)``. Single-vector Lanczos finds each distinct
-    eigenvalue once: a multiple eigenvalue is reported once (its multiplicity is not resolved).
-    ``process``: a :class:`LanczosProcess` on ``op`` to continue (its steps count toward ``max_steps``)
-    and leave extended, so its basis can serve a later estimate (``deflated_trace(deflation=)``,
-    ``slq_density(first=)``); ``start`` is then ignored. ``num_matvecs`` counts this call's products.
+    the last step (a heuristic, PyHessian's test for power iteration). Single-vector Lanczos finds each
+    distinct eigenvalue once: a multiple eigenvalue is reported once (its multiplicity is not resolved).
+
+    Args:
+        op: the symmetric operator.
+        k: how many eigenpairs.
+        which: "largest" or "smallest".
+        tol: the relative tolerance.
+        max_steps: the most Lanczos steps (default max(4k + 40, 100), at most n).
+        generator: seed or ``torch.Generator`` of the start vector (None = seed 0).
+        start: the start vector (default Gaussian); ignored with ``process``.
+        criterion: "residual", "gap" or "change".
+        process: a :class:`LanczosProcess` on ``op`` to continue (its steps count toward ``max_steps``)
+            and leave extended, so its basis can serve a later estimate (``deflated_trace(deflation=)``,
+            ``slq_density(first=)``).
+
+    Returns:
+        :class:`Eigenpairs`: values (k,), vectors as columns (n, k), ``error_bounds`` (the residuals r_i),
+        ``num_matvecs`` (this call's products), ``converged``.
     """
     op = as_operator(op, "lanczos_eigenpairs")
     dim = op.dim
@@ -262,13 +298,22 @@ def slq_density(
     generator: Seed = None,
     first: LanczosProcess | None = None,
 ) -> SpectralDensity:
-    """Stochastic Lanczos quadrature: per run, Lanczos from a normalized Rademacher vector; nodes = Ritz
-    values theta_i, weights = (first component of the Ritz vector)^2, so sum_i w_i f(theta_i) ~ tr f(A)/n.
+    """Stochastic Lanczos quadrature: sum_i w_i f(theta_i) ~ tr f(A) / n per run.
 
-    ``first``: a :class:`LanczosProcess` on ``op`` from a random start (Rademacher or Gaussian, both
-    isotropic after normalization) that serves as the first run: its first ``num_steps`` steps (extended
-    if fewer); ``num_matvecs`` counts only this call's products.
-    Ubaru, Chen, Saad 2017 (SIMAX 38:1075); Ghorbani et al. 2019 (arXiv 1901.10159).
+    Per run, Lanczos from a normalized Rademacher vector; nodes = Ritz values theta_i, weights = (first
+    component of the Ritz vector)^2. Ubaru, Chen, Saad 2017 (SIMAX 38:1075); Ghorbani et al. arXiv 1901.10159.
+
+    Args:
+        op: the symmetric operator.
+        num_steps: Lanczos steps per run.
+        num_runs: independent runs (random start vectors).
+        generator: seed or ``torch.Generator`` (None = seed 0).
+        first: a :class:`LanczosProcess` on ``op`` from a random start (Rademacher or Gaussian, both
+            isotropic after normalization) that serves as the first run: its first ``num_steps`` steps
+            (extended if fewer).
+
+    Returns:
+        :class:`SpectralDensity` (``num_matvecs`` counts only this call's products).
     """
     op = as_operator(op, "slq_density")
     check_positive("num_steps", num_steps)

@@ -160,7 +160,14 @@ class ModelOperator(CurvatureOperator):
         return float(n_b) if self.reduction == "mean" else 1.0
 
     def loss(self, params: F.Params | None = None) -> Tensor:
-        """L at ``params`` (default the model's current parameters), accumulated in float64."""
+        """L at ``params`` (default the model's current parameters), accumulated in float64: sum_b w_b loss_fn(model(x_b), y_b).
+
+        Args:
+            params: dict name -> tensor of the operator's parameters to evaluate at (None: the model's own).
+
+        Returns:
+            The loss, a 0-dim tensor in the operator's dtype.
+        """
         p = self.params if params is None else params
         acc, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
         with torch.no_grad(), F.bn_mode(self.model, self.bn_mode):

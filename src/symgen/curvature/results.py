@@ -64,7 +64,15 @@ class SpectralDensity:
     num_matvecs: int
 
     def evaluate(self, grid: Tensor | Sequence[float], bandwidth: float | None = None) -> Tensor:
-        """The smoothed density on ``grid`` (default bandwidth: 1% of the node range)."""
+        """The smoothed density rho(t) = (1/R) sum_r sum_i w_ri N(t; theta_ri, bandwidth^2) on ``grid``.
+
+        Args:
+            grid: the points t.
+            bandwidth: the Gaussian's standard deviation (default: 1% of the node range).
+
+        Returns:
+            rho on the grid, shape (len(grid),).
+        """
         grid = torch.as_tensor(grid, dtype=self.nodes.dtype)
         if bandwidth is None:
             span = float(self.nodes.max() - self.nodes.min())

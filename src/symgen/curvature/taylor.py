@@ -42,7 +42,17 @@ _aten = torch.ops.aten
 
 
 def trace_loss(f: Callable[..., Tensor], params: Sequence[Tensor], x: Tensor, y: Tensor) -> GraphModule:
-    """``f(*params, x, y)`` (a scalar loss) traced into a functional ATen graph."""
+    """``f(*params, x, y)`` (a scalar loss) traced into a functional ATen graph with ``make_fx``.
+
+    Args:
+        f: the loss as a function of the parameter tensors, the input and the target.
+        params: the parameter tensors.
+        x: the input batch.
+        y: the targets.
+
+    Returns:
+        The traced ``GraphModule`` (for :class:`TaylorProgram`).
+    """
     from torch.func import functionalize
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -108,7 +118,14 @@ class TaylorProgram:
         self._active = active
 
     def form(self, vs: Sequence[Tensor]) -> Tensor:
-        """d^2/dt^2 of the loss along W + t v (a 0-dim tensor)."""
+        """v^T H v = d^2/dt^2 L(W + t v) at t = 0 (Griewank & Walther, ch. 13).
+
+        Args:
+            vs: the direction v as tensors shaped like the parameters.
+
+        Returns:
+            The quadratic form, a 0-dim tensor.
+        """
         if self._output not in self._active:
             return torch.zeros((), dtype=self.loss.dtype, device=self.loss.device)
         jets: dict[Node, Jet] = {n: (v, None) for n, v in zip(self._param_nodes, vs, strict=True)}

@@ -394,7 +394,12 @@ ACTIVE_ARGS: dict[Any, tuple[int, ...]] = {
 
 
 def check_node(n: Node, active: set[Node]) -> None:
-    """TaylorUnsupported unless node n's W-dependent arguments are ones its rule handles."""
+    """Raise :class:`TaylorUnsupported` unless node n's W-dependent arguments are ones its rule handles.
+
+    Args:
+        n: the graph node.
+        active: the nodes that depend on W.
+    """
     if n.target not in RULES:
         raise TaylorUnsupported(f"no Taylor rule for {n.target}")
     if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable:
@@ -411,6 +416,14 @@ def check_node(n: Node, active: set[Node]) -> None:
 
 
 def flat_nodes(a: Any) -> list[Node]:
+    """The graph nodes inside ``a`` (a node, or nested lists and tuples).
+
+    Args:
+        a: a node argument.
+
+    Returns:
+        The nodes, in order.
+    """
     if isinstance(a, Node):
         return [a]
     if isinstance(a, (list, tuple)):
