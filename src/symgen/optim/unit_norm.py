@@ -317,11 +317,11 @@ class UnitNormSGD(torch.optim.Optimizer):
             raise fail(f"loss {float(torch.as_tensor(loss).sum())}")
         if not all_finite(p.grad for g in self.param_groups for p in g["params"]):
             raise fail("gradient")
-        if not snapshot.buffers_finite():
+        if not snapshot.finite()[1]:
             raise fail("BatchNorm running statistics after the closure's pass")
         snapshot.save_state()
         self._update()
-        if not snapshot.update_finite():
+        if not snapshot.finite()[0]:
             raise fail("update: the parameters after the step")
         self.num_steps += 1
         return loss

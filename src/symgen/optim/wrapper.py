@@ -27,17 +27,8 @@ from symgen.errors import ConfigError, DivergenceError
 from symgen.functional import frozen_running_stats
 from symgen.optim.amp import GradScaler, ScaledStep
 
-__all__ = [
-    "WrapperOptimizer",
-    "StepContext",
-    "StepSnapshot",
-    "Closure",
-    "bn_buffers",
-    "model_of",
-    "all_finite",
-    "divergence",
-    "call_closure",
-]
+__all__ = ["WrapperOptimizer", "StepContext", "StepSnapshot", "Closure", "bn_buffers", "model_of"]
+__all__ += ["all_finite", "divergence", "call_closure"]
 
 #: A step's closure: zeroes the gradients, computes the loss, calls ``backward``, returns the loss.
 Closure = Callable[[], "Tensor | float"]
@@ -77,7 +68,7 @@ def model_of(model: nn.Module | None, closure: object) -> nn.Module | None:
 
 @torch.no_grad()
 def all_finite(tensors: Iterable[Tensor | None]) -> bool:
-    """Whether every entry of every tensor is finite (one check, one device sync).
+    """Whether every entry of every tensor is finite (one device sync, no copy of the tensors).
 
     Args:
         tensors: tensors of any shapes and floating dtypes; None entries are skipped.
@@ -85,19 +76,12 @@ def all_finite(tensors: Iterable[Tensor | None]) -> bool:
     Returns:
         True when none holds an inf or NaN.
     """
-    flat = [t.detach().reshape(-1).float() for t in tensors if t is not None and t.is_floating_point()]
-    return not flat or bool(torch.isfinite(torch.cat(flat)).all())
+    oks = [torch.isfinite(t).all() for t in tensors if t is not None and t.is_floating_point()]
+    return not oks or bool(torch.stack([ok.to(oks[0].device) for ok in oks]).all())
 
 
 def _describe(loss: object) -> str:
-    try:
-        return f"{float(torch.as_tensor(loss).detach().float().sum())}"
-    except (TypeError, ValueError, RuntimeError):
-        return repr(loss)
-
-
-def _finite(loss: object) -> bool:
-    return bool(torch.isfinite(torch.as_tensor(loss)).all())
+    return f"{float(torch.as_tensor(loss).detach().float().sum())}"
 
 
 def _user_stacklevel() -> int:
@@ -149,21 +133,13 @@ class StepSnapshot:
             self.optimizer.state.update(self.state)
             self.state = None
 
-    def buffers_finite(self) -> bool:
-        """Whether the BatchNorm running statistics are finite (an inf variance: the weights have blown up).
+    def finite(self) -> tuple[bool, bool]:
+        """Whether the parameters, and the BatchNorm running statistics, are finite now (an inf: divergence).
 
         Returns:
-            True when every running statistic is finite.
+            (parameters finite, running statistics finite).
         """
-        return all_finite(self.buffers)
-
-    def update_finite(self) -> bool:
-        """Whether the parameters are finite after the update (False: the step diverged).
-
-        Returns:
-            True when every parameter is finite.
-        """
-        return all_finite(self.params)
+        return all_finite(self.params), all_finite(self.buffers)
 
 
 def divergence(name: str, step: int, what: str, hint: str) -> DivergenceError:
@@ -246,7 +222,7 @@ class StepContext:
             loss: the loss of a pass.
             where: the weights it was computed at, e.g. "at W + e".
         """
-        if not _finite(loss):
+        if not all_finite([torch.as_tensor(loss)]):
             self.fail(f"loss {_describe(loss)} {where}")
 
     def check_grads(self, where: str) -> None:
@@ -495,13 +471,13 @@ class WrapperOptimizer(torch.optim.Optimizer):
                     self.zero_grad(set_to_none=True)
                     return loss
             ctx.check_grads("in the step's gradient estimate")
-            if not snapshot.buffers_finite():
+            if not snapshot.finite()[1]:
                 ctx.fail("BatchNorm running statistics after the pass at W", skip=False)
             if not update:
                 return loss
             snapshot.save_state()
             self.update()
-            if not snapshot.update_finite():
+            if not snapshot.finite()[0]:
                 ctx.fail("update: the parameters after the base optimizer's step", skip=False)
         except _Skipped:
             snapshot.restore_params()
