@@ -25,20 +25,20 @@ USER_MODEL = Path(__file__).parent / "audit_user_model.py"
 # Tiny sizes; a generous time limit so a loaded test machine never skips a section.
 TINY = dict(
     time_limit=600.0,
-    eval_samples=None,
-    invariance_samples=32,
-    symmetry_samples=8,
-    hessian_samples=32,
+    eval_num_data=None,
+    invariance_num_data=32,
+    symmetry_num_data=8,
+    hessian_num_data=32,
     hutchinson_probes=4,
     top_eigenvalues=1,
     eigen_iters=5,
     density_runs=1,
     density_steps=5,
-    noise_samples=32,
-    noise_draws=2,
-    ntk_samples=8,
+    noise_num_data=32,
+    noise_num_samples=2,
+    ntk_num_data=8,
     ntk_subsamples=2,
-    pgd_samples=16,
+    pgd_num_data=16,
     pgd_steps=2,
 )
 
@@ -163,7 +163,7 @@ def test_invariance_against_brute_force(digits3):
 
     inv = RotationInvariant(SmallBNCNN(classes=3).double()).eval()
     plain = _tiny_mlp()  # flattens the image: far from invariant
-    lim = dict(TINY, invariance_samples=1000)
+    lim = dict(TINY, invariance_num_data=1000)
     r_inv = audit(inv, (x, y), "c4", limits=lim, sections=["invariance"])
     assert r_inv.value("invariance", "osp") == pytest.approx(4.0)
     assert r_inv.value("invariance", "kl") < 1e-12
@@ -230,7 +230,7 @@ def test_ntk_metrics_against_dense_jacobian(digits3):
     model = _tiny_mlp()
     n = x.shape[0]
     # One subsample of every input: the metrics do not depend on the order of the samples.
-    res = audit(model, (x, y), limits=dict(TINY, ntk_samples=n, ntk_subsamples=1), sections=["ntk"])
+    res = audit(model, (x, y), limits=dict(TINY, ntk_num_data=n, ntk_subsamples=1), sections=["ntk"])
     k = _dense_ntk(model, x).detach().numpy()
     lam = np.clip(np.linalg.eigvalsh(k)[::-1], 0, None)
     p = lam / lam.sum()
@@ -242,7 +242,7 @@ def test_ntk_metrics_against_dense_jacobian(digits3):
         (k * yy).sum() / (np.linalg.norm(k) * np.linalg.norm(yy)), rel=1e-8
     )
     # Several subsamples: a standard error over them.
-    res2 = audit(model, (x, y), limits=dict(TINY, ntk_samples=10, ntk_subsamples=3), sections=["ntk"])
+    res2 = audit(model, (x, y), limits=dict(TINY, ntk_num_data=10, ntk_subsamples=3), sections=["ntk"])
     assert res2["ntk"].details["subsamples"] == 3
     assert res2["ntk"].values["target_alignment"].stderr > 0
 
@@ -269,7 +269,7 @@ def test_hessian_against_dense_hessian(digits3):
         train,
         limits=dict(
             TINY,
-            hessian_samples=n,
+            hessian_num_data=n,
             hutchinson_probes=60,
             top_eigenvalues=2,
             eigen_iters=400,
@@ -298,7 +298,7 @@ def test_ggn_top_eigenvalue_beside_the_hessian(digits3):
     x, y = train
     torch.manual_seed(0)
     linear = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).double()
-    lim = dict(TINY, hessian_samples=x.shape[0], top_eigenvalues=1, eigen_iters=200)
+    lim = dict(TINY, hessian_num_data=x.shape[0], top_eigenvalues=1, eigen_iters=200)
     res = audit(linear, train, limits=lim, sections=["hessian"])
     top = float(torch.linalg.eigvalsh(_dense_hessian(linear, x, y))[-1])
     ggn = res["hessian"].values["ggn_top_eigenvalue"]
@@ -330,7 +330,7 @@ def test_noise_stability_matches_second_order_expansion(digits3):
     res = audit(
         model,
         train,
-        limits=dict(TINY, hessian_samples=n, noise_samples=n, noise_draws=64, noise_sigmas=sigmas),
+        limits=dict(TINY, hessian_num_data=n, noise_num_data=n, noise_num_samples=64, noise_sigmas=sigmas),
         sections=["hessian", "noise_stability"],
     )
     tr = float(_dense_hessian(model, *train).trace())
@@ -352,7 +352,9 @@ def test_pgd_matches_closed_form_on_linear_binary_classifier():
     with torch.no_grad():
         y = (model(x) + 0.3 * torch.randn(200, 2, generator=gen, dtype=torch.float64)).argmax(1)
     fracs = (0.0, 0.02, 0.05)
-    res = audit(model, (x, y), limits=dict(TINY, pgd_samples=200, pgd_steps=20, pgd_eps=fracs), sections=["robustness"])
+    res = audit(
+        model, (x, y), limits=dict(TINY, pgd_num_data=200, pgd_steps=20, pgd_eps=fracs), sections=["robustness"]
+    )
     w, b = model.weight.detach(), model.bias.detach()
     span = float(x.max() - x.min())
     sign = torch.where(y == 1, 1.0, -1.0).double()
@@ -379,7 +381,7 @@ def test_budget_skips_and_bad_input(digits3):
     with pytest.raises(ConfigError, match="unknown audit limit"):
         audit(model, train, limits={"probes": 3})
     with pytest.raises(ConfigError, match="integer >= 1"):
-        audit(model, train, limits={"ntk_samples": "many"})
+        audit(model, train, limits={"ntk_num_data": "many"})
     with pytest.raises(ConfigError, match="unknown action"):
         audit(model, train, "c7")
     with pytest.raises(ConfigError, match="unknown audit section"):
@@ -439,7 +441,7 @@ def test_broken_user_file_is_a_config_error(tmp_path):
 
 def test_run_audit_writes_an_indexed_run(tmp_path):
     result, run = run_audit(
-        f"{USER_MODEL}:make_model", "digits", action="d4", out=tmp_path, limits=dict(TINY, eval_samples=100)
+        f"{USER_MODEL}:make_model", "digits", action="d4", out=tmp_path, limits=dict(TINY, eval_num_data=100)
     )
     assert isinstance(result, AuditResult)
     for name in ("config.yaml", "audit.json", "result.json", "claims.json", "report.html"):
@@ -494,7 +496,7 @@ def test_generator_seeds_each_section_from_its_own_stream(digits3):
     """generator=None is seed 0; the performance subsample is randperm under seed * 1009 + 0 (as before)."""
     train, test = digits3
     model = _tiny_mlp()
-    lim = dict(TINY, eval_samples=17)
+    lim = dict(TINY, eval_num_data=17)
     data = {"train": train, "test": test}
     res = audit(model, data, sections=["performance"], limits=lim, generator=5)
     assert res.seed == 5
@@ -532,7 +534,7 @@ def test_cli_audit_and_errors(tmp_path, capsys):
         "--out",
         str(tmp_path / "runs"),
     ]
-    tiny = [x for k, v in dict(TINY, eval_samples=64).items() for x in ("--set", f"{k}={v}")]
+    tiny = [x for k, v in dict(TINY, eval_num_data=64).items() for x in ("--set", f"{k}={v}")]
     assert main(args + tiny) == 0
     out = capsys.readouterr().out
     assert "report:" in out and "test_accuracy" in out
@@ -558,7 +560,7 @@ def test_cli_audit_and_errors(tmp_path, capsys):
     assert "conv1.weight" in capsys.readouterr().err
     assert main(args + ["--budget", "huge"]) == 2
     assert "unknown budget" in capsys.readouterr().err
-    assert main(args + ["--set", "ntk_samples"]) == 2
+    assert main(args + ["--set", "ntk_num_data"]) == 2
     assert main(args + ["--action", "c7"]) == 2
     assert "unknown action" in capsys.readouterr().err
 
@@ -591,7 +593,7 @@ def test_audit_models_the_experiments_train(tmp_path, capsys):
     opt = UnitNormSGD(cnn, lr=0.1, momentum=0.9, example_input=x[:64])
     _train(cnn, x, y, epochs=2, lr=0.1, optimizer=opt)
     torch.save(cnn.state_dict(), tmp_path / "cnn.pt")
-    tiny = [a for k, v in dict(TINY, eval_samples=200).items() for a in ("--set", f"{k}={v}")]
+    tiny = [a for k, v in dict(TINY, eval_num_data=200).items() for a in ("--set", f"{k}={v}")]
     assert (
         main(
             [
@@ -638,7 +640,7 @@ def test_audit_models_the_experiments_train(tmp_path, capsys):
     for _ in range(2):
         for i in range(0, x.shape[0], 64):
             opt.step(LossClosure(nso_cnn, F.cross_entropy, x[i : i + 64], y[i : i + 64]))
-    res = audit(nso_cnn.eval(), "digits", "d4", limits=dict(TINY, eval_samples=200))
+    res = audit(nso_cnn.eval(), "digits", "d4", limits=dict(TINY, eval_num_data=200))
     assert all(s.status == "ok" for s in res.sections.values()), {
         k: s.skipped for k, s in res.sections.items() if s.status != "ok"
     }
@@ -648,7 +650,7 @@ def test_audit_models_the_experiments_train(tmp_path, capsys):
     mlp = load_model("symgen.experiments.unit_norm:build_model('mlp', (1, 40), width=32)")
     x1, y1 = load_dataset("mnist1d", "train")
     _train(mlp, x1[:1000], y1[:1000], epochs=2, lr=0.05)
-    res = audit(mlp, "mnist1d", "shift", limits=dict(TINY, eval_samples=200))
+    res = audit(mlp, "mnist1d", "shift", limits=dict(TINY, eval_num_data=200))
     assert res["invariance"].details["order"] == 40
     assert res.value("scale_symmetries", "groups") == 2  # both hidden Linear layers feed a BatchNorm1d
     assert all(s.status == "ok" for s in res.sections.values()), {
@@ -659,7 +661,7 @@ def test_audit_models_the_experiments_train(tmp_path, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_audit_on_cuda_matches_cpu(digits3):
     train, test = digits3
-    lim = dict(TINY, hessian_samples=60, hutchinson_probes=40)
+    lim = dict(TINY, hessian_num_data=60, hutchinson_probes=40)
     cpu = audit(_tiny_mlp(), {"train": train, "test": test}, "c4", limits=lim)
     gpu = audit(_tiny_mlp(), {"train": train, "test": test}, "c4", limits=lim, device="cuda")
     assert gpu.device.startswith("cuda") and all(s.status == "ok" for s in gpu.sections.values())
@@ -693,7 +695,7 @@ def test_audit_on_a_dataloader_gives_the_tensor_numbers(digits3):
 
     train, test = digits3
     model = load_model("audit_user_model:make_model", dtype=torch.float64)
-    lim = dict(TINY, eval_samples=40, batch_size=16)
+    lim = dict(TINY, eval_num_data=40, batch_size=16)
     ref = audit(model, {"train": train, "test": test}, "c4", limits=lim, generator=3)
     assert all(s.status == "ok" for s in ref.sections.values())
 
@@ -744,7 +746,7 @@ def test_audit_streams_a_loader_one_batch_at_a_time(digits3):
     res = audit(
         model,
         Loader(),
-        limits=dict(TINY, eval_samples=None, hessian_samples=10, noise_samples=10),
+        limits=dict(TINY, eval_num_data=None, hessian_num_data=10, noise_num_data=10),
         sections=["performance", "hessian", "noise_stability"],
     )
     assert all(res[s].status == "ok" for s in ("performance", "hessian", "noise_stability"))
@@ -783,7 +785,7 @@ def test_cifar10_audit_reads_files_lazily_with_the_in_memory_numbers(tmp_path, m
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3, stride=4), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 10)
     ).eval()
-    lim = dict(TINY, eval_samples=20, test_samples=None, batch_size=8, hessian_samples=8, noise_samples=8)
+    lim = dict(TINY, eval_num_data=20, test_num_data=None, batch_size=8, hessian_num_data=8, noise_num_data=8)
     reads = []
     real = data._read_cifar_file
     monkeypatch.setattr(data, "_read_cifar_file", lambda p: (reads.append(p.name), real(p))[1])
@@ -812,3 +814,73 @@ def test_cifar10_audit_reads_files_lazily_with_the_in_memory_numbers(tmp_path, m
     assert torch.equal(xs, tensors["train"][0][[7, 2, 11]].double()) and torch.equal(
         ys, tensors["train"][1][[7, 2, 11]]
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Random streams and limit names
+
+
+def test_audit_streams_are_pairwise_distinct_at_seed_zero():
+    """Every random use of the audit has its own stream of the run seed: at seed 0 (the default, where
+    hand-built seeds like seed + 1 collided) no two streams start with the same draws."""
+    from symgen import rng
+    from symgen.audit.sections.common import STREAMS, stream, stream_seed
+
+    assert len(set(STREAMS.values())) == len(STREAMS)  # one key per use
+    names = [(name,) for name in STREAMS] + [("noise_stability", i) for i in range(5)]
+    seeds = {key: stream_seed(0, key[0], *key[1:]) for key in names}
+    assert len(set(seeds.values())) == len(seeds)
+    for name, key in STREAMS.items():  # each derives from the run seed by symgen.rng.derive
+        assert seeds[(name,)] == rng.derive(0, key)
+    firsts = {key: tuple(torch.randint(0, 2**62, (4,), generator=stream(0, *key)).tolist()) for key in names}
+    assert len(set(firsts.values())) == len(firsts)
+    # and none equals the draws of a generator seeded with small integers (the old hand-built seeds)
+    hand_built = {
+        tuple(torch.randint(0, 2**62, (4,), generator=torch.Generator().manual_seed(s)).tolist()) for s in range(200)
+    }
+    assert not hand_built & set(firsts.values())
+
+
+def test_audit_sources_seed_only_through_streams():
+    """No section seeds a generator by hand: the one manual_seed of the audit is the stream helper's."""
+    root = Path(__file__).resolve().parents[1] / "src" / "symgen" / "audit"
+    uses = {
+        str(p.relative_to(root)): p.read_text().count("manual_seed(")
+        for p in root.rglob("*.py")
+        if "manual_seed(" in p.read_text()
+    }
+    assert uses == {"sections/common.py": 1}
+
+
+def test_renamed_limits_say_data_points_and_noise_draws():
+    """Counts of data points are *_num_data, the count of noise draws noise_num_samples (the conventions
+    of docs/architecture.md); the former names still work, with a DeprecationWarning."""
+    from dataclasses import fields
+
+    from symgen.audit import AuditLimits, resolve_limits
+    from symgen.audit.limits import RENAMED
+
+    names = {f.name for f in fields(AuditLimits)}
+    assert not {n for n in names if n.endswith("_samples") and n != "noise_num_samples"}
+    assert set(RENAMED.values()) <= names and not set(RENAMED) & names
+    with pytest.warns(DeprecationWarning) as caught:
+        lim = resolve_limits("quick", {"noise_samples": 7, "noise_draws": 3})
+    assert lim.noise_num_data == 7 and lim.noise_num_samples == 3
+    said = [str(w.message) for w in caught]
+    assert any("'noise_samples' is renamed 'noise_num_data'" in m for m in said)
+    assert any("'noise_draws' is renamed 'noise_num_samples'" in m for m in said)
+    with pytest.raises(ConfigError, match="former name"):
+        resolve_limits("quick", {"noise_samples": 7, "noise_num_data": 8})
+
+
+def test_cli_accepts_a_former_limit_name_with_a_warning(tmp_path, capsys):
+    torch.save(load_model("audit_user_model:make_model").state_dict(), tmp_path / "ck.pt")
+    lim = dict(TINY, eval_num_data=64)
+    del lim["pgd_num_data"]
+    sets = [x for k, v in lim.items() for x in ("--set", f"{k}={v}")]
+    args = ["audit", "--model", f"{USER_MODEL}:make_model", "--checkpoint", str(tmp_path / "ck.pt"), "--data"]
+    code = main([*args, "digits", *sets, "--set", "pgd_samples=12", "--out", str(tmp_path / "runs"), "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "'pgd_samples' is renamed 'pgd_num_data'" in out.err
+    assert json.loads(out.out)["limits"]["pgd_num_data"] == 12

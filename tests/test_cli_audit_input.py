@@ -78,7 +78,7 @@ def test_budget_in_seconds_and_sizing_to_the_model():
     after = estimate_costs(planned, t, 50000, 10000, 4)
     assert sum(after.values()) <= lim.time_limit
     assert planned.pgd_steps == lim.pgd_steps  # what the user set is kept
-    assert planned.hessian_samples < lim.hessian_samples and "hessian_samples=" in notes["hessian"]
+    assert planned.hessian_num_data < lim.hessian_num_data and "hessian_num_data=" in notes["hessian"]
     assert "longer budget" in notes["hessian"]
     # A model that fits is left alone.
     small = Timing(forward=1e-6, backward=3e-6, outputs=3, layers=3)
@@ -95,7 +95,7 @@ def test_every_section_runs_within_a_small_budget_and_says_what_it_afforded(monk
     assert all(s.status == "ok" for s in res.sections.values()), {k: s.skipped for k, s in res.sections.items()}
     notes = [n for s in res.sections.values() for n in s.skipped if "sized to the 10 s budget" in n]
     assert notes, "no section says what the budget let it afford"
-    assert res.limits["time_limit"] == 10.0 and res.limits["hessian_samples"] < 128
+    assert res.limits["time_limit"] == 10.0 and res.limits["hessian_num_data"] < 128
 
 
 def test_density_trace_agrees_with_trace_and_dense_hessian():
@@ -108,7 +108,7 @@ def test_density_trace_agrees_with_trace_and_dense_hessian():
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 4), nn.Tanh(), nn.Linear(4, 3)).double()
     lim = dict(
         time_limit=600.0,
-        hessian_samples=40,
+        hessian_num_data=40,
         hutchinson_probes=30,
         eigen_iters=10,
         density_runs=8,

@@ -26,20 +26,20 @@ def make():
 # Odd sizes: the shards differ in length and DistributedSampler would pad them (the audit drops the padding).
 TINY = dict(
     time_limit=600.0,
-    eval_samples=101,
-    invariance_samples=16,
-    symmetry_samples=8,
-    hessian_samples=37,
+    eval_num_data=101,
+    invariance_num_data=16,
+    symmetry_num_data=8,
+    hessian_num_data=37,
     hutchinson_probes=3,
     top_eigenvalues=2,
     eigen_iters=8,
     density_runs=2,
     density_steps=5,
-    noise_samples=37,
-    noise_draws=2,
-    ntk_samples=8,
+    noise_num_data=37,
+    noise_num_samples=2,
+    ntk_num_data=8,
     ntk_subsamples=2,
-    pgd_samples=16,
+    pgd_num_data=16,
     pgd_steps=2,
     batch_size=16,
 )
@@ -51,7 +51,7 @@ ARGS = [
     "c4",
     "--json",
     "--set",
-    "test_samples=null",
+    "test_num_data=null",
     *[a for k, v in TINY.items() for a in ("--set", f"{k}={v}")],
 ]
 
@@ -120,7 +120,7 @@ def test_audit_of_cifar10_streams_the_whole_test_split(tmp_path, capsys):
         "    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU(), nn.Flatten(), "
         "nn.Linear(4 * 64, 10))\n"
     )
-    sets = [a for k, v in {**TINY, "eval_samples": 30, "batch_size": 10}.items() for a in ("--set", f"{k}={v}")]
+    sets = [a for k, v in {**TINY, "eval_num_data": 30, "batch_size": 10}.items() for a in ("--set", f"{k}={v}")]
     assert (
         main(
             [
@@ -136,7 +136,7 @@ def test_audit_of_cifar10_streams_the_whole_test_split(tmp_path, capsys):
                 str(tmp_path / "runs"),
                 *sets,
                 "--set",
-                "test_samples=null",
+                "test_num_data=null",
             ]
         )
         == 0

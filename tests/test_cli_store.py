@@ -19,20 +19,20 @@ from symgen.runs import RunStore
 USER_MODEL = Path(__file__).parent / "audit_user_model.py"
 TINY = dict(
     time_limit=600.0,
-    eval_samples=64,
-    invariance_samples=16,
-    symmetry_samples=8,
-    hessian_samples=16,
+    eval_num_data=64,
+    invariance_num_data=16,
+    symmetry_num_data=8,
+    hessian_num_data=16,
     hutchinson_probes=3,
     top_eigenvalues=1,
     eigen_iters=5,
     density_runs=2,
     density_steps=5,
-    noise_samples=16,
-    noise_draws=2,
-    ntk_samples=8,
+    noise_num_data=16,
+    noise_num_samples=2,
+    ntk_num_data=8,
     ntk_subsamples=2,
-    pgd_samples=16,
+    pgd_num_data=16,
     pgd_steps=2,
 )
 TINY_SETS = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]

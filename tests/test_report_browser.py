@@ -126,20 +126,20 @@ def audit_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     limits = dict(
         time_limit=600.0,
-        eval_samples=200,
-        invariance_samples=64,
-        symmetry_samples=16,
-        hessian_samples=64,
+        eval_num_data=200,
+        invariance_num_data=64,
+        symmetry_num_data=16,
+        hessian_num_data=64,
         hutchinson_probes=8,
         top_eigenvalues=2,
         eigen_iters=8,
         density_runs=1,
         density_steps=10,
-        noise_samples=64,
-        noise_draws=4,
-        ntk_samples=16,
+        noise_num_data=64,
+        noise_num_samples=4,
+        ntk_num_data=16,
         ntk_subsamples=2,
-        pgd_samples=48,
+        pgd_num_data=48,
         pgd_steps=3,
     )
     result, run = run_audit(f"{USER_MODEL}:make_model", "digits", action="c4", out=out, limits=limits)

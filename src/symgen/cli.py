@@ -18,6 +18,11 @@ from typing import Any
 
 import typer
 
+from symgen.cli_audit import audit
+from symgen.cli_common import SEED_HELP, JsonOpt, OutOpt, say
+from symgen.cli_common import check_device as _check_device
+from symgen.cli_common import emit as _emit
+from symgen.cli_runs import report, runs_app
 from symgen.errors import ConfigError, SymgenError
 
 app = typer.Typer(
@@ -27,22 +32,7 @@ app = typer.Typer(
     rich_markup_mode=None,
     help="symgen: symmetry and flatness in deep learning, with numbers.",
 )
-runs_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspect the run store.")
 app.add_typer(runs_app, name="runs")
-
-OutOpt = typer.Option(Path("runs"), "--out", help="Run store root directory.")
-JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout instead of text.")
-SEED_HELP = (
-    "Sets the experiment config's `seed` field (data splits, initializations, noise draws and "
-    "subsamples derive from it); default: the config's seed (0)."
-)
-
-
-def say(text: str = "", *, err: bool = False) -> None:
-    """Print plain text (never shortened, no markup)."""
-    stream = sys.stderr if err else sys.stdout
-    stream.write(text + "\n")
-    stream.flush()
 
 
 def _run_one(
@@ -127,23 +117,6 @@ def _run_one(
         "claims": claims,
         "passed": sum(bool(c["passed"]) for c in claims),
     }
-
-
-def _check_device(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device '{device}' requested but this PyTorch has no CUDA device; use --device cpu.")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"unknown device '{device}'; use cpu, cuda or cuda:N.") from None
-
-
-def _emit(obj: Any) -> None:
-    from symgen.terminal import dump_json
-
-    dump_json(obj)
 
 
 @app.command("list")
@@ -323,216 +296,8 @@ def reproduce(
     say(f"page: {page}")
 
 
-@runs_app.command("ls")
-def runs_ls(
-    out: Path = OutOpt, experiment: str | None = typer.Option(None, "--experiment"), as_json: bool = JsonOpt
-) -> None:
-    """List runs (an audit's model and data under `subject`)."""
-    from symgen.runs import RunStore
-    from symgen.terminal import text_table
-
-    rows = RunStore(out).list(experiment)
-    if as_json:
-        _emit(rows)
-        return
-    table = []
-    for r in rows:
-        claims = f"{r['passed']}/{r['total']}" if r["total"] is not None else "-"
-        secs = f"{r['seconds']:.1f}" if r["seconds"] is not None else "-"
-        table.append(
-            (r["id"], r["experiment"], r.get("subject") or "-", r["created"], r["status"], claims, secs, r["path"])
-        )
-    say(text_table(["id", "experiment", "subject", "created", "status", "claims", "seconds", "path"], table))
-
-
-def _audit_lines(data: dict[str, Any]) -> str:
-    from symgen.audit import AuditResult
-    from symgen.terminal import text_table
-
-    result = AuditResult.from_dict(data)
-    rows = []
-    for name, sec in result.sections.items():
-        if sec.status != "ok" and not sec.values:
-            rows.append((name, sec.status, "-", "-", f"{sec.seconds:.1f}", "; ".join(sec.skipped)))
-            continue
-        for i, (metric, est) in enumerate(sec.values.items()):
-            err = "-" if est.stderr is None else f"{est.stderr:.2g}"
-            rows.append(
-                (
-                    name if i == 0 else "",
-                    metric,
-                    f"{est.value:.4g}",
-                    err,
-                    f"{sec.seconds:.1f}" if i == 0 else "",
-                    "IMPRECISE" if est.imprecise else "",
-                )
-            )
-    head = (
-        f"audit of {result.model} on {result.data} ({result.seconds:.1f} s, budget {result.budget}, "
-        f"{result.num_params} parameters)"
-    )
-    return head + "\n" + text_table(["section", "metric", "value", "stderr", "seconds", "flag"], rows)
-
-
-@runs_app.command("show")
-def runs_show(run_ref: str = typer.Argument(..., metavar="RUN"), out: Path = OutOpt, as_json: bool = JsonOpt) -> None:
-    """Show a run's settings and claims (an audit run: its numbers)."""
-    import yaml
-
-    from symgen.runs import RunStore
-    from symgen.terminal import claim_lines
-
-    store = RunStore(out)
-    run = store.get(run_ref)
-    meta = yaml.safe_load((run.path / "config.yaml").read_text())
-    is_audit = meta.get("experiment") == "audit"
-    body = run.read_json("audit.json") if is_audit else run.read_json("claims.json")
-    if as_json:
-        _emit({**store.row(run), "config": meta, ("audit" if is_audit else "claims"): body})
-        return
-    say(yaml.safe_dump(meta, sort_keys=False).rstrip())
-    say(_audit_lines(body) if is_audit else claim_lines(body, run.path.name))
-    say(f"report: {run.path / 'report.html'}")
-
-
-@runs_app.command("compare")
-def runs_compare(
-    run_refs: list[str] = typer.Argument(..., metavar="RUN..."), out: Path = OutOpt, as_json: bool = JsonOpt
-) -> None:
-    """Compare several runs side by side: claims (verdict and headline number), or an audit's numbers."""
-    from symgen.runs import RunStore
-    from symgen.terminal import claim_headline, format_value, text_table
-
-    store = RunStore(out)
-    runs = [store.get(r) for r in run_refs]
-    table: dict[str, list[str]] = {}
-    for i, run in enumerate(runs):
-        if (run.path / "audit.json").exists():
-            for sname, sec in run.read_json("audit.json")["sections"].items():
-                for metric, est in sec["values"].items():
-                    err = "" if est["stderr"] is None else f" ± {format_value(est['stderr'], 2)}"
-                    row = table.setdefault(f"{sname}.{metric}", ["-"] * len(runs))
-                    row[i] = f"{format_value(est['value'], 4)}{err}"
-            continue
-        for c in run.read_json("claims.json"):
-            h = claim_headline(c)
-            row = table.setdefault(c["id"], ["-"] * len(runs))
-            num = "" if h["measured"] is None else f"{h['key']}={format_value(h['measured'], 3)} "
-            row[i] = f"{num}{'PASS' if c['passed'] else 'FAIL'}"
-    if as_json:
-        _emit({"runs": [r.id for r in runs], "rows": table})
-        return
-    say(text_table(["claim / metric", *[r.id for r in runs]], [(k, *v) for k, v in table.items()]))
-
-
-@app.command()
-def report(run_ref: str = typer.Argument(..., metavar="RUN"), out: Path = OutOpt) -> None:
-    """(Re)write a run's report.html (the audit page for an audit run) and print its path."""
-    from symgen.runs import RunStore, write_report
-
-    say(str(write_report(RunStore(out).get(run_ref))))
-
-
-@app.command()
-def audit(
-    model: str = typer.Option(
-        ...,
-        "--model",
-        help="MODULE:FACTORY (a dotted module or path/to/file.py) "
-        "whose FACTORY() returns the nn.Module; literal arguments "
-        "may follow: 'pkg.mod:build(\"cnn\", width=8)'.",
-    ),
-    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="State-dict file to load into the model."),
-    data: str = typer.Option(..., "--data", help="Dataset: digits, mnist1d, mnist, fashion-mnist, cifar10."),
-    root: Path | None = typer.Option(None, "--root", help="Directory with the dataset files (mnist, cifar10)."),
-    action: str = typer.Option("none", "--action", help="Group action for invariance: c4, d4, shift or none."),
-    budget: str = typer.Option(
-        "quick",
-        "--budget",
-        help="quick (about a minute on a CPU, whatever the model), "
-        "full, or a number of seconds: each section's work is "
-        "sized to it.",
-    ),
-    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
-    seed: int = typer.Option(0, "--seed", help="Seed of subsamples, probes, noise draws and attacks."),
-    set_: list[str] = typer.Option(
-        [],
-        "--set",
-        help="Override a budget limit: key=value, e.g. ntk_samples=100 (repeatable; see symgen.audit.AuditLimits).",
-    ),
-    out: Path = OutOpt,
-    as_json: bool = JsonOpt,
-) -> None:
-    """Audit a trained model: accuracy, invariance, scale symmetries, curvature, noise stability, NTK, PGD."""
-    import yaml
-
-    from symgen.runs import run_audit
-
-    if device is not None:
-        _check_device(device)
-    limits = {}
-    for item in set_:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set expects key=value, got '{item}'.")
-        try:
-            limits[key.strip()] = yaml.safe_load(raw)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {key}: cannot parse value '{raw}': {e}") from None
-    t0 = time.time()
-    group = _torchrun_group(device)
-    lead = group is None or _rank(group) == 0
-
-    def progress(title: str) -> None:
-        if lead:
-            say(f"  [{time.time() - t0:5.1f} s] {title}", err=True)
-
-    try:
-        result, run = run_audit(
-            model,
-            data,
-            checkpoint=checkpoint,
-            action=action,
-            budget=budget,
-            root=root,
-            device=device,
-            seed=seed,
-            out=out,
-            limits=limits,
-            progress=progress,
-            process_group=group,
-        )
-    finally:
-        if group is not None:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-    if run is None:  # another rank than 0 under torchrun: rank 0 writes the run and prints
-        return
-    if as_json:
-        _emit({"run": run.id, "path": str(run.path), "report": str(run.path / "report.html"), **result.to_dict()})
-        return
-    say(_audit_lines(result.to_dict()))
-    say(f"report: {run.path / 'report.html'}")
-
-
-def _torchrun_group(device: str | None) -> Any:
-    """Under torchrun (RANK and WORLD_SIZE in the environment, more than one process): the initialized
-    default process group (NCCL on CUDA, gloo on CPU), each rank on its local GPU; else None."""
-    import os
-
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    from symgen import distributed
-
-    backend = "nccl" if device is not None and device.startswith("cuda") else "gloo"
-    return distributed.init_process_group(backend)
-
-
-def _rank(group: Any) -> int:
-    from symgen import distributed
-
-    return distributed.rank(group)
+app.command()(report)  # symgen.cli_runs
+app.command()(audit)  # symgen.cli_audit
 
 
 def _usage_error_type() -> type[Exception]:

@@ -96,7 +96,7 @@ def resolve_group(process_group: GroupSpec = "auto") -> Group:
     "auto" (every symgen entry point's default): the default group when torch.distributed is initialized
     with more than one process, else None; None: this process alone; a ``ProcessGroup``: that group.
     """
-    if process_group is None or process_group is False:
+    if process_group is None or (isinstance(process_group, bool) and not process_group):  # False: like None
         return None
     dist = _dist()
     if isinstance(process_group, str):
@@ -116,12 +116,26 @@ def resolve_group(process_group: GroupSpec = "auto") -> Group:
 
 
 def rank(group: Group = None) -> int:
-    """This process's rank in ``group`` (0 without torch.distributed)."""
+    """This process's rank in ``group`` (0 without torch.distributed).
+
+    Args:
+        group: the process group (None: this process alone).
+
+    Returns:
+        The rank.
+    """
     return 0 if group is None else _dist().get_rank(group)
 
 
 def world_size(group: Group = None) -> int:
-    """The number of processes in ``group`` (1 without torch.distributed)."""
+    """The number of processes in ``group`` (1 without torch.distributed).
+
+    Args:
+        group: the process group (None: this process alone).
+
+    Returns:
+        The number of processes.
+    """
     return 1 if group is None else _dist().get_world_size(group)
 
 
@@ -149,7 +163,16 @@ def _comm_tensor(t: Tensor, group: Group) -> Tensor:
 
 
 def all_reduce_sum(t: Tensor, group: Group = None, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Tensor:
-    """The element-wise sum of ``t`` over the ranks of ``group`` (a new tensor; ``t`` itself for None)."""
+    """The element-wise sum of ``t`` over the ranks of ``group`` (a new tensor; ``t`` itself for None).
+
+    Args:
+        t: this rank's tensor.
+        group: the process group (None: this process alone).
+        timeout_s: the longest wait for the other ranks.
+
+    Returns:
+        The sum.
+    """
     if group is None:
         return t
     buf = _comm_tensor(t.detach().clone(), group)
@@ -158,13 +181,27 @@ def all_reduce_sum(t: Tensor, group: Group = None, *, timeout_s: float = DEFAULT
 
 
 def barrier(group: Group = None, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-    """Wait for every rank, at most ``timeout_s`` seconds."""
+    """Wait for every rank, at most ``timeout_s`` seconds.
+
+    Args:
+        group: the process group (None: this process alone).
+        timeout_s: the longest wait.
+    """
     if group is not None:
         all_reduce_sum(torch.zeros(1), group, timeout_s=timeout_s)
 
 
 def all_gather_rows(t: Tensor, group: Group = None, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Tensor:
-    """The rows of ``t (m_r, ...)`` of every rank concatenated in rank order (row counts may differ)."""
+    """The rows of ``t (m_r, ...)`` of every rank concatenated in rank order (row counts may differ).
+
+    Args:
+        t: this rank's rows.
+        group: the process group (None: this process alone).
+        timeout_s: the longest wait for the other ranks.
+
+    Returns:
+        Every rank's rows.
+    """
     if group is None:
         return t
     n = world_size(group)
@@ -183,7 +220,15 @@ def all_gather_rows(t: Tensor, group: Group = None, *, timeout_s: float = DEFAUL
 
 
 def shard_range(n: int, group: Group = None) -> range:
-    """This rank's contiguous share of ``range(n)`` (sizes differ by at most one; rank order)."""
+    """This rank's contiguous share of ``range(n)`` (sizes differ by at most one; rank order).
+
+    Args:
+        n: the number of items.
+        group: the process group (None: this process alone).
+
+    Returns:
+        This rank's range.
+    """
     r, w = rank(group), world_size(group)
     return range(r * n // w, (r + 1) * n // w)
 

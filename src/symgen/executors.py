@@ -22,11 +22,20 @@ class Executor:
     name = "inprocess"
 
     def imap(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
+        """Apply ``fn`` to each item.
+
+        Args:
+            fn: a pure, picklable, module-level function of one item.
+            items: the trials' settings.
+
+        Returns:
+            ``(index, result)`` pairs, as the trials finish.
+        """
         for i, item in enumerate(items):
             yield i, fn(item)
 
     def close(self) -> None:
-        pass
+        """Release the executor's workers (nothing to release in process)."""
 
 
 class InProcessExecutor(Executor):
@@ -34,7 +43,11 @@ class InProcessExecutor(Executor):
 
 
 class PoolExecutor(Executor):
-    """Trials in a local process pool (spawned workers, each limited to one BLAS thread)."""
+    """Trials in a local process pool (spawned workers, each limited to one BLAS thread).
+
+    Args:
+        workers: the number of processes (default: one per CPU).
+    """
 
     name = "pool"
 
@@ -46,17 +59,32 @@ class PoolExecutor(Executor):
             self.workers, mp_context=mp.get_context("spawn"), initializer=num_threads, initargs=(1,)
         )
 
-    def imap(self, fn, items):
+    def imap(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
+        """Submit every item to the pool.
+
+        Args:
+            fn: a pure, picklable, module-level function of one item.
+            items: the trials' settings.
+
+        Returns:
+            ``(index, result)`` pairs, as the trials finish.
+        """
         futures = {self._pool.submit(fn, item): i for i, item in enumerate(items)}
         for fut in as_completed(futures):
             yield futures[fut], fut.result()
 
     def close(self) -> None:
+        """Shut the pool down, cancelling the trials not started."""
         self._pool.shutdown(cancel_futures=True)
 
 
 class RayExecutor(Executor):
-    """Trials as Ray tasks on a cluster (``ray start --head``; extra ``symgen[ray]``)."""
+    """Trials as Ray tasks on a cluster (``ray start --head``; extra ``symgen[ray]``).
+
+    Args:
+        address: the cluster's address (None: a local Ray).
+        num_cpus_per_trial: the CPUs Ray reserves for each trial.
+    """
 
     name = "ray"
 
@@ -70,7 +98,16 @@ class RayExecutor(Executor):
             ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
         self._cpus = num_cpus_per_trial
 
-    def imap(self, fn, items):
+    def imap(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
+        """Run every item as a Ray task.
+
+        Args:
+            fn: a pure, picklable, module-level function of one item.
+            items: the trials' settings.
+
+        Returns:
+            ``(index, result)`` pairs, as the trials finish.
+        """
         ray = self._ray
         remote = ray.remote(num_cpus=self._cpus)(fn)
         refs = {remote.remote(item): i for i, item in enumerate(items)}
@@ -81,6 +118,16 @@ class RayExecutor(Executor):
 
 
 def make_executor(name: str = "inprocess", workers: int | None = None, ray_address: str | None = None) -> Executor:
+    """The executor ``--executor NAME`` names.
+
+    Args:
+        name: inprocess, pool or ray.
+        workers: the processes of a pool.
+        ray_address: the Ray cluster's address.
+
+    Returns:
+        The executor.
+    """
     if name == "inprocess":
         return InProcessExecutor()
     if name == "pool":

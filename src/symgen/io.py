@@ -15,7 +15,15 @@ __all__ = ["atomic_write"]
 
 
 def atomic_write(path: str | Path, data: str | bytes | Callable[[IO[bytes]], Any]) -> Path:
-    """Write ``data`` (text, bytes, or a function that writes to a binary file object) to ``path`` atomically."""
+    """Write ``data`` (text, bytes, or a function that writes to a binary file object) to ``path`` atomically.
+
+    Args:
+        path: the target file (its directory is created when missing).
+        data: text, bytes, or a function that writes to a binary file object.
+
+    Returns:
+        ``path``, as a ``Path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

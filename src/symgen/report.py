@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 import html
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +96,7 @@ def render_page(
     *,
     subtitle: str = "",
     claims: Sequence[dict[str, Any]] = (),
-    tables: dict[str, Sequence[dict[str, Any]]] | None = None,
+    tables: Mapping[str, Sequence[dict[str, Any]]] | None = None,
     figures: Sequence[Path] = (),
     config: Any = None,
     data_json: Any = None,

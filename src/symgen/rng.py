@@ -35,7 +35,15 @@ Seed = int | torch.Generator | None
 
 
 def as_generator(generator: Seed = None, device: torch.device | str | None = None) -> torch.Generator:
-    """A ``torch.Generator`` from a seed (``None`` = 0) or the generator itself (used as is, shared)."""
+    """A ``torch.Generator`` from a seed (``None`` = 0) or the generator itself (used as is, shared).
+
+    Args:
+        generator: an int seed, a ``torch.Generator`` or None (seed 0).
+        device: the device of a new generator (default: the CPU).
+
+    Returns:
+        The generator.
+    """
     if isinstance(generator, torch.Generator):
         return generator
     if generator is None:
@@ -50,19 +58,43 @@ def as_generator(generator: Seed = None, device: torch.device | str | None = Non
 def init_generator(generator: Seed = None) -> torch.Generator:
     """The generator of a module's initializer: like every ``torch.nn`` module, ``None`` draws from the global
     CPU generator (so ``rng.isolated_seed`` and ``functional.stacked_init`` seed it); a seed or generator overrides.
+
+    Args:
+        generator: an int seed, a ``torch.Generator`` or None (the global generator).
+
+    Returns:
+        The generator.
     """
     return torch.random.default_generator if generator is None else as_generator(generator)
 
 
 def seed_of(generator: Seed = None) -> int:
-    """An integer seed: the seed itself, 0 for ``None``, or one drawn from a generator (advancing it)."""
+    """An integer seed: the seed itself, 0 for ``None``, or one drawn from a generator (advancing it).
+
+    Args:
+        generator: an int seed, a ``torch.Generator`` or None.
+
+    Returns:
+        The seed.
+    """
     if isinstance(generator, torch.Generator):
         return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     return int(as_generator(generator).initial_seed())
 
 
 def derive(seed: int, *keys: int) -> int:
-    """A seed for the sub-stream ``keys`` of ``seed`` (member m, trial t, ...): fixed odd-multiplier mixing."""
+    """A seed for the sub-stream ``keys`` of ``seed`` (member m, trial t, ...): fixed odd-multiplier mixing.
+
+    The keys are summed, so ``derive(s, a, b)`` equals ``derive(s, a + b + 1)``: give each use one key
+    (or nest, ``derive(derive(s, a), b)``).
+
+    Args:
+        seed: the parent seed.
+        *keys: the sub-stream's keys.
+
+    Returns:
+        A seed in ``[0, 2**62)``.
+    """
     h = int(seed) * 0x9E3779B1 + 0x5BD1E995
     for k in keys:
         h = h + (int(k) + 1) * 0x85EBCA77

@@ -5,8 +5,8 @@ and the one device of a model. Operators, noise stability, the NTK and evaluatio
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
+from typing import Any, TypeAlias, TypeGuard, Union
 
 import torch
 from torch import Tensor, nn
@@ -15,10 +15,16 @@ from symgen.errors import ConfigError, ShapeError
 
 __all__: list[str] = []
 
-__all__ += ["BatchStream", "model_device"]
+__all__ += ["Batch", "Data", "BatchStream", "model_device"]
+
+#: One batch: ``(x, y)`` (a tuple or list of tensors; ``(x,)`` or a tensor ``x`` where only inputs are needed).
+Batch: TypeAlias = Union[tuple[Tensor, ...], list[Tensor], Tensor]
+#: Data a streaming function takes: one batch, a list of batches, or any re-iterable of batches (a
+#: ``torch.utils.data.DataLoader``, a :class:`BatchStream`); see :func:`is_tensor_pair`.
+Data: TypeAlias = Union[Batch, Sequence[Batch], Iterable[Any]]
 
 
-def _signature(t: Tensor) -> tuple:
+def _signature(t: Tensor) -> tuple[tuple[int, ...], torch.dtype]:
     return (tuple(t.shape[1:]), t.dtype)
 
 
@@ -33,11 +39,17 @@ class BatchStream:
     after the first full pass (or at once for in-memory data). ``allow_empty``: a data-parallel rank may
     own no batch (the operators check the total over ranks). A shuffling loader is fine for sums over
     the dataset (eval-mode products); with train-mode BatchNorm the batch composition matters.
+
+    Args:
+        data: one batch, a list of batches or a re-iterable of batches (:data:`Data`).
+        device: where batches are moved (None: left where they are).
+        inputs_only: batches are inputs ``x`` (the labels, if any, are dropped).
+        allow_empty: an empty stream is allowed (a rank that owns no batch).
     """
 
     def __init__(
         self,
-        data: Any,
+        data: Data,
         device: torch.device | str | None = None,
         *,
         inputs_only: bool = False,
@@ -46,7 +58,8 @@ class BatchStream:
         self.device = None if device is None else torch.device(device)
         self.inputs_only = inputs_only
         self.allow_empty = allow_empty
-        self._sig: tuple | None = None
+        self._sig: tuple[tuple[tuple[int, ...], torch.dtype], ...] | None = None
+        self._source: Iterable[Any]
         self.num_data: int | None = None
         self.num_batches: int | None = None
         if isinstance(data, BatchStream):
@@ -71,11 +84,13 @@ class BatchStream:
     def __len__(self) -> int:
         if self.num_batches is not None:
             return self.num_batches
-        return len(self._source)  # type: ignore[arg-type]
+        if not isinstance(self._source, Sized):
+            raise TypeError(f"object of type '{type(self._source).__name__}' has no len()")
+        return len(self._source)
 
     def _check(self, i: int, batch: Any) -> tuple[Tensor, ...]:
         if isinstance(batch, Tensor) and self.inputs_only:
-            parts: tuple = (batch,)
+            parts: tuple[Tensor, ...] = (batch,)
         elif isinstance(batch, (tuple, list)) and len(batch) >= (1 if self.inputs_only else 2):
             parts = (batch[0],) if self.inputs_only else (batch[0], batch[1])
         else:
@@ -122,13 +137,29 @@ class BatchStream:
         self.num_batches, self.num_data = count, num
 
 
-def is_tensor_pair(data: Any) -> bool:
-    """Whether ``data`` is one batch ``(x, y)``: a tuple or list of exactly two tensors."""
+def is_tensor_pair(data: object) -> TypeGuard[tuple[Tensor, Tensor] | list[Tensor]]:
+    """Whether ``data`` is one batch ``(x, y)``: a tuple or list of exactly two tensors.
+
+    Args:
+        data: anything.
+
+    Returns:
+        True for a tuple or list of exactly two tensors.
+    """
     return isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data)
 
 
-def iter_is_self(data: Any) -> bool:
-    """Whether ``data`` is a one-shot iterator (``iter(data) is data``), which cannot be streamed twice."""
+def iter_is_self(data: object) -> bool:
+    """Whether ``data`` is a one-shot iterator (``iter(data) is data``), which cannot be streamed twice.
+
+    Args:
+        data: anything.
+
+    Returns:
+        True for an iterator (a generator, ``iter(loader)``).
+    """
+    if not isinstance(data, Iterable):
+        return False
     try:
         return iter(data) is data
     except TypeError:
@@ -136,7 +167,15 @@ def iter_is_self(data: Any) -> bool:
 
 
 def model_device(module: nn.Module, params: Mapping[str, Tensor] | None = None) -> torch.device:
-    """The one device of a model's parameters (and buffers); a model spread over devices is a ``ConfigError``."""
+    """The one device of a model's parameters (and buffers); a model spread over devices is a ``ConfigError``.
+
+    Args:
+        module: the model.
+        params: its parameters, when given apart from the module (functional calls).
+
+    Returns:
+        The device (the CPU for a model without tensors).
+    """
     tensors = list((params or {}).values()) or [*module.parameters(), *module.buffers()]
     devices = {t.device for t in tensors}
     if len(devices) > 1:
@@ -148,7 +187,13 @@ def model_device(module: nn.Module, params: Mapping[str, Tensor] | None = None) 
 
 
 def check_same_device(module: nn.Module, x: Tensor, what: str = "x") -> None:
-    """A clear ``ConfigError`` when input ``x`` and the model live on different devices."""
+    """A clear ``ConfigError`` when input ``x`` and the model live on different devices.
+
+    Args:
+        module: the model.
+        x: its input.
+        what: how the message names ``x``.
+    """
     dev = model_device(module)
     if isinstance(x, Tensor) and x.device != dev and next(iter([*module.parameters()]), None) is not None:
         raise ConfigError(

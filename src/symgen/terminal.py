@@ -31,6 +31,14 @@ PROGRESS_INTERVAL = 10.0  # seconds between plain progress lines outside a termi
 
 
 def is_tty(stream: IO[str] | None = None) -> bool:
+    """Whether ``stream`` is a terminal.
+
+    Args:
+        stream: the stream (default: stderr).
+
+    Returns:
+        True for a terminal; False for a pipe, a file or a closed stream.
+    """
     stream = stream if stream is not None else sys.stderr
     try:
         return bool(stream.isatty())
@@ -148,7 +156,14 @@ def dump_json(obj: Any, stream: IO[str] | None = None) -> None:
 
 
 class Ticker:
-    """Plain progress lines on ``stream`` at most every ``interval`` seconds (for pipes and logs)."""
+    """Plain progress lines on ``stream`` at most every ``interval`` seconds (for pipes and logs).
+
+    Args:
+        desc: the label.
+        total: the number of items, when known.
+        stream: where the lines go (default: stderr).
+        interval: the least number of seconds between lines.
+    """
 
     def __init__(
         self, desc: str, total: int | None = None, stream: IO[str] | None = None, interval: float = PROGRESS_INTERVAL
@@ -159,6 +174,11 @@ class Ticker:
         self.done = 0
 
     def advance(self, n: int = 1) -> None:
+        """Count ``n`` more items done; write a line when ``interval`` seconds have passed since the last.
+
+        Args:
+            n: the items done.
+        """
         self.done += n
         now = time.monotonic()
         if now - self.last >= self.interval:

@@ -18,18 +18,31 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from symgen.audit.limits import BUDGETS, AuditLimits, resolve_limits
-from symgen.audit.loading import ACTIONS, action_name, load_checkpoint, load_model, make_action, resolve_data
+from symgen.audit.limits import BUDGETS, AuditLimits, current_limit_names, resolve_limits
+from symgen.audit.loading import (
+    ACTIONS,
+    ActionSpec,
+    AuditData,
+    action_name,
+    load_checkpoint,
+    load_model,
+    make_action,
+    resolve_data,
+)
 from symgen.audit.result import RUN_ORDER, SECTIONS, AuditResult, Estimate, SectionResult
 from symgen.audit.sections import curvature, evaluation, ntk, scale_symmetries
 from symgen.audit.splits import Split, as_split
+from symgen.distributed import GroupSpec
 from symgen.errors import ConfigError, DivergenceError
 from symgen.rng import Seed, seed_of
+
+if TYPE_CHECKING:
+    from symgen.groups import GroupAction
 
 __all__ = [
     "ACTIONS",
@@ -49,8 +62,8 @@ __all__ = [
 
 def audit(
     model: nn.Module,
-    data: Any,
-    action: Any = None,
+    data: AuditData,
+    action: ActionSpec = None,
     *,
     budget: str | float = "quick",
     limits: Mapping[str, Any] | None = None,
@@ -60,7 +73,7 @@ def audit(
     sections: Sequence[str] | None = None,
     name: str | None = None,
     progress: Callable[[str], None] | None = None,
-    process_group: Any = "auto",
+    process_group: GroupSpec = "auto",
 ) -> AuditResult:
     """Measure how symmetric, flat, kernel-like and robust a trained classifier is.
 
@@ -77,26 +90,48 @@ def audit(
     from a timing of one forward and backward pass (:mod:`symgen.audit.planning`): every section
     runs and says what it could afford. Non-finite weights or buffers raise :class:`DivergenceError`. ``sections`` restricts the audit to these names.
     ``generator`` (an int seed or a ``torch.Generator``; None = seed 0) seeds subsamples, probes,
-    noise draws and attacks; each section draws from its own stream derived from one integer seed
-    (``symgen.rng.seed_of``: the int itself, or one draw from a generator), so its numbers do not
-    depend on which other sections ran. The model is evaluated in eval mode
+    noise draws and attacks; every use draws from its own stream ``rng.derive(seed, key)`` of one
+    integer seed (``symgen.rng.seed_of``: the int itself, or one draw from a generator; the keys:
+    :data:`symgen.audit.sections.common.STREAMS`), so no two uses share draws and a section's numbers
+    do not depend on which other sections ran. The model is evaluated in eval mode
     (BatchNorm uses its running statistics) on ``device`` (default: where its parameters are) in
     its own dtype; it is not modified. Nothing is written to disk.
 
-    The test split is streamed whole through a DataLoader (``test_samples`` None); the budget limits
-    only what is expensive (training subsamples, probes, Lanczos steps, NTK and PGD samples).
-    An explicit ``eval_samples`` without ``test_samples`` subsamples both splits (as it always did).
+    The test split is streamed whole through a DataLoader (``test_num_data`` None); the budget limits
+    only what is expensive (training subsamples, probes, Lanczos steps, NTK and PGD data points).
+    An explicit ``eval_num_data`` without ``test_num_data`` subsamples both splits (as it always did).
+    A former limit name (``noise_samples``, ... :data:`symgen.audit.limits.RENAMED`) is accepted with a
+    ``DeprecationWarning``.
     ``process_group`` ("auto": the default group when torch.distributed is initialized with several
     processes, e.g. under torchrun; None: this process alone): accuracy and loss, the Hessian and GGN
     products and noise stability are computed on each rank's shard of the data and all-reduced, the
     other sections on every rank alike; every rank returns the same numbers as one process would
     (up to round-off).
+
+    Args:
+        model: the trained classifier (one logit per class).
+        data: a dataset name, a batch ``(x, y)``, a loader, or ``{"train": ..., "test": ...}`` of those.
+        action: c4, d4, shift, none, a ``GroupAction`` or None.
+        budget: quick, full or seconds.
+        limits: single limits of the budget (:class:`AuditLimits` fields).
+        root: the directory of the dataset files.
+        generator: the seed of every random stream.
+        device: where the model is evaluated (default: where its parameters are).
+        sections: only these sections (default: all).
+        name: how the result names the model (default: its class name).
+        progress: called with each section's title as it starts.
+        process_group: a :data:`~symgen.distributed.GroupSpec`: the ranks the data-parallel sections
+            are sharded over.
+
+    Returns:
+        The :class:`AuditResult`.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"audit expects a torch.nn.Module, got {type(model).__name__}; load one with "
             "symgen.audit.load_model('MODULE:FACTORY')."
         )
+    limits = current_limit_names(limits)
     lim = resolve_limits(budget, limits)
     known = [s for s, _ in SECTIONS]
     chosen = list(sections) if sections is not None else known
@@ -120,11 +155,11 @@ def audit(
     test = train if same else as_split(test_src, "data['test']" if two else "data", dev, dtype)
     act = make_action(action, test.input_shape)
     _check_finite(model)
-    fixed = set(limits or {})
-    if "eval_samples" in fixed and "test_samples" not in fixed:
+    fixed = set(limits)
+    if "eval_num_data" in fixed and "test_num_data" not in fixed:
         from dataclasses import replace
 
-        lim = replace(lim, test_samples=lim.eval_samples)
+        lim = replace(lim, test_num_data=lim.eval_num_data)
     from symgen import distributed
 
     group = distributed.resolve_group(process_group)
@@ -143,20 +178,19 @@ def audit(
     )
     start = time.perf_counter()
 
-    def gen(key: str) -> torch.Generator:
-        # One stream per section: its numbers do not depend on which other sections ran.
-        return torch.Generator().manual_seed(seed * 1009 + known.index(key))
+    def invariance(s: SectionResult) -> None:
+        assert act is not None  # the loop skips the section without an action
+        evaluation.invariance(s, model, act, test, lim, seed)
 
+    # Every section draws from its own streams of ``seed`` (sections.common.STREAMS).
     runners: dict[str, Callable[[SectionResult], None]] = {
-        "performance": lambda s: evaluation.performance(s, model, train, test, lim, gen("performance"), same, group),
-        "invariance": lambda s: evaluation.invariance(s, model, act, test, lim, gen("invariance")),
-        "scale_symmetries": lambda s: scale_symmetries.scale_symmetries(
-            s, model, train, lim, gen("scale_symmetries"), seed
-        ),
+        "performance": lambda s: evaluation.performance(s, model, train, test, lim, seed, same, group),
+        "invariance": invariance,
+        "scale_symmetries": lambda s: scale_symmetries.scale_symmetries(s, model, train, lim, seed),
         "hessian": lambda s: curvature.hessian(s, model, train, lim, seed, group),
         "noise_stability": lambda s: curvature.noise_stability(s, model, train, lim, seed, result, group),
-        "ntk": lambda s: ntk.ntk(s, model, test, lim, gen("ntk")),
-        "robustness": lambda s: evaluation.robustness(s, model, test, lim, gen("robustness"), seed),
+        "ntk": lambda s: ntk.ntk(s, model, test, lim, seed),
+        "robustness": lambda s: evaluation.robustness(s, model, test, lim, seed),
     }
     titles = dict(SECTIONS)
     result.sections = {key: SectionResult(key, title) for key, title in SECTIONS}
@@ -225,7 +259,7 @@ def _check_finite(model: nn.Module) -> None:
 
 
 def _plan(
-    model: nn.Module, lim: AuditLimits, train: Split, test: Split, act: Any, fixed: set[str]
+    model: nn.Module, lim: AuditLimits, train: Split, test: Split, act: GroupAction | None, fixed: set[str]
 ) -> tuple[AuditLimits, dict[str, str]]:
     """Limits sized to the time budget (unchanged when the timing itself fails: the sections then say why)."""
     from symgen.audit.planning import plan_limits, time_passes

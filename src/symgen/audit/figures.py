@@ -12,7 +12,15 @@ __all__ = ["draw_figures"]
 
 
 def element_labels(action: str | None, order: int) -> list[str]:
-    """Readable names of the group elements: rotations in degrees, flips, shifts."""
+    """Readable names of the group elements: rotations in degrees, flips, shifts.
+
+    Args:
+        action: the action's name.
+        order: the group's order.
+
+    Returns:
+        One label per group element.
+    """
     if action == "c4" and order == 4:
         return ["id", "rot 90", "rot 180", "rot 270"]
     if action == "d4" and order == 8:
@@ -34,7 +42,15 @@ FONT = {
 
 def draw_figures(result: AuditResult, outdir: Path) -> list[Path]:
     """PNG figures of the sections that ran (invariance, Hessian density, noise stability, NTK spectrum,
-    robustness) in ``outdir``; return their paths. Fonts are readable at the page's size."""
+    robustness) in ``outdir``; return their paths. Fonts are readable at the page's size.
+
+    Args:
+        result: what the audit measured.
+        outdir: the directory (created when missing).
+
+    Returns:
+        The PNG files written.
+    """
     from symgen.report import pyplot
 
     plt = pyplot()

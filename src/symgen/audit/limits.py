@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from symgen.errors import ConfigError
 
-__all__ = ["AuditLimits", "BUDGETS", "resolve_limits", "budget_seconds"]
+__all__ = ["AuditLimits", "BUDGETS", "RENAMED", "resolve_limits", "budget_seconds", "current_limit_names"]
 
 
 @dataclass(frozen=True)
@@ -19,58 +20,97 @@ class AuditLimits:
     The audit sizes each section's work to ``time_limit`` (:mod:`symgen.audit.planning`) from a
     timing of the model; a section that would start after twice the limit (a gross misestimate) is
     skipped and says so; a section that runs is never cut short.
+
+    Names follow the conventions of ``docs/architecture.md``: a count of data points is ``*_num_data``
+    (a subsample of a split), a count of noise draws ``*_num_samples``. The names they replace
+    (:data:`RENAMED`) are still accepted with a ``DeprecationWarning``.
     """
 
     time_limit: float = 60.0
     batch_size: int = 512
-    eval_samples: int | None = 2000  # training-split subsample of the performance section (None: whole)
-    test_samples: int | None = None  # None: the whole test split, streamed batch by batch
-    invariance_samples: int = 256
-    symmetry_samples: int = 32
-    hessian_samples: int = 128
+    eval_num_data: int | None = 2000  # training-split subsample of the performance section (None: whole)
+    test_num_data: int | None = None  # None: the whole test split, streamed batch by batch
+    invariance_num_data: int = 256
+    symmetry_num_data: int = 32
+    hessian_num_data: int = 128
     hutchinson_probes: int = 24
     top_eigenvalues: int = 3
     eigen_iters: int = 30
     density_runs: int = 2  # >= 2 gives the density's implied trace an error bar
     density_steps: int = 24
-    noise_samples: int = 128
-    noise_draws: int = 16
+    noise_num_data: int = 128
+    noise_num_samples: int = 16
     noise_sigmas: tuple[float, ...] = (0.003, 0.01, 0.03)
-    ntk_samples: int = 48
+    ntk_num_data: int = 48
     ntk_subsamples: int = 3
-    pgd_samples: int = 200
+    pgd_num_data: int = 200
     pgd_steps: int = 10
     pgd_eps: tuple[float, ...] = (0.01, 0.03, 0.1)  # fractions of the input range
 
-    def describe_against(self, other: AuditLimits) -> dict[str, tuple[Any, Any]]:
-        """Fields where these limits are below ``other``'s: name -> (this, other)."""
-        out = {}
-        for f in fields(self):
-            a, b = getattr(self, f.name), getattr(other, f.name)
-            if a != b:
-                out[f.name] = (a, b)
-        return out
+
+#: Former limit names -> current ones. "samples" meant data points here but noise draws everywhere else
+#: in symgen; a count of data points is now ``*_num_data`` and the noise draws ``noise_num_samples``.
+RENAMED: dict[str, str] = {
+    "eval_samples": "eval_num_data",
+    "test_samples": "test_num_data",
+    "invariance_samples": "invariance_num_data",
+    "symmetry_samples": "symmetry_num_data",
+    "hessian_samples": "hessian_num_data",
+    "noise_samples": "noise_num_data",
+    "ntk_samples": "ntk_num_data",
+    "pgd_samples": "pgd_num_data",
+    "noise_draws": "noise_num_samples",
+}
+
+
+def current_limit_names(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``overrides`` with every former limit name (:data:`RENAMED`) replaced by the current one.
+
+    A former name gives a ``DeprecationWarning`` that names its replacement; the same limit given
+    under both names is a :class:`ConfigError`.
+
+    Args:
+        overrides: limit name -> value, as a user gave them (None: none).
+
+    Returns:
+        A new dict under the current names, in the given order.
+    """
+    out: dict[str, Any] = {}
+    for key, value in (overrides or {}).items():
+        new = RENAMED.get(key)
+        if new is not None:
+            if new in (overrides or {}):
+                raise ConfigError(f"audit limit '{key}' is the former name of '{new}'; give only '{new}'.")
+            warnings.warn(
+                f"audit limit '{key}' is renamed '{new}' (a count of data points is *_num_data, of noise "
+                f"draws *_num_samples); '{key}' will stop working in a future version.",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            key = new
+        out[key] = value
+    return out
 
 
 BUDGETS: dict[str, AuditLimits] = {
     "quick": AuditLimits(),
     "full": AuditLimits(
         time_limit=3600.0,
-        eval_samples=None,
-        invariance_samples=2000,
-        symmetry_samples=64,
-        hessian_samples=2000,
+        eval_num_data=None,
+        invariance_num_data=2000,
+        symmetry_num_data=64,
+        hessian_num_data=2000,
         hutchinson_probes=200,
         top_eigenvalues=5,
         eigen_iters=150,
         density_runs=3,
         density_steps=80,
-        noise_samples=2000,
-        noise_draws=64,
+        noise_num_data=2000,
+        noise_num_samples=64,
         noise_sigmas=(0.001, 0.003, 0.01, 0.03, 0.1),
-        ntk_samples=200,
+        ntk_num_data=200,
         ntk_subsamples=3,
-        pgd_samples=1000,
+        pgd_num_data=1000,
         pgd_steps=40,
         pgd_eps=(0.003, 0.01, 0.03, 0.1, 0.3),
     ),
@@ -78,7 +118,14 @@ BUDGETS: dict[str, AuditLimits] = {
 
 
 def budget_seconds(budget: str | float) -> float | None:
-    """The seconds of a numeric budget (``60``, ``"90"``, ``"2.5"``), None for a named one."""
+    """The seconds of a numeric budget (``60``, ``"90"``, ``"2.5"``), None for a named one.
+
+    Args:
+        budget: a budget name or a number of seconds.
+
+    Returns:
+        The seconds, or None.
+    """
     if isinstance(budget, bool):
         return None
     if isinstance(budget, (int, float)):
@@ -91,7 +138,17 @@ def budget_seconds(budget: str | float) -> float | None:
 
 def resolve_limits(budget: str | float, overrides: Mapping[str, Any] | None = None) -> AuditLimits:
     """The limits of ``budget`` (a key of :data:`BUDGETS`, or seconds: the quick sizes within that time)
-    with single fields replaced by ``overrides``."""
+    with single fields replaced by ``overrides``.
+
+    Args:
+        budget: quick, full or a number of seconds.
+        overrides: limit name -> value; a former name (:data:`RENAMED`) is accepted with a
+            ``DeprecationWarning``.
+
+    Returns:
+        The validated limits.
+    """
+    overrides = current_limit_names(overrides)
     seconds = budget_seconds(budget)
     if seconds is not None:
         if not (math.isfinite(seconds) and seconds > 0):
@@ -123,7 +180,7 @@ def _check_limit(key: str, value: Any) -> Any:
                 f"limit {key} must be a non-empty list of numbers >= 0, e.g. [0.01, 0.03]; got {value!r}."
             )
         return tuple(float(v) for v in vals)
-    if key in ("eval_samples", "test_samples") and value is None:
+    if key in ("eval_num_data", "test_num_data") and value is None:
         return None
     if key == "time_limit":
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:

@@ -7,16 +7,35 @@ import importlib.util
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias, Union
 
 import torch
 from torch import Tensor, nn
 
 from symgen.errors import CheckpointError, ConfigError, GroupActionError
+from symgen.streaming import Data
 
-__all__ = ["ACTIONS", "load_model", "load_checkpoint", "make_action", "action_name", "resolve_data"]
+if TYPE_CHECKING:
+    from symgen.groups import GroupAction
+
+__all__ = [
+    "ACTIONS",
+    "ActionSpec",
+    "AuditData",
+    "load_model",
+    "load_checkpoint",
+    "make_action",
+    "action_name",
+    "resolve_data",
+]
 
 ACTIONS = ("c4", "d4", "shift", "none")
+
+#: The audit's group action: a name of :data:`ACTIONS`, a ``GroupAction``, or None (no action).
+ActionSpec: TypeAlias = Union[str, "GroupAction", None]
+#: The audit's data: a dataset name, :data:`symgen.streaming.Data` (a batch, a list of batches, a loader)
+#: used for both splits, or ``{"train": ..., "test": ...}`` of those.
+AuditData: TypeAlias = Union[str, Data, Mapping[str, Data]]
 
 
 def load_model(
@@ -32,6 +51,15 @@ def load_model(
     called without arguments, or with literal arguments written in the spec:
     ``symgen.experiments.unit_norm:build_model('cnn', (1, 8, 8), channels=8)``.
     ``checkpoint`` is a state-dict file (see :func:`load_checkpoint`).
+
+    Args:
+        spec: ``MODULE:FACTORY`` or ``MODULE:FACTORY(literal arguments)``.
+        checkpoint: a state-dict file to load (None: the factory's weights).
+        device: where to move the model.
+        dtype: the floating dtype to cast it to.
+
+    Returns:
+        The model, in eval mode.
     """
     if not isinstance(spec, str) or ":" not in spec:
         raise ConfigError(
@@ -141,6 +169,13 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
 
     The file holds a state dict, or a dict with one under ``state_dict`` / ``model_state_dict`` /
     ``model``; a ``module.`` prefix (DataParallel) is stripped when the model has none.
+
+    Args:
+        model: the model to load into.
+        path: the checkpoint file.
+
+    Returns:
+        ``model``, loaded.
     """
     path = Path(path)
     if not path.is_file():
@@ -246,17 +281,25 @@ def _unreadable(path: Path, e: BaseException) -> str:
     )
 
 
-def make_action(action: Any, input_shape: Sequence[int]) -> Any:
+def make_action(action: ActionSpec, input_shape: Sequence[int]) -> GroupAction | None:
     """The group action named ``action`` (c4, d4, shift, none) for inputs of ``input_shape`` (without batch).
 
     c4: rotations by 90 degrees, d4: rotations and flips of square images; shift: cyclic shifts
     along the last dim; none: no action. A :class:`symgen.groups.GroupAction` is used as given.
+
+    Args:
+        action: a name of :data:`ACTIONS`, a ``GroupAction`` or None.
+        input_shape: the shape of one input.
+
+    Returns:
+        The action, checked against ``input_shape``; None for no action.
     """
     from symgen.groups import CyclicShift, GroupAction, ImageDihedral, ImageRotation90
 
     shape = tuple(int(s) for s in input_shape)
     if action is None or action == "none":
         return None
+    act: GroupAction
     if isinstance(action, GroupAction):
         act = action
     elif action == "c4":
@@ -276,18 +319,34 @@ def make_action(action: Any, input_shape: Sequence[int]) -> Any:
     return act
 
 
-def action_name(action: Any) -> str | None:
-    """How the report names ``action``: its name, the repr of a GroupAction, or None for no action."""
+def action_name(action: ActionSpec) -> str | None:
+    """How the report names ``action``: its name, the repr of a GroupAction, or None for no action.
+
+    Args:
+        action: a name, a ``GroupAction`` or None.
+
+    Returns:
+        The name, or None.
+    """
     if action is None or action == "none":
         return None
     return action if isinstance(action, str) else repr(action)
 
 
-def resolve_data(data: Any, root: str | Path | None, batch_size: int = 512) -> tuple[str, Any, Any]:
+def resolve_data(data: AuditData, root: str | Path | None, batch_size: int = 512) -> tuple[str, Data, Data]:
     """``(name, train, test)`` sources for :func:`symgen.audit.splits.as_split`: a dataset name gives both
     splits (CIFAR-10 as :class:`symgen.data.Cifar10Batches`, read lazily in batches of ``batch_size``;
     the small datasets as tensors); ``{"train": ..., "test": ...}`` gives each; anything else (an
-    ``(x, y)`` pair, a DataLoader) serves as both."""
+    ``(x, y)`` pair, a DataLoader) serves as both.
+
+    Args:
+        data: the audit's data.
+        root: the directory of the dataset files.
+        batch_size: the batch size of a lazily read dataset.
+
+    Returns:
+        ``(name, train, test)``; ``name`` is "custom" for data that is not a dataset name.
+    """
     if isinstance(data, str):
         from symgen.data import Cifar10Batches, load_dataset
 

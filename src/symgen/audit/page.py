@@ -47,7 +47,14 @@ _MEANING = {
 
 
 def meaning(metric: str) -> str:
-    """One sentence saying what ``metric`` means."""
+    """One sentence saying what ``metric`` means.
+
+    Args:
+        metric: a metric's name (``loss_increase@0.01`` and the like included).
+
+    Returns:
+        The sentence.
+    """
     if metric in _MEANING:
         return _MEANING[metric]
     if metric.startswith("eigenvalue_"):
@@ -64,7 +71,16 @@ def _summary_rows(result: AuditResult) -> list[dict[str, Any]]:
 
 
 def render_audit_page(result: AuditResult, figures: Sequence[Path], *, title: str | None = None) -> str:
-    """The self-contained page of an audit (figures embedded), with its numbers as JSON in ``#data``."""
+    """The self-contained page of an audit (figures embedded), with its numbers as JSON in ``#data``.
+
+    Args:
+        result: what the audit measured.
+        figures: the PNG files to embed.
+        title: the page's title (default: the model's name).
+
+    Returns:
+        The HTML.
+    """
     from symgen.report import render_page
 
     data = result.to_dict()

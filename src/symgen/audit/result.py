@@ -69,6 +69,14 @@ class SectionResult:
     details: dict[str, Any] = field(default_factory=dict)
 
     def add(self, metric: str, value: float, stderr: float | None = None, note: str = "") -> None:
+        """Record one measured value.
+
+        Args:
+            metric: its name, e.g. ``trace``.
+            value: the value.
+            stderr: its standard error (None: deterministic, or no error bar).
+            note: how it was measured.
+        """
         self.values[metric] = Estimate(float(value), None if stderr is None else float(stderr), note)
 
 
@@ -102,7 +110,15 @@ class AuditResult:
         return cls(**fields)
 
     def value(self, section: str, metric: str) -> float:
-        """The value of ``metric`` in ``section``."""
+        """The value of ``metric`` in ``section``.
+
+        Args:
+            section: a section's name, e.g. ``hessian``.
+            metric: a metric's name, e.g. ``trace``.
+
+        Returns:
+            The value.
+        """
         return self.sections[section].values[metric].value
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,12 +181,6 @@ class AuditResult:
                 for s in sym.details["symmetries"]
             ]
         return tables
-
-    def figures(self, outdir: str | Path) -> list[Path]:
-        """Draw the audit's figures as PNG files into ``outdir``; return their paths."""
-        from symgen.audit.figures import draw_figures
-
-        return draw_figures(self, Path(outdir))
 
 
 def _plain(obj: Any) -> Any:

@@ -10,14 +10,14 @@ shuffles or augments at random gives other samples on every pass (the seed then 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor
 
+from symgen.distributed import Group
 from symgen.errors import ConfigError, ShapeError
-from symgen.streaming import BatchStream, is_tensor_pair, iter_is_self
+from symgen.streaming import BatchStream, Data, is_tensor_pair, iter_is_self
 
 __all__ = ["Split", "as_split"]
 
@@ -30,9 +30,15 @@ class Split:
 
     ``source``: an ``(x, y)`` pair of tensors, or a re-iterable of ``(x, y)`` batches. A stream is
     surveyed once on construction (size, per-sample shape, value range, first samples, label checks).
+
+    Args:
+        source: the split's data.
+        what: how messages name it (e.g. ``data['train']``).
+        device: where its tensors go.
+        dtype: the inputs' dtype (the model's).
     """
 
-    def __init__(self, source: Any, what: str, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, source: Data, what: str, device: torch.device, dtype: torch.dtype) -> None:
         self.what, self.device, self.dtype = what, device, dtype
         if is_tensor_pair(source):
             x, y = source
@@ -51,7 +57,9 @@ class Split:
             return
         self.tensors = None
         self._stream = BatchStream(source)
-        n, lo, hi, top, xs, ys = 0, float("inf"), float("-inf"), -1, [], []
+        n, lo, hi, top = 0, float("inf"), float("-inf"), -1
+        xs: list[Tensor] = []
+        ys: list[Tensor] = []
         for xb, yb in self._stream:
             _check_labels(yb, what)
             n += xb.shape[0]
@@ -69,15 +77,30 @@ class Split:
 
     @property
     def streamed(self) -> bool:
+        """Whether the split is streamed from batches (not held as tensors)."""
         return self.tensors is None
 
     def head(self, k: int = HEAD) -> tuple[Tensor, Tensor]:
-        """The first ``min(k, 16)`` samples."""
+        """The first ``min(k, 16)`` data points.
+
+        Args:
+            k: how many.
+
+        Returns:
+            ``(x, y)`` on the split's device.
+        """
         return self._head[0][:k], self._head[1][:k]
 
     def take(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         """Samples at positions ``idx`` (in that order): indexing, or one pass over the stream that keeps
-        the chosen rows of each batch and stops once it has them all."""
+        the chosen rows of each batch and stops once it has them all.
+
+        Args:
+            idx: positions in the split.
+
+        Returns:
+            ``(x, y)`` of those data points, on the split's device.
+        """
         idx = idx.reshape(-1).long().cpu()
         if self.tensors is not None:
             x, y = self.tensors
@@ -111,16 +134,24 @@ class Split:
         back = back.to(x.device)
         return x[back], y[back]
 
-    def batches(self, batch_size: int, group: Any = None) -> _Batches:
+    def batches(self, batch_size: int, group: Group = None) -> _Batches:
         """The whole split in batches (the stream's own batches; tensors in ``batch_size``), moved to the
-        device; with a process group every rank gets every ``world_size``-th batch."""
+        device; with a process group every rank gets every ``world_size``-th batch.
+
+        Args:
+            batch_size: the batch size of a split held as tensors.
+            group: the process group (None: this process alone).
+
+        Returns:
+            A re-iterable of this rank's batches.
+        """
         return _Batches(self, batch_size, group)
 
 
 class _Batches:
     """A re-iterable of this rank's batches of a :class:`Split`."""
 
-    def __init__(self, split: Split, batch_size: int, group: Any) -> None:
+    def __init__(self, split: Split, batch_size: int, group: Group) -> None:
         from symgen import distributed
 
         self.split, self.batch_size = split, batch_size
@@ -131,7 +162,7 @@ class _Batches:
         s = self.split
         if s.tensors is not None:
             x, y = s.tensors
-            source: Any = zip(x.split(self.batch_size), y.split(self.batch_size), strict=True)
+            source: Iterable[tuple[Tensor, ...]] = zip(x.split(self.batch_size), y.split(self.batch_size), strict=True)
         else:
             source = s._stream
         for i, (xb, yb) in enumerate(source):
@@ -139,8 +170,18 @@ class _Batches:
                 yield xb.to(s.device, s.dtype), yb.to(s.device)
 
 
-def as_split(source: Any, what: str, device: torch.device, dtype: torch.dtype) -> Split:
-    """A :class:`Split`, or a :class:`ConfigError` saying what the audit accepts."""
+def as_split(source: Data | Split, what: str, device: torch.device, dtype: torch.dtype) -> Split:
+    """A :class:`Split`, or a :class:`ConfigError` saying what the audit accepts.
+
+    Args:
+        source: the split's data (a :class:`Split` is returned as is).
+        what: how messages name it.
+        device: where its tensors go.
+        dtype: the inputs' dtype.
+
+    Returns:
+        The split.
+    """
     if isinstance(source, Split):
         return source
     if is_tensor_pair(source):

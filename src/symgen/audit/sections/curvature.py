@@ -4,7 +4,7 @@ beside its second-order prediction sigma^2/2 tr(H) (arXiv 2306.08553)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -12,15 +12,32 @@ from torch import Tensor, nn
 
 from symgen.audit.limits import AuditLimits
 from symgen.audit.result import AuditResult, SectionResult
-from symgen.audit.sections.common import curvature_subsample
+from symgen.audit.sections.common import curvature_subsample, stream
 from symgen.audit.splits import Split
+from symgen.distributed import Group
+
+if TYPE_CHECKING:
+    from symgen.curvature.results import SpectralDensity, TraceEstimate
 
 __all__ = ["hessian", "noise_stability", "shard_batches"]
 
 
-def shard_batches(x: Tensor, y: Tensor, idx: Tensor, batch_size: int, group: Any = None) -> list[tuple[Tensor, Tensor]]:
+def shard_batches(
+    x: Tensor, y: Tensor, idx: Tensor, batch_size: int, group: Group = None
+) -> list[tuple[Tensor, Tensor]]:
     """The batches of subsample ``idx`` this rank owns: a contiguous share of it (all of it without a
-    process group); the operators all-reduce their sums over the ranks."""
+    process group); the operators all-reduce their sums over the ranks.
+
+    Args:
+        x: the subsample's inputs.
+        y: its labels.
+        idx: positions into ``x`` and ``y``.
+        batch_size: the largest batch.
+        group: the process group (None: this process alone).
+
+    Returns:
+        This rank's batches ``(x, y)``.
+    """
     from symgen import distributed
 
     share = distributed.shard_range(idx.numel(), group)
@@ -28,24 +45,35 @@ def shard_batches(x: Tensor, y: Tensor, idx: Tensor, batch_size: int, group: Any
     return [(x[i], y[i]) for i in mine.to(x.device).split(batch_size)]
 
 
-def hessian(sec: SectionResult, model: nn.Module, train: Split, lim: AuditLimits, seed: int, group: Any = None) -> None:
+def hessian(
+    sec: SectionResult, model: nn.Module, train: Split, lim: AuditLimits, seed: int, group: Group = None
+) -> None:
     """tr(H) by Lanczos-deflated Hutchinson, the top eigenvalues by Lanczos, the density by SLQ
     of the mean cross-entropy on a training subsample, and beside them the top eigenvalue of the
     generalized Gauss-Newton matrix G = J^T H_loss J (arXiv 1412.1193); BatchNorm in eval mode.
     One Lanczos process from a Gaussian start serves all three: the eigenvalues, the trace's
-    deflation subspace (its probes are fresh) and the first SLQ run (its first density_steps steps)."""
+    deflation subspace (its probes are fresh) and the first SLQ run (its first density_steps steps).
+
+    Args:
+        sec: the section's result, filled in.
+        model: the classifier.
+        train: the training split.
+        lim: the limits.
+        seed: the audit's integer seed (streams ``curvature_subsample``, ``hessian_*``, ``ggn_lanczos``).
+        group: the process group the products are all-reduced over.
+    """
     from symgen import rng
     from symgen.curvature import GGNOperator, HessianOperator
     from symgen.curvature.lanczos import LanczosProcess, lanczos_eigenpairs, slq_density
     from symgen.curvature.trace import deflated_trace
 
-    idx = curvature_subsample(train.num_data, lim.hessian_samples, seed)
+    idx = curvature_subsample(train.num_data, lim.hessian_num_data, seed)
     if idx.numel() < train.num_data:
         sec.skipped.append(f"{idx.numel()} of {train.num_data} training samples (budget)")
     batches = shard_batches(*train.take(idx), torch.arange(idx.numel()), lim.batch_size, group)
     hess = HessianOperator(model, F.cross_entropy, batches, bn_mode="eval", process_group=group)
     # A separate generator per estimate keeps each reproducible whatever the budget of the others.
-    gen = torch.Generator().manual_seed(seed + 1)
+    gen = stream(seed, "hessian_lanczos")
     proc = LanczosProcess(hess, rng.randn((1, hess.dim), gen, device=hess.device, dtype=hess.dtype)[0], gen)
     k = min(lim.top_eigenvalues, hess.dim)
     pairs = lanczos_eigenpairs(hess, k, tol=1e-3, max_steps=max(lim.eigen_iters, k + 1), process=proc)
@@ -53,7 +81,7 @@ def hessian(sec: SectionResult, model: nn.Module, train: Split, lim: AuditLimits
         proc.extend(lim.density_steps - proc.steps)  # the first SLQ run needs this many steps
     # probes two at a time: a block of k probes holds about 6 k parameter-sized vectors (float64 sums)
     trace = deflated_trace(
-        hess, max(3, lim.hutchinson_probes), deflation=proc, block_size=2, generator=torch.Generator().manual_seed(seed)
+        hess, max(3, lim.hutchinson_probes), deflation=proc, block_size=2, generator=stream(seed, "hessian_trace")
     )
     sec.add(
         "trace",
@@ -80,7 +108,7 @@ def hessian(sec: SectionResult, model: nn.Module, train: Split, lim: AuditLimits
     if lim.density_runs > 0:
         proc.release_basis()  # SLQ's first run needs only T: the basis would sit beside the next run's
         dens = slq_density(
-            hess, lim.density_steps, lim.density_runs, first=proc, generator=torch.Generator().manual_seed(seed + 2)
+            hess, lim.density_steps, lim.density_runs, first=proc, generator=stream(seed, "hessian_density")
         )
         lo, hi = float(dens.nodes.min()), float(dens.nodes.max())
         pad = 0.05 * (hi - lo) if hi > lo else 1.0
@@ -104,9 +132,7 @@ def hessian(sec: SectionResult, model: nn.Module, train: Split, lim: AuditLimits
     del hess, proc, pairs  # the Hessian's retained graph and Lanczos basis, before the GGN builds its own
     try:
         ggn = GGNOperator(model, F.cross_entropy, batches, bn_mode="eval", process_group=group)
-        top = ggn.eigenpairs(
-            1, tol=1e-3, max_steps=max(lim.eigen_iters, 2), generator=torch.Generator().manual_seed(seed + 3)
-        )
+        top = ggn.eigenpairs(1, tol=1e-3, max_steps=max(lim.eigen_iters, 2), generator=stream(seed, "ggn_lanczos"))
         sec.add(
             "ggn_top_eigenvalue",
             float(top.values[0]),
@@ -127,19 +153,30 @@ def noise_stability(
     lim: AuditLimits,
     seed: int,
     result: AuditResult,
-    group: Any = None,
+    group: Group = None,
 ) -> None:
     """E_U[L(W + U)] - L(W), U ~ N(0, sigma^2 I), antithetic draws, next to the second-order
-    prediction sigma^2/2 tr(H) from the Hessian section."""
+    prediction sigma^2/2 tr(H) from the Hessian section.
+
+    Args:
+        sec: the section's result, filled in.
+        model: the classifier.
+        train: the training split.
+        lim: the limits.
+        seed: the audit's integer seed (streams ``curvature_subsample`` and ``noise_stability``, one
+            sub-stream per sigma).
+        result: the audit so far (the Hessian section's trace).
+        group: the process group the losses are all-reduced over.
+    """
     from symgen.metrics import noise_stability as measure
 
-    idx = curvature_subsample(train.num_data, lim.noise_samples, seed)
+    idx = curvature_subsample(train.num_data, lim.noise_num_data, seed)
     if idx.numel() < train.num_data:
         sec.skipped.append(f"{idx.numel()} of {train.num_data} training samples (budget)")
     batches = shard_batches(*train.take(idx), torch.arange(idx.numel()), lim.batch_size, group)
     hes = result.sections.get("hessian")
     trace = hes.values["trace"].value if hes is not None and hes.status == "ok" else None
-    same_data = trace is not None and lim.noise_samples == lim.hessian_samples
+    same_data = trace is not None and lim.noise_num_data == lim.hessian_num_data
     curve, predicted = [], []
     for i, sigma in enumerate(lim.noise_sigmas):
         ns = measure(
@@ -147,9 +184,9 @@ def noise_stability(
             F.cross_entropy,
             batches,
             sigma,
-            num_samples=max(2, lim.noise_draws),
+            num_samples=max(2, lim.noise_num_samples),
             bn_mode="eval",
-            generator=torch.Generator().manual_seed(seed + 100 + i),
+            generator=stream(seed, "noise_stability", i),
             chunk_size=8,
             process_group=group,
         )
@@ -166,7 +203,7 @@ def noise_stability(
     sec.samples = idx.numel()
 
 
-def _density_trace(sec: SectionResult, dens: object, trace: object) -> None:
+def _density_trace(sec: SectionResult, dens: SpectralDensity, trace: TraceEstimate) -> None:
     """The density's implied trace dim * sum_i w_i theta_i per SLQ run, with the standard error over runs,
     checked against the Hutchinson trace: they estimate the same number and must agree within 3 combined
     standard errors (a disagreement is reported, never hidden)."""
@@ -174,13 +211,13 @@ def _density_trace(sec: SectionResult, dens: object, trace: object) -> None:
 
     from symgen.stats import mean_stderr
 
-    per_run = (dens.dim * (dens.weights * dens.nodes).sum(1)).tolist()  # type: ignore[attr-defined]
+    per_run = (dens.dim * (dens.weights * dens.nodes).sum(1)).tolist()
     if len(per_run) < 2:
         sec.add("density_trace", per_run[0], None, "one SLQ run: no error bar (density_runs >= 2 gives one)")
         return
     mean, se = mean_stderr(per_run)
     sec.add("density_trace", mean, se, f"dim x sum w theta over {len(per_run)} SLQ runs; standard error over runs")
-    t_val, t_se = float(trace.value), trace.stderr  # type: ignore[attr-defined]
+    t_val, t_se = float(trace.value), trace.stderr
     combined = math.hypot(se, t_se or 0.0)
     if combined > 0 and abs(mean - t_val) > 3 * combined:
         sec.skipped.append(

@@ -3,7 +3,7 @@ PGD robust accuracy (arXiv 1706.06083)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -11,9 +11,13 @@ from torch import Tensor, nn
 
 from symgen.audit.limits import AuditLimits
 from symgen.audit.result import SectionResult
-from symgen.audit.sections.common import batch_means, check_logits, logits, subsample
+from symgen.audit.sections.common import batch_means, check_logits, logits, stream, stream_seed, subsample
 from symgen.audit.splits import Split
+from symgen.distributed import Group
 from symgen.stats import binomial_stderr, mean_stderr
+
+if TYPE_CHECKING:
+    from symgen.groups import GroupAction
 
 __all__ = ["performance", "invariance", "robustness"]
 
@@ -24,24 +28,36 @@ def performance(
     train: Split,
     test: Split,
     lim: AuditLimits,
-    gen: torch.Generator,
+    seed: int,
     same: bool,
-    group: Any = None,
+    group: Group = None,
 ) -> None:
     """Accuracy (binomial standard error) and mean cross-entropy (sample standard error) per split,
     by :func:`symgen.evaluation.evaluate` (float64 sums, all-reduced over the ranks).
 
-    The test split is streamed whole (``test_samples`` None), batch by batch: forward passes are
+    The test split is streamed whole (``test_num_data`` None), batch by batch: forward passes are
     cheap, so the budget never cuts what the headline accuracy is measured on. The training split is
-    a subsample of ``eval_samples`` (the budget). With a process group each rank evaluates every
+    a subsample of ``eval_num_data`` (the budget). With a process group each rank evaluates every
     ``world_size``-th batch.
+
+    Args:
+        sec: the section's result, filled in.
+        model: the classifier.
+        train: the training split.
+        test: the test split.
+        lim: the limits.
+        seed: the audit's integer seed (stream ``performance``).
+        same: the data was given as one source (only the test split is measured).
+        group: the process group the sums are all-reduced over.
     """
     from symgen.evaluation import evaluate
 
+    gen = stream(seed, "performance")
+
     splits = (
-        [("test", test, lim.test_samples)]
+        [("test", test, lim.test_num_data)]
         if same
-        else [("train", train, lim.eval_samples), ("test", test, lim.test_samples)]
+        else [("train", train, lim.eval_num_data), ("test", test, lim.test_num_data)]
     )
     for split, data, k in splits:
         idx = subsample(data.num_data, k, gen)
@@ -63,7 +79,8 @@ def performance(
             binomial_stderr(acc, n),
             f"{n} samples" + (", the whole split, streamed" if n == data.num_data else ""),
         )
-        sec.add(f"{split}_loss", ev.loss, ev.loss_stderr, "cross-entropy")
+        loss = float("nan") if ev.loss is None else ev.loss  # never None: a loss_fn was given
+        sec.add(f"{split}_loss", loss, ev.loss_stderr, "cross-entropy")
         sec.samples = (sec.samples or 0) + n
     if same:
         sec.skipped.append("train split: data given as one source, so only one split is measured")
@@ -76,13 +93,22 @@ def _checked_cross_entropy(out: Tensor, y: Tensor) -> Tensor:
 
 
 def invariance(
-    sec: SectionResult, model: nn.Module, action: Any, test: Split, lim: AuditLimits, gen: torch.Generator
+    sec: SectionResult, model: nn.Module, action: GroupAction, test: Split, lim: AuditLimits, seed: int
 ) -> None:
     """OSP, symmetric KL, logit deviation and orbit accuracy over the group orbits of test inputs
-    (Nordenfors & Flinth, arXiv 2410.01452); standard errors by batch means."""
+    (Nordenfors & Flinth, arXiv 2410.01452); standard errors by batch means.
+
+    Args:
+        sec: the section's result, filled in.
+        model: the classifier.
+        action: the group action on inputs.
+        test: the test split.
+        lim: the limits.
+        seed: the audit's integer seed (stream ``invariance``).
+    """
     from symgen.metrics import invariance_metrics, orbit_outputs
 
-    idx = subsample(test.num_data, lim.invariance_samples, gen)
+    idx = subsample(test.num_data, lim.invariance_num_data, stream(seed, "invariance"))
     if idx.numel() < test.num_data:
         sec.skipped.append(f"{idx.numel()} of {test.num_data} test samples (budget)")
     xs, ys = test.take(idx)
@@ -112,13 +138,19 @@ def invariance(
     sec.samples = idx.numel()
 
 
-def robustness(
-    sec: SectionResult, model: nn.Module, test: Split, lim: AuditLimits, gen: torch.Generator, seed: int
-) -> None:
-    """Accuracy under L_inf PGD at eps = fractions of the input range (arXiv 1706.06083), binomial errors."""
+def robustness(sec: SectionResult, model: nn.Module, test: Split, lim: AuditLimits, seed: int) -> None:
+    """Accuracy under L_inf PGD at eps = fractions of the input range (arXiv 1706.06083), binomial errors.
+
+    Args:
+        sec: the section's result, filled in.
+        model: the classifier.
+        test: the test split.
+        lim: the limits.
+        seed: the audit's integer seed (streams ``robustness`` and ``robustness_attack``).
+    """
     from symgen.robust import accuracy, pgd
 
-    idx = subsample(test.num_data, lim.pgd_samples, gen)
+    idx = subsample(test.num_data, lim.pgd_num_data, stream(seed, "robustness"))
     if idx.numel() < test.num_data:
         sec.skipped.append(f"{idx.numel()} of {test.num_data} test samples (budget)")
     xs, ys = test.take(idx)
@@ -140,7 +172,7 @@ def robustness(
             clamp=clamp,
             loss="ce",
             batch_size=lim.batch_size,
-            generator=seed,
+            generator=stream_seed(seed, "robustness_attack"),
         )
         acc = accuracy(logits(model, x_adv, lim.batch_size), ys)
         err = binomial_stderr(acc, idx.numel())

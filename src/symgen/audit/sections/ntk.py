@@ -10,6 +10,7 @@ from torch import nn
 
 from symgen.audit.limits import AuditLimits
 from symgen.audit.result import SectionResult
+from symgen.audit.sections.common import stream
 from symgen.audit.splits import Split
 from symgen.errors import ShapeError
 from symgen.stats import mean_stderr
@@ -17,24 +18,32 @@ from symgen.stats import mean_stderr
 __all__ = ["ntk"]
 
 
-def ntk(sec: SectionResult, model: nn.Module, test: Split, lim: AuditLimits, gen: torch.Generator) -> None:
+def ntk(sec: SectionResult, model: nn.Module, test: Split, lim: AuditLimits, seed: int) -> None:
     """Effective rank exp(H(lambda / sum lambda)) (Roy & Vetterli 2007), condition number lambda_max / lambda_min
     and kernel-target alignment <K, Y Y^T>_F / (||K||_F ||Y Y^T||_F) (Cristianini et al. 2001) of the
-    output-summed empirical NTK, on disjoint random subsamples of the test set."""
+    output-summed empirical NTK, on disjoint random subsamples of the test set.
+
+    Args:
+        sec: the section's result, filled in.
+        model: the classifier.
+        test: the test split.
+        lim: the limits.
+        seed: the audit's integer seed (stream ``ntk``).
+    """
     from symgen.ntk.empirical import empirical_ntk_fn
     from symgen.ntk.kip import centred_one_hot
     from symgen.ntk.regression import kernel_eigh
 
     n = test.num_data
     per = (
-        min(lim.ntk_samples, n // max(1, lim.ntk_subsamples))
+        min(lim.ntk_num_data, n // max(1, lim.ntk_subsamples))
         if n >= 2 * lim.ntk_subsamples
-        else min(lim.ntk_samples, n)
+        else min(lim.ntk_num_data, n)
     )
     reps = max(1, min(lim.ntk_subsamples, n // max(per, 1)))
     if per < 2:
         raise ShapeError(f"the NTK section needs at least 2 test samples; got {n}.")
-    perm = torch.randperm(n, generator=gen)
+    perm = torch.randperm(n, generator=stream(seed, "ntk"))
     x, y = test.take(perm[: reps * per])  # the subsamples, gathered in one pass
     num_classes = test.num_classes
     kernel = empirical_ntk_fn(model, output="trace")  # one kernel: its method is chosen once per shape
@@ -69,14 +78,14 @@ def ntk(sec: SectionResult, model: nn.Module, test: Split, lim: AuditLimits, gen
     sec.details.update(
         spectra=spectra, effective_rank=ranks, condition_number=conds, alignment=aligns, subsample=per, subsamples=reps
     )
-    if reps < lim.ntk_subsamples or per < lim.ntk_samples:
+    if reps < lim.ntk_subsamples or per < lim.ntk_num_data:
         sec.skipped.append(
             f"{reps} subsample(s) of {per} inputs instead of {lim.ntk_subsamples} of "
-            f"{lim.ntk_samples}: the test set has {n}"
+            f"{lim.ntk_num_data}: the test set has {n}"
         )
     if reps * per < n:
         sec.skipped.append(
             f"the kernel on all {n} test inputs: its cost grows as N^2 x outputs x parameters; "
-            f"the budget allows {lim.ntk_subsamples} x {lim.ntk_samples}"
+            f"the budget allows {lim.ntk_subsamples} x {lim.ntk_num_data}"
         )
     sec.samples = reps * per

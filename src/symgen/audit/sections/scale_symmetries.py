@@ -3,25 +3,30 @@ model (a layer feeding a normalization; arXiv 1511.01029), confirmed numerically
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from symgen.audit.limits import AuditLimits
 from symgen.audit.result import SectionResult
-from symgen.audit.sections.common import subsample
+from symgen.audit.sections.common import stream, stream_seed, subsample
 from symgen.audit.splits import Split
 
 __all__ = ["scale_symmetries"]
 
 
-def scale_symmetries(
-    sec: SectionResult, model: nn.Module, train: Split, lim: AuditLimits, gen: torch.Generator, seed: int
-) -> None:
-    """Groups, independent scale factors and the share of parameters in a scale-symmetric group."""
+def scale_symmetries(sec: SectionResult, model: nn.Module, train: Split, lim: AuditLimits, seed: int) -> None:
+    """Groups, independent scale factors and the share of parameters in a scale-symmetric group.
+
+    Args:
+        sec: the section's result, filled in.
+        model: the classifier.
+        train: the training split.
+        lim: the limits.
+        seed: the audit's integer seed (streams ``scale_symmetries`` and ``scale_symmetries_check``).
+    """
     from symgen.symmetry import find_scale_symmetries
 
-    idx = subsample(train.num_data, max(2, lim.symmetry_samples), gen)
-    report = find_scale_symmetries(model, train.take(idx)[0], generator=seed)
+    idx = subsample(train.num_data, max(2, lim.symmetry_num_data), stream(seed, "scale_symmetries"))
+    report = find_scale_symmetries(model, train.take(idx)[0], generator=stream_seed(seed, "scale_symmetries_check"))
     total = sum(p.numel() for p in model.parameters())
     in_sym = sum(p.numel() for n, p in model.named_parameters() if n in set(report.parameters()))
     checks = [v for s in report.symmetries for k, v in s.check.items() if "exact" in k or k.startswith("max")]

@@ -1,0 +1,164 @@
+"""``symgen audit``: audit a trained model into the run store (under torchrun: data-parallel, rank 0
+writes the run), and the text an audit prints.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from symgen.cli_common import JsonOpt, OutOpt, check_device, emit, say
+from symgen.distributed import Group
+from symgen.errors import ConfigError
+
+__all__ = ["audit", "audit_lines", "torchrun_group"]
+
+
+def audit(
+    model: str = typer.Option(
+        ...,
+        "--model",
+        help="MODULE:FACTORY (a dotted module or path/to/file.py) "
+        "whose FACTORY() returns the nn.Module; literal arguments "
+        "may follow: 'pkg.mod:build(\"cnn\", width=8)'.",
+    ),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="State-dict file to load into the model."),
+    data: str = typer.Option(..., "--data", help="Dataset: digits, mnist1d, mnist, fashion-mnist, cifar10."),
+    root: Path | None = typer.Option(None, "--root", help="Directory with the dataset files (mnist, cifar10)."),
+    action: str = typer.Option("none", "--action", help="Group action for invariance: c4, d4, shift or none."),
+    budget: str = typer.Option(
+        "quick",
+        "--budget",
+        help="quick (about a minute on a CPU, whatever the model), "
+        "full, or a number of seconds: each section's work is "
+        "sized to it.",
+    ),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
+    seed: int = typer.Option(0, "--seed", help="Seed of subsamples, probes, noise draws and attacks."),
+    set_: list[str] = typer.Option(
+        [],
+        "--set",
+        help="Override a budget limit: key=value, e.g. ntk_num_data=100 (repeatable; see symgen.audit.AuditLimits).",
+    ),
+    out: Path = OutOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Audit a trained model: accuracy, invariance, scale symmetries, curvature, noise stability, NTK, PGD."""
+    import yaml
+
+    from symgen import distributed
+    from symgen.audit.limits import current_limit_names
+    from symgen.runs import run_audit
+
+    if device is not None:
+        check_device(device)
+    limits: dict[str, Any] = {}
+    for item in set_:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got '{item}'.")
+        try:
+            limits[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: cannot parse value '{raw}': {e}") from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DeprecationWarning)
+        limits = current_limit_names(limits)  # a former limit name: a one-line warning, then the current one
+    for w in caught:
+        say(f"warning: {w.message}", err=True)
+    t0 = time.time()
+    group = torchrun_group(device)
+    lead = group is None or distributed.rank(group) == 0
+
+    def progress(title: str) -> None:
+        if lead:
+            say(f"  [{time.time() - t0:5.1f} s] {title}", err=True)
+
+    try:
+        result, run = run_audit(
+            model,
+            data,
+            checkpoint=checkpoint,
+            action=action,
+            budget=budget,
+            root=root,
+            device=device,
+            seed=seed,
+            out=out,
+            limits=limits,
+            progress=progress,
+            process_group=group,
+        )
+    finally:
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if run is None:  # another rank than 0 under torchrun: rank 0 writes the run and prints
+        return
+    if as_json:
+        emit({"run": run.id, "path": str(run.path), "report": str(run.path / "report.html"), **result.to_dict()})
+        return
+    say(audit_lines(result.to_dict()))
+    say(f"report: {run.path / 'report.html'}")
+
+
+def torchrun_group(device: str | None) -> Group:
+    """Under torchrun (RANK and WORLD_SIZE in the environment, more than one process): the initialized
+    default process group (NCCL on CUDA, gloo on CPU), each rank on its local GPU; else None.
+
+    Args:
+        device: the ``--device`` option (a cuda device selects NCCL).
+
+    Returns:
+        The default group, or None outside torchrun.
+    """
+    import os
+
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from symgen import distributed
+
+    backend = "nccl" if device is not None and device.startswith("cuda") else "gloo"
+    return distributed.init_process_group(backend)
+
+
+def audit_lines(data: dict[str, Any]) -> str:
+    """The text ``symgen audit`` and ``symgen runs show`` print for an audit: one row per value.
+
+    Args:
+        data: the audit's ``audit.json`` (:meth:`symgen.audit.AuditResult.to_dict`).
+
+    Returns:
+        A header line and a table.
+    """
+    from symgen.audit import AuditResult
+    from symgen.terminal import text_table
+
+    result = AuditResult.from_dict(data)
+    rows = []
+    for name, sec in result.sections.items():
+        if sec.status != "ok" and not sec.values:
+            rows.append((name, sec.status, "-", "-", f"{sec.seconds:.1f}", "; ".join(sec.skipped)))
+            continue
+        for i, (metric, est) in enumerate(sec.values.items()):
+            err = "-" if est.stderr is None else f"{est.stderr:.2g}"
+            rows.append(
+                (
+                    name if i == 0 else "",
+                    metric,
+                    f"{est.value:.4g}",
+                    err,
+                    f"{sec.seconds:.1f}" if i == 0 else "",
+                    "IMPRECISE" if est.imprecise else "",
+                )
+            )
+    head = (
+        f"audit of {result.model} on {result.data} ({result.seconds:.1f} s, budget {result.budget}, "
+        f"{result.num_params} parameters)"
+    )
+    return head + "\n" + text_table(["section", "metric", "value", "stderr", "seconds", "flag"], rows)
