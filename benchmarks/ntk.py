@@ -185,7 +185,7 @@ def bench_outputs(o: int, args: argparse.Namespace, peak: float, have_nt: bool) 
     """Time, compare and measure every method at O = ``o`` outputs."""
     from symgen.functional import buffers_of, params_of
     from symgen.ntk import empirical_ntk_fn
-    from symgen.ntk.jacobian import _jacobian_ntk
+    from symgen.ntk.jacobian import jacobian_ntk
 
     model, x = make_model(o), make_inputs(args.n)
     auto = empirical_ntk_fn(model)  # one kernel function: the auto choice is estimated once per shape
@@ -210,7 +210,7 @@ def bench_outputs(o: int, args: argparse.Namespace, peak: float, have_nt: bool) 
         def jac():
             timings.clear()
             p, b = params_of(model), buffers_of(model)
-            return _jacobian_ntk(model, p, b, x, None, "trace", o, None, 1 << 30, timings)
+            return jacobian_ntk(model, p, b, x, None, "trace", o, None, 1 << 30, timings)
 
         t_jac, k_jac = timed(jac, 1)
         rows.append(("symgen jacobian", t_jac, rel(k_jac, ref)))

@@ -7,7 +7,8 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "symgen"
 # The units of the map: a top-level module or a subpackage, and the shell and application layers.
-SHELL = {"cli", "runs", "executors", "report"}  # as in the "Shell" part of docs/architecture.md (and report)
+# The "Shell" part of docs/architecture.md (and report).
+SHELL = {"cli", "cli_common", "cli_audit", "cli_runs", "runs", "executors", "report"}
 APPLICATION = {"experiments", "audit"}
 
 
@@ -106,3 +107,77 @@ def test_units_import_only_units_listed_above_them_in_the_map():
     graph.pop("symgen", None)
     wrong = [f"{u} -> {d}" for u, deps in graph.items() for d in deps if rank.get(d, -1) >= rank.get(u, -1)]
     assert not wrong, f"imports against the order of docs/architecture.md: {wrong}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Module level: inside a package, modules form no cycles and share no private names.
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(SRC.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def _module_imports(path: Path) -> list[tuple[str, str, int]]:
+    """(imported module, imported name or "", line) for every import in a file, relative ones resolved."""
+    me = _module_name(path)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+    modules = {_module_name(p) for p in SRC.rglob("*.py")}
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if not target.startswith("symgen"):
+                continue
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                out.append((sub, "", node.lineno) if sub in modules else (target, alias.name, node.lineno))
+        elif isinstance(node, ast.Import):
+            out.extend((a.name, "", node.lineno) for a in node.names if a.name.startswith("symgen"))
+    return out
+
+
+def test_no_import_cycles_between_modules_of_a_package():
+    """Lazy (function-level) imports count: a cycle hidden in a function is still a cycle of concepts."""
+    graph: dict[str, set[str]] = {}
+    for path in SRC.rglob("*.py"):
+        me = _module_name(path)
+        if path.name == "__init__.py":
+            continue  # a package's front door re-exports its modules
+        package = me.rpartition(".")[0]
+        graph[me] = {
+            t
+            for t, _, _ in _module_imports(path)
+            if t != me and t.rpartition(".")[0] == package and t != package and package != "symgen"
+        }
+    cycles = []
+
+    def visit(node: str, stack: list[str], done: set[str]) -> None:
+        if node in stack:
+            cycles.append(" -> ".join(stack[stack.index(node) :] + [node]))
+            return
+        if node in done:
+            return
+        for dep in sorted(graph.get(node, ())):
+            visit(dep, stack + [node], done)
+        done.add(node)
+
+    done: set[str] = set()
+    for module in sorted(graph):
+        visit(module, [], done)
+    assert not cycles, "import cycles between modules: " + "; ".join(sorted(set(cycles)))
+
+
+def test_no_module_imports_another_modules_private_names():
+    """A name another module uses is not private: drop its underscore (and keep it out of ``__all__``)."""
+    bad = []
+    for path in sorted(SRC.rglob("*.py")):
+        for target, name, line in _module_imports(path):
+            if name.startswith("_") and not name.startswith("__"):
+                bad.append(f"{path.relative_to(SRC)}:{line} {target}.{name}")
+    assert not bad, f"imports of private names ({len(bad)}): {bad}"

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from symgen.errors import CheckpointError, ConfigError, DivergenceError, MissingDataError, ShapeError
+from symgen.labels import centred_one_hot
 from symgen.ntk import analytic_ntk, empirical_ntk, empirical_ntk_fn
-from symgen.ntk.kip import centred_one_hot, kip, kip_loss, load_support, save_support
+from symgen.ntk.kip import kip, kip_loss, load_support, save_support
 
 D64 = torch.float64
 

@@ -121,7 +121,7 @@ def _run_one(
 
 @app.command("list")
 def list_cmd(as_json: bool = JsonOpt) -> None:
-    """List the registered experiments and the claims they check."""
+    """List the registered experiments and the claim ids each run reports (specified in docs/claims.md)."""
     from symgen.experiments import list_experiments
     from symgen.terminal import text_table
 
@@ -132,6 +132,7 @@ def list_cmd(as_json: bool = JsonOpt) -> None:
     say(
         text_table(["name", "claims", "paper", "title"], [(e.name, " ".join(e.claims), e.paper, e.title) for e in exps])
     )
+    say("what each claim checks, its threshold and where that comes from: docs/claims.md")
 
 
 @app.command()

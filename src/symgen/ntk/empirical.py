@@ -25,9 +25,10 @@ from torch import Tensor, nn
 
 from symgen import distributed
 from symgen.distributed import GroupSpec
-from symgen.errors import ConfigError, MemoryBudgetError, ShapeError
-from symgen.functional import bn_mode, buffers_of, call, jvp_outputs, params_of, vjp_outputs
+from symgen.errors import ConfigError, MemoryBudgetError
+from symgen.functional import bn_mode, jvp_outputs, vjp_outputs
 from symgen.ntk import cost
+from symgen.ntk.inputs import check_device, check_inputs, check_model, output_size, resolve_params
 from symgen.ntk.jacobian import blocks, jacobian_ntk, ntvp_ntk
 from symgen.ntk.structured import structured_ntk
 from symgen.streaming import BatchStream, model_device
@@ -49,57 +50,6 @@ _MAX_CACHED_SHAPES = 256  # auto choices kept per kernel (shapes of a training l
 
 
 # ----------------------------------------------------------------------------------------- helpers
-def _check_inputs(x1: Tensor, x2: Tensor | None) -> None:
-    for name, x in (("x1", x1), ("x2", x2)):
-        if x is None:
-            continue
-        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] == 0:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ShapeError(f"{name} must be a batch tensor of shape (N, ...) with N >= 1, got {shape}.")
-    if x2 is not None and x1.shape[1:] != x2.shape[1:]:
-        raise ShapeError(
-            f"x1 and x2 must have the same per-sample shape; got {tuple(x1.shape[1:])} and {tuple(x2.shape[1:])}."
-        )
-
-
-def _check_model(model: nn.Module) -> None:
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-
-
-def _resolve(
-    model: nn.Module, params: Mapping[str, Tensor] | None, buffers: Mapping[str, Tensor] | None
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    _check_model(model)
-    p = {k: v.detach() for k, v in (params_of(model) if params is None else params).items()}
-    if not p:
-        raise ConfigError(
-            "the model has no trainable parameters, so its NTK is zero; pass `params` or unfreeze "
-            "parameters (requires_grad=True)."
-        )
-    b = dict(buffers_of(model) if buffers is None else buffers)
-    return p, b
-
-
-def _output_size(model: nn.Module, params: Mapping[str, Tensor], fixed: Mapping[str, Tensor], x: Tensor) -> int:
-    with torch.no_grad():
-        out = call(model, params, fixed, x[:1])
-    if not isinstance(out, Tensor) or out.dim() < 1 or out.shape[0] != 1:
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ShapeError(f"the model must map a batch (N, ...) to outputs (N, ...); for one input it returned {shape}.")
-    return max(1, out[0].numel())
-
-
-def _check_device(p: Mapping[str, Tensor], x1: Tensor, x2: Tensor | None) -> None:
-    dev = next(iter(p.values())).device
-    for name, x in (("x1", x1), ("x2", x2)):
-        if x is not None and x.device != dev:
-            raise ConfigError(
-                f"{name} is on {x.device} but the model's parameters are on {dev}; move the inputs "
-                f"({name}.to(device)) or the model (model.to(device))."
-            )
-
-
 def _summed(output: str) -> str:
     """What the methods compute for ``output``: "full" (N1, N2, O, O), else "trace" (the sum over outputs)."""
     return "full" if output == "full" else "trace"
@@ -164,8 +114,8 @@ def ntk_vector_product(
     Returns:
         ``Theta v``, shaped like ``model(x1)``.
     """
-    _check_inputs(x1, x2)
-    p, b = _resolve(model, params, buffers)
+    check_inputs(x1, x2)
+    p, b = resolve_params(model, params, buffers)
     with bn_mode(model, "eval"):
         g = vjp_outputs(model, p, b, x2, v)
         return jvp_outputs(model, p, b, x1, g)[1]
@@ -200,10 +150,10 @@ def choose_ntk_method(
     Returns:
         "jacobian", "ntvp" or "structured".
     """
-    _check_inputs(x1, x2)
-    p, b = _resolve(model, params, buffers)
+    check_inputs(x1, x2)
+    p, b = resolve_params(model, params, buffers)
     with bn_mode(model, "eval"):
-        o = _output_size(model, p, b, x1)
+        o = output_size(model, p, b, x1)
         costs, _ = cost.method_costs(
             model,
             p,
@@ -252,7 +202,7 @@ class EmpiricalNTKFn:
         key = self._key(x1, x2)
         plan = self._plans.get(key)
         if plan is None:
-            o = _output_size(self.model, p, b, x1)
+            o = output_size(self.model, p, b, x1)
             method, act = self.method, 0
             if method in ("auto", "ntvp"):  # ntvp sizes its blocks by the activation estimate
                 costs, act = cost.method_costs(
@@ -282,8 +232,8 @@ class EmpiricalNTKFn:
         Returns:
             "jacobian", "ntvp" or "structured".
         """
-        _check_inputs(x1, x2)
-        p, b = _resolve(self.model, self.params, self.buffers)
+        check_inputs(x1, x2)
+        p, b = resolve_params(self.model, self.params, self.buffers)
         with bn_mode(self.model, "eval"):
             return self._plan(p, b, x1, None if x2 is x1 else x2)[0]
 
@@ -296,9 +246,9 @@ class EmpiricalNTKFn:
         """
         if not isinstance(x1, Tensor) or (x2 is not None and not isinstance(x2, Tensor)):
             return self.stream(x1, x2)
-        _check_inputs(x1, x2)
-        p, b = _resolve(self.model, self.params, self.buffers)
-        _check_device(p, x1, x2)
+        check_inputs(x1, x2)
+        p, b = resolve_params(self.model, self.params, self.buffers)
+        check_device(p, x1, x2)
         if x2 is x1:
             x2 = None  # the symmetric case computes each block pair once
         with bn_mode(self.model, "eval"):
@@ -387,7 +337,7 @@ class EmpiricalNTKFn:
         """
         group = distributed.resolve_group(process_group)
         r, w = distributed.rank(group), distributed.world_size(group)
-        p, _ = _resolve(self.model, self.params, self.buffers)
+        p, _ = resolve_params(self.model, self.params, self.buffers)
         dev = model_device(self.model, p)
         rows = BatchStream(data1, device=dev, inputs_only=True)
         cols = rows if data2 is None else BatchStream(data2, device=dev, inputs_only=True)
@@ -424,9 +374,9 @@ class EmpiricalNTKFn:
         return distributed.all_reduce_sum(kernel, group)
 
     def _o(self, p: Mapping[str, Tensor], x: Tensor) -> int:
-        _, b = _resolve(self.model, self.params, self.buffers)
+        _, b = resolve_params(self.model, self.params, self.buffers)
         with bn_mode(self.model, "eval"):
-            return _output_size(self.model, p, b, x)
+            return output_size(self.model, p, b, x)
 
 
 def empirical_ntk_fn(
@@ -466,7 +416,7 @@ def empirical_ntk_fn(
     Returns:
         The kernel function, an :class:`EmpiricalNTKFn`.
     """
-    _check_model(model)
+    check_model(model)
     if output not in NTK_OUTPUTS:
         raise ConfigError(f"output must be one of {NTK_OUTPUTS}, got {output!r}.")
     if method not in NTK_METHODS:

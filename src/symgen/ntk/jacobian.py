@@ -181,7 +181,3 @@ def ntvp_ntk(
         full = cols.reshape(nb, o, n1, o).permute(2, 0, 3, 1)  # (i, j, a, b)
         kernel[:, sb] = full.diagonal(dim1=2, dim2=3).sum(-1) if output == "trace" else full
     return kernel
-
-
-# Deprecated: the old private name (benchmarks/ntk.py); use jacobian_ntk. Removed in the next release.
-_jacobian_ntk = jacobian_ntk

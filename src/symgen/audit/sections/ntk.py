@@ -30,8 +30,8 @@ def ntk(sec: SectionResult, model: nn.Module, test: Split, lim: AuditLimits, see
         lim: the limits.
         seed: the audit's integer seed (stream ``ntk``).
     """
+    from symgen.labels import centred_one_hot
     from symgen.ntk.empirical import empirical_ntk_fn
-    from symgen.ntk.kip import centred_one_hot
     from symgen.ntk.regression import kernel_eigh
 
     n = test.num_data
