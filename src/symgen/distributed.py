@@ -21,6 +21,11 @@ from symgen.errors import ConfigError, DistributedError
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
+else:  # resolvable at run time too (documentation tools evaluate the aliases); absent from some builds
+    try:
+        from torch.distributed import ProcessGroup
+    except ImportError:  # pragma: no cover - a PyTorch built without torch.distributed
+        ProcessGroup = Any
 
 __all__ = [
     "Group",
@@ -40,9 +45,9 @@ __all__ = [
 DEFAULT_TIMEOUT_S = 300.0
 
 #: A resolved group: a ``torch.distributed`` ``ProcessGroup``, or None for this process alone.
-Group: TypeAlias = Union["ProcessGroup", None]
+Group: TypeAlias = Union[ProcessGroup, None]
 #: What every ``process_group=`` argument in symgen accepts (default "auto"): see :func:`resolve_group`.
-GroupSpec: TypeAlias = Union["ProcessGroup", Literal["auto"], None]
+GroupSpec: TypeAlias = Union[ProcessGroup, Literal["auto"], None]
 
 
 def _dist() -> Any:
