@@ -11,7 +11,10 @@ and call :func:`init_process_group` (NCCL on GPUs, gloo on CPU).
 from __future__ import annotations
 
 import datetime
+import hashlib
+import json
 import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, Union
 
 import torch
@@ -40,6 +43,8 @@ __all__ = [
     "shard_range",
     "ShardedBatches",
     "barrier",
+    "check_consistent",
+    "agree",
 ]
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -255,3 +260,85 @@ class ShardedBatches:
         for b, batch in enumerate(self.data):
             if b % w == r:
                 yield batch
+
+
+def _gather_ints(values: list[int], group: Group, timeout_s: float) -> Tensor:
+    """(world_size, len(values)) int64: every rank's ``values`` (same length on every rank), by one sum."""
+    n, r = world_size(group), rank(group)
+    buf = torch.zeros(n, len(values), dtype=torch.int64)
+    buf[r] = torch.tensor(values, dtype=torch.int64)
+    return all_reduce_sum(buf, group, timeout_s=timeout_s)
+
+
+def check_consistent(
+    signature: Mapping[str, object], group: Group, *, what: str, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> None:
+    """Raise the same ``DistributedError`` on every rank when the ranks' ``signature`` differ.
+
+    Called before the first collective of an operator, kernel or audit, with a small description of
+    what every rank must share (parameter shapes and dtypes, batch shapes, a plan). Every rank sends a
+    fixed-size digest first, so ranks that disagree fail with a message naming the ranks and the keys
+    that differ instead of a backend abort ("Received data size doesn't match").
+
+    Args:
+        signature: JSON-able description of this rank's side (values are compared by ``str`` if not JSON).
+        group: the process group (None: this process alone, nothing to check).
+        what: what the signature describes, for the message (e.g. "HessianOperator").
+        timeout_s: the longest wait for the other ranks.
+
+    Raises:
+        DistributedError: on every rank, when any two ranks' signatures differ.
+    """
+    if group is None:
+        return
+    text = json.dumps(dict(signature), sort_keys=True, default=str)
+    digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "big")
+    digests = _gather_ints([digest], group, timeout_s)[:, 0]
+    if bool((digests == digests[0]).all()):
+        return
+    raw = text.encode()
+    lengths = _gather_ints([len(raw)], group, timeout_s)[:, 0]
+    width = int(lengths.max())
+    padded = list(raw) + [0] * (width - len(raw))
+    rows = _gather_ints(padded, group, timeout_s)
+    sigs = [json.loads(bytes(int(b) for b in rows[i, : int(lengths[i])]).decode()) for i in range(rows.shape[0])]
+    diffs = []
+    for i, sig in enumerate(sigs[1:], start=1):
+        keys = sorted(k for k in set(sig) | set(sigs[0]) if sig.get(k) != sigs[0].get(k))
+        for k in keys[:5]:
+            diffs.append(f"{k}: rank 0 has {sigs[0].get(k)!r:.120}, rank {i} has {sig.get(k)!r:.120}")
+    raise DistributedError(
+        f"{what}: the ranks disagree before their first collective ({'; '.join(diffs[:8])}); every rank must "
+        "build the same model (same shapes and dtypes) and pass batches of the same shapes."
+    )
+
+
+def agree(ok: bool, group: Group, *, what: str, reason: str = "", timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Make a local outcome collective: all ranks go on, or every rank raises the same ``DistributedError``.
+
+    A step that can fail on one rank only (a section of the audit, a file read) calls ``agree`` after
+    it, so no rank moves on while another waits in a collective.
+
+    Args:
+        ok: whether this rank's step succeeded.
+        group: the process group (None: this process alone; then a failure raises here too).
+        what: the step, for the message.
+        reason: this rank's failure, one line (sent to the other ranks, at most 200 characters).
+        timeout_s: the longest wait for the other ranks.
+
+    Raises:
+        DistributedError: on every rank, naming the ranks that failed and the first one's reason.
+    """
+    if group is None:
+        if not ok:
+            raise DistributedError(f"{what} failed: {reason}")
+        return
+    raw = (reason if not ok else "").encode()[:200]
+    row = [0 if ok else 1, len(raw), *raw, *([0] * (200 - len(raw)))]
+    got = _gather_ints(row, group, timeout_s)
+    failed = [i for i in range(got.shape[0]) if int(got[i, 0])]
+    if not failed:
+        return
+    first = failed[0]
+    msg = bytes(int(b) for b in got[first, 2 : 2 + int(got[first, 1])]).decode(errors="replace")
+    raise DistributedError(f"{what} failed on rank(s) {failed} (rank {first}: {msg}); every rank stops here.")
