@@ -164,6 +164,13 @@ def conventional_range(name: str, value: Any) -> str | None:
     ``num_*`` ...) are integers >= 1; lists of counts (``widths``, ``depths``, ``*_sizes``) hold
     integers >= 1; learning rates (``lr``, ``*_lr``, ``lr_*``) and ``time_limit`` are > 0; no float
     is NaN. Fields that declare their own bounds are left to them.
+
+    Args:
+        name: the config field's name.
+        value: the value given for it.
+
+    Returns:
+        a message saying what is wrong, or None if the value fits the convention.
     """
     if value is None:
         return None
@@ -203,6 +210,16 @@ def build_config(
 
     Values of ``--set`` are parsed as YAML (``lr=0.1``, ``sizes=[1,2]``, ``flag=true``).
     Unknown keys and wrong types raise :class:`ConfigError` naming the key and the valid keys.
+
+    Args:
+        config_cls: the experiment's Config class.
+        quick: the ``--quick`` overrides (None: full setting).
+        file: a YAML file of settings (None: none).
+        sets: ``key=value`` strings from ``--set``.
+        **explicit: settings given as keyword arguments (highest precedence).
+
+    Returns:
+        the validated config.
     """
     data: dict[str, Any] = dict(quick or {})
     if file is not None:
@@ -247,7 +264,14 @@ def _validation_message(err: Any) -> str:
 
 
 def jsonable(obj: Any) -> Any:
-    """Convert tensors, numpy values and pydantic models into plain JSON types (NaN -> None)."""
+    """Convert tensors, numpy values and pydantic models into plain JSON types (NaN -> None).
+
+    Args:
+        obj: the value to convert (containers are converted recursively).
+
+    Returns:
+        the same value built from plain JSON types.
+    """
     try:
         import numpy as np
         import torch
@@ -273,7 +297,15 @@ def jsonable(obj: Any) -> Any:
 
 
 def trial_key(fn: Callable[..., Any], item: Any) -> str:
-    """A stable key for a trial: the function's qualified name and its input, hashed."""
+    """A stable key for a trial: the function's qualified name and its input, hashed.
+
+    Args:
+        fn: the trial function.
+        item: its input.
+
+    Returns:
+        16 hex digits of the SHA-256 of both.
+    """
     payload = json.dumps([f"{fn.__module__}.{fn.__qualname__}", jsonable(item)], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

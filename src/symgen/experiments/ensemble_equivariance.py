@@ -105,7 +105,14 @@ def _action_and_model(dataset: str):
 
 def train_setting(item: dict[str, Any]) -> dict[str, Any]:
     """One trial: train a pool of ``members`` networks of one setting together, then measure
-    OSP / KL of random sub-ensembles of each size on the test set's orbits."""
+    OSP / KL of random sub-ensembles of each size on the test set's orbits.
+
+    Args:
+        item: one setting's trial input (built by :func:`run`).
+
+    Returns:
+        the setting and its OSP / KL curve over sub-ensemble sizes (JSON-able).
+    """
     from symgen.data import load_dataset
     from symgen.ensemble import Ensemble, infinite_ensemble_deviation, sub_ensemble_metrics, train_ensemble
     from symgen.metrics import invariance_metrics
@@ -196,7 +203,15 @@ def train_setting(item: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(config: Config, ctx: Context) -> dict[str, Any]:
-    """Train one ensemble pool per setting (one trial each) and collect the curves."""
+    """Train one ensemble pool per setting (one trial each) and collect the curves.
+
+    Args:
+        config: the experiment's settings.
+        ctx: where trials run and metrics go (:class:`~symgen.experiments.base.Context`).
+
+    Returns:
+        the JSON-able result that ``check_claims`` and ``figures`` take.
+    """
     sizes = _sizes(config)
     cfg = config.model_dump()
     items = [{"setting": s, "sizes": sizes, "config": cfg} for s in config.settings]
@@ -262,7 +277,15 @@ def _plateau_fit(setting: dict, min_size: int) -> tuple[float, float, float]:
 
 
 def check_claims(config: Config, result: dict[str, Any]) -> list[Claim]:
-    """C5.1-C5.3 from the measured curves, against the thresholds fixed above."""
+    """C5.1-C5.3 from the measured curves, against the thresholds fixed above.
+
+    Args:
+        config: the settings the result was computed with.
+        result: ``run``'s output.
+
+    Returns:
+        one :class:`~symgen.experiments.base.Claim` per claim id, with the measured values and the verdict.
+    """
     settings = result["settings"]
     m_max = int(result["members"])
     order = result.get("group_order")
@@ -399,7 +422,15 @@ def _series(setting: dict, metric: str, m_max: int) -> tuple[list[int], list[flo
 
 
 def figures(result: dict[str, Any], outdir: Path) -> list[Path]:
-    """KL against M (log-log, with the 1/M reference) and OSP against M, error bars over sub-ensembles."""
+    """KL against M (log-log, with the 1/M reference) and OSP against M, error bars over sub-ensembles.
+
+    Args:
+        result: ``run``'s output.
+        outdir: directory for the PNG files.
+
+    Returns:
+        the paths written.
+    """
     plt = pyplot()
 
     outdir = Path(outdir)

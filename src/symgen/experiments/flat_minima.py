@@ -41,7 +41,10 @@ __all__ = [
     "MAX_Z",
 ]
 
-OPTIMIZERS = ("sgd", "sam", "asam", "nso")
+OptimizerName = Literal["sgd", "sam", "asam", "nso"]
+FinetuneMethod = Literal["sgd", "sam", "asam", "nso", "sgd_equal_evals"]
+OPTIMIZERS: tuple[OptimizerName, ...] = ("sgd", "sam", "asam", "nso")
+FINETUNE_METHODS: tuple[FinetuneMethod, ...] = ("sgd", "sam", "asam", "nso", "sgd_equal_evals")
 LABELS = {"sgd": "SGD", "sam": "SAM", "asam": "ASAM", "nso": "NSO", "sgd_equal_evals": "SGD (NSO grad evals)"}
 PAPER_TRACE_REDUCTION = 0.177  # arXiv 2306.08553 v3 abstract
 PAPER_TOP_EIG_REDUCTION = 0.128
@@ -56,6 +59,7 @@ class NSOVariant(BaseModel):
 
     @property
     def label(self) -> str:
+        """The variant's name in tables and figures, e.g. ``nso(sigma=0.1, relative)``."""
         return f"nso(sigma={self.sigma:g}{', relative' if self.relative else ''})"
 
 
@@ -63,7 +67,7 @@ class Config(ExperimentConfig):
     """Full setting: width-16 CNN, 5 seeds, 60 SGD-epochs of gradient evaluations, finer curvature."""
 
     dataset: Literal["digits", "mnist1d"] = "digits"
-    optimizers: list[Literal["sgd", "sam", "asam", "nso"]] = Field(
+    optimizers: list[OptimizerName] = Field(
         default_factory=lambda: list(OPTIMIZERS),
         min_length=1,
         description="optimizers to train (C3.2 compares nso with sgd; it is checked only when both run)",
@@ -91,8 +95,8 @@ class Config(ExperimentConfig):
     estimator_draws: int = Field(4000, ge=10)
     estimator_sigma: float = Field(0.3, gt=0)
     num_threads: int | None = Field(1, ge=1, description="torch threads per trial (small models run fastest on 1)")
-    finetune_optimizers: list[Literal["sgd", "sam", "asam", "nso", "sgd_equal_evals"]] = Field(
-        default_factory=lambda: ["sgd", "sam", "asam", "nso", "sgd_equal_evals"],
+    finetune_optimizers: list[FinetuneMethod] = Field(
+        default_factory=lambda: list(FINETUNE_METHODS),
         min_length=1,
         description="C3.2 (fine-tuning, the claim): methods; 'sgd' is the plain base optimizer at equal epochs "
         "(the claim's baseline), 'sgd_equal_evals' the same at NSO's gradient evaluations (side)",

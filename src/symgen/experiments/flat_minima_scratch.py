@@ -41,7 +41,14 @@ def _load(dataset: str, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 def train_trial(item: dict) -> dict:
-    """Train one (optimizer, seed) at the given gradient-evaluation budget, then measure curvature."""
+    """Train one (optimizer, seed) at the given gradient-evaluation budget, then measure curvature.
+
+    Args:
+        item: the trial's settings (optimizer, seed, budget and curvature-measure settings).
+
+    Returns:
+        the trial's measurements (JSON-able).
+    """
     with num_threads(item.get("num_threads")):
         return _train_trial(item)
 

@@ -81,6 +81,8 @@ class _Centred(nn.Module):
     """``f(x; theta) - f(x; theta_0)``: same NTK, starts at 0 (arXiv 1902.06720 §2.3); theta_0 is hidden from
     ``parameters()`` so kernels and optimizers see only theta."""
 
+    _init: nn.Module  # set with object.__setattr__, so not registered as a submodule
+
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
@@ -125,7 +127,8 @@ def _train(
             with torch.no_grad():
                 seen[step] = model(probe).detach()
         if step < steps:
-            opt.step(LossClosure(model, loss_fn, x, y))
+            # torch's stub types a closure as returning float; the step protocol returns the loss tensor
+            opt.step(LossClosure(model, loss_fn, x, y))  # type: ignore[arg-type]
     return seen
 
 
@@ -155,7 +158,8 @@ def _track(
             acc_b.append(accuracy(model(b_te), b_lab_te))
         if step == steps or (stop_at is not None and acc_b[-1] >= stop_at):
             break
-        opt.step(LossClosure(model, loss_fn, x, y))
+        # torch's stub types a closure as returning float; the step protocol returns the loss tensor
+        opt.step(LossClosure(model, loss_fn, x, y))  # type: ignore[arg-type]
     return {"mse_a": mse_a, "acc_b": acc_b}
 
 
@@ -170,7 +174,14 @@ def _at_target(track: dict[str, list[float]], target: float, base: float) -> dic
 
 
 def width_trial(item: dict) -> dict:
-    """Train on A once, then on each task B (SGD, and OGD at the largest width); kernel predictions alongside."""
+    """Train on A once, then on each task B (SGD, and OGD at the largest width); kernel predictions alongside.
+
+    Args:
+        item: the trial's settings (width, tasks, steps, seed, ...).
+
+    Returns:
+        the width, its learning rate, the recorded times, the state after A and one entry per task B.
+    """
     from symgen.ntk import kernel_eigh, ntk_mlp, ntk_overlap, predict_after_training, task_kernels
     from symgen.optim import OGD
 

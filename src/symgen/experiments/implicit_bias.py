@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypedDict, cast
 
 import torch
 from pydantic import Field, field_validator
@@ -24,7 +24,7 @@ from torch.func import vmap
 
 from symgen.errors import ConfigError, DivergenceError
 from symgen.experiments.base import Claim, Context, Experiment, ExperimentConfig, jsonable, num_threads
-from symgen.experiments.implicit_bias_data import DATASETS, group_action, make_dataset
+from symgen.experiments.implicit_bias_data import DATASETS, Dataset, group_action, make_dataset
 from symgen.models import LinearFCNet
 from symgen.nn import LinearSteerableNet
 from symgen.report import pyplot, save_figure
@@ -38,9 +38,7 @@ class Config(ExperimentConfig):
     """Settings of ``implicit-bias``; defaults are the full setting, ``--quick`` shrinks them."""
 
     # Non-empty lists: a claim over no dataset, depth or size would pass with nothing measured.
-    datasets: list[Literal["cyclic", "digits-c4", "digits-d4"]] = Field(
-        default_factory=lambda: ["cyclic", "digits-c4", "digits-d4"], min_length=1
-    )
+    datasets: list[Dataset] = Field(default_factory=lambda: list(DATASETS), min_length=1)
     depths: list[int] = Field(default_factory=lambda: [1, 2, 3])
     train_sizes: list[int] = Field(default_factory=lambda: [4, 8, 16, 32, 64])
     claim_size: int = 32
@@ -89,12 +87,32 @@ def _factory(kind: str, action, shape: tuple[int, ...], depth: int, width: int):
 # ----------------------------------------------------------------------------------------------
 
 
+class _Reference(TypedDict):
+    """One member's training set and its max-margin references (invariant and raw SVM)."""
+
+    inv: Tensor
+    raw: Tensor
+    inv_margin: float
+    raw_margin: float
+    xa: Tensor
+    ya: Tensor
+    x: Tensor
+    y: Tensor
+
+
 def _unit(v: Tensor) -> Tensor:
     return v / v.norm(dim=-1, keepdim=True)
 
 
 def train_trial(item: dict) -> dict:
-    """Train every (size, seed) member of one (dataset, model kind, depth) at once; a pure function of ``item``."""
+    """Train every (size, seed) member of one (dataset, model kind, depth) at once; a pure function of ``item``.
+
+    Args:
+        item: the trial's input: ``dataset``, ``kind``, ``depth``, ``index`` and the ``config`` dict.
+
+    Returns:
+        per member: the learned predictor, its alignment with the SVM references, margins and accuracy.
+    """
     # Tiny matrices: intra-op threads only add synchronization (10x slower on a loaded 2-core box).
     with num_threads(1 if torch.device(item["config"]["device"]).type == "cpu" else None):
         return _train_trial(item)
@@ -116,7 +134,8 @@ def _train_trial(item: dict) -> dict:
     pools = {s: make_dataset(dataset, cfg, s, max(sizes)) for s in seeds}
 
     # Per-member training sets, padded to a common length; padded points get weight 0 (log-weight -inf).
-    xs, ys, refs = [], [], []
+    xs, ys = [], []
+    refs: list[_Reference] = []
     for n, s in members:
         x, y = pools[s]["x_train"][:n], pools[s]["y_train"][:n]
         xa, ya = OrbitAugment(action)(x, y)
@@ -187,7 +206,8 @@ def _train_trial(item: dict) -> dict:
         log_loss = torch.logsumexp(-Y * forward(params, X) + LW, dim=1)
         grads = torch.autograd.grad(log_loss.sum(), leaves)
         with torch.no_grad():
-            gnorm = torch.sqrt(sum(g.reshape(m_count, -1).pow(2).sum(1) for g in grads))
+            # grads is one tensor per leaf and the model has leaves: the sum is a Tensor, never the int 0.
+            gnorm = torch.sqrt(cast(Tensor, sum(g.reshape(m_count, -1).pow(2).sum(1) for g in grads)))
             if not bool(torch.isfinite(gnorm).all()):
                 raise DivergenceError(
                     f"implicit-bias: non-finite gradient at step {step} ({dataset}, {kind}, "

@@ -6,7 +6,7 @@ dihedral group (D4). The claims checked on them: docs/claims.md.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -15,7 +15,8 @@ from symgen.errors import ConfigError
 
 __all__ = ["DATASETS", "group_action", "make_dataset"]
 
-DATASETS = ("cyclic", "digits-c4", "digits-d4")
+Dataset = Literal["cyclic", "digits-c4", "digits-d4"]
+DATASETS: tuple[Dataset, ...] = ("cyclic", "digits-c4", "digits-d4")
 
 
 def group_action(dataset: str, cfg: dict) -> tuple[Any, tuple[int, ...]]:

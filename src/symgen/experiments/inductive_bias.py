@@ -87,7 +87,14 @@ def _teacher_sample(
 
 
 def curve_trial(item: dict) -> dict:
-    """Learning curves at one input dimension d: the local students (each s) and the fully-connected one."""
+    """Learning curves at one input dimension d: the local students (each s) and the fully-connected one.
+
+    Args:
+        item: the trial's settings (input dimension ``d``, filter sizes, train sizes, seed, ...).
+
+    Returns:
+        ``d`` and the learning curves, one per student.
+    """
     from symgen.ntk import analytic_conv_ntk, analytic_ntk, learning_curve
     from symgen.rng import as_generator
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -26,13 +27,14 @@ from symgen.report import pyplot, save_figure
 
 __all__ = ["Config", "EXPERIMENT", "kernel_fn", "kip_trial", "full_trial", "run", "check_claims", "figures"]
 
-DATASETS = ("digits", "mnist1d")
+Dataset = Literal["digits", "mnist1d"]
+DATASETS: tuple[Dataset, ...] = ("digits", "mnist1d")
 
 
 class Config(ExperimentConfig):
     """Settings of ``kip``; defaults are the full setting, ``--quick`` shrinks them."""
 
-    datasets: list[Literal["digits", "mnist1d"]] = Field(default_factory=lambda: ["digits", "mnist1d"], min_length=1)
+    datasets: list[Dataset] = Field(default_factory=lambda: list(DATASETS), min_length=1)
     support_sizes: list[int] = Field(default_factory=lambda: [1, 10])
     seeds: int = 4
     steps: int = 2000
@@ -66,8 +68,15 @@ class Config(ExperimentConfig):
         return v
 
 
-def kernel_fn(cfg: dict):
-    """The infinite-width ReLU NTK of the config's fully-connected architecture, as ``(a, b) -> K``."""
+def kernel_fn(cfg: dict) -> Callable[[Tensor, Tensor], Tensor]:
+    """The infinite-width ReLU NTK of the config's fully-connected architecture, as ``(a, b) -> K``.
+
+    Args:
+        cfg: the experiment's config as a dict (``depth``, ``weight_std``, ``bias_std``).
+
+    Returns:
+        the kernel function ``(a, b) -> K``.
+    """
     from symgen.ntk import analytic_ntk
 
     depth, w, b = int(cfg["depth"]), float(cfg["weight_std"]), float(cfg["bias_std"])
@@ -129,7 +138,14 @@ def _train_net(cfg: dict, x_s: Tensor, y_s: Tensor, x_te: Tensor, y_te: Tensor, 
 
 
 def kip_trial(item: dict) -> dict:
-    """One (dataset, support size, seed): KIP, then kernel and network accuracy of distilled vs random."""
+    """One (dataset, support size, seed): KIP, then kernel and network accuracy of distilled vs random.
+
+    Args:
+        item: the trial's input: ``dataset``, ``size``, ``seed``, ``keep_images`` and the ``config`` dict.
+
+    Returns:
+        the trial's measurements (JSON-able).
+    """
     from symgen.ntk import kip
 
     cfg = item["config"]
@@ -171,7 +187,14 @@ def kip_trial(item: dict) -> dict:
 
 
 def full_trial(item: dict) -> dict:
-    """Kernel regression from the full training set (the ceiling the distilled sets are compared with)."""
+    """Kernel regression from the full training set (the ceiling the distilled sets are compared with).
+
+    Args:
+        item: the trial's input: ``dataset`` and the ``config`` dict.
+
+    Returns:
+        the dataset, the number of training points and the kernel's test accuracy.
+    """
     cfg = item["config"]
     x_tr, y_tr, x_te, y_te = _data(item["dataset"], cfg)
     y = centred_one_hot(y_tr, int(y_tr.max().item()) + 1, x_tr.dtype)
@@ -350,9 +373,9 @@ def figures(result: dict, outdir: Path) -> list[Path]:
         ("net_accuracy_random", "network: random subset", "C9"),
         ("net_accuracy_distilled", "network: KIP", "C1"),
     ]
-    for j, (k, label, color) in enumerate(series):
-        means = [summary[key][f"{k}_mean"] for key in keys]
-        stds = [summary[key][f"{k}_std"] for key in keys]
+    for j, (stat, label, color) in enumerate(series):
+        means = [summary[key][f"{stat}_mean"] for key in keys]
+        stds = [summary[key][f"{stat}_std"] for key in keys]
         ax.bar(xs + (j - 1.5) * width, means, width, yerr=stds, label=label, color=color)
     ax.scatter(
         xs,

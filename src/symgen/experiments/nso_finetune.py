@@ -73,7 +73,16 @@ def _split(x: Tensor, y: Tensor, classes: tuple[int, ...]) -> tuple[Tensor, Tens
 
 
 def eval_accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    """Accuracy of ``model`` in eval mode on ``(x, y)`` (its mode restored after)."""
+    """Accuracy of ``model`` in eval mode on ``(x, y)`` (its mode restored after).
+
+    Args:
+        model: the classifier.
+        x: inputs.
+        y: integer labels.
+
+    Returns:
+        the fraction classified correctly.
+    """
     was = model.training
     model.eval()
     with torch.no_grad():
@@ -83,7 +92,14 @@ def eval_accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 
 
 def weight_names(model: nn.Module) -> list[str]:
-    """The conv and linear weights (the parameters the reference code's Hessian measures run over)."""
+    """The conv and linear weights (the parameters the reference code's Hessian measures run over).
+
+    Args:
+        model: the network.
+
+    Returns:
+        the names of its conv and linear weights.
+    """
     mods = dict(model.named_modules())
     return [
         n
@@ -93,7 +109,16 @@ def weight_names(model: nn.Module) -> list[str]:
 
 
 def pretrained(item: dict, x: Tensor, y: Tensor) -> nn.Sequential:
-    """The source-task network with a fresh target head (deterministic in the item's seed)."""
+    """The source-task network with a fresh target head (deterministic in the item's seed).
+
+    Args:
+        item: the trial's settings (seed, width, pretraining lr, epochs and batch size, device).
+        x: inputs of all classes.
+        y: their labels.
+
+    Returns:
+        the pretrained network, its head replaced for the target classes.
+    """
     seed, dev = item["seed"], torch.device(item.get("device", "cpu"))
     xs, ys = _split(x, y, SOURCE)
     with isolated_seed(seed):
@@ -107,8 +132,10 @@ def pretrained(item: dict, x: Tensor, y: Tensor) -> nn.Sequential:
         batch_size=item["batch_size"],
         generator=40_000 + seed,
     )
+    head = model[-1]
+    assert isinstance(head, nn.Linear)  # bn_cnn ends in its linear head
     with isolated_seed(50_000 + seed):  # same fresh head for every method at this seed
-        model[-1] = nn.Linear(model[-1].in_features, len(TARGET)).to(dev)
+        model[-1] = nn.Linear(head.in_features, len(TARGET)).to(dev)
     return model
 
 
@@ -142,7 +169,14 @@ def _curvature(model: nn.Module, data: tuple[Tensor, Tensor], item: dict, seed: 
 
 
 def finetune_trial(item: dict) -> dict:
-    """Pretrain on the source classes, fine-tune on the target classes with one method, measure curvature."""
+    """Pretrain on the source classes, fine-tune on the target classes with one method, measure curvature.
+
+    Args:
+        item: the trial's settings: one (seed, method) of the protocol.
+
+    Returns:
+        the trial's measurements (JSON-able).
+    """
     with num_threads(item.get("num_threads")):
         return _finetune_trial(item)
 
@@ -232,7 +266,14 @@ def _reductions(runs: list[dict], out: dict[str, Any], o: str, baseline: str, su
 def summarize(runs: list[dict]) -> dict[str, Any]:
     """Per method: means and standard errors over seeds; per regularized method: the reductions vs plain
     fine-tuning at equal epochs ("sgd", the claim's baseline; keys ``*_reduction``) and, for NSO, vs plain
-    fine-tuning at equal gradient evaluations (keys ``*_reduction_equal_evals``)."""
+    fine-tuning at equal gradient evaluations (keys ``*_reduction_equal_evals``).
+
+    Args:
+        runs: the outputs of :func:`finetune_trial`.
+
+    Returns:
+        the summary, keyed by method.
+    """
     out: dict[str, Any] = {}
     methods = list(dict.fromkeys(r["optimizer"] for r in runs))
     for o in methods:
@@ -251,7 +292,14 @@ def summarize(runs: list[dict]) -> dict[str, Any]:
 
 
 def trial_items(config: Any) -> list[dict]:
-    """One item per (seed, method) of the fine-tuning protocol (``config``: the flat-minima Config)."""
+    """One item per (seed, method) of the fine-tuning protocol (``config``: the flat-minima Config).
+
+    Args:
+        config: the flat-minima Config.
+
+    Returns:
+        the trial inputs of :func:`finetune_trial`.
+    """
     base = dict(
         width=config.finetune_width,
         pretrain_lr=config.pretrain_lr,
@@ -303,7 +351,16 @@ def claim_values(s: dict[str, Any], trace_threshold: float, eig_threshold: float
     """The C3.2 measured dict from a fine-tuning summary (``summarize``): NSO's reductions vs plain
     fine-tuning at equal epochs (the claim; verdict: ratio of means), their margins in standard errors of
     the paired per-seed reductions, the global measures, the same at equal gradient evaluations
-    (``*_equal_evals``, where that baseline ran) and SAM/ASAM beside."""
+    (``*_equal_evals``, where that baseline ran) and SAM/ASAM beside.
+
+    Args:
+        s: the output of :func:`summarize`.
+        trace_threshold: the claim's threshold on the trace reduction.
+        eig_threshold: the claim's threshold on the top-eigenvalue reduction.
+
+    Returns:
+        the measured values of C3.2.
+    """
     sg, ns = s["sgd"], s["nso"]
     c = _comparison(ns, "", trace_threshold, eig_threshold)
     m: dict[str, Any] = {
@@ -343,7 +400,16 @@ def claim_values(s: dict[str, Any], trace_threshold: float, eig_threshold: float
 
 
 def equal_evals_verdict(m: dict[str, Any], trace_threshold: float, eig_threshold: float) -> str | None:
-    """The side comparison at equal gradient evaluations, in words (None where it did not run)."""
+    """The side comparison at equal gradient evaluations, in words (None where it did not run).
+
+    Args:
+        m: the output of :func:`claim_values`.
+        trace_threshold: the claim's threshold on the trace reduction.
+        eig_threshold: the claim's threshold on the top-eigenvalue reduction.
+
+    Returns:
+        a sentence, or None where the equal-evaluations baseline did not run.
+    """
     if "trace_reduction_vs_sgd_equal_evals" not in m:
         return None
     ok = (

@@ -102,7 +102,14 @@ def _inputs(dataset: str, n: int, split: str, seed: int) -> tuple[torch.Tensor, 
 
 
 def kernel_trial(item: dict) -> dict:
-    """Relative Frobenius error ||Theta_emp - Theta_inf|| / ||Theta_inf|| of one random net (and of the NNGP)."""
+    """Relative Frobenius error ||Theta_emp - Theta_inf|| / ||Theta_inf|| of one random net (and of the NNGP).
+
+    Args:
+        item: the trial's settings (width, seed, architecture and data).
+
+    Returns:
+        the width, the seed and the relative error.
+    """
     from symgen.models import ntk_mlp
     from symgen.ntk import analytic_ntk, empirical_ntk
 
@@ -136,7 +143,14 @@ def _flat_full(k: torch.Tensor) -> torch.Tensor:
 
 
 def dynamics_trial(item: dict) -> dict:
-    """Train a wide NTK-param. MLP by full-batch GD on MSE; record it against ``gd_dynamics`` over time."""
+    """Train a wide NTK-param. MLP by full-batch GD on MSE; record it against ``gd_dynamics`` over time.
+
+    Args:
+        item: the trial's settings (width, seed, steps, lr factor, architecture and data).
+
+    Returns:
+        the trial's measurements (JSON-able).
+    """
     from symgen.errors import DivergenceError
     from symgen.models import ntk_mlp
     from symgen.ntk import eigen_projections, empirical_ntk, gd_dynamics, kernel_eigh, residual_decay
@@ -228,7 +242,9 @@ def dynamics_trial(item: dict) -> dict:
     res_t = eigen_projections((net_tr_t - ytr_t.reshape(1, -1)).T, evecs).T  # (T, N O)
     bands = np.array_split(np.arange(n * o), item["bands"])
     band_frac = [[(res_t[t, b].norm() / res0[b].norm()).item() for b in bands] for t in range(len(times))]
-    theory = residual_decay(evals, times, lr, n, discrete=item["discrete"])  # (T, N O)
+    # residual_decay takes a float or a 1-D tensor of times; the same conversion it applies itself.
+    times_t = torch.as_tensor(times, dtype=evals.dtype, device=evals.device)
+    theory = residual_decay(evals, times_t, lr, n, discrete=item["discrete"])  # (T, N O)
     band_theory = [
         [((theory[t, b] * res0[b]).norm() / res0[b].norm()).item() for b in bands] for t in range(len(times))
     ]

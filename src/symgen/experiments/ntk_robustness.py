@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -87,8 +88,15 @@ class Config(ExperimentConfig):
         return v
 
 
-def kernel_fn(cfg: dict):
-    """Infinite-width ReLU NTK of the network's architecture, ``(a, b) -> K`` in float64."""
+def kernel_fn(cfg: dict) -> Callable[[Tensor, Tensor], Tensor]:
+    """Infinite-width ReLU NTK of the network's architecture, ``(a, b) -> K`` in float64.
+
+    Args:
+        cfg: the experiment's config as a dict (``depth``, ``weight_std``, ``bias_std``).
+
+    Returns:
+        the kernel function ``(a, b) -> K``.
+    """
     from symgen.ntk import analytic_ntk
 
     depth, w, b = int(cfg["depth"]), float(cfg["weight_std"]), float(cfg["bias_std"])
@@ -149,7 +157,14 @@ def _train(cfg: dict, net: torch.nn.Module, x: Tensor, y: Tensor, seed: int, adv
 
 
 def network_trial(item: dict) -> dict:
-    """One seed: standard and PGD-trained networks; clean, PGD, random-sign and kernel-transfer accuracy."""
+    """One seed: standard and PGD-trained networks; clean, PGD, random-sign and kernel-transfer accuracy.
+
+    Args:
+        item: the trial's input: ``seed``, the ``config`` dict and the kernel's PGD examples ``x_kernel_adv``.
+
+    Returns:
+        the trial's measurements (JSON-able).
+    """
     from symgen.models import ntk_mlp
     from symgen.robust import accuracy
 
@@ -191,7 +206,14 @@ def network_trial(item: dict) -> dict:
 
 
 def kernel_trial(item: dict) -> dict:
-    """The NTK regression predictor on the full training set: clean and PGD accuracy, and the PGD examples."""
+    """The NTK regression predictor on the full training set: clean and PGD accuracy, and the PGD examples.
+
+    Args:
+        item: the trial's input: the ``config`` dict.
+
+    Returns:
+        the trial's measurements (JSON-able).
+    """
     from symgen.robust import accuracy, kernel_predictor, regression_targets
 
     cfg = item["config"]
@@ -219,7 +241,14 @@ def kernel_trial(item: dict) -> dict:
 
 
 def feature_trial(item: dict) -> dict:
-    """Usefulness / robustness of NTK eigen-features on the two-class subtask (Tsilivis & Kempe 2022)."""
+    """Usefulness / robustness of NTK eigen-features on the two-class subtask (Tsilivis & Kempe 2022).
+
+    Args:
+        item: the trial's input: the ``config`` dict.
+
+    Returns:
+        the trial's measurements (JSON-able).
+    """
     from symgen.robust import ntk_feature_robustness
 
     cfg = item["config"]

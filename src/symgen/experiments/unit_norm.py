@@ -42,6 +42,10 @@ from symgen.training import fit
 __all__ = ["Config", "EXPERIMENT", "build_model", "EXPECTED", "run", "check_claims", "figures"]
 
 METHODS = ("sgd", "sgd_wd", "unit_norm")
+Model = Literal["mlp", "cnn"]
+DetectionModel = Literal["mlp", "cnn", "mixed"]
+MODELS: tuple[Model, ...] = ("mlp", "cnn")
+DETECTION_MODELS: tuple[DetectionModel, ...] = ("mlp", "cnn", "mixed")
 METHOD_LABELS = {"sgd": "SGD", "sgd_wd": "SGD + weight decay", "unit_norm": "UnitNormSGD"}
 
 
@@ -49,7 +53,7 @@ class Config(ExperimentConfig):
     """Full setting: 5 seeds, 30 epochs, 8 learning rates over 3.5 orders of magnitude."""
 
     dataset: Literal["digits", "mnist1d"] = "digits"
-    models: list[Literal["mlp", "cnn"]] = Field(default_factory=lambda: ["mlp", "cnn"], min_length=1)
+    models: list[Model] = Field(default_factory=lambda: list(MODELS), min_length=1)
     lrs: list[float] = Field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0], min_length=1)
     seeds: int = Field(5, ge=1)
     epochs: int = Field(30, ge=1)
@@ -59,9 +63,7 @@ class Config(ExperimentConfig):
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
     weight_decay: float = Field(5e-4, ge=0.0, description="for the SGD + weight decay method")
     detection_batch: int = Field(256, ge=2)
-    detection_models: list[Literal["mlp", "cnn", "mixed"]] = Field(
-        default_factory=lambda: ["mlp", "cnn", "mixed"], min_length=1
-    )
+    detection_models: list[DetectionModel] = Field(default_factory=lambda: list(DETECTION_MODELS), min_length=1)
     val_fraction: float = Field(0.2, ge=0.05, lt=0.9, description="training data held out to choose each lr")
     centred_factors: list[float] = Field(
         default_factory=lambda: [0.1, 0.1**0.5, 1.0, 10**0.5, 10.0],
@@ -97,7 +99,14 @@ QUICK = {"seeds": 2, "epochs": 8, "lrs": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0], "re
 
 
 def train_trial(item: dict) -> dict:
-    """Train one (model, method, lr, seed) and return its test accuracy."""
+    """Train one (model, method, lr, seed) and return its test accuracy.
+
+    Args:
+        item: the trial's settings (model, method, lr, seed and training settings).
+
+    Returns:
+        the trial's settings and measurements (JSON-able).
+    """
     with num_threads(cpu_threads(item["device"])):
         return _train(item)
 
@@ -304,7 +313,15 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
 
 
 def protocol_claim(config: Config, result: dict) -> Claim:
-    """C2.2 as the paper states it: (a) rescaled initializations, (b) lr grids centred on each method's best."""
+    """C2.2 as the paper states it: (a) rescaled initializations, (b) lr grids centred on each method's best.
+
+    Args:
+        config: the experiment's settings.
+        result: ``run``'s output.
+
+    Returns:
+        the claim C2.2.
+    """
     prot = result["protocol"]
     passed, measured, reasons = protocol.verdict(prot["summary"], prot.get("search"))
     factors = prot["factors"]
@@ -336,7 +353,15 @@ def protocol_claim(config: Config, result: dict) -> Claim:
 
 def shared_grid_check(config: Config, result: dict) -> Claim:
     """Side result (not a claim): both methods on ONE shared lr grid, which favours whichever method the grid
-    happens to be centred on (SGD's effective angular step is lr / ||w||^2)."""
+    happens to be centred on (SGD's effective angular step is lr / ||w||^2).
+
+    Args:
+        config: the experiment's settings.
+        result: ``run``'s output.
+
+    Returns:
+        the side result, as a claim-shaped record.
+    """
     summ = result["summary"]
     lrs = result["lrs"]
     grid_ok = len(lrs) >= 5 and max(lrs) / min(lrs) >= 100 - 1e-9

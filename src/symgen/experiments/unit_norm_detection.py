@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +78,9 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-300)
 
 
-def _loss(model: nn.Module, params: dict, buffers: dict, x: Tensor, y: Tensor, train: bool) -> float:
+def _loss(
+    model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, y: Tensor, train: bool
+) -> float:
     model.train(train)
     with torch.no_grad():
         out = call(model, params, {k: v.clone() for k, v in buffers.items()}, x)
@@ -89,7 +92,14 @@ def _log_uniform(shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
 
 
 def detection_trial(item: dict) -> dict:
-    """Detect symmetries of one model, then rescale found and not-found parameters and measure the loss."""
+    """Detect symmetries of one model, then rescale found and not-found parameters and measure the loss.
+
+    Args:
+        item: the trial's settings (model, dataset, seed, width, channels, device, detection batch).
+
+    Returns:
+        the found and expected groups and the relative loss changes (JSON-able).
+    """
     with num_threads(cpu_threads(item["device"])):
         return _detect(item)
 
@@ -101,9 +111,12 @@ def _detect(item: dict) -> dict:
     model = model.to(device=item["device"], dtype=torch.float64)
     gen = as_generator(item["seed"])
     with torch.no_grad():  # a random point in parameter space: no zero biases, gamma != 1
-        for p in model.parameters():
-            rms = p.pow(2).mean().sqrt().item()
-            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) * (0.5 * rms if rms > 0 else 0.5))
+        for param in model.parameters():
+            rms = param.pow(2).mean().sqrt().item()
+            param.add_(
+                torch.randn(param.shape, generator=gen, dtype=param.dtype).to(param.device)
+                * (0.5 * rms if rms > 0 else 0.5)
+            )
         model.train()
         for i in range(4):  # running statistics that hold estimates
             model(x[i * 64 : (i + 1) * 64].double())

@@ -46,13 +46,31 @@ MAX_UNIT_NORM_DISAGREEMENT = 0.01
 
 
 def search_grid(trials: list[dict], model: str, method: str) -> list[float]:
-    """The learning rates searched so far for one model and method (sorted)."""
+    """The learning rates searched so far for one model and method (sorted).
+
+    Args:
+        trials: finished training trials.
+        model: the model.
+        method: the method.
+
+    Returns:
+        the sorted learning rates.
+    """
     return sorted({t["lr"] for t in trials if t["model"] == model and t["method"] == method})
 
 
 def best_lrs(trials: list[dict], models: list[str], lrs: list[float] | None = None) -> dict[str, dict[str, float]]:
     """Per model and method: the lr with the highest seed-mean validation accuracy, among ``lrs`` (None: every
-    lr searched for that model and method)."""
+    lr searched for that model and method).
+
+    Args:
+        trials: finished training trials (validation split).
+        models: the models.
+        lrs: the learning rates to choose among (None: all searched).
+
+    Returns:
+        ``{model: {method: lr}}``.
+    """
     out: dict[str, dict[str, float]] = {}
     for model in models:
         out[model] = {}
@@ -79,7 +97,17 @@ def _next_lr(grid: list[float], best: float) -> float | None:
 
 
 def extension_items(base: dict, trials: list[dict], best: dict[str, dict[str, float]], seeds: list[int]) -> list[dict]:
-    """Training items that extend each method's search one step past the edge where its best lies."""
+    """Training items that extend each method's search one step past the edge where its best lies.
+
+    Args:
+        base: the settings shared by every training item.
+        trials: finished training trials.
+        best: the current best lrs (:func:`best_lrs`).
+        seeds: the seeds to train.
+
+    Returns:
+        the new training items (empty when every best lr is interior).
+    """
     items = []
     for model in best:
         for method in PROTOCOL_METHODS:
@@ -98,7 +126,19 @@ def search_best(
     train: Callable[[list[dict]], list[dict]],
 ) -> tuple[dict[str, dict[str, float]], list[dict]]:
     """Each method's best lr on the validation split, the search extended past the edge where the best lies
-    (``train`` runs the new items) until it is interior or ``cap`` steps were taken; (best, the new trials)."""
+    (``train`` runs the new items) until it is interior or ``cap`` steps were taken; (best, the new trials).
+
+    Args:
+        trials: finished training trials.
+        models: the models.
+        base: the settings shared by every training item.
+        seeds: the seeds to train.
+        cap: the most extension steps.
+        train: runs training items, returns their trials.
+
+    Returns:
+        the best lrs and the trials trained by the extension.
+    """
     search = [t for t in trials if t["method"] in PROTOCOL_METHODS]
     best = best_lrs(search, models)
     extra: list[dict] = []
@@ -114,7 +154,16 @@ def search_best(
 
 def search_summary(trials: list[dict], best: dict[str, dict[str, float]], coarse: list[float]) -> dict[str, Any]:
     """Per model and method: the searched grid, its seed-mean validation accuracies, the best lr, whether the
-    best is interior (a neighbour searched on each side) and how many steps the search went past ``coarse``."""
+    best is interior (a neighbour searched on each side) and how many steps the search went past ``coarse``.
+
+    Args:
+        trials: every search trial.
+        best: the best lrs (:func:`best_lrs`).
+        coarse: the initial lr grid.
+
+    Returns:
+        the summary, ``{model: {method: ...}}``.
+    """
     out: dict[str, Any] = {}
     for model in best:
         out[model] = {}
@@ -138,7 +187,17 @@ def search_summary(trials: list[dict], best: dict[str, dict[str, float]], coarse
 
 
 def centred_items(base: dict, best: dict[str, dict[str, float]], factors: list[float], seeds: list[int]) -> list[dict]:
-    """Training items of the centred grids: lr = best x factor for every method, model and seed."""
+    """Training items of the centred grids: lr = best x factor for every method, model and seed.
+
+    Args:
+        base: the settings shared by every training item.
+        best: the best lrs (:func:`best_lrs`).
+        factors: multiples of the best lr.
+        seeds: the seeds to train.
+
+    Returns:
+        the training items.
+    """
     return [
         dict(base, model=model, method=method, lr=best[model][method] * f, seed=s)
         for model in best
@@ -149,7 +208,17 @@ def centred_items(base: dict, best: dict[str, dict[str, float]], factors: list[f
 
 
 def rescale_items(base: dict, best: dict[str, dict[str, float]], rescalings: int, seed: int) -> list[dict]:
-    """Training items of (a): one initialization seed, ``rescalings`` function-preserving rescalings of it."""
+    """Training items of (a): one initialization seed, ``rescalings`` function-preserving rescalings of it.
+
+    Args:
+        base: the settings shared by every training item.
+        best: the best lrs (:func:`best_lrs`).
+        rescalings: how many rescalings.
+        seed: the initialization seed.
+
+    Returns:
+        the training items.
+    """
     return [
         dict(base, model=model, method=method, lr=best[model][method], seed=seed, rescale=1000 + r)
         for model in best
@@ -174,7 +243,17 @@ def summarize(
     centred: list[dict], rescaled: list[dict], best: dict[str, dict[str, float]], factors: list[float]
 ) -> dict[str, Any]:
     """Per model and method: (a) accuracy spread and prediction disagreement over rescalings; (b) the centred
-    grid's per-lr seed-mean test accuracy, its mean and its spread (population std across the grid)."""
+    grid's per-lr seed-mean test accuracy, its mean and its spread (population std across the grid).
+
+    Args:
+        centred: trials of the centred grids.
+        rescaled: trials of the rescalings.
+        best: the best lrs (:func:`best_lrs`).
+        factors: the centred grid's factors.
+
+    Returns:
+        the summary, ``{model: {method: ...}}``.
+    """
     out: dict[str, Any] = {}
     for model in best:
         out[model] = {}
@@ -206,7 +285,15 @@ def summarize(
 
 def verdict(summary: dict[str, Any], search: dict[str, Any] | None = None) -> tuple[bool, dict[str, Any], list[str]]:
     """(passed, measured per model, reasons for failure) against the thresholds in the module docstring;
-    ``search`` (from :func:`search_summary`): a best lr still at an edge of its search grid is a reason."""
+    ``search`` (from :func:`search_summary`): a best lr still at an edge of its search grid is a reason.
+
+    Args:
+        summary: the output of :func:`summarize`.
+        search: the output of :func:`search_summary` (None: not checked).
+
+    Returns:
+        ``(passed, measured, reasons)``.
+    """
     measured: dict[str, Any] = {}
     reasons: list[str] = []
     for model, per_method in (search or {}).items():
