@@ -18,32 +18,6 @@ try:
 except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
-_SUBMODULES = (
-    "audit",
-    "augment",
-    "curvature",
-    "data",
-    "distributed",
-    "ensemble",
-    "errors",
-    "evaluation",
-    "functional",
-    "groups",
-    "io",
-    "labels",
-    "margins",
-    "metrics",
-    "models",
-    "nn",
-    "ntk",
-    "optim",
-    "rng",
-    "robust",
-    "stats",
-    "streaming",
-    "symmetry",
-    "training",
-)
 
 if TYPE_CHECKING:
     from symgen import (
@@ -101,7 +75,7 @@ __all__ = [
     "symmetry",
     "training",
 ]
-assert set(__all__[2:]) == set(_SUBMODULES)
+_SUBMODULES = frozenset(__all__[2:])  # loaded on first use
 
 
 def __getattr__(name: str) -> Any:
