@@ -1,7 +1,9 @@
 """Dataset loaders: shipped and generated sets, and the file readers on files the tests write."""
 
 import gzip
+import io
 import pickle
+import pickletools
 import struct
 
 import numpy as np
@@ -136,3 +138,72 @@ def test_cifar10_batches_read_lazily_file_by_file(tmp_path, monkeypatch):
         Cifar10Batches("test")
     with pytest.raises(ConfigError, match="batch_size"):
         Cifar10Batches("test", tmp_path, batch_size=0)
+
+
+def _py2_batch(data, labels):
+    """A CIFAR-10 batch byte for byte as Python 2's cPickle (protocol 2) wrote the real files with numpy 1.x:
+    ``str`` as SHORT_BINSTRING/BINSTRING, the array through ``numpy.core.multiarray._reconstruct``."""
+
+    def s(b):
+        return b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + struct.pack("<I", len(b)) + b
+
+    def i(v):
+        return b"J" + struct.pack("<i", v)
+
+    n, width = data.shape
+    array = (
+        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + s(b"b") + b"\x87R"
+        b"(K\x01" + i(n) + i(width) + b"\x86"
+        b"cnumpy\ndtype\n" + s(b"u1") + b"K\x00K\x01\x87R(K\x03" + s(b"|") + b"NNN" + i(-1) + i(-1) + b"K\x00tb"
+        b"\x89" + s(data.tobytes()) + b"tb"
+    )
+    items = s(b"batch_label") + s(b"training batch 1 of 5") + s(b"labels") + b"](" + b"".join(i(v) for v in labels)
+    items += b"e" + s(b"data") + array + s(b"filenames") + b"](" + b"".join(s(b"x%d.png" % k) for k in range(n)) + b"e"
+    return b"\x80\x02}(" + items + b"u."
+
+
+@pytest.mark.parametrize("fmt", ["python2-cpickle", "protocol-2", "protocol-4", "protocol-5", "numpy-int-labels"])
+def test_cifar10_real_formats_load_identically(tmp_path, fmt):
+    """The restricted unpickler reads the real files' format (and what Python 3 writes) to the same values."""
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 256, size=(6, 3072), dtype=np.uint8)
+    labels = [int(v) for v in rng.integers(0, 10, size=6)]
+    batch = {b"batch_label": b"testing batch 1 of 1", b"labels": labels, b"data": data, b"filenames": [b"a.png"] * 6}
+    if fmt == "python2-cpickle":
+        raw = _py2_batch(data, labels)
+        assert pickletools.dis(raw, out=io.StringIO()) is None  # a well-formed pickle
+    elif fmt == "numpy-int-labels":
+        raw = pickle.dumps({**batch, b"labels": list(np.asarray(labels))}, protocol=2)
+    else:
+        raw = pickle.dumps(batch, protocol=int(fmt[-1]))
+    (tmp_path / "test_batch").write_bytes(raw)
+    x, y = load_dataset("cifar10", "test", root=tmp_path)
+    assert x.shape == (6, 3, 32, 32) and x.dtype == torch.float32
+    assert torch.equal(x, torch.from_numpy(data.reshape(6, 3, 32, 32).astype(np.float32) / 255.0))
+    assert y.dtype == torch.int64 and y.tolist() == labels
+
+
+@pytest.mark.parametrize(
+    ("batch", "match"),
+    [
+        ({b"data": np.zeros((4, 3071), np.uint8), b"labels": [0] * 4}, r"\(N, 3072\).*shape \(4, 3071\)"),
+        ({b"data": np.zeros((4, 3072), np.float32), b"labels": [0] * 4}, "uint8.*float32"),
+        ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0] * 3}, "4 images but 3 labels"),
+        ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 10]}, r"0\.\.9"),
+        ({b"data": np.zeros((4, 3072), np.uint8), b"labels": ["a"] * 4}, "list of integers"),
+        ({"data": np.zeros((4, 3072), np.uint8), "labels": [0] * 4}, "b'data' and b'labels'"),
+        ([1, 2, 3], "expected a dict"),
+        ({b"data": np.zeros((4, 3072), object), b"labels": [0] * 4}, "refused dtype object"),
+    ],
+)
+def test_cifar10_wrong_structure_is_a_clear_error(tmp_path, batch, match):
+    (tmp_path / "test_batch").write_bytes(pickle.dumps(batch, protocol=4))
+    with pytest.raises(MissingDataError, match=match) as err:
+        load_dataset("cifar10", "test", root=tmp_path)
+    assert "test_batch" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cifar10_not_a_pickle_is_a_clear_error(tmp_path):
+    (tmp_path / "test_batch").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(MissingDataError, match="cannot read .*test_batch: not a CIFAR-10 python batch"):
+        load_dataset("cifar10", "test", root=tmp_path)

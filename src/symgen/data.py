@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle
 import random
@@ -57,7 +58,10 @@ def load_dataset(
     ``torch.Generator``; None = seed 0).
     mnist1d: (N, 1, 40), generated offline (seed 42 template set, 4000/1000 split), cached.
     mnist, fashion-mnist: (N, 1, 28, 28) from IDX files (gzipped or not) under ``root``.
-    cifar10: (N, 3, 32, 32) from the python batches under ``root``.
+    cifar10: (N, 3, 32, 32) from the python batches under ``root``, read with a restricted unpickler
+    (dicts, lists, strings, numbers and numeric arrays only: a batch naming any other global, such as
+    ``os.system``, is a :class:`MissingDataError` and nothing it names is called) and checked
+    (``b"data"`` (N, 3072) uint8, N ``b"labels"`` in 0..9).
     """
     if split not in ("train", "test"):
         raise ConfigError(f"split must be 'train' or 'test', got '{split}'.")
@@ -177,14 +181,196 @@ def _cifar10_files(split: str, root: str | Path | None) -> list[Path]:
     return [base / n for n in names]
 
 
+_CIFAR_REFUSAL = "CIFAR-10 batches hold only arrays, lists and strings"
+_NUMERIC_KINDS = "biufc"  # bool, signed and unsigned integers, floats, complex
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A global that a CIFAR-10 batch never holds (a function or class of any other module)."""
+
+    def __init__(self, module: str, name: str) -> None:
+        super().__init__(f"{module}.{name}")
+        self.qualified = f"{module}.{name}"
+
+
+def _text(value: Any) -> str:
+    """A pickled string: ``str``, or ``bytes`` where a Python 2 ``str`` was read with ``encoding='bytes'``."""
+    if isinstance(value, bytes):
+        return value.decode("ascii")
+    if isinstance(value, str):
+        return value
+    raise pickle.UnpicklingError(f"expected a string, found {type(value).__name__}")
+
+
+class _Dtype:
+    """Stand-in for ``numpy.dtype(code, align, copy)`` while unpickling: a numeric dtype only, built from its
+    type code and byte order; no other dtype state (fields, subarrays, flags) reaches numpy."""
+
+    def __init__(self, code: Any, *_: Any) -> None:
+        dtype = np.dtype(_text(code))
+        if dtype.kind not in _NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+            raise pickle.UnpicklingError(f"refused dtype {dtype!s}: only numeric arrays are data")
+        self.dtype = dtype
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) < 5 or any(s is not None for s in state[2:5]):
+            raise pickle.UnpicklingError("refused a structured or sub-array dtype: only numeric arrays are data")
+        order = _text(state[1])
+        if order not in "<>|=" or len(order) != 1:
+            raise pickle.UnpicklingError(f"bad byte order {order!r} in a dtype")
+        if order == "<":
+            self.dtype = self.dtype.newbyteorder("<")
+        elif order == ">":
+            self.dtype = self.dtype.newbyteorder(">")
+
+
+def _as_dtype(value: Any) -> np.dtype[Any]:
+    if not isinstance(value, _Dtype):
+        raise pickle.UnpicklingError(f"expected a dtype, found {type(value).__name__}")
+    return value.dtype
+
+
+def _buffer(value: Any) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):  # numpy 1.x pickles of Python 2 era: raw data as a latin-1 str
+        return value.encode("latin1")
+    raise pickle.UnpicklingError(f"expected raw array data, found {type(value).__name__}")
+
+
+def _array(raw: Any, dtype: Any, shape: Any, fortran: bool) -> np.ndarray:
+    if not isinstance(shape, (tuple, list)) or not all(isinstance(n, int) and n >= 0 for n in shape):
+        raise pickle.UnpicklingError(f"bad array shape {shape!r}")
+    flat = np.frombuffer(_buffer(raw), dtype=_as_dtype(dtype))
+    if flat.size != math.prod(shape):
+        raise pickle.UnpicklingError(f"array of shape {tuple(shape)} holds {flat.size} values")
+    return flat.reshape(tuple(shape), order="F" if fortran else "C").copy()
+
+
+class _Array:
+    """Stand-in for ``numpy.core.multiarray._reconstruct(ndarray, shape, code)``: its ``__setstate__`` takes
+    the array's (version, shape, dtype, fortran, raw bytes) and builds the array with ``np.frombuffer``."""
+
+    def __init__(self, subtype: Any, *_: Any) -> None:
+        if subtype is not np.ndarray:
+            raise pickle.UnpicklingError("refused an ndarray subclass: only plain arrays are data")
+        self.array: np.ndarray | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise pickle.UnpicklingError("bad ndarray state")
+        shape, dtype, fortran, raw = state[-4:]
+        self.array = _array(raw, dtype, shape, bool(fortran))
+
+
+def _frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+    """Stand-in for numpy's ``_frombuffer`` (arrays pickled with protocol 5)."""
+    return _array(buf, dtype, shape, _text(order) == "F")
+
+
+def _scalar(dtype: Any, raw: Any = b"") -> Any:
+    """Stand-in for ``numpy.core.multiarray.scalar`` (a numpy number such as ``np.int64(3)``)."""
+    return _array(raw, dtype, (1,), False)[0]
+
+
+def _latin1(text: Any, encoding: Any = "latin1") -> bytes:
+    """Stand-in for ``_codecs.encode``: how Python 3 pickles ``bytes`` with protocol 2 (latin-1 only)."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("refused _codecs.encode other than a string to latin-1 bytes")
+    return text.encode("latin1")
+
+
+def _empty_bytes(*args: Any) -> bytes:
+    """Stand-in for ``bytes()``: how protocol 2 pickles ``b''``."""
+    if args:
+        raise pickle.UnpicklingError("refused bytes() with arguments")
+    return b""
+
+
+_NUMPY_HELPERS = {"_reconstruct": _Array, "scalar": _scalar, "_frombuffer": _frombuffer}
+_CIFAR_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _Dtype,
+    ("_codecs", "encode"): _latin1,
+    ("builtins", "bytes"): _empty_bytes,
+    ("__builtin__", "bytes"): _empty_bytes,
+    **{
+        (module, name): helper
+        for name, helper in _NUMPY_HELPERS.items()
+        for module in (  # numpy 1.x and 2.x module names
+            "numpy.core.multiarray",
+            "numpy._core.multiarray",
+            "numpy.core.numeric",
+            "numpy._core.numeric",
+        )
+    },
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles what a CIFAR-10 python batch holds (dicts, lists, strings, bytes, numbers, numeric arrays)
+    and refuses every other global, so a batch file can never name a function to call."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        """The admitted stand-in for ``module.name``; :class:`_RefusedGlobal` for anything else."""
+        found = _CIFAR_GLOBALS.get((module, name))
+        if found is None:
+            raise _RefusedGlobal(module, name)
+        return found
+
+    def persistent_load(self, pid: Any) -> Any:
+        """Refuse persistent ids (a CIFAR-10 batch has none)."""
+        raise pickle.UnpicklingError("refused a persistent id")
+
+
+def _materialize(obj: Any) -> Any:
+    """``obj`` with each array stand-in replaced by its array."""
+    if isinstance(obj, _Array):
+        if obj.array is None:
+            raise pickle.UnpicklingError("an ndarray without its data")
+        return obj.array
+    if isinstance(obj, dict):
+        return {k: _materialize(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_materialize(v) for v in obj]
+    return obj
+
+
+def _unpickle_cifar(path: Path) -> Any:
+    """The object a CIFAR-10 batch file holds, through the restricted unpickler; a one-line
+    :class:`MissingDataError` naming the file for a refused global or a file that is not a pickle."""
+    try:
+        with open(path, "rb") as f:
+            return _materialize(_CifarUnpickler(f, encoding="bytes").load())
+    except _RefusedGlobal as e:
+        raise MissingDataError(f"refused to load {e.qualified} from {path}: {_CIFAR_REFUSAL}.") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        why = " ".join(str(e).split()) or type(e).__name__
+        raise MissingDataError(f"cannot read {path}: not a CIFAR-10 python batch ({why}).") from None
+
+
 def _read_cifar_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Images (n, 3, 32, 32) uint8 and labels (n,) int64 of one CIFAR-10 python batch file."""
-    with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
-    return (
-        np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32),
-        np.asarray(batch[b"labels"], dtype=np.int64),
-    )
+    """Images (n, 3, 32, 32) uint8 and labels (n,) int64 of one CIFAR-10 python batch file, checked: a dict
+    with ``b"data"`` (n, 3072) uint8 and ``b"labels"``, n class labels in 0..9."""
+    batch = _unpickle_cifar(path)
+    bad = f"{path} is not a CIFAR-10 python batch"
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        keys = sorted(map(repr, batch)) if isinstance(batch, dict) else type(batch).__name__
+        raise MissingDataError(f"{bad}: expected a dict with keys b'data' and b'labels', found {keys}.")
+    data, labels = batch[b"data"], batch[b"labels"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        found = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise MissingDataError(f"{bad}: b'data' must be a uint8 array of shape (N, 3072), found a {found}.")
+    if isinstance(labels, np.ndarray):
+        labels = labels.tolist()
+    if not isinstance(labels, list) or not all(isinstance(v, (int, np.integer)) for v in labels):
+        raise MissingDataError(f"{bad}: b'labels' must be a list of integers.")
+    y = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if y.shape[0] != data.shape[0]:
+        raise MissingDataError(f"{bad}: {data.shape[0]} images but {y.shape[0]} labels.")
+    if y.size and (y.min() < 0 or y.max() > 9):
+        raise MissingDataError(f"{bad}: labels must lie in 0..9, found {int(y.min())}..{int(y.max())}.")
+    return data.reshape(-1, 3, 32, 32), y
 
 
 def _cifar10(split: str, root: str | Path | None) -> tuple[Tensor, Tensor]:
