@@ -6,14 +6,20 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from symgen.cli_common import JsonOpt, OutOpt, check_device, emit, say
-from symgen.distributed import Group
+from symgen.distributed import DEFAULT_TIMEOUT_S, Group
 from symgen.errors import ConfigError
+
+if TYPE_CHECKING:
+    from symgen.audit import AuditResult
+    from symgen.audit.outputs import OutputSpec
+    from symgen.runs import RunDir
 
 __all__ = ["audit", "audit_lines", "torchrun_group"]
 
@@ -44,6 +50,19 @@ def audit(
         "--set",
         help="Override a budget limit: key=value, e.g. ntk_num_data=100 (repeatable; see symgen.audit.AuditLimits).",
     ),
+    output: str | None = typer.Option(
+        None,
+        "--output",
+        help="Which output of the model holds the logits when it returns a tuple, a dict or an object: "
+        "a position (0, 1, ...), a dict key or an attribute name (default: a tuple's first tensor, "
+        "key 'logits' or a dict's only tensor, the .logits attribute).",
+    ),
+    collective_timeout: float = typer.Option(
+        DEFAULT_TIMEOUT_S,
+        "--collective-timeout",
+        help="Under torchrun: the longest wait, in seconds, of any collective for the other ranks; a rank "
+        "that died or hangs then stops every rank with one error.",
+    ),
     out: Path = OutOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -52,8 +71,10 @@ def audit(
 
     from symgen import distributed
     from symgen.audit.limits import current_limit_names
-    from symgen.runs import run_audit
+    from symgen.audit.outputs import parse_output
 
+    if not collective_timeout > 0:
+        raise ConfigError(f"--collective-timeout must be > 0 seconds, got {collective_timeout:g}.")
     if device is not None:
         check_device(device)
     limits: dict[str, Any] = {}
@@ -71,7 +92,7 @@ def audit(
     for w in caught:
         say(f"warning: {w.message}", err=True)
     t0 = time.time()
-    group = torchrun_group(device)
+    group = torchrun_group(device, collective_timeout)
     lead = group is None or distributed.rank(group) == 0
 
     def progress(title: str) -> None:
@@ -79,7 +100,7 @@ def audit(
             say(f"  [{time.time() - t0:5.1f} s] {title}", err=True)
 
     try:
-        result, run = run_audit(
+        result, run = _run_audit(
             model,
             data,
             checkpoint=checkpoint,
@@ -92,6 +113,8 @@ def audit(
             limits=limits,
             progress=progress,
             process_group=group,
+            output=parse_output(output),
+            collective_timeout_s=collective_timeout,
         )
     finally:
         if group is not None:
@@ -107,12 +130,83 @@ def audit(
     say(f"report: {run.path / 'report.html'}")
 
 
-def torchrun_group(device: str | None) -> Group:
+def _run_audit(
+    model: str,
+    data: str,
+    *,
+    checkpoint: Path | None,
+    action: str,
+    budget: str,
+    root: Path | None,
+    device: str | None,
+    seed: int,
+    out: Path,
+    limits: dict[str, Any],
+    progress: Callable[[str], None],
+    process_group: Group,
+    output: OutputSpec,
+    collective_timeout_s: float,
+) -> tuple[AuditResult, RunDir | None]:
+    """:func:`symgen.runs.run_audit` with the audit's ``output`` and ``collective_timeout_s`` (which it does
+    not take yet): validate, load, audit, and on rank 0 store the run."""
+    from pydantic import ValidationError
+
+    from symgen import distributed
+    from symgen.audit import ACTIONS, audit, load_model, resolve_limits
+    from symgen.runs import AuditConfig, RunStore, write_audit_run
+
+    if action not in ACTIONS:
+        raise ConfigError(f"unknown action '{action}'; choose one of {', '.join(ACTIONS)}.")
+    lim = resolve_limits(budget, limits)  # validate before anything is loaded
+    if not lim.time_limit > 0:
+        raise ConfigError(
+            f"time_limit must be > 0 seconds, got {lim.time_limit:g}; the audit sizes its work "
+            "to it (e.g. --budget 60 or --set time_limit=120)."
+        )
+    try:
+        cfg = AuditConfig(
+            model=model,
+            checkpoint=None if checkpoint is None else str(checkpoint),
+            data=data,
+            root=None if root is None else str(root),
+            action=action,
+            budget=str(budget),
+            limits=dict(limits),
+            seed=seed,
+            device=device or "cpu",
+        )
+    except ValidationError as e:
+        raise ConfigError(f"invalid audit settings: {e}") from None
+    net = load_model(model, checkpoint, device=cfg.device)
+    result = audit(
+        net,
+        data,
+        action,
+        budget=budget,
+        limits=limits,
+        root=root,
+        generator=seed,
+        device=cfg.device,
+        name=model,
+        progress=progress,
+        process_group=process_group,
+        output=output,
+        collective_timeout_s=collective_timeout_s,
+    )
+    if checkpoint is not None:
+        result.model = f"{model} + {Path(checkpoint).name}"
+    if process_group is not None and distributed.rank(process_group) != 0:
+        return result, None
+    return result, write_audit_run(RunStore(out), result, config=cfg)
+
+
+def torchrun_group(device: str | None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Group:
     """Under torchrun (RANK and WORLD_SIZE in the environment, more than one process): the initialized
     default process group (NCCL on CUDA, gloo on CPU), each rank on its local GPU; else None.
 
     Args:
         device: the ``--device`` option (a cuda device selects NCCL).
+        timeout_s: the longest wait of every collective (``--collective-timeout``).
 
     Returns:
         The default group, or None outside torchrun.
@@ -124,7 +218,7 @@ def torchrun_group(device: str | None) -> Group:
     from symgen import distributed
 
     backend = "nccl" if device is not None and device.startswith("cuda") else "gloo"
-    return distributed.init_process_group(backend)
+    return distributed.init_process_group(backend, timeout_s=timeout_s)
 
 
 def audit_lines(data: dict[str, Any]) -> str:
@@ -154,11 +248,17 @@ def audit_lines(data: dict[str, Any]) -> str:
                     f"{est.value:.4g}",
                     err,
                     f"{sec.seconds:.1f}" if i == 0 else "",
-                    "IMPRECISE" if est.imprecise else "",
+                    "IMPRECISE" if est.imprecise else ("PARTIAL" if i == 0 and sec.flags else ""),
                 )
             )
     head = (
         f"audit of {result.model} on {result.data} ({result.seconds:.1f} s, budget {result.budget}, "
         f"{result.num_params} parameters)"
     )
-    return head + "\n" + text_table(["section", "metric", "value", "stderr", "seconds", "flag"], rows)
+    warnings = [f"warning: {f}" for f in result.flags]
+    warnings += [f"warning: {s.name}: {f}" for s in result.sections.values() for f in s.flags]
+    return (
+        "\n".join([head, *warnings])
+        + "\n"
+        + text_table(["section", "metric", "value", "stderr", "seconds", "flag"], rows)
+    )

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from symgen import distributed
+from symgen.audit.flags import data_flags
 from symgen.audit.limits import BUDGETS, AuditLimits, current_limit_names, resolve_limits
 from symgen.audit.loading import (
     ACTIONS,
@@ -34,10 +36,12 @@ from symgen.audit.loading import (
     make_action,
     resolve_data,
 )
+from symgen.audit.outputs import OutputSpec, logits_model
+from symgen.audit.ranks import Ranks, signature
 from symgen.audit.result import RUN_ORDER, SECTIONS, AuditResult, Estimate, SectionResult
 from symgen.audit.sections import curvature, evaluation, ntk, scale_symmetries
 from symgen.audit.splits import Split, as_split
-from symgen.distributed import GroupSpec
+from symgen.distributed import DEFAULT_TIMEOUT_S, GroupSpec
 from symgen.errors import ConfigError, DivergenceError
 from symgen.rng import Seed, seed_of
 
@@ -74,6 +78,8 @@ def audit(
     name: str | None = None,
     progress: Callable[[str], None] | None = None,
     process_group: GroupSpec = "auto",
+    output: OutputSpec = None,
+    collective_timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> AuditResult:
     """Measure how symmetric, flat, kernel-like and robust a trained classifier is.
 
@@ -106,7 +112,13 @@ def audit(
     processes, e.g. under torchrun; None: this process alone): accuracy and loss, the Hessian and GGN
     products and noise stability are computed on each rank's shard of the data and all-reduced, the
     other sections on every rank alike; every rank returns the same numbers as one process would
-    (up to round-off).
+    (up to round-off). The ranks stay in step (:mod:`symgen.audit.ranks`): one plan from the slowest
+    rank's timing, a signature compared before the first collective, each section's outcome agreed
+    (a section that fails on some ranks only raises the same ``DistributedError`` on every rank).
+    ``output`` picks the logits of a model that returns a tuple, a dict or an object with ``.logits``
+    (:mod:`symgen.audit.outputs`: by default a tuple's first tensor, the key "logits" or the only tensor
+    of a dict, the ``.logits`` attribute). A model whose output count differs from the data's classes,
+    or data that looks like raw 0-255 pixels, is flagged in ``result.flags``.
 
     Args:
         model: the trained classifier (one logit per class).
@@ -122,6 +134,8 @@ def audit(
         progress: called with each section's title as it starts.
         process_group: a :data:`~symgen.distributed.GroupSpec`: the ranks the data-parallel sections
             are sharded over.
+        output: which output holds the logits: a position, a key or an attribute name (None: the rule).
+        collective_timeout_s: the longest wait of the audit's own collectives for the other ranks.
 
     Returns:
         The :class:`AuditResult`.
@@ -155,17 +169,24 @@ def audit(
     test = train if same else as_split(test_src, "data['test']" if two else "data", dev, dtype)
     act = make_action(action, test.input_shape)
     _check_finite(model)
+    user = model
+    model, out = logits_model(user, train.head()[0][:2], output)
+    splits = {"data": train} if same else {"train": train, "test": test}
+    # a model that fails on the data (or returns no (N, K) logits) is reported by the performance section
+    flags = data_flags(int(out.shape[-1]), splits, data_name) if out is not None and out.ndim == 2 else []
     fixed = set(limits)
     if "eval_num_data" in fixed and "test_num_data" not in fixed:
         from dataclasses import replace
 
         lim = replace(lim, test_num_data=lim.eval_num_data)
-    from symgen import distributed
-
     group = distributed.resolve_group(process_group)
-    lim, plan_notes = _plan(model, lim, train, test, act, fixed)
+    ranks = Ranks(group, collective_timeout_s)
+    sizes = {"train": train.num_data, "test": test.num_data, "sections": chosen, "action": action_name(action)}
+    ranks.check(signature(model, **sizes, limits=asdict(lim)), "audit")  # before any other collective
+    lim, plan_notes = _plan(model, lim, train, test, act, fixed, ranks)
+    ranks.check({"plan": asdict(lim), "notes": plan_notes}, "audit plan")
     result = AuditResult(
-        model=name or type(model).__name__,
+        model=name or type(user).__name__,
         data=data_name,
         action=action_name(action),
         budget=str(budget),
@@ -175,6 +196,8 @@ def audit(
         num_params=sum(p.numel() for p in model.parameters()),
         limits=asdict(lim),
         sections={},
+        flags=flags,
+        output=output,
     )
     start = time.perf_counter()
 
@@ -208,7 +231,7 @@ def audit(
             elapsed = time.perf_counter() - start
             # Accuracy and loss always run: they are cheap and everything else is read against them. The
             # sections are sized to the budget; only a gross misestimate (twice the limit) skips one.
-            if key != "performance" and elapsed > 2 * lim.time_limit:
+            if key != "performance" and ranks.count(elapsed > 2 * lim.time_limit) > 0:  # all ranks skip alike
                 sec.status = "skipped"
                 sec.skipped.append(
                     f"time limit of the {budget} budget ({lim.time_limit:g} s) reached after "
@@ -221,22 +244,26 @@ def audit(
             if progress is not None:
                 progress(title)
             t0, c0 = time.perf_counter(), time.process_time()
+            error: Exception | None = None
             try:
                 runners[key](sec)
             except Exception as e:  # noqa: BLE001
-                if key == "performance":
-                    raise
-                # A section the model does not support (e.g. an op without a vmap rule) must not hide the
-                # others: it is reported as failed, with the error, in the table and the report.
-                sec.status = "failed"
-                sec.skipped.append(f"{type(e).__name__}: {str(e)[:500]}")
+                error = e
             finally:
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 sec.seconds = time.perf_counter() - t0
                 sec.cpu_seconds = time.process_time() - c0
+            ranks.outcome(key, error)  # all ranks went on, or all failed here: else one DistributedError everywhere
+            if error is not None:
+                if key == "performance":
+                    raise error
+                # A section the model does not support (e.g. an op without a vmap rule) must not hide the
+                # others: it is reported as failed, with the error, in the table and the report.
+                sec.status = "failed"
+                sec.skipped.append(f"{type(error).__name__}: {str(error)[:500]}")
     finally:
-        model.to(home)
+        user.to(home)
         for m, mode in modes:
             m.training = mode
     result.seconds = time.perf_counter() - start
@@ -259,16 +286,34 @@ def _check_finite(model: nn.Module) -> None:
 
 
 def _plan(
-    model: nn.Module, lim: AuditLimits, train: Split, test: Split, act: GroupAction | None, fixed: set[str]
+    model: nn.Module,
+    lim: AuditLimits,
+    train: Split,
+    test: Split,
+    act: GroupAction | None,
+    fixed: set[str],
+    ranks: Ranks,
 ) -> tuple[AuditLimits, dict[str, str]]:
-    """Limits sized to the time budget (unchanged when the timing itself fails: the sections then say why)."""
-    from symgen.audit.planning import plan_limits, time_passes
+    """Limits sized to the time budget (unchanged when the timing itself fails: the sections then say why).
+
+    Under several ranks every rank plans from the slowest rank's timing, so all run the same sizes."""
+    from symgen.audit.planning import Timing, plan_limits, time_passes
 
     if not lim.time_limit > 0:
         return lim, {}
+    timing: Timing | None
     try:
         timing = time_passes(model, *train.head())
     except Exception:  # noqa: BLE001 - e.g. a shape mismatch: the performance section reports it clearly
+        timing = None
+    if ranks.active:
+        row = (
+            [0.0, 0.0, 0.0, 0.0] if timing is None else [timing.forward, timing.backward, timing.outputs, timing.layers]
+        )
+        failed = ranks.count(timing is None)
+        f, b, o, n = ranks.max_row(row)
+        timing = None if failed else Timing(forward=f, backward=b, outputs=int(o), layers=int(n))
+    if timing is None:
         return lim, {}
     order = act.group.order if act is not None else 1
     return plan_limits(lim, timing, train.num_data, test.num_data, order, fixed)

@@ -67,6 +67,8 @@ class SectionResult:
     values: dict[str, Estimate] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
+    flags: list[str] = field(default_factory=list)  # e.g. "partial: analysed 40 % of the parameters"
+    coverage: float | None = None  # share of the parameters the section's analysis covered (None: all)
 
     def add(self, metric: str, value: float, stderr: float | None = None, note: str = "") -> None:
         """Record one measured value.
@@ -95,6 +97,8 @@ class AuditResult:
     limits: dict[str, Any]
     sections: dict[str, SectionResult]
     seconds: float = 0.0
+    flags: list[str] = field(default_factory=list)  # the model against its data: class count, input scale
+    output: int | str | None = None  # which output held the logits (None: the rule of symgen.audit.outputs)
 
     def __getitem__(self, name: str) -> SectionResult:
         return self.sections[name]
@@ -151,14 +155,17 @@ class AuditResult:
                 "seconds": round(s.seconds, 3),
                 "cpu_seconds": round(s.cpu_seconds, 3),
                 "samples": "-" if s.samples is None else s.samples,
+                "coverage": "-" if s.coverage is None else f"{s.coverage:.0%}",
+                "flags": "; ".join(s.flags) or "-",
                 "skipped": "; ".join(s.skipped) or "-",
             }
             for s in self.sections.values()
         ]
 
     def summary(self) -> str:
-        """A plain-text table of the values (what the CLI prints)."""
-        lines = []
+        """A plain-text table of the values (what the CLI prints), after one line per flag."""
+        lines = [f"warning: {f}" for f in self.flags]
+        lines += [f"warning: {s.name}: {f}" for s in self.sections.values() for f in s.flags]
         for r in self.summary_rows():
             err = "" if r["stderr"] == "-" else f" ± {r['stderr']:.3g}"
             flag = "  (imprecise)" if r["flag"] else ""
@@ -168,6 +175,9 @@ class AuditResult:
     def report_tables(self) -> dict[str, list[dict[str, Any]]]:
         """The report's tables: ``summary`` (every value), ``sections`` (cost, skips), ``scale symmetries``."""
         tables = {"summary": self.summary_rows(), "sections": self.section_rows()}
+        flags = [*self.flags, *(f"{s.name}: {f}" for s in self.sections.values() for f in s.flags)]
+        if flags:
+            tables = {"flags": [{"flag": f} for f in flags], **tables}
         sym = self.sections.get("scale_symmetries")
         if sym is not None and sym.details.get("symmetries"):
             tables["scale symmetries"] = [

@@ -47,6 +47,8 @@ class Split:
                 raise ShapeError(
                     f"{what}: x has {x.shape[0]} samples and y {y.shape[0]}; need the same, non-zero number."
                 )
+            self.source_dtype = x.dtype  # before the cast: uint8 pixels say the inputs were not scaled
+            self.declared_classes: int | None = None
             self.tensors: tuple[Tensor, Tensor] | None = (x.to(device, dtype), y.to(device))
             self.num_data = x.shape[0]
             self.num_classes = int(y.max()) + 1
@@ -57,6 +59,9 @@ class Split:
             return
         self.tensors = None
         self._stream = BatchStream(source)
+        classes = getattr(getattr(source, "dataset", None), "classes", None)  # torchvision datasets declare them
+        self.declared_classes = len(classes) if isinstance(classes, (list, tuple)) and classes else None
+        self.source_dtype = torch.float32
         n, lo, hi, top = 0, float("inf"), float("-inf"), -1
         xs: list[Tensor] = []
         ys: list[Tensor] = []
@@ -64,6 +69,7 @@ class Split:
             _check_labels(yb, what)
             n += xb.shape[0]
             top = max(top, int(yb.max()))
+            self.source_dtype = xb.dtype
             xd = xb.to(dtype)  # the range of the values the model sees
             lo, hi = min(lo, float(xd.min())), max(hi, float(xd.max()))
             if sum(t.shape[0] for t in xs) < HEAD:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from symgen.audit.flags import coverage_flag
 from symgen.audit.limits import AuditLimits
 from symgen.audit.result import SectionResult
 from symgen.audit.sections.common import stream, stream_seed, subsample
@@ -36,6 +37,16 @@ def scale_symmetries(sec: SectionResult, model: nn.Module, train: Split, lim: Au
     if checks:
         sec.add("max_check_change", max(checks), None, "largest relative output change under random rescaling")
     sec.details.update(report.to_dict())
+    # parameters the graph analysis could not decide (e.g. torch.fx failed and forward hooks do not see the
+    # operations between modules): "groups 0" then means "not analysed", so the section says how much it covered
+    sizes = dict(model.named_parameters())
+    missed = sum(sizes[n].numel() for n in report.unanalysed if n in sizes)
+    sec.coverage = (total - missed) / total if total else 1.0
+    flag = coverage_flag(
+        total - missed, total, f"{len(report.unanalysed)} parameter tensors unanalysed (graph: {report.method})"
+    )
+    if flag is not None:
+        sec.flags.append(flag)
     for label, table in (("unanalysed", report.unanalysed), ("rejected", report.rejected)):
         for name, why in table.items():
             sec.skipped.append(f"{name} {label}: {why}")
