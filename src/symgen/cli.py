@@ -1,7 +1,8 @@
-"""The ``symgen`` command line: list, run, reproduce, audit, runs ls|show|compare, report.
+"""The ``symgen`` command line: list, run, reproduce, audit, runs ls|show|compare|repair, report.
 
 A :class:`SymgenError` or a usage error prints one line and exits 2; Ctrl-C or SIGTERM exits 130
-(the run is marked interrupted, ``--resume`` continues it); an internal error exits 1. Nothing a
+(the run is marked interrupted, ``--resume`` continues it); a closed output pipe (``| head``) exits
+141 quietly (128 + SIGPIPE, as a shell reports it; the run is interrupted); an internal error exits 1. Nothing a
 user types back (names, ids, paths, commands) is ever shortened; ``--json`` prints one JSON
 document on stdout (progress stays on stderr).
 """
@@ -51,8 +52,8 @@ def _run_one(
     resume_from: str | None,
     as_json: bool,
 ) -> dict[str, Any]:
-    from symgen.experiments import build_config, get_experiment
-    from symgen.runs import RunStore, execute, load_run_config, make_executor
+    from symgen.experiments import get_experiment
+    from symgen.runs import RunDir, RunStore, execute, load_run_config, make_executor
     from symgen.terminal import claim_lines
 
     exp = get_experiment(name)
@@ -61,22 +62,29 @@ def _run_one(
     previous = None
     if resume_from is not None:
         previous = store.get(resume_from)
-        row = store.row(previous)
+        row = store.readable(previous)
         if row["experiment"] != name:
             raise ConfigError(
                 f"run {previous.id} is a run of {row['experiment']}, not {name}; "
                 f"`symgen run {row['experiment']} --resume-from {previous.id}`."
             )
-        if row["status"] not in ("interrupted", "running"):
+        if row["status"] == "running":
+            from symgen.runs.locks import LOCK_NAME, read_lock
+
+            holder = read_lock(previous.path / LOCK_NAME)
+            who = holder.describe() if holder is not None else f"pid {row.get('pid')} on {row.get('host')}"
+            raise ConfigError(
+                f"run {previous.id} is still running ({who}); two processes cannot write one run. "
+                "Wait for it, or stop it, then resume it."
+            )
+        if row["status"] not in ("interrupted", "incomplete"):
             raise ConfigError(
                 f"run {previous.id} is {row['status']}; only an interrupted run can be resumed. "
                 f"Start a new one: `symgen run {name}`."
             )
         cfg, quick = load_run_config(previous, exp)
     else:
-        cfg = build_config(
-            exp.config, quick=exp.quick if quick else None, file=config, sets=sets, seed=seed, device=device
-        )
+        cfg = _build_config(exp, quick=quick, config=config, sets=sets, seed=seed, device=device)
         if resume:
             previous = store.resumable(name, cfg)
             if previous is None:
@@ -91,14 +99,21 @@ def _run_one(
     if previous is not None:
         log(f"resuming {previous.path}")
     log(f"== {name}" + (" (quick settings)" if quick else ""))
+    started: list[RunDir] = []
     try:
         outcome = execute(
-            exp, cfg, store, quick=quick, resume=previous, executor=make_executor(executor, workers, ray_address)
+            exp,
+            cfg,
+            store,
+            quick=quick,
+            resume=previous,
+            executor=make_executor(executor, workers, ray_address),
+            on_run=started.append,
         )
-    except KeyboardInterrupt:
-        latest = store.list(name)[-1]
-        say("interrupted; finished trials are kept. Continue with:", err=True)
-        say(f"  symgen run {name} --resume-from {latest['id']} --out {out}", err=True)
+    except (KeyboardInterrupt, SymgenError, BrokenPipeError):
+        if started and store.row(started[0])["status"] == "interrupted":  # this run, not the latest of the store
+            say("interrupted; finished trials are kept. Continue with:", err=True)
+            say(f"  symgen run {name} --resume-from {started[0].id} --out {out}", err=True)
         raise
     claims = [c.model_dump() for c in outcome.claims]
     reused = f", {outcome.trials_reused} trials resumed" if outcome.trials_reused else ""
@@ -117,6 +132,27 @@ def _run_one(
         "claims": claims,
         "passed": sum(bool(c["passed"]) for c in claims),
     }
+
+
+def _build_config(
+    exp: Any, *, quick: bool, config: Path | None, sets: list[str], seed: int | None, device: str | None
+) -> Any:
+    """The run's config; a config file that is not plain YAML (a ``!!python`` tag ...) is a ConfigError naming it."""
+    import yaml
+
+    from symgen.experiments import build_config
+
+    try:
+        return build_config(
+            exp.config, quick=exp.quick if quick else None, file=config, sets=sets, seed=seed, device=device
+        )
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(
+            f"config file {config} is not plain YAML{where}: {problem}; only keys and plain values are read."
+        ) from None
 
 
 @app.command("list")
@@ -318,7 +354,15 @@ def _sigterm(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: SymgenError or usage error -> one line on stderr, exit 2; Ctrl-C/SIGTERM -> 130."""
+    """Entry point: SymgenError or usage error -> one line on stderr, exit 2; Ctrl-C/SIGTERM -> 130; a closed
+    output pipe -> 141.
+
+    Args:
+        argv: the arguments (None: the process's).
+
+    Returns:
+        The exit code.
+    """
     usage_error = _usage_error_type()
     old = None
     if threading.current_thread() is threading.main_thread():
@@ -331,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, typer.Abort):
         say("interrupted.", err=True)
         return 130
+    except BrokenPipeError:
+        _silence_stdout()  # the reader is gone: nothing more to say there, and no error at exit
+        return 141
     except typer.Exit as e:
         return e.exit_code
     except usage_error as e:
@@ -340,6 +387,17 @@ def main(argv: list[str] | None = None) -> int:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
     return rc if isinstance(rc, int) else 0
+
+
+def _silence_stdout() -> None:
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def _console_main() -> None:

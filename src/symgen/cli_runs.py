@@ -1,14 +1,16 @@
-"""``symgen runs ls|show|compare`` (inspect the run store) and ``symgen report`` (rewrite a run's page)."""
+"""``symgen runs ls|show|compare|repair`` (inspect and mend the run store) and ``symgen report`` (rewrite a run's
+page). A run that is not ``done`` is shown with its settings and state; its report is refused in one line."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from symgen.cli_common import JsonOpt, OutOpt, emit, say
 
-__all__ = ["runs_app", "runs_ls", "runs_show", "runs_compare", "report"]
+__all__ = ["runs_app", "runs_ls", "runs_show", "runs_compare", "runs_repair", "report"]
 
 runs_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspect the run store.")
 
@@ -17,7 +19,8 @@ runs_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspec
 def runs_ls(
     out: Path = OutOpt, experiment: str | None = typer.Option(None, "--experiment"), as_json: bool = JsonOpt
 ) -> None:
-    """List runs (an audit's model and data under `subject`)."""
+    """List runs in their true state: done, running, interrupted, failed, incomplete or missing (an audit's model
+    and data under `subject`; why a run stopped, or what is damaged, under `note`)."""
     from symgen.runs import RunStore
     from symgen.terminal import text_table
 
@@ -30,9 +33,19 @@ def runs_ls(
         claims = f"{r['passed']}/{r['total']}" if r["total"] is not None else "-"
         secs = f"{r['seconds']:.1f}" if r["seconds"] is not None else "-"
         table.append(
-            (r["id"], r["experiment"], r.get("subject") or "-", r["created"], r["status"], claims, secs, r["path"])
+            (
+                r["id"],
+                r["experiment"],
+                r.get("subject") or "-",
+                r["created"],
+                r["status"],
+                claims,
+                secs,
+                r["path"],
+                r.get("note") or "-",
+            )
         )
-    say(text_table(["id", "experiment", "subject", "created", "status", "claims", "seconds", "path"], table))
+    say(text_table(["id", "experiment", "subject", "created", "status", "claims", "seconds", "path", "note"], table))
 
 
 @runs_app.command("show")
@@ -46,15 +59,35 @@ def runs_show(run_ref: str = typer.Argument(..., metavar="RUN"), out: Path = Out
 
     store = RunStore(out)
     run = store.get(run_ref)
-    meta = yaml.safe_load((run.path / "config.yaml").read_text())
+    row = store.readable(run)
+    meta = run.read_config()
+    if row["status"] != "done":  # no claims yet (or damaged ones): its settings and its state
+        if as_json:
+            emit({**row, "config": meta})
+            return
+        say(yaml.safe_dump(meta, sort_keys=False).rstrip())
+        say(_state_line(row, meta, store.root))
+        return
     is_audit = meta.get("experiment") == "audit"
     body = run.read_json("audit.json") if is_audit else run.read_json("claims.json")
     if as_json:
-        emit({**store.row(run), "config": meta, ("audit" if is_audit else "claims"): body})
+        emit({**row, "config": meta, ("audit" if is_audit else "claims"): body})
         return
     say(yaml.safe_dump(meta, sort_keys=False).rstrip())
     say(audit_lines(body) if is_audit else claim_lines(body, run.path.name))
     say(f"report: {run.path / 'report.html'}")
+
+
+def _state_line(row: dict[str, Any], meta: dict[str, Any], root: Path) -> str:
+    """A run that is not done, in one line: its state, why, and what to do."""
+    note = f" ({row['note']})" if row.get("note") else ""
+    exp = meta.get("experiment", row.get("experiment"))
+    if row["status"] in ("interrupted", "incomplete"):
+        return (
+            f"status: {row['status']}{note}; no report yet. Continue with: "
+            f"symgen run {exp} --resume-from {row['id']} --out {root}"
+        )
+    return f"status: {row['status']}{note}; no report."
 
 
 @runs_app.command("compare")
@@ -87,8 +120,40 @@ def runs_compare(
     say(text_table(["claim / metric", *[r.id for r in runs]], [(k, *v) for k, v in table.items()]))
 
 
+@runs_app.command("repair")
+def runs_repair(out: Path = OutOpt, as_json: bool = JsonOpt) -> None:
+    """Rebuild the run index from the run directories (they are the truth): a damaged index is set aside
+    (index.sqlite.corrupt-<time>), deleted runs are dropped, half-created directories removed."""
+    from symgen.runs import RunStore
+
+    done = RunStore(out).repair()
+    if as_json:
+        emit(done)
+        return
+    states = ", ".join(f"{n} {s}" for s, n in sorted(done["runs"].items())) or "no runs"
+    say(f"rebuilt {done['index']} from the run directories: {states}.")
+    if done["damage"]:
+        say(f"the index was {done['damage']}; set aside as {done['set_aside']}.")
+    if done["dropped"]:
+        say(f"dropped the runs whose directory is gone: {', '.join(done['dropped'])}.")
+    if done["removed"]:
+        say(f"removed half-created directories: {', '.join(done['removed'])}.")
+
+
 def report(run_ref: str = typer.Argument(..., metavar="RUN"), out: Path = OutOpt) -> None:
     """(Re)write a run's report.html (the audit page for an audit run) and print its path."""
+    from symgen.errors import SymgenError
     from symgen.runs import RunStore, write_report
 
-    say(str(write_report(RunStore(out).get(run_ref))))
+    store = RunStore(out)
+    run = store.get(run_ref)
+    row = store.readable(run)
+    if row["status"] != "done":
+        note = f" ({row['note']})" if row.get("note") else ""
+        fix = (
+            f"; resume it: `symgen run {row['experiment']} --resume-from {run.id} --out {store.root}`"
+            if row["status"] in ("interrupted", "incomplete")
+            else ""
+        )
+        raise SymgenError(f"run {run.id} ({run.path}) is {row['status']}{note}: it has no claims to report{fix}.")
+    say(str(write_report(run)))

@@ -1,11 +1,17 @@
 """Executors of an experiment's trials: in this process, a local process pool, or a Ray cluster.
 
 Each yields ``(index, result)`` as trials finish; the run store's context caches every result.
+A pool's workers never outlive the process that runs the pool: on Linux the kernel kills them when
+it dies (``PR_SET_PDEATHSIG``), elsewhere they notice within a second that their parent is gone;
+an interrupted run stops them at once (:meth:`Executor.abort`).
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
@@ -37,6 +43,10 @@ class Executor:
     def close(self) -> None:
         """Release the executor's workers (nothing to release in process)."""
 
+    def abort(self) -> None:
+        """Stop at once: the trials still running are abandoned (an interrupted or failed run)."""
+        self.close()
+
 
 class InProcessExecutor(Executor):
     """Trials one after another in this process (the default; deterministic, no pickling)."""
@@ -56,7 +66,7 @@ class PoolExecutor(Executor):
 
         self.workers = workers or max(1, (os.cpu_count() or 2))
         self._pool = ProcessPoolExecutor(
-            self.workers, mp_context=mp.get_context("spawn"), initializer=num_threads, initargs=(1,)
+            self.workers, mp_context=mp.get_context("spawn"), initializer=_worker_init, initargs=(os.getpid(), 1)
         )
 
     def imap(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
@@ -76,6 +86,38 @@ class PoolExecutor(Executor):
     def close(self) -> None:
         """Shut the pool down, cancelling the trials not started."""
         self._pool.shutdown(cancel_futures=True)
+
+    def abort(self) -> None:
+        """Terminate the workers (their trials are abandoned), then shut the pool down."""
+        processes = dict(getattr(self._pool, "_processes", None) or {})
+        for proc in processes.values():
+            try:
+                proc.terminate()
+            except (OSError, ValueError):
+                pass
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_init(parent: int, threads: int) -> None:
+    """A pool worker's start: one BLAS thread, and death with its parent (the kernel's, else a watcher's)."""
+    num_threads(threads)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the kernel kills this worker when its parent dies
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="symgen-parent-watch", daemon=True).start()
 
 
 class RayExecutor(Executor):

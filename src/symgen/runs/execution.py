@@ -4,19 +4,23 @@ trial on disk, so ``--resume`` restarts from them), the run's life cycle and its
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import BrokenExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from symgen.errors import SymgenError
 from symgen.executors import Executor, InProcessExecutor
 from symgen.experiments.base import Claim, Context, Experiment, ExperimentConfig, jsonable, trial_key
 from symgen.io import atomic_write
+from symgen.runs.locks import LockInfo, RunLock
+from symgen.runs.rundir import warn
 from symgen.runs.store import RunDir, RunStore, share_mode
 
 __all__ = ["RunContext", "RunOutcome", "execute", "write_report", "load_run_config"]
@@ -56,7 +60,17 @@ class RunContext(Context):
         for i, key in enumerate(keys):
             path = self.run.trial_path(key)
             if path.exists():
-                results[i] = json.loads(path.read_text())["result"]
+                try:
+                    results[i] = json.loads(path.read_text())["result"]
+                except (ValueError, KeyError, TypeError, OSError) as e:
+                    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+                    os.replace(path, aside)
+                    warn(
+                        f"trial checkpoint {path} is damaged ({type(e).__name__}: {e}); "
+                        f"set aside as {aside.name}, recomputing that trial."
+                    )
+                    todo.append(i)
+                    continue
                 self.trials_reused += 1
             else:
                 todo.append(i)
@@ -120,12 +134,17 @@ def execute(
     executor: Executor | None = None,
     resume: RunDir | None = None,
     show_progress: bool = True,
+    on_run: Callable[[RunDir], None] | None = None,
 ) -> RunOutcome:
     """Run ``experiment`` under ``config`` into a new run directory (or ``resume`` an interrupted one).
 
-    Ctrl-C (or SIGTERM through the CLI) marks the run ``interrupted``: ``--resume`` continues it. Any
-    other error marks it ``failed``; a new run that fails with a :class:`SymgenError` before its first
-    trial finished (bad input found at run time) is removed, so it leaves no directory behind.
+    The run holds its lock (:class:`~symgen.runs.locks.RunLock`) while it runs: a run that another
+    live process runs cannot be resumed. An interruption marks it ``interrupted``, resumable with its
+    finished trials: Ctrl-C or SIGTERM (re-raised), a broken pipe (re-raised), a lost pool worker
+    or a full disk (a :class:`SymgenError` that says so). Any other error marks it ``failed``; a new
+    run that fails with a :class:`SymgenError` before its first trial finished (bad input found at
+    run time) is removed, so it leaves no directory behind. A resumed run's ``metrics.jsonl`` is
+    written afresh (the run logs every record again) and its time adds up every attempt.
 
     Args:
         experiment: what to run.
@@ -135,18 +154,34 @@ def execute(
         executor: where the trials run (default: in process).
         resume: an interrupted run to continue (its finished trials are read back).
         show_progress: show progress.
+        on_run: called with the run once it exists and is locked (the CLI's resume hint names it).
 
     Returns:
         The run's :class:`RunOutcome`.
     """
     if experiment.validate is not None:
         experiment.validate(config)  # checks that need more than the config's types, before anything exists
-    run = resume if resume is not None else store.create(experiment.name, config, quick)
     if resume is not None:
-        store.record(run, experiment.name, status="running")
+        run = resume
+        run.lock = RunLock.acquire(run.path)  # a live process still runs it: a SymgenError naming its pid
+    else:
+        run = store.create(experiment.name, config, quick, locked=True)
+    lock = run.lock
+    try:
+        base = _earlier_seconds(store, run, lock.stale if lock is not None else None)
+        if resume is not None:
+            (run.path / "metrics.jsonl").unlink(missing_ok=True)  # the resumed run logs every record again
+            store.record(run, experiment.name, status="running", seconds=base, note="")
+        if on_run is not None:
+            on_run(run)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     executor = executor or InProcessExecutor()
     ctx = RunContext(run, executor, device=config.device, show_progress=show_progress)
     start = time.time()
+    finished = False
     try:
         result = experiment.run(config, ctx)
         result = jsonable(result)
@@ -155,25 +190,83 @@ def execute(
         run.write_json("claims.json", [c.model_dump() for c in claims])
         if experiment.figures is not None:
             experiment.figures(result, run.figures_dir)
-        seconds = time.time() - start
         write_report(run)
-    except (KeyboardInterrupt, SystemExit):
-        store.record(run, experiment.name, status="interrupted", seconds=time.time() - start)
+        seconds = base + time.time() - start
+        share_mode(run.path)
+        store.record(
+            run,
+            experiment.name,
+            status="done",
+            passed=sum(c.passed for c in claims),
+            total=len(claims),
+            seconds=seconds,
+            note="",
+        )
+        finished = True
+    except (KeyboardInterrupt, SystemExit, BrokenPipeError) as e:
+        why = "broken pipe" if isinstance(e, BrokenPipeError) else "interrupted"
+        _mark(store, run, experiment.name, "interrupted", base + time.time() - start, why)
         raise
+    except BrokenExecutor:
+        _mark(store, run, experiment.name, "interrupted", base + time.time() - start, "a pool worker died")
+        raise SymgenError(
+            f"a worker process of the pool died (killed, or out of memory?) during run {run.id}; "
+            "its finished trials are kept and the run is interrupted (resumable)."
+        ) from None
     except BaseException as e:
+        if _disk_full(e):
+            _mark(store, run, experiment.name, "interrupted", base + time.time() - start, "disk full")
+            where = getattr(e, "filename", None) or run.path
+            raise SymgenError(
+                f"disk full while writing {where}; the finished trials of run {run.id} are kept and the run is "
+                "interrupted: free some space, then resume it."
+            ) from None
         empty = resume is None and ctx.trials_done == 0 and not any(run.path.glob("trials/*.json"))
         if isinstance(e, SymgenError) and empty:
             store.discard(run)
         else:
-            store.record(run, experiment.name, status="failed", seconds=time.time() - start)
+            _mark(store, run, experiment.name, "failed", base + time.time() - start, type(e).__name__)
         raise
     finally:
-        executor.close()
-    share_mode(run.path)
-    store.record(
-        run, experiment.name, status="done", passed=sum(c.passed for c in claims), total=len(claims), seconds=seconds
-    )
+        if finished:
+            executor.close()
+        else:
+            executor.abort()  # the trials still running are lost anyway: stop their workers now
+        if lock is not None:
+            lock.release()
     return RunOutcome(run, claims, result, seconds, ctx.trials_reused)
+
+
+def _mark(store: RunStore, run: RunDir, experiment: str, status: str, seconds: float, note: str) -> None:
+    """Record how a run stopped, as far as the disk allows (a full disk may refuse even that)."""
+    try:
+        store.record(run, experiment, status=status, seconds=seconds, note=note)
+    except (OSError, SymgenError, sqlite3.Error) as e:
+        warn(f"could not record run {run.id} as {status}: {e}")
+
+
+def _disk_full(e: BaseException) -> bool:
+    """Whether ``e`` (or what caused it) is a full disk: ENOSPC, EDQUOT, or SQLite's "disk is full"."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            return True
+        if isinstance(seen, sqlite3.Error) and "disk is full" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _earlier_seconds(store: RunStore, run: RunDir, stale: LockInfo | None) -> float:
+    """The wall time of a run's earlier attempts: what they recorded, plus a killed attempt's time (from its
+    lock's start to the last file it wrote)."""
+    st = run.status() or {}
+    seconds = float(st.get("seconds") or store.row(run).get("seconds") or 0.0)
+    if stale is not None:
+        stamps = [f.stat().st_mtime for f in run.path.rglob("*") if f.is_file() and f.name != "lock"]
+        last = max(stamps, default=stale.started)
+        seconds += max(0.0, last - stale.started)
+    return seconds
 
 
 def write_report(run: RunDir) -> Path:
@@ -187,7 +280,7 @@ def write_report(run: RunDir) -> Path:
     """
     from symgen.report import write_report as write_claims_report
 
-    meta = yaml.safe_load((run.path / "config.yaml").read_text())
+    meta = run.read_config()
     if meta.get("experiment") == "audit" and (run.path / "audit.json").exists():
         from symgen.audit import AuditResult
         from symgen.runs.audits import write_audit_files
@@ -210,5 +303,5 @@ def load_run_config(run: RunDir, experiment: Experiment) -> tuple[ExperimentConf
     Returns:
         ``(config, quick)``.
     """
-    meta = yaml.safe_load((run.path / "config.yaml").read_text())
+    meta = run.read_config()
     return experiment.config(**meta["config"]), bool(meta.get("quick"))
