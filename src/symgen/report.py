@@ -1,6 +1,11 @@
 """Static HTML reports: claims table, result tables and figures, one self-contained page.
 
 Figures are embedded as base64 PNG so ``report.html`` opens from disk without a server.
+
+Every string that reaches a page (names, ids, captions, cells, paths, claims, config values) is data, never
+markup: text and attribute values go through :func:`html.escape` (quotes included), ids keep only a safe
+charset (:func:`safe_id`), links are percent-encoded relative paths and a link with a scheme such as
+``javascript:`` is refused (:func:`safe_href`), and the page's JSON escapes ``<``, ``>`` and ``&``.
 """
 
 from __future__ import annotations
@@ -8,16 +13,27 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import yaml
 
 from symgen.io import atomic_write
 from symgen.terminal import format_value
 
-__all__ = ["write_report", "render_page", "render_index", "format_value", "pyplot", "save_figure"]
+__all__ = [
+    "write_report",
+    "render_page",
+    "render_index",
+    "format_value",
+    "pyplot",
+    "save_figure",
+    "safe_id",
+    "safe_href",
+]
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -50,17 +66,64 @@ def save_figure(fig: Any, path: Path, dpi: int = 120, *, tight: bool = True) -> 
     return path
 
 
+_UNSAFE_ID = re.compile(r"[^A-Za-z0-9_.:-]+")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+_URL_IGNORED = re.compile(r"[\x00-\x20\x7f]")  # what a browser drops or trims when it parses a URL
+
+
+def _esc(value: Any) -> str:
+    """``value`` as HTML text or a quoted attribute value (``& < > " '`` escaped)."""
+    return html.escape(str(value), quote=True)
+
+
+def safe_id(name: Any) -> str:
+    """An HTML id from any string: runs of characters outside ``A-Z a-z 0-9 _ . : -`` become ``-``.
+
+    Args:
+        name: the string (a table's name, say ``"hessian eigenvalues"``).
+
+    Returns:
+        The id (``"hessian-eigenvalues"``); ``"id"`` when nothing is left.
+    """
+    return _UNSAFE_ID.sub("-", str(name)).strip("-") or "id"
+
+
+def safe_href(url: Any) -> str | None:
+    """A link target from a stored path: percent-encoded, or None when it could leave the page's folder tree.
+
+    Args:
+        url: a relative path (``"run-1/report.html"``).
+
+    Returns:
+        The path percent-encoded (only ``/`` and unreserved characters stay); None for a URL with a scheme
+        (``javascript:``, ``data:``, ``http:`` ...) or a network path (``//host``), whitespace and control
+        characters ignored as a browser ignores them.
+    """
+    text = str(url)
+    bare = _URL_IGNORED.sub("", text).replace("\\", "/")
+    if not bare or _SCHEME.match(bare) or bare.startswith("//"):
+        return None
+    return quote(text, safe="/")
+
+
+def _json_script(obj: Any) -> str:
+    """``obj`` as the page's ``<script type="application/json" id="data">``; ``<``, ``>``, ``&`` as \\u escapes,
+    so no string inside can close the element or open a comment."""
+    text = json.dumps(obj).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return f'<script type="application/json" id="data">{text}</script>'
+
+
 def _table(rows: Sequence[dict[str, Any]], table_id: str = "") -> str:
     if not rows:
         return "<p>(empty)</p>"
     cols: list[str] = []
     for r in rows:
         cols += [c for c in r if c not in cols]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    head = "".join(f"<th>{_esc(c)}</th>" for c in cols)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(format_value(r.get(c, '')))}</td>" for c in cols) + "</tr>" for r in rows
+        "<tr>" + "".join(f"<td>{_esc(format_value(r.get(c, '')))}</td>" for c in cols) + "</tr>" for r in rows
     )
-    ident = f' id="{table_id}"' if table_id else ""
+    ident = f' id="{_esc(safe_id(table_id))}"' if table_id else ""
     return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -69,10 +132,10 @@ def _claims_table(claims: Sequence[dict[str, Any]]) -> str:
     for c in claims:
         verdict = '<span class="pass">PASS</span>' if c["passed"] else '<span class="fail">FAIL</span>'
         rows.append(
-            f'<tr data-claim="{html.escape(c["id"])}"><td>{html.escape(c["id"])}</td>'
-            f'<td>{html.escape(c["statement"])}</td><td class="measured">{html.escape(format_value(c["measured"]))}</td>'
-            f"<td>{html.escape(format_value(c['threshold']))}</td><td>{verdict}</td>"
-            f"<td>{html.escape(c.get('note', ''))}</td></tr>"
+            f'<tr data-claim="{_esc(c["id"])}"><td>{_esc(c["id"])}</td>'
+            f'<td>{_esc(c["statement"])}</td><td class="measured">{_esc(format_value(c["measured"]))}</td>'
+            f"<td>{_esc(format_value(c['threshold']))}</td><td>{verdict}</td>"
+            f"<td>{_esc(c.get('note') or '')}</td></tr>"
         )
     return (
         '<table id="claims"><thead><tr><th>claim</th><th>statement</th><th>measured</th><th>threshold</th>'
@@ -85,8 +148,8 @@ def _figures(paths: Sequence[Path]) -> str:
     for p in paths:
         data = base64.b64encode(p.read_bytes()).decode()
         out.append(
-            f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{html.escape(p.name)}</figcaption></figure>"
+            f'<figure><img alt="{_esc(p.stem)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{_esc(p.name)}</figcaption></figure>"
         )
     return "".join(out)
 
@@ -104,29 +167,33 @@ def render_page(
 ) -> str:
     """One self-contained HTML page. ``placeholders``: (figure name, why it is missing) shown in its place."""
     parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>"
+        f"<style>{_CSS}</style></head><body><h1>{_esc(title)}</h1>"
     ]
     if subtitle:
-        parts.append(f"<p>{html.escape(subtitle)}</p>")
+        parts.append(f"<p>{_esc(subtitle)}</p>")
     if claims:
         n = sum(bool(c["passed"]) for c in claims)
         parts.append(f"<h2>Claims ({n}/{len(claims)} pass)</h2>{_claims_table(claims)}")
     if figures or placeholders:
         missing = "".join(
-            f'<figure class="missing" data-figure="{html.escape(n)}"><p>{html.escape(why)}</p>'
-            f"<figcaption>{html.escape(n)} (not drawn)</figcaption></figure>"
+            f'<figure class="missing" data-figure="{_esc(n)}"><p>{_esc(why)}</p>'
+            f"<figcaption>{_esc(n)} (not drawn)</figcaption></figure>"
             for n, why in placeholders
         )
         parts.append(f"<h2>Figures</h2>{_figures(figures)}{missing}")
+    used: set[str] = set()
     for name, rows in (tables or {}).items():
-        parts.append(f"<h2>{html.escape(name)}</h2>{_table(rows, table_id=name.replace(' ', '-'))}")
+        ident, base, k = safe_id(name), safe_id(name), 1
+        while ident in used:  # two names that differ only outside the safe charset: distinct ids
+            k += 1
+            ident = f"{base}-{k}"
+        used.add(ident)
+        parts.append(f"<h2>{_esc(name)}</h2>{_table(rows, table_id=ident)}")
     if config is not None:
-        parts.append(f"<h2>Configuration</h2><pre>{html.escape(yaml.safe_dump(config, sort_keys=False))}</pre>")
+        parts.append(f"<h2>Configuration</h2><pre>{_esc(yaml.safe_dump(config, sort_keys=False))}</pre>")
     if data_json is not None:
-        parts.append(
-            '<script type="application/json" id="data">' + json.dumps(data_json).replace("</", "<\\/") + "</script>"
-        )
+        parts.append(_json_script(data_json))
     parts.append("</body></html>")
     return "".join(parts)
 
@@ -165,7 +232,8 @@ def render_index(summary: dict[str, Any]) -> str:
 
     rows, n_pass, n_all = [], 0, 0
     for exp in summary["experiments"]:
-        link = html.escape(exp["report"])
+        href = safe_href(exp["report"])
+        link = f'<a href="{_esc(href)}">report</a>' if href else f"(link refused: {_esc(exp['report'])})"
         for c in exp["claims"]:
             h = claim_headline(c)
             n_all += 1
@@ -173,11 +241,11 @@ def render_index(summary: dict[str, Any]) -> str:
             verdict = '<span class="pass">PASS</span>' if c["passed"] else '<span class="fail">FAIL</span>'
             num = "-" if h["measured"] is None else f"{h['key']} = {format_value(h['measured'])}"
             rows.append(
-                f'<tr data-claim="{html.escape(exp["name"])}:{html.escape(c["id"])}"><td>{html.escape(exp["name"])}</td>'
-                f'<td>{html.escape(c["id"])}</td><td>{verdict}</td><td class="ours">{html.escape(num)}</td>'
-                f'<td class="paper">{html.escape("-" if h["paper"] is None else format_value(h["paper"]))}</td>'
-                f'<td class="threshold">{html.escape(format_value(c["threshold"]))}</td>'
-                f'<td>{html.escape(c["statement"])}</td><td><a href="{link}">report</a></td></tr>'
+                f'<tr data-claim="{_esc(exp["name"])}:{_esc(c["id"])}"><td>{_esc(exp["name"])}</td>'
+                f'<td>{_esc(c["id"])}</td><td>{verdict}</td><td class="ours">{_esc(num)}</td>'
+                f'<td class="paper">{_esc("-" if h["paper"] is None else format_value(h["paper"]))}</td>'
+                f'<td class="threshold">{_esc(format_value(c["threshold"]))}</td>'
+                f"<td>{_esc(c['statement'])}</td><td>{link}</td></tr>"
             )
     claims = (
         '<table id="claims"><thead><tr><th>experiment</th><th>claim</th><th>verdict</th><th>ours</th>'
@@ -211,12 +279,10 @@ def render_index(summary: dict[str, Any]) -> str:
     )
     title = f"symgen reproduce: {n_pass}/{n_all} claims pass"
     page = (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
-        f"<p>total time {summary['seconds']:.1f} s, started {html.escape(str(summary.get('started', '')))}</p>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>"
+        f"<style>{_CSS}</style></head><body><h1>{_esc(title)}</h1>"
+        f"<p>total time {float(summary['seconds']):.1f} s, started {_esc(summary.get('started', ''))}</p>"
         f"<h2>Claims</h2>{claims}<h2>Experiments</h2>{exps}<h2>Machine, versions, seeds</h2>{env}"
-        '<script type="application/json" id="data">'
-        + json.dumps(summary).replace("</", "<\\/")
-        + "</script></body></html>"
+        f"{_json_script(summary)}</body></html>"
     )
     return page

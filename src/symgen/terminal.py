@@ -4,18 +4,24 @@ Everything a user may type back (experiment names, run ids, paths, commands) is 
 terminal or a pipe, at any width: tables are plain padded text, a line longer than the terminal
 wraps instead of being shortened. Progress is a rich bar in a terminal and a plain line every few
 seconds otherwise (a log or CI never sits in silence).
+
+No stored string reaches the terminal raw: every printer here passes its text through :func:`printable`,
+which shows C0 and C1 control characters (ESC, BEL, CR, CSI U+009B ...) as visible escapes such as
+``\\x1b`` and ``\\u009b``, so a model spec, path or claim cannot set the window title or clear the screen.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, Any
 
 __all__ = [
+    "printable",
     "text_table",
     "claim_headline",
     "claim_line",
@@ -28,6 +34,33 @@ __all__ = [
 ]
 
 PROGRESS_INTERVAL = 10.0  # seconds between plain progress lines outside a terminal
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 control characters
+
+
+def printable(text: Any, keep: str = "\n\t") -> str:
+    """``text`` safe to write to a terminal: control characters shown as visible escapes.
+
+    C0 characters and DEL become ``\\xNN`` (ESC is ``\\x1b``, BEL ``\\x07``, CR ``\\x0d``), C1 characters
+    ``\\u00NN`` (CSI is ``\\u009b``); every other character, any script included, is kept.
+
+    Args:
+        text: the text (anything else is passed through ``str``).
+        keep: control characters left as they are: newline and tab for whole lines, none for a table
+            cell or a label that must stay on one line.
+
+    Returns:
+        The text without raw control characters outside ``keep``.
+    """
+
+    def escape(match: re.Match[str]) -> str:
+        char = match.group()
+        if char in keep:
+            return char
+        code = ord(char)
+        return f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}"
+
+    return _CONTROL.sub(escape, str(text))
 
 
 def is_tty(stream: IO[str] | None = None) -> bool:
@@ -47,8 +80,18 @@ def is_tty(stream: IO[str] | None = None) -> bool:
 
 
 def text_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """Columns padded to their widest cell, two spaces apart; no cell is ever shortened."""
-    body = [[str(c) for c in r] for r in rows]
+    """Columns padded to their widest cell, two spaces apart; no cell is ever shortened.
+
+    Args:
+        headers: the column names.
+        rows: the cells of each row (anything, passed through ``str``).
+
+    Returns:
+        The table, one line per row; every cell and header through :func:`printable` with no control
+        character kept (a newline in a cell shows as ``\\x0a`` and cannot break the table).
+    """
+    headers = [printable(h, keep="") for h in headers]
+    body = [[printable(c, keep="") for c in r] for r in rows]
     widths = [len(h) for h in headers]
     for r in body:
         for i, c in enumerate(r):
@@ -141,7 +184,7 @@ def claim_line(claim: dict[str, Any]) -> list[str]:
 def claim_lines(claims: Sequence[dict[str, Any]], title: str = "") -> str:
     """One line per claim (the full measured values are in the HTML report and in ``--json``)."""
     n = sum(bool(c.get("passed")) for c in claims)
-    head = f"{title}: " if title else ""
+    head = f"{printable(title, keep='')}: " if title else ""
     table = text_table(
         ["claim", "verdict", "headline vs threshold", "paper", "margin"], [claim_line(c) for c in claims]
     )
@@ -149,9 +192,16 @@ def claim_lines(claims: Sequence[dict[str, Any]], title: str = "") -> str:
 
 
 def dump_json(obj: Any, stream: IO[str] | None = None) -> None:
-    """Machine-readable output: one JSON document on stdout."""
+    """Machine-readable output: one JSON document on stdout.
+
+    ASCII JSON: every control and non-ASCII character of a string is a ``\\uXXXX`` escape, never raw.
+
+    Args:
+        obj: JSON-able values (others through ``str``).
+        stream: where it goes (default: stdout).
+    """
     stream = stream if stream is not None else sys.stdout
-    stream.write(json.dumps(obj, indent=2, default=str) + "\n")
+    stream.write(json.dumps(obj, indent=2, default=str, ensure_ascii=True) + "\n")
     stream.flush()
 
 
@@ -168,7 +218,7 @@ class Ticker:
     def __init__(
         self, desc: str, total: int | None = None, stream: IO[str] | None = None, interval: float = PROGRESS_INTERVAL
     ):
-        self.desc, self.total, self.interval = desc, total, interval
+        self.desc, self.total, self.interval = printable(desc, keep=""), total, interval
         self.stream = stream if stream is not None else sys.stderr
         self.start = self.last = time.monotonic()
         self.done = 0
@@ -200,6 +250,7 @@ def progress(
             tick.advance()
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
@@ -210,7 +261,7 @@ def progress(
         transient=True,
         console=Console(file=stream),
     ) as bar:
-        task = bar.add_task(desc, total=total)
+        task = bar.add_task(escape(printable(desc, keep="")), total=total)  # no control characters, no markup
         for item in iterable:
             yield item
             bar.advance(task)
