@@ -290,3 +290,77 @@ def test_skipped_section_says_so_where_its_figure_would_be(audit_run):
     )
     assert 'data-figure="hessian_density"' in page and "not requested (sections=...)" in page
     assert 'data-figure="invariance"' not in page
+
+
+PWN = "document.body.appendChild(document.createElement('pwned'))"  # what every payload below would run
+PAYLOADS = [
+    f"</td><script>{PWN}</script>",
+    f'"><img src=x onerror="{PWN}">',
+    f"' autofocus onfocus='{PWN}' x='",
+    f"</script><script>{PWN}</script>",
+    f"<!--<script>{PWN}</script>",
+    f'<svg onload="{PWN}"></svg>',
+    f'"><img/src="x"/onerror="{PWN}">',  # no space: survives the former id = name.replace(" ", "-")
+]
+
+
+class _Elements(html.parser.HTMLParser):
+    """Tag names, attributes and text of a dumped DOM."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags, self.text = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed; the browser test is skipped")
+def test_hostile_strings_run_nothing_in_chromium(tmp_path):
+    """A run report and a reproduce page built from strings that would inject script: Chromium loads them,
+    runs none of it (no <pwned> element appears), shows each string as text, and the page's JSON parses."""
+    import yaml
+
+    from symgen.report import render_index, write_report
+
+    run = tmp_path / "run-1"
+    (run / "figures").mkdir(parents=True)
+    claims = [
+        {"id": p, "statement": p, "measured": {p: 1.0}, "threshold": 0.5, "passed": True, "note": p} for p in PAYLOADS
+    ]
+    (run / "config.yaml").write_text(yaml.safe_dump({"experiment": PAYLOADS[0], "config": {p: p for p in PAYLOADS}}))
+    (run / "claims.json").write_text(json.dumps(claims))
+    (run / "result.json").write_text(json.dumps({"tables": {p: [{p: p}] for p in PAYLOADS}}))
+    page = write_report(type("Run", (), {"path": run})()).read_text()
+    summary = {
+        "experiments": [
+            {"name": p, "run": p, "report": r, "seconds": 1.0, "passed": 1, "claims": claims[:1]}
+            for p, r in zip(PAYLOADS, [f"javascript:{PWN}", "//evil.example/r.html", "run-1/report.html"], strict=False)
+        ],
+        "machine": {p: p for p in PAYLOADS},
+        "versions": {},
+        "seconds": 1.0,
+        "started": PAYLOADS[1],
+    }
+    index = render_index(summary)
+    probe = PROBE.replace(
+        "typeof data.sections === 'object'", "(Array.isArray(data.claims) || Array.isArray(data.experiments))"
+    )
+    for name, text in (("report.html", page), ("index.html", index)):
+        path = tmp_path / name
+        path.write_text(text.replace("</body>", probe + "</body>"))
+        dom = _chromium(["--virtual-time-budget=5000", "--dump-dom", path.as_uri()], tmp_path)
+        parsed = _Elements()
+        parsed.feed(dom)
+        tags = [t for t, _ in parsed.tags]
+        assert "pwned" not in tags, f"{name}: a payload ran in the browser"
+        assert "svg" not in tags and tags.count("img") == 0, f"{name}: an injected element"
+        assert not [a for _, attrs in parsed.tags for a in attrs if a.startswith("on")]
+        hrefs = [attrs.get("href", "") for t, attrs in parsed.tags if t == "a"]
+        assert hrefs == ([] if name == "report.html" else ["run-1/report.html"])
+        text_seen = "".join(parsed.text)
+        assert all(p in text_seen for p in PAYLOADS), name
+        assert '"json_ok":true' in text_seen, f"{name}: the page's JSON did not parse in the browser"
