@@ -36,6 +36,10 @@ app = typer.Typer(
 app.add_typer(runs_app, name="runs")
 
 
+class _PipeClosed(Exception):
+    """The reader of stdout went away (``| head``): exit 141 quietly."""
+
+
 def _run_one(
     name: str,
     *,
@@ -110,10 +114,12 @@ def _run_one(
             executor=make_executor(executor, workers, ray_address),
             on_run=started.append,
         )
-    except (KeyboardInterrupt, SymgenError, BrokenPipeError):
+    except (KeyboardInterrupt, SymgenError, BrokenPipeError) as e:
         if started and store.row(started[0])["status"] == "interrupted":  # this run, not the latest of the store
             say("interrupted; finished trials are kept. Continue with:", err=True)
             say(f"  symgen run {name} --resume-from {started[0].id} --out {out}", err=True)
+        if isinstance(e, BrokenPipeError):
+            raise _PipeClosed from None  # click would turn an OSError into exit 1
         raise
     claims = [c.model_dump() for c in outcome.claims]
     reused = f", {outcome.trials_reused} trials resumed" if outcome.trials_reused else ""
@@ -375,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, typer.Abort):
         say("interrupted.", err=True)
         return 130
-    except BrokenPipeError:
+    except (BrokenPipeError, _PipeClosed):
         _silence_stdout()  # the reader is gone: nothing more to say there, and no error at exit
         return 141
     except typer.Exit as e:
