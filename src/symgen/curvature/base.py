@@ -14,11 +14,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from symgen import memory
 from symgen.curvature.checks import as_operator, check_positive
 from symgen.curvature.lanczos import lanczos_eigenpairs, slq_density
 from symgen.curvature.results import Eigenpairs, SpectralDensity, TraceEstimate
 from symgen.curvature.trace import deflated_trace, hutchinson_trace, hutchpp_trace
 from symgen.errors import ConfigError, ShapeError
+from symgen.numerics import check_values
 from symgen.rng import Seed
 
 if TYPE_CHECKING:
@@ -90,15 +92,36 @@ class CurvatureOperator:
             got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
             raise ShapeError(f"matvec expects a flat vector of shape ({self.dim},), got {got}.")
         v = v.to(dtype=self.dtype, device=self.device)
+        check_values(f"{type(self).__name__}.matvec", "the vector v", v, "pass a finite vector")
         self.num_matvecs += 1
-        return self._matvec(v)
+        return self._checked(self._matvec(v), "matvec")
+
+    def _column_bytes(self) -> int:
+        """Bytes held per column of a product (the columns in and the products out; subclasses add their own)."""
+        return 2 * self.dim * torch.empty(0, dtype=self.dtype).element_size()
+
+    def _checked(self, out: Tensor, caller: str) -> Tensor:
+        """``out`` after one ``isfinite`` check: a DivergenceError naming the operator when it is not finite."""
+        check_values(
+            f"{type(self).__name__}.{caller}", "the products", out, "check the operator's matrix or model for overflow"
+        )
+        return out
 
     def _columns(self, V: Tensor, caller: str, hint: str = ".") -> Tensor:
-        """``V (n, k)`` in the operator's dtype and device, or a ShapeError naming ``caller``."""
+        """``V (n, k)`` in the operator's dtype and device, or a ShapeError naming ``caller``; the working set
+        of k columns checked against the memory limit, and the columns against NaN and inf."""
         if not isinstance(V, Tensor) or V.ndim != 2 or V.shape[0] != self.dim:
             got = tuple(V.shape) if isinstance(V, Tensor) else type(V).__name__
             raise ShapeError(f"{caller} expects columns V of shape ({self.dim}, k), got {got}{hint}")
-        return V.to(dtype=self.dtype, device=self.device)
+        memory.check_fits(
+            V.shape[1] * self._column_bytes(),
+            f"{type(self).__name__}.{caller} of {V.shape[1]} columns of dimension {self.dim}",
+            f"pass fewer columns at a time (op.{caller}(V[:, i:j])) or set chunk_size",
+            device=self.device,
+        )
+        V = V.to(dtype=self.dtype, device=self.device)
+        check_values(f"{type(self).__name__}.{caller}", "the columns V", V, "pass finite vectors")
+        return V
 
     def matmat(self, V: Tensor) -> Tensor:
         """``A V`` for columns ``V (n, k)``: A applied to each column (k products counted).
@@ -113,7 +136,7 @@ class CurvatureOperator:
         if V.shape[1] == 0:
             return V.clone()
         self.num_matvecs += V.shape[1]
-        return self._matmat(V)
+        return self._checked(self._matmat(V), "matmat")
 
     def _quadratic_forms(self, V: Tensor) -> Tensor:
         return (V * self._matmat(V)).sum(0)
@@ -133,7 +156,7 @@ class CurvatureOperator:
         if V.shape[1] == 0:
             return V.new_zeros(0)
         self.num_matvecs += V.shape[1]
-        return self._quadratic_forms(V)
+        return self._checked(self._quadratic_forms(V), "quadratic_forms")
 
     def __matmul__(self, V: Tensor) -> Tensor:
         """``A @ v`` for ``v (n,)`` or ``A @ V`` for columns ``V (n, k)``."""
@@ -287,6 +310,12 @@ class CurvatureOperator:
                 f"dense() builds an n x n matrix; n = {self.dim} > max_dim = {max_dim}. "
                 "Use trace()/eigenvalues() or raise max_dim if you have the memory."
             )
+        memory.check_fits(
+            self.dim * (self.dim * torch.empty(0, dtype=self.dtype).element_size() * 2 + self._column_bytes()),
+            f"{type(self).__name__}.dense() ({self.dim} x {self.dim}, {self.dtype})",
+            "use trace()/eigenvalues()/density() or products on fewer columns",
+            device=self.device,
+        )
         A = self.matmat(torch.eye(self.dim, dtype=self.dtype, device=self.device))
         return 0.5 * (A + A.T)
 

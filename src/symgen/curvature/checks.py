@@ -14,9 +14,10 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from symgen import memory
 from symgen.errors import ConfigError
 
-__all__ = ["SymmetricOperator", "FallbackWarning", "as_operator", "check_positive"]
+__all__ = ["SymmetricOperator", "FallbackWarning", "as_operator", "check_positive", "check_vectors"]
 
 
 @runtime_checkable
@@ -116,3 +117,16 @@ def warn_fallback(owner: object, path: str, reason: str) -> None:
     warnings.warn(
         f"{type(owner).__name__}: {path} cannot be used ({reason}); falling back.", FallbackWarning, stacklevel=3
     )
+
+
+def check_vectors(op: SymmetricOperator, count: int, what: str, how_to_fix: str) -> None:
+    """Raise a MemoryBudgetError before ``count`` vectors of the operator's size are allocated, if they cannot fit.
+
+    Args:
+        op: the operator (its dimension, dtype and device size the vectors).
+        count: how many n-vectors will be held at once.
+        what: what holds them (e.g. "a Lanczos basis of 100 steps").
+        how_to_fix: how to ask for less, for the message.
+    """
+    item = torch.empty(0, dtype=op.dtype).element_size()
+    memory.check_fits(count * op.dim * item, f"{what} ({count} x {op.dim} {op.dtype})", how_to_fix, device=op.device)

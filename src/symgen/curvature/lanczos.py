@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from symgen import rng
-from symgen.curvature.checks import SymmetricOperator, as_operator, check_positive
+from symgen.curvature.checks import SymmetricOperator, as_operator, check_positive, check_vectors
 from symgen.curvature.results import Eigenpairs, SpectralDensity
 from symgen.errors import ConfigError, DivergenceError, ShapeError
 from symgen.rng import Seed
@@ -96,6 +96,14 @@ class LanczosProcess:
         end = self.steps + max(0, min(num_steps, self.dim - self.steps))
         if end > self.steps and self._Q is None:
             raise ConfigError("this LanczosProcess released its basis (release_basis()); it cannot take more steps.")
+        if end > self.steps and (self._Q is None or end > self._Q.shape[0]):
+            # the basis of `end` rows and a few work vectors, sized before the first product
+            check_vectors(
+                self.op,
+                end + 4,
+                f"a Lanczos basis of {end} steps",
+                "ask for fewer steps (max_steps / num_steps) or fewer eigenpairs",
+            )
         for _ in range(end - self.steps):
             j = self.steps
             if j > 0:
@@ -114,7 +122,7 @@ class LanczosProcess:
             q = self._next
             basis[j] = q
             w = self.op.matvec(q)
-            if not torch.isfinite(w).all():
+            if not torch.isfinite(w).all():  # an operator without its own check (models name the place)
                 raise DivergenceError(
                     f"Lanczos step {j}: the operator returned non-finite values; "
                     "check the loss and parameters for NaN/inf."
@@ -321,6 +329,8 @@ def slq_density(
     if first is not None:
         check_process(first, op, "first")
     gen = rng.as_generator(generator)
+    # one run's basis at a time (each run's is freed before the next): sized before the first product
+    check_vectors(op, min(num_steps, op.dim) + 4, f"a Lanczos basis of {num_steps} steps", "use fewer num_steps")
     nodes, weights, used = [], [], 0
     for run in range(num_runs):
         if run == 0 and first is not None:

@@ -19,7 +19,8 @@ from symgen.curvature.base import CurvatureOperator
 from symgen.curvature.checks import warn_fallback
 from symgen.curvature.double_backward import fast_double_backward, fast_double_backward_applies
 from symgen.distributed import GroupSpec
-from symgen.errors import ConfigError, ShapeError
+from symgen.errors import ConfigError, DivergenceError, ShapeError
+from symgen.numerics import check_batch, check_tensors
 from symgen.streaming import BatchStream, model_device
 
 __all__ = ["ModelOperator"]
@@ -113,6 +114,10 @@ class ModelOperator(CurvatureOperator):
                 else f"measured only for float32 on CPU, not {self.dtype} on {self.device.type}"
             )
 
+    def _column_bytes(self) -> int:
+        # per column: the columns in, their rows (k, n), the float64 accumulator, the products out
+        return self.dim * (8 + 3 * torch.empty(0, dtype=self.dtype).element_size())
+
     @property
     def num_data(self) -> int:
         """N, the number of samples over all batches (and all ranks)."""
@@ -143,18 +148,91 @@ class ModelOperator(CurvatureOperator):
 
         return f
 
-    def _reduce(self, acc: Tensor, count: int) -> Tensor:
+    def _reduce(self, acc: Tensor, count: int, err: DivergenceError | None = None) -> Tensor:
         """Sum ``acc`` (float64) and the sample count over ranks; normalize for ``reduction="mean"``
-        (in place on one process: ``acc`` may be k parameter-sized vectors)."""
+        (in place on one process: ``acc`` may be k parameter-sized vectors). ``err``: this rank met NaN or
+        inf; it rides on the same sum, so every rank raises instead of waiting in a collective."""
         if self.group is None:
+            if err is not None:
+                raise err
             self._set_num_data(torch.tensor([float(count)], dtype=torch.float64))
             out = acc
         else:
-            flat = torch.cat([acc.reshape(-1), torch.tensor([float(count)], dtype=torch.float64, device=acc.device)])
+            self._check_ranks()
+            tail = torch.tensor([float(count), float(err is not None)], dtype=torch.float64, device=acc.device)
+            flat = torch.cat([acc.reshape(-1), tail])
             flat = distributed.all_reduce_sum(flat, self.group, timeout_s=self.timeout_s)
-            self._set_num_data(flat[-1:])
-            out = flat[:-1].reshape(acc.shape)
+            if err is not None:
+                raise err
+            if float(flat[-1]) > 0:
+                raise DivergenceError(
+                    f"{type(self).__name__}: {int(flat[-1])} other rank(s) met NaN or inf (their error names where); "
+                    "every rank stops here."
+                )
+            self._set_num_data(flat[-2:-1])
+            out = flat[:-2].reshape(acc.shape)
         return out.div_(self.num_data) if self.reduction == "mean" else out
+
+    def signature(self) -> dict[str, object]:
+        """What every rank's operator must share before its first collective: the parameters taken (name,
+        shape, dtype), the dimension, dtype and reduction (the products' all-reduce has ``k n + 2`` entries)."""
+        sig: dict[str, object] = {"dim": self.dim, "dtype": str(self.dtype), "reduction": self.reduction}
+        for k, v in self.params.items():
+            sig[f"parameter {k}"] = f"{list(v.shape)} {v.dtype}"
+        return sig
+
+    def _check_ranks(self) -> None:
+        """Once per operator: the ranks compare :meth:`signature` (a DistributedError on every rank naming
+        the keys that differ, instead of a backend abort on mismatched sizes)."""
+        if self.group is not None and not getattr(self, "_ranks_checked", False):
+            distributed.check_consistent(
+                self.signature(), self.group, what=type(self).__name__, timeout_s=self.timeout_s
+            )
+            self._ranks_checked = True
+
+    def _sweep(
+        self, where: str, acc: Tensor, step: Callable[[int, Tensor, Tensor], None]
+    ) -> tuple[int, DivergenceError | None]:
+        """Run ``step(b, x, y)`` (which adds batch b's share into ``acc``) over the batches, checking the
+        weights and buffers once, each batch's inputs and the accumulator after each batch (one
+        ``isfinite`` each). Returns the sample count and, on a data-parallel run, the DivergenceError
+        this rank met (raised after the all-reduce, on every rank); on one process it is raised here."""
+        count = 0
+        try:
+            check_tensors(where, "weight", self.params)
+            check_tensors(where, "buffer", F.buffers_of(self.model))
+            for b, (x, y) in enumerate(self.data):
+                check_batch(where, x, y, batch=b, offset=count)
+                step(b, x, y)
+                count += x.shape[0]
+                if not bool(torch.isfinite(acc).all()):
+                    raise self._diverged(where, b, x, y)
+        except DivergenceError as e:
+            if self.group is None:
+                raise
+            return count, e
+        return count, None
+
+    def _diverged(self, where: str, b: int, x: Tensor, y: Tensor) -> DivergenceError:
+        """The error for batch b, whose inputs, weights and buffers are finite but whose products are not:
+        names the model's output or the loss when they are non-finite (one extra forward pass, on failure only)."""
+        with torch.no_grad():
+            out = F.call(self.model, self.params, self._buffers(), x)
+            if isinstance(out, Tensor) and not bool(torch.isfinite(out).all()):
+                return DivergenceError(
+                    f"{where}: the model's output on batch {b} holds non-finite values (NaN or inf) though its inputs, weights and "
+                    "buffers are finite (an overflow inside the model); compute in float64 or rescale the model."
+                )
+            loss = self._batch_loss(x, y)(self.params)
+        if not bool(torch.isfinite(loss).all()):
+            return DivergenceError(
+                f"{where}: the loss on batch {b} is {float(loss.double().sum())} though the model's output is "
+                "finite (the loss overflowed); rescale the loss or compute in float64."
+            )
+        return DivergenceError(
+            f"{where}: the products on batch {b} hold non-finite values (NaN or inf) though the loss ({float(loss):.4g}) is finite: "
+            "its derivatives overflow; compute in float64 or rescale the loss."
+        )
 
     def _weight(self, n_b: int) -> float:
         return float(n_b) if self.reduction == "mean" else 1.0
@@ -169,12 +247,14 @@ class ModelOperator(CurvatureOperator):
             The loss, a 0-dim tensor in the operator's dtype.
         """
         p = self.params if params is None else params
-        acc, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
+        acc = torch.zeros((), dtype=torch.float64, device=self.device)
+
+        def step(b: int, x: Tensor, y: Tensor) -> None:
+            acc.add_(self._weight(x.shape[0]) * self._batch_loss(x, y)(p).double())
+
         with torch.no_grad(), F.bn_mode(self.model, self.bn_mode):
-            for x, y in self.data:
-                acc += self._weight(x.shape[0]) * self._batch_loss(x, y)(p).double()
-                count += x.shape[0]
-        return self._reduce(acc, count).to(self.dtype)
+            count, err = self._sweep(f"{type(self).__name__}.loss", acc, step)
+        return self._reduce(acc, count, err).to(self.dtype)
 
     # -- products: the sum over batches --
 
@@ -256,18 +336,18 @@ class ModelOperator(CurvatureOperator):
     def _matmat(self, V: Tensor) -> Tensor:
         rows = V.T.contiguous()
         acc = torch.zeros(rows.shape, dtype=torch.float64, device=self.device)
-        count = 0
+
+        def step(b: int, x: Tensor, y: Tensor) -> None:
+            if self.batching == "vmap":
+                # canonical strides: an input with a size-1 channel axis can also look channels-last,
+                # and convolution backward under vmap cannot handle that layout
+                x = x.clone(memory_format=torch.contiguous_format)
+            fn = self._product(b, x, y)  # built outside vmap: requires_grad_ is not allowed inside it
+            self._accumulate(acc, fn, rows, self._weight(x.shape[0]))
+
         with F.bn_mode(self.model, self.bn_mode):
-            for b, (x, y) in enumerate(self.data):
-                if self.batching == "vmap":
-                    # canonical strides: an input with a size-1 channel axis can also look channels-last,
-                    # and convolution backward under vmap cannot handle that layout
-                    x = x.clone(memory_format=torch.contiguous_format)
-                fn = self._product(b, x, y)  # built outside vmap: requires_grad_ is not allowed inside it
-                self._accumulate(acc, fn, rows, self._weight(x.shape[0]))
-                count += x.shape[0]
-                del fn
-        return self._reduce(acc, count).to(self.dtype).T
+            count, err = self._sweep(f"{type(self).__name__}.matmat", acc, step)
+        return self._reduce(acc, count, err).to(self.dtype).T
 
     def _matvec(self, v: Tensor) -> Tensor:
         return self._matmat(v[:, None])[:, 0]
@@ -275,9 +355,10 @@ class ModelOperator(CurvatureOperator):
     def _quadratic_forms(self, V: Tensor) -> Tensor:
         rows = V.T.contiguous()
         acc = torch.zeros(rows.shape[0], dtype=torch.float64, device=self.device)
-        count = 0
+
+        def step(b: int, x: Tensor, y: Tensor) -> None:
+            acc.add_(self._batch_forms(b, x, y, rows), alpha=self._weight(x.shape[0]))
+
         with F.bn_mode(self.model, self.bn_mode):
-            for b, (x, y) in enumerate(self.data):
-                acc.add_(self._batch_forms(b, x, y, rows), alpha=self._weight(x.shape[0]))
-                count += x.shape[0]
-        return self._reduce(acc, count).to(self.dtype)
+            count, err = self._sweep(f"{type(self).__name__}.quadratic_forms", acc, step)
+        return self._reduce(acc, count, err).to(self.dtype)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from symgen import rng
-from symgen.curvature.checks import SymmetricOperator, as_operator, check_positive
+from symgen.curvature.checks import SymmetricOperator, as_operator, check_positive, check_vectors
 from symgen.curvature.lanczos import LanczosProcess, check_process
 from symgen.curvature.results import TraceEstimate
 from symgen.errors import ConfigError
@@ -69,6 +69,9 @@ def hutchinson_trace(
     check_positive("num_probes", num_probes)
     gen = rng.as_generator(generator)
     block = block_size or num_probes
+    check_vectors(
+        op, 2 * block, f"a block of {block} probes", "pass a smaller block_size (or the operator's chunk_size)"
+    )
     qs = []
     for s in range(0, num_probes, block):
         qs.append(_quadratic_forms(op, _rademacher_rows(op, min(block, num_probes - s), gen)))
@@ -99,6 +102,8 @@ def hutchpp_trace(op: SymmetricOperator, num_matvecs: int, *, generator: Seed = 
     gen = rng.as_generator(generator)
     s = num_matvecs // 3
     r = num_matvecs - 2 * s
+    # the sketch S, A S, its basis Q and A Q, then the residual probes
+    check_vectors(op, 4 * s + r, f"Hutch++ with {num_matvecs} products", "use fewer num_matvecs or method='hutchinson'")
     S = _rademacher_rows(op, s, gen)
     Q = _orthonormal_rows(op.matmat(S.T).T)
     exact = float((Q * op.matmat(Q.T).T).sum())

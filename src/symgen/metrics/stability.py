@@ -12,7 +12,8 @@ from torch.func import vmap
 from symgen import distributed
 from symgen import functional as F
 from symgen.distributed import GroupSpec
-from symgen.errors import ConfigError, ShapeError
+from symgen.errors import ConfigError, DivergenceError, ShapeError
+from symgen.numerics import check_batch, check_tensors
 from symgen.rng import Seed, as_generator
 from symgen.stats import mean_stderr
 from symgen.streaming import BatchStream, Data, model_device
@@ -84,25 +85,61 @@ def noise_stability(
     signs = (1.0, -1.0) if antithetic else (1.0,)
     stacked = F.perturbed_copies(w0, noise, signs)
     m = num_samples * len(signs)
-    # float64 sums over the stream: [clean, m perturbed losses, count], each batch weighted by its size
-    acc = torch.zeros(m + 2, dtype=torch.float64, device=model_device(model))
-    with torch.no_grad(), F.bn_mode(model, bn_mode):
-        for x, y in stream:
+    # float64 sums over the stream: [clean, m perturbed losses, count], each batch weighted by its size; then
+    # a flag: this rank met NaN or inf (its error is raised after the sum, the other ranks raise too)
+    acc = torch.zeros(m + 3, dtype=torch.float64, device=model_device(model))
+    err: DivergenceError | None = None
+    count = 0
+    try:
+        check_tensors("noise_stability", "weight", w0)
+        check_tensors("noise_stability", "buffer", base_buffers)
+        with torch.no_grad(), F.bn_mode(model, bn_mode):
+            for bi, (x, y) in enumerate(stream):
+                check_batch("noise_stability", x, y, batch=bi, offset=count)
+                count += x.shape[0]
 
-            def loss_at(p: F.Params, b: F.Params, x: Tensor = x, y: Tensor = y) -> Tensor:
-                return F.loss_function(model, loss_fn, b)(p, x, y)
+                def loss_at(p: F.Params, b: F.Params, x: Tensor = x, y: Tensor = y) -> Tensor:
+                    return F.loss_function(model, loss_fn, b)(p, x, y)
 
-            n_b = float(x.shape[0])
-            acc[0] += n_b * float(loss_at(w0, _clone(base_buffers)))
-            if bn_mode == "train":  # each copy normalizes with its own batch statistics, in private buffers
-                losses = vmap(loss_at, in_dims=(0, 0), chunk_size=chunk_size)(
-                    stacked, F.expand_buffers(base_buffers, m)
-                )
-            else:
-                losses = vmap(loss_at, in_dims=(0, None), chunk_size=chunk_size)(stacked, base_buffers)
-            acc[1:-1] += n_b * losses.double()
-            acc[-1] += n_b
+                n_b = float(x.shape[0])
+                clean_b = loss_at(w0, _clone(base_buffers))
+                if not bool(torch.isfinite(clean_b).all()):
+                    raise DivergenceError(
+                        f"noise_stability: the loss at the unperturbed weights on batch {bi} is {float(clean_b)} though "
+                        "its inputs, weights and buffers are finite (the loss or the model's output overflowed)."
+                    )
+                acc[0] += n_b * float(clean_b)
+                if bn_mode == "train":  # each copy normalizes with its own batch statistics, in private buffers
+                    losses = vmap(loss_at, in_dims=(0, 0), chunk_size=chunk_size)(
+                        stacked, F.expand_buffers(base_buffers, m)
+                    )
+                else:
+                    losses = vmap(loss_at, in_dims=(0, None), chunk_size=chunk_size)(stacked, base_buffers)
+                if not bool(torch.isfinite(losses).all()):
+                    raise DivergenceError(
+                        f"noise_stability: the loss at perturbed weights on batch {bi} holds non-finite values "
+                        f"(NaN or inf) though the unperturbed loss is finite; sigma = {sigma} is too large for "
+                        "this model (or compute in float64)."
+                    )
+                acc[1:-2] += n_b * losses.double()
+                acc[-2] += n_b
+    except DivergenceError as e:
+        if group is None:
+            raise
+        err, acc[-1] = e, 1.0
+    if group is not None:
+        sig: dict[str, object] = {"num_samples": num_samples, "antithetic": bool(antithetic)}
+        sig.update({f"parameter {k}": f"{list(v.shape)} {v.dtype}" for k, v in w0.items()})
+        distributed.check_consistent(sig, group, what="noise_stability")
     acc = distributed.all_reduce_sum(acc, group)
+    if err is not None:
+        raise err
+    if float(acc[-1]) > 0:
+        raise DivergenceError(
+            f"noise_stability: {int(acc[-1])} other rank(s) met NaN or inf (their error names where); "
+            "every rank stops here."
+        )
+    acc = acc[:-1]
     if float(acc[-1]) == 0:
         raise ShapeError("data holds no samples on any rank; pass a batch (x, y) or a non-empty loader.")
     clean, losses = float(acc[0] / acc[-1]), acc[1:-1] / acc[-1]

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from symgen.errors import ConfigError, ShapeError
+from symgen.errors import ConfigError, DivergenceError, ShapeError
+from symgen.numerics import first_bad_row
 from symgen.rng import Seed, init_generator
 
 __all__ = ["ACTIVATIONS", "analytic_ntk", "NTKLinear", "Erf", "ntk_mlp"]
@@ -31,7 +32,15 @@ def _as_matrix(x: Tensor, name: str) -> Tensor:
         raise ShapeError(f"{name} must be a torch.Tensor of shape (N, ...), got {type(x).__name__}.")
     if x.dim() < 1 or x.shape[0] == 0:
         raise ShapeError(f"{name} must have shape (N, ...) with N >= 1, got {tuple(x.shape)}.")
+    check_finite_input(x, name, "analytic_ntk")
     return x.reshape(x.shape[0], -1)
+
+
+def check_finite_input(x: Tensor, name: str, where: str) -> None:
+    """Raise a DivergenceError naming ``name`` and the batch index of its first sample with NaN or inf."""
+    i = first_bad_row(x)
+    if i is not None:
+        raise DivergenceError(f"{where}: the input {name} at batch index {i} holds non-finite values (NaN or inf).")
 
 
 def _relu_dense(

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from symgen.errors import ConfigError, ShapeError
-from symgen.ntk.analytic import Erf, NTKLinear
+from symgen.ntk.analytic import Erf, NTKLinear, check_finite_input
 from symgen.rng import Seed, init_generator
 
 __all__ = ["CONV_READOUTS", "CONV_PADDINGS", "analytic_conv_ntk", "NTKConv", "ntk_cnn"]
@@ -118,6 +118,7 @@ def _as_image(x: Tensor, name: str) -> Tensor:
             f"{name} must have shape (N, C, L) (1D) or (N, C, H, W) (2D) with N >= 1, got {got}; "
             "add a channel axis with x.unsqueeze(1)."
         )
+    check_finite_input(x, name, "analytic_conv_ntk")
     return x
 
 

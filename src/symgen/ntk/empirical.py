@@ -23,15 +23,26 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from symgen import distributed
+from symgen import distributed, memory
 from symgen.distributed import GroupSpec
 from symgen.errors import ConfigError, MemoryBudgetError
 from symgen.functional import bn_mode, jvp_outputs, vjp_outputs
 from symgen.ntk import cost
-from symgen.ntk.inputs import check_device, check_inputs, check_model, output_size, resolve_params
+from symgen.ntk.inputs import (
+    check_device,
+    check_finite,
+    check_inputs,
+    check_model,
+    check_output_fits,
+    kernel_bytes,
+    output_size,
+    resolve_params,
+)
 from symgen.ntk.jacobian import blocks, jacobian_ntk, ntvp_ntk
+from symgen.ntk.streamed import computed, kernel_shape, mirror, stream_kernel
 from symgen.ntk.structured import structured_ntk
-from symgen.streaming import BatchStream, model_device
+from symgen.numerics import check_values
+from symgen.streaming import model_device
 
 __all__ = [
     "NTK_METHODS",
@@ -45,7 +56,8 @@ __all__ = [
 
 NTK_METHODS = ("auto", "jacobian", "ntvp", "structured")
 NTK_OUTPUTS = ("trace", "mean", "full")
-_DEFAULT_BUDGET = 1 << 30  # bytes of Jacobian blocks / intermediates held at once
+_DEFAULT_BUDGET = 1 << 30  # bytes of Jacobian blocks / intermediates held at once (at most a quarter of the limit)
+_BLOCK_TEMPORARIES = 6  # kernel-sized temporaries of one block pair (layer Gram matrices, their products)
 _MAX_CACHED_SHAPES = 256  # auto choices kept per kernel (shapes of a training loop repeat)
 
 
@@ -53,40 +65,6 @@ _MAX_CACHED_SHAPES = 256  # auto choices kept per kernel (shapes of a training l
 def _summed(output: str) -> str:
     """What the methods compute for ``output``: "full" (N1, N2, O, O), else "trace" (the sum over outputs)."""
     return "full" if output == "full" else "trace"
-
-
-def _kernel_shape(n1: int, n2: int, output: str, o: int) -> tuple[int, ...]:
-    return (n1, n2, o, o) if output == "full" else (n1, n2)
-
-
-def _done(block: Tensor | None) -> Tensor:
-    """A computed kernel block (every block is computed or mirrored before the blocks are joined)."""
-    assert block is not None
-    return block
-
-
-def _mirror(block: Tensor, output: str) -> Tensor:
-    """The block (j, i) of a symmetric kernel from block (i, j)."""
-    return block.permute(1, 0, 3, 2) if output == "full" else block.T
-
-
-def _upper_blocks(kernel: Tensor, sizes: list[int], output: str) -> Tensor:
-    """The kernel with its strictly lower block triangle zeroed (blocks of ``sizes`` samples)."""
-    out = kernel.clone()
-    edges = [0, *torch.tensor(sizes).cumsum(0).tolist()]
-    for i in range(len(sizes)):
-        for j in range(i):
-            out[edges[i] : edges[i + 1], edges[j] : edges[j + 1]] = 0
-    return out
-
-
-def _symmetrize_blocks(kernel: Tensor, sizes: list[int], output: str) -> Tensor:
-    edges = [0, *torch.tensor(sizes).cumsum(0).tolist()]
-    for i in range(len(sizes)):
-        for j in range(i):
-            up = kernel[edges[j] : edges[j + 1], edges[i] : edges[i + 1]]
-            kernel[edges[i] : edges[i + 1], edges[j] : edges[j + 1]] = _mirror(up, output)
-    return kernel
 
 
 # -------------------------------------------------------------------------------------- ntvp method
@@ -255,26 +233,60 @@ class EmpiricalNTKFn:
             method, o, _ = self._plan(p, b, x1, x2)
             size = self._samples_per_block(p, b, x1, method, o)
         n1, n2 = x1.shape[0], x1.shape[0] if x2 is None else x2.shape[0]
-        if size >= n1 + n2 or size >= 2 * max(n1, n2):
-            return self._compute(p, b, x1, x2)
-        # the samples of a block pair must fit the budget: kernel blocks, recomputing each block's signals
-        step = max(1, size // 2)
+        check_finite(type(self).__name__, p, b, x1, x2)
+        item = next(iter(p.values())).element_size()
+        quad = _BLOCK_TEMPORARIES * kernel_bytes(1, 1, self.output, o, item)  # per entry of a block pair
+        per_sample = max(1, self.budget // size)
+        whole = per_sample * (n1 + n2) + quad * n1 * n2
+        check_output_fits(n1, n2, self.output, o, x1.dtype, min(whole, self.budget), x1.device)
+        if whole <= self.budget:
+            return self._checked(self._compute(p, b, x1, x2), slice(0, n1), slice(0, n2))
+        # a block pair of s + s samples: their signals (linear in s) and the block's temporaries (quadratic)
+        step = int((math.sqrt(per_sample**2 + quad * self.budget) - per_sample) / quad)
+        step = max(1, min(step, size // 2))
         rows = blocks(n1, step)
         cols = rows if x2 is None else blocks(n2, step)
-        out: list[list[Tensor | None]] = [[None] * len(cols) for _ in rows]
+        if self.differentiable:  # joined by torch.cat, so the graph reaches every block
+            out: list[list[Tensor | None]] = [[None] * len(cols) for _ in rows]
+            for i, si in enumerate(rows):
+                for j, sj in enumerate(cols):
+                    if x2 is None and j < i:
+                        continue
+                    out[i][j] = self._block(p, b, x1, x2, si, sj)
+            if x2 is None:
+                for i in range(len(rows)):
+                    for j in range(i):
+                        out[i][j] = mirror(computed(out[j][i]), self.output)
+            return torch.cat([torch.cat([computed(k) for k in r], dim=1) for r in out], dim=0)
+        # one preallocated kernel written block by block: the memory is the output and one block pair's work
+        kernel = torch.empty(kernel_shape(n1, n2, self.output, o), dtype=x1.dtype, device=x1.device)
         for i, si in enumerate(rows):
             for j, sj in enumerate(cols):
                 if x2 is None and j < i:
                     continue
-                if x2 is None and i == j:
-                    out[i][j] = self._compute(p, b, x1[si], None)
-                else:
-                    out[i][j] = self._compute(p, b, x1[si], (x1 if x2 is None else x2)[sj])
-        if x2 is None:
-            for i in range(len(rows)):
-                for j in range(i):
-                    out[i][j] = _mirror(_done(out[j][i]), self.output)
-        return torch.cat([torch.cat([_done(k) for k in r], dim=1) for r in out], dim=0)
+                block = self._block(p, b, x1, x2, si, sj)
+                kernel[si, sj] = block
+                if x2 is None and j > i:
+                    kernel[sj, si] = mirror(block, self.output)
+                del block
+        return kernel
+
+    def _block(
+        self, p: Mapping[str, Tensor], b: Mapping[str, Tensor], x1: Tensor, x2: Tensor | None, si: slice, sj: slice
+    ) -> Tensor:
+        """The kernel block (rows si, columns sj), checked for non-finite values."""
+        other = None if x2 is None and si == sj else (x1 if x2 is None else x2)[sj]
+        return self._checked(self._compute(p, b, x1[si], other), si, sj)
+
+    def _checked(self, block: Tensor, si: slice, sj: slice) -> Tensor:
+        check_values(
+            type(self).__name__,
+            f"the kernel block (rows {si.start}:{si.stop}, columns {sj.start}:{sj.stop})",
+            block,
+            "its inputs, weights and buffers are finite, so the model's output or its derivatives overflow; "
+            "compute in float64 or rescale the model",
+        )
+        return block
 
     def _compute(self, p: Mapping[str, Tensor], b: Mapping[str, Tensor], x1: Tensor, x2: Tensor | None) -> Tensor:
         model, output, chunk, budget = self.model, _summed(self.output), self.chunk_size, self.budget
@@ -287,7 +299,9 @@ class EmpiricalNTKFn:
                 kernel = ntvp_ntk(model, p, b, x1, x2, output, o, chunk, budget, act)
             else:
                 kernel = structured_ntk(model, p, b, x1, x2, output, o, chunk, budget)
-        return kernel / o if self.output == "mean" else kernel
+        if self.output != "mean":
+            return kernel
+        return kernel / o if self.differentiable else kernel.div_(o)  # in place: no second copy
 
     def _samples_per_block(
         self, p: Mapping[str, Tensor], b: Mapping[str, Tensor], x1: Tensor, method: str, o: int
@@ -335,43 +349,7 @@ class EmpiricalNTKFn:
         Returns:
             The kernel, (N1, N2) or (N1, N2, O, O) by ``output``.
         """
-        group = distributed.resolve_group(process_group)
-        r, w = distributed.rank(group), distributed.world_size(group)
-        p, _ = resolve_params(self.model, self.params, self.buffers)
-        dev = model_device(self.model, p)
-        rows = BatchStream(data1, device=dev, inputs_only=True)
-        cols = rows if data2 is None else BatchStream(data2, device=dev, inputs_only=True)
-        out: list[list[Tensor]] = []
-        col_sizes: list[int] = []
-        some = next(iter(p.values()))
-        for i, (xi,) in enumerate(rows):
-            row: list[Tensor] = []
-            for j, (xj,) in enumerate(cols):
-                if i == 0:
-                    col_sizes.append(xj.shape[0])
-                mine = i % w == r and not (data2 is None and j < i)
-                if not mine:
-                    row.append(
-                        torch.zeros(
-                            _kernel_shape(xi.shape[0], xj.shape[0], self.output, self._o(p, xi)),
-                            dtype=some.dtype,
-                            device=dev,
-                        )
-                    )
-                else:
-                    row.append(self(xi) if data2 is None and i == j else self(xi, xj))
-            out.append(row)
-        if data2 is None:
-            for i in range(len(out)):
-                for j in range(i):
-                    out[i][j] = _mirror(out[j][i], self.output)
-        kernel = torch.cat([torch.cat(row, dim=1) for row in out], dim=0)
-        if group is None:
-            return kernel
-        if data2 is None:  # mirrored blocks were zeros on ranks that do not own their row: rebuild after the sum
-            kernel = distributed.all_reduce_sum(_upper_blocks(kernel, col_sizes, self.output), group)
-            return _symmetrize_blocks(kernel, col_sizes, self.output)
-        return distributed.all_reduce_sum(kernel, group)
+        return stream_kernel(self, data1, data2, distributed.resolve_group(process_group))
 
     def _o(self, p: Mapping[str, Tensor], x: Tensor) -> int:
         _, b = resolve_params(self.model, self.params, self.buffers)
@@ -411,7 +389,9 @@ def empirical_ntk_fn(
         differentiable: keep the kernel in the autograd graph of the inputs x1, x2 (KIP moves its
             support set through it; methods "jacobian" / "ntvp"); otherwise it runs under ``no_grad``.
         chunk_size: samples per block (default: from ``memory_budget``).
-        memory_budget: bytes of Jacobian blocks / intermediates held at once (default 1 GiB).
+        memory_budget: bytes of Jacobian blocks / intermediates held at once (default 1 GiB, or a quarter of
+            the memory limit of :mod:`symgen.memory` when that is lower). The output itself and the blocks are
+            checked against that limit before they are allocated (a MemoryBudgetError that says how to block).
 
     Returns:
         The kernel function, an :class:`EmpiricalNTKFn`.
@@ -435,9 +415,9 @@ def empirical_ntk_fn(
         or not 1 <= memory_budget < math.inf
     ):
         raise ConfigError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}.")
-    return EmpiricalNTKFn(
-        model, params, buffers, output, method, bool(differentiable), chunk_size, int(memory_budget or _DEFAULT_BUDGET)
-    )
+    if memory_budget is None:  # 1 GiB, or a quarter of the memory limit when that is lower (at least 1 MiB)
+        memory_budget = min(_DEFAULT_BUDGET, max(1 << 20, memory.limit_bytes(model_device(model)) // 4))
+    return EmpiricalNTKFn(model, params, buffers, output, method, bool(differentiable), chunk_size, int(memory_budget))
 
 
 def empirical_ntk(

@@ -1,4 +1,5 @@
-"""Validation shared by the empirical-NTK entry points: inputs, model, parameters, output size, device."""
+"""Validation shared by the empirical-NTK entry points: inputs, model, parameters, output size, device,
+non-finite values and the output's size against the memory limit."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from symgen.errors import ConfigError, ShapeError
+from symgen import memory
+from symgen.errors import ConfigError, DivergenceError, ShapeError
 from symgen.functional import buffers_of, call, params_of
+from symgen.numerics import check_tensors, first_bad_row
 
 __all__: list[str] = []  # internal: used by symgen.ntk.empirical
 
@@ -67,3 +70,45 @@ def check_device(p: Mapping[str, Tensor], x1: Tensor, x2: Tensor | None) -> None
                 f"{name} is on {x.device} but the model's parameters are on {dev}; move the inputs "
                 f"({name}.to(device)) or the model (model.to(device))."
             )
+
+
+def check_finite(where: str, p: Mapping[str, Tensor], b: Mapping[str, Tensor], x1: Tensor, x2: Tensor | None) -> None:
+    """Raise a DivergenceError naming the weight, buffer or input (x1 / x2 and its batch index) that holds non-finite values (NaN or inf).
+
+    One stacked ``isfinite`` for the parameters, one for the buffers and one per input tensor.
+    """
+    check_tensors(where, "weight", p)
+    check_tensors(where, "buffer", b)
+    for name, x in (("x1", x1), ("x2", x2)):
+        i = None if x is None else first_bad_row(x)
+        if i is not None:
+            raise DivergenceError(
+                f"{where}: the input {name} at batch index {i} holds non-finite values (NaN or inf); clean or drop that sample."
+            )
+
+
+def kernel_bytes(n1: int, n2: int, output: str, o: int, item: int) -> int:
+    """Bytes of an (n1, n2) kernel, or (n1, n2, O, O) for ``output="full"``."""
+    return n1 * n2 * (o * o if output == "full" else 1) * item
+
+
+def check_output_fits(
+    n1: int, n2: int, output: str, o: int, dtype: torch.dtype, working: int, device: torch.device
+) -> None:
+    """Raise a MemoryBudgetError before an (n1, n2[, O, O]) kernel and ``working`` bytes of blocks are allocated,
+    when they exceed the memory limit (:mod:`symgen.memory`)."""
+    item = torch.empty(0, dtype=dtype).element_size()
+    shape = f"({n1}, {n2}{f', {o}, {o}' if output == 'full' else ''})"
+    fixes = [] if output != "full" else ["output='trace' (the sum over outputs: O^2 times smaller)"]
+    fixes += [
+        "kernel rows in slices (kernel(x1[i:j], x2)) or a smaller batch",
+        "empirical_ntk_fn(model).stream(loader) for whole datasets only when the (N1, N2) kernel fits",
+        "a lower memory_budget for the blocks",
+    ]
+    out = kernel_bytes(n1, n2, output, o, item)
+    memory.check_fits(
+        out + working,
+        f"the empirical NTK's {shape} {dtype} output (output='{output}', {memory.format_bytes(out)}) and its blocks",
+        "compute " + " / ".join(fixes),
+        device=device,
+    )
