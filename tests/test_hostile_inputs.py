@@ -412,3 +412,16 @@ def test_progress_bar_in_a_terminal_shows_the_label_escaped():
     assert "]0;pwned" not in out.replace("\\x1b]0;pwned", "")  # the OSC title sequence never reaches the terminal raw
     assert "\x07" not in out and "\x9b" not in out
     assert "\\x1b]0;pwned\\x07[bold]x[/bold]\\u009b31m" in out  # label shown as typed, markup literal
+
+
+def test_cli_error_lines_show_control_characters_escaped(tmp_path, capsys):
+    """A path with terminal escapes (window title, clear screen, BEL) reaches the CLI's error line escaped."""
+    from symgen.cli import main
+
+    hostile = tmp_path / "x\x1b]0;owned\x07\x1b[2Jy"
+    code = main(["runs", "show", "nope", "--out", str(hostile)])
+    captured = capsys.readouterr()
+    assert code == 2
+    for stream in (captured.out, captured.err):
+        assert "\x1b" not in stream and "\x07" not in stream
+    assert "x\\x1b]0;owned\\x07\\x1b[2Jy" in captured.err, captured.err  # the path is named, visibly

@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from symgen.errors import ConfigError
+from symgen.terminal import printable
 
 __all__ = ["OutOpt", "JsonOpt", "SEED_HELP", "say", "emit", "check_device"]
 
@@ -23,14 +24,14 @@ SEED_HELP = (
 
 
 def say(text: str = "", *, err: bool = False) -> None:
-    """Print plain text (never shortened, no markup).
+    """Print plain text (never shortened, no markup; control characters shown as visible escapes).
 
     Args:
         text: the text; a newline is added.
         err: write to stderr instead of stdout.
     """
     stream = sys.stderr if err else sys.stdout
-    stream.write(text + "\n")
+    stream.write(printable(text) + "\n")
     stream.flush()
 
 
