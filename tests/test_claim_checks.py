@@ -1067,3 +1067,18 @@ def test_every_registered_experiment_has_known_answer_tests(name):
 
 def test_known_answers_name_only_registered_experiments():
     assert set(KNOWN_ANSWERS) == set(REGISTRY)
+
+
+def test_build_config_refuses_python_yaml_tags_with_a_config_error(tmp_path):
+    """A YAML file with a !!python tag is refused by safe_load and reported as a ConfigError naming the file."""
+    import pytest
+
+    from symgen.errors import ConfigError
+    from symgen.experiments.base import ExperimentConfig, build_config
+
+    witness = tmp_path / "ran"
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(f'seed: !!python/object/apply:os.system ["touch {witness}"]\n')
+    with pytest.raises(ConfigError, match=r"evil\.yaml is not plain YAML \(line 1\)"):
+        build_config(ExperimentConfig, file=evil)
+    assert not witness.exists()

@@ -226,7 +226,13 @@ def build_config(
         path = Path(file)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; pass a YAML file of config keys.")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:  # e.g. a !!python/object tag: refused by safe_load, reported in one line
+            where = getattr(e, "problem_mark", None)
+            line = f" (line {where.line + 1})" if where is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"config file {path} is not plain YAML{line}: {problem}.") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys to values.")
         data.update(loaded)
