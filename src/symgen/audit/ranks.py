@@ -30,14 +30,18 @@ class Ranks:
 
     def __init__(self, group: Group, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.group = group
-        self.timeout_s = timeout_s
+        # a rank that failed early waits here while another is still stuck in a section's collective, which
+        # gives up after the group's timeout (``timeout_s``): the agreement outwaits it
+        self.timeout_s = 2 * timeout_s + 5
         self.side: Group = None
         if group is not None:
             import torch.distributed as dist
 
             # every rank creates it at the same point (the start of the audit); CPU tensors, gloo
             self.side = dist.new_group(
-                ranks=dist.get_process_group_ranks(group), backend="gloo", timeout=datetime.timedelta(seconds=timeout_s)
+                ranks=dist.get_process_group_ranks(group),
+                backend="gloo",
+                timeout=datetime.timedelta(seconds=self.timeout_s),
             )
 
     @property
@@ -94,13 +98,15 @@ class Ranks:
         if not self.active:
             return
         failed = self.count(error is not None)
-        world = distributed.world_size(self.side)
-        if failed in (0, world):
+        if failed == 0:
             return
         # a rank whose collective broke because another rank failed is collateral: the ranks with a root cause
         # (any other error) are the ones named, when there are any
         collateral = isinstance(error, DistributedError)
         roots = self.count(error is not None and not collateral)
+        world = distributed.world_size(self.side)
+        if failed == world and roots in (0, world):
+            return  # the same kind of failure on every rank: each reports the section failed
         blamed = error is not None and (not collateral or roots == 0)
         reason = "" if error is None else f"{type(error).__name__}: {str(error).splitlines()[0][:150]}"
         distributed.agree(
