@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,9 +16,7 @@ from symgen.distributed import DEFAULT_TIMEOUT_S, Group
 from symgen.errors import ConfigError
 
 if TYPE_CHECKING:
-    from symgen.audit import AuditResult
-    from symgen.audit.outputs import OutputSpec
-    from symgen.runs import RunDir
+    pass
 
 __all__ = ["audit", "audit_lines", "torchrun_group"]
 
@@ -100,7 +97,9 @@ def audit(
             say(f"  [{time.time() - t0:5.1f} s] {title}", err=True)
 
     try:
-        result, run = _run_audit(
+        from symgen.runs import run_audit
+
+        result, run = run_audit(
             model,
             data,
             checkpoint=checkpoint,
@@ -128,76 +127,6 @@ def audit(
         return
     say(audit_lines(result.to_dict()))
     say(f"report: {run.path / 'report.html'}")
-
-
-def _run_audit(
-    model: str,
-    data: str,
-    *,
-    checkpoint: Path | None,
-    action: str,
-    budget: str,
-    root: Path | None,
-    device: str | None,
-    seed: int,
-    out: Path,
-    limits: dict[str, Any],
-    progress: Callable[[str], None],
-    process_group: Group,
-    output: OutputSpec,
-    collective_timeout_s: float,
-) -> tuple[AuditResult, RunDir | None]:
-    """:func:`symgen.runs.run_audit` with the audit's ``output`` and ``collective_timeout_s`` (which it does
-    not take yet): validate, load, audit, and on rank 0 store the run."""
-    from pydantic import ValidationError
-
-    from symgen import distributed
-    from symgen.audit import ACTIONS, audit, load_model, resolve_limits
-    from symgen.runs import AuditConfig, RunStore, write_audit_run
-
-    if action not in ACTIONS:
-        raise ConfigError(f"unknown action '{action}'; choose one of {', '.join(ACTIONS)}.")
-    lim = resolve_limits(budget, limits)  # validate before anything is loaded
-    if not lim.time_limit > 0:
-        raise ConfigError(
-            f"time_limit must be > 0 seconds, got {lim.time_limit:g}; the audit sizes its work "
-            "to it (e.g. --budget 60 or --set time_limit=120)."
-        )
-    try:
-        cfg = AuditConfig(
-            model=model,
-            checkpoint=None if checkpoint is None else str(checkpoint),
-            data=data,
-            root=None if root is None else str(root),
-            action=action,
-            budget=str(budget),
-            limits=dict(limits),
-            seed=seed,
-            device=device or "cpu",
-        )
-    except ValidationError as e:
-        raise ConfigError(f"invalid audit settings: {e}") from None
-    net = load_model(model, checkpoint, device=cfg.device)
-    result = audit(
-        net,
-        data,
-        action,
-        budget=budget,
-        limits=limits,
-        root=root,
-        generator=seed,
-        device=cfg.device,
-        name=model,
-        progress=progress,
-        process_group=process_group,
-        output=output,
-        collective_timeout_s=collective_timeout_s,
-    )
-    if checkpoint is not None:
-        result.model = f"{model} + {Path(checkpoint).name}"
-    if process_group is not None and distributed.rank(process_group) != 0:
-        return result, None
-    return result, write_audit_run(RunStore(out), result, config=cfg)
 
 
 def torchrun_group(device: str | None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Group:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from symgen.distributed import GroupSpec
+from symgen.distributed import DEFAULT_TIMEOUT_S, GroupSpec
 from symgen.errors import ConfigError
 from symgen.experiments.base import ExperimentConfig, jsonable
 from symgen.io import atomic_write
@@ -30,6 +30,7 @@ class AuditConfig(ExperimentConfig):
     action: str = "none"
     budget: str = "quick"
     limits: dict[str, Any] = {}
+    output: int | str | None = None
 
 
 def run_audit(
@@ -46,6 +47,8 @@ def run_audit(
     limits: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
     process_group: GroupSpec = "auto",
+    output: int | str | None = None,
+    collective_timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> tuple[AuditResult, RunDir | None]:
     """Load ``model`` (``MODULE:FACTORY``) and ``checkpoint``, audit it, and store it as a run under ``out``
     (what ``symgen audit`` does).
@@ -70,6 +73,9 @@ def run_audit(
         process_group: a :data:`~symgen.distributed.GroupSpec` ("auto": the default group under torchrun
             with several processes; None: this process alone); the audit's data-parallel sections are
             sharded over its ranks, every rank gets the same result, and only rank 0 writes the run.
+        output: which of the model's outputs are the logits (an index or a key/attribute name; None: the
+            documented rule of :func:`symgen.audit.outputs.select_logits`).
+        collective_timeout_s: the longest wait of the audit's own collectives (seconds).
 
     Returns:
         ``(result, run)``; ``run`` is None on the ranks other than 0.
@@ -100,6 +106,7 @@ def run_audit(
             limits=dict(limits or {}),
             seed=seed,
             device=device or "cpu",
+            output=output,
         )
     except ValidationError as e:
         raise ConfigError(f"invalid audit settings: {e}") from None
@@ -117,6 +124,8 @@ def run_audit(
         name=model,
         progress=progress,
         process_group=group,
+        output=output,
+        collective_timeout_s=collective_timeout_s,
     )
     if checkpoint is not None:
         result.model = f"{model} + {Path(checkpoint).name}"
