@@ -42,6 +42,7 @@ __all__ = [
     "per_sample_jacobian",
     "jvp_outputs",
     "vjp_outputs",
+    "math_attention",
 ]
 
 Params = dict[str, Tensor]
@@ -190,15 +191,7 @@ def tree_add(a: Mapping[str, Tensor], b: Mapping[str, Tensor], alpha: float = 1.
 
 
 def tree_scale(a: Mapping[str, Tensor], alpha: float | Tensor) -> Params:
-    """``alpha * a`` key by key.
-
-    Args:
-        a: a parameter dict.
-        alpha: the scale (a number or a broadcastable tensor).
-
-    Returns:
-        the scaled dict.
-    """
+    """``alpha * a`` key by key (``alpha`` a number or a broadcastable tensor)."""
     return {k: alpha * v for k, v in a.items()}
 
 
@@ -208,14 +201,7 @@ def tree_dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
 
 
 def tree_norm(a: Mapping[str, Tensor]) -> Tensor:
-    """Euclidean norm of a parameter dict, sqrt(sum_k ||a_k||^2).
-
-    Args:
-        a: a parameter dict.
-
-    Returns:
-        a 0-dim tensor.
-    """
+    """Euclidean norm of a parameter dict, sqrt(sum_k ||a_k||^2), a 0-dim tensor."""
     return tree_dot(a, a).sqrt()
 
 
@@ -230,18 +216,36 @@ def loss_function(
     return f
 
 
+@contextmanager
+def math_attention() -> Iterator[None]:
+    """Inside: ``F.scaled_dot_product_attention`` runs its math backend (matmul, softmax, matmul) and
+    ``nn.MultiheadAttention``/``TransformerEncoderLayer`` skip their fused fast path: the fused kernels
+    (flash, ``_native_multi_head_attention``) have no double backward and no forward-mode rule. Used by
+    HVPs, jvps, and Jacobians/vjps taken with grad on (they may be differentiated again)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
 def hvp(f: Callable[[Params], Tensor], params: Params, vector: Params) -> Params:
-    """Hessian-vector product ``H v`` of a scalar ``f(params)`` by forward-over-reverse."""
+    """Hessian-vector product ``H v`` of a scalar ``f(params)`` by forward-over-reverse (in :func:`math_attention`)."""
     from torch.func import grad, jvp
 
-    try:
-        return jvp(grad(f), (params,), (vector,))[1]
-    except RuntimeError as e:
-        # Some backward formulas (e.g. mse_loss in torch 2.13) write in place into a forward-mode
-        # ZeroTensor; reverse-over-reverse gives the same product at a higher cost.
-        if "ZeroTensor" not in str(e):
-            raise
-        return grad(lambda p: tree_dot(grad(f)(p), vector))(params)
+    with math_attention():
+        try:
+            return jvp(grad(f), (params,), (vector,))[1]
+        except RuntimeError as e:
+            # Some backward formulas (e.g. mse_loss in torch 2.13) write in place into a forward-mode
+            # ZeroTensor; reverse-over-reverse gives the same product at a higher cost.
+            if "ZeroTensor" not in str(e):
+                raise
+            return grad(lambda p: tree_dot(grad(f)(p), vector))(params)
 
 
 def per_sample_jacobian(
@@ -266,7 +270,8 @@ def per_sample_jacobian(
         out = call(module, p, buffers, xi.unsqueeze(0)).reshape(-1)
         return out if outputs is None else out[outputs]
 
-    return vmap(jacrev(f), in_dims=(None, 0), chunk_size=chunk_size)(dict(params), x)
+    with math_attention():
+        return vmap(jacrev(f), in_dims=(None, 0), chunk_size=chunk_size)(dict(params), x)
 
 
 def jvp_outputs(
@@ -276,10 +281,11 @@ def jvp_outputs(
     x: Tensor,
     tangents: Mapping[str, Tensor],
 ) -> tuple[Tensor, Tensor]:
-    """``(f(x), J(x) v)``: outputs and their directional derivative along the parameter tangent ``v``."""
+    """``(f(x), J(x) v)``: outputs and their derivative along the parameter tangent ``v`` (in :func:`math_attention`)."""
     from torch.func import jvp
 
-    out = jvp(lambda p: call(module, p, buffers, x), (dict(params),), (dict(tangents),))
+    with math_attention():
+        out = jvp(lambda p: call(module, p, buffers, x), (dict(params),), (dict(tangents),))
     return out[0], out[1]
 
 
@@ -289,8 +295,9 @@ def vjp_outputs(
     """``J(x)^T u``: the parameter gradient of ``<f(x), u>`` for an output-shaped cotangent ``u``."""
     from torch.func import vjp
 
-    pullback = vjp(lambda p: call(module, p, buffers, x), dict(params))[1]
-    grads: Params = pullback(cotangent)[0]
+    with math_attention():
+        pullback = vjp(lambda p: call(module, p, buffers, x), dict(params))[1]
+        grads: Params = pullback(cotangent)[0]
     return grads
 
 
@@ -308,7 +315,8 @@ def hvp_function(
     by every call; the Hessian is symmetric, so the vector-Jacobian product of the gradient is H v).
     ``mode="forward"``: forward-over-reverse (:func:`hvp`), which recomputes the forward pass per call.
     The reverse-mode function may be called under ``vmap`` (a batch of vectors at once).
-    Pearlmutter 1994 (Neural Computation 6:147); the retained graph is what PyHessian (arXiv 1912.07145) reuses.
+    Both build their graphs in :func:`math_attention`. Pearlmutter 1994 (Neural Computation 6:147); the
+    retained graph is what PyHessian (arXiv 1912.07145) reuses.
     """
     params = dict(params)
     if mode == "reverse":
@@ -316,7 +324,7 @@ def hvp_function(
         # 10-15% faster on CPU because the double backward runs without functorch's wrappers
         keys = list(params)
         leaves = [params[k].detach().requires_grad_(True) for k in keys]
-        with torch.enable_grad():
+        with torch.enable_grad(), math_attention():
             grads = torch.autograd.grad(
                 f(dict(zip(keys, leaves, strict=True))), leaves, create_graph=True, allow_unused=True
             )
@@ -373,7 +381,7 @@ def ensemble_value_and_grad(
 
 # --- BatchNorm modes and noise-perturbed copies (shared by curvature, NTK, NSO, SAM, noise stability) ---
 
-__all__ += ["bn_mode", "frozen_running_stats", "gaussian_noise", "perturbed_copies", "expand_buffers"]
+__all__ += ["bn_mode", "frozen_running_stats", "gaussian_noise", "perturbed_copies", "expand_buffers", "compiled"]
 
 
 def _batchnorms(module: nn.Module) -> list[nn.Module]:
@@ -451,9 +459,6 @@ def perturbed_copies(
 def expand_buffers(buffers: Mapping[str, Tensor], num: int) -> Params:
     """``num`` private copies of every buffer (stacked), so train-mode BatchNorm in ``vmap`` writes its own."""
     return {k: b.detach().unsqueeze(0).expand((num,) + tuple(b.shape)).clone() for k, b in buffers.items()}
-
-
-__all__ += ["compiled"]
 
 
 def compiled(

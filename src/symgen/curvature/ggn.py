@@ -26,7 +26,8 @@ class GGNOperator(ModelOperator):
     the loss is convex in the output (mean squared error, cross-entropy), and for those it equals the
     Fisher information. Each product is ``v -> J v`` (a forward-mode product, taken as the derivative
     of ``J^T u`` in ``u`` on a retained graph), ``-> H_b J v`` (in output space), ``-> J^T H_b J v``
-    (a vector-Jacobian product). Schraudolph 2002 (Neural Computation 14:1723); Martens, arXiv 1412.1193.
+    (a vector-Jacobian product); the graph is built in :func:`symgen.functional.math_attention` (J v is a
+    double backward, which fused attention kernels lack). Schraudolph 2002 (Neural Computation 14:1723); Martens, arXiv 1412.1193.
     """
 
     def __init__(
@@ -59,7 +60,7 @@ class GGNOperator(ModelOperator):
     def _build_product(self, x: Tensor, y: Tensor) -> Callable[[F.Params], F.Params]:
         keys = list(self.params)
         leaves = [self.params[k].detach().requires_grad_(True) for k in keys]
-        with torch.enable_grad():
+        with torch.enable_grad(), F.math_attention():  # J v below is a double backward: no fused attention
             out = F.call(self.model, dict(zip(keys, leaves, strict=True)), self._buffers(), x)
             if not isinstance(out, Tensor):
                 raise ConfigError(

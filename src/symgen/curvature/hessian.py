@@ -25,7 +25,10 @@ class HessianOperator(ModelOperator):
     Products ``H v`` are taken by reverse-over-reverse on one retained graph of the gradient per
     batch (``hvp_mode="reverse"``, the fastest on CPU in benchmarks/curvature.py) or by
     forward-over-reverse (``"forward"``). Pearlmutter 1994 (Neural Computation 6:147); the retained
-    graph is PyHessian's (arXiv 1912.07145). ``bn_mode="eval"`` is PyHessian's choice.
+    graph is PyHessian's (arXiv 1912.07145). ``bn_mode="eval"`` is PyHessian's choice. Attention
+    (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``, ``F.scaled_dot_product_attention``) runs
+    through :func:`symgen.functional.math_attention` wherever a graph is differentiated twice or in forward
+    mode, and is traced through it for Taylor mode: its fused kernels have no double backward.
 
     ``taylor``: quadratic forms v^T H v (the probes of ``trace()``: Hutchinson, Hutch++, deflated) by
     second-order Taylor mode (:mod:`symgen.curvature.taylor`), 4 forward convolutions per probe

@@ -16,7 +16,9 @@ Hessian-vector product on a retained graph (a forward-mode tangent pass, then th
 and backward-weights kernels for both the tangent and the cotangent). Piecewise-linear layers (ReLU,
 max pooling) pass coefficients through their primal masks; eval-mode BatchNorm is affine in its
 input and in (gamma, beta); LayerNorm, softmax, GELU, tanh, sigmoid, log-softmax, the NLL and MSE
-losses have closed second-order rules. Griewank & Walther,
+losses have closed second-order rules. ``F.scaled_dot_product_attention`` (``nn.MultiheadAttention``,
+``nn.TransformerEncoderLayer``) is traced through its math backend (:func:`symgen.functional.math_attention`):
+matmuls, a scale, an additive mask and a (safe) softmax, each with its rule. Griewank & Walther,
 Evaluating Derivatives (SIAM 2008), ch. 13; Bettencourt, Johnson & Duvenaud 2019 (Taylor-mode AD,
 "jets"). Same numbers as v . (H v) to round-off (tests/test_taylor.py).
 
@@ -35,6 +37,7 @@ from torch import Tensor
 from torch.fx import GraphModule, Node
 
 from symgen.curvature.taylor_rules import RULES, VIEWS, Jet, TaylorUnsupported, check_node, flat_nodes
+from symgen.functional import math_attention
 
 __all__ = ["TaylorProgram", "TaylorUnsupported", "trace_loss"]
 
@@ -56,7 +59,7 @@ def trace_loss(f: Callable[..., Tensor], params: Sequence[Tensor], x: Tensor, y:
     from torch.func import functionalize
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    with torch.no_grad():
+    with torch.no_grad(), math_attention():  # attention as matmul, softmax, matmul: ops with rules
         return make_fx(functionalize(f))(*params, x, y)
 
 

@@ -124,14 +124,21 @@ def _rule_mm(op: Any) -> Rule:
     return rule
 
 
-def _rule_addmm(args: Args, kwargs: Kwargs, jets: Jets, out: Any) -> Jet:
-    beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
-    d1, d2 = _bilinear(torch.mm, args[1], args[2], jets[1], jets[2])
-    if alpha != 1:
-        d1, d2 = (None if d is None else alpha * d for d in (d1, d2))
-    if jets[0] is not None:  # the bias term is linear
-        d1, d2 = _add(d1, beta * jets[0][0]), _add(d2, None if jets[0][1] is None else beta * jets[0][1])
-    return (_fit(d1, out.shape), _fit(d2, out.shape))
+def _rule_addmm(op: Any) -> Rule:
+    """beta c + alpha op(a, b) (addmm; baddbmm: attention scores plus a mask): bilinear in (a, b), linear in c."""
+
+    def rule(args: Args, kwargs: Kwargs, jets: Jets, out: Any) -> Jet:
+        beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+        d1 = d2 = None
+        if jets[1] is not None or jets[2] is not None:
+            d1, d2 = _bilinear(op, args[1], args[2], jets[1], jets[2])
+        if alpha != 1:
+            d1, d2 = (None if d is None else alpha * d for d in (d1, d2))
+        if jets[0] is not None:  # the bias term is linear
+            d1, d2 = _add(d1, beta * jets[0][0]), _add(d2, None if jets[0][1] is None else beta * jets[0][1])
+        return (_fit(d1, out.shape), _fit(d2, out.shape))
+
+    return rule
 
 
 def _rule_convolution(args: Args, kwargs: Kwargs, jets: Jets, out: Any) -> Jet:
@@ -308,7 +315,8 @@ def _rule_cat(args: Args, kwargs: Kwargs, jets: Jets, out: Any) -> Jet:
 
 RULES: dict[Any, Rule] = {
     _aten.convolution.default: _rule_convolution,
-    _aten.addmm.default: _rule_addmm,
+    _aten.addmm.default: _rule_addmm(torch.mm),
+    _aten.baddbmm.default: _rule_addmm(torch.bmm),
     _aten.mm.default: _rule_mm(torch.mm),
     _aten.bmm.default: _rule_mm(torch.bmm),
     _aten.mul.Tensor: _rule_mul,
@@ -325,6 +333,9 @@ RULES: dict[Any, Rule] = {
     _aten.nll_loss_forward.default: _rule_nll,
     _aten.mse_loss.default: _rule_mse,
     _aten._softmax.default: _rule_softmax,
+    # scaled_dot_product_attention's math backend (traced in functional.math_attention): softmax whose fully
+    # masked rows are 0 instead of NaN; the rule's factor s keeps them 0
+    _aten._safe_softmax.default: _rule_softmax,
     _aten.gelu.default: _rule_gelu,
     _aten.tanh.default: _rule_tanh,
     _aten.sigmoid.default: _rule_sigmoid,
@@ -357,6 +368,7 @@ LINEAR_FIRST = (
     _aten.avg_pool2d.default,
     _aten._adaptive_avg_pool2d.default,
     _aten.neg.default,
+    _aten.mul.Scalar,
     _aten._to_copy.default,
 )
 RULES.update({op: _rule_linear_first(op) for op in LINEAR_FIRST})
@@ -382,6 +394,7 @@ ACTIVE_ARGS: dict[Any, tuple[int, ...]] = {
     _aten.native_batch_norm.default: (0, 1, 2),
     _aten._native_batch_norm_legit_no_training.default: (0, 1, 2),
     _aten._softmax.default: FIRST_ONLY,
+    _aten._safe_softmax.default: FIRST_ONLY,
     _aten.gelu.default: FIRST_ONLY,
     _aten.tanh.default: FIRST_ONLY,
     _aten.sigmoid.default: FIRST_ONLY,
