@@ -183,3 +183,17 @@ def test_float32_fast_double_backward_agrees_with_float64(kind, masked):
     G64 = GGNOperator(m64, TF.cross_entropy, (x64, y)).matmat(V.double())
     for a, b in ((prod32, prod64), (forms32, forms64), (G32, G64)):
         torch.testing.assert_close(a.double(), b, atol=1e-4 * b.abs().max(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["jacobian", "ntvp"])
+def test_differentiable_ntk_input_gradient_matches_finite_differences(method):
+    # nn.MultiheadAttention alone: the input gradient of a torch.func Jacobian through LayerNorm is off
+    # in torch 2.13 (plain torch.autograd agrees with finite differences), with or without attention
+    model, (x, _) = _model("mha", True), _data()
+    d = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    d[x == 0] = 0  # keep the padding
+    xr = x.clone().requires_grad_(True)
+    g = torch.autograd.grad(empirical_ntk(model, xr, method=method, differentiable=True).sum(), xr)[0]
+    eps = 1e-5
+    fd = (empirical_ntk(model, x + eps * d).sum() - empirical_ntk(model, x - eps * d).sum()) / (2 * eps)
+    torch.testing.assert_close((g * d).sum(), fd, rtol=1e-6, atol=1e-8)

@@ -158,3 +158,18 @@ def test_ensemble_value_and_grad_matches_loop_with_per_member_bn_buffers():
     assert not torch.equal(bufs["1.running_mean"][0], bufs["1.running_mean"][1])
     with pytest.raises(ShapeError, match="in_dims"):
         F.ensemble_value_and_grad(loss, stacked, bufs, x, y, in_dims=(0,))
+
+
+def test_math_attention_twice_differentiable_and_restores_fastpath():
+    q = torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="not implemented"):  # the fused CPU kernel: no double backward
+        g = torch.autograd.grad(torch.nn.functional.scaled_dot_product_attention(q, q, q).sum(), q, create_graph=True)
+        torch.autograd.grad(g[0].pow(2).sum(), q)
+    with F.math_attention():
+        assert not torch.backends.mha.get_fastpath_enabled()
+        g = torch.autograd.grad(torch.nn.functional.scaled_dot_product_attention(q, q, q).sum(), q, create_graph=True)
+        torch.autograd.grad(g[0].pow(2).sum(), q)
+    assert torch.backends.mha.get_fastpath_enabled()
+    with pytest.raises(ValueError), F.math_attention():
+        raise ValueError
+    assert torch.backends.mha.get_fastpath_enabled()
