@@ -18,6 +18,7 @@ import torch
 from pydantic import Field, field_validator
 
 from symgen.experiments.base import Claim, Context, Experiment, ExperimentConfig, jsonable
+from symgen.labels import correct
 from symgen.report import pyplot, save_figure
 from symgen.rng import as_generator
 
@@ -160,7 +161,7 @@ def train_setting(item: dict[str, Any]) -> dict[str, Any]:
     order = action.group.order
     parts = []
     with torch.no_grad():
-        member_acc = (ens.member_logits(xt).argmax(-1).cpu() == yt.cpu()).double().mean(1)
+        member_acc = correct(ens.member_logits(xt).cpu(), yt.cpu()).double().mean(1)
         for xc in torch.split(xt, 64):
             orbit = action.orbit(xc).reshape(-1, *xc.shape[1:])
             out = ens.member_logits(orbit)  # (P, |G| b, K)
