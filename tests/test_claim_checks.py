@@ -929,18 +929,23 @@ def test_inductive_bias_c4_5_gap(s4_at_d32, passed):
 
 
 # ---------------------------------------------------------------------------------------------
-# forgetting (C4.6-overlap, C4.6-prediction, C4.6-ogd)
+# forgetting (C4.6-overlap, C4.6-prediction, C4.6-ogd, C4.6-ogd-relabel)
 
 FG_CFG = fg.Config(widths=[256, 2048], tasks=["relabel", "perm25", "perm50", "split"])  # 0.7, 0.15, target 0.8
 FG_TASKS = ("relabel", "perm25", "perm50", "split")
 
 
-def _fg_pair(overlap, forgetting, predicted, sgd=(5, 0.5), ogd=(8, 0.1)) -> dict:
+def _fg_pair(overlap, forgetting, predicted, sgd=(5, 0.5), ogd=(8, 0.1), ogd_acc=(0.2, 0.8)) -> dict:
     """One task pair at a width: A's test MSE measured 1.0 after B, predicted ``predicted``; (step, forgetting)
-    where SGD / OGD first reach B accuracy 0.8 (step None: never)."""
+    where SGD / OGD first reach B accuracy 0.8 (step None: never; the forgetting is then OGD's at the end of
+    its budget); ``ogd_acc``: OGD's B accuracy trajectory."""
 
     def at(step, forgetting_there):
-        return {"step": step, "acc_b": None if step is None else 0.8, "forgetting": forgetting_there}
+        return {
+            "step": step,
+            "acc_b": None if step is None else 0.8,
+            "forgetting": None if step is None else forgetting_there,
+        }
 
     return {
         "overlap": overlap,
@@ -949,15 +954,25 @@ def _fg_pair(overlap, forgetting, predicted, sgd=(5, 0.5), ogd=(8, 0.1)) -> dict
         "mse_a_predicted": [0.6, predicted],
         "acc_b": 0.9,
         "at_target": at(*sgd),
-        "ogd": {"at_target": at(*ogd), "forgetting": ogd[1], "acc_b": 0.8, "steps": ogd[0] or 300},
+        "ogd": {
+            "at_target": at(*ogd),
+            "forgetting": ogd[1],
+            "acc_b": ogd_acc[-1],
+            "steps": ogd[0] or 300,
+            "trajectory": {"acc_b": list(ogd_acc)},
+        },
     }
+
+
+FG_RELABEL_OGD = {"ogd": (None, 0.05), "ogd_acc": (0.2, 0.34, 0.3)}  # OGD never learns relabel: 0.34 at best
 
 
 def _fg_result(top=None, low_predicted=1.2) -> dict:
     """Largest width: overlaps 0.6 > 0.3 > 0.2 > 0.1 and forgetting ranked 4, 3, 1, 2 (Spearman 0.8);
-    kernel predictions 10% off at width 2048, 20% off at width 256; OGD forgets less at B accuracy 0.8."""
+    kernel predictions 10% off at width 2048, 20% off at width 256; OGD forgets less at B accuracy 0.8 on the
+    permuted and split pairs and never reaches it on relabel (best 0.34), where SGD does."""
     top = top or {
-        "relabel": _fg_pair(0.6, 1.6, 1.1),
+        "relabel": _fg_pair(0.6, 1.6, 1.1, **FG_RELABEL_OGD),
         "perm25": _fg_pair(0.3, 0.6, 1.1),
         "perm50": _fg_pair(0.2, 0.3, 1.1),
         "split": _fg_pair(0.1, 0.4, 1.1),
@@ -969,7 +984,7 @@ def _fg_result(top=None, low_predicted=1.2) -> dict:
 def test_forgetting_all_pass():
     claims = _claims(fg.check_claims, FG_CFG, _fg_result())
     _covers(claims, fg.EXPERIMENT)
-    assert list(claims) == ["C4.6-overlap", "C4.6-prediction", "C4.6-ogd"]
+    assert list(claims) == ["C4.6-overlap", "C4.6-prediction", "C4.6-ogd", "C4.6-ogd-relabel"]
     assert all(c.passed and c.note == "" for c in claims.values())
     ov, pred, ogd = claims["C4.6-overlap"], claims["C4.6-prediction"], claims["C4.6-ogd"]
     assert ov.measured["spearman"] == pytest.approx(0.8)  # 1 - 6 * 2 / (4 * 15)
@@ -977,9 +992,16 @@ def test_forgetting_all_pass():
     assert pred.measured["mean_relative_error"] == pytest.approx(0.1)
     assert pred.measured["mean_relative_error_by_width"] == {"256": pytest.approx(0.2), "2048": pytest.approx(0.1)}
     m = ogd.measured
-    assert m["pairs_ogd_forgets_less"] == 4 and m["pairs"] == 4
+    assert m["pairs_ogd_forgets_less"] == 3 and m["pairs"] == 3  # relabel is not a family of the OGD paper
+    assert m["tasks"] == ["perm25", "perm50", "split"]
     assert m["mean_forgetting_at_target_sgd"] == pytest.approx(0.5)
     assert m["mean_forgetting_at_target_ogd"] == pytest.approx(0.1)
+    assert m["forgetting_ratio_sgd_over_ogd"] == {t: pytest.approx(5.0) for t in ("perm25", "perm50", "split")}
+    assert m["fixed_budget"]["forgetting_ogd"]["relabel"] == 0.05  # every pair in the fixed-budget record
+    assert m["fixed_budget"]["steps_ogd"] == {"relabel": 300, "perm25": 8, "perm50": 8, "split": 8}
+    r = claims["C4.6-ogd-relabel"]
+    assert r.headline == "ogd_best_acc_b" and r.measured["ogd_best_acc_b"] == 0.34
+    assert r.measured["margin"] == pytest.approx(0.8 - 0.34) and r.measured["sgd_step_at_target"] == 5
 
 
 @pytest.mark.parametrize(
@@ -1020,10 +1042,10 @@ def test_forgetting_c4_6_prediction(top_predicted, low_predicted, error, passed)
 @pytest.mark.parametrize(
     "perm50_sgd, perm50_ogd, forgets_less, passed, note",
     [
-        ((5, 0.5), (8, 0.49), 4, True, ""),
-        ((5, 0.5), (8, 0.5), 3, False, "at B accuracy 0.8, OGD forgets as much or more on ['perm50']"),
-        ((5, 0.5), (None, None), 3, False, "OGD never reaches B accuracy 0.8 on ['perm50']"),
-        ((None, None), (8, 0.1), 3, False, "SGD never reaches B accuracy 0.8 on ['perm50']"),
+        ((5, 0.5), (8, 0.49), 3, True, ""),
+        ((5, 0.5), (8, 0.5), 2, False, "at B accuracy 0.8, OGD forgets as much or more on ['perm50']"),
+        ((5, 0.5), (None, None), 2, False, "OGD never reaches B accuracy 0.8 on ['perm50']"),
+        ((None, None), (8, 0.1), 2, False, "SGD never reaches B accuracy 0.8 on ['perm50']"),
     ],
 )
 def test_forgetting_c4_6_ogd_at_the_same_accuracy(perm50_sgd, perm50_ogd, forgets_less, passed, note):
@@ -1031,11 +1053,68 @@ def test_forgetting_c4_6_ogd_at_the_same_accuracy(perm50_sgd, perm50_ogd, forget
     top["perm50"] = _fg_pair(0.2, 0.3, 1.1, sgd=perm50_sgd, ogd=perm50_ogd)
     c = _claims(fg.check_claims, FG_CFG, _fg_result(top=top))["C4.6-ogd"]
     assert c.passed is passed and c.note == note
-    assert c.measured["pairs_ogd_forgets_less"] == forgets_less and c.measured["pairs"] == 4
+    assert c.measured["pairs_ogd_forgets_less"] == forgets_less and c.measured["pairs"] == 3
     if perm50_sgd[0] is not None and perm50_ogd[0] is not None:  # the means are over the pairs where both arrive
-        assert c.measured["mean_forgetting_at_target_ogd"] == pytest.approx((0.1 * 3 + perm50_ogd[1]) / 4)
+        assert c.measured["mean_forgetting_at_target_ogd"] == pytest.approx((0.1 * 2 + perm50_ogd[1]) / 3)
     else:
         assert c.measured["mean_forgetting_at_target_sgd"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    "relabel_ogd",
+    [
+        {"ogd": (8, 0.1)},  # OGD reaches B's target on relabel and forgets less
+        {"ogd": (8, 0.9)},  # OGD forgets more than SGD on relabel
+        FG_RELABEL_OGD,  # OGD never reaches B's target on relabel
+    ],
+)
+def test_forgetting_c4_6_ogd_leaves_relabel_out(relabel_ogd):
+    """The verdict of C4.6-ogd is taken on the permuted, rotated and split pairs only: relabel never decides it."""
+    top = _fg_result()["by_width"]["2048"]["pairs"]
+    top["relabel"] = _fg_pair(0.6, 1.6, 1.1, **relabel_ogd)
+    c = _claims(fg.check_claims, FG_CFG, _fg_result(top=top))["C4.6-ogd"]
+    assert c.passed and c.note == "" and c.measured["pairs"] == 3 and "relabel" not in c.measured["at_target_ogd"]
+
+
+def test_forgetting_c4_6_ogd_decides_rotated_pairs():
+    """A rotated pair is one of the OGD paper's families: OGD forgetting more there fails the claim."""
+    cfg = FG_CFG.model_copy(update={"tasks": ["relabel", "perm25", "rot90", "split"]})
+    top = _fg_result()["by_width"]["2048"]["pairs"]
+    top["rot90"] = _fg_pair(0.2, 0.3, 1.1, sgd=(5, 0.5), ogd=(9, 0.6))
+    del top["perm50"]
+    result = _fg_result(top=top)
+    result["by_width"]["256"]["pairs"] = {t: result["by_width"]["256"]["pairs"]["perm25"] for t in top}
+    c = _claims(fg.check_claims, cfg, result)["C4.6-ogd"]
+    assert not c.passed and c.note == "at B accuracy 0.8, OGD forgets as much or more on ['rot90']"
+    assert sorted(c.measured["tasks"]) == ["perm25", "rot90", "split"] and c.measured["pairs_ogd_forgets_less"] == 2
+
+
+@pytest.mark.parametrize(
+    "sgd, ogd, ogd_acc, best, passed, note",
+    [
+        ((5, 0.5), (None, 0.05), (0.2, 0.34, 0.3), 0.34, True, ""),
+        ((5, 0.5), (None, 0.05), (0.2, 0.7999), 0.7999, True, ""),  # just below the target
+        ((5, 0.5), (120, 0.3), (0.2, 0.8), 0.8, False, "OGD reaches B accuracy 0.8 at step 120"),
+        ((None, None), (None, 0.05), (0.2, 0.34), 0.34, False, "SGD never reaches B accuracy 0.8"),
+    ],
+)
+def test_forgetting_c4_6_ogd_relabel(sgd, ogd, ogd_acc, best, passed, note):
+    top = _fg_result()["by_width"]["2048"]["pairs"]
+    top["relabel"] = _fg_pair(0.6, 1.6, 1.1, sgd=sgd, ogd=ogd, ogd_acc=ogd_acc)
+    claims = _claims(fg.check_claims, FG_CFG, _fg_result(top=top))
+    c = claims["C4.6-ogd-relabel"]
+    assert c.passed is passed and c.note == note
+    assert c.measured["ogd_best_acc_b"] == best and c.measured["margin"] == pytest.approx(0.8 - best)
+    assert claims["C4.6-ogd"].passed  # relabel never decides C4.6-ogd
+
+
+def test_forgetting_c4_6_ogd_relabel_needs_the_relabel_pair():
+    cfg = FG_CFG.model_copy(update={"tasks": ["perm25", "perm50", "split"]})
+    result = _fg_result()
+    for w in ("256", "2048"):
+        del result["by_width"][w]["pairs"]["relabel"]
+    c = _claims(fg.check_claims, cfg, result)["C4.6-ogd-relabel"]
+    assert not c.passed and c.note == "relabel is not among the tasks" and c.measured["ogd_best_acc_b"] is None
 
 
 # ---------------------------------------------------------------------------------------------
