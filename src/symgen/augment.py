@@ -21,6 +21,13 @@ class OrbitAugment:
 
     ``x_aug[g * B + b] = rho(g) x[b]``; labels are repeated (invariant task) or transformed by
     ``out_action`` (equivariant task). The one orbit augmentation (``margins`` uses it too).
+
+    Args:
+        action: the group action on inputs.
+        out_action: the action of the same group on labels (equivariant task); None: labels repeated.
+
+    Raises:
+        GroupActionError: ``out_action`` acts by a different group.
     """
 
     def __init__(self, action: GroupAction, out_action: GroupAction | None = None) -> None:
@@ -64,10 +71,18 @@ class OrbitAugment:
 class RandomGroupAugment:
     """Apply one uniformly random group element per sample, drawn from ``generator``.
 
-    ``generator``: an int seed or a ``torch.Generator`` (used as is, shared); None = seed 0.
-    x has ``batch_dims`` leading sample dims (e.g. 2 for per-member batches ``(M, B, ...)``);
-    every sample gets its own element. ``last_elements`` keeps the last draw (for equivariant
+    Every sample gets its own element. ``last_elements`` keeps the last draw (for equivariant
     targets, apply the same elements to y with :meth:`apply_elements`).
+
+    Args:
+        action: the group action on inputs.
+        generator: an int seed or a ``torch.Generator`` (used as is, shared); None = seed 0.
+        batch_dims: the number of leading sample dims of x (e.g. 2 for per-member batches ``(M, B, ...)``).
+        out_action: the action of the same group on labels (equivariant task); None: labels unchanged.
+
+    Raises:
+        ShapeError: ``batch_dims < 1``.
+        GroupActionError: ``out_action`` acts by a different group.
     """
 
     def __init__(
@@ -91,13 +106,32 @@ class RandomGroupAugment:
         self.last_elements: Tensor | None = None
 
     def sample(self, batch_shape: tuple[int, ...] | torch.Size) -> Tensor:
-        """Draw group elements of the given batch shape (on CPU, from the generator)."""
+        """Draw group elements of the given batch shape (on CPU, from the generator).
+
+        Args:
+            batch_shape: the shape of the draw.
+
+        Returns:
+            Element indices of shape ``batch_shape``.
+        """
         return torch.randint(
             0, self.action.group.order, tuple(batch_shape), generator=self.generator, device=self.generator.device
         )
 
     def apply_elements(self, elements: Tensor, x: Tensor, action: GroupAction | None = None) -> Tensor:
-        """Apply ``elements`` (shape = the leading ``batch_dims`` of x) sample by sample, by one gather."""
+        """Apply ``elements`` sample by sample, by one gather.
+
+        Args:
+            elements: element indices, shape = the leading ``batch_dims`` of x.
+            x: the batch.
+            action: the action to apply (default: the input action).
+
+        Returns:
+            The transformed batch, shaped like x.
+
+        Raises:
+            ShapeError: ``elements`` does not match the batch dims of x.
+        """
         action = action or self.action
         lead = x.shape[: self.batch_dims]
         if tuple(elements.shape) != tuple(lead):

@@ -43,7 +43,11 @@ _IDX_FILES = {
 
 
 def cache_dir() -> Path:
-    """Where generated datasets are cached: ``$SYMGEN_CACHE`` or ``~/.cache/symgen``."""
+    """Where generated datasets are cached: ``$SYMGEN_CACHE`` or ``~/.cache/symgen``.
+
+    Returns:
+        The folder (made if missing).
+    """
     path = Path(os.environ.get("SYMGEN_CACHE", Path.home() / ".cache" / "symgen"))
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -52,16 +56,27 @@ def cache_dir() -> Path:
 def load_dataset(
     name: str, split: str = "train", root: str | Path | None = None, generator: Seed = None
 ) -> tuple[Tensor, Tensor]:
-    """``(x, y)`` of dataset ``name`` and ``split`` ("train" or "test").
+    """``(x, y)`` of dataset ``name`` and ``split``.
 
-    digits: (N, 1, 8, 8) in [0, 1], a stratified 75/25 split shuffled by ``generator`` (a seed or a
-    ``torch.Generator``; None = seed 0).
+    digits: (N, 1, 8, 8) in [0, 1], a stratified 75/25 split shuffled by ``generator``.
     mnist1d: (N, 1, 40), generated offline (seed 42 template set, 4000/1000 split), cached.
     mnist, fashion-mnist: (N, 1, 28, 28) from IDX files (gzipped or not) under ``root``.
     cifar10: (N, 3, 32, 32) from the python batches under ``root``, read with a restricted unpickler
     (dicts, lists, strings, numbers and numeric arrays only: a batch naming any other global, such as
     ``os.system``, is a :class:`MissingDataError` and nothing it names is called) and checked
     (``b"data"`` (N, 3072) uint8, N ``b"labels"`` in 0..9).
+
+    Args:
+        name: digits, mnist1d, mnist, fashion-mnist or cifar10.
+        split: "train" or "test".
+        root: the folder of the downloaded files (mnist, fashion-mnist, cifar10).
+        generator: a seed or a ``torch.Generator`` for the digits split; None = seed 0.
+
+    Returns:
+        ``(x, y)``.
+
+    Raises:
+        ConfigError: an unknown dataset or split.
     """
     if split not in ("train", "test"):
         raise ConfigError(f"split must be 'train' or 'test', got '{split}'.")
@@ -110,7 +125,17 @@ def _mnist1d(split: str) -> tuple[Tensor, Tensor]:
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """Read an IDX file (the MNIST format), gzipped or not."""
+    """Read an IDX file (the MNIST format), gzipped or not.
+
+    Args:
+        path: the file (``.gz``: gzipped).
+
+    Returns:
+        The array, shaped as its header says.
+
+    Raises:
+        MissingDataError: not an IDX file, or truncated.
+    """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
@@ -382,7 +407,13 @@ def _cifar10(split: str, root: str | Path | None) -> tuple[Tensor, Tensor]:
 class Cifar10Batches:
     """A CIFAR-10 split as a re-iterable of ``(x, y)`` batches of ``batch_size``, read lazily: one batch
     file (10000 images, 30 MB as uint8) and one float32 batch in memory at a time. The same values,
-    in the same order, as :func:`load_dataset` ("cifar10"); usable wherever a DataLoader is."""
+    in the same order, as :func:`load_dataset` ("cifar10"); usable wherever a DataLoader is.
+
+    Args:
+        split: "train" or "test".
+        root: the folder of the python batches.
+        batch_size: images per batch.
+    """
 
     def __init__(self, split: str = "test", root: str | Path | None = None, batch_size: int = 512) -> None:
         if split not in ("train", "test"):
@@ -404,7 +435,17 @@ class Cifar10Batches:
 def class_balanced_indices(y: Tensor, per_class: int, classes: int | Sequence[int], generator: Seed = None) -> Tensor:
     """``per_class`` random indices of each class (without replacement), classes in the given order.
 
-    ``classes``: a count C (classes 0..C-1) or an explicit list of labels.
+    Args:
+        y: labels.
+        per_class: indices per class.
+        classes: a count C (classes 0..C-1) or an explicit list of labels.
+        generator: a seed or a ``torch.Generator``.
+
+    Returns:
+        The indices, class by class.
+
+    Raises:
+        ConfigError: a class has fewer than ``per_class`` examples.
     """
     labels = range(classes) if isinstance(classes, int) else classes
     generator = as_generator(generator)
@@ -424,7 +465,18 @@ def class_balanced_indices(y: Tensor, per_class: int, classes: int | Sequence[in
 def subset_per_class(
     x: Tensor, y: Tensor, per_class: int, generator: Seed = None, classes: list[int] | None = None
 ) -> tuple[Tensor, Tensor]:
-    """A class-balanced random subset with ``per_class`` examples of each class (``generator``: a seed or a Generator)."""
+    """A class-balanced random subset with ``per_class`` examples of each class.
+
+    Args:
+        x: inputs.
+        y: labels.
+        per_class: examples per class.
+        generator: a seed or a ``torch.Generator``.
+        classes: the labels to keep, in order (default: every label in y, sorted).
+
+    Returns:
+        ``(x_subset, y_subset)``.
+    """
     labels = classes if classes is not None else sorted(torch.unique(y).tolist())
     order = class_balanced_indices(y, per_class, labels, generator)
     return x[order], y[order]

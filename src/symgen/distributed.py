@@ -71,9 +71,20 @@ def init_process_group(
 ) -> Any:
     """Initialize the default process group (once) from torchrun's environment or the given arguments.
 
-    ``backend``: None picks "nccl" when CUDA is available, else "gloo". ``timeout_s`` bounds every
-    collective operation. Returns the default group. Without torchrun's variables (RANK, WORLD_SIZE,
-    MASTER_ADDR) pass ``init_method`` (e.g. ``"file:///tmp/x"``), ``rank`` and ``world_size``.
+    Args:
+        backend: the torch.distributed backend; None picks "nccl" when CUDA is available, else "gloo".
+        timeout_s: bounds every collective operation (seconds).
+        init_method: without torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR), where the ranks meet
+            (e.g. ``"file:///tmp/x"``), with ``rank`` and ``world_size``.
+        rank: this process's rank (with ``init_method``).
+        world_size: the number of processes (with ``init_method``).
+
+    Returns:
+        The default group.
+
+    Raises:
+        DistributedError: torch.distributed is not available, or the initialization fails.
+        ConfigError: neither a torchrun environment nor ``init_method``.
     """
     dist = _dist()
     if not dist.is_available():
@@ -103,8 +114,17 @@ def init_process_group(
 def resolve_group(process_group: GroupSpec = "auto") -> Group:
     """The group to reduce over, or None for this process alone.
 
-    "auto" (every symgen entry point's default): the default group when torch.distributed is initialized
-    with more than one process, else None; None: this process alone; a ``ProcessGroup``: that group.
+    Args:
+        process_group: "auto" (every symgen entry point's default): the default group when
+            torch.distributed is initialized with more than one process, else None; None: this process
+            alone; a ``ProcessGroup``: that group.
+
+    Returns:
+        The group, or None.
+
+    Raises:
+        ConfigError: a string other than "auto".
+        DistributedError: a group given while torch.distributed is not initialized.
     """
     if process_group is None or (isinstance(process_group, bool) and not process_group):  # False: like None
         return None
@@ -249,6 +269,10 @@ class ShardedBatches:
     For an iterable of batches that has no sampler to shard (for a DataLoader over a Dataset,
     ``torch.utils.data.DistributedSampler(dataset, shuffle=False)`` does the same job without loading the
     other ranks' batches). Every rank must see the same batches in the same order.
+
+    Args:
+        data: the iterable of batches.
+        group: the group to shard over (:func:`resolve_group`); None: every batch.
     """
 
     def __init__(self, data: Any, group: GroupSpec = "auto") -> None:

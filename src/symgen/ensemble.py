@@ -38,13 +38,19 @@ class Ensemble:
     """M copies of one architecture with stacked parameters ``params[name]: (M, *shape)``.
 
     ``member_logits(x)``: (M, B, K) in one vmapped call; ``ensemble(x)``: the mean over members.
-    ``member_ids[m]`` is member m's global index (it seeds init and training randomness).
     ``parameters()``: the stacked tensors as leaves for an optimizer (elementwise optimizers such as
     SGD or Adam then update each member independently).
 
     Sharded across ranks (``Ensemble.init(..., process_group=...)``): this process holds only its members
     (``member_ids``, a contiguous share of all ``total_members``); ``gathered_member_logits(x)`` and
     ``gathered()`` collect every rank's members, in member order.
+
+    Args:
+        module: the architecture (a template; calls use the stacked parameters).
+        params: stacked parameters, name -> (M, *shape).
+        buffers: stacked buffers, name -> (M, *shape).
+        member_ids: member m's global index (it seeds init and training randomness); default 0..M-1.
+        process_group: the group the members are sharded over (``symgen.distributed.resolve_group``).
     """
 
     def __init__(
@@ -75,12 +81,20 @@ class Ensemble:
         dtype: torch.dtype | None = None,
         process_group: sd.GroupSpec = "auto",
     ) -> Ensemble:
-        """Members ``first_member .. first_member + num_members - 1``; member i built under the seed
-        ``s + i``, s = ``rng.seed_of(generator)`` (an int seed is s itself; None = 0).
+        """Members ``first_member .. first_member + num_members - 1``, member i built under the seed ``s + i``.
 
-        ``process_group`` ("auto", None or a ``ProcessGroup``; see ``symgen.distributed.resolve_group``):
-        split the members by rank (``distributed.shard_range``); every member keeps its global id, so its
-        init and training randomness are those of the one-process ensemble.
+        Args:
+            factory: builds one member.
+            num_members: the number of members (over all ranks).
+            generator: s = ``rng.seed_of(generator)`` (an int seed is s itself; None = 0).
+            first_member: the global id of the first member.
+            device: where the members go.
+            dtype: their floating dtype.
+            process_group: "auto", None or a ``ProcessGroup``: split the members by rank (``distributed.shard_range``);
+                each keeps its global id, so its init and training randomness are those of the one-process ensemble.
+
+        Returns:
+            The ensemble (this rank's members).
         """
         if num_members < 1:
             raise ConfigError(f"an ensemble needs num_members >= 1; got {num_members}.")
@@ -105,11 +119,23 @@ class Ensemble:
         return int(sd.all_reduce_sum(torch.tensor([self.num_members]), self.process_group)[0])
 
     def gathered_member_logits(self, x: Tensor, chunk_size: int | None = None) -> Tensor:
-        """Outputs of the members of every rank, (total M, B, ...) in member order (a collective: every rank calls it)."""
+        """Outputs of the members of every rank, in member order (a collective: every rank calls it).
+
+        Args:
+            x: the input batch.
+            chunk_size: members per ``vmap`` chunk (None: all at once).
+
+        Returns:
+            (total M, B, ...).
+        """
         return sd.all_gather_rows(self.member_logits(x, chunk_size), self.process_group)
 
     def gathered(self) -> Ensemble:
-        """The whole ensemble on this process: every rank's members gathered (a copy; no process group)."""
+        """The whole ensemble on this process: every rank's members gathered (a copy; no process group).
+
+        Returns:
+            The gathered :class:`Ensemble`.
+        """
         gather = lambda t: sd.all_gather_rows(t.detach().contiguous(), self.process_group)  # noqa: E731
         ids = gather(torch.tensor(self.member_ids, dtype=torch.int64)).tolist()
         params = {k: gather(v).clone() for k, v in self.params.items()}
@@ -126,6 +152,9 @@ class Ensemble:
 
         The first call makes them leaves (private copies); later calls return the same tensors, which an
         optimizer built on them updates in place: ``torch.optim.SGD(ensemble.parameters(), lr=0.1)``.
+
+        Returns:
+            The tensors.
         """
         for k, v in self.params.items():
             if not (v.is_leaf and v.requires_grad):
@@ -133,7 +162,15 @@ class Ensemble:
         return list(self.params.values())
 
     def member_logits(self, x: Tensor, chunk_size: int | None = None) -> Tensor:
-        """Outputs of all members on the same input, shape (M, B, ...)."""
+        """Outputs of all members on the same input.
+
+        Args:
+            x: the input batch.
+            chunk_size: members per ``vmap`` chunk (None: all at once).
+
+        Returns:
+            (M, B, ...).
+        """
         return sf.ensemble_call(self.module, self.params, self.buffers_, x, chunk_size=chunk_size)
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -172,13 +209,29 @@ class Ensemble:
 
 
 def member_generator(seed: int, member: int) -> torch.Generator:
-    """The generator of member ``member``'s data order and augmentation draws (independent of M):
-    the sub-stream ``rng.derive(seed, member)``."""
+    """The generator of a member's data order and augmentation draws: ``rng.derive(seed, member)``.
+
+    Args:
+        seed: the ensemble's seed.
+        member: the member's global id (the stream does not depend on M).
+
+    Returns:
+        The generator.
+    """
     return as_generator(derive(seed, member))
 
 
 def epoch_plan(generator: torch.Generator, num_data: int, group_order: int | None) -> tuple[Tensor, Tensor | None]:
-    """One epoch of one member: a random order of the ``num_data`` samples and a group element per position."""
+    """One epoch of one member: a random order of the samples and a group element per position.
+
+    Args:
+        generator: the member's generator.
+        num_data: the number of samples.
+        group_order: |G| (None: no augmentation).
+
+    Returns:
+        ``(order, elements)``; ``elements`` None without a group.
+    """
     order = torch.randperm(num_data, generator=generator)
     elements = None if group_order is None else torch.randint(0, group_order, (num_data,), generator=generator)
     return order, elements
@@ -218,29 +271,39 @@ def train_ensemble(
 ) -> Tensor:
     """Train all members together (gradients through ``vmap``), stepping ``optimizer.step(closure)``.
 
-    ``optimizer``: an instance built on ``ensemble.parameters()``; an elementwise optimizer (SGD, Adam,
-    weight decay, momentum) updates each member independently, exactly as if it were trained alone.
     Member m (global id ``ensemble.member_ids[m]``) sees the samples in its own random order each
     epoch and, with ``augment``, one random group element per sample (``epoch_plan`` with
     ``member_generator(s, id)``, s = ``rng.seed_of(generator)``; None = 0). Each member's loss is
     ``loss_fn`` on its own mini-batch; the summed loss gives every member exactly its own gradient.
-
-    ``lr_factors``: per-member learning rates, member m stepping with ``lr * lr_factors[m]`` (``lr`` the
-    optimizer's, under any torch scheduler): a tensor (M,), or a schedule ``lr_factors(epoch, step) ->
-    (M,)`` called before every step. Each step is scaled afterwards, W_m <- W_m + f_m (W_m' - W_m), which is
-    exact for optimizers whose update is lr times a direction that does not depend on lr (SGD with
-    momentum or Nesterov, Adam, AdamW, RMSprop, Adagrad without lr_decay); not for LBFGS or Rprop.
-
-    ``compile``: run the members' vmapped forward and loss through ``torch.compile`` (``True``: backend
-    "inductor"; a string: that backend, e.g. "aot_eager"; whole graph, static shapes, compiled on the first
-    step, again for a smaller last batch); the backward is AOTAutograd's. Same numbers as eager up to
-    float round-off. On a 2-core CPU with 1 thread it gave nothing (1.02x per epoch,
-    ``benchmarks/ensemble.py --compile``, benchmarks/README.md). A failure to compile raises :class:`~symgen.errors.CompileError` naming it.
-
     A sharded ensemble (``Ensemble.init(..., process_group=...)``) trains its own members with no
-    communication (each member's randomness depends on its global id only) and returns the loss
-    history of all members, gathered over the ranks (total M, epochs).
-    Returns per-member mean epoch losses (M, epochs).
+    communication (each member's randomness depends on its global id only).
+
+    Args:
+        ensemble: the members.
+        x: the training inputs.
+        y: the labels.
+        optimizer: an instance built on ``ensemble.parameters()``; an elementwise optimizer (SGD, Adam,
+            weight decay, momentum) updates each member independently, exactly as if it were trained alone.
+        epochs: passes over the data.
+        batch_size: samples per member step.
+        augment: a group action for random augmentation, or None.
+        generator: the seed s (a seed or a generator; None = 0).
+        loss_fn: ``loss_fn(logits, y)``, mean over the batch.
+        progress: wraps the iterable of epochs (e.g. a progress bar).
+        on_epoch: ``on_epoch(epoch, losses)`` after each epoch (0-based) with the members' mean losses (M,).
+        lr_factors: per-member learning rates, member m stepping with ``lr * lr_factors[m]`` (``lr`` the
+            optimizer's, under any torch scheduler): a tensor (M,), or a schedule ``lr_factors(epoch, step) ->
+            (M,)`` called before every step. Each step is scaled afterwards, W_m <- W_m + f_m (W_m' - W_m),
+            exact for optimizers whose update is lr times a direction that does not depend on lr (SGD with
+            momentum or Nesterov, Adam, AdamW, RMSprop, Adagrad without lr_decay); not for LBFGS or Rprop.
+        compile: run the members' vmapped forward and loss through ``torch.compile`` (``True``: backend
+            "inductor"; a string: that backend, e.g. "aot_eager"; whole graph, static shapes, compiled on the
+            first step, again for a smaller last batch); the backward is AOTAutograd's; eager's numbers up to
+            round-off; 1.02x per epoch on a 2-core CPU with 1 thread (``benchmarks/ensemble.py --compile``,
+            benchmarks/README.md). A failure raises :class:`~symgen.errors.CompileError` naming it.
+
+    Returns:
+        Per-member mean epoch losses (M, epochs); for a sharded ensemble, gathered over the ranks (total M, epochs).
     """
     if x.shape[0] != y.shape[0] or x.shape[0] == 0:
         raise ShapeError(f"x and y need the same non-zero number of samples; got {x.shape[0]} and {y.shape[0]}.")
@@ -367,10 +430,17 @@ def sub_ensemble_metrics(
 ) -> dict[int, dict[str, dict[str, float]]]:
     """Metrics of random sub-ensembles against their size M: f_S = mean_{m in S} f_m, |S| = M.
 
-    ``member_outputs``: (P, ...) per-member outputs of a pool of P members. For each size, draws
-    ``num_subsets`` subsets without replacement (each an honest M-member ensemble) or, with
-    ``replace=True``, bootstrap resamples; returns ``{M: {metric: {mean, std, min, max}}}``.
-    Draws from ``generator`` (a seed or a ``torch.Generator``; None = seed 0).
+    Args:
+        member_outputs: (P, ...) per-member outputs of a pool of P members.
+        sizes: the sizes M.
+        metric_fn: the metrics of a mean output.
+        num_subsets: subsets per size: without replacement (each an honest M-member ensemble) or, with
+            ``replace=True``, bootstrap resamples.
+        generator: a seed or a ``torch.Generator``; None = seed 0.
+        replace: draw with replacement.
+
+    Returns:
+        ``{M: {metric: {mean, std, min, max}}}``.
     """
     pool = member_outputs.shape[0]
     gen = as_generator(generator)
@@ -400,7 +470,13 @@ def infinite_ensemble_deviation(member_orbit_logits: Tensor) -> dict[str, float]
     D_inf = mean_{g,x} ||E_w[f(gx; w) - f(x; w)]||^2, estimated by the U-statistic
     (||sum_i d_i||^2 - sum_i ||d_i||^2) / (P (P - 1)) with d_i = f_i(gx) - f_i(x); the finite-M
     ensemble's deviation is D_inf + tr(Cov d) / M, so this removes the 1/M noise floor
-    (0 in expectation for an ensemble that becomes invariant). Input: (P, |G|, N, K), g = 0 the identity.
+    (0 in expectation for an ensemble that becomes invariant).
+
+    Args:
+        member_orbit_logits: (P, |G|, N, K), P >= 3, g = 0 the identity.
+
+    Returns:
+        ``{"estimate", "se"}``.
     """
     if member_orbit_logits.ndim != 4 or member_orbit_logits.shape[0] < 3:
         raise ShapeError(f"need member orbit logits (P >= 3, |G|, N, K); got {tuple(member_orbit_logits.shape)}.")

@@ -57,14 +57,34 @@ def evaluate(
 ) -> Evaluation:
     """Clean accuracy (and mean ``loss_fn``) and PGD robust accuracy at each radius in ``eps`` over ``data``.
 
-    ``data``: a batch ``(x, y)``, a list of batches or a DataLoader, streamed (batches moved to the model's
-    device). The attack is :func:`symgen.robust.pgd` (``steps``, ``step_size``, ``norm``, ``clamp``,
-    ``attack_loss``, ``random_start``) on each batch, its random starts drawn in batch order from one
-    ``generator`` (a seed or a ``torch.Generator``; None = seed 0). Without random starts the numbers do
-    not depend on the batch size (eval mode: samples never interact). Madry et al., arXiv 1706.06083.
-    ``loss_fn(out, y)`` returns the batch's mean loss, or per-sample losses ``(B,)`` (``reduction="none"``),
-    which also give ``loss_stderr``; it may raise a :class:`~symgen.errors.SymgenError` to reject outputs.
-    A model that fails on a batch is a :class:`ShapeError` naming the input shape.
+    Without random starts the numbers do not depend on the batch size (eval mode: samples never interact).
+    Madry et al., arXiv 1706.06083.
+
+    Args:
+        model: the classifier.
+        data: a batch ``(x, y)``, a list of batches or a DataLoader, streamed (batches moved to the model's
+            device).
+        eps: the attack radii (finite, >= 0); empty: clean numbers only.
+        steps: PGD steps (:func:`symgen.robust.pgd`), as are ``step_size``, ``norm``, ``clamp``,
+            ``attack_loss`` and ``random_start``.
+        step_size: PGD step size.
+        norm: PGD norm.
+        clamp: PGD input range.
+        attack_loss: the loss PGD ascends.
+        random_start: whether PGD starts at a random point of the ball.
+        generator: a seed or a ``torch.Generator`` (None = seed 0) for the random starts, drawn in batch order.
+        loss_fn: ``loss_fn(out, y)``, the batch's mean loss or per-sample losses ``(B,)``
+            (``reduction="none"``, which also give ``loss_stderr``); it may raise a
+            :class:`~symgen.errors.SymgenError` to reject outputs.
+        bn_mode: BatchNorm in "eval" (running statistics) or "train" (batch statistics) mode.
+        process_group: the group the counts are summed over (:func:`symgen.distributed.resolve_group`).
+
+    Returns:
+        The :class:`Evaluation`.
+
+    Raises:
+        ConfigError: a negative or non-finite radius, or a model that is not an ``nn.Module``.
+        ShapeError: the model fails on a batch (naming the input shape), or ``data`` holds no samples.
     """
     radii = [float(e) for e in eps]
     if any(not math.isfinite(e) or e < 0 for e in radii):

@@ -79,8 +79,20 @@ def hard_margin_svm(x: Tensor, y: Tensor, *, tol: float = 1e-7, max_iter: int | 
     With z_i = y_i x_i / R (R = max ||x_i||), NNLS min_{a >= 0} ||Z^T a||^2 + (1 - 1^T a)^2 has KKT
     conditions that make alpha = a / s (s = 1 - 1^T a > 0) the SVM dual solution; s = gamma^2 / (1 + gamma^2)
     for the normalized margin gamma, and s = 0 iff 0 lies in the convex hull of the z_i (not separable).
-    Raises :class:`NotSeparableError` or, if the KKT residual exceeds ``tol``, :class:`DivergenceError`.
     Source: Lawson & Hanson (1974) NNLS; Soudry et al., arXiv 1710.10345.
+
+    Args:
+        x: inputs (N, ...).
+        y: labels +-1, shape (N,).
+        tol: the largest accepted KKT residual.
+        max_iter: NNLS iterations (default 50 (N + d + 1)).
+
+    Returns:
+        The :class:`MaxMarginSolution`.
+
+    Raises:
+        NotSeparableError: no hyperplane through the origin separates the data.
+        DivergenceError: NNLS does not converge, or the KKT residual exceeds ``tol``.
     """
     from scipy.optimize import nnls
 
@@ -164,15 +176,37 @@ def _kkt_residual(zs: np.ndarray, beta: np.ndarray, alpha: np.ndarray) -> float:
 
 
 def max_margin_direction(x: Tensor, y: Tensor, *, tol: float = 1e-7) -> Tensor:
-    """The unit-norm homogeneous hard-margin SVM direction beta_SVM / ||beta_SVM|| (shape of one input)."""
+    """The unit-norm homogeneous hard-margin SVM direction beta_SVM / ||beta_SVM||.
+
+    Args:
+        x: inputs (N, ...).
+        y: labels +-1, shape (N,).
+        tol: the largest accepted KKT residual (:func:`hard_margin_svm`).
+
+    Returns:
+        The direction, shaped like one input.
+    """
     return hard_margin_svm(x, y, tol=tol).direction
 
 
 def invariant_max_margin(x: Tensor, y: Tensor, action, *, method: str = "augment", tol: float = 1e-7) -> Tensor:
     """Unit direction of the G-invariant max-margin classifier: the SVM on orbit-augmented data.
 
-    ``method="augment"`` solves the SVM on {(g x_i, y_i)}; ``"reynolds"`` on {(P_G x_i, y_i)},
-    P_G = |G|^-1 sum_g rho(g); both agree for a unitary (permutation) action (arXiv 2303.04198, Thm. 4.3).
+    Both methods agree for a unitary (permutation) action (arXiv 2303.04198, Thm. 4.3).
+
+    Args:
+        x: inputs (N, ...).
+        y: labels +-1, shape (N,).
+        action: the group action on inputs.
+        method: ``"augment"`` solves the SVM on {(g x_i, y_i)}; ``"reynolds"`` on {(P_G x_i, y_i)},
+            P_G = |G|^-1 sum_g rho(g).
+        tol: the largest accepted KKT residual.
+
+    Returns:
+        The direction, shaped like one input.
+
+    Raises:
+        ConfigError: an unknown ``method``.
     """
     if method == "augment":
         xa, ya = OrbitAugment(action)(x, y)
@@ -183,7 +217,19 @@ def invariant_max_margin(x: Tensor, y: Tensor, action, *, method: str = "augment
 
 
 def normalized_margin(beta: Tensor, x: Tensor, y: Tensor) -> float:
-    """min_i y_i <beta, x_i> / ||beta|| (negative if some point is misclassified)."""
+    """min_i y_i <beta, x_i> / ||beta|| (negative if some point is misclassified).
+
+    Args:
+        beta: a linear predictor, as many entries as one input.
+        x: inputs (N, ...).
+        y: labels +-1, shape (N,).
+
+    Returns:
+        The margin.
+
+    Raises:
+        ShapeError: ``beta`` and one input differ in size.
+    """
     x = torch.as_tensor(x)
     beta = torch.as_tensor(beta).to(x.dtype if x.is_floating_point() else torch.float64)
     if beta.numel() != x[0].numel():
@@ -198,8 +244,19 @@ def normalized_margin(beta: Tensor, x: Tensor, y: Tensor) -> float:
 def end_to_end_predictor(model: nn.Module, input_shape: Sequence[int] | None = None, *, check: bool = True) -> Tensor:
     """beta with model(x) = <beta, x> for a linear network without bias: beta_i = model(e_i).
 
-    Uses ``model.predictor()`` when the model has one. With ``check``, verifies f(0) = 0 and
-    f(a u + b v) = a f(u) + b f(v) on random probes and raises :class:`ConfigError` otherwise.
+    Uses ``model.predictor()`` when the model has one.
+
+    Args:
+        model: a linear network with a scalar output per input.
+        input_shape: the shape of one input (default: ``model.shape``).
+        check: verify f(0) = 0 and f(a u + b v) = a f(u) + b f(v) on random probes.
+
+    Returns:
+        beta, of shape ``input_shape``.
+
+    Raises:
+        ShapeError: no input shape, or an output that is not one scalar per input.
+        ConfigError: the check fails.
     """
     if input_shape is None:
         shape = getattr(model, "shape", None)

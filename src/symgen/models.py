@@ -56,8 +56,17 @@ def small_cnn(
     channels: Sequence[int] = (16, 32, 32),
     pool_after: Sequence[int] = (1, 2),
 ) -> nn.Sequential:
-    """conv3x3-BN-ReLU blocks of ``channels[i]`` channels, a 2x max-pool after each block listed in
-    ``pool_after`` (0-based), then a linear head. 1D or 2D convolutions by ``in_shape`` (C, L) or (C, H, W)."""
+    """conv3x3-BN-ReLU blocks, 2x max-pools, then a linear head; 1D or 2D convolutions by ``in_shape``.
+
+    Args:
+        in_shape: one input's shape, (C, L) or (C, H, W).
+        num_classes: outputs.
+        channels: the channels of each block.
+        pool_after: the (0-based) blocks followed by a 2x max-pool.
+
+    Returns:
+        The network.
+    """
     conv, bn, pool = _conv_kind(in_shape, "small_cnn")
     c, spatial = in_shape[0], list(in_shape[1:])
     layers: list[nn.Module] = []
@@ -71,13 +80,31 @@ def small_cnn(
 
 
 def bn_cnn(in_shape: tuple[int, ...], num_classes: int = 10, width: int = 16) -> nn.Sequential:
-    """conv-BN-ReLU x3 (width, 2 width, 2 width; max-pool after the 2nd and 3rd) and a linear head
-    (experiment flat-minima): ``small_cnn`` with channels (w, 2w, 2w)."""
+    """``small_cnn`` with channels (w, 2w, 2w), max-pool after the 2nd and 3rd (experiment flat-minima).
+
+    Args:
+        in_shape: one input's shape.
+        num_classes: outputs.
+        width: w.
+
+    Returns:
+        The network.
+    """
     return small_cnn(in_shape, num_classes, (width, 2 * width, 2 * width), pool_after=(1, 2))
 
 
 def bn_mlp(in_shape: Sequence[int], num_classes: int = 10, width: int = 64, depth: int = 2) -> nn.Sequential:
-    """Flatten, [Linear(width), BatchNorm1d, ReLU] x depth, Linear(num_classes)."""
+    """Flatten, [Linear(width), BatchNorm1d, ReLU] x depth, Linear(num_classes).
+
+    Args:
+        in_shape: one input's shape.
+        num_classes: outputs.
+        width: hidden width.
+        depth: hidden layers.
+
+    Returns:
+        The network.
+    """
     layers: list[nn.Module] = [nn.Flatten()]
     d = math.prod(in_shape)
     for _ in range(depth):
@@ -87,7 +114,12 @@ def bn_mlp(in_shape: Sequence[int], num_classes: int = 10, width: int = 64, dept
 
 
 class MixedNet(nn.Module):
-    """BatchNorm, GroupNorm (through ReLU and max pooling), LayerNorm and plain layers together."""
+    """BatchNorm, GroupNorm (through ReLU and max pooling), LayerNorm and plain layers together.
+
+    Args:
+        in_shape: one input's shape, (C, L) or (C, H, W).
+        num_classes: outputs.
+    """
 
     def __init__(self, in_shape: tuple[int, ...], num_classes: int = 10):
         super().__init__()
@@ -122,8 +154,19 @@ class MixedNet(nn.Module):
 def build_model(
     kind: str, in_shape: tuple[int, ...], width: int = 64, channels: int = 16, num_classes: int = 10
 ) -> nn.Module:
-    """The small BatchNorm networks by name (experiment unit-norm): ``"mlp"`` (:func:`bn_mlp`, 2 hidden
-    layers of ``width``), ``"cnn"`` (:func:`small_cnn`, channels (c, 2c), one pool) or ``"mixed"`` (:class:`MixedNet`)."""
+    """The small BatchNorm networks by name (experiment unit-norm).
+
+    Args:
+        kind: ``"mlp"`` (:func:`bn_mlp`, 2 hidden layers of ``width``), ``"cnn"`` (:func:`small_cnn`,
+            channels (c, 2c), one pool) or ``"mixed"`` (:class:`MixedNet`).
+        in_shape: one input's shape.
+        width: the MLP's width.
+        channels: c, the CNN's first channels.
+        num_classes: outputs.
+
+    Returns:
+        The network.
+    """
     if kind == "mlp":
         return bn_mlp(in_shape, num_classes, width, depth=2)
     if kind == "cnn":
@@ -174,7 +217,14 @@ class _PadShortcut(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """relu(bn(conv3x3(relu(bn(conv3x3(x))))) + shortcut(x)); shortcut "A" (zero padding) or "B" (1x1 conv + BN)."""
+    """relu(bn(conv3x3(relu(bn(conv3x3(x))))) + shortcut(x)).
+
+    Args:
+        in_channels: input channels.
+        channels: output channels.
+        stride: the first conv's stride.
+        shortcut: "A" (zero padding) or "B" (1x1 conv + BN), where the shape changes.
+    """
 
     def __init__(self, in_channels: int, channels: int, stride: int = 1, shortcut: str = "B") -> None:
         super().__init__()
@@ -258,13 +308,30 @@ class ResNet(nn.Module):
 
 def resnet20(num_classes: int = 10, in_channels: int = 3, shortcut: str = "A") -> ResNet:
     """ResNet-20 for CIFAR (arXiv 1512.03385, section 4.2): 3 stages of 3 blocks, 16/32/64 channels,
-    identity shortcuts with zero padding (option A): 0.27M parameters (269,722 for 10 classes)."""
+    identity shortcuts with zero padding (option A): 0.27M parameters (269,722 for 10 classes).
+
+    Args:
+        num_classes: outputs.
+        in_channels: input channels.
+        shortcut: "A" or "B" (:class:`BasicBlock`).
+
+    Returns:
+        The network.
+    """
     return ResNet((3, 3, 3), (16, 32, 64), num_classes, in_channels, shortcut)
 
 
 def resnet18(num_classes: int = 10, in_channels: int = 3) -> ResNet:
     """ResNet-18, CIFAR variant (3x3 stem, no max-pool): 4 stages of 2 blocks, 64/128/256/512 channels,
-    projection shortcuts: 11.17M parameters for 10 classes."""
+    projection shortcuts: 11.17M parameters for 10 classes.
+
+    Args:
+        num_classes: outputs.
+        in_channels: input channels.
+
+    Returns:
+        The network.
+    """
     return ResNet((2, 2, 2, 2), (64, 128, 256, 512), num_classes, in_channels, shortcut="B")
 
 
@@ -382,6 +449,13 @@ class PaperMaskedCNN(nn.Module):
 
     Unlike :class:`MaskedCNN` (global average pooling, LayerNorm over channels) the head sees the whole
     grid, so invariance must be learned by the head as well, as in the paper.
+
+    Args:
+        in_shape: one image's shape (C, H, W).
+        num_classes: outputs.
+        channels: channels of each conv.
+        support: the filters' support (:func:`~symgen.nn.masked.support_mask`).
+        init_std: the weights' standard deviation.
     """
 
     def __init__(

@@ -46,7 +46,11 @@ pre{background:#f7f7f7;padding:.8em;overflow:auto;font-size:.85em}
 
 
 def pyplot() -> Any:
-    """``matplotlib.pyplot`` on the non-interactive Agg backend: figures are files, never windows."""
+    """``matplotlib.pyplot`` on the non-interactive Agg backend: figures are files, never windows.
+
+    Returns:
+        The ``matplotlib.pyplot`` module.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,7 +60,17 @@ def pyplot() -> Any:
 
 
 def save_figure(fig: Any, path: Path, dpi: int = 120, *, tight: bool = True) -> Path:
-    """Save ``fig`` as a PNG at ``path`` (tight layout, folders made as needed), close it, return the path."""
+    """Save ``fig`` as a PNG at ``path`` (folders made as needed) and close it.
+
+    Args:
+        fig: a matplotlib figure.
+        path: the PNG file.
+        dpi: its resolution.
+        tight: apply ``fig.tight_layout()`` first.
+
+    Returns:
+        ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if tight:
@@ -165,7 +179,21 @@ def render_page(
     data_json: Any = None,
     placeholders: Sequence[tuple[str, str]] = (),
 ) -> str:
-    """One self-contained HTML page. ``placeholders``: (figure name, why it is missing) shown in its place."""
+    """One self-contained HTML page.
+
+    Args:
+        title: the page title.
+        subtitle: a line under the title.
+        claims: claim dicts (``id``, ``passed``, ...) shown as a table with a pass count.
+        tables: table name -> rows (dicts).
+        figures: PNG files embedded in the page.
+        config: settings shown on the page.
+        data_json: data embedded in the page as JSON.
+        placeholders: (figure name, why it is missing) shown in its place.
+
+    Returns:
+        The HTML text.
+    """
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>"
         f"<style>{_CSS}</style></head><body><h1>{_esc(title)}</h1>"
@@ -199,8 +227,14 @@ def render_page(
 
 
 def write_report(run: Any) -> Path:
-    """Write ``report.html`` for a run directory (anything with a ``path``) from its config, claims, result
-    tables and figures."""
+    """Write ``report.html`` for a run directory from its config, claims, result tables and figures.
+
+    Args:
+        run: anything with a ``path`` (the run directory).
+
+    Returns:
+        The path of the page.
+    """
     path = Path(run.path)
     meta = yaml.safe_load((path / "config.yaml").read_text())
     claims = json.loads((path / "claims.json").read_text()) if (path / "claims.json").exists() else []
@@ -224,9 +258,14 @@ def write_report(run: Any) -> Path:
 def render_index(summary: dict[str, Any]) -> str:
     """The one page of a whole reproduction (``index.html`` beside the run directories).
 
-    ``summary`` (what ``symgen reproduce --json`` prints): ``experiments`` (name, run id, report
-    path relative to the page, seconds, claims), ``machine``, ``versions``, ``seed``, ``seconds``.
     Every claim is a row: verdict, our headline number, the paper's, the threshold, a link to its report.
+
+    Args:
+        summary: what ``symgen reproduce --json`` prints: ``experiments`` (name, run id, report path
+            relative to the page, seconds, claims), ``machine``, ``versions``, ``seed``, ``seconds``.
+
+    Returns:
+        The HTML text.
     """
     from symgen.terminal import claim_headline
 

@@ -108,7 +108,17 @@ def randn(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """N(0, 1) draws of ``shape`` from ``generator`` (drawn on its device), returned on ``device``."""
+    """N(0, 1) draws of ``shape`` from ``generator`` (drawn on its device), returned on ``device``.
+
+    Args:
+        shape: the shape of the draw.
+        generator: the generator drawn from.
+        device: where the result goes (default: the generator's device).
+        dtype: its dtype (default: torch's default).
+
+    Returns:
+        The tensor.
+    """
     out = torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=dtype)
     return out.to(device) if device is not None else out
 
@@ -120,13 +130,32 @@ def rademacher(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Random +-1 entries of ``shape`` from ``generator``, returned on ``device`` in ``dtype``."""
+    """Random +-1 entries of ``shape`` from ``generator``, returned on ``device`` in ``dtype``.
+
+    Args:
+        shape: the shape of the draw.
+        generator: the generator drawn from.
+        device: where the result goes (default: the generator's device).
+        dtype: its dtype (default: torch's default).
+
+    Returns:
+        The tensor.
+    """
     r = torch.randint(0, 2, tuple(shape), generator=generator, device=generator.device)
     return (2 * r - 1).to(device=device if device is not None else r.device, dtype=dtype or torch.get_default_dtype())
 
 
 def randn_like(tree: Mapping[str, Tensor], generator: torch.Generator, num: int | None = None) -> dict[str, Tensor]:
-    """N(0, 1) tensors shaped like each entry of ``tree`` (leading axis ``num`` if given), on its device and dtype."""
+    """N(0, 1) tensors shaped like each entry of ``tree``, on its device and dtype.
+
+    Args:
+        tree: a dict of tensors.
+        generator: the generator drawn from (in key order).
+        num: a leading axis of this size, if given.
+
+    Returns:
+        A dict with the same keys.
+    """
     lead = () if num is None else (num,)
     return {k: randn(lead + tuple(v.shape), generator, device=v.device, dtype=v.dtype) for k, v in tree.items()}
 
@@ -134,7 +163,16 @@ def randn_like(tree: Mapping[str, Tensor], generator: torch.Generator, num: int 
 def rademacher_like(
     tree: Mapping[str, Tensor], generator: torch.Generator, num: int | None = None
 ) -> dict[str, Tensor]:
-    """Random +-1 tensors shaped like each entry of ``tree`` (leading axis ``num`` if given)."""
+    """Random +-1 tensors shaped like each entry of ``tree``, on its device and dtype.
+
+    Args:
+        tree: a dict of tensors.
+        generator: the generator drawn from (in key order).
+        num: a leading axis of this size, if given.
+
+    Returns:
+        A dict with the same keys.
+    """
     lead = () if num is None else (num,)
     return {k: rademacher(lead + tuple(v.shape), generator, device=v.device, dtype=v.dtype) for k, v in tree.items()}
 
@@ -147,6 +185,12 @@ def isolated_seed(seed: int) -> Iterator[None]:
     Inside, the CPU generator and (where CUDA is initialized) every GPU generator are at ``seed``;
     nothing outside the block sees a change. ``torch.random.fork_rng(devices=[])`` around
     ``torch.manual_seed`` would instead silently reset the GPU generators for the caller.
+
+    Args:
+        seed: the seed inside the block.
+
+    Yields:
+        None, once (a context manager).
     """
     cpu_state = torch.random.get_rng_state()
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()

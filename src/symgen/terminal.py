@@ -104,7 +104,15 @@ def text_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 def format_value(v: Any, digits: int = 4) -> str:
-    """Short human form of a measured value (numbers to ``digits`` significant digits), in terminals and pages."""
+    """Short human form of a measured value, in terminals and pages.
+
+    Args:
+        v: a number, bool, dict, list or anything with a ``str``.
+        digits: significant digits of floats.
+
+    Returns:
+        The text.
+    """
     if isinstance(v, bool):
         return str(v)
     if isinstance(v, float):
@@ -137,7 +145,13 @@ def claim_headline(claim: dict[str, Any]) -> dict[str, Any]:
     first measured number whose key matches a numeric threshold key (``min_cos_to_svm`` for
     ``min_cos``), or the single number of a scalar claim. ``margin`` is the distance to the
     threshold, positive on the passing side, negative on the failing side (the verdict says which
-    side passes). Fields are None where the claim has no such number.
+    side passes).
+
+    Args:
+        claim: a claim dict (``measured``, ``threshold``, optional ``headline``, ...).
+
+    Returns:
+        The dict; fields are None where the claim has no such number.
     """
     measured, threshold = claim.get("measured"), claim.get("threshold")
     m_nums, t_nums = _numbers(measured), _numbers(threshold)
@@ -167,7 +181,14 @@ def claim_headline(claim: dict[str, Any]) -> dict[str, Any]:
 
 
 def claim_line(claim: dict[str, Any]) -> list[str]:
-    """Cells of one claim's line: id, verdict, headline number vs threshold (and the paper's), margin."""
+    """Cells of one claim's line: id, verdict, headline number vs threshold (and the paper's), margin.
+
+    Args:
+        claim: a claim dict.
+
+    Returns:
+        The cells as strings.
+    """
     h = claim_headline(claim)
     verdict = "PASS" if claim.get("passed") else "FAIL"
     if h["measured"] is None:
@@ -182,7 +203,15 @@ def claim_line(claim: dict[str, Any]) -> list[str]:
 
 
 def claim_lines(claims: Sequence[dict[str, Any]], title: str = "") -> str:
-    """One line per claim (the full measured values are in the HTML report and in ``--json``)."""
+    """One line per claim (the full measured values are in the HTML report and in ``--json``).
+
+    Args:
+        claims: claim dicts.
+        title: a heading before the pass count.
+
+    Returns:
+        The text: the pass count and a table.
+    """
     n = sum(bool(c.get("passed")) for c in claims)
     head = f"{printable(title, keep='')}: " if title else ""
     table = text_table(
@@ -241,7 +270,17 @@ class Ticker:
 def progress(
     iterable: Iterable[Any], desc: str = "", total: int | None = None, stream: IO[str] | None = None
 ) -> Iterator[Any]:
-    """Yield from ``iterable`` with a rich progress bar in a terminal, plain periodic lines otherwise."""
+    """Yield from ``iterable`` with a rich progress bar in a terminal, plain periodic lines otherwise.
+
+    Args:
+        iterable: the items.
+        desc: the label of the bar.
+        total: the number of items, if known.
+        stream: where the bar goes (default ``sys.stderr``).
+
+    Yields:
+        The items of ``iterable``.
+    """
     stream = stream if stream is not None else sys.stderr
     if not is_tty(stream):
         tick = Ticker(desc or "progress", total, stream)

@@ -122,21 +122,39 @@ def fit(
 ) -> History:
     """Train ``model`` on ``data``: each step is ``optimizer.step(closure(model, loss_fn, x, y))``.
 
-    ``data``: ``(x, y)`` tensors, cut each epoch into minibatches of ``batch_size`` in the order
-    ``torch.randperm(n, generator=g)``, g = ``rng.as_generator(generator)`` (``shuffle=False``: in order;
-    ``drop_last``: skip a last partial batch; ``batch_size=None``: the full batch in the given order, no
-    draws); or any re-iterable of ``(x, y)`` batches such as a DataLoader (its own order). ``epochs``
-    (default 1) or ``steps`` (epochs repeat, each reshuffled, until exactly this many steps are done).
-    Tensors and batches go to ``device`` (default: the model's).
-
     The model is in train mode during the steps; every module's mode is restored after. Per step:
-    ``transform(model, x, y) -> (x', y', *extra)`` (e.g. adversarial examples) gives the batch the step
-    trains on, ``closure(model, loss_fn, x', y', *extra)`` builds the closure (default
-    :class:`LossClosure`: loss = loss_fn(model(x'), y')), ``optimizer.step`` takes it, then
-    ``scheduler.step()`` if given. ``metrics``: ``name -> fn(output, y')`` on the outputs of the pass at
-    the weights before the step, averaged over the epoch's samples like the loss.
-    ``callback(epoch, model)`` runs after each epoch (1-based) and may return a dict for the record.
-    A non-finite loss raises :class:`DivergenceError` naming the epoch and step, before that step's update.
+    ``transform`` gives the batch ``(x', y', *extra)`` the step trains on, ``closure`` builds the closure,
+    ``optimizer.step`` takes it, then ``scheduler.step()`` if given.
+
+    Args:
+        model: the model to train.
+        data: ``(x, y)`` tensors, cut each epoch into minibatches of ``batch_size`` in the order
+            ``torch.randperm(n, generator=g)``, g = ``rng.as_generator(generator)``; or any re-iterable of
+            ``(x, y)`` batches such as a DataLoader (its own order).
+        optimizer: an optimizer instance built on the model's parameters.
+        loss_fn: ``loss_fn(output, y)``, the loss.
+        epochs: the number of epochs (default 1); give this or ``steps``.
+        steps: the exact number of steps (epochs repeat, each reshuffled, until this many are done).
+        batch_size: the minibatch size for tensor data; None: the full batch in the given order, no draws.
+        shuffle: reshuffle tensor data each epoch (False: in order).
+        drop_last: skip a last partial batch of tensor data.
+        generator: a seed or a ``torch.Generator`` for the shuffles.
+        device: where tensors and batches go (default: the model's device).
+        transform: ``transform(model, x, y) -> (x', y', *extra)`` (e.g. adversarial examples), or None.
+        closure: ``closure(model, loss_fn, x', y', *extra)`` builds the step's closure (default
+            :class:`LossClosure`: loss = loss_fn(model(x'), y')).
+        scheduler: a learning-rate scheduler stepped after each step, or None.
+        metrics: ``name -> fn(output, y')`` on the outputs of the pass at the weights before the step,
+            averaged over the epoch's samples like the loss.
+        callback: ``callback(epoch, model)`` runs after each epoch (1-based) and may return a dict for the record.
+
+    Returns:
+        The :class:`History`: one record per epoch.
+
+    Raises:
+        ConfigError: an optimizer that is not an instance on the model's parameters, both ``epochs`` and
+            ``steps``, or an invalid count or batch size.
+        DivergenceError: a non-finite loss (naming the epoch and step), before that step's update.
     """
     _check_args(model, optimizer, epochs, steps, batch_size)
     if steps is None and epochs is None:
