@@ -685,7 +685,17 @@ def test_ntk_robustness_all_pass():
         "kernel_pgd": [0.5, 0.2],
     }
     assert claims["C4.4-transfer"].measured["gap"] == pytest.approx(0.3)
-    assert claims["C4.4-advtrain"].measured["gain"] == pytest.approx(0.3)
+    adv = claims["C4.4-advtrain"].measured
+    assert adv["gain"] == pytest.approx(0.3) and adv["margin"] == pytest.approx(0.2)
+    assert adv["gain_by_eps"] == {"0.05": pytest.approx(0.2), "0.1": pytest.approx(0.3)}  # beside the claim
+    assert adv["schedule"] == {
+        "epochs": 200,
+        "batch_size": 250,
+        "lr": 1e-3,
+        "lr_schedule": "constant",
+        "eps_warmup_epochs": 0,
+    }  # the reference code's schedule is the full setting
+    assert adv["adversarial_final_train_loss"] is None  # no networks in this result
     f = claims["C4.4-features"].measured
     assert f["mean_robustness_top"] == pytest.approx(0.85) and f["mean_robustness_rest"] == pytest.approx(0.3)
     assert f["mean_usefulness_top"] == pytest.approx(0.65) and f["pair"] == [3, 8]
@@ -720,6 +730,20 @@ def test_ntk_robustness_thresholds(claim, part, key, value, measured, passed):
         ("gain",): s["adversarial"]["pgd"] - s["standard"]["pgd"],
     }[measured]
     assert got == expected  # unrounded: the number the verdict is decided on
+
+
+def test_ntk_robustness_c4_4_advtrain_failure_names_the_training_loss():
+    """A failing C4.4-advtrain says how far adversarial training got: its mean final training loss."""
+    result = _nr_result()
+    result["summary"]["adversarial"]["pgd"] = 0.35  # gain 0.05
+    result["networks"] = [{"adversarial": {"final_train_loss": loss}} for loss in (2.30, 2.32)]
+    c = _claims(nr.check_claims, NR_CFG, result)["C4.4-advtrain"]
+    assert not c.passed and c.measured["margin"] == pytest.approx(-0.05)
+    assert c.measured["adversarial_final_train_loss"] == pytest.approx(2.31)
+    assert c.note == (
+        "adversarial training did not raise robust accuracy enough (its final training loss 2.310; ln 10 = 2.303 "
+        "is chance)"
+    )
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,10 @@ def test_ntk_robustness_experiment_tiny(tmp_path):
         quick=exp.quick,
         seeds=1,
         epochs=1,
+        adv_epochs=3,
+        adv_batch_size=64,
+        adv_lr_schedule="cosine",
+        adv_eps_warmup_epochs=2,
         pgd_steps=2,
         train_pgd_steps=1,
         width=16,
@@ -33,6 +37,10 @@ def test_ntk_robustness_experiment_tiny(tmp_path):
     # unrounded: the numbers the verdicts are decided on
     assert claims[0].measured["drops"]["network"] == s["standard"]["clean"] - s["standard"]["pgd"]
     assert claims[2].measured["gain"] == s["adversarial"]["pgd"] - s["standard"]["pgd"]
+    adv = result["networks"][0]["adversarial"]  # the adversarial schedule: one loss per epoch of adv_epochs
+    assert len(adv["train_loss"]) >= 3 and adv["final_train_loss"] == adv["train_loss"][-1]
+    assert claims[2].measured["schedule"]["eps_warmup_epochs"] == 2
+    assert set(claims[2].measured["gain_by_eps"]) == {str(e) for e in cfg.eps_sweep}
     # 3 features, top_features capped at 2: both means are over real features
     assert math.isfinite(claims[3].measured["mean_robustness_top"])
     assert math.isfinite(claims[3].measured["mean_robustness_rest"])
@@ -50,3 +58,7 @@ def test_ntk_robustness_config_rejects_bad_values():
         build_config(exp.config, eps=-0.1)
     with pytest.raises(ConfigError):
         build_config(exp.config, norm="l1")
+    with pytest.raises(ConfigError):
+        build_config(exp.config, adv_epochs=0)
+    with pytest.raises(ConfigError):
+        build_config(exp.config, adv_lr_schedule="step")
