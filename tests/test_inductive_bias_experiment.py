@@ -18,6 +18,7 @@ def test_inductive_bias_tiny(tmp_path):
         dims=[4, 8],
         student_filters=[2, 3],
         train_sizes=[8, 16, 32],
+        fit_min=16,
         num_test=20,
         num_draws=2,
     )
@@ -42,6 +43,12 @@ def test_inductive_bias_tiny(tmp_path):
     for c in claims:
         h = claim_headline(c.model_dump())
         assert h["measured"] is not None and h["paper"] == c.paper
+    # the exponent is fitted on P >= fit_min only; the whole curve is kept for the figures
+    curve = result["by_d"]["8"]["fc"]
+    assert curve["sizes"] == [8, 16, 32] and curve["fit_sizes"] == [16, 32] and len(curve["errors"]) == 2
+    from symgen.ntk import fit_power_law
+
+    assert curve["beta"] == pytest.approx(fit_power_law([16, 32], [e[1:] for e in curve["errors"]])[0])
     paths = EXPERIMENT.figures(result, tmp_path)
     assert all(p.exists() for p in paths) and len(paths) == 2
 
@@ -51,3 +58,6 @@ def test_inductive_bias_config_errors():
         build_config(Config, student_filters=[1], teacher_filter=2)
     with pytest.raises(ConfigError, match="fit in the smallest"):
         build_config(Config, student_filters=[16], dims=[8, 16])
+    with pytest.raises(ConfigError, match="fit_min"):
+        build_config(Config, train_sizes=[64, 128, 256], fit_min=256)
+    assert EXPERIMENT.quick["train_sizes"][-1] == 4096 and build_config(Config).train_sizes[-1] == 16384

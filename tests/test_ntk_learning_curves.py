@@ -79,3 +79,99 @@ def test_learning_curve_bad_input():
         learning_curve(_laplace, x, [2, 4], num_test=2)
     with pytest.raises(ConfigError, match="> 0"):
         fit_power_law([1, 2], [[1.0, 0.0]])
+
+
+def test_nested_test_errors_match_direct_solves():
+    from symgen.ntk.learning_curves import nested_test_errors
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(90, 2, generator=g, dtype=torch.float64)
+    y = torch.sin(4 * x).sum(1)
+    k = _laplace(x, x)
+    xtr, ytr, yte = slice(0, 70), y[:70], y[70:]
+    sizes = [5, 17, 40, 70]
+    for ridge in (0.0, 1e-3):
+        errs, jitter = nested_test_errors(k[xtr, xtr], ytr, k[70:, xtr], yte, sizes, ridge=ridge)
+        assert jitter == 0.0
+        for p, e in zip(sizes, errs, strict=True):  # reference: a dense solve per size
+            alpha = torch.linalg.solve(k[:p, :p] + ridge * torch.eye(p, dtype=torch.float64), ytr[:p])
+            ref = float(((k[70:, :p] @ alpha - yte) ** 2).mean())
+            assert e == pytest.approx(ref, rel=1e-8)
+    # a factor of a larger matrix (training points first) gives the same errors
+    chol = torch.linalg.cholesky(k)
+    errs_f, _ = nested_test_errors(k, ytr, k[70:, :70], yte, sizes, factor=chol)
+    assert errs_f == pytest.approx(nested_test_errors(k[xtr, xtr], ytr, k[70:, xtr], yte, sizes)[0], rel=1e-10)
+    with pytest.raises(ConfigError, match="sizes must lie"):
+        nested_test_errors(k[xtr, xtr], ytr, k[70:, xtr], yte, [5, 71])
+
+
+def test_blocked_kernel_and_jittered_cholesky():
+    from symgen.ntk.learning_curves import blocked_kernel, cholesky_jittered
+
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(23, 3, generator=g, dtype=torch.float64), torch.randn(11, 3, generator=g, dtype=torch.float64)
+    calls = []
+
+    def kern(u, v):
+        calls.append((u.shape[0], v.shape[0]))
+        return _laplace(u, v)
+
+    sym = blocked_kernel(kern, a, block=5)
+    assert torch.equal(sym, sym.T) and torch.allclose(sym, _laplace(a, a), atol=1e-15)
+    assert len(calls) == 15  # 5 row blocks: only the 5 * 6 / 2 blocks on and above the diagonal
+    assert torch.allclose(blocked_kernel(kern, a, b, block=4), _laplace(a, b), atol=1e-15)
+    factor, jitter = cholesky_jittered(sym)
+    assert jitter == 0.0 and torch.allclose(factor @ factor.T, sym, atol=1e-12)
+    low_rank = a @ a.T  # rank 3: needs jitter
+    factor, jitter = cholesky_jittered(low_rank)
+    assert jitter > 0 and torch.allclose(factor @ factor.T, low_rank, atol=1e-6)
+
+
+def test_learning_curve_known_exponent_ornstein_uhlenbeck():
+    """Teacher and student the Laplace kernel exp(-|x - y|) on [0, 1] (an Ornstein-Uhlenbeck process): the
+    ridgeless error falls as P^-1 (beta = min(alpha_T, 2 alpha_S) / d = 1, arXiv 1905.10843)."""
+
+    def sample(n, g):
+        x = torch.rand(n, 1, generator=g, dtype=torch.float64)
+        chol = torch.linalg.cholesky(_laplace(x, x) + 1e-12 * torch.eye(n, dtype=torch.float64))
+        return x, chol @ torch.randn(n, generator=g, dtype=torch.float64)
+
+    curve = learning_curve(
+        _laplace, sample, [16, 32, 64, 128, 256, 512], num_test=400, num_draws=6, generator=3, fit_min=64, block=100
+    )
+    assert curve.to_dict()["fit_sizes"] == [64, 128, 256, 512]
+    assert curve.beta == pytest.approx(1.0, abs=0.12)
+    lo, hi = curve.beta_ci
+    assert lo < 1.0 < hi or abs(curve.beta - 1.0) < 0.05
+    with pytest.raises(ConfigError, match="fit_min"):
+        learning_curve(_laplace, sample, [16, 32], num_test=4, fit_min=32)
+
+
+@pytest.mark.parametrize(("d", "s", "bias"), [(8, 2, 0.5), (6, 4, 0.5), (5, 5, 0.0), (7, 1, 1.3)])
+def test_local_relu_ntk_matches_analytic_conv_ntk(d, s, bias):
+    from symgen.ntk import analytic_conv_ntk
+    from symgen.ntk.local_kernel import local_relu_ntk
+
+    g = torch.Generator().manual_seed(d + s)
+    x = torch.randn(40, 1, d, generator=g, dtype=torch.float64)
+    y = torch.randn(9, 1, d, generator=g, dtype=torch.float64)
+    near = x + 1e-7 * torch.randn(40, 1, d, generator=g, dtype=torch.float64)  # nearly parallel patches
+    for b_in in (y, near):
+        ref = analytic_conv_ntk(x, b_in, 1, s, "relu", "flatten", "circular", 1.3, bias, dtype=torch.float64)[1]
+        got = local_relu_ntk(x, b_in, s, 1.3, bias)
+        assert got.dtype == torch.float64 and got.shape == ref.shape
+        assert torch.allclose(got, ref, rtol=1e-9, atol=1e-9)
+    sym = local_relu_ntk(x, None, s, 1.3, bias)
+    off = ~torch.eye(40, dtype=torch.bool)
+    ref = analytic_conv_ntk(x, None, 1, s, "relu", "flatten", "circular", 1.3, bias, dtype=torch.float64)[1]
+    assert torch.equal(sym, sym.T) and torch.allclose(sym[off], ref[off], rtol=1e-9, atol=1e-9)
+    # the diagonal in closed form: C(u, u) = |u~|^2, so K(x, x) = b^2 + (w^2 / d) sum_p (w^2 |x_p|^2 / s + b^2)
+    idx = (torch.arange(d)[:, None] - (s - 1) // 2 + torch.arange(s)[None]) % d
+    patch_sq = (x[:, 0][:, idx] ** 2).sum(-1)  # (N, d)
+    diag = bias**2 + (1.3**2 / d) * (1.3**2 * patch_sq / s + bias**2).sum(1)
+    assert torch.allclose(sym.diagonal(), diag, rtol=1e-13, atol=0)
+    assert torch.allclose(local_relu_ntk(x[:, 0], None, s, 1.3, bias), local_relu_ntk(x, None, s, 1.3, bias))
+    with pytest.raises(ConfigError, match="filter_size"):
+        local_relu_ntk(x, None, d + 1)
+    with pytest.raises(ShapeError, match="equal d"):
+        local_relu_ntk(x, torch.randn(3, d + 1), s)

@@ -3,9 +3,13 @@
 Teacher-student kernel regression as in Favero, Cagnetta & Wyart (arXiv 2106.08619): inputs x ~ N(0, I_d)
 on a ring of d pixels (periodic boundaries); the teacher is a Gaussian random field whose covariance is the
 *local* kernel of filter size t (the infinite-width NTK of a one-hidden-layer ReLU conv net with a dense
-read-out, :func:`symgen.ntk.analytic_conv_ntk`, ``readout="flatten"``); the students are ridgeless kernel
-regressors with the local kernel of filter size s >= t and with the fully-connected NTK (one hidden layer,
-:func:`symgen.ntk.analytic_ntk`) on all d pixels. The test error falls as P^-beta.
+read-out, :func:`symgen.ntk.analytic_conv_ntk` with ``readout="flatten"``, evaluated by its fast float64
+equivalent :func:`symgen.ntk.local_kernel.local_relu_ntk`); the students are ridgeless kernel regressors with
+the local kernel of filter size s >= t and with the fully-connected NTK (one hidden layer,
+:func:`symgen.ntk.analytic_ntk`) on all d pixels. The test error (MSE on a fixed test set per draw) falls as
+P^-beta; beta is fitted on the asymptotic range P >= ``fit_min`` (quick: 512-4096; full: 1024-16384), the
+smaller P are kept for the figures. Per draw and student one float64 Cholesky of the largest training
+kernel serves every (nested) P; the student with s = t reuses the teacher's factor.
 
 Predicted exponents (arXiv 2106.08619, with the NTK's cusp exponent alpha_t = 1): local student
 beta = alpha_t / s = 1/s, independent of d; fully-connected student beta = alpha_t / d = 1/d.
@@ -24,6 +28,7 @@ Claim C4.5, thresholds fixed before the first run:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +47,12 @@ class Config(ExperimentConfig):
     teacher_filter: int = Field(2, ge=1)
     student_filters: list[int] = Field(default_factory=lambda: [2, 4])
     dims: list[int] = Field(default_factory=lambda: [8, 16, 32, 64])
-    train_sizes: list[int] = Field(default_factory=lambda: [32, 64, 128, 256, 512, 1024, 2048])
-    num_test: int = 1000
-    num_draws: int = 8
+    train_sizes: list[int] = Field(default_factory=lambda: [2**k for k in range(7, 15)])  # 128 .. 16384
+    fit_min: int = Field(1024, ge=1)  # beta is fitted on P >= fit_min (the asymptotic range); smaller P: figures
+    num_test: int = Field(1024, ge=1)
+    num_draws: int = Field(8, ge=2)
+    teacher_jitter: float = Field(1e-10, ge=0)  # x mean diagonal, added to the teacher's kernel to sample it
+    block: int = Field(2048, ge=1)  # kernel blocks (rows x columns) of the fully-connected student
     weight_std: float = Field(1.0, gt=0)
     bias_std: float = Field(0.5, ge=0)  # > 0: the kernels see all s (or d) directions of a patch, not a sphere
     confidence: float = Field(0.95, gt=0, lt=1)
@@ -70,24 +78,56 @@ class Config(ExperimentConfig):
             )
         if len(self.dims) < 2 or len(self.train_sizes) < 2:
             raise ValueError("dims and train_sizes need at least two values each")
+        if sum(p >= self.fit_min for p in self.train_sizes) < 2:
+            raise ValueError(f"fit_min {self.fit_min} leaves fewer than two train_sizes {self.train_sizes} to fit")
         return self
 
 
-def _teacher_sample(
-    d: int, t: int, w: float, b: float, n: int, g: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` inputs x ~ N(0, I_d) as (n, 1, d) and a Gaussian random field with the local kernel (filter t) on them."""
-    from symgen.ntk import analytic_conv_ntk
+def _draw(item: dict, g: torch.Generator) -> dict[str, list[float]]:
+    """One draw at one d: fresh inputs and teacher, then the test errors of every student at every size."""
+    from symgen.ntk import analytic_ntk
+    from symgen.ntk.learning_curves import blocked_kernel, cholesky_jittered, nested_test_errors
+    from symgen.ntk.local_kernel import local_relu_ntk
 
-    x = torch.randn(n, 1, d, generator=g, dtype=torch.float64)
-    _, k = analytic_conv_ntk(x, None, 1, t, "relu", "flatten", "circular", w, b, dtype=torch.float64)
-    k.diagonal().add_(1e-10 * float(k.diagonal().mean()))
-    chol = torch.linalg.cholesky(k)
-    return x, chol @ torch.randn(n, generator=g, dtype=torch.float64)
+    d, w, b, t = item["d"], item["weight_std"], item["bias_std"], item["teacher_filter"]
+    sizes, pmax = item["train_sizes"], max(item["train_sizes"])
+    device = torch.device(item.get("device", "cpu"))
+    # the first pmax points train (nested: the first P), the last num_test test; drawn on the CPU generator
+    x = torch.randn(pmax + item["num_test"], d, generator=g, dtype=torch.float64)
+    k = local_relu_ntk(x, None, t, w, b).to(device)
+    k.diagonal().add_(item["teacher_jitter"] * float(k.diagonal().mean()))
+    chol, _ = cholesky_jittered(k)
+    y = chol @ torch.randn(x.shape[0], generator=g, dtype=torch.float64).to(device)
+    y_train, y_test = y[:pmax], y[pmax:]
+    out: dict[str, list[float]] = {}
+    for s in item["student_filters"]:
+        if s == t:  # the teacher's own kernel: the leading block of its factor is the training kernel's
+            out[f"local_s{s}"], _ = nested_test_errors(k, y_train, k[pmax:, :pmax], y_test, sizes, factor=chol)
+    del k, chol
+
+    def local(s: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        return lambda a, c: local_relu_ntk(a, c, s, w, b)
+
+    def fc(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return analytic_ntk(a, c, 1, "relu", w, b, dtype=torch.float64)[1]
+
+    kernels = {f"local_s{s}": local(s) for s in item["student_filters"] if s != t}
+    kernels["fc"] = fc
+    for name, kernel in kernels.items():
+        k_train = blocked_kernel(kernel, x[:pmax], block=item["block"]).to(device)
+        k_test = blocked_kernel(kernel, x[pmax:], x[:pmax], block=item["block"]).to(device)
+        out[name], _ = nested_test_errors(k_train, y_train, k_test, y_test, sizes)
+        del k_train, k_test
+    return out
 
 
 def curve_trial(item: dict) -> dict:
     """Learning curves at one input dimension d: the local students (each s) and the fully-connected one.
+
+    Per draw: fresh inputs x ~ N(0, I_d) (the first max(P) train, nested; ``num_test`` fixed test points), the
+    teacher sampled on all of them with one float64 Cholesky of its kernel, then per student one blocked
+    kernel evaluation and one Cholesky of its largest training kernel, reused for every P
+    (:func:`symgen.ntk.learning_curves.nested_test_errors`). The exponent is fitted on P >= ``fit_min``.
 
     Args:
         item: the trial's settings (input dimension ``d``, filter sizes, train sizes, seed, ...).
@@ -95,43 +135,23 @@ def curve_trial(item: dict) -> dict:
     Returns:
         ``d`` and the learning curves, one per student.
     """
-    from symgen.ntk import analytic_conv_ntk, analytic_ntk, learning_curve
+    from symgen.ntk.learning_curves import curve_from_errors
     from symgen.rng import as_generator
 
-    d, w, b = item["d"], item["weight_std"], item["bias_std"]
-    need = max(item["train_sizes"]) + item["num_test"]
     g = as_generator(item["seed"])
+    rows: dict[str, list[list[float]]] = {}
     with num_threads(item.get("threads")):
-        device = torch.device(item.get("device", "cpu"))  # drawn on the CPU generator: the same data on every device
-        draws = [
-            tuple(t.to(device) for t in _teacher_sample(d, item["teacher_filter"], w, b, need, g))
-            for _ in range(item["num_draws"])
-        ]
-
-        def sampler():
-            it = iter(draws)
-            return lambda n, gen: next(it)
-
-        def local(s: int):
-            return lambda x1, x2: analytic_conv_ntk(
-                x1, x2, 1, s, "relu", "flatten", "circular", w, b, dtype=torch.float64
-            )[1]
-
-        kernels = {f"local_s{s}": local(s) for s in item["student_filters"]}
-        kernels["fc"] = lambda x1, x2: analytic_ntk(x1, x2, 1, "relu", w, b, dtype=torch.float64)[1]
-        out = {}
-        for name, kernel in kernels.items():
-            curve = learning_curve(
-                kernel,
-                sampler(),
-                item["train_sizes"],
-                num_test=item["num_test"],
-                num_draws=item["num_draws"],
-                confidence=item["confidence"],
-                generator=0,
-            )
-            out[name] = curve.to_dict()
-    return {"d": d, "curves": out}
+        for _ in range(item["num_draws"]):
+            for name, errs in _draw(item, g).items():
+                rows.setdefault(name, []).append(errs)
+    names = [f"local_s{s}" for s in item["student_filters"]] + ["fc"]
+    curves = {
+        name: curve_from_errors(
+            item["train_sizes"], rows[name], confidence=item["confidence"], fit_min=item["fit_min"]
+        ).to_dict()
+        for name in names
+    }
+    return {"d": item["d"], "curves": curves}
 
 
 def run(config: Config, ctx: Context) -> dict:
@@ -152,6 +172,9 @@ def run(config: Config, ctx: Context) -> dict:
             train_sizes=config.train_sizes,
             num_test=config.num_test,
             num_draws=config.num_draws,
+            fit_min=config.fit_min,
+            teacher_jitter=config.teacher_jitter,
+            block=config.block,
             weight_std=config.weight_std,
             bias_std=config.bias_std,
             confidence=config.confidence,
@@ -299,8 +322,10 @@ def figures(result: dict, outdir: Path) -> list[Path]:
         for name in names:
             c = by_d[str(d)][name]
             p = np.array(c["sizes"], dtype=float)
-            ax.loglog(p, c["mean_errors"], "o-", ms=3, label=f"{name} (beta {c['beta']:.2f})")
-        ax.set_title(f"d = {d}")
+            (line,) = ax.loglog(p, c["mean_errors"], "o-", ms=3, label=f"{name} (beta {c['beta']:.2f})")
+            fit = np.array(c.get("fit_sizes", c["sizes"]), dtype=float)  # the fitted power law on its range
+            ax.loglog(fit, np.exp(c["log_amplitude"]) * fit ** -c["beta"], "--", lw=1, color=line.get_color())
+        ax.set_title(f"d = {d} (dashed: fit)")
         ax.set_xlabel("training-set size P")
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("test MSE")
@@ -332,6 +357,12 @@ EXPERIMENT = Experiment(
     run=run,
     check_claims=check_claims,
     figures=figures,
-    quick={"dims": [8, 16, 32], "train_sizes": [32, 64, 128, 256, 512], "num_test": 400, "num_draws": 6},
+    quick={
+        "dims": [8, 16, 32],
+        "train_sizes": [64, 128, 256, 512, 1024, 2048, 4096],
+        "fit_min": 512,
+        "num_test": 512,
+        "num_draws": 4,
+    },
     claims=("C4.5-local", "C4.5-fc", "C4.5-gap"),
 )
