@@ -30,7 +30,15 @@ __all__ = [
 
 
 def permutation_matrices(perms: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """Matrices (|G|, d, d) of gather indices (|G|, d): ``M[g] @ v == v[perms[g]]``, i.e. M[g, i, perms[g, i]] = 1."""
+    """Matrices (|G|, d, d) of gather indices: ``M[g] @ v == v[perms[g]]``, i.e. M[g, i, perms[g, i]] = 1.
+
+    Args:
+        perms: gather indices (|G|, d).
+        dtype: the matrices' dtype (default: torch's default).
+
+    Returns:
+        The matrices, on ``perms``' device.
+    """
     n, d = perms.shape
     mats = torch.zeros(n, d, d, dtype=dtype or torch.get_default_dtype(), device=perms.device)
     mats.scatter_(2, perms[:, :, None], 1.0)
@@ -61,7 +69,14 @@ class GroupAction:
 
     # -- public ---------------------------------------------------------------------------------
     def check(self, shape: Sequence[int] | torch.Size) -> None:
-        """Raise :class:`GroupActionError` if the action does not fit an input of this shape."""
+        """Check that the action fits an input of this shape.
+
+        Args:
+            shape: the input's shape.
+
+        Raises:
+            GroupActionError: it does not fit.
+        """
         shape = tuple(int(s) for s in shape)
         if len(shape) < self.event_ndim:
             raise GroupActionError(
@@ -77,17 +92,42 @@ class GroupAction:
         return g
 
     def apply(self, g: int, x: Tensor) -> Tensor:
-        """rho(g) x on the trailing dims."""
+        """rho(g) x on the trailing dims.
+
+        Args:
+            g: a group element.
+            x: the input.
+
+        Returns:
+            The transformed input.
+        """
         self.check(x.shape)
         return self._apply(self._check_element(g), x)
 
     def event_shape(self, shape: Sequence[int] | torch.Size) -> tuple[int, ...]:
-        """The trailing dims this action acts on."""
+        """The trailing dims this action acts on.
+
+        Args:
+            shape: an input's shape.
+
+        Returns:
+            Its last ``event_ndim`` dims.
+        """
         shape = tuple(int(s) for s in shape)
         return shape[len(shape) - self.event_ndim :]
 
     def permutations(self, shape: Sequence[int] | torch.Size, device: torch.device | str | None = None) -> Tensor:
-        """Gather indices (|G|, d), d = prod(shape): ``apply(g, x).reshape(..., d)[..., i] == x.reshape(..., d)[..., perm[g, i]]``."""
+        """Gather indices (|G|, d), d = prod(shape).
+
+        ``apply(g, x).reshape(..., d)[..., i] == x.reshape(..., d)[..., perm[g, i]]``.
+
+        Args:
+            shape: the acted-on shape.
+            device: where the indices go.
+
+        Returns:
+            The indices.
+        """
         shape = tuple(int(s) for s in shape)
         self.check(shape)
         perms = _permutation_table(self, shape)
@@ -102,11 +142,26 @@ class GroupAction:
         """The representation on flattened inputs, (|G|, d, d): ``vec(apply(g, x)) = matrices[g] @ vec(x)``.
 
         Equal to ``Representation.from_action(self, shape).matrices`` (one helper builds both).
+
+        Args:
+            shape: the acted-on shape.
+            dtype: the matrices' dtype.
+            device: where they go.
+
+        Returns:
+            The matrices.
         """
         return permutation_matrices(self.permutations(shape, device=device), dtype)
 
     def orbit(self, x: Tensor) -> Tensor:
-        """All transforms of ``x``, shape (|G|, *x.shape), by one gather."""
+        """All transforms of ``x`` by one gather.
+
+        Args:
+            x: the input.
+
+        Returns:
+            (|G|, *x.shape).
+        """
         self.check(x.shape)
         ev = self.event_shape(x.shape)
         d = math.prod(ev)
@@ -117,7 +172,18 @@ class GroupAction:
         return out.movedim(-2, 0).reshape(self.order, *x.shape)
 
     def apply_each(self, elements: Tensor, x: Tensor) -> Tensor:
-        """Apply ``elements[b]`` to ``x[b]`` for every sample b of the leading batch dim, by one gather."""
+        """Apply ``elements[b]`` to ``x[b]`` for every sample b of the leading batch dim, by one gather.
+
+        Args:
+            elements: one element per sample, shape (B,).
+            x: the batch (B, ...).
+
+        Returns:
+            The transformed batch.
+
+        Raises:
+            GroupActionError: a wrong number of elements, or an element out of range.
+        """
         self.check(x.shape[1:])
         elements = torch.as_tensor(elements, dtype=torch.long, device=x.device)
         if elements.shape != (x.shape[0],):
@@ -191,8 +257,14 @@ class ImageDihedral(GroupAction):
 class LiftedImageAction(GroupAction):
     """G acting on lifted feature maps (..., |G|, H, W) of a G-CNN: (L_k f)[h](u) = f[k^-1 h](k^-1 u).
 
-    ``image_action`` (C4 or D4 on the last two dims) moves the pixels; the group axis -3 is permuted
-    by the regular representation. Source: Cohen & Welling, arXiv 1602.07576, eq. (11).
+    The group axis -3 is permuted by the regular representation. Source: Cohen & Welling,
+    arXiv 1602.07576, eq. (11).
+
+    Args:
+        image_action: the action (C4 or D4 on the last two dims) that moves the pixels.
+
+    Raises:
+        GroupActionError: ``image_action`` does not act on two dims.
     """
 
     event_ndim = 3
@@ -224,7 +296,15 @@ class LiftedImageAction(GroupAction):
 
 
 class CyclicShift(GroupAction):
-    """C_n acting by cyclic shifts along ``dim`` (negative, counted from the end): element k rolls by k."""
+    """C_n acting by cyclic shifts along ``dim``: element k rolls by k.
+
+    Args:
+        n: the group order.
+        dim: the shifted dim, negative (counted from the end).
+
+    Raises:
+        GroupActionError: ``dim >= 0``.
+    """
 
     def __init__(self, n: int, dim: int = -1) -> None:
         if dim >= 0:
@@ -249,7 +329,14 @@ class CyclicShift(GroupAction):
 
 
 class Reflection(GroupAction):
-    """C2 acting by flipping the given (negative) dims: element 1 is ``torch.flip(x, dims)``."""
+    """C2 acting by flipping the given dims: element 1 is ``torch.flip(x, dims)``.
+
+    Args:
+        dims: the flipped dims, negative.
+
+    Raises:
+        GroupActionError: no dims, or a dim >= 0.
+    """
 
     def __init__(self, dims: Sequence[int] = (-1,)) -> None:
         dims = tuple(int(d) for d in dims)
@@ -270,9 +357,15 @@ class PermutationAction(GroupAction):
     """A group acting by explicit permutations of the flattened trailing ``event_ndim`` dims.
 
     ``sigma_g`` moves the entry at position i to position sigma_g(i): ``apply(g, x)[sigma_g(i)] = x[i]``.
-    Without ``group``, the permutations are generators and the group is their closure
-    (:class:`PermutationGroup`); with ``group``, ``perms[g]`` must be given for every element and
-    must form a homomorphism (checked).
+
+    Args:
+        perms_or_generators: without ``group``, generators whose closure is the group
+            (:class:`PermutationGroup`); with ``group``, ``perms[g]`` for every element.
+        group: the group, or None.
+        event_ndim: the number of trailing dims acted on.
+
+    Raises:
+        GroupActionError: the permutations do not form a representation of ``group`` (checked).
     """
 
     def __init__(
@@ -327,7 +420,12 @@ class PermutationAction(GroupAction):
 
 
 class TrivialAction(GroupAction):
-    """The trivial action rho(g) = identity (for invariant outputs in ``equivariance_error``)."""
+    """The trivial action rho(g) = identity (for invariant outputs in ``equivariance_error``).
+
+    Args:
+        group: the group.
+        event_ndim: the number of trailing dims acted on.
+    """
 
     def __init__(self, group: FiniteGroup, event_ndim: int = 1) -> None:
         self.group = group

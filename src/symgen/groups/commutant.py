@@ -19,7 +19,15 @@ __all__ = ["commutant_basis", "commutant_dimension", "commutant_orbits", "fixed_
 
 
 def commutant_dimension(in_rep: Representation | Tensor, out_rep: Representation | Tensor) -> int:
-    """dim Hom_G(rho_in, rho_out) = |G|^-1 sum_g chi_in(g) chi_out(g) (real characters; Serre §2.3)."""
+    """dim Hom_G(rho_in, rho_out) = |G|^-1 sum_g chi_in(g) chi_out(g) (real characters; Serre §2.3).
+
+    Args:
+        in_rep: the input representation (or its matrices (|G|, d, d)).
+        out_rep: the output representation (or its matrices).
+
+    Returns:
+        The dimension.
+    """
     i, o = as_representation_pair(in_rep, out_rep)
     return int(round(float((i.character() * o.character()).sum()) / i.order))
 
@@ -29,9 +37,17 @@ def commutant_basis(
 ) -> Tensor:
     """Orthonormal basis (k, d_out, d_in) of {W : rho_out(g) W = W rho_in(g)}: nullspace by float64 SVD.
 
-    Stacks (rho_out(s) (x) I - I (x) rho_in(s)^T) vec(W) = 0 over the generators s (row-major vec);
-    the right singular vectors with singular value <= rtol * max(shape) * s_max span the solution.
+    Stacks (rho_out(s) (x) I - I (x) rho_in(s)^T) vec(W) = 0 over the generators s (row-major vec).
     Cached on ``in_rep`` by the content of both representations. Source: arXiv 2104.09459.
+
+    Args:
+        in_rep: the input representation (or its matrices (|G|, d, d)).
+        out_rep: the output representation (or its matrices).
+        rtol: the right singular vectors with singular value <= rtol * max(shape) * s_max span the
+            solution (None: a float64 default).
+
+    Returns:
+        The basis, float64.
     """
     i, o = as_representation_pair(in_rep, out_rep)
     key = ("hom", o.digest, rtol)
@@ -50,7 +66,15 @@ def commutant_basis(
 
 
 def fixed_basis(rep: Representation, rtol: float | None = None) -> Tensor:
-    """Orthonormal basis (k, d) of the invariant subspace Fix(rho) = {v : rho(g) v = v for all g}."""
+    """Orthonormal basis (k, d) of the invariant subspace Fix(rho) = {v : rho(g) v = v for all g}.
+
+    Args:
+        rep: the representation.
+        rtol: the nullspace tolerance (:func:`commutant_basis`); unused for permutation representations.
+
+    Returns:
+        The basis, float64.
+    """
     key = ("fix", rtol)
     hit = rep._cache.get(key)
     if isinstance(hit, Tensor):
@@ -95,10 +119,20 @@ def _orbit_labels(index_maps: Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 
 def commutant_orbits(in_rep: Representation, out_rep: Representation) -> tuple[Tensor, Tensor]:
-    """Orbit weight sharing for permutation representations: orbit label (d_out*d_in,) and sizes (k,).
+    """Orbit weight sharing for permutation representations.
 
     W is equivariant iff W[p_out(g, i), p_in(g, j)] = W[i, j] for all g: W is constant on the
     orbits of G on index pairs (i, j); their number is the Burnside count = |G|^-1 sum_g chi_in chi_out.
+
+    Args:
+        in_rep: the input permutation representation.
+        out_rep: the output permutation representation.
+
+    Returns:
+        ``(labels, sizes)``: the orbit label of each entry (d_out*d_in,) and the orbit sizes (k,).
+
+    Raises:
+        GroupActionError: a representation that is not a permutation representation.
     """
     i, o = as_representation_pair(in_rep, out_rep)
     if not (i.is_permutation and o.is_permutation):

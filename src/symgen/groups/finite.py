@@ -17,7 +17,16 @@ __all__ = ["FiniteGroup", "CyclicGroup", "DihedralGroup", "DirectProduct", "Perm
 
 
 class FiniteGroup:
-    """A finite group given by its Cayley table: ``table[g, h] = g*h``, elements ``0..order-1``, identity 0."""
+    """A finite group given by its Cayley table: ``table[g, h] = g*h``, elements ``0..order-1``, identity 0.
+
+    Args:
+        name: the group's name.
+        table: the Cayley table (order, order), a Latin square with identity 0.
+        generators: elements that generate the group.
+
+    Raises:
+        GroupActionError: the table is not a group table.
+    """
 
     def __init__(self, name: str, table: Tensor, generators: Sequence[int]) -> None:
         table = torch.as_tensor(table, dtype=torch.long).cpu()
@@ -42,11 +51,26 @@ class FiniteGroup:
         self._inverse = (table == 0).long().argmax(dim=1)
 
     def mul(self, g: int, h: int) -> int:
-        """The product ``g*h``."""
+        """The product ``g*h``.
+
+        Args:
+            g: an element.
+            h: an element.
+
+        Returns:
+            The product.
+        """
         return int(self.table[g, h])
 
     def inv(self, g: int) -> int:
-        """The inverse ``g^-1``."""
+        """The inverse ``g^-1``.
+
+        Args:
+            g: an element.
+
+        Returns:
+            The inverse.
+        """
         return int(self._inverse[g])
 
     @property
@@ -55,11 +79,19 @@ class FiniteGroup:
         return self._inverse.clone()
 
     def elements(self) -> range:
-        """``range(order)``."""
+        """``range(order)``.
+
+        Returns:
+            The elements.
+        """
         return range(self.order)
 
     def is_associative(self) -> bool:
-        """Check (gh)k = g(hk) for all triples (O(order^3), for tests and user-built tables)."""
+        """Check (gh)k = g(hk) for all triples (O(order^3), for tests and user-built tables).
+
+        Returns:
+            Whether the table is associative.
+        """
         t = self.table
         left = t[t]  # left[g, h, k] = table[table[g, h], k]
         right = t[:, t]  # right[g, h, k] = table[g, table[h, k]]
@@ -73,7 +105,14 @@ class FiniteGroup:
 
 
 class CyclicGroup(FiniteGroup):
-    """C_n: element k is the rotation by k steps; ``k*l = (k + l) mod n``."""
+    """C_n: element k is the rotation by k steps; ``k*l = (k + l) mod n``.
+
+    Args:
+        n: the order (>= 1).
+
+    Raises:
+        GroupActionError: ``n < 1``.
+    """
 
     def __init__(self, n: int) -> None:
         if n < 1:
@@ -84,7 +123,14 @@ class CyclicGroup(FiniteGroup):
 
 
 class DihedralGroup(FiniteGroup):
-    """D_n of order 2n: element ``k + n*s`` is r^k s^s; ``(r^a s^b)(r^c s^d) = r^(a + (-1)^b c) s^(b+d)``."""
+    """D_n of order 2n: element ``k + n*s`` is r^k s^s; ``(r^a s^b)(r^c s^d) = r^(a + (-1)^b c) s^(b+d)``.
+
+    Args:
+        n: the number of rotations (>= 1).
+
+    Raises:
+        GroupActionError: ``n < 1``.
+    """
 
     def __init__(self, n: int) -> None:
         if n < 1:
@@ -100,7 +146,12 @@ class DihedralGroup(FiniteGroup):
 
 
 class DirectProduct(FiniteGroup):
-    """G x H: element ``g * |H| + h`` is the pair (g, h), multiplied componentwise."""
+    """G x H: element ``g * |H| + h`` is the pair (g, h), multiplied componentwise.
+
+    Args:
+        first: G.
+        second: H.
+    """
 
     def __init__(self, first: FiniteGroup, second: FiniteGroup) -> None:
         m = second.order
@@ -112,15 +163,41 @@ class DirectProduct(FiniteGroup):
         self.factors = (first, second)
 
     def pair(self, element: int) -> tuple[int, int]:
-        """The components (g, h) of an element."""
+        """The components (g, h) of an element.
+
+        Args:
+            element: an element of G x H.
+
+        Returns:
+            ``(g, h)``.
+        """
         return divmod(int(element), self.factors[1].order)
 
     def element(self, g: int, h: int) -> int:
-        """The element of the pair (g, h)."""
+        """The element of the pair (g, h).
+
+        Args:
+            g: an element of G.
+            h: an element of H.
+
+        Returns:
+            The element of G x H.
+        """
         return int(g) * self.factors[1].order + int(h)
 
 
 def as_perm_list(perms: Sequence[Sequence[int]] | Tensor) -> list[tuple[int, ...]]:
+    """Permutations as a list of tuples, checked.
+
+    Args:
+        perms: permutations of ``0..n-1``: a sequence of sequences, a (k, n) tensor or one (n,) tensor.
+
+    Returns:
+        The permutations as tuples.
+
+    Raises:
+        GroupActionError: none given, or a row that is not a permutation of ``0..n-1`` of the common length.
+    """
     if isinstance(perms, Tensor):
         if perms.ndim == 1:
             perms = perms[None]
@@ -145,6 +222,14 @@ class PermutationGroup(FiniteGroup):
     ``perms[g]`` is sigma_g; the product is composition ``sigma_{g*h}(i) = sigma_g(sigma_h(i))``.
     Element 0 is the identity, then the given permutations in order (duplicates dropped), then the
     rest in BFS order, so a list that is already a group with the identity first keeps its order.
+
+    Args:
+        generators: the generating permutations (:func:`as_perm_list`).
+        name: the group's name (default ``Perm{n}``).
+        max_order: the largest order accepted.
+
+    Raises:
+        GroupActionError: invalid permutations, or more than ``max_order`` elements.
     """
 
     def __init__(

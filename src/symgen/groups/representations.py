@@ -29,11 +29,14 @@ _ATOL = 1e-8
 class Representation:
     """A real representation rho: G -> GL(d) of a finite group, given by its matrices (|G|, d, d).
 
-    ``group`` (a :class:`FiniteGroup`) fixes the element indexing and the Cayley table used to check
-    rho(g) rho(h) = rho(g*h); without it, the matrices must be closed under multiplication and all of
-    them serve as constraints. ``permutations`` (|G|, d) marks a permutation representation,
-    (rho(g) x)[i] = x[perm[g, i]]: its matrices are built only when asked for, and the commutant
-    and fixed-point bases take the orbit fast path.
+    Args:
+        matrices: rho(g) for every element, (|G|, d, d) (or give ``permutations``).
+        group: fixes the element indexing and the Cayley table used to check rho(g) rho(h) = rho(g*h);
+            without it, the matrices must be closed under multiplication and all of them serve as constraints.
+        permutations: (|G|, d) marks a permutation representation, (rho(g) x)[i] = x[perm[g, i]]: its matrices
+            are built only when asked for, and the commutant and fixed-point bases take the orbit fast path.
+        name: the name in messages.
+        check: check that rho is a homomorphism (:meth:`check`).
     """
 
     def __init__(
@@ -91,7 +94,15 @@ class Representation:
     # -- constructors ---------------------------------------------------------------------------
     @classmethod
     def from_action(cls, action: GroupAction, shape: Sequence[int]) -> Representation:
-        """The representation of ``action`` on inputs of ``shape`` (flattened): rho(g) = action.matrices(shape)[g]."""
+        """The representation of ``action`` on inputs of ``shape`` (flattened): rho(g) = action.matrices(shape)[g].
+
+        Args:
+            action: the group action.
+            shape: one input's shape.
+
+        Returns:
+            The (permutation) representation.
+        """
         shape = tuple(int(s) for s in shape)
         action.check(shape)  # GroupActionError with the action's own message
         return cls(group=action.group, permutations=action.permutations(shape), name=f"{action!r} on {shape}")
@@ -203,7 +214,15 @@ class Representation:
         return inverses
 
     def reynolds_projector(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Tensor:
-        """Projector onto Fix(rho), (d, d): P_G = |G|^-1 sum_g rho(g) (arXiv 2303.04198)."""
+        """Projector onto Fix(rho), (d, d): P_G = |G|^-1 sum_g rho(g) (arXiv 2303.04198).
+
+        Args:
+            dtype: its dtype.
+            device: where it goes.
+
+        Returns:
+            P_G.
+        """
         dtype = dtype or torch.get_default_dtype()
         if self.permutations is None:
             return self.matrices.mean(0).to(dtype=dtype, device=device)
@@ -220,7 +239,11 @@ class Representation:
         return p
 
     def check(self, atol: float = _ATOL) -> None:
-        """Raise :class:`GroupActionError` unless rho is a homomorphism: rho(g) rho(h) = rho(g*h)."""
+        """Raise :class:`GroupActionError` unless rho is a homomorphism: rho(g) rho(h) = rho(g*h).
+
+        Args:
+            atol: the absolute tolerance of the comparison.
+        """
         n, d = self.order, self.dim
         if self.group is not None:
             table = self.group.table
@@ -274,7 +297,12 @@ def _as_permutations(mats: Tensor) -> Tensor | None:
 
 
 def check_same_group(a: Representation, b: Representation) -> None:
-    """Raise :class:`GroupActionError` unless ``a`` and ``b`` index the same group elements."""
+    """Raise :class:`GroupActionError` unless ``a`` and ``b`` index the same group elements.
+
+    Args:
+        a: a representation.
+        b: another.
+    """
     if a.order != b.order:
         raise GroupActionError(
             f"representations {a!r} and {b!r} belong to groups of different orders "
@@ -289,7 +317,15 @@ def check_same_group(a: Representation, b: Representation) -> None:
 def as_representation_pair(
     in_rep: Representation | Tensor, out_rep: Representation | Tensor
 ) -> tuple[Representation, Representation]:
-    """Two representations of one group from representations or raw matrix sets (checked jointly)."""
+    """Two representations of one group from representations or raw matrix sets (checked jointly).
+
+    Args:
+        in_rep: a representation or matrices (|G|, d, d).
+        out_rep: a representation or matrices.
+
+    Returns:
+        ``(rho_in, rho_out)``.
+    """
     group = next((r.group for r in (in_rep, out_rep) if isinstance(r, Representation) and r.group is not None), None)
     if group is None and not isinstance(in_rep, Representation) and not isinstance(out_rep, Representation):
         # Two raw matrix sets: check closure of the pair jointly, so both index the same elements.
@@ -321,6 +357,10 @@ class RepresentationAction(GroupAction):
 
     A permutation representation acts by one gather (and has ``permutations``); any other by a
     matrix product. Works without a group (raw matrices): elements are then the matrix indices.
+
+    Args:
+        rep: the representation.
+        shape: the acted-on trailing dims.
     """
 
     def __init__(self, rep: Representation, shape: Sequence[int]) -> None:
@@ -442,7 +482,14 @@ def reynolds_projector(
 ) -> Tensor:
     """Projector onto the invariant subspace, (d, d): P_G = |G|^-1 sum_g rho(g) (arXiv 2303.04198).
 
-    ``action`` with the input ``shape`` (one sample, no batch), or a :class:`Representation` directly.
+    Args:
+        action: a group action, or a :class:`Representation` directly.
+        shape: the input shape (one sample, no batch) for an action.
+        dtype: its dtype.
+        device: where it goes.
+
+    Returns:
+        P_G.
     """
     if isinstance(action, Representation):
         return action.reynolds_projector(dtype, device)
