@@ -147,6 +147,23 @@ def test_learning_curve_known_exponent_ornstein_uhlenbeck():
         learning_curve(_laplace, sample, [16, 32], num_test=4, fit_min=32)
 
 
+def _local_ntk_longdouble(x: np.ndarray, y: np.ndarray, s: int, w: float, b: float) -> np.ndarray:
+    """b^2 + (w^2 / d) sum_p |u~| |v~| F(theta) in np.longdouble, theta from arccos of the longdouble cosine."""
+    d = x.shape[1]
+    idx = (np.arange(d)[:, None] - (s - 1) // 2 + np.arange(s)[None]) % d
+    ld = np.longdouble
+    out = np.zeros((x.shape[0], y.shape[0]), dtype=ld)
+    for i in range(x.shape[0]):
+        for j in range(y.shape[0]):
+            for p in range(d):
+                u = np.append(x[i, idx[p]].astype(ld) * ld(w) / np.sqrt(ld(s)), ld(b))
+                v = np.append(y[j, idx[p]].astype(ld) * ld(w) / np.sqrt(ld(s)), ld(b))
+                nu, nv = np.sqrt((u * u).sum()), np.sqrt((v * v).sum())
+                theta = np.arccos(np.clip((u * v).sum() / (nu * nv), ld(-1), ld(1)))
+                out[i, j] += nu * nv * (np.sin(theta) + 2 * np.cos(theta) * (np.pi - theta)) / (2 * np.pi)
+    return (ld(b) ** 2 + ld(w) ** 2 / d * out).astype(np.float64)
+
+
 @pytest.mark.parametrize(("d", "s", "bias"), [(8, 2, 0.5), (6, 4, 0.5), (5, 5, 0.0), (7, 1, 1.3)])
 def test_local_relu_ntk_matches_analytic_conv_ntk(d, s, bias):
     from symgen.ntk import analytic_conv_ntk
@@ -155,12 +172,14 @@ def test_local_relu_ntk_matches_analytic_conv_ntk(d, s, bias):
     g = torch.Generator().manual_seed(d + s)
     x = torch.randn(40, 1, d, generator=g, dtype=torch.float64)
     y = torch.randn(9, 1, d, generator=g, dtype=torch.float64)
-    near = x + 1e-7 * torch.randn(40, 1, d, generator=g, dtype=torch.float64)  # nearly parallel patches
-    for b_in in (y, near):
-        ref = analytic_conv_ntk(x, b_in, 1, s, "relu", "flatten", "circular", 1.3, bias, dtype=torch.float64)[1]
-        got = local_relu_ntk(x, b_in, s, 1.3, bias)
-        assert got.dtype == torch.float64 and got.shape == ref.shape
-        assert torch.allclose(got, ref, rtol=1e-9, atol=1e-9)
+    ref = analytic_conv_ntk(x, y, 1, s, "relu", "flatten", "circular", 1.3, bias, dtype=torch.float64)[1]
+    got = local_relu_ntk(x, y, s, 1.3, bias)
+    assert got.dtype == torch.float64 and got.shape == ref.shape
+    assert torch.allclose(got, ref, rtol=1e-9, atol=1e-9)
+    # nearly parallel patches (the cusp): against the formula in extended precision (numpy longdouble)
+    near = x + 1e-7 * torch.randn(40, 1, d, generator=g, dtype=torch.float64)
+    got = local_relu_ntk(x[:5], near[:5], s, 1.3, bias).numpy()
+    assert np.allclose(got, _local_ntk_longdouble(x[:5, 0].numpy(), near[:5, 0].numpy(), s, 1.3, bias), rtol=1e-12)
     sym = local_relu_ntk(x, None, s, 1.3, bias)
     off = ~torch.eye(40, dtype=torch.bool)
     ref = analytic_conv_ntk(x, None, 1, s, "relu", "flatten", "circular", 1.3, bias, dtype=torch.float64)[1]
