@@ -11,13 +11,13 @@ Novak et al. (neural-tangents) arXiv 1912.02803; Kempe et al. arXiv 2307.02693.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from symgen.errors import ConfigError, DivergenceError, ShapeError
+from symgen.ntk import duals
 from symgen.numerics import first_bad_row
 from symgen.rng import Seed, init_generator
 
@@ -43,43 +43,52 @@ def check_finite_input(x: Tensor, name: str, where: str) -> None:
         raise DivergenceError(f"{where}: the input {name} at batch index {i} holds non-finite values (NaN or inf).")
 
 
-def _relu_dense(
-    c11: Tensor, c12: Tensor, c22: Tensor, ntk: Tensor, w2: float, b2: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """ReLU then Dense, via the Cho & Saul arc-cosine kernels ("Kernel methods for deep learning", NeurIPS 2009).
+_NEAR_PARALLEL = 1e-6  # sin^2 of the input angle below which c11 c22 - c12^2 is recomputed from differences
 
-    ``E[relu(u) relu(v)] = (sqrt(c11 c22 - c12^2) + (pi - arccos rho) c12) / (2 pi)`` and
-    ``E[relu'(u) relu'(v)] = (pi - arccos rho) / (2 pi)``, rho = c12 / sqrt(c11 c22), followed by
-    ``K <- w2 K + b2, Theta <- K + w2 Theta``. rho is clamped to [-1 + 2 eps, 1 - 2 eps], which changes
-    values by O(eps) but keeps every derivative finite (arccos' is infinite at |rho| = 1, e.g. for
-    x = x'; the clamp passes zero gradient there); c11 c22 is clamped at the smallest normal number
-    (a zero input without bias). Fused ops: ~17 elementwise passes per layer.
+
+def _stable_det(a: Tensor, b: Tensor, det: Tensor, c11: Tensor, c22: Tensor, alpha: float, beta: float) -> Tensor:
+    """``c11 c22 - c12^2`` of the inputs' covariances, exact also for (anti)parallel or equal inputs.
+
+    ``det`` (rows of ``a`` against ``b``) was formed by cancellation; where it is below 1e-6 c11 c22 (angles
+    under ~1e-3 from 0 or pi, usually only x = x') it is recomputed as ``alpha^2 |x|^2 |x' - t x|^2 + alpha
+    beta |x - x'|^2`` (t = x.x' / |x|^2, alpha = W^2 / d, beta = b^2) from the differences: 0 for x = x'.
     """
-    finfo = torch.finfo(c12.dtype)
-    prod = c11[:, None] * c22[None, :]
-    inv_norm = torch.rsqrt(prod.clamp(min=finfo.tiny))
-    edge = 1.0 - 2.0 * finfo.eps
-    rho = (c12 * inv_norm).clamp(-edge, edge)
-    j0 = math.pi - torch.arccos(rho)
-    sin = torch.sqrt((1.0 - rho) * (1.0 + rho))
+    i, j = torch.nonzero(det <= _NEAR_PARALLEL * (c11[:, None] * c22[None, :]), as_tuple=True)
+    if i.numel() == 0:
+        return det
+    xi, xj = a[i], b[j]
+    sq = (xi * xi).sum(-1)
+    t = (xi * xj).sum(-1) / sq.clamp(min=torch.finfo(sq.dtype).tiny)
+    resid = xj - t[:, None] * xi
+    exact = alpha * alpha * sq * (resid * resid).sum(-1) + alpha * beta * ((xi - xj) ** 2).sum(-1)
+    return det.index_put((i, j), exact)
+
+
+def _relu_layer(
+    c11: Tensor, c12: Tensor, c22: Tensor, s: Tensor, ntk: Tensor, w2: float, b2: float, first: bool, last: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """ReLU then Dense on (c11, c12, c22, s = sqrt(c11 c22 - c12^2), ntk), via :func:`duals.relu_dual`.
+
+    ``K <- w2 E[relu(u) relu(v)] + b2``, ``Theta <- K + w2 Theta E[relu'(u) relu'(v)]``, and the next layer's
+    ``s^2 = (w2^2 / 4) gap (n + n J1 / pi) + w2 b2 ((sqrt c11 - sqrt c22)^2 / 2 + gap)`` (gap = n - n J1 / pi):
+    a sum of non-negative terms, so correlations near 1 keep their digits (x = x' stays at s = 0).
+    """
+    r1, r2 = duals.safe_sqrt(c11)[:, None], duals.safe_sqrt(c22)[None, :]
+    n = r1 * r2
+    nj1, phi, gap = duals.relu_dual(c12, s, n, signed=first, gap=not last)
     scale = w2 * 0.5 / math.pi
-    nngp = torch.addcmul((prod * inv_norm) * sin, j0, c12).mul_(scale).add_(b2)
-    ntk = torch.addcmul(nngp, ntk, j0, value=scale)
-    return w2 * c11 / 2.0 + b2, nngp, w2 * c22 / 2.0 + b2, ntk
+    nngp = (nj1 * scale).add_(b2)
+    ntk = torch.addcmul(nngp, ntk, phi, value=scale)
+    if gap is not None:
+        diff = r1 - r2
+        det = (w2 * w2 / 4.0) * gap * (n + nj1 / math.pi) + (w2 * b2) * (0.5 * diff * diff + gap)
+        s = duals.safe_sqrt(det)
+    return w2 * c11 / 2.0 + b2, nngp, w2 * c22 / 2.0 + b2, s, ntk
 
 
 def _erf(c11: Tensor, c12: Tensor, c22: Tensor, ntk: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    # E[erf(u) erf(v)] = (2/pi) arcsin(2 c12 / sqrt((1+2c11)(1+2c22)));
-    # E[erf'(u) erf'(v)] = (4/pi) / sqrt((1+2c11)(1+2c22) - 4 c12^2)   (the root is >= 1: no singularity).
-    prod = (1.0 + 2.0 * c11[:, None]) * (1.0 + 2.0 * c22[None, :])
-    root = torch.sqrt((prod - 4.0 * c12 * c12).clamp(min=1.0))
-    nngp = (2.0 / math.pi) * torch.atan2(2.0 * c12, root)
-    dot = (4.0 / math.pi) / root
-
-    def diag(c: Tensor) -> Tensor:
-        return (2.0 / math.pi) * torch.atan2(c, torch.sqrt(c + 0.25))
-
-    return diag(c11), nngp, diag(c22), ntk * dot
+    nngp, dot = duals.erf_dual(c11[:, None], c22[None, :], c12)
+    return duals.erf_variance(c11), nngp, duals.erf_variance(c22), ntk * dot
 
 
 def analytic_ntk(
@@ -115,29 +124,32 @@ def analytic_ntk(
         )
     if dtype is None:
         dtype = a.dtype if a.is_floating_point() else torch.get_default_dtype()
-    a, b = a.to(dtype), b.to(dtype)
+    # The input covariances in float64 whatever ``dtype``: the first angle is then exact to float64, which
+    # float32 cannot give where x.x' rounds (near x = x' the arc-cosine turns an ulp into sqrt(ulp)).
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
     d = a.shape[1]
     w2, b2 = float(weight_std) ** 2, float(bias_std) ** 2
-    act: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]] | None = {
-        "relu": _relu_dense,
-        "erf": _erf,
-        "identity": None,
-    }[activation]
-    c11_all = w2 * (a * a).sum(-1) / d + b2
-    c22_0 = w2 * (b * b).sum(-1) / d + b2
+    c11_all = w2 * (a64 * a64).sum(-1) / d + b2
+    c22_0 = c11_all if x2 is None else w2 * (b64 * b64).sum(-1) / d + b2
 
     def block(rows: slice) -> tuple[Tensor, Tensor]:
         c11, c22 = c11_all[rows], c22_0
-        c12 = (w2 / d) * (a[rows] @ b.T) + b2
+        c12 = (w2 / d) * (a64[rows] @ b64.T) + b2
+        if activation != "relu":
+            c12, c11, c22 = c12.to(dtype), c11.to(dtype), c22.to(dtype)
+            ntk = c12
+            for _ in range(depth):
+                if activation == "erf":
+                    c11, c12, c22, ntk = _erf(c11, c12, c22, ntk)
+                c11, c12, c22 = w2 * c11 + b2, w2 * c12 + b2, w2 * c22 + b2
+                ntk = torch.add(c12, ntk, alpha=w2)
+            return c12, ntk
+        det = _stable_det(a64[rows], b64, c11[:, None] * c22[None, :] - c12 * c12, c11, c22, w2 / d, b2)
+        s = duals.safe_sqrt(det.to(dtype))
+        c12, c11, c22 = c12.to(dtype), c11.to(dtype), c22.to(dtype)
         ntk = c12
-        for _ in range(depth):
-            if act is _relu_dense:
-                c11, c12, c22, ntk = _relu_dense(c11, c12, c22, ntk, w2, b2)
-                continue
-            if act is not None:
-                c11, c12, c22, ntk = act(c11, c12, c22, ntk)
-            c11, c12, c22 = w2 * c11 + b2, w2 * c12 + b2, w2 * c22 + b2
-            ntk = torch.add(c12, ntk, alpha=w2)
+        for layer in range(depth):
+            c11, c12, c22, s, ntk = _relu_layer(c11, c12, c22, s, ntk, w2, b2, layer == 0, layer == depth - 1)
         return c12, ntk
 
     # Row blocks of ~256K entries: the ~20 elementwise passes per layer then run in cache instead of

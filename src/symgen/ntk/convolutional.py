@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from symgen.errors import ConfigError, ShapeError
+from symgen.ntk import duals
 from symgen.ntk.analytic import Erf, NTKLinear, check_finite_input
 from symgen.rng import Seed, init_generator
 
@@ -82,33 +83,43 @@ def _filter_mean(
     return total / math.prod(filter_size)
 
 
-def _relu(v1: Tensor, v2: Tensor, c12: Tensor) -> tuple[Tensor, Tensor]:
-    """``(E[relu(u) relu(v)], E[relu'(u) relu'(v)])`` for (u, v) ~ N(0, [[v1, c12], [c12, v2]]) (Cho & Saul 2009).
-
-    rho is clamped to [-1 + 2 eps, 1 - 2 eps] so every derivative stays finite (also at x = x')."""
-    finfo = torch.finfo(c12.dtype)
-    prod = (v1 * v2).clamp(min=finfo.tiny)
-    root = torch.sqrt(prod)
-    edge = 1.0 - 2.0 * finfo.eps
-    rho = (c12 / root).clamp(-edge, edge)
-    j0 = math.pi - torch.arccos(rho)
-    k = (root * torch.sqrt((1.0 - rho) * (1.0 + rho)) + j0 * c12) / (2.0 * math.pi)
-    return k, j0 / (2.0 * math.pi)
-
-
-def _erf(v1: Tensor, v2: Tensor, c12: Tensor) -> tuple[Tensor, Tensor]:
-    """``(E[erf(u) erf(v)], E[erf'(u) erf'(v)])``: (2/pi) arcsin(2c / sqrt((1+2v1)(1+2v2))), (4/pi) / sqrt(...)."""
-    prod = (1.0 + 2.0 * v1) * (1.0 + 2.0 * v2)
-    root = torch.sqrt((prod - 4.0 * c12 * c12).clamp(min=1.0))
-    return (2.0 / math.pi) * torch.atan2(2.0 * c12, root), (4.0 / math.pi) / root
-
-
 def _act_var(v: Tensor, activation: str) -> Tensor:
     if activation == "relu":
         return v / 2.0
     if activation == "erf":
-        return (2.0 / math.pi) * torch.atan2(2.0 * v, torch.sqrt(1.0 + 4.0 * v))
+        return duals.erf_variance(v)
     return v
+
+
+def _input_distances(xa: Tensor, b: Tensor, full: bool) -> Tensor:
+    """``sum_c (xa[i, c, p] - b[j, c, q])^2`` from the differences themselves: (n1, n2, *S) at p = q, or
+    (n1, n2, P, P) for all position pairs (``full``); exactly 0 where the pixels agree."""
+    if full:
+        fa, fb = xa.flatten(2), b.flatten(2)
+        return ((fa[:, None, :, :, None] - fb[None, :, :, None, :]) ** 2).sum(2)
+    return ((xa[:, None] - b[None]) ** 2).sum(2)
+
+
+def _pad_distances(dist: Tensor, m1: Tensor, m2: Tensor, pads: list[tuple[int, int]]) -> Tensor:
+    """Zero-pad the all-pairs distances ``dist`` (n1, n2, *S, *S) as the feature maps are zero-padded.
+
+    A padded position p against a real q has distance ``m2(q) = E v_q^2`` (``m1``: (n1, *S), ``m2``: (n2, *S)
+    the second moments), two padded positions 0."""
+    dims = len(pads)
+    for i, (left, right) in enumerate(pads):
+        dist = _pad_axis(_pad_axis(dist, 2 + i, left, right, "zeros"), 2 + dims + i, left, right, "zeros")
+        m1 = _pad_axis(m1, 1 + i, left, right, "zeros")
+        m2 = _pad_axis(m2, 1 + i, left, right, "zeros")
+    inner = m1.new_ones(tuple(n - lo - hi for n, (lo, hi) in zip(m1.shape[1:], pads, strict=True)))
+    for i, (left, right) in enumerate(pads):
+        inner = _pad_axis(inner, i, left, right, "zeros")
+    pad_mask = 1.0 - inner  # 1 at padded positions, (*S_padded)
+    ones = [1] * dims
+    p_pad = pad_mask.reshape(1, 1, *pad_mask.shape, *ones)
+    q_pad = pad_mask.reshape(1, 1, *ones, *pad_mask.shape)
+    m1_p = m1.reshape(m1.shape[0], 1, *m1.shape[1:], *ones)
+    m2_q = m2.reshape(1, m2.shape[0], *ones, *m2.shape[1:])
+    return dist + p_pad * m2_q + q_pad * m1_p
 
 
 def _as_image(x: Tensor, name: str) -> Tensor:
@@ -182,14 +193,14 @@ def analytic_conv_ntk(
     fs = _check(depth, filter_size, activation, readout, padding, weight_std, bias_std, dims)
     if dtype is None:
         dtype = a.dtype if a.is_floating_point() else torch.get_default_dtype()
-    a, b = a.to(dtype), b.to(dtype)
+    # Layer 0 (the input covariances, their first filter mean and angle) in float64 whatever ``dtype``.
+    a, b = a.to(torch.float64), b.to(torch.float64)
     w2, b2 = float(weight_std) ** 2, float(bias_std) ** 2
     pads = _pads(fs, padding)
     mode = "circular" if padding == "circular" else "zeros"
-    dual = {"relu": _relu, "erf": _erf, "identity": None}[activation]
     chans = a.shape[1]
 
-    def pre_variances(x: Tensor) -> list[Tensor]:  # pre-activation variances of each layer, (N, *S)
+    def pre_variances(x: Tensor) -> list[Tensor]:  # pre-activation variances of each layer, (N, *S), float64
         out, v = [], (x * x).sum(1) / chans
         for _ in range(depth):
             v = w2 * _filter_mean(v, [(1 + i,) for i in range(dims)], fs, pads, mode) + b2
@@ -197,30 +208,59 @@ def analytic_conv_ntk(
             v = _act_var(v, activation)
         return out
 
-    va, vb = pre_variances(a), pre_variances(b)
+    va64 = pre_variances(a)
+    vb64 = va64 if x2 is None else pre_variances(b)
+    va, vb = [v.to(dtype) for v in va64], [v.to(dtype) for v in vb64]
     full = readout == "gap"
+    relu = activation == "relu"
 
     def block(rows: slice) -> tuple[Tensor, Tensor]:
         xa = a[rows]
         if full:  # (n1, n2, *S, *S): every pair of positions
-            k = torch.einsum("acp,bcq->abpq", xa.flatten(2), b.flatten(2)) / chans
+            fa, fb = xa.flatten(2), b.flatten(2)
+            k = torch.einsum("acp,bcq->abpq", fa, fb) / chans
             k = k.reshape(xa.shape[0], b.shape[0], *a.shape[2:], *b.shape[2:])
             groups: list[tuple[int, ...]] = [(2 + i, 2 + dims + i) for i in range(dims)]
         else:  # (n1, n2, *S): equal positions only
             k = torch.einsum("ac...,bc...->ab...", xa, b) / chans
             groups = [(2 + i,) for i in range(dims)]
-        ntk = torch.zeros_like(k)
+        # E(u - v)^2 of the pre-activations (no bias): filter means keep it exact, and with the variances it
+        # gives v1 v2 - c^2 without the cancellation of forming it from c (ReLU angles near x = x').
+        dist = _input_distances(xa, b, full).reshape(k.shape) / chans if relu else k
+        ntk: Tensor | None = None
         for layer in range(depth):
             k = w2 * _filter_mean(k, groups, fs, pads, mode) + b2
-            ntk = k + w2 * _filter_mean(ntk, groups, fs, pads, mode)
-            if dual is None:
+            ntk = k if ntk is None else k + w2 * _filter_mean(ntk, groups, fs, pads, mode)
+            if activation == "identity":
+                k, ntk = k.to(dtype), ntk.to(dtype)
                 continue
-            v1, v2 = va[layer][rows][:, None], vb[layer][None]
+            vs = (va64, vb64) if layer == 0 else (va, vb)
+            v1, v2 = vs[0][layer][rows][:, None], vs[1][layer][None]
             if full:
                 v1 = v1.reshape(*v1.shape, *([1] * dims))
                 v2 = v2.reshape(1, v2.shape[1], *([1] * dims), *v2.shape[2:])
-            k, dot = dual(v1, v2, k)
-            ntk = ntk * dot
+            if not relu:
+                k, dot = duals.erf_dual(v1, v2, k)
+                k, ntk = k.to(dtype), (ntk * dot).to(dtype)
+                continue
+            if full and mode == "zeros":  # a zero pixel against a real one: E(u - 0)^2, not 0
+                m1 = (a * a).sum(1) / chans if layer == 0 else va64[layer - 1] / 2.0
+                m2 = (b * b).sum(1) / chans if layer == 0 else vb64[layer - 1] / 2.0
+                dist = _pad_distances(dist, m1[rows].to(dist.dtype), m2.to(dist.dtype), pads)
+                dist = w2 * _filter_mean(dist, groups, fs, [(0, 0)] * dims, mode)
+            else:
+                dist = w2 * _filter_mean(dist, groups, fs, pads, mode)
+            det = (dist * (2.0 * (v1 + v2) - dist) - (v1 - v2) ** 2) / 4.0
+            s = duals.safe_sqrt(det.to(dtype))
+            k, ntk, v1, v2 = k.to(dtype), ntk.to(dtype), v1.to(dtype), v2.to(dtype)
+            r1, r2 = duals.safe_sqrt(v1), duals.safe_sqrt(v2)
+            nj1, phi, gap = duals.relu_dual(k, s, r1 * r2, signed=layer == 0, gap=layer < depth - 1)
+            k, ntk = nj1 / (2.0 * math.pi), ntk * phi / (2.0 * math.pi)
+            if gap is not None:  # E(relu(u) - relu(v))^2 = (sqrt v1 - sqrt v2)^2 / 2 + n - n J1 / pi
+                dist = 0.5 * (r1 - r2) ** 2 + gap
+        if ntk is None:  # depth 0: the read-out of the inputs
+            k = k.to(dtype)
+            ntk = torch.zeros_like(k)
         red = tuple(range(2, k.dim()))
         k_out = w2 * k.mean(red) + b2 if red else w2 * k + b2
         return k_out, k_out + w2 * (ntk.mean(red) if red else ntk)

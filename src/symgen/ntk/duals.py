@@ -1,0 +1,116 @@
+"""Dual activations of the infinite-width kernels, computed stably near correlation +-1.
+
+For (u, v) ~ N(0, [[v1, c], [c, v2]]) with n = sqrt(v1 v2) and s = sqrt(v1 v2 - c^2) (passed in, never
+formed as ``n^2 - c^2`` from rounded values), the ReLU duals of Cho & Saul ("Kernel methods for deep
+learning", NeurIPS 2009) are ``E[relu(u) relu(v)] = n J1(theta) / (2 pi)`` and ``E[relu'(u) relu'(v)] =
+(pi - theta) / (2 pi)``, with ``theta = atan2(s, c)``, ``pi - theta = atan2(s, -c)`` and
+``n J1 = s + (pi - theta) c``. The angle from ``atan2`` of the un-normalized pair keeps full relative
+precision where ``arccos(rho)`` loses half the digits (theta ~ sqrt(2 (1 - rho))): x = x' gives theta = 0
+exactly. The callers propagate s (or the distance E(u - v)^2) through the layers with the gap
+``n - n J1 / pi >= 0``, a sum of non-negative terms, so no layer takes the square root of a cancellation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["safe_sqrt", "sin_minus_x_cos", "relu_dual", "erf_dual", "erf_variance"]
+
+# sin x - x cos x = sum_k>=1 (-1)^(k+1) 2k x^(2k+1) / (2k+1)!: coefficients of x^3, x^5, ..., x^15.
+_SERIES = (1 / 3, -1 / 30, 1 / 840, -1 / 45360, 1 / 3991680, -1 / 518918400, 1 / 93405312000)
+_SERIES_EDGE = 0.25  # below: the series (next term < 1e-21 relative); above: sin x - x cos x has no cancellation
+
+
+def safe_sqrt(t: Tensor) -> Tensor:
+    """sqrt of ``t`` clamped at the smallest normal number: 0 gives ~1e-19 (float32), and a zero gradient.
+
+    Args:
+        t: a tensor, >= 0 up to rounding.
+
+    Returns:
+        sqrt(max(t, tiny)), finite gradient everywhere.
+    """
+    return torch.sqrt(t.clamp(min=torch.finfo(t.dtype).tiny))
+
+
+def sin_minus_x_cos(x: Tensor) -> Tensor:
+    """``sin x - x cos x`` for x in [0, pi], to full relative precision also as x -> 0 (~x^3 / 3).
+
+    Args:
+        x: angles in [0, pi].
+
+    Returns:
+        sin x - x cos x, elementwise.
+    """
+    x2 = x * x
+    poly = torch.full_like(x, _SERIES[-1])
+    for coef in reversed(_SERIES[:-1]):
+        poly = poly.mul_(x2).add_(coef)
+    direct = torch.sin(x) - x * torch.cos(x)
+    return torch.where(x < _SERIES_EDGE, poly * x2 * x, direct)
+
+
+def relu_dual(c: Tensor, s: Tensor, n: Tensor, signed: bool, gap: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(n J1, pi - theta, gap)`` of the ReLU arc-cosine kernels at covariance c, sine part s, norm n.
+
+    ``E[relu(u) relu(v)] = n J1 / (2 pi)``, ``E[relu'(u) relu'(v)] = (pi - theta) / (2 pi)``;
+    ``gap = n - n J1 / pi = (n - c) - (s - theta c) / pi >= 0`` with ``n - c = s^2 / (n + c)`` for c > 0 (no
+    cancellation as theta -> 0), for the next layer's s or distance. ``signed``: c may be negative (the first
+    layer): near c = -n, ``n J1 = n (sin phi - phi cos phi)`` (phi = pi - theta) by its series.
+
+    Args:
+        c: covariances E[uv].
+        s: sqrt(v1 v2 - c^2), computed stably by the caller.
+        n: sqrt(v1 v2).
+        signed: whether c can be negative.
+        gap: whether to return the gap (else None).
+
+    Returns:
+        n J1, pi - theta and the gap (or None).
+    """
+    phi = torch.atan2(s, -c)
+    if signed:
+        nj1 = torch.where(c < 0, n * sin_minus_x_cos(phi), torch.addcmul(s, phi, c))
+    else:
+        nj1 = torch.addcmul(s, phi, c)
+    if not gap:
+        return nj1, phi, None
+    tiny = torch.finfo(c.dtype).tiny
+    theta = torch.atan2(s, c)
+    pos = c.clamp(min=0.0)
+    n_minus_c = torch.where(c > 0, s * s / (n + pos).clamp(min=tiny), n - c)
+    out = n_minus_c - (s - theta * c) / math.pi
+    return nj1, phi, out.clamp_(min=0.0)
+
+
+def erf_dual(v1: Tensor, v2: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """``(E[erf(u) erf(v)], E[erf'(u) erf'(v)])``: (2/pi) arcsin(2c / sqrt((1+2v1)(1+2v2))), (4/pi) / sqrt(...).
+
+    The root ``sqrt((1 + 2 v1)(1 + 2 v2) - 4 c^2)`` is >= 1: no singularity, and the arcsine as an atan2.
+
+    Args:
+        v1: variances of u.
+        v2: variances of v.
+        c: covariances.
+
+    Returns:
+        the two expectations, elementwise.
+    """
+    prod = (1.0 + 2.0 * v1) * (1.0 + 2.0 * v2)
+    root = torch.sqrt((prod - 4.0 * c * c).clamp(min=1.0))
+    return (2.0 / math.pi) * torch.atan2(2.0 * c, root), (4.0 / math.pi) / root
+
+
+def erf_variance(v: Tensor) -> Tensor:
+    """E[erf(u)^2] for u ~ N(0, v): (2/pi) arcsin(2v / (1 + 2v)).
+
+    Args:
+        v: variances.
+
+    Returns:
+        E[erf(u)^2], elementwise.
+    """
+    return (2.0 / math.pi) * torch.atan2(2.0 * v, torch.sqrt(1.0 + 4.0 * v))
