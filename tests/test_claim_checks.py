@@ -890,6 +890,12 @@ def test_inductive_bias_all_pass():
     assert gap.headline == "s4.gap" and gap.paper == pytest.approx(0.25 - 1 / 32)
     assert gap.measured["s2"] == {"gap": pytest.approx(0.4), "sum_half_widths": pytest.approx(0.1)}
     assert gap.measured["s4"] == {"gap": pytest.approx(0.15), "sum_half_widths": pytest.approx(0.1)}
+    # each headline's bar is the sum of the two 95% half-widths it is held against: the margin is the excess
+    from symgen.terminal import claim_headline
+
+    for c, margin in ((local, 0.25 - 0.1), (fc, 0.4 - 0.1), (gap, 0.15 - 0.1)):
+        h = claim_headline(c.model_dump())
+        assert h["threshold"] == pytest.approx(0.1) and h["margin"] == pytest.approx(margin)
 
 
 @pytest.mark.parametrize(

@@ -249,11 +249,14 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
             },
             headline=s_gap,
             paper=1.0 / filters[0] - 1.0 / filters[-1],
-            threshold=(
-                f"for each s, |beta(d) - beta(d={d0})| <= sum of 95% half-widths or <= "
-                f"{config.relative_tolerance} beta(d={d0}); at d={dmax} beta(s_min) - beta(s_max) > sum of "
-                "half-widths"
-            ),
+            threshold={
+                "rule": (
+                    f"for each s, |beta(d) - beta(d={d0})| <= sum of 95% half-widths or <= "
+                    f"{config.relative_tolerance} beta(d={d0}); at d={dmax} beta(s_min) - beta(s_max) > sum of "
+                    "half-widths"
+                ),
+                s_gap: _half(lo_s) + _half(hi_s),  # the headline's bar
+            },
             passed=bool(ok_d and ok_s),
             note="; ".join(notes),
         )
@@ -270,8 +273,11 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
             measured={**table["fc"], "beta_drop": drop, "predicted": predicted["fc"]},
             headline="beta_drop",
             paper=1.0 / dims[0] - 1.0 / dims[-1],
-            threshold="mean beta_FC decreases from each d to the next and beta_FC(d_min) - beta_FC(d_max) > sum of "
-            "95% half-widths",
+            threshold={
+                "rule": "mean beta_FC decreases from each d to the next and beta_FC(d_min) - beta_FC(d_max) > sum "
+                "of 95% half-widths",
+                "beta_drop": _half(fc[0]) + _half(fc[-1]),
+            },
             passed=bool(ok_fc),
             note=""
             if ok_fc
@@ -295,7 +301,10 @@ def check_claims(config: Config, result: dict) -> list[Claim]:
             measured={**gaps, "predicted": {f"s{s}": 1.0 / s - 1.0 / dims[-1] for s in filters}},
             headline=f"s{filters[-1]}.gap",
             paper=1.0 / filters[-1] - 1.0 / dims[-1],
-            threshold="beta_local(s) - beta_FC > half-width(local) + half-width(FC) (95%) for every s",
+            threshold={
+                "rule": "beta_local(s) - beta_FC > half-width(local) + half-width(FC) (95%) for every s",
+                f"s{filters[-1]}.gap": gaps[f"s{filters[-1]}"]["sum_half_widths"],
+            },
             passed=bool(ok_gap),
             note="" if ok_gap else "a local exponent is not above the FC one beyond the intervals",
         )
