@@ -34,14 +34,26 @@ class EquivariantModule(nn.Module):
     out_action: GroupAction
 
     def example_shape(self) -> tuple[int, ...]:
-        """The shape of one input (no batch dim) used when :meth:`check_equivariance` draws its own."""
+        """The shape of one input (no batch dim) used when :meth:`check_equivariance` draws its own.
+
+        Returns:
+            The shape.
+        """
         shape = getattr(self.in_action, "shape", None)
         if shape is None:
             raise NotImplementedError(f"{type(self).__name__} must define example_shape().")
         return tuple(shape)
 
     def example_input(self, batch_size: int = 2, generator: rng.Seed = None) -> Tensor:
-        """A N(0, 1) batch (batch_size, *example_shape()) in the module's dtype and device."""
+        """A N(0, 1) batch (batch_size, *example_shape()) in the module's dtype and device.
+
+        Args:
+            batch_size: the batch size.
+            generator: a seed or a ``torch.Generator``.
+
+        Returns:
+            The batch.
+        """
         ref: Tensor | None = next(iter(self.parameters()), None)
         if ref is None:
             ref = next(iter(self.buffers()), None)
@@ -52,8 +64,15 @@ class EquivariantModule(nn.Module):
     def check_equivariance(self, x: Tensor | None = None, atol: float | None = None) -> float:
         """max_g max |f(rho_in(g) x) - rho_out(g) f(x)| over ALL group elements; raises if above ``atol``.
 
-        ``x``: a batch of inputs (default: :meth:`example_input`). ``atol`` defaults to
-        1e3 eps(dtype) (1 + max|f(x)|). Raises :class:`GroupActionError` naming the worst element.
+        Args:
+            x: a batch of inputs (default: :meth:`example_input`).
+            atol: the tolerance (default 1e3 eps(dtype) (1 + max|f(x)|)).
+
+        Returns:
+            The largest error.
+
+        Raises:
+            GroupActionError: the error exceeds ``atol`` (naming the worst element).
         """
         with torch.no_grad():
             x = self.example_input() if x is None else x
@@ -76,12 +95,24 @@ class EquivariantModule(nn.Module):
         return worst
 
     def export(self) -> nn.Module:
-        """Plain torch layers (``nn.Linear`` / ``nn.Conv2d`` / ``nn.Sequential``) with the same outputs."""
+        """Plain torch layers (``nn.Linear`` / ``nn.Conv2d`` / ``nn.Sequential``) with the same outputs.
+
+        Returns:
+            The plain module.
+        """
         raise NotImplementedError
 
 
 def plain_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
-    """An ``nn.Linear`` holding copies of ``weight`` (d_out, d_in) and ``bias`` (d_out,)."""
+    """An ``nn.Linear`` holding copies of ``weight`` and ``bias``.
+
+    Args:
+        weight: (d_out, d_in).
+        bias: (d_out,) or None.
+
+    Returns:
+        The layer.
+    """
     w = weight.detach()
     lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype)
     with torch.no_grad():
@@ -92,7 +123,16 @@ def plain_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
 
 
 def reshaped(layer: nn.Module, in_shape: Sequence[int], out_shape: Sequence[int]) -> nn.Module:
-    """``layer`` on flat vectors, wrapped to map (..., *in_shape) -> (..., *out_shape); out_shape () drops a size-1 dim."""
+    """``layer`` on flat vectors, wrapped to map (..., *in_shape) -> (..., *out_shape).
+
+    Args:
+        layer: a layer on flat vectors.
+        in_shape: the input's trailing shape (non-empty).
+        out_shape: the output's trailing shape; () drops a size-1 dim.
+
+    Returns:
+        ``layer`` itself, or an ``nn.Sequential`` with (un)flattening.
+    """
     in_shape, out_shape = tuple(in_shape), tuple(out_shape)
     if not in_shape:
         raise ShapeError("reshaped() needs at least one input dim.")

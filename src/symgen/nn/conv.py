@@ -86,6 +86,16 @@ class LiftingConv2d(_GroupConvBase):
 
     (g . psi)(u) = psi(g^-1 u) is the filter transformed by the spatial action; zero padding k//2 with
     odd k keeps rotations and flips of square images exact. Source: arXiv 1602.07576.
+
+    Args:
+        action: the image action (C4 or D4 on the last two dims), or "c4" / "d4".
+        in_channels: C.
+        out_channels: O.
+        kernel_size: k, odd.
+        bias: add a bias per output channel.
+        generator: a seed or a ``torch.Generator`` for the initial weights (None: the global generator).
+        device: where the parameters go.
+        dtype: their dtype.
     """
 
     def __init__(
@@ -116,7 +126,11 @@ class LiftingConv2d(_GroupConvBase):
         return (self.in_channels,)
 
     def filters(self) -> Tensor:
-        """Filter bank (out_channels * |G|, in_channels, k, k); row o * |G| + g is g . psi_o."""
+        """Filter bank; row o * |G| + g is g . psi_o.
+
+        Returns:
+            (out_channels * |G|, in_channels, k, k).
+        """
         k, n = self.kernel_size, self.group.order
         w = self.weight.reshape(self.out_channels, self.in_channels, k * k)[..., self.spatial_index]  # (o, c, g, kk)
         return w.permute(0, 2, 1, 3).reshape(self.out_channels * n, self.in_channels, k, k)
@@ -139,7 +153,11 @@ class LiftingConv2d(_GroupConvBase):
         return y.reshape(x.shape[0], self.out_channels, n, *y.shape[-2:])
 
     def export(self) -> nn.Module:
-        """``nn.Conv2d`` to out_channels * |G| channels, then ``nn.Unflatten`` to (B, O, |G|, H, W)."""
+        """``nn.Conv2d`` to out_channels * |G| channels, then ``nn.Unflatten`` to (B, O, |G|, H, W).
+
+        Returns:
+            The plain module.
+        """
         return nn.Sequential(self.as_conv(), nn.Unflatten(1, (self.out_channels, self.group.order)))
 
 
@@ -147,6 +165,16 @@ class GroupConv2d(_GroupConvBase):
     """Group convolution on (B, C, |G|, H, W): y[o, g] = sum_{c,h} (g . psi[o, c, g^-1 h]) * f[c, h].
 
     Equivariant to (L_k f)[c, h](u) = f[c, k^-1 h](k^-1 u). Source: arXiv 1602.07576, eq. (11).
+
+    Args:
+        action: the image action (C4 or D4 on the last two dims), or "c4" / "d4".
+        in_channels: C.
+        out_channels: O.
+        kernel_size: k, odd.
+        bias: add a bias per output channel.
+        generator: a seed or a ``torch.Generator`` for the initial weights (None: the global generator).
+        device: where the parameters go.
+        dtype: their dtype.
     """
 
     kernel_index: Tensor
@@ -180,7 +208,11 @@ class GroupConv2d(_GroupConvBase):
         return (self.in_channels, self.group.order)
 
     def filters(self) -> Tensor:
-        """Filter bank (out_channels * |G|, in_channels * |G|, k, k)."""
+        """Filter bank.
+
+        Returns:
+            (out_channels * |G|, in_channels * |G|, k, k).
+        """
         k, n = self.kernel_size, self.group.order
         o, c = self.out_channels, self.in_channels
         w = self.weight.reshape(o, c, n, k * k)[:, :, self.kernel_index]  # (o, c, g, h, kk)
@@ -206,7 +238,11 @@ class GroupConv2d(_GroupConvBase):
         return y.reshape(x.shape[0], self.out_channels, n, *y.shape[-2:])
 
     def export(self) -> nn.Module:
-        """``nn.Flatten`` of (C, |G|), ``nn.Conv2d``, ``nn.Unflatten`` back to (B, O, |G|, H, W)."""
+        """``nn.Flatten`` of (C, |G|), ``nn.Conv2d``, ``nn.Unflatten`` back to (B, O, |G|, H, W).
+
+        Returns:
+            The plain module.
+        """
         return nn.Sequential(nn.Flatten(1, 2), self.as_conv(), nn.Unflatten(1, (self.out_channels, self.group.order)))
 
 
@@ -214,6 +250,17 @@ class GCNN(EquivariantModule):
     """A G-CNN for images under C4 or D4: lifting conv, group convs, pointwise nonlinearity, invariant pooling.
 
     logits = A mean_{g,u} h_L[:, g](u) + b: invariant to the image action. Source: arXiv 1602.07576.
+
+    Args:
+        action: the image action, or "c4" / "d4".
+        in_channels: image channels.
+        channels: the channels of the lifting conv and of each group conv after it.
+        num_classes: outputs.
+        kernel_size: k, odd.
+        nonlinearity: builds the pointwise nonlinearity.
+        generator: a seed or a ``torch.Generator`` for all layers' initial weights (one stream).
+        device: where the parameters go.
+        dtype: their dtype.
     """
 
     def __init__(
@@ -263,12 +310,20 @@ class GCNN(EquivariantModule):
         return self.head(h.mean(dim=(-2, -1)))
 
     def example_shape(self) -> tuple[int, ...]:
-        """The shape of one example input: (in_channels, 2k + 1, 2k + 1)."""
+        """The shape of one example input: (in_channels, 2k + 1, 2k + 1).
+
+        Returns:
+            The shape.
+        """
         side = 2 * self.kernel_size + 1
         return (self.in_channels, side, side)
 
     def export(self) -> nn.Sequential:
         """A plain CNN: ``nn.Conv2d`` layers on channel-flattened (C |G|) features with the same
-        nonlinearities, ``nn.AdaptiveAvgPool2d(1)``, ``nn.Flatten``, ``nn.Linear`` (mean over G folded in)."""
+        nonlinearities, ``nn.AdaptiveAvgPool2d(1)``, ``nn.Flatten``, ``nn.Linear`` (mean over G folded in).
+
+        Returns:
+            The ``nn.Sequential``.
+        """
         layers = [m.as_conv() if isinstance(m, _GroupConvBase) else copy.deepcopy(m) for m in self.features]
         return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(1), self.head.as_linear())

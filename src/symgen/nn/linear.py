@@ -57,10 +57,18 @@ class _RepresentationMap(EquivariantModule):
 class EquivariantLinear(_RepresentationMap):
     """y = W x + b with rho_out(g) W = W rho_in(g) and b in Fix(rho_out), W = sum_k theta_k B_k.
 
-    ``method``: "dense" (orthonormal commutant basis by SVD), "orbit" (weight sharing over orbits on
-    index pairs; both representations must be permutations) or "auto" (orbit when possible).
     Init: theta ~ N(0, d_out / k) so E||W||_F^2 = d_out, as for a layer with i.i.d. N(0, 1/d_in) entries.
     Source: arXiv 2104.09459 (equivariant MLPs), arXiv 1602.07576.
+
+    Args:
+        in_rep: the input representation (or its matrices).
+        out_rep: the output representation (or its matrices).
+        bias: learn a bias in Fix(rho_out).
+        method: "dense" (orthonormal commutant basis by SVD), "orbit" (weight sharing over orbits on
+            index pairs; both representations must be permutations) or "auto" (orbit when possible).
+        generator: a seed or a ``torch.Generator`` for the initial weights (None: the global generator).
+        device: where the parameters go.
+        dtype: their dtype.
     """
 
     orbit_label: Tensor
@@ -109,14 +117,22 @@ class EquivariantLinear(_RepresentationMap):
             self.register_parameter("bias", None)
 
     def weight_matrix(self) -> Tensor:
-        """The dense matrix W = sum_k w_k B_k (d_out, d_in) on flattened inputs and outputs."""
+        """The dense matrix W = sum_k w_k B_k on flattened inputs and outputs.
+
+        Returns:
+            (d_out, d_in).
+        """
         d_in, d_out = self.in_rep.dim, self.out_rep.dim
         if self.method == "orbit":
             return (self.weight * self.orbit_scale)[self.orbit_label].reshape(d_out, d_in)
         return torch.einsum("k,koi->oi", self.weight, self.basis)
 
     def bias_vector(self) -> Tensor | None:
-        """The dense bias b = sum_k c_k F_k in Fix(rho_out), (d_out,), or None."""
+        """The dense bias b = sum_k c_k F_k in Fix(rho_out).
+
+        Returns:
+            (d_out,), or None.
+        """
         return None if self.bias is None else self.bias @ self.bias_basis
 
     def forward(self, x: Tensor) -> Tensor:
@@ -132,7 +148,11 @@ class EquivariantLinear(_RepresentationMap):
         return F.linear(x, self.weight_matrix(), self.bias_vector())
 
     def extra_repr(self) -> str:
-        """The layer's sizes, number of basis elements and method."""
+        """The layer's sizes, number of basis elements and method.
+
+        Returns:
+            The text.
+        """
         return f"{self.in_rep.dim} -> {self.out_rep.dim}, basis={self.num_basis}, method={self.method}"
 
 
@@ -142,6 +162,15 @@ class LiftingLinear(_RepresentationMap):
     y[o, g] = <psi_o, rho(g)^-1 x> = <rho(g^-1)^T psi_o, x>: one free filter psi_o per channel, shared
     over the orbit (for permutation rho the filter bank is a gather psi_o[perm[g]]). Output shape
     (..., out_channels, |G|); (L_h y)[o, g] = y[o, h^-1 g]. Source: arXiv 1602.07576, eq. (10).
+
+    Args:
+        in_rep: the input representation (with a group), or a group action with ``in_shape``.
+        out_channels: the number of regular copies.
+        in_shape: the input shape without batch (default (d,); needed for an action).
+        bias: learn a bias.
+        generator: a seed or a ``torch.Generator`` for the initial weights (None: the global generator).
+        device: where the parameters go.
+        dtype: their dtype.
     """
 
     filter_index: Tensor
@@ -191,17 +220,29 @@ class LiftingLinear(_RepresentationMap):
         self.bias = nn.Parameter(torch.zeros(out_channels, **fk)) if bias else None
 
     def filters(self) -> Tensor:
-        """The filter bank (out_channels, |G|, d): row (o, g) is rho(g^-1)^T psi_o."""
+        """The filter bank: row (o, g) is rho(g^-1)^T psi_o.
+
+        Returns:
+            (out_channels, |G|, d).
+        """
         if self.filter_maps is None:
             return self.weight[:, self.filter_index]
         return torch.einsum("gij,oj->ogi", self.filter_maps, self.weight)
 
     def weight_matrix(self) -> Tensor:
-        """The dense matrix (out_channels |G|, d): row (o, g) is rho(g^-1)^T psi_o."""
+        """The dense matrix: row (o, g) is rho(g^-1)^T psi_o.
+
+        Returns:
+            (out_channels |G|, d).
+        """
         return self.filters().reshape(-1, self.in_rep.dim)
 
     def bias_vector(self) -> Tensor | None:
-        """The bias b[o] repeated over the |G| positions of channel o, or None."""
+        """The bias b[o] repeated over the |G| positions of channel o.
+
+        Returns:
+            (out_channels |G|,), or None.
+        """
         return None if self.bias is None else self.bias.repeat_interleave(self.group.order)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -223,7 +264,11 @@ class LiftingLinear(_RepresentationMap):
         return out
 
     def extra_repr(self) -> str:
-        """The layer's input shape, channels and group order."""
+        """The layer's input shape, channels and group order.
+
+        Returns:
+            The text.
+        """
         return f"in_shape={self.in_shape}, out_channels={self.out_channels}, |G|={self.group.order}"
 
 
@@ -232,6 +277,15 @@ class GroupLinear(_RepresentationMap):
 
     Input (..., in_channels, |G|), output (..., out_channels, |G|); c_out c_in |G| parameters = the
     number of orbits of G on index pairs. Source: arXiv 1602.07576, eq. (11).
+
+    Args:
+        group: G.
+        in_channels: c_in.
+        out_channels: c_out.
+        bias: learn a bias.
+        generator: a seed or a ``torch.Generator`` for the initial weights (None: the global generator).
+        device: where the parameters go.
+        dtype: their dtype.
     """
 
     kernel_index: Tensor
@@ -263,13 +317,21 @@ class GroupLinear(_RepresentationMap):
         self.bias = nn.Parameter(torch.zeros(out_channels, **fk)) if bias else None
 
     def weight_matrix(self) -> Tensor:
-        """Dense matrix (c_out |G|, c_in |G|) with rows (o, g) and columns (i, h)."""
+        """Dense matrix with rows (o, g) and columns (i, h).
+
+        Returns:
+            (c_out |G|, c_in |G|).
+        """
         w = self.weight[:, :, self.kernel_index]  # (o, i, g, h)
         n = self.group.order
         return w.permute(0, 2, 1, 3).reshape(self.out_channels * n, self.in_channels * n)
 
     def bias_vector(self) -> Tensor | None:
-        """The bias b[o] repeated over the |G| positions of channel o, or None."""
+        """The bias b[o] repeated over the |G| positions of channel o.
+
+        Returns:
+            (c_out |G|,), or None.
+        """
         return None if self.bias is None else self.bias.repeat_interleave(self.group.order)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -290,7 +352,11 @@ class GroupLinear(_RepresentationMap):
         return out
 
     def extra_repr(self) -> str:
-        """The layer's channels and group order."""
+        """The layer's channels and group order.
+
+        Returns:
+            The text.
+        """
         return f"{self.in_channels} -> {self.out_channels}, |G|={self.group.order}"
 
 
@@ -298,6 +364,15 @@ class InvariantReadout(_RepresentationMap):
     """Invariant map from copies of the regular representation: y = A mean_g x[:, g] + b.
 
     Input (..., in_channels, |G|), output (..., out_features). Source: arXiv 1602.07576 (pooling over G).
+
+    Args:
+        group: G.
+        in_channels: input channels.
+        out_features: outputs.
+        bias: learn a bias.
+        generator: a seed or a ``torch.Generator`` for the initial weights (None: the global generator).
+        device: where the parameters go.
+        dtype: their dtype.
     """
 
     def __init__(
@@ -327,11 +402,19 @@ class InvariantReadout(_RepresentationMap):
         self.bias = nn.Parameter(torch.zeros(out_features, **fk)) if bias else None
 
     def weight_matrix(self) -> Tensor:
-        """Dense matrix (out_features, c_in |G|): column (i, g) is A[:, i] / |G|."""
+        """Dense matrix: column (i, g) is A[:, i] / |G|.
+
+        Returns:
+            (out_features, c_in |G|).
+        """
         return self.weight.repeat_interleave(self.group.order, dim=1) / self.group.order
 
     def bias_vector(self) -> Tensor | None:
-        """The bias (out_features,), or None."""
+        """The bias.
+
+        Returns:
+            (out_features,), or None.
+        """
         return self.bias
 
     def forward(self, x: Tensor) -> Tensor:
@@ -347,5 +430,9 @@ class InvariantReadout(_RepresentationMap):
         return F.linear(x.mean(-1), self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        """The layer's channels, outputs and group order."""
+        """The layer's channels, outputs and group order.
+
+        Returns:
+            The text.
+        """
         return f"{self.in_channels} -> {self.out_features}, |G|={self.group.order}"

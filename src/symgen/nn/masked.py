@@ -27,7 +27,15 @@ def support_mask(support: str | Tensor, kernel_size: int = 3, ndim: int = 2) -> 
     2D, k=3: 'full' all 9 taps; 'symmetric' the '+' (centre and its 4 edge neighbours);
     'asymmetric' the 4 edge neighbours and the top-left corner, no centre.
     1D, k=3: 'full' = 'symmetric' all 3 taps (closed under reflection); 'asymmetric' centre and right.
-    An explicit tensor of shape (k,) * ndim is used as given (nonzero = in the support).
+
+    Args:
+        support: a name in ``SUPPORTS``, or an explicit tensor of shape (k,) * ndim, used as given
+            (nonzero = in the support).
+        kernel_size: k ('full' takes any k, the others 3).
+        ndim: 1 or 2.
+
+    Returns:
+        The mask, in torch's default dtype.
     """
     if isinstance(support, Tensor):
         if tuple(support.shape) != (kernel_size,) * ndim:
@@ -156,6 +164,21 @@ class MaskedCNN(nn.Module):
 
     Pooling halves a spatial size only when it is even, so the grid stays symmetric under the group
     (rotations about the image centre, reflections).
+
+    Args:
+        in_channels: input channels.
+        num_classes: outputs.
+        channels: the width of every conv, or one width per conv.
+        support: the filters' support (:func:`support_mask`).
+        num_layers: the number of convs.
+        ndim: 1 (signals) or 2 (images).
+        init_std: the weights' standard deviation.
+        generator: a seed or a ``torch.Generator`` for all initial weights (one stream).
+        device: where the parameters go.
+        dtype: their dtype.
+
+    Raises:
+        ConfigError: ``ndim`` not 1 or 2, or widths that do not match ``num_layers``.
     """
 
     def __init__(

@@ -22,9 +22,17 @@ __all__ = ["LinearSteerableNet"]
 class LinearSteerableNet(EquivariantModule):
     """f(x) = <beta, x>, a product of G-equivariant linear maps without nonlinearity or bias.
 
-    depth 1: one invariant linear map (rho_0 -> trivial); depth L >= 2: lifting to ``width`` regular
-    copies, L-2 group convolutions, invariant readout. beta lies in Fix(rho_0) by construction.
-    Source: Chen & Zhu, arXiv 2303.04198.
+    beta lies in Fix(rho_0) by construction. Source: Chen & Zhu, arXiv 2303.04198.
+
+    Args:
+        action: the group action rho_0 on inputs.
+        shape: one input's shape.
+        depth: 1: one invariant linear map (rho_0 -> trivial); L >= 2: lifting to ``width`` regular
+            copies, L-2 group convolutions, invariant readout.
+        width: the number of regular copies.
+        generator: a seed or a ``torch.Generator`` for all layers' initial weights (one stream).
+        device: where the parameters go.
+        dtype: their dtype.
     """
 
     def __init__(
@@ -82,14 +90,22 @@ class LinearSteerableNet(EquivariantModule):
         return h.squeeze(-1)
 
     def predictor(self) -> Tensor:
-        """The end-to-end beta (shape of one input) with f(x) = <beta, x>, by evaluating f on the unit vectors."""
+        """The end-to-end beta with f(x) = <beta, x>, by evaluating f on the unit vectors.
+
+        Returns:
+            beta, shaped like one input.
+        """
         p = next(self.parameters())
         d = self.rep.dim
         eye = torch.eye(d, dtype=p.dtype, device=p.device).reshape(d, *self.shape)
         return self(eye).reshape(self.shape)
 
     def example_shape(self) -> tuple[int, ...]:
-        """The shape of one input, ``shape``."""
+        """The shape of one input, ``shape``.
+
+        Returns:
+            The shape.
+        """
         return self.shape
 
     def _linears(self) -> list[nn.Linear]:
@@ -98,6 +114,10 @@ class LinearSteerableNet(EquivariantModule):
         return [layer.as_linear() for layer in self.layers if isinstance(layer, maps)]
 
     def export(self) -> nn.Module:
-        """The same factorization as plain ``nn.Linear`` layers on flattened features: (..., *shape) -> (...)."""
+        """The same factorization as plain ``nn.Linear`` layers on flattened features: (..., *shape) -> (...).
+
+        Returns:
+            The plain module.
+        """
         flatten = [nn.Flatten(-len(self.shape))] if len(self.shape) > 1 else []
         return nn.Sequential(*flatten, *self._linears(), nn.Flatten(-2))
