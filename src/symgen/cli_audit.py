@@ -164,12 +164,19 @@ def audit_lines(data: dict[str, Any]) -> str:
 
     result = AuditResult.from_dict(data)
     rows = []
+    flagged = False
     for name, sec in result.sections.items():
         if sec.status != "ok" and not sec.values:
             rows.append((name, sec.status, "-", "-", f"{sec.seconds:.1f}", "; ".join(sec.skipped)))
             continue
+        partial = sec.coverage is not None and sec.coverage < 1
         for i, (metric, est) in enumerate(sec.values.items()):
             err = "-" if est.stderr is None else f"{est.stderr:.2g}"
+            text = est.flagged
+            flag = text.split(" (")[0] if text else ""
+            if flag and est.resolve_seconds is not None:
+                flag += f" (~{est.resolve_seconds:.3g} s)"
+            flagged = flagged or bool(flag)
             rows.append(
                 (
                     name if i == 0 else "",
@@ -177,7 +184,7 @@ def audit_lines(data: dict[str, Any]) -> str:
                     f"{est.value:.4g}",
                     err,
                     f"{sec.seconds:.1f}" if i == 0 else "",
-                    "IMPRECISE" if est.imprecise else ("PARTIAL" if i == 0 and sec.flags else ""),
+                    flag or ("PARTIAL" if i == 0 and partial else ""),
                 )
             )
     head = (
@@ -186,8 +193,15 @@ def audit_lines(data: dict[str, Any]) -> str:
     )
     warnings = [f"warning: {f}" for f in result.flags]
     warnings += [f"warning: {s.name}: {f}" for s in result.sections.values() for f in s.flags]
+    legend = (
+        "\nNOT RESOLVED: stderr > |value|/2; IMPRECISE: stderr above the section's precision target; "
+        "(~N s): the section's seconds that would meet it (stderr ~ 1/sqrt(samples))"
+        if flagged
+        else ""
+    )
     return (
         "\n".join([head, *warnings])
         + "\n"
         + text_table(["section", "metric", "value", "stderr", "seconds", "flag"], rows)
+        + legend
     )

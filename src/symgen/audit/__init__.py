@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +23,8 @@ import torch
 from torch import nn
 
 from symgen import distributed
+from symgen.audit import builtin as _builtin  # noqa: F401 - registers the built-in sections
+from symgen.audit import registry
 from symgen.audit.flags import data_flags
 from symgen.audit.limits import BUDGETS, AuditLimits, current_limit_names, resolve_limits
 from symgen.audit.loading import (
@@ -38,14 +39,16 @@ from symgen.audit.loading import (
 )
 from symgen.audit.outputs import OutputSpec, logits_model
 from symgen.audit.ranks import Ranks, signature
-from symgen.audit.result import RUN_ORDER, SECTIONS, AuditResult, Estimate, SectionResult
-from symgen.audit.sections import curvature, evaluation, ntk, scale_symmetries
+from symgen.audit.registry import Context, Section, register, registered, unregister
+from symgen.audit.result import AuditResult, Estimate, SectionResult
+from symgen.audit.schedule import Plan, run_sections
 from symgen.audit.splits import Split, as_split
 from symgen.distributed import DEFAULT_TIMEOUT_S, GroupSpec
 from symgen.errors import ConfigError, DivergenceError
 from symgen.rng import Seed, seed_of
 
 if TYPE_CHECKING:
+    from symgen.audit.planning import Timing
     from symgen.groups import GroupAction
 
 __all__ = [
@@ -56,6 +59,10 @@ __all__ = [
     "Estimate",
     "SectionResult",
     "AuditResult",
+    "Section",
+    "register",
+    "unregister",
+    "registered",
     "audit",
     "make_action",
     "load_model",
@@ -140,6 +147,7 @@ def audit(
     Returns:
         The :class:`AuditResult`.
     """
+    entry = time.perf_counter()  # the budget counts from here: loading and timing included
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"audit expects a torch.nn.Module, got {type(model).__name__}; load one with "
@@ -147,7 +155,7 @@ def audit(
         )
     limits = current_limit_names(limits)
     lim = resolve_limits(budget, limits)
-    known = [s for s, _ in SECTIONS]
+    known = [s.name for s in registry.sections()]
     chosen = list(sections) if sections is not None else known
     bad = [s for s in chosen if s not in known]
     if bad:
@@ -182,9 +190,10 @@ def audit(
     group = distributed.resolve_group(process_group)
     ranks = Ranks(group, collective_timeout_s)
     sizes = {"train": train.num_data, "test": test.num_data, "sections": chosen, "action": action_name(action)}
-    ranks.check(signature(model, **sizes, limits=asdict(lim)), "audit")  # before any other collective
-    lim, plan_notes = _plan(model, lim, train, test, act, fixed, ranks)
-    ranks.check({"plan": asdict(lim), "notes": plan_notes}, "audit plan")
+    ranks.check(signature(model, **sizes, limits=lim.as_dict()), "audit")  # before any other collective
+    base = lim
+    lim, plan_notes, timing = _plan(model, lim, train, test, act, fixed, ranks)
+    ranks.check({"plan": lim.as_dict(), "notes": plan_notes}, "audit plan")
     result = AuditResult(
         model=name or type(user).__name__,
         data=data_name,
@@ -194,80 +203,33 @@ def audit(
         dtype=str(dtype).replace("torch.", ""),
         seed=seed,
         num_params=sum(p.numel() for p in model.parameters()),
-        limits=asdict(lim),
+        limits=lim.as_dict(),
         sections={},
         flags=flags,
         output=output,
     )
-    start = time.perf_counter()
-
-    def invariance(s: SectionResult) -> None:
-        assert act is not None  # the loop skips the section without an action
-        evaluation.invariance(s, model, act, test, lim, seed)
-
+    result.sections = {s.name: SectionResult(s.name, s.title) for s in registry.sections()}
     # Every section draws from its own streams of ``seed`` (sections.common.STREAMS).
-    runners: dict[str, Callable[[SectionResult], None]] = {
-        "performance": lambda s: evaluation.performance(s, model, train, test, lim, seed, same, group),
-        "invariance": invariance,
-        "scale_symmetries": lambda s: scale_symmetries.scale_symmetries(s, model, train, lim, seed),
-        "hessian": lambda s: curvature.hessian(s, model, train, lim, seed, group),
-        "noise_stability": lambda s: curvature.noise_stability(s, model, train, lim, seed, result, group),
-        "ntk": lambda s: ntk.ntk(s, model, test, lim, seed),
-        "robustness": lambda s: evaluation.robustness(s, model, test, lim, seed),
-    }
-    titles = dict(SECTIONS)
-    result.sections = {key: SectionResult(key, title) for key, title in SECTIONS}
+    ctx = Context(model, train, test, act, lim, seed, group, result, same)
+    order = act.group.order if act is not None else 1
+    plan = Plan(base, timing, train.num_data, test.num_data, order, fixed, str(budget))
     try:
-        for key in RUN_ORDER:
-            sec, title = result.sections[key], titles[key]
-            if key not in chosen:
-                sec.status = "skipped"
-                sec.skipped.append("not requested (sections=...)")
-                continue
-            if key == "invariance" and act is None:
-                sec.status = "skipped"
-                sec.skipped.append("no group action given (--action c4|d4|shift)")
-                continue
-            elapsed = time.perf_counter() - start
-            # Accuracy and loss always run: they are cheap and everything else is read against them. The
-            # sections are sized to the budget; only a gross misestimate (twice the limit) skips one.
-            if key != "performance" and ranks.count(elapsed > 2 * lim.time_limit) > 0:  # all ranks skip alike
-                sec.status = "skipped"
-                sec.skipped.append(
-                    f"time limit of the {budget} budget ({lim.time_limit:g} s) reached after "
-                    f"{elapsed:.1f} s; raise it with --set time_limit=SECONDS"
-                    + (" or use --budget full" if budget == "quick" else "")
-                )
-                continue
-            if key in plan_notes:
-                sec.skipped.append(plan_notes[key])
-            if progress is not None:
-                progress(title)
-            t0, c0 = time.perf_counter(), time.process_time()
-            error: Exception | None = None
-            try:
-                runners[key](sec)
-            except Exception as e:  # noqa: BLE001
-                error = e
-            finally:
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                sec.seconds = time.perf_counter() - t0
-                sec.cpu_seconds = time.process_time() - c0
-            ranks.outcome(key, error)  # all ranks went on, or all failed here: else one DistributedError everywhere
-            if error is not None:
-                if key == "performance":
-                    raise error
-                # A section the model does not support (e.g. an op without a vmap rule) must not hide the
-                # others: it is reported as failed, with the error, in the table and the report.
-                sec.status = "failed"
-                sec.skipped.append(f"{type(error).__name__}: {str(error)[:500]}")
+        run_sections(result, ctx, chosen, plan, plan_notes, ranks, progress, dev, entry)
     finally:
         user.to(home)
         for m, mode in modes:
             m.training = mode
-    result.seconds = time.perf_counter() - start
+    result.seconds = time.perf_counter() - entry
     return result
+
+
+def __getattr__(name: str) -> Any:
+    """``SECTIONS`` ((name, title) in report order) and ``RUN_ORDER``, read from the registry when asked."""
+    if name == "SECTIONS":
+        return tuple((s.name, s.title) for s in registry.sections())
+    if name == "RUN_ORDER":
+        return tuple(s.name for s in registry.run_order())
+    raise AttributeError(f"module 'symgen.audit' has no attribute {name!r}")
 
 
 def _check_finite(model: nn.Module) -> None:
@@ -293,14 +255,14 @@ def _plan(
     act: GroupAction | None,
     fixed: set[str],
     ranks: Ranks,
-) -> tuple[AuditLimits, dict[str, str]]:
+) -> tuple[AuditLimits, dict[str, str], Timing | None]:
     """Limits sized to the time budget (unchanged when the timing itself fails: the sections then say why).
 
     Under several ranks every rank plans from the slowest rank's timing, so all run the same sizes."""
-    from symgen.audit.planning import Timing, plan_limits, time_passes
+    from symgen.audit.planning import plan_limits, time_passes
 
     if not lim.time_limit > 0:
-        return lim, {}
+        return lim, {}, None
     timing: Timing | None
     try:
         timing = time_passes(model, *train.head())
@@ -314,6 +276,6 @@ def _plan(
         f, b, o, n = ranks.max_row(row)
         timing = None if failed else Timing(forward=f, backward=b, outputs=int(o), layers=int(n))
     if timing is None:
-        return lim, {}
+        return lim, {}, None
     order = act.group.order if act is not None else 1
-    return plan_limits(lim, timing, train.num_data, test.num_data, order, fixed)
+    return (*plan_limits(lim, timing, train.num_data, test.num_data, order, fixed), timing)

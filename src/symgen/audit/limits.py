@@ -5,12 +5,21 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from symgen.errors import ConfigError
 
-__all__ = ["AuditLimits", "BUDGETS", "RENAMED", "resolve_limits", "budget_seconds", "current_limit_names"]
+__all__ = [
+    "AuditLimits",
+    "BUDGETS",
+    "RENAMED",
+    "resolve_limits",
+    "budget_seconds",
+    "current_limit_names",
+    "register_limit",
+    "unregister_limit",
+]
 
 
 @dataclass(frozen=True)
@@ -18,8 +27,8 @@ class AuditLimits:
     """Sample sizes and iteration counts of every section, and the wall-time limit of the audit.
 
     The audit sizes each section's work to ``time_limit`` (:mod:`symgen.audit.planning`) from a
-    timing of the model; a section that would start after twice the limit (a gross misestimate) is
-    skipped and says so; a section that runs is never cut short.
+    timing of the model, re-planned after each section from the throughput measured so far; a long
+    section checks the clock between its blocks and stops early with what it has (and says so).
 
     Names follow the conventions of ``docs/architecture.md``: a count of data points is ``*_num_data``
     (a subsample of a split), a count of noise draws ``*_num_samples``. The names they replace
@@ -46,6 +55,37 @@ class AuditLimits:
     pgd_num_data: int = 200
     pgd_steps: int = 10
     pgd_eps: tuple[float, ...] = (0.01, 0.03, 0.1)  # fractions of the input range
+    # limits of sections registered beyond the built-in ones (symgen.audit.registry.Limit), by name
+    extra: dict[str, Any] = field(default_factory=dict, compare=True)
+
+    def get(self, name: str) -> Any:
+        """The limit ``name``: a field, or a registered section's limit in ``extra``.
+
+        Args:
+            name: the limit's name.
+
+        Returns:
+            Its value.
+        """
+        return self.extra[name] if name in self.extra else getattr(self, name)
+
+    def with_values(self, **values: Any) -> AuditLimits:
+        """A copy with these limits replaced (fields or ``extra`` entries).
+
+        Args:
+            **values: limit name -> value.
+
+        Returns:
+            The new limits.
+        """
+        own = {k: v for k, v in values.items() if k in _FIELDS}
+        extra = {**self.extra, **{k: v for k, v in values.items() if k not in _FIELDS}}
+        return replace(self, **own, extra=extra)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every limit by name, ``extra`` flattened in (what ``audit.json`` stores)."""
+        out = asdict(self)
+        return {**{k: v for k, v in out.items() if k != "extra"}, **self.extra}
 
 
 #: Former limit names -> current ones. "samples" meant data points here but noise draws everywhere else
@@ -90,6 +130,32 @@ def current_limit_names(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
             key = new
         out[key] = value
     return out
+
+
+_FIELDS = {f.name for f in fields(AuditLimits)} - {"extra"}
+# registered sections' limits that are not AuditLimits fields: name -> (quick value, full value)
+_EXTRA: dict[str, tuple[Any, Any]] = {}
+
+
+def register_limit(name: str, quick: Any, full: Any) -> None:
+    """Make ``name`` a limit of every budget (a registered section's; a field of AuditLimits is left as is).
+
+    Args:
+        name: the limit's name.
+        quick: its value in the quick budget (and a budget in seconds).
+        full: its value in the full budget (None: the quick value).
+    """
+    if name not in _FIELDS:
+        _EXTRA[name] = (quick, quick if full is None else full)
+
+
+def unregister_limit(name: str) -> None:
+    """Forget a registered section's limit.
+
+    Args:
+        name: the limit's name.
+    """
+    _EXTRA.pop(name, None)
 
 
 BUDGETS: dict[str, AuditLimits] = {
@@ -154,18 +220,21 @@ def resolve_limits(budget: str | float, overrides: Mapping[str, Any] | None = No
         if not (math.isfinite(seconds) and seconds > 0):
             raise ConfigError(f"a budget in seconds must be a number > 0; got {budget!r} (e.g. --budget 60).")
         limits = replace(BUDGETS["quick"], time_limit=seconds)
+        budget = "quick"
     elif budget not in BUDGETS:
         raise ConfigError(
             f"unknown budget '{budget}'; choose one of {', '.join(BUDGETS)} or a number of seconds (e.g. --budget 120)."
         )
     else:
-        limits = BUDGETS[budget]
+        limits = BUDGETS[str(budget)]
+    extra = {k: (q if budget != "full" else f) for k, (q, f) in _EXTRA.items()}
+    limits = replace(limits, extra=extra)
     if overrides:
-        names = {f.name for f in fields(AuditLimits)}
+        names = _FIELDS | set(_EXTRA)
         bad = sorted(set(overrides) - names)
         if bad:
             raise ConfigError(f"unknown audit limit(s) {bad}; valid: {', '.join(sorted(names))}.")
-        limits = replace(limits, **{k: _check_limit(k, v) for k, v in overrides.items()})
+        limits = limits.with_values(**{k: _check_limit(k, v) for k, v in overrides.items()})
     return limits
 
 
@@ -180,6 +249,8 @@ def _check_limit(key: str, value: Any) -> Any:
                 f"limit {key} must be a non-empty list of numbers >= 0, e.g. [0.01, 0.03]; got {value!r}."
             )
         return tuple(float(v) for v in vals)
+    if key in _EXTRA and not isinstance(_EXTRA[key][0], int):
+        return value  # a registered section's limit that is not a count: the section checks it
     if key in ("eval_num_data", "test_num_data") and value is None:
         return None
     if key == "time_limit":

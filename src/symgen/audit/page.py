@@ -1,8 +1,12 @@
-"""The audit's HTML page: every number with its uncertainty and what it means, each section's cost,
-and where a section did not run, why, in place of its figure. Rendering only; the shell writes it."""
+"""The audit's HTML page: the summary table first (every number with its uncertainty, its precision flag
+and what it means), then the figures at a readable size, then each section's cost and, where a section did
+not run, why, in place of its figure. Rendering only; the shell writes it. The sections, their figures and
+their metrics' meanings come from the registry (:mod:`symgen.audit.registry`)."""
 
 from __future__ import annotations
 
+import base64
+import html
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -10,68 +14,68 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from symgen.audit.result import AuditResult
 
-__all__ = ["render_audit_page", "meaning", "FIGURE_OF"]
+__all__ = ["render_audit_page", "meaning", "figure_of"]
 
-# The figure each section draws (draw_figures), for the placeholder of a section that did not run.
-FIGURE_OF = {
-    "invariance": "invariance",
-    "hessian": "hessian_density",
-    "noise_stability": "noise_stability",
-    "ntk": "ntk_spectrum",
-    "robustness": "robustness",
-}
-
-_MEANING = {
-    "train_accuracy": "Share of training samples classified correctly.",
-    "test_accuracy": "Share of held-out samples classified correctly.",
-    "train_loss": "Mean cross-entropy on the training samples.",
-    "test_loss": "Mean cross-entropy on held-out samples; far above the training loss means overfitting.",
-    "osp": "Mean number of orbit elements g x given the same class as x: |G| is perfectly invariant, 1 is not at all.",
-    "kl": "Mean symmetric KL between the predictions for x and g x: 0 is perfectly invariant.",
-    "kl_max": "The worst symmetric KL over samples and group elements.",
-    "logit_deviation": "Relative change of the logits when the input is transformed: 0 is invariant.",
-    "orbit_accuracy": "Accuracy over all transformed inputs g x.",
-    "groups": "Parameter groups whose filters can be rescaled without changing the function.",
-    "filters": "Independent scale factors (one per filter of a symmetric group).",
-    "parameter_fraction": "Share of parameters whose scale the loss does not see.",
-    "max_check_change": "Largest relative output change under a random rescaling: about 1e-6 or less confirms.",
-    "trace": "Sum of the Hessian's eigenvalues (mean curvature x parameters): larger is sharper.",
-    "density_trace": "The trace implied by the spectral density; it must agree with `trace` within the errors.",
-    "ggn_top_eigenvalue": "Largest curvature of the Gauss-Newton matrix, the positive part of the Hessian.",
-    "smallest_ritz_value": "Most negative curvature found: clearly below 0 means a saddle, not a minimum.",
-    "effective_rank": "How many NTK eigen-directions carry the kernel's mass.",
-    "log10_condition_number": "Orders of magnitude between the largest and smallest NTK eigenvalue.",
-    "target_alignment": "How well the NTK matches the labels' similarity (1 = perfectly aligned).",
-    "clean_accuracy": "Accuracy of the attacked subsample before the attack.",
-}
+# figures one per row, as wide as the page allows up to their own pixel size (drawn at figures.DPI)
+_CSS = (
+    "<style>section.figures figure{display:block;max-width:none;margin:1.5em 0}"
+    "section.figures figure img{max-width:100%;height:auto}"
+    "section.figures figure.missing{display:inline-block}</style>"
+)
 
 
-def meaning(metric: str) -> str:
-    """One sentence saying what ``metric`` means.
+def figure_of() -> dict[str, str]:
+    """Section name -> the figure it draws (registered sections with a figure)."""
+    from symgen.audit.registry import sections
+
+    return {s.name: s.figure for s in sections() if s.figure is not None}
+
+
+def meaning(metric: str, section: str | None = None) -> str:
+    """One sentence saying what ``metric`` means, from its section's registration.
 
     Args:
         metric: a metric's name (``loss_increase@0.01`` and the like included).
+        section: its section's name (None: the first registered section that explains it).
 
     Returns:
-        The sentence.
+        The sentence ("" when no section explains it).
     """
-    if metric in _MEANING:
-        return _MEANING[metric]
-    if metric.startswith("eigenvalue_"):
-        return f"The {metric.split('_')[1]}. largest Hessian eigenvalue (curvature along its direction)."
-    if metric.startswith("robust_accuracy@"):
-        return f"Accuracy under the worst L_inf perturbation PGD finds of size {metric.split('@')[1]} x input range."
-    if metric.startswith("increase@"):
-        return f"Mean loss increase under Gaussian weight noise of std {metric.split('@')[1]}."
+    from symgen.audit.registry import sections
+
+    for s in sections():
+        if section is None or s.name == section:
+            text = s.meaning(metric)
+            if text:
+                return text
     return ""
 
 
 def _summary_rows(result: AuditResult) -> list[dict[str, Any]]:
-    return [{**r, "meaning": meaning(r["metric"])} for r in result.summary_rows()]
+    return [{**r, "meaning": meaning(r["metric"], r["section"])} for r in result.summary_rows()]
+
+
+def _figures_html(figures: Sequence[Path], placeholders: list[tuple[str, str]]) -> str:
+    esc = html.escape
+    out = []
+    for p in figures:
+        data = base64.b64encode(Path(p).read_bytes()).decode()
+        out.append(
+            f'<figure><img alt="{esc(Path(p).stem, quote=True)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{esc(Path(p).name)}</figcaption></figure>"
+        )
+    for name, why in placeholders:
+        out.append(
+            f'<figure class="missing" data-figure="{esc(name, quote=True)}"><p>{esc(why)}</p>'
+            f"<figcaption>{esc(name)} (not drawn)</figcaption></figure>"
+        )
+    return f'{_CSS}<h2>Figures</h2><section class="figures">{"".join(out)}</section>' if out else ""
 
 
 def render_audit_page(result: AuditResult, figures: Sequence[Path], *, title: str | None = None) -> str:
     """The self-contained page of an audit (figures embedded), with its numbers as JSON in ``#data``.
+
+    The summary table comes first, the figures after it, then the sections' costs and the rest.
 
     Args:
         result: what the audit measured.
@@ -86,22 +90,24 @@ def render_audit_page(result: AuditResult, figures: Sequence[Path], *, title: st
     data = result.to_dict()
     tables = result.report_tables()
     tables["summary"] = _summary_rows(result)
+    head: dict[str, list[dict[str, Any]]] = {k: tables.pop(k) for k in ("flags", "summary") if k in tables}
     drawn = {Path(f).stem for f in figures}
     placeholders = []
-    for name, fig in FIGURE_OF.items():
+    for name, fig in figure_of().items():
         sec = result.sections.get(name)
         if sec is not None and fig not in drawn:
             why = "; ".join(sec.skipped) or sec.status
             placeholders.append((fig, f"{sec.title}: {sec.status}. {why}"))
-    return render_page(
+    page = render_page(
         title or f"symgen audit: {result.model}",
         subtitle=(
             f"data {result.data}, action {result.action or 'none'}, budget {result.budget}, "
             f"device {result.device}, {result.num_params} parameters, {result.seconds:.1f} s"
         ),
-        tables=tables,
-        figures=figures,
-        placeholders=placeholders,
+        tables={**head, **tables},
         config={k: data[k] for k in ("model", "data", "action", "budget", "device", "dtype", "seed", "limits")},
         data_json=data,
     )
+    # the figures go right after the summary table (render_page puts figures before every table)
+    at = page.index("</table>", page.index('id="summary"')) + len("</table>")
+    return page[:at] + _figures_html(figures, placeholders) + page[at:]

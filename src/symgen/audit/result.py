@@ -11,31 +11,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Estimate", "SectionResult", "AuditResult", "SECTIONS", "RUN_ORDER", "IMPRECISE"]
+from symgen.audit.precision import RESOLVED_FRACTION, flag_text
 
-# An estimate whose standard error exceeds this fraction of its magnitude is flagged as imprecise.
-IMPRECISE = 0.5
+__all__ = ["Estimate", "SectionResult", "AuditResult", "IMPRECISE"]
 
-# (name, title) of every section, in the order of the report.
-SECTIONS: tuple[tuple[str, str], ...] = (
-    ("performance", "Accuracy and loss"),
-    ("invariance", "Invariance under the group action"),
-    ("scale_symmetries", "Weight-space scale symmetries"),
-    ("hessian", "Hessian: trace, top eigenvalues, density"),
-    ("noise_stability", "Noise stability"),
-    ("ntk", "Empirical neural tangent kernel"),
-    ("robustness", "PGD robust accuracy"),
-)
-# Cheap sections first, so a time limit cuts the expensive curvature sections rather than the rest.
-RUN_ORDER: tuple[str, ...] = (
-    "performance",
-    "invariance",
-    "robustness",
-    "ntk",
-    "scale_symmetries",
-    "hessian",
-    "noise_stability",
-)
+# An estimate whose standard error exceeds this fraction of its magnitude is not resolved (flagged).
+IMPRECISE = RESOLVED_FRACTION
 
 
 @dataclass
@@ -45,10 +26,18 @@ class Estimate:
     value: float
     stderr: float | None = None
     note: str = ""
+    flag: str = ""  # "", IMPRECISE (misses its section's target) or NOT RESOLVED (stderr > |value|/2)
+    target: float | None = None  # the standard error its section's precision target asks for at this value
+    resolve_seconds: float | None = None  # the section's seconds that would meet the target (1/sqrt(n) scaling)
+
+    @property
+    def flagged(self) -> str:
+        """The flag with its reason and what budget would lift it ("" when the estimate is precise enough)."""
+        return flag_text(self)
 
     @property
     def imprecise(self) -> bool:
-        """The standard error exceeds :data:`IMPRECISE` times the value's magnitude (or the value is 0)."""
+        """The standard error exceeds :data:`IMPRECISE` times the value's magnitude (not resolved)."""
         if self.stderr is None or not math.isfinite(self.value):
             return False
         return self.stderr > IMPRECISE * abs(self.value)
@@ -140,7 +129,7 @@ class AuditResult:
                         "metric": metric,
                         "value": est.value,
                         "stderr": "-" if est.stderr is None else est.stderr,
-                        "flag": f"imprecise (stderr > {IMPRECISE:g} x |value|)" if est.imprecise else "",
+                        "flag": est.flagged,
                         "note": est.note,
                     }
                 )
@@ -168,7 +157,7 @@ class AuditResult:
         lines += [f"warning: {s.name}: {f}" for s in self.sections.values() for f in s.flags]
         for r in self.summary_rows():
             err = "" if r["stderr"] == "-" else f" ± {r['stderr']:.3g}"
-            flag = "  (imprecise)" if r["flag"] else ""
+            flag = f"  {r['flag']}" if r["flag"] else ""
             lines.append(f"{r['section']:>17} {r['metric']:<28} {r['value']:.4g}{err}{flag}")
         return "\n".join(lines)
 

@@ -36,6 +36,7 @@ STREAMS: dict[str, int] = {
     "ntk": 10,  # test subsamples
     "robustness": 11,  # test subsample
     "robustness_attack": 12,  # PGD random starts
+    "ggn_trace": 13,  # the GGN's Hutchinson probes
 }
 
 

@@ -11,15 +11,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from symgen.audit.limits import AuditLimits
+from symgen.audit.registry import Clock
 from symgen.audit.result import AuditResult, SectionResult
 from symgen.audit.sections.common import curvature_subsample, stream
+from symgen.audit.sections.timed import (
+    explain_indefinite,
+    ggn_values,
+    spectrum_parts,
+    timed_density,
+    timed_eigenpairs,
+    timed_noise,
+    timed_trace,
+)
+
+__all__ = ["hessian", "noise_stability", "shard_batches", "density_trace"]
 from symgen.audit.splits import Split
 from symgen.distributed import Group
+from symgen.stats import mean_stderr
 
 if TYPE_CHECKING:
     from symgen.curvature.results import SpectralDensity, TraceEstimate
-
-__all__ = ["hessian", "noise_stability", "shard_batches"]
 
 
 def shard_batches(
@@ -46,27 +57,37 @@ def shard_batches(
 
 
 def hessian(
-    sec: SectionResult, model: nn.Module, train: Split, lim: AuditLimits, seed: int, group: Group = None
+    sec: SectionResult,
+    model: nn.Module,
+    train: Split,
+    lim: AuditLimits,
+    seed: int,
+    group: Group = None,
+    clock: Clock | None = None,
 ) -> None:
     """tr(H) by Lanczos-deflated Hutchinson, the top eigenvalues by Lanczos, the density by SLQ
-    of the mean cross-entropy on a training subsample, and beside them the top eigenvalue of the
+    of the mean cross-entropy on a training subsample, and beside them the trace and top eigenvalue of the
     generalized Gauss-Newton matrix G = J^T H_loss J (arXiv 1412.1193); BatchNorm in eval mode.
     One Lanczos process from a Gaussian start serves all three: the eigenvalues, the trace's
     deflation subspace (its probes are fresh) and the first SLQ run (its first density_steps steps).
+    The density's positive and negative parts (dim x sum of w theta over theta > 0 and < 0) say how much
+    negative curvature a small or negative trace hides. ``clock``: checked between Lanczos blocks, probe
+    blocks and SLQ runs; past its deadline the section stops with what it has (and says so).
 
     Args:
         sec: the section's result, filled in.
         model: the classifier.
         train: the training split.
         lim: the limits.
-        seed: the audit's integer seed (streams ``curvature_subsample``, ``hessian_*``, ``ggn_lanczos``).
+        seed: the audit's integer seed (streams ``curvature_subsample``, ``hessian_*``, ``ggn_*``).
         group: the process group the products are all-reduced over.
+        clock: the section's deadline (None: none).
     """
     from symgen import rng
     from symgen.curvature import GGNOperator, HessianOperator
-    from symgen.curvature.lanczos import LanczosProcess, lanczos_eigenpairs, slq_density
-    from symgen.curvature.trace import deflated_trace
+    from symgen.curvature.lanczos import LanczosProcess
 
+    clock = clock or Clock()
     idx = curvature_subsample(train.num_data, lim.hessian_num_data, seed)
     if idx.numel() < train.num_data:
         sec.skipped.append(f"{idx.numel()} of {train.num_data} training samples (budget)")
@@ -76,13 +97,10 @@ def hessian(
     gen = stream(seed, "hessian_lanczos")
     proc = LanczosProcess(hess, rng.randn((1, hess.dim), gen, device=hess.device, dtype=hess.dtype)[0], gen)
     k = min(lim.top_eigenvalues, hess.dim)
-    pairs = lanczos_eigenpairs(hess, k, tol=1e-3, max_steps=max(lim.eigen_iters, k + 1), process=proc)
-    if lim.density_runs > 0:
+    pairs = timed_eigenpairs(hess, k, max(lim.eigen_iters, k + 1), proc, clock)
+    if lim.density_runs > 0 and not clock.expired():
         proc.extend(lim.density_steps - proc.steps)  # the first SLQ run needs this many steps
-    # probes two at a time: a block of k probes holds about 6 k parameter-sized vectors (float64 sums)
-    trace = deflated_trace(
-        hess, max(3, lim.hutchinson_probes), deflation=proc, block_size=2, generator=stream(seed, "hessian_trace")
-    )
+    trace = timed_trace(hess, max(3, lim.hutchinson_probes), stream(seed, "hessian_trace"), clock, proc)
     sec.add(
         "trace",
         trace.value,
@@ -98,28 +116,28 @@ def hessian(
             val,
             bound,
             "uncertainty = Lanczos error bound"
-            + ("" if pairs.converged else f" (not converged to 1e-3 in {pairs.num_matvecs} steps)"),
+            + ("" if pairs.converged else f" (not converged to 1e-3 in {proc.steps} steps)"),
         )
     if not pairs.converged:
         sec.skipped.append(
-            f"Lanczos stopped at {pairs.num_matvecs} steps before every top eigenvalue reached "
+            f"Lanczos stopped at {proc.steps} steps before every top eigenvalue reached "
             "relative error 1e-3 (budget); the error bounds say how far off they may be"
         )
     if lim.density_runs > 0:
+        steps = min(lim.density_steps, proc.steps)
         proc.release_basis()  # SLQ's first run needs only T: the basis would sit beside the next run's
-        dens = slq_density(
-            hess, lim.density_steps, lim.density_runs, first=proc, generator=stream(seed, "hessian_density")
-        )
+        dens = timed_density(hess, steps, lim.density_runs, proc, stream(seed, "hessian_density"), clock)
         lo, hi = float(dens.nodes.min()), float(dens.nodes.max())
         pad = 0.05 * (hi - lo) if hi > lo else 1.0
         grid = torch.linspace(lo - pad, hi + pad, 400, dtype=torch.float64)
+        runs = dens.nodes.shape[0]
         sec.add(
             "smallest_ritz_value",
             lo,
             None,
-            f"most negative curvature seen by SLQ ({lim.density_runs} run(s) of {lim.density_steps} Lanczos steps)",
+            f"most negative curvature seen by SLQ ({runs} run(s) of {dens.nodes.shape[1]} Lanczos steps)",
         )
-        _density_trace(sec, dens, trace)
+        density_trace(sec, dens, trace)
         sec.details.update(
             density_grid=grid.tolist(),
             density=dens.evaluate(grid.to(dens.nodes.dtype)).tolist(),
@@ -130,19 +148,16 @@ def hessian(
         sec.skipped.append("spectral density: density_runs = 0")
     sec.details.update(top_eigenvalues=tops, dim=hess.dim, matvecs=hess.num_matvecs, bn_mode="eval")
     del hess, proc, pairs  # the Hessian's retained graph and Lanczos basis, before the GGN builds its own
-    try:
-        ggn = GGNOperator(model, F.cross_entropy, batches, bn_mode="eval", process_group=group)
-        top = ggn.eigenpairs(1, tol=1e-3, max_steps=max(lim.eigen_iters, 2), generator=stream(seed, "ggn_lanczos"))
-        sec.add(
-            "ggn_top_eigenvalue",
-            float(top.values[0]),
-            float(top.error_bounds[0]),
-            "generalized Gauss-Newton J^T H_loss J (PSD part of H); uncertainty = Lanczos error bound"
-            + ("" if top.converged else f" (not converged to 1e-3 in {top.num_matvecs} steps)"),
-        )
-        sec.details.update(ggn_matvecs=ggn.num_matvecs)
-    except Exception as e:  # noqa: BLE001 - an extra metric must not hide the Hessian's
-        sec.skipped.append(f"GGN top eigenvalue: {type(e).__name__}: {str(e)[:300]}")
+    if clock.expired():
+        sec.skipped.append("GGN trace and top eigenvalue: not measured, the section's time was spent")
+        clock.stop("no GGN trace or top eigenvalue")
+    else:
+        try:
+            ggn = GGNOperator(model, F.cross_entropy, batches, bn_mode="eval", process_group=group)
+            ggn_values(sec, ggn, lim, seed, clock)
+        except Exception as e:  # noqa: BLE001 - an extra metric must not hide the Hessian's
+            sec.skipped.append(f"GGN: {type(e).__name__}: {str(e)[:300]}")
+    explain_indefinite(sec)
     sec.samples = idx.numel()
 
 
@@ -154,9 +169,11 @@ def noise_stability(
     seed: int,
     result: AuditResult,
     group: Group = None,
+    clock: Clock | None = None,
 ) -> None:
     """E_U[L(W + U)] - L(W), U ~ N(0, sigma^2 I), antithetic draws, next to the second-order
-    prediction sigma^2/2 tr(H) from the Hessian section.
+    prediction sigma^2/2 tr(H) from the Hessian section. ``clock``: checked between blocks of draws; past
+    its deadline the section keeps the draws it has (at least two per sigma) and skips the larger sigmas.
 
     Args:
         sec: the section's result, filled in.
@@ -167,9 +184,9 @@ def noise_stability(
             sub-stream per sigma).
         result: the audit so far (the Hessian section's trace).
         group: the process group the losses are all-reduced over.
+        clock: the section's deadline (None: none).
     """
-    from symgen.metrics import noise_stability as measure
-
+    clock = clock or Clock()
     idx = curvature_subsample(train.num_data, lim.noise_num_data, seed)
     if idx.numel() < train.num_data:
         sec.skipped.append(f"{idx.numel()} of {train.num_data} training samples (budget)")
@@ -179,16 +196,11 @@ def noise_stability(
     same_data = trace is not None and lim.noise_num_data == lim.hessian_num_data
     curve, predicted = [], []
     for i, sigma in enumerate(lim.noise_sigmas):
-        ns = measure(
-            model,
-            F.cross_entropy,
-            batches,
-            sigma,
-            num_samples=max(2, lim.noise_num_samples),
-            bn_mode="eval",
-            generator=stream(seed, "noise_stability", i),
-            chunk_size=8,
-            process_group=group,
+        if i > 0 and clock.expired():
+            clock.stop(f"noise levels {', '.join(f'{s:g}' for s in lim.noise_sigmas[i:])} not measured")
+            break
+        ns = timed_noise(
+            model, batches, sigma, max(2, lim.noise_num_samples), stream(seed, "noise_stability", i), clock, group
         )
         pred = 0.5 * sigma**2 * trace if trace is not None else None
         note = f"E[L(W+U)] - L(W), U ~ N(0, {sigma:g}^2 I), {ns.num_samples} antithetic draws"
@@ -203,20 +215,31 @@ def noise_stability(
     sec.samples = idx.numel()
 
 
-def _density_trace(sec: SectionResult, dens: SpectralDensity, trace: TraceEstimate) -> None:
+def density_trace(sec: SectionResult, dens: SpectralDensity, trace: TraceEstimate) -> None:
     """The density's implied trace dim * sum_i w_i theta_i per SLQ run, with the standard error over runs,
     checked against the Hutchinson trace: they estimate the same number and must agree within 3 combined
-    standard errors (a disagreement is reported, never hidden)."""
+    standard errors (a disagreement is reported, never hidden). Beside it the positive and negative parts
+    (the same sum over theta_i > 0 and theta_i < 0).
+
+    Args:
+        sec: the Hessian section (values added).
+        dens: the SLQ nodes and weights.
+        trace: the Hutchinson trace.
+    """
     import math
 
-    from symgen.stats import mean_stderr
-
-    per_run = (dens.dim * (dens.weights * dens.nodes).sum(1)).tolist()
+    pos, neg = spectrum_parts(dens.nodes, dens.weights, dens.dim)
+    per_run = [p + n for p, n in zip(pos, neg, strict=True)]
     if len(per_run) < 2:
         sec.add("density_trace", per_run[0], None, "one SLQ run: no error bar (density_runs >= 2 gives one)")
+        sec.add("density_positive_part", pos[0], None, "dim x sum of w theta over theta > 0 (one SLQ run)")
+        sec.add("density_negative_part", neg[0], None, "dim x sum of w theta over theta < 0 (one SLQ run)")
         return
     mean, se = mean_stderr(per_run)
     sec.add("density_trace", mean, se, f"dim x sum w theta over {len(per_run)} SLQ runs; standard error over runs")
+    runs = f"{len(per_run)} SLQ runs; standard error over runs"
+    sec.add("density_positive_part", *mean_stderr(pos), f"dim x sum of w theta over theta > 0, {runs}")
+    sec.add("density_negative_part", *mean_stderr(neg), f"dim x sum of w theta over theta < 0, {runs}")
     t_val, t_se = float(trace.value), trace.stderr
     combined = math.hypot(se, t_se or 0.0)
     if combined > 0 and abs(mean - t_val) > 3 * combined:

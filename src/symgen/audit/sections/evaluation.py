@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from symgen.audit.limits import AuditLimits
+from symgen.audit.registry import Clock
 from symgen.audit.result import SectionResult
 from symgen.audit.sections.common import batch_means, check_logits, logits, stream, stream_seed, subsample
 from symgen.audit.splits import Split
@@ -138,8 +139,12 @@ def invariance(
     sec.samples = idx.numel()
 
 
-def robustness(sec: SectionResult, model: nn.Module, test: Split, lim: AuditLimits, seed: int) -> None:
+def robustness(
+    sec: SectionResult, model: nn.Module, test: Split, lim: AuditLimits, seed: int, clock: Clock | None = None
+) -> None:
     """Accuracy under L_inf PGD at eps = fractions of the input range (arXiv 1706.06083), binomial errors.
+
+    ``clock``: checked between attack sizes; past its deadline the larger sizes are not attacked (said so).
 
     Args:
         sec: the section's result, filled in.
@@ -147,6 +152,7 @@ def robustness(sec: SectionResult, model: nn.Module, test: Split, lim: AuditLimi
         test: the test split.
         lim: the limits.
         seed: the audit's integer seed (streams ``robustness`` and ``robustness_attack``).
+        clock: the section's deadline (None: none).
     """
     from symgen.robust import accuracy, pgd
 
@@ -160,7 +166,10 @@ def robustness(sec: SectionResult, model: nn.Module, test: Split, lim: AuditLimi
     clamp = (0.0, 1.0) if lo >= 0.0 and hi <= 1.0 else None
     clean = accuracy(logits(model, xs, lim.batch_size), ys)
     curve = []
-    for frac in lim.pgd_eps:
+    for i, frac in enumerate(lim.pgd_eps):
+        if i > 0 and clock is not None and clock.expired():
+            clock.stop(f"eps {', '.join(f'{e:g}' for e in lim.pgd_eps[i:])} not attacked")
+            break
         eps = frac * span
         x_adv = pgd(
             model,

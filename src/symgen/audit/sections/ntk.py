@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from symgen.audit.limits import AuditLimits
+from symgen.audit.registry import Clock
 from symgen.audit.result import SectionResult
 from symgen.audit.sections.common import stream
 from symgen.audit.splits import Split
@@ -18,7 +19,9 @@ from symgen.stats import mean_stderr
 __all__ = ["ntk"]
 
 
-def ntk(sec: SectionResult, model: nn.Module, test: Split, lim: AuditLimits, seed: int) -> None:
+def ntk(
+    sec: SectionResult, model: nn.Module, test: Split, lim: AuditLimits, seed: int, clock: Clock | None = None
+) -> None:
     """Effective rank exp(H(lambda / sum lambda)) (Roy & Vetterli 2007), condition number lambda_max / lambda_min
     and kernel-target alignment <K, Y Y^T>_F / (||K||_F ||Y Y^T||_F) (Cristianini et al. 2001) of the
     output-summed empirical NTK, on disjoint random subsamples of the test set.
@@ -29,6 +32,7 @@ def ntk(sec: SectionResult, model: nn.Module, test: Split, lim: AuditLimits, see
         test: the test split.
         lim: the limits.
         seed: the audit's integer seed (stream ``ntk``).
+        clock: checked between subsamples; past its deadline the section keeps those it has (said so).
     """
     from symgen.labels import centred_one_hot
     from symgen.ntk.empirical import empirical_ntk_fn
@@ -49,6 +53,9 @@ def ntk(sec: SectionResult, model: nn.Module, test: Split, lim: AuditLimits, see
     kernel = empirical_ntk_fn(model, output="trace")  # one kernel: its method is chosen once per shape
     ranks, conds, aligns, spectra = [], [], [], []
     for r in range(reps):
+        if r > 0 and clock is not None and clock.expired():
+            clock.stop(f"NTK from {r} of {reps} subsamples")
+            break
         idx = torch.arange(r * per, (r + 1) * per, device=x.device)
         k = kernel(x[idx]).double()
         evals = kernel_eigh(k)[0].clamp_min(0.0)
@@ -59,6 +66,7 @@ def ntk(sec: SectionResult, model: nn.Module, test: Split, lim: AuditLimits, see
         yy = t @ t.T
         aligns.append(float((k * yy).sum() / (k.norm() * yy.norm())))
         spectra.append(evals.cpu().tolist())
+    reps = len(ranks)  # fewer when the clock stopped it
 
     def agg(v: list[float]) -> tuple[float, float | None]:
         # One subsample has no spread to measure: no standard error rather than an infinite one.
