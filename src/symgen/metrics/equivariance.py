@@ -21,9 +21,16 @@ __all__ = ["orbit_outputs", "invariance_metrics", "invariance_report", "equivari
 def orbit_outputs(
     fn: Callable[[Tensor], Tensor], action: GroupAction, x: Tensor, chunk_size: int | None = None
 ) -> Tensor:
-    """``fn`` on the whole orbit, shape (|G|, B, *out): one batched call on (|G| * B, ...) inputs.
+    """``fn`` on the whole orbit: one batched call on (|G| * B, ...) inputs.
 
-    ``chunk_size`` (samples of x per call) bounds memory; ``None`` evaluates everything at once.
+    Args:
+        fn: the function.
+        action: the group action on inputs.
+        x: the batch (B, ...).
+        chunk_size: samples of x per call, to bound memory; ``None`` evaluates everything at once.
+
+    Returns:
+        (|G|, B, *out).
     """
     if x.ndim < 1 or x.shape[0] == 0:
         raise ShapeError(f"need a non-empty batch of inputs (B, ...); got shape {tuple(x.shape)}.")
@@ -43,11 +50,18 @@ def orbit_outputs(
 
 
 def invariance_metrics(orbit_logits: Tensor, labels: Tensor | None = None) -> dict[str, float]:
-    """Invariance metrics from logits on orbits, shape (|G|, B, K) with g = 0 the identity.
+    """Invariance metrics from logits on orbits.
 
     osp: mean_x #{g: argmax f(gx) = argmax f(x)}; kl / kl_max: symmetric KL (mean over g and x /
     max over g, x); logit_deviation: ||f(gx) - f(x)||_F / (sqrt|G| ||f(x)||_F); with labels also
     accuracy (on x) and orbit_accuracy (on all gx).
+
+    Args:
+        orbit_logits: (|G|, B, K) with g = 0 the identity.
+        labels: (B,) labels, or None.
+
+    Returns:
+        The metrics by name.
     """
     if orbit_logits.ndim != 3:
         raise ShapeError(f"orbit_logits must have shape (|G|, B, K); got {tuple(orbit_logits.shape)}.")
@@ -84,8 +98,18 @@ def invariance_report(
 ) -> dict[str, float]:
     """OSP, symmetric KL (mean and max), relative logit deviation of ``fn`` over the orbits of ``x``.
 
-    ``fn`` maps (N, ...) inputs to (N, K) logits: a module, an :class:`symgen.ensemble.Ensemble`
-    (mean logits) or any callable. The orbit is evaluated in one batched call (see ``chunk_size``).
+    The orbit is evaluated in one batched call (see ``chunk_size``).
+
+    Args:
+        fn: maps (N, ...) inputs to (N, K) logits: a module, an :class:`symgen.ensemble.Ensemble`
+            (mean logits) or any callable.
+        action: the group action on inputs.
+        x: the batch.
+        labels: its labels, or None.
+        chunk_size: samples of x per call (None: all at once).
+
+    Returns:
+        The metrics of :func:`invariance_metrics`.
     """
     with torch.no_grad():
         logits = orbit_outputs(fn, action, x, chunk_size)
@@ -106,8 +130,18 @@ def equivariance_error(
 ) -> Tensor:
     """Relative equivariance error ||f(rho_in(g) x) - rho_out(g) f(x)||_F / ||f(x)||_F per g, reduced.
 
-    ``reduction``: "max" or "mean" over g (a 0-dim tensor), or "none" (shape (|G|,)).
     The whole orbit goes through ``fn`` in one batched call.
+
+    Args:
+        fn: the function.
+        in_action: the action on inputs.
+        out_action: the action of the same group on outputs.
+        x: the batch.
+        reduction: "max" or "mean" over g (a 0-dim tensor), or "none" (shape (|G|,)).
+        chunk_size: samples of x per call (None: all at once).
+
+    Returns:
+        The error.
     """
     same = (
         in_action.order == out_action.order

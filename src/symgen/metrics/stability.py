@@ -51,16 +51,27 @@ def noise_stability(
 ) -> NoiseStability:
     """Noise stability E_U[L(W + U)] - L(W), U ~ N(0, sigma^2 I) (about sigma^2/2 tr H for small sigma).
 
-    ``num_samples`` noise draws, evaluated together by ``vmap``; ``antithetic`` also evaluates W - U
-    and averages the pair (the same expectation, the first-order term cancels). ``relative``: sigma
-    is the noise-to-weight norm ratio per parameter tensor, as in :class:`symgen.optim.NSO`. The loss
-    is the sample mean over ``data`` (a batch, a list of batches or a DataLoader, streamed: one batch in
-    memory at a time, float64 sums; ``process_group``: each rank streams its shard and the sums are
-    all-reduced, see :mod:`symgen.distributed`), BatchNorm in ``bn_mode`` (running
-    statistics untouched). ``param_names``: the perturbed parameters (default all trainable ones).
-    ``generator``: an int seed or a ``torch.Generator`` (None = seed 0); the noise is drawn tensor by
-    tensor in parameter order on the generator's device (:func:`symgen.functional.gaussian_noise`).
-    arXiv 2306.08553.
+    The noise draws are evaluated together by ``vmap``. arXiv 2306.08553.
+
+    Args:
+        model: the model.
+        loss_fn: L, a mean loss.
+        data: a batch, a list of batches or a DataLoader, streamed (one batch in memory at a time, float64
+            sums); the loss is the sample mean over it.
+        sigma: the noise scale.
+        num_samples: the number of noise draws.
+        relative: sigma is the noise-to-weight norm ratio per parameter tensor, as in :class:`symgen.optim.NSO`.
+        antithetic: also evaluate W - U and average the pair (the same expectation, the first-order term
+            cancels).
+        bn_mode: BatchNorm mode (running statistics untouched).
+        param_names: the perturbed parameters (default all trainable ones).
+        generator: an int seed or a ``torch.Generator`` (None = seed 0); the noise is drawn tensor by
+            tensor in parameter order on the generator's device (:func:`symgen.functional.gaussian_noise`).
+        chunk_size: noise draws per ``vmap`` chunk (None: all at once).
+        process_group: each rank streams its shard and the sums are all-reduced (:mod:`symgen.distributed`).
+
+    Returns:
+        The :class:`NoiseStability`.
     """
     if not sigma >= 0:
         raise ConfigError(f"sigma must be >= 0, got {sigma}.")

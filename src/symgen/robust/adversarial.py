@@ -39,16 +39,28 @@ def adversarial_training(
 ) -> dict[str, list[float]]:
     """PGD adversarial training: min_theta E max_{||d|| <= eps} L(f(x + d), y) (Madry, arXiv 1706.06083).
 
-    :func:`symgen.training.fit` with the attack as its batch transform. ``optimizer``: an instance built
-    on ``model.parameters()`` (e.g. ``torch.optim.Adam(model.parameters(), lr=1e-3)``; any optimizer of
-    the step protocol, SAM and NSO included). ``data`` is ``(x, y)`` (shuffled into minibatches of
-    ``batch_size`` by ``generator``: a seed or a ``torch.Generator``, None = seed 0) or a re-iterable of
-    ``(x, y)`` batches (a DataLoader). ``attack(model, x, y) -> x_adv``, e.g.
-    ``functools.partial(pgd, eps=0.1, steps=7)``; an attack accepting ``generator`` gets the same
-    generator (the shuffling and the attacks' random starts are one stream). Attacks run in eval mode
-    (BatchNorm statistics untouched); updates in train mode. The loss is
-    ``(1 - clean_weight) L(x_adv) + clean_weight L(x)``. Returns the history ``{"epoch", "loss",
-    "adv_accuracy"}`` (per epoch, on the adversarial training batches at the weights before each step).
+    :func:`symgen.training.fit` with the attack as its batch transform. Attacks run in eval mode
+    (BatchNorm statistics untouched); updates in train mode.
+
+    Args:
+        model: the model.
+        data: ``(x, y)`` (shuffled into minibatches of ``batch_size`` by ``generator``) or a re-iterable
+            of ``(x, y)`` batches (a DataLoader).
+        attack: ``attack(model, x, y) -> x_adv``, e.g. ``functools.partial(pgd, eps=0.1, steps=7)``; an
+            attack accepting ``generator`` gets the same generator (the shuffling and the attacks' random
+            starts are one stream).
+        optimizer: an instance built on ``model.parameters()`` (e.g. ``torch.optim.Adam(model.parameters(),
+            lr=1e-3)``; any optimizer of the step protocol, SAM and NSO included).
+        epochs: the number of epochs.
+        loss_fn: L.
+        batch_size: the minibatch size for ``(x, y)`` data.
+        clean_weight: w in the loss ``(1 - w) L(x_adv) + w L(x)``.
+        generator: a seed or a ``torch.Generator`` (None = seed 0).
+        device: where the batches go (default: the model's device).
+
+    Returns:
+        The history ``{"epoch", "loss", "adv_accuracy"}`` (per epoch, on the adversarial training batches
+        at the weights before each step).
     """
     if not 0.0 <= clean_weight <= 1.0:
         raise ConfigError(f"clean_weight must lie in [0, 1], got {clean_weight}.")

@@ -36,11 +36,17 @@ def _signed_binary(y: Tensor) -> Tensor:
 def attack_loss(out: Tensor, y: Tensor, loss: LossSpec = "auto") -> Tensor:
     """Per-example loss the attacker ascends, shape ``(N,)``.
 
-    ``"ce"``: cross-entropy of logits ``(N, C)`` against integer labels. ``"margin"``: the
-    Carlini-Wagner margin ``max_{j != y} f_j - f_y`` (for one output: ``-y f`` with y in {-1, +1}),
-    which ignores the output scale, so it suits kernel predictors. ``"mse"``: squared error to
-    float targets. ``"auto"``: ce for integer labels and several outputs, margin for one output,
-    mse for float targets. A callable ``(out, y) -> (N,)`` is used as is.
+    Args:
+        out: the outputs.
+        y: the labels or targets.
+        loss: ``"ce"``: cross-entropy of logits ``(N, C)`` against integer labels. ``"margin"``: the
+            Carlini-Wagner margin ``max_{j != y} f_j - f_y`` (for one output: ``-y f`` with y in {-1, +1}),
+            which ignores the output scale, so it suits kernel predictors. ``"mse"``: squared error to
+            float targets. ``"auto"``: ce for integer labels and several outputs, margin for one output,
+            mse for float targets. A callable ``(out, y) -> (N,)`` is used as is.
+
+    Returns:
+        The losses ``(N,)``.
     """
     if callable(loss):
         value = loss(out, y)
@@ -79,7 +85,15 @@ def attack_loss(out: Tensor, y: Tensor, loss: LossSpec = "auto") -> Tensor:
 
 def correct_count(out: Tensor, y: Tensor) -> Tensor:
     """Number of correct predictions: argmax for several outputs, sign for one output (labels {0,1} or
-    {-1,1}); float targets ``(N, C)`` (e.g. centred one-hot) are compared by argmax."""
+    {-1,1}); float targets ``(N, C)`` (e.g. centred one-hot) are compared by argmax.
+
+    Args:
+        out: the outputs.
+        y: the labels or targets.
+
+    Returns:
+        The count, a 0-dim tensor.
+    """
     out = out.detach()
     if out.ndim == 1 or (out.ndim == 2 and out.shape[1] == 1):
         pred = out.reshape(-1) > 0
@@ -89,7 +103,15 @@ def correct_count(out: Tensor, y: Tensor) -> Tensor:
 
 
 def accuracy(out: Tensor, y: Tensor) -> float:
-    """Fraction correct (see :func:`correct_count`); nan for no samples."""
+    """Fraction correct (see :func:`correct_count`); nan for no samples.
+
+    Args:
+        out: the outputs.
+        y: the labels or targets.
+
+    Returns:
+        The fraction.
+    """
     return correct_count(out, y).item() / out.shape[0] if out.shape[0] else math.nan
 
 
@@ -188,6 +210,19 @@ def fgsm(
     """Fast gradient (sign) method: one step of length eps along the loss gradient.
 
     x_adv = clip(x + eps * sign(grad_x L))  (linf) or x + eps * g / ||g||_2 (l2); arXiv 1412.6572.
+
+    Args:
+        predict: the model or any callable x -> outputs.
+        x: the clean inputs.
+        y: the labels (or float targets).
+        eps: the radius of the ball.
+        norm: "linf" or "l2".
+        clamp: the valid input range (lo, hi), or None.
+        loss: the loss ascended (:func:`attack_loss`).
+        batch_size: samples attacked per pass (None: all at once).
+
+    Returns:
+        x_adv.
     """
     _check_attack_args(x, y, eps, norm, clamp)
     if isinstance(predict, nn.Module):
@@ -219,8 +254,24 @@ def pgd(
     """Projected gradient ascent on the loss inside the eps-ball (Madry et al., arXiv 1706.06083).
 
     x_{k+1} = Proj_{B_eps(x)} clip(x_k + alpha * step(grad_x L(f(x_k), y))), step = sign (linf) or
-    g / ||g||_2 (l2); ``step_size`` alpha defaults to 2.5 eps / steps. Random start: uniform in the
-    ball, drawn from ``generator`` (a seed or a ``torch.Generator``; None = seed 0). Returns the last iterate.
+    g / ||g||_2 (l2).
+
+    Args:
+        predict: the model or any callable x -> outputs.
+        x: the clean inputs.
+        y: the labels (or float targets).
+        eps: the radius of the ball.
+        step_size: alpha (default 2.5 eps / steps).
+        steps: the number of steps.
+        norm: "linf" or "l2".
+        clamp: the valid input range (lo, hi), or None.
+        random_start: start uniformly in the ball (else at x).
+        loss: the loss ascended (:func:`attack_loss`).
+        batch_size: samples attacked per pass (None: all at once).
+        generator: a seed or a ``torch.Generator`` for the random start (None = seed 0).
+
+    Returns:
+        The last iterate.
     """
     _check_attack_args(x, y, eps, norm, clamp)
     if isinstance(predict, nn.Module):

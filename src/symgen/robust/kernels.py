@@ -33,9 +33,13 @@ __all__ = [
 class KernelPredictor:
     """f(x) = K(x, X) alpha with alpha = (K(X, X) + ridge I)^-1 Y fixed, differentiable in x.
 
-    ``kernel`` is any callable ``(a, b) -> K`` that is differentiable in ``a`` (``analytic_ntk``
-    kernels are; for a finite network ``symgen.ntk.empirical_ntk_fn(model, differentiable=True)``).
-    ``alpha`` is solved once by ``symgen.ntk.kernel_regression``.
+    ``alpha`` is solved once by ``symgen.ntk.kernel_regression`` (:func:`kernel_predictor`).
+
+    Args:
+        kernel: any callable ``(a, b) -> K`` that is differentiable in ``a`` (``analytic_ntk`` kernels are;
+            for a finite network ``symgen.ntk.empirical_ntk_fn(model, differentiable=True)``).
+        x_train: X.
+        alpha: the weights (n[, C]).
     """
 
     def __init__(self, kernel: Callable[[Tensor, Tensor], Tensor], x_train: Tensor, alpha: Tensor):
@@ -60,8 +64,17 @@ def kernel_predictor(
 ) -> KernelPredictor:
     """The kernel ridge regression predictor x -> K(x, X)(K(X, X) + ridge I)^-1 Y as a callable.
 
-    Integer labels become centred one-hot targets (e_y - 1/C) for C > 2 classes and +-1 for 2;
-    float targets are used as they are. Source: Kempe et al., arXiv 2307.02693.
+    Source: Kempe et al., arXiv 2307.02693.
+
+    Args:
+        kernel: a callable ``(a, b) -> K``, differentiable in ``a``.
+        x_train: X.
+        y_train: integer labels (centred one-hot targets e_y - 1/C for C > 2 classes, +-1 for 2) or
+            float targets (used as they are).
+        ridge: the ridge.
+
+    Returns:
+        The :class:`KernelPredictor`.
     """
     targets = regression_targets(y_train)
     with torch.no_grad():
@@ -83,7 +96,15 @@ def kernel_predictor(
 
 
 def regression_targets(y: Tensor, num_classes: int | None = None) -> Tensor:
-    """Integer labels -> regression targets: +-1 for two classes, centred one-hot e_y - 1/C otherwise."""
+    """Integer labels -> regression targets: +-1 for two classes, centred one-hot e_y - 1/C otherwise.
+
+    Args:
+        y: integer labels.
+        num_classes: C (default: max label + 1).
+
+    Returns:
+        The targets.
+    """
     if y.is_floating_point():
         return y
     classes = num_classes if num_classes is not None else int(y.max().item()) + 1
@@ -99,8 +120,17 @@ def eigen_features(
 
     With K = sum_i lambda_i v_i v_i^T: f_i(x) = K(x, X) v_i v_i^T Y / (lambda_i + ridge), and
     sum_i f_i(x) = K(x, X)(K + ridge I)^-1 Y (Tsilivis & Kempe 2022, arXiv 2210.05577).
-    Returns ``(eigenvalues (k,), features (m, k[, C]), directions (n, k), coefficients (k[, C]))``
-    in decreasing eigenvalue order, the first ``num_features`` (default all).
+
+    Args:
+        k_train: K(X, X), (n, n).
+        k_test_train: K(x, X), (m, n).
+        y_train: Y, (n[, C]).
+        ridge: the ridge.
+        num_features: keep the first this many (default all).
+
+    Returns:
+        ``(eigenvalues (k,), features (m, k[, C]), directions (n, k), coefficients (k[, C]))`` in
+        decreasing eigenvalue order.
     """
     n = k_train.shape[0]
     if k_train.ndim != 2 or k_train.shape[1] != n:
@@ -170,9 +200,21 @@ def ntk_feature_robustness(
 
     Feature i: f_i(x) = K(x, X) v_i v_i^T Y / (lambda_i + ridge) (the features sum to the kernel
     predictor). usefulness_i = accuracy of sign f_i (one output, two classes) or argmax f_i on
-    clean test data; robustness_i = the same on ``attack(f_i, x_test, y_test)``, an attack on that
-    feature alone. ``correlation`` = E<y, f_i> / sqrt(E||f_i||^2 E||y||^2), likewise under attack.
-    Integer labels become +-1 (two classes) or centred one-hot targets.
+    clean test data; robustness_i = the same under attack. ``correlation`` = E<y, f_i> /
+    sqrt(E||f_i||^2 E||y||^2), likewise under attack.
+
+    Args:
+        kernel: a callable ``(a, b) -> K``, differentiable in ``a``.
+        x_train: the training inputs.
+        y_train: integer labels (+-1 for two classes, else centred one-hot targets).
+        x_test: the test inputs.
+        y_test: their labels.
+        attack: ``attack(f_i, x_test, y_test) -> x_adv``, an attack on that feature alone.
+        ridge: the ridge.
+        num_features: the number of leading features scored.
+
+    Returns:
+        The :class:`FeatureRobustness`.
     """
     if x_train.shape[0] != y_train.shape[0] or x_test.shape[0] != y_test.shape[0]:
         raise ShapeError(

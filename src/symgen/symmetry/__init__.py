@@ -69,14 +69,21 @@ def find_scale_symmetries(
     For each linear / convolution weight W: ``f(W_B -> a_B W_B) = f(W)`` for all a_B > 0 when every
     path from W reaches a normalization through ops commuting with positive scaling (arXiv
     1511.01029). Found from the ``torch.fx`` graph (forward hooks when tracing fails), then
-    confirmed numerically on ``example_input`` (a batch of >= 2 inputs, or a tuple of arguments):
-    random factors in [1/2, 2] per block must change the output by at most ``tol`` (relative) in
-    train mode and in eval mode with the running statistics rescaled to match. The exact check
+    confirmed numerically: random factors in [1/2, 2] per block must change the output by at most
+    ``tol`` in train mode and in eval mode with the running statistics rescaled to match. The exact check
     runs in float64 with the normalizations' eps set to ~0 (the smallest positive float; eps > 0
     makes the symmetry approximate, to relative order eps / variance); the changes at the model's
-    own eps are reported too. ``generator`` (a seed or a ``torch.Generator``; ``None`` = seed 0)
-    draws the random factors and fixes the dropout masks of the check. Neither the model nor the
-    global RNG state is modified.
+    own eps are reported too. Neither the model nor the global RNG state is modified.
+
+    Args:
+        model: the model.
+        example_input: a batch of >= 2 inputs, or a tuple of arguments.
+        generator: a seed or a ``torch.Generator`` (``None`` = seed 0); draws the random factors and
+            fixes the dropout masks of the check.
+        tol: the largest relative output change accepted (default 1e-8 in float64, else 1e-4).
+
+    Returns:
+        The :class:`ScaleSymmetryReport`.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"find_scale_symmetries expects an nn.Module, got {type(model).__name__}.")

@@ -22,7 +22,15 @@ __all__ = ["block_norms", "rescale_filters"]
 
 
 def block_norms(params: Mapping[str, Tensor], symmetry: ScaleSymmetry) -> Tensor:
-    """Euclidean norm of every block of filters (weight rows and scaled bias entries), ``(num_blocks,)``."""
+    """Euclidean norm of every block of filters (weight rows and scaled bias entries).
+
+    Args:
+        params: the model's parameters by name.
+        symmetry: the symmetry.
+
+    Returns:
+        ``(num_blocks,)``.
+    """
     w = params[symmetry.weight]
     sq = w.pow(2).sum(dim=[d for d in range(w.dim()) if d != symmetry.axis])
     if symmetry.bias:
@@ -38,7 +46,16 @@ def rescale_filters(
 
     ``W_B -> a_B W_B`` (and the scaled bias), ``running_mean -> a (running_mean - shift) + shift``,
     ``running_var -> a^2 running_var`` so the model is unchanged in train and eval mode
-    (arXiv 1511.01029). Returns new dicts; the inputs are not modified.
+    (arXiv 1511.01029). The inputs are not modified.
+
+    Args:
+        params: the parameters by name.
+        buffers: the buffers by name, or None.
+        symmetry: the symmetry.
+        factors: a_B > 0, ``(num_blocks,)``.
+
+    Returns:
+        New ``(params, buffers)`` dicts.
     """
     factors = torch.as_tensor(factors)
     if factors.shape != (symmetry.num_blocks,):

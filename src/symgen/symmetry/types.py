@@ -254,14 +254,25 @@ class ScaleSymmetry:
         return (self.weight,) + ((self.bias,) if self.bias else ())
 
     def channel_block(self, device: torch.device | str | None = None) -> Tensor:
-        """Block index of every filter, shape ``(num_filters,)``."""
+        """Block index of every filter.
+
+        Args:
+            device: where the result goes (default CPU).
+
+        Returns:
+            ``(num_filters,)`` long tensor.
+        """
         idx = torch.empty(self.num_filters, dtype=torch.long)
         for k, block in enumerate(self.blocks):
             idx[list(block)] = k
         return idx.to(device) if device is not None else idx
 
     def to_dict(self) -> dict[str, Any]:
-        """The symmetry as plain JSON-ready values."""
+        """The symmetry as plain JSON-ready values.
+
+        Returns:
+            The dict.
+        """
         return {
             "module": self.module,
             "weight": self.weight,
@@ -298,18 +309,36 @@ class ScaleSymmetryReport:
     notes: list[str]
 
     def parameters(self) -> list[str]:
-        """Names of all parameters rescaled by some symmetry (weights and scaled biases)."""
+        """Names of all parameters rescaled by some symmetry (weights and scaled biases).
+
+        Returns:
+            The names.
+        """
         return [n for s in self.symmetries for n in s.members]
 
     def get(self, name: str) -> ScaleSymmetry | None:
-        """The symmetry whose weight (or scaled bias) is ``name``."""
+        """The symmetry whose weight (or scaled bias) is ``name``.
+
+        Args:
+            name: a parameter name.
+
+        Returns:
+            The symmetry, or None.
+        """
         for s in self.symmetries:
             if name in s.members:
                 return s
         return None
 
     def reason(self, name: str) -> str:
-        """Why ``name`` is or is not part of a symmetry."""
+        """Why ``name`` is or is not part of a symmetry.
+
+        Args:
+            name: a parameter name.
+
+        Returns:
+            One line.
+        """
         s = self.get(name)
         if s is not None:
             return f"{s.kind} scale symmetry through {', '.join(s.normalizers)}"
@@ -325,7 +354,11 @@ class ScaleSymmetryReport:
         return "not a parameter of the analysed model"
 
     def summary(self) -> str:
-        """A plain-text table of the findings."""
+        """A plain-text table of the findings.
+
+        Returns:
+            The text.
+        """
         lines = [f"scale symmetries ({self.method}):"]
         for s in self.symmetries:
             extra = f", bias {s.bias} scaled with it" if s.bias else ""
@@ -346,7 +379,11 @@ class ScaleSymmetryReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        """The report as plain JSON-ready values."""
+        """The report as plain JSON-ready values.
+
+        Returns:
+            The dict.
+        """
         return {
             "method": self.method,
             "symmetries": [s.to_dict() for s in self.symmetries],
@@ -364,7 +401,14 @@ class ScaleSymmetryReport:
 
 
 def filter_axis(module: nn.Module) -> int | None:
-    """Axis of the weight that indexes output filters (None when not a supported layer)."""
+    """Axis of the weight that indexes output filters.
+
+    Args:
+        module: a layer.
+
+    Returns:
+        The axis, or None when not a supported layer.
+    """
     if isinstance(module, nn.Linear) or isinstance(module, _CONVS):
         return 0
     if isinstance(module, _CONV_TRANSPOSES):
