@@ -32,6 +32,17 @@ def kip_loss(
     """``(loss, prediction)`` with loss = 0.5 mean((K_ts (K_ss + ridge tr(K_ss)/n I)^-1 y_s - y_t)^2).
 
     Differentiable in the support set; the solve is ``symgen.ntk.kernel_regression`` (arXiv 2011.00050).
+
+    Args:
+        kernel: ``kernel(a, b) -> K``, differentiable in its inputs.
+        x_support: X_s (n, ...).
+        y_support: y_s (n, C).
+        x_target: X_t (m, ...).
+        y_target: y_t (m, C).
+        ridge: the ridge, relative to tr(K_ss)/n.
+
+    Returns:
+        ``(loss, prediction)``, the prediction (m, C).
     """
     m, n = x_target.shape[0], x_support.shape[0]
     # One kernel call for both blocks: [K_ts; K_ss] = K([X_t; X_s], X_s).
@@ -74,15 +85,30 @@ def kip(
 ) -> tuple[Tensor, Tensor, dict[str, list[float]]]:
     """Learn a support set of ``support_per_class`` examples per class by kernel inducing points.
 
-    ``kernel(a, b) -> K`` (a: (n_a, ...), b: (n_b, ...)) must be differentiable in its inputs, e.g.
-    ``lambda a, b: analytic_ntk(a.flatten(1), b.flatten(1), depth=3)[1]`` or a finite network's
-    ``symgen.ntk.empirical_ntk_fn(model, differentiable=True)``. Randomness (the initial subset, the
-    target batches): ``generator``, a seed or a ``torch.Generator`` (None = seed 0).
     Init: a class-balanced sample of real examples with centred one-hot labels e_y - 1/C. Each step
     draws ``target_per_class`` fresh examples of every class and takes an Adam step on
     loss = 0.5 mean((K_ts (K_ss + ridge tr(K_ss)/n I)^-1 y_s - y_t)^2) over X_s (and y_s if
-    ``learn_labels``). Returns ``(x_support, y_support, history)``, history holding per step
-    ``loss`` and ``batch_accuracy`` (argmax accuracy on the target batch). arXiv 2011.00050.
+    ``learn_labels``). arXiv 2011.00050.
+
+    Args:
+        x_target: the real inputs.
+        y_target: their integer labels.
+        kernel: ``kernel(a, b) -> K`` (a: (n_a, ...), b: (n_b, ...)), differentiable in its inputs, e.g.
+            ``lambda a, b: analytic_ntk(a.flatten(1), b.flatten(1), depth=3)[1]`` or a finite network's
+            ``symgen.ntk.empirical_ntk_fn(model, differentiable=True)``.
+        support_per_class: support examples per class.
+        steps: Adam steps.
+        lr: Adam's learning rate.
+        learn_labels: learn y_s too.
+        ridge: the relative ridge.
+        generator: a seed or a ``torch.Generator`` (None = seed 0) for the initial subset and the target batches.
+        target_per_class: target examples per class per step.
+        num_classes: C (default: max label + 1).
+        callback: ``callback(step, loss)`` after each step.
+
+    Returns:
+        ``(x_support, y_support, history)``, history holding per step ``loss`` and ``batch_accuracy``
+        (argmax accuracy on the target batch).
     """
     if y_target.ndim != 1 or y_target.is_floating_point():
         raise ShapeError(
@@ -148,7 +174,17 @@ def kip(
 
 
 def save_support(path: str | Path, x_support: Tensor, y_support: Tensor, **meta: Any) -> Path:
-    """Save a distilled set (and JSON-able metadata) atomically with ``torch.save``."""
+    """Save a distilled set (and JSON-able metadata) atomically with ``torch.save``.
+
+    Args:
+        path: the file.
+        x_support: the support inputs.
+        y_support: the support labels.
+        **meta: metadata stored with them.
+
+    Returns:
+        ``path``.
+    """
     payload = {
         "format": "symgen-kip-support-v1",
         "x_support": x_support.detach().cpu(),
@@ -159,7 +195,18 @@ def save_support(path: str | Path, x_support: Tensor, y_support: Tensor, **meta:
 
 
 def load_support(path: str | Path, device: torch.device | str | None = None) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """Load ``(x_support, y_support, meta)`` written by :func:`save_support`."""
+    """Load ``(x_support, y_support, meta)`` written by :func:`save_support`.
+
+    Args:
+        path: the file.
+        device: where the tensors go.
+
+    Returns:
+        ``(x_support, y_support, meta)``.
+
+    Raises:
+        CheckpointError: not a readable distilled-set file.
+    """
     path = Path(path)
     if not path.is_file():
         raise MissingDataError(f"no distilled set at {path}; write one with save_support() first.")

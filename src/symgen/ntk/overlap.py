@@ -60,10 +60,17 @@ def _basis(k: Tensor, name: str, rtol: float, num_components: int | None) -> tup
 def overlap_from_kernels(
     k_aa: Tensor, k_ab: Tensor, k_bb: Tensor, *, num_components: int | None = None, rtol: float = 1e-8
 ) -> NTKOverlap:
-    """The overlap of two tasks from their kernel blocks ``Theta_AA`` (n_a, n_a), ``Theta_AB`` (n_a, n_b), ``Theta_BB``.
+    """The overlap of two tasks from their kernel blocks. Source: arXiv 2010.04003.
 
-    Eigendirections with eigenvalue below ``rtol * lambda_max`` are dropped (the numerical rank);
-    ``num_components``: keep at most the top k of each task (PCA). Source: arXiv 2010.04003.
+    Args:
+        k_aa: Theta_AA (n_a, n_a).
+        k_ab: Theta_AB (n_a, n_b).
+        k_bb: Theta_BB (n_b, n_b).
+        num_components: keep at most the top k eigendirections of each task (PCA).
+        rtol: eigendirections with eigenvalue below ``rtol * lambda_max`` are dropped (the numerical rank).
+
+    Returns:
+        The :class:`NTKOverlap`.
     """
     if num_components is not None and num_components < 1:
         raise ConfigError(f"num_components must be >= 1 or None, got {num_components}.")
@@ -110,8 +117,20 @@ def task_kernels(
     method: str = "auto",
     params: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(Theta_AA, Theta_AB, Theta_BB)`` of ``model``'s empirical NTK, float64; ``output="full"`` flattens
-    outputs into rows (sample, output) (the gradients of every logit), ``"trace"`` sums over outputs."""
+    """``(Theta_AA, Theta_AB, Theta_BB)`` of ``model``'s empirical NTK, float64.
+
+    Args:
+        model: the model.
+        x_a: task A's inputs.
+        x_b: task B's inputs.
+        output: ``"full"`` flattens outputs into rows (sample, output) (the gradients of every logit),
+            ``"trace"`` sums over outputs.
+        method: the Jacobian method of ``empirical_ntk_fn``.
+        params: the parameters (default: the model's).
+
+    Returns:
+        The three blocks.
+    """
     from symgen.ntk.empirical import empirical_ntk_fn
 
     if output not in ("full", "trace"):
@@ -136,9 +155,21 @@ def ntk_overlap(
 ) -> NTKOverlap:
     """Principal angles between the NTK feature subspaces of two tasks at ``model``'s current weights.
 
-    ``task_a``, ``task_b``: inputs x (N, ...) or pairs (x, y) (targets unused). ``output="full"``: the span of
-    the gradients of every output (the subspace OGD protects); ``"trace"``: one summed output. See
-    :func:`overlap_from_kernels` for ``num_components`` and ``rtol``. Source: arXiv 2010.04003.
+    Source: arXiv 2010.04003.
+
+    Args:
+        model: the model.
+        task_a: inputs x (N, ...) or pairs (x, y) (targets unused).
+        task_b: likewise.
+        output: ``"full"``: the span of the gradients of every output (the subspace OGD protects);
+            ``"trace"``: one summed output.
+        num_components: see :func:`overlap_from_kernels`.
+        rtol: see :func:`overlap_from_kernels`.
+        method: the Jacobian method of ``empirical_ntk_fn``.
+        params: the parameters (default: the model's).
+
+    Returns:
+        The :class:`NTKOverlap`.
     """
     x_a, x_b = _inputs(task_a, "task_a"), _inputs(task_b, "task_b")
     k_aa, k_ab, k_bb = task_kernels(model, x_a, x_b, output=output, method=method, params=params)
@@ -160,12 +191,23 @@ def predict_after_training(
 ) -> Tensor:
     """Linearized outputs on evaluation inputs (e.g. task A's) after training on (X_B, y_B) by GD on MSE.
 
-    ``f_eval + Theta_eB Theta_BB^-1 (I - exp(-lr Theta_BB t / n)) (y_B - f_B)`` with ``k_train = Theta_BB``
-    (N O, N O) and ``k_eval_train = Theta_eB`` (M O, N O) (rows (sample, output), as :func:`task_kernels`
-    with ``output="full"``); ``f_train`` (N, O) and ``f_eval`` (M, O) are the outputs when training on B
-    starts. Loss ``1/(2n) sum ||f - y||^2`` with n = ``normalization`` (default N). ``t`` in GD steps of
-    size ``lr`` (``discrete`` exact steps); ``t=None``: trained to convergence (``ridge`` regularizes the
-    solve). Returns (M, O) for a scalar or None ``t``, (T, M, O) for T times. Source: arXiv 2010.04003.
+    ``f_eval + Theta_eB Theta_BB^-1 (I - exp(-lr Theta_BB t / n)) (y_B - f_B)``; rows (sample, output), as
+    :func:`task_kernels` with ``output="full"``. Loss ``1/(2n) sum ||f - y||^2``. Source: arXiv 2010.04003.
+
+    Args:
+        k_train: Theta_BB (N O, N O).
+        k_eval_train: Theta_eB (M O, N O).
+        f_train: (N, O), the outputs on X_B when training on B starts.
+        f_eval: (M, O), likewise on the evaluation inputs.
+        y_train: y_B.
+        t: GD steps of size ``lr``, one or several; None: trained to convergence.
+        lr: the step size.
+        normalization: n (default N).
+        discrete: exact discrete steps.
+        ridge: regularizes the solve for ``t=None``.
+
+    Returns:
+        (M, O) for a scalar or None ``t``, (T, M, O) for T times.
     """
     if f_train.dim() != 2 or f_eval.dim() != 2 or y_train.shape != f_train.shape:
         raise ShapeError(

@@ -74,12 +74,25 @@ def _cholesky(a: Tensor, max_tries: int) -> Tensor:
 def kernel_regression(
     k_train: Tensor, y_train: Tensor, k_test_train: Tensor, ridge: float = 0.0, *, max_jitter_tries: int = 6
 ) -> Tensor:
-    """Kernel ridge regression predictions ``K_tX (K_XX + ridge I)^-1 y``, shape (M,) or (M, O) like ``y_train``.
+    """Kernel ridge regression predictions ``K_tX (K_XX + ridge I)^-1 y``.
 
     Cholesky solve, differentiable in all inputs (KIP, attacks). If ``K + ridge I`` is not numerically
-    positive definite, jitter ``eps * mean diag * 10 * 100^k`` is added with a RuntimeWarning; after
-    ``max_jitter_tries`` it raises :class:`DivergenceError` (never silent NaN). Non-finite inputs raise
-    too. Source: arXiv 2011.00050 (KIP), arXiv 2307.02693.
+    positive definite, jitter ``eps * mean diag * 10 * 100^k`` is added with a RuntimeWarning.
+    Source: arXiv 2011.00050 (KIP), arXiv 2307.02693.
+
+    Args:
+        k_train: K_XX (N, N).
+        y_train: y, (N,) or (N, O).
+        k_test_train: K_tX (M, N).
+        ridge: the ridge.
+        max_jitter_tries: jitter attempts before giving up.
+
+    Returns:
+        (M,) or (M, O), like ``y_train``.
+
+    Raises:
+        DivergenceError: still not positive definite after ``max_jitter_tries``, or non-finite inputs
+            (never silent NaN).
     """
     n = _check_square(k_train, "k_train")
     y, squeeze = _targets(y_train, n)
@@ -102,14 +115,29 @@ def kernel_regression(
 
 
 def kernel_eigh(k: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigenvalues (descending) and orthonormal eigenvectors (columns) of a symmetric kernel matrix."""
+    """Eigenvalues (descending) and orthonormal eigenvectors (columns) of a symmetric kernel matrix.
+
+    Args:
+        k: the kernel matrix (N, N), symmetrized first.
+
+    Returns:
+        ``(eigvals (N,), eigvecs (N, N))``.
+    """
     _check_square(k, "k")
     evals, evecs = torch.linalg.eigh((k + k.T) / 2)
     return evals.flip(0), evecs.flip(1)
 
 
 def eigen_projections(v: Tensor, eigvecs: Tensor) -> Tensor:
-    """Coefficients ``U^T v`` of ``v`` (N,) or (N, O) along the kernel eigenvectors (columns of ``U``)."""
+    """Coefficients ``U^T v`` along the kernel eigenvectors.
+
+    Args:
+        v: (N,) or (N, O).
+        eigvecs: U, eigenvectors as columns.
+
+    Returns:
+        The coefficients.
+    """
     if eigvecs.dim() != 2 or v.shape[0] != eigvecs.shape[0]:
         raise ShapeError(
             f"v must have leading size {eigvecs.shape[0]} (eigvecs {tuple(eigvecs.shape)}), got {tuple(v.shape)}."
@@ -131,8 +159,18 @@ def residual_decay(
 ) -> Tensor:
     """Factor by which the training residual along each eigendirection shrinks after time ``t``.
 
-    Gradient flow: ``exp(-lr lambda t / n)``; ``discrete=True`` (t GD steps): ``(1 - lr lambda / n)^t``.
-    Shape (T, N) for T times (or (N,) for a scalar t). Source: arXiv 1806.07572.
+    Gradient flow: ``exp(-lr lambda t / n)``; discrete (t GD steps): ``(1 - lr lambda / n)^t``.
+    Source: arXiv 1806.07572.
+
+    Args:
+        eigvals: lambda (N,).
+        t: one time or T times.
+        lr: the step size.
+        normalization: n.
+        discrete: discrete GD steps.
+
+    Returns:
+        (T, N) for T times, or (N,) for a scalar t.
     """
     tt, scalar = _times(t, eigvals)
     rate = lr * eigvals.clamp(min=0) / normalization
@@ -159,12 +197,22 @@ def gd_dynamics(
 
     ``f_t(x) = f0(x) + Theta_xX Theta^-1 (I - exp(-lr Theta t / n)) (y - f0(X))`` via the eigendecomposition
     of ``Theta = k_train`` (arXiv 1902.06720 eq. 9; arXiv 1806.07572). The loss is
-    ``1/(2n) sum_i ||f(x_i) - y_i||^2`` with ``n = normalization`` (default N, the number of training
-    points; torch's ``MSELoss()`` equals ``n = N * O / 2``). ``t`` counts GD steps of size ``lr``
-    (continuous time; ``discrete=True`` uses ``(1 - lr lambda / n)^t`` exactly as discrete GD on the
-    linearized net). ``f0``/``f0_test`` are the net's outputs at initialization (None: 0, the mean over
-    initializations). ``k_test_train=None`` predicts on the training inputs. Returns (M, O) or
-    (T, M, O) for T times (or (M,) / (T, M) for 1-D ``y_train``).
+    ``1/(2n) sum_i ||f(x_i) - y_i||^2``.
+
+    Args:
+        k_train: Theta (N, N).
+        k_test_train: Theta_xX (M, N); None predicts on the training inputs.
+        y_train: y, (N,) or (N, O).
+        t: GD steps of size ``lr`` (continuous time), one or several.
+        lr: the step size.
+        f0: the net's outputs on X at initialization (None: 0, the mean over initializations).
+        f0_test: likewise on the test inputs.
+        normalization: n (default N, the number of training points; torch's ``MSELoss()`` equals
+            ``n = N * O / 2``).
+        discrete: use ``(1 - lr lambda / n)^t``, exactly discrete GD on the linearized net.
+
+    Returns:
+        (M, O) or (T, M, O) for T times (or (M,) / (T, M) for 1-D ``y_train``).
     """
     n = _check_square(k_train, "k_train")
     y, squeeze = _targets(y_train, n)
