@@ -39,19 +39,19 @@ def test_flags_from_planted_estimates_in_json_terminal_and_page():
     sec.add("fine", 10.0, 0.1)
     sec.add("exact", 10.0)
     for est in sec.values.values():
-        assess(est, Target(rel=0.05), sec.seconds)
+        assess(est, Target(rel=0.05))
     v = sec.values
     assert v["far"].flag == "NOT RESOLVED" and v["near"].flag == "IMPRECISE" and v["fine"].flag == ""
     assert v["exact"].flag == ""
     # se ~ 1/sqrt(samples): 8 -> 0.5 (the 5 % target) takes (8 / 0.5)^2 = 256x the 2 s spent
-    assert v["far"].resolve_seconds == pytest.approx(2.0 * 256)
-    assert v["near"].resolve_seconds == pytest.approx(2.0 * 4)
-    assert v["fine"].resolve_seconds is None
+    assert v["far"].resolve_factor == pytest.approx(256)
+    assert v["near"].resolve_factor == pytest.approx(4)
+    assert v["fine"].resolve_factor is None
     res = _result(sec)
     data = res.to_dict()
     values = data["sections"]["hessian"]["values"]
     assert values["far"]["flag"] == "NOT RESOLVED" and values["near"]["flag"] == "IMPRECISE"
-    assert values["fine"]["flag"] == "" and values["far"]["resolve_seconds"] == pytest.approx(512)
+    assert values["fine"]["flag"] == "" and values["far"]["resolve_factor"] == pytest.approx(256)
     assert values["near"]["target"] == pytest.approx(0.5)
     lines = {
         line.split()[0] if line.split()[0] != "hessian" else line.split()[1]: line
@@ -73,7 +73,7 @@ def test_absolute_target_of_an_accuracy():
     section = registry.get("robustness")
     assert section is not None
     for metric, est in sec.values.items():
-        assess(est, section.target(metric), sec.seconds)
+        assess(est, section.target(metric))
     assert sec.values["robust_accuracy@0.1"].flag == "IMPRECISE"  # 0.08 > 0.05 absolute
     assert sec.values["clean_accuracy"].flag == ""
 
@@ -176,11 +176,15 @@ def test_replanning_after_a_slow_section_keeps_the_budget_under_load():
         busy.kill()
         busy.wait()
     assert wall <= 1.25 * budget, (wall, {k: s.seconds for k, s in res.sections.items()})
-    # re-planned from the measured throughput: what runs after the slow section is cut and says why
-    later = [res[k] for k in ("robustness", "noise_stability") if res[k].status == "ok"]
-    assert later, {k: s.skipped for k, s in res.sections.items()}
-    for sec in later:
-        assert any("re-planned" in n for n in sec.skipped) or any("stopped" in f for f in sec.flags), sec.skipped
+    # re-planned from the measured throughput: what runs after the slow section is cut (or, on a machine too
+    # loaded for even its smallest size, skipped) and says why
+    for name in ("robustness", "noise_stability"):
+        sec = res[name]
+        said = " ".join(sec.skipped + sec.flags)
+        if sec.status == "ok":
+            assert "re-planned" in said or "stopped at its share" in said, said
+        else:
+            assert sec.status == "skipped" and ("time budget" in said or "time limit" in said), said
 
 
 def test_a_section_stops_at_its_deadline_and_says_so():

@@ -160,6 +160,7 @@ def audit_lines(data: dict[str, Any]) -> str:
         A header line and a table.
     """
     from symgen.audit import AuditResult
+    from symgen.audit.precision import flag_text, resolve_seconds
     from symgen.terminal import text_table
 
     result = AuditResult.from_dict(data)
@@ -172,10 +173,11 @@ def audit_lines(data: dict[str, Any]) -> str:
         partial = sec.coverage is not None and sec.coverage < 1
         for i, (metric, est) in enumerate(sec.values.items()):
             err = "-" if est.stderr is None else f"{est.stderr:.2g}"
-            text = est.flagged
+            text = flag_text(est, sec.seconds)
             flag = text.split(" (")[0] if text else ""
-            if flag and est.resolve_seconds is not None:
-                flag += f" (~{est.resolve_seconds:.3g} s)"
+            need = resolve_seconds(est, sec.seconds)
+            if flag and need is not None:
+                flag += f" (~{need:.3g} s)"
             flagged = flagged or bool(flag)
             rows.append(
                 (

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Target", "NOT_RESOLVED", "IMPRECISE", "RESOLVED_FRACTION", "assess", "flag_text"]
+__all__ = ["Target", "NOT_RESOLVED", "IMPRECISE", "RESOLVED_FRACTION", "assess", "flag_text", "resolve_seconds"]
 
 NOT_RESOLVED = "NOT RESOLVED"
 IMPRECISE = "IMPRECISE"
@@ -50,15 +50,17 @@ class Target:
         return "stderr <= " + " and ".join(parts)
 
 
-def assess(est: Any, target: Target | None, seconds: float) -> None:
-    """Set ``est.flag``, ``est.target`` and ``est.resolve_seconds`` from its standard error and ``target``.
+def assess(est: Any, target: Target | None) -> None:
+    """Set ``est.flag``, ``est.target`` and ``est.resolve_factor`` from its standard error and ``target``.
+
+    ``resolve_factor`` = (stderr / goal)^2: how many times this section's samples (and seconds) would meet the
+    goal (the target, and at least stderr <= |value|/2); it depends on the numbers only, not on the clock.
 
     Args:
         est: the :class:`~symgen.audit.result.Estimate` (changed in place).
         target: the section's target for it (None: only the NOT RESOLVED rule applies).
-        seconds: the section's measured seconds (what the estimate cost).
     """
-    est.flag, est.resolve_seconds = "", None
+    est.flag, est.resolve_factor = "", None
     est.target = None if target is None else target.stderr_goal(est.value)
     se = est.stderr
     if se is None or not (math.isfinite(se) and math.isfinite(est.value)) or se == 0:
@@ -71,15 +73,30 @@ def assess(est: Any, target: Target | None, seconds: float) -> None:
     else:
         return
     goal = min(g for g in (half, est.target) if g is not None) if est.target is not None else half
-    if goal > 0 and seconds > 0:
-        est.resolve_seconds = seconds * (se / goal) ** 2
+    if goal > 0:
+        est.resolve_factor = (se / goal) ** 2
 
 
-def flag_text(est: Any) -> str:
+def resolve_seconds(est: Any, seconds: float) -> float | None:
+    """The section's seconds that would meet ``est``'s goal: ``seconds x resolve_factor`` (None: no flag).
+
+    Args:
+        est: an assessed estimate.
+        seconds: what its section cost.
+
+    Returns:
+        The seconds, or None.
+    """
+    factor = getattr(est, "resolve_factor", None)
+    return None if factor is None or not seconds > 0 else seconds * factor
+
+
+def flag_text(est: Any, seconds: float = 0.0) -> str:
     """The flag with what would lift it, e.g. ``NOT RESOLVED (stderr 8 > |value|/2; ~64 s would resolve it)``.
 
     Args:
         est: an assessed estimate (an old one without ``flag``: the NOT RESOLVED rule).
+        seconds: what its section cost (0: the budget is not stated).
 
     Returns:
         The text ("" when the estimate meets its target).
@@ -95,8 +112,9 @@ def flag_text(est: Any) -> str:
         if flag == NOT_RESOLVED
         else f"stderr {se:.2g} > target {est.target or 0:.2g}"
     )
-    if est.resolve_seconds is not None:
-        return f"{flag} ({why}; about {est.resolve_seconds:.3g} s of this section would meet it)"
+    need = resolve_seconds(est, seconds)
+    if need is not None:
+        return f"{flag} ({why}; about {need:.3g} s of this section would meet it)"
     return (
         f"{flag} ({why}; a value of 0 cannot be resolved relative to itself)" if est.value == 0 else f"{flag} ({why})"
     )

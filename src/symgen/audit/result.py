@@ -28,12 +28,7 @@ class Estimate:
     note: str = ""
     flag: str = ""  # "", IMPRECISE (misses its section's target) or NOT RESOLVED (stderr > |value|/2)
     target: float | None = None  # the standard error its section's precision target asks for at this value
-    resolve_seconds: float | None = None  # the section's seconds that would meet the target (1/sqrt(n) scaling)
-
-    @property
-    def flagged(self) -> str:
-        """The flag with its reason and what budget would lift it ("" when the estimate is precise enough)."""
-        return flag_text(self)
+    resolve_factor: float | None = None  # (stderr / goal)^2: x the section's seconds would meet it (1/sqrt(n))
 
     @property
     def imprecise(self) -> bool:
@@ -129,7 +124,7 @@ class AuditResult:
                         "metric": metric,
                         "value": est.value,
                         "stderr": "-" if est.stderr is None else est.stderr,
-                        "flag": est.flagged,
+                        "flag": flag_text(est, s.seconds),
                         "note": est.note,
                     }
                 )

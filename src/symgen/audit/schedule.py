@@ -31,6 +31,8 @@ __all__ = ["Plan", "run_sections", "HARD"]
 
 #: Sections stop (and later ones are skipped) by this multiple of the budget: the audit ends within 1.25x.
 HARD = 1.05
+#: A section whose planned size is predicted (at the measured throughput) to end past this multiple is skipped.
+FIT = 1.2
 
 
 @dataclass
@@ -97,6 +99,14 @@ def run_sections(
         factor = max(1.0, measured / predicted) if predicted > 0 else 1.0
         if i > 0 and plan.timing is not None and limit > 0:
             _replan(ctx, plan, rest, factor, limit - elapsed, notes)
+        need = _predicted(section, ctx.lim, plan) * factor  # its planned size at the throughput measured so far
+        if i > 0 and limit > 0 and ranks.count(elapsed + need > FIT * limit) > 0:
+            sec.status = "skipped"
+            sec.skipped.append(
+                f"time budget ({limit:g} s): even its smallest size would take about {need:.1f} s after "
+                f"{elapsed:.1f} s; raise it with --set time_limit=SECONDS"
+            )
+            continue
         if section.name in notes:
             sec.skipped.append(notes[section.name])
         for lim in section.limits:
@@ -119,7 +129,7 @@ def run_sections(
         for what in ctx.clock.stopped:
             sec.flags.append(f"stopped at its share of the time budget: {what}")
         for metric, est in sec.values.items():
-            assess(est, section.target(metric), seconds)
+            assess(est, section.target(metric))
 
 
 def _run(section: Section, sec: SectionResult, ctx: Context, device: torch.device | None) -> Exception | None:
