@@ -259,7 +259,7 @@ def _plan(
     """Limits sized to the time budget (unchanged when the timing itself fails: the sections then say why).
 
     Under several ranks every rank plans from the slowest rank's timing, so all run the same sizes."""
-    from symgen.audit.planning import plan_limits, time_passes
+    from symgen.audit.planning import Timing, plan_limits, time_passes
 
     if not lim.time_limit > 0:
         return lim, {}, None
