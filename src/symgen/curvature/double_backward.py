@@ -187,6 +187,10 @@ def fast_double_backward_applies(device: torch.device, dtype: torch.dtype) -> bo
 
 @contextmanager
 def fast_double_backward() -> Iterator[None]:
-    """Inside: ``conv2d`` and eval-mode ``batch_norm`` build graphs whose double backward is fast (above)."""
+    """Inside: ``conv2d`` and eval-mode ``batch_norm`` build graphs whose double backward is fast (above).
+
+    Yields:
+        None, once (a context manager).
+    """
     with _FastMode():
         yield

@@ -175,7 +175,11 @@ class ModelOperator(CurvatureOperator):
 
     def signature(self) -> dict[str, object]:
         """What every rank's operator must share before its first collective: the parameters taken (name,
-        shape, dtype), the dimension, dtype and reduction (the products' all-reduce has ``k n + 2`` entries)."""
+        shape, dtype), the dimension, dtype and reduction (the products' all-reduce has ``k n + 2`` entries).
+
+        Returns:
+            The signature as a dict of plain values.
+        """
         sig: dict[str, object] = {"dim": self.dim, "dtype": str(self.dtype), "reduction": self.reduction}
         for k, v in self.params.items():
             sig[f"parameter {k}"] = f"{list(v.shape)} {v.dtype}"

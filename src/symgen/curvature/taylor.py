@@ -66,9 +66,16 @@ def trace_loss(f: Callable[..., Tensor], params: Sequence[Tensor], x: Tensor, y:
 class TaylorProgram:
     """The quadratic forms of one batch's loss: the primal pass is run once, at construction.
 
-    ``gm``: :func:`trace_loss` of ``f(*params, x, y)``; ``params`` the values it is taken at.
-    ``form(vs)``: ``v^T H v`` for ``vs``, a list of tensors shaped like ``params``. Raises
-    :class:`TaylorUnsupported` if a W-dependent value meets an operation without a rule.
+    ``form(vs)``: ``v^T H v`` for ``vs``, a list of tensors shaped like ``params``.
+
+    Args:
+        gm: :func:`trace_loss` of ``f(*params, x, y)``.
+        params: the values it is taken at.
+        x: the batch's inputs.
+        y: its targets.
+
+    Raises:
+        TaylorUnsupported: a W-dependent value meets an operation without a rule.
     """
 
     def __init__(self, gm: GraphModule, params: Sequence[Tensor], x: Tensor, y: Tensor) -> None:

@@ -47,6 +47,15 @@ class ScaledStep:
     (once) and returns whether it is finite; ``skip()`` records an inf/NaN step without a finite check.
     ``from_scaler`` is set when ``scaler.step(optimizer)`` called the step (new-style GradScaler contract:
     ``optimizer.grad_scale`` and ``optimizer.found_inf`` are set and the scaler has checked the gradients).
+
+    Args:
+        optimizer: the optimizer taking the step.
+        scaler: the ``torch.amp.GradScaler`` passed to ``step``, or None.
+        closure: the step's closure, or None.
+        needs_closure: the optimizer computes gradients at other weights through a closure (SAM, NSO).
+
+    Raises:
+        ConfigError: a scaler that is not a GradScaler, or a combination ``scaler.step`` cannot run.
     """
 
     def __init__(

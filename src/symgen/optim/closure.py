@@ -30,6 +30,12 @@ class LossClosure:
     Subclasses may override :meth:`compute` for another loss of the batch; they then set
     ``vectorizable = False`` (the loss is no longer ``loss_fn(model(x), y)``, which NSO's vectorized
     path evaluates functionally).
+
+    Args:
+        model: the model.
+        loss_fn: ``loss_fn(output, y)``.
+        x: the batch's inputs.
+        y: its targets.
     """
 
     vectorizable: ClassVar[bool] = True

@@ -134,6 +134,11 @@ def _pid_holds(info: LockInfo) -> bool:
 class RunLock:
     """The lock of one run, held by this process from :meth:`acquire` to :meth:`release`.
 
+    Args:
+        path: the lock file.
+        fd: the open file descriptor that holds the lock.
+        stale: the holder of the stale lock taken over (None: the run was not locked).
+
     Attributes:
         path: the lock file.
         stale: the holder of the stale lock taken over (None: the run was not locked).
