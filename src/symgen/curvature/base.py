@@ -246,13 +246,16 @@ class CurvatureOperator:
         Args:
             k: how many eigenpairs.
             which: "largest" or "smallest".
-            tol: relative tolerance of the stopping criterion.
+            tol: relative tolerance: stops as soon as every requested Ritz value theta_i has r_i <= tol
+                |theta_i| ("residual") or min(r_i, r_i^2 / delta_i) <= tol |theta_i| ("gap", an estimate;
+                see :func:`lanczos_eigenpairs`).
             max_steps: the most Lanczos steps (products); default max(4k + 40, 100).
             generator: seed or ``torch.Generator`` of the start vector (None = seed 0).
-            criterion: "residual", "gap" or "change" (see :func:`lanczos_eigenpairs`).
+            criterion: "residual" (default), "gap" or "change" (see :func:`lanczos_eigenpairs`).
 
         Returns:
-            :class:`Eigenpairs`: values (k,), vectors as columns (n, k), error bounds, products used.
+            :class:`Eigenpairs`: values (k,), vectors as columns (n, k), ``error_bounds`` (absolute),
+            ``residuals``, ``gaps``, ``num_matvecs`` (products used), ``converged``.
         """
         return lanczos_eigenpairs(
             self, k, which, tol=tol, max_steps=max_steps, generator=generator, criterion=criterion
@@ -269,10 +272,13 @@ class CurvatureOperator:
     ) -> Tensor:
         """The k largest (descending) or smallest (ascending) eigenvalues, Lanczos to ``tol`` relative.
 
+        Stops as soon as each Ritz residual r_i <= tol |theta_i|; the bounds and the number of products
+        come with :meth:`eigenpairs`.
+
         Args:
             k: how many eigenvalues.
             which: "largest" or "smallest".
-            tol: relative tolerance of the residual criterion.
+            tol: relative tolerance of the error bound (see :func:`lanczos_eigenpairs`).
             max_steps: the most Lanczos steps (products).
             generator: seed or ``torch.Generator`` of the start vector (None = seed 0).
 

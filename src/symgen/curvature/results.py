@@ -41,13 +41,27 @@ class TraceEstimate:
 
 @dataclass
 class Eigenpairs:
-    """Ritz pairs from Lanczos: ``values (k,)``, eigenvectors as columns ``vectors (n, k)``, error bounds, cost."""
+    """Ritz pairs from Lanczos: ``values (k,)``, eigenvectors as columns ``vectors (n, k)``, error bounds, cost.
+
+    ``error_bounds (k,)``: absolute, the bound of the stopping criterion (r_i, or the estimate min(r_i,
+    r_i^2 / delta_i) with the gap delta_i from the Ritz values; see
+    :func:`~symgen.curvature.lanczos.lanczos_eigenpairs`); ``residuals`` the Ritz residual norms r_i (an
+    eigenvalue lies within r_i, no assumption); ``gaps`` the gap estimates delta_i; ``num_matvecs`` the
+    products; ``converged``: the stopping criterion was met.
+    """
 
     values: Tensor
     vectors: Tensor
     error_bounds: Tensor
     num_matvecs: int
     converged: bool
+    residuals: Tensor | None = None
+    gaps: Tensor | None = None
+
+    @property
+    def relative_error_bounds(self) -> Tensor:
+        """``error_bounds / |values|`` (the quantity the stopping rule compares with ``tol``)."""
+        return self.error_bounds / self.values.detach().double().cpu().abs().clamp_min(1e-300)
 
 
 @dataclass
