@@ -136,7 +136,18 @@ HOSTILE = [
 ]
 SAFE_ID = re.compile(r"^[A-Za-z0-9_.:-]+$")
 PAGE_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "table", "thead", "tbody", "tr"}
-PAGE_TAGS |= {"th", "td", "span", "figure", "img", "figcaption", "pre", "script", "a"}
+PAGE_TAGS |= {
+    "th",
+    "td",
+    "span",
+    "figure",
+    "img",
+    "figcaption",
+    "pre",
+    "script",
+    "a",
+    "section",
+}  # the audit page groups its figures in a <section>
 
 
 class _Page(HTMLParser):
