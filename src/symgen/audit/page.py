@@ -16,9 +16,12 @@ if TYPE_CHECKING:
 
 __all__ = ["render_audit_page", "meaning", "figure_of"]
 
-# figures one per row, as wide as the page allows up to their own pixel size (drawn at figures.DPI)
+# figures one per row, as wide as the page allows up to their own pixel size (drawn at figures.DPI); the
+# summary's text columns (flag, note, meaning) wide enough and small enough that the table stays short
 _CSS = (
-    "<style>section.figures figure{display:block;max-width:none;margin:1.5em 0}"
+    "<style>table#summary td,table#summary th{font-size:85%}"
+    "table#summary td:nth-child(n+5){min-width:12em}"
+    "section.figures figure{display:block;max-width:none;margin:1.5em 0}"
     "section.figures figure img{max-width:100%;height:auto}"
     "section.figures figure.missing{display:inline-block}</style>"
 )
