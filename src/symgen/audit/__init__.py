@@ -54,7 +54,6 @@ if TYPE_CHECKING:
 __all__ = [
     "ACTIONS",
     "BUDGETS",
-    "SECTIONS",
     "AuditLimits",
     "Estimate",
     "SectionResult",
@@ -224,7 +223,11 @@ def audit(
 
 
 def __getattr__(name: str) -> Any:
-    """``SECTIONS`` ((name, title) in report order) and ``RUN_ORDER``, read from the registry when asked."""
+    """``SECTIONS`` ((name, title) in report order) and ``RUN_ORDER``, read from the registry when asked.
+
+    They are computed on each access (sections can be registered at any time), so they are not in ``__all__``;
+    new code reads :func:`symgen.audit.registry.sections` and :func:`symgen.audit.registry.run_order`.
+    """
     if name == "SECTIONS":
         return tuple((s.name, s.title) for s in registry.sections())
     if name == "RUN_ORDER":
