@@ -687,7 +687,7 @@ def gcnn_rows(args) -> list[dict]:
 # ---------------------------------------------------------------- ensemble epoch vs torchensemble and a loop
 def ensemble_rows(args) -> list[dict]:
     M = args.members
-    label = f"{M} x MaskedCNN(8), digits 1347, batch 32, SGD"
+    label = f"{M} x MaskedCNN(8), {256 if args.quick else 1347} digits, batch 32, SGD"
     specs = [("ensemble epoch", "torchensemble"), ("ensemble epoch", "Python loop")]
     todo = [s for s in specs if wanted(args.only, s[0], label, s[1])]
     if not todo:
@@ -737,14 +737,16 @@ def ensemble_rows(args) -> list[dict]:
         import logging
 
         from torchensemble import VotingClassifier
-        from torchensemble.utils.logging import set_logger
 
-        set_logger("peers_table", use_tb_logger=False)
-        logging.getLogger().setLevel(logging.ERROR)
+        logging.getLogger().setLevel(logging.ERROR)  # its per-batch log lines (no log file: set_logger not called)
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=bs, shuffle=True)
 
+        class Member(MaskedCNN):
+            def __init__(self):
+                super().__init__(1, 10, channels=8, support="symmetric")
+
         def te():
-            clf = VotingClassifier(estimator=factory, n_estimators=M, cuda=False)
+            clf = VotingClassifier(estimator=Member, n_estimators=M, cuda=False)
             clf.set_optimizer("SGD", lr=lr)
             clf.fit(loader, epochs=1, log_interval=10**9, save_model=False)
             return clf
