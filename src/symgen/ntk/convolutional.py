@@ -172,6 +172,7 @@ def analytic_conv_ntk(
     weight_std: float = 1.0,
     bias_std: float = 0.0,
     dtype: torch.dtype | None = None,
+    fast: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Infinite-width ``(nngp, ntk)``, each (N1, N2), of ``[Conv, act] * depth`` + read-out + Dense (NTK param.).
 
@@ -182,6 +183,9 @@ def analytic_conv_ntk(
     the flattened map; only p = q survive: the local kernel) or ``"gap"`` (global average pooling; all
     pairs: the convolutional kernel of arXiv 2106.08619). ``padding``: "circular" (periodic, as in arXiv
     2106.08619), "same" (zeros) or "valid". Row blocks keep memory bounded; ``dtype`` e.g. float64.
+    ``fast``: ReLU nets go through :func:`symgen.ntk.conv_fast.relu_conv_kernels` (the same values, tiles of
+    pairs, x2 = None mirrored; not differentiable: inputs that require grad take the generic path); False
+    keeps this generic path (the reference of the tests).
     """
     a = _as_image(x1, "x1")
     b = a if x2 is None else _as_image(x2, "x2")
@@ -210,6 +214,12 @@ def analytic_conv_ntk(
 
     va64 = pre_variances(a)
     vb64 = va64 if x2 is None else pre_variances(b)
+    grads = torch.is_grad_enabled() and (x1.requires_grad or (x2 is not None and x2.requires_grad))
+    if activation == "relu" and depth >= 1 and fast and not grads:
+        from symgen.ntk.conv_fast import relu_conv_kernels  # it imports this module's helpers
+
+        out = relu_conv_kernels(a, None if x2 is None else b, depth, fs, pads, mode, w2, b2, readout == "gap", dtype)
+        return out[0].to(x1.device), out[1].to(x1.device)
     va, vb = [v.to(dtype) for v in va64], [v.to(dtype) for v in vb64]
     full = readout == "gap"
     relu = activation == "relu"
