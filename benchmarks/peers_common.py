@@ -8,6 +8,7 @@ import math
 import os
 import re
 import statistics
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -87,6 +88,7 @@ def row(op: str, model: str, peer: str, **fields: Any) -> dict[str, Any]:
     """One table row; fields: symgen_s, peer_s, symgen_err, peer_err, reference, repeats, note."""
     out = {"operation": op, "model": model, "peer": peer, "load": loadavg()}
     out.update(fields)
+    print(f"[row] {op} | {model} | {peer}: symgen {out.get('symgen_s')}, peer {out.get('peer_s')}", file=sys.stderr)
     return out
 
 
