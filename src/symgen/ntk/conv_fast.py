@@ -42,6 +42,23 @@ def _patches(x: Tensor, fs: tuple[int, ...], pads: list[tuple[int, int]], mode: 
     return (x.permute(perm).reshape(math.prod(x.shape[2 : 2 + dims]), x.shape[0], -1) * scale).contiguous()
 
 
+def _box_matrix(sizes: list[int], fs: tuple[int, ...], pads: list[tuple[int, int]], mode: str, scale: float) -> Tensor:
+    """``scale`` times the filter sum ``t(p) -> sum_k t(p + k)`` as a (L_out, L_in) matrix on flattened positions."""
+    mat = torch.ones(1, 1, dtype=torch.float64)
+    for n, k, (left, right) in zip(sizes, fs, pads, strict=True):
+        m = n + left + right - k + 1
+        one = torch.zeros(m, n, dtype=torch.float64)
+        for o in range(m):
+            for off in range(k):
+                j = o - left + off
+                if mode == "circular":
+                    one[o, j % n] += 1.0
+                elif 0 <= j < n:
+                    one[o, j] += 1.0
+        mat = torch.kron(mat, one)
+    return mat * scale
+
+
 class _Config:
     """Everything a tile needs: patches, per-image variances per layer, filter and padding."""
 
@@ -61,12 +78,22 @@ class _Config:
         self.depth, self.fs, self.pads, self.mode, self.w2, self.b2 = depth, fs, pads, mode, w2, b2
         self.gap, self.dtype, self.dims = gap, dtype, len(fs)
         scale = math.sqrt(w2 / (a.shape[1] * math.prod(fs)))
-        self.ua = _patches(a, fs, pads, mode, scale)
-        self.ub = self.ua if b is None else _patches(b, fs, pads, mode, scale)
-        self.ub_neg = -self.ub
+        self.scale2 = scale * scale
+        self.ra = _patches(a, fs, pads, mode, 1.0)  # raw patches: their sums and differences are exact
+        self.rb = self.ra if b is None else _patches(b, fs, pads, mode, 1.0)
+        self.ua, self.ub_neg = self.ra * scale, self.rb * -scale
         self.shape = [s + lo + hi - k + 1 for s, (lo, hi), k in zip(a.shape[2:], pads, fs, strict=True)]
+        self._boxes: dict[tuple[tuple[int, ...], torch.dtype], Tensor] = {}
         self.va = self._variances(a, self.ua)
-        self.vb = self.va if b is None else self._variances(b, self.ub)
+        self.vb = self.va if b is None else self._variances(b, self.rb * scale)
+
+    def box_matrix(self, sizes: list[int], dtype: torch.dtype) -> Tensor:
+        """The layer's filter sum on a map of ``sizes`` times w^2 / k, (L_out, L_in), cached."""
+        key = (tuple(sizes), dtype)
+        if key not in self._boxes:
+            mat = _box_matrix(sizes, self.fs, self.pads, self.mode, self.w2 / math.prod(self.fs))
+            self._boxes[key] = mat.to(dtype)
+        return self._boxes[key]
 
     def _variances(self, x: Tensor, u: Tensor) -> list[Tensor]:
         """Pre-activation variances of each layer, (L_l, N) float64: layer 1 from the patches themselves."""
@@ -87,15 +114,16 @@ def _pair_vars(cfg: _Config, layer: int, rows: slice, cols: slice) -> tuple[Tens
     return v1[:, :, None], v2[:, None, :]
 
 
-def _gram_det(u: Tensor, v: Tensor, positive: Tensor, b2: float) -> Tensor:
-    """``(|u|^2 + b2)(|v|^2 + b2) - (u.v + b2)^2 = sum_{i<j} (u_i e_j - u_j e_i)^2 + b2 |u - v|^2``, rows (m, K).
+def _gram_det(u: Tensor, v: Tensor, positive: Tensor, a2: float, b2: float) -> Tensor:
+    """``v1 v2 - c^2 = a2^2 sum_{i<j} (u_i e_j - u_j e_i)^2 + a2 b2 |u - v|^2`` for ``v1 = a2 |u|^2 + b2``,
+    ``c = a2 u.v + b2`` (rows (m, K) of raw patches u, v).
 
     Lagrange's identity with ``e = v -+ u`` (``-`` where u.v > 0, else ``+``): every term is exact as v -> +-u.
     """
     e = torch.where(positive[:, None], v - u, v + u)
     i, j = torch.triu_indices(u.shape[1], u.shape[1], 1, device=u.device)
     cross = u[:, i] * e[:, j] - u[:, j] * e[:, i]
-    return (cross * cross).sum(-1) + b2 * ((u - v) ** 2).sum(-1)
+    return a2 * a2 * (cross * cross).sum(-1) + a2 * b2 * ((u - v) ** 2).sum(-1)
 
 
 def _first_layer(cfg: _Config, rows: slice, cols: slice) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -124,7 +152,8 @@ def _first_layer(cfg: _Config, rows: slice, cols: slice) -> tuple[Tensor, Tensor
     if float(hi) > math.pi - _CLOSE_ANGLE or float(lo) < _CLOSE_ANGLE:  # v1 v2 - c^2 as a sum of squares
         idx = ((phi > math.pi - _CLOSE_ANGLE) | (phi < _CLOSE_ANGLE)).nonzero(as_tuple=True)
         p, q = (idx[0], idx[1]) if cfg.gap else (idx[0], idx[0])
-        exact = _gram_det(ua[p, idx[-2]], -ub[q, idx[-1]], negc[idx] < 0, cfg.b2)
+        ra, rb = cfg.ra[:, rows], cfg.rb[:, cols]
+        exact = _gram_det(ra[p, idx[-2]], rb[q, idx[-1]], negc[idx] < 0, cfg.scale2, cfg.b2)
         s[idx] = duals.safe_sqrt(exact.to(dt))
         phi[idx] = torch.atan2(s[idx], negc_t[idx])
     fix = None
@@ -211,19 +240,28 @@ def _tile(cfg: _Config, rows: slice, cols: slice) -> tuple[Tensor, Tensor]:
     gap = duals.relu_gap(c, s, r1 * r2)
     k, ntk = k / _TWO_PI, pc.neg_() / _TWO_PI
     sizes = list(cfg.shape)
+    rows_n, cols_n = negc.shape[-2:]
     for layer in range(1, cfg.depth):
         lead_shape = sizes + sizes if cfg.gap else sizes
         dist, k, ntk = (t.reshape(*lead_shape, *t.shape[-2:]) for t in (0.5 * (r1 - r2) ** 2 + gap, k, ntk))
         dist_pads = cfg.pads
         if cfg.gap and cfg.mode == "zeros" and any(lo or hi for lo, hi in cfg.pads):
             dist, dist_pads = _pad_dist(dist, cfg, layer, rows, cols, sizes), [(0, 0)] * dims
-        inv = 1.0 / math.prod(cfg.fs)
-        k = _box(k, cfg, cfg.pads).mul_(w2 * inv).add_(b2)
-        ntk = _box(ntk, cfg, cfg.pads).mul_(w2 * inv).add_(k)
-        dist = _box(dist, cfg, dist_pads).mul_(w2 * inv)
-        sizes = [s_ + lo + hi - f + 1 for s_, (lo, hi), f in zip(sizes, cfg.pads, cfg.fs, strict=True)]
-        lead = (math.prod(sizes),) * (2 if cfg.gap else 1)
-        k, ntk, dist = (t.reshape(*lead, *t.shape[-2:]) for t in (k, ntk, dist))
+        new_sizes = [s_ + lo + hi - f + 1 for s_, (lo, hi), f in zip(sizes, cfg.pads, cfg.fs, strict=True)]
+        lead = (math.prod(new_sizes),) * (2 if cfg.gap else 1)
+        if cfg.gap:
+            inv = w2 / math.prod(cfg.fs)
+            k = _box(k, cfg, cfg.pads).mul_(inv).add_(b2)
+            ntk = _box(ntk, cfg, cfg.pads).mul_(inv).add_(k)
+            dist = _box(dist, cfg, dist_pads).mul_(inv)
+        else:  # one product with the (scaled) filter-sum matrix of this layer's map
+            mat = cfg.box_matrix(sizes, dt)
+            k, ntk, dist = (t.reshape(math.prod(sizes), -1) for t in (k, ntk, dist))
+            k = torch.addmm(torch.full((1, 1), b2, dtype=dt), mat, k)
+            ntk = torch.addmm(k, mat, ntk)
+            dist = mat @ dist
+        sizes = new_sizes
+        k, ntk, dist = (t.reshape(*lead, rows_n, cols_n) for t in (k, ntk, dist))
         v1, v2 = (v.to(dt) for v in _pair_vars(cfg, layer, rows, cols))
         s = duals.safe_sqrt((dist * (2.0 * (v1 + v2) - dist) - (v1 - v2) ** 2) / 4.0)
         r1, r2 = duals.safe_sqrt(v1), duals.safe_sqrt(v2)
@@ -268,7 +306,7 @@ def relu_conv_kernels(
         the NNGP and the NTK, (N1, N2).
     """
     cfg = _Config(a, b, depth, fs, pads, mode, w2, b2, gap, dtype)
-    n1, n2 = cfg.ua.shape[1], cfg.ub.shape[1]
+    n1, n2 = cfg.ra.shape[1], cfg.rb.shape[1]
     positions = math.prod(a.shape[2:])
     per_pair = positions**2 if gap else positions
     side = max(1, math.isqrt(max(1, _TILE_ENTRIES // per_pair)))
