@@ -12,9 +12,12 @@ three bilinear maps, each the adjoint of the others, so every derivative of ever
 
 with dB/dg^T = A, dB/dW^T h = C(h, g), dC/dx^T k = B(g, k), dC/dg^T k = A(x, k): oneDNN's forward,
 backward-data and backward-weights kernels, run channels-last (NHWC), where they are 2-3x faster
-than NCHW on CPU for few channels on large maps. Eval-mode BatchNorm is the affine map
-``x * s + b`` with ``s = gamma / sqrt(var + eps)``. Same products to round-off
-(tests/test_double_backward.py). Measured per Hessian-vector product on 2 CPU cores
+than NCHW on CPU for few channels on large maps. Eval-mode BatchNorm is the centred affine map
+``(x - mean) s + beta`` with ``s = gamma / sqrt(var + eps)``, and ``relu``'s backward is a function whose own
+derivative in the (piecewise constant) mask is None, not a zero tensor that autograd would fill and add into
+every activation's tangent. Same products to round-off (tests/test_double_backward.py, tests/test_hvp_fast.py).
+Folding BatchNorm into the convolution's weight (conv(x, s W)) saves its elementwise passes but forms
+d/dgamma from two large sums that cancel: 1e-4 relative error in float32 at batch 50; not done. Measured per Hessian-vector product on 2 CPU cores
 (benchmarks/README.md): CIFAR ResNet-20, batch 200, 1.3-1.5x faster than PyTorch's kernels; CIFAR
 ResNet-18 (64-512 channels, already near the matmul rate) about 1.1x; a CNN on 8x8 digits, even.
 
@@ -151,11 +154,50 @@ def _batch_norm(
     s = torch.rsqrt(running_var + eps)
     if weight is not None:
         s = s * weight
-    b = -running_mean * s
-    if bias is not None:
-        b = b + bias
     shape = (1, -1) + (1,) * (x.ndim - 2)
-    return x * s.reshape(shape) + b.reshape(shape)
+    # centred, as PyTorch's kernel: d/dgamma = sum(g (x - mean)) / sqrt(var + eps). The uncentred x s + b
+    # (b = beta - mean s) forms it as sum(g x) s' - mean sum(g) s', two large sums that cancel: 1e-4
+    # relative error in float32 Hessian-vector products of a ResNet-20 at batch 50 (against 5e-7)
+    out = (x - running_mean.reshape(shape)) * s.reshape(shape)
+    return out if bias is None else out + bias.reshape(shape)
+
+
+class _Relu(Function):
+    """relu(x); its backward is :class:`_ReluGrad`."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        out = x.clamp_min(0)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:
+        (out,) = ctx.saved_tensors
+        grad: Tensor = _ReluGrad.apply(g, out)
+        return grad
+
+
+class _ReluGrad(Function):
+    """g * 1[out > 0]: linear in g, piecewise constant in out (its derivative there is zero, not a zero tensor)."""
+
+    @staticmethod
+    def forward(ctx: Any, g: Tensor, out: Tensor) -> Tensor:
+        ctx.save_for_backward(out)
+        grad: Tensor = _aten.threshold_backward(g, out, 0)
+        return grad
+
+    @staticmethod
+    def backward(ctx: Any, h: Tensor) -> tuple[Tensor | None, None]:
+        (out,) = ctx.saved_tensors
+        return (_ReluGrad.apply(h, out) if ctx.needs_input_grad[0] else None), None
+
+
+def _relu(x: Tensor, inplace: bool = False) -> Tensor | None:
+    if inplace:
+        return None  # the caller may rely on the side effect: PyTorch's own kernel
+    out: Tensor = _Relu.apply(x)
+    return out
 
 
 class _FastMode(TorchFunctionMode):
@@ -163,11 +205,15 @@ class _FastMode(TorchFunctionMode):
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
-        if func is TF.conv2d or func is TF.batch_norm:
-            out = (_conv2d if func is TF.conv2d else _batch_norm)(*args, **kwargs)
+        fast = _FAST.get(func)
+        if fast is not None:
+            out = fast(*args, **kwargs)
             if out is not None:
                 return out
         return func(*args, **kwargs)
+
+
+_FAST: dict[Any, Any] = {TF.conv2d: _conv2d, TF.batch_norm: _batch_norm, TF.relu: _relu}
 
 
 def fast_double_backward_applies(device: torch.device, dtype: torch.dtype) -> bool:
