@@ -42,21 +42,17 @@ def _patches(x: Tensor, fs: tuple[int, ...], pads: list[tuple[int, int]], mode: 
     return (x.permute(perm).reshape(math.prod(x.shape[2 : 2 + dims]), x.shape[0], -1) * scale).contiguous()
 
 
-def _box_matrix(sizes: list[int], fs: tuple[int, ...], pads: list[tuple[int, int]], mode: str, scale: float) -> Tensor:
-    """``scale`` times the filter sum ``t(p) -> sum_k t(p + k)`` as a (L_out, L_in) matrix on flattened positions."""
-    mat = torch.ones(1, 1, dtype=torch.float64)
-    for n, k, (left, right) in zip(sizes, fs, pads, strict=True):
-        m = n + left + right - k + 1
-        one = torch.zeros(m, n, dtype=torch.float64)
-        for o in range(m):
-            for off in range(k):
-                j = o - left + off
-                if mode == "circular":
-                    one[o, j % n] += 1.0
-                elif 0 <= j < n:
-                    one[o, j] += 1.0
-        mat = torch.kron(mat, one)
-    return mat * scale
+def _box_matrix(n: int, k: int, left: int, right: int, mode: str) -> Tensor:
+    """The filter sum ``t(p) -> sum_k t(p + k)`` along one axis of n positions as a (n_out, n) matrix."""
+    m = n + left + right - k + 1
+    one = torch.zeros(m, n, dtype=torch.float64)
+    for o, off in itertools.product(range(m), range(k)):
+        j = o - left + off
+        if mode == "circular":
+            one[o, j % n] += 1.0
+        elif 0 <= j < n:
+            one[o, j] += 1.0
+    return one
 
 
 class _Config:
@@ -78,21 +74,23 @@ class _Config:
         self.depth, self.fs, self.pads, self.mode, self.w2, self.b2 = depth, fs, pads, mode, w2, b2
         self.gap, self.dtype, self.dims = gap, dtype, len(fs)
         scale = math.sqrt(w2 / (a.shape[1] * math.prod(fs)))
-        self.scale2 = scale * scale
+        self.scale2, self.symmetric = scale * scale, b is None
         self.ra = _patches(a, fs, pads, mode, 1.0)  # raw patches: their sums and differences are exact
         self.rb = self.ra if b is None else _patches(b, fs, pads, mode, 1.0)
         self.ua, self.ub_neg = self.ra * scale, self.rb * -scale
         self.shape = [s + lo + hi - k + 1 for s, (lo, hi), k in zip(a.shape[2:], pads, fs, strict=True)]
-        self._boxes: dict[tuple[tuple[int, ...], torch.dtype], Tensor] = {}
+        self._boxes: dict[tuple[tuple[int, ...], torch.dtype], list[Tensor]] = {}
         self.va = self._variances(a, self.ua)
         self.vb = self.va if b is None else self._variances(b, self.rb * scale)
 
-    def box_matrix(self, sizes: list[int], dtype: torch.dtype) -> Tensor:
-        """The layer's filter sum on a map of ``sizes`` times w^2 / k, (L_out, L_in), cached."""
+    def box_matrices(self, sizes: list[int], dtype: torch.dtype) -> list[Tensor]:
+        """The layer's filter sum per spatial axis on a map of ``sizes``, cached."""
         key = (tuple(sizes), dtype)
         if key not in self._boxes:
-            mat = _box_matrix(sizes, self.fs, self.pads, self.mode, self.w2 / math.prod(self.fs))
-            self._boxes[key] = mat.to(dtype)
+            self._boxes[key] = [
+                _box_matrix(n, k, lo, hi, self.mode).to(dtype)
+                for n, k, (lo, hi) in zip(sizes, self.fs, self.pads, strict=True)
+            ]
         return self._boxes[key]
 
     def _variances(self, x: Tensor, u: Tensor) -> list[Tensor]:
@@ -126,7 +124,10 @@ def _gram_det(u: Tensor, v: Tensor, positive: Tensor, a2: float, b2: float) -> T
     return a2 * a2 * (cross * cross).sum(-1) + a2 * b2 * ((u - v) ** 2).sum(-1)
 
 
-def _first_layer(cfg: _Config, rows: slice, cols: slice) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+_Fix = tuple[tuple[Tensor, ...], Tensor]
+
+
+def _first_layer(cfg: _Config, rows: slice, cols: slice) -> tuple[Tensor, Tensor, Tensor, _Fix | None]:
     """First conv layer and ReLU on a tile (L, [L,] A, B): ``(-c, s, pi - theta, series fix or None)``.
 
     ``-c`` and ``s^2 = v1 v2 - c^2`` in float64 from one product of patches, then cast; where sin theta < 1e-3
@@ -147,8 +148,19 @@ def _first_layer(cfg: _Config, rows: slice, cols: slice) -> tuple[Tensor, Tensor
     dt = cfg.dtype
     negc_t = negc.to(dt)
     s = det.to(dt).clamp_(min=torch.finfo(dt).tiny).sqrt_()
+    same = cfg.symmetric and rows == cols  # x = x' at one position: v1 v2 - c^2 = 0 exactly
+
+    def diag(t: Tensor) -> Tensor:
+        return t.diagonal(0, 0, 1).diagonal(0, 0, 1) if cfg.gap else t.diagonal(0, -2, -1)
+
+    if same:
+        diag(s).fill_(0.0)
     phi = torch.atan2(s, negc_t)
+    if same:  # pi there; the search below is for the other nearly parallel pairs
+        diag(phi).fill_(0.5 * math.pi)
     lo, hi = torch.aminmax(phi)
+    if same:
+        diag(phi).fill_(math.pi)
     if float(hi) > math.pi - _CLOSE_ANGLE or float(lo) < _CLOSE_ANGLE:  # v1 v2 - c^2 as a sum of squares
         idx = ((phi > math.pi - _CLOSE_ANGLE) | (phi < _CLOSE_ANGLE)).nonzero(as_tuple=True)
         p, q = (idx[0], idx[1]) if cfg.gap else (idx[0], idx[0])
@@ -217,60 +229,72 @@ def _pad_dist(dist: Tensor, cfg: _Config, layer: int, rows: slice, cols: slice, 
     return dist + p_pad * m2_q + q_pad * m1_p
 
 
+def _gap(c: Tensor, s: Tensor, n: Tensor) -> Tensor:
+    """The gap ``n - n J1 / pi = (n - c) - (s - theta c) / pi`` of :func:`duals.relu_dual`, without a select:
+    ``n - c = s^2 / (n + |c|) + 2 max(-c, 0)`` (s^2 = n^2 - c^2), a sum of non-negative terms."""
+    theta = torch.atan2(s, c)
+    out = (s * s).div_(c.abs().add_(n)).add_(c.clamp(max=0.0), alpha=-2.0)  # n - c, no cancellation
+    out.add_(torch.addcmul(s, theta, c, value=-1.0), alpha=-1.0 / math.pi)
+    return out.clamp_(min=0.0)
+
+
+def _flat_box(t: Tensor, cfg: _Config, sizes: list[int]) -> Tensor:
+    """The filter sum on a flatten tile (prod(sizes), A, B), one matrix product per spatial axis."""
+    ab = t.shape[-2:]
+    mats = cfg.box_matrices(sizes, t.dtype)
+    t = t.reshape(*sizes, -1)
+    for i, m in enumerate(mats):
+        lead = math.prod(t.shape[:i])
+        t = torch.matmul(m, t.reshape(lead, t.shape[i], -1)).reshape(*t.shape[:i], m.shape[0], *t.shape[i + 1 :])
+    return t.reshape(-1, *ab)
+
+
 def _tile(cfg: _Config, rows: slice, cols: slice) -> tuple[Tensor, Tensor]:
     """(NNGP, NTK) of the pairs rows x cols, each (A, B) in cfg.dtype."""
     dt, w2, b2, dims = cfg.dtype, cfg.w2, cfg.b2, cfg.dims
     negc, s, phi, fix = _first_layer(cfg, rows, cols)
     pc = phi * negc  # -(pi - theta) c
-    if cfg.depth == 1:  # only the sums over positions: n J1 = s + (pi - theta) c, Theta~ = (pi - theta) c
-        lead = tuple(range(negc.dim() - 2))
-        nj1 = s.sub_(pc)
-        if fix is not None:
-            nj1[fix[0]] = fix[1]
-        nj1_sum, sum_pc = nj1.sum(lead), pc.sum(lead)
-        scale = w2 / (_TWO_PI * math.prod(negc.shape[:-2]))
-        k_out = nj1_sum * scale + b2
-        return k_out, k_out - sum_pc * scale
-    k = s - pc
+    nj1 = s - pc if cfg.depth > 1 else s.sub_(pc)  # n J1 = s + (pi - theta) c
     if fix is not None:
-        k[fix[0]] = fix[1]
-    v1, v2 = (v.to(dt) for v in _pair_vars(cfg, 0, rows, cols))
-    r1, r2 = duals.safe_sqrt(v1), duals.safe_sqrt(v2)
-    c = negc.neg_()
-    gap = duals.relu_gap(c, s, r1 * r2)
-    k, ntk = k / _TWO_PI, pc.neg_() / _TWO_PI
-    sizes = list(cfg.shape)
-    rows_n, cols_n = negc.shape[-2:]
+        nj1[fix[0]] = fix[1]
+    ntk = pc.neg_()  # 2 pi Theta~ = (pi - theta) c: the scale 1 / (2 pi) is applied with the next filter
+    scale = 1.0 / _TWO_PI
+    sizes, k = list(cfg.shape), negc
     for layer in range(1, cfg.depth):
-        lead_shape = sizes + sizes if cfg.gap else sizes
-        dist, k, ntk = (t.reshape(*lead_shape, *t.shape[-2:]) for t in (0.5 * (r1 - r2) ** 2 + gap, k, ntk))
-        dist_pads = cfg.pads
-        if cfg.gap and cfg.mode == "zeros" and any(lo or hi for lo, hi in cfg.pads):
-            dist, dist_pads = _pad_dist(dist, cfg, layer, rows, cols, sizes), [(0, 0)] * dims
+        v1, v2 = _pair_vars(cfg, layer - 1, rows, cols)
+        r1, r2 = duals.safe_sqrt(v1.to(dt)), duals.safe_sqrt(v2.to(dt))
+        c = k.neg_() if layer == 1 else k  # the covariance c (-c from the first layer)
+        dist = _gap(c, s, r1 * r2)  # E(relu(u) - relu(v))^2 = (sqrt v1 - sqrt v2)^2 / 2 + gap
+        dr = r1 - r2
+        dist.addcmul_(dr, dr, value=0.5)
+        inv = w2 / math.prod(cfg.fs)
         new_sizes = [s_ + lo + hi - f + 1 for s_, (lo, hi), f in zip(sizes, cfg.pads, cfg.fs, strict=True)]
-        lead = (math.prod(new_sizes),) * (2 if cfg.gap else 1)
         if cfg.gap:
-            inv = w2 / math.prod(cfg.fs)
-            k = _box(k, cfg, cfg.pads).mul_(inv).add_(b2)
-            ntk = _box(ntk, cfg, cfg.pads).mul_(inv).add_(k)
+            lead_shape, lead = sizes + sizes, (math.prod(new_sizes),) * 2
+            dist, nj1, ntk = (t.reshape(*lead_shape, *t.shape[-2:]) for t in (dist, nj1, ntk))
+            dist_pads = cfg.pads
+            if cfg.mode == "zeros" and any(lo or hi for lo, hi in cfg.pads):
+                dist, dist_pads = _pad_dist(dist, cfg, layer, rows, cols, sizes), [(0, 0)] * dims
+            k = _box(nj1, cfg, cfg.pads).mul_(inv * scale).add_(b2)
+            ntk = _box(ntk, cfg, cfg.pads).mul_(inv * scale).add_(k)
             dist = _box(dist, cfg, dist_pads).mul_(inv)
-        else:  # one product with the (scaled) filter-sum matrix of this layer's map
-            mat = cfg.box_matrix(sizes, dt)
-            k, ntk, dist = (t.reshape(math.prod(sizes), -1) for t in (k, ntk, dist))
-            k = torch.addmm(torch.full((1, 1), b2, dtype=dt), mat, k)
-            ntk = torch.addmm(k, mat, ntk)
-            dist = mat @ dist
+            k, ntk, dist = (t.reshape(*lead, *t.shape[-2:]) for t in (k, ntk, dist))
+        else:
+            k = _flat_box(nj1, cfg, sizes).mul_(inv * scale).add_(b2)
+            ntk = _flat_box(ntk, cfg, sizes).mul_(inv * scale).add_(k)
+            dist = _flat_box(dist, cfg, sizes).mul_(inv)
         sizes = new_sizes
-        k, ntk, dist = (t.reshape(*lead, rows_n, cols_n) for t in (k, ntk, dist))
         v1, v2 = (v.to(dt) for v in _pair_vars(cfg, layer, rows, cols))
-        s = duals.safe_sqrt((dist * (2.0 * (v1 + v2) - dist) - (v1 - v2) ** 2) / 4.0)
-        r1, r2 = duals.safe_sqrt(v1), duals.safe_sqrt(v2)
-        nj1, phi, gap_ = duals.relu_dual(k, s, r1 * r2, signed=False, gap=layer < cfg.depth - 1)
-        k, ntk = nj1 / _TWO_PI, ntk * phi / _TWO_PI
-        if gap_ is not None:
-            gap = gap_
-    k_out = w2 * k.reshape(-1, *k.shape[-2:]).mean(0) + b2
-    return k_out, k_out + w2 * ntk.reshape(-1, *ntk.shape[-2:]).mean(0)
+        det = torch.sub(2.0 * (v1 + v2), dist).mul_(dist)  # 4 (v1 v2 - c^2), from the distance
+        dv = v1 - v2
+        s = det.addcmul_(dv, dv, value=-1.0).clamp_(min=torch.finfo(dt).tiny).sqrt_().mul_(0.5)
+        phi = torch.atan2(s, -k)
+        nj1 = torch.addcmul(s, phi, k)
+        ntk = ntk.mul_(phi)
+    lead_dims = tuple(range(nj1.dim() - 2))
+    count = math.prod(nj1.shape[:-2])
+    k_out = nj1.sum(lead_dims).mul_(w2 * scale / count).add_(b2)
+    return k_out, k_out + ntk.sum(lead_dims).mul_(w2 * scale / count)
 
 
 def relu_conv_kernels(

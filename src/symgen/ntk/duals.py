@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["safe_sqrt", "sin_minus_x_cos", "relu_dual", "relu_gap", "erf_dual", "erf_variance"]
+__all__ = ["safe_sqrt", "sin_minus_x_cos", "relu_dual", "erf_dual", "erf_variance"]
 
 # sin x - x cos x = sum_k>=1 (-1)^(k+1) 2k x^(2k+1) / (2k+1)!: coefficients of x^3, x^5, ..., x^15.
 _SERIES = (1 / 3, -1 / 30, 1 / 840, -1 / 45360, 1 / 3991680, -1 / 518918400, 1 / 93405312000)
@@ -78,26 +78,12 @@ def relu_dual(c: Tensor, s: Tensor, n: Tensor, signed: bool, gap: bool) -> tuple
         nj1 = torch.addcmul(s, phi, c)
     if not gap:
         return nj1, phi, None
-    return nj1, phi, relu_gap(c, s, n)
-
-
-def relu_gap(c: Tensor, s: Tensor, n: Tensor) -> Tensor:
-    """``n - n J1 / pi = (n - c) - (s - theta c) / pi >= 0``, with ``n - c = s^2 / (n + c)`` for c > 0.
-
-    Args:
-        c: covariances E[uv].
-        s: sqrt(v1 v2 - c^2), computed stably by the caller.
-        n: sqrt(v1 v2).
-
-    Returns:
-        the gap, elementwise, clamped at 0.
-    """
     tiny = torch.finfo(c.dtype).tiny
     theta = torch.atan2(s, c)
     pos = c.clamp(min=0.0)
     n_minus_c = torch.where(c > 0, s * s / (n + pos).clamp(min=tiny), n - c)
     out = n_minus_c - (s - theta * c) / math.pi
-    return out.clamp_(min=0.0)
+    return nj1, phi, out.clamp_(min=0.0)
 
 
 def erf_dual(v1: Tensor, v2: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
