@@ -4,6 +4,7 @@ writes the run), and the text an audit prints.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from pathlib import Path
@@ -18,7 +19,7 @@ from symgen.errors import ConfigError
 if TYPE_CHECKING:
     pass
 
-__all__ = ["audit", "audit_lines", "torchrun_group"]
+__all__ = ["audit", "audit_lines", "process_start", "torchrun_group"]
 
 
 def audit(
@@ -114,6 +115,7 @@ def audit(
             process_group=group,
             output=parse_output(output),
             collective_timeout_s=collective_timeout,
+            started=process_start(),
         )
     finally:
         if group is not None:
@@ -148,6 +150,21 @@ def torchrun_group(device: str | None, timeout_s: float = DEFAULT_TIMEOUT_S) -> 
 
     backend = "nccl" if device is not None and device.startswith("cuda") else "gloo"
     return distributed.init_process_group(backend, timeout_s=timeout_s)
+
+
+def process_start() -> float:
+    """The ``time.perf_counter()`` reading at this process's start (Linux ``/proc``; elsewhere: now), so
+    that an audit's time budget counts the imports and the model's loading too.
+
+    Returns:
+        A ``time.perf_counter()`` value.
+    """
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.perf_counter()
+    return time.perf_counter() - min(max(age, 0.0), 3600.0)
 
 
 def audit_lines(data: dict[str, Any]) -> str:
@@ -189,9 +206,10 @@ def audit_lines(data: dict[str, Any]) -> str:
                     flag or ("PARTIAL" if i == 0 and partial else ""),
                 )
             )
+    threads = "" if result.threads is None else f", {result.threads} thread{'s' if result.threads != 1 else ''}"
     head = (
         f"audit of {result.model} on {result.data} ({result.seconds:.1f} s, budget {result.budget}, "
-        f"{result.num_params} parameters)"
+        f"{result.num_params} parameters{threads})"
     )
     warnings = [f"warning: {f}" for f in result.flags]
     warnings += [f"warning: {s.name}: {f}" for s in result.sections.values() for f in s.flags]

@@ -63,6 +63,7 @@ __all__ = [
     "unregister",
     "registered",
     "audit",
+    "overrun_note",
     "make_action",
     "load_model",
     "load_checkpoint",
@@ -86,6 +87,8 @@ def audit(
     process_group: GroupSpec = "auto",
     output: OutputSpec = None,
     collective_timeout_s: float = DEFAULT_TIMEOUT_S,
+    figures: bool = False,
+    started: float | None = None,
 ) -> AuditResult:
     """Measure how symmetric, flat, kernel-like and robust a trained classifier is.
 
@@ -126,6 +129,15 @@ def audit(
     of a dict, the ``.logits`` attribute). A model whose output count differs from the data's classes,
     or data that looks like raw 0-255 pixels, is flagged in ``result.flags``.
 
+    The time limit holds at any machine load: it counts from ``started`` (default: this call), every
+    section is re-planned from the throughput measured so far and looks at its deadline between blocks
+    of work, stopping before a block it could not finish (:mod:`symgen.audit.schedule`); on a CPU the
+    audit runs on one thread when that is faster here (``result.threads``; see
+    :func:`symgen.audit.planning.choose_threads`), and the previous count is restored. With ``figures``
+    each section's figure is drawn as the section ends, inside the budget (``result.figures``, PNG
+    bytes, what :func:`symgen.runs.write_audit_run` writes); one the budget leaves no time for is not
+    drawn, and the section says so.
+
     Args:
         model: the trained classifier (one logit per class).
         data: a dataset name, a batch ``(x, y)``, a loader, or ``{"train": ..., "test": ...}`` of those.
@@ -142,11 +154,15 @@ def audit(
             are sharded over.
         output: which output holds the logits: a position, a key or an attribute name (None: the rule).
         collective_timeout_s: the longest wait of the audit's own collectives for the other ranks.
+        figures: draw the sections' figures inside the budget (on rank 0 only).
+        started: the ``time.perf_counter()`` the budget counts from (default: now; ``symgen audit``
+            passes its process's start, so imports and model loading count too).
 
     Returns:
         The :class:`AuditResult`.
     """
-    entry = time.perf_counter()  # the budget counts from here: loading and timing included
+    entry = time.perf_counter() if started is None else started  # loading and timing count too
+    called, cpu0 = time.perf_counter(), time.process_time()
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"audit expects a torch.nn.Module, got {type(model).__name__}; load one with "
@@ -191,35 +207,72 @@ def audit(
     sizes = {"train": train.num_data, "test": test.num_data, "sections": chosen, "action": action_name(action)}
     ranks.check(signature(model, **sizes, limits=lim.as_dict()), "audit")  # before any other collective
     base = lim
-    lim, plan_notes, timing = _plan(model, lim, train, test, act, fixed, ranks)
-    ranks.check({"plan": lim.as_dict(), "notes": plan_notes}, "audit plan")
-    result = AuditResult(
-        model=name or type(user).__name__,
-        data=data_name,
-        action=action_name(action),
-        budget=str(budget),
-        device=str(dev),
-        dtype=str(dtype).replace("torch.", ""),
-        seed=seed,
-        num_params=sum(p.numel() for p in model.parameters()),
-        limits=lim.as_dict(),
-        sections={},
-        flags=flags,
-        output=output,
-    )
-    result.sections = {s.name: SectionResult(s.name, s.title) for s in registry.sections()}
-    # Every section draws from its own streams of ``seed`` (sections.common.STREAMS).
-    ctx = Context(model, train, test, act, lim, seed, group, result, same)
-    order = act.group.order if act is not None else 1
-    plan = Plan(base, timing, train.num_data, test.num_data, order, fixed, str(budget))
+    threads = torch.get_num_threads()
     try:
-        run_sections(result, ctx, chosen, plan, plan_notes, ranks, progress, dev, entry)
+        if dev.type == "cpu" and lim.time_limit > 0:
+            torch.set_num_threads(_threads(model, train))
+        lim, plan_notes, timing = _plan(model, lim, train, test, act, fixed, ranks)
+        ranks.check({"plan": lim.as_dict(), "notes": plan_notes}, "audit plan")
+        result = AuditResult(
+            model=name or type(user).__name__,
+            data=data_name,
+            action=action_name(action),
+            budget=str(budget),
+            device=str(dev),
+            dtype=str(dtype).replace("torch.", ""),
+            seed=seed,
+            num_params=sum(p.numel() for p in model.parameters()),
+            limits=lim.as_dict(),
+            sections={},
+            flags=flags,
+            output=output,
+            threads=torch.get_num_threads() if dev.type == "cpu" else None,
+        )
+        result.sections = {s.name: SectionResult(s.name, s.title) for s in registry.sections()}
+        # Every section draws from its own streams of ``seed`` (sections.common.STREAMS).
+        ctx = Context(model, train, test, act, lim, seed, group, result, same)
+        order = act.group.order if act is not None else 1
+        plan = Plan(base, timing, train.num_data, test.num_data, order, fixed, str(budget))
+        draw = figures and (group is None or distributed.rank(group) == 0)
+        setup = time.perf_counter() - entry
+        run_sections(result, ctx, chosen, plan, plan_notes, ranks, progress, dev, entry, draw=draw)
     finally:
+        torch.set_num_threads(threads)
         user.to(home)
         for m, mode in modes:
             m.training = mode
-    result.seconds = time.perf_counter() - entry
+    now = time.perf_counter()
+    result.seconds = now - entry
+    share = (time.process_time() - cpu0) / max(now - called, 1e-9) / max(torch.get_num_threads(), 1)
+    note = overrun_note(result.seconds, lim.time_limit, setup, share)
+    if note:
+        result.flags.append(note)
     return result
+
+
+def overrun_note(seconds: float, limit: float, setup: float, cpu_share: float) -> str:
+    """What an audit past 1.25x its budget says of why ("" within it): the startup the budget cannot cut
+    and the share of the CPU the machine gave it.
+
+    Args:
+        seconds: the audit's seconds.
+        limit: its time limit (seconds; <= 0: none).
+        setup: seconds before the first section (imports, loading the data and the model, timing).
+        cpu_share: CPU seconds per wall second per thread over the audit (1: a core of its own per thread).
+
+    Returns:
+        The flag's text, or "".
+    """
+    import os
+
+    if not limit > 0 or seconds <= 1.25 * limit:
+        return ""
+    load = f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores" if hasattr(os, "getloadavg") else ""
+    return (
+        f"the audit took {seconds:.0f} s, over 1.25x its {limit:g} s budget: this process got {cpu_share:.0%} of "
+        f"a CPU per thread ({load}), and {setup:.0f} s went to starting up (imports, the data, the model, its "
+        "timing) before the first section; that startup and each section's first block are not cut by the budget"
+    )
 
 
 def __getattr__(name: str) -> Any:
@@ -248,6 +301,16 @@ def _check_finite(model: nn.Module) -> None:
             f"the model holds NaN or inf in {len(bad)} tensor(s) ({', '.join(bad[:3])}{more}); "
             "the training that produced these weights diverged. Audit an earlier checkpoint."
         )
+
+
+def _threads(model: nn.Module, train: Split) -> int:
+    """The thread count the audit runs on: one thread when it is faster here (a loaded machine)."""
+    from symgen.audit.planning import choose_threads
+
+    try:
+        return choose_threads(model, train.head()[0])[0]
+    except Exception:  # noqa: BLE001 - the performance section reports a model that fails on the data
+        return torch.get_num_threads()
 
 
 def _plan(

@@ -30,13 +30,13 @@ def _n(k: int | None, n: int) -> int:
 def _performance(sec: SectionResult, c: Context) -> None:
     from symgen.audit.sections import evaluation
 
-    evaluation.performance(sec, c.model, c.train, c.test, c.lim, c.seed, c.same, c.group)
+    evaluation.performance(sec, c.model, c.train, c.test, c.lim, c.seed, c.same, c.group, clock=c.clock)
 
 
 def _invariance(sec: SectionResult, c: Context) -> None:
     from symgen.audit.sections import evaluation
 
-    evaluation.invariance(sec, c.model, c.action, c.test, c.lim, c.seed)
+    evaluation.invariance(sec, c.model, c.action, c.test, c.lim, c.seed, clock=c.clock)
 
 
 def _robustness(sec: SectionResult, c: Context) -> None:

@@ -6,9 +6,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from symgen.audit.registry import Section
     from symgen.audit.result import AuditResult, SectionResult
 
-__all__ = ["draw_figures", "draw_invariance", "draw_hessian", "draw_noise", "draw_ntk", "draw_robustness", "DPI"]
+__all__ = [
+    "draw_figures",
+    "draw_png",
+    "draw_invariance",
+    "draw_hessian",
+    "draw_noise",
+    "draw_ntk",
+    "draw_robustness",
+    "DPI",
+]
 
 DPI = 110  # the page shows figures at their own size: 6.5 x 4 inches is 715 x 440 pixels
 
@@ -45,7 +55,9 @@ FONT = {
 def draw_figures(result: AuditResult, outdir: Path) -> list[Path]:
     """PNG figures of the registered sections that ran and draw one (:attr:`Section.draw`) in ``outdir``.
 
-    Fonts are readable at the page's size.
+    Figures the audit drew inside its budget (``result.figures``) are written as drawn, and the others
+    are not drawn (the budget left no time; their sections say so); without them (None) every figure is
+    drawn now. Fonts are readable at the page's size.
 
     Args:
         result: what the audit measured.
@@ -54,16 +66,8 @@ def draw_figures(result: AuditResult, outdir: Path) -> list[Path]:
     Returns:
         The PNG files written.
     """
-    from symgen.report import pyplot
-
-    plt = pyplot()
-    with plt.rc_context(FONT):
-        return _draw(result, outdir, plt)
-
-
-def _draw(result: AuditResult, outdir: Path, plt: Any) -> list[Path]:
     from symgen.audit.registry import sections
-    from symgen.report import save_figure
+    from symgen.io import atomic_write
 
     outdir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
@@ -71,11 +75,41 @@ def _draw(result: AuditResult, outdir: Path, plt: Any) -> list[Path]:
         sec = result.sections.get(section.name)
         if sec is None or sec.status != "ok" or section.draw is None or section.figure is None:
             continue
-        fig = section.draw(plt, sec, result)
-        if fig is not None:
-            fig.tight_layout()
-            paths.append(save_figure(fig, outdir / f"{section.figure}.png", dpi=DPI))
+        png = result.figures.get(section.name) if result.figures is not None else draw_png(section, sec, result)
+        if png is not None:
+            paths.append(atomic_write(outdir / f"{section.figure}.png", png))
     return paths
+
+
+def draw_png(section: Section, sec: SectionResult, result: AuditResult) -> bytes | None:
+    """One section's figure as PNG bytes (None when it has nothing to draw).
+
+    Args:
+        section: the registered section (its ``draw``).
+        sec: its result.
+        result: the whole audit.
+
+    Returns:
+        The PNG file's bytes, or None.
+    """
+    import io
+
+    from symgen.report import pyplot
+
+    if section.draw is None:
+        return None
+    plt = pyplot()
+    with plt.rc_context(FONT):
+        fig = section.draw(plt, sec, result)
+        if fig is None:
+            return None
+        buf = io.BytesIO()
+        try:
+            fig.tight_layout()
+            fig.savefig(buf, format="png", dpi=DPI)
+        finally:
+            plt.close(fig)
+    return buf.getvalue()
 
 
 def draw_invariance(plt: Any, inv: SectionResult, result: AuditResult) -> Any:

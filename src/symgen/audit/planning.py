@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from symgen.audit.limits import AuditLimits
 
-__all__ = ["Timing", "time_passes", "estimate_costs", "plan_limits", "shares", "knobs", "SLACK"]
+__all__ = ["Timing", "time_passes", "choose_threads", "estimate_costs", "plan_limits", "shares", "knobs", "SLACK"]
 
 SLACK = 0.8  # plan for this fraction of the budget: the rest covers loading, figures and misestimates
 
@@ -84,6 +84,49 @@ def time_passes(model: nn.Module, x: Tensor, y: Tensor, batch: int = 16) -> Timi
         tb = min(tb, time.perf_counter() - t0)
     layers = sum(1 for m in model.modules() if not list(m.children()))
     return Timing(forward=tf / n, backward=tb / n, outputs=int(out.shape[-1]), layers=layers)
+
+
+def choose_threads(model: nn.Module, x: Tensor, batch: int = 16) -> tuple[int, float, float]:
+    """The faster of torch's intra-op thread count and a single thread for this model's passes, here and now.
+
+    On a machine loaded by other processes, threads that wait at OpenMP barriers for a descheduled sibling
+    make every pass several times slower than one thread (measured: a CIFAR ResNet-20 forward of 200
+    images 1.99 s on 2 threads vs 0.55 s on 1 at load average 12 on 2 cores; 2 threads win when quiet).
+    A forward pass of ``batch`` data points is timed on one thread (best of two, after a warm-up), then
+    at the current count: once when that is already slower (a loaded machine pays for one slow pass),
+    best of two otherwise.
+
+    Args:
+        model: the classifier.
+        x: inputs (the first ``batch`` are used).
+        batch: how many data points a pass takes.
+
+    Returns:
+        ``(threads, seconds at the current count, seconds on one thread)``; the current count, with NaN
+        timings, when it is already 1.
+    """
+    n = torch.get_num_threads()
+    if n <= 1:
+        return n, math.nan, math.nan
+    xb = x[:batch]
+
+    def fwd() -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model(xb)
+        return time.perf_counter() - t0
+
+    try:
+        torch.set_num_threads(1)
+        fwd()  # warm-up
+        one = min(fwd(), fwd())
+        torch.set_num_threads(n)
+        many = fwd()
+        if many < one:
+            many = min(many, fwd())
+    finally:
+        torch.set_num_threads(n)
+    return (1 if one < many else n), many, one
 
 
 def estimate_costs(

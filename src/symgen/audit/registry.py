@@ -64,18 +64,35 @@ class Sizes(NamedTuple):
 
 
 class Clock:
-    """The time a running section may use: ``expired()`` is agreed by every rank (any rank past its deadline
-    stops all at the same point, so their collectives stay paired). No deadline: never expires."""
+    """The time a running section may use, looked at between its blocks of work.
+
+    ``expired()`` is True once the deadline is past, or when the next block, taken to last as long as the
+    time since the previous look (or since the clock was made), would end past it: a section stops before a block it cannot finish, so
+    an audit slowed by load still ends near its budget. It is agreed by every rank (any rank's verdict
+    stops all at the same point, so their collectives stay paired) unless ``agree=False``. No deadline:
+    never expires.
+    """
 
     def __init__(self, deadline: float | None = None, ranks: Ranks | None = None) -> None:
         self.deadline = deadline
         self.ranks = ranks
         self.stopped: list[str] = []
+        self._last = time.perf_counter()  # the first block is taken to last as long as the section's start
 
-    def expired(self) -> bool:
-        """Whether the section must stop now (agreed over the ranks)."""
-        late = self.deadline is not None and time.perf_counter() > self.deadline
-        if self.ranks is not None and self.ranks.active:
+    def expired(self, agree: bool = True) -> bool:
+        """Whether the section must stop now: the deadline is past, or the next block would end past it.
+
+        Args:
+            agree: agree the verdict over the ranks (a collective: every rank must call it alike); False
+                for a loop whose ranks may take different numbers of blocks.
+
+        Returns:
+            Whether to stop.
+        """
+        now = time.perf_counter()
+        block, self._last = now - self._last, now
+        late = self.deadline is not None and now + block > self.deadline
+        if agree and self.ranks is not None and self.ranks.active:
             return self.ranks.count(late) > 0
         return late
 

@@ -83,6 +83,9 @@ class AuditResult:
     seconds: float = 0.0
     flags: list[str] = field(default_factory=list)  # the model against its data: class count, input scale
     output: int | str | None = None  # which output held the logits (None: the rule of symgen.audit.outputs)
+    threads: int | None = None  # intra-op threads the audit ran on (CPU; one when faster on a loaded machine)
+    # the sections' figures drawn inside the budget (name -> PNG bytes); None: drawn when the run is written
+    figures: dict[str, bytes] | None = field(default=None, repr=False, compare=False)
 
     def __getitem__(self, name: str) -> SectionResult:
         return self.sections[name]
@@ -111,7 +114,9 @@ class AuditResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (what ``audit.json`` holds): tuples as lists, NaN as None, +-inf as +-1e308."""
-        return _plain(asdict(self))
+        data = asdict(self)
+        data.pop("figures")  # files of the run, not values
+        return _plain(data)
 
     def summary_rows(self) -> list[dict[str, Any]]:
         """One row per measured value: section, metric, value, stderr (``-`` when deterministic), note."""

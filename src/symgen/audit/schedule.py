@@ -58,6 +58,7 @@ def run_sections(
     progress: Callable[[str], None] | None = None,
     device: torch.device | None = None,
     start: float | None = None,
+    draw: bool = False,
 ) -> None:
     """Run every registered section in run order into ``result`` (``ctx.lim`` is updated as it re-plans).
 
@@ -71,10 +72,14 @@ def run_sections(
         progress: called with each section's title as it starts.
         device: the model's device (CUDA work is synchronized before a section's time is read).
         start: when the audit began (``time.perf_counter()``; default now): loading and timing count too.
+        draw: draw each section's figure as it ends into ``result.figures``, while the budget lasts.
     """
     start = time.perf_counter() if start is None else start
     limit = plan.base.time_limit
     measured = predicted = 0.0
+    drawing = 0.0  # seconds the last figure took: the next is expected to take as long
+    if draw:
+        result.figures = {}
     order = run_order()
     for i, section in enumerate(order):
         sec = result.sections[section.name]
@@ -111,7 +116,7 @@ def run_sections(
             sec.skipped.append(notes[section.name])
         for lim in section.limits:
             result.limits[lim.name] = ctx.lim.get(lim.name)
-        ctx.clock = Clock(_deadline(section, rest, limit, elapsed, start), ranks)
+        ctx.clock = Clock(_deadline(section, rest, limit, elapsed, start, need), ranks)
         if progress is not None:
             progress(section.title)
         guess = _predicted(section, ctx.lim, plan)
@@ -130,6 +135,8 @@ def run_sections(
             sec.flags.append(f"stopped at its share of the time budget: {what}")
         for metric, est in sec.values.items():
             assess(est, section.target(metric))
+        if draw and sec.status == "ok" and section.draw is not None and section.figure is not None:
+            drawing = _draw(section, sec, result, start + HARD * limit if limit > 0 else None, drawing)
 
 
 def _run(section: Section, sec: SectionResult, ctx: Context, device: torch.device | None) -> Exception | None:
@@ -144,6 +151,21 @@ def _run(section: Section, sec: SectionResult, ctx: Context, device: torch.devic
         sec.seconds = time.perf_counter() - t0
         sec.cpu_seconds = time.process_time() - c0
     return None
+
+
+def _draw(section: Section, sec: SectionResult, result: AuditResult, end: float | None, last: float) -> float:
+    """Draw the section's figure into ``result.figures`` unless it would end past ``end``; its seconds."""
+    from symgen.audit.figures import draw_png
+
+    assert result.figures is not None
+    t0 = time.perf_counter()
+    if end is not None and t0 + last > end:
+        sec.skipped.append("figure not drawn: the time budget ran out")
+        return last
+    png = draw_png(section, sec, result)
+    if png is not None:
+        result.figures[section.name] = png
+    return time.perf_counter() - t0
 
 
 def _agreed(ranks: Ranks, seconds: float) -> float:
@@ -188,8 +210,11 @@ def _known(lim: AuditLimits, name: str) -> bool:
     return True
 
 
-def _deadline(section: Section, rest: list[Section], limit: float, elapsed: float, start: float) -> float | None:
-    """Twice the section's share of the time left, never past HARD x the budget (None without a limit)."""
+def _deadline(
+    section: Section, rest: list[Section], limit: float, elapsed: float, start: float, need: float = 0.0
+) -> float | None:
+    """Twice the section's share of the time left, or 1.5x its predicted ``need`` (seconds) when more (up to
+    four times its share), never past HARD x the budget (None without a limit)."""
     if not limit > 0:
         return None
     from symgen.audit.planning import SLACK
@@ -197,4 +222,4 @@ def _deadline(section: Section, rest: list[Section], limit: float, elapsed: floa
     total = sum(s.share for s in rest) or 1.0
     allotted = section.share / total * SLACK * max(limit - elapsed, 0.0)
     end = start + HARD * limit
-    return min(time.perf_counter() + max(2.0 * allotted, 0.05 * limit), end)
+    return min(time.perf_counter() + max(2.0 * allotted, min(1.5 * need, 4.0 * allotted), 0.05 * limit), end)

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,7 @@ def run_audit(
     process_group: GroupSpec = "auto",
     output: int | str | None = None,
     collective_timeout_s: float = DEFAULT_TIMEOUT_S,
+    started: float | None = None,
 ) -> tuple[AuditResult, RunDir | None]:
     """Load ``model`` (``MODULE:FACTORY``) and ``checkpoint``, audit it, and store it as a run under ``out``
     (what ``symgen audit`` does).
@@ -76,10 +78,13 @@ def run_audit(
         output: which of the model's outputs are the logits (an index or a key/attribute name; None: the
             documented rule of :func:`symgen.audit.outputs.select_logits`).
         collective_timeout_s: the longest wait of the audit's own collectives (seconds).
+        started: the ``time.perf_counter()`` the time budget counts from (default: this call; loading the
+            model counts, and the figures are drawn inside the budget).
 
     Returns:
         ``(result, run)``; ``run`` is None on the ranks other than 0.
     """
+    started = time.perf_counter() if started is None else started
     from pydantic import ValidationError
 
     from symgen import distributed
@@ -126,6 +131,8 @@ def run_audit(
         process_group=group,
         output=output,
         collective_timeout_s=collective_timeout_s,
+        figures=True,
+        started=started,
     )
     if checkpoint is not None:
         result.model = f"{model} + {Path(checkpoint).name}"

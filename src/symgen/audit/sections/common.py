@@ -37,6 +37,7 @@ STREAMS: dict[str, int] = {
     "robustness": 11,  # test subsample
     "robustness_attack": 12,  # PGD random starts
     "ggn_trace": 13,  # the GGN's Hutchinson probes
+    "performance_order": 14,  # the order batches are measured in (a uniform subsample if the clock stops it)
 }
 
 

@@ -3,6 +3,7 @@ PGD robust accuracy (arXiv 1706.06083)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,14 +33,18 @@ def performance(
     seed: int,
     same: bool,
     group: Group = None,
+    clock: Clock | None = None,
 ) -> None:
     """Accuracy (binomial standard error) and mean cross-entropy (sample standard error) per split,
     by :func:`symgen.evaluation.evaluate` (float64 sums, all-reduced over the ranks).
 
     The test split is streamed whole (``test_num_data`` None), batch by batch: forward passes are
-    cheap, so the budget never cuts what the headline accuracy is measured on. The training split is
-    a subsample of ``eval_num_data`` (the budget). With a process group each rank evaluates every
-    ``world_size``-th batch.
+    cheap, so the budget cuts what the headline accuracy is measured on only when the clock runs out
+    (a slow model or a loaded machine). Tensors are then streamed in a seeded random order, so the
+    samples measured before the deadline are a uniform subsample (a stream keeps its own order, said
+    so). The training split is a subsample of ``eval_num_data`` (the budget). With a process group
+    each rank evaluates every ``world_size``-th batch and stops at its own deadline (the sums are
+    all-reduced once, after the loop).
 
     Args:
         sec: the section's result, filled in.
@@ -50,41 +55,88 @@ def performance(
         seed: the audit's integer seed (stream ``performance``).
         same: the data was given as one source (only the test split is measured).
         group: the process group the sums are all-reduced over.
+        clock: the section's deadline, looked at between batches (None: none).
     """
     from symgen.evaluation import evaluate
 
-    gen = stream(seed, "performance")
-
+    gen, shuffle = stream(seed, "performance"), stream(seed, "performance_order")
+    clock = clock or Clock()
     splits = (
         [("test", test, lim.test_num_data)]
         if same
         else [("train", train, lim.eval_num_data), ("test", test, lim.test_num_data)]
     )
-    for split, data, k in splits:
+    parts = {}
+    for split, data, k in splits:  # the subsamples drawn in this order, whatever the order measured in
         idx = subsample(data.num_data, k, gen)
-        whole = idx.numel() == data.num_data
-        if not whole:
+        if idx.numel() < data.num_data:
             sec.skipped.append(f"{split}: {idx.numel()} of {data.num_data} samples (budget)")
-        part = data if whole else Split(data.take(idx), data.what, data.device, data.dtype)
-        ev = evaluate(
+        part = data if idx.numel() == data.num_data else Split(data.take(idx), data.what, data.device, data.dtype)
+        parts[split] = (part, torch.randperm(part.num_data, generator=shuffle))
+    measured = {}
+    for split in sorted(parts, key=lambda s: s != "test"):  # the headline first: the clock may stop the rest
+        part, order = parts[split]
+        if split != "test" and clock.expired():  # agreed: every rank skips alike (evaluate all-reduces)
+            clock.stop(f"{split} accuracy and loss not measured")
+            continue
+        measured[split] = evaluate(
             model,
-            part.batches(lim.batch_size, group),
+            _Until(clock, part, order, lim.batch_size, group),
             loss_fn=_checked_cross_entropy,
             bn_mode="eval",
             process_group=group,
         )
+    for split, data, _ in splits:
+        if split not in measured:
+            continue
+        ev, total = measured[split], parts[split][0].num_data
         n, acc = ev.num_data, ev.clean_accuracy
-        sec.add(
-            f"{split}_accuracy",
-            acc,
-            binomial_stderr(acc, n),
-            f"{n} samples" + (", the whole split, streamed" if n == data.num_data else ""),
-        )
+        what = f"{n} samples" + (", the whole split, streamed" if n == data.num_data else "")
+        if n < total:
+            how = "in random order" if parts[split][0].tensors is not None else "the first of the stream"
+            what = f"{n} of {total} samples ({how})"
+            clock.stop(f"{split} accuracy and loss from {n} of {total} samples")
+        sec.add(f"{split}_accuracy", acc, binomial_stderr(acc, n), what)
         loss = float("nan") if ev.loss is None else ev.loss  # never None: a loss_fn was given
         sec.add(f"{split}_loss", loss, ev.loss_stderr, "cross-entropy")
         sec.samples = (sec.samples or 0) + n
     if same:
         sec.skipped.append("train split: data given as one source, so only one split is measured")
+
+
+class _Until:
+    """This rank's batches of ``part`` (tensors: in ``order``) until ``clock`` says the next would end late.
+
+    A re-iterable (a stream that is not one is gathered into memory by ``BatchStream``). The verdict is
+    this rank's own (ranks may hold different numbers of batches): no collective here."""
+
+    def __init__(self, clock: Clock, part: Split, order: Tensor, batch_size: int, group: Group) -> None:
+        self.clock, self.part, self.order, self.batch_size, self.group = clock, part, order, batch_size, group
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        part = self.part
+        if part.tensors is None:
+            batches: Iterable[tuple[Tensor, Tensor]] = part.batches(self.batch_size, self.group)
+        else:
+            batches = _shuffled(part, self.order, self.batch_size, self.group)
+        for i, batch in enumerate(batches):
+            if i > 0 and self.clock.expired(agree=False):
+                return
+            yield batch
+            del batch  # one batch in memory: the stream makes the next while this frame would hold the last
+
+
+def _shuffled(part: Split, order: Tensor, batch_size: int, group: Group) -> Iterator[tuple[Tensor, Tensor]]:
+    from symgen import distributed
+
+    assert part.tensors is not None
+    x, y = part.tensors
+    rank = distributed.rank(group) if group is not None else 0
+    world = distributed.world_size(group) if group is not None else 1
+    for i, at in enumerate(order.split(batch_size)):
+        if i % world == rank:
+            at = at.to(x.device)
+            yield x[at].to(part.device, part.dtype), y[at].to(part.device)
 
 
 def _checked_cross_entropy(out: Tensor, y: Tensor) -> Tensor:
@@ -94,7 +146,13 @@ def _checked_cross_entropy(out: Tensor, y: Tensor) -> Tensor:
 
 
 def invariance(
-    sec: SectionResult, model: nn.Module, action: GroupAction, test: Split, lim: AuditLimits, seed: int
+    sec: SectionResult,
+    model: nn.Module,
+    action: GroupAction,
+    test: Split,
+    lim: AuditLimits,
+    seed: int,
+    clock: Clock | None = None,
 ) -> None:
     """OSP, symmetric KL, logit deviation and orbit accuracy over the group orbits of test inputs
     (Nordenfors & Flinth, arXiv 2410.01452); standard errors by batch means.
@@ -106,15 +164,28 @@ def invariance(
         test: the test split.
         lim: the limits.
         seed: the audit's integer seed (stream ``invariance``).
+        clock: the section's deadline, looked at between blocks of samples (the subsample is drawn at random,
+            so the samples measured before it are a uniform subsample).
     """
     from symgen.metrics import invariance_metrics, orbit_outputs
 
-    idx = subsample(test.num_data, lim.invariance_num_data, stream(seed, "invariance"))
+    clock = clock or Clock()
+    gen = stream(seed, "invariance")
+    idx = subsample(test.num_data, lim.invariance_num_data, gen)
     if idx.numel() < test.num_data:
         sec.skipped.append(f"{idx.numel()} of {test.num_data} test samples (budget)")
+    idx = idx[torch.randperm(idx.numel(), generator=gen)]  # any prefix is a uniform subsample
     xs, ys = test.take(idx)
+    chunk = max(1, lim.batch_size // action.group.order)
+    outs: list[Tensor] = []
     with torch.no_grad():
-        orbit = orbit_outputs(model, action, xs, chunk_size=max(1, lim.batch_size // action.group.order))
+        for i, xb in enumerate(xs.split(max(32, chunk))):
+            if i > 0 and clock.expired():
+                clock.stop(f"orbits of {sum(o.shape[1] for o in outs)} of {idx.numel()} samples")
+                break
+            outs.append(orbit_outputs(model, action, xb, chunk_size=chunk))
+    orbit = torch.cat(outs, dim=1)
+    idx, ys = idx[: orbit.shape[1]], ys[: orbit.shape[1]]
     full = invariance_metrics(orbit, ys)
     # Standard errors by batch means: the metrics of 16 disjoint batches of samples.
     parts = [invariance_metrics(orbit[:, b], ys[b]) for b in batch_means(idx.numel(), 16)]
