@@ -104,7 +104,8 @@ def noise_stability(
     try:
         check_tensors("noise_stability", "weight", w0)
         check_tensors("noise_stability", "buffer", base_buffers)
-        with torch.no_grad(), F.bn_mode(model, bn_mode):
+        # the fused nn.MultiheadAttention fast path has no vmap batching rule (a slow loop per draw): math SDPA
+        with torch.no_grad(), F.bn_mode(model, bn_mode), F.math_attention():
             for bi, (x, y) in enumerate(stream):
                 check_batch("noise_stability", x, y, batch=bi, offset=count)
                 count += x.shape[0]
