@@ -2,15 +2,18 @@
 
 Same recursion and the same stable angles as the generic path (Novak et al. arXiv 1810.05148, Arora et al.
 arXiv 1904.11955; read-outs of Favero, Cagnetta & Wyart arXiv 2106.08619), evaluated per tile of A x B pairs
-with the positions as leading axes, ``(*M, A, B)``: M is the map (flatten read-out: the positions p, only
-p = q being needed) or the map of position pairs (p, q) (global average pooling). Filter means are box sums,
-one spatial dimension at a time, of contiguous (A, B) slabs. The first layer is one matrix product of
-patches, ``c = U_a . U_b + b^2`` with ``U = w x_patch / sqrt(C k)`` (float64, whatever the output dtype);
-``v1 v2 - c^2`` from it is exact to ~1e-15 v1 v2, so where it is below ``_CLOSE v1 v2`` (nearly parallel or
-antiparallel patches, x = x' included) it is recomputed from the patch difference d = |U_a - U_b|^2:
-``v1 v2 - c^2 = (d (2 (v1 + v2) - d) - (v1 - v2)^2) / 4``. The first layer's ``n J1 = s + (pi - theta) c``
-takes the series of :func:`duals.sin_minus_x_cos` only where pi - theta < 0.25 (a sparse fix). For x2 = None
-only the upper tiles are computed and mirrored.
+with the positions as leading axes, ``(*M, A, B)``: M is the map of positions p (flatten read-out: only
+p = q is needed) or of position pairs (p, q) (global average pooling). The first layer is one matrix product
+of patches, ``c = U_a . U_b + b^2`` with ``U = w x_patch / sqrt(C k)``, float64 whatever the output dtype;
+``s^2 = v1 v2 - c^2`` from it is exact to ~1e-15 v1 v2, and where the angle is within 1e-3 of 0 or pi
+(nearly parallel or antiparallel patches) s^2 is recomputed by Lagrange's identity on the raw patches,
+``sum_{i<j} (u_i e_j - u_j e_i)^2`` with ``e = v -+ u``: squares of exact differences, so full relative
+precision at both ends (x = x' gives exactly 0, set without a search). ``n J1 = s + (pi - theta) c`` takes
+the series of :func:`duals.sin_minus_x_cos` only where pi - theta < 0.25 (a sparse fix). Later layers carry
+the distance ``E(relu(u) - relu(v))^2`` as the generic path does; filter sums are one small matrix product
+per spatial axis (flatten) or slices where p and q shift together (GAP). For x2 = None only the upper tiles
+are computed and mirrored. In-place ops: not differentiable (``analytic_conv_ntk`` sends inputs that require
+grad to the generic path).
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ class _Config:
         key = (tuple(sizes), dtype)
         if key not in self._boxes:
             self._boxes[key] = [
-                _box_matrix(n, k, lo, hi, self.mode).to(dtype)
+                _box_matrix(n, k, lo, hi, self.mode).to(dtype=dtype, device=self.ra.device)
                 for n, k, (lo, hi) in zip(sizes, self.fs, self.pads, strict=True)
             ]
         return self._boxes[key]
