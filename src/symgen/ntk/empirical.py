@@ -39,6 +39,7 @@ from symgen.ntk.inputs import (
     resolve_params,
 )
 from symgen.ntk.jacobian import blocks, jacobian_ntk, ntvp_ntk
+from symgen.ntk.layer_norm import composite_layer_norm
 from symgen.ntk.streamed import computed, kernel_shape, mirror, stream_kernel
 from symgen.ntk.structured import structured_ntk
 from symgen.numerics import check_values
@@ -291,7 +292,9 @@ class EmpiricalNTKFn:
     def _compute(self, p: Mapping[str, Tensor], b: Mapping[str, Tensor], x1: Tensor, x2: Tensor | None) -> Tensor:
         model, output, chunk, budget = self.model, _summed(self.output), self.chunk_size, self.budget
         grad_mode = contextlib.nullcontext() if self.differentiable else torch.no_grad()
-        with bn_mode(model, "eval"), grad_mode:
+        # torch.func's d/dx of d f/d W through native_layer_norm is wrong (ntk.layer_norm): the composite then
+        norms = composite_layer_norm() if self.differentiable else contextlib.nullcontext()
+        with bn_mode(model, "eval"), grad_mode, norms:
             method, o, act = self._plan(p, b, x1, x2)
             if method == "jacobian":
                 kernel = jacobian_ntk(model, p, b, x1, x2, output, o, chunk, budget)
