@@ -67,10 +67,10 @@ class Clock:
     """The time a running section may use, looked at between its blocks of work.
 
     ``expired()`` is True once the deadline is past, or when the next block, taken to last as long as the
-    time since the previous look (or since the clock was made), would end past it: a section stops before a block it cannot finish, so
-    an audit slowed by load still ends near its budget. It is agreed by every rank (any rank's verdict
-    stops all at the same point, so their collectives stay paired) unless ``agree=False``. No deadline:
-    never expires.
+    time since the previous look (or since the clock was made), would end past it: a section stops before
+    a block it cannot finish, so an audit slowed by load still ends near its budget. It is agreed by every
+    rank (any rank's verdict stops all at the same point, so their collectives stay paired) unless
+    ``agree=False``. No deadline: never expires.
     """
 
     def __init__(self, deadline: float | None = None, ranks: Ranks | None = None) -> None:
