@@ -212,7 +212,7 @@ def ritz_error_bounds(
     j != i of |theta_i - theta_j| - max(r_i, r_j). A Ritz value theta_j that has not settled (r_j >
     ``settled`` |theta_i - theta_j|) locates no eigenvalue yet, so it allows no refinement (delta_i = 0, the
     bound is r_i): without this guard the estimate failed on clustered and well-separated spectra alike
-    (tests/test_lanczos_bounds.py). The assumption left: no eigenvalue that no Ritz value has found lies
+    (measured; no test of it was kept). The assumption left: no eigenvalue that no Ritz value has found lies
     inside the gap. ``eps`` adds a rounding floor to every bound.
 
     Args:
