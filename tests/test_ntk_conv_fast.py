@@ -84,6 +84,24 @@ def test_tiles_and_mirroring_equal_one_tile(monkeypatch):
                 assert torch.equal(a, a.T)
 
 
+def test_tiles_on_threads_equal_serial_tiles(monkeypatch):
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(13, 1, 4, 4, generator=g, dtype=D)
+    monkeypatch.setattr(conv_fast, "_TILE_ENTRIES", 16 * 16)
+    threads = torch.get_num_threads()
+    for readout in ("flatten", "gap"):
+        try:
+            torch.set_num_threads(1)
+            serial = analytic_conv_ntk(x, None, 2, 3, "relu", readout, "circular", 1.1, 0.1)
+            torch.set_num_threads(3)
+            pooled = analytic_conv_ntk(x, None, 2, 3, "relu", readout, "circular", 1.1, 0.1)
+            assert torch.get_num_threads() == 3  # restored after the pool
+        finally:
+            torch.set_num_threads(threads)
+        for a, b in zip(serial, pooled, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)
+
+
 def test_diagonal_is_exact():
     # x = x': theta = 0 at every position, so the depth-1 NNGP is w^2 mean_p v_p / 2 + b^2 to the last digit
     x = torch.randn(6, 1, 7, dtype=D)

@@ -12,7 +12,9 @@ precision at both ends (x = x' gives exactly 0, set without a search). ``n J1 = 
 the series of :func:`duals.sin_minus_x_cos` only where pi - theta < 0.25 (a sparse fix). Later layers carry
 the distance ``E(relu(u) - relu(v))^2`` as the generic path does; filter sums are one small matrix product
 per spatial axis (flatten) or slices where p and q shift together (GAP). For x2 = None only the upper tiles
-are computed and mirrored. In-place ops: not differentiable (``analytic_conv_ntk`` sends inputs that require
+are computed and mirrored. With ``torch.get_num_threads() > 1`` the tiles run on that many Python threads,
+each op single-threaded (torch's intra-op threads are set to 1 for the call and restored): per-op barriers
+on a loaded machine cost 10-100x. In-place ops: not differentiable (``analytic_conv_ntk`` sends inputs that require
 grad to the generic path).
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -340,14 +343,31 @@ def relu_conv_kernels(
     sym = b is None
     nngp = torch.empty(n1, n2, dtype=dtype, device=a.device)
     ntk = torch.empty_like(nngp)
-    for i in range(0, n1, side):
-        rows = slice(i, min(i + side, n1))
-        for j in range(i if sym else 0, n2, side):
-            cols = slice(j, min(j + side, n2))
-            tk, tt = _tile(cfg, rows, cols)
-            if sym and i == j:  # exactly symmetric (the two sides round differently)
-                tk, tt = (tk + tk.T) / 2.0, (tt + tt.T) / 2.0
-            nngp[rows, cols], ntk[rows, cols] = tk, tt
-            if sym and i != j:
-                nngp[cols, rows], ntk[cols, rows] = tk.T, tt.T
+    tiles = [
+        (slice(i, min(i + side, n1)), slice(j, min(j + side, n2)))
+        for i in range(0, n1, side)
+        for j in range(i if sym else 0, n2, side)
+    ]
+
+    def run(rows: slice, cols: slice) -> None:
+        tk, tt = _tile(cfg, rows, cols)
+        if sym and rows == cols:  # exactly symmetric (the two sides round differently)
+            tk, tt = (tk + tk.T) / 2.0, (tt + tt.T) / 2.0
+        nngp[rows, cols], ntk[rows, cols] = tk, tt
+        if sym and rows != cols:
+            nngp[cols, rows], ntk[cols, rows] = tk.T, tt.T
+
+    threads = torch.get_num_threads()
+    if threads == 1 or len(tiles) == 1 or a.device.type != "cpu":
+        for rows, cols in tiles:
+            run(rows, cols)
+        return nngp, ntk
+    # tiles in parallel, each single-threaded: many small ops, so no intra-op barrier per op
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            for f in [pool.submit(run, rows, cols) for rows, cols in tiles]:
+                f.result()
+    finally:
+        torch.set_num_threads(threads)
     return nngp, ntk
