@@ -12,9 +12,9 @@ precision at both ends (x = x' gives exactly 0, set without a search). ``n J1 = 
 the series of :func:`duals.sin_minus_x_cos` only where pi - theta < 0.25 (a sparse fix). Later layers carry
 the distance ``E(relu(u) - relu(v))^2`` as the generic path does; filter sums are one small matrix product
 per spatial axis (flatten) or slices where p and q shift together (GAP). For x2 = None only the upper tiles
-are computed and mirrored. With ``torch.get_num_threads() > 1`` the tiles run on that many Python threads,
-each op single-threaded (torch's intra-op threads are set to 1 for the call and restored): per-op barriers
-on a loaded machine cost 10-100x. In-place ops: not differentiable (``analytic_conv_ntk`` sends inputs that require
+are computed and mirrored. With ``torch.get_num_threads() > 1`` the ops run single-threaded (torch's intra-op
+threads are set to 1 for the call and restored; per-op barriers on a loaded machine cost 10-100x) and, from
+4 tiles per thread on, the tiles on that many Python threads. In-place ops: not differentiable (``analytic_conv_ntk`` sends inputs that require
 grad to the generic path).
 """
 
@@ -358,16 +358,21 @@ def relu_conv_kernels(
             nngp[cols, rows], ntk[cols, rows] = tk.T, tt.T
 
     threads = torch.get_num_threads()
-    if threads == 1 or len(tiles) == 1 or a.device.type != "cpu":
+    if threads == 1 or a.device.type != "cpu":
         for rows, cols in tiles:
             run(rows, cols)
         return nngp, ntk
-    # tiles in parallel, each single-threaded: many small ops, so no intra-op barrier per op
+    # each op single-threaded (many small ops: an intra-op barrier per op costs 10-100x on a loaded machine),
+    # the tiles on a pool when there are enough of them
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(threads) as pool:
-            for f in [pool.submit(run, rows, cols) for rows, cols in tiles]:
-                f.result()
+        if len(tiles) < 4 * threads:
+            for rows, cols in tiles:
+                run(rows, cols)
+        else:
+            with ThreadPoolExecutor(threads) as pool:
+                for f in [pool.submit(run, rows, cols) for rows, cols in tiles]:
+                    f.result()
     finally:
         torch.set_num_threads(threads)
     return nngp, ntk
