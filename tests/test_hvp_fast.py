@@ -117,3 +117,24 @@ def test_train_mode_batch_norm_and_in_place_relu_are_left_to_pytorch():
     with fast_double_backward():
         out = TF.relu(h, inplace=True)
     assert out is h and bool((h >= 0).all())
+
+
+def test_batchnorm_channel_sums_are_accumulated_in_float64():
+    """d/dgamma and d/dbeta of the fast eval-mode BatchNorm are per-channel sums over the batch and positions:
+    accumulated in float64 (as PyTorch's CPU kernel does), a backward signal of large cancelling terms keeps
+    its small net sum, to float32 precision of the result against a float64 reference."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3).eval()
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(64, 3, 64, 64)
+    sign = torch.ones(64, 3, 64, 64)
+    sign[1::2] = -1.0  # the +-1e4 parts cancel exactly, per channel
+    g = 1e4 * sign * torch.randn(1, 3, 64, 64).abs() + torch.randn(64, 3, 64, 64)
+    ref64 = copy.deepcopy(bn).double()
+    out = ref64(x.double())
+    want = torch.autograd.grad(out, [ref64.weight, ref64.bias], g.double())
+    with fast_double_backward():
+        got = torch.autograd.grad(bn(x), [bn.weight, bn.bias], g)
+    for a, b in zip(got, want, strict=True):
+        assert ((a.double() - b).abs() / b.abs()).max() < 1e-5, (a, b)

@@ -149,7 +149,7 @@ def _batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> Tensor | None:
-    if training or running_mean is None or running_var is None:
+    if training or running_mean is None or running_var is None or x.ndim < 2:
         return None  # batch statistics: PyTorch's own kernel
     s = torch.rsqrt(running_var + eps)
     if weight is not None:
@@ -157,9 +157,79 @@ def _batch_norm(
     shape = (1, -1) + (1,) * (x.ndim - 2)
     # centred, as PyTorch's kernel: d/dgamma = sum(g (x - mean)) / sqrt(var + eps). The uncentred x s + b
     # (b = beta - mean s) forms it as sum(g x) s' - mean sum(g) s', two large sums that cancel: 1e-4
-    # relative error in float32 Hessian-vector products of a ResNet-20 at batch 50 (against 5e-7)
-    out = (x - running_mean.reshape(shape)) * s.reshape(shape)
-    return out if bias is None else out + bias.reshape(shape)
+    # relative error in float32 Hessian-vector products of a ResNet-20 at batch 50 (against 5e-7). The
+    # per-channel sums of d/dgamma and d/dbeta are accumulated in float64, as PyTorch's CPU kernel does (a
+    # BatchNorm layer of 16 channels on 32 x 32 x 32 activations: 1.2e-7 and 3.5e-8 relative, against 5.1e-7
+    # and 1.9e-7 for PyTorch's own kernel).
+    out: Tensor = _ChannelScale.apply(x - running_mean.reshape(shape), s)
+    return out if bias is None else _ChannelShift.apply(out, bias)
+
+
+def _channel_dims(t: Tensor) -> list[int]:
+    return [0, *range(2, t.ndim)]
+
+
+def _per_channel(v: Tensor, like: Tensor) -> Tensor:
+    return v.reshape((1, -1) + (1,) * (like.ndim - 2))
+
+
+class _ChannelScale(Function):
+    """y[n, c, ...] = x[n, c, ...] s[c]; the gradient of s is a per-channel sum accumulated in float64."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, s: Tensor) -> Tensor:
+        ctx.save_for_backward(x, s)
+        return x * _per_channel(s, x)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        x, s = ctx.saved_tensors
+        gx = _ChannelScale.apply(g, s) if ctx.needs_input_grad[0] else None
+        gs = _ChannelDot.apply(g, x) if ctx.needs_input_grad[1] else None
+        return gx, gs
+
+
+class _ChannelDot(Function):
+    """d[c] = sum over the batch and positions of g x, accumulated in float64 (returned in g's dtype)."""
+
+    @staticmethod
+    def forward(ctx: Any, g: Tensor, x: Tensor) -> Tensor:
+        ctx.save_for_backward(g, x)
+        return (g * x).sum(_channel_dims(g), dtype=torch.float64).to(g.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, k: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        g, x = ctx.saved_tensors
+        dg = _ChannelScale.apply(x, k) if ctx.needs_input_grad[0] else None
+        dx = _ChannelScale.apply(g, k) if ctx.needs_input_grad[1] else None
+        return dg, dx
+
+
+class _ChannelShift(Function):
+    """y[n, c, ...] = x[n, c, ...] + b[c]; the gradient of b is a per-channel sum accumulated in float64."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, b: Tensor) -> Tensor:
+        ctx.dims = x.ndim
+        return x + _per_channel(b, x)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        gb = _ChannelSum.apply(g) if ctx.needs_input_grad[1] else None
+        return g, gb
+
+
+class _ChannelSum(Function):
+    """d[c] = sum over the batch and positions of g, accumulated in float64; its adjoint broadcasts."""
+
+    @staticmethod
+    def forward(ctx: Any, g: Tensor) -> Tensor:
+        ctx.shape = g.shape
+        return g.sum(_channel_dims(g), dtype=torch.float64).to(g.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, k: Tensor) -> Tensor:
+        return _per_channel(k, torch.empty(ctx.shape, device="meta")).expand(ctx.shape)
 
 
 class _Relu(Function):
