@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from symgen.ntk import duals
-from symgen.ntk.convolutional import _filter_mean, _pad_axis
+from symgen.ntk.conv_ops import filter_mean, pad_axis
 
 __all__ = ["relu_conv_kernels"]
 
@@ -41,7 +41,7 @@ def _patches(x: Tensor, fs: tuple[int, ...], pads: list[tuple[int, int]], mode: 
     """``scale * x`` patches, (L, N, C k) float64, L the first layer's output positions in C order."""
     dims = len(fs)
     for i, (left, right) in enumerate(pads):
-        x = _pad_axis(x, 2 + i, left, right, mode)
+        x = pad_axis(x, 2 + i, left, right, mode)
     for i, k in enumerate(fs):
         x = x.unfold(2 + i, k, 1)  # (N, C, *out, *fs)
     perm = [2 + i for i in range(dims)] + [0, 1] + [2 + dims + i for i in range(dims)]
@@ -105,7 +105,7 @@ class _Config:
         v = out[0].T.reshape(x.shape[0], *self.shape)
         groups = [(1 + i,) for i in range(self.dims)]
         for _ in range(1, self.depth):
-            v = self.w2 * _filter_mean(v / 2.0, groups, self.fs, self.pads, self.mode) + self.b2
+            v = self.w2 * filter_mean(v / 2.0, groups, self.fs, self.pads, self.mode) + self.b2
             out.append(v.flatten(1).T.contiguous())
         return out
 
@@ -223,9 +223,9 @@ def _pad_dist(dist: Tensor, cfg: _Config, layer: int, rows: slice, cols: slice, 
     m2 = (cfg.vb[layer - 1][:, cols] / 2.0).to(dist.dtype).reshape(*sizes, -1)
     inner = dist.new_ones(sizes)
     for i, (left, right) in enumerate(cfg.pads):
-        dist = _pad_axis(_pad_axis(dist, i, left, right, "zeros"), dims + i, left, right, "zeros")
-        m1, m2 = _pad_axis(m1, i, left, right, "zeros"), _pad_axis(m2, i, left, right, "zeros")
-        inner = _pad_axis(inner, i, left, right, "zeros")
+        dist = pad_axis(pad_axis(dist, i, left, right, "zeros"), dims + i, left, right, "zeros")
+        m1, m2 = pad_axis(m1, i, left, right, "zeros"), pad_axis(m2, i, left, right, "zeros")
+        inner = pad_axis(inner, i, left, right, "zeros")
     pad_mask = 1.0 - inner
     ones = [1] * dims
     p_pad = pad_mask.reshape(*pad_mask.shape, *ones, 1, 1)

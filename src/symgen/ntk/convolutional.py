@@ -11,9 +11,7 @@ with constituent C the NTK of a one-hidden-layer net on the patches x_i. With gl
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +20,7 @@ from torch.nn import functional as F
 from symgen.errors import ConfigError, ShapeError
 from symgen.ntk import duals
 from symgen.ntk.analytic import Erf, NTKLinear, check_finite_input
+from symgen.ntk.conv_ops import filter_mean, pad_axis
 from symgen.rng import Seed, init_generator
 
 __all__ = ["CONV_READOUTS", "CONV_PADDINGS", "analytic_conv_ntk", "NTKConv", "ntk_cnn"]
@@ -37,50 +36,6 @@ def _pads(filter_size: tuple[int, ...], padding: str) -> list[tuple[int, int]]:
     if padding == "valid":
         return [(0, 0) for _ in filter_size]
     return [((k - 1) // 2, k - 1 - (k - 1) // 2) for k in filter_size]
-
-
-def _pad_axis(t: Tensor, axis: int, left: int, right: int, mode: str) -> Tensor:
-    if left == 0 and right == 0:
-        return t
-    n = t.shape[axis]
-    if mode == "circular":
-        if left > n or right > n:
-            raise ShapeError(f"circular padding of {left}/{right} needs a spatial size >= the padding, got {n}.")
-        parts = [t.narrow(axis, n - left, left), t, t.narrow(axis, 0, right)]
-    else:
-        shape_l, shape_r = list(t.shape), list(t.shape)
-        shape_l[axis], shape_r[axis] = left, right
-        parts = [t.new_zeros(shape_l), t, t.new_zeros(shape_r)]
-    return torch.cat(parts, dim=axis)
-
-
-def _filter_mean(
-    t: Tensor,
-    axes_groups: Sequence[tuple[int, ...]],
-    filter_size: tuple[int, ...],
-    pads: list[tuple[int, int]],
-    mode: str,
-) -> Tensor:
-    """``mean_k t[..., p + k, (q + k)]``: the covariance a stride-1 conv sees. ``axes_groups[a]`` lists the axes
-    that shift together along spatial dimension a (one axis for same-position kernels, two for all pairs)."""
-    for group, (left, right) in zip(axes_groups, pads, strict=True):
-        for ax in group:
-            t = _pad_axis(t, ax, left, right, mode)
-    out_sizes = [t.shape[g[0]] - k + 1 for g, k in zip(axes_groups, filter_size, strict=True)]
-    if min(out_sizes) < 1:
-        raise ShapeError(
-            f"filter size {filter_size} is larger than the (padded) input; use a smaller filter or "
-            "padding='same'/'circular'."
-        )
-    total: Tensor | None = None
-    for offset in itertools.product(*[range(k) for k in filter_size]):
-        piece = t
-        for group, off, size in zip(axes_groups, offset, out_sizes, strict=True):
-            for ax in group:
-                piece = piece.narrow(ax, off, size)
-        total = piece.clone() if total is None else total.add_(piece)
-    assert total is not None  # filter_size has at least one offset
-    return total / math.prod(filter_size)
 
 
 def _act_var(v: Tensor, activation: str) -> Tensor:
@@ -107,12 +62,12 @@ def _pad_distances(dist: Tensor, m1: Tensor, m2: Tensor, pads: list[tuple[int, i
     the second moments), two padded positions 0."""
     dims = len(pads)
     for i, (left, right) in enumerate(pads):
-        dist = _pad_axis(_pad_axis(dist, 2 + i, left, right, "zeros"), 2 + dims + i, left, right, "zeros")
-        m1 = _pad_axis(m1, 1 + i, left, right, "zeros")
-        m2 = _pad_axis(m2, 1 + i, left, right, "zeros")
+        dist = pad_axis(pad_axis(dist, 2 + i, left, right, "zeros"), 2 + dims + i, left, right, "zeros")
+        m1 = pad_axis(m1, 1 + i, left, right, "zeros")
+        m2 = pad_axis(m2, 1 + i, left, right, "zeros")
     inner = m1.new_ones(tuple(n - lo - hi for n, (lo, hi) in zip(m1.shape[1:], pads, strict=True)))
     for i, (left, right) in enumerate(pads):
-        inner = _pad_axis(inner, i, left, right, "zeros")
+        inner = pad_axis(inner, i, left, right, "zeros")
     pad_mask = 1.0 - inner  # 1 at padded positions, (*S_padded)
     ones = [1] * dims
     p_pad = pad_mask.reshape(1, 1, *pad_mask.shape, *ones)
@@ -207,7 +162,7 @@ def analytic_conv_ntk(
     def pre_variances(x: Tensor) -> list[Tensor]:  # pre-activation variances of each layer, (N, *S), float64
         out, v = [], (x * x).sum(1) / chans
         for _ in range(depth):
-            v = w2 * _filter_mean(v, [(1 + i,) for i in range(dims)], fs, pads, mode) + b2
+            v = w2 * filter_mean(v, [(1 + i,) for i in range(dims)], fs, pads, mode) + b2
             out.append(v)
             v = _act_var(v, activation)
         return out
@@ -239,8 +194,8 @@ def analytic_conv_ntk(
         dist = _input_distances(xa, b, full).reshape(k.shape) / chans if relu else k
         ntk: Tensor | None = None
         for layer in range(depth):
-            k = w2 * _filter_mean(k, groups, fs, pads, mode) + b2
-            ntk = k if ntk is None else k + w2 * _filter_mean(ntk, groups, fs, pads, mode)
+            k = w2 * filter_mean(k, groups, fs, pads, mode) + b2
+            ntk = k if ntk is None else k + w2 * filter_mean(ntk, groups, fs, pads, mode)
             if activation == "identity":
                 k, ntk = k.to(dtype), ntk.to(dtype)
                 continue
@@ -257,9 +212,9 @@ def analytic_conv_ntk(
                 m1 = (a * a).sum(1) / chans if layer == 0 else va64[layer - 1] / 2.0
                 m2 = (b * b).sum(1) / chans if layer == 0 else vb64[layer - 1] / 2.0
                 dist = _pad_distances(dist, m1[rows].to(dist.dtype), m2.to(dist.dtype), pads)
-                dist = w2 * _filter_mean(dist, groups, fs, [(0, 0)] * dims, mode)
+                dist = w2 * filter_mean(dist, groups, fs, [(0, 0)] * dims, mode)
             else:
-                dist = w2 * _filter_mean(dist, groups, fs, pads, mode)
+                dist = w2 * filter_mean(dist, groups, fs, pads, mode)
             det = (dist * (2.0 * (v1 + v2) - dist) - (v1 - v2) ** 2) / 4.0
             s = duals.safe_sqrt(det.to(dtype))
             k, ntk, v1, v2 = k.to(dtype), ntk.to(dtype), v1.to(dtype), v2.to(dtype)
@@ -336,7 +291,7 @@ class NTKConv(nn.Module):
             outputs with the same spatial size under "same"/"circular" padding.
         """
         for i, (left, right) in enumerate(_pads(self.filter_size, self.padding)):
-            x = _pad_axis(x, 2 + i, left, right, "circular" if self.padding == "circular" else "zeros")
+            x = pad_axis(x, 2 + i, left, right, "circular" if self.padding == "circular" else "zeros")
         conv = F.conv1d if self.dims == 1 else F.conv2d
         y = conv(x, self.weight) * self.scale
         if self.bias is not None:
