@@ -171,7 +171,7 @@ def analytic_conv_ntk(
     vb64 = va64 if x2 is None else pre_variances(b)
     grads = torch.is_grad_enabled() and (x1.requires_grad or (x2 is not None and x2.requires_grad))
     if activation == "relu" and depth >= 1 and fast and not grads:
-        from symgen.ntk.conv_fast import relu_conv_kernels  # it imports this module's helpers
+        from symgen.ntk.conv_fast import relu_conv_kernels
 
         out = relu_conv_kernels(a, None if x2 is None else b, depth, fs, pads, mode, w2, b2, readout == "gap", dtype)
         return out[0].to(x1.device), out[1].to(x1.device)
