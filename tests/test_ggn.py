@@ -101,6 +101,27 @@ def test_ggn_loader_of_uneven_batches_and_parameter_subset(reduction):
     assert torch.allclose(sub, ref[n0:, n0:], atol=1e-12)  # a sub-block of the full GGN
 
 
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("bn_mode", ["eval", "train"])
+def test_ggn_quadratic_forms_are_forward_products_equal_to_the_dense_forms(loss, bn_mode):
+    """z^T G z = (J z)^T H (J z) without the vector-Jacobian product, over uneven batches, equal to the dense
+    GGN's forms; traces and the product path agree."""
+    m = _mlp(bn=True)
+    loss_fn = _mse if loss == "mse" else TF.cross_entropy
+    x, y = _data(23, classes=loss == "cross_entropy")
+    loader = [(x[:10], y[:10]), (x[10:20], y[10:20]), (x[20:], y[20:])]
+    ref = _dense_ggn(m, loss_fn, loader, bn_mode)
+    V = torch.randn(ref.shape[0], 5, generator=torch.Generator().manual_seed(3), dtype=D)
+    want = ((ref @ V) * V).sum(0)
+    for batching in ("loop", "vmap"):
+        G = GGNOperator(m, loss_fn, loader, bn_mode=bn_mode, batching=batching)
+        got = G.quadratic_forms(V)
+        assert torch.allclose(got, want, atol=1e-12, rtol=1e-12), (batching, got, want)
+        assert torch.allclose(got, ((G.matmat(V)) * V).sum(0), atol=1e-12)
+    est = GGNOperator(m, loss_fn, loader, bn_mode=bn_mode).trace(num_matvecs=400, generator=0)
+    assert abs(est.value - float(ref.trace())) <= 4 * est.stderr + 1e-9
+
+
 def test_ggn_equals_hessian_for_mse_on_a_linear_model():
     """The model is linear in W, so the second-derivative term vanishes: G = H (dense autograd Hessian)."""
     g = torch.Generator().manual_seed(0)

@@ -75,16 +75,57 @@ class GGNOperator(ModelOperator):
             g_out = torch.autograd.grad(self.loss_fn(o, y), o, create_graph=True)[0]
         # a parameter outside the graph has zero Jacobian; a loss linear in the output has H_b = 0
         live = [i for i, g in enumerate(jtu) if g is not None and g.requires_grad]
-        params = self.params
+        jtu_live, keys_live = [jtu[i] for i in live], [keys[i] for i in live]
+        return _GGNProduct(self.params, keys, leaves, out, u, o, g_out, jtu_live, keys_live)
 
-        def apply(v: F.Params) -> F.Params:
-            if not live or not g_out.requires_grad:
-                return {k: torch.zeros_like(params[k]) for k in keys}
-            jv = torch.autograd.grad(
-                [jtu[i] for i in live], u, grad_outputs=[v[keys[i]] for i in live], retain_graph=True
-            )[0]
-            hjv = torch.autograd.grad(g_out, o, grad_outputs=jv, retain_graph=True)[0]
-            res = torch.autograd.grad(out, leaves, grad_outputs=hjv, retain_graph=True, allow_unused=True)
-            return {k: torch.zeros_like(params[k]) if r is None else r for k, r in zip(keys, res, strict=True)}
+    def _batch_forms(self, b: int, x: Tensor, y: Tensor, rows: Tensor) -> Tensor:
+        """``z_i^T G_b z_i = (J_b z_i)^T H_b (J_b z_i)`` on the batch's retained graph: a forward product and
+        one in output space per row, no vector-Jacobian product (about half a GGN-vector product)."""
+        fn = self._product(b, x, y)
+        if not isinstance(fn, _GGNProduct):
+            return super()._batch_forms(b, x, y, rows)
+        return torch.stack([fn.form(F.unflatten(r, self.params)) for r in rows]).double()
 
-        return apply
+
+class _GGNProduct:
+    """``v -> J^T H J v`` and ``v -> (J v)^T H (J v)`` for one batch, on its retained graph."""
+
+    def __init__(
+        self,
+        params: F.Params,
+        keys: list[str],
+        leaves: list[Tensor],
+        out: Tensor,
+        u: Tensor,
+        o: Tensor,
+        g_out: Tensor,
+        jtu: list[Tensor],
+        live: list[str],
+    ) -> None:
+        self.params, self.keys, self.leaves, self.out, self.u, self.o = params, keys, leaves, out, u, o
+        self.g_out, self.jtu, self.live = g_out, jtu, live
+
+    def _hjv(self, v: F.Params) -> tuple[Tensor, Tensor] | None:
+        if not self.live or not self.g_out.requires_grad:
+            return None
+        jv = torch.autograd.grad(self.jtu, self.u, grad_outputs=[v[k] for k in self.live], retain_graph=True)[0]
+        return jv, torch.autograd.grad(self.g_out, self.o, grad_outputs=jv, retain_graph=True)[0]
+
+    def __call__(self, v: F.Params) -> F.Params:
+        pair = self._hjv(v)
+        if pair is None:
+            return {k: torch.zeros_like(self.params[k]) for k in self.keys}
+        res = torch.autograd.grad(self.out, self.leaves, grad_outputs=pair[1], retain_graph=True, allow_unused=True)
+        return {k: torch.zeros_like(self.params[k]) if r is None else r for k, r in zip(self.keys, res, strict=True)}
+
+    def form(self, v: F.Params) -> Tensor:
+        """``(J v)^T H (J v)`` (a 0-d float64 tensor), without the vector-Jacobian product.
+
+        In float32 it carries the rounding of J v: 1.5e-5 relative on an 86k BN CNN (digits, batch 512), as a
+        product rounded to float32 and dotted does; the product accumulated in float64 and dotted there gives
+        1.2e-7. A trace's sampling error (1e-2 relative at 10 probes) is far above either.
+        """
+        pair = self._hjv(v)
+        if pair is None:
+            return self.out.new_zeros((), dtype=torch.float64)
+        return (pair[0].double() * pair[1].double()).sum()
