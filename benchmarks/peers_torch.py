@@ -212,7 +212,12 @@ def hessian_rows(args, label: str, build, x: torch.Tensor, y: torch.Tensor) -> l
         "trace": [("Hessian trace", p) for p in ("PyHessian", "hessian-eigenthings", "curvlinops")],
         "eig": [
             ("top eigenvalue, tol 1e-3", p)
-            for p in ("PyHessian", "hessian-eigenthings (defaults)", "hessian-eigenthings (matched accuracy)")
+            for p in (
+                "PyHessian",
+                "PyHessian (tol 1e-4)",
+                "hessian-eigenthings (defaults)",
+                "hessian-eigenthings (matched accuracy)",
+            )
         ],
         "hvp": [("HVP", p) for p in ("hessian-eigenthings", "curvlinops")],
     }
@@ -354,14 +359,18 @@ def hessian_rows(args, label: str, build, x: torch.Tensor, y: torch.Tensor) -> l
         fns = {"symgen": lambda: float(symgen_op().eigenvalues(k=1, tol=1e-3)[0])}
         if not isinstance(peers["PyHessian"], Exception):
 
-            def ph_eig():
+            def ph_eig(tol: float = 1e-3):
                 hc = peers["PyHessian"]()
                 torch.manual_seed(seed)
-                vals, _ = hc.eigenvalues(maxIter=100, tol=1e-3, top_n=1)
+                vals, _ = hc.eigenvalues(maxIter=100, tol=tol, top_n=1)
                 model.zero_grad(set_to_none=True)
                 return float(vals[0])
 
             fns["PyHessian"] = ph_eig
+            if any(p == "PyHessian (tol 1e-4)" for _, p in todo["eig"]):
+                # its stop is a relative change of the iterate, not an error bound: at tol 1e-3 it often lands
+                # above 1e-3 error; tol 1e-4 is the time it takes to be within 1e-3
+                fns["PyHessian (tol 1e-4)"] = lambda: ph_eig(1e-4)
         matched_note = ""
         if not isinstance(peers["hessian-eigenthings"], Exception):
             from hessian_eigenthings import lanczos, lanczos_tridiagonal
@@ -392,7 +401,7 @@ def hessian_rows(args, label: str, build, x: torch.Tensor, y: torch.Tensor) -> l
                     )
         times, outs = alternate(fns, args.repeats, warmup=False)
         for op, peer in todo["eig"]:
-            key = "hessian-eigenthings" if peer.startswith("hessian-eigenthings") else peer
+            key = "hessian-eigenthings" if peer.startswith("hessian-eigenthings") else peer.split(" (")[0]
             bad = unavailable(op, key, peer)
             if bad:
                 rows.append(bad)
@@ -405,6 +414,8 @@ def hessian_rows(args, label: str, build, x: torch.Tensor, y: torch.Tensor) -> l
                 note = "lanczos(op): k=10, 20 steps"
             elif peer == "PyHessian":
                 note = "power iteration, tol 1e-3"
+            elif peer == "PyHessian (tol 1e-4)":
+                note = "power iteration, tol 1e-4: its time to an error within 1e-3"
             rows.append(
                 row(
                     op,
