@@ -147,3 +147,14 @@ def test_inputs_that_require_grad_take_the_differentiable_path():
     (g,) = torch.autograd.grad(ntk.sum(), x)
     assert torch.isfinite(g).all()
     torch.testing.assert_close(ntk.detach(), analytic_conv_ntk(x.detach(), None, 2, 3, "relu", "flatten")[1])
+
+
+def test_x2_given_as_x1_is_computed_once_per_pair_with_the_same_values():
+    x = torch.randn(12, 1, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    for readout in ("flatten", "gap"):
+        same = analytic_conv_ntk(x, x, 2, 3, "relu", readout, "circular", 1.5, 0.1, dtype=torch.float64)
+        none = analytic_conv_ntk(x, None, 2, 3, "relu", readout, "circular", 1.5, 0.1, dtype=torch.float64)
+        other = analytic_conv_ntk(x, x.clone(), 2, 3, "relu", readout, "circular", 1.5, 0.1, dtype=torch.float64)
+        for s, n, o in zip(same, none, other, strict=True):
+            assert torch.equal(s, n) and torch.equal(s, s.T)
+            torch.testing.assert_close(s, o, rtol=1e-13, atol=1e-13)

@@ -140,8 +140,11 @@ def analytic_conv_ntk(
     2106.08619), "same" (zeros) or "valid". Row blocks keep memory bounded; ``dtype`` e.g. float64.
     ``fast``: ReLU nets go through :func:`symgen.ntk.conv_fast.relu_conv_kernels` (the same values, tiles of
     pairs, x2 = None mirrored; not differentiable: inputs that require grad take the generic path); False
-    keeps this generic path (the reference of the tests).
+    keeps this generic path (the reference of the tests). ``x2`` given as the very tensor ``x1`` is taken as
+    None: K(x, x) is symmetric, each pair is computed once.
     """
+    if x2 is x1:
+        x2 = None
     a = _as_image(x1, "x1")
     b = a if x2 is None else _as_image(x2, "x2")
     if a.shape[1:] != b.shape[1:]:
