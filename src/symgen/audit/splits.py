@@ -140,35 +140,40 @@ class Split:
         back = back.to(x.device)
         return x[back], y[back]
 
-    def batches(self, batch_size: int, group: Group = None) -> _Batches:
+    def batches(self, batch_size: int, group: Group = None, order: Tensor | None = None) -> _Batches:
         """The whole split in batches (the stream's own batches; tensors in ``batch_size``), moved to the
         device; with a process group every rank gets every ``world_size``-th batch.
 
         Args:
             batch_size: the batch size of a split held as tensors.
             group: the process group (None: this process alone).
+            order: a permutation the tensors are taken in (None: as stored; a stream keeps its own order).
 
         Returns:
             A re-iterable of this rank's batches.
         """
-        return _Batches(self, batch_size, group)
+        return _Batches(self, batch_size, group, order)
 
 
 class _Batches:
     """A re-iterable of this rank's batches of a :class:`Split`."""
 
-    def __init__(self, split: Split, batch_size: int, group: Group) -> None:
+    def __init__(self, split: Split, batch_size: int, group: Group, order: Tensor | None = None) -> None:
         from symgen import distributed
 
-        self.split, self.batch_size = split, batch_size
+        self.split, self.batch_size, self.order = split, batch_size, order
         self.rank = distributed.rank(group) if group is not None else 0
         self.world = distributed.world_size(group) if group is not None else 1
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         s = self.split
-        if s.tensors is not None:
+        if s.tensors is not None and self.order is not None:
             x, y = s.tensors
-            source: Iterable[tuple[Tensor, ...]] = zip(x.split(self.batch_size), y.split(self.batch_size), strict=True)
+            at = self.order.to(x.device).split(self.batch_size)
+            source: Iterable[tuple[Tensor, ...]] = ((x[i], y[i]) for i in at)
+        elif s.tensors is not None:
+            x, y = s.tensors
+            source = zip(x.split(self.batch_size), y.split(self.batch_size), strict=True)
         else:
             source = s._stream
         for i, (xb, yb) in enumerate(source):

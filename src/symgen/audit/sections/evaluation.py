@@ -3,7 +3,7 @@ PGD robust accuracy (arXiv 1706.06083)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -114,29 +114,11 @@ class _Until:
         self.clock, self.part, self.order, self.batch_size, self.group = clock, part, order, batch_size, group
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        part = self.part
-        if part.tensors is None:
-            batches: Iterable[tuple[Tensor, Tensor]] = part.batches(self.batch_size, self.group)
-        else:
-            batches = _shuffled(part, self.order, self.batch_size, self.group)
-        for i, batch in enumerate(batches):
+        for i, batch in enumerate(self.part.batches(self.batch_size, self.group, self.order)):
             if i > 0 and self.clock.expired(agree=False):
                 return
             yield batch
             del batch  # one batch in memory: the stream makes the next while this frame would hold the last
-
-
-def _shuffled(part: Split, order: Tensor, batch_size: int, group: Group) -> Iterator[tuple[Tensor, Tensor]]:
-    from symgen import distributed
-
-    assert part.tensors is not None
-    x, y = part.tensors
-    rank = distributed.rank(group) if group is not None else 0
-    world = distributed.world_size(group) if group is not None else 1
-    for i, at in enumerate(order.split(batch_size)):
-        if i % world == rank:
-            at = at.to(x.device)
-            yield x[at].to(part.device, part.dtype), y[at].to(part.device)
 
 
 def _checked_cross_entropy(out: Tensor, y: Tensor) -> Tensor:
