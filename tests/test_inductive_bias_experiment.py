@@ -61,3 +61,54 @@ def test_inductive_bias_config_errors():
     with pytest.raises(ConfigError, match="fit_min"):
         build_config(Config, train_sizes=[64, 128, 256], fit_min=256)
     assert EXPERIMENT.quick["train_sizes"][-1] == 4096 and build_config(Config).train_sizes[-1] == 16384
+
+
+def _brute_laplace(x: list[float], y: list[float], s: int | None) -> float:
+    """The kernel entry from its definition, pair by pair in plain Python (s None: fully connected)."""
+    import math
+
+    d = len(x)
+    if s is None:
+        return math.exp(-math.sqrt(sum((a - b) ** 2 for a, b in zip(x, y, strict=True))))
+    total = 0.0
+    for p in range(d):  # the d circular windows of s adjacent pixels
+        r = math.sqrt(sum((x[(p + k) % d] - y[(p + k) % d]) ** 2 for k in range(s)))
+        total += math.exp(-r / s)
+    return total / d
+
+
+@pytest.mark.parametrize("d", [1, 4, 7])
+def test_patch_laplace_kernels_brute_force(d):
+    import torch
+
+    from symgen.experiments.inductive_bias_kernels import patch_laplace_kernels, uniform_cube
+
+    g = torch.Generator().manual_seed(d)
+    x, y = uniform_cube(9, d, g), uniform_cube(5, d, g)
+    assert float(x.min()) >= 0 and float(x.max()) < 1 and x.dtype == torch.float64
+    filters = sorted({1, min(2, d), d})
+    # tiny blocks: several row blocks, the symmetric mirror included
+    cross = patch_laplace_kernels(x, y, filters, block_entries=3 * d)
+    sym = patch_laplace_kernels(x, None, filters, block_entries=2 * 9 * d)
+    for name, s in [("fc", None)] + [(f"local_s{f}", f) for f in filters]:
+        want = torch.tensor([[_brute_laplace(a.tolist(), b.tolist(), s) for b in y] for a in x], dtype=torch.float64)
+        torch.testing.assert_close(cross[name], want, rtol=1e-13, atol=1e-13)
+        want_sym = torch.tensor(
+            [[_brute_laplace(a.tolist(), b.tolist(), s) for b in x] for a in x], dtype=torch.float64
+        )
+        torch.testing.assert_close(sym[name], want_sym, rtol=1e-13, atol=1e-13)
+        assert torch.equal(sym[name], sym[name].T) and torch.all(sym[name].diagonal() == 1.0)
+    # one window covering the ring: every window has all d pixels, so K_d = exp(-|x - y| / d)
+    torch.testing.assert_close(cross[f"local_s{d}"], cross["fc"] ** (1.0 / d), rtol=1e-12, atol=1e-14)
+
+
+def test_patch_laplace_kernels_errors():
+    import torch
+
+    from symgen.errors import ShapeError
+    from symgen.experiments.inductive_bias_kernels import patch_laplace_kernels
+
+    with pytest.raises(ConfigError, match="filter sizes"):
+        patch_laplace_kernels(torch.zeros(2, 3), None, [4])
+    with pytest.raises(ShapeError):
+        patch_laplace_kernels(torch.zeros(2, 3), torch.zeros(2, 4), [2])

@@ -1,17 +1,17 @@
 """Experiment ``inductive-bias`` (claim C4.5): locality beats the curse of dimensionality.
 
-Teacher-student kernel regression as in Favero, Cagnetta & Wyart (arXiv 2106.08619): inputs x ~ N(0, I_d)
-on a ring of d pixels (periodic boundaries); the teacher is a Gaussian random field whose covariance is the
-*local* kernel of filter size t (the infinite-width NTK of a one-hidden-layer ReLU conv net with a dense
-read-out, :func:`symgen.ntk.analytic_conv_ntk` with ``readout="flatten"``, evaluated by its fast float64
-equivalent :func:`symgen.ntk.local_kernel.local_relu_ntk`); the students are ridgeless kernel regressors with
-the local kernel of filter size s >= t and with the fully-connected NTK (one hidden layer,
-:func:`symgen.ntk.analytic_ntk`) on all d pixels. The test error (MSE on a fixed test set per draw) falls as
-P^-beta; beta is fitted on the asymptotic range P >= ``fit_min`` (quick: 512-4096; full: 1024-16384), the
-smaller P are kept for the figures. Per draw and student one float64 Cholesky of the largest training
-kernel serves every (nested) P; the student with s = t reuses the teacher's factor.
+Teacher-student kernel regression in the set-up of Favero, Cagnetta & Wyart (arXiv 2106.08619): inputs drawn
+uniformly in the hypercube [0, 1]^d, read as a ring of d pixels (periodic boundaries); the teacher is a
+Gaussian random field whose covariance is the *local* Laplacian kernel of filter size t, the average over the
+d windows of t adjacent pixels of ``exp(-|x_p - y_p| / t)``; the students are ridgeless kernel regressors with
+the local Laplacian kernel of filter size s >= t and with the fully-connected Laplacian ``exp(-|x - y|)`` on
+all d pixels (:mod:`symgen.experiments.inductive_bias_kernels`). The test error (MSE on a fixed test set per
+draw) falls as P^-beta; beta is fitted on P >= ``fit_min`` (quick: 512-4096; full: 1024-16384), the smaller P
+are kept for the figures. Per draw every kernel comes from one pass over the pairs, and one float64 Cholesky
+of each student's largest training kernel serves every (nested) P; the student with s = t reuses the
+teacher's factor.
 
-Predicted exponents (arXiv 2106.08619, with the NTK's cusp exponent alpha_t = 1): local student
+Predicted exponents (arXiv 2106.08619, with the Laplacian's cusp exponent alpha_t = 1): local student
 beta = alpha_t / s = 1/s, independent of d; fully-connected student beta = alpha_t / d = 1/d.
 
 The claims, their thresholds and where the protocol differs from the paper's: docs/claims.md.
@@ -28,7 +28,6 @@ Claim C4.5, thresholds fixed before the first run:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +35,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from symgen.experiments.base import Claim, Context, Experiment, ExperimentConfig, jsonable, num_threads
+from symgen.experiments.inductive_bias_kernels import patch_laplace_kernels, uniform_cube
 from symgen.report import pyplot, save_figure
 
 __all__ = ["Config", "EXPERIMENT", "curve_trial", "run", "check_claims", "figures"]
@@ -46,15 +46,12 @@ class Config(ExperimentConfig):
 
     teacher_filter: int = Field(2, ge=1)
     student_filters: list[int] = Field(default_factory=lambda: [2, 4])
-    dims: list[int] = Field(default_factory=lambda: [8, 16, 32, 64])
+    dims: list[int] = Field(default_factory=lambda: [9, 18, 36, 72])  # d = 9: the paper's default
     train_sizes: list[int] = Field(default_factory=lambda: [2**k for k in range(7, 15)])  # 128 .. 16384
     fit_min: int = Field(1024, ge=1)  # beta is fitted on P >= fit_min (the asymptotic range); smaller P: figures
     num_test: int = Field(1024, ge=1)
     num_draws: int = Field(8, ge=2)
     teacher_jitter: float = Field(1e-10, ge=0)  # x mean diagonal, added to the teacher's kernel to sample it
-    block: int = Field(2048, ge=1)  # kernel blocks (rows x columns) of the fully-connected student
-    weight_std: float = Field(1.0, gt=0)
-    bias_std: float = Field(0.5, ge=0)  # > 0: the kernels see all s (or d) directions of a patch, not a sphere
     confidence: float = Field(0.95, gt=0, lt=1)
     relative_tolerance: float = Field(0.2, ge=0)  # C4.5-local: spread of beta_s over d allowed besides the CIs
 
@@ -85,48 +82,36 @@ class Config(ExperimentConfig):
 
 def _draw(item: dict, g: torch.Generator) -> dict[str, list[float]]:
     """One draw at one d: fresh inputs and teacher, then the test errors of every student at every size."""
-    from symgen.ntk import analytic_ntk
-    from symgen.ntk.learning_curves import blocked_kernel, cholesky_jittered, nested_test_errors
-    from symgen.ntk.local_kernel import local_relu_ntk
+    from symgen.ntk.learning_curves import cholesky_jittered, nested_test_errors
 
-    d, w, b, t = item["d"], item["weight_std"], item["bias_std"], item["teacher_filter"]
+    d, t, filters = item["d"], item["teacher_filter"], item["student_filters"]
     sizes, pmax = item["train_sizes"], max(item["train_sizes"])
     device = torch.device(item.get("device", "cpu"))
     # the first pmax points train (nested: the first P), the last num_test test; drawn on the CPU generator
-    x = torch.randn(pmax + item["num_test"], d, generator=g, dtype=torch.float64)
-    k = local_relu_ntk(x, None, t, w, b).to(device)
+    x = uniform_cube(pmax + item["num_test"], d, g)
+    kernels = patch_laplace_kernels(x, None, sorted({t, *filters}), fc=True)  # every kernel in one pass
+    k = kernels.pop(f"local_s{t}").to(device)
     k.diagonal().add_(item["teacher_jitter"] * float(k.diagonal().mean()))
     chol, _ = cholesky_jittered(k)
     y = chol @ torch.randn(x.shape[0], generator=g, dtype=torch.float64).to(device)
     y_train, y_test = y[:pmax], y[pmax:]
     out: dict[str, list[float]] = {}
-    for s in item["student_filters"]:
-        if s == t:  # the teacher's own kernel: the leading block of its factor is the training kernel's
-            out[f"local_s{s}"], _ = nested_test_errors(k, y_train, k[pmax:, :pmax], y_test, sizes, factor=chol)
+    if t in filters:  # the teacher's own kernel: the leading block of its factor is the training kernel's
+        out[f"local_s{t}"], _ = nested_test_errors(k, y_train, k[pmax:, :pmax], y_test, sizes, factor=chol)
     del k, chol
-
-    def local(s: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        return lambda a, c: local_relu_ntk(a, c, s, w, b)
-
-    def fc(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return analytic_ntk(a, c, 1, "relu", w, b, dtype=torch.float64)[1]
-
-    kernels = {f"local_s{s}": local(s) for s in item["student_filters"] if s != t}
-    kernels["fc"] = fc
-    for name, kernel in kernels.items():
-        k_train = blocked_kernel(kernel, x[:pmax], block=item["block"]).to(device)
-        k_test = blocked_kernel(kernel, x[pmax:], x[:pmax], block=item["block"]).to(device)
-        out[name], _ = nested_test_errors(k_train, y_train, k_test, y_test, sizes)
-        del k_train, k_test
+    for name in [f"local_s{s}" for s in filters if s != t] + ["fc"]:
+        kk = kernels.pop(name).to(device)
+        out[name], _ = nested_test_errors(kk[:pmax, :pmax], y_train, kk[pmax:, :pmax], y_test, sizes)
+        del kk
     return out
 
 
 def curve_trial(item: dict) -> dict:
     """Learning curves at one input dimension d: the local students (each s) and the fully-connected one.
 
-    Per draw: fresh inputs x ~ N(0, I_d) (the first max(P) train, nested; ``num_test`` fixed test points), the
-    teacher sampled on all of them with one float64 Cholesky of its kernel, then per student one blocked
-    kernel evaluation and one Cholesky of its largest training kernel, reused for every P
+    Per draw: fresh inputs x uniform in [0, 1]^d (the first max(P) train, nested; ``num_test`` fixed test
+    points), every Laplacian kernel on all of them in one pass, the teacher sampled with one float64 Cholesky
+    of its kernel, then per student one Cholesky of its largest training kernel, reused for every P
     (:func:`symgen.ntk.learning_curves.nested_test_errors`). The exponent is fitted on P >= ``fit_min``.
 
     Args:
@@ -174,9 +159,6 @@ def run(config: Config, ctx: Context) -> dict:
             num_draws=config.num_draws,
             fit_min=config.fit_min,
             teacher_jitter=config.teacher_jitter,
-            block=config.block,
-            weight_std=config.weight_std,
-            bias_std=config.bias_std,
             confidence=config.confidence,
             seed=config.seed * 1000 + d,
             threads=1,
@@ -367,7 +349,7 @@ EXPERIMENT = Experiment(
     check_claims=check_claims,
     figures=figures,
     quick={
-        "dims": [8, 16, 32],
+        "dims": [9, 18, 36],
         "train_sizes": [64, 128, 256, 512, 1024, 2048, 4096],
         "fit_min": 512,
         "num_test": 512,
