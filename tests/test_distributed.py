@@ -44,6 +44,7 @@ def _measure(model, loader, full_loader, group):
             [H.trace(10, generator=6).value, H.trace(12, generator=6, method="deflated", deflation_steps=5).value]
         ),
         "top": H.eigenvalues(2, tol=1e-6, generator=7),
+        "gradient": H.gradient(),
         "density": dens.nodes,
         "ggn": GGNOperator(model, TF.cross_entropy, loader, process_group=group).matmat(V),
         "noise": torch.tensor(

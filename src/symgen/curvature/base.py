@@ -7,6 +7,7 @@ Vectors are columns, as in SciPy and curvlinops: ``op.matvec(v)`` with ``v (n,)`
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from symgen import memory
+from symgen import memory, rng
 from symgen.curvature.checks import as_operator, check_positive
 from symgen.curvature.lanczos import lanczos_eigenpairs, slq_density
 from symgen.curvature.results import Eigenpairs, SpectralDensity, TraceEstimate
@@ -240,8 +241,18 @@ class CurvatureOperator:
         max_steps: int | None = None,
         generator: Seed = None,
         criterion: str = "residual",
+        start: str | Tensor = "auto",
     ) -> Eigenpairs:
         """The k largest or smallest eigenpairs (vectors as columns) by Lanczos (:func:`lanczos_eigenpairs`).
+
+        The start vector (``start="auto"``): for the largest eigenpairs of an operator that knows a direction
+        its top eigenvectors lean towards (a model's loss gradient, :meth:`start_direction`), the sum of that
+        direction and a Gaussian vector, each normalized; otherwise Gaussian. The loss gradient lies largely
+        in the top Hessian eigenspace (Gur-Ari, Roberts, Dyer, arXiv 1812.04754): measured cos(g, v1) = 0.92
+        on the trained 86k BN CNN and 0.42 on a ResNet-20 at initialization (benchmarks/eigenvalues.py), and
+        Lanczos to 1e-3 then needs 5 products instead of 7-9 and 8 instead of 9. The Gaussian half keeps every
+        eigenvector's component nonzero (with probability 1), so no eigenvalue is missed by construction,
+        and a gradient orthogonal to v1 costs at most the sqrt(2) shrinking of v1's component.
 
         Args:
             k: how many eigenpairs.
@@ -252,14 +263,40 @@ class CurvatureOperator:
             max_steps: the most Lanczos steps (products); default max(4k + 40, 100).
             generator: seed or ``torch.Generator`` of the start vector (None = seed 0).
             criterion: "residual" (default), "gap" or "change" (see :func:`lanczos_eigenpairs`).
+            start: "auto" (above), "random" (Gaussian) or a start vector (n,).
 
         Returns:
             :class:`Eigenpairs`: values (k,), vectors as columns (n, k), ``error_bounds`` (absolute),
             ``residuals``, ``gaps``, ``num_matvecs`` (products used), ``converged``.
         """
+        gen = rng.as_generator(generator)
+        x0: Tensor | None = None
+        if isinstance(start, Tensor):
+            x0 = start
+        elif start not in ("auto", "random"):
+            raise ConfigError(f"start must be 'auto', 'random' or a vector of {self.dim} entries, got {start!r}.")
+        elif start == "auto" and which == "largest":
+            d = self.start_direction()
+            if d is not None:
+                d = d.reshape(-1).to(dtype=self.dtype, device=self.device)
+                u = rng.randn((1, self.dim), gen, device=self.device, dtype=self.dtype)[0]
+                norm = float(d.norm())
+                if math.isfinite(norm) and norm > 0:
+                    x0 = u / u.norm() + d / norm
+                else:
+                    x0 = u
         return lanczos_eigenpairs(
-            self, k, which, tol=tol, max_steps=max_steps, generator=generator, criterion=criterion
+            self, k, which, tol=tol, max_steps=max_steps, generator=gen, criterion=criterion, start=x0
         )
+
+    def start_direction(self) -> Tensor | None:
+        """A direction the top eigenvectors lean towards, for the Lanczos start of :meth:`eigenpairs`, or None
+        (this base class: none). :class:`~symgen.curvature.model.ModelOperator` returns the loss gradient.
+
+        Returns:
+            A vector (n,) or None.
+        """
+        return None
 
     def eigenvalues(
         self,

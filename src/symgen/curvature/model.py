@@ -260,6 +260,43 @@ class ModelOperator(CurvatureOperator):
             count, err = self._sweep(f"{type(self).__name__}.loss", acc, step)
         return self._reduce(acc, count, err).to(self.dtype)
 
+    def gradient(self) -> Tensor:
+        """The loss gradient dL/dW (flat, n entries), accumulated in float64 over the batches (and ranks).
+
+        A batch whose product graph is kept (``cache_graph``) gives it from that graph (a
+        :class:`~symgen.functional.RetainedHVP` holds it), building the graph the next product needs
+        anyway; otherwise one backward pass per batch.
+
+        Returns:
+            The gradient (n,) in the operator's dtype.
+        """
+        acc = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
+
+        def step(b: int, x: Tensor, y: Tensor) -> None:
+            fn = self._product(b, x, y) if self.cache_graph else None
+            if isinstance(fn, F.RetainedHVP):
+                grads = fn.gradient
+            else:
+                keys = list(self.params)
+                leaves = [p.detach().requires_grad_(True) for p in self.params.values()]
+                with torch.enable_grad():
+                    loss = self._batch_loss(x, y)(dict(zip(keys, leaves, strict=True)))
+                    out = torch.autograd.grad(loss, leaves, allow_unused=True)
+                grads = {k: torch.zeros_like(p) if o is None else o for k, p, o in zip(keys, leaves, out, strict=True)}
+            acc.add_(F.flatten(grads).double(), alpha=self._weight(x.shape[0]))
+
+        with F.bn_mode(self.model, self.bn_mode):
+            count, err = self._sweep(f"{type(self).__name__}.gradient", acc, step)
+        return self._reduce(acc, count, err).to(self.dtype)
+
+    def start_direction(self) -> Tensor | None:
+        """The loss gradient (:meth:`gradient`): the loss Hessian's and GGN's top eigenvectors lean towards it.
+
+        Returns:
+            The gradient (n,).
+        """
+        return self.gradient()
+
     # -- products: the sum over batches --
 
     def _build_product(self, x: Tensor, y: Tensor) -> Callable[[F.Params], F.Params]:
