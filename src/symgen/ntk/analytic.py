@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from symgen.errors import ConfigError, DivergenceError, ShapeError
 from symgen.ntk import duals
+from symgen.ntk.conv_ops import single_threaded
 from symgen.numerics import first_bad_row
 from symgen.rng import Seed, init_generator
 
@@ -25,6 +26,7 @@ __all__ = ["ACTIVATIONS", "analytic_ntk", "NTKLinear", "Erf", "ntk_mlp"]
 
 ACTIVATIONS = ("relu", "erf", "identity")
 _BLOCK_ENTRIES = 1 << 18
+_SMALL = 1 << 16  # N1 N2 up to which the kernels run on one thread
 
 
 def _as_matrix(x: Tensor, name: str) -> Tensor:
@@ -37,7 +39,13 @@ def _as_matrix(x: Tensor, name: str) -> Tensor:
 
 
 def check_finite_input(x: Tensor, name: str, where: str) -> None:
-    """Raise a DivergenceError naming ``name`` and the batch index of its first sample with NaN or inf."""
+    """Raise a DivergenceError naming ``name`` and the batch index of its first sample with NaN or inf.
+
+    One sum first: a NaN or inf entry makes it non-finite (inf + finite = inf, inf - inf = NaN); only a
+    non-finite sum (or an overflow) runs the per-row search.
+    """
+    if x.is_floating_point() and math.isfinite(float(x.detach().sum())):
+        return
     i = first_bad_row(x)
     if i is not None:
         raise DivergenceError(f"{where}: the input {name} at batch index {i} holds non-finite values (NaN or inf).")
@@ -50,18 +58,87 @@ def _stable_det(a: Tensor, b: Tensor, det: Tensor, c11: Tensor, c22: Tensor, alp
     """``c11 c22 - c12^2`` of the inputs' covariances, exact also for (anti)parallel or equal inputs.
 
     ``det`` (rows of ``a`` against ``b``) was formed by cancellation; where it is below 1e-6 c11 c22 (angles
-    under ~1e-3 from 0 or pi, usually only x = x') it is recomputed as ``alpha^2 |x|^2 |x' - t x|^2 + alpha
-    beta |x - x'|^2`` (t = x.x' / |x|^2, alpha = W^2 / d, beta = b^2) from the differences: 0 for x = x'.
+    under ~1e-3 from 0 or pi, usually only x = x') it is recomputed by :func:`_exact_det`.
     """
     i, j = torch.nonzero(det <= _NEAR_PARALLEL * (c11[:, None] * c22[None, :]), as_tuple=True)
     if i.numel() == 0:
         return det
-    xi, xj = a[i], b[j]
+    return det.index_put((i, j), _exact_det(a[i], b[j], alpha, beta))
+
+
+def _exact_det(xi: Tensor, xj: Tensor, alpha: float, beta: float) -> Tensor:
+    """``alpha^2 |x|^2 |x' - t x|^2 + alpha beta |x - x'|^2`` (t = x.x' / |x|^2, alpha = W^2 / d, beta = b^2)
+    per row pair: ``c11 c22 - c12^2`` from differences, 0 for x = x'."""
     sq = (xi * xi).sum(-1)
     t = (xi * xj).sum(-1) / sq.clamp(min=torch.finfo(sq.dtype).tiny)
     resid = xj - t[:, None] * xi
-    exact = alpha * alpha * sq * (resid * resid).sum(-1) + alpha * beta * ((xi - xj) ** 2).sum(-1)
-    return det.index_put((i, j), exact)
+    return alpha * alpha * sq * (resid * resid).sum(-1) + alpha * beta * ((xi - xj) ** 2).sum(-1)
+
+
+def _relu_fast(
+    a: Tensor,
+    b: Tensor,
+    v1: Tensor | None,
+    v2: Tensor,
+    diag: int | None,
+    depth: int,
+    w2: float,
+    b2: float,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """ReLU ``(nngp, ntk)`` of rows ``a`` (float64) against ``b``, forward only: the values of the generic
+    recursion (:func:`_relu_layer`) with in-place steps, the series of ``n J1`` only where pi - theta < 0.25
+    (:func:`duals.series_fix`) and, for x2 = None, ``c11 c22 - c12^2 = 0`` set on the diagonal ``diag``
+    (offset of the block) instead of searched for. ``v1``, ``v2``: the input variances ``W^2 |x|^2 / d + b^2``
+    (``v1`` None: x2 = None and all rows, read off the diagonal of ``c = W^2 a.b / d + b^2``).
+    """
+    alpha = w2 / a.shape[1]
+    c = torch.mm(a, b.T)
+    if alpha != 1.0:
+        c.mul_(alpha)
+    if b2 != 0.0:
+        c.add_(b2)
+    same = v1 is None  # one set of variances
+    v1 = c.diagonal().clone() if v1 is None else v1
+    outer = torch.outer(v1, v1 if same else v2)
+    det = torch.addcmul(outer, c, c, value=-1.0)
+    margin = torch.add(det, outer, alpha=-_NEAR_PARALLEL)  # <= 0: nearly (anti)parallel, recompute
+    if diag is not None:
+        det.diagonal(diag).fill_(0.0)
+        margin.diagonal(diag).fill_(1.0)
+    if float(margin.amin()) <= 0.0:  # one reduction; the search only when some pair needs it
+        i, j = (margin <= 0.0).nonzero(as_tuple=True)
+        det.index_put_((i, j), _exact_det(a[i], b[j], alpha, b2))
+    tiny = torch.finfo(dtype).tiny
+    s = det.to(dtype).clamp_(min=tiny).sqrt_()
+    c, v1 = c.to(dtype), v1.to(dtype)
+    v2 = v1 if same else v2.to(dtype)
+    ntk, scale = c, w2 * 0.5 / math.pi
+    for layer in range(depth):
+        # v >= b^2: the clamp of safe_sqrt is a no-op for b^2 >= tiny
+        r1 = v1.sqrt() if b2 >= tiny else v1.clamp(min=tiny).sqrt_()
+        r2 = r1 if same else v2.sqrt() if b2 >= tiny else v2.clamp(min=tiny).sqrt_()
+        n = torch.outer(r1, r2)
+        phi = torch.atan2(s, c.neg())
+        nj1 = torch.addcmul(s, phi, c)
+        if layer == 0:
+            duals.series_fix(nj1, phi, n)
+        if layer < depth - 1:  # s^2 = w2^2 / 4 gap (n + n J1 / pi) + w2 b2 ((r1 - r2)^2 / 2 + gap), as _relu_layer
+            gap = duals.relu_gap(c, s, n)
+            u = torch.add(n, nj1, alpha=1.0 / math.pi)
+            if b2 != 0.0:
+                diff = r1.unsqueeze(1) - r2
+                s = torch.addcmul(torch.addcmul(gap, diff, diff, value=0.5), gap, u, value=w2 / (4.0 * b2))
+                s.mul_(w2 * b2)
+            else:
+                s = u.mul_(gap).mul_(w2 * w2 / 4.0)
+            s.clamp_(min=tiny).sqrt_()
+        c = nj1.mul_(scale).add_(b2)
+        ntk = torch.addcmul(c, ntk, phi, value=scale)
+        if layer < depth - 1:
+            v1 = v1 * (w2 / 2.0) + b2
+            v2 = v1 if same else v2 * (w2 / 2.0) + b2
+    return c, ntk
 
 
 def _relu_layer(
@@ -99,6 +176,7 @@ def analytic_ntk(
     weight_std: float = 1.0,
     bias_std: float = 0.0,
     dtype: torch.dtype | None = None,
+    fast: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Infinite-width ``(nngp, ntk)``, each (N1, N2), of ``[Dense, act] * depth + Dense`` (NTK param.).
 
@@ -107,8 +185,12 @@ def analytic_ntk(
 
     ``x1``: (N1, ...), ``x2``: (N2, ...) or None (= x1); inputs are flattened to d features.
     ``activation``: "relu" (arc-cosine kernels), "erf" or "identity". ``dtype``: compute and return
-    in this dtype (e.g. ``torch.float64``); default the inputs' floating dtype.
+    in this dtype (e.g. ``torch.float64``); default the inputs' floating dtype. ``fast``: ReLU kernels of
+    inputs that need no gradient go through :func:`_relu_fast` (the same values, in-place steps); False keeps
+    the differentiable path (the tests' reference). ``x2`` given as the very tensor ``x1`` is taken as None.
     """
+    if x2 is x1:
+        x2 = None
     if activation not in ACTIVATIONS:
         raise ConfigError(f"activation must be one of {ACTIVATIONS}, got {activation!r}.")
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
@@ -129,10 +211,20 @@ def analytic_ntk(
     a64, b64 = a.to(torch.float64), b.to(torch.float64)
     d = a.shape[1]
     w2, b2 = float(weight_std) ** 2, float(bias_std) ** 2
+    step = max(1, _BLOCK_ENTRIES // max(1, b.shape[0]))
+    grads = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+    # small: one thread (an intra-op barrier per op costs more than the op, 10-100x under load)
+    small = a.device.type == "cpu" and a.shape[0] * b.shape[0] <= _SMALL and torch.get_num_threads() > 1
+    if fast and activation == "relu" and not grads and x2 is None and step >= a.shape[0]:
+        with single_threaded(small):
+            return _relu_fast(a64, a64, None, a64, 0, depth, w2, b2, dtype)  # variances: the Gram diagonal
     c11_all = w2 * (a64 * a64).sum(-1) / d + b2
     c22_0 = c11_all if x2 is None else w2 * (b64 * b64).sum(-1) / d + b2
 
     def block(rows: slice) -> tuple[Tensor, Tensor]:
+        if fast and activation == "relu" and not grads:
+            diag = None if x2 is not None else rows.start or 0
+            return _relu_fast(a64[rows], b64, c11_all[rows], c22_0, diag, depth, w2, b2, dtype)
         c11, c22 = c11_all[rows], c22_0
         c12 = (w2 / d) * (a64[rows] @ b64.T) + b2
         if activation != "relu":
@@ -154,10 +246,10 @@ def analytic_ntk(
 
     # Row blocks of ~256K entries: the ~20 elementwise passes per layer then run in cache instead of
     # streaming (and page-faulting) full N1 x N2 temporaries; 3-6x faster at 1000 x 1000.
-    step = max(1, _BLOCK_ENTRIES // max(1, b.shape[0]))
     if step >= a.shape[0]:
-        return block(slice(None))
-    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        with single_threaded(small):
+            return block(slice(None))
+    if grads:
         parts = [block(slice(i, i + step)) for i in range(0, a.shape[0], step)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     nngp = torch.empty(a.shape[0], b.shape[0], dtype=dtype, device=a.device)

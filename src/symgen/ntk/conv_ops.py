@@ -1,17 +1,22 @@
-"""Padding and filter means on covariance maps, shared by the generic and the fast analytic conv kernels."""
+"""Padding and filter means on covariance maps, shared by the generic and the fast analytic conv kernels, and
+the fast path's scratch buffers and thread pool."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
 
 from symgen.errors import ShapeError
 
-__all__ = ["pad_axis", "filter_mean"]
+__all__ = ["pad_axis", "filter_mean", "box_matrix", "box_sum", "Workspace", "workspace", "pool", "single_threaded"]
 
 
 def pad_axis(t: Tensor, axis: int, left: int, right: int, mode: str) -> Tensor:
@@ -81,3 +86,158 @@ def filter_mean(
         total = piece.clone() if total is None else total.add_(piece)
     assert total is not None  # filter_size has at least one offset
     return total / math.prod(filter_size)
+
+
+@functools.lru_cache(maxsize=64)
+def box_matrix(n: int, k: int, left: int, right: int, mode: str, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The filter sum ``t(p) -> sum_k t(p + k)`` along one axis of n positions as a (n_out, n) matrix (cached).
+
+    Args:
+        n: positions.
+        k: filter size.
+        left: padding before.
+        right: padding after.
+        mode: "circular" or zeros.
+        dtype: the matrix's dtype.
+        device: its device.
+
+    Returns:
+        The (n + left + right - k + 1, n) matrix of 0/1 (wrapped: counts).
+    """
+    m = n + left + right - k + 1
+    one = torch.zeros(m, n, dtype=torch.float64)
+    for o, off in itertools.product(range(m), range(k)):
+        j = o - left + off
+        if mode == "circular":
+            one[o, j % n] += 1.0
+        elif 0 <= j < n:
+            one[o, j] += 1.0
+    return one.to(dtype=dtype, device=device)
+
+
+def box_sum(t: Tensor, fs: tuple[int, ...], pads: list[tuple[int, int]], mode: str, pairs: bool) -> Tensor:
+    """``sum_k t[..., p + k, (q + k), ...]`` over the filter window, one spatial dimension at a time.
+
+    Positions are the leading axes of ``t``; along dimension i the axes ``(i,)`` or, with ``pairs``,
+    ``(i, dims + i)`` shift together. Circular wrap-around and zero padding are slices.
+
+    Args:
+        t: the map, positions leading.
+        fs: filter size per spatial dimension.
+        pads: (left, right) padding per spatial dimension.
+        mode: "circular" or zeros.
+        pairs: the leading axes are position pairs (p, q).
+
+    Returns:
+        The filter sums (a new tensor).
+    """
+    dims = len(fs)
+    for i, (k, (left, right)) in enumerate(zip(fs, pads, strict=True)):
+        axes = (i, dims + i) if pairs else (i,)
+        n = t.shape[i]
+        m = n + left + right - k + 1
+        out_shape = list(t.shape)
+        for ax in axes:
+            out_shape[ax] = m
+        out = t.new_zeros(out_shape)
+        for off in range(k):
+            d = off - left
+            if mode == "circular":
+                segs = [(0, n - d, d), (n - d, d, 0)] if d >= 0 else [(0, -d, n + d), (-d, n + d, 0)]
+            else:
+                start, stop = max(0, -d), min(m, n - d)
+                segs = [(start, stop - start, start + d)] if stop > start else []
+            for combo in itertools.product(segs, repeat=len(axes)):
+                dst, src = out, t
+                for ax, (o, length, j) in zip(axes, combo, strict=True):
+                    if length <= 0:
+                        break
+                    dst, src = dst.narrow(ax, o, length), src.narrow(ax, j, length)
+                else:
+                    dst.add_(src)
+        t = out
+    return t
+
+
+class Workspace:
+    """Scratch tensors by name, reused by the tiles of a call and by later calls on the same thread: a fresh
+    tile-sized tensor per op is a fresh mapping that page-faults (about 10x the op itself at 64K entries)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._bufs: dict[tuple[str, torch.dtype], Tensor] = {}
+
+    def get(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+        """A contiguous (uninitialized) tensor of ``shape``: a prefix of the named buffer, grown as needed.
+
+        Args:
+            name: the buffer.
+            shape: the shape wanted.
+            dtype: its dtype.
+
+        Returns:
+            The view.
+        """
+        n = math.prod(shape)
+        buf = self._bufs.get((name, dtype))
+        if buf is None or buf.numel() < n:
+            buf = self._bufs[(name, dtype)] = torch.empty(n, dtype=dtype, device=self.device)
+        return buf[:n].view(tuple(shape))
+
+    def nbytes(self) -> int:
+        """Bytes held."""
+        return sum(b.numel() * b.element_size() for b in self._bufs.values())
+
+
+_LOCAL = threading.local()  # per thread: {device: Workspace}, kept between calls
+_KEEP_BYTES = 1 << 25  # a workspace that grew above this (a huge tile) is replaced on its next use
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def workspace(device: torch.device) -> Workspace:
+    """This thread's workspace on ``device``.
+
+    Args:
+        device: the tensors' device.
+
+    Returns:
+        The workspace (a fresh one if the kept one exceeds 32 MiB).
+    """
+    spaces: dict[torch.device, Workspace] = _LOCAL.__dict__.setdefault("spaces", {})
+    if device not in spaces or spaces[device].nbytes() > _KEEP_BYTES:
+        spaces[device] = Workspace(device)
+    return spaces[device]
+
+
+def pool(threads: int) -> ThreadPoolExecutor:
+    """A pool of ``threads`` workers kept between calls (its threads keep their workspaces).
+
+    Args:
+        threads: workers.
+
+    Returns:
+        The executor.
+    """
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="symgen-ntk")
+    return _POOLS[threads]
+
+
+@contextlib.contextmanager
+def single_threaded(active: bool) -> Iterator[None]:
+    """torch's intra-op threads set to 1 inside (restored after) when ``active``.
+
+    Args:
+        active: whether to change the setting.
+
+    Yields:
+        None.
+    """
+    threads = torch.get_num_threads()
+    if active:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if active:
+            torch.set_num_threads(threads)

@@ -170,14 +170,22 @@ def analytic_conv_ntk(
             v = _act_var(v, activation)
         return out
 
-    va64 = pre_variances(a)
-    vb64 = va64 if x2 is None else pre_variances(b)
+    sizes = list(a.shape[2:])
+    for _ in range(depth):  # the error filter_mean would raise, before any work
+        sizes = [n + lo + hi - k + 1 for n, (lo, hi), k in zip(sizes, pads, fs, strict=True)]
+        if min(sizes) < 1:
+            raise ShapeError(
+                f"filter size {fs} is larger than the (padded) input; use a smaller filter or "
+                "padding='same'/'circular'."
+            )
     grads = torch.is_grad_enabled() and (x1.requires_grad or (x2 is not None and x2.requires_grad))
     if activation == "relu" and depth >= 1 and fast and not grads:
         from symgen.ntk.conv_fast import relu_conv_kernels
 
         out = relu_conv_kernels(a, None if x2 is None else b, depth, fs, pads, mode, w2, b2, readout == "gap", dtype)
         return out[0].to(x1.device), out[1].to(x1.device)
+    va64 = pre_variances(a)
+    vb64 = va64 if x2 is None else pre_variances(b)
     va, vb = [v.to(dtype) for v in va64], [v.to(dtype) for v in vb64]
     full = readout == "gap"
     relu = activation == "relu"

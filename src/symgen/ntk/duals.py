@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["safe_sqrt", "sin_minus_x_cos", "relu_dual", "erf_dual", "erf_variance"]
+__all__ = ["safe_sqrt", "sin_minus_x_cos", "relu_dual", "relu_gap", "series_fix", "erf_dual", "erf_variance"]
 
 # sin x - x cos x = sum_k>=1 (-1)^(k+1) 2k x^(2k+1) / (2k+1)!: coefficients of x^3, x^5, ..., x^15.
 _SERIES = (1 / 3, -1 / 30, 1 / 840, -1 / 45360, 1 / 3991680, -1 / 518918400, 1 / 93405312000)
@@ -84,6 +84,51 @@ def relu_dual(c: Tensor, s: Tensor, n: Tensor, signed: bool, gap: bool) -> tuple
     n_minus_c = torch.where(c > 0, s * s / (n + pos).clamp(min=tiny), n - c)
     out = n_minus_c - (s - theta * c) / math.pi
     return nj1, phi, out.clamp_(min=0.0)
+
+
+def relu_gap(
+    c: Tensor, s: Tensor, n: Tensor, out: Tensor | None = None, scratch: Tensor | None = None, n_free: bool = False
+) -> Tensor:
+    """The gap ``n - n J1 / pi = (n - c) - (s - theta c) / pi >= 0`` of :func:`relu_dual`, forward only.
+
+    ``theta = atan2(s, c)``; ``n - c = s^2 / (n + c)`` where c > 0 (no cancellation as theta -> 0), else
+    ``n - c`` (also right for n = c = 0, where the clamped s^2 / (n + |c|) would give 1).
+
+    Args:
+        c: covariances.
+        s: sqrt(v1 v2 - c^2).
+        n: sqrt(v1 v2), broadcastable against c.
+        out: where to write the gap (c's shape), or None for a new tensor.
+        scratch: a tensor of c's shape to work in, or None.
+        n_free: n has c's shape and may be overwritten.
+
+    Returns:
+        the gap (``out`` when given).
+    """
+    theta = torch.atan2(s, c, out=scratch)
+    sin_part = torch.addcmul(s, theta, c, value=-1.0, out=theta)  # s - theta c
+    n_minus_c = torch.sub(n, c, out=out)
+    ratio = n.add_(c) if n_free else torch.add(n, c)
+    ratio = torch.div(s, ratio, out=ratio).mul_(s)  # s^2 / (n + c)
+    gap = torch.where(c > 0, ratio, n_minus_c, out=n_minus_c)
+    return gap.sub_(sin_part, alpha=1.0 / math.pi).clamp_(min=0.0)
+
+
+def series_fix(nj1: Tensor, phi: Tensor, n: Tensor) -> None:
+    """In place: ``n J1 = n (sin phi - phi cos phi)`` by the series where ``phi = pi - theta < 0.25``.
+
+    Elsewhere ``n J1 = s + phi c`` (``c < 0`` there) keeps its digits; near c = -n it cancels. One
+    reduction finds whether any entry needs the fix (usually none outside antiparallel inputs).
+
+    Args:
+        nj1: n J1 from ``s + phi c``, overwritten where phi < 0.25.
+        phi: pi - theta.
+        n: sqrt(v1 v2), broadcastable against phi.
+    """
+    if float(phi.min()) >= _SERIES_EDGE:
+        return
+    idx = (phi < _SERIES_EDGE).nonzero(as_tuple=True)
+    nj1[idx] = n.expand_as(phi)[idx] * sin_minus_x_cos(phi[idx])
 
 
 def erf_dual(v1: Tensor, v2: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,121 @@
+"""The forward-only fast paths of the analytic kernels against their references (issue 26, section 2).
+
+``analytic_ntk(..., fast=True)`` (ReLU, no gradient) against the differentiable recursion (``fast=False``);
+``analytic_conv_ntk`` on zero maps without bias (a zero patch has v = 0: its gap and sine must be 0, not a
+clamped or rounded value) against the generic path; the conv workspace and thread pool, reused across calls
+of other shapes, dtypes and thread counts; the cheaper finiteness check of the inputs.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import symgen.ntk.analytic as analytic
+from symgen.errors import DivergenceError
+from symgen.ntk import analytic_conv_ntk, analytic_ntk
+
+D = torch.float64
+
+
+def _mlp_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(12, 1, 4, 4, generator=g, dtype=D)
+    x[0] = 0.0  # zero input: v = b^2 (0 without bias)
+    x[1] = -x[2]  # antiparallel
+    x[3] = 2.5 * x[4]  # parallel, other norm
+    x[5] = -x[6] * (1 + 1e-9)  # nearly antiparallel
+    x[7] = x[8] + 1e-7 * torch.randn(x[8].shape, generator=g, dtype=D)  # nearly parallel
+    y = torch.cat([x[:6], torch.randn(5, 1, 4, 4, generator=g, dtype=D)])
+    return x, y
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+@pytest.mark.parametrize("w,b", [(1.0, 0.0), (1.5, 0.1)])
+def test_mlp_fast_equals_differentiable_path_float64(depth, w, b):
+    x, y = _mlp_inputs()
+    for x2 in (None, x, y):
+        fast = analytic_ntk(x, x2, depth, "relu", w, b)
+        ref = analytic_ntk(x, x2, depth, "relu", w, b, fast=False)
+        for f, r in zip(fast, ref, strict=True):
+            assert f.dtype == D and f.shape == r.shape
+            assert _rel(f, r) < 1e-13, (depth, w, b, x2 is None)
+        if x2 is None:
+            assert torch.equal(fast[1], fast[1].T) or _rel(fast[1], fast[1].T) < 1e-15
+
+
+def test_mlp_fast_float32_close_to_float64_and_blocks_equal_whole(monkeypatch):
+    x, y = _mlp_inputs()
+    for depth, x2 in itertools.product((1, 2), (None, y)):
+        f32 = analytic_ntk(x.float(), None if x2 is None else x2.float(), depth, "relu", 1.5, 0.1)
+        f64 = analytic_ntk(x, x2, depth, "relu", 1.5, 0.1)
+        assert f32[0].dtype == torch.float32
+        assert max(_rel(a, b) for a, b in zip(f32, f64, strict=True)) < 1e-6
+    whole = [analytic_ntk(x, x2, 2, "relu", 1.5, 0.1) for x2 in (None, y)]
+    monkeypatch.setattr(analytic, "_BLOCK_ENTRIES", 40)  # blocks of 3-4 rows, diagonal offsets
+    for (nngp, ntk), x2 in zip(whole, (None, y), strict=True):
+        bn, bt = analytic_ntk(x, x2, 2, "relu", 1.5, 0.1)
+        assert _rel(bn, nngp) < 1e-15 and _rel(bt, ntk) < 1e-15
+
+
+def test_inputs_that_require_grad_keep_the_differentiable_path():
+    x, _ = _mlp_inputs()
+    x = x.clone().requires_grad_(True)
+    _, ntk = analytic_ntk(x, None, 2, "relu", 1.5, 0.1)
+    ntk.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("readout", ["flatten", "gap"])
+@pytest.mark.parametrize("padding", ["circular", "same"])
+def test_conv_zero_maps_without_bias_equal_generic(readout, padding):
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(5, 1, 6, 6, generator=g, dtype=D)
+    x[0] = 0.0  # a zero image
+    x[1, :, :3] = 0.0  # zero patches in the upper half
+    for depth, x2 in itertools.product((2, 3), (None, x[:3].clone())):
+        fast = analytic_conv_ntk(x, x2, depth, 3, "relu", readout, padding, 1.2, 0.0)
+        ref = analytic_conv_ntk(x, x2, depth, 3, "relu", readout, padding, 1.2, 0.0, fast=False)
+        for f, r in zip(fast, ref, strict=True):
+            assert _rel(f, r) < 1e-13, (depth, x2 is None)
+
+
+def test_conv_workspace_and_pool_reused_across_calls():
+    g = torch.Generator().manual_seed(13)
+    big = torch.randn(40, 1, 6, 6, generator=g, dtype=D)
+    small = torch.randn(3, 2, 5, 5, generator=g, dtype=D)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        first = analytic_conv_ntk(big, None, 2, 3, "relu", "flatten", "circular", 1.3, 0.2)
+        analytic_conv_ntk(small.float(), None, 3, 3, "relu", "gap", "same", 1.0, 0.0)
+        analytic_conv_ntk(small, big[:2, :1].expand(2, 2, 6, 6)[:, :, :5, :5], 1, 3, "relu", "flatten", "valid")
+        again = analytic_conv_ntk(big, None, 2, 3, "relu", "flatten", "circular", 1.3, 0.2)
+        torch.set_num_threads(2)  # 3 tiles of up to 20 x 20 pairs: the pool
+        pooled = analytic_conv_ntk(big, None, 2, 3, "relu", "flatten", "circular", 1.3, 0.2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(first, again, pooled, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_finite_check_is_one_sum_and_still_names_the_row():
+    x = torch.full((4, 1, 3, 3), 1e308, dtype=D)  # finite, but the sum overflows: the per-row search, no error
+    analytic_ntk(x / 1e300, None, 1)
+    analytic_conv_ntk(x / 1e300, None, 1)
+    analytic.check_finite_input(x, "x1", "analytic_ntk")
+    x[2, 0, 1, 1] = float("nan")
+    for fn in (analytic_ntk, analytic_conv_ntk):
+        with pytest.raises(DivergenceError, match="batch index 2"):
+            fn(x, None, 1)
+    y = torch.randn(3, 1, 3, 3, dtype=D)
+    y[1, 0, 0, 0] = float("-inf")
+    with pytest.raises(DivergenceError, match="x2 at batch index 1"):
+        analytic_ntk(torch.randn(2, 1, 3, 3, dtype=D), y, 1)
