@@ -75,7 +75,34 @@ def test_composite_layer_norm_equals_layer_norm_and_restores_it():
     torch.testing.assert_close(layer_norm(x, (3, 5), w, b.double(), 1e-5), F.layer_norm(x, (3, 5), w, b.double()))
     torch.testing.assert_close(layer_norm(x, (5,)), F.layer_norm(x, (5,)))
     with composite_layer_norm():
-        assert F.layer_norm is layer_norm
         ln = nn.LayerNorm(5).double()
-        torch.testing.assert_close(ln(x), real(x, (5,), ln.weight, ln.bias, ln.eps))
+        out = ln(x)
+        assert "NativeLayerNorm" not in out.grad_fn.name()  # the composite ran, not the fused kernel
+        torch.testing.assert_close(out, real(x, (5,), ln.weight, ln.bias, ln.eps))
     assert F.layer_norm is real
+
+
+def test_composite_layer_norm_holds_for_the_calling_thread_only():
+    import threading
+
+    seen = {}
+    inside = threading.Event()
+    done = threading.Event()
+
+    def other_thread():
+        inside.wait(5)
+        # another thread's LayerNorm while the mode is active in the main thread: the real kernel
+        x = torch.randn(3, 4, requires_grad=True)
+        seen["fn"] = F.layer_norm(x, (4,)).grad_fn.name()
+        done.set()
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    with composite_layer_norm():
+        x = torch.randn(3, 4, requires_grad=True)
+        seen["main"] = F.layer_norm(x, (4,)).grad_fn.name()
+        inside.set()
+        done.wait(5)
+    t.join(5)
+    assert "NativeLayerNorm" in seen["fn"]
+    assert "NativeLayerNorm" not in seen["main"]

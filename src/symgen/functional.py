@@ -356,6 +356,7 @@ class RetainedHVP:
         }
 
     def __call__(self, v: Params) -> Params:
+        """H v for ``v`` (name -> tensor shaped like the parameter): one backward pass of the kept graph."""
         keys, params = self.keys, self._params
         if not self._live:
             return {k: torch.zeros_like(params[k]) for k in keys}

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 __all__ = ["composite_layer_norm", "layer_norm"]
 
@@ -47,15 +49,23 @@ def layer_norm(
     return out
 
 
+class _CompositeLayerNorm(TorchFunctionMode):
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        if func is F.layer_norm:
+            return layer_norm(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
 @contextmanager
 def composite_layer_norm() -> Iterator[None]:
     """Inside: ``torch.nn.functional.layer_norm`` (and so ``nn.LayerNorm``) is :func:`layer_norm`.
 
-    It replaces a module attribute, for the whole process: not thread-safe, like
-    :func:`symgen.functional.math_attention`."""
-    real = F.layer_norm
-    F.layer_norm = layer_norm
-    try:
+    A torch function mode, so it holds for the calling thread only (other threads keep the real kernel).
+
+    Yields:
+        None, once (a context manager).
+    """
+    with _CompositeLayerNorm():
         yield
-    finally:
-        F.layer_norm = real
