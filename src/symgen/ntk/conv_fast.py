@@ -70,6 +70,7 @@ class _Config:
         self.scale2, self.symmetric = w2 / (a.shape[1] * math.prod(fs)), b is None
         self.ra = _patches(a, fs, pads, mode)  # raw patches: their sums and differences are exact
         self.rb = self.ra if b is None else _patches(b, fs, pads, mode)
+        self.ua_neg = self.ra * -self.scale2  # -a2 x: one product per tile gives -c - b^2
         self.shape = [s + lo + hi - k + 1 for s, (lo, hi), k in zip(a.shape[2:], pads, fs, strict=True)]
         self.va = self._variances(a, self.ra)  # (L_l, N) float64 per layer
         self.vb = self.va if b is None else self._variances(b, self.rb)
@@ -110,8 +111,8 @@ class _Rect:
         return v1[:, :, None], v2[:, None, :]
 
     def gram(self, work: Workspace) -> Tensor:
-        """``x_p . y_q`` of the raw patches, float64, in ``work``."""
-        ua, ub = self.cfg.ra[:, self.rows], self.cfg.rb[:, self.cols]
+        """``-a2 x_p . y_q`` of the patches (a2 = W^2 / (C k)), float64, in ``work``."""
+        ua, ub = self.cfg.ua_neg[:, self.rows], self.cfg.rb[:, self.cols]
         lp, na, nb = ua.shape[0], ua.shape[1], ub.shape[1]
         if self.cfg.gap:
             g = (ua.reshape(lp * na, -1) @ ub.reshape(lp * nb, -1).T).reshape(lp, na, lp, nb).transpose(1, 2)
@@ -167,7 +168,7 @@ def _first_layer(cfg: _Config, tile: _Rect, work: Workspace) -> tuple[Tensor, Te
     ``n sin_minus_x_cos(pi - theta)`` instead of ``s + (pi - theta) c``.
     """
     f64, dt = torch.float64, cfg.dtype
-    negc = tile.gram(work).mul_(-cfg.scale2)
+    negc = tile.gram(work)
     if cfg.b2 != 0.0:
         negc.sub_(cfg.b2)
     v1, v2 = tile.pair(cfg.va[0], cfg.vb[0], work, "v")

@@ -166,6 +166,7 @@ class Workspace:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._bufs: dict[tuple[str, torch.dtype], Tensor] = {}
+        self._views: dict[tuple[str, torch.dtype, tuple[int, ...]], Tensor] = {}
 
     def get(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
         """A contiguous (uninitialized) tensor of ``shape``: a prefix of the named buffer, grown as needed.
@@ -178,11 +179,17 @@ class Workspace:
         Returns:
             The view.
         """
+        key = (name, dtype, tuple(shape))
+        view = self._views.get(key)
+        if view is not None:
+            return view
         n = math.prod(shape)
         buf = self._bufs.get((name, dtype))
         if buf is None or buf.numel() < n:
             buf = self._bufs[(name, dtype)] = torch.empty(n, dtype=dtype, device=self.device)
-        return buf[:n].view(tuple(shape))
+            self._views = {k: v for k, v in self._views.items() if k[:2] != (name, dtype)}  # views of the old one
+        view = self._views[key] = buf[:n].view(key[2])
+        return view
 
     def nbytes(self) -> int:
         """Bytes held."""
