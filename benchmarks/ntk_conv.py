@@ -12,7 +12,7 @@ other work on the machine affects both alike; the 1-minute load average is print
 |difference| / max |K| of both kernels against neural-tangents and, in float64, against symgen's generic
 path (``fast=False``, the implementation before ``ntk.conv_fast``) where that is affordable.
 
-Run: ``python benchmarks/ntk_conv.py [--quick] [--threads N]`` in an environment with neural-tangents
+Run: ``python benchmarks/ntk_conv.py [--quick] [--threads N] [--repeats R] [--only REGEX]`` in an environment with neural-tangents
 (jax) and symgen; without neural-tangents it prints a note and times symgen alone. Other benchmarks import
 :func:`rows`.
 """
@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import time
+import types
 from typing import Any
 
 W_STD, B_STD, FILTER, SIDE = 1.0, 0.1, 3, 8
@@ -48,6 +50,10 @@ def _setup_threads(threads: int) -> None:
 
 def _nt_kernel_fn(readout: str, depth: int) -> Any:
     import jax
+
+    # neural-tangents 0.6.5 imports its TensorFlow bridge at import time; installed without tensorflow (as in
+    # .venv-jax), that one module is replaced by an empty one first (as benchmarks/peers_jax.py does)
+    sys.modules.setdefault("neural_tangents.experimental", types.ModuleType("neural_tangents.experimental"))
     from neural_tangents import stax
 
     layers = []
@@ -60,13 +66,16 @@ def _nt_kernel_fn(readout: str, depth: int) -> Any:
     return jax.jit(kernel_fn, static_argnames=("get",))
 
 
-def rows(quick: bool = False, threads: int = 1, repeats: int | None = None) -> list[dict[str, Any]]:
+def rows(
+    quick: bool = False, threads: int = 1, repeats: int | None = None, only: str | None = None
+) -> list[dict[str, Any]]:
     """Time symgen against neural-tangents on every configuration; one dict per (images, read-out, depth, dtype).
 
     Args:
         quick: 256 instead of 1024 images in the large configurations, fewer repeats.
         threads: torch and XLA threads (1: single core each, robust to other load).
         repeats: timed calls per tool (default 3 quick, 5 full; 2 at the large size).
+        only: a regular expression searched in "images readout depth dtype" (e.g. "^64 flatten"); None: all.
 
     Returns:
         rows with keys images, readout, depth, dtype, symgen_s, nt_s (None without neural-tangents), ratio
@@ -93,8 +102,14 @@ def rows(quick: bool = False, threads: int = 1, repeats: int | None = None) -> l
     out: list[dict[str, Any]] = []
     for images, readout, depth in _configs(quick):
         x = np.random.default_rng(images + depth).standard_normal((images, 1, SIDE, SIDE))
+        if only is not None and not any(
+            re.search(only, f"{images} {readout} {depth} {d}") for d in ("float32", "float64")
+        ):
+            continue
         kfn = _nt_kernel_fn(readout, depth) if have_nt else None
         for dtype_name in ("float32", "float64"):
+            if only is not None and not re.search(only, f"{images} {readout} {depth} {dtype_name}"):
+                continue
             xt = torch.from_numpy(x.astype(dtype_name))
 
             def run_symgen(xt: torch.Tensor = xt, depth: int = depth, readout: str = readout) -> Any:
@@ -163,8 +178,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="256 instead of 1024 images, fewer repeats")
     parser.add_argument("--threads", type=int, default=1, help="torch and XLA threads (default 1)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per tool (default 5; 3 quick)")
+    parser.add_argument("--only", default=None, help='regex on "images readout depth dtype", e.g. "^64 flatten"')
     args = parser.parse_args(argv)
-    table = rows(args.quick, args.threads)
+    table = rows(args.quick, args.threads, args.repeats, args.only)
     if table and table[0]["note"]:
         print(f"note: {table[0]['note']}")
     head = f"{'images':>6} {'readout':>7} {'depth':>5} {'dtype':>7} {'symgen s':>9} {'nt s':>9} {'ratio':>6}"

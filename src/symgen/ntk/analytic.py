@@ -208,7 +208,8 @@ def analytic_ntk(
         dtype = a.dtype if a.is_floating_point() else torch.get_default_dtype()
     # The input covariances in float64 whatever ``dtype``: the first angle is then exact to float64, which
     # float32 cannot give where x.x' rounds (near x = x' the arc-cosine turns an ulp into sqrt(ulp)).
-    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    a64 = a.to(torch.float64)
+    b64 = a64 if b is a else b.to(torch.float64)
     d = a.shape[1]
     w2, b2 = float(weight_std) ** 2, float(bias_std) ** 2
     step = max(1, _BLOCK_ENTRIES // max(1, b.shape[0]))
