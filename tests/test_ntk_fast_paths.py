@@ -9,6 +9,7 @@ of other shapes, dtypes and thread counts; the cheaper finiteness check of the i
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -119,3 +120,32 @@ def test_finite_check_is_one_sum_and_still_names_the_row():
     y[1, 0, 0, 0] = float("-inf")
     with pytest.raises(DivergenceError, match="x2 at batch index 1"):
         analytic_ntk(torch.randn(2, 1, 3, 3, dtype=D), y, 1)
+
+
+def _child_pool(queue) -> None:
+    from symgen.ntk import conv_ops
+
+    queue.put(conv_ops.pool(2).submit(sum, [1, 2, 3]).result(timeout=30))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_gets_a_fresh_tile_pool():
+    # the child inherits the parent's executor but not its threads: without the at-fork reset, its
+    # idle-thread count says a worker is free and a submit waits forever (plain Python threads here, so
+    # no OpenMP runtime is involved, which has fork troubles of its own)
+    import multiprocessing as mp
+
+    from symgen.ntk import conv_ops
+
+    for _ in range(4):
+        assert conv_ops.pool(2).submit(sum, [1, 1]).result(timeout=30) == 2
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_pool, args=(queue,))
+    child.start()
+    child.join(60)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    assert not hung, "the forked child waited on the parent's thread pool"
+    assert queue.get(timeout=5) == 6

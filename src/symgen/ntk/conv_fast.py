@@ -17,7 +17,9 @@ matrix product per spatial axis, every tile-sized step in place or into a per-th
 :class:`conv_ops.Workspace` kept between calls (fresh tile-sized tensors page-fault). GAP: slices where p
 and q shift together. With ``torch.get_num_threads() > 1`` (CPU) the ops run single-threaded (intra-op
 threads set to 1 for the call, restored after; per-op barriers on a loaded machine cost 10-100x) and the
-tiles, from two on, on a kept pool of that many Python threads. In-place ops: not differentiable
+tiles, from two on, on a kept pool of that many Python threads (reset in a forked child, which inherits
+the pool but not its threads; the intra-op setting is process-wide, so other threads' torch ops run on one
+thread during the call). In-place ops: not differentiable
 (``analytic_conv_ntk`` sends inputs that require grad to the generic path).
 """
 

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import itertools
 import math
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -199,6 +200,8 @@ class Workspace:
 _LOCAL = threading.local()  # per thread: {device: Workspace}, kept between calls
 _KEEP_BYTES = 1 << 25  # a workspace that grew above this (a huge tile) is replaced on its next use
 _POOLS: dict[int, ThreadPoolExecutor] = {}
+# a forked child inherits the pools but not their threads: a submit there would wait forever
+os.register_at_fork(after_in_child=_POOLS.clear)
 
 
 def workspace(device: torch.device) -> Workspace:
