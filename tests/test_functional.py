@@ -6,6 +6,7 @@ from torch import nn
 
 from symgen import functional as F
 from symgen import rng
+from symgen.curvature.products import hvp_function
 from symgen.errors import ShapeError
 
 
@@ -126,12 +127,12 @@ def test_hvp_function_reuses_graph_and_matches_dense_hessian():
     f = F.loss_function(net, nn.functional.cross_entropy, b)
     dense = hessian(lambda v: f(F.unflatten(v, p), x, y), F.flatten(p))
     for mode in ("reverse", "forward"):
-        hv = F.hvp_function(lambda q: f(q, x, y), p, mode=mode)
+        hv = hvp_function(lambda q: f(q, x, y), p, mode=mode)
         for seed in range(3):  # the same function, several vectors
             v = rng.randn_like(p, torch.Generator().manual_seed(seed))
             torch.testing.assert_close(F.flatten(hv(v)), dense @ F.flatten(v))
     with pytest.raises(ConfigError, match="mode"):
-        F.hvp_function(lambda q: f(q, x, y), p, mode="sideways")
+        hvp_function(lambda q: f(q, x, y), p, mode="sideways")
 
 
 def test_ensemble_value_and_grad_matches_loop_with_per_member_bn_buffers():

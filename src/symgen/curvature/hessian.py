@@ -11,6 +11,7 @@ from torch.fx import GraphModule
 
 from symgen import functional as F
 from symgen.curvature.model import ModelOperator
+from symgen.curvature.products import hvp_function
 from symgen.curvature.taylor import TaylorProgram, TaylorUnsupported, trace_loss
 from symgen.distributed import GroupSpec
 from symgen.errors import ConfigError
@@ -129,7 +130,7 @@ class HessianOperator(ModelOperator):
         if self._compiled is not None:
             fn, params, buffers = self._compiled, self.params, self._buffers()
             return lambda v: fn(self.model, self.loss_fn, params, buffers, x, y, dict(v))
-        return F.hvp_function(self._batch_loss(x, y), self.params, mode=self.hvp_mode)
+        return hvp_function(self._batch_loss(x, y), self.params, mode=self.hvp_mode)
 
 
 def _forward_over_reverse(

@@ -18,6 +18,7 @@ from symgen import functional as F
 from symgen.curvature.base import CurvatureOperator
 from symgen.curvature.checks import warn_fallback
 from symgen.curvature.double_backward import fast_double_backward, fast_double_backward_applies
+from symgen.curvature.products import RetainedHVP
 from symgen.distributed import GroupSpec
 from symgen.errors import ConfigError, DivergenceError, ShapeError
 from symgen.numerics import check_batch, check_tensors
@@ -264,7 +265,7 @@ class ModelOperator(CurvatureOperator):
         """The loss gradient dL/dW (flat, n entries), accumulated in float64 over the batches (and ranks).
 
         A batch whose product graph is kept (``cache_graph``) gives it from that graph (a
-        :class:`~symgen.functional.RetainedHVP` holds it), building the graph the next product needs
+        :class:`~symgen.curvature.products.RetainedHVP` holds it), building the graph the next product needs
         anyway; otherwise one backward pass per batch.
 
         Returns:
@@ -274,7 +275,7 @@ class ModelOperator(CurvatureOperator):
 
         def step(b: int, x: Tensor, y: Tensor) -> None:
             fn = self._product(b, x, y) if self.cache_graph else None
-            if isinstance(fn, F.RetainedHVP):
+            if isinstance(fn, RetainedHVP):
                 grads = fn.gradient
             else:
                 keys = list(self.params)
