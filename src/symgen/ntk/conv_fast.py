@@ -360,26 +360,6 @@ def relu_conv_kernels(
     Returns:
         the NNGP and the NTK, (N1, N2).
     """
-    """``(nngp, ntk)``, each (N1, N2) in ``dtype``, of ``[Conv, ReLU] * depth`` + read-out + Dense (NTK param.).
-
-    The values of :func:`symgen.ntk.analytic_conv_ntk` with ``activation="relu"`` (same recursion, see the
-    module docstring; arXiv 1904.11955, 2106.08619), computed tile by tile.
-
-    Args:
-        a: first inputs (N1, C, *S), float64.
-        b: second inputs likewise, or None (= a; upper tiles only, mirrored).
-        depth: conv layers, >= 1.
-        fs: filter size per spatial axis.
-        pads: (left, right) zero or circular padding per spatial axis.
-        mode: "circular" or "zeros".
-        w2: weight variance.
-        b2: bias variance.
-        gap: global average pooling read-out (all position pairs) instead of flatten (equal positions).
-        dtype: output dtype; the first layer's covariances and sines are float64 whatever it is.
-
-    Returns:
-        the NNGP and the NTK, (N1, N2).
-    """
     cfg = _Config(a, b, depth, fs, pads, mode, w2, b2, gap, dtype)
     n1, n2 = cfg.ra.shape[1], cfg.rb.shape[1]
     budget = max(1, _TILE_ENTRIES // math.prod(a.shape[2:]) ** (2 if gap else 1))  # pairs per tile
