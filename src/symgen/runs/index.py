@@ -20,6 +20,11 @@ from typing import Any
 
 from symgen.errors import SymgenError
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = ["COLUMNS", "RunIndex"]
 
 COLUMNS = {
@@ -53,6 +58,29 @@ class RunIndex:
         db = sqlite3.connect(path or self.path, timeout=30)
         db.execute("PRAGMA synchronous=FULL")
         return db
+
+    @contextmanager
+    def opening(self) -> Iterator[None]:
+        """Inside: this process alone checks, creates or rebuilds the index (an exclusive ``flock`` on
+        ``index.sqlite.lock``; no lock where ``flock`` is missing or the directory is read-only). Without it,
+        processes opening a fresh store at once raced: one took another's half-created (0-byte) index for
+        damaged and set it aside under that process's open transaction, which then failed with a disk I/O error.
+
+        Yields:
+            None, once.
+        """
+        lock = self.path.with_name(self.path.name + ".lock")
+        try:
+            f = open(lock, "a") if fcntl is not None else None  # noqa: SIM115 - closed below
+        except OSError:
+            f = None  # a read-only store: it cannot be rebuilt, and nothing here writes it
+        try:
+            if f is not None:
+                fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+        finally:
+            if f is not None:
+                f.close()  # closing releases the flock
 
     def health(self) -> str | None:
         """What is wrong with the index file (None: it is whole, or it does not exist yet).

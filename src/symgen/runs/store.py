@@ -55,19 +55,20 @@ class RunStore:
         self.index = self.root / "index.sqlite"
         self._index = RunIndex(self.index)
         self._index_ok = True
-        damage = self._index.health()
-        if damage is not None:
-            self._rebuild_damaged(damage)
-        elif not self.index.exists():
-            if not self.writable():
-                self._index_ok = False  # a read-only store without an index: read the directories alone
-            elif self._run_dirs():
-                self._index.replace_with(self._rows_from_dirs({}))
-                warn(f"the run index {self.index} was missing; rebuilt from the run directories.")
-            else:
+        with self._index.opening():
+            damage = self._index.health()
+            if damage is not None:
+                self._rebuild_damaged(damage)
+            elif not self.index.exists():
+                if not self.writable():
+                    self._index_ok = False  # a read-only store without an index: read the directories alone
+                elif self._run_dirs():
+                    self._index.replace_with(self._rows_from_dirs({}))
+                    warn(f"the run index {self.index} was missing; rebuilt from the run directories.")
+                else:
+                    self._index.replace_with([])  # written aside and renamed: never seen half-made
+            elif self.writable():
                 self._index.ensure_schema()
-        elif self.writable():
-            self._index.ensure_schema()
 
     def writable(self) -> bool:
         """Whether this process may write the store's directory.
@@ -421,18 +422,19 @@ class RunStore:
         """
         if not self.writable():
             raise SymgenError(f"the run store {self.root} is read-only; `runs repair` must rewrite its index.")
-        damage = self._index.health()
-        old: dict[str, dict[str, Any]] = {}
-        if damage is None and self.index.exists():
-            old = {r["id"]: r for r in self._index.rows()}
-        aside = self._index.set_aside("corrupt") if damage is not None else None
-        removed = []
-        for d in self.root.glob(f"{_CREATING}*"):
-            if d.is_dir() and not lock_held(d):
-                shutil.rmtree(d, ignore_errors=True)
-                removed.append(d.name)
-        rows = self._rows_from_dirs(old)
-        self._index.replace_with(rows)
+        with self._index.opening():
+            damage = self._index.health()
+            old: dict[str, dict[str, Any]] = {}
+            if damage is None and self.index.exists():
+                old = {r["id"]: r for r in self._index.rows()}
+            aside = self._index.set_aside("corrupt") if damage is not None else None
+            removed = []
+            for d in self.root.glob(f"{_CREATING}*"):
+                if d.is_dir() and not lock_held(d):
+                    shutil.rmtree(d, ignore_errors=True)
+                    removed.append(d.name)
+            rows = self._rows_from_dirs(old)
+            self._index.replace_with(rows)
         self._index_ok = True
         states: dict[str, int] = {}
         for r in rows:
