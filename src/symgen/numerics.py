@@ -28,7 +28,9 @@ def first_bad_row(x: Tensor) -> int | None:
     """
     if not x.is_floating_point() and not x.is_complex():
         return None
-    if bool(torch.isfinite(x).all()):
+    # one sum first: a NaN or inf entry makes it non-finite (inf + finite = inf, inf - inf = NaN); only a
+    # non-finite sum (or one that overflowed on finite entries) runs the elementwise checks
+    if bool(torch.isfinite(x.detach().sum())) or bool(torch.isfinite(x).all()):
         return None
     rows = ~torch.isfinite(x.reshape(x.shape[0], -1) if x.dim() else x.reshape(1, 1)).all(1)
     return int(rows.nonzero()[0, 0])
