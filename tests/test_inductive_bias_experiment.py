@@ -112,3 +112,20 @@ def test_patch_laplace_kernels_errors():
         patch_laplace_kernels(torch.zeros(2, 3), None, [4])
     with pytest.raises(ShapeError):
         patch_laplace_kernels(torch.zeros(2, 3), torch.zeros(2, 4), [2])
+
+
+def test_patch_laplace_kernels_symmetric_matches_cross():
+    """The symmetric call (upper tiles, mirrored in strips) against the cross call on the same points, which
+    evaluates every entry; several strips, column pieces and row tiles, filter sizes with wrapped windows."""
+    import torch
+
+    from symgen.experiments.inductive_bias_kernels import patch_laplace_kernels, uniform_cube
+
+    x = uniform_cube(150, 6, torch.Generator().manual_seed(3))
+    for block_entries in (40 * 6, 400 * 6):
+        sym = patch_laplace_kernels(x, None, [2, 3, 4], block_entries=block_entries)
+        cross = patch_laplace_kernels(x, x, [2, 3, 4], block_entries=7 * 6)
+        assert sorted(sym) == ["fc", "local_s2", "local_s3", "local_s4"]
+        for name, k in sym.items():
+            assert torch.equal(k, k.T) and torch.all(k.diagonal() == 1.0)
+            torch.testing.assert_close(k, cross[name], rtol=1e-14, atol=0)

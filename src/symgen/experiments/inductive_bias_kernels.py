@@ -12,14 +12,20 @@ with t <= s at beta = 1/s and the fully-connected student at beta = 1/d.
 
 Distances come from the pixel differences themselves (``(x_i - y_i)^2`` summed over each window), not from
 ``|x|^2 + |y|^2 - 2 x.y``: no cancellation for close points, where the cusp is. Every filter size and the
-fully-connected kernel are built from one pass over the pairs, in row blocks of about ``block_entries``
-pair-pixel entries; for ``x2 is None`` only the blocks on and above the diagonal (mirrored).
+fully-connected kernel are built from one pass over the pairs, in tiles of about ``block_entries``
+pair-pixel entries held pixel-major ((d, rows, cols) planes: a window is a run of planes, so the window sums
+are in-place adds of slices of the circularly padded squared differences, and the mean over windows is a sum
+over the leading dimension); the square roots and exponentials use numpy's vectorised float64 ufuncs (about
+twice torch's speed on CPU; numpy's sqrt is correctly rounded). For ``x2 is None`` only the tiles on and above
+the diagonal, mirrored at the end. The results agree with the plain formula to a few ulp (tests: pair-by-pair
+brute force).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,7 +33,7 @@ from symgen.errors import ConfigError, ShapeError
 
 __all__ = ["patch_laplace_kernels", "uniform_cube"]
 
-_BLOCK_ENTRIES = 1 << 21
+_BLOCK_ENTRIES = 1 << 18  # (pair, pixel) entries per tile: its planes stay in the L2/L3 caches
 
 
 def uniform_cube(n: int, d: int, generator: torch.Generator) -> Tensor:
@@ -35,20 +41,68 @@ def uniform_cube(n: int, d: int, generator: torch.Generator) -> Tensor:
     return torch.rand(n, d, generator=generator, dtype=torch.float64)
 
 
-def _block(a: Tensor, b: Tensor, filters: Sequence[int], fc: bool) -> dict[str, Tensor]:
-    """The kernels between the rows ``a`` (A, d) and ``b`` (B, d), each (A, B)."""
-    diff = a[:, None, :] - b[None, :, :]
-    sq = diff.mul_(diff)  # (A, B, d): squared pixel differences
-    out: dict[str, Tensor] = {}
+def _scaled_exp(t: Tensor, s: int) -> None:
+    """``t <- exp(-t / s)`` in place (numpy's vectorised exp: about twice torch's on CPU float64)."""
+    a = t.numpy()
+    if s & (s - 1) == 0:  # a power of two: the product with -1/s is the same float as the quotient
+        np.multiply(a, -1.0 / s, out=a)
+    else:
+        np.divide(a, -float(s), out=a)
+    np.exp(a, out=a)
+
+
+def _tile(
+    at: Tensor, bt: Tensor, filters: Sequence[int], fc: bool, out: dict[str, Tensor], bufs: tuple[Tensor, ...]
+) -> None:
+    """The kernels between the columns of ``at`` (d, A) and ``bt`` (d, B) (pixel-major inputs), into ``out``
+    (name -> (A, B) views of the results). ``bufs``: flat float64 scratch for the squared differences (with
+    ``max(filters) - 1`` wrapped planes), the window sums and the exponentials.
+
+    Pixel-major planes (d, A, B): a window's pixels p, p + 1, ... are the planes p, p + 1, ... of the squared
+    differences padded circularly, so the window sums are slices added in place (no rolled copies), in the
+    order of the definition: ``((sq_p + sq_{p+1}) + sq_{p+2}) + ...``.
+    """
+    d, r, c = at.shape[0], at.shape[1], bt.shape[1]
+    m, smax = r * c, max(filters, default=0)
+    wrap = max(smax - 1, 0)
+    sqp = bufs[0][: (d + wrap) * m].view(d + wrap, r, c)
+    sq = sqp[:d]
+    torch.sub(at[:, :, None], bt[:, None, :], out=sq)
+    sq.mul_(sq)  # (d, A, B): squared pixel differences
+    if wrap:
+        sqp[d:].copy_(sqp[:wrap])
     if fc:
-        out["fc"] = sq.sum(-1).sqrt_().neg_().exp_()
-    acc = sq.clone()
-    for k in range(1, max(filters, default=0) + 1):
-        if k > 1:  # windows of k pixels starting at each p (circular): add the pixel p + k - 1
-            acc += torch.roll(sq, -(k - 1), dims=-1)
-        if k in filters:
-            out[f"local_s{k}"] = acc.sqrt().div_(-float(k)).exp_().mean(-1)
-    return out
+        k = out["fc"]
+        torch.sum(sq, 0, out=k)
+        a = k.numpy()
+        np.sqrt(a, out=a)
+        np.negative(a, out=a)
+        np.exp(a, out=a)
+    acc = sq
+    for s in range(1, smax + 1):
+        if s == 2:
+            acc = bufs[1][: d * m].view(d, r, c)
+            torch.add(sq, sqp[1 : d + 1], out=acc)
+        elif s > 2:  # windows of s pixels starting at each p: add the pixel p + s - 1
+            acc.add_(sqp[s - 1 : s - 1 + d])
+        if s in filters:
+            e = bufs[2][: d * m].view(d, r, c)
+            np.sqrt(acc.numpy(), out=e.numpy())  # correctly rounded (torch's vectorised sqrt is not)
+            _scaled_exp(e, s)
+            k = out[f"local_s{s}"]
+            torch.sum(e, 0, out=k)
+            k.div_(d)  # the mean over the d windows
+
+
+def _mirror(k: Tensor, rows: int = 64) -> None:
+    """Copy the upper triangle of the square ``k`` onto its lower one, in strips of ``rows`` rows."""
+    n = k.shape[0]
+    for i in range(0, n, rows):
+        r = min(rows, n - i)
+        k[i + r :, i : i + r] = k[i : i + r, i + r :].T
+        lo = torch.tril_indices(r, r, -1)
+        blk = k[i : i + r, i : i + r]
+        blk[lo[0], lo[1]] = blk.T[lo[0], lo[1]]
 
 
 def patch_laplace_kernels(
@@ -67,8 +121,8 @@ def patch_laplace_kernels(
         filters: filter sizes s (1 <= s <= d); each gives ``local_s{s}``, the average over the d circular
             windows of s pixels of ``exp(-|x_p - y_p| / s)``.
         fc: also return ``fc``, ``exp(-|x - y|)`` on all d pixels.
-        block_entries: about how many (pair, pixel) entries one row block holds (memory: a few times that
-            many float64).
+        block_entries: about how many (pair, pixel) entries one tile holds (scratch memory: about three times
+            that many float64; the default keeps the tiles in cache).
 
     Returns:
         name -> (N1, N2) float64 kernel matrix.
@@ -83,17 +137,27 @@ def patch_laplace_kernels(
     if block_entries < 1:
         raise ConfigError(f"block_entries must be >= 1, got {block_entries}")
     sym = x2 is None
-    a = x1.to(torch.float64)
-    b = a if x2 is None else x2.to(torch.float64)
+    a = x1.to("cpu", torch.float64)  # the results are CPU tensors (numpy ufuncs work in place on them)
+    b = a if x2 is None else x2.to("cpu", torch.float64)
     n1, n2 = a.shape[0], b.shape[0]
     names = (["fc"] if fc else []) + [f"local_s{s}" for s in sorted(set(filters))]
     out = {name: torch.empty(n1, n2, dtype=torch.float64) for name in names}
-    rows = max(1, block_entries // max(1, n2 * d))
-    for i in range(0, n1, rows):
+    fs = sorted(set(filters))
+    at, bt = a.T.contiguous(), b.T.contiguous()  # (d, N): one plane per pixel
+    per_pair = max(1, block_entries // d)  # pairs per tile
+    wrap = max(max(fs, default=0) - 1, 0)
+    bufs = tuple(torch.empty(planes * per_pair, dtype=torch.float64) for planes in (d + wrap, d, d))
+    cols = min(n2, per_pair)
+    i = 0
+    while i < n1:
         j0 = i if sym else 0  # symmetric: columns from the block's first row on, the rest mirrored
-        piece = _block(a[i : i + rows], b[j0:], sorted(set(filters)), fc)
-        for name, k in piece.items():
-            out[name][i : i + rows, j0:] = k
-            if sym:
-                out[name][j0:, i : i + rows] = k.T
+        r = min(n1 - i, max(1, per_pair // (n2 - j0)))  # whole rows when they fit, else column pieces
+        for j in range(j0, n2, cols):
+            c = min(cols, n2 - j)
+            views = {name: out[name][i : i + r, j : j + c] for name in names}
+            _tile(at[:, i : i + r], bt[:, j : j + c], fs, fc, views, bufs)
+        i += r
+    if sym:
+        for k in out.values():
+            _mirror(k)
     return out
