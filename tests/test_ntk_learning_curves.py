@@ -194,3 +194,27 @@ def test_local_relu_ntk_matches_analytic_conv_ntk(d, s, bias):
         local_relu_ntk(x, None, d + 1)
     with pytest.raises(ShapeError, match="equal d"):
         local_relu_ntk(x, torch.randn(3, d + 1), s)
+
+
+@pytest.mark.parametrize("layout", ["factor", "row_major"])
+def test_nested_test_errors_same_bits_as_plain_solves(layout):
+    """The reused, strip-transposed copies of the factor's leading blocks give the plain solves' bits."""
+    from symgen.ntk.learning_curves import cholesky_jittered, nested_test_errors
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(700, 3, generator=g, dtype=torch.float64)
+    k = torch.exp(-torch.cdist(x, x))
+    y = torch.randn(700, generator=g, dtype=torch.float64)
+    sizes = [40, 256, 300, 513, 600]
+    for n in (700, 600):  # leading blocks of a larger factor, and the whole factor at the largest size
+        factor, _ = cholesky_jittered(k[:n, :n])
+        if layout == "row_major":
+            factor = factor.contiguous()
+        got, _ = nested_test_errors(k, y[:600], k[600:, :600], y[600:], sizes, factor=factor)
+        z = torch.linalg.solve_triangular(factor[:600, :600], y[:600, None], upper=False)
+        want = []
+        for p in sizes:
+            alpha = torch.linalg.solve_triangular(factor[:p, :p].T, z[:p], upper=True)
+            diff = k[600:, :p] @ alpha - y[600:, None]
+            want.append(float((diff * diff).sum(1).mean()))
+        assert got == want

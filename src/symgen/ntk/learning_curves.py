@@ -204,6 +204,33 @@ def cholesky_jittered(k: Tensor, *, max_tries: int = 6) -> tuple[Tensor, float]:
     )
 
 
+def _f_ready(a: Tensor) -> bool:
+    """Whether ``torch.linalg.solve_triangular`` takes the matrix ``a`` as it is (else it clones it F-contiguous)."""
+    return a.is_contiguous() or a.mT.is_contiguous()
+
+
+def _fortran_copy(a: Tensor, buf: Tensor, strip: int = 256) -> Tensor:
+    """The F-contiguous copy of the square ``a`` that ``solve_triangular`` would make, in the front of ``buf``.
+
+    Same values and layout, so the same LAPACK call and the same bits; but where ``a``'s rows are contiguous
+    (the transpose of a column-major factor's leading block) the transposition goes through strips of
+    ``strip`` columns made contiguous first, so torch's blocked transpose copy applies (an element-by-element
+    strided copy is several times slower at P in the thousands), and ``buf`` is reused across sizes.
+    """
+    p = a.shape[0]
+    rows = buf[: p * p].view(p, p)  # row-major storage of the result's transpose
+    if a.stride(-1) != 1 or p < strip:
+        rows.mT.copy_(a)
+        return rows.mT
+    tmp = torch.empty(p, strip, dtype=a.dtype, device=a.device)
+    for j in range(0, p, strip):
+        w = min(strip, p - j)
+        piece = tmp if w == strip else torch.empty(p, w, dtype=a.dtype, device=a.device)
+        piece.copy_(a[:, j : j + w])
+        rows[j : j + w].copy_(piece.mT)
+    return rows.mT
+
+
 def nested_test_errors(
     k_train: Tensor,
     y_train: Tensor,
@@ -243,8 +270,15 @@ def nested_test_errors(
     yt = y_test.reshape(y_test.shape[0], -1).to(dtype)
     z = torch.linalg.solve_triangular(factor[:pmax, :pmax], y, upper=False)
     errors = []
+    buf: Tensor | None = None
     for p in sizes:
-        alpha = torch.linalg.solve_triangular(factor[:p, :p].T, z[:p], upper=True)
+        a = factor[:p, :p].T
+        if not _f_ready(a):  # the F-contiguous copy solve_triangular would clone, made faster and reused
+            if buf is None:
+                need = max(q for q in sizes if not _f_ready(factor[:q, :q].T))
+                buf = torch.empty(need * need, dtype=dtype, device=factor.device)
+            a = _fortran_copy(a, buf)
+        alpha = torch.linalg.solve_triangular(a, z[:p], upper=True)
         diff = k_test_train[:, :p].to(dtype) @ alpha - yt
         errors.append(float((diff * diff).sum(1).mean()))
     return errors, jitter
