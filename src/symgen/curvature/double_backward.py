@@ -27,6 +27,7 @@ inside :func:`fast_double_backward`; the operators then rebuild the graph with P
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TypeAlias
@@ -45,7 +46,22 @@ ConvConfig: TypeAlias = tuple[list[int], list[int], list[int], int]
 
 
 def _nhwc(t: Tensor) -> Tensor:
+    # channels-last with explicit strides: a tensor with a size-1 dim (an input of 1 channel) is contiguous in both
+    # layouts, and oneDNN, reading its strides, would pick NCHW for the output and every layer after it
+    _, c, h, w = t.shape
+    want = (c * h * w, 1, w * c, c)
+    if t.stride() == want:
+        return t
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return t.as_strided(t.shape, want)  # the same elements (the strides differ only on size-1 dims)
     return t.contiguous(memory_format=torch.channels_last)
+
+
+def _like(t: Tensor, ref: Tensor) -> Tensor:
+    """``t`` in ``ref``'s memory layout: elementwise kernels over two layouts run strided, 5-15x slower."""
+    if all(a == b for a, b, n in zip(t.stride(), ref.stride(), ref.shape, strict=True) if n > 1):
+        return t
+    return torch.empty_like(ref, dtype=t.dtype).copy_(t)
 
 
 def _forward(x: Tensor, w: Tensor, cfg: ConvConfig) -> Tensor:
@@ -69,6 +85,31 @@ def _shaped(like: Tensor, shape: torch.Size, nhwc: bool) -> Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
+def _needed(ctx: Any, i: int) -> bool:
+    """Whether this backward pass uses the gradient of input ``i`` (a tensor input before any non-tensor one).
+
+    ``ctx.needs_input_grad`` is fixed when the graph is built; the engine runs only the nodes on a path to what
+    ``autograd.grad`` was asked for. J v = d(J^T u)/du of the generalized Gauss-Newton operator needs no gradient
+    of the weights or activations: half the convolutions of that pass. A leaf's node cannot be queried under
+    ``autograd.grad`` (:func:`_node` puts a view in front of the weights).
+    """
+    if not ctx.needs_input_grad[i]:
+        return False
+    fn = ctx.next_functions[i][0]
+    try:
+        return fn is not None and bool(_WILL_RUN(fn))
+    except RuntimeError:  # a leaf (AccumulateGrad) under autograd.grad
+        return True
+
+
+_WILL_RUN = getattr(torch._C, "_will_engine_execute_node", lambda fn: True)
+
+
+def _node(t: Tensor | None) -> Tensor | None:
+    """A leaf weight behind a view (free): :func:`_needed` can then ask whether its gradient is used."""
+    return t.view_as(t) if t is not None and t.is_leaf and t.requires_grad else t
+
+
 class _Conv(Function):
     """A(x, W) = conv(x, W)."""
 
@@ -81,43 +122,50 @@ class _Conv(Function):
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         x, w = ctx.saved_tensors
-        gx = _InputGrad.apply(g, w, x.shape, ctx.cfg) if ctx.needs_input_grad[0] else None
-        gw = _WeightGrad.apply(x, g, w.shape, ctx.cfg) if ctx.needs_input_grad[1] else None
+        # g = 0 exactly: the backward of J^T u at the dummy u = 0 that builds the GGN's graph; its values are
+        # zeros, its graph is what counts (one pass over g against two convolutions)
+        zero = not bool(g[0].any()) and not bool(g.any())  # one sample first: a nonzero g rarely has it zero
+        gx = _InputGrad.apply(g, w, x.shape, ctx.cfg, zero) if _needed(ctx, 0) else None
+        gw = _WeightGrad.apply(x, g, w.shape, ctx.cfg, zero) if _needed(ctx, 1) else None
         return gx, gw, None
 
 
 class _InputGrad(Function):
-    """B(g, W) = A(., W)^T g, linear in g and in W."""
+    """B(g, W) = A(., W)^T g, linear in g and in W (``zero``: g = 0, the result is zeros)."""
 
     @staticmethod
-    def forward(ctx: Any, g: Tensor, w: Tensor, x_shape: torch.Size, cfg: ConvConfig) -> Tensor:
+    def forward(ctx: Any, g: Tensor, w: Tensor, x_shape: torch.Size, cfg: ConvConfig, zero: bool) -> Tensor:
         ctx.save_for_backward(g, w)
         ctx.cfg = cfg
+        if zero:
+            return _shaped(g, x_shape, True).zero_()
         return _backward(g, _shaped(g, x_shape, True), w, cfg, 0)
 
     @staticmethod
     def backward(ctx: Any, h: Tensor) -> tuple[Tensor | None, ...]:
         g, w = ctx.saved_tensors
-        gg = _Conv.apply(h, w, ctx.cfg) if ctx.needs_input_grad[0] else None
-        gw = _WeightGrad.apply(h, g, w.shape, ctx.cfg) if ctx.needs_input_grad[1] else None
-        return gg, gw, None, None
+        gg = _Conv.apply(h, w, ctx.cfg) if _needed(ctx, 0) else None
+        gw = _WeightGrad.apply(h, g, w.shape, ctx.cfg, False) if _needed(ctx, 1) else None
+        return gg, gw, None, None, None
 
 
 class _WeightGrad(Function):
-    """C(x, g) = A(x, .)^T g, linear in x and in g."""
+    """C(x, g) = A(x, .)^T g, linear in x and in g (``zero``: g = 0, the result is zeros)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, g: Tensor, w_shape: torch.Size, cfg: ConvConfig) -> Tensor:
+    def forward(ctx: Any, x: Tensor, g: Tensor, w_shape: torch.Size, cfg: ConvConfig, zero: bool) -> Tensor:
         ctx.save_for_backward(x, g)
         ctx.cfg = cfg
+        if zero:
+            return _shaped(x, w_shape, False).zero_()
         return _backward(g, _nhwc(x), _shaped(x, w_shape, False), cfg, 1)
 
     @staticmethod
     def backward(ctx: Any, k: Tensor) -> tuple[Tensor | None, ...]:
         x, g = ctx.saved_tensors
-        gx = _InputGrad.apply(g, k, x.shape, ctx.cfg) if ctx.needs_input_grad[0] else None
-        gg = _Conv.apply(x, k, ctx.cfg) if ctx.needs_input_grad[1] else None
-        return gx, gg, None, None
+        gx = _InputGrad.apply(g, k, x.shape, ctx.cfg, False) if _needed(ctx, 0) else None
+        gg = _Conv.apply(x, k, ctx.cfg) if _needed(ctx, 1) else None
+        return gx, gg, None, None, None
 
 
 def _pair(v: Any) -> list[int]:
@@ -135,7 +183,7 @@ def _conv2d(
 ) -> Tensor | None:
     if isinstance(padding, str) or x.ndim != 4:
         return None  # padding="same"/"valid", unbatched input: PyTorch's own kernel
-    out: Tensor = _Conv.apply(x, weight, (_pair(stride), _pair(padding), _pair(dilation), int(groups)))
+    out: Tensor = _Conv.apply(x, _node(weight), (_pair(stride), _pair(padding), _pair(dilation), int(groups)))
     return out if bias is None else out + bias[:, None, None]
 
 
@@ -162,11 +210,29 @@ def _batch_norm(
     # BatchNorm layer of 16 channels on 32 x 32 x 32 activations: 1.2e-7 and 3.5e-8 relative, against 5.1e-7
     # and 1.9e-7 for PyTorch's own kernel).
     out: Tensor = _ChannelScale.apply(x - running_mean.reshape(shape), s)
-    return out if bias is None else _ChannelShift.apply(out, bias)
+    return out if bias is None else _ChannelShift.apply(out, _node(bias))
 
 
 def _channel_dims(t: Tensor) -> list[int]:
     return [0, *range(2, t.ndim)]
+
+
+_CHUNK = 1 << 16  # elements per partial sum: the float64 copy of a chunk stays in cache
+
+
+def _channel_sum(g: Tensor, x: Tensor | None = None) -> Tensor:
+    """``sum over all dims but 1 of g (or g x)``, accumulated in float64 (returned in float64).
+
+    Summed a few samples at a time, each chunk's float64 sum added into the total: the same float64 accumulation as one
+    ``sum(dtype=float64)`` of the whole tensor, which converts it to float64 in memory first (4x slower on 2.5M
+    elements, 1 thread).
+    """
+    dims, step = _channel_dims(g), max(1, _CHUNK // max(1, math.prod(g.shape[1:])))
+    acc = g.new_zeros(g.shape[1], dtype=torch.float64)
+    for i in range(0, g.shape[0], step):
+        part = g[i : i + step] if x is None else g[i : i + step] * x[i : i + step]
+        acc += part.sum(dims, dtype=torch.float64)
+    return acc
 
 
 def _per_channel(v: Tensor, like: Tensor) -> Tensor:
@@ -184,8 +250,8 @@ class _ChannelScale(Function):
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None]:
         x, s = ctx.saved_tensors
-        gx = _ChannelScale.apply(g, s) if ctx.needs_input_grad[0] else None
-        gs = _ChannelDot.apply(g, x) if ctx.needs_input_grad[1] else None
+        gx = _ChannelScale.apply(g, s) if _needed(ctx, 0) else None
+        gs = _ChannelDot.apply(g, x) if _needed(ctx, 1) else None
         return gx, gs
 
 
@@ -195,13 +261,13 @@ class _ChannelDot(Function):
     @staticmethod
     def forward(ctx: Any, g: Tensor, x: Tensor) -> Tensor:
         ctx.save_for_backward(g, x)
-        return (g * x).sum(_channel_dims(g), dtype=torch.float64).to(g.dtype)
+        return _channel_sum(g, x).to(g.dtype)
 
     @staticmethod
     def backward(ctx: Any, k: Tensor) -> tuple[Tensor | None, Tensor | None]:
         g, x = ctx.saved_tensors
-        dg = _ChannelScale.apply(x, k) if ctx.needs_input_grad[0] else None
-        dx = _ChannelScale.apply(g, k) if ctx.needs_input_grad[1] else None
+        dg = _ChannelScale.apply(x, k) if _needed(ctx, 0) else None
+        dx = _ChannelScale.apply(g, k) if _needed(ctx, 1) else None
         return dg, dx
 
 
@@ -215,7 +281,7 @@ class _ChannelShift(Function):
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        gb = _ChannelSum.apply(g) if ctx.needs_input_grad[1] else None
+        gb = _ChannelSum.apply(g) if _needed(ctx, 1) else None
         return g, gb
 
 
@@ -225,7 +291,7 @@ class _ChannelSum(Function):
     @staticmethod
     def forward(ctx: Any, g: Tensor) -> Tensor:
         ctx.shape = g.shape
-        return g.sum(_channel_dims(g), dtype=torch.float64).to(g.dtype)
+        return _channel_sum(g).to(g.dtype)
 
     @staticmethod
     def backward(ctx: Any, k: Tensor) -> Tensor:
@@ -254,7 +320,7 @@ class _ReluGrad(Function):
     @staticmethod
     def forward(ctx: Any, g: Tensor, out: Tensor) -> Tensor:
         ctx.save_for_backward(out)
-        grad: Tensor = _aten.threshold_backward(g, out, 0)
+        grad: Tensor = _aten.threshold_backward(_like(g, out), out, 0)
         return grad
 
     @staticmethod
@@ -267,6 +333,86 @@ def _relu(x: Tensor, inplace: bool = False) -> Tensor | None:
     if inplace:
         return None  # the caller may rely on the side effect: PyTorch's own kernel
     out: Tensor = _Relu.apply(x)
+    return out
+
+
+# (kernel, stride, padding, dilation, ceil_mode) of a 2D max pooling
+PoolConfig: TypeAlias = tuple[list[int], list[int], list[int], list[int], bool]
+
+
+class _MaxPool(Function):
+    """max_pool2d(x) = P x with P the selection of each window's argmax: piecewise linear in x."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, cfg: PoolConfig) -> Tensor:
+        pair: tuple[Tensor, Tensor] = _aten.max_pool2d_with_indices(x, *cfg)
+        out, idx = pair
+        ctx.save_for_backward(idx)
+        ctx.x_shape, ctx.cfg = x.shape, cfg
+        ctx.nhwc = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None]:
+        (idx,) = ctx.saved_tensors
+        return _PoolScatter.apply(g, idx, ctx.x_shape, ctx.nhwc, ctx.cfg), None
+
+
+class _PoolScatter(Function):
+    """P^T g: each window's g added at its argmax (``max_pool2d_with_indices_backward``), linear in g."""
+
+    @staticmethod
+    def forward(ctx: Any, g: Tensor, idx: Tensor, x_shape: torch.Size, nhwc: bool, cfg: PoolConfig) -> Tensor:
+        ctx.save_for_backward(idx)
+        ctx.x_shape, ctx.nhwc, ctx.cfg = x_shape, nhwc, cfg
+        out: Tensor = _aten.max_pool2d_with_indices_backward(_like(g, idx), _shaped(g, x_shape, nhwc), *cfg, idx)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, h: Tensor) -> tuple[Tensor | None, None, None, None, None]:
+        (idx,) = ctx.saved_tensors
+        gg = _PoolGather.apply(h, idx, ctx.x_shape, ctx.nhwc, ctx.cfg) if ctx.needs_input_grad[0] else None
+        return gg, None, None, None, None
+
+
+class _PoolGather(Function):
+    """P h: h read at each window's argmax, linear in h (its adjoint is :class:`_PoolScatter`).
+
+    Channels-last, a gather along the positions of the (N, H W, C) view: 3x faster than PyTorch's gather of the
+    (N, C, H W) view, which copies a channels-last h to NCHW first."""
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, idx: Tensor, x_shape: torch.Size, nhwc: bool, cfg: PoolConfig) -> Tensor:
+        ctx.save_for_backward(idx)
+        ctx.x_shape, ctx.nhwc, ctx.cfg = x_shape, nhwc, cfg
+        n, c, ho, wo = idx.shape
+        if nhwc:
+            hv = _nhwc(h).permute(0, 2, 3, 1).reshape(n, -1, c)
+            out = torch.gather(hv, 1, idx.permute(0, 2, 3, 1).reshape(n, -1, c))
+            return out.view(n, ho, wo, c).permute(0, 3, 1, 2)
+        return torch.gather(h.reshape(n, c, -1), 2, idx.reshape(n, c, -1)).view(n, c, ho, wo)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None, None, None]:
+        (idx,) = ctx.saved_tensors
+        gh = _PoolScatter.apply(g, idx, ctx.x_shape, ctx.nhwc, ctx.cfg) if ctx.needs_input_grad[0] else None
+        return gh, None, None, None, None
+
+
+def _max_pool2d(
+    x: Tensor,
+    kernel_size: Any,
+    stride: Any = None,
+    padding: Any = 0,
+    dilation: Any = 1,
+    ceil_mode: bool = False,
+    return_indices: bool = False,
+) -> Tensor | None:
+    if return_indices or x.ndim != 4:
+        return None  # the indices wanted, unbatched input: PyTorch's own kernel
+    k = _pair(kernel_size)
+    s = k if stride is None or (isinstance(stride, (list, tuple)) and not stride) else _pair(stride)
+    out: Tensor = _MaxPool.apply(x, (k, s, _pair(padding), _pair(dilation), bool(ceil_mode)))
     return out
 
 
@@ -283,7 +429,7 @@ class _FastMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-_FAST: dict[Any, Any] = {TF.conv2d: _conv2d, TF.batch_norm: _batch_norm, TF.relu: _relu}
+_FAST: dict[Any, Any] = {TF.conv2d: _conv2d, TF.batch_norm: _batch_norm, TF.relu: _relu, TF.max_pool2d: _max_pool2d}
 
 
 def fast_double_backward_applies(device: torch.device, dtype: torch.dtype) -> bool:
