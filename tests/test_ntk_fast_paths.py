@@ -51,6 +51,41 @@ def test_mlp_fast_equals_differentiable_path_float64(depth, w, b):
             assert torch.equal(fast[1], fast[1].T) or _rel(fast[1], fast[1].T) < 1e-15
 
 
+@pytest.mark.parametrize("w,b", [(1.0, 0.0), (1.5, 0.1)])
+def test_mlp_fast_path_without_close_pairs_skips_the_searches_and_equals_reference(monkeypatch, w, b):
+    # pairs all farther than 0.26 rad from (anti)parallel: one reduction decides, no det search, no series
+    g = torch.Generator().manual_seed(13)
+    x, y = torch.randn(10, 1, 8, 8, generator=g, dtype=D), torch.randn(7, 1, 8, 8, generator=g, dtype=D)
+    for x2 in (None, y):
+        refs = [analytic_ntk(x, x2, depth, "relu", w, b, fast=False) for depth in (0, 1, 2, 3)]
+
+        def boom(*args, **kwargs):
+            raise AssertionError("searched")
+
+        with monkeypatch.context() as m:
+            m.setattr(analytic, "_exact_det", boom)
+            m.setattr(analytic.duals, "series_fix", boom)
+            m.setattr(analytic, "check_finite_input", boom)
+            for depth, ref in zip((0, 1, 2, 3), refs, strict=True):
+                for dt in (D, torch.float32):
+                    fast = analytic_ntk(x.to(dt), None if x2 is None else x2.to(dt), depth, "relu", w, b)
+                    for f, r in zip(fast, ref, strict=True):
+                        assert f.dtype == dt
+                        assert _rel(f, r) < (1e-13 if dt == D else 1e-6), (depth, dt, x2 is None)
+
+
+def test_one_non_finite_row_raises_in_the_fast_path():
+    # N = 1: the only pair is the diagonal, whose x = x' shortcut must not hide a NaN or inf
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        x = torch.randn(1, 1, 3, 3, dtype=D)
+        x[0, 0, 1, 2] = bad
+        for x2 in (None, torch.randn(2, 1, 3, 3, dtype=D)):
+            with pytest.raises(DivergenceError, match="x1 at batch index 0"):
+                analytic_ntk(x, x2, 2, "relu", 1.5, 0.1)
+            with pytest.raises(DivergenceError, match="x1 at batch index 0"):
+                analytic_ntk(x.float(), x2, 1, "relu", 1.0, 0.0)
+
+
 def test_mlp_fast_float32_close_to_float64_and_blocks_equal_whole(monkeypatch):
     x, y = _mlp_inputs()
     for depth, x2 in itertools.product((1, 2), (None, y)):

@@ -29,12 +29,13 @@ _BLOCK_ENTRIES = 1 << 18
 _SMALL = 1 << 16  # N1 N2 up to which the kernels run on one thread
 
 
-def _as_matrix(x: Tensor, name: str) -> Tensor:
+def _as_matrix(x: Tensor, name: str, check: bool = True) -> Tensor:
     if not isinstance(x, Tensor):
         raise ShapeError(f"{name} must be a torch.Tensor of shape (N, ...), got {type(x).__name__}.")
     if x.dim() < 1 or x.shape[0] == 0:
         raise ShapeError(f"{name} must have shape (N, ...) with N >= 1, got {tuple(x.shape)}.")
-    check_finite_input(x, name, "analytic_ntk")
+    if check:
+        check_finite_input(x, name, "analytic_ntk")
     return x.reshape(x.shape[0], -1)
 
 
@@ -45,6 +46,7 @@ def check_finite_input(x: Tensor, name: str, where: str) -> None:
         raise DivergenceError(f"{where}: the input {name} at batch index {i} holds non-finite values (NaN or inf).")
 
 
+_EDGE = math.sin(0.26) ** 2  # sin^2 of an angle above duals' series edge (0.25) and the near-parallel 1e-3
 _NEAR_PARALLEL = 1e-6  # sin^2 of the input angle below which c11 c22 - c12^2 is recomputed from differences
 
 
@@ -79,60 +81,97 @@ def _relu_fast(
     w2: float,
     b2: float,
     dtype: torch.dtype,
+    inputs: tuple[tuple[Tensor, str], ...] = (),
 ) -> tuple[Tensor, Tensor]:
     """ReLU ``(nngp, ntk)`` of rows ``a`` (float64) against ``b``, forward only: the values of the generic
-    recursion (:func:`_relu_layer`) with in-place steps, the series of ``n J1`` only where pi - theta < 0.25
-    (:func:`duals.series_fix`) and, for x2 = None, ``c11 c22 - c12^2 = 0`` set on the diagonal ``diag``
-    (offset of the block) instead of searched for. ``v1``, ``v2``: the input variances ``W^2 |x|^2 / d + b^2``
-    (``v1`` None: x2 = None and all rows, read off the diagonal of ``c = W^2 a.b / d + b^2``).
+    recursion (:func:`_relu_layer`) with in-place steps and fewer passes. ``c11 c22 - c12^2 = 0`` is set on the
+    diagonal ``diag`` (offset of the block; None: x2 given); one reduction of ``det - sin^2(0.26) v1 v2`` says
+    whether any pair is within 0.26 of (anti)parallel: only then are the near-parallel dets searched for
+    (:func:`_exact_det`) and the series of ``n J1`` (:func:`duals.series_fix`) applied, and only when it is not
+    finite are ``inputs`` (tensor, name) checked for NaN / inf. Intermediate kernels are kept negated (``-c``
+    feeds ``atan2(s, -c)`` with no negation pass). ``v1``, ``v2``: the input variances ``W^2 |x|^2 / d + b^2``
+    (``v1`` None: x2 = None and all rows, read off the diagonal of ``c``).
     """
     alpha = w2 / a.shape[1]
-    c = torch.mm(a, b.T)
-    if alpha != 1.0:
-        c.mul_(alpha)
+    negc = torch.mm(a, b.t())
+    negc.mul_(-alpha)  # -c = -(W^2 a.b / d + b^2), bit for bit the negated c of the generic path
     if b2 != 0.0:
-        c.add_(b2)
+        negc.sub_(b2)
     same = v1 is None  # one set of variances
-    v1 = c.diagonal().clone() if v1 is None else v1
-    outer = torch.outer(v1, v1 if same else v2)
-    det = torch.addcmul(outer, c, c, value=-1.0)
-    margin = torch.add(det, outer, alpha=-_NEAR_PARALLEL)  # <= 0: nearly (anti)parallel, recompute
+    v1 = negc.diagonal().neg() if v1 is None else v1
+    outer = torch.mul(v1.unsqueeze(1), v1 if same else v2)
+    det = torch.addcmul(outer, negc, negc, value=-1.0)
+    near = torch.add(det, outer, alpha=-_EDGE)  # <= 0: within 0.26 of (anti)parallel
     if diag is not None:
         det.diagonal(diag).fill_(0.0)
-        margin.diagonal(diag).fill_(1.0)
-    if float(margin.amin()) <= 0.0:  # one reduction; the search only when some pair needs it
-        i, j = (margin <= 0.0).nonzero(as_tuple=True)
-        det.index_put_((i, j), _exact_det(a[i], b[j], alpha, b2))
+        near.diagonal(diag).copy_(v1)  # > 0 unless v = 0; NaN / inf for a non-finite input even at N = 1
+    low = float(near.amin())
+    close = not 0.0 < low < math.inf
+    if close:
+        if not math.isfinite(low):
+            for x, name in inputs:
+                check_finite_input(x, name, "analytic_ntk")
+        margin = torch.add(det, outer, alpha=-_NEAR_PARALLEL)  # <= 0: nearly (anti)parallel, recompute
+        if diag is not None:
+            margin.diagonal(diag).fill_(1.0)
+        if float(margin.amin()) <= 0.0:
+            i, j = (margin <= 0.0).nonzero(as_tuple=True)
+            det.index_put_((i, j), _exact_det(a[i], b[j], alpha, b2))
     tiny = torch.finfo(dtype).tiny
     s = det.to(dtype).clamp_(min=tiny).sqrt_()
-    c, v1 = c.to(dtype), v1.to(dtype)
+    negc, v1 = negc.to(dtype), v1.to(dtype)
     v2 = v1 if same else v2.to(dtype)
-    ntk, scale = c, w2 * 0.5 / math.pi
+    ntk, sign = negc, -1.0  # ntk holds sign * Theta
+    scale = w2 * 0.5 / math.pi
     for layer in range(depth):
-        # v >= b^2: the clamp of safe_sqrt is a no-op for b^2 >= tiny
-        r1 = v1.sqrt() if b2 >= tiny else v1.clamp(min=tiny).sqrt_()
-        r2 = r1 if same else v2.sqrt() if b2 >= tiny else v2.clamp(min=tiny).sqrt_()
-        n = torch.outer(r1, r2)
-        phi = torch.atan2(s, c.neg())
-        nj1 = torch.addcmul(s, phi, c)
-        if layer == 0:
-            duals.series_fix(nj1, phi, n)
-        if layer < depth - 1:  # s^2 = w2^2 / 4 gap (n + n J1 / pi) + w2 b2 ((r1 - r2)^2 / 2 + gap), as _relu_layer
-            gap = duals.relu_gap(c, s, n)
-            u = torch.add(n, nj1, alpha=1.0 / math.pi)
-            if b2 != 0.0:
-                diff = r1.unsqueeze(1) - r2
-                s = torch.addcmul(torch.addcmul(gap, diff, diff, value=0.5), gap, u, value=w2 / (4.0 * b2))
-                s.mul_(w2 * b2)
-            else:
-                s = u.mul_(gap).mul_(w2 * w2 / 4.0)
-            s.clamp_(min=tiny).sqrt_()
-        c = nj1.mul_(scale).add_(b2)
-        ntk = torch.addcmul(c, ntk, phi, value=scale)
-        if layer < depth - 1:
-            v1 = v1 * (w2 / 2.0) + b2
-            v2 = v1 if same else v2 * (w2 / 2.0) + b2
-    return c, ntk
+        last = layer == depth - 1
+        phi = torch.atan2(s, negc)
+        nj1 = torch.addcmul(s, phi, negc, value=-1.0)  # s + phi c
+        if not last or (layer == 0 and close):
+            # v >= b^2: the clamp of safe_sqrt is a no-op for b^2 >= tiny
+            r1 = v1.sqrt() if b2 >= tiny else v1.clamp(min=tiny).sqrt_()
+            r2 = r1 if same else v2.sqrt() if b2 >= tiny else v2.clamp(min=tiny).sqrt_()
+            n = torch.mul(r1.unsqueeze(1), r2)
+            if layer == 0 and close:
+                duals.series_fix(nj1, phi, n)
+        if last:
+            c = nj1.mul_(scale).add_(b2)
+            return c, torch.addcmul(c, ntk, phi, value=sign * scale)
+        # s^2 = w2^2 / 4 gap (n + n J1 / pi) + w2 b2 ((r1 - r2)^2 / 2 + gap), as _relu_layer
+        gap = _gap(negc, s, n, layer == 0, b2 > 0.0)
+        u = torch.add(n, nj1, alpha=1.0 / math.pi)
+        if b2 != 0.0:
+            diff = r1.unsqueeze(1) - r2
+            s = torch.addcmul(torch.addcmul(gap, diff, diff, value=0.5), gap, u, value=w2 / (4.0 * b2))
+            s.mul_(w2 * b2)
+        else:
+            s = u.mul_(gap).mul_(w2 * w2 / 4.0)
+        s.clamp_(min=tiny).sqrt_()
+        negc = nj1.mul_(-scale).sub_(b2)
+        ntk = torch.addcmul(negc, ntk, phi, value=-sign * scale)  # -Theta = -c - scale Theta phi
+        sign = -1.0
+        v1 = v1 * (w2 / 2.0) + b2
+        v2 = v1 if same else v2 * (w2 / 2.0) + b2
+    return negc.neg(), ntk.neg()  # depth 0
+
+
+def _gap(negc: Tensor, s: Tensor, n: Tensor, signed: bool, positive_n: bool) -> Tensor:
+    """The gap ``n - n J1 / pi = (n - c) - (s - theta c) / pi >= 0`` of :func:`duals.relu_gap` from ``-c``.
+
+    ``n - c = s^2 / (n + |c|) + 2 max(-c, 0)``: ``s^2 / (n + c)`` for c > 0 and ``(n + c) + 2 |c|`` (a sum of
+    non-negative terms) for c <= 0, with no selection pass; used where n > 0 (``positive_n``: b^2 > 0), else
+    :func:`duals.relu_gap`. Unsigned c (layers after the first: c >= b^2 > 0) gives ``s^2 / (n + c)``.
+    """
+    c = negc.neg()
+    if not positive_n:
+        return duals.relu_gap(c, s, n)
+    theta = torch.atan2(s, c)
+    sin_part = torch.addcmul(s, theta, c, value=-1.0, out=theta)  # s - theta c
+    ratio = torch.add(n, c.abs_() if signed else c)  # n + |c|
+    ratio = torch.div(s, ratio, out=ratio).mul_(s)  # s^2 / (n + |c|)
+    if signed:
+        ratio.add_(negc.clamp(min=0.0), alpha=2.0)
+    return ratio.sub_(sin_part, alpha=1.0 / math.pi).clamp_(min=0.0)
 
 
 def _relu_layer(
@@ -191,8 +230,11 @@ def analytic_ntk(
         raise ConfigError(f"depth (number of hidden layers) must be an int >= 0, got {depth!r}.")
     if weight_std < 0 or bias_std < 0:
         raise ConfigError(f"weight_std and bias_std must be >= 0, got {weight_std}, {bias_std}.")
-    a = _as_matrix(x1, "x1")
-    b = a if x2 is None else _as_matrix(x2, "x2")
+    grads = torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in (x1, x2))
+    lazy = fast and activation == "relu" and not grads  # _relu_fast checks the inputs only if its sums are not finite
+    a = _as_matrix(x1, "x1", not lazy)
+    b = a if x2 is None else _as_matrix(x2, "x2", not lazy)
+    inputs = ((x1, "x1"),) if x2 is None else ((x1, "x1"), (x2, "x2"))
     if a.shape[1] != b.shape[1]:
         raise ShapeError(
             f"x1 and x2 must have the same number of features; got {a.shape[1]} and "
@@ -207,19 +249,20 @@ def analytic_ntk(
     d = a.shape[1]
     w2, b2 = float(weight_std) ** 2, float(bias_std) ** 2
     step = max(1, _BLOCK_ENTRIES // max(1, b.shape[0]))
-    grads = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
     # small: one thread (an intra-op barrier per op costs more than the op, 10-100x under load)
     small = a.device.type == "cpu" and a.shape[0] * b.shape[0] <= _SMALL and torch.get_num_threads() > 1
-    if fast and activation == "relu" and not grads and x2 is None and step >= a.shape[0]:
-        with single_threaded(small):
-            return _relu_fast(a64, a64, None, a64, 0, depth, w2, b2, dtype)  # variances: the Gram diagonal
+    if lazy and x2 is None and step >= a.shape[0]:  # variances: the Gram diagonal
+        if not small:
+            return _relu_fast(a64, a64, None, a64, 0, depth, w2, b2, dtype, inputs)
+        with single_threaded(True):
+            return _relu_fast(a64, a64, None, a64, 0, depth, w2, b2, dtype, inputs)
     c11_all = w2 * (a64 * a64).sum(-1) / d + b2
     c22_0 = c11_all if x2 is None else w2 * (b64 * b64).sum(-1) / d + b2
 
     def block(rows: slice) -> tuple[Tensor, Tensor]:
-        if fast and activation == "relu" and not grads:
+        if lazy:
             diag = None if x2 is not None else rows.start or 0
-            return _relu_fast(a64[rows], b64, c11_all[rows], c22_0, diag, depth, w2, b2, dtype)
+            return _relu_fast(a64[rows], b64, c11_all[rows], c22_0, diag, depth, w2, b2, dtype, inputs)
         c11, c22 = c11_all[rows], c22_0
         c12 = (w2 / d) * (a64[rows] @ b64.T) + b2
         if activation != "relu":
