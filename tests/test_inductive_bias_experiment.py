@@ -129,3 +129,6 @@ def test_patch_laplace_kernels_symmetric_matches_cross():
         for name, k in sym.items():
             assert torch.equal(k, k.T) and torch.all(k.diagonal() == 1.0)
             torch.testing.assert_close(k, cross[name], rtol=1e-14, atol=0)
+    # no points on a side: empty matrices
+    assert patch_laplace_kernels(x[:0], None, [2])["fc"].shape == (0, 0)
+    assert patch_laplace_kernels(x[:3], x[:0], [2])["local_s2"].shape == (3, 0)

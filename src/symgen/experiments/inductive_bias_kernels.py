@@ -144,14 +144,14 @@ def patch_laplace_kernels(
     out = {name: torch.empty(n1, n2, dtype=torch.float64) for name in names}
     fs = sorted(set(filters))
     at, bt = a.T.contiguous(), b.T.contiguous()  # (d, N): one plane per pixel
-    per_pair = max(1, block_entries // d)  # pairs per tile
+    per_pair = max(1, block_entries // max(1, d))  # pairs per tile
     wrap = max(max(fs, default=0) - 1, 0)
     bufs = tuple(torch.empty(planes * per_pair, dtype=torch.float64) for planes in (d + wrap, d, d))
-    cols = min(n2, per_pair)
+    cols = max(1, min(n2, per_pair))
     i = 0
     while i < n1:
         j0 = i if sym else 0  # symmetric: columns from the block's first row on, the rest mirrored
-        r = min(n1 - i, max(1, per_pair // (n2 - j0)))  # whole rows when they fit, else column pieces
+        r = min(n1 - i, max(1, per_pair // max(1, n2 - j0)))  # whole rows when they fit, else column pieces
         for j in range(j0, n2, cols):
             c = min(cols, n2 - j)
             views = {name: out[name][i : i + r, j : j + c] for name in names}
