@@ -99,11 +99,12 @@ def _relu_fast(
         negc.sub_(b2)
     same = v1 is None  # one set of variances
     v1 = negc.diagonal().neg() if v1 is None else v1
-    outer = torch.mul(v1.unsqueeze(1), v1 if same else v2)
+    outer = torch.outer(v1, v1 if same else v2)
     det = torch.addcmul(outer, negc, negc, value=-1.0)
     near = torch.add(det, outer, alpha=-_EDGE)  # <= 0: within 0.26 of (anti)parallel
+    tiny = torch.finfo(dtype).tiny
     if diag is not None:
-        det.diagonal(diag).fill_(0.0)
+        det.diagonal(diag).fill_(tiny)  # x = x': s = sqrt(tiny), as the clamp of the generic path
         near.diagonal(diag).copy_(v1)  # > 0 unless v = 0; NaN / inf for a non-finite input even at N = 1
     low = float(near.amin())
     close = not 0.0 < low < math.inf
@@ -117,10 +118,11 @@ def _relu_fast(
         if float(margin.amin()) <= 0.0:
             i, j = (margin <= 0.0).nonzero(as_tuple=True)
             det.index_put_((i, j), _exact_det(a[i], b[j], alpha, b2))
-    tiny = torch.finfo(dtype).tiny
-    s = det.to(dtype).clamp_(min=tiny).sqrt_()
-    negc, v1 = negc.to(dtype), v1.to(dtype)
-    v2 = v1 if same else v2.to(dtype)
+    s = det if dtype == torch.float64 else det.to(dtype)
+    if close or _EDGE * b2 * b2 < 2.0 * tiny:  # else det > sin^2(0.26) v1 v2 >= sin^2(0.26) b^4: no clamp
+        s.clamp_(min=tiny)
+    s.sqrt_()
+    negc = negc.to(dtype)
     ntk, sign = negc, -1.0  # ntk holds sign * Theta
     scale = w2 * 0.5 / math.pi
     for layer in range(depth):
@@ -129,16 +131,23 @@ def _relu_fast(
         nj1 = torch.addcmul(s, phi, negc, value=-1.0)  # s + phi c
         if not last or (layer == 0 and close):
             # v >= b^2: the clamp of safe_sqrt is a no-op for b^2 >= tiny
+            v1 = v1.to(dtype)  # float64 until needed
+            v2 = v1 if same else v2.to(dtype)
             r1 = v1.sqrt() if b2 >= tiny else v1.clamp(min=tiny).sqrt_()
             r2 = r1 if same else v2.sqrt() if b2 >= tiny else v2.clamp(min=tiny).sqrt_()
-            n = torch.mul(r1.unsqueeze(1), r2)
+            n = torch.outer(r1, r2)
             if layer == 0 and close:
                 duals.series_fix(nj1, phi, n)
         if last:
             c = nj1.mul_(scale).add_(b2)
             return c, torch.addcmul(c, ntk, phi, value=sign * scale)
         # s^2 = w2^2 / 4 gap (n + n J1 / pi) + w2 b2 ((r1 - r2)^2 / 2 + gap), as _relu_layer
-        gap = _gap(negc, s, n, layer == 0, b2 > 0.0)
+        if layer == 0 and not close:  # theta in [0.26, pi - 0.26]: n J1 / pi <= 0.968 n, <= 5 bits cancel
+            gap = torch.add(n, nj1, alpha=-1.0 / math.pi)
+            if diag is not None:
+                gap.diagonal(diag).fill_(0.0)  # x = x': theta = 0
+        else:
+            gap = _gap(negc, s, n, layer == 0, b2 > 0.0)
         u = torch.add(n, nj1, alpha=1.0 / math.pi)
         if b2 != 0.0:
             diff = r1.unsqueeze(1) - r2
