@@ -1,4 +1,4 @@
-"""Convolution and eval-mode BatchNorm with a fast double backward, for curvature products on CPU.
+"""Convolution, eval-mode BatchNorm, ReLU and max pooling with a fast double backward, for curvature products on CPU.
 
 A Hessian- or GGN-vector product on a retained graph differentiates the backward pass of every
 layer. PyTorch's own double backward of ``conv2d`` forms the weight term as a convolution of the
@@ -13,13 +13,18 @@ three bilinear maps, each the adjoint of the others, so every derivative of ever
 with dB/dg^T = A, dB/dW^T h = C(h, g), dC/dx^T k = B(g, k), dC/dg^T k = A(x, k): oneDNN's forward,
 backward-data and backward-weights kernels, run channels-last (NHWC), where they are 2-3x faster
 than NCHW on CPU for few channels on large maps. Eval-mode BatchNorm is the centred affine map
-``(x - mean) s + beta`` with ``s = gamma / sqrt(var + eps)``, and ``relu``'s backward is a function whose own
-derivative in the (piecewise constant) mask is None, not a zero tensor that autograd would fill and add into
-every activation's tangent. Same products to round-off (tests/test_double_backward.py, tests/test_hvp_fast.py).
+``(x - mean) s + beta`` with ``s = gamma / sqrt(var + eps)``; ``relu``'s and ``max_pool2d``'s backward
+passes are functions whose own derivative in the (piecewise constant) mask or argmax is None, not a zero tensor
+that autograd would fill and add into every activation's tangent; max pooling is the pair P^T g (scatter to the
+argmax) and P h (gather from it). Every tensor of the graph stays channels-last (elementwise kernels over two
+layouts run strided, 5-15x slower), and a backward pass computes only the gradients the engine will use
+(:func:`_needed`). Same products to round-off (tests/test_double_backward.py, tests/test_hvp_fast.py,
+tests/test_double_backward_layouts.py).
 Folding BatchNorm into the convolution's weight (conv(x, s W)) saves its elementwise passes but forms
-d/dgamma from two large sums that cancel: 1e-4 relative error in float32 at batch 50; not done. Measured per Hessian-vector product on 2 CPU cores
-(benchmarks/README.md): CIFAR ResNet-20, batch 200, 1.3-1.5x faster than PyTorch's kernels; CIFAR
-ResNet-18 (64-512 channels, already near the matmul rate) about 1.1x; a CNN on 8x8 digits, even.
+d/dgamma from two large sums that cancel: 1e-4 relative error in float32 at batch 50; not done. Measured per
+product, 1 thread, against PyTorch's kernels: a BN CNN on 8x8 digits (86k parameters, batch 512) 1.4x (Hessian,
+kept graph) and 1.7x (GGN); CIFAR ResNet-20, batch 200, 1.3-1.5x on 2 cores (benchmarks/README.md); CIFAR
+ResNet-18 (64-512 channels, already near the matmul rate) about 1.1x.
 
 Activations come out channels-last, so a model that flattens a feature map with ``.view`` fails
 inside :func:`fast_double_backward`; the operators then rebuild the graph with PyTorch's kernels.
@@ -124,7 +129,7 @@ class _Conv(Function):
         x, w = ctx.saved_tensors
         # g = 0 exactly: the backward of J^T u at the dummy u = 0 that builds the GGN's graph; its values are
         # zeros, its graph is what counts (one pass over g against two convolutions)
-        zero = not bool(g[0].any()) and not bool(g.any())  # one sample first: a nonzero g rarely has it zero
+        zero = g.numel() == 0 or not (bool(g[0].any()) or bool(g.any()))  # one sample first: rarely all zero
         gx = _InputGrad.apply(g, w, x.shape, ctx.cfg, zero) if _needed(ctx, 0) else None
         gw = _WeightGrad.apply(x, g, w.shape, ctx.cfg, zero) if _needed(ctx, 1) else None
         return gx, gw, None
@@ -449,7 +454,7 @@ def fast_double_backward_applies(device: torch.device, dtype: torch.dtype) -> bo
 
 @contextmanager
 def fast_double_backward() -> Iterator[None]:
-    """Inside: ``conv2d`` and eval-mode ``batch_norm`` build graphs whose double backward is fast (above).
+    """Inside: ``conv2d``, eval-mode ``batch_norm``, ``relu`` and ``max_pool2d`` build graphs whose double backward is fast (above).
 
     Yields:
         None, once (a context manager).
