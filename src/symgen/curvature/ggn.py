@@ -68,7 +68,9 @@ class GGNOperator(ModelOperator):
                     f"got {type(out).__name__}: wrap the model to return the logits."
                 )
             # J^T u is linear in the dummy u, so its derivative in u along v is J v: the forward
-            # product on the same retained graph as the backward one
+            # product on the same retained graph as the backward one. With the fast double backward the
+            # build at u = 0 runs no convolution and J v only the tangent's forward ones, as forward mode
+            # would (so a first product costs no more convolutions than jvp + vjp, and later ones reuse it)
             u = torch.zeros_like(out, requires_grad=True)
             jtu = torch.autograd.grad(out, leaves, grad_outputs=u, create_graph=True, allow_unused=True)
             o = out.detach().requires_grad_(True)
