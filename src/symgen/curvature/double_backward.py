@@ -90,6 +90,9 @@ def _shaped(like: Tensor, shape: torch.Size, nhwc: bool) -> Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
+_WILL_RUN = getattr(torch._C, "_will_engine_execute_node", lambda fn: True)  # as torch.autograd.graph uses it
+
+
 def _needed(ctx: Any, i: int) -> bool:
     """Whether this backward pass uses the gradient of input ``i`` (a tensor input before any non-tensor one).
 
@@ -105,9 +108,6 @@ def _needed(ctx: Any, i: int) -> bool:
         return fn is not None and bool(_WILL_RUN(fn))
     except RuntimeError:  # a leaf (AccumulateGrad) under autograd.grad
         return True
-
-
-_WILL_RUN = getattr(torch._C, "_will_engine_execute_node", lambda fn: True)
 
 
 def _node(t: Tensor | None) -> Tensor | None:
