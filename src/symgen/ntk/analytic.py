@@ -25,7 +25,7 @@ from symgen.rng import Seed, init_generator
 __all__ = ["ACTIVATIONS", "analytic_ntk", "NTKLinear", "Erf", "ntk_mlp"]
 
 ACTIVATIONS = ("relu", "erf", "identity")
-_BLOCK_ENTRIES = 1 << 18
+_BLOCK_ENTRIES = 1 << 16  # rows x columns per block: ~10 block-sized temporaries fit a 1 MiB L2
 _SMALL = 1 << 16  # N1 N2 up to which the kernels run on one thread
 
 
@@ -82,6 +82,7 @@ def _relu_fast(
     b2: float,
     dtype: torch.dtype,
     inputs: tuple[tuple[Tensor, str], ...] = (),
+    out: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """ReLU ``(nngp, ntk)`` of rows ``a`` (float64) against ``b``, forward only: the values of the generic
     recursion (:func:`_relu_layer`) with in-place steps and fewer passes. ``c11 c22 - c12^2 = 0`` is set on the
@@ -90,7 +91,7 @@ def _relu_fast(
     (:func:`_exact_det`) and the series of ``n J1`` (:func:`duals.series_fix`) applied, and only when it is not
     finite are ``inputs`` (tensor, name) checked for NaN / inf. Intermediate kernels are kept negated (``-c``
     feeds ``atan2(s, -c)`` with no negation pass). ``v1``, ``v2``: the input variances ``W^2 |x|^2 / d + b^2``
-    (``v1`` None: x2 = None and all rows, read off the diagonal of ``c``).
+    (``v1`` None: x2 = None and all rows, read off the diagonal of ``c``). ``out``: where to write (nngp, ntk).
     """
     alpha = w2 / a.shape[1]
     negc = torch.mm(a, b.t())
@@ -139,8 +140,9 @@ def _relu_fast(
             if layer == 0 and close:
                 duals.series_fix(nj1, phi, n)
         if last:
-            c = nj1.mul_(scale).add_(b2)
-            return c, torch.addcmul(c, ntk, phi, value=sign * scale)
+            c = nj1.mul_(scale) if out is None else torch.mul(nj1, scale, out=out[0])
+            c.add_(b2)
+            return c, torch.addcmul(c, ntk, phi, value=sign * scale, out=None if out is None else out[1])
         # s^2 = w2^2 / 4 gap (n + n J1 / pi) + w2 b2 ((r1 - r2)^2 / 2 + gap), as _relu_layer
         if layer == 0 and not close:  # theta in [0.26, pi - 0.26]: n J1 / pi <= 0.968 n, <= 5 bits cancel
             gap = torch.add(n, nj1, alpha=-1.0 / math.pi)
@@ -161,7 +163,9 @@ def _relu_fast(
         sign = -1.0
         v1 = v1 * (w2 / 2.0) + b2
         v2 = v1 if same else v2 * (w2 / 2.0) + b2
-    return negc.neg(), ntk.neg()  # depth 0
+    if out is None:  # depth 0
+        return negc.neg(), ntk.neg()
+    return torch.neg(negc, out=out[0]), torch.neg(ntk, out=out[1])
 
 
 def _gap(negc: Tensor, s: Tensor, n: Tensor, signed: bool, positive_n: bool) -> Tensor:
@@ -268,10 +272,10 @@ def analytic_ntk(
     c11_all = w2 * (a64 * a64).sum(-1) / d + b2
     c22_0 = c11_all if x2 is None else w2 * (b64 * b64).sum(-1) / d + b2
 
-    def block(rows: slice) -> tuple[Tensor, Tensor]:
+    def block(rows: slice, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         if lazy:
             diag = None if x2 is not None else rows.start or 0
-            return _relu_fast(a64[rows], b64, c11_all[rows], c22_0, diag, depth, w2, b2, dtype, inputs)
+            return _relu_fast(a64[rows], b64, c11_all[rows], c22_0, diag, depth, w2, b2, dtype, inputs, out)
         c11, c22 = c11_all[rows], c22_0
         c12 = (w2 / d) * (a64[rows] @ b64.T) + b2
         if activation != "relu":
@@ -291,8 +295,8 @@ def analytic_ntk(
             c11, c12, c22, s, ntk = _relu_layer(c11, c12, c22, s, ntk, w2, b2, layer == 0, layer == depth - 1)
         return c12, ntk
 
-    # Row blocks of ~256K entries: the ~20 elementwise passes per layer then run in cache instead of
-    # streaming (and page-faulting) full N1 x N2 temporaries; 3-6x faster at 1000 x 1000.
+    # Row blocks of ~64K entries: the ~20 elementwise passes per layer then run in L2 instead of streaming
+    # (and page-faulting) full N1 x N2 temporaries; 3-6x faster at 1000 x 1000 than whole, 1.2-3x than 256K.
     if step >= a.shape[0]:
         with single_threaded(small):
             return block(slice(None))
@@ -302,7 +306,11 @@ def analytic_ntk(
     nngp = torch.empty(a.shape[0], b.shape[0], dtype=dtype, device=a.device)
     ntk = torch.empty_like(nngp)
     for i in range(0, a.shape[0], step):  # no autograd: write blocks in place, no concatenation
-        nngp[i : i + step], ntk[i : i + step] = block(slice(i, i + step))
+        rows = slice(i, i + step)
+        if lazy:  # the last pass writes into the outputs
+            block(rows, (nngp[rows], ntk[rows]))
+        else:
+            nngp[rows], ntk[rows] = block(rows)
     return nngp, ntk
 
 
