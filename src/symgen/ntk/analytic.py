@@ -149,7 +149,7 @@ def _relu_fast(
             if diag is not None:
                 gap.diagonal(diag).fill_(0.0)  # x = x': theta = 0
         else:
-            gap = _gap(negc, s, n, layer == 0, b2 > 0.0)
+            gap = _gap(negc, s, n, b2 >= tiny)
         u = torch.add(n, nj1, alpha=1.0 / math.pi)
         if b2 != 0.0:
             diff = r1.unsqueeze(1) - r2
@@ -168,23 +168,9 @@ def _relu_fast(
     return torch.neg(negc, out=out[0]), torch.neg(ntk, out=out[1])
 
 
-def _gap(negc: Tensor, s: Tensor, n: Tensor, signed: bool, positive_n: bool) -> Tensor:
-    """The gap ``n - n J1 / pi = (n - c) - (s - theta c) / pi >= 0`` of :func:`duals.relu_gap` from ``-c``.
-
-    ``n - c = s^2 / (n + |c|) + 2 max(-c, 0)``: ``s^2 / (n + c)`` for c > 0 and ``(n + c) + 2 |c|`` (a sum of
-    non-negative terms) for c <= 0, with no selection pass; used where n > 0 (``positive_n``: b^2 > 0), else
-    :func:`duals.relu_gap`. Unsigned c (layers after the first: c >= b^2 > 0) gives ``s^2 / (n + c)``.
-    """
-    c = negc.neg()
-    if not positive_n:
-        return duals.relu_gap(c, s, n)
-    theta = torch.atan2(s, c)
-    sin_part = torch.addcmul(s, theta, c, value=-1.0, out=theta)  # s - theta c
-    ratio = torch.add(n, c.abs_() if signed else c)  # n + |c|
-    ratio = torch.div(s, ratio, out=ratio).mul_(s)  # s^2 / (n + |c|)
-    if signed:
-        ratio.add_(negc.clamp(min=0.0), alpha=2.0)
-    return ratio.sub_(sin_part, alpha=1.0 / math.pi).clamp_(min=0.0)
+def _gap(negc: Tensor, s: Tensor, n: Tensor, positive_n: bool) -> Tensor:
+    """The gap ``n - n J1 / pi`` of :func:`duals.relu_gap` from ``-c`` (``positive_n``: b^2 >= tiny, so n > 0)."""
+    return duals.relu_gap(negc.neg(), s, n, n_positive=positive_n)
 
 
 def _relu_layer(

@@ -263,7 +263,8 @@ def _flat_tile(cfg: _Config, tile: _Rect, work: Workspace) -> tuple[Tensor, Tens
     for layer in range(1, cfg.depth):
         r1, r2 = tile.pair(cfg.sa[layer - 1], cfg.sb[layer - 1], work, "r")
         t1, t2 = work.get("t1", c.shape, dt), work.get("t2", c.shape, dt)
-        dist = duals.relu_gap(c, s, torch.mul(r1, r2, out=t2), out=stack[:, 2], scratch=t1, n_free=True)
+        n = torch.mul(r1, r2, out=t2)
+        dist = duals.relu_gap(c, s, n, out=stack[:, 2], scratch=t1, n_free=True, n_positive=b2 >= torch.finfo(dt).tiny)
         dr = torch.sub(r1, r2, out=t2)
         dist.addcmul_(dr, dr, value=0.5)  # E(relu(u) - relu(v))^2 = (sqrt v1 - sqrt v2)^2 / 2 + gap
         nj1 = torch.addcmul(s, phi, c, out=stack[:, 0])  # n J1 = s + (pi - theta) c (c is done after this)

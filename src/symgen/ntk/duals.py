@@ -87,12 +87,20 @@ def relu_dual(c: Tensor, s: Tensor, n: Tensor, signed: bool, gap: bool) -> tuple
 
 
 def relu_gap(
-    c: Tensor, s: Tensor, n: Tensor, out: Tensor | None = None, scratch: Tensor | None = None, n_free: bool = False
+    c: Tensor,
+    s: Tensor,
+    n: Tensor,
+    out: Tensor | None = None,
+    scratch: Tensor | None = None,
+    n_free: bool = False,
+    n_positive: bool = False,
 ) -> Tensor:
     """The gap ``n - n J1 / pi = (n - c) - (s - theta c) / pi >= 0`` of :func:`relu_dual`, forward only.
 
     ``theta = atan2(s, c)``; ``n - c = s^2 / (n + c)`` where c > 0 (no cancellation as theta -> 0), else
-    ``n - c`` (also right for n = c = 0, where the clamped s^2 / (n + |c|) would give 1).
+    ``n - c`` (also right for n = c = 0, where the clamped s^2 / (n + |c|) would give 1). ``n_positive``
+    (n > 0 everywhere, e.g. b^2 > 0): ``n - c = s^2 / (n + |c|) + 2 max(-c, 0)`` instead, the same for c > 0
+    and a sum of two non-negative terms for c <= 0, with no comparison and selection pass.
 
     Args:
         c: covariances.
@@ -101,16 +109,24 @@ def relu_gap(
         out: where to write the gap (c's shape), or None for a new tensor.
         scratch: a tensor of c's shape to work in, or None.
         n_free: n has c's shape and may be overwritten.
+        n_positive: n > 0 everywhere.
 
     Returns:
         the gap (``out`` when given).
     """
     theta = torch.atan2(s, c, out=scratch)
     sin_part = torch.addcmul(s, theta, c, value=-1.0, out=theta)  # s - theta c
-    n_minus_c = torch.sub(n, c, out=out)
-    ratio = n.add_(c) if n_free else torch.add(n, c)
-    ratio = torch.div(s, ratio, out=ratio).mul_(s)  # s^2 / (n + c)
-    gap = torch.where(c > 0, ratio, n_minus_c, out=n_minus_c)
+    if n_positive:
+        absc = torch.abs(c, out=out)
+        ratio = n.add_(absc) if n_free else torch.add(n, absc)
+        ratio = torch.div(s, ratio, out=ratio).mul_(s)  # s^2 / (n + |c|)
+        neg = torch.clamp(c, max=0.0, out=out)
+        gap = torch.add(ratio, neg, alpha=-2.0, out=neg)
+    else:
+        n_minus_c = torch.sub(n, c, out=out)
+        ratio = n.add_(c) if n_free else torch.add(n, c)
+        ratio = torch.div(s, ratio, out=ratio).mul_(s)  # s^2 / (n + c)
+        gap = torch.where(c > 0, ratio, n_minus_c, out=n_minus_c)
     return gap.sub_(sin_part, alpha=1.0 / math.pi).clamp_(min=0.0)
 
 
