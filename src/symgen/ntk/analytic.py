@@ -85,13 +85,15 @@ def _relu_fast(
     out: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """ReLU ``(nngp, ntk)`` of rows ``a`` (float64) against ``b``, forward only: the values of the generic
-    recursion (:func:`_relu_layer`) with in-place steps and fewer passes. ``c11 c22 - c12^2 = 0`` is set on the
-    diagonal ``diag`` (offset of the block; None: x2 given); one reduction of ``det - sin^2(0.26) v1 v2`` says
-    whether any pair is within 0.26 of (anti)parallel: only then are the near-parallel dets searched for
-    (:func:`_exact_det`) and the series of ``n J1`` (:func:`duals.series_fix`) applied, and only when it is not
-    finite are ``inputs`` (tensor, name) checked for NaN / inf. Intermediate kernels are kept negated (``-c``
-    feeds ``atan2(s, -c)`` with no negation pass). ``v1``, ``v2``: the input variances ``W^2 |x|^2 / d + b^2``
-    (``v1`` None: x2 = None and all rows, read off the diagonal of ``c``). ``out``: where to write (nngp, ntk).
+    recursion (:func:`_relu_layer`, arXiv 1806.07572) with in-place steps and fewer passes. ``diag``: offset of
+    the x = x' diagonal in the block (None: none), where ``c11 c22 - c12^2 = 0`` is set. One reduction of
+    ``det - sin^2(0.26) v1 v2`` says whether any other pair is within 0.26 rad of (anti)parallel: only then are
+    the near-parallel dets searched for (:func:`_exact_det`), the series of ``n J1`` applied
+    (:func:`duals.series_fix`) and the first gap taken from :func:`duals.relu_gap`; else that gap is
+    ``n - n J1 / pi`` (>= 0.032 n there: at most 5 bits cancel). Only a non-finite reduction checks ``inputs``
+    (tensor, name) for NaN / inf. Intermediate kernels are kept negated (``atan2(s, -c)`` with no negation
+    pass). ``v1``, ``v2``: the input variances ``W^2 |x|^2 / d + b^2`` (``v1`` None: x2 = None and all rows,
+    read off the diagonal of ``c``). ``out``: where to write (nngp, ntk).
     """
     alpha = w2 / a.shape[1]
     negc = torch.mm(a, b.t())
