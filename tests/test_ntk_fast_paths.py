@@ -184,3 +184,29 @@ def test_a_forked_child_gets_a_fresh_tile_pool():
         child.kill()
     assert not hung, "the forked child waited on the parent's thread pool"
     assert queue.get(timeout=5) == 6
+
+
+def test_relu_gap_without_selection_equals_the_selecting_formula_and_a_long_double_reference():
+    import math
+
+    import numpy as np
+
+    from symgen.ntk import duals
+
+    g = torch.Generator().manual_seed(21)
+    v1, v2 = torch.rand(400, generator=g, dtype=D) + 0.1, torch.rand(400, generator=g, dtype=D) + 0.1
+    n = (v1 * v2).sqrt()
+    angle = torch.cat(
+        [torch.rand(394, generator=g, dtype=D) * math.pi, torch.tensor([0.0, 1e-9, 1e-4, 2.0, 3.1, math.pi], dtype=D)]
+    )
+    c, s = n * torch.cos(angle), n * torch.sin(angle)  # c > 0, c = 0, c < 0 and both ends
+    ref = duals.relu_gap(c, s, n)
+    out, scratch, n_copy = torch.empty_like(c), torch.empty_like(c), n.clone()
+    got = duals.relu_gap(c, s, n_copy, out=out, scratch=scratch, n_free=True, n_positive=True)
+    assert got.data_ptr() == out.data_ptr()
+    assert float(((got - ref).abs() / n).max()) < 1e-15  # a few ulps of n
+    cl, sl, nl = (t.numpy().astype(np.longdouble) for t in (c, s, n))
+    pi = np.arccos(np.longdouble(-1.0))
+    exact = nl - (sl + (pi - np.arctan2(sl, cl)) * cl) / pi  # n - n J1 / pi
+    assert float(np.max(np.abs(got.numpy() - exact) / nl)) < 1e-15
+    assert torch.equal(duals.relu_gap(c, s, n, n_positive=True), got)
