@@ -87,9 +87,9 @@ def _relu_fast(
     """ReLU ``(nngp, ntk)`` of rows ``a`` (float64) against ``b``, forward only: the values of the generic
     recursion (:func:`_relu_layer`, arXiv 1806.07572) with in-place steps and fewer passes. ``diag``: offset of
     the x = x' diagonal in the block (None: none), where ``c11 c22 - c12^2 = 0`` is set. One reduction of
-    ``det - sin^2(0.26) v1 v2`` says whether any other pair is within 0.26 rad of (anti)parallel: only then are
-    the near-parallel dets searched for (:func:`_exact_det`), the series of ``n J1`` applied
-    (:func:`duals.series_fix`) and the first gap taken from :func:`duals.relu_gap`; else that gap is
+    ``sin^2 = det / (v1 v2)`` says whether any other pair is within 0.26 rad of (anti)parallel: only then is the
+    series of ``n J1`` applied (:func:`duals.series_fix`), the dets with ``sin^2 <= 1e-6`` recomputed
+    (:func:`_exact_det`) and the first gap taken from :func:`duals.relu_gap`; else that gap is
     ``n - n J1 / pi`` (>= 0.032 n there: at most 5 bits cancel). Only a non-finite reduction checks ``inputs``
     (tensor, name) for NaN / inf. Intermediate kernels are kept negated (``atan2(s, -c)`` with no negation
     pass). ``v1``, ``v2``: the input variances ``W^2 |x|^2 / d + b^2`` (``v1`` None: x2 = None and all rows,
@@ -104,22 +104,19 @@ def _relu_fast(
     v1 = negc.diagonal().neg() if v1 is None else v1
     outer = torch.outer(v1, v1 if same else v2)
     det = torch.addcmul(outer, negc, negc, value=-1.0)
-    near = torch.add(det, outer, alpha=-_EDGE)  # <= 0: within 0.26 of (anti)parallel
+    sin2 = torch.div(det, outer)  # sin^2 of the angles (<= 1); NaN for v = 0 or a non-finite input
     tiny = torch.finfo(dtype).tiny
     if diag is not None:
         det.diagonal(diag).fill_(tiny)  # x = x': s = sqrt(tiny), as the clamp of the generic path
-        near.diagonal(diag).copy_(v1)  # > 0 unless v = 0; NaN / inf for a non-finite input even at N = 1
-    low = float(near.amin())
-    close = not 0.0 < low < math.inf
+        sin2.diagonal(diag).copy_(v1 / v1)  # 1, or NaN as above (also at N = 1)
+    low = float(sin2.amin())
+    close = not low > _EDGE  # some pair within 0.26 rad of (anti)parallel, or NaN
     if close:
         if not math.isfinite(low):
             for x, name in inputs:
                 check_finite_input(x, name, "analytic_ntk")
-        margin = torch.add(det, outer, alpha=-_NEAR_PARALLEL)  # <= 0: nearly (anti)parallel, recompute
-        if diag is not None:
-            margin.diagonal(diag).fill_(1.0)
-        if float(margin.amin()) <= 0.0:
-            i, j = (margin <= 0.0).nonzero(as_tuple=True)
+        if not low > _NEAR_PARALLEL:  # nearly (anti)parallel pairs: det recomputed from the inputs
+            i, j = (sin2 <= _NEAR_PARALLEL).nonzero(as_tuple=True)
             det.index_put_((i, j), _exact_det(a[i], b[j], alpha, b2))
     s = det if dtype == torch.float64 else det.to(dtype)
     if close or _EDGE * b2 * b2 < 2.0 * tiny:  # else det > sin^2(0.26) v1 v2 >= sin^2(0.26) b^4: no clamp
