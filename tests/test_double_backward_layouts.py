@@ -151,16 +151,26 @@ def test_float32_fast_products_on_a_smooth_model_are_within_round_off_of_float64
     assert float((got - want).abs().max() / want.abs().max()) < 2e-6
 
 
+@pytest.mark.parametrize("threads", [1, 2])  # chunks on one thread, one sum on several
 @pytest.mark.parametrize("layout", [torch.contiguous_format, CL])
-def test_chunked_channel_sums_are_float64_sums(layout):
+def test_chunked_channel_sums_are_float64_sums(layout, threads):
     g = torch.Generator().manual_seed(8)
     a = torch.randn(40, 7, 30, 30, generator=g).contiguous(memory_format=layout)  # 4 chunks of 10 samples
     b = torch.randn(40, 7, 30, 30, generator=g).contiguous(memory_format=layout)
-    want = (a * b).double().sum((0, 2, 3))  # the products rounded to float32, as the chunks form them
-    torch.testing.assert_close(_channel_sum(a, b), want, rtol=1e-13, atol=1e-13)
-    torch.testing.assert_close(_channel_sum(a), a.double().sum((0, 2, 3)), rtol=1e-13, atol=1e-13)
     flat = torch.randn(1000, 5, generator=g, dtype=torch.float32)  # BatchNorm1d's (N, C)
-    torch.testing.assert_close(_channel_sum(flat), flat.double().sum(0), rtol=1e-13, atol=1e-13)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = (_channel_sum(a, b), _channel_sum(a), _channel_sum(flat))
+    finally:
+        torch.set_num_threads(before)
+    want = (
+        (a * b).double().sum((0, 2, 3)),  # the products rounded to float32, as the chunks form them
+        a.double().sum((0, 2, 3)),
+        flat.double().sum(0),
+    )
+    for s, t in zip(got, want, strict=True):
+        torch.testing.assert_close(s, t, rtol=1e-13, atol=1e-13)
 
 
 def test_batchnorm_channel_sums_of_a_channels_last_map_keep_cancelling_terms():
