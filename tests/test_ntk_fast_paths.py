@@ -9,6 +9,7 @@ of other shapes, dtypes and thread counts; the cheaper finiteness check of the i
 from __future__ import annotations
 
 import itertools
+import math
 import os
 
 import pytest
@@ -210,3 +211,35 @@ def test_relu_gap_without_selection_equals_the_selecting_formula_and_a_long_doub
     exact = nl - (sl + (pi - np.arctan2(sl, cl)) * cl) / pi  # n - n J1 / pi
     assert float(np.max(np.abs(got.numpy() - exact) / nl)) < 1e-15
     assert torch.equal(duals.relu_gap(c, s, n, n_positive=True), got)
+
+
+def test_numpy_atan2_and_sqrt_on_large_tensors_equal_torch():
+    from symgen.ntk import duals
+
+    g = torch.Generator().manual_seed(22)
+    for dt, ulps in ((D, 2.0), (torch.float32, 2.0)):
+        y = torch.randn(duals.NUMPY_MIN + 7, generator=g, dtype=D).to(dt)
+        x = torch.randn(y.shape, generator=g, dtype=D).to(dt)
+        x[:4], y[:4] = torch.tensor([0.0, -0.0, 1.0, -1.0]), torch.tensor([0.0, 0.0, 0.0, 1e-30])
+        ref, got = torch.atan2(y, x), duals.atan2(y, x, out=torch.empty_like(y))
+        assert float((got - ref).abs().max()) <= ulps * torch.finfo(dt).eps * math.pi
+        v = y.abs()
+        root = duals.sqrt_(v.clone())  # numpy's is correctly rounded, torch's within an ulp
+        assert float(((root - v.sqrt()).abs() / v.sqrt().clamp_min(1e-30)).max()) <= torch.finfo(dt).eps
+        assert torch.equal(duals.atan2(y[:8], x[:8]), torch.atan2(y[:8], x[:8]))  # small: torch itself
+
+
+def test_mlp_fast_path_with_numpy_sized_tiles_equals_reference(monkeypatch):
+    # 130 x 130 > NUMPY_MIN entries; tiles of 40 x 40 (x2 = None mirrored) and row blocks (x2 given)
+    g = torch.Generator().manual_seed(23)
+    x, y = torch.randn(130, 9, generator=g, dtype=D), torch.randn(131, 9, generator=g, dtype=D)
+    x[5] = x[6] * 1.5  # a parallel pair: the close path in one tile
+    for x2 in (None, y):
+        ref = analytic_ntk(x, x2, 2, "relu", 1.5, 0.1, fast=False)
+        whole = analytic_ntk(x, x2, 2, "relu", 1.5, 0.1)
+        with monkeypatch.context() as m:
+            m.setattr(analytic, "_BLOCK_ENTRIES", 1600)
+            tiled = analytic_ntk(x, x2, 2, "relu", 1.5, 0.1)
+        f32 = analytic_ntk(x.float(), None if x2 is None else x2.float(), 2, "relu", 1.5, 0.1)
+        for f, t, r, s in zip(whole, tiled, ref, f32, strict=True):
+            assert _rel(f, r) < 1e-13 and _rel(t, r) < 1e-13 and _rel(s, r) < 1e-6

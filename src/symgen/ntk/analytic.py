@@ -121,13 +121,15 @@ def _relu_fast(
     s = det if dtype == torch.float64 else det.to(dtype)
     if close or _EDGE * b2 * b2 < 2.0 * tiny:  # else det > sin^2(0.26) v1 v2 >= sin^2(0.26) b^4: no clamp
         s.clamp_(min=tiny)
-    s.sqrt_()
+    big = s.numel() >= duals.NUMPY_MIN  # numpy's atan2 and sqrt: faster from there, slower below
+    atan2, sqrt_ = (duals.atan2, duals.sqrt_) if big else (torch.atan2, Tensor.sqrt_)
+    sqrt_(s)
     negc = negc.to(dtype)
     ntk, sign = negc, -1.0  # ntk holds sign * Theta
     scale = w2 * 0.5 / math.pi
     for layer in range(depth):
         last = layer == depth - 1
-        phi = torch.atan2(s, negc)
+        phi = atan2(s, negc)
         nj1 = torch.addcmul(s, phi, negc, value=-1.0)  # s + phi c
         if not last or (layer == 0 and close):
             # v >= b^2: the clamp of safe_sqrt is a no-op for b^2 >= tiny
@@ -156,7 +158,7 @@ def _relu_fast(
             s.mul_(w2 * b2)
         else:
             s = u.mul_(gap).mul_(w2 * w2 / 4.0)
-        s.clamp_(min=tiny).sqrt_()
+        sqrt_(s.clamp_(min=tiny))
         negc = nj1.mul_(-scale).sub_(b2)
         ntk = torch.addcmul(negc, ntk, phi, value=-sign * scale)  # -Theta = -c - scale Theta phi
         sign = -1.0

