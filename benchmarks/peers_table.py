@@ -5,7 +5,7 @@ reference, repeats, load average) and, with --write-readme, puts it into benchma
 peers-table markers.
 
     python benchmarks/peers_table.py --torch-python .venv-peers/bin/python --jax-python .venv-jax/bin/python \
-        [--quick] [--only REGEX] [--threads 1] [--repeats 3] [--write-readme] [--json-out rows.json]
+        [--quick] [--only REGEX] [--threads 1] [--repeats 3] [--no-pin] [--write-readme] [--json-out rows.json]
 
 Timings: the tools of one row group run in turn (A, B, A, B, ...) in one process; each cell is the median of
 the repeats. The workers run in a scratch directory (torchensemble and e2cnn write nothing into the repo).
@@ -57,6 +57,17 @@ def versions(python: str, side: str) -> dict[str, str]:
         return {n: f"unknown ({type(e).__name__})" for n in names}
 
 
+def pinned_cpus(args) -> set[int]:
+    """The CPUs a worker is pinned to: the first ``--threads`` of those allowed (none with ``--no-pin``).
+
+    A thread count alone does not bound a tool's cores: JAX runs its compiled calls on a worker thread beside
+    the caller's, so neural-tangents at one XLA thread used about 1.4 cores on small calls (322 us of CPU in
+    231 us of wall time, session 10). Pinned, every tool in the process gets the same cores."""
+    if args.no_pin or not hasattr(os, "sched_setaffinity"):
+        return set()
+    return set(sorted(os.sched_getaffinity(0))[: args.threads])
+
+
 def run_worker(python: str, script: str, args, side: str) -> list[dict]:
     """Run one worker; a worker that cannot start or crashes gives one row saying so."""
     if not python or not Path(python).exists():
@@ -71,8 +82,10 @@ def run_worker(python: str, script: str, args, side: str) -> list[dict]:
         env = dict(os.environ, PYTHONPATH=str(HERE), OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
         if args.threads == 1:
             env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-        print(f"== {side}: {' '.join(cmd)}", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, cwd=tmp, env=env, stdout=sys.stderr, stderr=sys.stderr)
+        cpus = pinned_cpus(args)
+        print(f"== {side}: {' '.join(cmd)} (CPUs {sorted(cpus) if cpus else 'all'})", file=sys.stderr, flush=True)
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+        proc = subprocess.run(cmd, cwd=tmp, env=env, stdout=sys.stderr, stderr=sys.stderr, preexec_fn=pin)
         if proc.returncode != 0 or not out.exists():
             return [row(f"{side} peers", "-", "-", note=f"worker {script} exited with {proc.returncode}")]
         return json.loads(out.read_text())
@@ -86,6 +99,7 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="regex searched in 'operation | model | peer' (case-insensitive)")
     ap.add_argument("--threads", type=int, default=1, help="torch / XLA threads in the workers")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per tool (default 3, --quick 1)")
+    ap.add_argument("--no-pin", action="store_true", help="do not pin each worker to --threads CPUs")
     ap.add_argument("--skip", default="", help="comma-separated: torch, jax")
     ap.add_argument("--write-readme", action="store_true", help="replace the table in benchmarks/README.md")
     ap.add_argument("--json-out", default=None, help="also write the rows as JSON")
@@ -104,7 +118,9 @@ def main() -> None:
     minutes = (time.perf_counter() - t0) / 60
     header = (
         f"Measured {start:%Y-%m-%d %H:%M} UTC, {minutes:.0f} min, `{' '.join(sys.argv[1:]) or '(defaults)'}`; "
-        f"{os.cpu_count()} CPUs ({platform.machine()}), {args.threads} thread(s) per tool; load average "
+        f"{os.cpu_count()} CPUs ({platform.machine()}), {args.threads} thread(s) per tool, "
+        + (f"each worker pinned to {len(pinned_cpus(args))} CPU(s)" if pinned_cpus(args) else "workers not pinned")
+        + "; load average "
         f"(1/5/15 min) {load0} at the start, {loadavg()} at the end, and per row below. "
         "Ratio = peer time / symgen time (> 1: symgen ahead); times are medians of the repeats, the tools "
         "alternating in one process.\n\nVersions: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + "."
