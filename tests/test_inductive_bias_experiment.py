@@ -132,3 +132,27 @@ def test_patch_laplace_kernels_symmetric_matches_cross():
     # no points on a side: empty matrices
     assert patch_laplace_kernels(x[:0], None, [2])["fc"].shape == (0, 0)
     assert patch_laplace_kernels(x[:3], x[:0], [2])["local_s2"].shape == (3, 0)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_patch_laplace_kernels_threads(threads):
+    """Tiles shared out to threads (the caller's torch thread count) give the same bits as one thread, on
+    several tiles of both calls, and match the brute force."""
+    import torch
+
+    from symgen.experiments.base import num_threads
+    from symgen.experiments.inductive_bias_kernels import patch_laplace_kernels, uniform_cube
+
+    g = torch.Generator().manual_seed(5)
+    x, y = uniform_cube(40, 5, g), uniform_cube(11, 5, g)
+    with num_threads(1):
+        one = patch_laplace_kernels(x, None, [2, 4], block_entries=30 * 5)
+        one_cross = patch_laplace_kernels(x, y, [2, 4], block_entries=30 * 5)
+    with num_threads(threads):
+        assert torch.get_num_threads() == threads
+        many = patch_laplace_kernels(x, None, [2, 4], block_entries=30 * 5)
+        many_cross = patch_laplace_kernels(x, y, [2, 4], block_entries=30 * 5)
+    for name in one:
+        assert torch.equal(one[name], many[name]) and torch.equal(one_cross[name], many_cross[name])
+    want = torch.tensor([[_brute_laplace(a.tolist(), b.tolist(), 4) for b in y] for a in x], dtype=torch.float64)
+    torch.testing.assert_close(many_cross["local_s4"], want, rtol=1e-13, atol=1e-13)

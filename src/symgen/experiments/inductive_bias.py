@@ -168,7 +168,7 @@ def run(config: Config, ctx: Context) -> dict:
             teacher_jitter=config.teacher_jitter,
             confidence=config.confidence,
             seed=config.seed * 1000 + d,
-            threads=1,
+            threads=None,  # the Choleskys and solves take every core in process (a pool's workers run one thread)
             device=config.device,
         )
         for d in config.dims

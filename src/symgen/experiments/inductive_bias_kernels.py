@@ -17,13 +17,15 @@ pair-pixel entries held pixel-major ((d, rows, cols) planes: a window is a run o
 are in-place adds of slices of the circularly padded squared differences, and the mean over windows is a sum
 over the leading dimension); the square roots and exponentials use numpy's vectorised float64 ufuncs (about
 twice torch's speed on CPU; numpy's sqrt is correctly rounded). For ``x2 is None`` only the tiles on and above
-the diagonal, mirrored at the end. The results agree with the plain formula to a few ulp (tests: pair-by-pair
+the diagonal, mirrored at the end. The tiles are shared out to the caller's torch thread count (numpy's
+ufuncs release the GIL; the same bits on any count). The results agree with the plain formula to a few ulp (tests: pair-by-pair
 brute force).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -41,9 +43,8 @@ def uniform_cube(n: int, d: int, generator: torch.Generator) -> Tensor:
     return torch.rand(n, d, generator=generator, dtype=torch.float64)
 
 
-def _scaled_exp(t: Tensor, s: int) -> None:
-    """``t <- exp(-t / s)`` in place (numpy's vectorised exp: about twice torch's on CPU float64)."""
-    a = t.numpy()
+def _scaled_exp(a: np.ndarray, s: int) -> None:
+    """``a <- exp(-a / s)`` in place (numpy's vectorised exp: about twice torch's on CPU float64)."""
     if s & (s - 1) == 0:  # a power of two: the product with -1/s is the same float as the quotient
         np.multiply(a, -1.0 / s, out=a)
     else:
@@ -52,7 +53,7 @@ def _scaled_exp(t: Tensor, s: int) -> None:
 
 
 def _tile(
-    at: Tensor, bt: Tensor, filters: Sequence[int], fc: bool, out: dict[str, Tensor], bufs: tuple[Tensor, ...]
+    at: np.ndarray, bt: np.ndarray, filters: Sequence[int], fc: bool, out: dict[str, np.ndarray], bufs: list[np.ndarray]
 ) -> None:
     """The kernels between the columns of ``at`` (d, A) and ``bt`` (d, B) (pixel-major inputs), into ``out``
     (name -> (A, B) views of the results). ``bufs``: flat float64 scratch for the squared differences (with
@@ -60,38 +61,38 @@ def _tile(
 
     Pixel-major planes (d, A, B): a window's pixels p, p + 1, ... are the planes p, p + 1, ... of the squared
     differences padded circularly, so the window sums are slices added in place (no rolled copies), in the
-    order of the definition: ``((sq_p + sq_{p+1}) + sq_{p+2}) + ...``.
+    order of the definition: ``((sq_p + sq_{p+1}) + sq_{p+2}) + ...``. numpy throughout: its ufuncs release the
+    GIL, so tiles run on threads (:func:`patch_laplace_kernels`), and its sqrt is correctly rounded.
     """
     d, r, c = at.shape[0], at.shape[1], bt.shape[1]
     m, smax = r * c, max(filters, default=0)
     wrap = max(smax - 1, 0)
-    sqp = bufs[0][: (d + wrap) * m].view(d + wrap, r, c)
+    sqp = bufs[0][: (d + wrap) * m].reshape(d + wrap, r, c)
     sq = sqp[:d]
-    torch.sub(at[:, :, None], bt[:, None, :], out=sq)
-    sq.mul_(sq)  # (d, A, B): squared pixel differences
+    np.subtract(at[:, :, None], bt[:, None, :], out=sq)
+    np.multiply(sq, sq, out=sq)  # (d, A, B): squared pixel differences
     if wrap:
-        sqp[d:].copy_(sqp[:wrap])
+        sqp[d:] = sqp[:wrap]
     if fc:
         k = out["fc"]
-        torch.sum(sq, 0, out=k)
-        a = k.numpy()
-        np.sqrt(a, out=a)
-        np.negative(a, out=a)
-        np.exp(a, out=a)
+        np.sum(sq, axis=0, out=k)
+        np.sqrt(k, out=k)
+        np.negative(k, out=k)
+        np.exp(k, out=k)
     acc = sq
     for s in range(1, smax + 1):
         if s == 2:
-            acc = bufs[1][: d * m].view(d, r, c)
-            torch.add(sq, sqp[1 : d + 1], out=acc)
+            acc = bufs[1][: d * m].reshape(d, r, c)
+            np.add(sq, sqp[1 : d + 1], out=acc)
         elif s > 2:  # windows of s pixels starting at each p: add the pixel p + s - 1
-            acc.add_(sqp[s - 1 : s - 1 + d])
+            np.add(acc, sqp[s - 1 : s - 1 + d], out=acc)
         if s in filters:
-            e = bufs[2][: d * m].view(d, r, c)
-            np.sqrt(acc.numpy(), out=e.numpy())  # correctly rounded (torch's vectorised sqrt is not)
+            e = bufs[2][: d * m].reshape(d, r, c)
+            np.sqrt(acc, out=e)
             _scaled_exp(e, s)
             k = out[f"local_s{s}"]
-            torch.sum(e, 0, out=k)
-            k.div_(d)  # the mean over the d windows
+            np.sum(e, axis=0, out=k)
+            np.divide(k, d, out=k)  # the mean over the d windows
 
 
 def _mirror(k: Tensor, rows: int = 64) -> None:
@@ -143,20 +144,31 @@ def patch_laplace_kernels(
     names = (["fc"] if fc else []) + [f"local_s{s}" for s in sorted(set(filters))]
     out = {name: torch.empty(n1, n2, dtype=torch.float64) for name in names}
     fs = sorted(set(filters))
-    at, bt = a.T.contiguous(), b.T.contiguous()  # (d, N): one plane per pixel
+    at, bt = a.T.contiguous().numpy(), b.T.contiguous().numpy()  # (d, N): one plane per pixel
     per_pair = max(1, block_entries // max(1, d))  # pairs per tile
     wrap = max(max(fs, default=0) - 1, 0)
-    bufs = tuple(torch.empty(planes * per_pair, dtype=torch.float64) for planes in (d + wrap, d, d))
     cols = max(1, min(n2, per_pair))
+    tiles = []
     i = 0
     while i < n1:
         j0 = i if sym else 0  # symmetric: columns from the block's first row on, the rest mirrored
         r = min(n1 - i, max(1, per_pair // max(1, n2 - j0)))  # whole rows when they fit, else column pieces
-        for j in range(j0, n2, cols):
-            c = min(cols, n2 - j)
-            views = {name: out[name][i : i + r, j : j + c] for name in names}
-            _tile(at[:, i : i + r], bt[:, j : j + c], fs, fc, views, bufs)
+        tiles += [(i, r, j, min(cols, n2 - j)) for j in range(j0, n2, cols)]
         i += r
+    outs = {name: k.numpy() for name, k in out.items()}
+
+    def work(mine: Sequence[tuple[int, int, int, int]]) -> None:
+        bufs = [np.empty(planes * per_pair) for planes in (d + wrap, d, d)]
+        for i, r, j, c in mine:
+            views = {name: k[i : i + r, j : j + c] for name, k in outs.items()}
+            _tile(at[:, i : i + r], bt[:, j : j + c], fs, fc, views, bufs)
+
+    workers = min(len(tiles), torch.get_num_threads())  # the caller's thread budget (num_threads), as torch's ops
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(work, [tiles[w::workers] for w in range(workers)]))
+    else:
+        work(tiles)
     if sym:
         for k in out.values():
             _mirror(k)
