@@ -252,9 +252,7 @@ def analytic_ntk(
     # small: one thread (an intra-op barrier per op costs more than the op, 10-100x under load)
     small = a.device.type == "cpu" and a.shape[0] * b.shape[0] <= _SMALL and torch.get_num_threads() > 1
     if lazy and x2 is None and step >= a.shape[0]:  # variances: the Gram diagonal
-        if not small:
-            return _relu_fast(a64, a64, None, a64, 0, depth, w2, b2, dtype, inputs)
-        with single_threaded(True):
+        with single_threaded(small):
             return _relu_fast(a64, a64, None, a64, 0, depth, w2, b2, dtype, inputs)
     c11_all = w2 * (a64 * a64).sum(-1) / d + b2
     c22_0 = c11_all if x2 is None else w2 * (b64 * b64).sum(-1) / d + b2

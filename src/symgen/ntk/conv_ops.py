@@ -233,21 +233,24 @@ def pool(threads: int) -> ThreadPoolExecutor:
     return _POOLS[threads]
 
 
-@contextlib.contextmanager
-def single_threaded(active: bool) -> Iterator[None]:
-    """torch's intra-op threads set to 1 inside (restored after) when ``active``.
+def single_threaded(active: bool) -> contextlib.AbstractContextManager[None]:
+    """torch's intra-op threads set to 1 inside (restored after) when ``active``; otherwise a null context
+    (nothing read or set: these wrap calls of a fraction of a millisecond).
 
     Args:
         active: whether to change the setting.
 
-    Yields:
-        None.
+    Returns:
+        the context manager.
     """
+    return _one_thread() if active else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
     threads = torch.get_num_threads()
-    if active:
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
     try:
         yield
     finally:
-        if active:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(threads)
