@@ -218,3 +218,22 @@ def test_nested_test_errors_same_bits_as_plain_solves(layout):
             diff = k[600:, :p] @ alpha - y[600:, None]
             want.append(float((diff * diff).sum(1).mean()))
         assert got == want
+
+
+def test_nested_test_errors_factor_only():
+    """With ``factor`` given, ``k_train`` is not read (None is taken) and the errors are those computed from the
+    kernel itself; with neither, a clear error."""
+    import torch
+
+    from symgen.ntk.learning_curves import cholesky_jittered, nested_test_errors
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    k = torch.exp(-torch.cdist(x, x))
+    y = torch.randn(30, generator=g, dtype=torch.float64)
+    want, _ = nested_test_errors(k[:20, :20], y[:20], k[20:, :20], y[20:], [5, 10, 20])
+    factor, _ = cholesky_jittered(k[:20, :20])
+    got, _ = nested_test_errors(None, y[:20], k[20:, :20], y[20:], [5, 10, 20], factor=factor)
+    assert got == want
+    with pytest.raises(ConfigError, match="k_train or its factor"):
+        nested_test_errors(None, y[:20], k[20:, :20], y[20:], [5])

@@ -101,14 +101,14 @@ def _draw(item: dict, g: torch.Generator) -> dict[str, list[float]]:
     k_test = k[pmax:, :pmax].clone()
     del k
     if t in filters:  # the teacher's own kernel: the leading block of its factor is the training kernel's
-        out[f"local_s{t}"], _ = nested_test_errors(chol, y_train, k_test, y_test, sizes, factor=chol)
+        out[f"local_s{t}"], _ = nested_test_errors(None, y_train, k_test, y_test, sizes, factor=chol)
     del chol
     for name in [f"local_s{s}" for s in filters if s != t] + ["fc"]:
         kk = kernels.pop(name).to(device)
         factor, _ = cholesky_jittered(kk[:pmax, :pmax])  # what nested_test_errors would compute
         k_test = kk[pmax:, :pmax].clone()
         del kk
-        out[name], _ = nested_test_errors(factor, y_train, k_test, y_test, sizes, factor=factor)
+        out[name], _ = nested_test_errors(None, y_train, k_test, y_test, sizes, factor=factor)
         del factor
     return out
 

@@ -232,7 +232,7 @@ def _fortran_copy(a: Tensor, buf: Tensor, strip: int = 256) -> Tensor:
 
 
 def nested_test_errors(
-    k_train: Tensor,
+    k_train: Tensor | None,
     y_train: Tensor,
     k_test_train: Tensor,
     y_test: Tensor,
@@ -247,18 +247,24 @@ def nested_test_errors(
     of the leading block and ``z = L^-1 y`` restricted to its first P entries solves the leading system,
     so each P costs one triangular solve ``L[:P, :P]^T alpha = z[:P]`` and the prediction
     ``K_test[:, :P] alpha``. ``factor``: a lower factor whose leading ``P_max`` block is that of
-    ``K + ridge I`` (e.g. of a larger matrix whose first rows are the training points); None: computed here.
+    ``K + ridge I`` (e.g. of a larger matrix whose first rows are the training points); None: computed here
+    from ``k_train``, which is not read when ``factor`` is given (None then).
     Error: ``mean_i ||f(x_i) - y_i||^2`` over the test points.
 
     Returns:
         the errors (one per size, in ``sizes``' order) and the jitter the factorization needed (0.0 if none).
     """
     pmax = max(sizes)
-    avail = min(k_train.shape[0], k_test_train.shape[1]) if factor is None else k_test_train.shape[1]
+    avail = k_test_train.shape[1]
+    if factor is None:
+        if k_train is None:
+            raise ConfigError("nested_test_errors needs k_train or its factor; got neither.")
+        avail = min(k_train.shape[0], avail)
     if min(sizes) < 1 or pmax > avail:
         raise ConfigError(f"sizes must lie in [1, {avail}], got {list(sizes)}.")
     jitter = 0.0
     if factor is None:
+        assert k_train is not None  # checked above (mypy)
         a = k_train[:pmax, :pmax]
         if ridge:
             a = a.clone()
